@@ -1,0 +1,92 @@
+// common.cuh — helpers shared by every kernel module (prepended to each .cu by src/cuda/nvrtc.rs).
+//
+// Conventions
+// - Each kernel takes one parameter struct by value, mirrored by a #[repr(C)] struct in src/ops/<op>.rs.
+//   Pointers travel as u64 (unsigned long long) so the layouts match exactly on both sides.
+// - Storage types: float, __nv_bfloat16, __half; arithmetic and statistics are always float.
+// - Kernel names: <op>_<forward|backward>_<f32|bf16|f16>.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef __nv_bfloat16 bf16;
+typedef __half f16;
+
+#define DT_F32 0
+#define DT_BF16 1
+#define DT_F16 2
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(f16 x) { return __half2float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_f<bf16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ f16 from_f<f16>(float x) { return __float2half_rn(x); }
+
+// Load/store a float from a buffer whose dtype is only known at run time.
+__device__ __forceinline__ float load_dt(u64 p, int dt, u64 i) {
+    if (dt == DT_F32) return ((const float*)p)[i];
+    if (dt == DT_BF16) return __bfloat162float(((const bf16*)p)[i]);
+    return __half2float(((const f16*)p)[i]);
+}
+__device__ __forceinline__ void store_dt(u64 p, int dt, u64 i, float v) {
+    if (dt == DT_F32) ((float*)p)[i] = v;
+    else if (dt == DT_BF16) ((bf16*)p)[i] = __float2bfloat16_rn(v);
+    else ((f16*)p)[i] = __float2half_rn(v);
+}
+
+// ---- Philox4x32-10, bit-identical to src/rng.rs -------------------------------------------------------------
+__device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
+    const u32 M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+#pragma unroll
+    for (int r = 0; r < 10; ++r) {
+        if (r > 0) { k.x += W0; k.y += W1; }
+        u32 hi0 = __umulhi(M0, c.x), lo0 = M0 * c.x;
+        u32 hi1 = __umulhi(M1, c.z), lo1 = M1 * c.z;
+        c = make_uint4(hi1 ^ c.y ^ k.x, lo1, hi0 ^ c.w ^ k.y, lo0);
+    }
+    return c;
+}
+
+// The dropout multiplier of element idx: 0 or 1/(1-p). p <= 0 means no dropout.
+__device__ __forceinline__ float dropout_factor(u64 seed, u64 idx, float p) {
+    if (p <= 0.f) return 1.f;
+    uint4 r = philox4x32_10(make_uint4((u32)idx, (u32)(idx >> 32), 0u, 0u), make_uint2((u32)seed, (u32)(seed >> 32)));
+    float u = (float)(r.x >> 8) * (1.0f / 16777216.0f);
+    return u >= p ? 1.0f / (1.0f - p) : 0.f;
+}
+
+// ---- reductions -------------------------------------------------------------------------------------------
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+// Sum over a whole block (blockDim.x a multiple of 32, at most 1024). `shared` holds >= 32 floats.
+__device__ __forceinline__ float block_sum(float v, float* shared) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = lane < nw ? shared[lane] : 0.f;
+    return warp_sum(v);
+}
+__device__ __forceinline__ float block_max(float v, float* shared) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = lane < nw ? shared[lane] : -INFINITY;
+    return warp_max(v);
+}

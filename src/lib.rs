@@ -1,0 +1,60 @@
+//! # bertqa — fine-tune BERT for extractive question answering, from scratch
+//!
+//! A tensor runtime with two backends (a readable CPU reference in `cpu/` and CUDA in `cuda/`), hand-written
+//! forward and backward passes for BERT plus the span head (`ops/`, `model/`), the SQuAD pipeline (`data/`,
+//! `eval/`), AdamW with a schedule (`optim/`) and the training loop (`train/`).
+//!
+//! ## Shape legend (used in every shape comment of the crate)
+//! | letter | meaning |
+//! |---|---|
+//! | `B`  | batch size (windows per step) |
+//! | `T`  | sequence length (tokens per window, `max_seq_length`) |
+//! | `N`  | rows of a token-major matrix, `N = B·T` |
+//! | `C`  | hidden size (`hidden_size`) |
+//! | `NH` | attention heads (`num_attention_heads`) |
+//! | `HS` | head size, `HS = C / NH` |
+//! | `F`  | feed-forward size (`intermediate_size`) |
+//! | `V`  | vocabulary size (`vocab_size`) |
+//! | `P`  | position table rows (`max_position_embeddings`) |
+//! | `TV` | token-type table rows (`type_vocab_size`) |
+//! | `L`  | encoder layers (`num_hidden_layers`) |
+//!
+//! Row-major everywhere: a `(B,T,C)` buffer holds element `[b][t][c]` at `(b·T + t)·C + c`. Linear weights use
+//! Hugging Face's `(out_features, in_features)` layout, so `y = x·Wᵀ + b`.
+//!
+//! ## Gradient convention
+//! Backward functions take outputs first (`d<input>`), then saved state, then forward inputs, then dims.
+//! **Parameter gradients accumulate** (`+=`), so a batch may be split into micro-batches; activation
+//! gradients are overwritten unless a function says otherwise.
+
+pub mod backend;
+pub mod cpu;
+pub mod cuda;
+pub mod data;
+pub mod eval;
+pub mod model;
+pub mod ops;
+pub mod optim;
+pub mod rng;
+pub mod tensor;
+pub mod train;
+pub mod util;
+
+pub use backend::Backend;
+pub use tensor::{DType, Tensor};
+
+/// Everything needed to call ops as backend methods: `use bertqa::prelude::*;`.
+pub mod prelude {
+    pub use crate::backend::{Backend, BackendCore};
+    pub use crate::cpu::Cpu;
+    pub use crate::cuda::Cuda;
+    pub use crate::ops::adamw::AdamWOps;
+    pub use crate::ops::attention::AttentionOps;
+    pub use crate::ops::dropout::DropoutOps;
+    pub use crate::ops::embedding::EmbeddingOps;
+    pub use crate::ops::gelu::GeluOps;
+    pub use crate::ops::layernorm::LayerNormOps;
+    pub use crate::ops::linear::LinearOps;
+    pub use crate::ops::span_loss::SpanLossOps;
+    pub use crate::tensor::{DType, Tensor};
+}

@@ -1,0 +1,142 @@
+//! `BertConfig`, read from a Hugging Face config.json.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+fn d_vocab() -> usize {
+    30522
+}
+fn d_hidden() -> usize {
+    768
+}
+fn d_layers() -> usize {
+    12
+}
+fn d_heads() -> usize {
+    12
+}
+fn d_inter() -> usize {
+    3072
+}
+fn d_act() -> String {
+    "gelu".into()
+}
+fn d_drop() -> f32 {
+    0.1
+}
+fn d_pos() -> usize {
+    512
+}
+fn d_types() -> usize {
+    2
+}
+fn d_init() -> f32 {
+    0.02
+}
+fn d_eps() -> f32 {
+    1e-12
+}
+
+/// The fields of HF's BertConfig that define the computation (defaults are HF's).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BertConfig {
+    #[serde(default = "d_vocab")]
+    pub vocab_size: usize,
+    #[serde(default = "d_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "d_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d_inter")]
+    pub intermediate_size: usize,
+    #[serde(default = "d_act")]
+    pub hidden_act: String,
+    #[serde(default = "d_drop")]
+    pub hidden_dropout_prob: f32,
+    #[serde(default = "d_drop")]
+    pub attention_probs_dropout_prob: f32,
+    #[serde(default = "d_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "d_types")]
+    pub type_vocab_size: usize,
+    #[serde(default = "d_init")]
+    pub initializer_range: f32,
+    #[serde(default = "d_eps")]
+    pub layer_norm_eps: f32,
+}
+
+impl BertConfig {
+    /// Parse config.json; unknown fields are kept by the caller (see checkpoint::save) and ignored here.
+    pub fn from_json(text: &str, origin: &str) -> Result<Self> {
+        let cfg: BertConfig = serde_json::from_str(text).with_context(|| format!("{origin}: not a valid BERT config.json"))?;
+        cfg.validate().with_context(|| format!("{origin}: unsupported config"))?;
+        Ok(cfg)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::from_json(&text, &path.display().to_string())
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.hidden_size == 0 || self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            bail!("hidden_size {} must be a positive multiple of num_attention_heads {}", self.hidden_size, self.num_attention_heads);
+        }
+        if !matches!(self.hidden_act.as_str(), "gelu" | "gelu_python") {
+            bail!("hidden_act {:?} is not supported (only the exact erf \"gelu\")", self.hidden_act);
+        }
+        for (name, p) in [("hidden_dropout_prob", self.hidden_dropout_prob), ("attention_probs_dropout_prob", self.attention_probs_dropout_prob)] {
+            if !(0.0..1.0).contains(&p) {
+                bail!("{name} = {p} must be in [0, 1)");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn head_size(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// A small config for tests: hidden `c`, `l` layers, `nh` heads, vocabulary `v`, positions `p`.
+    pub fn tiny(v: usize, c: usize, l: usize, nh: usize, f: usize, p: usize) -> Self {
+        BertConfig {
+            vocab_size: v,
+            hidden_size: c,
+            num_hidden_layers: l,
+            num_attention_heads: nh,
+            intermediate_size: f,
+            hidden_act: "gelu".into(),
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
+            max_position_embeddings: p,
+            type_vocab_size: 2,
+            initializer_range: 0.02,
+            layer_norm_eps: 1e-12,
+        }
+    }
+
+    /// BERT-base shapes (random weights are used for speed work).
+    pub fn bert_base() -> Self {
+        Self::tiny(30522, 768, 12, 12, 3072, 512)
+    }
+
+    /// Parameter count (without the pooler).
+    pub fn num_params(&self) -> usize {
+        let (c, f, l) = (self.hidden_size, self.intermediate_size, self.num_hidden_layers);
+        let emb = (self.vocab_size + self.max_position_embeddings + self.type_vocab_size) * c + 2 * c;
+        let layer = 4 * c * c + 4 * c + 2 * c * f + f + c + 4 * c;
+        emb + l * layer + 2 * c + 2
+    }
+
+    /// FLOPs of one training step (forward + backward ≈ 3× forward) per sequence of length `t`, counting the
+    /// GEMMs and the attention matmuls (2 FLOPs per multiply-add).
+    pub fn train_flops_per_seq(&self, t: usize) -> f64 {
+        let (c, f, l) = (self.hidden_size as f64, self.intermediate_size as f64, self.num_hidden_layers as f64);
+        let t = t as f64;
+        let gemm = 2.0 * t * (4.0 * c * c + 2.0 * c * f) * l + 2.0 * t * c * 2.0;
+        let attn = 2.0 * 2.0 * t * t * c * l;
+        3.0 * (gemm + attn)
+    }
+}

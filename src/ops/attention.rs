@@ -1,0 +1,294 @@
+//! Multi-head self-attention with a key padding mask and attention-probability dropout.
+//!
+//! Per batch b and head h, with q, k, v the head's slices of `qkv (B,T,3C)` (Q at column 0, K at C, V at 2C,
+//! head h at h·HS):
+//!   `s_ij = q_i·k_j / √HS` (−∞ where `mask[b,j] == 0`), `lse_i = log Σ_j e^{s_ij}`, `P_ij = e^{s_ij − lse_i}`,
+//!   `out_i = Σ_j P_ij·f_ij·v_j` with `f_ij` the dropout factor of element `((b·NH + h)·T + i)·T + j`.
+//! Saved for backward: `lse (B,NH,T)` only (f32; f64 in the f64 reference).
+//! Backward: `D_i = dO_i·O_i`, `dP_ij = (dO_i·v_j)·f_ij`, `dS_ij = P_ij (dP_ij − D_i)`,
+//!   `dv_j = Σ_i P_ij f_ij dO_i`, `dq_i = Σ_j dS_ij k_j / √HS`, `dk_j = Σ_i dS_ij q_i / √HS`.
+//! Padded query rows are computed like any other (their keys are the real ones), exactly as HF does.
+
+use crate::backend::BackendCore;
+use crate::cpu::{gemm, ids, rd, wr, Cpu, Real};
+use crate::cuda::{suffix, Cuda};
+use crate::rng::Dropout;
+use crate::tensor::{DType, Tensor};
+use anyhow::{bail, Result};
+
+pub trait AttentionOps: BackendCore {
+    /// out (B,T,C), lse (B,NH,T) ← qkv (B,T,3C), mask (B,T) i32.
+    fn attention_forward(
+        &self,
+        out: &mut Tensor<Self>,
+        lse: &mut Tensor<Self>,
+        qkv: &Tensor<Self>,
+        mask: &Tensor<Self>,
+        nh: usize,
+        drop: Dropout,
+    ) -> Result<()>;
+
+    /// dqkv (B,T,3C) (overwritten) ← dout (B,T,C), out (B,T,C), lse (B,NH,T), qkv, mask.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dqkv: &mut Tensor<Self>,
+        dout: &Tensor<Self>,
+        out: &Tensor<Self>,
+        lse: &Tensor<Self>,
+        qkv: &Tensor<Self>,
+        mask: &Tensor<Self>,
+        nh: usize,
+        drop: Dropout,
+    ) -> Result<()>;
+}
+
+/// (B, T, C, HS) after shape checks.
+fn dims<B: BackendCore>(op: &str, out: &Tensor<B>, lse: &Tensor<B>, qkv: &Tensor<B>, mask: &Tensor<B>, nh: usize) -> Result<(usize, usize, usize, usize)> {
+    if out.shape.len() != 3 {
+        bail!("{op}: out must be (B,T,C), found {:?}", out.shape);
+    }
+    let (b, t, c) = (out.shape[0], out.shape[1], out.shape[2]);
+    if nh == 0 || c % nh != 0 {
+        bail!("{op}: hidden size {c} is not divisible by {nh} heads");
+    }
+    qkv.expect(&format!("{op}: qkv"), &[b, t, 3 * c])?;
+    lse.expect(&format!("{op}: lse"), &[b, nh, t])?;
+    mask.expect(&format!("{op}: attention_mask"), &[b, t])?;
+    mask.expect_dtype(&format!("{op}: attention_mask"), &[DType::I32])?;
+    Ok((b, t, c, c / nh))
+}
+
+/// Copy head `h` of part `part` (0 Q, 1 K, 2 V) of batch row `bi` into a contiguous (T, HS) matrix.
+fn head<T: Real>(qkv: &[T], bi: usize, t: usize, c: usize, hs: usize, h: usize, part: usize) -> Vec<T> {
+    let mut m = vec![T::zero(); t * hs];
+    for i in 0..t {
+        let base = (bi * t + i) * 3 * c + part * c + h * hs;
+        m[i * hs..(i + 1) * hs].copy_from_slice(&qkv[base..base + hs]);
+    }
+    m
+}
+
+/// The scaled, masked scores and probabilities of one (b, h): returns (P (T,T), lse (T)).
+fn probs<T: Real>(q: &[T], k: &[T], mask: &[i32], t: usize, hs: usize) -> (Vec<T>, Vec<T>) {
+    let scale = T::one() / T::of(hs as f64).sqrt();
+    let mut s = vec![T::zero(); t * t];
+    gemm(t, hs, t, scale, q, false, k, true, T::zero(), &mut s);
+    let mut lse = vec![T::zero(); t];
+    for i in 0..t {
+        let row = &mut s[i * t..(i + 1) * t];
+        let mut m = T::neg_infinity();
+        for j in 0..t {
+            if mask[j] != 0 {
+                m = m.max(row[j]);
+            }
+        }
+        let mut l = T::zero();
+        for j in 0..t {
+            if mask[j] != 0 {
+                l += (row[j] - m).exp();
+            }
+        }
+        lse[i] = m + l.ln();
+        for j in 0..t {
+            row[j] = if mask[j] != 0 { (row[j] - lse[i]).exp() } else { T::zero() };
+        }
+    }
+    (s, lse)
+}
+
+impl AttentionOps for Cpu {
+    fn attention_forward(&self, out: &mut Tensor<Cpu>, lse: &mut Tensor<Cpu>, qkv: &Tensor<Cpu>, mask: &Tensor<Cpu>, nh: usize, drop: Dropout) -> Result<()> {
+        let (b, t, c, hs) = dims("attention_forward", out, lse, qkv, mask, nh)?;
+        let mk = ids(mask)?;
+        crate::cpu_compute!(out.dtype, T => {
+            let x = rd::<T>(qkv);
+            let mut o = wr::<T>(out, false);
+            let mut ls = wr::<T>(lse, false);
+            for bi in 0..b {
+                for h in 0..nh {
+                    let (q, k, v) = (head(&x, bi, t, c, hs, h, 0), head(&x, bi, t, c, hs, h, 1), head(&x, bi, t, c, hs, h, 2));
+                    let (mut p, l) = probs(&q, &k, &mk[bi * t..(bi + 1) * t], t, hs);
+                    let base = ((bi * nh + h) * t) as u64;
+                    for i in 0..t {
+                        ls[(bi * nh + h) * t + i] = l[i];
+                        for j in 0..t {
+                            p[i * t + j] *= T::of(drop.factor((base + i as u64) * t as u64 + j as u64));
+                        }
+                    }
+                    let mut oh = vec![T::zero(); t * hs];
+                    gemm(t, t, hs, T::one(), &p, false, &v, false, T::zero(), &mut oh);
+                    for i in 0..t {
+                        let dst = (bi * t + i) * c + h * hs;
+                        o[dst..dst + hs].copy_from_slice(&oh[i * hs..(i + 1) * hs]);
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn attention_backward(
+        &self,
+        dqkv: &mut Tensor<Cpu>,
+        dout: &Tensor<Cpu>,
+        out: &Tensor<Cpu>,
+        lse: &Tensor<Cpu>,
+        qkv: &Tensor<Cpu>,
+        mask: &Tensor<Cpu>,
+        nh: usize,
+        drop: Dropout,
+    ) -> Result<()> {
+        let (b, t, c, hs) = dims("attention_backward", out, lse, qkv, mask, nh)?;
+        dout.expect("attention_backward: dout", &out.shape)?;
+        dqkv.expect("attention_backward: dqkv", &qkv.shape)?;
+        let mk = ids(mask)?;
+        crate::cpu_compute!(dout.dtype, T => {
+            let (x, dy, y) = (rd::<T>(qkv), rd::<T>(dout), rd::<T>(out));
+            let mut dx = wr::<T>(dqkv, false);
+            let scale = T::one() / T::of(hs as f64).sqrt();
+            for bi in 0..b {
+                for h in 0..nh {
+                    let (q, k, v) = (head(&x, bi, t, c, hs, h, 0), head(&x, bi, t, c, hs, h, 1), head(&x, bi, t, c, hs, h, 2));
+                    let (p, _) = probs(&q, &k, &mk[bi * t..(bi + 1) * t], t, hs);
+                    // dO and O of this head, contiguous (T, HS)
+                    let mut d_o = vec![T::zero(); t * hs];
+                    let mut o = vec![T::zero(); t * hs];
+                    for i in 0..t {
+                        let src = (bi * t + i) * c + h * hs;
+                        d_o[i * hs..(i + 1) * hs].copy_from_slice(&dy[src..src + hs]);
+                        o[i * hs..(i + 1) * hs].copy_from_slice(&y[src..src + hs]);
+                    }
+                    let base = ((bi * nh + h) * t) as u64;
+                    let f = |i: usize, j: usize| T::of(drop.factor((base + i as u64) * t as u64 + j as u64));
+                    // dPd = dO·Vᵀ (T,T); Pd = P∘f
+                    let mut dpd = vec![T::zero(); t * t];
+                    gemm(t, hs, t, T::one(), &d_o, false, &v, true, T::zero(), &mut dpd);
+                    let mut pd = p.clone();
+                    let mut ds = vec![T::zero(); t * t];
+                    for i in 0..t {
+                        let di: T = (0..hs).map(|d| d_o[i * hs + d] * o[i * hs + d]).sum();
+                        for j in 0..t {
+                            let fij = f(i, j);
+                            pd[i * t + j] = p[i * t + j] * fij;
+                            ds[i * t + j] = p[i * t + j] * (dpd[i * t + j] * fij - di);
+                        }
+                    }
+                    let (mut dq, mut dk, mut dv) = (vec![T::zero(); t * hs], vec![T::zero(); t * hs], vec![T::zero(); t * hs]);
+                    gemm(t, t, hs, T::one(), &pd, true, &d_o, false, T::zero(), &mut dv);
+                    gemm(t, t, hs, scale, &ds, false, &k, false, T::zero(), &mut dq);
+                    gemm(t, t, hs, scale, &ds, true, &q, false, T::zero(), &mut dk);
+                    for i in 0..t {
+                        let dst = (bi * t + i) * 3 * c + h * hs;
+                        dx[dst..dst + hs].copy_from_slice(&dq[i * hs..(i + 1) * hs]);
+                        dx[dst + c..dst + c + hs].copy_from_slice(&dk[i * hs..(i + 1) * hs]);
+                        dx[dst + 2 * c..dst + 2 * c + hs].copy_from_slice(&dv[i * hs..(i + 1) * hs]);
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AttnParams {
+    out: u64,
+    lse: u64,
+    qkv: u64,
+    mask: u64,
+    dout: u64,
+    dqkv: u64,
+    dsum: u64,
+    seed: u64,
+    b: i32,
+    t: i32,
+    nh: i32,
+    hs: i32,
+    p: f32,
+    scale: f32,
+}
+unsafe impl cudarc::driver::DeviceRepr for AttnParams {}
+
+/// Head sizes the fused kernel is instantiated for.
+pub const CUDA_HEAD_SIZES: [usize; 4] = [16, 32, 64, 128];
+
+fn cuda_checks(op: &str, act: DType, others: &[DType], lse: DType, hs: usize) -> Result<()> {
+    if !CUDA_HEAD_SIZES.contains(&hs) {
+        bail!("{op}: head size {hs} has no CUDA kernel (supported: {CUDA_HEAD_SIZES:?})");
+    }
+    for d in others {
+        if *d != act {
+            bail!("{op}: activations must share one dtype ({act}), found {d}");
+        }
+    }
+    if lse != DType::F32 {
+        bail!("{op}: lse must be f32 on CUDA, found {lse}");
+    }
+    Ok(())
+}
+
+impl AttentionOps for Cuda {
+    fn attention_forward(&self, out: &mut Tensor<Cuda>, lse: &mut Tensor<Cuda>, qkv: &Tensor<Cuda>, mask: &Tensor<Cuda>, nh: usize, drop: Dropout) -> Result<()> {
+        let (b, t, _, hs) = dims("attention_forward", out, lse, qkv, mask, nh)?;
+        cuda_checks("attention_forward", out.dtype, &[qkv.dtype], lse.dtype, hs)?;
+        let p = AttnParams {
+            out: out.buf.ptr,
+            lse: lse.buf.ptr,
+            qkv: qkv.buf.ptr,
+            mask: mask.buf.ptr,
+            dout: 0,
+            dqkv: 0,
+            dsum: 0,
+            seed: drop.seed,
+            b: b as i32,
+            t: t as i32,
+            nh: nh as i32,
+            hs: hs as i32,
+            p: drop.p,
+            scale: 1.0 / (hs as f32).sqrt(),
+        };
+        let name = format!("attention_forward_{}_hs{hs}", suffix(out.dtype)?);
+        self.launch("attention", &name, (super::blocks(t, 32), nh as u32, b as u32), (128, 1, 1), 0, p)
+    }
+
+    fn attention_backward(
+        &self,
+        dqkv: &mut Tensor<Cuda>,
+        dout: &Tensor<Cuda>,
+        out: &Tensor<Cuda>,
+        lse: &Tensor<Cuda>,
+        qkv: &Tensor<Cuda>,
+        mask: &Tensor<Cuda>,
+        nh: usize,
+        drop: Dropout,
+    ) -> Result<()> {
+        let (b, t, _, hs) = dims("attention_backward", out, lse, qkv, mask, nh)?;
+        dout.expect("attention_backward: dout", &out.shape)?;
+        dqkv.expect("attention_backward: dqkv", &qkv.shape)?;
+        cuda_checks("attention_backward", out.dtype, &[qkv.dtype, dout.dtype, dqkv.dtype], lse.dtype, hs)?;
+        let dsum = Tensor::<Cuda>::zeros(self, &[b, nh, t], DType::F32)?; // (B,NH,T), from the arena
+        let p = AttnParams {
+            out: out.buf.ptr,
+            lse: lse.buf.ptr,
+            qkv: qkv.buf.ptr,
+            mask: mask.buf.ptr,
+            dout: dout.buf.ptr,
+            dqkv: dqkv.buf.ptr,
+            dsum: dsum.buf.ptr,
+            seed: drop.seed,
+            b: b as i32,
+            t: t as i32,
+            nh: nh as i32,
+            hs: hs as i32,
+            p: drop.p,
+            scale: 1.0 / (hs as f32).sqrt(),
+        };
+        let sfx = format!("{}_hs{hs}", suffix(out.dtype)?);
+        self.launch("attention", &format!("attention_dsum_{sfx}"), (super::blocks(b * nh * t, 128), 1, 1), (128, 1, 1), 0, p)?;
+        let grid = (super::blocks(t, 32), nh as u32, b as u32);
+        self.launch("attention", &format!("attention_backward_kv_{sfx}"), grid, (128, 1, 1), 0, p)?;
+        self.launch("attention", &format!("attention_backward_q_{sfx}"), grid, (128, 1, 1), 0, p)
+    }
+}

@@ -1,0 +1,79 @@
+//! Dropout with a counter-based mask (Philox, see [`crate::rng`]): `out[i] = inp[i]·factor(seed, i)`, where
+//! the factor is 0 or 1/(1-p). Backward is the same multiplication applied to `dout`, with the mask
+//! regenerated from the seed rather than stored. Inside the model, dropout is fused into the residual
+//! layernorm, the embeddings and the attention kernel; this standalone op is the reference those fused paths
+//! are tested against, and checks that CPU and GPU masks agree bit for bit.
+
+use crate::backend::BackendCore;
+use crate::cpu::{rd, wr, Cpu, Real};
+use crate::cuda::{dtype_code, Cuda};
+use crate::rng::Dropout;
+use crate::tensor::Tensor;
+use anyhow::{bail, Result};
+
+pub trait DropoutOps: BackendCore {
+    /// `out (n) = inp (n) · mask`.
+    fn dropout_forward(&self, out: &mut Tensor<Self>, inp: &Tensor<Self>, d: Dropout) -> Result<()>;
+    /// `dinp (n) = dout (n) · mask` (overwrites).
+    fn dropout_backward(&self, dinp: &mut Tensor<Self>, dout: &Tensor<Self>, d: Dropout) -> Result<()> {
+        self.dropout_forward(dinp, dout, d)
+    }
+}
+
+fn check<B: BackendCore>(out: &Tensor<B>, inp: &Tensor<B>) -> Result<()> {
+    if out.numel() != inp.numel() {
+        bail!("dropout: out {:?} and inp {:?} differ in size", out.shape, inp.shape);
+    }
+    Ok(())
+}
+
+/// CPU reference: element i is kept with probability 1-p and scaled by 1/(1-p).
+pub fn dropout_ref<T: Real>(out: &mut [T], inp: &[T], d: Dropout) {
+    for (i, (o, &x)) in out.iter_mut().zip(inp).enumerate() {
+        *o = x * T::of(d.factor(i as u64));
+    }
+}
+
+impl DropoutOps for Cpu {
+    fn dropout_forward(&self, out: &mut Tensor<Cpu>, inp: &Tensor<Cpu>, d: Dropout) -> Result<()> {
+        check(out, inp)?;
+        crate::cpu_compute!(out.dtype, T => {
+            let x = rd::<T>(inp);
+            let mut o = wr::<T>(out, false);
+            dropout_ref(&mut o, &x, d);
+        });
+        Ok(())
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DropoutParams {
+    out: u64,
+    inp: u64,
+    seed: u64,
+    n: u64,
+    p: f32,
+    out_dt: i32,
+    inp_dt: i32,
+    _pad: i32,
+}
+unsafe impl cudarc::driver::DeviceRepr for DropoutParams {}
+
+impl DropoutOps for Cuda {
+    fn dropout_forward(&self, out: &mut Tensor<Cuda>, inp: &Tensor<Cuda>, d: Dropout) -> Result<()> {
+        check(out, inp)?;
+        let n = out.numel();
+        let p = DropoutParams {
+            out: out.buf.ptr,
+            inp: inp.buf.ptr,
+            seed: d.seed,
+            n: n as u64,
+            p: d.p,
+            out_dt: dtype_code(out.dtype),
+            inp_dt: dtype_code(inp.dtype),
+            _pad: 0,
+        };
+        self.launch("dropout", "dropout_forward", (super::blocks(n, 256).min(65535 * 8), 1, 1), (256, 1, 1), 0, p)
+    }
+}

@@ -1,0 +1,301 @@
+//! BERT embeddings fused with their LayerNorm and dropout:
+//! `x = word[ids] + pos[t] + type[types]`, `out = dropout(LN(x))` (position ids are 0..T, as in HF).
+//! Saves only `mean`/`rstd`: backward re-gathers `x` (cheaper than storing it).
+//! Backward: `dy = dropout(dout)`, LayerNorm backward gives `dx`, `dgamma`, `dbeta`, and `dx` is scattered
+//! (added) into the rows of `dword`, `dpos` and `dtype` that the forward gathered. All accumulate.
+
+use crate::backend::BackendCore;
+use crate::cpu::{ids, rd, wr, Cpu, Real};
+use crate::cuda::{suffix, Cuda};
+use crate::ops::dropout::dropout_ref;
+use crate::ops::layernorm::{layernorm_bwd_ref, layernorm_fwd_ref};
+use crate::rng::Dropout;
+use crate::tensor::{DType, Tensor};
+use anyhow::{bail, Result};
+
+/// Embedding tables and LayerNorm parameters, borrowed.
+pub struct EmbWeights<'a, B: BackendCore> {
+    pub word: &'a Tensor<B>,  // (V, C)
+    pub pos: &'a Tensor<B>,   // (P, C)
+    pub ttype: &'a Tensor<B>, // (TV, C)
+    pub gamma: &'a Tensor<B>, // (C)
+    pub beta: &'a Tensor<B>,  // (C)
+}
+
+/// Their gradients, borrowed mutably (accumulated).
+pub struct EmbGrads<'a, B: BackendCore> {
+    pub word: &'a mut Tensor<B>,  // (V, C)
+    pub pos: &'a mut Tensor<B>,   // (P, C)
+    pub ttype: &'a mut Tensor<B>, // (TV, C)
+    pub gamma: &'a mut Tensor<B>, // (C)
+    pub beta: &'a mut Tensor<B>,  // (C)
+}
+
+pub trait EmbeddingOps: BackendCore {
+    /// out (B,T,C), mean (B,T), rstd (B,T) ← ids (B,T) i32, types (B,T) i32, weights.
+    #[allow(clippy::too_many_arguments)]
+    fn embeddings_forward(
+        &self,
+        out: &mut Tensor<Self>,
+        mean: &mut Tensor<Self>,
+        rstd: &mut Tensor<Self>,
+        ids: &Tensor<Self>,
+        types: &Tensor<Self>,
+        w: &EmbWeights<Self>,
+        eps: f32,
+        drop: Dropout,
+    ) -> Result<()>;
+
+    /// grads (accumulated) ← dout (B,T,C), mean, rstd, ids, types, weights.
+    #[allow(clippy::too_many_arguments)]
+    fn embeddings_backward(
+        &self,
+        g: &mut EmbGrads<Self>,
+        dout: &Tensor<Self>,
+        mean: &Tensor<Self>,
+        rstd: &Tensor<Self>,
+        ids: &Tensor<Self>,
+        types: &Tensor<Self>,
+        w: &EmbWeights<Self>,
+        drop: Dropout,
+    ) -> Result<()>;
+}
+
+/// (B, T, C, V, P, TV) after checking every shape.
+fn dims<B: BackendCore>(op: &str, act: &Tensor<B>, mean: &Tensor<B>, rstd: &Tensor<B>, ids: &Tensor<B>, types: &Tensor<B>, w: &EmbWeights<B>) -> Result<(usize, usize, usize, usize, usize, usize)> {
+    if act.shape.len() != 3 {
+        bail!("{op}: activation must be (B,T,C), found {:?}", act.shape);
+    }
+    let (b, t, c) = (act.shape[0], act.shape[1], act.shape[2]);
+    ids.expect(&format!("{op}: input_ids"), &[b, t])?;
+    types.expect(&format!("{op}: token_type_ids"), &[b, t])?;
+    ids.expect_dtype(&format!("{op}: input_ids"), &[DType::I32])?;
+    types.expect_dtype(&format!("{op}: token_type_ids"), &[DType::I32])?;
+    mean.expect(&format!("{op}: mean"), &[b, t])?;
+    rstd.expect(&format!("{op}: rstd"), &[b, t])?;
+    let v = w.word.shape[0];
+    let p = w.pos.shape[0];
+    let tv = w.ttype.shape[0];
+    w.word.expect(&format!("{op}: embeddings.word_embeddings.weight"), &[v, c])?;
+    w.pos.expect(&format!("{op}: embeddings.position_embeddings.weight"), &[p, c])?;
+    w.ttype.expect(&format!("{op}: embeddings.token_type_embeddings.weight"), &[tv, c])?;
+    w.gamma.expect(&format!("{op}: embeddings.LayerNorm.weight"), &[c])?;
+    w.beta.expect(&format!("{op}: embeddings.LayerNorm.bias"), &[c])?;
+    if t > p {
+        bail!("{op}: sequence length {t} exceeds max_position_embeddings {p}");
+    }
+    Ok((b, t, c, v, p, tv))
+}
+
+fn check_ids(op: &str, ids: &[i32], limit: usize, what: &str) -> Result<()> {
+    if let Some((i, &bad)) = ids.iter().enumerate().find(|(_, &x)| x < 0 || x as usize >= limit) {
+        bail!("{op}: {what}[{i}] = {bad} is outside 0..{limit}");
+    }
+    Ok(())
+}
+
+/// CPU reference gather: x[(b,t)] = word[ids] + pos[t] + type[types].
+pub fn gather_ref<T: Real>(x: &mut [T], ids: &[i32], types: &[i32], word: &[T], pos: &[T], ttype: &[T], t: usize, c: usize) {
+    for (r, (&id, &ty)) in ids.iter().zip(types).enumerate() {
+        let (id, ty, tt) = (id as usize, ty as usize, r % t);
+        for i in 0..c {
+            x[r * c + i] = word[id * c + i] + pos[tt * c + i] + ttype[ty * c + i];
+        }
+    }
+}
+
+impl EmbeddingOps for Cpu {
+    fn embeddings_forward(
+        &self,
+        out: &mut Tensor<Cpu>,
+        mean: &mut Tensor<Cpu>,
+        rstd: &mut Tensor<Cpu>,
+        idt: &Tensor<Cpu>,
+        tyt: &Tensor<Cpu>,
+        w: &EmbWeights<Cpu>,
+        eps: f32,
+        drop: Dropout,
+    ) -> Result<()> {
+        let op = "embeddings_forward";
+        let (_, t, c, v, _, tv) = dims(op, out, mean, rstd, idt, tyt, w)?;
+        let (id, ty) = (ids(idt)?, ids(tyt)?);
+        check_ids(op, id, v, "input_ids")?;
+        check_ids(op, ty, tv, "token_type_ids")?;
+        crate::cpu_compute!(out.dtype, T => {
+            let mut x = vec![T::zero(); out.numel()];
+            gather_ref(&mut x, id, ty, &rd::<T>(w.word), &rd::<T>(w.pos), &rd::<T>(w.ttype), t, c);
+            let mut y = vec![T::zero(); x.len()];
+            let (mut m, mut r) = (wr::<T>(mean, false), wr::<T>(rstd, false));
+            layernorm_fwd_ref(&mut y, &mut m, &mut r, &x, &rd::<T>(w.gamma), &rd::<T>(w.beta), c, eps as f64);
+            dropout_ref(&mut wr::<T>(out, false), &y, drop);
+        });
+        Ok(())
+    }
+
+    fn embeddings_backward(
+        &self,
+        g: &mut EmbGrads<Cpu>,
+        dout: &Tensor<Cpu>,
+        mean: &Tensor<Cpu>,
+        rstd: &Tensor<Cpu>,
+        idt: &Tensor<Cpu>,
+        tyt: &Tensor<Cpu>,
+        w: &EmbWeights<Cpu>,
+        drop: Dropout,
+    ) -> Result<()> {
+        let op = "embeddings_backward";
+        let (_, t, c, v, _, tv) = dims(op, dout, mean, rstd, idt, tyt, w)?;
+        let (id, ty) = (ids(idt)?, ids(tyt)?);
+        check_ids(op, id, v, "input_ids")?;
+        check_ids(op, ty, tv, "token_type_ids")?;
+        crate::cpu_compute!(dout.dtype, T => {
+            let mut x = vec![T::zero(); dout.numel()];
+            gather_ref(&mut x, id, ty, &rd::<T>(w.word), &rd::<T>(w.pos), &rd::<T>(w.ttype), t, c);
+            let mut dy = vec![T::zero(); x.len()];
+            dropout_ref(&mut dy, &rd::<T>(dout), drop);
+            let mut dx = vec![T::zero(); x.len()];
+            {
+                let (mut dg, mut db) = (wr::<T>(g.gamma, true), wr::<T>(g.beta, true));
+                layernorm_bwd_ref(&mut dx, &mut dg, &mut db, &dy, &x, &rd::<T>(mean), &rd::<T>(rstd), &rd::<T>(w.gamma), c);
+            }
+            let (mut dw, mut dp, mut dt) = (wr::<T>(g.word, true), wr::<T>(g.pos, true), wr::<T>(g.ttype, true));
+            for (r, (&i, &y)) in id.iter().zip(ty).enumerate() {
+                let (i, y, tt) = (i as usize, y as usize, r % t);
+                for k in 0..c {
+                    dw[i * c + k] += dx[r * c + k];
+                    dp[tt * c + k] += dx[r * c + k];
+                    dt[y * c + k] += dx[r * c + k];
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct EmbParams {
+    out: u64, // forward: out; backward: dout
+    mean: u64,
+    rstd: u64,
+    ids: u64,
+    types: u64,
+    word: u64,
+    pos: u64,
+    ttype: u64,
+    gamma: u64,
+    beta: u64,
+    dword: u64,
+    dpos: u64,
+    dttype: u64,
+    dgamma: u64,
+    dbeta: u64,
+    seed: u64,
+    n: i32,
+    t: i32,
+    c: i32,
+    v: i32,
+    tv: i32,
+    eps: f32,
+    p: f32,
+    _pad: i32,
+}
+unsafe impl cudarc::driver::DeviceRepr for EmbParams {}
+
+impl EmbeddingOps for Cuda {
+    fn embeddings_forward(
+        &self,
+        out: &mut Tensor<Cuda>,
+        mean: &mut Tensor<Cuda>,
+        rstd: &mut Tensor<Cuda>,
+        idt: &Tensor<Cuda>,
+        tyt: &Tensor<Cuda>,
+        w: &EmbWeights<Cuda>,
+        eps: f32,
+        drop: Dropout,
+    ) -> Result<()> {
+        let (b, t, c, v, _, tv) = dims("embeddings_forward", out, mean, rstd, idt, tyt, w)?;
+        for d in [w.word.dtype, w.pos.dtype, w.ttype.dtype, w.gamma.dtype, w.beta.dtype] {
+            if d != out.dtype {
+                bail!("embeddings_forward: weights ({d}) and output ({}) must share a dtype", out.dtype);
+            }
+        }
+        let n = b * t;
+        let p = EmbParams {
+            out: out.buf.ptr,
+            mean: mean.buf.ptr,
+            rstd: rstd.buf.ptr,
+            ids: idt.buf.ptr,
+            types: tyt.buf.ptr,
+            word: w.word.buf.ptr,
+            pos: w.pos.buf.ptr,
+            ttype: w.ttype.buf.ptr,
+            gamma: w.gamma.buf.ptr,
+            beta: w.beta.buf.ptr,
+            dword: 0,
+            dpos: 0,
+            dttype: 0,
+            dgamma: 0,
+            dbeta: 0,
+            seed: drop.seed,
+            n: n as i32,
+            t: t as i32,
+            c: c as i32,
+            v: v as i32,
+            tv: tv as i32,
+            eps,
+            p: drop.p,
+            _pad: 0,
+        };
+        let name = format!("embeddings_forward_{}", suffix(out.dtype)?);
+        self.launch("embedding", &name, (super::blocks(n, 8), 1, 1), (256, 1, 1), 0, p)
+    }
+
+    fn embeddings_backward(
+        &self,
+        g: &mut EmbGrads<Cuda>,
+        dout: &Tensor<Cuda>,
+        mean: &Tensor<Cuda>,
+        rstd: &Tensor<Cuda>,
+        idt: &Tensor<Cuda>,
+        tyt: &Tensor<Cuda>,
+        w: &EmbWeights<Cuda>,
+        drop: Dropout,
+    ) -> Result<()> {
+        let (b, t, c, v, _, tv) = dims("embeddings_backward", dout, mean, rstd, idt, tyt, w)?;
+        for d in [g.word.dtype, g.pos.dtype, g.ttype.dtype, g.gamma.dtype, g.beta.dtype] {
+            if d != DType::F32 {
+                bail!("embeddings_backward: parameter gradients must be f32 on CUDA, found {d}");
+            }
+        }
+        let n = b * t;
+        let p = EmbParams {
+            out: dout.buf.ptr,
+            mean: mean.buf.ptr,
+            rstd: rstd.buf.ptr,
+            ids: idt.buf.ptr,
+            types: tyt.buf.ptr,
+            word: w.word.buf.ptr,
+            pos: w.pos.buf.ptr,
+            ttype: w.ttype.buf.ptr,
+            gamma: w.gamma.buf.ptr,
+            beta: w.beta.buf.ptr,
+            dword: g.word.buf.ptr,
+            dpos: g.pos.buf.ptr,
+            dttype: g.ttype.buf.ptr,
+            dgamma: g.gamma.buf.ptr,
+            dbeta: g.beta.buf.ptr,
+            seed: drop.seed,
+            n: n as i32,
+            t: t as i32,
+            c: c as i32,
+            v: v as i32,
+            tv: tv as i32,
+            eps: 0.0,
+            p: drop.p,
+            _pad: 0,
+        };
+        let name = format!("embeddings_backward_{}", suffix(dout.dtype)?);
+        self.launch("embedding", &name, (super::blocks(n, 8), 1, 1), (256, 1, 1), 0, p)
+    }
+}

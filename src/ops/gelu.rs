@@ -1,0 +1,92 @@
+//! GELU in BERT's exact (erf) form: `gelu(x) = ½·x·(1 + erf(x/√2))`,
+//! `gelu'(x) = ½·(1 + erf(x/√2)) + x·φ(x)`, with φ the standard normal density.
+
+use crate::backend::BackendCore;
+use crate::cpu::{rd, wr, Cpu, Real};
+use crate::cuda::{dtype_code, Cuda};
+use crate::tensor::Tensor;
+use anyhow::{bail, Result};
+
+pub trait GeluOps: BackendCore {
+    /// out (n) ← inp (n).
+    fn gelu_forward(&self, out: &mut Tensor<Self>, inp: &Tensor<Self>) -> Result<()>;
+    /// dinp (n) (overwritten) ← dout (n), inp (n).
+    fn gelu_backward(&self, dinp: &mut Tensor<Self>, dout: &Tensor<Self>, inp: &Tensor<Self>) -> Result<()>;
+}
+
+fn check<B: BackendCore>(op: &str, a: &Tensor<B>, b: &Tensor<B>) -> Result<usize> {
+    if a.numel() != b.numel() {
+        bail!("{op}: {:?} and {:?} differ in size", a.shape, b.shape);
+    }
+    Ok(a.numel())
+}
+
+pub fn gelu_ref<T: Real>(x: T) -> T {
+    let half = T::of(0.5);
+    half * x * (T::one() + (x * T::of(std::f64::consts::FRAC_1_SQRT_2)).erf())
+}
+
+pub fn gelu_grad_ref<T: Real>(x: T) -> T {
+    let half = T::of(0.5);
+    let cdf = half * (T::one() + (x * T::of(std::f64::consts::FRAC_1_SQRT_2)).erf());
+    let pdf = (-half * x * x).exp() * T::of(0.398_942_280_401_432_7);
+    cdf + x * pdf
+}
+
+impl GeluOps for Cpu {
+    fn gelu_forward(&self, out: &mut Tensor<Cpu>, inp: &Tensor<Cpu>) -> Result<()> {
+        check("gelu_forward", out, inp)?;
+        crate::cpu_compute!(out.dtype, T => {
+            let x = rd::<T>(inp);
+            let mut o = wr::<T>(out, false);
+            for (o, &x) in o.iter_mut().zip(x.iter()) {
+                *o = gelu_ref(x);
+            }
+        });
+        Ok(())
+    }
+    fn gelu_backward(&self, dinp: &mut Tensor<Cpu>, dout: &Tensor<Cpu>, inp: &Tensor<Cpu>) -> Result<()> {
+        check("gelu_backward", dinp, inp)?;
+        check("gelu_backward", dout, inp)?;
+        crate::cpu_compute!(dout.dtype, T => {
+            let (x, dy) = (rd::<T>(inp), rd::<T>(dout));
+            let mut d = wr::<T>(dinp, false);
+            for i in 0..d.len() {
+                d[i] = dy[i] * gelu_grad_ref(x[i]);
+            }
+        });
+        Ok(())
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GeluParams {
+    out: u64,
+    dout: u64,
+    inp: u64,
+    n: u64,
+    dt: i32,
+    _pad: i32,
+}
+unsafe impl cudarc::driver::DeviceRepr for GeluParams {}
+
+impl GeluOps for Cuda {
+    fn gelu_forward(&self, out: &mut Tensor<Cuda>, inp: &Tensor<Cuda>) -> Result<()> {
+        let n = check("gelu_forward", out, inp)?;
+        if out.dtype != inp.dtype {
+            bail!("gelu_forward: dtypes {} and {} differ", out.dtype, inp.dtype);
+        }
+        let p = GeluParams { out: out.buf.ptr, dout: 0, inp: inp.buf.ptr, n: n as u64, dt: dtype_code(out.dtype), _pad: 0 };
+        self.launch("gelu", "gelu_forward", (super::blocks(n, 256).min(1 << 20), 1, 1), (256, 1, 1), 0, p)
+    }
+    fn gelu_backward(&self, dinp: &mut Tensor<Cuda>, dout: &Tensor<Cuda>, inp: &Tensor<Cuda>) -> Result<()> {
+        let n = check("gelu_backward", dinp, inp)?;
+        check("gelu_backward", dout, inp)?;
+        if dinp.dtype != inp.dtype || dout.dtype != inp.dtype {
+            bail!("gelu_backward: dtypes must match ({}, {}, {})", dinp.dtype, dout.dtype, inp.dtype);
+        }
+        let p = GeluParams { out: dinp.buf.ptr, dout: dout.buf.ptr, inp: inp.buf.ptr, n: n as u64, dt: dtype_code(inp.dtype), _pad: 0 };
+        self.launch("gelu", "gelu_backward", (super::blocks(n, 256).min(1 << 20), 1, 1), (256, 1, 1), 0, p)
+    }
+}

@@ -1,0 +1,57 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use bertqa::backend::Backend;
+use bertqa::model::{BertConfig, BertParams};
+use bertqa::rng::Rng;
+use bertqa::tensor::{DType, Tensor};
+
+/// Random values in [-scale, scale] (never zeros: they hide unwritten outputs).
+pub fn rand_vec(rng: &mut Rng, n: usize, scale: f64) -> Vec<f64> {
+    (0..n).map(|_| (rng.uniform() * 2.0 - 1.0) * scale).collect()
+}
+
+pub fn rand_tensor<B: Backend>(be: &B, rng: &mut Rng, shape: &[usize], dtype: DType, scale: f64) -> Tensor<B> {
+    let n = shape.iter().product();
+    Tensor::from_f64(be, &rand_vec(rng, n, scale), shape, dtype).unwrap()
+}
+
+/// Random parameters shaped like BERT: matrices ~N(0, 0.2²)-ish uniform, LayerNorm gamma around 1.
+pub fn rand_params<B: Backend>(be: &B, cfg: &BertConfig, dtype: DType, seed: u64) -> BertParams<B> {
+    let mut rng = Rng::new(seed);
+    let specs = bertqa::model::params::param_specs(cfg);
+    let ts = specs
+        .iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f64> = if name.contains("LayerNorm.weight") {
+                (0..n).map(|_| 1.0 + (rng.uniform() - 0.5) * 0.4).collect()
+            } else {
+                rand_vec(&mut rng, n, 0.3)
+            };
+            Tensor::from_f64(be, &v, shape, dtype).unwrap()
+        })
+        .collect();
+    BertParams::from_vec(cfg, ts)
+}
+
+/// max |a-b| / max(max|b|, floor): a per-tensor normalised error.
+pub fn rel_err(a: &[f64], b: &[f64], floor: f64) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(floor);
+    a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// A padded batch: lengths per row, ids in 1..v, types 0 then 1, padding id 0.
+pub fn padded_batch(rng: &mut Rng, b: usize, t: usize, v: usize, lens: &[usize]) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
+    let (mut ids, mut types, mut mask) = (vec![0; b * t], vec![0; b * t], vec![0; b * t]);
+    for bi in 0..b {
+        let len = lens[bi % lens.len()].min(t);
+        for j in 0..len {
+            ids[bi * t + j] = 1 + rng.below(v - 1) as i32;
+            types[bi * t + j] = if j >= len / 2 { 1 } else { 0 };
+            mask[bi * t + j] = 1;
+        }
+    }
+    (ids, types, mask)
+}

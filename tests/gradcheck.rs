@@ -1,0 +1,377 @@
+//! Finite-difference gradient checks (central differences, f64) for every op's backward and for the whole
+//! model + span loss on a tiny config with padding, with and without dropout. Each check prints the max
+//! normalised error per tensor; the bound is 1e-6.
+
+mod common;
+use bertqa::prelude::*;
+use bertqa::cpu::Cpu;
+use bertqa::model::bert::{Acts, Batch, BertQa, DropoutCfg};
+use bertqa::model::{BertConfig, BertParams};
+use bertqa::ops::embedding::{EmbGrads, EmbWeights};
+use bertqa::ops::span_loss::SpanLossCfg;
+use bertqa::rng::{Dropout, Rng};
+use bertqa::tensor::{DType, Tensor};
+use common::*;
+
+const F64: DType = DType::F64;
+const BOUND: f64 = 1e-6;
+
+/// Central difference of `f` w.r.t. element i of the tensor at `get(..)`.
+fn fd<S>(state: &mut S, get: &dyn Fn(&mut S) -> &mut Tensor<Cpu>, f: &dyn Fn(&S) -> f64, idx: &[usize]) -> Vec<f64> {
+    let be = Cpu;
+    let mut out = Vec::with_capacity(idx.len());
+    for &i in idx {
+        let mut v = get(state).to_f64_vec(&be).unwrap();
+        let x = v[i];
+        let h = 1e-6 * x.abs().max(1.0);
+        v[i] = x + h;
+        get(state).copy_from_f64(&be, &v).unwrap();
+        let fp = f(state);
+        v[i] = x - h;
+        get(state).copy_from_f64(&be, &v).unwrap();
+        let fm = f(state);
+        v[i] = x;
+        get(state).copy_from_f64(&be, &v).unwrap();
+        out.push((fp - fm) / (2.0 * h));
+    }
+    out
+}
+
+/// Indices to check: all of a small tensor, a fixed random sample of a large one.
+fn sample(n: usize, max: usize, rng: &mut Rng) -> Vec<usize> {
+    if n <= max {
+        (0..n).collect()
+    } else {
+        (0..max).map(|_| rng.below(n)).collect()
+    }
+}
+
+/// Error normalised by the tensor's largest numeric gradient, floored at 1e-3: central differences of an
+/// O(1) loss with h = 1e-6 carry ~1e-10 of round-off, so a tensor whose true gradient is ~0 (e.g. the last
+/// LayerNorm bias, to which the softmax over positions is invariant) is judged on absolute error ≤ 1e-9.
+fn report(op: &str, name: &str, analytic: &[f64], numeric: &[f64]) {
+    let e = rel_err(analytic, numeric, 1e-3);
+    println!("{op:>28} {name:<44} max rel err {e:.2e}");
+    assert!(e < BOUND, "{op}: gradient of {name} off by {e:.3e} (analytic {:?} vs numeric {:?})", &analytic[..analytic.len().min(6)], &numeric[..numeric.len().min(6)]);
+}
+
+fn dot(a: &Tensor<Cpu>, w: &[f64]) -> f64 {
+    a.to_f64_vec(&Cpu).unwrap().iter().zip(w).map(|(x, y)| x * y).sum()
+}
+
+#[test]
+fn linear_backward_matches_finite_differences() {
+    let be = Cpu;
+    let mut rng = Rng::new(1);
+    let (n, ic, oc) = (7, 5, 3);
+    struct S {
+        x: Tensor<Cpu>,
+        w: Tensor<Cpu>,
+        b: Tensor<Cpu>,
+        gw: Vec<f64>,
+    }
+    let mut s = S { x: rand_tensor(&be, &mut rng, &[n, ic], F64, 1.0), w: rand_tensor(&be, &mut rng, &[oc, ic], F64, 1.0), b: rand_tensor(&be, &mut rng, &[oc], F64, 1.0), gw: rand_vec(&mut rng, n * oc, 1.0) };
+    let f = |s: &S| {
+        let mut out = Tensor::zeros(&Cpu, &[n, oc], F64).unwrap();
+        Cpu.linear_forward(&mut out, &s.x, &s.w, Some(&s.b)).unwrap();
+        dot(&out, &s.gw)
+    };
+    let dout = Tensor::from_f64(&be, &s.gw, &[n, oc], F64).unwrap();
+    let mut dx = rand_tensor(&be, &mut rng, &[n, ic], F64, 1.0); // overwritten
+    let mut dw = Tensor::zeros(&be, &[oc, ic], F64).unwrap();
+    let mut db = Tensor::zeros(&be, &[oc], F64).unwrap();
+    be.linear_backward(Some(&mut dx), false, &mut dw, Some(&mut db), &dout, &s.x, &s.w).unwrap();
+    let all = |k| (0..k).collect::<Vec<_>>();
+    report("linear", "dinp", &dx.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.x, &f, &all(n * ic)));
+    report("linear", "dweight", &dw.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.w, &f, &all(oc * ic)));
+    report("linear", "dbias", &db.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.b, &f, &all(oc)));
+    // accumulation: a second backward adds the same again
+    let before = dw.to_f64_vec(&be).unwrap();
+    let dx0 = dx.to_f64_vec(&be).unwrap();
+    be.linear_backward(Some(&mut dx), true, &mut dw, Some(&mut db), &dout, &s.x, &s.w).unwrap();
+    let after = dw.to_f64_vec(&be).unwrap();
+    for (a, b) in after.iter().zip(&before) {
+        assert!((a - 2.0 * b).abs() < 1e-12, "dweight must accumulate");
+    }
+    for (a, b) in dx.to_f64_vec(&be).unwrap().iter().zip(&dx0) {
+        assert!((a - 2.0 * b).abs() < 1e-12, "dinp must accumulate when asked");
+    }
+}
+
+#[test]
+fn gelu_backward_matches_finite_differences() {
+    let be = Cpu;
+    let mut rng = Rng::new(2);
+    let n = 41;
+    struct S {
+        x: Tensor<Cpu>,
+        g: Vec<f64>,
+    }
+    let mut s = S { x: rand_tensor(&be, &mut rng, &[n], F64, 4.0), g: rand_vec(&mut rng, n, 1.0) };
+    let f = |s: &S| {
+        let mut out = Tensor::zeros(&Cpu, &[n], F64).unwrap();
+        Cpu.gelu_forward(&mut out, &s.x).unwrap();
+        dot(&out, &s.g)
+    };
+    let dout = Tensor::from_f64(&be, &s.g, &[n], F64).unwrap();
+    let mut dx = Tensor::zeros(&be, &[n], F64).unwrap();
+    be.gelu_backward(&mut dx, &dout, &s.x).unwrap();
+    report("gelu", "dinp", &dx.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.x, &f, &(0..n).collect::<Vec<_>>()));
+    // golden values: torch.nn.functional.gelu(x) (erf form) at x = -1, 0.5, 2
+    let x = Tensor::from_f64(&be, &[-1.0, 0.5, 2.0], &[3], F64).unwrap();
+    let mut y = Tensor::zeros(&be, &[3], F64).unwrap();
+    be.gelu_forward(&mut y, &x).unwrap();
+    let y = y.to_f64_vec(&be).unwrap();
+    for (a, b) in y.iter().zip([-0.15865525393145707, 0.34573123063700656, 1.9544997361036416]) {
+        assert!((a - b).abs() < 1e-12, "gelu {a} vs {b}");
+    }
+}
+
+#[test]
+fn residual_layernorm_backward_matches_finite_differences() {
+    for p in [0.0f32, 0.3] {
+        let be = Cpu;
+        let mut rng = Rng::new(3);
+        let (n, c) = (5, 13);
+        let drop = Dropout::new(p, 77);
+        struct S {
+            x: Tensor<Cpu>,
+            r: Tensor<Cpu>,
+            g: Tensor<Cpu>,
+            b: Tensor<Cpu>,
+            w: Vec<f64>,
+        }
+        let mut s = S { x: rand_tensor(&be, &mut rng, &[n, c], F64, 2.0), r: rand_tensor(&be, &mut rng, &[n, c], F64, 2.0), g: rand_tensor(&be, &mut rng, &[c], F64, 1.5), b: rand_tensor(&be, &mut rng, &[c], F64, 1.0), w: rand_vec(&mut rng, n * c, 1.0) };
+        let f = move |s: &S| {
+            let z = |sh: &[usize]| Tensor::zeros(&Cpu, sh, F64).unwrap();
+            let (mut out, mut sum, mut m, mut rs) = (z(&[n, c]), z(&[n, c]), z(&[n]), z(&[n]));
+            Cpu.residual_layernorm_forward(&mut out, &mut sum, &mut m, &mut rs, &s.x, &s.r, &s.g, &s.b, 1e-5, drop).unwrap();
+            dot(&out, &s.w)
+        };
+        let z = |sh: &[usize]| Tensor::zeros(&be, sh, F64).unwrap();
+        let (mut out, mut sum, mut m, mut rs) = (z(&[n, c]), z(&[n, c]), z(&[n]), z(&[n]));
+        be.residual_layernorm_forward(&mut out, &mut sum, &mut m, &mut rs, &s.x, &s.r, &s.g, &s.b, 1e-5, drop).unwrap();
+        let dout = Tensor::from_f64(&be, &s.w, &[n, c], F64).unwrap();
+        let (mut dx, mut dr, mut dg, mut db) = (z(&[n, c]), z(&[n, c]), z(&[c]), z(&[c]));
+        be.residual_layernorm_backward(&mut dx, &mut dr, &mut dg, &mut db, &dout, &sum, &m, &rs, &s.g, drop).unwrap();
+        let all = |k| (0..k).collect::<Vec<_>>();
+        let op = format!("residual_layernorm p={p}");
+        report(&op, "dinp", &dx.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.x, &f, &all(n * c)));
+        report(&op, "dresid", &dr.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.r, &f, &all(n * c)));
+        report(&op, "dgamma", &dg.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.g, &f, &all(c)));
+        report(&op, "dbeta", &db.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.b, &f, &all(c)));
+    }
+}
+
+#[test]
+fn dropout_backward_matches_finite_differences() {
+    let be = Cpu;
+    let mut rng = Rng::new(4);
+    let n = 50;
+    let d = Dropout::new(0.4, 9);
+    struct S {
+        x: Tensor<Cpu>,
+        w: Vec<f64>,
+    }
+    let mut s = S { x: rand_tensor(&be, &mut rng, &[n], F64, 1.0), w: rand_vec(&mut rng, n, 1.0) };
+    let f = move |s: &S| {
+        let mut out = Tensor::zeros(&Cpu, &[n], F64).unwrap();
+        Cpu.dropout_forward(&mut out, &s.x, d).unwrap();
+        dot(&out, &s.w)
+    };
+    let dout = Tensor::from_f64(&be, &s.w, &[n], F64).unwrap();
+    let mut dx = Tensor::zeros(&be, &[n], F64).unwrap();
+    be.dropout_backward(&mut dx, &dout, d).unwrap();
+    let dxv = dx.to_f64_vec(&be).unwrap();
+    assert!(dxv.iter().any(|&v| v == 0.0) && dxv.iter().any(|&v| v != 0.0), "mask should drop some, keep some");
+    report("dropout p=0.4", "dinp", &dxv, &fd(&mut s, &|s| &mut s.x, &f, &(0..n).collect::<Vec<_>>()));
+}
+
+#[test]
+fn embeddings_backward_matches_finite_differences() {
+    for p in [0.0f32, 0.25] {
+        let be = Cpu;
+        let mut rng = Rng::new(5);
+        let (b, t, c, v, pp, tv) = (2, 6, 7, 11, 9, 2);
+        let (ids, types, _) = padded_batch(&mut rng, b, t, v, &[6, 4]);
+        let drop = Dropout::new(p, 123);
+        struct S {
+            word: Tensor<Cpu>,
+            pos: Tensor<Cpu>,
+            ty: Tensor<Cpu>,
+            g: Tensor<Cpu>,
+            bb: Tensor<Cpu>,
+            ids: Tensor<Cpu>,
+            types: Tensor<Cpu>,
+            w: Vec<f64>,
+        }
+        let mut s = S {
+            word: rand_tensor(&be, &mut rng, &[v, c], F64, 1.0),
+            pos: rand_tensor(&be, &mut rng, &[pp, c], F64, 1.0),
+            ty: rand_tensor(&be, &mut rng, &[tv, c], F64, 1.0),
+            g: rand_tensor(&be, &mut rng, &[c], F64, 1.5),
+            bb: rand_tensor(&be, &mut rng, &[c], F64, 1.0),
+            ids: Tensor::from_i32(&be, &ids, &[b, t]).unwrap(),
+            types: Tensor::from_i32(&be, &types, &[b, t]).unwrap(),
+            w: rand_vec(&mut rng, b * t * c, 1.0),
+        };
+        let f = move |s: &S| {
+            let z = |sh: &[usize]| Tensor::zeros(&Cpu, sh, F64).unwrap();
+            let (mut out, mut m, mut r) = (z(&[b, t, c]), z(&[b, t]), z(&[b, t]));
+            let ew = EmbWeights { word: &s.word, pos: &s.pos, ttype: &s.ty, gamma: &s.g, beta: &s.bb };
+            Cpu.embeddings_forward(&mut out, &mut m, &mut r, &s.ids, &s.types, &ew, 1e-12, drop).unwrap();
+            dot(&out, &s.w)
+        };
+        let z = |sh: &[usize]| Tensor::zeros(&be, sh, F64).unwrap();
+        let (mut out, mut m, mut r) = (z(&[b, t, c]), z(&[b, t]), z(&[b, t]));
+        let ew = EmbWeights { word: &s.word, pos: &s.pos, ttype: &s.ty, gamma: &s.g, beta: &s.bb };
+        be.embeddings_forward(&mut out, &mut m, &mut r, &s.ids, &s.types, &ew, 1e-12, drop).unwrap();
+        let dout = Tensor::from_f64(&be, &s.w, &[b, t, c], F64).unwrap();
+        let (mut dw, mut dp, mut dt, mut dg, mut db) = (z(&[v, c]), z(&[pp, c]), z(&[tv, c]), z(&[c]), z(&[c]));
+        let mut eg = EmbGrads { word: &mut dw, pos: &mut dp, ttype: &mut dt, gamma: &mut dg, beta: &mut db };
+        be.embeddings_backward(&mut eg, &dout, &m, &r, &s.ids, &s.types, &ew, drop).unwrap();
+        let all = |k| (0..k).collect::<Vec<_>>();
+        let op = format!("embeddings p={p}");
+        report(&op, "word_embeddings", &dw.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.word, &f, &all(v * c)));
+        report(&op, "position_embeddings", &dp.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.pos, &f, &all(pp * c)));
+        report(&op, "token_type_embeddings", &dt.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.ty, &f, &all(tv * c)));
+        report(&op, "LayerNorm.weight", &dg.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.g, &f, &all(c)));
+        report(&op, "LayerNorm.bias", &db.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.bb, &f, &all(c)));
+    }
+}
+
+#[test]
+fn attention_backward_matches_finite_differences() {
+    for p in [0.0f32, 0.2] {
+        let be = Cpu;
+        let mut rng = Rng::new(6);
+        let (b, t, nh, hs) = (2, 7, 2, 3);
+        let c = nh * hs;
+        let (_, _, mask) = padded_batch(&mut rng, b, t, 5, &[7, 4]);
+        let drop = Dropout::new(p, 55);
+        struct S {
+            qkv: Tensor<Cpu>,
+            mask: Tensor<Cpu>,
+            w: Vec<f64>,
+        }
+        let mut s = S { qkv: rand_tensor(&be, &mut rng, &[b, t, 3 * c], F64, 1.5), mask: Tensor::from_i32(&be, &mask, &[b, t]).unwrap(), w: rand_vec(&mut rng, b * t * c, 1.0) };
+        let f = move |s: &S| {
+            let mut out = Tensor::zeros(&Cpu, &[b, t, c], F64).unwrap();
+            let mut lse = Tensor::zeros(&Cpu, &[b, nh, t], F64).unwrap();
+            Cpu.attention_forward(&mut out, &mut lse, &s.qkv, &s.mask, nh, drop).unwrap();
+            dot(&out, &s.w)
+        };
+        let mut out = Tensor::zeros(&be, &[b, t, c], F64).unwrap();
+        let mut lse = Tensor::zeros(&be, &[b, nh, t], F64).unwrap();
+        be.attention_forward(&mut out, &mut lse, &s.qkv, &s.mask, nh, drop).unwrap();
+        let dout = Tensor::from_f64(&be, &s.w, &[b, t, c], F64).unwrap();
+        let mut dqkv = rand_tensor(&be, &mut rng, &[b, t, 3 * c], F64, 1.0);
+        be.attention_backward(&mut dqkv, &dout, &out, &lse, &s.qkv, &s.mask, nh, drop).unwrap();
+        let an = dqkv.to_f64_vec(&be).unwrap();
+        let num = fd(&mut s, &|s| &mut s.qkv, &f, &(0..b * t * 3 * c).collect::<Vec<_>>());
+        // padded keys get exactly zero K/V gradient
+        for bi in 0..b {
+            for j in 0..t {
+                if mask[bi * t + j] == 0 {
+                    for k in c..3 * c {
+                        assert_eq!(an[(bi * t + j) * 3 * c + k], 0.0);
+                    }
+                }
+            }
+        }
+        report(&format!("attention p={p}"), "dqkv", &an, &num);
+    }
+}
+
+#[test]
+fn span_loss_gradient_matches_finite_differences() {
+    for mask_padding in [false, true] {
+        let be = Cpu;
+        let mut rng = Rng::new(7);
+        let (b, t) = (4, 6);
+        let (_, _, mask) = padded_batch(&mut rng, b, t, 5, &[6, 3]);
+        // row 2's end target is T (ignored); row 3's start is 0 ([CLS])
+        let starts = vec![2, 1, 4, 0];
+        let ends = vec![3, 2, t as i32, 1];
+        struct S {
+            logits: Tensor<Cpu>,
+        }
+        let st = Tensor::from_i32(&be, &starts, &[b]).unwrap();
+        let en = Tensor::from_i32(&be, &ends, &[b]).unwrap();
+        let mk = Tensor::from_i32(&be, &mask, &[b, t]).unwrap();
+        let valid = |tg: i32, bi: usize| (tg as usize) < t && (!mask_padding || mask[bi * t + tg as usize] != 0);
+        let ns = (0..b).filter(|&i| valid(starts[i], i)).count();
+        let ne = (0..b).filter(|&i| valid(ends[i], i)).count();
+        let cfg = SpanLossCfg { mask_padding, scale_start: 1.0 / (2.0 * ns as f64), scale_end: 1.0 / (2.0 * ne as f64) };
+        let f = |s: &S| {
+            let mut l = Tensor::zeros(&Cpu, &[b, 2], F64).unwrap();
+            let mut d = Tensor::zeros(&Cpu, &[b, t, 2], F64).unwrap();
+            Cpu.span_loss_forward_backward(&mut l, &mut d, &s.logits, &st, &en, &mk, cfg).unwrap();
+            let l = l.to_f64_vec(&Cpu).unwrap();
+            let (s0, s1): (f64, f64) = ((0..b).map(|i| l[2 * i]).sum(), (0..b).map(|i| l[2 * i + 1]).sum());
+            (s0 / ns as f64 + s1 / ne as f64) / 2.0
+        };
+        let mut s = S { logits: rand_tensor(&be, &mut rng, &[b, t, 2], F64, 3.0) };
+        let mut l = Tensor::zeros(&be, &[b, 2], F64).unwrap();
+        let mut d = Tensor::zeros(&be, &[b, t, 2], F64).unwrap();
+        be.span_loss_forward_backward(&mut l, &mut d, &s.logits, &st, &en, &mk, cfg).unwrap();
+        report(&format!("span_loss mask_padding={mask_padding}"), "dlogits", &d.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.logits, &f, &(0..b * t * 2).collect::<Vec<_>>()));
+    }
+}
+
+/// The whole model + span loss on a tiny config with a padded batch: every parameter tensor.
+fn whole_model_check(drop_p: f32) {
+    let be = Cpu;
+    let cfg = BertConfig::tiny(23, 12, 2, 3, 20, 10);
+    let (b, t) = (3, 8);
+    let mut rng = Rng::new(8);
+    let (ids, types, mask) = padded_batch(&mut rng, b, t, cfg.vocab_size, &[8, 5, 6]);
+    let batch = Batch::new(&be, b, t, &ids, &types, &mask, &[3, 0, 2], &[5, 0, 4]).unwrap();
+    let drop = DropoutCfg { hidden: drop_p, attn: drop_p, seed: 2024 };
+    let mut model = BertQa::new(cfg.clone(), rand_params(&be, &cfg, F64, 9));
+    let loss_of = |m: &BertQa<Cpu>| {
+        let mut acts = Acts::new(&Cpu, &m.cfg, b, t, F64).unwrap();
+        m.forward(&Cpu, &mut acts, &batch, drop).unwrap();
+        m.loss(&Cpu, &mut acts, &batch, 1.0).unwrap().loss
+    };
+    let mut acts = Acts::new(&be, &cfg, b, t, F64).unwrap();
+    model.forward(&be, &mut acts, &batch, drop).unwrap();
+    let lo = model.loss(&be, &mut acts, &batch, 1.0).unwrap();
+    assert!(lo.loss.is_finite() && lo.loss > 0.0);
+    let mut grads = BertParams::zeros(&be, &cfg, F64).unwrap();
+    model.backward(&be, &mut grads, &mut acts, &batch, drop).unwrap();
+    let names: Vec<String> = bertqa::model::params::param_specs(&cfg).into_iter().map(|(n, _)| n).collect();
+    let analytic: Vec<Vec<f64>> = grads.tensors().iter().map(|g| g.to_f64_vec(&be).unwrap()).collect();
+    let mut srng = Rng::new(10);
+    for (k, name) in names.iter().enumerate() {
+        let n = analytic[k].len();
+        let idx = sample(n, 48, &mut srng);
+        let mut num = Vec::new();
+        for &i in &idx {
+            let orig = model.params.tensors()[k].to_f64_vec(&be).unwrap();
+            let x = orig[i];
+            let h = 1e-6 * x.abs().max(1.0);
+            let mut v = orig.clone();
+            v[i] = x + h;
+            model.params.tensors_mut()[k].copy_from_f64(&be, &v).unwrap();
+            let fp = loss_of(&model);
+            v[i] = x - h;
+            model.params.tensors_mut()[k].copy_from_f64(&be, &v).unwrap();
+            let fm = loss_of(&model);
+            model.params.tensors_mut()[k].copy_from_f64(&be, &orig).unwrap();
+            num.push((fp - fm) / (2.0 * h));
+        }
+        let an: Vec<f64> = idx.iter().map(|&i| analytic[k][i]).collect();
+        report(&format!("whole model p={drop_p}"), name, &an, &num);
+    }
+}
+
+#[test]
+fn whole_model_gradients_match_finite_differences() {
+    whole_model_check(0.0);
+}
+
+#[test]
+fn whole_model_gradients_match_finite_differences_with_dropout() {
+    whole_model_check(0.15);
+}
