@@ -3,8 +3,8 @@
 //! `src/ops/` with its trait, its CPU reference and its CUDA launcher side by side.
 
 use crate::ops::{
-    adamw::AdamWOps, attention::AttentionOps, dropout::DropoutOps, embedding::EmbeddingOps, gelu::GeluOps,
-    layernorm::LayerNormOps, linear::LinearOps, span_loss::SpanLossOps,
+    adamw::AdamWOps, attention::AttentionOps, dropout::DropoutOps, embedding::EmbeddingOps,
+    gelu::GeluOps, layernorm::LayerNormOps, linear::LinearOps, span_loss::SpanLossOps,
 };
 use crate::tensor::DType;
 use anyhow::Result;
@@ -25,7 +25,14 @@ pub trait BackendCore: Sized + Send + Sync + 'static {
     fn download_f64(&self, buf: &Self::Buf, dtype: DType, n: usize) -> Result<Vec<f64>>;
     fn zero(&self, buf: &mut Self::Buf, dtype: DType, n: usize) -> Result<()>;
     /// `dst[i] = src[i]` converting between float dtypes (round to nearest even on narrowing).
-    fn cast(&self, dst: &mut Self::Buf, dst_dtype: DType, src: &Self::Buf, src_dtype: DType, n: usize) -> Result<()>;
+    fn cast(
+        &self,
+        dst: &mut Self::Buf,
+        dst_dtype: DType,
+        src: &Self::Buf,
+        src_dtype: DType,
+        n: usize,
+    ) -> Result<()>;
     /// Wait for all queued work (a no-op on the CPU).
     fn synchronize(&self) -> Result<()>;
 }

@@ -27,6 +27,9 @@
 //! **Parameter gradients accumulate** (`+=`), so a batch may be split into micro-batches; activation
 //! gradients are overwritten unless a function says otherwise.
 
+// Kernel-style signatures (outputs, saved state, inputs, weights, dims) are long by design.
+#![allow(clippy::too_many_arguments)]
+
 pub mod backend;
 pub mod cpu;
 pub mod cuda;
@@ -35,6 +38,7 @@ pub mod eval;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod parity;
 pub mod rng;
 pub mod tensor;
 pub mod train;

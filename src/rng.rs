@@ -36,7 +36,10 @@ pub fn philox4x32_10(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 /// Uniform in [0, 1) with 24 bits, for element `idx` of the stream `seed`.
 #[inline]
 pub fn uniform(seed: u64, idx: u64) -> f32 {
-    let r = philox4x32_10([idx as u32, (idx >> 32) as u32, 0, 0], [seed as u32, (seed >> 32) as u32]);
+    let r = philox4x32_10(
+        [idx as u32, (idx >> 32) as u32, 0, 0],
+        [seed as u32, (seed >> 32) as u32],
+    );
     (r[0] >> 8) as f32 * (1.0 / 16_777_216.0)
 }
 
@@ -70,7 +73,9 @@ impl Dropout {
 
 /// Derive the seed of one dropout site from a step seed, a layer and a site number (SplitMix64 mixing).
 pub fn site_seed(step_seed: u64, layer: u64, site: u64) -> u64 {
-    splitmix64(step_seed ^ splitmix64(layer.wrapping_mul(0x1000_0000_01B3) ^ site.wrapping_add(0x9E37)))
+    splitmix64(
+        step_seed ^ splitmix64(layer.wrapping_mul(0x1000_0000_01B3) ^ site.wrapping_add(0x9E37)),
+    )
 }
 
 pub fn splitmix64(x: u64) -> u64 {
@@ -135,13 +140,19 @@ mod tests {
     #[test]
     fn philox_known_answer() {
         // Known-answer vectors from the Random123 distribution (kat_vectors, philox4x32_10).
-        assert_eq!(philox4x32_10([0, 0, 0, 0], [0, 0]), [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
+        assert_eq!(
+            philox4x32_10([0, 0, 0, 0], [0, 0]),
+            [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]
+        );
         assert_eq!(
             philox4x32_10([0xffffffff; 4], [0xffffffff; 2]),
             [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
         );
         assert_eq!(
-            philox4x32_10([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0]),
+            philox4x32_10(
+                [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+                [0xa4093822, 0x299f31d0]
+            ),
             [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
         );
     }

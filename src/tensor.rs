@@ -75,14 +75,21 @@ impl<B: BackendCore> Tensor<B> {
     /// A tensor of zeros.
     pub fn zeros(be: &B, shape: &[usize], dtype: DType) -> Result<Self> {
         let n = shape.iter().product();
-        Ok(Tensor { buf: be.alloc(dtype, n)?, shape: shape.to_vec(), dtype })
+        Ok(Tensor {
+            buf: be.alloc(dtype, n)?,
+            shape: shape.to_vec(),
+            dtype,
+        })
     }
 
     /// A tensor from host values (rounded to `dtype` on the way in).
     pub fn from_f64(be: &B, data: &[f64], shape: &[usize], dtype: DType) -> Result<Self> {
         let n: usize = shape.iter().product();
         if n != data.len() {
-            bail!("Tensor::from_f64: shape {shape:?} needs {n} values, got {}", data.len());
+            bail!(
+                "Tensor::from_f64: shape {shape:?} needs {n} values, got {}",
+                data.len()
+            );
         }
         let mut t = Self::zeros(be, shape, dtype)?;
         be.upload_f64(&mut t.buf, dtype, data)?;
@@ -97,7 +104,10 @@ impl<B: BackendCore> Tensor<B> {
     pub fn from_i32(be: &B, data: &[i32], shape: &[usize]) -> Result<Self> {
         let n: usize = shape.iter().product();
         if n != data.len() {
-            bail!("Tensor::from_i32: shape {shape:?} needs {n} values, got {}", data.len());
+            bail!(
+                "Tensor::from_i32: shape {shape:?} needs {n} values, got {}",
+                data.len()
+            );
         }
         let mut t = Self::zeros(be, shape, DType::I32)?;
         be.upload_i32(&mut t.buf, data)?;
@@ -115,14 +125,24 @@ impl<B: BackendCore> Tensor<B> {
     /// Overwrite the contents from host values; the length must match.
     pub fn copy_from_f64(&mut self, be: &B, data: &[f64]) -> Result<()> {
         if data.len() != self.numel() {
-            bail!("copy_from_f64: tensor {:?} has {} elements, got {}", self.shape, self.numel(), data.len());
+            bail!(
+                "copy_from_f64: tensor {:?} has {} elements, got {}",
+                self.shape,
+                self.numel(),
+                data.len()
+            );
         }
         be.upload_f64(&mut self.buf, self.dtype, data)
     }
 
     pub fn copy_from_i32(&mut self, be: &B, data: &[i32]) -> Result<()> {
         if data.len() != self.numel() || self.dtype != DType::I32 {
-            bail!("copy_from_i32: tensor {:?} {} vs {} i32 values", self.shape, self.dtype, data.len());
+            bail!(
+                "copy_from_i32: tensor {:?} {} vs {} i32 values",
+                self.shape,
+                self.dtype,
+                data.len()
+            );
         }
         be.upload_i32(&mut self.buf, data)
     }
@@ -142,7 +162,11 @@ impl<B: BackendCore> Tensor<B> {
     /// Copy `src` (any float dtype, same element count) into `self`, converting.
     pub fn assign(&mut self, be: &B, src: &Tensor<B>) -> Result<()> {
         if src.numel() != self.numel() {
-            bail!("assign: shapes {:?} and {:?} differ in size", self.shape, src.shape);
+            bail!(
+                "assign: shapes {:?} and {:?} differ in size",
+                self.shape,
+                src.shape
+            );
         }
         let n = self.numel();
         be.cast(&mut self.buf, self.dtype, &src.buf, src.dtype, n)
@@ -151,7 +175,10 @@ impl<B: BackendCore> Tensor<B> {
     pub fn reshape(mut self, shape: &[usize]) -> Result<Self> {
         let n: usize = shape.iter().product();
         if n != self.numel() {
-            bail!("reshape {:?} -> {shape:?}: element counts differ", self.shape);
+            bail!(
+                "reshape {:?} -> {shape:?}: element counts differ",
+                self.shape
+            );
         }
         self.shape = shape.to_vec();
         Ok(self)
@@ -167,7 +194,10 @@ impl<B: BackendCore> Tensor<B> {
 
     pub fn expect_dtype(&self, what: &str, dtypes: &[DType]) -> Result<()> {
         if !dtypes.contains(&self.dtype) {
-            bail!("{what}: dtype {} not supported here (expected one of {dtypes:?})", self.dtype);
+            bail!(
+                "{what}: dtype {} not supported here (expected one of {dtypes:?})",
+                self.dtype
+            );
         }
         Ok(())
     }

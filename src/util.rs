@@ -13,12 +13,7 @@ pub fn assets_dir() -> Option<PathBuf> {
         }
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    for cand in [root.join("../shared/assets"), PathBuf::from("../shared/assets"), PathBuf::from("assets")] {
-        if cand.is_dir() {
-            return Some(cand);
-        }
-    }
-    None
+    [root.join("../shared/assets"), PathBuf::from("../shared/assets"), PathBuf::from("assets")].into_iter().find(|c| c.is_dir())
 }
 
 /// Write `bytes` to `path` atomically: a temporary file in the same folder, fsync, then rename.
@@ -32,10 +27,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         std::process::id()
     ));
     {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("writing {}", tmp.display()))?;
         f.sync_all().ok();
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }

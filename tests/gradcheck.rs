@@ -3,12 +3,12 @@
 //! normalised error per tensor; the bound is 1e-6.
 
 mod common;
-use bertqa::prelude::*;
 use bertqa::cpu::Cpu;
 use bertqa::model::bert::{Acts, Batch, BertQa, DropoutCfg};
 use bertqa::model::{BertConfig, BertParams};
 use bertqa::ops::embedding::{EmbGrads, EmbWeights};
 use bertqa::ops::span_loss::SpanLossCfg;
+use bertqa::prelude::*;
 use bertqa::rng::{Dropout, Rng};
 use bertqa::tensor::{DType, Tensor};
 use common::*;
@@ -17,7 +17,12 @@ const F64: DType = DType::F64;
 const BOUND: f64 = 1e-6;
 
 /// Central difference of `f` w.r.t. element i of the tensor at `get(..)`.
-fn fd<S>(state: &mut S, get: &dyn Fn(&mut S) -> &mut Tensor<Cpu>, f: &dyn Fn(&S) -> f64, idx: &[usize]) -> Vec<f64> {
+fn fd<S>(
+    state: &mut S,
+    get: &dyn Fn(&mut S) -> &mut Tensor<Cpu>,
+    f: &dyn Fn(&S) -> f64,
+    idx: &[usize],
+) -> Vec<f64> {
     let be = Cpu;
     let mut out = Vec::with_capacity(idx.len());
     for &i in idx {
@@ -52,11 +57,21 @@ fn sample(n: usize, max: usize, rng: &mut Rng) -> Vec<usize> {
 fn report(op: &str, name: &str, analytic: &[f64], numeric: &[f64]) {
     let e = rel_err(analytic, numeric, 1e-3);
     println!("{op:>28} {name:<44} max rel err {e:.2e}");
-    assert!(e < BOUND, "{op}: gradient of {name} off by {e:.3e} (analytic {:?} vs numeric {:?})", &analytic[..analytic.len().min(6)], &numeric[..numeric.len().min(6)]);
+    assert!(
+        e < BOUND,
+        "{op}: gradient of {name} off by {e:.3e} (analytic {:?} vs numeric {:?})",
+        &analytic[..analytic.len().min(6)],
+        &numeric[..numeric.len().min(6)]
+    );
 }
 
 fn dot(a: &Tensor<Cpu>, w: &[f64]) -> f64 {
-    a.to_f64_vec(&Cpu).unwrap().iter().zip(w).map(|(x, y)| x * y).sum()
+    a.to_f64_vec(&Cpu)
+        .unwrap()
+        .iter()
+        .zip(w)
+        .map(|(x, y)| x * y)
+        .sum()
 }
 
 #[test]
@@ -70,31 +85,73 @@ fn linear_backward_matches_finite_differences() {
         b: Tensor<Cpu>,
         gw: Vec<f64>,
     }
-    let mut s = S { x: rand_tensor(&be, &mut rng, &[n, ic], F64, 1.0), w: rand_tensor(&be, &mut rng, &[oc, ic], F64, 1.0), b: rand_tensor(&be, &mut rng, &[oc], F64, 1.0), gw: rand_vec(&mut rng, n * oc, 1.0) };
+    let mut s = S {
+        x: rand_tensor(&be, &mut rng, &[n, ic], F64, 1.0),
+        w: rand_tensor(&be, &mut rng, &[oc, ic], F64, 1.0),
+        b: rand_tensor(&be, &mut rng, &[oc], F64, 1.0),
+        gw: rand_vec(&mut rng, n * oc, 1.0),
+    };
     let f = |s: &S| {
         let mut out = Tensor::zeros(&Cpu, &[n, oc], F64).unwrap();
-        Cpu.linear_forward(&mut out, &s.x, &s.w, Some(&s.b)).unwrap();
+        Cpu.linear_forward(&mut out, &s.x, &s.w, Some(&s.b))
+            .unwrap();
         dot(&out, &s.gw)
     };
     let dout = Tensor::from_f64(&be, &s.gw, &[n, oc], F64).unwrap();
     let mut dx = rand_tensor(&be, &mut rng, &[n, ic], F64, 1.0); // overwritten
     let mut dw = Tensor::zeros(&be, &[oc, ic], F64).unwrap();
     let mut db = Tensor::zeros(&be, &[oc], F64).unwrap();
-    be.linear_backward(Some(&mut dx), false, &mut dw, Some(&mut db), &dout, &s.x, &s.w).unwrap();
+    be.linear_backward(
+        Some(&mut dx),
+        false,
+        &mut dw,
+        Some(&mut db),
+        &dout,
+        &s.x,
+        &s.w,
+    )
+    .unwrap();
     let all = |k| (0..k).collect::<Vec<_>>();
-    report("linear", "dinp", &dx.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.x, &f, &all(n * ic)));
-    report("linear", "dweight", &dw.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.w, &f, &all(oc * ic)));
-    report("linear", "dbias", &db.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.b, &f, &all(oc)));
+    report(
+        "linear",
+        "dinp",
+        &dx.to_f64_vec(&be).unwrap(),
+        &fd(&mut s, &|s| &mut s.x, &f, &all(n * ic)),
+    );
+    report(
+        "linear",
+        "dweight",
+        &dw.to_f64_vec(&be).unwrap(),
+        &fd(&mut s, &|s| &mut s.w, &f, &all(oc * ic)),
+    );
+    report(
+        "linear",
+        "dbias",
+        &db.to_f64_vec(&be).unwrap(),
+        &fd(&mut s, &|s| &mut s.b, &f, &all(oc)),
+    );
     // accumulation: a second backward adds the same again
     let before = dw.to_f64_vec(&be).unwrap();
     let dx0 = dx.to_f64_vec(&be).unwrap();
-    be.linear_backward(Some(&mut dx), true, &mut dw, Some(&mut db), &dout, &s.x, &s.w).unwrap();
+    be.linear_backward(
+        Some(&mut dx),
+        true,
+        &mut dw,
+        Some(&mut db),
+        &dout,
+        &s.x,
+        &s.w,
+    )
+    .unwrap();
     let after = dw.to_f64_vec(&be).unwrap();
     for (a, b) in after.iter().zip(&before) {
         assert!((a - 2.0 * b).abs() < 1e-12, "dweight must accumulate");
     }
     for (a, b) in dx.to_f64_vec(&be).unwrap().iter().zip(&dx0) {
-        assert!((a - 2.0 * b).abs() < 1e-12, "dinp must accumulate when asked");
+        assert!(
+            (a - 2.0 * b).abs() < 1e-12,
+            "dinp must accumulate when asked"
+        );
     }
 }
 
@@ -107,7 +164,10 @@ fn gelu_backward_matches_finite_differences() {
         x: Tensor<Cpu>,
         g: Vec<f64>,
     }
-    let mut s = S { x: rand_tensor(&be, &mut rng, &[n], F64, 4.0), g: rand_vec(&mut rng, n, 1.0) };
+    let mut s = S {
+        x: rand_tensor(&be, &mut rng, &[n], F64, 4.0),
+        g: rand_vec(&mut rng, n, 1.0),
+    };
     let f = |s: &S| {
         let mut out = Tensor::zeros(&Cpu, &[n], F64).unwrap();
         Cpu.gelu_forward(&mut out, &s.x).unwrap();
@@ -116,13 +176,22 @@ fn gelu_backward_matches_finite_differences() {
     let dout = Tensor::from_f64(&be, &s.g, &[n], F64).unwrap();
     let mut dx = Tensor::zeros(&be, &[n], F64).unwrap();
     be.gelu_backward(&mut dx, &dout, &s.x).unwrap();
-    report("gelu", "dinp", &dx.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.x, &f, &(0..n).collect::<Vec<_>>()));
+    report(
+        "gelu",
+        "dinp",
+        &dx.to_f64_vec(&be).unwrap(),
+        &fd(&mut s, &|s| &mut s.x, &f, &(0..n).collect::<Vec<_>>()),
+    );
     // golden values: torch.nn.functional.gelu(x) (erf form) at x = -1, 0.5, 2
     let x = Tensor::from_f64(&be, &[-1.0, 0.5, 2.0], &[3], F64).unwrap();
     let mut y = Tensor::zeros(&be, &[3], F64).unwrap();
     be.gelu_forward(&mut y, &x).unwrap();
     let y = y.to_f64_vec(&be).unwrap();
-    for (a, b) in y.iter().zip([-0.15865525393145707, 0.34573123063700656, 1.9544997361036416]) {
+    for (a, b) in y.iter().zip([
+        -0.15865525393145707,
+        0.34573123063700656,
+        1.9544997361036416,
+    ]) {
         assert!((a - b).abs() < 1e-12, "gelu {a} vs {b}");
     }
 }
@@ -141,25 +210,60 @@ fn residual_layernorm_backward_matches_finite_differences() {
             b: Tensor<Cpu>,
             w: Vec<f64>,
         }
-        let mut s = S { x: rand_tensor(&be, &mut rng, &[n, c], F64, 2.0), r: rand_tensor(&be, &mut rng, &[n, c], F64, 2.0), g: rand_tensor(&be, &mut rng, &[c], F64, 1.5), b: rand_tensor(&be, &mut rng, &[c], F64, 1.0), w: rand_vec(&mut rng, n * c, 1.0) };
+        let mut s = S {
+            x: rand_tensor(&be, &mut rng, &[n, c], F64, 2.0),
+            r: rand_tensor(&be, &mut rng, &[n, c], F64, 2.0),
+            g: rand_tensor(&be, &mut rng, &[c], F64, 1.5),
+            b: rand_tensor(&be, &mut rng, &[c], F64, 1.0),
+            w: rand_vec(&mut rng, n * c, 1.0),
+        };
         let f = move |s: &S| {
             let z = |sh: &[usize]| Tensor::zeros(&Cpu, sh, F64).unwrap();
             let (mut out, mut sum, mut m, mut rs) = (z(&[n, c]), z(&[n, c]), z(&[n]), z(&[n]));
-            Cpu.residual_layernorm_forward(&mut out, &mut sum, &mut m, &mut rs, &s.x, &s.r, &s.g, &s.b, 1e-5, drop).unwrap();
+            Cpu.residual_layernorm_forward(
+                &mut out, &mut sum, &mut m, &mut rs, &s.x, &s.r, &s.g, &s.b, 1e-5, drop,
+            )
+            .unwrap();
             dot(&out, &s.w)
         };
         let z = |sh: &[usize]| Tensor::zeros(&be, sh, F64).unwrap();
         let (mut out, mut sum, mut m, mut rs) = (z(&[n, c]), z(&[n, c]), z(&[n]), z(&[n]));
-        be.residual_layernorm_forward(&mut out, &mut sum, &mut m, &mut rs, &s.x, &s.r, &s.g, &s.b, 1e-5, drop).unwrap();
+        be.residual_layernorm_forward(
+            &mut out, &mut sum, &mut m, &mut rs, &s.x, &s.r, &s.g, &s.b, 1e-5, drop,
+        )
+        .unwrap();
         let dout = Tensor::from_f64(&be, &s.w, &[n, c], F64).unwrap();
         let (mut dx, mut dr, mut dg, mut db) = (z(&[n, c]), z(&[n, c]), z(&[c]), z(&[c]));
-        be.residual_layernorm_backward(&mut dx, &mut dr, &mut dg, &mut db, &dout, &sum, &m, &rs, &s.g, drop).unwrap();
+        be.residual_layernorm_backward(
+            &mut dx, &mut dr, &mut dg, &mut db, &dout, &sum, &m, &rs, &s.g, drop,
+        )
+        .unwrap();
         let all = |k| (0..k).collect::<Vec<_>>();
         let op = format!("residual_layernorm p={p}");
-        report(&op, "dinp", &dx.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.x, &f, &all(n * c)));
-        report(&op, "dresid", &dr.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.r, &f, &all(n * c)));
-        report(&op, "dgamma", &dg.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.g, &f, &all(c)));
-        report(&op, "dbeta", &db.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.b, &f, &all(c)));
+        report(
+            &op,
+            "dinp",
+            &dx.to_f64_vec(&be).unwrap(),
+            &fd(&mut s, &|s| &mut s.x, &f, &all(n * c)),
+        );
+        report(
+            &op,
+            "dresid",
+            &dr.to_f64_vec(&be).unwrap(),
+            &fd(&mut s, &|s| &mut s.r, &f, &all(n * c)),
+        );
+        report(
+            &op,
+            "dgamma",
+            &dg.to_f64_vec(&be).unwrap(),
+            &fd(&mut s, &|s| &mut s.g, &f, &all(c)),
+        );
+        report(
+            &op,
+            "dbeta",
+            &db.to_f64_vec(&be).unwrap(),
+            &fd(&mut s, &|s| &mut s.b, &f, &all(c)),
+        );
     }
 }
 
@@ -173,7 +277,10 @@ fn dropout_backward_matches_finite_differences() {
         x: Tensor<Cpu>,
         w: Vec<f64>,
     }
-    let mut s = S { x: rand_tensor(&be, &mut rng, &[n], F64, 1.0), w: rand_vec(&mut rng, n, 1.0) };
+    let mut s = S {
+        x: rand_tensor(&be, &mut rng, &[n], F64, 1.0),
+        w: rand_vec(&mut rng, n, 1.0),
+    };
     let f = move |s: &S| {
         let mut out = Tensor::zeros(&Cpu, &[n], F64).unwrap();
         Cpu.dropout_forward(&mut out, &s.x, d).unwrap();
@@ -183,8 +290,16 @@ fn dropout_backward_matches_finite_differences() {
     let mut dx = Tensor::zeros(&be, &[n], F64).unwrap();
     be.dropout_backward(&mut dx, &dout, d).unwrap();
     let dxv = dx.to_f64_vec(&be).unwrap();
-    assert!(dxv.iter().any(|&v| v == 0.0) && dxv.iter().any(|&v| v != 0.0), "mask should drop some, keep some");
-    report("dropout p=0.4", "dinp", &dxv, &fd(&mut s, &|s| &mut s.x, &f, &(0..n).collect::<Vec<_>>()));
+    assert!(
+        dxv.contains(&0.0) && dxv.iter().any(|&v| v != 0.0),
+        "mask should drop some, keep some"
+    );
+    report(
+        "dropout p=0.4",
+        "dinp",
+        &dxv,
+        &fd(&mut s, &|s| &mut s.x, &f, &(0..n).collect::<Vec<_>>()),
+    );
 }
 
 #[test]
@@ -218,25 +333,72 @@ fn embeddings_backward_matches_finite_differences() {
         let f = move |s: &S| {
             let z = |sh: &[usize]| Tensor::zeros(&Cpu, sh, F64).unwrap();
             let (mut out, mut m, mut r) = (z(&[b, t, c]), z(&[b, t]), z(&[b, t]));
-            let ew = EmbWeights { word: &s.word, pos: &s.pos, ttype: &s.ty, gamma: &s.g, beta: &s.bb };
-            Cpu.embeddings_forward(&mut out, &mut m, &mut r, &s.ids, &s.types, &ew, 1e-12, drop).unwrap();
+            let ew = EmbWeights {
+                word: &s.word,
+                pos: &s.pos,
+                ttype: &s.ty,
+                gamma: &s.g,
+                beta: &s.bb,
+            };
+            Cpu.embeddings_forward(&mut out, &mut m, &mut r, &s.ids, &s.types, &ew, 1e-12, drop)
+                .unwrap();
             dot(&out, &s.w)
         };
         let z = |sh: &[usize]| Tensor::zeros(&be, sh, F64).unwrap();
         let (mut out, mut m, mut r) = (z(&[b, t, c]), z(&[b, t]), z(&[b, t]));
-        let ew = EmbWeights { word: &s.word, pos: &s.pos, ttype: &s.ty, gamma: &s.g, beta: &s.bb };
-        be.embeddings_forward(&mut out, &mut m, &mut r, &s.ids, &s.types, &ew, 1e-12, drop).unwrap();
+        let ew = EmbWeights {
+            word: &s.word,
+            pos: &s.pos,
+            ttype: &s.ty,
+            gamma: &s.g,
+            beta: &s.bb,
+        };
+        be.embeddings_forward(&mut out, &mut m, &mut r, &s.ids, &s.types, &ew, 1e-12, drop)
+            .unwrap();
         let dout = Tensor::from_f64(&be, &s.w, &[b, t, c], F64).unwrap();
-        let (mut dw, mut dp, mut dt, mut dg, mut db) = (z(&[v, c]), z(&[pp, c]), z(&[tv, c]), z(&[c]), z(&[c]));
-        let mut eg = EmbGrads { word: &mut dw, pos: &mut dp, ttype: &mut dt, gamma: &mut dg, beta: &mut db };
-        be.embeddings_backward(&mut eg, &dout, &m, &r, &s.ids, &s.types, &ew, drop).unwrap();
+        let (mut dw, mut dp, mut dt, mut dg, mut db) =
+            (z(&[v, c]), z(&[pp, c]), z(&[tv, c]), z(&[c]), z(&[c]));
+        let mut eg = EmbGrads {
+            word: &mut dw,
+            pos: &mut dp,
+            ttype: &mut dt,
+            gamma: &mut dg,
+            beta: &mut db,
+        };
+        be.embeddings_backward(&mut eg, &dout, &m, &r, &s.ids, &s.types, &ew, drop)
+            .unwrap();
         let all = |k| (0..k).collect::<Vec<_>>();
         let op = format!("embeddings p={p}");
-        report(&op, "word_embeddings", &dw.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.word, &f, &all(v * c)));
-        report(&op, "position_embeddings", &dp.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.pos, &f, &all(pp * c)));
-        report(&op, "token_type_embeddings", &dt.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.ty, &f, &all(tv * c)));
-        report(&op, "LayerNorm.weight", &dg.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.g, &f, &all(c)));
-        report(&op, "LayerNorm.bias", &db.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.bb, &f, &all(c)));
+        report(
+            &op,
+            "word_embeddings",
+            &dw.to_f64_vec(&be).unwrap(),
+            &fd(&mut s, &|s| &mut s.word, &f, &all(v * c)),
+        );
+        report(
+            &op,
+            "position_embeddings",
+            &dp.to_f64_vec(&be).unwrap(),
+            &fd(&mut s, &|s| &mut s.pos, &f, &all(pp * c)),
+        );
+        report(
+            &op,
+            "token_type_embeddings",
+            &dt.to_f64_vec(&be).unwrap(),
+            &fd(&mut s, &|s| &mut s.ty, &f, &all(tv * c)),
+        );
+        report(
+            &op,
+            "LayerNorm.weight",
+            &dg.to_f64_vec(&be).unwrap(),
+            &fd(&mut s, &|s| &mut s.g, &f, &all(c)),
+        );
+        report(
+            &op,
+            "LayerNorm.bias",
+            &db.to_f64_vec(&be).unwrap(),
+            &fd(&mut s, &|s| &mut s.bb, &f, &all(c)),
+        );
     }
 }
 
@@ -254,21 +416,33 @@ fn attention_backward_matches_finite_differences() {
             mask: Tensor<Cpu>,
             w: Vec<f64>,
         }
-        let mut s = S { qkv: rand_tensor(&be, &mut rng, &[b, t, 3 * c], F64, 1.5), mask: Tensor::from_i32(&be, &mask, &[b, t]).unwrap(), w: rand_vec(&mut rng, b * t * c, 1.0) };
+        let mut s = S {
+            qkv: rand_tensor(&be, &mut rng, &[b, t, 3 * c], F64, 1.5),
+            mask: Tensor::from_i32(&be, &mask, &[b, t]).unwrap(),
+            w: rand_vec(&mut rng, b * t * c, 1.0),
+        };
         let f = move |s: &S| {
             let mut out = Tensor::zeros(&Cpu, &[b, t, c], F64).unwrap();
             let mut lse = Tensor::zeros(&Cpu, &[b, nh, t], F64).unwrap();
-            Cpu.attention_forward(&mut out, &mut lse, &s.qkv, &s.mask, nh, drop).unwrap();
+            Cpu.attention_forward(&mut out, &mut lse, &s.qkv, &s.mask, nh, drop)
+                .unwrap();
             dot(&out, &s.w)
         };
         let mut out = Tensor::zeros(&be, &[b, t, c], F64).unwrap();
         let mut lse = Tensor::zeros(&be, &[b, nh, t], F64).unwrap();
-        be.attention_forward(&mut out, &mut lse, &s.qkv, &s.mask, nh, drop).unwrap();
+        be.attention_forward(&mut out, &mut lse, &s.qkv, &s.mask, nh, drop)
+            .unwrap();
         let dout = Tensor::from_f64(&be, &s.w, &[b, t, c], F64).unwrap();
         let mut dqkv = rand_tensor(&be, &mut rng, &[b, t, 3 * c], F64, 1.0);
-        be.attention_backward(&mut dqkv, &dout, &out, &lse, &s.qkv, &s.mask, nh, drop).unwrap();
+        be.attention_backward(&mut dqkv, &dout, &out, &lse, &s.qkv, &s.mask, nh, drop)
+            .unwrap();
         let an = dqkv.to_f64_vec(&be).unwrap();
-        let num = fd(&mut s, &|s| &mut s.qkv, &f, &(0..b * t * 3 * c).collect::<Vec<_>>());
+        let num = fd(
+            &mut s,
+            &|s| &mut s.qkv,
+            &f,
+            &(0..b * t * 3 * c).collect::<Vec<_>>(),
+        );
         // padded keys get exactly zero K/V gradient
         for bi in 0..b {
             for j in 0..t {
@@ -299,23 +473,46 @@ fn span_loss_gradient_matches_finite_differences() {
         let st = Tensor::from_i32(&be, &starts, &[b]).unwrap();
         let en = Tensor::from_i32(&be, &ends, &[b]).unwrap();
         let mk = Tensor::from_i32(&be, &mask, &[b, t]).unwrap();
-        let valid = |tg: i32, bi: usize| (tg as usize) < t && (!mask_padding || mask[bi * t + tg as usize] != 0);
+        let valid = |tg: i32, bi: usize| {
+            (tg as usize) < t && (!mask_padding || mask[bi * t + tg as usize] != 0)
+        };
         let ns = (0..b).filter(|&i| valid(starts[i], i)).count();
         let ne = (0..b).filter(|&i| valid(ends[i], i)).count();
-        let cfg = SpanLossCfg { mask_padding, scale_start: 1.0 / (2.0 * ns as f64), scale_end: 1.0 / (2.0 * ne as f64) };
+        let cfg = SpanLossCfg {
+            mask_padding,
+            scale_start: 1.0 / (2.0 * ns as f64),
+            scale_end: 1.0 / (2.0 * ne as f64),
+        };
         let f = |s: &S| {
             let mut l = Tensor::zeros(&Cpu, &[b, 2], F64).unwrap();
             let mut d = Tensor::zeros(&Cpu, &[b, t, 2], F64).unwrap();
-            Cpu.span_loss_forward_backward(&mut l, &mut d, &s.logits, &st, &en, &mk, cfg).unwrap();
+            Cpu.span_loss_forward_backward(&mut l, &mut d, &s.logits, &st, &en, &mk, cfg)
+                .unwrap();
             let l = l.to_f64_vec(&Cpu).unwrap();
-            let (s0, s1): (f64, f64) = ((0..b).map(|i| l[2 * i]).sum(), (0..b).map(|i| l[2 * i + 1]).sum());
+            let (s0, s1): (f64, f64) = (
+                (0..b).map(|i| l[2 * i]).sum(),
+                (0..b).map(|i| l[2 * i + 1]).sum(),
+            );
             (s0 / ns as f64 + s1 / ne as f64) / 2.0
         };
-        let mut s = S { logits: rand_tensor(&be, &mut rng, &[b, t, 2], F64, 3.0) };
+        let mut s = S {
+            logits: rand_tensor(&be, &mut rng, &[b, t, 2], F64, 3.0),
+        };
         let mut l = Tensor::zeros(&be, &[b, 2], F64).unwrap();
         let mut d = Tensor::zeros(&be, &[b, t, 2], F64).unwrap();
-        be.span_loss_forward_backward(&mut l, &mut d, &s.logits, &st, &en, &mk, cfg).unwrap();
-        report(&format!("span_loss mask_padding={mask_padding}"), "dlogits", &d.to_f64_vec(&be).unwrap(), &fd(&mut s, &|s| &mut s.logits, &f, &(0..b * t * 2).collect::<Vec<_>>()));
+        be.span_loss_forward_backward(&mut l, &mut d, &s.logits, &st, &en, &mk, cfg)
+            .unwrap();
+        report(
+            &format!("span_loss mask_padding={mask_padding}"),
+            "dlogits",
+            &d.to_f64_vec(&be).unwrap(),
+            &fd(
+                &mut s,
+                &|s| &mut s.logits,
+                &f,
+                &(0..b * t * 2).collect::<Vec<_>>(),
+            ),
+        );
     }
 }
 
@@ -327,7 +524,11 @@ fn whole_model_check(drop_p: f32) {
     let mut rng = Rng::new(8);
     let (ids, types, mask) = padded_batch(&mut rng, b, t, cfg.vocab_size, &[8, 5, 6]);
     let batch = Batch::new(&be, b, t, &ids, &types, &mask, &[3, 0, 2], &[5, 0, 4]).unwrap();
-    let drop = DropoutCfg { hidden: drop_p, attn: drop_p, seed: 2024 };
+    let drop = DropoutCfg {
+        hidden: drop_p,
+        attn: drop_p,
+        seed: 2024,
+    };
     let mut model = BertQa::new(cfg.clone(), rand_params(&be, &cfg, F64, 9));
     let loss_of = |m: &BertQa<Cpu>| {
         let mut acts = Acts::new(&Cpu, &m.cfg, b, t, F64).unwrap();
@@ -339,9 +540,18 @@ fn whole_model_check(drop_p: f32) {
     let lo = model.loss(&be, &mut acts, &batch, 1.0).unwrap();
     assert!(lo.loss.is_finite() && lo.loss > 0.0);
     let mut grads = BertParams::zeros(&be, &cfg, F64).unwrap();
-    model.backward(&be, &mut grads, &mut acts, &batch, drop).unwrap();
-    let names: Vec<String> = bertqa::model::params::param_specs(&cfg).into_iter().map(|(n, _)| n).collect();
-    let analytic: Vec<Vec<f64>> = grads.tensors().iter().map(|g| g.to_f64_vec(&be).unwrap()).collect();
+    model
+        .backward(&be, &mut grads, &mut acts, &batch, drop)
+        .unwrap();
+    let names: Vec<String> = bertqa::model::params::param_specs(&cfg)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let analytic: Vec<Vec<f64>> = grads
+        .tensors()
+        .iter()
+        .map(|g| g.to_f64_vec(&be).unwrap())
+        .collect();
     let mut srng = Rng::new(10);
     for (k, name) in names.iter().enumerate() {
         let n = analytic[k].len();
@@ -353,12 +563,18 @@ fn whole_model_check(drop_p: f32) {
             let h = 1e-6 * x.abs().max(1.0);
             let mut v = orig.clone();
             v[i] = x + h;
-            model.params.tensors_mut()[k].copy_from_f64(&be, &v).unwrap();
+            model.params.tensors_mut()[k]
+                .copy_from_f64(&be, &v)
+                .unwrap();
             let fp = loss_of(&model);
             v[i] = x - h;
-            model.params.tensors_mut()[k].copy_from_f64(&be, &v).unwrap();
+            model.params.tensors_mut()[k]
+                .copy_from_f64(&be, &v)
+                .unwrap();
             let fm = loss_of(&model);
-            model.params.tensors_mut()[k].copy_from_f64(&be, &orig).unwrap();
+            model.params.tensors_mut()[k]
+                .copy_from_f64(&be, &orig)
+                .unwrap();
             num.push((fp - fm) / (2.0 * h));
         }
         let an: Vec<f64> = idx.iter().map(|&i| analytic[k][i]).collect();

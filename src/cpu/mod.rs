@@ -52,8 +52,14 @@ impl CpuBuf {
         match self {
             CpuBuf::F64(v) => v.iter_mut().zip(src).for_each(|(d, s)| *d = s.f64()),
             CpuBuf::F32(v) => v.iter_mut().zip(src).for_each(|(d, s)| *d = s.f32()),
-            CpuBuf::BF16(v) => v.iter_mut().zip(src).for_each(|(d, s)| *d = bf16::from_f32(s.f32())),
-            CpuBuf::F16(v) => v.iter_mut().zip(src).for_each(|(d, s)| *d = f16::from_f32(s.f32())),
+            CpuBuf::BF16(v) => v
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, s)| *d = bf16::from_f32(s.f32())),
+            CpuBuf::F16(v) => v
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, s)| *d = f16::from_f32(s.f32())),
             CpuBuf::I32(v) => v.iter_mut().zip(src).for_each(|(d, s)| *d = s.f64() as i32),
         }
     }
@@ -144,7 +150,20 @@ impl Real for f32 {
         // SAFETY: the callers (`gemm` below) check every operand's length against its strides.
         unsafe {
             matrixmultiply::sgemm(
-                m, k, n, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n as isize, 1,
+                m,
+                k,
+                n,
+                alpha,
+                a.as_ptr(),
+                rsa,
+                csa,
+                b.as_ptr(),
+                rsb,
+                csb,
+                beta,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
             )
         }
     }
@@ -198,7 +217,20 @@ impl Real for f64 {
         // SAFETY: see the f32 version.
         unsafe {
             matrixmultiply::dgemm(
-                m, k, n, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n as isize, 1,
+                m,
+                k,
+                n,
+                alpha,
+                a.as_ptr(),
+                rsa,
+                csa,
+                b.as_ptr(),
+                rsb,
+                csb,
+                beta,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
             )
         }
     }
@@ -208,13 +240,33 @@ impl Real for f64 {
 /// and A is stored `(m,k)`, or `(k,m)` when `ta`; `op(B)` is `(k,n)` and B is stored `(k,n)`, or `(n,k)` when
 /// `tb`. With `beta == 0`, C's old contents are ignored.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm<T: Real>(m: usize, k: usize, n: usize, alpha: T, a: &[T], ta: bool, b: &[T], tb: bool, beta: T, c: &mut [T]) {
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm: operand too short");
+pub fn gemm<T: Real>(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: T,
+    a: &[T],
+    ta: bool,
+    b: &[T],
+    tb: bool,
+    beta: T,
+    c: &mut [T],
+) {
+    assert!(
+        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
+        "gemm: operand too short"
+    );
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
-        c[..m * n].iter_mut().for_each(|x| *x = if beta == T::zero() { T::zero() } else { *x * beta });
+        c[..m * n].iter_mut().for_each(|x| {
+            *x = if beta == T::zero() {
+                T::zero()
+            } else {
+                *x * beta
+            }
+        });
         return;
     }
     let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
@@ -225,8 +277,12 @@ pub fn gemm<T: Real>(m: usize, k: usize, n: usize, alpha: T, a: &[T], ta: bool, 
 /// Round values in place to what storing them in `dtype` would keep (bf16/f16: round to nearest even).
 pub fn round_slice<T: Real>(v: &mut [T], dtype: DType) {
     match dtype {
-        DType::BF16 => v.iter_mut().for_each(|x| *x = T::of32(bf16::from_f32(x.f32()).to_f32())),
-        DType::F16 => v.iter_mut().for_each(|x| *x = T::of32(f16::from_f32(x.f32()).to_f32())),
+        DType::BF16 => v
+            .iter_mut()
+            .for_each(|x| *x = T::of32(bf16::from_f32(x.f32()).to_f32())),
+        DType::F16 => v
+            .iter_mut()
+            .for_each(|x| *x = T::of32(f16::from_f32(x.f32()).to_f32())),
         DType::F32 => v.iter_mut().for_each(|x| *x = T::of32(x.f32())),
         _ => {}
     }
@@ -264,7 +320,11 @@ pub fn wr<T: Real>(t: &mut Tensor<Cpu>, load: bool) -> Out<'_, T> {
     if T::slice(&t.buf).is_some() {
         Out::Direct(T::slice_mut(&mut t.buf).expect("dtype checked"))
     } else {
-        let v = if load { t.buf.to_vec() } else { vec![T::zero(); t.buf.len()] };
+        let v = if load {
+            t.buf.to_vec()
+        } else {
+            vec![T::zero(); t.buf.len()]
+        };
         Out::Temp(&mut t.buf, v)
     }
 }
@@ -334,12 +394,22 @@ impl BackendCore for Cpu {
     }
     fn upload_f64(&self, buf: &mut CpuBuf, _dtype: DType, data: &[f64]) -> Result<()> {
         if buf.len() != data.len() {
-            bail!("upload: buffer has {} elements, data {}", buf.len(), data.len());
+            bail!(
+                "upload: buffer has {} elements, data {}",
+                buf.len(),
+                data.len()
+            );
         }
         match buf {
             // Round through f32 like a GPU upload would.
-            CpuBuf::BF16(v) => v.iter_mut().zip(data).for_each(|(d, &s)| *d = bf16::from_f32(s as f32)),
-            CpuBuf::F16(v) => v.iter_mut().zip(data).for_each(|(d, &s)| *d = f16::from_f32(s as f32)),
+            CpuBuf::BF16(v) => v
+                .iter_mut()
+                .zip(data)
+                .for_each(|(d, &s)| *d = bf16::from_f32(s as f32)),
+            CpuBuf::F16(v) => v
+                .iter_mut()
+                .zip(data)
+                .for_each(|(d, &s)| *d = f16::from_f32(s as f32)),
             _ => buf.store(data),
         }
         Ok(())
@@ -350,7 +420,10 @@ impl BackendCore for Cpu {
                 v.copy_from_slice(data);
                 Ok(())
             }
-            _ => bail!("upload_i32: buffer is not an i32 buffer of {} elements", data.len()),
+            _ => bail!(
+                "upload_i32: buffer is not an i32 buffer of {} elements",
+                data.len()
+            ),
         }
     }
     fn download_f64(&self, buf: &CpuBuf, _dtype: DType, n: usize) -> Result<Vec<f64>> {

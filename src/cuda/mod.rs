@@ -12,7 +12,9 @@ use crate::backend::BackendCore;
 use crate::tensor::{DType, Tensor};
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::cublas::{sys as bsys, CudaBlas};
-use cudarc::driver::{result as dres, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr};
+use cudarc::driver::{
+    result as dres, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr,
+};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
 use std::collections::HashMap;
@@ -73,21 +75,27 @@ impl Cuda {
             bail!("no CUDA driver found (libcuda.so could not be loaded): run on a machine with an NVIDIA GPU, or use --device cpu");
         }
         let cublas_ok =
-            std::panic::catch_unwind(|| unsafe { cudarc::cublas::sys::is_culib_present() }).unwrap_or(false);
+            std::panic::catch_unwind(|| unsafe { cudarc::cublas::sys::is_culib_present() })
+                .unwrap_or(false);
         if !cublas_ok {
             bail!("libcublas.so (CUDA 13) could not be loaded: install cuBLAS or add it to LD_LIBRARY_PATH, or use --device cpu");
         }
         let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
-            .map_err(|_| anyhow!("the CUDA driver panicked while opening device {ordinal}; use --device cpu"))?
+            .map_err(|_| {
+                anyhow!("the CUDA driver panicked while opening device {ordinal}; use --device cpu")
+            })?
             .map_err(|e| anyhow!("cannot open CUDA device {ordinal}: {e:?}; use --device cpu"))?;
         // One stream, so cudarc's cross-stream event tracking is not needed.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
-        let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cuBLAS init failed: {e:?}"))?;
+        let blas =
+            CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cuBLAS init failed: {e:?}"))?;
         let cc = ctx.compute_capability().map_err(|e| anyhow!("{e:?}"))?;
         let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let sm_count = ctx
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
             .unwrap_or(0);
         Ok(Cuda {
             ctx,
@@ -127,12 +135,16 @@ impl Cuda {
                 let m = self
                     .ctx
                     .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-                    .map_err(|e| anyhow!("loading kernels/{module}.cu for {}: {e:?}", self.arch()))?;
+                    .map_err(|e| {
+                        anyhow!("loading kernels/{module}.cu for {}: {e:?}", self.arch())
+                    })?;
                 mods.insert(module, m.clone());
                 m
             }
         };
-        let f = m.load_function(name).map_err(|e| anyhow!("kernel {name} not found in kernels/{module}.cu: {e:?}"))?;
+        let f = m
+            .load_function(name)
+            .map_err(|e| anyhow!("kernel {name} not found in kernels/{module}.cu: {e:?}"))?;
         self.funcs.lock().unwrap().insert(key, f.clone());
         Ok(f)
     }
@@ -158,12 +170,20 @@ impl Cuda {
             )
             .map_err(|e| anyhow!("{name}: cannot raise shared memory to {smem} bytes: {e:?}"))?;
         }
-        let cfg = LaunchConfig { grid_dim: grid, block_dim: block, shared_mem_bytes: smem };
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: block,
+            shared_mem_bytes: smem,
+        };
         let mut b = self.stream.launch_builder(&f);
         b.arg(&params);
-        unsafe { b.launch(cfg) }.map_err(|e| anyhow!("launch of {name} (grid {grid:?}, block {block:?}, smem {smem}) failed: {e:?}"))?;
+        unsafe { b.launch(cfg) }.map_err(|e| {
+            anyhow!("launch of {name} (grid {grid:?}, block {block:?}, smem {smem}) failed: {e:?}")
+        })?;
         if std::env::var_os("BERTQA_SYNC_LAUNCH").is_some() {
-            self.stream.synchronize().map_err(|e| anyhow!("kernel {name} failed: {e:?}"))?;
+            self.stream
+                .synchronize()
+                .map_err(|e| anyhow!("kernel {name} failed: {e:?}"))?;
         }
         Ok(())
     }
@@ -185,7 +205,10 @@ impl Cuda {
         beta: f32,
         c: &mut Tensor<Cuda>,
     ) -> Result<()> {
-        self.gemm_ptr(m, k, n, alpha, a.buf.ptr, a.dtype, ta, b.buf.ptr, b.dtype, tb, beta, c.buf.ptr, c.dtype)
+        self.gemm_ptr(
+            m, k, n, alpha, a.buf.ptr, a.dtype, ta, b.buf.ptr, b.dtype, tb, beta, c.buf.ptr,
+            c.dtype,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -226,8 +249,16 @@ impl Cuda {
         };
         // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: swap the operands.
         // Column-major view: B stored (k,n) row-major is a (n,k) column-major matrix with ld n.
-        let (opb, ldb) = if tb { (bsys::cublasOperation_t::CUBLAS_OP_T, k) } else { (bsys::cublasOperation_t::CUBLAS_OP_N, n) };
-        let (opa, lda) = if ta { (bsys::cublasOperation_t::CUBLAS_OP_T, m) } else { (bsys::cublasOperation_t::CUBLAS_OP_N, k) };
+        let (opb, ldb) = if tb {
+            (bsys::cublasOperation_t::CUBLAS_OP_T, k)
+        } else {
+            (bsys::cublasOperation_t::CUBLAS_OP_N, n)
+        };
+        let (opa, lda) = if ta {
+            (bsys::cublasOperation_t::CUBLAS_OP_T, m)
+        } else {
+            (bsys::cublasOperation_t::CUBLAS_OP_N, k)
+        };
         unsafe {
             cudarc::cublas::result::gemm_ex(
                 *self.blas.handle(),
@@ -251,12 +282,18 @@ impl Cuda {
                 bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| anyhow!("cublasGemmEx (m={m}, k={k}, n={n}, {adt}->{cdt}, ta={ta}, tb={tb}) failed: {e:?}"))
+        .map_err(|e| {
+            anyhow!(
+                "cublasGemmEx (m={m}, k={k}, n={n}, {adt}->{cdt}, ta={ta}, tb={tb}) failed: {e:?}"
+            )
+        })
     }
 
     /// Strided-batched GEMM (row-major, same contract as [`Cuda::gemm_ptr`]) over `batch` matrices.
     pub fn sync(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| anyhow!("CUDA stream synchronize failed (an earlier kernel faulted?): {e:?}"))
+        self.stream.synchronize().map_err(|e| {
+            anyhow!("CUDA stream synchronize failed (an earlier kernel faulted?): {e:?}")
+        })
     }
 }
 
@@ -268,7 +305,12 @@ impl BackendCore for Cuda {
     type Buf = CudaBuf;
 
     fn name(&self) -> String {
-        format!("cuda:{} ({}, {})", self.ctx.ordinal(), self.device_name, self.arch())
+        format!(
+            "cuda:{} ({}, {})",
+            self.ctx.ordinal(),
+            self.device_name,
+            self.arch()
+        )
     }
     fn supports(&self, dtype: DType) -> bool {
         dtype != DType::F64
@@ -278,7 +320,13 @@ impl BackendCore for Cuda {
             bail!("f64 tensors exist on the CPU backend only");
         }
         let bytes = bytes_of(dtype, n).max(1).div_ceil(256) * 256;
-        let reused = self.arena.free.lock().unwrap().get_mut(&bytes).and_then(|v| v.pop());
+        let reused = self
+            .arena
+            .free
+            .lock()
+            .unwrap()
+            .get_mut(&bytes)
+            .and_then(|v| v.pop());
         let slice = match reused {
             Some(s) => s,
             None => {
@@ -299,13 +347,22 @@ impl BackendCore for Cuda {
         self.arena.peak_bytes.fetch_max(live, Ordering::Relaxed);
         use cudarc::driver::DevicePtr;
         let ptr = slice.device_ptr(&self.stream).0;
-        unsafe { dres::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }.map_err(|e| anyhow!("memset: {e:?}"))?;
-        Ok(CudaBuf { ptr, bytes, slice: Some(slice), arena: self.arena.clone() })
+        unsafe { dres::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }
+            .map_err(|e| anyhow!("memset: {e:?}"))?;
+        Ok(CudaBuf {
+            ptr,
+            bytes,
+            slice: Some(slice),
+            arena: self.arena.clone(),
+        })
     }
     fn upload_f64(&self, buf: &mut CudaBuf, dtype: DType, data: &[f64]) -> Result<()> {
         let n = data.len();
         if bytes_of(dtype, n) > buf.bytes {
-            bail!("upload: {n} {dtype} values do not fit a {}-byte buffer", buf.bytes);
+            bail!(
+                "upload: {n} {dtype} values do not fit a {}-byte buffer",
+                buf.bytes
+            );
         }
         let st = self.stream.cu_stream();
         unsafe {
@@ -334,7 +391,11 @@ impl BackendCore for Cuda {
     }
     fn upload_i32(&self, buf: &mut CudaBuf, data: &[i32]) -> Result<()> {
         if data.len() * 4 > buf.bytes {
-            bail!("upload_i32: {} values do not fit a {}-byte buffer", data.len(), buf.bytes);
+            bail!(
+                "upload_i32: {} values do not fit a {}-byte buffer",
+                data.len(),
+                buf.bytes
+            );
         }
         unsafe { dres::memcpy_htod_async(buf.ptr, data, self.stream.cu_stream()) }
             .map_err(|e| anyhow!("host-to-device copy failed: {e:?}"))?;

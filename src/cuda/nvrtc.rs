@@ -36,7 +36,13 @@ pub fn module_source(name: &str) -> Result<String> {
         .ok_or_else(|| anyhow!("no kernel module named {name:?}"))?;
     let body: String = src
         .lines()
-        .map(|l| if l.trim_start().starts_with("#include \"common.cuh\"") { "" } else { l })
+        .map(|l| {
+            if l.trim_start().starts_with("#include \"common.cuh\"") {
+                ""
+            } else {
+                l
+            }
+        })
         .collect::<Vec<_>>()
         .join("\n");
     Ok(format!("{COMMON}\n#line 1 \"kernels/{name}.cu\"\n{body}\n"))
@@ -98,10 +104,15 @@ pub fn compile(name: &str, arch: &str) -> Result<Compiled> {
     let csrc = CString::new(src).context("kernel source contains NUL")?;
     let cname = CString::new(format!("{name}.cu")).unwrap();
     use cudarc::nvrtc::result as r;
-    let prog = r::create_program(&csrc, Some(&cname)).map_err(|e| anyhow!("nvrtc create {name}: {e:?}"))?;
+    let prog = r::create_program(&csrc, Some(&cname))
+        .map_err(|e| anyhow!("nvrtc create {name}: {e:?}"))?;
     let res = unsafe { r::compile_program(prog, &opts) };
     let log = unsafe { r::get_program_log(prog) }
-        .map(|v| unsafe { CStr::from_ptr(v.as_ptr()) }.to_string_lossy().into_owned())
+        .map(|v| {
+            unsafe { CStr::from_ptr(v.as_ptr()) }
+                .to_string_lossy()
+                .into_owned()
+        })
         .unwrap_or_default();
     if let Err(e) = res {
         unsafe {
@@ -113,8 +124,13 @@ pub fn compile(name: &str, arch: &str) -> Result<Compiled> {
     unsafe {
         let _ = r::destroy_program(prog);
     }
-    let ptx = unsafe { CStr::from_ptr(ptx.as_ptr()) }.to_string_lossy().into_owned();
-    Ok(Compiled { ptx, log: log.trim().to_string() })
+    let ptx = unsafe { CStr::from_ptr(ptx.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    Ok(Compiled {
+        ptx,
+        log: log.trim().to_string(),
+    })
 }
 
 fn cache_dir() -> PathBuf {

@@ -41,19 +41,42 @@ pub struct Batch<B: Backend> {
 impl<B: Backend> Batch<B> {
     /// From host arrays: ids/types/mask are (b·t) row-major; starts/ends may be empty (inference).
     #[allow(clippy::too_many_arguments)]
-    pub fn new(be: &B, b: usize, t: usize, ids: &[i32], types: &[i32], mask: &[i32], starts: &[i64], ends: &[i64]) -> Result<Self> {
-        for (what, v) in [("input_ids", ids), ("token_type_ids", types), ("attention_mask", mask)] {
+    pub fn new(
+        be: &B,
+        b: usize,
+        t: usize,
+        ids: &[i32],
+        types: &[i32],
+        mask: &[i32],
+        starts: &[i64],
+        ends: &[i64],
+    ) -> Result<Self> {
+        for (what, v) in [
+            ("input_ids", ids),
+            ("token_type_ids", types),
+            ("attention_mask", mask),
+        ] {
             if v.len() != b * t {
-                bail!("Batch::new: {what} has {} values, expected B·T = {b}·{t}", v.len());
+                bail!(
+                    "Batch::new: {what} has {} values, expected B·T = {b}·{t}",
+                    v.len()
+                );
             }
         }
         let (s, e) = if starts.is_empty() {
             (vec![t as i32; b], vec![t as i32; b])
         } else {
             if starts.len() != b || ends.len() != b {
-                bail!("Batch::new: {} start and {} end positions for a batch of {b}", starts.len(), ends.len());
+                bail!(
+                    "Batch::new: {} start and {} end positions for a batch of {b}",
+                    starts.len(),
+                    ends.len()
+                );
             }
-            (crate::ops::span_loss::clamp_positions(starts, t), crate::ops::span_loss::clamp_positions(ends, t))
+            (
+                crate::ops::span_loss::clamp_positions(starts, t),
+                crate::ops::span_loss::clamp_positions(ends, t),
+            )
         };
         Ok(Batch {
             ids: Tensor::from_i32(be, ids, &[b, t])?,
@@ -79,7 +102,11 @@ pub struct DropoutCfg {
 }
 
 impl DropoutCfg {
-    pub const OFF: DropoutCfg = DropoutCfg { hidden: 0.0, attn: 0.0, seed: 0 };
+    pub const OFF: DropoutCfg = DropoutCfg {
+        hidden: 0.0,
+        attn: 0.0,
+        seed: 0,
+    };
     fn site(&self, layer: usize, site: u64, p: f32) -> Dropout {
         if p <= 0.0 {
             Dropout::OFF
@@ -128,22 +155,26 @@ pub struct Acts<B: Backend> {
     pub emb_mean: Tensor<B>, // (B,T)
     pub emb_rstd: Tensor<B>, // (B,T)
     pub layers: Vec<LayerActs<B>>,
-    pub logits: Tensor<B>,   // (B,T,2)
-    pub losses: Tensor<B>,   // (B,2) stat dtype
+    pub logits: Tensor<B>, // (B,T,2)
+    pub losses: Tensor<B>, // (B,2) stat dtype
     // backward scratch
-    pub dlogits: Tensor<B>,  // (B,T,2)
-    pub dx: Tensor<B>,       // (B,T,C)  gradient of the residual stream
-    pub dh: Tensor<B>,       // (B,T,C)
-    pub dsub: Tensor<B>,     // (B,T,C)  d(ao) or d(fo)
-    pub datt: Tensor<B>,     // (B,T,C)
-    pub dqkv: Tensor<B>,     // (B,T,3C)
-    pub df: Tensor<B>,       // (B,T,F)
-    pub dpre: Tensor<B>,     // (B,T,F)
+    pub dlogits: Tensor<B>, // (B,T,2)
+    pub dx: Tensor<B>,      // (B,T,C)  gradient of the residual stream
+    pub dh: Tensor<B>,      // (B,T,C)
+    pub dsub: Tensor<B>,    // (B,T,C)  d(ao) or d(fo)
+    pub datt: Tensor<B>,    // (B,T,C)
+    pub dqkv: Tensor<B>,    // (B,T,3C)
+    pub df: Tensor<B>,      // (B,T,F)
+    pub dpre: Tensor<B>,    // (B,T,F)
 }
 
 impl<B: Backend> Acts<B> {
     pub fn new(be: &B, cfg: &BertConfig, b: usize, t: usize, dtype: DType) -> Result<Self> {
-        let (c, f, nh) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads);
+        let (c, f, nh) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_attention_heads,
+        );
         let sd = stat_dtype(dtype);
         let z = |s: &[usize], d: DType| Tensor::zeros(be, s, d);
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -190,11 +221,28 @@ impl<B: Backend> Acts<B> {
     pub fn bytes(&self) -> usize {
         let mut n = 0;
         let mut add = |t: &Tensor<B>| n += t.numel() * t.dtype.size();
-        for t in [&self.emb, &self.emb_mean, &self.emb_rstd, &self.logits, &self.losses, &self.dlogits, &self.dx, &self.dh, &self.dsub, &self.datt, &self.dqkv, &self.df, &self.dpre] {
+        for t in [
+            &self.emb,
+            &self.emb_mean,
+            &self.emb_rstd,
+            &self.logits,
+            &self.losses,
+            &self.dlogits,
+            &self.dx,
+            &self.dh,
+            &self.dsub,
+            &self.datt,
+            &self.dqkv,
+            &self.df,
+            &self.dpre,
+        ] {
             add(t);
         }
         for l in &self.layers {
-            for t in [&l.qkv, &l.att, &l.lse, &l.ao, &l.sum1, &l.h, &l.mean1, &l.rstd1, &l.pre, &l.f, &l.fo, &l.sum2, &l.out, &l.mean2, &l.rstd2] {
+            for t in [
+                &l.qkv, &l.att, &l.lse, &l.ao, &l.sum1, &l.h, &l.mean1, &l.rstd1, &l.pre, &l.f,
+                &l.fo, &l.sum2, &l.out, &l.mean2, &l.rstd2,
+            ] {
                 add(t);
             }
         }
@@ -235,7 +283,11 @@ pub struct LossOut {
 
 impl<B: Backend> BertQa<B> {
     pub fn new(cfg: BertConfig, params: BertParams<B>) -> Self {
-        BertQa { cfg, params, mask_padding_in_loss: true }
+        BertQa {
+            cfg,
+            params,
+            mask_padding_in_loss: true,
+        }
     }
 
     pub fn dtype(&self) -> DType {
@@ -243,29 +295,89 @@ impl<B: Backend> BertQa<B> {
     }
 
     /// Forward through the span head: fills `acts` (logits in `acts.logits`).
-    pub fn forward(&self, be: &B, acts: &mut Acts<B>, batch: &Batch<B>, drop: DropoutCfg) -> Result<()> {
+    pub fn forward(
+        &self,
+        be: &B,
+        acts: &mut Acts<B>,
+        batch: &Batch<B>,
+        drop: DropoutCfg,
+    ) -> Result<()> {
         let cfg = &self.cfg;
-        let (nh, eps, nl) = (cfg.num_attention_heads, cfg.layer_norm_eps, cfg.num_hidden_layers);
+        let (nh, eps, nl) = (
+            cfg.num_attention_heads,
+            cfg.layer_norm_eps,
+            cfg.num_hidden_layers,
+        );
         if acts.b != batch.b || acts.t != batch.t {
-            bail!("forward: activations are for (B,T) = ({}, {}), batch is ({}, {})", acts.b, acts.t, batch.b, batch.t);
+            bail!(
+                "forward: activations are for (B,T) = ({}, {}), batch is ({}, {})",
+                acts.b,
+                acts.t,
+                batch.b,
+                batch.t
+            );
         }
         let p = &self.params;
         let e = &p.emb;
-        let ew = EmbWeights { word: &e.word, pos: &e.pos, ttype: &e.ttype, gamma: &e.ln_g, beta: &e.ln_b };
-        be.embeddings_forward(&mut acts.emb, &mut acts.emb_mean, &mut acts.emb_rstd, &batch.ids, &batch.types, &ew, eps, drop.emb(nl))?;
+        let ew = EmbWeights {
+            word: &e.word,
+            pos: &e.pos,
+            ttype: &e.ttype,
+            gamma: &e.ln_g,
+            beta: &e.ln_b,
+        };
+        be.embeddings_forward(
+            &mut acts.emb,
+            &mut acts.emb_mean,
+            &mut acts.emb_rstd,
+            &batch.ids,
+            &batch.types,
+            &ew,
+            eps,
+            drop.emb(nl),
+        )?;
         for l in 0..nl {
             let (done, rest) = acts.layers.split_at_mut(l);
             let x = if l == 0 { &acts.emb } else { &done[l - 1].out };
             let a = &mut rest[0];
             let w = &p.layers[l];
             be.linear_forward(&mut a.qkv, x, &w.qkv_w, Some(&w.qkv_b))?;
-            be.attention_forward(&mut a.att, &mut a.lse, &a.qkv, &batch.mask, nh, drop.attn(l))?;
+            be.attention_forward(
+                &mut a.att,
+                &mut a.lse,
+                &a.qkv,
+                &batch.mask,
+                nh,
+                drop.attn(l),
+            )?;
             be.linear_forward(&mut a.ao, &a.att, &w.ao_w, Some(&w.ao_b))?;
-            be.residual_layernorm_forward(&mut a.h, &mut a.sum1, &mut a.mean1, &mut a.rstd1, &a.ao, x, &w.ln1_g, &w.ln1_b, eps, drop.hidden1(l))?;
+            be.residual_layernorm_forward(
+                &mut a.h,
+                &mut a.sum1,
+                &mut a.mean1,
+                &mut a.rstd1,
+                &a.ao,
+                x,
+                &w.ln1_g,
+                &w.ln1_b,
+                eps,
+                drop.hidden1(l),
+            )?;
             be.linear_forward(&mut a.pre, &a.h, &w.ff1_w, Some(&w.ff1_b))?;
             be.gelu_forward(&mut a.f, &a.pre)?;
             be.linear_forward(&mut a.fo, &a.f, &w.ff2_w, Some(&w.ff2_b))?;
-            be.residual_layernorm_forward(&mut a.out, &mut a.sum2, &mut a.mean2, &mut a.rstd2, &a.fo, &a.h, &w.ln2_g, &w.ln2_b, eps, drop.hidden2(l))?;
+            be.residual_layernorm_forward(
+                &mut a.out,
+                &mut a.sum2,
+                &mut a.mean2,
+                &mut a.rstd2,
+                &a.fo,
+                &a.h,
+                &w.ln2_g,
+                &w.ln2_b,
+                eps,
+                drop.hidden2(l),
+            )?;
         }
         let last = acts.layers.last().map(|l| &l.out).unwrap_or(&acts.emb);
         be.linear_forward(&mut acts.logits, last, &p.qa_w, Some(&p.qa_b))?;
@@ -273,17 +385,42 @@ impl<B: Backend> BertQa<B> {
     }
 
     /// Span loss of the last forward, and `dlogits` (scaled by `loss_scale`) for backward.
-    pub fn loss(&self, be: &B, acts: &mut Acts<B>, batch: &Batch<B>, loss_scale: f64) -> Result<LossOut> {
+    pub fn loss(
+        &self,
+        be: &B,
+        acts: &mut Acts<B>,
+        batch: &Batch<B>,
+        loss_scale: f64,
+    ) -> Result<LossOut> {
         let (b, t) = (batch.b, batch.t);
-        let valid = |tgt: i32, bi: usize| (tgt as usize) < t && (!self.mask_padding_in_loss || batch.host_mask[bi * t + tgt as usize] != 0);
+        let valid = |tgt: i32, bi: usize| {
+            (tgt as usize) < t
+                && (!self.mask_padding_in_loss || batch.host_mask[bi * t + tgt as usize] != 0)
+        };
         let n_start = (0..b).filter(|&i| valid(batch.host_starts[i], i)).count();
         let n_end = (0..b).filter(|&i| valid(batch.host_ends[i], i)).count();
         let cfg = SpanLossCfg {
             mask_padding: self.mask_padding_in_loss,
-            scale_start: if n_start > 0 { loss_scale / (2.0 * n_start as f64) } else { 0.0 },
-            scale_end: if n_end > 0 { loss_scale / (2.0 * n_end as f64) } else { 0.0 },
+            scale_start: if n_start > 0 {
+                loss_scale / (2.0 * n_start as f64)
+            } else {
+                0.0
+            },
+            scale_end: if n_end > 0 {
+                loss_scale / (2.0 * n_end as f64)
+            } else {
+                0.0
+            },
         };
-        be.span_loss_forward_backward(&mut acts.losses, &mut acts.dlogits, &acts.logits, &batch.starts, &batch.ends, &batch.mask, cfg)?;
+        be.span_loss_forward_backward(
+            &mut acts.losses,
+            &mut acts.dlogits,
+            &acts.logits,
+            &batch.starts,
+            &batch.ends,
+            &batch.mask,
+            cfg,
+        )?;
         let ls = acts.losses.to_f64_vec(be)?;
         let (mut s, mut e) = (0.0, 0.0);
         for i in 0..b {
@@ -292,18 +429,51 @@ impl<B: Backend> BertQa<B> {
         }
         let ms = if n_start > 0 { s / n_start as f64 } else { 0.0 };
         let me = if n_end > 0 { e / n_end as f64 } else { 0.0 };
-        Ok(LossOut { loss: (ms + me) / 2.0, n_start, n_end })
+        Ok(LossOut {
+            loss: (ms + me) / 2.0,
+            n_start,
+            n_end,
+        })
     }
 
     /// Backward from `acts.dlogits` (set by [`BertQa::loss`]); accumulates into `grads`.
-    pub fn backward(&self, be: &B, grads: &mut BertParams<B>, acts: &mut Acts<B>, batch: &Batch<B>, drop: DropoutCfg) -> Result<()> {
+    pub fn backward(
+        &self,
+        be: &B,
+        grads: &mut BertParams<B>,
+        acts: &mut Acts<B>,
+        batch: &Batch<B>,
+        drop: DropoutCfg,
+    ) -> Result<()> {
         let cfg = &self.cfg;
         let (nh, nl) = (cfg.num_attention_heads, cfg.num_hidden_layers);
         let p = &self.params;
-        let Acts { emb, emb_mean, emb_rstd, layers, dlogits, dx, dh, dsub, datt, dqkv, df, dpre, .. } = acts;
+        let Acts {
+            emb,
+            emb_mean,
+            emb_rstd,
+            layers,
+            dlogits,
+            dx,
+            dh,
+            dsub,
+            datt,
+            dqkv,
+            df,
+            dpre,
+            ..
+        } = acts;
         {
             let last = layers.last().map(|l| &l.out).unwrap_or(emb);
-            be.linear_backward(Some(dx), false, &mut grads.qa_w, Some(&mut grads.qa_b), dlogits, last, &p.qa_w)?;
+            be.linear_backward(
+                Some(dx),
+                false,
+                &mut grads.qa_w,
+                Some(&mut grads.qa_b),
+                dlogits,
+                last,
+                &p.qa_w,
+            )?;
         }
         for l in (0..nl).rev() {
             let a = &layers[l];
@@ -311,21 +481,105 @@ impl<B: Backend> BertQa<B> {
             let w = &p.layers[l];
             let g = &mut grads.layers[l];
             // x_out = LN2(h + dropout(fo)): dx → dfo (dsub), dh
-            be.residual_layernorm_backward(dsub, dh, &mut g.ln2_g, &mut g.ln2_b, dx, &a.sum2, &a.mean2, &a.rstd2, &w.ln2_g, drop.hidden2(l))?;
-            be.linear_backward(Some(df), false, &mut g.ff2_w, Some(&mut g.ff2_b), dsub, &a.f, &w.ff2_w)?;
+            be.residual_layernorm_backward(
+                dsub,
+                dh,
+                &mut g.ln2_g,
+                &mut g.ln2_b,
+                dx,
+                &a.sum2,
+                &a.mean2,
+                &a.rstd2,
+                &w.ln2_g,
+                drop.hidden2(l),
+            )?;
+            be.linear_backward(
+                Some(df),
+                false,
+                &mut g.ff2_w,
+                Some(&mut g.ff2_b),
+                dsub,
+                &a.f,
+                &w.ff2_w,
+            )?;
             be.gelu_backward(dpre, df, &a.pre)?;
-            be.linear_backward(Some(dh), true, &mut g.ff1_w, Some(&mut g.ff1_b), dpre, &a.h, &w.ff1_w)?;
+            be.linear_backward(
+                Some(dh),
+                true,
+                &mut g.ff1_w,
+                Some(&mut g.ff1_b),
+                dpre,
+                &a.h,
+                &w.ff1_w,
+            )?;
             // h = LN1(x + dropout(ao)): dh → dao (dsub), dx
-            be.residual_layernorm_backward(dsub, dx, &mut g.ln1_g, &mut g.ln1_b, dh, &a.sum1, &a.mean1, &a.rstd1, &w.ln1_g, drop.hidden1(l))?;
-            be.linear_backward(Some(datt), false, &mut g.ao_w, Some(&mut g.ao_b), dsub, &a.att, &w.ao_w)?;
-            be.attention_backward(dqkv, datt, &a.att, &a.lse, &a.qkv, &batch.mask, nh, drop.attn(l))?;
-            be.linear_backward(Some(dx), true, &mut g.qkv_w, Some(&mut g.qkv_b), dqkv, x, &w.qkv_w)?;
+            be.residual_layernorm_backward(
+                dsub,
+                dx,
+                &mut g.ln1_g,
+                &mut g.ln1_b,
+                dh,
+                &a.sum1,
+                &a.mean1,
+                &a.rstd1,
+                &w.ln1_g,
+                drop.hidden1(l),
+            )?;
+            be.linear_backward(
+                Some(datt),
+                false,
+                &mut g.ao_w,
+                Some(&mut g.ao_b),
+                dsub,
+                &a.att,
+                &w.ao_w,
+            )?;
+            be.attention_backward(
+                dqkv,
+                datt,
+                &a.att,
+                &a.lse,
+                &a.qkv,
+                &batch.mask,
+                nh,
+                drop.attn(l),
+            )?;
+            be.linear_backward(
+                Some(dx),
+                true,
+                &mut g.qkv_w,
+                Some(&mut g.qkv_b),
+                dqkv,
+                x,
+                &w.qkv_w,
+            )?;
         }
         let e = &p.emb;
-        let ew = EmbWeights { word: &e.word, pos: &e.pos, ttype: &e.ttype, gamma: &e.ln_g, beta: &e.ln_b };
+        let ew = EmbWeights {
+            word: &e.word,
+            pos: &e.pos,
+            ttype: &e.ttype,
+            gamma: &e.ln_g,
+            beta: &e.ln_b,
+        };
         let ge = &mut grads.emb;
-        let mut eg = EmbGrads { word: &mut ge.word, pos: &mut ge.pos, ttype: &mut ge.ttype, gamma: &mut ge.ln_g, beta: &mut ge.ln_b };
-        be.embeddings_backward(&mut eg, dx, emb_mean, emb_rstd, &batch.ids, &batch.types, &ew, drop.emb(nl))?;
+        let mut eg = EmbGrads {
+            word: &mut ge.word,
+            pos: &mut ge.pos,
+            ttype: &mut ge.ttype,
+            gamma: &mut ge.ln_g,
+            beta: &mut ge.ln_b,
+        };
+        be.embeddings_backward(
+            &mut eg,
+            dx,
+            emb_mean,
+            emb_rstd,
+            &batch.ids,
+            &batch.types,
+            &ew,
+            drop.emb(nl),
+        )?;
         Ok(())
     }
 }

@@ -19,7 +19,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 /// Files copied next to a saved model so that tokenizers and `bertqa eval` find them.
-pub const TOKENIZER_FILES: &[&str] = &["tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"];
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "vocab.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
 
 /// What loading found.
 #[derive(Debug, Clone)]
@@ -36,17 +41,34 @@ pub type HostTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 /// Read a safetensors file into f32 host tensors, naming the file in every error.
 pub fn read_safetensors(path: &Path) -> Result<HostTensors> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: not a valid safetensors file (truncated or corrupt?): {e}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+        anyhow!(
+            "{}: not a valid safetensors file (truncated or corrupt?): {e}",
+            path.display()
+        )
+    })?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let shape = view.shape().to_vec();
         let data = view.data();
         let vals: Vec<f32> = match view.dtype() {
-            StDtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            StDtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            StDtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            StDtype::F32 => data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            StDtype::F16 => data
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            StDtype::BF16 => data
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
             StDtype::I64 | StDtype::I32 if name.ends_with("position_ids") => continue,
-            other => bail!("{}: tensor {name:?} has unsupported dtype {other:?} (expected F32, F16 or BF16)", path.display()),
+            other => bail!(
+                "{}: tensor {name:?} has unsupported dtype {other:?} (expected F32, F16 or BF16)",
+                path.display()
+            ),
         };
         out.insert(name, (shape, vals));
     }
@@ -54,9 +76,17 @@ pub fn read_safetensors(path: &Path) -> Result<HostTensors> {
 }
 
 fn dtype_name(path: &Path) -> String {
-    let Ok(bytes) = std::fs::read(path) else { return "?".into() };
-    let Ok(st) = SafeTensors::deserialize(&bytes) else { return "?".into() };
-    let mut names: Vec<String> = st.tensors().iter().map(|(_, v)| format!("{:?}", v.dtype())).collect();
+    let Ok(bytes) = std::fs::read(path) else {
+        return "?".into();
+    };
+    let Ok(st) = SafeTensors::deserialize(&bytes) else {
+        return "?".into();
+    };
+    let mut names: Vec<String> = st
+        .tensors()
+        .iter()
+        .map(|(_, v)| format!("{:?}", v.dtype()))
+        .collect();
     names.sort();
     names.dedup();
     names.join("+")
@@ -65,16 +95,29 @@ fn dtype_name(path: &Path) -> String {
 /// HF tensor names for one internal parameter (the fused qkv maps to three).
 fn hf_names(internal: &str) -> Vec<String> {
     if let Some(pre) = internal.strip_suffix("attention.self.qkv.weight") {
-        return ["query", "key", "value"].iter().map(|p| format!("{pre}attention.self.{p}.weight")).collect();
+        return ["query", "key", "value"]
+            .iter()
+            .map(|p| format!("{pre}attention.self.{p}.weight"))
+            .collect();
     }
     if let Some(pre) = internal.strip_suffix("attention.self.qkv.bias") {
-        return ["query", "key", "value"].iter().map(|p| format!("{pre}attention.self.{p}.bias")).collect();
+        return ["query", "key", "value"]
+            .iter()
+            .map(|p| format!("{pre}attention.self.{p}.bias"))
+            .collect();
     }
     vec![internal.to_string()]
 }
 
 /// Build parameters (in `dtype`) from host tensors with HF names (prefix already stripped).
-pub fn params_from_host<B: Backend>(be: &B, cfg: &BertConfig, host: &HostTensors, dtype: DType, seed: u64, origin: &str) -> Result<(BertParams<B>, bool)> {
+pub fn params_from_host<B: Backend>(
+    be: &B,
+    cfg: &BertConfig,
+    host: &HostTensors,
+    dtype: DType,
+    seed: u64,
+    origin: &str,
+) -> Result<(BertParams<B>, bool)> {
     let mut tensors = Vec::new();
     let mut initialised = false;
     for (name, shape) in param_specs(cfg) {
@@ -85,14 +128,19 @@ pub fn params_from_host<B: Backend>(be: &B, cfg: &BertConfig, host: &HostTensors
             initialised = true;
             if name.ends_with("weight") {
                 let mut rng = Rng::new(seed);
-                data.extend((0..shape.iter().product::<usize>()).map(|_| (rng.normal() * cfg.initializer_range as f64) as f32));
+                data.extend(
+                    (0..shape.iter().product::<usize>())
+                        .map(|_| (rng.normal() * cfg.initializer_range as f64) as f32),
+                );
             } else {
                 data.resize(shape.iter().product(), 0.0);
             }
         } else {
             let part_rows = shape[0] / parts.len();
             for p in &parts {
-                let (s, v) = host.get(p).ok_or_else(|| anyhow!("{origin}: missing tensor {p:?}"))?;
+                let (s, v) = host
+                    .get(p)
+                    .ok_or_else(|| anyhow!("{origin}: missing tensor {p:?}"))?;
                 let mut expect = shape.clone();
                 expect[0] = part_rows;
                 if *s != expect {
@@ -107,11 +155,19 @@ pub fn params_from_host<B: Backend>(be: &B, cfg: &BertConfig, host: &HostTensors
 }
 
 /// Load an HF BERT directory. Returns (config, params in `dtype`, report).
-pub fn load<B: Backend>(be: &B, dir: &Path, dtype: DType, seed: u64) -> Result<(BertConfig, BertParams<B>, LoadReport)> {
+pub fn load<B: Backend>(
+    be: &B,
+    dir: &Path,
+    dtype: DType,
+    seed: u64,
+) -> Result<(BertConfig, BertParams<B>, LoadReport)> {
     let cfg = BertConfig::from_file(&dir.join("config.json"))?;
     let st_path = dir.join("model.safetensors");
     if !st_path.exists() {
-        bail!("{}: no model.safetensors (only safetensors checkpoints are supported)", dir.display());
+        bail!(
+            "{}: no model.safetensors (only safetensors checkpoints are supported)",
+            dir.display()
+        );
     }
     let raw = read_safetensors(&st_path)?;
     let had_prefix = raw.keys().any(|k| k.starts_with("bert."));
@@ -119,7 +175,8 @@ pub fn load<B: Backend>(be: &B, dir: &Path, dtype: DType, seed: u64) -> Result<(
     let mut ignored = Vec::new();
     for (k, v) in raw {
         let name = k.strip_prefix("bert.").unwrap_or(&k).to_string();
-        if name.starts_with("pooler.") || name.ends_with("position_ids") || name.starts_with("cls.") {
+        if name.starts_with("pooler.") || name.ends_with("position_ids") || name.starts_with("cls.")
+        {
             ignored.push(k);
             continue;
         }
@@ -127,16 +184,32 @@ pub fn load<B: Backend>(be: &B, dir: &Path, dtype: DType, seed: u64) -> Result<(
     }
     let origin = st_path.display().to_string();
     // Unexpected tensors mean the file is not a BERT of this config.
-    let known: std::collections::HashSet<String> = param_specs(&cfg).iter().flat_map(|(n, _)| hf_names(n)).collect();
+    let known: std::collections::HashSet<String> = param_specs(&cfg)
+        .iter()
+        .flat_map(|(n, _)| hf_names(n))
+        .collect();
     if let Some(extra) = host.keys().find(|k| !known.contains(*k)) {
         bail!("{origin}: unexpected tensor {extra:?} (not part of BertForQuestionAnswering with this config.json)");
     }
     let (params, init) = params_from_host(be, &cfg, &host, dtype, seed, &origin)?;
-    Ok((cfg, params, LoadReport { had_prefix, qa_head_initialised: init, ignored, source_dtype: dtype_name(&st_path) }))
+    Ok((
+        cfg,
+        params,
+        LoadReport {
+            had_prefix,
+            qa_head_initialised: init,
+            ignored,
+            source_dtype: dtype_name(&st_path),
+        },
+    ))
 }
 
 /// HF-named host tensors of a model (with the `bert.` prefix on encoder tensors), f32.
-pub fn to_hf_host<B: Backend>(be: &B, cfg: &BertConfig, params: &BertParams<B>) -> Result<HostTensors> {
+pub fn to_hf_host<B: Backend>(
+    be: &B,
+    cfg: &BertConfig,
+    params: &BertParams<B>,
+) -> Result<HostTensors> {
     let mut out = HostTensors::new();
     for ((name, shape), t) in param_specs(cfg).into_iter().zip(params.tensors()) {
         let vals = t.to_f32_vec(be)?;
@@ -146,7 +219,11 @@ pub fn to_hf_host<B: Backend>(be: &B, cfg: &BertConfig, params: &BertParams<B>) 
         for (i, p) in parts.iter().enumerate() {
             let mut s = shape.clone();
             s[0] = rows;
-            let full = if p.starts_with("qa_outputs.") { p.clone() } else { format!("bert.{p}") };
+            let full = if p.starts_with("qa_outputs.") {
+                p.clone()
+            } else {
+                format!("bert.{p}")
+            };
             out.insert(full, (s, vals[i * per..(i + 1) * per].to_vec()));
         }
     }
@@ -154,11 +231,22 @@ pub fn to_hf_host<B: Backend>(be: &B, cfg: &BertConfig, params: &BertParams<B>) 
 }
 
 /// Serialise host tensors as safetensors bytes (F32, sorted names, optional metadata).
-pub fn safetensors_bytes(host: &HostTensors, metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = host.iter().map(|(n, (s, v))| (n.clone(), s.clone(), bytemuck::cast_slice(v).to_vec())).collect();
+pub fn safetensors_bytes(
+    host: &HostTensors,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = host
+        .iter()
+        .map(|(n, (s, v))| (n.clone(), s.clone(), bytemuck::cast_slice(v).to_vec()))
+        .collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
         .iter()
-        .map(|(n, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(StDtype::F32, s.clone(), b)?)))
+        .map(|(n, s, b)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(StDtype::F32, s.clone(), b)?,
+            ))
+        })
         .collect::<Result<_, safetensors::SafeTensorError>>()
         .map_err(|e| anyhow!("building safetensors: {e}"))?;
     safetensors::serialize(views, metadata).map_err(|e| anyhow!("serialising safetensors: {e}"))
@@ -166,12 +254,22 @@ pub fn safetensors_bytes(host: &HostTensors, metadata: Option<HashMap<String, St
 
 /// Save as an HF BertForQuestionAnswering directory; copies tokenizer files from `tokenizer_src` if given.
 /// Every file is written atomically.
-pub fn save<B: Backend>(be: &B, dir: &Path, cfg: &BertConfig, params: &BertParams<B>, tokenizer_src: Option<&Path>, extra_config: Option<&serde_json::Value>) -> Result<()> {
+pub fn save<B: Backend>(
+    be: &B,
+    dir: &Path,
+    cfg: &BertConfig,
+    params: &BertParams<B>,
+    tokenizer_src: Option<&Path>,
+    extra_config: Option<&serde_json::Value>,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let host = to_hf_host(be, cfg, params)?;
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    crate::util::write_atomic(&dir.join("model.safetensors"), &safetensors_bytes(&host, Some(meta))?)?;
+    crate::util::write_atomic(
+        &dir.join("model.safetensors"),
+        &safetensors_bytes(&host, Some(meta))?,
+    )?;
     // config.json: the original fields (if any) with ours on top.
     let mut conf = match extra_config {
         Some(serde_json::Value::Object(m)) => serde_json::Value::Object(m.clone()),
@@ -182,18 +280,26 @@ pub fn save<B: Backend>(be: &B, dir: &Path, cfg: &BertConfig, params: &BertParam
         for (k, v) in o {
             c.insert(k.clone(), v.clone());
         }
-        c.insert("architectures".into(), serde_json::json!(["BertForQuestionAnswering"]));
+        c.insert(
+            "architectures".into(),
+            serde_json::json!(["BertForQuestionAnswering"]),
+        );
         c.insert("model_type".into(), serde_json::json!("bert"));
         c.entry("pad_token_id").or_insert(serde_json::json!(0));
-        c.entry("position_embedding_type").or_insert(serde_json::json!("absolute"));
+        c.entry("position_embedding_type")
+            .or_insert(serde_json::json!("absolute"));
         c.insert("torch_dtype".into(), serde_json::json!("float32"));
     }
-    crate::util::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&conf)?.as_bytes())?;
+    crate::util::write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&conf)?.as_bytes(),
+    )?;
     if let Some(src) = tokenizer_src {
         for f in TOKENIZER_FILES {
             let p = src.join(f);
             if p.exists() {
-                let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+                let bytes =
+                    std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
                 crate::util::write_atomic(&dir.join(f), &bytes)?;
             }
         }
@@ -203,5 +309,7 @@ pub fn save<B: Backend>(be: &B, dir: &Path, cfg: &BertConfig, params: &BertParam
 
 /// The raw config.json of a model directory as JSON (to carry unknown fields through a save).
 pub fn raw_config(dir: &Path) -> Option<serde_json::Value> {
-    std::fs::read_to_string(dir.join("config.json")).ok().and_then(|s| serde_json::from_str(&s).ok())
+    std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
 }

@@ -70,24 +70,43 @@ pub struct BertConfig {
 impl BertConfig {
     /// Parse config.json; unknown fields are kept by the caller (see checkpoint::save) and ignored here.
     pub fn from_json(text: &str, origin: &str) -> Result<Self> {
-        let cfg: BertConfig = serde_json::from_str(text).with_context(|| format!("{origin}: not a valid BERT config.json"))?;
-        cfg.validate().with_context(|| format!("{origin}: unsupported config"))?;
+        let cfg: BertConfig = serde_json::from_str(text)
+            .with_context(|| format!("{origin}: not a valid BERT config.json"))?;
+        cfg.validate()
+            .with_context(|| format!("{origin}: unsupported config"))?;
         Ok(cfg)
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::from_json(&text, &path.display().to_string())
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.hidden_size == 0 || self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
-            bail!("hidden_size {} must be a positive multiple of num_attention_heads {}", self.hidden_size, self.num_attention_heads);
+        if self.hidden_size == 0
+            || self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
+            bail!(
+                "hidden_size {} must be a positive multiple of num_attention_heads {}",
+                self.hidden_size,
+                self.num_attention_heads
+            );
         }
         if !matches!(self.hidden_act.as_str(), "gelu" | "gelu_python") {
-            bail!("hidden_act {:?} is not supported (only the exact erf \"gelu\")", self.hidden_act);
+            bail!(
+                "hidden_act {:?} is not supported (only the exact erf \"gelu\")",
+                self.hidden_act
+            );
         }
-        for (name, p) in [("hidden_dropout_prob", self.hidden_dropout_prob), ("attention_probs_dropout_prob", self.attention_probs_dropout_prob)] {
+        for (name, p) in [
+            ("hidden_dropout_prob", self.hidden_dropout_prob),
+            (
+                "attention_probs_dropout_prob",
+                self.attention_probs_dropout_prob,
+            ),
+        ] {
             if !(0.0..1.0).contains(&p) {
                 bail!("{name} = {p} must be in [0, 1)");
             }
@@ -124,8 +143,13 @@ impl BertConfig {
 
     /// Parameter count (without the pooler).
     pub fn num_params(&self) -> usize {
-        let (c, f, l) = (self.hidden_size, self.intermediate_size, self.num_hidden_layers);
-        let emb = (self.vocab_size + self.max_position_embeddings + self.type_vocab_size) * c + 2 * c;
+        let (c, f, l) = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+        );
+        let emb =
+            (self.vocab_size + self.max_position_embeddings + self.type_vocab_size) * c + 2 * c;
         let layer = 4 * c * c + 4 * c + 2 * c * f + f + c + 4 * c;
         emb + l * layer + 2 * c + 2
     }
@@ -133,7 +157,11 @@ impl BertConfig {
     /// FLOPs of one training step (forward + backward ≈ 3× forward) per sequence of length `t`, counting the
     /// GEMMs and the attention matmuls (2 FLOPs per multiply-add).
     pub fn train_flops_per_seq(&self, t: usize) -> f64 {
-        let (c, f, l) = (self.hidden_size as f64, self.intermediate_size as f64, self.num_hidden_layers as f64);
+        let (c, f, l) = (
+            self.hidden_size as f64,
+            self.intermediate_size as f64,
+            self.num_hidden_layers as f64,
+        );
         let t = t as f64;
         let gemm = 2.0 * t * (4.0 * c * c + 2.0 * c * f) * l + 2.0 * t * c * 2.0;
         let attn = 2.0 * 2.0 * t * t * c * l;

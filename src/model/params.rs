@@ -8,26 +8,26 @@ use crate::tensor::{DType, Tensor};
 use anyhow::Result;
 
 pub struct EmbeddingParams<B: BackendCore> {
-    pub word: Tensor<B>,    // (V, C)   embeddings.word_embeddings.weight
-    pub pos: Tensor<B>,     // (P, C)   embeddings.position_embeddings.weight
-    pub ttype: Tensor<B>,   // (TV, C)  embeddings.token_type_embeddings.weight
-    pub ln_g: Tensor<B>,    // (C)      embeddings.LayerNorm.weight
-    pub ln_b: Tensor<B>,    // (C)      embeddings.LayerNorm.bias
+    pub word: Tensor<B>,  // (V, C)   embeddings.word_embeddings.weight
+    pub pos: Tensor<B>,   // (P, C)   embeddings.position_embeddings.weight
+    pub ttype: Tensor<B>, // (TV, C)  embeddings.token_type_embeddings.weight
+    pub ln_g: Tensor<B>,  // (C)      embeddings.LayerNorm.weight
+    pub ln_b: Tensor<B>,  // (C)      embeddings.LayerNorm.bias
 }
 
 pub struct LayerParams<B: BackendCore> {
-    pub qkv_w: Tensor<B>,   // (3C, C)  attention.self.{query,key,value}.weight, stacked
-    pub qkv_b: Tensor<B>,   // (3C)     attention.self.{query,key,value}.bias, stacked
-    pub ao_w: Tensor<B>,    // (C, C)   attention.output.dense.weight
-    pub ao_b: Tensor<B>,    // (C)      attention.output.dense.bias
-    pub ln1_g: Tensor<B>,   // (C)      attention.output.LayerNorm.weight
-    pub ln1_b: Tensor<B>,   // (C)      attention.output.LayerNorm.bias
-    pub ff1_w: Tensor<B>,   // (F, C)   intermediate.dense.weight
-    pub ff1_b: Tensor<B>,   // (F)      intermediate.dense.bias
-    pub ff2_w: Tensor<B>,   // (C, F)   output.dense.weight
-    pub ff2_b: Tensor<B>,   // (C)      output.dense.bias
-    pub ln2_g: Tensor<B>,   // (C)      output.LayerNorm.weight
-    pub ln2_b: Tensor<B>,   // (C)      output.LayerNorm.bias
+    pub qkv_w: Tensor<B>, // (3C, C)  attention.self.{query,key,value}.weight, stacked
+    pub qkv_b: Tensor<B>, // (3C)     attention.self.{query,key,value}.bias, stacked
+    pub ao_w: Tensor<B>,  // (C, C)   attention.output.dense.weight
+    pub ao_b: Tensor<B>,  // (C)      attention.output.dense.bias
+    pub ln1_g: Tensor<B>, // (C)      attention.output.LayerNorm.weight
+    pub ln1_b: Tensor<B>, // (C)      attention.output.LayerNorm.bias
+    pub ff1_w: Tensor<B>, // (F, C)   intermediate.dense.weight
+    pub ff1_b: Tensor<B>, // (F)      intermediate.dense.bias
+    pub ff2_w: Tensor<B>, // (C, F)   output.dense.weight
+    pub ff2_b: Tensor<B>, // (C)      output.dense.bias
+    pub ln2_g: Tensor<B>, // (C)      output.LayerNorm.weight
+    pub ln2_b: Tensor<B>, // (C)      output.LayerNorm.bias
 }
 
 pub struct BertParams<B: BackendCore> {
@@ -42,9 +42,18 @@ pub struct BertParams<B: BackendCore> {
 pub fn param_specs(cfg: &BertConfig) -> Vec<(String, Vec<usize>)> {
     let (c, f) = (cfg.hidden_size, cfg.intermediate_size);
     let mut v = vec![
-        ("embeddings.word_embeddings.weight".to_string(), vec![cfg.vocab_size, c]),
-        ("embeddings.position_embeddings.weight".into(), vec![cfg.max_position_embeddings, c]),
-        ("embeddings.token_type_embeddings.weight".into(), vec![cfg.type_vocab_size, c]),
+        (
+            "embeddings.word_embeddings.weight".to_string(),
+            vec![cfg.vocab_size, c],
+        ),
+        (
+            "embeddings.position_embeddings.weight".into(),
+            vec![cfg.max_position_embeddings, c],
+        ),
+        (
+            "embeddings.token_type_embeddings.weight".into(),
+            vec![cfg.type_vocab_size, c],
+        ),
         ("embeddings.LayerNorm.weight".into(), vec![c]),
         ("embeddings.LayerNorm.bias".into(), vec![c]),
     ];
@@ -82,7 +91,13 @@ impl<B: BackendCore> BertParams<B> {
     pub fn from_vec(cfg: &BertConfig, tensors: Vec<Tensor<B>>) -> Self {
         let mut it = tensors.into_iter();
         let mut next = || it.next().expect("param_specs order");
-        let emb = EmbeddingParams { word: next(), pos: next(), ttype: next(), ln_g: next(), ln_b: next() };
+        let emb = EmbeddingParams {
+            word: next(),
+            pos: next(),
+            ttype: next(),
+            ln_g: next(),
+            ln_b: next(),
+        };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for _ in 0..cfg.num_hidden_layers {
             layers.push(LayerParams {
@@ -102,12 +117,20 @@ impl<B: BackendCore> BertParams<B> {
         }
         let qa_w = next();
         let qa_b = next();
-        BertParams { emb, layers, qa_w, qa_b }
+        BertParams {
+            emb,
+            layers,
+            qa_w,
+            qa_b,
+        }
     }
 
     /// All zeros, in `dtype`.
     pub fn zeros(be: &B, cfg: &BertConfig, dtype: DType) -> Result<Self> {
-        let ts = param_specs(cfg).iter().map(|(_, s)| Tensor::zeros(be, s, dtype)).collect::<Result<Vec<_>>>()?;
+        let ts = param_specs(cfg)
+            .iter()
+            .map(|(_, s)| Tensor::zeros(be, s, dtype))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self::from_vec(cfg, ts))
     }
 
@@ -116,7 +139,10 @@ impl<B: BackendCore> BertParams<B> {
         let e = &self.emb;
         let mut v = vec![&e.word, &e.pos, &e.ttype, &e.ln_g, &e.ln_b];
         for l in &self.layers {
-            v.extend([&l.qkv_w, &l.qkv_b, &l.ao_w, &l.ao_b, &l.ln1_g, &l.ln1_b, &l.ff1_w, &l.ff1_b, &l.ff2_w, &l.ff2_b, &l.ln2_g, &l.ln2_b]);
+            v.extend([
+                &l.qkv_w, &l.qkv_b, &l.ao_w, &l.ao_b, &l.ln1_g, &l.ln1_b, &l.ff1_w, &l.ff1_b,
+                &l.ff2_w, &l.ff2_b, &l.ln2_g, &l.ln2_b,
+            ]);
         }
         v.push(&self.qa_w);
         v.push(&self.qa_b);
@@ -125,7 +151,13 @@ impl<B: BackendCore> BertParams<B> {
 
     pub fn tensors_mut(&mut self) -> Vec<&mut Tensor<B>> {
         let e = &mut self.emb;
-        let mut v = vec![&mut e.word, &mut e.pos, &mut e.ttype, &mut e.ln_g, &mut e.ln_b];
+        let mut v = vec![
+            &mut e.word,
+            &mut e.pos,
+            &mut e.ttype,
+            &mut e.ln_g,
+            &mut e.ln_b,
+        ];
         for l in &mut self.layers {
             v.extend([
                 &mut l.qkv_w,
@@ -157,10 +189,20 @@ impl<B: BackendCore> BertParams<B> {
     /// A copy of every tensor in `dtype`.
     pub fn cast(&self, be: &B, dtype: DType) -> Result<Self> {
         let n = self.layers.len();
-        let ts = self.tensors().into_iter().map(|t| t.cast(be, dtype)).collect::<Result<Vec<_>>>()?;
+        let ts = self
+            .tensors()
+            .into_iter()
+            .map(|t| t.cast(be, dtype))
+            .collect::<Result<Vec<_>>>()?;
         let mut it = ts.into_iter();
         let mut next = || it.next().expect("same order");
-        let emb = EmbeddingParams { word: next(), pos: next(), ttype: next(), ln_g: next(), ln_b: next() };
+        let emb = EmbeddingParams {
+            word: next(),
+            pos: next(),
+            ttype: next(),
+            ln_g: next(),
+            ln_b: next(),
+        };
         let mut layers = Vec::with_capacity(n);
         for _ in 0..n {
             layers.push(LayerParams {
@@ -180,7 +222,12 @@ impl<B: BackendCore> BertParams<B> {
         }
         let qa_w = next();
         let qa_b = next();
-        Ok(BertParams { emb, layers, qa_w, qa_b })
+        Ok(BertParams {
+            emb,
+            layers,
+            qa_w,
+            qa_b,
+        })
     }
 
     pub fn dtype(&self) -> DType {

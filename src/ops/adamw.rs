@@ -54,12 +54,20 @@ fn check<B: BackendCore>(s: &AdamWSlot<B>) -> Result<()> {
     let n = s.master.numel();
     for (what, t) in [("grad", s.grad), ("m", &*s.m), ("v", &*s.v)] {
         if t.numel() != n {
-            bail!("adamw_step: {what} {:?} does not match parameter {:?}", t.shape, s.master.shape);
+            bail!(
+                "adamw_step: {what} {:?} does not match parameter {:?}",
+                t.shape,
+                s.master.shape
+            );
         }
     }
     if let Some(w) = &s.working {
         if w.numel() != n {
-            bail!("adamw_step: working copy {:?} does not match parameter {:?}", w.shape, s.master.shape);
+            bail!(
+                "adamw_step: working copy {:?} does not match parameter {:?}",
+                w.shape,
+                s.master.shape
+            );
         }
     }
     Ok(())
@@ -67,12 +75,23 @@ fn check<B: BackendCore>(s: &AdamWSlot<B>) -> Result<()> {
 
 /// The per-element update (reference), shared by the CPU backend and the unit tests.
 #[allow(clippy::too_many_arguments)]
-pub fn adamw_ref<T: Real>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], hp: &AdamWHyper, decay: bool) {
+pub fn adamw_ref<T: Real>(
+    p: &mut [T],
+    g: &[T],
+    m: &mut [T],
+    v: &mut [T],
+    hp: &AdamWHyper,
+    decay: bool,
+) {
     let (b1, b2) = (T::of(hp.beta1), T::of(hp.beta2));
     let bc1 = T::one() - T::of(hp.beta1.powi(hp.step as i32));
     let bc2 = T::one() - T::of(hp.beta2.powi(hp.step as i32));
     let lr = T::of(hp.lr);
-    let wd = if decay { T::of(hp.lr * hp.weight_decay) } else { T::zero() };
+    let wd = if decay {
+        T::of(hp.lr * hp.weight_decay)
+    } else {
+        T::zero()
+    };
     let gs = T::of(hp.grad_scale);
     let eps = T::of(hp.eps);
     for i in 0..p.len() {
@@ -82,7 +101,7 @@ pub fn adamw_ref<T: Real>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], hp: &A
         v[i] = b2 * v[i] + (T::one() - b2) * gi * gi;
         let mhat = m[i] / bc1;
         let vhat = v[i] / bc2;
-        p[i] = p[i] - lr * mhat / (vhat.sqrt() + eps);
+        p[i] -= lr * mhat / (vhat.sqrt() + eps);
     }
 }
 
@@ -162,12 +181,32 @@ fn bytemuck_cast(e: &[AdamWEntry]) -> &[i32] {
     unsafe { std::slice::from_raw_parts(e.as_ptr() as *const i32, std::mem::size_of_val(e) / 4) }
 }
 
-pub(crate) fn cuda_cast(be: &Cuda, dst: u64, dd: DType, src: u64, sd: DType, n: usize) -> Result<()> {
+pub(crate) fn cuda_cast(
+    be: &Cuda,
+    dst: u64,
+    dd: DType,
+    src: u64,
+    sd: DType,
+    n: usize,
+) -> Result<()> {
     if !dd.is_float() || !sd.is_float() {
         bail!("cast: only float dtypes ({sd} -> {dd})");
     }
-    let p = CastParams { dst, src, n: n as u64, dst_dt: dtype_code(dd), src_dt: dtype_code(sd) };
-    be.launch("reduce", "cast", (super::blocks(n, 256).min(1 << 16), 1, 1), (256, 1, 1), 0, p)
+    let p = CastParams {
+        dst,
+        src,
+        n: n as u64,
+        dst_dt: dtype_code(dd),
+        src_dt: dtype_code(sd),
+    };
+    be.launch(
+        "reduce",
+        "cast",
+        (super::blocks(n, 256).min(1 << 16), 1, 1),
+        (256, 1, 1),
+        0,
+        p,
+    )
 }
 
 impl AdamWOps for Cuda {
@@ -210,7 +249,14 @@ impl AdamWOps for Cuda {
             grad_scale: hp.grad_scale as f32,
         };
         let gx = super::blocks(maxn, 256 * 4).min(256);
-        self.launch("adamw", "adamw_step", (gx, table.len() as u32, 1), (256, 1, 1), 0, p)
+        self.launch(
+            "adamw",
+            "adamw_step",
+            (gx, table.len() as u32, 1),
+            (256, 1, 1),
+            0,
+            p,
+        )
     }
 
     fn grad_sq_norm(&self, grads: &[&Tensor<Cuda>]) -> Result<f64> {
@@ -218,19 +264,44 @@ impl AdamWOps for Cuda {
         let mut maxn = 0;
         for g in grads {
             if g.dtype != DType::F32 {
-                bail!("grad_sq_norm: gradients must be f32 on CUDA, found {}", g.dtype);
+                bail!(
+                    "grad_sq_norm: gradients must be f32 on CUDA, found {}",
+                    g.dtype
+                );
             }
             maxn = maxn.max(g.numel());
-            table.push(AdamWEntry { grad: g.buf.ptr, n: g.numel() as u64, ..Default::default() });
+            table.push(AdamWEntry {
+                grad: g.buf.ptr,
+                n: g.numel() as u64,
+                ..Default::default()
+            });
         }
         if table.is_empty() {
             return Ok(0.0);
         }
         let tab = upload_table(self, &table)?;
         let acc = Tensor::<Cuda>::zeros(self, &[1], DType::F32)?;
-        let p = AdamWParams { table: tab.buf.ptr, out: acc.buf.ptr, lr: 0.0, beta1: 0.0, beta2: 0.0, eps: 0.0, wd: 0.0, bc1: 0.0, bc2: 0.0, grad_scale: 0.0 };
+        let p = AdamWParams {
+            table: tab.buf.ptr,
+            out: acc.buf.ptr,
+            lr: 0.0,
+            beta1: 0.0,
+            beta2: 0.0,
+            eps: 0.0,
+            wd: 0.0,
+            bc1: 0.0,
+            bc2: 0.0,
+            grad_scale: 0.0,
+        };
         let gx = super::blocks(maxn, 256 * 8).min(128);
-        self.launch("adamw", "grad_sq_norm", (gx, table.len() as u32, 1), (256, 1, 1), 0, p)?;
+        self.launch(
+            "adamw",
+            "grad_sq_norm",
+            (gx, table.len() as u32, 1),
+            (256, 1, 1),
+            0,
+            p,
+        )?;
         Ok(acc.to_f64_vec(self)?[0])
     }
 }

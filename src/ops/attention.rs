@@ -44,7 +44,14 @@ pub trait AttentionOps: BackendCore {
 }
 
 /// (B, T, C, HS) after shape checks.
-fn dims<B: BackendCore>(op: &str, out: &Tensor<B>, lse: &Tensor<B>, qkv: &Tensor<B>, mask: &Tensor<B>, nh: usize) -> Result<(usize, usize, usize, usize)> {
+fn dims<B: BackendCore>(
+    op: &str,
+    out: &Tensor<B>,
+    lse: &Tensor<B>,
+    qkv: &Tensor<B>,
+    mask: &Tensor<B>,
+    nh: usize,
+) -> Result<(usize, usize, usize, usize)> {
     if out.shape.len() != 3 {
         bail!("{op}: out must be (B,T,C), found {:?}", out.shape);
     }
@@ -60,7 +67,15 @@ fn dims<B: BackendCore>(op: &str, out: &Tensor<B>, lse: &Tensor<B>, qkv: &Tensor
 }
 
 /// Copy head `h` of part `part` (0 Q, 1 K, 2 V) of batch row `bi` into a contiguous (T, HS) matrix.
-fn head<T: Real>(qkv: &[T], bi: usize, t: usize, c: usize, hs: usize, h: usize, part: usize) -> Vec<T> {
+fn head<T: Real>(
+    qkv: &[T],
+    bi: usize,
+    t: usize,
+    c: usize,
+    hs: usize,
+    h: usize,
+    part: usize,
+) -> Vec<T> {
     let mut m = vec![T::zero(); t * hs];
     for i in 0..t {
         let base = (bi * t + i) * 3 * c + part * c + h * hs;
@@ -91,14 +106,26 @@ fn probs<T: Real>(q: &[T], k: &[T], mask: &[i32], t: usize, hs: usize) -> (Vec<T
         }
         lse[i] = m + l.ln();
         for j in 0..t {
-            row[j] = if mask[j] != 0 { (row[j] - lse[i]).exp() } else { T::zero() };
+            row[j] = if mask[j] != 0 {
+                (row[j] - lse[i]).exp()
+            } else {
+                T::zero()
+            };
         }
     }
     (s, lse)
 }
 
 impl AttentionOps for Cpu {
-    fn attention_forward(&self, out: &mut Tensor<Cpu>, lse: &mut Tensor<Cpu>, qkv: &Tensor<Cpu>, mask: &Tensor<Cpu>, nh: usize, drop: Dropout) -> Result<()> {
+    fn attention_forward(
+        &self,
+        out: &mut Tensor<Cpu>,
+        lse: &mut Tensor<Cpu>,
+        qkv: &Tensor<Cpu>,
+        mask: &Tensor<Cpu>,
+        nh: usize,
+        drop: Dropout,
+    ) -> Result<()> {
         let (b, t, c, hs) = dims("attention_forward", out, lse, qkv, mask, nh)?;
         let mk = ids(mask)?;
         crate::cpu_compute!(out.dtype, T => {
@@ -230,7 +257,15 @@ fn cuda_checks(op: &str, act: DType, others: &[DType], lse: DType, hs: usize) ->
 }
 
 impl AttentionOps for Cuda {
-    fn attention_forward(&self, out: &mut Tensor<Cuda>, lse: &mut Tensor<Cuda>, qkv: &Tensor<Cuda>, mask: &Tensor<Cuda>, nh: usize, drop: Dropout) -> Result<()> {
+    fn attention_forward(
+        &self,
+        out: &mut Tensor<Cuda>,
+        lse: &mut Tensor<Cuda>,
+        qkv: &Tensor<Cuda>,
+        mask: &Tensor<Cuda>,
+        nh: usize,
+        drop: Dropout,
+    ) -> Result<()> {
         let (b, t, _, hs) = dims("attention_forward", out, lse, qkv, mask, nh)?;
         cuda_checks("attention_forward", out.dtype, &[qkv.dtype], lse.dtype, hs)?;
         let p = AttnParams {
@@ -250,7 +285,14 @@ impl AttentionOps for Cuda {
             scale: 1.0 / (hs as f32).sqrt(),
         };
         let name = format!("attention_forward_{}_hs{hs}", suffix(out.dtype)?);
-        self.launch("attention", &name, (super::blocks(t, 32), nh as u32, b as u32), (128, 1, 1), 0, p)
+        self.launch(
+            "attention",
+            &name,
+            (super::blocks(t, 32), nh as u32, b as u32),
+            (128, 1, 1),
+            0,
+            p,
+        )
     }
 
     fn attention_backward(
@@ -267,7 +309,13 @@ impl AttentionOps for Cuda {
         let (b, t, _, hs) = dims("attention_backward", out, lse, qkv, mask, nh)?;
         dout.expect("attention_backward: dout", &out.shape)?;
         dqkv.expect("attention_backward: dqkv", &qkv.shape)?;
-        cuda_checks("attention_backward", out.dtype, &[qkv.dtype, dout.dtype, dqkv.dtype], lse.dtype, hs)?;
+        cuda_checks(
+            "attention_backward",
+            out.dtype,
+            &[qkv.dtype, dout.dtype, dqkv.dtype],
+            lse.dtype,
+            hs,
+        )?;
         let dsum = Tensor::<Cuda>::zeros(self, &[b, nh, t], DType::F32)?; // (B,NH,T), from the arena
         let p = AttnParams {
             out: out.buf.ptr,
@@ -286,9 +334,30 @@ impl AttentionOps for Cuda {
             scale: 1.0 / (hs as f32).sqrt(),
         };
         let sfx = format!("{}_hs{hs}", suffix(out.dtype)?);
-        self.launch("attention", &format!("attention_dsum_{sfx}"), (super::blocks(b * nh * t, 128), 1, 1), (128, 1, 1), 0, p)?;
+        self.launch(
+            "attention",
+            &format!("attention_dsum_{sfx}"),
+            (super::blocks(b * nh * t, 128), 1, 1),
+            (128, 1, 1),
+            0,
+            p,
+        )?;
         let grid = (super::blocks(t, 32), nh as u32, b as u32);
-        self.launch("attention", &format!("attention_backward_kv_{sfx}"), grid, (128, 1, 1), 0, p)?;
-        self.launch("attention", &format!("attention_backward_q_{sfx}"), grid, (128, 1, 1), 0, p)
+        self.launch(
+            "attention",
+            &format!("attention_backward_kv_{sfx}"),
+            grid,
+            (128, 1, 1),
+            0,
+            p,
+        )?;
+        self.launch(
+            "attention",
+            &format!("attention_backward_q_{sfx}"),
+            grid,
+            (128, 1, 1),
+            0,
+            p,
+        )
     }
 }

@@ -13,16 +13,26 @@ use anyhow::{bail, Result};
 
 pub trait DropoutOps: BackendCore {
     /// `out (n) = inp (n) · mask`.
-    fn dropout_forward(&self, out: &mut Tensor<Self>, inp: &Tensor<Self>, d: Dropout) -> Result<()>;
+    fn dropout_forward(&self, out: &mut Tensor<Self>, inp: &Tensor<Self>, d: Dropout)
+        -> Result<()>;
     /// `dinp (n) = dout (n) · mask` (overwrites).
-    fn dropout_backward(&self, dinp: &mut Tensor<Self>, dout: &Tensor<Self>, d: Dropout) -> Result<()> {
+    fn dropout_backward(
+        &self,
+        dinp: &mut Tensor<Self>,
+        dout: &Tensor<Self>,
+        d: Dropout,
+    ) -> Result<()> {
         self.dropout_forward(dinp, dout, d)
     }
 }
 
 fn check<B: BackendCore>(out: &Tensor<B>, inp: &Tensor<B>) -> Result<()> {
     if out.numel() != inp.numel() {
-        bail!("dropout: out {:?} and inp {:?} differ in size", out.shape, inp.shape);
+        bail!(
+            "dropout: out {:?} and inp {:?} differ in size",
+            out.shape,
+            inp.shape
+        );
     }
     Ok(())
 }
@@ -61,7 +71,12 @@ struct DropoutParams {
 unsafe impl cudarc::driver::DeviceRepr for DropoutParams {}
 
 impl DropoutOps for Cuda {
-    fn dropout_forward(&self, out: &mut Tensor<Cuda>, inp: &Tensor<Cuda>, d: Dropout) -> Result<()> {
+    fn dropout_forward(
+        &self,
+        out: &mut Tensor<Cuda>,
+        inp: &Tensor<Cuda>,
+        d: Dropout,
+    ) -> Result<()> {
         check(out, inp)?;
         let n = out.numel();
         let p = DropoutParams {
@@ -74,6 +89,13 @@ impl DropoutOps for Cuda {
             inp_dt: dtype_code(inp.dtype),
             _pad: 0,
         };
-        self.launch("dropout", "dropout_forward", (super::blocks(n, 256).min(65535 * 8), 1, 1), (256, 1, 1), 0, p)
+        self.launch(
+            "dropout",
+            "dropout_forward",
+            (super::blocks(n, 256).min(65535 * 8), 1, 1),
+            (256, 1, 1),
+            0,
+            p,
+        )
     }
 }

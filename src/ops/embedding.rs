@@ -62,7 +62,15 @@ pub trait EmbeddingOps: BackendCore {
 }
 
 /// (B, T, C, V, P, TV) after checking every shape.
-fn dims<B: BackendCore>(op: &str, act: &Tensor<B>, mean: &Tensor<B>, rstd: &Tensor<B>, ids: &Tensor<B>, types: &Tensor<B>, w: &EmbWeights<B>) -> Result<(usize, usize, usize, usize, usize, usize)> {
+fn dims<B: BackendCore>(
+    op: &str,
+    act: &Tensor<B>,
+    mean: &Tensor<B>,
+    rstd: &Tensor<B>,
+    ids: &Tensor<B>,
+    types: &Tensor<B>,
+    w: &EmbWeights<B>,
+) -> Result<(usize, usize, usize, usize, usize, usize)> {
     if act.shape.len() != 3 {
         bail!("{op}: activation must be (B,T,C), found {:?}", act.shape);
     }
@@ -76,11 +84,20 @@ fn dims<B: BackendCore>(op: &str, act: &Tensor<B>, mean: &Tensor<B>, rstd: &Tens
     let v = w.word.shape[0];
     let p = w.pos.shape[0];
     let tv = w.ttype.shape[0];
-    w.word.expect(&format!("{op}: embeddings.word_embeddings.weight"), &[v, c])?;
-    w.pos.expect(&format!("{op}: embeddings.position_embeddings.weight"), &[p, c])?;
-    w.ttype.expect(&format!("{op}: embeddings.token_type_embeddings.weight"), &[tv, c])?;
-    w.gamma.expect(&format!("{op}: embeddings.LayerNorm.weight"), &[c])?;
-    w.beta.expect(&format!("{op}: embeddings.LayerNorm.bias"), &[c])?;
+    w.word
+        .expect(&format!("{op}: embeddings.word_embeddings.weight"), &[v, c])?;
+    w.pos.expect(
+        &format!("{op}: embeddings.position_embeddings.weight"),
+        &[p, c],
+    )?;
+    w.ttype.expect(
+        &format!("{op}: embeddings.token_type_embeddings.weight"),
+        &[tv, c],
+    )?;
+    w.gamma
+        .expect(&format!("{op}: embeddings.LayerNorm.weight"), &[c])?;
+    w.beta
+        .expect(&format!("{op}: embeddings.LayerNorm.bias"), &[c])?;
     if t > p {
         bail!("{op}: sequence length {t} exceeds max_position_embeddings {p}");
     }
@@ -88,14 +105,27 @@ fn dims<B: BackendCore>(op: &str, act: &Tensor<B>, mean: &Tensor<B>, rstd: &Tens
 }
 
 fn check_ids(op: &str, ids: &[i32], limit: usize, what: &str) -> Result<()> {
-    if let Some((i, &bad)) = ids.iter().enumerate().find(|(_, &x)| x < 0 || x as usize >= limit) {
+    if let Some((i, &bad)) = ids
+        .iter()
+        .enumerate()
+        .find(|(_, &x)| x < 0 || x as usize >= limit)
+    {
         bail!("{op}: {what}[{i}] = {bad} is outside 0..{limit}");
     }
     Ok(())
 }
 
 /// CPU reference gather: x[(b,t)] = word[ids] + pos[t] + type[types].
-pub fn gather_ref<T: Real>(x: &mut [T], ids: &[i32], types: &[i32], word: &[T], pos: &[T], ttype: &[T], t: usize, c: usize) {
+pub fn gather_ref<T: Real>(
+    x: &mut [T],
+    ids: &[i32],
+    types: &[i32],
+    word: &[T],
+    pos: &[T],
+    ttype: &[T],
+    t: usize,
+    c: usize,
+) {
     for (r, (&id, &ty)) in ids.iter().zip(types).enumerate() {
         let (id, ty, tt) = (id as usize, ty as usize, r % t);
         for i in 0..c {
@@ -215,9 +245,18 @@ impl EmbeddingOps for Cuda {
         drop: Dropout,
     ) -> Result<()> {
         let (b, t, c, v, _, tv) = dims("embeddings_forward", out, mean, rstd, idt, tyt, w)?;
-        for d in [w.word.dtype, w.pos.dtype, w.ttype.dtype, w.gamma.dtype, w.beta.dtype] {
+        for d in [
+            w.word.dtype,
+            w.pos.dtype,
+            w.ttype.dtype,
+            w.gamma.dtype,
+            w.beta.dtype,
+        ] {
             if d != out.dtype {
-                bail!("embeddings_forward: weights ({d}) and output ({}) must share a dtype", out.dtype);
+                bail!(
+                    "embeddings_forward: weights ({d}) and output ({}) must share a dtype",
+                    out.dtype
+                );
             }
         }
         let n = b * t;
@@ -248,7 +287,14 @@ impl EmbeddingOps for Cuda {
             _pad: 0,
         };
         let name = format!("embeddings_forward_{}", suffix(out.dtype)?);
-        self.launch("embedding", &name, (super::blocks(n, 8), 1, 1), (256, 1, 1), 0, p)
+        self.launch(
+            "embedding",
+            &name,
+            (super::blocks(n, 8), 1, 1),
+            (256, 1, 1),
+            0,
+            p,
+        )
     }
 
     fn embeddings_backward(
@@ -263,7 +309,13 @@ impl EmbeddingOps for Cuda {
         drop: Dropout,
     ) -> Result<()> {
         let (b, t, c, v, _, tv) = dims("embeddings_backward", dout, mean, rstd, idt, tyt, w)?;
-        for d in [g.word.dtype, g.pos.dtype, g.ttype.dtype, g.gamma.dtype, g.beta.dtype] {
+        for d in [
+            g.word.dtype,
+            g.pos.dtype,
+            g.ttype.dtype,
+            g.gamma.dtype,
+            g.beta.dtype,
+        ] {
             if d != DType::F32 {
                 bail!("embeddings_backward: parameter gradients must be f32 on CUDA, found {d}");
             }
@@ -296,6 +348,13 @@ impl EmbeddingOps for Cuda {
             _pad: 0,
         };
         let name = format!("embeddings_backward_{}", suffix(dout.dtype)?);
-        self.launch("embedding", &name, (super::blocks(n, 8), 1, 1), (256, 1, 1), 0, p)
+        self.launch(
+            "embedding",
+            &name,
+            (super::blocks(n, 8), 1, 1),
+            (256, 1, 1),
+            0,
+            p,
+        )
     }
 }

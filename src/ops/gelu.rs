@@ -11,7 +11,12 @@ pub trait GeluOps: BackendCore {
     /// out (n) ← inp (n).
     fn gelu_forward(&self, out: &mut Tensor<Self>, inp: &Tensor<Self>) -> Result<()>;
     /// dinp (n) (overwritten) ← dout (n), inp (n).
-    fn gelu_backward(&self, dinp: &mut Tensor<Self>, dout: &Tensor<Self>, inp: &Tensor<Self>) -> Result<()>;
+    fn gelu_backward(
+        &self,
+        dinp: &mut Tensor<Self>,
+        dout: &Tensor<Self>,
+        inp: &Tensor<Self>,
+    ) -> Result<()>;
 }
 
 fn check<B: BackendCore>(op: &str, a: &Tensor<B>, b: &Tensor<B>) -> Result<usize> {
@@ -45,7 +50,12 @@ impl GeluOps for Cpu {
         });
         Ok(())
     }
-    fn gelu_backward(&self, dinp: &mut Tensor<Cpu>, dout: &Tensor<Cpu>, inp: &Tensor<Cpu>) -> Result<()> {
+    fn gelu_backward(
+        &self,
+        dinp: &mut Tensor<Cpu>,
+        dout: &Tensor<Cpu>,
+        inp: &Tensor<Cpu>,
+    ) -> Result<()> {
         check("gelu_backward", dinp, inp)?;
         check("gelu_backward", dout, inp)?;
         crate::cpu_compute!(dout.dtype, T => {
@@ -75,18 +85,60 @@ impl GeluOps for Cuda {
     fn gelu_forward(&self, out: &mut Tensor<Cuda>, inp: &Tensor<Cuda>) -> Result<()> {
         let n = check("gelu_forward", out, inp)?;
         if out.dtype != inp.dtype {
-            bail!("gelu_forward: dtypes {} and {} differ", out.dtype, inp.dtype);
+            bail!(
+                "gelu_forward: dtypes {} and {} differ",
+                out.dtype,
+                inp.dtype
+            );
         }
-        let p = GeluParams { out: out.buf.ptr, dout: 0, inp: inp.buf.ptr, n: n as u64, dt: dtype_code(out.dtype), _pad: 0 };
-        self.launch("gelu", "gelu_forward", (super::blocks(n, 256).min(1 << 20), 1, 1), (256, 1, 1), 0, p)
+        let p = GeluParams {
+            out: out.buf.ptr,
+            dout: 0,
+            inp: inp.buf.ptr,
+            n: n as u64,
+            dt: dtype_code(out.dtype),
+            _pad: 0,
+        };
+        self.launch(
+            "gelu",
+            "gelu_forward",
+            (super::blocks(n, 256).min(1 << 20), 1, 1),
+            (256, 1, 1),
+            0,
+            p,
+        )
     }
-    fn gelu_backward(&self, dinp: &mut Tensor<Cuda>, dout: &Tensor<Cuda>, inp: &Tensor<Cuda>) -> Result<()> {
+    fn gelu_backward(
+        &self,
+        dinp: &mut Tensor<Cuda>,
+        dout: &Tensor<Cuda>,
+        inp: &Tensor<Cuda>,
+    ) -> Result<()> {
         let n = check("gelu_backward", dinp, inp)?;
         check("gelu_backward", dout, inp)?;
         if dinp.dtype != inp.dtype || dout.dtype != inp.dtype {
-            bail!("gelu_backward: dtypes must match ({}, {}, {})", dinp.dtype, dout.dtype, inp.dtype);
+            bail!(
+                "gelu_backward: dtypes must match ({}, {}, {})",
+                dinp.dtype,
+                dout.dtype,
+                inp.dtype
+            );
         }
-        let p = GeluParams { out: dinp.buf.ptr, dout: dout.buf.ptr, inp: inp.buf.ptr, n: n as u64, dt: dtype_code(inp.dtype), _pad: 0 };
-        self.launch("gelu", "gelu_backward", (super::blocks(n, 256).min(1 << 20), 1, 1), (256, 1, 1), 0, p)
+        let p = GeluParams {
+            out: dinp.buf.ptr,
+            dout: dout.buf.ptr,
+            inp: inp.buf.ptr,
+            n: n as u64,
+            dt: dtype_code(inp.dtype),
+            _pad: 0,
+        };
+        self.launch(
+            "gelu",
+            "gelu_backward",
+            (super::blocks(n, 256).min(1 << 20), 1, 1),
+            (256, 1, 1),
+            0,
+            p,
+        )
     }
 }

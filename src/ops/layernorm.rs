@@ -49,7 +49,13 @@ pub trait LayerNormOps: BackendCore {
 }
 
 /// (N, C) from a (…, C) activation, checking the companions.
-fn dims<B: BackendCore>(op: &str, x: &Tensor<B>, stats: &[&Tensor<B>], same: &[&Tensor<B>], vecs: &[&Tensor<B>]) -> Result<(usize, usize)> {
+fn dims<B: BackendCore>(
+    op: &str,
+    x: &Tensor<B>,
+    stats: &[&Tensor<B>],
+    same: &[&Tensor<B>],
+    vecs: &[&Tensor<B>],
+) -> Result<(usize, usize)> {
     let c = *x.shape.last().unwrap_or(&0);
     let n = x.numel() / c.max(1);
     for t in same {
@@ -59,12 +65,20 @@ fn dims<B: BackendCore>(op: &str, x: &Tensor<B>, stats: &[&Tensor<B>], same: &[&
     }
     for t in stats {
         if t.numel() != n {
-            bail!("{op}: statistics tensor {:?} must have N={n} elements (activation {:?})", t.shape, x.shape);
+            bail!(
+                "{op}: statistics tensor {:?} must have N={n} elements (activation {:?})",
+                t.shape,
+                x.shape
+            );
         }
     }
     for t in vecs {
         if t.numel() != c {
-            bail!("{op}: parameter {:?} must have C={c} elements (activation {:?})", t.shape, x.shape);
+            bail!(
+                "{op}: parameter {:?} must have C={c} elements (activation {:?})",
+                t.shape,
+                x.shape
+            );
         }
     }
     Ok((n, c))
@@ -72,7 +86,16 @@ fn dims<B: BackendCore>(op: &str, x: &Tensor<B>, stats: &[&Tensor<B>], same: &[&
 
 /// CPU reference LayerNorm forward over rows of length c.
 #[allow(clippy::too_many_arguments)]
-pub fn layernorm_fwd_ref<T: Real>(out: &mut [T], mean: &mut [T], rstd: &mut [T], x: &[T], gamma: &[T], beta: &[T], c: usize, eps: f64) {
+pub fn layernorm_fwd_ref<T: Real>(
+    out: &mut [T],
+    mean: &mut [T],
+    rstd: &mut [T],
+    x: &[T],
+    gamma: &[T],
+    beta: &[T],
+    c: usize,
+    eps: f64,
+) {
     let n = x.len() / c;
     for r in 0..n {
         let row = &x[r * c..(r + 1) * c];
@@ -89,7 +112,17 @@ pub fn layernorm_fwd_ref<T: Real>(out: &mut [T], mean: &mut [T], rstd: &mut [T],
 
 /// CPU reference LayerNorm backward: dx overwritten, dgamma/dbeta accumulated.
 #[allow(clippy::too_many_arguments)]
-pub fn layernorm_bwd_ref<T: Real>(dx: &mut [T], dgamma: &mut [T], dbeta: &mut [T], dout: &[T], x: &[T], mean: &[T], rstd: &[T], gamma: &[T], c: usize) {
+pub fn layernorm_bwd_ref<T: Real>(
+    dx: &mut [T],
+    dgamma: &mut [T],
+    dbeta: &mut [T],
+    dout: &[T],
+    x: &[T],
+    mean: &[T],
+    rstd: &[T],
+    gamma: &[T],
+    c: usize,
+) {
     let n = x.len() / c;
     for r in 0..n {
         let (mu, rs) = (mean[r], rstd[r]);
@@ -126,7 +159,13 @@ impl LayerNormOps for Cpu {
         eps: f32,
         drop: Dropout,
     ) -> Result<()> {
-        let (_, c) = dims("residual_layernorm_forward", inp, &[mean, rstd], &[resid, out, sum], &[gamma, beta])?;
+        let (_, c) = dims(
+            "residual_layernorm_forward",
+            inp,
+            &[mean, rstd],
+            &[resid, out, sum],
+            &[gamma, beta],
+        )?;
         let sum_dtype = sum.dtype;
         crate::cpu_compute!(out.dtype, T => {
             let (x, r, g, b) = (rd::<T>(inp), rd::<T>(resid), rd::<T>(gamma), rd::<T>(beta));
@@ -157,7 +196,13 @@ impl LayerNormOps for Cpu {
         gamma: &Tensor<Cpu>,
         drop: Dropout,
     ) -> Result<()> {
-        let (_, c) = dims("residual_layernorm_backward", dout, &[mean, rstd], &[sum, dinp, dresid], &[gamma, dgamma, dbeta])?;
+        let (_, c) = dims(
+            "residual_layernorm_backward",
+            dout,
+            &[mean, rstd],
+            &[sum, dinp, dresid],
+            &[gamma, dgamma, dbeta],
+        )?;
         crate::cpu_compute!(dout.dtype, T => {
             let (dy, x, m, rs, g) = (rd::<T>(dout), rd::<T>(sum), rd::<T>(mean), rd::<T>(rstd), rd::<T>(gamma));
             let mut dsum = vec![T::zero(); x.len()];
@@ -172,7 +217,6 @@ impl LayerNormOps for Cpu {
         Ok(())
     }
 }
-
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -244,7 +288,12 @@ impl LayerNormOps for Cuda {
     ) -> Result<()> {
         let op = "residual_layernorm_forward";
         let (n, c) = dims(op, inp, &[mean, rstd], &[resid, out, sum], &[gamma, beta])?;
-        cuda_dtypes(op, out.dtype, &[sum.dtype, inp.dtype, resid.dtype, gamma.dtype, beta.dtype], &[mean.dtype, rstd.dtype])?;
+        cuda_dtypes(
+            op,
+            out.dtype,
+            &[sum.dtype, inp.dtype, resid.dtype, gamma.dtype, beta.dtype],
+            &[mean.dtype, rstd.dtype],
+        )?;
         let p = LnFwdParams {
             out: out.buf.ptr,
             sum: sum.buf.ptr,
@@ -262,7 +311,14 @@ impl LayerNormOps for Cuda {
         };
         // One warp per row, 8 rows per block.
         let name = format!("residual_layernorm_forward_{}", suffix(out.dtype)?);
-        self.launch("layernorm", &name, (super::blocks(n, 8), 1, 1), (256, 1, 1), 0, p)
+        self.launch(
+            "layernorm",
+            &name,
+            (super::blocks(n, 8), 1, 1),
+            (256, 1, 1),
+            0,
+            p,
+        )
     }
 
     fn residual_layernorm_backward(
@@ -279,8 +335,19 @@ impl LayerNormOps for Cuda {
         drop: Dropout,
     ) -> Result<()> {
         let op = "residual_layernorm_backward";
-        let (n, c) = dims(op, dout, &[mean, rstd], &[sum, dinp, dresid], &[gamma, dgamma, dbeta])?;
-        cuda_dtypes(op, dout.dtype, &[dinp.dtype, dresid.dtype, sum.dtype, gamma.dtype], &[mean.dtype, rstd.dtype, dgamma.dtype, dbeta.dtype])?;
+        let (n, c) = dims(
+            op,
+            dout,
+            &[mean, rstd],
+            &[sum, dinp, dresid],
+            &[gamma, dgamma, dbeta],
+        )?;
+        cuda_dtypes(
+            op,
+            dout.dtype,
+            &[dinp.dtype, dresid.dtype, sum.dtype, gamma.dtype],
+            &[mean.dtype, rstd.dtype, dgamma.dtype, dbeta.dtype],
+        )?;
         let p = LnBwdParams {
             dinp: dinp.buf.ptr,
             dresid: dresid.buf.ptr,
@@ -300,6 +367,13 @@ impl LayerNormOps for Cuda {
         // Grid-stride over rows; each block reduces dgamma/dbeta in shared memory, then one atomicAdd per column.
         let grid = super::blocks(n, 8).min((self.sm_count.max(1) * 2) as u32);
         let name = format!("residual_layernorm_backward_{}", suffix(dout.dtype)?);
-        self.launch("layernorm", &name, (grid, 1, 1), (256, 1, 1), (2 * c * 4) as u32, p)
+        self.launch(
+            "layernorm",
+            &name,
+            (grid, 1, 1),
+            (256, 1, 1),
+            (2 * c * 4) as u32,
+            p,
+        )
     }
 }

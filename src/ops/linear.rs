@@ -12,7 +12,13 @@ use anyhow::{bail, Result};
 
 pub trait LinearOps: BackendCore {
     /// out (N,OC) ← inp (N,IC), w (OC,IC), b (OC).
-    fn linear_forward(&self, out: &mut Tensor<Self>, inp: &Tensor<Self>, w: &Tensor<Self>, b: Option<&Tensor<Self>>) -> Result<()>;
+    fn linear_forward(
+        &self,
+        out: &mut Tensor<Self>,
+        inp: &Tensor<Self>,
+        w: &Tensor<Self>,
+        b: Option<&Tensor<Self>>,
+    ) -> Result<()>;
 
     /// dinp (N,IC) (overwritten, or accumulated when `accumulate_dinp`), dw (OC,IC) +=, db (OC) += ←
     /// dout (N,OC), inp (N,IC), w (OC,IC).
@@ -30,20 +36,38 @@ pub trait LinearOps: BackendCore {
 }
 
 /// (N, IC, OC) after checking shapes: activations are (…, IC) and (…, OC).
-fn dims<B: BackendCore>(op: &str, inp: &Tensor<B>, out: &Tensor<B>, w: &Tensor<B>, b: Option<&Tensor<B>>) -> Result<(usize, usize, usize)> {
+fn dims<B: BackendCore>(
+    op: &str,
+    inp: &Tensor<B>,
+    out: &Tensor<B>,
+    w: &Tensor<B>,
+    b: Option<&Tensor<B>>,
+) -> Result<(usize, usize, usize)> {
     if w.shape.len() != 2 {
         bail!("{op}: weight must be (OC,IC), found {:?}", w.shape);
     }
     let (oc, ic) = (w.shape[0], w.shape[1]);
     if inp.shape.last() != Some(&ic) {
-        bail!("{op}: input {:?} must end in IC={ic} (weight {:?})", inp.shape, w.shape);
+        bail!(
+            "{op}: input {:?} must end in IC={ic} (weight {:?})",
+            inp.shape,
+            w.shape
+        );
     }
     if out.shape.last() != Some(&oc) {
-        bail!("{op}: output {:?} must end in OC={oc} (weight {:?})", out.shape, w.shape);
+        bail!(
+            "{op}: output {:?} must end in OC={oc} (weight {:?})",
+            out.shape,
+            w.shape
+        );
     }
     let n = inp.numel() / ic.max(1);
     if out.numel() != n * oc {
-        bail!("{op}: input {:?} and output {:?} have different row counts", inp.shape, out.shape);
+        bail!(
+            "{op}: input {:?} and output {:?} have different row counts",
+            inp.shape,
+            out.shape
+        );
     }
     if let Some(b) = b {
         b.expect(&format!("{op}: bias"), &[oc])?;
@@ -52,7 +76,13 @@ fn dims<B: BackendCore>(op: &str, inp: &Tensor<B>, out: &Tensor<B>, w: &Tensor<B
 }
 
 impl LinearOps for Cpu {
-    fn linear_forward(&self, out: &mut Tensor<Cpu>, inp: &Tensor<Cpu>, w: &Tensor<Cpu>, b: Option<&Tensor<Cpu>>) -> Result<()> {
+    fn linear_forward(
+        &self,
+        out: &mut Tensor<Cpu>,
+        inp: &Tensor<Cpu>,
+        w: &Tensor<Cpu>,
+        b: Option<&Tensor<Cpu>>,
+    ) -> Result<()> {
         let (n, ic, oc) = dims("linear_forward", inp, out, w, b)?;
         crate::cpu_compute!(out.dtype, T => {
             let (x, wt) = (rd::<T>(inp), rd::<T>(w));
@@ -123,12 +153,32 @@ pub(crate) struct BiasParams {
 unsafe impl cudarc::driver::DeviceRepr for BiasParams {}
 
 impl LinearOps for Cuda {
-    fn linear_forward(&self, out: &mut Tensor<Cuda>, inp: &Tensor<Cuda>, w: &Tensor<Cuda>, b: Option<&Tensor<Cuda>>) -> Result<()> {
+    fn linear_forward(
+        &self,
+        out: &mut Tensor<Cuda>,
+        inp: &Tensor<Cuda>,
+        w: &Tensor<Cuda>,
+        b: Option<&Tensor<Cuda>>,
+    ) -> Result<()> {
         let (n, ic, oc) = dims("linear_forward", inp, out, w, b)?;
         self.gemm(n, ic, oc, 1.0, inp, false, w, true, 0.0, out)?;
         if let Some(b) = b {
-            let p = BiasParams { out: out.buf.ptr, bias: b.buf.ptr, n: n as i32, oc: oc as i32, out_dt: dtype_code(out.dtype), bias_dt: dtype_code(b.dtype) };
-            self.launch("reduce", "bias_add", (super::blocks(n * oc, 256).min(65535 * 16), 1, 1), (256, 1, 1), 0, p)?;
+            let p = BiasParams {
+                out: out.buf.ptr,
+                bias: b.buf.ptr,
+                n: n as i32,
+                oc: oc as i32,
+                out_dt: dtype_code(out.dtype),
+                bias_dt: dtype_code(b.dtype),
+            };
+            self.launch(
+                "reduce",
+                "bias_add",
+                (super::blocks(n * oc, 256).min(65535 * 16), 1, 1),
+                (256, 1, 1),
+                0,
+                p,
+            )?;
         }
         Ok(())
     }
@@ -146,21 +196,49 @@ impl LinearOps for Cuda {
         let (n, ic, oc) = dims("linear_backward", inp, dout, w, None)?;
         dw.expect("linear_backward: dweight", &w.shape)?;
         if dw.dtype != DType::F32 {
-            bail!("linear_backward: weight gradients are f32 on CUDA, found {}", dw.dtype);
+            bail!(
+                "linear_backward: weight gradients are f32 on CUDA, found {}",
+                dw.dtype
+            );
         }
         if let Some(di) = dinp {
             if di.numel() != n * ic {
-                bail!("linear_backward: dinp {:?} must match inp {:?}", di.shape, inp.shape);
+                bail!(
+                    "linear_backward: dinp {:?} must match inp {:?}",
+                    di.shape,
+                    inp.shape
+                );
             }
-            self.gemm(n, oc, ic, 1.0, dout, false, w, false, if accumulate_dinp { 1.0 } else { 0.0 }, di)?;
+            self.gemm(
+                n,
+                oc,
+                ic,
+                1.0,
+                dout,
+                false,
+                w,
+                false,
+                if accumulate_dinp { 1.0 } else { 0.0 },
+                di,
+            )?;
         }
         self.gemm(oc, n, ic, 1.0, dout, true, inp, false, 1.0, dw)?;
         if let Some(db) = db {
             db.expect("linear_backward: dbias", &[oc])?;
             if db.dtype != DType::F32 {
-                bail!("linear_backward: bias gradients are f32 on CUDA, found {}", db.dtype);
+                bail!(
+                    "linear_backward: bias gradients are f32 on CUDA, found {}",
+                    db.dtype
+                );
             }
-            let p = BiasParams { out: dout.buf.ptr, bias: db.buf.ptr, n: n as i32, oc: oc as i32, out_dt: dtype_code(dout.dtype), bias_dt: 0 };
+            let p = BiasParams {
+                out: dout.buf.ptr,
+                bias: db.buf.ptr,
+                n: n as i32,
+                oc: oc as i32,
+                out_dt: dtype_code(dout.dtype),
+                bias_dt: 0,
+            };
             // Column sums: blocks of 32 columns × 8 row-groups, then an atomicAdd per column per block.
             let grid_x = super::blocks(oc, 32);
             let grid_y = (n.div_ceil(256) as u32).clamp(1, 64);

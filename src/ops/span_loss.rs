@@ -44,7 +44,14 @@ pub fn clamp_positions(pos: &[i64], t: usize) -> Vec<i32> {
     pos.iter().map(|&p| p.clamp(0, t as i64) as i32).collect()
 }
 
-fn dims<B: BackendCore>(losses: &Tensor<B>, dl: &Tensor<B>, logits: &Tensor<B>, s: &Tensor<B>, e: &Tensor<B>, mask: &Tensor<B>) -> Result<(usize, usize)> {
+fn dims<B: BackendCore>(
+    losses: &Tensor<B>,
+    dl: &Tensor<B>,
+    logits: &Tensor<B>,
+    s: &Tensor<B>,
+    e: &Tensor<B>,
+    mask: &Tensor<B>,
+) -> Result<(usize, usize)> {
     let op = "span_loss";
     if logits.shape.len() != 3 || logits.shape[2] != 2 {
         bail!("{op}: logits must be (B,T,2), found {:?}", logits.shape);
@@ -138,7 +145,12 @@ impl SpanLossOps for Cuda {
     ) -> Result<()> {
         let (b, t) = dims(losses, dlogits, logits, starts, ends, mask)?;
         if losses.dtype != DType::F32 || dlogits.dtype != logits.dtype {
-            bail!("span_loss: losses must be f32 and dlogits must match logits ({}), found {} / {}", logits.dtype, losses.dtype, dlogits.dtype);
+            bail!(
+                "span_loss: losses must be f32 and dlogits must match logits ({}), found {} / {}",
+                logits.dtype,
+                losses.dtype,
+                dlogits.dtype
+            );
         }
         let p = SpanParams {
             losses: losses.buf.ptr,
@@ -154,6 +166,13 @@ impl SpanLossOps for Cuda {
             scale_start: cfg.scale_start as f32,
             scale_end: cfg.scale_end as f32,
         };
-        self.launch("span_loss", "span_loss_forward_backward", (b as u32, 2, 1), (256, 1, 1), 0, p)
+        self.launch(
+            "span_loss",
+            "span_loss_forward_backward",
+            (b as u32, 2, 1),
+            (256, 1, 1),
+            0,
+            p,
+        )
     }
 }

@@ -8,10 +8,18 @@ use bertqa::tensor::{DType, Tensor};
 
 /// Random values in [-scale, scale] (never zeros: they hide unwritten outputs).
 pub fn rand_vec(rng: &mut Rng, n: usize, scale: f64) -> Vec<f64> {
-    (0..n).map(|_| (rng.uniform() * 2.0 - 1.0) * scale).collect()
+    (0..n)
+        .map(|_| (rng.uniform() * 2.0 - 1.0) * scale)
+        .collect()
 }
 
-pub fn rand_tensor<B: Backend>(be: &B, rng: &mut Rng, shape: &[usize], dtype: DType, scale: f64) -> Tensor<B> {
+pub fn rand_tensor<B: Backend>(
+    be: &B,
+    rng: &mut Rng,
+    shape: &[usize],
+    dtype: DType,
+    scale: f64,
+) -> Tensor<B> {
     let n = shape.iter().product();
     Tensor::from_f64(be, &rand_vec(rng, n, scale), shape, dtype).unwrap()
 }
@@ -39,11 +47,20 @@ pub fn rand_params<B: Backend>(be: &B, cfg: &BertConfig, dtype: DType, seed: u64
 pub fn rel_err(a: &[f64], b: &[f64], floor: f64) -> f64 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(floor);
-    a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale
 }
 
 /// A padded batch: lengths per row, ids in 1..v, types 0 then 1, padding id 0.
-pub fn padded_batch(rng: &mut Rng, b: usize, t: usize, v: usize, lens: &[usize]) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
+pub fn padded_batch(
+    rng: &mut Rng,
+    b: usize,
+    t: usize,
+    v: usize,
+    lens: &[usize],
+) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
     let (mut ids, mut types, mut mask) = (vec![0; b * t], vec![0; b * t], vec![0; b * t]);
     for bi in 0..b {
         let len = lens[bi % lens.len()].min(t);

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One prepared GPU run (≤ 8 minutes): device facts, the GPU parity tests (every kernel and a whole training
+# step against the CPU reference, f32 and bf16), then the kernel/step benchmark. Expects the binaries built by
+# scripts/package_gpu.sh in .gpu/bin (carry `.gpu`). Writes logs to $OUT (or ./gpu-out) and prints a summary.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu-out}"
+mkdir -p "$OUT"
+export BERTQA_CACHE="${BERTQA_CACHE:-/tmp/bertqa-cache}"
+export RUST_BACKTRACE=1
+echo "== commit $(cat .gpu/COMMIT 2>/dev/null | tr '\n' ' ')  $(date -u +%FT%TZ)" | tee "$OUT/summary.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>&1 | tee -a "$OUT/summary.txt"
+ls /usr/local/cuda/include/cuda_bf16.h >/dev/null 2>&1 || echo "WARNING: no /usr/local/cuda/include (set BERTQA_CUDA_INCLUDE)" | tee -a "$OUT/summary.txt"
+status=0
+run() { # name, timeout, command...
+    local name=$1 t=$2; shift 2
+    local s=$(date +%s)
+    timeout "$t" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "-- $name: rc=$rc ($(( $(date +%s) - s ))s)" | tee -a "$OUT/summary.txt"
+    [ $rc -eq 0 ] || status=1
+    return $rc
+}
+if [ -z "${SKIP_PARITY:-}" ]; then
+run parity_f32 150 .gpu/bin/test_parity --exact gpu_parity_f32 --nocapture --test-threads 1
+grep -E "FAIL|SKIPPED|panicked|test result" "$OUT/parity_f32.log" | head -20 | tee -a "$OUT/summary.txt"
+run parity_bf16 150 .gpu/bin/test_parity --exact gpu_parity_bf16 --nocapture --test-threads 1
+grep -E "FAIL|SKIPPED|panicked|test result" "$OUT/parity_bf16.log" | head -20 | tee -a "$OUT/summary.txt"
+fi
+BENCH_ITERS="${BENCH_ITERS:-10}" run bench "${BENCH_TIMEOUT:-200}" .gpu/bin/bench_ops --bench
+cat "$OUT/bench.log" | tee -a "$OUT/summary.txt" | tail -80
+exit $status

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Build, here, everything a GPU run needs, into .gpu/ (git-ignored), for a device machine that has CUDA but
+# no Rust toolchain. Carry `.gpu` with the run (64 MiB limit). Usage: scripts/package_gpu.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rm -rf .gpu && mkdir -p .gpu/bin
+export CARGO_PROFILE_RELEASE_DEBUG=0
+cargo build --release --bin bertqa
+cp target/release/bertqa .gpu/bin/
+# test executables and the bench, located through cargo's JSON messages
+cargo test --release --no-run --message-format=json --test parity 2>/dev/null |
+    python3 -c 'import sys,json
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]: print(m["target"]["name"], m["executable"])' |
+    while read -r name exe; do cp "$exe" ".gpu/bin/test_$name"; done
+cargo bench --no-run --message-format=json --bench ops 2>/dev/null |
+    python3 -c 'import sys,json
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["bench"]: print(m["executable"])' |
+    while read -r exe; do cp "$exe" .gpu/bin/bench_ops; done
+strip .gpu/bin/* 2>/dev/null || true
+git rev-parse --short HEAD > .gpu/COMMIT 2>/dev/null || echo unknown > .gpu/COMMIT
+git diff --quiet 2>/dev/null || echo "+dirty" >> .gpu/COMMIT
+du -sh .gpu/bin/*
+du -sh .gpu

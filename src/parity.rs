@@ -1,0 +1,744 @@
+//! Backend parity harness: every op (forward and backward) and a whole training step, run on a device
+//! backend and on the CPU reference from the same random host inputs, compared tensor by tensor.
+//!
+//! Error measure: `‖x − ref‖₂ / ‖ref‖₂` against the CPU reference computed in f64 from the same (rounded)
+//! inputs. Bounds:
+//! - f32 on the device: ≤ 1e-5 (f32 arithmetic with another summation order lands near 1e-7..1e-6).
+//! - bf16/f16 on the device: ≤ 2 × the error of the CPU reference run with the same storage dtype (f32
+//!   arithmetic, rounding on every store — the mixed-precision policy), plus 1e-6; i.e. the device may not be
+//!   more than twice as inexact as an honest bf16 implementation of the same computation.
+//!
+//! A tensor also passes when its RMS absolute error is under 1e-7 (f32) or twice the bf16 reference's plus
+//! 1e-7: gradients the loss is invariant to (the last LayerNorm bias, the span-head bias) are ~1e-17 in f64
+//! and pure rounding noise elsewhere, so their relative error means nothing.
+//!
+//! The same harness runs CPU-against-CPU in `cargo test` (so its plumbing is tested everywhere) and
+//! CUDA-against-CPU in tests/gpu_parity.rs on a GPU machine.
+
+use crate::backend::Backend;
+use crate::cpu::Cpu;
+use crate::model::bert::{Acts, Batch, BertQa, DropoutCfg};
+use crate::model::{BertConfig, BertParams};
+use crate::ops::adamw::{AdamWHyper, AdamWSlot};
+use crate::ops::embedding::{EmbGrads, EmbWeights};
+use crate::ops::span_loss::SpanLossCfg;
+use crate::rng::{Dropout, Rng};
+use crate::tensor::{DType, Tensor};
+use anyhow::Result;
+
+/// Named outputs of one case, as host f64 vectors.
+pub type Outputs = Vec<(String, Vec<f64>)>;
+
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub case: String,
+    pub tensor: String,
+    pub n: usize,
+    /// error of the device result vs the f64 reference
+    pub err_dev: f64,
+    /// error of the CPU reference at the device's dtype vs the f64 reference
+    pub err_cpu: f64,
+    pub bound: f64,
+    /// RMS absolute error of the device result (for tensors whose reference is ~0, e.g. gradients the loss is
+    /// invariant to, where a relative error is meaningless)
+    pub abs_dev: f64,
+    pub abs_bound: f64,
+    pub pass: bool,
+}
+
+pub fn rms_abs(x: &[f64], r: &[f64]) -> f64 {
+    if x.iter().any(|v| !v.is_finite()) || x.is_empty() {
+        return if x.is_empty() { 0.0 } else { f64::INFINITY };
+    }
+    (x.iter().zip(r).map(|(a, b)| (a - b) * (a - b)).sum::<f64>() / x.len() as f64).sqrt()
+}
+
+pub fn rel_l2(x: &[f64], r: &[f64]) -> f64 {
+    if x.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = x
+        .iter()
+        .zip(r)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f64>()
+        .sqrt();
+    let den: f64 = r.iter().map(|b| b * b).sum::<f64>().sqrt();
+    if den == 0.0 {
+        num
+    } else {
+        num / den
+    }
+}
+
+fn rv(rng: &mut Rng, n: usize, scale: f64) -> Vec<f64> {
+    (0..n)
+        .map(|_| (rng.uniform() * 2.0 - 1.0) * scale)
+        .collect()
+}
+
+fn up<B: Backend>(be: &B, v: &[f64], shape: &[usize], dt: DType) -> Result<Tensor<B>> {
+    Tensor::from_f64(be, v, shape, dt)
+}
+
+fn stat(dt: DType) -> DType {
+    crate::ops::compute_dtype(dt)
+}
+
+fn padded_mask(rng: &mut Rng, b: usize, t: usize) -> Vec<i32> {
+    let mut m = vec![0; b * t];
+    for bi in 0..b {
+        let len = if bi == 0 { t } else { 1 + rng.below(t) };
+        for j in 0..len {
+            m[bi * t + j] = 1;
+        }
+    }
+    m
+}
+
+/// A parity case: given a backend and a dtype, produce named outputs. Same seed → same inputs.
+pub trait Case {
+    fn name(&self) -> String;
+    fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs>;
+}
+
+pub struct LinearCase {
+    pub n: usize,
+    pub ic: usize,
+    pub oc: usize,
+}
+impl Case for LinearCase {
+    fn name(&self) -> String {
+        format!("linear N={} IC={} OC={}", self.n, self.ic, self.oc)
+    }
+    fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
+        let (n, ic, oc) = (self.n, self.ic, self.oc);
+        let mut r = Rng::new(11);
+        let x = up(be, &rv(&mut r, n * ic, 1.0), &[n, ic], dt)?;
+        let w = up(be, &rv(&mut r, oc * ic, 0.5), &[oc, ic], dt)?;
+        let b = up(be, &rv(&mut r, oc, 0.5), &[oc], dt)?;
+        let dy = up(be, &rv(&mut r, n * oc, 1.0), &[n, oc], dt)?;
+        let g = stat(dt);
+        let mut y = Tensor::zeros(be, &[n, oc], dt)?;
+        be.linear_forward(&mut y, &x, &w, Some(&b))?;
+        let mut dx = Tensor::zeros(be, &[n, ic], dt)?;
+        let mut dw = up(be, &rv(&mut r, oc * ic, 0.1), &[oc, ic], g)?; // accumulates onto existing values
+        let mut db = up(be, &rv(&mut r, oc, 0.1), &[oc], g)?;
+        be.linear_backward(Some(&mut dx), false, &mut dw, Some(&mut db), &dy, &x, &w)?;
+        Ok(vec![
+            ("out".into(), y.to_f64_vec(be)?),
+            ("dinp".into(), dx.to_f64_vec(be)?),
+            ("dweight".into(), dw.to_f64_vec(be)?),
+            ("dbias".into(), db.to_f64_vec(be)?),
+        ])
+    }
+}
+
+pub struct GeluCase {
+    pub n: usize,
+}
+impl Case for GeluCase {
+    fn name(&self) -> String {
+        format!("gelu n={}", self.n)
+    }
+    fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
+        let mut r = Rng::new(12);
+        let x = up(be, &rv(&mut r, self.n, 4.0), &[self.n], dt)?;
+        let dy = up(be, &rv(&mut r, self.n, 1.0), &[self.n], dt)?;
+        let mut y = Tensor::zeros(be, &[self.n], dt)?;
+        be.gelu_forward(&mut y, &x)?;
+        let mut dx = Tensor::zeros(be, &[self.n], dt)?;
+        be.gelu_backward(&mut dx, &dy, &x)?;
+        Ok(vec![
+            ("out".into(), y.to_f64_vec(be)?),
+            ("dinp".into(), dx.to_f64_vec(be)?),
+        ])
+    }
+}
+
+pub struct DropoutCase {
+    pub n: usize,
+    pub p: f32,
+}
+impl Case for DropoutCase {
+    fn name(&self) -> String {
+        format!("dropout n={} p={}", self.n, self.p)
+    }
+    fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
+        let mut r = Rng::new(13);
+        let x = up(be, &rv(&mut r, self.n, 1.0), &[self.n], dt)?;
+        let mut y = Tensor::zeros(be, &[self.n], dt)?;
+        be.dropout_forward(&mut y, &x, Dropout::new(self.p, 0xDEAD_BEEF_1234))?;
+        Ok(vec![("out".into(), y.to_f64_vec(be)?)])
+    }
+}
+
+pub struct LayerNormCase {
+    pub n: usize,
+    pub c: usize,
+    pub p: f32,
+}
+impl Case for LayerNormCase {
+    fn name(&self) -> String {
+        format!("residual_layernorm N={} C={} p={}", self.n, self.c, self.p)
+    }
+    fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
+        let (n, c) = (self.n, self.c);
+        let mut r = Rng::new(14);
+        let d = Dropout::new(self.p, 99);
+        let x = up(be, &rv(&mut r, n * c, 1.0), &[n, c], dt)?;
+        let res = up(be, &rv(&mut r, n * c, 2.0), &[n, c], dt)?;
+        let gm: Vec<f64> = rv(&mut r, c, 0.3).iter().map(|v| v + 1.0).collect();
+        let gamma = up(be, &gm, &[c], dt)?;
+        let beta = up(be, &rv(&mut r, c, 0.5), &[c], dt)?;
+        let dy = up(be, &rv(&mut r, n * c, 1.0), &[n, c], dt)?;
+        let s = stat(dt);
+        let (mut out, mut sum) = (
+            Tensor::zeros(be, &[n, c], dt)?,
+            Tensor::zeros(be, &[n, c], dt)?,
+        );
+        let (mut mean, mut rstd) = (Tensor::zeros(be, &[n], s)?, Tensor::zeros(be, &[n], s)?);
+        be.residual_layernorm_forward(
+            &mut out, &mut sum, &mut mean, &mut rstd, &x, &res, &gamma, &beta, 1e-12, d,
+        )?;
+        let (mut dx, mut dr) = (
+            Tensor::zeros(be, &[n, c], dt)?,
+            Tensor::zeros(be, &[n, c], dt)?,
+        );
+        let (mut dg, mut db) = (Tensor::zeros(be, &[c], s)?, Tensor::zeros(be, &[c], s)?);
+        be.residual_layernorm_backward(
+            &mut dx, &mut dr, &mut dg, &mut db, &dy, &sum, &mean, &rstd, &gamma, d,
+        )?;
+        Ok(vec![
+            ("out".into(), out.to_f64_vec(be)?),
+            ("mean".into(), mean.to_f64_vec(be)?),
+            ("rstd".into(), rstd.to_f64_vec(be)?),
+            ("dinp".into(), dx.to_f64_vec(be)?),
+            ("dresid".into(), dr.to_f64_vec(be)?),
+            ("dgamma".into(), dg.to_f64_vec(be)?),
+            ("dbeta".into(), db.to_f64_vec(be)?),
+        ])
+    }
+}
+
+pub struct EmbeddingCase {
+    pub b: usize,
+    pub t: usize,
+    pub c: usize,
+    pub v: usize,
+    pub p: f32,
+}
+impl Case for EmbeddingCase {
+    fn name(&self) -> String {
+        format!(
+            "embeddings B={} T={} C={} V={} p={}",
+            self.b, self.t, self.c, self.v, self.p
+        )
+    }
+    fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
+        let (b, t, c, v) = (self.b, self.t, self.c, self.v);
+        let (pp, tv) = (t + 3, 2);
+        let mut r = Rng::new(15);
+        let d = Dropout::new(self.p, 4242);
+        let ids: Vec<i32> = (0..b * t).map(|_| r.below(v) as i32).collect();
+        let types: Vec<i32> = (0..b * t).map(|i| ((i % t) >= t / 2) as i32).collect();
+        let word = up(be, &rv(&mut r, v * c, 1.0), &[v, c], dt)?;
+        let pos = up(be, &rv(&mut r, pp * c, 1.0), &[pp, c], dt)?;
+        let ty = up(be, &rv(&mut r, tv * c, 1.0), &[tv, c], dt)?;
+        let gm: Vec<f64> = rv(&mut r, c, 0.3).iter().map(|x| x + 1.0).collect();
+        let gamma = up(be, &gm, &[c], dt)?;
+        let beta = up(be, &rv(&mut r, c, 0.5), &[c], dt)?;
+        let dy = up(be, &rv(&mut r, b * t * c, 1.0), &[b, t, c], dt)?;
+        let idt = Tensor::from_i32(be, &ids, &[b, t])?;
+        let tyt = Tensor::from_i32(be, &types, &[b, t])?;
+        let s = stat(dt);
+        let mut out = Tensor::zeros(be, &[b, t, c], dt)?;
+        let (mut mean, mut rstd) = (
+            Tensor::zeros(be, &[b, t], s)?,
+            Tensor::zeros(be, &[b, t], s)?,
+        );
+        let ew = EmbWeights {
+            word: &word,
+            pos: &pos,
+            ttype: &ty,
+            gamma: &gamma,
+            beta: &beta,
+        };
+        be.embeddings_forward(&mut out, &mut mean, &mut rstd, &idt, &tyt, &ew, 1e-12, d)?;
+        let (mut dw, mut dp, mut dtt) = (
+            Tensor::zeros(be, &[v, c], s)?,
+            Tensor::zeros(be, &[pp, c], s)?,
+            Tensor::zeros(be, &[tv, c], s)?,
+        );
+        let (mut dg, mut db) = (Tensor::zeros(be, &[c], s)?, Tensor::zeros(be, &[c], s)?);
+        let mut eg = EmbGrads {
+            word: &mut dw,
+            pos: &mut dp,
+            ttype: &mut dtt,
+            gamma: &mut dg,
+            beta: &mut db,
+        };
+        be.embeddings_backward(&mut eg, &dy, &mean, &rstd, &idt, &tyt, &ew, d)?;
+        Ok(vec![
+            ("out".into(), out.to_f64_vec(be)?),
+            ("dword".into(), dw.to_f64_vec(be)?),
+            ("dpos".into(), dp.to_f64_vec(be)?),
+            ("dtype".into(), dtt.to_f64_vec(be)?),
+            ("dgamma".into(), dg.to_f64_vec(be)?),
+            ("dbeta".into(), db.to_f64_vec(be)?),
+        ])
+    }
+}
+
+pub struct AttentionCase {
+    pub b: usize,
+    pub t: usize,
+    pub nh: usize,
+    pub hs: usize,
+    pub p: f32,
+}
+impl Case for AttentionCase {
+    fn name(&self) -> String {
+        format!(
+            "attention B={} T={} NH={} HS={} p={}",
+            self.b, self.t, self.nh, self.hs, self.p
+        )
+    }
+    fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
+        let (b, t, nh, hs) = (self.b, self.t, self.nh, self.hs);
+        let c = nh * hs;
+        let mut r = Rng::new(16);
+        let d = Dropout::new(self.p, 777);
+        let mask = padded_mask(&mut r, b, t);
+        let qkv = up(be, &rv(&mut r, b * t * 3 * c, 1.5), &[b, t, 3 * c], dt)?;
+        let dy = up(be, &rv(&mut r, b * t * c, 1.0), &[b, t, c], dt)?;
+        let mt = Tensor::from_i32(be, &mask, &[b, t])?;
+        let mut out = Tensor::zeros(be, &[b, t, c], dt)?;
+        let mut lse = Tensor::zeros(be, &[b, nh, t], stat(dt))?;
+        be.attention_forward(&mut out, &mut lse, &qkv, &mt, nh, d)?;
+        let mut dqkv = Tensor::zeros(be, &[b, t, 3 * c], dt)?;
+        be.attention_backward(&mut dqkv, &dy, &out, &lse, &qkv, &mt, nh, d)?;
+        Ok(vec![
+            ("out".into(), out.to_f64_vec(be)?),
+            ("lse".into(), lse.to_f64_vec(be)?),
+            ("dqkv".into(), dqkv.to_f64_vec(be)?),
+        ])
+    }
+}
+
+pub struct SpanLossCase {
+    pub b: usize,
+    pub t: usize,
+}
+impl Case for SpanLossCase {
+    fn name(&self) -> String {
+        format!("span_loss B={} T={}", self.b, self.t)
+    }
+    fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
+        let (b, t) = (self.b, self.t);
+        let mut r = Rng::new(17);
+        let mask = padded_mask(&mut r, b, t);
+        let logits = up(be, &rv(&mut r, b * t * 2, 4.0), &[b, t, 2], dt)?;
+        let mut st: Vec<i32> = (0..b)
+            .map(|bi| {
+                r.below(
+                    mask[bi * t..(bi + 1) * t]
+                        .iter()
+                        .filter(|&&m| m != 0)
+                        .count(),
+                ) as i32
+            })
+            .collect();
+        let en: Vec<i32> = st.clone();
+        st[b - 1] = t as i32; // ignored
+        let mut out = vec![];
+        for mask_padding in [true, false] {
+            let cfg = SpanLossCfg {
+                mask_padding,
+                scale_start: 0.1,
+                scale_end: 0.07,
+            };
+            let mut l = Tensor::zeros(be, &[b, 2], stat(dt))?;
+            let mut dl = Tensor::zeros(be, &[b, t, 2], dt)?;
+            be.span_loss_forward_backward(
+                &mut l,
+                &mut dl,
+                &logits,
+                &Tensor::from_i32(be, &st, &[b])?,
+                &Tensor::from_i32(be, &en, &[b])?,
+                &Tensor::from_i32(be, &mask, &[b, t])?,
+                cfg,
+            )?;
+            out.push((format!("losses mask={mask_padding}"), l.to_f64_vec(be)?));
+            out.push((format!("dlogits mask={mask_padding}"), dl.to_f64_vec(be)?));
+        }
+        Ok(out)
+    }
+}
+
+pub struct AdamWCase {
+    pub sizes: Vec<usize>,
+}
+impl Case for AdamWCase {
+    fn name(&self) -> String {
+        format!("adamw sizes={:?}", self.sizes)
+    }
+    fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
+        let mut r = Rng::new(18);
+        let g = stat(dt);
+        let mut ts = vec![];
+        for &n in &self.sizes {
+            let master = up(be, &rv(&mut r, n, 1.0), &[n], g)?;
+            let working = master.cast(be, dt)?;
+            let grad = up(be, &rv(&mut r, n, 0.1), &[n], g)?;
+            let m = up(be, &rv(&mut r, n, 0.01), &[n], g)?;
+            let v: Vec<f64> = rv(&mut r, n, 0.001).iter().map(|x| x.abs()).collect();
+            let v = up(be, &v, &[n], g)?;
+            ts.push((master, working, grad, m, v));
+        }
+        let hp = AdamWHyper {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            step: 3,
+            grad_scale: 0.7,
+        };
+        let norm = be.grad_sq_norm(&ts.iter().map(|t| &t.2).collect::<Vec<_>>())?;
+        {
+            let mut slots: Vec<AdamWSlot<B>> = ts
+                .iter_mut()
+                .enumerate()
+                .map(|(i, (p, w, gr, m, v))| AdamWSlot {
+                    master: p,
+                    working: if dt == g { None } else { Some(w) },
+                    grad: gr,
+                    m,
+                    v,
+                    decay: i % 2 == 0,
+                })
+                .collect();
+            be.adamw_step(&mut slots, &hp)?;
+        }
+        let mut out = vec![("grad_sq_norm".to_string(), vec![norm])];
+        for (i, (p, w, _, m, v)) in ts.iter().enumerate() {
+            out.push((format!("param[{i}]"), p.to_f64_vec(be)?));
+            // the working copy: refreshed by AdamW when it is a separate lower-precision tensor
+            out.push((
+                format!("working[{i}]"),
+                if dt != g {
+                    w.to_f64_vec(be)?
+                } else {
+                    p.to_f64_vec(be)?
+                },
+            ));
+            out.push((format!("m[{i}]"), m.to_f64_vec(be)?));
+            out.push((format!("v[{i}]"), v.to_f64_vec(be)?));
+        }
+        Ok(out)
+    }
+}
+
+/// A whole training step of a small BERT (padded batch, dropout on), then `steps` AdamW steps: loss, logits,
+/// every gradient of the first step, and the loss trajectory.
+pub struct StepCase {
+    pub cfg: BertConfig,
+    pub b: usize,
+    pub t: usize,
+    pub steps: usize,
+}
+impl Case for StepCase {
+    fn name(&self) -> String {
+        format!(
+            "train step L={} C={} NH={} B={} T={} (+{} AdamW steps)",
+            self.cfg.num_hidden_layers,
+            self.cfg.hidden_size,
+            self.cfg.num_attention_heads,
+            self.b,
+            self.t,
+            self.steps
+        )
+    }
+    fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
+        let (cfg, b, t) = (&self.cfg, self.b, self.t);
+        let mut r = Rng::new(19);
+        let mask = padded_mask(&mut r, b, t);
+        let ids: Vec<i32> = (0..b * t)
+            .map(|i| {
+                if mask[i] != 0 {
+                    1 + r.below(cfg.vocab_size - 1) as i32
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let types: Vec<i32> = (0..b * t)
+            .map(|i| (mask[i] != 0 && i % t > 3) as i32)
+            .collect();
+        let starts: Vec<i64> = (0..b)
+            .map(|bi| r.below(mask[bi * t..(bi + 1) * t].iter().sum::<i32>() as usize) as i64)
+            .collect();
+        let ends: Vec<i64> = starts.iter().map(|&s| s + 1).collect();
+        let batch = Batch::new(be, b, t, &ids, &types, &mask, &starts, &ends)?;
+        // random weights from the host, identical on both backends
+        let specs = crate::model::params::param_specs(cfg);
+        let g = stat(dt);
+        let mut tensors = Vec::new();
+        for (name, shape) in &specs {
+            let n: usize = shape.iter().product();
+            let v: Vec<f64> = if name.contains("LayerNorm.weight") {
+                rv(&mut r, n, 0.2).iter().map(|x| x + 1.0).collect()
+            } else {
+                rv(&mut r, n, 0.1)
+            };
+            tensors.push(up(be, &v, shape, g)?);
+        }
+        let mut master = BertParams::from_vec(cfg, tensors);
+        let mut model = BertQa::new(cfg.clone(), master.cast(be, dt)?);
+        let mut grads = BertParams::zeros(be, cfg, g)?;
+        let mut m = BertParams::zeros(be, cfg, g)?;
+        let mut v = BertParams::zeros(be, cfg, g)?;
+        let mut acts = Acts::new(be, cfg, b, t, dt)?;
+        let mut out: Outputs = vec![];
+        let mut losses = vec![];
+        for step in 0..=self.steps {
+            let drop = DropoutCfg {
+                hidden: 0.1,
+                attn: 0.1,
+                seed: 1000 + step as u64,
+            };
+            grads.zero_(be)?;
+            model.forward(be, &mut acts, &batch, drop)?;
+            let lo = model.loss(be, &mut acts, &batch, 1.0)?;
+            losses.push(lo.loss);
+            model.backward(be, &mut grads, &mut acts, &batch, drop)?;
+            if step == 0 {
+                out.push(("logits".into(), acts.logits.to_f64_vec(be)?));
+                for ((name, _), gt) in specs.iter().zip(grads.tensors()) {
+                    out.push((format!("grad {name}"), gt.to_f64_vec(be)?));
+                }
+            }
+            if step == self.steps {
+                break;
+            }
+            let hp = AdamWHyper {
+                lr: 1e-3,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.01,
+                step: step as u64 + 1,
+                grad_scale: 1.0,
+            };
+            let names: Vec<String> = specs.iter().map(|(n, _)| n.clone()).collect();
+            let same = dt == g;
+            let mut slots: Vec<AdamWSlot<B>> = Vec::new();
+            let mut work = model.params.tensors_mut().into_iter();
+            for ((((p, gr), mm), vv), name) in master
+                .tensors_mut()
+                .into_iter()
+                .zip(grads.tensors())
+                .zip(m.tensors_mut())
+                .zip(v.tensors_mut())
+                .zip(&names)
+            {
+                let w = work.next().expect("same layout");
+                slots.push(AdamWSlot {
+                    master: p,
+                    working: if same { None } else { Some(w) },
+                    grad: gr,
+                    m: mm,
+                    v: vv,
+                    decay: crate::model::params::decays(name),
+                });
+            }
+            be.adamw_step(&mut slots, &hp)?;
+            std::mem::drop(slots);
+            if same {
+                // f32/f64 training: the model's weights are the master weights
+                for (w, p) in model.params.tensors_mut().into_iter().zip(master.tensors()) {
+                    w.assign(be, p)?;
+                }
+            }
+        }
+        out.insert(0, ("loss trajectory".into(), losses));
+        Ok(out)
+    }
+}
+
+/// Run `case` on `dev` at `dt` and on the CPU (f64 reference, and `dt` storage), and compare.
+pub fn compare<B: Backend, C: Case>(dev: &B, dt: DType, case: &C) -> Result<Vec<Row>> {
+    let reference = case.run(&Cpu, DType::F64)?;
+    let cpu_same = case.run(&Cpu, dt)?;
+    let devo = case.run(dev, dt)?;
+    let mut rows = vec![];
+    let find = |o: &Outputs, name: &str, who: &str| -> Result<Vec<f64>> {
+        o.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| anyhow::anyhow!("{}: {who} run has no output {name:?}", case.name()))
+    };
+    if reference.len() != devo.len() || reference.len() != cpu_same.len() {
+        anyhow::bail!(
+            "{}: runs produced {} / {} / {} outputs",
+            case.name(),
+            reference.len(),
+            cpu_same.len(),
+            devo.len()
+        );
+    }
+    for (name, r) in reference.iter() {
+        let (c, d) = (find(&cpu_same, name, "cpu")?, find(&devo, name, "device")?);
+        let (c, d) = (&c, &d);
+        if r.len() != d.len() || r.len() != c.len() {
+            anyhow::bail!(
+                "{}: {name} has {} / {} / {} elements",
+                case.name(),
+                r.len(),
+                c.len(),
+                d.len()
+            );
+        }
+        let err_dev = rel_l2(d, r);
+        let err_cpu = rel_l2(c, r);
+        let (bound, abs_bound) = match dt {
+            DType::F32 => (1e-5, 1e-7),
+            DType::F64 => (1e-12, 1e-14),
+            _ => (2.0 * err_cpu + 1e-6, 2.0 * rms_abs(c, r) + 1e-7),
+        };
+        let abs_dev = rms_abs(d, r);
+        let pass = err_dev <= bound || abs_dev <= abs_bound;
+        rows.push(Row {
+            case: case.name(),
+            tensor: name.clone(),
+            n: r.len(),
+            err_dev,
+            err_cpu,
+            bound,
+            abs_dev,
+            abs_bound,
+            pass,
+        });
+    }
+    Ok(rows)
+}
+
+/// The standard suite: odd sizes, padded batches, every CUDA head size, dropout on.
+pub fn suite<B: Backend>(dev: &B, dt: DType, head_sizes: &[usize]) -> Result<Vec<Row>> {
+    let mut rows = vec![];
+    rows.extend(compare(
+        dev,
+        dt,
+        &LinearCase {
+            n: 37,
+            ic: 29,
+            oc: 23,
+        },
+    )?);
+    rows.extend(compare(
+        dev,
+        dt,
+        &LinearCase {
+            n: 130,
+            ic: 64,
+            oc: 192,
+        },
+    )?);
+    rows.extend(compare(dev, dt, &GeluCase { n: 1001 })?);
+    rows.extend(compare(dev, dt, &DropoutCase { n: 1003, p: 0.1 })?);
+    rows.extend(compare(
+        dev,
+        dt,
+        &LayerNormCase {
+            n: 37,
+            c: 96,
+            p: 0.1,
+        },
+    )?);
+    rows.extend(compare(
+        dev,
+        dt,
+        &LayerNormCase {
+            n: 64,
+            c: 768,
+            p: 0.0,
+        },
+    )?);
+    rows.extend(compare(
+        dev,
+        dt,
+        &EmbeddingCase {
+            b: 3,
+            t: 17,
+            c: 64,
+            v: 101,
+            p: 0.1,
+        },
+    )?);
+    for &hs in head_sizes {
+        rows.extend(compare(
+            dev,
+            dt,
+            &AttentionCase {
+                b: 2,
+                t: 37,
+                nh: 3,
+                hs,
+                p: 0.1,
+            },
+        )?);
+    }
+    rows.extend(compare(
+        dev,
+        dt,
+        &AttentionCase {
+            b: 2,
+            t: 70,
+            nh: 2,
+            hs: 32,
+            p: 0.0,
+        },
+    )?);
+    rows.extend(compare(dev, dt, &SpanLossCase { b: 5, t: 29 })?);
+    rows.extend(compare(
+        dev,
+        dt,
+        &AdamWCase {
+            sizes: vec![1, 257, 4099],
+        },
+    )?);
+    let cfg = BertConfig::tiny(211, 64, 2, 2, 128, 64);
+    rows.extend(compare(
+        dev,
+        dt,
+        &StepCase {
+            cfg,
+            b: 3,
+            t: 29,
+            steps: 10,
+        },
+    )?);
+    Ok(rows)
+}
+
+pub fn print_rows(rows: &[Row]) {
+    println!(
+        "{:<52} {:<48} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10} ok",
+        "case", "tensor", "n", "err_dev", "err_cpu", "bound", "abs_dev", "abs_bound"
+    );
+    for r in rows {
+        println!(
+            "{:<52} {:<48} {:>8} {:>10.2e} {:>10.2e} {:>10.2e} {:>10.2e} {:>10.2e} {}",
+            r.case,
+            r.tensor,
+            r.n,
+            r.err_dev,
+            r.err_cpu,
+            r.bound,
+            r.abs_dev,
+            r.abs_bound,
+            if r.pass { "ok" } else { "FAIL" }
+        );
+    }
+}
