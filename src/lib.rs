@@ -31,6 +31,7 @@
 #![allow(clippy::too_many_arguments)]
 
 pub mod backend;
+pub mod cli;
 pub mod cpu;
 pub mod cuda;
 pub mod data;

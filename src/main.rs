@@ -1,3 +1,38 @@
+//! `bertqa` — fine-tune BERT for extractive QA. See `bertqa --help`.
+
+use bertqa::cli;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "bertqa",
+    version,
+    about = "From-scratch BERT fine-tuning for SQuAD (CPU reference + CUDA)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Score a predictions.json against a SQuAD file (drop-in for the official script)
+    Score(cli::score::ScoreArgs),
+    /// Run a QA model over a SQuAD file: predictions + EM/F1
+    Eval(cli::eval::EvalArgs),
+    /// Answer one question about one context
+    Predict(cli::eval::PredictArgs),
+}
+
 fn main() {
-    println!("bertqa");
+    let args = Cli::parse();
+    let res = match &args.cmd {
+        Cmd::Score(a) => cli::score::run(a),
+        Cmd::Eval(a) => cli::eval::run_eval(a),
+        Cmd::Predict(a) => cli::eval::run_predict(a),
+    };
+    if let Err(e) = res {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
 }

@@ -13,7 +13,13 @@ pub fn assets_dir() -> Option<PathBuf> {
         }
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    [root.join("../shared/assets"), PathBuf::from("../shared/assets"), PathBuf::from("assets")].into_iter().find(|c| c.is_dir())
+    [
+        root.join("../shared/assets"),
+        PathBuf::from("../shared/assets"),
+        PathBuf::from("assets"),
+    ]
+    .into_iter()
+    .find(|c| c.is_dir())
 }
 
 /// Write `bytes` to `path` atomically: a temporary file in the same folder, fsync, then rename.

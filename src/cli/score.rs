@@ -1,0 +1,59 @@
+//! `bertqa score DATA.json PREDICTIONS.json` — a drop-in for the official evaluation script.
+
+use crate::data::squad::Dataset;
+use anyhow::{Context, Result};
+use clap::Args;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct ScoreArgs {
+    /// SQuAD dataset file (v1.1 or v2.0)
+    pub data: PathBuf,
+    /// predictions.json: {"question id": "answer text", ...}
+    pub predictions: PathBuf,
+    /// Score as SQuAD v2.0 (default: detected from the file's "version")
+    #[arg(long)]
+    pub version_2_with_negative: bool,
+    /// v2.0: null_odds.json (question id → null score diff) for the best-threshold figures
+    #[arg(long)]
+    pub na_prob_file: Option<PathBuf>,
+}
+
+pub fn run(a: &ScoreArgs) -> Result<()> {
+    let ds = Dataset::load(&a.data)?;
+    let text = std::fs::read_to_string(&a.predictions)
+        .with_context(|| format!("reading {}", a.predictions.display()))?;
+    let preds: HashMap<String, String> = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: expected a JSON object of id → answer text",
+            a.predictions.display()
+        )
+    })?;
+    let v2 = a.version_2_with_negative
+        || ds
+            .version
+            .as_deref()
+            .map(|v| v.starts_with('2') || v.starts_with("v2"))
+            .unwrap_or(false);
+    let na: Option<HashMap<String, f64>> = match &a.na_prob_file {
+        Some(p) => Some(
+            serde_json::from_str(
+                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            )
+            .with_context(|| format!("{}: expected id → number", p.display()))?,
+        ),
+        None => None,
+    };
+    let missing = ds
+        .examples
+        .iter()
+        .filter(|e| !preds.contains_key(&e.id))
+        .count();
+    if missing > 0 {
+        eprintln!("{missing} unanswered questions receive score 0");
+    }
+    let out = crate::eval::run::score(&ds, &preds, na.as_ref(), v2);
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
+}

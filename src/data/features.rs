@@ -1,0 +1,196 @@
+//! Features: `[CLS] question [SEP] context-window [SEP] [PAD]…` with token types 0/1, the attention mask,
+//! per-token code-point offsets into the context (context tokens only) and the training labels.
+//!
+//! The question is truncated to `max_query_length` tokens; the context is split into windows of at most
+//! `max_seq_length − len(question) − 3` tokens, consecutive windows overlapping by `doc_stride` tokens (the
+//! semantics of Hugging Face's `run_qa.py`, `stride=doc_stride`). Labels: the answer's first and last token
+//! in the window, or (0, 0) — [CLS] — when the answer is not wholly inside the window (v1.1) or the question is
+//! impossible (v2.0). Each paragraph's context is tokenized once and shared by its questions.
+
+use crate::data::squad::{Dataset, Example};
+use crate::data::tokenizer::{Encoded, WordPieceTokenizer};
+use anyhow::{bail, Result};
+
+#[derive(Clone, Copy, Debug)]
+pub struct FeatureCfg {
+    pub max_seq_length: usize,
+    pub doc_stride: usize,
+    pub max_query_length: usize,
+}
+
+impl Default for FeatureCfg {
+    fn default() -> Self {
+        FeatureCfg {
+            max_seq_length: 384,
+            doc_stride: 128,
+            max_query_length: 64,
+        }
+    }
+}
+
+/// One window of one example.
+#[derive(Clone, Debug)]
+pub struct Feature {
+    pub example: usize,           // index into Dataset::examples
+    pub input_ids: Vec<i32>,      // (T)
+    pub token_type_ids: Vec<i32>, // (T)
+    pub attention_mask: Vec<i32>, // (T)
+    /// code-point span in the context of each token; None outside the context window
+    pub offsets: Vec<Option<(usize, usize)>>,
+    pub start_position: i64,
+    pub end_position: i64,
+    /// whether the answer lies wholly inside this window (false: labels are 0, 0)
+    pub has_answer: bool,
+}
+
+pub struct Featurized {
+    pub features: Vec<Feature>,
+    /// examples (by index) with at least one window containing the answer
+    pub answerable_in_window: usize,
+}
+
+/// The windows (start, end) in context-token indices.
+pub fn windows(n_ctx: usize, max_ctx: usize, doc_stride: usize) -> Vec<(usize, usize)> {
+    let step = max_ctx.saturating_sub(doc_stride).max(1);
+    let mut out = vec![];
+    let mut s = 0;
+    loop {
+        let e = (s + max_ctx).min(n_ctx);
+        out.push((s, e));
+        if e >= n_ctx {
+            break;
+        }
+        s += step;
+    }
+    out
+}
+
+/// Build the features of one example from its encoded question and context.
+pub fn example_features(
+    ex_idx: usize,
+    ex: &Example,
+    q: &Encoded,
+    ctx: &Encoded,
+    tok: &WordPieceTokenizer,
+    cfg: &FeatureCfg,
+    training: bool,
+) -> Result<Vec<Feature>> {
+    let t = cfg.max_seq_length;
+    let qlen = q.ids.len().min(cfg.max_query_length);
+    if qlen + 3 >= t {
+        bail!("max_seq_length {t} leaves no room for the context after a {qlen}-token question");
+    }
+    let max_ctx = t - qlen - 3;
+    // the answer's code-point span, when labels are wanted
+    let span = if training && !ex.is_impossible && ex.answer_aligned {
+        ex.answers
+            .first()
+            .map(|a| (a.start, a.start + a.text.chars().count()))
+    } else {
+        None
+    };
+    let mut out = vec![];
+    for (ws, we) in windows(ctx.ids.len(), max_ctx, cfg.doc_stride) {
+        let mut ids = Vec::with_capacity(t);
+        let mut types = Vec::with_capacity(t);
+        let mut offsets = Vec::with_capacity(t);
+        ids.push(tok.cls);
+        types.push(0);
+        offsets.push(None);
+        for &id in &q.ids[..qlen] {
+            ids.push(id);
+            types.push(0);
+            offsets.push(None);
+        }
+        ids.push(tok.sep);
+        types.push(0);
+        offsets.push(None);
+        let ctx_start = ids.len();
+        for i in ws..we {
+            ids.push(ctx.ids[i]);
+            types.push(1);
+            offsets.push(Some(ctx.offsets[i]));
+        }
+        ids.push(tok.sep);
+        types.push(1);
+        offsets.push(None);
+        let len = ids.len();
+        let mut mask = vec![1; len];
+        ids.resize(t, tok.pad);
+        types.resize(t, 0);
+        mask.resize(t, 0);
+        offsets.resize(t, None);
+        let (mut sp, mut ep, mut has) = (0i64, 0i64, false);
+        if let Some((a_s, a_e)) = span {
+            if we > ws && ctx.offsets[ws].0 <= a_s && ctx.offsets[we - 1].1 >= a_e {
+                // last token starting at or before the answer start; first token ending at or after its end
+                let mut s_tok = ws;
+                while s_tok + 1 < we && ctx.offsets[s_tok + 1].0 <= a_s {
+                    s_tok += 1;
+                }
+                let mut e_tok = we - 1;
+                while e_tok > s_tok && ctx.offsets[e_tok - 1].1 >= a_e {
+                    e_tok -= 1;
+                }
+                sp = (ctx_start + s_tok - ws) as i64;
+                ep = (ctx_start + e_tok - ws) as i64;
+                has = true;
+            }
+        }
+        out.push(Feature {
+            example: ex_idx,
+            input_ids: ids,
+            token_type_ids: types,
+            attention_mask: mask,
+            offsets,
+            start_position: sp,
+            end_position: ep,
+            has_answer: has,
+        });
+    }
+    Ok(out)
+}
+
+/// Tokenize a dataset (each paragraph once) and build all features. `training` adds labels.
+pub fn featurize(
+    ds: &Dataset,
+    tok: &WordPieceTokenizer,
+    cfg: &FeatureCfg,
+    training: bool,
+) -> Result<Featurized> {
+    // one encoding per paragraph (examples of a paragraph are contiguous in the file)
+    let mut para_first: Vec<usize> = vec![usize::MAX; ds.num_paragraphs];
+    for (i, ex) in ds.examples.iter().enumerate() {
+        if para_first[ex.paragraph] == usize::MAX {
+            para_first[ex.paragraph] = i;
+        }
+    }
+    let used: Vec<usize> = (0..ds.num_paragraphs)
+        .filter(|&p| para_first[p] != usize::MAX)
+        .collect();
+    let ctx_texts: Vec<&str> = used
+        .iter()
+        .map(|&p| ds.examples[para_first[p]].context.text.as_str())
+        .collect();
+    let ctx_enc = tok.encode_batch(&ctx_texts)?;
+    let mut ctx_of_para: Vec<Option<usize>> = vec![None; ds.num_paragraphs];
+    for (k, &p) in used.iter().enumerate() {
+        ctx_of_para[p] = Some(k);
+    }
+    let q_texts: Vec<&str> = ds.examples.iter().map(|e| e.question.as_str()).collect();
+    let q_enc = tok.encode_batch(&q_texts)?;
+    let mut features = vec![];
+    let mut answerable = 0;
+    for (i, ex) in ds.examples.iter().enumerate() {
+        let ctx = &ctx_enc[ctx_of_para[ex.paragraph].expect("paragraph encoded")];
+        let f = example_features(i, ex, &q_enc[i], ctx, tok, cfg, training)?;
+        if f.iter().any(|x| x.has_answer) {
+            answerable += 1;
+        }
+        features.extend(f);
+    }
+    Ok(Featurized {
+        features,
+        answerable_in_window: answerable,
+    })
+}

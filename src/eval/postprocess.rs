@@ -1,0 +1,163 @@
+//! From start/end logits to answer texts (the procedure of Hugging Face's `postprocess_qa_predictions`).
+//!
+//! Per example, over all its windows: the `n_best_size` highest start and end logits; valid spans only (both
+//! tokens inside the context, end ≥ start, length ≤ `max_answer_length`); score = start + end logit; the
+//! answer is the original context substring given by the character offsets. v2.0: the null score is the
+//! [CLS] start + end logit (the minimum over windows), and the answer is "" when
+//! null − best non-null > `null_score_diff_threshold`.
+
+use crate::data::features::Feature;
+use crate::data::squad::Dataset;
+use serde::Serialize;
+use std::collections::HashMap;
+
+#[derive(Clone, Copy, Debug)]
+pub struct PostCfg {
+    pub n_best_size: usize,
+    pub max_answer_length: usize,
+    pub version_2: bool,
+    pub null_score_diff_threshold: f64,
+}
+
+impl Default for PostCfg {
+    fn default() -> Self {
+        PostCfg {
+            n_best_size: 20,
+            max_answer_length: 30,
+            version_2: false,
+            null_score_diff_threshold: 0.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct NBest {
+    pub text: String,
+    pub start_logit: f64,
+    pub end_logit: f64,
+    pub probability: f64,
+    /// code-point span in the context
+    pub char_start: usize,
+    pub char_end: usize,
+}
+
+pub struct Predictions {
+    /// id → answer text (the official predictions.json)
+    pub answers: HashMap<String, String>,
+    /// id → n-best list, best first
+    pub nbest: HashMap<String, Vec<NBest>>,
+    /// id → null score − best non-null score (v2.0 null_odds.json)
+    pub null_odds: HashMap<String, f64>,
+    /// ids in dataset order
+    pub order: Vec<String>,
+}
+
+fn top_k(v: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|&a, &b| v[b].partial_cmp(&v[a]).unwrap_or(std::cmp::Ordering::Equal));
+    idx.truncate(k);
+    idx
+}
+
+/// `start`/`end` logits per feature, each of length T, aligned with `features`.
+pub fn postprocess(
+    ds: &Dataset,
+    features: &[Feature],
+    start: &[Vec<f32>],
+    end: &[Vec<f32>],
+    cfg: &PostCfg,
+) -> Predictions {
+    let mut by_example: Vec<Vec<usize>> = vec![vec![]; ds.examples.len()];
+    for (i, f) in features.iter().enumerate() {
+        by_example[f.example].push(i);
+    }
+    let mut out = Predictions {
+        answers: HashMap::new(),
+        nbest: HashMap::new(),
+        null_odds: HashMap::new(),
+        order: vec![],
+    };
+    for (ei, ex) in ds.examples.iter().enumerate() {
+        if by_example[ei].is_empty() {
+            continue; // not featurized (e.g. --max-examples)
+        }
+        let mut cands: Vec<(f64, f64, f64, usize, usize)> = vec![]; // score, s logit, e logit, char start, char end
+        let mut null_score = f64::INFINITY;
+        for &fi in &by_example[ei] {
+            let (f, sl, el) = (&features[fi], &start[fi], &end[fi]);
+            null_score = null_score.min(sl[0] as f64 + el[0] as f64);
+            let si = top_k(sl, cfg.n_best_size);
+            let eix = top_k(el, cfg.n_best_size);
+            for &s in &si {
+                for &e in &eix {
+                    let (Some(os), Some(oe)) = (
+                        f.offsets.get(s).copied().flatten(),
+                        f.offsets.get(e).copied().flatten(),
+                    ) else {
+                        continue;
+                    };
+                    if e < s || e - s + 1 > cfg.max_answer_length {
+                        continue;
+                    }
+                    cands.push((
+                        sl[s] as f64 + el[e] as f64,
+                        sl[s] as f64,
+                        el[e] as f64,
+                        os.0,
+                        oe.1,
+                    ));
+                }
+            }
+        }
+        cands.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal));
+        cands.truncate(cfg.n_best_size);
+        let mut nb: Vec<NBest> = cands
+            .iter()
+            .map(|&(_, s, e, cs, ce)| NBest {
+                text: ex.context.slice(cs, ce).to_string(),
+                start_logit: s,
+                end_logit: e,
+                probability: 0.0,
+                char_start: cs,
+                char_end: ce,
+            })
+            .collect();
+        if nb.is_empty() {
+            nb.push(NBest {
+                text: String::new(),
+                start_logit: 0.0,
+                end_logit: 0.0,
+                probability: 1.0,
+                char_start: 0,
+                char_end: 0,
+            });
+        }
+        let best = nb
+            .iter()
+            .map(|n| n.start_logit + n.end_logit)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = nb
+            .iter()
+            .map(|n| (n.start_logit + n.end_logit - best).exp())
+            .sum();
+        for n in nb.iter_mut() {
+            n.probability = (n.start_logit + n.end_logit - best).exp() / z;
+        }
+        let best_non_null = cands.first().map(|c| c.0).unwrap_or(f64::NEG_INFINITY);
+        let answer = if cfg.version_2 {
+            let diff = null_score - best_non_null;
+            out.null_odds.insert(ex.id.clone(), diff);
+            if diff > cfg.null_score_diff_threshold || cands.is_empty() {
+                String::new()
+            } else {
+                nb[0].text.clone()
+            }
+        } else {
+            nb[0].text.clone()
+        };
+        out.answers.insert(ex.id.clone(), answer);
+        out.nbest.insert(ex.id.clone(), nb);
+        out.order.push(ex.id.clone());
+    }
+    out
+}

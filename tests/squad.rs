@@ -1,0 +1,312 @@
+//! The SQuAD pipeline: official metrics on the real dev set, offsets and labels on the whole train set,
+//! tricky Unicode, and a v2.0 file with impossible questions. Tests that need ../shared/assets skip with a
+//! printed reason when it is absent.
+
+use bertqa::data::features::{featurize, FeatureCfg};
+use bertqa::data::squad::Dataset;
+use bertqa::data::tokenizer::{self, WordPieceTokenizer};
+use bertqa::eval::metrics::{evaluate_v1, evaluate_v2, gold_of, normalize_answer};
+use bertqa::eval::postprocess::{postprocess, PostCfg};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn assets() -> Option<PathBuf> {
+    let a = bertqa::util::assets_dir();
+    if a.is_none() {
+        println!("SKIPPED: ../shared/assets not found (set BERTQA_ASSETS)");
+    }
+    a
+}
+
+fn minilm_tokenizer() -> Option<WordPieceTokenizer> {
+    Some(tokenizer::load(&assets()?.join("all-MiniLM-L6-v2")).unwrap())
+}
+
+#[test]
+fn reference_predictions_reproduce_official_scores() {
+    let Some(a) = assets() else { return };
+    let ds = Dataset::load(&a.join("squad-v1.1/dev-v1.1.json")).unwrap();
+    assert_eq!(ds.examples.len(), 10570);
+    let gold = gold_of(&ds);
+    // official scores from the README of squad-reference-predictions (evaluate-v1.1.py)
+    for (file, em, f1) in [
+        (
+            "v1.1-dev-BERT-ensemble-GoogleAI.json",
+            86.20624408703878,
+            92.19557978351145,
+        ),
+        (
+            "v1.1-dev-LogisticRegression-baseline.json",
+            40.14191106906339,
+            50.98153647324461,
+        ),
+    ] {
+        let p: HashMap<String, String> = serde_json::from_str(
+            &std::fs::read_to_string(a.join("squad-reference-predictions").join(file)).unwrap(),
+        )
+        .unwrap();
+        let s = evaluate_v1(&gold, &p);
+        println!("{file}: EM {} F1 {}", s.exact_match, s.f1);
+        assert!(
+            (s.exact_match - em).abs() < 1e-9,
+            "{file}: EM {} vs official {em}",
+            s.exact_match
+        );
+        assert!(
+            (s.f1 - f1).abs() < 1e-9,
+            "{file}: F1 {} vs official {f1}",
+            s.f1
+        );
+    }
+    // gold answers as predictions: 100 / 100
+    let p: HashMap<String, String> = ds
+        .examples
+        .iter()
+        .map(|e| (e.id.clone(), e.answers[0].text.clone()))
+        .collect();
+    let s = evaluate_v1(&gold, &p);
+    assert_eq!((s.exact_match, s.f1), (100.0, 100.0));
+}
+
+#[test]
+fn labelled_spans_decode_to_the_gold_answer_on_the_whole_train_set() {
+    let Some(a) = assets() else { return };
+    let tok = minilm_tokenizer().unwrap();
+    let ds = Dataset::load(&a.join("squad-v1.1/train-v1.1.json")).unwrap();
+    assert_eq!(ds.examples.len(), 87599);
+    let t0 = std::time::Instant::now();
+    let f = featurize(&ds, &tok, &FeatureCfg::default(), true).unwrap();
+    println!(
+        "featurized {} examples into {} windows in {:.1}s",
+        ds.examples.len(),
+        f.features.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    let mut in_window = vec![false; ds.examples.len()];
+    let mut ok = vec![false; ds.examples.len()];
+    let mut bad = vec![];
+    for feat in &f.features {
+        if !feat.has_answer {
+            continue;
+        }
+        let ex = &ds.examples[feat.example];
+        in_window[feat.example] = true;
+        let (s, e) = (
+            feat.offsets[feat.start_position as usize].unwrap(),
+            feat.offsets[feat.end_position as usize].unwrap(),
+        );
+        let text = ex.context.slice(s.0, e.1);
+        if normalize_answer(text) == normalize_answer(&ex.answers[0].text) {
+            ok[feat.example] = true;
+        } else if bad.len() < 8 {
+            bad.push(format!(
+                "{}: {:?} vs gold {:?}",
+                ex.id, text, ex.answers[0].text
+            ));
+        }
+    }
+    let n_in = in_window.iter().filter(|&&x| x).count();
+    let n_ok = ok.iter().filter(|&&x| x).count();
+    println!("answers inside a window: {n_in}; decoded == gold after normalisation: {n_ok} ({:.3}%); misaligned in the file: {}", 100.0 * n_ok as f64 / n_in as f64, ds.misaligned.len());
+    for b in &bad {
+        println!("  mismatch {b}");
+    }
+    assert!(
+        n_ok as f64 >= 0.995 * n_in as f64,
+        "only {n_ok} of {n_in} spans round-trip"
+    );
+}
+
+fn one_example_file(
+    context: &str,
+    question: &str,
+    answer: &str,
+    impossible: bool,
+    version: &str,
+) -> String {
+    let start = context
+        .find(answer)
+        .map(|b| context[..b].chars().count())
+        .unwrap_or(0);
+    let answers = if impossible {
+        serde_json::json!([])
+    } else {
+        serde_json::json!([{"text": answer, "answer_start": start}])
+    };
+    serde_json::json!({"version": version, "data": [{"title": "t", "paragraphs": [{"context": context, "qas": [
+        {"id": "q1", "question": question, "answers": answers, "is_impossible": impossible}
+    ]}]}]})
+    .to_string()
+}
+
+#[test]
+fn offsets_survive_accents_cjk_emoji_whitespace_and_control_characters() {
+    let Some(tok) = minilm_tokenizer() else {
+        return;
+    };
+    let cases = [
+        ("Le café de Zoë ouvrit à Montréal en 1998.", "Montréal"),
+        ("北京是中国的首都，人口众多。", "中国"),
+        (
+            "The 🚀 rocket launched from Cape Canaveral 🌍 yesterday.",
+            "Cape Canaveral",
+        ),
+        (
+            "Tabs\tand\u{a0}non-breaking\u{2003}spaces   around   the answer here.",
+            "the answer",
+        ),
+        (
+            "Control\u{0001}chars\u{200b}and zero width joiners in Ünïcödé text.",
+            "Ünïcödé",
+        ),
+        (
+            "Ligatures ﬁnally: the ﬁrst ﬂoor of the Œuvre museum.",
+            "Œuvre museum",
+        ),
+    ];
+    for (ctx, ans) in cases {
+        let ds = Dataset::parse(
+            &one_example_file(ctx, "Where?", ans, false, "1.1"),
+            "inline",
+        )
+        .unwrap();
+        assert!(ds.examples[0].answer_aligned, "{ctx}");
+        let f = featurize(
+            &ds,
+            &tok,
+            &FeatureCfg {
+                max_seq_length: 64,
+                doc_stride: 16,
+                max_query_length: 16,
+            },
+            true,
+        )
+        .unwrap();
+        let feat = f
+            .features
+            .iter()
+            .find(|x| x.has_answer)
+            .unwrap_or_else(|| panic!("no window holds {ans:?} in {ctx:?}"));
+        let (s, e) = (
+            feat.offsets[feat.start_position as usize].unwrap(),
+            feat.offsets[feat.end_position as usize].unwrap(),
+        );
+        let got = ds.examples[0].context.slice(s.0, e.1);
+        assert_eq!(
+            normalize_answer(got),
+            normalize_answer(ans),
+            "context {ctx:?}"
+        );
+        // every context token's offsets lie inside the context and on char boundaries
+        for o in feat.offsets.iter().flatten() {
+            assert!(o.0 <= o.1 && o.1 <= ctx.chars().count());
+        }
+    }
+}
+
+#[test]
+fn long_contexts_split_into_overlapping_windows() {
+    let Some(tok) = minilm_tokenizer() else {
+        return;
+    };
+    let ctx: String =
+        (0..300).map(|i| format!("word{i} ")).collect::<String>() + "the treasure is here.";
+    let ds = Dataset::parse(
+        &one_example_file(&ctx, "Where is the treasure?", "here", false, "1.1"),
+        "inline",
+    )
+    .unwrap();
+    let cfg = FeatureCfg {
+        max_seq_length: 128,
+        doc_stride: 32,
+        max_query_length: 64,
+    };
+    let f = featurize(&ds, &tok, &cfg, true).unwrap();
+    assert!(f.features.len() > 3);
+    for w in &f.features {
+        assert_eq!(w.input_ids.len(), 128);
+        assert_eq!(w.input_ids[0], tok.cls);
+    }
+    let with: Vec<_> = f.features.iter().filter(|x| x.has_answer).collect();
+    assert!(!with.is_empty());
+    assert!(f
+        .features
+        .iter()
+        .filter(|x| !x.has_answer)
+        .all(|x| x.start_position == 0 && x.end_position == 0));
+    // consecutive windows overlap by doc_stride context tokens
+    let ctx_offsets = |i: usize| {
+        f.features[i]
+            .offsets
+            .iter()
+            .flatten()
+            .copied()
+            .collect::<Vec<_>>()
+    };
+    let (a, b) = (ctx_offsets(0), ctx_offsets(1));
+    assert_eq!(a[a.len() - 32..], b[..32]);
+}
+
+#[test]
+fn squad_v2_impossible_questions_flow_through_features_postprocess_and_metrics() {
+    let Some(tok) = minilm_tokenizer() else {
+        return;
+    };
+    let js = serde_json::json!({"version": "v2.0", "data": [{"title": "t", "paragraphs": [{"context": "Paris is the capital of France. Berlin is in Germany.", "qas": [
+        {"id": "has", "question": "What is the capital of France?", "answers": [{"text": "Paris", "answer_start": 0}], "is_impossible": false},
+        {"id": "none", "question": "What is the capital of Mars?", "answers": [], "plausible_answers": [{"text": "Berlin", "answer_start": 32}], "is_impossible": true}
+    ]}]}]})
+    .to_string();
+    let ds = Dataset::parse(&js, "v2").unwrap();
+    let f = featurize(
+        &ds,
+        &tok,
+        &FeatureCfg {
+            max_seq_length: 64,
+            doc_stride: 16,
+            max_query_length: 16,
+        },
+        true,
+    )
+    .unwrap();
+    let none = f.features.iter().find(|x| x.example == 1).unwrap();
+    assert_eq!(
+        (none.start_position, none.end_position),
+        (0, 0),
+        "impossible → [CLS]"
+    );
+    let has = f.features.iter().find(|x| x.example == 0).unwrap();
+    assert!(has.has_answer && has.start_position > 0);
+    // logits: example 0 points at its answer; example 1 prefers [CLS]
+    let t = 64;
+    let mut s = vec![vec![-5.0f32; t]; f.features.len()];
+    let mut e = vec![vec![-5.0f32; t]; f.features.len()];
+    for (i, feat) in f.features.iter().enumerate() {
+        if feat.example == 0 {
+            s[i][feat.start_position as usize] = 5.0;
+            e[i][feat.end_position as usize] = 5.0;
+        } else {
+            s[i][0] = 6.0;
+            e[i][0] = 6.0;
+        }
+    }
+    let post = PostCfg {
+        version_2: true,
+        ..PostCfg::default()
+    };
+    let p = postprocess(&ds, &f.features, &s, &e, &post);
+    assert_eq!(p.answers["has"], "Paris");
+    assert_eq!(p.answers["none"], "");
+    assert!(p.null_odds["none"] > 0.0 && p.null_odds["has"] < 0.0);
+    let sc = evaluate_v2(&gold_of(&ds), &p.answers, Some(&p.null_odds));
+    assert_eq!(
+        (sc.exact, sc.f1, sc.has_ans_exact, sc.no_ans_exact),
+        (100.0, 100.0, 100.0, 100.0)
+    );
+    assert_eq!((sc.has_ans_total, sc.no_ans_total), (1, 1));
+    // a wrong "no answer" on the answerable question
+    let mut wrong = p.answers.clone();
+    wrong.insert("has".into(), String::new());
+    let sc = evaluate_v2(&gold_of(&ds), &wrong, None);
+    assert_eq!(sc.exact, 50.0);
+}
