@@ -340,6 +340,7 @@ fn run_config<B: Timing>(
         );
         let ms = bench(be, iters, &mut || {
             let mut eg = EmbGrads {
+                padding_idx: 0,
                 word: &mut dw,
                 pos: &mut dp,
                 ttype: &mut dty,

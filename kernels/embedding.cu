@@ -8,7 +8,7 @@ struct EmbParams {
     u64 dword, dpos, dttype, dgamma, dbeta, seed;
     int n, t, c, v, tv;
     float eps, p;
-    int _pad;
+    int padding_idx;  // backward: no word-embedding gradient for this id (-1: none)
 };
 
 template <typename T>
@@ -72,7 +72,7 @@ __device__ void emb_backward(const EmbParams& a) {
         float dx = rstd * (dy * to_f(g[i]) - mg - xh * mgx);
         atomicAdd((float*)a.dgamma + i, dy * xh);
         atomicAdd((float*)a.dbeta + i, dy);
-        atomicAdd((float*)a.dword + (u64)id * a.c + i, dx);
+        if (id != a.padding_idx) atomicAdd((float*)a.dword + (u64)id * a.c + i, dx);
         atomicAdd((float*)a.dpos + (u64)tt * a.c + i, dx);
         atomicAdd((float*)a.dttype + (u64)ty * a.c + i, dx);
     }

@@ -272,6 +272,7 @@ impl Case for EmbeddingCase {
         );
         let (mut dg, mut db) = (Tensor::zeros(be, &[c], s)?, Tensor::zeros(be, &[c], s)?);
         let mut eg = EmbGrads {
+            padding_idx: 0,
             word: &mut dw,
             pos: &mut dp,
             ttype: &mut dtt,

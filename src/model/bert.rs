@@ -564,6 +564,7 @@ impl<B: Backend> BertQa<B> {
         };
         let ge = &mut grads.emb;
         let mut eg = EmbGrads {
+            padding_idx: cfg.pad_token_id.unwrap_or(-1),
             word: &mut ge.word,
             pos: &mut ge.pos,
             ttype: &mut ge.ttype,

@@ -65,6 +65,9 @@ pub struct BertConfig {
     pub initializer_range: f32,
     #[serde(default = "d_eps")]
     pub layer_norm_eps: f32,
+    /// The [PAD] id: its word embedding gets no gradient (as nn.Embedding(padding_idx) in HF).
+    #[serde(default)]
+    pub pad_token_id: Option<i32>,
 }
 
 impl BertConfig {
@@ -133,6 +136,7 @@ impl BertConfig {
             type_vocab_size: 2,
             initializer_range: 0.02,
             layer_norm_eps: 1e-12,
+            pad_token_id: Some(0),
         }
     }
 

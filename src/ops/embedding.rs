@@ -22,8 +22,10 @@ pub struct EmbWeights<'a, B: BackendCore> {
     pub beta: &'a Tensor<B>,  // (C)
 }
 
-/// Their gradients, borrowed mutably (accumulated).
+/// Their gradients, borrowed mutably (accumulated). `padding_idx`: rows of this token id get no
+/// word-embedding gradient (torch.nn.Embedding's `padding_idx`, which HF sets to `pad_token_id`); -1 for none.
 pub struct EmbGrads<'a, B: BackendCore> {
+    pub padding_idx: i32,
     pub word: &'a mut Tensor<B>,  // (V, C)
     pub pos: &'a mut Tensor<B>,   // (P, C)
     pub ttype: &'a mut Tensor<B>, // (TV, C)
@@ -190,9 +192,12 @@ impl EmbeddingOps for Cpu {
             }
             let (mut dw, mut dp, mut dt) = (wr::<T>(g.word, true), wr::<T>(g.pos, true), wr::<T>(g.ttype, true));
             for (r, (&i, &y)) in id.iter().zip(ty).enumerate() {
+                let skip_word = i == g.padding_idx;
                 let (i, y, tt) = (i as usize, y as usize, r % t);
                 for k in 0..c {
-                    dw[i * c + k] += dx[r * c + k];
+                    if !skip_word {
+                        dw[i * c + k] += dx[r * c + k];
+                    }
                     dp[tt * c + k] += dx[r * c + k];
                     dt[y * c + k] += dx[r * c + k];
                 }
@@ -228,7 +233,7 @@ struct EmbParams {
     tv: i32,
     eps: f32,
     p: f32,
-    _pad: i32,
+    padding_idx: i32,
 }
 unsafe impl cudarc::driver::DeviceRepr for EmbParams {}
 
@@ -284,7 +289,7 @@ impl EmbeddingOps for Cuda {
             tv: tv as i32,
             eps,
             p: drop.p,
-            _pad: 0,
+            padding_idx: -1,
         };
         let name = format!("embeddings_forward_{}", suffix(out.dtype)?);
         self.launch(
@@ -345,7 +350,7 @@ impl EmbeddingOps for Cuda {
             tv: tv as i32,
             eps: 0.0,
             p: drop.p,
-            _pad: 0,
+            padding_idx: g.padding_idx,
         };
         let name = format!("embeddings_backward_{}", suffix(dout.dtype)?);
         self.launch(

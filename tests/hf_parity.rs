@@ -1,0 +1,375 @@
+//! Parity with Hugging Face transformers (fixtures written by scripts/make_reference.py), checkpoint round
+//! trips and checkpoint error messages.
+
+use bertqa::cpu::Cpu;
+use bertqa::model::bert::{Acts, Batch, BertQa, DropoutCfg};
+use bertqa::model::checkpoint;
+use bertqa::model::BertParams;
+use bertqa::prelude::*;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// All tensors of a safetensors file as f64 (F64/F32/I32/I64).
+fn read_all(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let d = v.data();
+            let vals: Vec<f64> = match v.dtype() {
+                Dtype::F64 => d
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+                Dtype::F32 => d
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                Dtype::I32 => d
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                Dtype::I64 => d
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                other => panic!("{n}: {other:?}"),
+            };
+            (n, (v.shape().to_vec(), vals))
+        })
+        .collect()
+}
+
+fn ints(v: &[f64]) -> Vec<i32> {
+    v.iter().map(|&x| x as i32).collect()
+}
+
+fn max_rel(a: &[f64], b: &[f64]) -> f64 {
+    let scale = b.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-30);
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+/// The HF gradient of an internal parameter (the fused qkv concatenates query, key, value).
+fn hf_grad(reference: &HashMap<String, (Vec<usize>, Vec<f64>)>, internal: &str) -> Vec<f64> {
+    let key = |n: &str| {
+        if n.starts_with("qa_outputs") {
+            format!("grad.{n}")
+        } else {
+            format!("grad.bert.{n}")
+        }
+    };
+    if let Some(pre) = internal
+        .strip_suffix("attention.self.qkv.weight")
+        .or(internal.strip_suffix("attention.self.qkv.bias"))
+    {
+        let suffix = if internal.ends_with("weight") {
+            "weight"
+        } else {
+            "bias"
+        };
+        return ["query", "key", "value"]
+            .iter()
+            .flat_map(|p| {
+                reference[&key(&format!("{pre}attention.self.{p}.{suffix}"))]
+                    .1
+                    .clone()
+            })
+            .collect();
+    }
+    reference[&key(internal)].1.clone()
+}
+
+fn tiny_parity(dt: DType, tol: f64) {
+    let be = Cpu;
+    let dir = fixture("tiny_bert_qa");
+    let (cfg, params, rep) = checkpoint::load(&be, &dir, dt, 0).unwrap();
+    assert!(rep.had_prefix && !rep.qa_head_initialised);
+    let mut model = BertQa::new(cfg.clone(), params);
+    model.mask_padding_in_loss = false; // HF's BertForQuestionAnswering does not mask padding in the loss
+    let r = read_all(&dir.join("reference.safetensors"));
+    let (b, t) = (r["input_ids"].0[0], r["input_ids"].0[1]);
+    let pos = |k: &str| r[k].1.iter().map(|&x| x as i64).collect::<Vec<_>>();
+    let batch = Batch::new(
+        &be,
+        b,
+        t,
+        &ints(&r["input_ids"].1),
+        &ints(&r["token_type_ids"].1),
+        &ints(&r["attention_mask"].1),
+        &pos("start_positions"),
+        &pos("end_positions"),
+    )
+    .unwrap();
+    let mut acts = Acts::new(&be, &cfg, b, t, dt).unwrap();
+    model
+        .forward(&be, &mut acts, &batch, DropoutCfg::OFF)
+        .unwrap();
+    let lo = model.loss(&be, &mut acts, &batch, 1.0).unwrap();
+    let lg = acts.logits.to_f64_vec(&be).unwrap();
+    let (s, e): (Vec<f64>, Vec<f64>) = (
+        lg.iter().step_by(2).copied().collect(),
+        lg.iter().skip(1).step_by(2).copied().collect(),
+    );
+    let es = max_rel(&s, &r["start_logits"].1);
+    let ee = max_rel(&e, &r["end_logits"].1);
+    let el = (lo.loss - r["loss"].1[0]).abs() / r["loss"].1[0];
+    println!(
+        "[{dt}] start logits {es:.2e}, end logits {ee:.2e}, loss {el:.2e} (ours {} vs HF {})",
+        lo.loss, r["loss"].1[0]
+    );
+    assert!(es < tol && ee < tol && el < tol);
+    let mut grads = BertParams::zeros(&be, &cfg, bertqa::model::bert::grad_dtype(dt)).unwrap();
+    model
+        .backward(&be, &mut grads, &mut acts, &batch, DropoutCfg::OFF)
+        .unwrap();
+    let names = bertqa::model::params::param_specs(&cfg);
+    let mut worst = 0.0f64;
+    for ((name, _), g) in names.iter().zip(grads.tensors()) {
+        let ours = g.to_f64_vec(&be).unwrap();
+        let theirs = hf_grad(&r, name);
+        // floor the scale: the last LayerNorm bias has an exactly-zero true gradient (softmax over positions is
+        // shift-invariant), so both sides hold only rounding noise there
+        let scale = theirs
+            .iter()
+            .fold(0.0f64, |m, x| m.max(x.abs()))
+            .max(if dt == DType::F64 { 1e-4 } else { 1e-2 });
+        let err = ours
+            .iter()
+            .zip(&theirs)
+            .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+            / scale;
+        worst = worst.max(err);
+        println!("[{dt}] grad {name:<48} {err:.2e}");
+        assert!(err < tol, "{name}: {err}");
+    }
+    println!("[{dt}] worst gradient error {worst:.2e}");
+}
+
+#[test]
+fn tiny_model_matches_transformers_in_f64() {
+    tiny_parity(DType::F64, 1e-9);
+}
+
+#[test]
+fn tiny_model_matches_transformers_in_f32() {
+    tiny_parity(DType::F32, 2e-5);
+}
+
+#[test]
+fn minilm_logits_match_transformers_on_a_real_squad_window() {
+    let Some(assets) = bertqa::util::assets_dir() else {
+        println!("SKIPPED: ../shared/assets not found");
+        return;
+    };
+    let be = Cpu;
+    let dir = assets.join("all-MiniLM-L6-v2");
+    let (cfg, mut params, rep) = checkpoint::load(&be, &dir, DType::F32, 0).unwrap();
+    assert!(!rep.had_prefix && rep.qa_head_initialised, "{rep:?}");
+    let r = read_all(&fixture("minilm_window").join("reference.safetensors"));
+    params.qa_w = Tensor::from_f64(
+        &be,
+        &r["qa_outputs.weight"].1,
+        &[2, cfg.hidden_size],
+        DType::F32,
+    )
+    .unwrap();
+    params.qa_b = Tensor::from_f64(&be, &r["qa_outputs.bias"].1, &[2], DType::F32).unwrap();
+    let model = BertQa::new(cfg.clone(), params);
+    let ids = ints(&r["input_ids"].1);
+    // our featurizer builds the same window from the same question
+    let ds = bertqa::data::squad::Dataset::load(&assets.join("squad-v1.1/dev-v1.1.json")).unwrap();
+    let tok = bertqa::data::tokenizer::load(&dir).unwrap();
+    let mut one = ds;
+    one.truncate(1);
+    let f = bertqa::data::features::featurize(&one, &tok, &Default::default(), false).unwrap();
+    assert_eq!(
+        f.features[0].input_ids, ids,
+        "our window's token ids differ from HF's tokenizer"
+    );
+    assert_eq!(f.features[0].token_type_ids, ints(&r["token_type_ids"].1));
+    let t = ids.len();
+    let batch = Batch::new(
+        &be,
+        1,
+        t,
+        &ids,
+        &ints(&r["token_type_ids"].1),
+        &ints(&r["attention_mask"].1),
+        &[],
+        &[],
+    )
+    .unwrap();
+    let mut acts = Acts::new(&be, &cfg, 1, t, DType::F32).unwrap();
+    model
+        .forward(&be, &mut acts, &batch, DropoutCfg::OFF)
+        .unwrap();
+    let lg = acts.logits.to_f64_vec(&be).unwrap();
+    let (s, e): (Vec<f64>, Vec<f64>) = (
+        lg.iter().step_by(2).copied().collect(),
+        lg.iter().skip(1).step_by(2).copied().collect(),
+    );
+    let abs = |a: &[f64], b: &[f64]| {
+        a.iter()
+            .zip(b)
+            .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+    };
+    let (ds_, de_) = (abs(&s, &r["start_logits"].1), abs(&e, &r["end_logits"].1));
+    println!("all-MiniLM-L6-v2 on dev question {}: max |Δ start logit| {ds_:.3e}, max |Δ end logit| {de_:.3e} (logit scale {:.3})", "56be4db0acb8001400a502ec", r["start_logits"].1.iter().fold(0.0f64, |m, x| m.max(x.abs())));
+    assert!(ds_ < 1e-4 && de_ < 1e-4);
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("bertqa-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn save_load_round_trip_is_bit_identical() {
+    let be = Cpu;
+    let (cfg, params, _) = checkpoint::load(&be, &fixture("tiny_bert_qa"), DType::F32, 0).unwrap();
+    // BERTQA_KEEP_SAVED=DIR keeps the saved model there, for `scripts/make_reference.py --check-saved DIR`
+    let keep = std::env::var("BERTQA_KEEP_SAVED").ok().map(PathBuf::from);
+    let out = keep.clone().unwrap_or_else(|| tmpdir("roundtrip"));
+    checkpoint::save(
+        &be,
+        &out,
+        &cfg,
+        &params,
+        None,
+        checkpoint::raw_config(&fixture("tiny_bert_qa")).as_ref(),
+    )
+    .unwrap();
+    let (cfg2, p2, rep) = checkpoint::load(&be, &out, DType::F32, 0).unwrap();
+    assert_eq!(cfg, cfg2);
+    assert!(rep.had_prefix && !rep.qa_head_initialised);
+    for (a, b) in params.tensors().iter().zip(p2.tensors()) {
+        let (x, y) = (a.to_f32_vec(&be).unwrap(), b.to_f32_vec(&be).unwrap());
+        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()));
+    }
+    // the saved file uses HF names only (what transformers expects)
+    let saved = read_all(&out.join("model.safetensors"));
+    let orig = read_all(&fixture("tiny_bert_qa").join("model.safetensors"));
+    let mut a: Vec<_> = saved.keys().cloned().collect();
+    let mut b: Vec<_> = orig
+        .keys()
+        .filter(|k| !k.contains("position_ids") && !k.contains("pooler"))
+        .cloned()
+        .collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+    let conf: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(conf["architectures"][0], "BertForQuestionAnswering");
+    if keep.is_none() {
+        std::fs::remove_dir_all(&out).ok();
+    }
+}
+
+#[test]
+fn checkpoint_errors_name_the_problem() {
+    let be = Cpu;
+    let src = fixture("tiny_bert_qa");
+    let host = checkpoint::read_safetensors(&src.join("model.safetensors")).unwrap();
+    let cfg_text = std::fs::read_to_string(src.join("config.json")).unwrap();
+    let write = |name: &str, h: &checkpoint::HostTensors, cfg: &str| {
+        let d = tmpdir(name);
+        std::fs::write(d.join("config.json"), cfg).unwrap();
+        std::fs::write(
+            d.join("model.safetensors"),
+            checkpoint::safetensors_bytes(h, None).unwrap(),
+        )
+        .unwrap();
+        d
+    };
+    let err = |d: &Path| {
+        format!(
+            "{:#}",
+            checkpoint::load(&be, d, DType::F32, 0)
+                .err()
+                .expect("should fail")
+        )
+    };
+    // missing tensor
+    let mut h = host.clone();
+    h.remove("bert.encoder.layer.1.attention.self.key.weight");
+    let e = err(&write("missing", &h, &cfg_text));
+    assert!(
+        e.contains("missing tensor") && e.contains("encoder.layer.1.attention.self.key.weight"),
+        "{e}"
+    );
+    // wrong shape
+    let mut h = host.clone();
+    h.insert(
+        "bert.encoder.layer.0.intermediate.dense.bias".into(),
+        (vec![36], vec![0.0; 36]),
+    );
+    let e = err(&write("shape", &h, &cfg_text));
+    assert!(
+        e.contains("intermediate.dense.bias") && e.contains("[36]") && e.contains("[37]"),
+        "{e}"
+    );
+    // config/weights mismatch
+    let e = err(&write(
+        "cfg",
+        &host,
+        &cfg_text.replace("\"hidden_size\": 32", "\"hidden_size\": 64"),
+    ));
+    assert!(e.contains("shape") && e.contains("config"), "{e}");
+    // unexpected tensor
+    let mut h = host.clone();
+    h.insert(
+        "bert.encoder.layer.7.output.dense.weight".into(),
+        (vec![2], vec![0.0; 2]),
+    );
+    let e = err(&write("unexpected", &h, &cfg_text));
+    assert!(e.contains("unexpected tensor"), "{e}");
+    // truncated file
+    let d = write("trunc", &host, &cfg_text);
+    let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+    std::fs::write(d.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    let e = err(&d);
+    assert!(
+        e.contains("model.safetensors") && e.contains("truncated or corrupt"),
+        "{e}"
+    );
+    // unsupported dtype
+    let d = tmpdir("dtype");
+    std::fs::write(d.join("config.json"), &cfg_text).unwrap();
+    let data = vec![0u8; 8 * 4];
+    let view = safetensors::tensor::TensorView::new(Dtype::F64, vec![4], &data).unwrap();
+    std::fs::write(
+        d.join("model.safetensors"),
+        safetensors::serialize(
+            vec![("bert.embeddings.LayerNorm.bias".to_string(), view)],
+            None,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let e = err(&d);
+    assert!(
+        e.contains("unsupported dtype") && e.contains("LayerNorm.bias"),
+        "{e}"
+    );
+    // bad config
+    let e = err(&write(
+        "act",
+        &host,
+        &cfg_text.replace("\"gelu\"", "\"relu\""),
+    ));
+    assert!(e.contains("hidden_act"), "{e}");
+}
