@@ -16,6 +16,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Fine-tune a BERT checkpoint on SQuAD
+    Train(Box<cli::train::TrainArgs>),
+    /// Write a randomly initialised BertForQuestionAnswering directory
+    InitRandom(cli::init::InitArgs),
     /// Score a predictions.json against a SQuAD file (drop-in for the official script)
     Score(cli::score::ScoreArgs),
     /// Run a QA model over a SQuAD file: predictions + EM/F1
@@ -27,6 +31,8 @@ enum Cmd {
 fn main() {
     let args = Cli::parse();
     let res = match &args.cmd {
+        Cmd::Train(a) => cli::train::run(a),
+        Cmd::InitRandom(a) => cli::init::run(a),
         Cmd::Score(a) => cli::score::run(a),
         Cmd::Eval(a) => cli::eval::run_eval(a),
         Cmd::Predict(a) => cli::eval::run_predict(a),

@@ -225,7 +225,7 @@ fn minilm_logits_match_transformers_on_a_real_squad_window() {
             .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
     };
     let (ds_, de_) = (abs(&s, &r["start_logits"].1), abs(&e, &r["end_logits"].1));
-    println!("all-MiniLM-L6-v2 on dev question {}: max |Δ start logit| {ds_:.3e}, max |Δ end logit| {de_:.3e} (logit scale {:.3})", "56be4db0acb8001400a502ec", r["start_logits"].1.iter().fold(0.0f64, |m, x| m.max(x.abs())));
+    println!("all-MiniLM-L6-v2 on dev question 56be4db0acb8001400a502ec: max |Δ start logit| {ds_:.3e}, max |Δ end logit| {de_:.3e} (logit scale {:.3})", r["start_logits"].1.iter().fold(0.0f64, |m, x| m.max(x.abs())));
     assert!(ds_ < 1e-4 && de_ < 1e-4);
 }
 

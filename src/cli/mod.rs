@@ -1,6 +1,7 @@
 //! The `bertqa` command line: `train`, `eval`, `predict`, `score`.
 
 pub mod eval;
+pub mod init;
 pub mod score;
 pub mod train;
 

@@ -1,1 +1,291 @@
-//! train (see src/train)
+//! `bertqa train`: fine-tune a BERT checkpoint on SQuAD.
+
+use crate::backend::Backend;
+use crate::cli::eval::EvalOpts;
+use crate::cli::{on_device, precision_dtype, DeviceFn};
+use crate::data::squad::Dataset;
+use crate::data::tokenizer;
+use crate::model::checkpoint as mc;
+use crate::tensor::DType;
+use crate::train::{self, checkpoint, FeatureCfgSer, PostCfgSer, RunInputs, TrainConfig, Trainer};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// HF-format BERT directory to start from (BertModel or BertForQuestionAnswering)
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub train_file: PathBuf,
+    /// dev set for evaluation, early stopping and best/
+    #[arg(long)]
+    pub dev_file: Option<PathBuf>,
+    #[arg(long)]
+    pub output_dir: PathBuf,
+    #[arg(long, default_value_t = 2)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 3e-5)]
+    pub learning_rate: f64,
+    /// windows per optimizer step
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// split each batch into this many micro-batches (same result, less memory)
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum_steps: usize,
+    #[arg(long, default_value_t = 0.1)]
+    pub warmup_ratio: f64,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub adam_beta1: f64,
+    #[arg(long, default_value_t = 0.999)]
+    pub adam_beta2: f64,
+    #[arg(long, default_value_t = 1e-8)]
+    pub adam_eps: f64,
+    /// global gradient-norm clipping (0: off)
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// auto (bf16 on GPU, fp32 on CPU), fp32, bf16 (f32 master weights) or fp16 (plus dynamic loss scaling)
+    #[arg(long, default_value = "auto")]
+    pub precision: String,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// stop after this many optimizer steps
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// train on the first N questions only (quick runs)
+    #[arg(long)]
+    pub max_train_examples: Option<usize>,
+    /// evaluate on the first N dev questions only
+    #[arg(long)]
+    pub max_eval_examples: Option<usize>,
+    /// evaluate every N steps (0: at each epoch end only)
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: usize,
+    /// checkpoint every N steps (0: at each epoch end only)
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
+    /// keep at most N checkpoint-* folders (0: all)
+    #[arg(long, default_value_t = 2)]
+    pub save_total_limit: usize,
+    /// continue from the latest checkpoint in --output-dir (or from the checkpoint folder given)
+    #[arg(long, num_args = 0..=1, default_missing_value = "")]
+    pub resume: Option<String>,
+    /// stop when dev F1 has not improved for N evaluations (0: never)
+    #[arg(long, default_value_t = 0)]
+    pub early_stopping_patience: usize,
+    /// override the config's hidden_dropout_prob
+    #[arg(long)]
+    pub hidden_dropout: Option<f32>,
+    /// override the config's attention_probs_dropout_prob
+    #[arg(long)]
+    pub attention_dropout: Option<f32>,
+    /// pad every batch to --max-seq-length instead of its longest window (same results, slower)
+    #[arg(long)]
+    pub no_dynamic_padding: bool,
+    /// abort after this many non-finite steps in a row
+    #[arg(long, default_value_t = 10)]
+    pub max_bad_steps: usize,
+    #[arg(long, default_value_t = 64)]
+    pub eval_batch_size: usize,
+    /// write a metrics line every N steps
+    #[arg(long, default_value_t = 1)]
+    pub log_every: usize,
+    #[arg(long)]
+    pub no_progress: bool,
+    #[command(flatten)]
+    pub opts: EvalOpts,
+}
+
+impl TrainArgs {
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0
+            || self.grad_accum_steps == 0
+            || self.grad_accum_steps > self.batch_size
+        {
+            bail!(
+                "--batch-size ({}) must be ≥ 1 and ≥ --grad-accum-steps ({})",
+                self.batch_size,
+                self.grad_accum_steps
+            );
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate < 1.0) {
+            bail!("--learning-rate {} must be in (0, 1)", self.learning_rate);
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            bail!("--warmup-ratio {} must be in [0, 1)", self.warmup_ratio);
+        }
+        if !(0.0..1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) {
+            bail!("--adam-beta1/--adam-beta2 must be in [0, 1)");
+        }
+        if self.epochs == 0 {
+            bail!("--epochs must be ≥ 1");
+        }
+        if self.opts.doc_stride >= self.opts.max_seq_length
+            || self.opts.max_query_length + 8 > self.opts.max_seq_length
+        {
+            bail!("--doc-stride ({}) and --max-query-length ({}) must leave room in --max-seq-length ({})", self.opts.doc_stride, self.opts.max_query_length, self.opts.max_seq_length);
+        }
+        for (n, p) in [
+            ("--hidden-dropout", self.hidden_dropout),
+            ("--attention-dropout", self.attention_dropout),
+        ] {
+            if let Some(p) = p {
+                if !(0.0..1.0).contains(&p) {
+                    bail!("{n} {p} must be in [0, 1)");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn config(&self, bcfg: &crate::model::BertConfig) -> TrainConfig {
+        TrainConfig {
+            epochs: self.epochs,
+            learning_rate: self.learning_rate,
+            batch_size: self.batch_size,
+            grad_accum_steps: self.grad_accum_steps,
+            warmup_ratio: self.warmup_ratio,
+            weight_decay: self.weight_decay,
+            adam_beta1: self.adam_beta1,
+            adam_beta2: self.adam_beta2,
+            adam_eps: self.adam_eps,
+            max_grad_norm: self.max_grad_norm,
+            seed: self.seed,
+            max_steps: self.max_steps,
+            eval_every: self.eval_every,
+            save_every: self.save_every,
+            save_total_limit: self.save_total_limit,
+            early_stopping_patience: self.early_stopping_patience,
+            hidden_dropout: self.hidden_dropout.unwrap_or(bcfg.hidden_dropout_prob),
+            attention_dropout: self
+                .attention_dropout
+                .unwrap_or(bcfg.attention_probs_dropout_prob),
+            dynamic_padding: !self.no_dynamic_padding,
+            max_bad_steps: self.max_bad_steps,
+            eval_batch_size: self.eval_batch_size,
+            log_every: self.log_every,
+            features: FeatureCfgSer {
+                max_seq_length: self.opts.max_seq_length,
+                doc_stride: self.opts.doc_stride,
+                max_query_length: self.opts.max_query_length,
+            },
+            post: PostCfgSer {
+                n_best_size: self.opts.n_best_size,
+                max_answer_length: self.opts.max_answer_length,
+                version_2: self.opts.version_2_with_negative,
+                null_score_diff_threshold: self.opts.null_score_diff_threshold,
+            },
+        }
+    }
+}
+
+struct TrainJob<'a>(&'a TrainArgs);
+impl DeviceFn<()> for TrainJob<'_> {
+    fn call<B: Backend>(self, be: &B) -> Result<()> {
+        let a = self.0;
+        let mut train_ds = Dataset::load(&a.train_file)?;
+        if let Some(msg) = train_ds.misaligned_report() {
+            eprintln!("{}: {msg}", a.train_file.display());
+        }
+        if let Some(n) = a.max_train_examples {
+            train_ds.truncate(n);
+        }
+        let dev = match &a.dev_file {
+            Some(p) => {
+                let mut d = Dataset::load(p)?;
+                if let Some(n) = a.max_eval_examples {
+                    d.truncate(n);
+                }
+                Some(d)
+            }
+            None => None,
+        };
+        let tok = tokenizer::load(&a.model)?;
+        let resume_dir = match a.resume.as_deref() {
+            None => None,
+            Some("") => Some(checkpoint::latest(&a.output_dir).with_context(|| {
+                format!(
+                    "--resume: no checkpoint-* with trainer_state.json in {}",
+                    a.output_dir.display()
+                )
+            })?),
+            Some(p) => Some(PathBuf::from(p)),
+        };
+        let mut trainer = match &resume_dir {
+            Some(dir) => {
+                let r = checkpoint::restore(be, dir)?;
+                eprintln!("resuming from {} (step {}, epoch {}); the checkpoint's hyperparameters are used", dir.display(), r.state.global_step, r.state.epoch);
+                checkpoint::into_trainer(be, r)?
+            }
+            None => {
+                let precision = precision_dtype(be, &a.precision)?;
+                let (bcfg, master, rep) = mc::load(be, &a.model, DType::F32, a.seed)?;
+                if rep.qa_head_initialised {
+                    eprintln!("{}: no qa_outputs in the checkpoint: span head initialised normal(0, {}) with seed {}", a.model.display(), bcfg.initializer_range, a.seed);
+                }
+                let cfg = a.config(&bcfg);
+                Trainer::new(be, bcfg, master, precision, cfg)?
+            }
+        };
+        if !be.supports(DType::F64) {
+            trainer.set_peak_tflops(Some(989.0)); // H100 SXM dense bf16 datasheet peak; see README for measured
+        }
+        eprintln!(
+            "model: {} layers, hidden {}, {:.1}M parameters; precision {}; device {}",
+            trainer.model.cfg.num_hidden_layers,
+            trainer.model.cfg.hidden_size,
+            trainer.model.cfg.num_params() as f64 / 1e6,
+            trainer.model.dtype(),
+            be.name()
+        );
+        let flag = Arc::new(AtomicBool::new(false));
+        {
+            let f = flag.clone();
+            let _ = ctrlc::set_handler(move || {
+                if f.swap(true, Ordering::SeqCst) {
+                    std::process::exit(130);
+                }
+                eprintln!("\nCtrl-C: finishing this step and saving a checkpoint (press again to quit now)");
+            });
+        }
+        let inp = RunInputs {
+            train: &train_ds,
+            dev: dev.as_ref(),
+            tokenizer: &tok,
+            output_dir: a.output_dir.clone(),
+            model_dir: a.model.clone(),
+            precision: trainer.model.dtype(),
+            resume_from: resume_dir,
+            show_progress: !a.no_progress,
+            interrupt: Some(flag),
+            stop_after_steps: None,
+        };
+        let s = train::run(&mut trainer, &inp)?;
+        let summary = serde_json::json!({
+            "steps": s.state.global_step, "skipped_steps": s.state.skipped_steps, "epochs": s.state.epoch,
+            "train_windows": s.train_windows, "seconds": s.seconds, "train_seq_per_s": s.seq_per_s,
+            "final_loss": s.losses.last(), "best_f1": s.state.best_f1, "best_step": s.state.best_step,
+            "stopped_early": s.state.stopped_early, "precision": trainer.model.dtype().to_string(), "device": be.name(),
+        });
+        crate::util::write_atomic(
+            &a.output_dir.join("summary.json"),
+            serde_json::to_string_pretty(&summary)?.as_bytes(),
+        )?;
+        println!("summary: {summary}");
+        match s.final_metrics {
+            Some(m) => println!("{m}"),
+            None => println!("{{}}"),
+        }
+        Ok(())
+    }
+}
+
+pub fn run(a: &TrainArgs) -> Result<()> {
+    a.validate()?;
+    on_device(&a.opts.device.clone(), TrainJob(a))
+}

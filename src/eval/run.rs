@@ -10,6 +10,9 @@ use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::path::Path;
 
+/// Per-feature start and end logits, each (T).
+pub type SpanLogits = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+
 /// Start and end logits of every feature (length T each). Batches are trimmed to their longest window
 /// (rounded up to 32): the padded positions are masked, so the logits of real tokens are unchanged.
 pub fn logits_for<B: Backend>(
@@ -18,7 +21,7 @@ pub fn logits_for<B: Backend>(
     feats: &[Feature],
     batch_size: usize,
     progress: Option<&indicatif::ProgressBar>,
-) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+) -> Result<SpanLogits> {
     let mut starts = Vec::with_capacity(feats.len());
     let mut ends = Vec::with_capacity(feats.len());
     let mut acts_cache: Option<Acts<B>> = None;

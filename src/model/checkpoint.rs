@@ -313,3 +313,73 @@ pub fn raw_config(dir: &Path) -> Option<serde_json::Value> {
         .ok()
         .and_then(|s| serde_json::from_str(&s).ok())
 }
+
+/// Host tensors (HF names, `bert.` prefix) of a freshly initialised BertForQuestionAnswering, as HF's
+/// `_init_weights` does: linear and embedding weights normal(0, initializer_range), biases 0, LayerNorm
+/// weight 1 and bias 0, the [PAD] embedding row 0.
+pub fn random_init_host(cfg: &BertConfig, seed: u64) -> HostTensors {
+    let mut rng = Rng::new(seed);
+    let mut out = HostTensors::new();
+    for (name, shape) in param_specs(cfg) {
+        let n: usize = shape.iter().product();
+        let parts = hf_names(&name);
+        let per = n / parts.len();
+        for p in parts {
+            let mut s = shape.clone();
+            s[0] /= hf_names(&name).len();
+            let vals: Vec<f32> = if p.contains("LayerNorm.weight") {
+                vec![1.0; per]
+            } else if p.ends_with(".bias") {
+                vec![0.0; per]
+            } else {
+                let mut v: Vec<f32> = (0..per)
+                    .map(|_| (rng.normal() * cfg.initializer_range as f64) as f32)
+                    .collect();
+                if p == "embeddings.word_embeddings.weight" {
+                    if let Some(pad) = cfg.pad_token_id.filter(|&p| p >= 0) {
+                        let c = cfg.hidden_size;
+                        v[pad as usize * c..(pad as usize + 1) * c]
+                            .iter_mut()
+                            .for_each(|x| *x = 0.0);
+                    }
+                }
+                v
+            };
+            let full = if p.starts_with("qa_outputs.") {
+                p
+            } else {
+                format!("bert.{p}")
+            };
+            out.insert(full, (s, vals));
+        }
+    }
+    out
+}
+
+/// Write a randomly initialised model directory (config + weights + the tokenizer files of `tokenizer_src`).
+pub fn write_random_model(
+    dir: &Path,
+    cfg: &BertConfig,
+    seed: u64,
+    tokenizer_src: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    crate::util::write_atomic(
+        &dir.join("model.safetensors"),
+        &safetensors_bytes(&random_init_host(cfg, seed), None)?,
+    )?;
+    let mut conf = serde_json::to_value(cfg)?;
+    conf["architectures"] = serde_json::json!(["BertForQuestionAnswering"]);
+    conf["model_type"] = serde_json::json!("bert");
+    crate::util::write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&conf)?.as_bytes(),
+    )?;
+    for f in TOKENIZER_FILES {
+        let p = tokenizer_src.join(f);
+        if p.exists() {
+            std::fs::copy(&p, dir.join(f)).with_context(|| format!("copying {}", p.display()))?;
+        }
+    }
+    Ok(())
+}

@@ -15,6 +15,7 @@ use crate::cuda::{suffix, Cuda};
 use crate::rng::Dropout;
 use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
+use rayon::prelude::*;
 
 pub trait AttentionOps: BackendCore {
     /// out (B,T,C), lse (B,NH,T) ← qkv (B,T,3C), mask (B,T) i32.
@@ -98,19 +99,20 @@ fn probs<T: Real>(q: &[T], k: &[T], mask: &[i32], t: usize, hs: usize) -> (Vec<T
                 m = m.max(row[j]);
             }
         }
+        // one exp per score: e_j = exp(s_j - m), l = Σ e_j, P_j = e_j / l, lse = m + ln l
         let mut l = T::zero();
         for j in 0..t {
-            if mask[j] != 0 {
-                l += (row[j] - m).exp();
-            }
-        }
-        lse[i] = m + l.ln();
-        for j in 0..t {
             row[j] = if mask[j] != 0 {
-                (row[j] - lse[i]).exp()
+                (row[j] - m).exp()
             } else {
                 T::zero()
             };
+            l += row[j];
+        }
+        lse[i] = m + l.ln();
+        let inv = T::one() / l;
+        for v in row.iter_mut() {
+            *v *= inv;
         }
     }
     (s, lse)
@@ -130,25 +132,32 @@ impl AttentionOps for Cpu {
         let mk = ids(mask)?;
         crate::cpu_compute!(out.dtype, T => {
             let x = rd::<T>(qkv);
-            let mut o = wr::<T>(out, false);
-            let mut ls = wr::<T>(lse, false);
-            for bi in 0..b {
-                for h in 0..nh {
+            // every (b, h) is independent: compute them in parallel, then scatter into (B,T,C) and (B,NH,T)
+            let per_head: Vec<(Vec<T>, Vec<T>)> = (0..b * nh)
+                .into_par_iter()
+                .map(|bh| {
+                    let (bi, h) = (bh / nh, bh % nh);
                     let (q, k, v) = (head(&x, bi, t, c, hs, h, 0), head(&x, bi, t, c, hs, h, 1), head(&x, bi, t, c, hs, h, 2));
                     let (mut p, l) = probs(&q, &k, &mk[bi * t..(bi + 1) * t], t, hs);
-                    let base = ((bi * nh + h) * t) as u64;
+                    let base = (bh * t) as u64;
                     for i in 0..t {
-                        ls[(bi * nh + h) * t + i] = l[i];
                         for j in 0..t {
                             p[i * t + j] *= T::of(drop.factor((base + i as u64) * t as u64 + j as u64));
                         }
                     }
                     let mut oh = vec![T::zero(); t * hs];
                     gemm(t, t, hs, T::one(), &p, false, &v, false, T::zero(), &mut oh);
-                    for i in 0..t {
-                        let dst = (bi * t + i) * c + h * hs;
-                        o[dst..dst + hs].copy_from_slice(&oh[i * hs..(i + 1) * hs]);
-                    }
+                    (oh, l)
+                })
+                .collect();
+            let mut o = wr::<T>(out, false);
+            let mut ls = wr::<T>(lse, false);
+            for (bh, (oh, l)) in per_head.iter().enumerate() {
+                let (bi, h) = (bh / nh, bh % nh);
+                ls[bh * t..(bh + 1) * t].copy_from_slice(l);
+                for i in 0..t {
+                    let dst = (bi * t + i) * c + h * hs;
+                    o[dst..dst + hs].copy_from_slice(&oh[i * hs..(i + 1) * hs]);
                 }
             }
         });
@@ -172,10 +181,12 @@ impl AttentionOps for Cpu {
         let mk = ids(mask)?;
         crate::cpu_compute!(dout.dtype, T => {
             let (x, dy, y) = (rd::<T>(qkv), rd::<T>(dout), rd::<T>(out));
-            let mut dx = wr::<T>(dqkv, false);
             let scale = T::one() / T::of(hs as f64).sqrt();
-            for bi in 0..b {
-                for h in 0..nh {
+            // per (b, h) in parallel: (dq, dk, dv), each (T, HS)
+            let per_head: Vec<[Vec<T>; 3]> = (0..b * nh)
+                .into_par_iter()
+                .map(|bh| {
+                    let (bi, h) = (bh / nh, bh % nh);
                     let (q, k, v) = (head(&x, bi, t, c, hs, h, 0), head(&x, bi, t, c, hs, h, 1), head(&x, bi, t, c, hs, h, 2));
                     let (p, _) = probs(&q, &k, &mk[bi * t..(bi + 1) * t], t, hs);
                     // dO and O of this head, contiguous (T, HS)
@@ -186,7 +197,7 @@ impl AttentionOps for Cpu {
                         d_o[i * hs..(i + 1) * hs].copy_from_slice(&dy[src..src + hs]);
                         o[i * hs..(i + 1) * hs].copy_from_slice(&y[src..src + hs]);
                     }
-                    let base = ((bi * nh + h) * t) as u64;
+                    let base = (bh * t) as u64;
                     let f = |i: usize, j: usize| T::of(drop.factor((base + i as u64) * t as u64 + j as u64));
                     // dPd = dO·Vᵀ (T,T); Pd = P∘f
                     let mut dpd = vec![T::zero(); t * t];
@@ -205,12 +216,17 @@ impl AttentionOps for Cpu {
                     gemm(t, t, hs, T::one(), &pd, true, &d_o, false, T::zero(), &mut dv);
                     gemm(t, t, hs, scale, &ds, false, &k, false, T::zero(), &mut dq);
                     gemm(t, t, hs, scale, &ds, true, &q, false, T::zero(), &mut dk);
-                    for i in 0..t {
-                        let dst = (bi * t + i) * 3 * c + h * hs;
-                        dx[dst..dst + hs].copy_from_slice(&dq[i * hs..(i + 1) * hs]);
-                        dx[dst + c..dst + c + hs].copy_from_slice(&dk[i * hs..(i + 1) * hs]);
-                        dx[dst + 2 * c..dst + 2 * c + hs].copy_from_slice(&dv[i * hs..(i + 1) * hs]);
-                    }
+                    [dq, dk, dv]
+                })
+                .collect();
+            let mut dx = wr::<T>(dqkv, false);
+            for (bh, [dq, dk, dv]) in per_head.iter().enumerate() {
+                let (bi, h) = (bh / nh, bh % nh);
+                for i in 0..t {
+                    let dst = (bi * t + i) * 3 * c + h * hs;
+                    dx[dst..dst + hs].copy_from_slice(&dq[i * hs..(i + 1) * hs]);
+                    dx[dst + c..dst + c + hs].copy_from_slice(&dk[i * hs..(i + 1) * hs]);
+                    dx[dst + 2 * c..dst + 2 * c + hs].copy_from_slice(&dv[i * hs..(i + 1) * hs]);
                 }
             }
         });

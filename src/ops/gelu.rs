@@ -6,6 +6,7 @@ use crate::cpu::{rd, wr, Cpu, Real};
 use crate::cuda::{dtype_code, Cuda};
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
+use rayon::prelude::*;
 
 pub trait GeluOps: BackendCore {
     /// out (n) ← inp (n).
@@ -44,9 +45,11 @@ impl GeluOps for Cpu {
         crate::cpu_compute!(out.dtype, T => {
             let x = rd::<T>(inp);
             let mut o = wr::<T>(out, false);
-            for (o, &x) in o.iter_mut().zip(x.iter()) {
-                *o = gelu_ref(x);
-            }
+            o.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(o, x)| {
+                for (o, &x) in o.iter_mut().zip(x) {
+                    *o = gelu_ref(x);
+                }
+            });
         });
         Ok(())
     }
@@ -61,9 +64,11 @@ impl GeluOps for Cpu {
         crate::cpu_compute!(dout.dtype, T => {
             let (x, dy) = (rd::<T>(inp), rd::<T>(dout));
             let mut d = wr::<T>(dinp, false);
-            for i in 0..d.len() {
-                d[i] = dy[i] * gelu_grad_ref(x[i]);
-            }
+            d.par_chunks_mut(4096).zip(dy.par_chunks(4096).zip(x.par_chunks(4096))).for_each(|(d, (dy, x))| {
+                for i in 0..d.len() {
+                    d[i] = dy[i] * gelu_grad_ref(x[i]);
+                }
+            });
         });
         Ok(())
     }

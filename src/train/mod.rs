@@ -1,1 +1,602 @@
-//! train
+//! The fine-tuning loop, written once for every backend: shuffled windows, micro-batches with gradient
+//! accumulation, span loss, backward, global-norm clipping, AdamW with linear warmup/decay, mixed precision
+//! (bf16/fp16 working weights with f32 master weights; dynamic loss scaling for fp16), periodic evaluation
+//! with early stopping, atomic checkpoints with exact resume, a JSONL metrics log and a loss/F1 plot.
+
+pub mod checkpoint;
+pub mod plot;
+
+use crate::backend::Backend;
+use crate::data::features::{featurize, Feature, FeatureCfg};
+use crate::data::squad::Dataset;
+use crate::data::tokenizer::WordPieceTokenizer;
+use crate::eval::postprocess::PostCfg;
+use crate::model::bert::{grad_dtype, Acts, Batch, BertQa, DropoutCfg};
+use crate::model::params::{decays, param_specs};
+use crate::model::{BertConfig, BertParams};
+use crate::ops::adamw::{AdamWHyper, AdamWSlot};
+use crate::optim::{clip_coef, linear_schedule, LossScaler};
+use crate::rng::{splitmix64, Rng};
+use crate::tensor::DType;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Everything that defines a run (saved in trainer_state.json).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub learning_rate: f64,
+    pub batch_size: usize,
+    pub grad_accum_steps: usize,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    pub max_steps: Option<usize>,
+    pub eval_every: usize,
+    pub save_every: usize,
+    pub save_total_limit: usize,
+    pub early_stopping_patience: usize,
+    pub hidden_dropout: f32,
+    pub attention_dropout: f32,
+    pub dynamic_padding: bool,
+    pub max_bad_steps: usize,
+    pub eval_batch_size: usize,
+    pub log_every: usize,
+    pub features: FeatureCfgSer,
+    pub post: PostCfgSer,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct FeatureCfgSer {
+    pub max_seq_length: usize,
+    pub doc_stride: usize,
+    pub max_query_length: usize,
+}
+impl From<FeatureCfgSer> for FeatureCfg {
+    fn from(f: FeatureCfgSer) -> Self {
+        FeatureCfg {
+            max_seq_length: f.max_seq_length,
+            doc_stride: f.doc_stride,
+            max_query_length: f.max_query_length,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct PostCfgSer {
+    pub n_best_size: usize,
+    pub max_answer_length: usize,
+    pub version_2: bool,
+    pub null_score_diff_threshold: f64,
+}
+impl From<PostCfgSer> for PostCfg {
+    fn from(p: PostCfgSer) -> Self {
+        PostCfg {
+            n_best_size: p.n_best_size,
+            max_answer_length: p.max_answer_length,
+            version_2: p.version_2,
+            null_score_diff_threshold: p.null_score_diff_threshold,
+        }
+    }
+}
+
+/// Progress of a run (saved in trainer_state.json; restored by --resume).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TrainState {
+    /// optimizer steps taken (applied or skipped)
+    pub global_step: usize,
+    /// AdamW updates applied (Adam's bias-correction step t)
+    pub adam_t: u64,
+    pub epoch: usize,
+    /// batches consumed in the current epoch
+    pub batch_in_epoch: usize,
+    pub total_steps: usize,
+    pub warmup_steps: usize,
+    pub best_f1: Option<f64>,
+    pub best_step: usize,
+    pub evals_since_best: usize,
+    pub skipped_steps: usize,
+    pub consecutive_bad: usize,
+    pub scaler: Option<LossScaler>,
+    pub last_eval: Option<serde_json::Value>,
+    pub stopped_early: bool,
+}
+
+/// Inputs of a run that are not saved: data, device, paths.
+pub struct RunInputs<'a> {
+    pub train: &'a Dataset,
+    pub dev: Option<&'a Dataset>,
+    pub tokenizer: &'a WordPieceTokenizer,
+    pub output_dir: PathBuf,
+    pub model_dir: PathBuf,
+    pub precision: DType,
+    pub resume_from: Option<PathBuf>,
+    pub show_progress: bool,
+    pub interrupt: Option<Arc<AtomicBool>>,
+    /// Behave as if interrupted after this many optimizer steps (tests of --resume).
+    pub stop_after_steps: Option<usize>,
+}
+
+/// What a finished run reports.
+pub struct RunSummary {
+    pub state: TrainState,
+    pub final_metrics: Option<serde_json::Value>,
+    pub losses: Vec<f64>,
+    pub seconds: f64,
+    pub train_windows: usize,
+    pub seq_per_s: f64,
+}
+
+pub struct Trainer<'a, B: Backend> {
+    pub be: &'a B,
+    pub cfg: TrainConfig,
+    pub model: BertQa<B>,
+    /// f32 master weights when the model computes in bf16/f16 (None: the model's weights are the master)
+    pub master: Option<BertParams<B>>,
+    pub grads: BertParams<B>,
+    pub m: BertParams<B>,
+    pub v: BertParams<B>,
+    pub names: Vec<String>,
+    pub state: TrainState,
+    pub scaler: LossScaler,
+    acts: HashMap<(usize, usize), Acts<B>>,
+    peak_tflops: Option<f64>,
+}
+
+impl<'a, B: Backend> Trainer<'a, B> {
+    /// A trainer for `master` weights (f32, or f64 on the CPU), computing in `precision`.
+    pub fn new(
+        be: &'a B,
+        bcfg: BertConfig,
+        master: BertParams<B>,
+        precision: DType,
+        cfg: TrainConfig,
+    ) -> Result<Self> {
+        let gd = grad_dtype(precision);
+        if master.dtype() != gd {
+            bail!(
+                "master weights must be {gd} for {precision} training, got {}",
+                master.dtype()
+            );
+        }
+        let (model_params, master) = if precision == gd {
+            (master, None)
+        } else {
+            (master.cast(be, precision)?, Some(master))
+        };
+        let names = param_specs(&bcfg).into_iter().map(|(n, _)| n).collect();
+        let grads = BertParams::zeros(be, &bcfg, gd)?;
+        let m = BertParams::zeros(be, &bcfg, gd)?;
+        let v = BertParams::zeros(be, &bcfg, gd)?;
+        let scaler = LossScaler::new(precision == DType::F16);
+        Ok(Trainer {
+            be,
+            cfg,
+            model: BertQa::new(bcfg, model_params),
+            master,
+            grads,
+            m,
+            v,
+            names,
+            state: TrainState::default(),
+            scaler,
+            acts: HashMap::new(),
+            peak_tflops: None,
+        })
+    }
+
+    /// The weights being optimised (f32).
+    pub fn master_params(&self) -> &BertParams<B> {
+        self.master.as_ref().unwrap_or(&self.model.params)
+    }
+
+    pub fn set_peak_tflops(&mut self, p: Option<f64>) {
+        self.peak_tflops = p;
+    }
+
+    /// Dropout for micro-batch `micro` of optimizer step `step`.
+    fn dropout(&self, step: usize, micro: usize) -> DropoutCfg {
+        DropoutCfg {
+            hidden: self.cfg.hidden_dropout,
+            attn: self.cfg.attention_dropout,
+            seed: splitmix64(self.cfg.seed ^ splitmix64(((step as u64) << 16) | micro as u64)),
+        }
+    }
+
+    /// One optimizer step over `feats` (split into micro-batches). Returns (loss, grad norm, applied).
+    pub fn step(&mut self, feats: &[&Feature], lr: f64) -> Result<(f64, f64, bool)> {
+        let be = self.be;
+        let n = feats.len();
+        let accum = self.cfg.grad_accum_steps.max(1);
+        let micro = n.div_ceil(accum).max(1);
+        let loss_scale = self.scaler.loss_scale();
+        self.grads.zero_(be)?;
+        let mut loss = 0.0;
+        for (mi, chunk) in feats.chunks(micro).enumerate() {
+            let full_t = chunk[0].input_ids.len();
+            let t = if self.cfg.dynamic_padding {
+                let longest = chunk
+                    .iter()
+                    .map(|f| {
+                        f.attention_mask
+                            .iter()
+                            .rposition(|&m| m != 0)
+                            .map_or(1, |p| p + 1)
+                    })
+                    .max()
+                    .unwrap_or(1);
+                longest.div_ceil(64).saturating_mul(64).min(full_t)
+            } else {
+                full_t
+            };
+            let b = chunk.len();
+            let (mut ids, mut types, mut mask) = (
+                Vec::with_capacity(b * t),
+                Vec::with_capacity(b * t),
+                Vec::with_capacity(b * t),
+            );
+            for f in chunk {
+                ids.extend_from_slice(&f.input_ids[..t]);
+                types.extend_from_slice(&f.token_type_ids[..t]);
+                mask.extend_from_slice(&f.attention_mask[..t]);
+            }
+            let starts: Vec<i64> = chunk.iter().map(|f| f.start_position).collect();
+            let ends: Vec<i64> = chunk.iter().map(|f| f.end_position).collect();
+            let batch = Batch::new(be, b, t, &ids, &types, &mask, &starts, &ends)?;
+            if !self.acts.contains_key(&(b, t)) {
+                let a = Acts::new(be, &self.model.cfg, b, t, self.model.dtype())?;
+                self.acts.insert((b, t), a);
+            }
+            let drop = self.dropout(self.state.global_step, mi);
+            let acts = self.acts.get_mut(&(b, t)).expect("inserted");
+            self.model.forward(be, acts, &batch, drop)?;
+            let w = b as f64 / n as f64;
+            let lo = self.model.loss(be, acts, &batch, loss_scale * w)?;
+            loss += w * lo.loss;
+            self.model
+                .backward(be, &mut self.grads, acts, &batch, drop)?;
+        }
+        let norm = (be.grad_sq_norm(&self.grads.tensors())?).sqrt() / loss_scale;
+        let finite = norm.is_finite() && loss.is_finite();
+        let apply = self.scaler.update(finite);
+        if apply {
+            self.state.adam_t += 1;
+            let hp = AdamWHyper {
+                lr,
+                beta1: self.cfg.adam_beta1,
+                beta2: self.cfg.adam_beta2,
+                eps: self.cfg.adam_eps,
+                weight_decay: self.cfg.weight_decay,
+                step: self.state.adam_t,
+                grad_scale: clip_coef(norm, self.cfg.max_grad_norm) / loss_scale,
+            };
+            let (masters, mut work) = match self.master.as_mut() {
+                Some(m) => (
+                    m.tensors_mut(),
+                    Some(self.model.params.tensors_mut().into_iter()),
+                ),
+                None => (self.model.params.tensors_mut(), None),
+            };
+            let mut slots = Vec::with_capacity(masters.len());
+            for ((((p, g), m), v), name) in masters
+                .into_iter()
+                .zip(self.grads.tensors())
+                .zip(self.m.tensors_mut())
+                .zip(self.v.tensors_mut())
+                .zip(&self.names)
+            {
+                let working = work.as_mut().and_then(|w| w.next());
+                slots.push(AdamWSlot {
+                    master: p,
+                    working,
+                    grad: g,
+                    m,
+                    v,
+                    decay: decays(name),
+                });
+            }
+            be.adamw_step(&mut slots, &hp)?;
+        }
+        Ok((loss, norm, apply))
+    }
+
+    /// Evaluate on features of `ds`: the metrics JSON.
+    pub fn evaluate(
+        &self,
+        ds: &Dataset,
+        feats: &[Feature],
+        post: &PostCfg,
+    ) -> Result<serde_json::Value> {
+        let preds = crate::eval::run::predict(
+            self.be,
+            &self.model,
+            ds,
+            feats,
+            self.cfg.eval_batch_size,
+            post,
+            false,
+        )?;
+        Ok(crate::eval::run::score(
+            ds,
+            &preds.answers,
+            Some(&preds.null_odds),
+            post.version_2,
+        ))
+    }
+}
+
+/// Training features: every window of every example whose answer is aligned (v2.0 impossible questions
+/// included, labelled [CLS]).
+pub fn training_features(
+    ds: &Dataset,
+    tok: &WordPieceTokenizer,
+    fc: &FeatureCfg,
+) -> Result<Vec<Feature>> {
+    let f = featurize(ds, tok, fc, true)?;
+    Ok(f.features
+        .into_iter()
+        .filter(|x| ds.examples[x.example].answer_aligned)
+        .collect())
+}
+
+/// The order of windows in `epoch`: a shuffle seeded by (seed, epoch), so a resumed run sees the same order.
+pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    Rng::new(splitmix64(seed ^ (0xE90C_u64 << 32) ^ epoch as u64)).shuffle(&mut order);
+    order
+}
+
+fn append_jsonl(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    writeln!(f, "{v}").with_context(|| format!("writing {}", path.display()))
+}
+
+/// Run training to the end (or early stop / interrupt). `trainer` holds the initial (or resumed) state.
+pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunSummary> {
+    let cfg = trainer.cfg.clone();
+    let t_start = Instant::now();
+    std::fs::create_dir_all(&inp.output_dir)
+        .with_context(|| format!("creating {}", inp.output_dir.display()))?;
+    let fc: FeatureCfg = cfg.features.into();
+    let post: PostCfg = cfg.post.into();
+    let t0 = Instant::now();
+    let feats = training_features(inp.train, inp.tokenizer, &fc)?;
+    if feats.is_empty() {
+        bail!("no training windows (empty training file?)");
+    }
+    let dev_feats = match inp.dev {
+        Some(d) => Some(featurize(d, inp.tokenizer, &fc, false)?.features),
+        None => None,
+    };
+    eprintln!(
+        "bertqa train: {} examples → {} training windows{}; featurized in {:.1}s",
+        inp.train.examples.len(),
+        feats.len(),
+        dev_feats
+            .as_ref()
+            .map(|d| format!(", {} dev windows", d.len()))
+            .unwrap_or_default(),
+        t0.elapsed().as_secs_f64()
+    );
+    let steps_per_epoch = feats.len().div_ceil(cfg.batch_size);
+    let mut total = steps_per_epoch * cfg.epochs;
+    if let Some(ms) = cfg.max_steps {
+        total = total.min(ms);
+    }
+    let st = &mut trainer.state;
+    if st.total_steps == 0 {
+        st.total_steps = total;
+        st.warmup_steps = (cfg.warmup_ratio * total as f64).ceil() as usize;
+    }
+    if let Some(s) = &st.scaler {
+        trainer.scaler = s.clone();
+    }
+    let metrics_path = inp.output_dir.join("metrics.jsonl");
+    let pb = if inp.show_progress {
+        let pb = indicatif::ProgressBar::new(trainer.state.total_steps as u64);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "train {bar:30} {pos}/{len} steps {msg} ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        pb.set_position(trainer.state.global_step as u64);
+        Some(pb)
+    } else {
+        None
+    };
+    let mut losses = vec![];
+    let mut seq_total = 0usize;
+    let mut time_total = 0.0f64;
+    let max_t = fc.max_seq_length;
+    'outer: while trainer.state.epoch < cfg.epochs
+        && trainer.state.global_step < trainer.state.total_steps
+    {
+        let order = epoch_order(feats.len(), cfg.seed, trainer.state.epoch);
+        while trainer.state.batch_in_epoch < steps_per_epoch {
+            if trainer.state.global_step >= trainer.state.total_steps {
+                break 'outer;
+            }
+            let bi = trainer.state.batch_in_epoch;
+            let idx = &order[bi * cfg.batch_size..((bi + 1) * cfg.batch_size).min(order.len())];
+            let batch: Vec<&Feature> = idx.iter().map(|&i| &feats[i]).collect();
+            let lr = linear_schedule(
+                trainer.state.global_step,
+                trainer.state.warmup_steps,
+                trainer.state.total_steps,
+                cfg.learning_rate,
+            );
+            let ts = Instant::now();
+            let (loss, norm, applied) = trainer.step(&batch, lr)?;
+            trainer.be.synchronize()?;
+            let dt = ts.elapsed().as_secs_f64();
+            trainer.state.global_step += 1;
+            trainer.state.batch_in_epoch += 1;
+            if !applied {
+                trainer.state.skipped_steps += 1;
+                trainer.state.consecutive_bad += 1;
+                eprintln!("step {}: non-finite loss/gradient (loss {loss}, grad norm {norm}); step skipped{}", trainer.state.global_step, if trainer.scaler.enabled { format!(", loss scale now {}", trainer.scaler.scale) } else { String::new() });
+                if trainer.state.consecutive_bad >= cfg.max_bad_steps {
+                    bail!("{} non-finite steps in a row at step {}: aborting (try a lower --learning-rate, --precision fp32, or check the data)", trainer.state.consecutive_bad, trainer.state.global_step);
+                }
+            } else {
+                trainer.state.consecutive_bad = 0;
+            }
+            losses.push(loss);
+            seq_total += batch.len();
+            time_total += dt;
+            let seq_s = batch.len() as f64 / dt;
+            let tok_s = batch
+                .iter()
+                .map(|f| {
+                    if cfg.dynamic_padding {
+                        f.attention_mask.iter().filter(|&&m| m != 0).count()
+                    } else {
+                        max_t
+                    }
+                })
+                .sum::<usize>() as f64
+                / dt;
+            let mfu = trainer
+                .peak_tflops
+                .map(|p| trainer.model.cfg.train_flops_per_seq(max_t) * seq_s / 1e12 / p);
+            if trainer.state.global_step.is_multiple_of(cfg.log_every.max(1)) || !applied {
+                let mut line = serde_json::json!({"step": trainer.state.global_step, "epoch": trainer.state.epoch as f64 + trainer.state.batch_in_epoch as f64 / steps_per_epoch as f64,
+                    "loss": loss, "lr": lr, "grad_norm": norm, "seq_per_s": seq_s, "tokens_per_s": tok_s, "applied": applied});
+                if let Some(m) = mfu {
+                    line["mfu"] = serde_json::json!(m);
+                }
+                if trainer.scaler.enabled {
+                    line["loss_scale"] = serde_json::json!(trainer.scaler.scale);
+                }
+                append_jsonl(&metrics_path, &line)?;
+            }
+            if let Some(pb) = &pb {
+                pb.set_message(format!("loss {loss:.4} lr {lr:.2e} {seq_s:.1} seq/s"));
+                pb.set_position(trainer.state.global_step as u64);
+            }
+            let mut stop = false;
+            if cfg.eval_every > 0 && trainer.state.global_step.is_multiple_of(cfg.eval_every) {
+                stop = eval_and_track(trainer, inp, dev_feats.as_deref(), &post, &metrics_path)?;
+            }
+            let interrupted = inp
+                .interrupt
+                .as_ref()
+                .map(|f| f.load(Ordering::SeqCst))
+                .unwrap_or(false)
+                || inp.stop_after_steps == Some(trainer.state.global_step);
+            if (cfg.save_every > 0 && trainer.state.global_step.is_multiple_of(cfg.save_every))
+                || interrupted
+                || stop
+            {
+                trainer.state.scaler = Some(trainer.scaler.clone());
+                checkpoint::save(trainer, inp)?;
+            }
+            if interrupted {
+                eprintln!(
+                    "interrupted: checkpoint saved at step {}; continue with --resume",
+                    trainer.state.global_step
+                );
+                break 'outer;
+            }
+            if stop {
+                trainer.state.stopped_early = true;
+                eprintln!("early stopping at step {}: dev F1 has not improved for {} evaluations (best {:.2} at step {})", trainer.state.global_step, cfg.early_stopping_patience, trainer.state.best_f1.unwrap_or(0.0), trainer.state.best_step);
+                break 'outer;
+            }
+        }
+        // epoch end
+        trainer.state.epoch += 1;
+        trainer.state.batch_in_epoch = 0;
+        let stop = if cfg.eval_every == 0 || !trainer.state.global_step.is_multiple_of(cfg.eval_every) {
+            eval_and_track(trainer, inp, dev_feats.as_deref(), &post, &metrics_path)?
+        } else {
+            false
+        };
+        trainer.state.scaler = Some(trainer.scaler.clone());
+        checkpoint::save(trainer, inp)?;
+        if stop {
+            trainer.state.stopped_early = true;
+            break;
+        }
+    }
+    if let Some(pb) = &pb {
+        pb.finish_and_clear();
+    }
+    // final metrics: the last evaluation, or one now if the run ended between evaluations
+    let final_metrics = match (&trainer.state.last_eval, inp.dev) {
+        (Some(v), _)
+            if v.get("step").and_then(|s| s.as_u64()) == Some(trainer.state.global_step as u64) =>
+        {
+            v.get("eval").cloned()
+        }
+        (_, Some(_)) => {
+            eval_and_track(trainer, inp, dev_feats.as_deref(), &post, &metrics_path)?;
+            trainer
+                .state
+                .last_eval
+                .as_ref()
+                .and_then(|v| v.get("eval").cloned())
+        }
+        _ => None,
+    };
+    plot::write_curves(&metrics_path, &inp.output_dir.join("curves.svg")).ok();
+    let secs = t_start.elapsed().as_secs_f64();
+    Ok(RunSummary {
+        state: trainer.state.clone(),
+        final_metrics,
+        losses,
+        seconds: secs,
+        train_windows: feats.len(),
+        seq_per_s: if time_total > 0.0 {
+            seq_total as f64 / time_total
+        } else {
+            0.0
+        },
+    })
+}
+
+/// Evaluate on the dev set (if any), log it, keep best/, and say whether to stop early.
+fn eval_and_track<B: Backend>(
+    trainer: &mut Trainer<B>,
+    inp: &RunInputs,
+    dev_feats: Option<&[Feature]>,
+    post: &PostCfg,
+    metrics_path: &Path,
+) -> Result<bool> {
+    let (Some(dev), Some(df)) = (inp.dev, dev_feats) else {
+        return Ok(false);
+    };
+    let t = Instant::now();
+    let m = trainer.evaluate(dev, df, post)?;
+    let f1 = m.get("f1").and_then(|v| v.as_f64()).unwrap_or(0.0);
+    let line = serde_json::json!({"step": trainer.state.global_step, "epoch": trainer.state.epoch, "eval": m, "eval_seconds": t.elapsed().as_secs_f64()});
+    append_jsonl(metrics_path, &line)?;
+    eprintln!("eval at step {}: {}", trainer.state.global_step, m);
+    trainer.state.last_eval = Some(line);
+    let improved = trainer.state.best_f1.map(|b| f1 > b).unwrap_or(true);
+    if improved {
+        trainer.state.best_f1 = Some(f1);
+        trainer.state.best_step = trainer.state.global_step;
+        trainer.state.evals_since_best = 0;
+        checkpoint::save_model_dir(trainer, inp, &inp.output_dir.join("best"))?;
+    } else {
+        trainer.state.evals_since_best += 1;
+    }
+    let p = trainer.cfg.early_stopping_patience;
+    Ok(p > 0 && trainer.state.evals_since_best >= p)
+}

@@ -1,0 +1,313 @@
+//! Training on the CPU backend: a tiny random BERT overfits 32 SQuAD questions; resume is bit-exact;
+//! AdamW against hand-computed values; fp16 overflow skips the step and halves the loss scale.
+
+use bertqa::cpu::Cpu;
+use bertqa::data::features::{featurize, FeatureCfg};
+use bertqa::data::squad::Dataset;
+use bertqa::data::tokenizer;
+use bertqa::eval::postprocess::PostCfg;
+use bertqa::model::{checkpoint, BertConfig};
+use bertqa::ops::adamw::{AdamWHyper, AdamWSlot};
+use bertqa::prelude::*;
+use bertqa::train::{self, FeatureCfgSer, PostCfgSer, RunInputs, TrainConfig, Trainer};
+use std::path::PathBuf;
+
+fn assets() -> Option<PathBuf> {
+    let a = bertqa::util::assets_dir();
+    if a.is_none() {
+        println!("SKIPPED: ../shared/assets not found (set BERTQA_ASSETS)");
+    }
+    a
+}
+
+fn tcfg(fc: FeatureCfg) -> TrainConfig {
+    TrainConfig {
+        epochs: 1,
+        learning_rate: 2e-3,
+        batch_size: 16,
+        grad_accum_steps: 1,
+        warmup_ratio: 0.05,
+        weight_decay: 0.01,
+        adam_beta1: 0.9,
+        adam_beta2: 0.999,
+        adam_eps: 1e-8,
+        max_grad_norm: 1.0,
+        seed: 7,
+        max_steps: None,
+        eval_every: 0,
+        save_every: 0,
+        save_total_limit: 0,
+        early_stopping_patience: 0,
+        hidden_dropout: 0.0,
+        attention_dropout: 0.0,
+        dynamic_padding: true,
+        max_bad_steps: 3,
+        eval_batch_size: 32,
+        log_every: 1,
+        features: FeatureCfgSer {
+            max_seq_length: fc.max_seq_length,
+            doc_stride: fc.doc_stride,
+            max_query_length: fc.max_query_length,
+        },
+        post: PostCfgSer {
+            n_best_size: 20,
+            max_answer_length: 30,
+            version_2: false,
+            null_score_diff_threshold: 0.0,
+        },
+    }
+}
+
+fn tiny_cfg() -> BertConfig {
+    BertConfig::tiny(30522, 64, 2, 4, 128, 512)
+}
+
+#[test]
+fn tiny_random_bert_overfits_32_questions() {
+    let Some(a) = assets() else { return };
+    let t0 = std::time::Instant::now();
+    let be = Cpu;
+    let mut ds = Dataset::load(&a.join("squad-v1.1/train-v1.1.json")).unwrap();
+    ds.truncate(32);
+    let tok = tokenizer::load(&a.join("all-MiniLM-L6-v2")).unwrap();
+    let fc = FeatureCfg {
+        max_seq_length: 256,
+        doc_stride: 96,
+        max_query_length: 48,
+    };
+    let feats = train::training_features(&ds, &tok, &fc).unwrap();
+    let cfg = tiny_cfg();
+    let host = checkpoint::random_init_host(&cfg, 1);
+    let stripped: checkpoint::HostTensors = host
+        .into_iter()
+        .map(|(k, v)| (k.strip_prefix("bert.").map(String::from).unwrap_or(k), v))
+        .collect();
+    let (master, _) =
+        checkpoint::params_from_host(&be, &cfg, &stripped, DType::F32, 1, "random").unwrap();
+    let mut tr = Trainer::new(&be, cfg, master, DType::F32, tcfg(fc)).unwrap();
+    let mut last = f64::INFINITY;
+    let steps = 100;
+    for step in 0..steps {
+        let batch: Vec<_> = feats.iter().collect(); // full batch: plain gradient descent on 32 questions
+        let lr = bertqa::optim::linear_schedule(step, 5, steps, 4e-3);
+        let (loss, _, applied) = tr.step(&batch, lr).unwrap();
+        assert!(applied);
+        last = loss;
+        if step % 10 == 0 {
+            println!("step {step}: loss {loss:.4}");
+        }
+    }
+    // loss over all training windows, then exact match on the same questions
+    let all: Vec<_> = feats.iter().collect();
+    let mut total = 0.0;
+    for ch in all.chunks(16) {
+        let (l, _, _) = tr.step(ch, 0.0).unwrap(); // lr 0: a pure evaluation of the loss (weights unchanged)
+        total += l * ch.len() as f64;
+    }
+    let mean = total / all.len() as f64;
+    let eval_feats = featurize(&ds, &tok, &fc, false).unwrap().features;
+    let m = tr.evaluate(&ds, &eval_feats, &PostCfg::default()).unwrap();
+    let em = m["exact_match"].as_f64().unwrap();
+    println!(
+        "final batch loss {last:.4}, loss over all windows {mean:.4}, {m} in {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(mean < 0.1, "loss {mean}");
+    assert!(em >= 90.0, "EM {em}");
+}
+
+fn run_steps(out: &std::path::Path, stop_after: Option<usize>, resume: bool) -> Vec<String> {
+    let a = assets().unwrap();
+    let be = Cpu;
+    let mut ds = Dataset::load(&a.join("squad-v1.1/train-v1.1.json")).unwrap();
+    ds.truncate(24);
+    let tok = tokenizer::load(&a.join("all-MiniLM-L6-v2")).unwrap();
+    let fc = FeatureCfg {
+        max_seq_length: 128,
+        doc_stride: 48,
+        max_query_length: 32,
+    };
+    let model_dir = out.join("init");
+    let cfg = tiny_cfg();
+    if !model_dir.exists() {
+        checkpoint::write_random_model(&model_dir, &cfg, 3, &a.join("all-MiniLM-L6-v2")).unwrap();
+    }
+    let mut c = tcfg(fc);
+    c.epochs = 2;
+    c.batch_size = 8;
+    c.grad_accum_steps = 2;
+    c.hidden_dropout = 0.1; // dropout on: its masks must also resume exactly
+    c.attention_dropout = 0.1;
+    c.learning_rate = 1e-3;
+    let mut tr = if resume {
+        let r = bertqa::train::checkpoint::restore(
+            &be,
+            &bertqa::train::checkpoint::latest(&out.join("run")).unwrap(),
+        )
+        .unwrap();
+        bertqa::train::checkpoint::into_trainer(&be, r).unwrap()
+    } else {
+        let (bc, master, _) = checkpoint::load(&be, &model_dir, DType::F32, 0).unwrap();
+        Trainer::new(&be, bc, master, DType::F32, c).unwrap()
+    };
+    let inp = RunInputs {
+        train: &ds,
+        dev: None,
+        tokenizer: &tok,
+        output_dir: out.join("run"),
+        model_dir: model_dir.clone(),
+        precision: DType::F32,
+        resume_from: None,
+        show_progress: false,
+        interrupt: None,
+        stop_after_steps: stop_after,
+    };
+    train::run(&mut tr, &inp).unwrap();
+    std::fs::read_to_string(out.join("run/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            format!(
+                "{} {} {}",
+                v["step"],
+                v["loss"].as_f64().map(|x| x.to_bits()).unwrap_or(0),
+                v["grad_norm"].as_f64().map(|x| x.to_bits()).unwrap_or(0)
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn resume_reproduces_the_uninterrupted_loss_trajectory_bit_for_bit() {
+    if assets().is_none() {
+        return;
+    }
+    let base = std::env::temp_dir().join(format!("bertqa-resume-{}", std::process::id()));
+    let (a, b) = (base.join("a"), base.join("b"));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let straight = run_steps(&a, None, false);
+    let first = run_steps(&b, Some(3), false); // "interrupted" after step 3: checkpoint-3 saved
+    assert_eq!(first.len(), 3);
+    assert!(b.join("run/checkpoint-3/optimizer.safetensors").exists());
+    let resumed = run_steps(&b, None, true);
+    println!(
+        "uninterrupted: {} steps; interrupted at 3 then resumed: {} lines",
+        straight.len(),
+        resumed.len()
+    );
+    assert!(straight.len() > 4, "need steps after the interruption");
+    assert_eq!(
+        straight, resumed,
+        "loss/grad-norm trajectories differ after resume"
+    );
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+#[test]
+fn adamw_matches_hand_computed_values() {
+    let be = Cpu;
+    // p = 1.0, g = 0.5 (grad_scale 2 → 1.0), m = v = 0, t = 1, lr 0.1, wd 0.01 (decayed), eps 1e-8
+    // p ← 1 − 0.1·0.01·1 = 0.999; m = 0.1; v = 0.001; m̂ = 1; v̂ = 1; p ← 0.999 − 0.1·1/(1 + 1e-8)
+    let mut p = Tensor::from_f64(&be, &[1.0, -2.0], &[2], DType::F64).unwrap();
+    let g = Tensor::from_f64(&be, &[0.5, 0.25], &[2], DType::F64).unwrap();
+    let mut m = Tensor::zeros(&be, &[2], DType::F64).unwrap();
+    let mut v = Tensor::zeros(&be, &[2], DType::F64).unwrap();
+    let hp = AdamWHyper {
+        lr: 0.1,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        step: 1,
+        grad_scale: 2.0,
+    };
+    be.adamw_step(
+        &mut [AdamWSlot {
+            master: &mut p,
+            working: None,
+            grad: &g,
+            m: &mut m,
+            v: &mut v,
+            decay: true,
+        }],
+        &hp,
+    )
+    .unwrap();
+    let pv = p.to_f64_vec(&be).unwrap();
+    assert!(
+        (pv[0] - (0.999 - 0.1 / (1.0 + 1e-8))).abs() < 1e-15,
+        "{}",
+        pv[0]
+    );
+    // second element: p = −2 → −2·(1−0.001) = −1.998; g = 0.5 → m̂ = 0.5, v̂ = 0.25 → step 0.1·0.5/(0.5+1e-8)
+    assert!(
+        (pv[1] - (-1.998 - 0.1 * 0.5 / (0.5 + 1e-8))).abs() < 1e-15,
+        "{}",
+        pv[1]
+    );
+    let (mv, vv) = (m.to_f64_vec(&be).unwrap(), v.to_f64_vec(&be).unwrap());
+    assert!((mv[0] - 0.1).abs() < 1e-15 && (vv[0] - 0.001).abs() < 1e-15);
+    // step 2, no decay, g = 1 → m = 0.19, v = 0.001999; m̂ = 0.19/0.19 = 1; v̂ = 0.001999/0.001999 = 1
+    let before = p.to_f64_vec(&be).unwrap()[0];
+    let hp2 = AdamWHyper {
+        step: 2,
+        weight_decay: 0.0,
+        ..hp
+    };
+    be.adamw_step(
+        &mut [AdamWSlot {
+            master: &mut p,
+            working: None,
+            grad: &g,
+            m: &mut m,
+            v: &mut v,
+            decay: false,
+        }],
+        &hp2,
+    )
+    .unwrap();
+    assert!((p.to_f64_vec(&be).unwrap()[0] - (before - 0.1 / (1.0 + 1e-8))).abs() < 1e-14);
+}
+
+#[test]
+fn fp16_overflow_skips_the_step_and_halves_the_loss_scale() {
+    let Some(a) = assets() else { return };
+    let be = Cpu;
+    let mut ds = Dataset::load(&a.join("squad-v1.1/train-v1.1.json")).unwrap();
+    ds.truncate(4);
+    let tok = tokenizer::load(&a.join("all-MiniLM-L6-v2")).unwrap();
+    let fc = FeatureCfg {
+        max_seq_length: 128,
+        doc_stride: 48,
+        max_query_length: 32,
+    };
+    let feats = train::training_features(&ds, &tok, &fc).unwrap();
+    let cfg = tiny_cfg();
+    let host = checkpoint::random_init_host(&cfg, 2);
+    let stripped: checkpoint::HostTensors = host
+        .into_iter()
+        .map(|(k, v)| (k.strip_prefix("bert.").map(String::from).unwrap_or(k), v))
+        .collect();
+    let (master, _) =
+        checkpoint::params_from_host(&be, &cfg, &stripped, DType::F32, 2, "random").unwrap();
+    let mut tr = Trainer::new(&be, cfg, master, DType::F16, tcfg(fc)).unwrap();
+    assert!(tr.scaler.enabled);
+    let batch: Vec<_> = feats.iter().take(4).collect();
+    let before: Vec<f64> = tr.master_params().qa_w.to_f64_vec(&be).unwrap();
+    tr.scaler.scale = 1e12; // dlogits overflow f16 (max 65504)
+    let (_, norm, applied) = tr.step(&batch, 1e-3).unwrap();
+    assert!(!applied && !norm.is_finite());
+    assert_eq!(tr.scaler.scale, 5e11);
+    assert_eq!(
+        tr.master_params().qa_w.to_f64_vec(&be).unwrap(),
+        before,
+        "a skipped step must not touch the weights"
+    );
+    tr.scaler.scale = 1024.0;
+    let (loss, norm, applied) = tr.step(&batch, 1e-3).unwrap();
+    assert!(applied && norm.is_finite() && loss.is_finite());
+    assert_ne!(tr.master_params().qa_w.to_f64_vec(&be).unwrap(), before);
+}
