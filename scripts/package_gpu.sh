@@ -21,6 +21,15 @@ for l in sys.stdin:
     if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["bench"]: print(m["executable"])' |
     while read -r exe; do cp "$exe" .gpu/bin/bench_ops; done
 strip .gpu/bin/* 2>/dev/null || true
+# data and weights for scripts/compare_pytorch.sh: gzipped SQuAD v1.1 and all-MiniLM-L6-v2 as an f16
+# BertForQuestionAnswering (the same starting file for both sides; f32 would not fit the 64 MiB transfer)
+ASSETS="${BERTQA_ASSETS:-../shared/assets}"
+if [ -z "${NO_DATA:-}" ] && [ -d "$ASSETS/squad-v1.1" ]; then
+    mkdir -p .gpu/data
+    gzip -9 -c "$ASSETS/squad-v1.1/train-v1.1.json" > .gpu/data/train-v1.1.json.gz
+    gzip -9 -c "$ASSETS/squad-v1.1/dev-v1.1.json" > .gpu/data/dev-v1.1.json.gz
+    .gpu/bin/bertqa convert --model "$ASSETS/all-MiniLM-L6-v2" --output .gpu/minilm-f16 --dtype f16 --seed 42
+fi
 git rev-parse --short HEAD > .gpu/COMMIT 2>/dev/null || echo unknown > .gpu/COMMIT
 git diff --quiet 2>/dev/null || echo "+dirty" >> .gpu/COMMIT
 du -sh .gpu/bin/*

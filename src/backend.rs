@@ -35,6 +35,10 @@ pub trait BackendCore: Sized + Send + Sync + 'static {
     ) -> Result<()>;
     /// Wait for all queued work (a no-op on the CPU).
     fn synchronize(&self) -> Result<()>;
+    /// (bytes held now, peak bytes) by the device allocator, where it tracks them.
+    fn memory_stats(&self) -> Option<(usize, usize)> {
+        None
+    }
 }
 
 /// Everything the model, the optimiser and the training loop need from a device.

@@ -20,6 +20,8 @@ enum Cmd {
     Train(Box<cli::train::TrainArgs>),
     /// Write a randomly initialised BertForQuestionAnswering directory
     InitRandom(cli::init::InitArgs),
+    /// Rewrite a model as a BertForQuestionAnswering checkpoint in f32/f16/bf16
+    Convert(cli::init::ConvertArgs),
     /// Score a predictions.json against a SQuAD file (drop-in for the official script)
     Score(cli::score::ScoreArgs),
     /// Run a QA model over a SQuAD file: predictions + EM/F1
@@ -33,6 +35,7 @@ fn main() {
     let res = match &args.cmd {
         Cmd::Train(a) => cli::train::run(a),
         Cmd::InitRandom(a) => cli::init::run(a),
+        Cmd::Convert(a) => cli::init::convert(a),
         Cmd::Score(a) => cli::score::run(a),
         Cmd::Eval(a) => cli::eval::run_eval(a),
         Cmd::Predict(a) => cli::eval::run_predict(a),

@@ -48,3 +48,42 @@ pub fn run(a: &InitArgs) -> Result<()> {
     );
     Ok(())
 }
+
+/// `bertqa convert`: rewrite a BERT directory as a BertForQuestionAnswering checkpoint in another dtype
+/// (e.g. f16 to fit a transfer limit), initialising the span head (seeded) if the source has none, so that
+/// several tools can start from exactly the same weights.
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub output: PathBuf,
+    /// f32, f16 or bf16
+    #[arg(long, default_value = "f16")]
+    pub dtype: String,
+    /// seed of the span-head initialisation when the source has no qa_outputs
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+pub fn convert(a: &ConvertArgs) -> Result<()> {
+    let be = crate::cpu::Cpu;
+    let dt = crate::tensor::DType::parse(&a.dtype)?;
+    let (cfg, params, rep) = checkpoint::load(&be, &a.model, crate::tensor::DType::F32, a.seed)?;
+    std::fs::create_dir_all(&a.output)?;
+    let host = checkpoint::to_hf_host(&be, &cfg, &params)?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    crate::util::write_atomic(&a.output.join("model.safetensors"), &checkpoint::safetensors_bytes_as(&host, Some(meta), dt)?)?;
+    let mut conf = checkpoint::raw_config(&a.model).unwrap_or_else(|| serde_json::to_value(&cfg).unwrap_or_default());
+    conf["architectures"] = serde_json::json!(["BertForQuestionAnswering"]);
+    crate::util::write_atomic(&a.output.join("config.json"), serde_json::to_string_pretty(&conf)?.as_bytes())?;
+    for f in checkpoint::TOKENIZER_FILES {
+        let p = a.model.join(f);
+        if p.exists() {
+            std::fs::write(a.output.join(f), std::fs::read(&p)?)?;
+        }
+    }
+    println!("{} → {} ({dt}{})", a.model.display(), a.output.display(), if rep.qa_head_initialised { format!(", span head initialised with seed {}", a.seed) } else { String::new() });
+    Ok(())
+}

@@ -271,6 +271,8 @@ impl DeviceFn<()> for TrainJob<'_> {
             "train_windows": s.train_windows, "seconds": s.seconds, "train_seq_per_s": s.seq_per_s,
             "final_loss": s.losses.last(), "best_f1": s.state.best_f1, "best_step": s.state.best_step,
             "stopped_early": s.state.stopped_early, "precision": trainer.model.dtype().to_string(), "device": be.name(),
+            "peak_device_memory_gib": be.memory_stats().map(|(_, p)| p as f64 / 1073741824.0),
+            "train_flops_per_seq_at_max_len": trainer.model.cfg.train_flops_per_seq(a.opts.max_seq_length),
         });
         crate::util::write_atomic(
             &a.output_dir.join("summary.json"),

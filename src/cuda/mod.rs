@@ -444,6 +444,9 @@ impl BackendCore for Cuda {
     fn synchronize(&self) -> Result<()> {
         self.sync()
     }
+    fn memory_stats(&self) -> Option<(usize, usize)> {
+        Some((self.arena.live_bytes.load(Ordering::Relaxed), self.arena.peak_bytes.load(Ordering::Relaxed)))
+    }
 }
 
 /// Kernel dtype suffix: `_f32`, `_bf16` or `_f16`.
