@@ -189,31 +189,43 @@ fn run_config<B: Timing>(
         let mut lse = Tensor::zeros(be, &[b, nh, t], sd).unwrap();
         let d = Dropout::new(0.1, 3);
         let fl = 4.0 * (b * nh * t * t * (c / nh)) as f64;
-        let ms = bench(be, iters, &mut || {
-            be.attention_forward(&mut out, &mut lse, &qkv, &mask, nh, d)
-                .unwrap()
-        });
-        tab.add(
-            "attention fwd (fused, v1)",
-            &format!("B{b} NH{nh} T{t} HS{}", c / nh),
-            ms,
-            0.0,
-            fl,
-            roof,
-        );
-        let mut dqkv = Tensor::zeros(be, &[b, t, 3 * c], dt).unwrap();
-        let ms = bench(be, iters, &mut || {
-            be.attention_backward(&mut dqkv, &out, &out, &lse, &qkv, &mask, nh, d)
-                .unwrap()
-        });
-        tab.add(
-            "attention bwd (fused, v1)",
-            &format!("B{b} NH{nh} T{t} HS{}", c / nh),
-            ms,
-            0.0,
-            2.5 * fl,
-            roof,
-        );
+        // variant 1 (CUDA cores) and, for bf16/f16 on a GPU, variant 2 (tensor cores); BERTQA_ATTN selects
+        let variants: &[&str] = if be.supports(DType::F64) || dt == DType::F32 {
+            &["v1"]
+        } else {
+            &["v1", "v2"]
+        };
+        for v in variants {
+            // SAFETY (edition 2021): single-threaded benchmark; the launcher reads the variable per call
+            std::env::set_var("BERTQA_ATTN", v);
+            let shape = format!("B{b} NH{nh} T{t} HS{}", c / nh);
+            let ms = bench(be, iters, &mut || {
+                be.attention_forward(&mut out, &mut lse, &qkv, &mask, nh, d)
+                    .unwrap()
+            });
+            tab.add(
+                &format!("attention fwd (fused, {v})"),
+                &shape,
+                ms,
+                0.0,
+                fl,
+                roof,
+            );
+            let mut dqkv = Tensor::zeros(be, &[b, t, 3 * c], dt).unwrap();
+            let ms = bench(be, iters, &mut || {
+                be.attention_backward(&mut dqkv, &out, &out, &lse, &qkv, &mask, nh, d)
+                    .unwrap()
+            });
+            tab.add(
+                &format!("attention bwd (fused, {v})"),
+                &shape,
+                ms,
+                0.0,
+                2.5 * fl,
+                roof,
+            );
+        }
+        std::env::remove_var("BERTQA_ATTN");
     }
     // residual + dropout + layernorm
     {

@@ -8,6 +8,7 @@
 # docs/perf-log.md), HF_COMPILE=1 (also run the torch.compile variant of the throughput test).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/unpack_gpu.sh
 OUT="${OUT:-compare-out}"; mkdir -p "$OUT"
 EPOCHS="${EPOCHS:-2}"; PEAK="${PEAK_TFLOPS:-781}"
 BIN=.gpu/bin/bertqa

@@ -30,6 +30,7 @@ if [ -z "${NO_DATA:-}" ] && [ -d "$ASSETS/squad-v1.1" ]; then
     gzip -9 -c "$ASSETS/squad-v1.1/dev-v1.1.json" > .gpu/data/dev-v1.1.json.gz
     .gpu/bin/bertqa convert --model "$ASSETS/all-MiniLM-L6-v2" --output .gpu/minilm-f16 --dtype f16 --seed 42
 fi
+gzip -9 .gpu/bin/*  # unpacked by scripts/unpack_gpu.sh on the device (keeps the transfer under 64 MiB)
 git rev-parse --short HEAD > .gpu/COMMIT 2>/dev/null || echo unknown > .gpu/COMMIT
 git diff --quiet 2>/dev/null || echo "+dirty" >> .gpu/COMMIT
 du -sh .gpu/bin/*

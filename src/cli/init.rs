@@ -74,16 +74,32 @@ pub fn convert(a: &ConvertArgs) -> Result<()> {
     let host = checkpoint::to_hf_host(&be, &cfg, &params)?;
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    crate::util::write_atomic(&a.output.join("model.safetensors"), &checkpoint::safetensors_bytes_as(&host, Some(meta), dt)?)?;
-    let mut conf = checkpoint::raw_config(&a.model).unwrap_or_else(|| serde_json::to_value(&cfg).unwrap_or_default());
+    crate::util::write_atomic(
+        &a.output.join("model.safetensors"),
+        &checkpoint::safetensors_bytes_as(&host, Some(meta), dt)?,
+    )?;
+    let mut conf = checkpoint::raw_config(&a.model)
+        .unwrap_or_else(|| serde_json::to_value(&cfg).unwrap_or_default());
     conf["architectures"] = serde_json::json!(["BertForQuestionAnswering"]);
-    crate::util::write_atomic(&a.output.join("config.json"), serde_json::to_string_pretty(&conf)?.as_bytes())?;
+    crate::util::write_atomic(
+        &a.output.join("config.json"),
+        serde_json::to_string_pretty(&conf)?.as_bytes(),
+    )?;
     for f in checkpoint::TOKENIZER_FILES {
         let p = a.model.join(f);
         if p.exists() {
             std::fs::write(a.output.join(f), std::fs::read(&p)?)?;
         }
     }
-    println!("{} → {} ({dt}{})", a.model.display(), a.output.display(), if rep.qa_head_initialised { format!(", span head initialised with seed {}", a.seed) } else { String::new() });
+    println!(
+        "{} → {} ({dt}{})",
+        a.model.display(),
+        a.output.display(),
+        if rep.qa_head_initialised {
+            format!(", span head initialised with seed {}", a.seed)
+        } else {
+            String::new()
+        }
+    );
     Ok(())
 }

@@ -445,7 +445,10 @@ impl BackendCore for Cuda {
         self.sync()
     }
     fn memory_stats(&self) -> Option<(usize, usize)> {
-        Some((self.arena.live_bytes.load(Ordering::Relaxed), self.arena.peak_bytes.load(Ordering::Relaxed)))
+        Some((
+            self.arena.live_bytes.load(Ordering::Relaxed),
+            self.arena.peak_bytes.load(Ordering::Relaxed),
+        ))
     }
 }
 

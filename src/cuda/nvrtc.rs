@@ -24,6 +24,10 @@ pub const MODULES: &[(&str, &str)] = &[
     ("gelu", include_str!("../../kernels/gelu.cu")),
     ("dropout", include_str!("../../kernels/dropout.cu")),
     ("attention", include_str!("../../kernels/attention.cu")),
+    (
+        "attention_tc",
+        include_str!("../../kernels/attention_tc.cu"),
+    ),
     ("span_loss", include_str!("../../kernels/span_loss.cu")),
     ("adamw", include_str!("../../kernels/adamw.cu")),
     ("reduce", include_str!("../../kernels/reduce.cu")),

@@ -231,12 +231,19 @@ pub fn to_hf_host<B: Backend>(
 }
 
 /// Serialise host tensors as safetensors bytes (F32, sorted names, optional metadata).
-pub fn safetensors_bytes(host: &HostTensors, metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
+pub fn safetensors_bytes(
+    host: &HostTensors,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     safetensors_bytes_as(host, metadata, DType::F32)
 }
 
 /// Serialise host tensors as safetensors bytes in `dtype` (F32, F16 or BF16; rounded to nearest even).
-pub fn safetensors_bytes_as(host: &HostTensors, metadata: Option<HashMap<String, String>>, dtype: DType) -> Result<Vec<u8>> {
+pub fn safetensors_bytes_as(
+    host: &HostTensors,
+    metadata: Option<HashMap<String, String>>,
+    dtype: DType,
+) -> Result<Vec<u8>> {
     let st_dtype = match dtype {
         DType::F32 => StDtype::F32,
         DType::F16 => StDtype::F16,
@@ -247,8 +254,14 @@ pub fn safetensors_bytes_as(host: &HostTensors, metadata: Option<HashMap<String,
         .iter()
         .map(|(n, (s, v))| {
             let b: Vec<u8> = match dtype {
-                DType::F16 => v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
-                DType::BF16 => v.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
+                DType::F16 => v
+                    .iter()
+                    .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                    .collect(),
+                DType::BF16 => v
+                    .iter()
+                    .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                    .collect(),
                 _ => bytemuck::cast_slice(v).to_vec(),
             };
             (n.clone(), s.clone(), b)
@@ -256,7 +269,12 @@ pub fn safetensors_bytes_as(host: &HostTensors, metadata: Option<HashMap<String,
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
         .iter()
-        .map(|(n, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(st_dtype, s.clone(), b)?)))
+        .map(|(n, s, b)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(st_dtype, s.clone(), b)?,
+            ))
+        })
         .collect::<Result<_, safetensors::SafeTensorError>>()
         .map_err(|e| anyhow!("building safetensors: {e}"))?;
     safetensors::serialize(views, metadata).map_err(|e| anyhow!("serialising safetensors: {e}"))
@@ -389,7 +407,10 @@ pub fn write_random_model(
         let p = tokenizer_src.join(f);
         if p.exists() {
             // read + write (not fs::copy): the source may be read-only and its mode must not follow
-            std::fs::write(dir.join(f), std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?)?;
+            std::fs::write(
+                dir.join(f),
+                std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
+            )?;
         }
     }
     Ok(())

@@ -257,6 +257,31 @@ unsafe impl cudarc::driver::DeviceRepr for AttnParams {}
 /// Head sizes the fused kernel is instantiated for.
 pub const CUDA_HEAD_SIZES: [usize; 4] = [16, 32, 64, 128];
 
+/// Head sizes of the tensor-core variant (kernels/attention_tc.cu; bf16/f16 only).
+pub const CUDA_TC_HEAD_SIZES: [usize; 3] = [32, 64, 128];
+
+/// Which CUDA attention variant runs: 2 (tensor cores) for bf16/f16 at a supported head size, else 1.
+/// `BERTQA_ATTN=v1` forces variant 1 (the CUDA-core kernel, also the f32 path).
+pub fn cuda_variant(dtype: DType, hs: usize) -> u32 {
+    let forced_v1 = std::env::var("BERTQA_ATTN")
+        .map(|v| v == "v1")
+        .unwrap_or(false);
+    if !forced_v1 && matches!(dtype, DType::BF16 | DType::F16) && CUDA_TC_HEAD_SIZES.contains(&hs) {
+        2
+    } else {
+        1
+    }
+}
+
+/// Dynamic shared memory (bytes) of the variant-2 kernels: (forward, backward dK/dV, backward dQ).
+fn tc_smem(hs: usize) -> (u32, u32, u32) {
+    let row = (hs + 8) * 2;
+    let fwd = 64 * row * 2 + hs * (64 + 8) * 2 + 64 * 4;
+    let kv = 64 * row * 2 + 32 * row * 2 + hs * (32 + 8) * 2 * 2 + 32 * 4 * 2;
+    let q = 64 * row * 2 + 32 * row * 2 + hs * (32 + 8) * 2 + 32 * 4;
+    (fwd as u32, kv as u32, q as u32)
+}
+
 fn cuda_checks(op: &str, act: DType, others: &[DType], lse: DType, hs: usize) -> Result<()> {
     if !CUDA_HEAD_SIZES.contains(&hs) {
         bail!("{op}: head size {hs} has no CUDA kernel (supported: {CUDA_HEAD_SIZES:?})");
@@ -300,6 +325,11 @@ impl AttentionOps for Cuda {
             p: drop.p,
             scale: 1.0 / (hs as f32).sqrt(),
         };
+        if cuda_variant(out.dtype, hs) == 2 {
+            let name = format!("attention_tc_forward_{}_hs{hs}", suffix(out.dtype)?);
+            let grid = (super::blocks(t, 64), nh as u32, b as u32);
+            return self.launch("attention_tc", &name, grid, (128, 1, 1), tc_smem(hs).0, p);
+        }
         let name = format!("attention_forward_{}_hs{hs}", suffix(out.dtype)?);
         self.launch(
             "attention",
@@ -350,14 +380,23 @@ impl AttentionOps for Cuda {
             scale: 1.0 / (hs as f32).sqrt(),
         };
         let sfx = format!("{}_hs{hs}", suffix(out.dtype)?);
+        let rows = (super::blocks(b * nh * t, 128), 1, 1);
         self.launch(
             "attention",
             &format!("attention_dsum_{sfx}"),
-            (super::blocks(b * nh * t, 128), 1, 1),
+            rows,
             (128, 1, 1),
             0,
             p,
         )?;
+        if cuda_variant(out.dtype, hs) == 2 {
+            let grid = (super::blocks(t, 64), nh as u32, b as u32);
+            let (_, kv, q) = tc_smem(hs);
+            let kv_name = format!("attention_tc_backward_kv_{sfx}");
+            self.launch("attention_tc", &kv_name, grid, (128, 1, 1), kv, p)?;
+            let q_name = format!("attention_tc_backward_q_{sfx}");
+            return self.launch("attention_tc", &q_name, grid, (128, 1, 1), q, p);
+        }
         let grid = (super::blocks(t, 32), nh as u32, b as u32);
         self.launch(
             "attention",

@@ -474,7 +474,12 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
             let mfu = trainer
                 .peak_tflops
                 .map(|p| trainer.model.cfg.train_flops_per_seq(max_t) * seq_s / 1e12 / p);
-            if trainer.state.global_step.is_multiple_of(cfg.log_every.max(1)) || !applied {
+            if trainer
+                .state
+                .global_step
+                .is_multiple_of(cfg.log_every.max(1))
+                || !applied
+            {
                 let mut line = serde_json::json!({"step": trainer.state.global_step, "epoch": trainer.state.epoch as f64 + trainer.state.batch_in_epoch as f64 / steps_per_epoch as f64,
                     "loss": loss, "lr": lr, "grad_norm": norm, "seq_per_s": seq_s, "tokens_per_s": tok_s, "applied": applied});
                 if let Some(m) = mfu {
@@ -522,11 +527,12 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
         // epoch end
         trainer.state.epoch += 1;
         trainer.state.batch_in_epoch = 0;
-        let stop = if cfg.eval_every == 0 || !trainer.state.global_step.is_multiple_of(cfg.eval_every) {
-            eval_and_track(trainer, inp, dev_feats.as_deref(), &post, &metrics_path)?
-        } else {
-            false
-        };
+        let stop =
+            if cfg.eval_every == 0 || !trainer.state.global_step.is_multiple_of(cfg.eval_every) {
+                eval_and_track(trainer, inp, dev_feats.as_deref(), &post, &metrics_path)?
+            } else {
+                false
+            };
         trainer.state.scaler = Some(trainer.scaler.clone());
         checkpoint::save(trainer, inp)?;
         if stop {

@@ -1,0 +1,402 @@
+// attention_tc.cu — fused attention, variant 2: tensor cores (mma.sync m16n8k16, bf16/f16 in, f32 accumulate),
+// FlashAttention-2 structure. Same contract as attention.cu (variant 1, which remains the f32 path and the
+// fallback): saves only lse; dropout factor of element ((b·NH + h)·T + i)·T + j from the shared Philox stream.
+//
+// MMA fragment layout (PTX ISA, mma.m16n8k16, g = lane/4, t = lane%4):
+//   A 16×16 row-major: a0 = A[g][2t..2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]
+//   B 16×8 "col":      b0 = B[2t..2t+1][g],  b1 = B[2t+8..2t+9][g]      (pairs run along k)
+//   C 16×8 f32:        c0,c1 = C[g][2t..2t+1], c2,c3 = C[g+8][2t..2t+1]
+// So an S accumulator strip is already the A fragment of the next product (P·V, dS·K): no shared-memory
+// round trip for P. B operands need pairs along k, so tiles whose k is the key/query index are stored
+// transposed in shared memory. Rows are padded by 8 elements (16 bytes): conflict-free 32-bit fragment loads.
+//
+// forward:  block = 4 warps × 16 query rows; key tiles of 64; O and the row max/sum in registers.
+// dK/dV:    block = 4 warps × 16 keys; query tiles of 32; dK, dV accumulated in registers.
+// dQ:       block = 4 warps × 16 queries; key tiles of 32.  (D_i = dO_i·O_i comes from attention.cu.)
+#include "common.cuh"
+
+struct AttnParams {
+    u64 out, lse, qkv, mask, dout, dqkv, dsum, seed;
+    int b, t, nh, hs;
+    float p, scale;
+};
+
+__device__ __forceinline__ u32 bits(bf16 x) { return (u32)__bfloat16_as_ushort(x); }
+__device__ __forceinline__ u32 bits(f16 x) { return (u32)__half_as_ushort(x); }
+template <typename T> __device__ __forceinline__ u32 pack2(float lo, float hi) {
+    return bits(from_f<T>(lo)) | (bits(from_f<T>(hi)) << 16);
+}
+template <typename T> __device__ __forceinline__ u32 pack2e(T lo, T hi) { return bits(lo) | (bits(hi) << 16); }
+
+template <typename T> struct is_bf16 { static constexpr bool value = false; };
+template <> struct is_bf16<bf16> { static constexpr bool value = true; };
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+    if constexpr (is_bf16<T>::value) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+}
+
+// 32-bit load of two consecutive elements from shared memory
+template <typename T> __device__ __forceinline__ u32 ld2(const T* p) { return *(const u32*)p; }
+
+// element (row, d) of part (0 Q, 1 K, 2 V) of the (B,T,3C) qkv buffer, 0 outside the sequence
+template <typename T, int HS>
+__device__ __forceinline__ T qkv_at(const AttnParams& a, int bi, int row, int part, int h, int d) {
+    if (row >= a.t) return from_f<T>(0.f);
+    int C = a.nh * HS;
+    return ((const T*)a.qkv)[((u64)bi * a.t + row) * 3 * C + part * C + h * HS + d];
+}
+template <typename T, int HS>
+__device__ __forceinline__ T dout_at(const AttnParams& a, int bi, int row, int h, int d) {
+    if (row >= a.t) return from_f<T>(0.f);
+    return ((const T*)a.dout)[((u64)bi * a.t + row) * (a.nh * HS) + h * HS + d];
+}
+
+// Load a (rows × HS) tile of `part` starting at row r0: row-major into `rm` (stride HS+8) and/or transposed
+// into `tr` (stride ROWS+8). part 3 = dout.
+template <typename T, int HS, int ROWS>
+__device__ __forceinline__ void load_tile(const AttnParams& a, int bi, int h, int part, int r0, T* rm, T* tr) {
+    for (int e = threadIdx.x; e < ROWS * HS; e += blockDim.x) {
+        int r = e / HS, d = e % HS;
+        T v = part == 3 ? dout_at<T, HS>(a, bi, r0 + r, h, d) : qkv_at<T, HS>(a, bi, r0 + r, part, h, d);
+        if (rm) rm[r * (HS + 8) + d] = v;
+        if (tr) tr[d * (ROWS + 8) + r] = v;
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ forward
+template <typename T, int HS>
+__device__ void tc_forward(const AttnParams& a) {
+    constexpr int BK = 64, KS = HS / 16, NO = HS / 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* Qs = (T*)smem_raw;                   // [64][HS+8]
+    T* Ks = Qs + 64 * (HS + 8);             // [BK][HS+8]
+    T* Vt = Ks + BK * (HS + 8);             // [HS][BK+8]
+    int* Ms = (int*)(Vt + HS * (BK + 8));   // [BK]
+    int bi = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * 64;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+    load_tile<T, HS, 64>(a, bi, h, 0, q0, Qs, nullptr);
+    __syncthreads();
+    const T* Qw = Qs + warp * 16 * (HS + 8);
+    u32 qa[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+        qa[kk][0] = ld2(Qw + g * (HS + 8) + kk * 16 + 2 * t4);
+        qa[kk][1] = ld2(Qw + (g + 8) * (HS + 8) + kk * 16 + 2 * t4);
+        qa[kk][2] = ld2(Qw + g * (HS + 8) + kk * 16 + 8 + 2 * t4);
+        qa[kk][3] = ld2(Qw + (g + 8) * (HS + 8) + kk * 16 + 8 + 2 * t4);
+    }
+    float o[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows g and g+8 (per-thread partial l)
+    int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
+    u64 drow0 = (((u64)bi * a.nh + h) * a.t + min(i0, a.t - 1)) * a.t;
+    u64 drow1 = (((u64)bi * a.nh + h) * a.t + min(i1, a.t - 1)) * a.t;
+    for (int k0 = 0; k0 < a.t; k0 += BK) {
+        __syncthreads();
+        load_tile<T, HS, BK>(a, bi, h, 1, k0, Ks, nullptr);
+        load_tile<T, HS, BK>(a, bi, h, 2, k0, nullptr, Vt);
+        for (int j = threadIdx.x; j < BK; j += blockDim.x) Ms[j] = (k0 + j < a.t) ? ((const int*)a.mask)[(u64)bi * a.t + k0 + j] : 0;
+        __syncthreads();
+        float s[BK / 8][4];
+#pragma unroll
+        for (int j = 0; j < BK / 8; ++j) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk) {
+                const T* kr = Ks + (j * 8 + g) * (HS + 8) + kk * 16 + 2 * t4;
+                mma16816<T>(s[j], qa[kk], ld2(kr), ld2(kr + 8));
+            }
+        }
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < BK / 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                bool live = Ms[j * 8 + 2 * t4 + e] != 0;
+                s[j][e] = live ? s[j][e] * a.scale : -INFINITY;
+                s[j][2 + e] = live ? s[j][2 + e] * a.scale : -INFINITY;
+                mx0 = fmaxf(mx0, s[j][e]);
+                mx1 = fmaxf(mx1, s[j][2 + e]);
+            }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
+        float c0 = expf(m0 - base0), c1 = expf(m1 - base1);  // m = -inf → 0
+        l0 *= c0;
+        l1 *= c1;
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+            o[n][0] *= c0; o[n][1] *= c0;
+            o[n][2] *= c1; o[n][3] *= c1;
+        }
+        m0 = mn0;
+        m1 = mn1;
+        // P (with dropout) becomes the A operand of P·V straight from the accumulator registers
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+            u32 pa[4];
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                int j = 2 * kk + half;
+                float p00 = expf(s[j][0] - base0), p01 = expf(s[j][1] - base0);
+                float p10 = expf(s[j][2] - base1), p11 = expf(s[j][3] - base1);
+                l0 += p00 + p01;
+                l1 += p10 + p11;
+                int key = k0 + j * 8 + 2 * t4;
+                if (a.p > 0.f) {
+                    p00 *= dropout_factor(a.seed, drow0 + key, a.p);
+                    p01 *= dropout_factor(a.seed, drow0 + key + 1, a.p);
+                    p10 *= dropout_factor(a.seed, drow1 + key, a.p);
+                    p11 *= dropout_factor(a.seed, drow1 + key + 1, a.p);
+                }
+                pa[half * 2 + 0] = pack2<T>(p00, p01);
+                pa[half * 2 + 1] = pack2<T>(p10, p11);
+            }
+            // reorder to a0 (row g, k 0-7), a1 (row g+8, k 0-7), a2 (row g, k 8-15), a3 (row g+8, k 8-15)
+            u32 af[4] = {pa[0], pa[1], pa[2], pa[3]};
+#pragma unroll
+            for (int n = 0; n < NO; ++n) {
+                const T* vr = Vt + (n * 8 + g) * (BK + 8) + kk * 16 + 2 * t4;
+                mma16816<T>(o[n], af, ld2(vr), ld2(vr + 8));
+            }
+        }
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    int C = a.nh * HS;
+    float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+        int d = n * 8 + 2 * t4;
+        if (i0 < a.t) *(u32*)((T*)a.out + ((u64)bi * a.t + i0) * C + h * HS + d) = pack2<T>(o[n][0] * inv0, o[n][1] * inv0);
+        if (i1 < a.t) *(u32*)((T*)a.out + ((u64)bi * a.t + i1) * C + h * HS + d) = pack2<T>(o[n][2] * inv1, o[n][3] * inv1);
+    }
+    if (t4 == 0) {
+        float* lse = (float*)a.lse + ((u64)bi * a.nh + h) * a.t;
+        if (i0 < a.t) lse[i0] = l0 > 0.f ? m0 + logf(l0) : INFINITY;
+        if (i1 < a.t) lse[i1] = l1 > 0.f ? m1 + logf(l1) : INFINITY;
+    }
+}
+
+// ----------------------------------------------------------------------------------------- backward dK, dV
+template <typename T, int HS>
+__device__ void tc_backward_kv(const AttnParams& a) {
+    constexpr int BQ = 32, KS = HS / 16, NO = HS / 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* Ks = (T*)smem_raw;                  // [64][HS+8]   this block's keys (A operands)
+    T* Vs = Ks + 64 * (HS + 8);            // [64][HS+8]
+    T* Qs = Vs + 64 * (HS + 8);            // [BQ][HS+8]   B of Sᵀ = K·Qᵀ (pairs along d)
+    T* Qt = Qs + BQ * (HS + 8);            // [HS][BQ+8]   B of dK += dSᵀ·Q (pairs along queries)
+    T* Os = Qt + HS * (BQ + 8);            // [BQ][HS+8]   dO rows: B of dPdᵀ = V·dOᵀ
+    T* Ot = Os + BQ * (HS + 8);            // [HS][BQ+8]   dOᵀ: B of dV += Pdᵀ·dO
+    float* Ls = (float*)(Ot + HS * (BQ + 8));  // [BQ]
+    float* Ds = Ls + BQ;                        // [BQ]
+    int bi = blockIdx.z, h = blockIdx.y, j0 = blockIdx.x * 64;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+    load_tile<T, HS, 64>(a, bi, h, 1, j0, Ks, nullptr);
+    load_tile<T, HS, 64>(a, bi, h, 2, j0, Vs, nullptr);
+    int ja = j0 + warp * 16 + g, jb = ja + 8;  // this thread's two key rows
+    bool livea = ja < a.t && ((const int*)a.mask)[(u64)bi * a.t + ja] != 0;
+    bool liveb = jb < a.t && ((const int*)a.mask)[(u64)bi * a.t + jb] != 0;
+    float dk[NO][4], dv[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+    u64 hrow = ((u64)bi * a.nh + h) * a.t;
+    const T* Kw = Ks + warp * 16 * (HS + 8);
+    const T* Vw = Vs + warp * 16 * (HS + 8);
+    for (int q0 = 0; q0 < a.t; q0 += BQ) {
+        __syncthreads();
+        load_tile<T, HS, BQ>(a, bi, h, 0, q0, Qs, Qt);
+        load_tile<T, HS, BQ>(a, bi, h, 3, q0, Os, Ot);
+        for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
+            Ls[i] = q0 + i < a.t ? ((const float*)a.lse)[hrow + q0 + i] : 0.f;
+            Ds[i] = q0 + i < a.t ? ((const float*)a.dsum)[hrow + q0 + i] : 0.f;
+        }
+        __syncthreads();
+        float s[BQ / 8][4], dp[BQ / 8][4];
+#pragma unroll
+        for (int n = 0; n < BQ / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk) {
+                u32 ka[4] = {ld2(Kw + g * (HS + 8) + kk * 16 + 2 * t4), ld2(Kw + (g + 8) * (HS + 8) + kk * 16 + 2 * t4),
+                             ld2(Kw + g * (HS + 8) + kk * 16 + 8 + 2 * t4), ld2(Kw + (g + 8) * (HS + 8) + kk * 16 + 8 + 2 * t4)};
+                u32 va[4] = {ld2(Vw + g * (HS + 8) + kk * 16 + 2 * t4), ld2(Vw + (g + 8) * (HS + 8) + kk * 16 + 2 * t4),
+                             ld2(Vw + g * (HS + 8) + kk * 16 + 8 + 2 * t4), ld2(Vw + (g + 8) * (HS + 8) + kk * 16 + 8 + 2 * t4)};
+                const T* qr = Qs + (n * 8 + g) * (HS + 8) + kk * 16 + 2 * t4;
+                const T* orr = Os + (n * 8 + g) * (HS + 8) + kk * 16 + 2 * t4;
+                mma16816<T>(s[n], ka, ld2(qr), ld2(qr + 8));
+                mma16816<T>(dp[n], va, ld2(orr), ld2(orr + 8));
+            }
+        }
+        // element (key row a/b, query col n*8+2t+e): P, dropout, dS; then A fragments of Pdᵀ and dSᵀ
+#pragma unroll
+        for (int kk = 0; kk < BQ / 16; ++kk) {
+            u32 pa[4], sa[4];
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                int n = 2 * kk + half;
+                float pv[4], sv[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    int qi = n * 8 + 2 * t4 + (e & 1);
+                    int i = q0 + qi;
+                    bool live = (e < 2 ? livea : liveb) && i < a.t;
+                    int j = e < 2 ? ja : jb;
+                    float P = live ? expf(s[n][e] * a.scale - Ls[qi]) : 0.f;
+                    float f = (live && a.p > 0.f) ? dropout_factor(a.seed, (hrow + i) * a.t + j, a.p) : 1.f;
+                    pv[e] = P * f;
+                    sv[e] = P * (dp[n][e] * f - Ds[qi]);
+                }
+                pa[half * 2 + 0] = pack2<T>(pv[0], pv[1]);
+                pa[half * 2 + 1] = pack2<T>(pv[2], pv[3]);
+                sa[half * 2 + 0] = pack2<T>(sv[0], sv[1]);
+                sa[half * 2 + 1] = pack2<T>(sv[2], sv[3]);
+            }
+#pragma unroll
+            for (int n = 0; n < NO; ++n) {
+                const T* orow = Ot + (n * 8 + g) * (BQ + 8) + kk * 16 + 2 * t4;
+                const T* qrow = Qt + (n * 8 + g) * (BQ + 8) + kk * 16 + 2 * t4;
+                mma16816<T>(dv[n], pa, ld2(orow), ld2(orow + 8));
+                mma16816<T>(dk[n], sa, ld2(qrow), ld2(qrow + 8));
+            }
+        }
+    }
+    int C = a.nh * HS;
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+        int d = n * 8 + 2 * t4;
+        if (ja < a.t) {
+            T* base = (T*)a.dqkv + ((u64)bi * a.t + ja) * 3 * C + h * HS + d;
+            *(u32*)(base + C) = pack2<T>(dk[n][0] * a.scale, dk[n][1] * a.scale);
+            *(u32*)(base + 2 * C) = pack2<T>(dv[n][0], dv[n][1]);
+        }
+        if (jb < a.t) {
+            T* base = (T*)a.dqkv + ((u64)bi * a.t + jb) * 3 * C + h * HS + d;
+            *(u32*)(base + C) = pack2<T>(dk[n][2] * a.scale, dk[n][3] * a.scale);
+            *(u32*)(base + 2 * C) = pack2<T>(dv[n][2], dv[n][3]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------- backward dQ
+template <typename T, int HS>
+__device__ void tc_backward_q(const AttnParams& a) {
+    constexpr int BK = 32, KS = HS / 16, NO = HS / 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* Qs = (T*)smem_raw;                  // [64][HS+8]
+    T* Os = Qs + 64 * (HS + 8);            // [64][HS+8]  dO rows
+    T* Ks = Os + 64 * (HS + 8);            // [BK][HS+8]  B of S = Q·Kᵀ
+    T* Kt = Ks + BK * (HS + 8);            // [HS][BK+8]  B of dQ += dS·K
+    T* Vs = Kt + HS * (BK + 8);            // [BK][HS+8]  B of dPd = dO·Vᵀ
+    int* Ms = (int*)(Vs + BK * (HS + 8));  // [BK]
+    int bi = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * 64;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+    load_tile<T, HS, 64>(a, bi, h, 0, q0, Qs, nullptr);
+    load_tile<T, HS, 64>(a, bi, h, 3, q0, Os, nullptr);
+    __syncthreads();
+    const T* Qw = Qs + warp * 16 * (HS + 8);
+    const T* Ow = Os + warp * 16 * (HS + 8);
+    u32 qa[KS][4], oa[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+        qa[kk][0] = ld2(Qw + g * (HS + 8) + kk * 16 + 2 * t4);
+        qa[kk][1] = ld2(Qw + (g + 8) * (HS + 8) + kk * 16 + 2 * t4);
+        qa[kk][2] = ld2(Qw + g * (HS + 8) + kk * 16 + 8 + 2 * t4);
+        qa[kk][3] = ld2(Qw + (g + 8) * (HS + 8) + kk * 16 + 8 + 2 * t4);
+        oa[kk][0] = ld2(Ow + g * (HS + 8) + kk * 16 + 2 * t4);
+        oa[kk][1] = ld2(Ow + (g + 8) * (HS + 8) + kk * 16 + 2 * t4);
+        oa[kk][2] = ld2(Ow + g * (HS + 8) + kk * 16 + 8 + 2 * t4);
+        oa[kk][3] = ld2(Ow + (g + 8) * (HS + 8) + kk * 16 + 8 + 2 * t4);
+    }
+    int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
+    u64 hrow = ((u64)bi * a.nh + h) * a.t;
+    float L0 = i0 < a.t ? ((const float*)a.lse)[hrow + i0] : 0.f, L1 = i1 < a.t ? ((const float*)a.lse)[hrow + i1] : 0.f;
+    float D0 = i0 < a.t ? ((const float*)a.dsum)[hrow + i0] : 0.f, D1 = i1 < a.t ? ((const float*)a.dsum)[hrow + i1] : 0.f;
+    u64 drow0 = (hrow + min(i0, a.t - 1)) * a.t, drow1 = (hrow + min(i1, a.t - 1)) * a.t;
+    float dq[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+    for (int k0 = 0; k0 < a.t; k0 += BK) {
+        __syncthreads();
+        load_tile<T, HS, BK>(a, bi, h, 1, k0, Ks, Kt);
+        load_tile<T, HS, BK>(a, bi, h, 2, k0, Vs, nullptr);
+        for (int j = threadIdx.x; j < BK; j += blockDim.x) Ms[j] = (k0 + j < a.t) ? ((const int*)a.mask)[(u64)bi * a.t + k0 + j] : 0;
+        __syncthreads();
+        float s[BK / 8][4], dp[BK / 8][4];
+#pragma unroll
+        for (int j = 0; j < BK / 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk) {
+                const T* kr = Ks + (j * 8 + g) * (HS + 8) + kk * 16 + 2 * t4;
+                const T* vr = Vs + (j * 8 + g) * (HS + 8) + kk * 16 + 2 * t4;
+                mma16816<T>(s[j], qa[kk], ld2(kr), ld2(kr + 8));
+                mma16816<T>(dp[j], oa[kk], ld2(vr), ld2(vr + 8));
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+            u32 sa[4];
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                int j = 2 * kk + half;
+                float sv[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    int kj = j * 8 + 2 * t4 + (e & 1);
+                    bool live = Ms[kj] != 0;
+                    float P = live ? expf(s[j][e] * a.scale - (e < 2 ? L0 : L1)) : 0.f;
+                    float f = (live && a.p > 0.f) ? dropout_factor(a.seed, (e < 2 ? drow0 : drow1) + k0 + kj, a.p) : 1.f;
+                    sv[e] = P * (dp[j][e] * f - (e < 2 ? D0 : D1));
+                }
+                sa[half * 2 + 0] = pack2<T>(sv[0], sv[1]);
+                sa[half * 2 + 1] = pack2<T>(sv[2], sv[3]);
+            }
+#pragma unroll
+            for (int n = 0; n < NO; ++n) {
+                const T* kr = Kt + (n * 8 + g) * (BK + 8) + kk * 16 + 2 * t4;
+                mma16816<T>(dq[n], sa, ld2(kr), ld2(kr + 8));
+            }
+        }
+    }
+    int C = a.nh * HS;
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+        int d = n * 8 + 2 * t4;
+        if (i0 < a.t) *(u32*)((T*)a.dqkv + ((u64)bi * a.t + i0) * 3 * C + h * HS + d) = pack2<T>(dq[n][0] * a.scale, dq[n][1] * a.scale);
+        if (i1 < a.t) *(u32*)((T*)a.dqkv + ((u64)bi * a.t + i1) * 3 * C + h * HS + d) = pack2<T>(dq[n][2] * a.scale, dq[n][3] * a.scale);
+    }
+}
+
+#define TC_INSTANTIATE(TY, NAME, HS)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(128) attention_tc_forward_##NAME##_hs##HS(AttnParams a) { tc_forward<TY, HS>(a); } \
+    extern "C" __global__ void __launch_bounds__(128) attention_tc_backward_kv_##NAME##_hs##HS(AttnParams a) { tc_backward_kv<TY, HS>(a); } \
+    extern "C" __global__ void __launch_bounds__(128) attention_tc_backward_q_##NAME##_hs##HS(AttnParams a) { tc_backward_q<TY, HS>(a); }
+
+TC_INSTANTIATE(bf16, bf16, 32)
+TC_INSTANTIATE(bf16, bf16, 64)
+TC_INSTANTIATE(bf16, bf16, 128)
+TC_INSTANTIATE(f16, f16, 32)
+TC_INSTANTIATE(f16, f16, 64)
+TC_INSTANTIATE(f16, f16, 128)
