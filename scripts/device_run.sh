@@ -9,6 +9,8 @@ FINAL="${OUT:-device-out}"; mkdir -p "$FINAL"
 W=/tmp/run-logs; rm -rf $W; mkdir -p $W
 OUT=$W/check BENCH_ITERS="${BENCH_ITERS:-10}" bash scripts/gpu_check.sh > $W/check.out 2>&1
 tail -120 $W/check.out
+cp $W/check/summary.txt "$FINAL/summary.txt"
+tar czf "$FINAL/logs.tgz" -C $W . 2>/dev/null  # refreshed at the end; here in case the call is cut short
 if grep -q "parity_bf16: rc=0" $W/check/summary.txt; then
     echo "attention variant 2 passed bf16 parity: comparing with it"
 else

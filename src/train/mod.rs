@@ -543,6 +543,18 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
     if let Some(pb) = &pb {
         pb.finish_and_clear();
     }
+    // a run that ended on --max-steps (not at an epoch end or a save step) still leaves a checkpoint
+    let last = checkpoint::latest(&inp.output_dir).and_then(|p| {
+        p.file_name()?
+            .to_str()?
+            .strip_prefix("checkpoint-")?
+            .parse::<usize>()
+            .ok()
+    });
+    if last != Some(trainer.state.global_step) {
+        trainer.state.scaler = Some(trainer.scaler.clone());
+        checkpoint::save(trainer, inp)?;
+    }
     // final metrics: the last evaluation, or one now if the run ended between evaluations
     let final_metrics = match (&trainer.state.last_eval, inp.dev) {
         (Some(v), _)
