@@ -3,7 +3,7 @@
 // Forward: per (batch b, head h, tile of 32 query rows), loop over tiles of 32 keys held in shared memory
 // with an online softmax; the T×T scores never reach global memory. Saves only lse = m + log(l) per row.
 // Key padding mask: keys with mask[b, j] == 0 get probability 0. Attention-probability dropout multiplies
-// each probability by factor(seed, ((b·NH + h)·T + i)·T + j), regenerated in backward.
+// each probability by attn_dropout(seed, row, key) (common.cuh, the same stream as src/rng.rs), regenerated in backward.
 // Backward (FlashAttention-2 algebra): D_i = dO_i·O_i; P_ij = exp(s_ij − lse_i); dP_ij = (dO_i·v_j)·f_ij;
 // dS_ij = P_ij (dP_ij − D_i); dV_j = Σ_i P_ij f_ij dO_i; dK_j = scale Σ_i dS_ij q_i; dQ_i = scale Σ_j dS_ij k_j.
 // Two kernels (one over key tiles for dK/dV, one over query tiles for dQ) avoid atomics: deterministic.
@@ -58,7 +58,7 @@ __device__ void attn_forward(const AttnParams& a) {
         acc[k] = 0.f;
     }
     float m = -INFINITY, l = 0.f;
-    u64 drow = (((u64)bi * a.nh + h) * a.t + (vi ? i : 0)) * a.t;
+    u64 Rrow = ((u64)bi * a.nh + h) * attn_row_stride(a.t) + (vi ? i : 0);
     for (int kt = 0; kt < a.t; kt += TILE) {
         __syncthreads();
         for (int e = threadIdx.x; e < TILE * HS; e += blockDim.x) {
@@ -77,7 +77,7 @@ __device__ void attn_forward(const AttnParams& a) {
             float corr = expf(m - mn);
             float pe = expf(s - mn);
             l = l * corr + pe;
-            float pf = pe * dropout_factor(a.seed, drow + j, a.p);
+            float pf = pe * attn_dropout(a.seed, Rrow, j, a.t, a.p);
 #pragma unroll
             for (int k = 0; k < D; ++k) acc[k] = acc[k] * corr + pf * Vs[jj][sub + LANES * k];
             m = mn;
@@ -149,7 +149,7 @@ __device__ void attn_backward_kv(const AttnParams& a) {
             float dpd = dot4<D>(v_, Os[ii], sub);
             if (!live) continue;  // per-row condition, after the shuffles
             float P = expf(s - Ls[ii]);
-            float f = dropout_factor(a.seed, (hrow + i) * a.t + j, a.p);
+            float f = attn_dropout(a.seed, ((u64)bi * a.nh + h) * attn_row_stride(a.t) + i, j, a.t, a.p);
             float dS = P * (dpd * f - Ds[ii]);
 #pragma unroll
             for (int k = 0; k < D; ++k) {
@@ -190,7 +190,7 @@ __device__ void attn_backward_q(const AttnParams& a) {
     }
     float L = vi ? ((const float*)a.lse)[hrow + i] : 0.f;
     float Dd = vi ? ((const float*)a.dsum)[hrow + i] : 0.f;
-    u64 drow = (hrow + (vi ? i : 0)) * a.t;
+    u64 Rrow = ((u64)bi * a.nh + h) * attn_row_stride(a.t) + (vi ? i : 0);
     for (int kt = 0; kt < a.t; kt += TILE) {
         __syncthreads();
         for (int e = threadIdx.x; e < TILE * HS; e += blockDim.x) {
@@ -207,7 +207,7 @@ __device__ void attn_backward_q(const AttnParams& a) {
             float s = dot4<D>(q, Ks[jj], sub) * a.scale;
             float dpd = dot4<D>(dO, Vs[jj], sub);
             float P = expf(s - L);
-            float f = dropout_factor(a.seed, drow + j, a.p);
+            float f = attn_dropout(a.seed, Rrow, j, a.t, a.p);
             float dS = P * (dpd * f - Dd);
 #pragma unroll
             for (int k = 0; k < D; ++k) dq[k] += dS * a.scale * Ks[jj][sub + LANES * k];

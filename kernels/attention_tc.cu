@@ -99,8 +99,7 @@ __device__ void tc_forward(const AttnParams& a) {
     for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows g and g+8 (per-thread partial l)
     int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
-    u64 drow0 = (((u64)bi * a.nh + h) * a.t + min(i0, a.t - 1)) * a.t;
-    u64 drow1 = (((u64)bi * a.nh + h) * a.t + min(i1, a.t - 1)) * a.t;
+    u64 R0 = ((u64)bi * a.nh + h) * attn_row_stride(a.t) + i0, R1 = R0 + 8;
     for (int k0 = 0; k0 < a.t; k0 += BK) {
         __syncthreads();
         load_tile<T, HS, BK>(a, bi, h, 1, k0, Ks, nullptr);
@@ -158,10 +157,10 @@ __device__ void tc_forward(const AttnParams& a) {
                 l1 += p10 + p11;
                 int key = k0 + j * 8 + 2 * t4;
                 if (a.p > 0.f) {
-                    p00 *= dropout_factor(a.seed, drow0 + key, a.p);
-                    p01 *= dropout_factor(a.seed, drow0 + key + 1, a.p);
-                    p10 *= dropout_factor(a.seed, drow1 + key, a.p);
-                    p11 *= dropout_factor(a.seed, drow1 + key + 1, a.p);
+                    p00 *= attn_dropout(a.seed, R0, key, a.t, a.p);
+                    p01 *= attn_dropout(a.seed, R0, key + 1, a.t, a.p);
+                    p10 *= attn_dropout(a.seed, R1, key, a.t, a.p);
+                    p11 *= attn_dropout(a.seed, R1, key + 1, a.t, a.p);
                 }
                 pa[half * 2 + 0] = pack2<T>(p00, p01);
                 pa[half * 2 + 1] = pack2<T>(p10, p11);
@@ -263,7 +262,7 @@ __device__ void tc_backward_kv(const AttnParams& a) {
                     bool live = (e < 2 ? livea : liveb) && i < a.t;
                     int j = e < 2 ? ja : jb;
                     float P = live ? expf(s[n][e] * a.scale - Ls[qi]) : 0.f;
-                    float f = (live && a.p > 0.f) ? dropout_factor(a.seed, (hrow + i) * a.t + j, a.p) : 1.f;
+                    float f = (live && a.p > 0.f) ? attn_dropout(a.seed, ((u64)bi * a.nh + h) * attn_row_stride(a.t) + i, j, a.t, a.p) : 1.f;
                     pv[e] = P * f;
                     sv[e] = P * (dp[n][e] * f - Ds[qi]);
                 }
@@ -332,7 +331,7 @@ __device__ void tc_backward_q(const AttnParams& a) {
     u64 hrow = ((u64)bi * a.nh + h) * a.t;
     float L0 = i0 < a.t ? ((const float*)a.lse)[hrow + i0] : 0.f, L1 = i1 < a.t ? ((const float*)a.lse)[hrow + i1] : 0.f;
     float D0 = i0 < a.t ? ((const float*)a.dsum)[hrow + i0] : 0.f, D1 = i1 < a.t ? ((const float*)a.dsum)[hrow + i1] : 0.f;
-    u64 drow0 = (hrow + min(i0, a.t - 1)) * a.t, drow1 = (hrow + min(i1, a.t - 1)) * a.t;
+    u64 R0 = ((u64)bi * a.nh + h) * attn_row_stride(a.t) + i0, R1 = R0 + 8;
     float dq[NO][4];
 #pragma unroll
     for (int n = 0; n < NO; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
@@ -367,7 +366,7 @@ __device__ void tc_backward_q(const AttnParams& a) {
                     int kj = j * 8 + 2 * t4 + (e & 1);
                     bool live = Ms[kj] != 0;
                     float P = live ? expf(s[j][e] * a.scale - (e < 2 ? L0 : L1)) : 0.f;
-                    float f = (live && a.p > 0.f) ? dropout_factor(a.seed, (e < 2 ? drow0 : drow1) + k0 + kj, a.p) : 1.f;
+                    float f = (live && a.p > 0.f) ? attn_dropout(a.seed, e < 2 ? R0 : R1, k0 + kj, a.t, a.p) : 1.f;
                     sv[e] = P * (dp[j][e] * f - (e < 2 ? D0 : D1));
                 }
                 sa[half * 2 + 0] = pack2<T>(sv[0], sv[1]);
@@ -400,3 +399,363 @@ TC_INSTANTIATE(bf16, bf16, 128)
 TC_INSTANTIATE(f16, f16, 32)
 TC_INSTANTIATE(f16, f16, 64)
 TC_INSTANTIATE(f16, f16, 128)
+
+// ================================================================================================
+// Variant 3: as variant 2, plus: tiles loaded with 16-byte global loads into row-major shared memory only;
+// fragments read with ldmatrix (.trans for the B operands whose k runs down the rows, so no transposed tiles);
+// one Philox call for the two adjacent keys (forward, dQ) or adjacent queries (dK/dV) a thread holds.
+// ================================================================================================
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+// A fragment (16×16, row-major tile with row stride `ld` elements) at (row 0, col k0)
+template <typename T> __device__ __forceinline__ void lda_x4(u32* r, const T* tile, int ld, int k0) {
+    int l = threadIdx.x & 31;
+    const T* p = tile + (((l >> 3) & 1) * 8 + (l & 7)) * ld + k0 + (l >> 4) * 8;
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+}
+// B fragment (k 16 × n 8) from a tile stored [n][k] (row n, k contiguous): rows n0..n0+7, cols k0..k0+15
+template <typename T> __device__ __forceinline__ void ldb_nk(u32& b0, u32& b1, const T* tile, int ld, int n0, int k0) {
+    int l = threadIdx.x & 31;
+    const T* p = tile + (n0 + (l & 7)) * ld + k0 + ((l >> 3) & 1) * 8;
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(smem_u32(p)));
+}
+// B fragment (k 16 × n 8) from a tile stored [k][n] (row k, n contiguous): rows k0..k0+15, cols n0..n0+7
+template <typename T> __device__ __forceinline__ void ldb_kn(u32& b0, u32& b1, const T* tile, int ld, int k0, int n0) {
+    int l = threadIdx.x & 31;
+    const T* p = tile + (k0 + (l & 15)) * ld + n0;
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(smem_u32(p)));
+}
+
+// rows r0.. of part (0 Q, 1 K, 2 V, 3 dO) into a row-major [ROWS][HS+8] tile, 16 bytes per thread and step
+template <typename T, int HS, int ROWS>
+__device__ __forceinline__ void load_rows(const AttnParams& a, int bi, int h, int part, int r0, T* dst) {
+    constexpr int CH = HS / 8;
+    int C = a.nh * HS;
+    for (int e = threadIdx.x; e < ROWS * CH; e += blockDim.x) {
+        int r = e / CH, c = e % CH, row = r0 + r;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (row < a.t) {
+            const T* src = part == 3 ? (const T*)a.dout + ((u64)bi * a.t + row) * C + h * HS + c * 8
+                                     : (const T*)a.qkv + ((u64)bi * a.t + row) * 3 * C + part * C + h * HS + c * 8;
+            v = *(const uint4*)src;
+        }
+        *(uint4*)(dst + r * (HS + 8) + c * 8) = v;
+    }
+}
+
+template <typename T, int HS>
+__device__ void tc3_forward(const AttnParams& a) {
+    constexpr int BK = 64, KS = HS / 16, NO = HS / 8, LD = HS + 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* Qs = (T*)smem_raw;                // [64][LD]
+    T* Ks = Qs + 64 * LD;                // [BK][LD]
+    T* Vs = Ks + BK * LD;                // [BK][LD]
+    int* Ms = (int*)(Vs + BK * LD);      // [BK]
+    int bi = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * 64;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+    load_rows<T, HS, 64>(a, bi, h, 0, q0, Qs);
+    __syncthreads();
+    u32 qa[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) lda_x4(qa[kk], Qs + warp * 16 * LD, LD, kk * 16);
+    float o[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
+    u64 R0 = ((u64)bi * a.nh + h) * attn_row_stride(a.t) + i0, R1 = R0 + 8;
+    for (int k0 = 0; k0 < a.t; k0 += BK) {
+        __syncthreads();
+        load_rows<T, HS, BK>(a, bi, h, 1, k0, Ks);
+        load_rows<T, HS, BK>(a, bi, h, 2, k0, Vs);
+        for (int j = threadIdx.x; j < BK; j += blockDim.x) Ms[j] = (k0 + j < a.t) ? ((const int*)a.mask)[(u64)bi * a.t + k0 + j] : 0;
+        __syncthreads();
+        float s[BK / 8][4];
+#pragma unroll
+        for (int j = 0; j < BK / 8; ++j) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk) {
+                u32 b0, b1;
+                ldb_nk(b0, b1, Ks, LD, j * 8, kk * 16);
+                mma16816<T>(s[j], qa[kk], b0, b1);
+            }
+        }
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < BK / 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                bool live = Ms[j * 8 + 2 * t4 + e] != 0;
+                s[j][e] = live ? s[j][e] * a.scale : -INFINITY;
+                s[j][2 + e] = live ? s[j][2 + e] * a.scale : -INFINITY;
+                mx0 = fmaxf(mx0, s[j][e]);
+                mx1 = fmaxf(mx1, s[j][2 + e]);
+            }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
+        float c0 = expf(m0 - base0), c1 = expf(m1 - base1);
+        l0 *= c0;
+        l1 *= c1;
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+            o[n][0] *= c0; o[n][1] *= c0;
+            o[n][2] *= c1; o[n][3] *= c1;
+        }
+        m0 = mn0;
+        m1 = mn1;
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+            u32 pa[4];
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                int j = 2 * kk + half;
+                float p00 = expf(s[j][0] - base0), p01 = expf(s[j][1] - base0);
+                float p10 = expf(s[j][2] - base1), p11 = expf(s[j][3] - base1);
+                l0 += p00 + p01;
+                l1 += p10 + p11;
+                if (a.p > 0.f) {
+                    int key = k0 + j * 8 + 2 * t4;  // even: (key, key+1) share one Philox call
+                    float2 f0 = attn_dropout_keys(a.seed, R0, key, a.t, a.p);
+                    float2 f1 = attn_dropout_keys(a.seed, R1, key, a.t, a.p);
+                    p00 *= f0.x; p01 *= f0.y;
+                    p10 *= f1.x; p11 *= f1.y;
+                }
+                pa[half * 2 + 0] = pack2<T>(p00, p01);
+                pa[half * 2 + 1] = pack2<T>(p10, p11);
+            }
+#pragma unroll
+            for (int n = 0; n < NO; ++n) {
+                u32 b0, b1;
+                ldb_kn(b0, b1, Vs, LD, kk * 16, n * 8);
+                mma16816<T>(o[n], pa, b0, b1);
+            }
+        }
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    int C = a.nh * HS;
+    float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+        int d = n * 8 + 2 * t4;
+        if (i0 < a.t) *(u32*)((T*)a.out + ((u64)bi * a.t + i0) * C + h * HS + d) = pack2<T>(o[n][0] * inv0, o[n][1] * inv0);
+        if (i1 < a.t) *(u32*)((T*)a.out + ((u64)bi * a.t + i1) * C + h * HS + d) = pack2<T>(o[n][2] * inv1, o[n][3] * inv1);
+    }
+    if (t4 == 0) {
+        float* lse = (float*)a.lse + ((u64)bi * a.nh + h) * a.t;
+        if (i0 < a.t) lse[i0] = l0 > 0.f ? m0 + logf(l0) : INFINITY;
+        if (i1 < a.t) lse[i1] = l1 > 0.f ? m1 + logf(l1) : INFINITY;
+    }
+}
+
+template <typename T, int HS>
+__device__ void tc3_backward_kv(const AttnParams& a) {
+    constexpr int BQ = 32, KS = HS / 16, NO = HS / 8, LD = HS + 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* Ks = (T*)smem_raw;          // [64][LD]
+    T* Vs = Ks + 64 * LD;          // [64][LD]
+    T* Qs = Vs + 64 * LD;          // [BQ][LD]
+    T* Os = Qs + BQ * LD;          // [BQ][LD]  dO
+    float* Ls = (float*)(Os + BQ * LD);
+    float* Ds = Ls + BQ;
+    int bi = blockIdx.z, h = blockIdx.y, j0 = blockIdx.x * 64;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+    load_rows<T, HS, 64>(a, bi, h, 1, j0, Ks);
+    load_rows<T, HS, 64>(a, bi, h, 2, j0, Vs);
+    int ja = j0 + warp * 16 + g, jb = ja + 8;
+    bool livea = ja < a.t && ((const int*)a.mask)[(u64)bi * a.t + ja] != 0;
+    bool liveb = jb < a.t && ((const int*)a.mask)[(u64)bi * a.t + jb] != 0;
+    float dk[NO][4], dv[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+    u64 hrow = ((u64)bi * a.nh + h) * a.t, Rbase = ((u64)bi * a.nh + h) * attn_row_stride(a.t);
+    const T* Kw = Ks + warp * 16 * LD;
+    const T* Vw = Vs + warp * 16 * LD;
+    for (int q0 = 0; q0 < a.t; q0 += BQ) {
+        __syncthreads();
+        load_rows<T, HS, BQ>(a, bi, h, 0, q0, Qs);
+        load_rows<T, HS, BQ>(a, bi, h, 3, q0, Os);
+        for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
+            Ls[i] = q0 + i < a.t ? ((const float*)a.lse)[hrow + q0 + i] : 0.f;
+            Ds[i] = q0 + i < a.t ? ((const float*)a.dsum)[hrow + q0 + i] : 0.f;
+        }
+        __syncthreads();
+        float s[BQ / 8][4], dp[BQ / 8][4];
+#pragma unroll
+        for (int n = 0; n < BQ / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+            u32 ka[4], va[4];
+            lda_x4(ka, Kw, LD, kk * 16);
+            lda_x4(va, Vw, LD, kk * 16);
+#pragma unroll
+            for (int n = 0; n < BQ / 8; ++n) {
+                u32 b0, b1;
+                ldb_nk(b0, b1, Qs, LD, n * 8, kk * 16);
+                mma16816<T>(s[n], ka, b0, b1);
+                ldb_nk(b0, b1, Os, LD, n * 8, kk * 16);
+                mma16816<T>(dp[n], va, b0, b1);
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BQ / 16; ++kk) {
+            u32 pa[4], sa[4];
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                int n = 2 * kk + half;
+                float pv[4], sv[4];
+                // queries i, i+1 (i even) for keys ja, jb: one Philox call per key row
+                int ie = q0 + n * 8 + 2 * t4;
+                float2 fa = a.p > 0.f ? attn_dropout_rows(a.seed, Rbase + ie, ja, a.t, a.p) : make_float2(1.f, 1.f);
+                float2 fb = a.p > 0.f ? attn_dropout_rows(a.seed, Rbase + ie, jb, a.t, a.p) : make_float2(1.f, 1.f);
+                float fs[4] = {fa.x, fa.y, fb.x, fb.y};
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    int qi = n * 8 + 2 * t4 + (e & 1);
+                    int i = q0 + qi;
+                    bool live = (e < 2 ? livea : liveb) && i < a.t;
+                    float P = live ? expf(s[n][e] * a.scale - Ls[qi]) : 0.f;
+                    float f = live ? fs[e] : 1.f;
+                    pv[e] = P * f;
+                    sv[e] = P * (dp[n][e] * f - Ds[qi]);
+                }
+                pa[half * 2 + 0] = pack2<T>(pv[0], pv[1]);
+                pa[half * 2 + 1] = pack2<T>(pv[2], pv[3]);
+                sa[half * 2 + 0] = pack2<T>(sv[0], sv[1]);
+                sa[half * 2 + 1] = pack2<T>(sv[2], sv[3]);
+            }
+#pragma unroll
+            for (int n = 0; n < NO; ++n) {
+                u32 b0, b1;
+                ldb_kn(b0, b1, Os, LD, kk * 16, n * 8);
+                mma16816<T>(dv[n], pa, b0, b1);
+                ldb_kn(b0, b1, Qs, LD, kk * 16, n * 8);
+                mma16816<T>(dk[n], sa, b0, b1);
+            }
+        }
+    }
+    int C = a.nh * HS;
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+        int d = n * 8 + 2 * t4;
+        if (ja < a.t) {
+            T* base = (T*)a.dqkv + ((u64)bi * a.t + ja) * 3 * C + h * HS + d;
+            *(u32*)(base + C) = pack2<T>(dk[n][0] * a.scale, dk[n][1] * a.scale);
+            *(u32*)(base + 2 * C) = pack2<T>(dv[n][0], dv[n][1]);
+        }
+        if (jb < a.t) {
+            T* base = (T*)a.dqkv + ((u64)bi * a.t + jb) * 3 * C + h * HS + d;
+            *(u32*)(base + C) = pack2<T>(dk[n][2] * a.scale, dk[n][3] * a.scale);
+            *(u32*)(base + 2 * C) = pack2<T>(dv[n][2], dv[n][3]);
+        }
+    }
+}
+
+template <typename T, int HS>
+__device__ void tc3_backward_q(const AttnParams& a) {
+    constexpr int BK = 32, KS = HS / 16, NO = HS / 8, LD = HS + 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* Qs = (T*)smem_raw;          // [64][LD]
+    T* Os = Qs + 64 * LD;          // [64][LD]  dO
+    T* Ks = Os + 64 * LD;          // [BK][LD]
+    T* Vs = Ks + BK * LD;          // [BK][LD]
+    int* Ms = (int*)(Vs + BK * LD);
+    int bi = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * 64;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+    load_rows<T, HS, 64>(a, bi, h, 0, q0, Qs);
+    load_rows<T, HS, 64>(a, bi, h, 3, q0, Os);
+    __syncthreads();
+    u32 qa[KS][4], oa[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+        lda_x4(qa[kk], Qs + warp * 16 * LD, LD, kk * 16);
+        lda_x4(oa[kk], Os + warp * 16 * LD, LD, kk * 16);
+    }
+    int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
+    u64 hrow = ((u64)bi * a.nh + h) * a.t;
+    float L0 = i0 < a.t ? ((const float*)a.lse)[hrow + i0] : 0.f, L1 = i1 < a.t ? ((const float*)a.lse)[hrow + i1] : 0.f;
+    float D0 = i0 < a.t ? ((const float*)a.dsum)[hrow + i0] : 0.f, D1 = i1 < a.t ? ((const float*)a.dsum)[hrow + i1] : 0.f;
+    u64 R0 = ((u64)bi * a.nh + h) * attn_row_stride(a.t) + i0, R1 = R0 + 8;
+    float dq[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+    for (int k0 = 0; k0 < a.t; k0 += BK) {
+        __syncthreads();
+        load_rows<T, HS, BK>(a, bi, h, 1, k0, Ks);
+        load_rows<T, HS, BK>(a, bi, h, 2, k0, Vs);
+        for (int j = threadIdx.x; j < BK; j += blockDim.x) Ms[j] = (k0 + j < a.t) ? ((const int*)a.mask)[(u64)bi * a.t + k0 + j] : 0;
+        __syncthreads();
+        float s[BK / 8][4], dp[BK / 8][4];
+#pragma unroll
+        for (int j = 0; j < BK / 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk) {
+                u32 b0, b1;
+                ldb_nk(b0, b1, Ks, LD, j * 8, kk * 16);
+                mma16816<T>(s[j], qa[kk], b0, b1);
+                ldb_nk(b0, b1, Vs, LD, j * 8, kk * 16);
+                mma16816<T>(dp[j], oa[kk], b0, b1);
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+            u32 sa[4];
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                int j = 2 * kk + half;
+                int kj = j * 8 + 2 * t4;  // even: keys kj, kj+1
+                bool live0 = Ms[kj] != 0, live1 = Ms[kj + 1] != 0;
+                float2 f0 = attn_dropout_keys(a.seed, R0, k0 + kj, a.t, a.p);
+                float2 f1 = attn_dropout_keys(a.seed, R1, k0 + kj, a.t, a.p);
+                float P00 = live0 ? expf(s[j][0] * a.scale - L0) : 0.f, P01 = live1 ? expf(s[j][1] * a.scale - L0) : 0.f;
+                float P10 = live0 ? expf(s[j][2] * a.scale - L1) : 0.f, P11 = live1 ? expf(s[j][3] * a.scale - L1) : 0.f;
+                sa[half * 2 + 0] = pack2<T>(P00 * (dp[j][0] * f0.x - D0), P01 * (dp[j][1] * f0.y - D0));
+                sa[half * 2 + 1] = pack2<T>(P10 * (dp[j][2] * f1.x - D1), P11 * (dp[j][3] * f1.y - D1));
+            }
+#pragma unroll
+            for (int n = 0; n < NO; ++n) {
+                u32 b0, b1;
+                ldb_kn(b0, b1, Ks, LD, kk * 16, n * 8);
+                mma16816<T>(dq[n], sa, b0, b1);
+            }
+        }
+    }
+    int C = a.nh * HS;
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+        int d = n * 8 + 2 * t4;
+        if (i0 < a.t) *(u32*)((T*)a.dqkv + ((u64)bi * a.t + i0) * 3 * C + h * HS + d) = pack2<T>(dq[n][0] * a.scale, dq[n][1] * a.scale);
+        if (i1 < a.t) *(u32*)((T*)a.dqkv + ((u64)bi * a.t + i1) * 3 * C + h * HS + d) = pack2<T>(dq[n][2] * a.scale, dq[n][3] * a.scale);
+    }
+}
+
+#define TC3_INSTANTIATE(TY, NAME, HS)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) attention_tc3_forward_##NAME##_hs##HS(AttnParams a) { tc3_forward<TY, HS>(a); } \
+    extern "C" __global__ void __launch_bounds__(128) attention_tc3_backward_kv_##NAME##_hs##HS(AttnParams a) { tc3_backward_kv<TY, HS>(a); } \
+    extern "C" __global__ void __launch_bounds__(128) attention_tc3_backward_q_##NAME##_hs##HS(AttnParams a) { tc3_backward_q<TY, HS>(a); }
+
+TC3_INSTANTIATE(bf16, bf16, 32)
+TC3_INSTANTIATE(bf16, bf16, 64)
+TC3_INSTANTIATE(bf16, bf16, 128)
+TC3_INSTANTIATE(f16, f16, 32)
+TC3_INSTANTIATE(f16, f16, 64)
+TC3_INSTANTIATE(f16, f16, 128)

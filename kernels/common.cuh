@@ -57,11 +57,43 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
 }
 
 // The dropout multiplier of element idx: 0 or 1/(1-p). p <= 0 means no dropout.
+// Element idx uses word idx%4 of philox(counter = idx/4) (src/rng.rs).
+__device__ __forceinline__ u32 philox_word(uint4 r, u32 w) { return w == 0 ? r.x : w == 1 ? r.y : w == 2 ? r.z : r.w; }
+__device__ __forceinline__ float keep_factor(u32 word, float p) {
+    float u = (float)(word >> 8) * (1.0f / 16777216.0f);
+    return u >= p ? 1.0f / (1.0f - p) : 0.f;
+}
+__device__ __forceinline__ uint4 philox_at(u64 seed, u64 idx) {
+    u64 c = idx >> 2;
+    return philox4x32_10(make_uint4((u32)c, (u32)(c >> 32), 0u, 0u), make_uint2((u32)seed, (u32)(seed >> 32)));
+}
 __device__ __forceinline__ float dropout_factor(u64 seed, u64 idx, float p) {
     if (p <= 0.f) return 1.f;
-    uint4 r = philox4x32_10(make_uint4((u32)idx, (u32)(idx >> 32), 0u, 0u), make_uint2((u32)seed, (u32)(seed >> 32)));
-    float u = (float)(r.x >> 8) * (1.0f / 16777216.0f);
-    return u >= p ? 1.0f / (1.0f - p) : 0.f;
+    return keep_factor(philox_word(philox_at(seed, idx), (u32)(idx & 3)), p);
+}
+// Attention-probability dropout (src/rng.rs attn_uniform): element (row R = (b·NH + h)·Tp + i, key j),
+// Tp = T rounded up to even, uses word (R&1)·2 + (j&1) of philox(counter (R/2)·(Tp/2) + j/2): a 2×2 block of
+// (query, key) shares one call, so a thread holding two adjacent keys, or two adjacent queries, needs one.
+__device__ __forceinline__ u64 attn_row_stride(int t) { return (u64)(t + (t & 1)); }
+__device__ __forceinline__ uint4 attn_philox(u64 seed, u64 R, int j, int t) {
+    u64 c = (R >> 1) * (attn_row_stride(t) >> 1) + (u64)(j >> 1);
+    return philox4x32_10(make_uint4((u32)c, (u32)(c >> 32), 0u, 0u), make_uint2((u32)seed, (u32)(seed >> 32)));
+}
+__device__ __forceinline__ float attn_dropout(u64 seed, u64 R, int j, int t, float p) {
+    if (p <= 0.f) return 1.f;
+    return keep_factor(philox_word(attn_philox(seed, R, j, t), (u32)((R & 1) * 2 + (j & 1))), p);
+}
+// keys j, j+1 (j even) of row R
+__device__ __forceinline__ float2 attn_dropout_keys(u64 seed, u64 R, int j, int t, float p) {
+    if (p <= 0.f) return make_float2(1.f, 1.f);
+    uint4 r = attn_philox(seed, R, j, t);
+    return (R & 1) ? make_float2(keep_factor(r.z, p), keep_factor(r.w, p)) : make_float2(keep_factor(r.x, p), keep_factor(r.y, p));
+}
+// rows R, R+1 (R even) of key j
+__device__ __forceinline__ float2 attn_dropout_rows(u64 seed, u64 R, int j, int t, float p) {
+    if (p <= 0.f) return make_float2(1.f, 1.f);
+    uint4 r = attn_philox(seed, R, j, t);
+    return (j & 1) ? make_float2(keep_factor(r.y, p), keep_factor(r.w, p)) : make_float2(keep_factor(r.x, p), keep_factor(r.z, p));
 }
 
 // ---- reductions -------------------------------------------------------------------------------------------

@@ -12,9 +12,12 @@ tail -120 $W/check.out
 cp $W/check/summary.txt "$FINAL/summary.txt"
 tar czf "$FINAL/logs.tgz" -C $W . 2>/dev/null  # refreshed at the end; here in case the call is cut short
 if grep -q "parity_bf16: rc=0" $W/check/summary.txt; then
-    echo "attention variant 2 passed bf16 parity: comparing with it"
+    echo "attention variant 3 (default) passed bf16 parity: comparing with it"
+elif grep -q "parity_bf16_attn_v2: rc=0" $W/check/summary.txt; then
+    echo "variant 3 failed bf16 parity, variant 2 passed: comparing with BERTQA_ATTN=v2"
+    export BERTQA_ATTN=v2
 else
-    echo "attention variant 2 failed bf16 parity: comparing with BERTQA_ATTN=v1"
+    echo "tensor-core attention failed bf16 parity: comparing with BERTQA_ATTN=v1"
     export BERTQA_ATTN=v1
 fi
 OUT=$W/compare bash scripts/compare_pytorch.sh > $W/compare.out 2>&1

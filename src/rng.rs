@@ -1,9 +1,9 @@
 //! Random numbers shared bit-for-bit by the CPU reference and the CUDA kernels.
 //!
 //! Dropout masks come from the counter-based Philox4x32-10 generator (Salmon et al., SC'11), the same one
-//! cuRAND and PyTorch use: element `idx` of a dropout site with seed `seed` is kept iff
-//! `u(idx) >= p`, where `u` is the top 24 bits of `philox([idx_lo, idx_hi, 0, 0], [seed_lo, seed_hi])[0]`
-//! scaled to [0, 1). Because the mask is a pure function of (seed, idx), backward regenerates it instead of
+//! cuRAND and PyTorch use: element `idx` of a dropout site with seed `seed` is kept iff `u(idx) >= p`, where
+//! `u` is the top 24 bits of word `idx mod 4` of `philox([c_lo, c_hi, 0, 0], [seed_lo, seed_hi])`,
+//! `c = idx / 4`, scaled to [0, 1). One Philox call serves four consecutive elements. Because the mask is a pure function of (seed, idx), backward regenerates it instead of
 //! storing it, and the GPU kernels (kernels/common.cuh) produce exactly the CPU's masks.
 
 const PHILOX_M0: u32 = 0xD251_1F53;
@@ -36,11 +36,32 @@ pub fn philox4x32_10(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 /// Uniform in [0, 1) with 24 bits, for element `idx` of the stream `seed`.
 #[inline]
 pub fn uniform(seed: u64, idx: u64) -> f32 {
+    let c = idx >> 2;
     let r = philox4x32_10(
-        [idx as u32, (idx >> 32) as u32, 0, 0],
+        [c as u32, (c >> 32) as u32, 0, 0],
         [seed as u32, (seed >> 32) as u32],
     );
-    (r[0] >> 8) as f32 * (1.0 / 16_777_216.0)
+    (r[(idx & 3) as usize] >> 8) as f32 * (1.0 / 16_777_216.0)
+}
+
+/// Row stride of attention-dropout rows: T rounded up to even.
+pub fn attn_row_stride(t: usize) -> u64 {
+    (t + (t & 1)) as u64
+}
+
+/// Attention-probability dropout stream: element (query i, key j) of head `bh = b·NH + h`, sequence length
+/// `t`, with row `R = bh·Tp + i` (Tp = [`attn_row_stride`]), uses word `(R&1)·2 + (j&1)` of
+/// `philox(counter = (R/2)·(Tp/2) + j/2)`: each 2×2 block of (query, key) shares one Philox call, so a GPU
+/// thread holding two adjacent keys or two adjacent queries needs a single call (kernels/common.cuh).
+pub fn attn_uniform(seed: u64, bh: u64, i: u64, j: u64, t: usize) -> f32 {
+    let tp = attn_row_stride(t);
+    let r = bh * tp + i;
+    let c = (r >> 1) * (tp >> 1) + (j >> 1);
+    let words = philox4x32_10(
+        [c as u32, (c >> 32) as u32, 0, 0],
+        [seed as u32, (seed >> 32) as u32],
+    );
+    (words[((r & 1) * 2 + (j & 1)) as usize] >> 8) as f32 * (1.0 / 16_777_216.0)
 }
 
 /// A dropout site: probability `p` of zeroing, and the seed of its mask. `p == 0` disables it.
@@ -58,6 +79,17 @@ impl Dropout {
     pub fn active(&self) -> bool {
         self.p > 0.0
     }
+    /// The multiplier of attention probability (query i, key j) of head `bh`: 0 or 1/(1-p).
+    pub fn attn_factor(&self, bh: u64, i: u64, j: u64, t: usize) -> f64 {
+        if self.p <= 0.0 {
+            1.0
+        } else if attn_uniform(self.seed, bh, i, j, t) >= self.p {
+            1.0 / (1.0 - self.p as f64)
+        } else {
+            0.0
+        }
+    }
+
     /// The multiplier of element `idx`: 0 (dropped) or 1/(1-p) (kept).
     #[inline]
     pub fn factor(&self, idx: u64) -> f64 {
@@ -155,6 +187,26 @@ mod tests {
             ),
             [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
         );
+    }
+
+    #[test]
+    fn attention_dropout_shares_one_philox_call_per_2x2_block() {
+        // the CUDA kernels rely on this layout (kernels/common.cuh attn_dropout_keys / attn_dropout_rows)
+        let (seed, bh, t) = (99u64, 5u64, 37usize);
+        let tp = attn_row_stride(t);
+        assert_eq!(tp, 38);
+        let (i, j) = (6u64, 10u64);
+        let r = bh * tp + i;
+        let c = (r >> 1) * (tp >> 1) + (j >> 1);
+        let w = philox4x32_10(
+            [c as u32, (c >> 32) as u32, 0, 0],
+            [seed as u32, (seed >> 32) as u32],
+        );
+        let u = |x: u32| (x >> 8) as f32 / 16_777_216.0;
+        assert_eq!(attn_uniform(seed, bh, i, j, t), u(w[0]));
+        assert_eq!(attn_uniform(seed, bh, i, j + 1, t), u(w[1]));
+        assert_eq!(attn_uniform(seed, bh, i + 1, j, t), u(w[2]));
+        assert_eq!(attn_uniform(seed, bh, i + 1, j + 1, t), u(w[3]));
     }
 
     #[test]

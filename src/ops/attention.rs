@@ -3,7 +3,7 @@
 //! Per batch b and head h, with q, k, v the head's slices of `qkv (B,T,3C)` (Q at column 0, K at C, V at 2C,
 //! head h at h·HS):
 //!   `s_ij = q_i·k_j / √HS` (−∞ where `mask[b,j] == 0`), `lse_i = log Σ_j e^{s_ij}`, `P_ij = e^{s_ij − lse_i}`,
-//!   `out_i = Σ_j P_ij·f_ij·v_j` with `f_ij` the dropout factor of element `((b·NH + h)·T + i)·T + j`.
+//!   `out_i = Σ_j P_ij·f_ij·v_j` with `f_ij` = [`Dropout::attn_factor`]`(b·NH + h, i, j, T)`.
 //! Saved for backward: `lse (B,NH,T)` only (f32; f64 in the f64 reference).
 //! Backward: `D_i = dO_i·O_i`, `dP_ij = (dO_i·v_j)·f_ij`, `dS_ij = P_ij (dP_ij − D_i)`,
 //!   `dv_j = Σ_i P_ij f_ij dO_i`, `dq_i = Σ_j dS_ij k_j / √HS`, `dk_j = Σ_i dS_ij q_i / √HS`.
@@ -139,10 +139,9 @@ impl AttentionOps for Cpu {
                     let (bi, h) = (bh / nh, bh % nh);
                     let (q, k, v) = (head(&x, bi, t, c, hs, h, 0), head(&x, bi, t, c, hs, h, 1), head(&x, bi, t, c, hs, h, 2));
                     let (mut p, l) = probs(&q, &k, &mk[bi * t..(bi + 1) * t], t, hs);
-                    let base = (bh * t) as u64;
                     for i in 0..t {
                         for j in 0..t {
-                            p[i * t + j] *= T::of(drop.factor((base + i as u64) * t as u64 + j as u64));
+                            p[i * t + j] *= T::of(drop.attn_factor(bh as u64, i as u64, j as u64, t));
                         }
                     }
                     let mut oh = vec![T::zero(); t * hs];
@@ -197,8 +196,7 @@ impl AttentionOps for Cpu {
                         d_o[i * hs..(i + 1) * hs].copy_from_slice(&dy[src..src + hs]);
                         o[i * hs..(i + 1) * hs].copy_from_slice(&y[src..src + hs]);
                     }
-                    let base = (bh * t) as u64;
-                    let f = |i: usize, j: usize| T::of(drop.factor((base + i as u64) * t as u64 + j as u64));
+                    let f = |i: usize, j: usize| T::of(drop.attn_factor(bh as u64, i as u64, j as u64, t));
                     // dPd = dO·Vᵀ (T,T); Pd = P∘f
                     let mut dpd = vec![T::zero(); t * t];
                     gemm(t, hs, t, T::one(), &d_o, false, &v, true, T::zero(), &mut dpd);
@@ -260,21 +258,29 @@ pub const CUDA_HEAD_SIZES: [usize; 4] = [16, 32, 64, 128];
 /// Head sizes of the tensor-core variant (kernels/attention_tc.cu; bf16/f16 only).
 pub const CUDA_TC_HEAD_SIZES: [usize; 3] = [32, 64, 128];
 
-/// Which CUDA attention variant runs: 2 (tensor cores) for bf16/f16 at a supported head size, else 1.
-/// `BERTQA_ATTN=v1` forces variant 1 (the CUDA-core kernel, also the f32 path).
+/// Which CUDA attention variant runs: for bf16/f16 at a supported head size, 3 (tensor cores, ldmatrix,
+/// vector loads) unless `BERTQA_ATTN=v2` (tensor cores, first version) or `BERTQA_ATTN=v1` (CUDA cores);
+/// otherwise 1 (the f32 path and every other head size).
 pub fn cuda_variant(dtype: DType, hs: usize) -> u32 {
-    let forced_v1 = std::env::var("BERTQA_ATTN")
-        .map(|v| v == "v1")
-        .unwrap_or(false);
-    if !forced_v1 && matches!(dtype, DType::BF16 | DType::F16) && CUDA_TC_HEAD_SIZES.contains(&hs) {
-        2
-    } else {
-        1
+    let tc = matches!(dtype, DType::BF16 | DType::F16) && CUDA_TC_HEAD_SIZES.contains(&hs);
+    match std::env::var("BERTQA_ATTN").as_deref() {
+        _ if !tc => 1,
+        Ok("v1") => 1,
+        Ok("v2") => 2,
+        _ => 3,
     }
 }
 
-/// Dynamic shared memory (bytes) of the variant-2 kernels: (forward, backward dK/dV, backward dQ).
-fn tc_smem(hs: usize) -> (u32, u32, u32) {
+/// Dynamic shared memory (bytes) of the tensor-core kernels: (forward, backward dK/dV, backward dQ).
+fn tc_smem(variant: u32, hs: usize) -> (u32, u32, u32) {
+    if variant == 3 {
+        let row = (hs + 8) * 2;
+        return (
+            (192 * row + 64 * 4) as u32,
+            (192 * row + 32 * 8) as u32,
+            (192 * row + 32 * 4) as u32,
+        );
+    }
     let row = (hs + 8) * 2;
     let fwd = 64 * row * 2 + hs * (64 + 8) * 2 + 64 * 4;
     let kv = 64 * row * 2 + 32 * row * 2 + hs * (32 + 8) * 2 * 2 + 32 * 4 * 2;
@@ -325,10 +331,19 @@ impl AttentionOps for Cuda {
             p: drop.p,
             scale: 1.0 / (hs as f32).sqrt(),
         };
-        if cuda_variant(out.dtype, hs) == 2 {
-            let name = format!("attention_tc_forward_{}_hs{hs}", suffix(out.dtype)?);
+        let v = cuda_variant(out.dtype, hs);
+        if v >= 2 {
+            let tag = if v == 3 { "tc3" } else { "tc" };
+            let name = format!("attention_{tag}_forward_{}_hs{hs}", suffix(out.dtype)?);
             let grid = (super::blocks(t, 64), nh as u32, b as u32);
-            return self.launch("attention_tc", &name, grid, (128, 1, 1), tc_smem(hs).0, p);
+            return self.launch(
+                "attention_tc",
+                &name,
+                grid,
+                (128, 1, 1),
+                tc_smem(v, hs).0,
+                p,
+            );
         }
         let name = format!("attention_forward_{}_hs{hs}", suffix(out.dtype)?);
         self.launch(
@@ -389,12 +404,14 @@ impl AttentionOps for Cuda {
             0,
             p,
         )?;
-        if cuda_variant(out.dtype, hs) == 2 {
+        let v = cuda_variant(out.dtype, hs);
+        if v >= 2 {
+            let tag = if v == 3 { "tc3" } else { "tc" };
             let grid = (super::blocks(t, 64), nh as u32, b as u32);
-            let (_, kv, q) = tc_smem(hs);
-            let kv_name = format!("attention_tc_backward_kv_{sfx}");
+            let (_, kv, q) = tc_smem(v, hs);
+            let kv_name = format!("attention_{tag}_backward_kv_{sfx}");
             self.launch("attention_tc", &kv_name, grid, (128, 1, 1), kv, p)?;
-            let q_name = format!("attention_tc_backward_q_{sfx}");
+            let q_name = format!("attention_{tag}_backward_q_{sfx}");
             return self.launch("attention_tc", &q_name, grid, (128, 1, 1), q, p);
         }
         let grid = (super::blocks(t, 32), nh as u32, b as u32);
