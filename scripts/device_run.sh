@@ -20,8 +20,8 @@ else
     echo "tensor-core attention failed bf16 parity: comparing with BERTQA_ATTN=v1"
     export BERTQA_ATTN=v1
 fi
-OUT=$W/compare bash scripts/compare_pytorch.sh > $W/compare.out 2>&1
+OUT="$FINAL/cmp" bash scripts/compare_pytorch.sh > $W/compare.out 2>&1  # results land as they come
 tail -60 $W/compare.out
-cat $W/check/summary.txt $W/compare/summary.txt > "$FINAL/summary.txt" 2>/dev/null
+cat $W/check/summary.txt "$FINAL/cmp/summary.txt" > "$FINAL/summary.txt" 2>/dev/null
 tar czf "$FINAL/logs.tgz" -C $W . 2>/dev/null
 ls -la "$FINAL"
