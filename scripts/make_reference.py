@@ -94,12 +94,14 @@ def check_saved(d):
     print("loading info:", info)
     if bad:
         sys.exit(f"FAIL: {d} loaded with {bad}")
+    msg = f"OK: {d} loads in transformers with no missing/unexpected keys"
     ref_dir = os.path.join(FIX, "tiny_bert_qa")
-    ref = load_file(os.path.join(ref_dir, "reference.safetensors"))
-    model = model.double().eval()
-    out = model(input_ids=ref["input_ids"].long(), token_type_ids=ref["token_type_ids"].long(), attention_mask=ref["attention_mask"].long())
-    err = (out.start_logits - ref["start_logits"]).abs().max().item()
-    print(f"OK: {d} loads in transformers with no missing/unexpected keys; start-logit max diff vs fixture {err:.3g}")
+    if model.config.hidden_size == BertConfig.from_pretrained(ref_dir).hidden_size:  # the tiny fixture model
+        ref = load_file(os.path.join(ref_dir, "reference.safetensors"))
+        model = model.double().eval()
+        out = model(input_ids=ref["input_ids"].long(), token_type_ids=ref["token_type_ids"].long(), attention_mask=ref["attention_mask"].long())
+        msg += f"; start-logit max diff vs the fixture {(out.start_logits - ref['start_logits']).abs().max().item():.3g}"
+    print(msg)
 
 
 if __name__ == "__main__":

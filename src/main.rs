@@ -17,6 +17,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Fine-tune a BERT checkpoint on SQuAD
+    // a flag given twice takes its last value (scripts/train_squad.sh passes defaults that users may override)
+    #[command(args_override_self = true)]
     Train(Box<cli::train::TrainArgs>),
     /// Write a randomly initialised BertForQuestionAnswering directory
     InitRandom(cli::init::InitArgs),
