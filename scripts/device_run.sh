@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything one device call does (the lease is short): scripts/gpu_check.sh (parity + bench), then
-# scripts/compare_pytorch.sh (bertqa vs transformers). If the tensor-core attention (variant 2) fails parity,
+# scripts/compare_pytorch.sh (bertqa vs transformers). If the tensor-core attention (variant 3) fails parity,
 # the comparison runs with BERTQA_ATTN=v1. Returns summary.txt and logs.tgz in $OUT (the tool brings back at
 # most 8 files).
 set -uo pipefail
@@ -13,9 +13,6 @@ cp $W/check/summary.txt "$FINAL/summary.txt"
 tar czf "$FINAL/logs.tgz" -C $W . 2>/dev/null  # refreshed at the end; here in case the call is cut short
 if grep -q "parity_bf16: rc=0" $W/check/summary.txt; then
     echo "attention variant 3 (default) passed bf16 parity: comparing with it"
-elif grep -q "parity_bf16_attn_v2: rc=0" $W/check/summary.txt; then
-    echo "variant 3 failed bf16 parity, variant 2 passed: comparing with BERTQA_ATTN=v2"
-    export BERTQA_ATTN=v2
 else
     echo "tensor-core attention failed bf16 parity: comparing with BERTQA_ATTN=v1"
     export BERTQA_ATTN=v1

@@ -62,6 +62,19 @@ fn tiny_cfg() -> BertConfig {
     BertConfig::tiny(30522, 64, 2, 4, 128, 512)
 }
 
+/// HF-style random initial weights of `tiny_cfg()` on the CPU, as f32 master weights.
+fn tiny_master(seed: u64) -> (BertConfig, bertqa::model::BertParams<Cpu>) {
+    let cfg = tiny_cfg();
+    let host = checkpoint::random_init_host(&cfg, seed);
+    let stripped: checkpoint::HostTensors = host
+        .into_iter()
+        .map(|(k, v)| (k.strip_prefix("bert.").map(String::from).unwrap_or(k), v))
+        .collect();
+    let (master, _) =
+        checkpoint::params_from_host(&Cpu, &cfg, &stripped, DType::F32, seed, "random").unwrap();
+    (cfg, master)
+}
+
 #[test]
 fn tiny_random_bert_overfits_32_questions() {
     let Some(a) = assets() else { return };
@@ -76,14 +89,7 @@ fn tiny_random_bert_overfits_32_questions() {
         max_query_length: 48,
     };
     let feats = train::training_features(&ds, &tok, &fc).unwrap();
-    let cfg = tiny_cfg();
-    let host = checkpoint::random_init_host(&cfg, 1);
-    let stripped: checkpoint::HostTensors = host
-        .into_iter()
-        .map(|(k, v)| (k.strip_prefix("bert.").map(String::from).unwrap_or(k), v))
-        .collect();
-    let (master, _) =
-        checkpoint::params_from_host(&be, &cfg, &stripped, DType::F32, 1, "random").unwrap();
+    let (cfg, master) = tiny_master(1);
     let mut tr = Trainer::new(&be, cfg, master, DType::F32, tcfg(fc)).unwrap();
     let mut last = f64::INFINITY;
     let steps = 100;
@@ -285,14 +291,7 @@ fn fp16_overflow_skips_the_step_and_halves_the_loss_scale() {
         max_query_length: 32,
     };
     let feats = train::training_features(&ds, &tok, &fc).unwrap();
-    let cfg = tiny_cfg();
-    let host = checkpoint::random_init_host(&cfg, 2);
-    let stripped: checkpoint::HostTensors = host
-        .into_iter()
-        .map(|(k, v)| (k.strip_prefix("bert.").map(String::from).unwrap_or(k), v))
-        .collect();
-    let (master, _) =
-        checkpoint::params_from_host(&be, &cfg, &stripped, DType::F32, 2, "random").unwrap();
+    let (cfg, master) = tiny_master(2);
     let mut tr = Trainer::new(&be, cfg, master, DType::F16, tcfg(fc)).unwrap();
     assert!(tr.scaler.enabled);
     let batch: Vec<_> = feats.iter().take(4).collect();

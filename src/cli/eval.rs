@@ -78,20 +78,28 @@ pub struct EvalArgs {
     pub opts: EvalOpts,
 }
 
+/// A QA model directory and its tokenizer, weights in the `--precision` dtype.
+fn load_qa_model<B: Backend>(
+    be: &B,
+    dir: &std::path::Path,
+    precision: &str,
+) -> Result<(BertQa<B>, tokenizer::WordPieceTokenizer)> {
+    let dt = precision_dtype(be, precision)?;
+    let (cfg, params, rep) = checkpoint::load(be, dir, dt, 0)?;
+    if rep.qa_head_initialised {
+        eprintln!(
+            "warning: {} has no qa_outputs: the span head is random, scores will be near zero",
+            dir.display()
+        );
+    }
+    Ok((BertQa::new(cfg, params), tokenizer::load(dir)?))
+}
+
 struct EvalJob<'a>(&'a EvalArgs);
 impl DeviceFn<()> for EvalJob<'_> {
     fn call<B: Backend>(self, be: &B) -> Result<()> {
         let a = self.0;
-        let dt = precision_dtype(be, &a.precision)?;
-        let (cfg, params, rep) = checkpoint::load(be, &a.model, dt, 0)?;
-        if rep.qa_head_initialised {
-            eprintln!(
-                "warning: {} has no qa_outputs: the span head is random, scores will be near zero",
-                a.model.display()
-            );
-        }
-        let model = BertQa::new(cfg, params);
-        let tok = tokenizer::load(&a.model)?;
+        let (model, tok) = load_qa_model(be, &a.model, &a.precision)?;
         let mut ds = Dataset::load(&a.dev_file)?;
         if let Some(n) = a.max_examples {
             ds.truncate(n);
@@ -151,16 +159,7 @@ struct PredictJob<'a>(&'a PredictArgs);
 impl DeviceFn<()> for PredictJob<'_> {
     fn call<B: Backend>(self, be: &B) -> Result<()> {
         let a = self.0;
-        let dt = precision_dtype(be, &a.precision)?;
-        let (cfg, params, rep) = checkpoint::load(be, &a.model, dt, 0)?;
-        if rep.qa_head_initialised {
-            eprintln!(
-                "warning: {} has no qa_outputs: the span head is random",
-                a.model.display()
-            );
-        }
-        let model = BertQa::new(cfg, params);
-        let tok = tokenizer::load(&a.model)?;
+        let (model, tok) = load_qa_model(be, &a.model, &a.precision)?;
         let ctx = Arc::new(SquadContext::new(a.context.clone(), String::new()));
         let ex = Example {
             id: "q".into(),

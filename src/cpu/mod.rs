@@ -102,139 +102,80 @@ pub trait Real:
     );
 }
 
-impl Real for f32 {
-    fn of(x: f64) -> Self {
-        x as f32
-    }
-    fn of32(x: f32) -> Self {
-        x
-    }
-    fn f64(self) -> f64 {
-        self as f64
-    }
-    fn f32(self) -> f32 {
-        self
-    }
-    fn erf(self) -> Self {
-        libm::erff(self)
-    }
-    fn slice(buf: &CpuBuf) -> Option<&[Self]> {
-        if let CpuBuf::F32(v) = buf {
-            Some(v)
-        } else {
-            None
+/// `Real` for f32 and f64: the same code but for the storage variant and the matrixmultiply routine.
+macro_rules! impl_real {
+    ($t:ty, $variant:ident, $erf:path, $gemm:path) => {
+        impl Real for $t {
+            fn of(x: f64) -> Self {
+                x as $t
+            }
+            fn of32(x: f32) -> Self {
+                x as $t
+            }
+            fn f64(self) -> f64 {
+                self as f64
+            }
+            fn f32(self) -> f32 {
+                self as f32
+            }
+            fn erf(self) -> Self {
+                $erf(self)
+            }
+            fn slice(buf: &CpuBuf) -> Option<&[Self]> {
+                if let CpuBuf::$variant(v) = buf {
+                    Some(v)
+                } else {
+                    None
+                }
+            }
+            fn slice_mut(buf: &mut CpuBuf) -> Option<&mut [Self]> {
+                if let CpuBuf::$variant(v) = buf {
+                    Some(v)
+                } else {
+                    None
+                }
+            }
+            fn gemm_strided(
+                m: usize,
+                k: usize,
+                n: usize,
+                alpha: Self,
+                a: &[Self],
+                rsa: isize,
+                csa: isize,
+                b: &[Self],
+                rsb: isize,
+                csb: isize,
+                beta: Self,
+                c: &mut [Self],
+            ) {
+                assert!(c.len() >= m * n);
+                // SAFETY: the caller (`gemm` below) checks every operand's length against its strides.
+                unsafe {
+                    $gemm(
+                        m,
+                        k,
+                        n,
+                        alpha,
+                        a.as_ptr(),
+                        rsa,
+                        csa,
+                        b.as_ptr(),
+                        rsb,
+                        csb,
+                        beta,
+                        c.as_mut_ptr(),
+                        n as isize,
+                        1,
+                    )
+                }
+            }
         }
-    }
-    fn slice_mut(buf: &mut CpuBuf) -> Option<&mut [Self]> {
-        if let CpuBuf::F32(v) = buf {
-            Some(v)
-        } else {
-            None
-        }
-    }
-    fn gemm_strided(
-        m: usize,
-        k: usize,
-        n: usize,
-        alpha: Self,
-        a: &[Self],
-        rsa: isize,
-        csa: isize,
-        b: &[Self],
-        rsb: isize,
-        csb: isize,
-        beta: Self,
-        c: &mut [Self],
-    ) {
-        assert!(c.len() >= m * n);
-        // SAFETY: the callers (`gemm` below) check every operand's length against its strides.
-        unsafe {
-            matrixmultiply::sgemm(
-                m,
-                k,
-                n,
-                alpha,
-                a.as_ptr(),
-                rsa,
-                csa,
-                b.as_ptr(),
-                rsb,
-                csb,
-                beta,
-                c.as_mut_ptr(),
-                n as isize,
-                1,
-            )
-        }
-    }
+    };
 }
 
-impl Real for f64 {
-    fn of(x: f64) -> Self {
-        x
-    }
-    fn of32(x: f32) -> Self {
-        x as f64
-    }
-    fn f64(self) -> f64 {
-        self
-    }
-    fn f32(self) -> f32 {
-        self as f32
-    }
-    fn erf(self) -> Self {
-        libm::erf(self)
-    }
-    fn slice(buf: &CpuBuf) -> Option<&[Self]> {
-        if let CpuBuf::F64(v) = buf {
-            Some(v)
-        } else {
-            None
-        }
-    }
-    fn slice_mut(buf: &mut CpuBuf) -> Option<&mut [Self]> {
-        if let CpuBuf::F64(v) = buf {
-            Some(v)
-        } else {
-            None
-        }
-    }
-    fn gemm_strided(
-        m: usize,
-        k: usize,
-        n: usize,
-        alpha: Self,
-        a: &[Self],
-        rsa: isize,
-        csa: isize,
-        b: &[Self],
-        rsb: isize,
-        csb: isize,
-        beta: Self,
-        c: &mut [Self],
-    ) {
-        assert!(c.len() >= m * n);
-        // SAFETY: see the f32 version.
-        unsafe {
-            matrixmultiply::dgemm(
-                m,
-                k,
-                n,
-                alpha,
-                a.as_ptr(),
-                rsa,
-                csa,
-                b.as_ptr(),
-                rsb,
-                csb,
-                beta,
-                c.as_mut_ptr(),
-                n as isize,
-                1,
-            )
-        }
-    }
-}
+impl_real!(f32, F32, libm::erff, matrixmultiply::sgemm);
+impl_real!(f64, F64, libm::erf, matrixmultiply::dgemm);
 
 /// Row-major GEMM on contiguous operands: `C(m,n) = alpha·op(A)·op(B) + beta·C`, where `op(A)` is `(m,k)`
 /// and A is stored `(m,k)`, or `(k,m)` when `ta`; `op(B)` is `(k,n)` and B is stored `(k,n)`, or `(n,k)` when

@@ -194,3 +194,51 @@ pub fn featurize(
         answerable_in_window: answerable,
     })
 }
+
+/// Inputs of a batch of windows, row-major (B, T): input_ids, token_type_ids, attention_mask.
+pub struct Packed {
+    pub t: usize,
+    pub ids: Vec<i32>,
+    pub types: Vec<i32>,
+    pub mask: Vec<i32>,
+}
+
+/// Pack windows into (B, T) arrays. With `round_to = Some(r)` (dynamic padding) T is the longest window of
+/// the batch rounded up to a multiple of r (fewer distinct shapes), at most the windows' full length; the
+/// trimmed positions are padding, masked everywhere, so the real tokens' results do not change.
+pub fn pack(windows: &[&Feature], round_to: Option<usize>) -> Packed {
+    let full_t = windows.first().map(|f| f.input_ids.len()).unwrap_or(0);
+    let t = match round_to {
+        Some(r) => {
+            let longest = windows
+                .iter()
+                .map(|f| {
+                    f.attention_mask
+                        .iter()
+                        .rposition(|&m| m != 0)
+                        .map_or(1, |p| p + 1)
+                })
+                .max()
+                .unwrap_or(1);
+            longest
+                .div_ceil(r.max(1))
+                .saturating_mul(r.max(1))
+                .min(full_t)
+                .max(longest.min(full_t))
+        }
+        None => full_t,
+    };
+    let b = windows.len();
+    let mut p = Packed {
+        t,
+        ids: Vec::with_capacity(b * t),
+        types: Vec::with_capacity(b * t),
+        mask: Vec::with_capacity(b * t),
+    };
+    for f in windows {
+        p.ids.extend_from_slice(&f.input_ids[..t]);
+        p.types.extend_from_slice(&f.token_type_ids[..t]);
+        p.mask.extend_from_slice(&f.attention_mask[..t]);
+    }
+    p
+}

@@ -27,32 +27,10 @@ pub fn logits_for<B: Backend>(
     let mut acts_cache: Option<Acts<B>> = None;
     for chunk in feats.chunks(batch_size.max(1)) {
         let full_t = chunk[0].input_ids.len();
-        let longest = chunk
-            .iter()
-            .map(|f| {
-                f.attention_mask
-                    .iter()
-                    .rposition(|&m| m != 0)
-                    .map(|p| p + 1)
-                    .unwrap_or(1)
-            })
-            .max()
-            .unwrap_or(1);
-        let t = longest
-            .div_ceil(32)
-            .saturating_mul(32)
-            .min(full_t)
-            .max(longest);
-        let b = chunk.len();
-        let mut ids = Vec::with_capacity(b * t);
-        let mut types = Vec::with_capacity(b * t);
-        let mut mask = Vec::with_capacity(b * t);
-        for f in chunk {
-            ids.extend_from_slice(&f.input_ids[..t]);
-            types.extend_from_slice(&f.token_type_ids[..t]);
-            mask.extend_from_slice(&f.attention_mask[..t]);
-        }
-        let batch = Batch::new(be, b, t, &ids, &types, &mask, &[], &[])?;
+        let refs: Vec<&Feature> = chunk.iter().collect();
+        let pk = crate::data::features::pack(&refs, Some(32));
+        let (b, t) = (chunk.len(), pk.t);
+        let batch = Batch::new(be, b, t, &pk.ids, &pk.types, &pk.mask, &[], &[])?;
         let reuse = matches!(&acts_cache, Some(a) if a.b == b && a.t == t);
         if !reuse {
             drop(acts_cache.take()); // free the old buffers first

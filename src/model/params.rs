@@ -89,6 +89,11 @@ pub fn decays(name: &str) -> bool {
 impl<B: BackendCore> BertParams<B> {
     /// Build from tensors in `param_specs` order.
     pub fn from_vec(cfg: &BertConfig, tensors: Vec<Tensor<B>>) -> Self {
+        Self::from_tensors(cfg.num_hidden_layers, tensors)
+    }
+
+    /// Build from tensors in `param_specs` order for `n_layers` layers.
+    pub fn from_tensors(n_layers: usize, tensors: Vec<Tensor<B>>) -> Self {
         let mut it = tensors.into_iter();
         let mut next = || it.next().expect("param_specs order");
         let emb = EmbeddingParams {
@@ -98,8 +103,8 @@ impl<B: BackendCore> BertParams<B> {
             ln_g: next(),
             ln_b: next(),
         };
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for _ in 0..cfg.num_hidden_layers {
+        let mut layers = Vec::with_capacity(n_layers);
+        for _ in 0..n_layers {
             layers.push(LayerParams {
                 qkv_w: next(),
                 qkv_b: next(),
@@ -188,46 +193,12 @@ impl<B: BackendCore> BertParams<B> {
 
     /// A copy of every tensor in `dtype`.
     pub fn cast(&self, be: &B, dtype: DType) -> Result<Self> {
-        let n = self.layers.len();
         let ts = self
             .tensors()
             .into_iter()
             .map(|t| t.cast(be, dtype))
             .collect::<Result<Vec<_>>>()?;
-        let mut it = ts.into_iter();
-        let mut next = || it.next().expect("same order");
-        let emb = EmbeddingParams {
-            word: next(),
-            pos: next(),
-            ttype: next(),
-            ln_g: next(),
-            ln_b: next(),
-        };
-        let mut layers = Vec::with_capacity(n);
-        for _ in 0..n {
-            layers.push(LayerParams {
-                qkv_w: next(),
-                qkv_b: next(),
-                ao_w: next(),
-                ao_b: next(),
-                ln1_g: next(),
-                ln1_b: next(),
-                ff1_w: next(),
-                ff1_b: next(),
-                ff2_w: next(),
-                ff2_b: next(),
-                ln2_g: next(),
-                ln2_b: next(),
-            });
-        }
-        let qa_w = next();
-        let qa_b = next();
-        Ok(BertParams {
-            emb,
-            layers,
-            qa_w,
-            qa_b,
-        })
+        Ok(Self::from_tensors(self.layers.len(), ts))
     }
 
     pub fn dtype(&self) -> DType {

@@ -258,34 +258,30 @@ pub const CUDA_HEAD_SIZES: [usize; 4] = [16, 32, 64, 128];
 /// Head sizes of the tensor-core variant (kernels/attention_tc.cu; bf16/f16 only).
 pub const CUDA_TC_HEAD_SIZES: [usize; 3] = [32, 64, 128];
 
-/// Which CUDA attention variant runs: for bf16/f16 at a supported head size, 3 (tensor cores, ldmatrix,
-/// vector loads) unless `BERTQA_ATTN=v2` (tensor cores, first version) or `BERTQA_ATTN=v1` (CUDA cores);
-/// otherwise 1 (the f32 path and every other head size).
+/// Which CUDA attention variant runs: 3 (tensor cores, kernels/attention_tc.cu) for bf16/f16 at a supported
+/// head size unless `BERTQA_ATTN=v1`; otherwise 1 (CUDA cores: the f32 path and every other head size).
+/// (Variant 2, an earlier tensor-core version, was retired: docs/perf-log.md.)
 pub fn cuda_variant(dtype: DType, hs: usize) -> u32 {
     let tc = matches!(dtype, DType::BF16 | DType::F16) && CUDA_TC_HEAD_SIZES.contains(&hs);
-    match std::env::var("BERTQA_ATTN").as_deref() {
-        _ if !tc => 1,
-        Ok("v1") => 1,
-        Ok("v2") => 2,
-        _ => 3,
+    let forced_v1 = std::env::var("BERTQA_ATTN")
+        .map(|v| v == "v1")
+        .unwrap_or(false);
+    if tc && !forced_v1 {
+        3
+    } else {
+        1
     }
 }
 
-/// Dynamic shared memory (bytes) of the tensor-core kernels: (forward, backward dK/dV, backward dQ).
-fn tc_smem(variant: u32, hs: usize) -> (u32, u32, u32) {
-    if variant == 3 {
-        let row = (hs + 8) * 2;
-        return (
-            (192 * row + 64 * 4) as u32,
-            (192 * row + 32 * 8) as u32,
-            (192 * row + 32 * 4) as u32,
-        );
-    }
-    let row = (hs + 8) * 2;
-    let fwd = 64 * row * 2 + hs * (64 + 8) * 2 + 64 * 4;
-    let kv = 64 * row * 2 + 32 * row * 2 + hs * (32 + 8) * 2 * 2 + 32 * 4 * 2;
-    let q = 64 * row * 2 + 32 * row * 2 + hs * (32 + 8) * 2 + 32 * 4;
-    (fwd as u32, kv as u32, q as u32)
+/// Dynamic shared memory (bytes) of the tensor-core kernels: (forward, backward dK/dV, backward dQ):
+/// 192 padded rows of HS+8 bf16 elements each, plus the key mask or the per-query lse and D.
+fn tc_smem(hs: usize) -> (u32, u32, u32) {
+    let rows = 192 * (hs + 8) * 2;
+    (
+        (rows + 64 * 4) as u32,
+        (rows + 32 * 8) as u32,
+        (rows + 32 * 4) as u32,
+    )
 }
 
 fn cuda_checks(op: &str, act: DType, others: &[DType], lse: DType, hs: usize) -> Result<()> {
@@ -331,19 +327,10 @@ impl AttentionOps for Cuda {
             p: drop.p,
             scale: 1.0 / (hs as f32).sqrt(),
         };
-        let v = cuda_variant(out.dtype, hs);
-        if v >= 2 {
-            let tag = if v == 3 { "tc3" } else { "tc" };
-            let name = format!("attention_{tag}_forward_{}_hs{hs}", suffix(out.dtype)?);
+        if cuda_variant(out.dtype, hs) == 3 {
+            let name = format!("attention_tc3_forward_{}_hs{hs}", suffix(out.dtype)?);
             let grid = (super::blocks(t, 64), nh as u32, b as u32);
-            return self.launch(
-                "attention_tc",
-                &name,
-                grid,
-                (128, 1, 1),
-                tc_smem(v, hs).0,
-                p,
-            );
+            return self.launch("attention_tc", &name, grid, (128, 1, 1), tc_smem(hs).0, p);
         }
         let name = format!("attention_forward_{}_hs{hs}", suffix(out.dtype)?);
         self.launch(
@@ -404,14 +391,12 @@ impl AttentionOps for Cuda {
             0,
             p,
         )?;
-        let v = cuda_variant(out.dtype, hs);
-        if v >= 2 {
-            let tag = if v == 3 { "tc3" } else { "tc" };
+        if cuda_variant(out.dtype, hs) == 3 {
             let grid = (super::blocks(t, 64), nh as u32, b as u32);
-            let (_, kv, q) = tc_smem(v, hs);
-            let kv_name = format!("attention_{tag}_backward_kv_{sfx}");
+            let (_, kv, q) = tc_smem(hs);
+            let kv_name = format!("attention_tc3_backward_kv_{sfx}");
             self.launch("attention_tc", &kv_name, grid, (128, 1, 1), kv, p)?;
-            let q_name = format!("attention_{tag}_backward_q_{sfx}");
+            let q_name = format!("attention_tc3_backward_q_{sfx}");
             return self.launch("attention_tc", &q_name, grid, (128, 1, 1), q, p);
         }
         let grid = (super::blocks(t, 32), nh as u32, b as u32);

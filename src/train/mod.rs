@@ -223,36 +223,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.grads.zero_(be)?;
         let mut loss = 0.0;
         for (mi, chunk) in feats.chunks(micro).enumerate() {
-            let full_t = chunk[0].input_ids.len();
-            let t = if self.cfg.dynamic_padding {
-                let longest = chunk
-                    .iter()
-                    .map(|f| {
-                        f.attention_mask
-                            .iter()
-                            .rposition(|&m| m != 0)
-                            .map_or(1, |p| p + 1)
-                    })
-                    .max()
-                    .unwrap_or(1);
-                longest.div_ceil(64).saturating_mul(64).min(full_t)
-            } else {
-                full_t
-            };
-            let b = chunk.len();
-            let (mut ids, mut types, mut mask) = (
-                Vec::with_capacity(b * t),
-                Vec::with_capacity(b * t),
-                Vec::with_capacity(b * t),
-            );
-            for f in chunk {
-                ids.extend_from_slice(&f.input_ids[..t]);
-                types.extend_from_slice(&f.token_type_ids[..t]);
-                mask.extend_from_slice(&f.attention_mask[..t]);
-            }
+            let pk = crate::data::features::pack(chunk, self.cfg.dynamic_padding.then_some(64));
+            let (b, t) = (chunk.len(), pk.t);
             let starts: Vec<i64> = chunk.iter().map(|f| f.start_position).collect();
             let ends: Vec<i64> = chunk.iter().map(|f| f.end_position).collect();
-            let batch = Batch::new(be, b, t, &ids, &types, &mask, &starts, &ends)?;
+            let batch = Batch::new(be, b, t, &pk.ids, &pk.types, &pk.mask, &starts, &ends)?;
             if !self.acts.contains_key(&(b, t)) {
                 let a = Acts::new(be, &self.model.cfg, b, t, self.model.dtype())?;
                 self.acts.insert((b, t), a);
