@@ -545,6 +545,31 @@ fn whole_model_check(drop_p: f32) {
     model
         .backward(&be, &mut grads, &mut acts, &batch, drop)
         .unwrap();
+    // the gradient w.r.t. the embeddings output (layer 0's input), left in acts.dx by backward
+    let dx0 = acts.dx.to_f64_vec(&be).unwrap();
+    let emb0 = acts.emb.to_f64_vec(&be).unwrap();
+    let mut srng0 = Rng::new(11);
+    let idx0 = sample(emb0.len(), 64, &mut srng0);
+    let mut num0 = Vec::new();
+    for &i in &idx0 {
+        let h = 1e-6 * emb0[i].abs().max(1.0);
+        let f = |x: f64| {
+            let mut a = Acts::new(&Cpu, &cfg, b, t, F64).unwrap();
+            let mut v = emb0.clone();
+            v[i] = x;
+            a.emb.copy_from_f64(&Cpu, &v).unwrap();
+            model.forward_encoder(&Cpu, &mut a, &batch, drop).unwrap();
+            model.loss(&Cpu, &mut a, &batch, 1.0).unwrap().loss
+        };
+        num0.push((f(emb0[i] + h) - f(emb0[i] - h)) / (2.0 * h));
+    }
+    let an0: Vec<f64> = idx0.iter().map(|&i| dx0[i]).collect();
+    report(
+        &format!("whole model p={drop_p}"),
+        "d(embeddings output)",
+        &an0,
+        &num0,
+    );
     let names: Vec<String> = bertqa::model::params::param_specs(&cfg)
         .into_iter()
         .map(|(n, _)| n)

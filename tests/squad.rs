@@ -310,3 +310,33 @@ fn squad_v2_impossible_questions_flow_through_features_postprocess_and_metrics()
     let sc = evaluate_v2(&gold_of(&ds), &wrong, None);
     assert_eq!(sc.exact, 50.0);
 }
+
+#[test]
+fn vocab_txt_fallback_tokenizes_like_tokenizer_json() {
+    let Some(a) = assets() else { return };
+    let src = a.join("all-MiniLM-L6-v2");
+    let dir = std::env::temp_dir().join(format!("bertqa-vocab-only-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["vocab.txt", "tokenizer_config.json"] {
+        std::fs::write(dir.join(f), std::fs::read(src.join(f)).unwrap()).unwrap();
+    }
+    let from_json = tokenizer::load(&src).unwrap();
+    let from_vocab = tokenizer::load(&dir).unwrap();
+    assert_eq!(
+        (from_json.cls, from_json.sep, from_json.pad),
+        (from_vocab.cls, from_vocab.sep, from_vocab.pad)
+    );
+    for text in [
+        "The Denver Broncos defeated the Carolina Panthers 24–10.",
+        "Café Zoë, 北京, naïve résumé!",
+        "tabs\tand  spaces\u{a0}here",
+    ] {
+        let (x, y) = (
+            from_json.encode(text).unwrap(),
+            from_vocab.encode(text).unwrap(),
+        );
+        assert_eq!(x.ids, y.ids, "{text}");
+        assert_eq!(x.offsets, y.offsets, "{text}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -303,11 +303,7 @@ impl<B: Backend> BertQa<B> {
         drop: DropoutCfg,
     ) -> Result<()> {
         let cfg = &self.cfg;
-        let (nh, eps, nl) = (
-            cfg.num_attention_heads,
-            cfg.layer_norm_eps,
-            cfg.num_hidden_layers,
-        );
+        let (eps, nl) = (cfg.layer_norm_eps, cfg.num_hidden_layers);
         if acts.b != batch.b || acts.t != batch.t {
             bail!(
                 "forward: activations are for (B,T) = ({}, {}), batch is ({}, {})",
@@ -336,6 +332,25 @@ impl<B: Backend> BertQa<B> {
             eps,
             drop.emb(nl),
         )?;
+        self.forward_encoder(be, acts, batch, drop)
+    }
+
+    /// The encoder layers and the span head, from `acts.emb` (the embeddings output) — the second half of
+    /// [`BertQa::forward`], callable on its own (the gradient checks perturb the embeddings output).
+    pub fn forward_encoder(
+        &self,
+        be: &B,
+        acts: &mut Acts<B>,
+        batch: &Batch<B>,
+        drop: DropoutCfg,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let (nh, eps, nl) = (
+            cfg.num_attention_heads,
+            cfg.layer_norm_eps,
+            cfg.num_hidden_layers,
+        );
+        let p = &self.params;
         for l in 0..nl {
             let (done, rest) = acts.layers.split_at_mut(l);
             let x = if l == 0 { &acts.emb } else { &done[l - 1].out };
