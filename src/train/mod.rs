@@ -292,6 +292,16 @@ impl<'a, B: Backend> Trainer<'a, B> {
         feats: &[Feature],
         post: &PostCfg,
     ) -> Result<serde_json::Value> {
+        Ok(self.evaluate_with_predictions(ds, feats, post)?.0)
+    }
+
+    /// Evaluate and also return the predictions (answers, n-best lists, null odds).
+    pub fn evaluate_with_predictions(
+        &self,
+        ds: &Dataset,
+        feats: &[Feature],
+        post: &PostCfg,
+    ) -> Result<(serde_json::Value, crate::eval::postprocess::Predictions)> {
         let preds = crate::eval::run::predict(
             self.be,
             &self.model,
@@ -301,12 +311,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
             post,
             false,
         )?;
-        Ok(crate::eval::run::score(
-            ds,
-            &preds.answers,
-            Some(&preds.null_odds),
-            post.version_2,
-        ))
+        let m = crate::eval::run::score(ds, &preds.answers, Some(&preds.null_odds), post.version_2);
+        Ok((m, preds))
     }
 }
 
@@ -575,7 +581,9 @@ fn eval_and_track<B: Backend>(
         return Ok(false);
     };
     let t = Instant::now();
-    let m = trainer.evaluate(dev, df, post)?;
+    let (m, preds) = trainer.evaluate_with_predictions(dev, df, post)?;
+    // predictions.json / nbest_predictions.json (/ null_odds.json) of the latest evaluation
+    crate::eval::run::write_predictions(&inp.output_dir, &preds, post.version_2)?;
     let f1 = m.get("f1").and_then(|v| v.as_f64()).unwrap_or(0.0);
     let line = serde_json::json!({"step": trainer.state.global_step, "epoch": trainer.state.epoch, "eval": m, "eval_seconds": t.elapsed().as_secs_f64()});
     append_jsonl(metrics_path, &line)?;
