@@ -139,9 +139,10 @@ impl AttentionOps for Cpu {
                     let (bi, h) = (bh / nh, bh % nh);
                     let (q, k, v) = (head(&x, bi, t, c, hs, h, 0), head(&x, bi, t, c, hs, h, 1), head(&x, bi, t, c, hs, h, 2));
                     let (mut p, l) = probs(&q, &k, &mk[bi * t..(bi + 1) * t], t, hs);
-                    for i in 0..t {
-                        for j in 0..t {
-                            p[i * t + j] *= T::of(drop.attn_factor(bh as u64, i as u64, j as u64, t));
+                    if drop.active() {
+                        // f_ij = drop.attn_factor(bh, i, j, t), computed for the whole (T,T) block at once
+                        for (pij, f) in p.iter_mut().zip(drop.attn_factors(bh as u64, t)) {
+                            *pij *= T::of(f);
                         }
                     }
                     let mut oh = vec![T::zero(); t * hs];
@@ -196,7 +197,8 @@ impl AttentionOps for Cpu {
                         d_o[i * hs..(i + 1) * hs].copy_from_slice(&dy[src..src + hs]);
                         o[i * hs..(i + 1) * hs].copy_from_slice(&y[src..src + hs]);
                     }
-                    let f = |i: usize, j: usize| T::of(drop.attn_factor(bh as u64, i as u64, j as u64, t));
+                    let fm = drop.attn_factors(bh as u64, t); // (T,T): f_ij = drop.attn_factor(bh, i, j, t)
+                    let f = |i: usize, j: usize| T::of(fm[i * t + j]);
                     // dPd = dO·Vᵀ (T,T); Pd = P∘f
                     let mut dpd = vec![T::zero(); t * t];
                     gemm(t, hs, t, T::one(), &d_o, false, &v, true, T::zero(), &mut dpd);
