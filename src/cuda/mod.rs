@@ -289,7 +289,7 @@ impl Cuda {
         })
     }
 
-    /// Strided-batched GEMM (row-major, same contract as [`Cuda::gemm_ptr`]) over `batch` matrices.
+    /// Wait for the stream; an error here usually means an earlier kernel faulted.
     pub fn sync(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| {
             anyhow!("CUDA stream synchronize failed (an earlier kernel faulted?): {e:?}")

@@ -8,7 +8,7 @@
 
 use crate::backend::BackendCore;
 use crate::cpu::{rd, wr, Cpu, Real};
-use crate::cuda::{dtype_code, suffix, Cuda};
+use crate::cuda::{suffix, Cuda};
 use crate::ops::dropout::dropout_ref;
 use crate::rng::Dropout;
 use crate::tensor::{DType, Tensor};
@@ -268,7 +268,6 @@ fn cuda_dtypes(op: &str, act: DType, all_act: &[DType], f32s: &[DType]) -> Resul
             bail!("{op}: statistics and parameter gradients must be f32 on CUDA, found {d}");
         }
     }
-    let _ = dtype_code(act);
     Ok(())
 }
 
