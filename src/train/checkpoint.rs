@@ -32,19 +32,32 @@ fn tmp_for(dst: &Path) -> PathBuf {
     dst.with_file_name(format!(".{name}.tmp{}", std::process::id()))
 }
 
-/// Save the model (master weights) as an HF directory at `dst`, atomically.
-pub fn save_model_dir<B: Backend>(tr: &Trainer<B>, inp: &RunInputs, dst: &Path) -> Result<()> {
+/// Write the model (master weights) as an HF directory into a fresh temporary folder for `dst`; `extra` adds
+/// more files there; then the folder replaces `dst` in one rename.
+fn write_dir<B: Backend>(
+    tr: &Trainer<B>,
+    inp: &RunInputs,
+    dst: &Path,
+    extra: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     let tmp = tmp_for(dst);
     let _ = std::fs::remove_dir_all(&tmp);
+    let raw = mc::raw_config(&inp.model_dir);
     mc::save(
         tr.be,
         &tmp,
         &tr.model.cfg,
         tr.master_params(),
         Some(&inp.model_dir),
-        mc::raw_config(&inp.model_dir).as_ref(),
+        raw.as_ref(),
     )?;
+    extra(&tmp)?;
     replace_dir(&tmp, dst)
+}
+
+/// Save the model (master weights) as an HF directory at `dst`, atomically.
+pub fn save_model_dir<B: Backend>(tr: &Trainer<B>, inp: &RunInputs, dst: &Path) -> Result<()> {
+    write_dir(tr, inp, dst, |_| Ok(()))
 }
 
 fn moments_bytes<B: Backend>(tr: &Trainer<B>) -> Result<Vec<u8>> {
@@ -65,23 +78,15 @@ pub fn save<B: Backend>(tr: &Trainer<B>, inp: &RunInputs) -> Result<()> {
     let dst = inp
         .output_dir
         .join(format!("checkpoint-{}", tr.state.global_step));
-    let tmp = tmp_for(&dst);
-    let _ = std::fs::remove_dir_all(&tmp);
-    mc::save(
-        tr.be,
-        &tmp,
-        &tr.model.cfg,
-        tr.master_params(),
-        Some(&inp.model_dir),
-        mc::raw_config(&inp.model_dir).as_ref(),
-    )?;
-    crate::util::write_atomic(&tmp.join("optimizer.safetensors"), &moments_bytes(tr)?)?;
-    let st = serde_json::json!({"state": tr.state, "config": tr.cfg, "precision": tr.model.dtype().to_string()});
-    crate::util::write_atomic(
-        &tmp.join("trainer_state.json"),
-        serde_json::to_string_pretty(&st)?.as_bytes(),
-    )?;
-    replace_dir(&tmp, &dst)?;
+    write_dir(tr, inp, &dst, |tmp| {
+        crate::util::write_atomic(&tmp.join("optimizer.safetensors"), &moments_bytes(tr)?)?;
+        let st = serde_json::json!({"state": tr.state, "config": tr.cfg, "precision": tr.model.dtype().to_string()});
+        crate::util::write_atomic(
+            &tmp.join("trainer_state.json"),
+            serde_json::to_string_pretty(&st)?.as_bytes(),
+        )?;
+        Ok(())
+    })?;
     if tr.cfg.save_total_limit > 0 {
         let mut all = list_checkpoints(&inp.output_dir);
         all.sort();
