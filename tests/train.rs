@@ -20,6 +20,13 @@ fn assets() -> Option<PathBuf> {
     a
 }
 
+/// The first `n` SQuAD v1.1 training questions and all-MiniLM-L6-v2's tokenizer.
+fn squad_subset(a: &std::path::Path, n: usize) -> (Dataset, tokenizer::WordPieceTokenizer) {
+    let mut ds = Dataset::load(&a.join("squad-v1.1/train-v1.1.json")).unwrap();
+    ds.truncate(n);
+    (ds, tokenizer::load(&a.join("all-MiniLM-L6-v2")).unwrap())
+}
+
 fn tcfg(fc: FeatureCfg) -> TrainConfig {
     TrainConfig {
         epochs: 1,
@@ -80,9 +87,7 @@ fn tiny_random_bert_overfits_32_questions() {
     let Some(a) = assets() else { return };
     let t0 = std::time::Instant::now();
     let be = Cpu;
-    let mut ds = Dataset::load(&a.join("squad-v1.1/train-v1.1.json")).unwrap();
-    ds.truncate(32);
-    let tok = tokenizer::load(&a.join("all-MiniLM-L6-v2")).unwrap();
+    let (ds, tok) = squad_subset(&a, 32);
     let fc = FeatureCfg {
         max_seq_length: 256,
         doc_stride: 96,
@@ -125,9 +130,7 @@ fn tiny_random_bert_overfits_32_questions() {
 fn run_steps(out: &std::path::Path, stop_after: Option<usize>, resume: bool) -> Vec<String> {
     let a = assets().unwrap();
     let be = Cpu;
-    let mut ds = Dataset::load(&a.join("squad-v1.1/train-v1.1.json")).unwrap();
-    ds.truncate(24);
-    let tok = tokenizer::load(&a.join("all-MiniLM-L6-v2")).unwrap();
+    let (ds, tok) = squad_subset(&a, 24);
     let fc = FeatureCfg {
         max_seq_length: 128,
         doc_stride: 48,
@@ -282,9 +285,7 @@ fn adamw_matches_hand_computed_values() {
 fn fp16_overflow_skips_the_step_and_halves_the_loss_scale() {
     let Some(a) = assets() else { return };
     let be = Cpu;
-    let mut ds = Dataset::load(&a.join("squad-v1.1/train-v1.1.json")).unwrap();
-    ds.truncate(4);
-    let tok = tokenizer::load(&a.join("all-MiniLM-L6-v2")).unwrap();
+    let (ds, tok) = squad_subset(&a, 4);
     let fc = FeatureCfg {
         max_seq_length: 128,
         doc_stride: 48,
