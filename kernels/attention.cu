@@ -14,7 +14,7 @@
 #include "common.cuh"
 
 struct AttnParams {
-    u64 out, lse, qkv, mask, dout, dqkv, dsum, seed;
+    u64 out, lse, qkv, mask, dout, dqkv, dsum, dqacc, seed;
     int b, t, nh, hs;
     float p, scale;
 };

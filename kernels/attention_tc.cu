@@ -17,9 +17,11 @@
 // forward:  block = 4 warps × 16 query rows; key tiles of 64; O and the row max/sum in registers.
 // dK/dV:    block = 4 warps × 16 keys; query tiles of 32; dK, dV accumulated in registers.
 // dQ:       block = 4 warps × 16 queries; key tiles of 32.  (D_i = dO_i·O_i comes from attention.cu.)
+// Variant 4 (BERTQA_ATTN=v4; opt-in until it has passed the GPU parity suite) keeps this forward and replaces
+// the two backward kernels by one (tc4_backward, below: dQ through f32 reductions, cp.async query tiles).
 
 struct AttnParams {
-    u64 out, lse, qkv, mask, dout, dqkv, dsum, seed;
+    u64 out, lse, qkv, mask, dout, dqkv, dsum, dqacc, seed;
     int b, t, nh, hs;
     float p, scale;
 };
@@ -72,20 +74,39 @@ template <typename T> __device__ __forceinline__ void ldb_kn(u32& b0, u32& b1, c
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(smem_u32(p)));
 }
 
-// rows r0.. of part (0 Q, 1 K, 2 V, 3 dO) into a row-major [ROWS][HS+8] tile, 16 bytes per thread and step
-template <typename T, int HS, int ROWS>
+// cp.async (sm_80+): copies global → shared without a register round trip, `bytes` of them or zeros when
+// `valid` is false (src must still be a mapped address); completion via commit/wait groups.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+// rows r0.. of part (0 Q, 1 K, 2 V, 3 dO) into a row-major [ROWS][HS+8] tile, 16 bytes per thread and step;
+// rows at or past T are zeros. ASYNC: through cp.async (the caller commits and waits), else plain loads.
+template <typename T, int HS, int ROWS, bool ASYNC = false>
 __device__ __forceinline__ void load_rows(const AttnParams& a, int bi, int h, int part, int r0, T* dst) {
     constexpr int CH = HS / 8;
     int C = a.nh * HS;
+    auto src = [&](int row, int c) {
+        return part == 3 ? (const T*)a.dout + ((u64)bi * a.t + row) * C + h * HS + c * 8
+                         : (const T*)a.qkv + ((u64)bi * a.t + row) * 3 * C + part * C + h * HS + c * 8;
+    };
     for (int e = threadIdx.x; e < ROWS * CH; e += blockDim.x) {
         int r = e / CH, c = e % CH, row = r0 + r;
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (row < a.t) {
-            const T* src = part == 3 ? (const T*)a.dout + ((u64)bi * a.t + row) * C + h * HS + c * 8
-                                     : (const T*)a.qkv + ((u64)bi * a.t + row) * 3 * C + part * C + h * HS + c * 8;
-            v = *(const uint4*)src;
+        if constexpr (ASYNC) {
+            bool valid = row < a.t;  // zero-filled rows still name a mapped address
+            cp_async16(dst + r * (HS + 8) + c * 8, src(valid ? row : a.t - 1, c), valid);
+        } else {
+            uint4 v = make_uint4(0u, 0u, 0u, 0u);
+            if (row < a.t) v = *(const uint4*)src(row, c);
+            *(uint4*)(dst + r * (HS + 8) + c * 8) = v;
         }
-        *(uint4*)(dst + r * (HS + 8) + c * 8) = v;
     }
 }
 
@@ -389,6 +410,185 @@ __device__ void tc3_backward_q(const AttnParams& a) {
     }
 }
 
+// ---- variant 4, backward: one kernel per key block (NW warps × 16 keys) computes dK and dV in registers, as
+// tc3_backward_kv does, and also each query tile's dQ contribution dS·K, which it adds into an f32
+// accumulator dqacc (B,T,C) with vector reductions; attention_tc4_dq_store then writes dqacc·scale into dqkv.
+// Against variant 3 this drops the second pass over all (query, key) pairs (tc3_backward_q recomputes S, dP,
+// the exponentials and the dropout stream), at the price of T/(16·NW) reductions per dQ element.
+// Query tiles (Q, dO, lse, D) are double-buffered with cp.async: tile i+1 loads while tile i computes.
+// dqacc must be zero on entry.
+__device__ __forceinline__ void red_add2(float* p, float x, float y) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(x), "f"(y) : "memory");
+#else
+    atomicAdd(p, x);
+    atomicAdd(p + 1, y);
+#endif
+}
+
+template <typename T, int HS, int NW>
+__device__ void tc4_backward(const AttnParams& a) {
+    constexpr int BKEY = NW * 16, BQ = 32, KS = HS / 16, NO = HS / 8, LD = HS + 8, LDS = BKEY + 8;
+    constexpr int NQ = NO / (NW / 2);  // dQ: warp w owns query rows (w&1)·16.. and NQ of the NO column tiles
+    static_assert(NQ >= 1 && NO % (NW / 2) == 0, "dQ split");
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* Ks = (T*)smem_raw;                 // [BKEY][LD]
+    T* Vs = Ks + BKEY * LD;               // [BKEY][LD]
+    T* Qs = Vs + BKEY * LD;               // [2][BQ][LD]   double-buffered
+    T* Os = Qs + 2 * BQ * LD;             // [2][BQ][LD]   dO, double-buffered
+    T* Ss = Os + 2 * BQ * LD;             // [BQ][LDS]     dS of the current tile, [query][key]
+    float* Ls = (float*)(Ss + BQ * LDS);  // [2][BQ]       lse
+    float* Ds = Ls + 2 * BQ;              // [2][BQ]       D
+    int bi = blockIdx.z, h = blockIdx.y, j0 = blockIdx.x * BKEY;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+    u64 hrow = ((u64)bi * a.nh + h) * a.t, Rbase = ((u64)bi * a.nh + h) * attn_row_stride(a.t);
+    auto stage = [&](int q0, int buf) {
+        load_rows<T, HS, BQ, true>(a, bi, h, 0, q0, Qs + buf * BQ * LD);
+        load_rows<T, HS, BQ, true>(a, bi, h, 3, q0, Os + buf * BQ * LD);
+        for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
+            bool valid = q0 + i < a.t;
+            u64 q = hrow + (valid ? q0 + i : a.t - 1);
+            cp_async4(Ls + buf * BQ + i, (const float*)a.lse + q, valid);
+            cp_async4(Ds + buf * BQ + i, (const float*)a.dsum + q, valid);
+        }
+        cp_async_commit();
+    };
+    stage(0, 0);
+    load_rows<T, HS, BKEY>(a, bi, h, 1, j0, Ks);
+    load_rows<T, HS, BKEY>(a, bi, h, 2, j0, Vs);
+    int ja = j0 + warp * 16 + g, jb = ja + 8;
+    bool livea = ja < a.t && ((const int*)a.mask)[(u64)bi * a.t + ja] != 0;
+    bool liveb = jb < a.t && ((const int*)a.mask)[(u64)bi * a.t + jb] != 0;
+    float dk[NO][4], dv[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+    const T* Kw = Ks + warp * 16 * LD;
+    const T* Vw = Vs + warp * 16 * LD;
+    int C = a.nh * HS, tiles = (a.t + BQ - 1) / BQ;
+    for (int it = 0; it < tiles; ++it) {
+        int q0 = it * BQ, buf = it & 1;
+        if (it + 1 < tiles) stage(q0 + BQ, buf ^ 1);
+        else cp_async_commit();  // an empty group keeps "all but the newest group done" = tile `it` done
+        cp_async_wait<1>();
+        __syncthreads();
+        const T* Qb = Qs + buf * BQ * LD;
+        const T* Ob = Os + buf * BQ * LD;
+        const float* Lb = Ls + buf * BQ;
+        const float* Db = Ds + buf * BQ;
+        float s[BQ / 8][4], dp[BQ / 8][4];
+#pragma unroll
+        for (int n = 0; n < BQ / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+            u32 ka[4], va[4];
+            lda_x4(ka, Kw, LD, kk * 16);
+            lda_x4(va, Vw, LD, kk * 16);
+#pragma unroll
+            for (int n = 0; n < BQ / 8; ++n) {
+                u32 b0, b1;
+                ldb_nk(b0, b1, Qb, LD, n * 8, kk * 16);
+                mma16816<T>(s[n], ka, b0, b1);
+                ldb_nk(b0, b1, Ob, LD, n * 8, kk * 16);
+                mma16816<T>(dp[n], va, b0, b1);
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BQ / 16; ++kk) {
+            u32 pa[4], sa[4];
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                int n = 2 * kk + half;
+                float pv[4], sv[4];
+                // queries i, i+1 (i even) for keys ja, jb: one Philox call per key row
+                int ie = q0 + n * 8 + 2 * t4;
+                float2 fa = a.p > 0.f ? attn_dropout_rows(a.seed, Rbase + ie, ja, a.t, a.p) : make_float2(1.f, 1.f);
+                float2 fb = a.p > 0.f ? attn_dropout_rows(a.seed, Rbase + ie, jb, a.t, a.p) : make_float2(1.f, 1.f);
+                float fs[4] = {fa.x, fa.y, fb.x, fb.y};
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    int qi = n * 8 + 2 * t4 + (e & 1);
+                    bool live = (e < 2 ? livea : liveb) && q0 + qi < a.t;
+                    float P = live ? expf(s[n][e] * a.scale - Lb[qi]) : 0.f;
+                    float f = live ? fs[e] : 1.f;
+                    pv[e] = P * f;
+                    sv[e] = P * (dp[n][e] * f - Db[qi]);
+                    Ss[qi * LDS + warp * 16 + g + (e >> 1) * 8] = from_f<T>(sv[e]);
+                }
+                pa[half * 2 + 0] = pack2<T>(pv[0], pv[1]);
+                pa[half * 2 + 1] = pack2<T>(pv[2], pv[3]);
+                sa[half * 2 + 0] = pack2<T>(sv[0], sv[1]);
+                sa[half * 2 + 1] = pack2<T>(sv[2], sv[3]);
+            }
+#pragma unroll
+            for (int n = 0; n < NO; ++n) {
+                u32 b0, b1;
+                ldb_kn(b0, b1, Ob, LD, kk * 16, n * 8);
+                mma16816<T>(dv[n], pa, b0, b1);
+                ldb_kn(b0, b1, Qb, LD, kk * 16, n * 8);
+                mma16816<T>(dk[n], sa, b0, b1);
+            }
+        }
+        __syncthreads();  // the whole dS tile (BQ queries × BKEY keys) is in Ss
+        {
+            int mt = warp & 1, n0 = (warp >> 1) * NQ;
+            float acc[NQ][4];
+#pragma unroll
+            for (int n = 0; n < NQ; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < BKEY / 16; ++kk) {
+                u32 sa[4];
+                lda_x4(sa, Ss + mt * 16 * LDS, LDS, kk * 16);
+#pragma unroll
+                for (int n = 0; n < NQ; ++n) {
+                    u32 b0, b1;
+                    ldb_kn(b0, b1, Ks, LD, kk * 16, (n0 + n) * 8);
+                    mma16816<T>(acc[n], sa, b0, b1);
+                }
+            }
+            int r0 = q0 + mt * 16 + g, r1 = r0 + 8;
+            float* dq = (float*)a.dqacc;
+#pragma unroll
+            for (int n = 0; n < NQ; ++n) {
+                int d = h * HS + (n0 + n) * 8 + 2 * t4;
+                if (r0 < a.t) red_add2(dq + ((u64)bi * a.t + r0) * C + d, acc[n][0], acc[n][1]);
+                if (r1 < a.t) red_add2(dq + ((u64)bi * a.t + r1) * C + d, acc[n][2], acc[n][3]);
+            }
+        }
+        __syncthreads();  // Ss and this buffer are free for the next tile
+    }
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+        int d = n * 8 + 2 * t4;
+        if (ja < a.t) {
+            T* base = (T*)a.dqkv + ((u64)bi * a.t + ja) * 3 * C + h * HS + d;
+            *(u32*)(base + C) = pack2<T>(dk[n][0] * a.scale, dk[n][1] * a.scale);
+            *(u32*)(base + 2 * C) = pack2<T>(dv[n][0], dv[n][1]);
+        }
+        if (jb < a.t) {
+            T* base = (T*)a.dqkv + ((u64)bi * a.t + jb) * 3 * C + h * HS + d;
+            *(u32*)(base + C) = pack2<T>(dk[n][2] * a.scale, dk[n][3] * a.scale);
+            *(u32*)(base + 2 * C) = pack2<T>(dv[n][2], dv[n][3]);
+        }
+    }
+}
+
+// The Q third of dqkv (B,T,3C) ← dqacc (B,T,C) · scale, two elements per thread.
+template <typename T>
+__device__ void tc4_dq_store(const AttnParams& a) {
+    int C = a.nh * a.hs;
+    u64 pairs = (u64)a.b * a.t * C / 2;
+    for (u64 e = blockIdx.x * (u64)blockDim.x + threadIdx.x; e < pairs; e += (u64)gridDim.x * blockDim.x) {
+        u64 i = 2 * e, row = i / C;
+        int col = (int)(i % C);
+        float2 v = *(const float2*)((const float*)a.dqacc + i);
+        *(u32*)((T*)a.dqkv + row * 3 * C + col) = pack2<T>(v.x * a.scale, v.y * a.scale);
+    }
+}
+
 #define TC3_INSTANTIATE(TY, NAME, HS)                                                                                  \
     extern "C" __global__ void __launch_bounds__(128) attention_tc3_forward_##NAME##_hs##HS(AttnParams a) { tc3_forward<TY, HS>(a); } \
     extern "C" __global__ void __launch_bounds__(128) attention_tc3_backward_kv_##NAME##_hs##HS(AttnParams a) { tc3_backward_kv<TY, HS>(a); } \
@@ -400,3 +600,20 @@ TC3_INSTANTIATE(bf16, bf16, 128)
 TC3_INSTANTIATE(f16, f16, 32)
 TC3_INSTANTIATE(f16, f16, 64)
 TC3_INSTANTIATE(f16, f16, 128)
+
+// Shapes of variant 4's backward, picked by BERTQA_ATTN4 (src/ops/attention.rs). Registers from ptxas for
+// sm_90 (bf16; spill stores/loads in bytes):
+//   w4   4 warps, 64 keys per block, ≤ 170 registers (3 blocks/SM): hs32 144, hs64 168, hs128 168 (464/532)
+//   w8   8 warps, 128 keys: half the dQ reductions and Q/dO loads per key; hs32 144, hs64 190, hs128 246
+//        (1 block/SM at hs ≥ 64)
+//   w8b2 8 warps held to 128 registers (2 blocks/SM): hs32 128, hs64 128 (52/172), hs128 128 (1124/1068)
+#define TC4_INSTANTIATE(TY, NAME, HS, CFG, NW, MINB)                                                                   \
+    extern "C" __global__ void __launch_bounds__(NW * 32, MINB) attention_tc4_backward_##CFG##_##NAME##_hs##HS(AttnParams a) { \
+        tc4_backward<TY, HS, NW>(a);                                                                                 \
+    }
+#define TC4_HS(TY, NAME, HS) TC4_INSTANTIATE(TY, NAME, HS, w4, 4, 3) TC4_INSTANTIATE(TY, NAME, HS, w8, 8, 1) TC4_INSTANTIATE(TY, NAME, HS, w8b2, 8, 2)
+#define TC4_ALL(TY, NAME)                                                                                              \
+    TC4_HS(TY, NAME, 32) TC4_HS(TY, NAME, 64) TC4_HS(TY, NAME, 128)                                                   \
+    extern "C" __global__ void attention_tc4_dq_store_##NAME(AttnParams a) { tc4_dq_store<TY>(a); }
+TC4_ALL(bf16, bf16)
+TC4_ALL(f16, f16)

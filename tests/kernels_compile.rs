@@ -1,4 +1,5 @@
-//! Every kernels/*.cu compiles with NVRTC for sm_80 and sm_90 with no error and no warning.
+//! Every kernels/*.cu compiles with NVRTC for sm_80 and sm_90 with no error and no warning, and the
+//! tensor-core attention module has every entry point its launchers name.
 //! Needs libnvrtc and the CUDA headers (CI installs the pip wheels nvidia-cuda-nvrtc/-runtime 13.0); without
 //! them it skips with a reason, unless BERTQA_REQUIRE_NVRTC=1 (set by .ci/run), where it fails.
 
@@ -46,6 +47,13 @@ fn every_kernel_compiles_without_warnings() {
                         failures.push(format!("{name} {arch} warnings:\n{}", c.log));
                     }
                     assert!(c.ptx.contains(".entry"), "{name}: no kernel entry in PTX");
+                    if *name == "attention_tc" {
+                        for entry in bertqa::ops::attention::tc_entry_points() {
+                            if !c.ptx.contains(&format!(".entry {entry}(")) {
+                                failures.push(format!("{name} {arch}: no entry point {entry}"));
+                            }
+                        }
+                    }
                 }
                 Err(e) => failures.push(format!("{e:#}")),
             }

@@ -3,8 +3,11 @@
 
 use bertqa::cpu::Cpu;
 use bertqa::cuda::Cuda;
-use bertqa::parity::{print_rows, rel_l2, suite};
+use bertqa::parity::{compare, print_rows, rel_l2, suite, AttentionCase};
 use bertqa::tensor::DType;
+
+/// GPU tests hold this while they run: one of them sets BERTQA_ATTN/BERTQA_ATTN4, which the others read.
+static GPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn cuda_or_skip() -> Option<Cuda> {
     match Cuda::new(0) {
@@ -74,6 +77,7 @@ fn rel_l2_flags_wrong_and_non_finite_results() {
 
 #[test]
 fn gpu_parity_f32() {
+    let _one = GPU.lock().unwrap_or_else(|e| e.into_inner());
     let Some(gpu) = cuda_or_skip() else { return };
     println!("device: {}", bertqa::backend::BackendCore::name(&gpu));
     check(&suite(&gpu, DType::F32, &bertqa::ops::attention::CUDA_HEAD_SIZES).unwrap());
@@ -81,8 +85,44 @@ fn gpu_parity_f32() {
 
 #[test]
 fn gpu_parity_bf16() {
+    let _one = GPU.lock().unwrap_or_else(|e| e.into_inner());
     let Some(gpu) = cuda_or_skip() else { return };
     check(&suite(&gpu, DType::BF16, &bertqa::ops::attention::CUDA_HEAD_SIZES).unwrap());
+}
+
+/// Every tensor-core attention variant and backward shape against the f64 CPU reference (bf16 bounds), at
+/// an odd T with padding and dropout: T=37 fits one key block, T=203 spans several key blocks and query tiles.
+#[test]
+fn gpu_attention_variants_bf16() {
+    let _one = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(gpu) = cuda_or_skip() else { return };
+    let mut rows = vec![];
+    for (v, shape) in [("v3", ""), ("v4", "w4"), ("v4", "w8"), ("v4", "w8b2")] {
+        // SAFETY (edition 2021): the GPU lock keeps the other tests that read these from running
+        std::env::set_var("BERTQA_ATTN", v);
+        std::env::set_var(
+            "BERTQA_ATTN4",
+            if shape.is_empty() { "w8b2" } else { shape },
+        );
+        for hs in bertqa::ops::attention::CUDA_TC_HEAD_SIZES {
+            for (b, t) in [(2, 37), (2, 203)] {
+                let case = AttentionCase {
+                    b,
+                    t,
+                    nh: 2,
+                    hs,
+                    p: 0.1,
+                };
+                for mut row in compare(&gpu, DType::BF16, &case).unwrap() {
+                    row.case = format!("{v} {shape} {}", row.case);
+                    rows.push(row);
+                }
+            }
+        }
+    }
+    std::env::remove_var("BERTQA_ATTN");
+    std::env::remove_var("BERTQA_ATTN4");
+    check(&rows);
 }
 
 #[test]

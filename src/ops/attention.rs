@@ -244,6 +244,7 @@ struct AttnParams {
     dout: u64,
     dqkv: u64,
     dsum: u64,
+    dqacc: u64,
     seed: u64,
     b: i32,
     t: i32,
@@ -260,19 +261,53 @@ pub const CUDA_HEAD_SIZES: [usize; 4] = [16, 32, 64, 128];
 /// Head sizes of the tensor-core variant (kernels/attention_tc.cu; bf16/f16 only).
 pub const CUDA_TC_HEAD_SIZES: [usize; 3] = [32, 64, 128];
 
-/// Which CUDA attention variant runs: 3 (tensor cores, kernels/attention_tc.cu) for bf16/f16 at a supported
-/// head size unless `BERTQA_ATTN=v1`; otherwise 1 (CUDA cores: the f32 path and every other head size).
-/// (Variant 2, an earlier tensor-core version, was retired: docs/perf-log.md.)
+/// Which CUDA attention variant runs, from `BERTQA_ATTN`: bf16/f16 at a supported head size run variant 3
+/// (tensor cores, kernels/attention_tc.cu) unless `BERTQA_ATTN=v1` (CUDA cores) or `v4` (variant 3's forward;
+/// the one-pass backward with dQ reductions, not yet the default: it has not run on a GPU). Everything else
+/// (f32, other head sizes) runs variant 1. (Variant 2, an earlier tensor-core version, was retired:
+/// docs/perf-log.md.)
 pub fn cuda_variant(dtype: DType, hs: usize) -> u32 {
     let tc = matches!(dtype, DType::BF16 | DType::F16) && CUDA_TC_HEAD_SIZES.contains(&hs);
-    let forced_v1 = std::env::var("BERTQA_ATTN")
-        .map(|v| v == "v1")
-        .unwrap_or(false);
-    if tc && !forced_v1 {
-        3
-    } else {
-        1
+    match std::env::var("BERTQA_ATTN").as_deref() {
+        _ if !tc => 1,
+        Ok("v1") => 1,
+        Ok("v4") => 4,
+        _ => 3,
     }
+}
+
+/// Variant 4's backward shape from `BERTQA_ATTN4` (`w4`, `w8`, `w8b2`; default `w8b2`): (name, warps).
+/// Each warp owns 16 keys; kernels/attention_tc.cu lists the register budgets.
+pub fn tc4_config() -> Result<(&'static str, usize)> {
+    match std::env::var("BERTQA_ATTN4").as_deref() {
+        Ok("w4") => Ok(("w4", 4)),
+        Ok("w8") => Ok(("w8", 8)),
+        Ok("w8b2") | Err(_) => Ok(("w8b2", 8)),
+        Ok(other) => bail!("BERTQA_ATTN4={other:?}: expected w4, w8 or w8b2"),
+    }
+}
+
+/// Name of a tensor-core kernel in kernels/attention_tc.cu: `attention_{kind}_{dtype}_hs{HS}`.
+fn tc_kernel(kind: &str, dtype: &str, hs: usize) -> String {
+    format!("attention_{kind}_{dtype}_hs{hs}")
+}
+
+/// Every entry point the tensor-core launchers can ask kernels/attention_tc.cu for (tests/kernels_compile.rs
+/// checks each is in the compiled PTX, so a name typo fails on a machine without a GPU).
+pub fn tc_entry_points() -> Vec<String> {
+    let mut names = Vec::new();
+    for dt in ["bf16", "f16"] {
+        for hs in CUDA_TC_HEAD_SIZES {
+            for kind in ["tc3_forward", "tc3_backward_kv", "tc3_backward_q"] {
+                names.push(tc_kernel(kind, dt, hs));
+            }
+            for cfg in ["w4", "w8", "w8b2"] {
+                names.push(tc_kernel(&format!("tc4_backward_{cfg}"), dt, hs));
+            }
+        }
+        names.push(format!("attention_tc4_dq_store_{dt}"));
+    }
+    names
 }
 
 /// Dynamic shared memory (bytes) of the tensor-core kernels: (forward, backward dK/dV, backward dQ):
@@ -284,6 +319,13 @@ fn tc_smem(hs: usize) -> (u32, u32, u32) {
         (rows + 32 * 8) as u32,
         (rows + 32 * 4) as u32,
     )
+}
+
+/// Dynamic shared memory (bytes) of variant 4's backward with `nw` warps: K and V for 16·nw keys, two
+/// buffers each of Q and dO (32 queries), the dS tile (32 × (16·nw + 8)), two buffers each of lse and D.
+fn tc4_smem(hs: usize, nw: usize) -> u32 {
+    let (keys, bq, ld) = (16 * nw, 32, hs + 8);
+    (2 * keys * ld * 2 + 4 * bq * ld * 2 + bq * (keys + 8) * 2 + 4 * bq * 4) as u32
 }
 
 fn cuda_checks(op: &str, act: DType, others: &[DType], lse: DType, hs: usize) -> Result<()> {
@@ -321,6 +363,7 @@ impl AttentionOps for Cuda {
             dout: 0,
             dqkv: 0,
             dsum: 0,
+            dqacc: 0,
             seed: drop.seed,
             b: b as i32,
             t: t as i32,
@@ -329,8 +372,8 @@ impl AttentionOps for Cuda {
             p: drop.p,
             scale: 1.0 / (hs as f32).sqrt(),
         };
-        if cuda_variant(out.dtype, hs) == 3 {
-            let name = format!("attention_tc3_forward_{}_hs{hs}", suffix(out.dtype)?);
+        if cuda_variant(out.dtype, hs) >= 3 {
+            let name = tc_kernel("tc3_forward", suffix(out.dtype)?, hs);
             let grid = (super::blocks(t, 64), nh as u32, b as u32);
             return self.launch("attention_tc", &name, grid, (128, 1, 1), tc_smem(hs).0, p);
         }
@@ -375,6 +418,7 @@ impl AttentionOps for Cuda {
             dout: dout.buf.ptr,
             dqkv: dqkv.buf.ptr,
             dsum: dsum.buf.ptr,
+            dqacc: 0,
             seed: drop.seed,
             b: b as i32,
             t: t as i32,
@@ -393,12 +437,35 @@ impl AttentionOps for Cuda {
             0,
             p,
         )?;
+        if cuda_variant(out.dtype, hs) == 4 {
+            let (cfg, nw) = tc4_config()?;
+            let c = nh * hs;
+            let dq = Tensor::<Cuda>::zeros(self, &[b, t, c], DType::F32)?; // (B,T,C) dQ/scale, from the arena
+            let p = AttnParams {
+                dqacc: dq.buf.ptr,
+                ..p
+            };
+            let grid = (super::blocks(t, 16 * nw), nh as u32, b as u32);
+            let name = tc_kernel(&format!("tc4_backward_{cfg}"), suffix(out.dtype)?, hs);
+            let threads = (32 * nw) as u32;
+            self.launch(
+                "attention_tc",
+                &name,
+                grid,
+                (threads, 1, 1),
+                tc4_smem(hs, nw),
+                p,
+            )?;
+            let store = format!("attention_tc4_dq_store_{}", suffix(out.dtype)?);
+            let grid = (super::blocks(b * t * c / 2, 256).min(65535 * 16), 1, 1);
+            return self.launch("attention_tc", &store, grid, (256, 1, 1), 0, p);
+        }
         if cuda_variant(out.dtype, hs) == 3 {
             let grid = (super::blocks(t, 64), nh as u32, b as u32);
             let (_, kv, q) = tc_smem(hs);
-            let kv_name = format!("attention_tc3_backward_kv_{sfx}");
+            let kv_name = tc_kernel("tc3_backward_kv", suffix(out.dtype)?, hs);
             self.launch("attention_tc", &kv_name, grid, (128, 1, 1), kv, p)?;
-            let q_name = format!("attention_tc3_backward_q_{sfx}");
+            let q_name = tc_kernel("tc3_backward_q", suffix(out.dtype)?, hs);
             return self.launch("attention_tc", &q_name, grid, (128, 1, 1), q, p);
         }
         let grid = (super::blocks(t, 32), nh as u32, b as u32);
