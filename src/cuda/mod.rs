@@ -6,6 +6,7 @@
 //! Kernel launchers live next to their CPU reference in `src/ops/<op>.rs`; each kernel takes one `#[repr(C)]`
 //! parameter struct mirrored in its .cu file.
 
+pub mod lt;
 pub mod nvrtc;
 
 use crate::backend::BackendCore;
@@ -61,6 +62,8 @@ pub struct Cuda {
     pub sm_count: i32,
     /// Allow TF32 tensor cores in f32 GEMMs (off by default: the parity path).
     pub tf32: bool,
+    /// cuBLASLt (bias epilogues), created on first use when `BERTQA_GEMM=lt`.
+    lt: std::sync::OnceLock<std::result::Result<lt::Lt, String>>,
 }
 
 /// Whether the CUDA driver library can be loaded at all (cudarc panics instead of returning an error).
@@ -113,6 +116,7 @@ impl Cuda {
             device_name,
             sm_count,
             tf32: false,
+            lt: std::sync::OnceLock::new(),
         })
     }
 
@@ -287,6 +291,21 @@ impl Cuda {
                 "cublasGemmEx (m={m}, k={k}, n={n}, {adt}->{cdt}, ta={ta}, tb={tb}) failed: {e:?}"
             )
         })
+    }
+
+    /// cuBLASLt when `BERTQA_GEMM=lt` (the linear layers' forward then adds the bias in the GEMM's
+    /// epilogue: [`lt`]), else None. An error when it was asked for and cannot be set up.
+    pub fn lt(&self) -> Result<Option<&lt::Lt>> {
+        if std::env::var("BERTQA_GEMM").as_deref() != Ok("lt") {
+            return Ok(None);
+        }
+        match self
+            .lt
+            .get_or_init(|| lt::Lt::new(&self.stream, self.cc.0).map_err(|e| format!("{e:#}")))
+        {
+            Ok(l) => Ok(Some(l)),
+            Err(e) => bail!("BERTQA_GEMM=lt: {e}"),
+        }
     }
 
     /// Wait for the stream; an error here usually means an earlier kernel faulted.

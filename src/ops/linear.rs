@@ -2,7 +2,8 @@
 //! Backward: `dinp = dout·W` (overwrite, or `+=` with `accumulate_dinp` — the residual stream adds it to the
 //! gradient already there), `dW += doutᵀ·inp`, `db += Σ_rows dout`.
 //! CPU: the GEMMs go through `cpu::gemm` (matrixmultiply); CUDA: cublasGemmEx with f32 accumulation, bf16
-//! operands and an f32 `dW`, plus the bias kernels in kernels/reduce.cu.
+//! operands and an f32 `dW`, plus the bias kernels in kernels/reduce.cu — or, with `BERTQA_GEMM=lt`, the
+//! forward as one cuBLASLt matmul with a bias epilogue (src/cuda/lt.rs).
 
 use crate::backend::BackendCore;
 use crate::cpu::{gemm, rd, wr, Cpu};
@@ -161,6 +162,27 @@ impl LinearOps for Cuda {
         b: Option<&Tensor<Cuda>>,
     ) -> Result<()> {
         let (n, ic, oc) = dims("linear_forward", inp, out, w, b)?;
+        if let (Some(b), Some(lt)) = (b, self.lt()?) {
+            let same = [inp.dtype, w.dtype, b.dtype]
+                .iter()
+                .all(|d| *d == out.dtype);
+            // SAFETY: the shapes were checked above; every buffer is a device allocation of this context.
+            let fused = same
+                && unsafe {
+                    lt.linear_bias(
+                        &self.stream,
+                        (n, ic, oc),
+                        inp.buf.ptr,
+                        w.buf.ptr,
+                        b.buf.ptr,
+                        out.buf.ptr,
+                        out.dtype,
+                    )?
+                };
+            if fused {
+                return Ok(());
+            }
+        }
         self.gemm(n, ic, oc, 1.0, inp, false, w, true, 0.0, out)?;
         if let Some(b) = b {
             let p = BiasParams {
