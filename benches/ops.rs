@@ -118,6 +118,8 @@ fn run_config<B: Timing>(
     roof: &Option<Roof>,
     tab: &mut Table,
 ) {
+    // a GPU at bf16/f16: where the tensor-core attention and the cuBLASLt variants exist
+    let gpu_lowp = !(be.supports(DType::F64) || dt == DType::F32);
     println!(
         "\n== {name}: L={} C={} NH={} F={}  B={b} T={t} {dt} on {}",
         cfg.num_hidden_layers,
@@ -165,6 +167,35 @@ fn run_config<B: Timing>(
             2.0 * (n * ic * oc) as f64,
             roof,
         );
+        // the same GEMM without the bias (the difference is what the bias_add pass costs) and, on a GPU,
+        // with the bias in a cuBLASLt epilogue
+        let ms = bench(be, iters, &mut || {
+            be.linear_forward(&mut y, &x, &w, None).unwrap()
+        });
+        tab.add(
+            &format!("{lname} fwd, no bias"),
+            &format!("{n}x{ic}->{oc}"),
+            ms,
+            0.0,
+            2.0 * (n * ic * oc) as f64,
+            roof,
+        );
+        if gpu_lowp {
+            // SAFETY (edition 2021): single-threaded benchmark; the launcher reads it per call
+            std::env::set_var("BERTQA_GEMM", "lt");
+            let ms = bench(be, iters, &mut || {
+                be.linear_forward(&mut y, &x, &w, Some(&bb)).unwrap()
+            });
+            std::env::remove_var("BERTQA_GEMM");
+            tab.add(
+                &format!("{lname} fwd, cuBLASLt bias"),
+                &format!("{n}x{ic}->{oc}"),
+                ms,
+                0.0,
+                2.0 * (n * ic * oc) as f64,
+                roof,
+            );
+        }
         let mut dx = Tensor::zeros(be, &[n, ic], dt).unwrap();
         let mut dw = Tensor::zeros(be, &[oc, ic], sd).unwrap();
         let mut db = Tensor::zeros(be, &[oc], sd).unwrap();
@@ -187,38 +218,48 @@ fn run_config<B: Timing>(
         let mask = Tensor::from_i32(be, &vec![1; b * t], &[b, t]).unwrap();
         let mut out = Tensor::zeros(be, &[b, t, c], dt).unwrap();
         let mut lse = Tensor::zeros(be, &[b, nh, t], sd).unwrap();
-        let d = Dropout::new(0.1, 3);
         let fl = 4.0 * (b * nh * t * t * (c / nh)) as f64;
-        // variant 1 (CUDA cores) and, for bf16/f16 on a GPU, variant 3 (tensor cores, the default); BERTQA_ATTN
-        // selects
-        let variants: &[&str] = if be.supports(DType::F64) || dt == DType::F32 {
-            &["v1"]
-        } else {
-            &["v1", "v3"]
-        };
-        for v in variants {
-            // SAFETY (edition 2021): single-threaded benchmark; the launcher reads the variable per call
+        // (label, BERTQA_ATTN, BERTQA_ATTN4, dropout p, time forward too): variant 1 (CUDA cores) and, for
+        // bf16/f16 on a GPU, variant 3 (tensor cores, the default) with and without attention dropout (what the
+        // Philox stream costs), and variant 4's backward in its three shapes (its forward is variant 3's).
+        let mut variants = vec![("v1", "v1", "", 0.1, true)];
+        if gpu_lowp {
+            variants.extend([
+                ("v3", "v3", "", 0.1, true),
+                ("v3 p=0", "v3", "", 0.0, true),
+                ("v4 w4", "v4", "w4", 0.1, false),
+                ("v4 w8", "v4", "w8", 0.1, false),
+                ("v4 w8b2", "v4", "w8b2", 0.1, false),
+            ]);
+        }
+        let mut dqkv = Tensor::zeros(be, &[b, t, 3 * c], dt).unwrap();
+        for (label, v, v4, p, fwd) in variants {
+            // SAFETY (edition 2021): single-threaded benchmark; the launcher reads the variables per call
             std::env::set_var("BERTQA_ATTN", v);
+            std::env::set_var("BERTQA_ATTN4", if v4.is_empty() { "w8b2" } else { v4 });
+            let d = Dropout::new(p, 3);
             let shape = format!("B{b} NH{nh} T{t} HS{}", c / nh);
-            let ms = bench(be, iters, &mut || {
+            // forward always runs once: backward reads its lse
+            let ms = bench(be, if fwd { iters } else { 1 }, &mut || {
                 be.attention_forward(&mut out, &mut lse, &qkv, &mask, nh, d)
                     .unwrap()
             });
-            tab.add(
-                &format!("attention fwd (fused, {v})"),
-                &shape,
-                ms,
-                0.0,
-                fl,
-                roof,
-            );
-            let mut dqkv = Tensor::zeros(be, &[b, t, 3 * c], dt).unwrap();
+            if fwd {
+                tab.add(
+                    &format!("attention fwd (fused, {label})"),
+                    &shape,
+                    ms,
+                    0.0,
+                    fl,
+                    roof,
+                );
+            }
             let ms = bench(be, iters, &mut || {
                 be.attention_backward(&mut dqkv, &out, &out, &lse, &qkv, &mask, nh, d)
                     .unwrap()
             });
             tab.add(
-                &format!("attention bwd (fused, {v})"),
+                &format!("attention bwd (fused, {label})"),
                 &shape,
                 ms,
                 0.0,
@@ -226,6 +267,7 @@ fn run_config<B: Timing>(
                 roof,
             );
         }
+        std::env::remove_var("BERTQA_ATTN4");
         std::env::remove_var("BERTQA_ATTN");
     }
     // residual + dropout + layernorm
@@ -442,89 +484,112 @@ fn run_config<B: Timing>(
         let mut step = 0u64;
         let same = dt == sd;
         let mut adam_ms = 0.0;
-        let ms = bench(be, iters.clamp(2, 10), &mut || {
-            step += 1;
-            let drop = DropoutCfg {
-                hidden: 0.1,
-                attn: 0.1,
-                seed: step,
-            };
-            grads.zero_(be).unwrap();
-            model.forward(be, &mut acts, &batch, drop).unwrap();
-            model.loss(be, &mut acts, &batch, 1.0).unwrap();
-            model
-                .backward(be, &mut grads, &mut acts, &batch, drop)
-                .unwrap();
-            let gn = be.grad_sq_norm(&grads.tensors()).unwrap().sqrt();
-            let hp = AdamWHyper {
-                lr: 1e-5,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.01,
-                step,
-                grad_scale: if gn > 1.0 { 1.0 / gn } else { 1.0 },
-            };
-            let mut work = model.params.tensors_mut().into_iter();
-            let mut slots: Vec<AdamWSlot<B>> = Vec::new();
-            for ((((p, g), a), v), nm) in master
-                .tensors_mut()
-                .into_iter()
-                .zip(grads.tensors())
-                .zip(m1.tensors_mut())
-                .zip(m2.tensors_mut())
-                .zip(&names)
-            {
-                let w = work.next().unwrap();
-                slots.push(AdamWSlot {
-                    master: p,
-                    working: if same { None } else { Some(w) },
-                    grad: g,
-                    m: a,
-                    v,
-                    decay: bertqa::model::params::decays(nm),
-                });
+        // On a GPU in bf16, the step also with the variants not yet on by default (each label sets them).
+        let step_variants: &[(&str, &[(&str, &str)])] = if !gpu_lowp {
+            &[("", &[])]
+        } else {
+            &[
+                ("", &[]),
+                (", attention v4", &[("BERTQA_ATTN", "v4")]),
+                (", cuBLASLt bias", &[("BERTQA_GEMM", "lt")]),
+                (
+                    ", attention v4 + cuBLASLt bias",
+                    &[("BERTQA_ATTN", "v4"), ("BERTQA_GEMM", "lt")],
+                ),
+            ]
+        };
+        for (label, vars) in step_variants {
+            for (k, v) in vars.iter() {
+                // SAFETY (edition 2021): single-threaded benchmark
+                std::env::set_var(k, v);
             }
-            let t0 = Instant::now();
-            be.adamw_step(&mut slots, &hp).unwrap();
-            be.synchronize().unwrap();
-            adam_ms = t0.elapsed().as_secs_f64() * 1e3;
-        });
-        let np = cfg.num_params() as f64;
-        tab.add(
-            "adamw (all params, host-timed)",
-            &format!("{:.1}M params", np / 1e6),
-            adam_ms,
-            np * (4.0 * 4.0 + 3.0 * 4.0 + es),
-            0.0,
-            roof,
-        );
-        let flops = cfg.train_flops_per_seq(t) * b as f64;
-        tab.add(
-            "TRAINING STEP fwd+bwd+adamw",
-            &format!("B{b} T{t}"),
-            ms,
-            0.0,
-            flops,
-            roof,
-        );
-        let seqs = b as f64 / (ms * 1e-3);
-        let mfu = roof
-            .as_ref()
-            .map(|r| {
-                format!(
-                    "{:.1}% MFU vs measured GEMM peak",
-                    100.0 * flops / (ms * 1e-3) / 1e12 / r.tflops
-                )
-            })
-            .unwrap_or_default();
-        let line = format!(
-            "  => {seqs:.1} seq/s, {:.0} tokens/s, {mfu}; activations {:.2} GiB",
-            seqs * t as f64,
-            acts.bytes() as f64 / 1073741824.0
-        );
-        println!("{line}");
-        tab.rows.push(line);
+            let ms = bench(be, iters.clamp(2, 10), &mut || {
+                step += 1;
+                let drop = DropoutCfg {
+                    hidden: 0.1,
+                    attn: 0.1,
+                    seed: step,
+                };
+                grads.zero_(be).unwrap();
+                model.forward(be, &mut acts, &batch, drop).unwrap();
+                model.loss(be, &mut acts, &batch, 1.0).unwrap();
+                model
+                    .backward(be, &mut grads, &mut acts, &batch, drop)
+                    .unwrap();
+                let gn = be.grad_sq_norm(&grads.tensors()).unwrap().sqrt();
+                let hp = AdamWHyper {
+                    lr: 1e-5,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay: 0.01,
+                    step,
+                    grad_scale: if gn > 1.0 { 1.0 / gn } else { 1.0 },
+                };
+                let mut work = model.params.tensors_mut().into_iter();
+                let mut slots: Vec<AdamWSlot<B>> = Vec::new();
+                for ((((p, g), a), v), nm) in master
+                    .tensors_mut()
+                    .into_iter()
+                    .zip(grads.tensors())
+                    .zip(m1.tensors_mut())
+                    .zip(m2.tensors_mut())
+                    .zip(&names)
+                {
+                    let w = work.next().unwrap();
+                    slots.push(AdamWSlot {
+                        master: p,
+                        working: if same { None } else { Some(w) },
+                        grad: g,
+                        m: a,
+                        v,
+                        decay: bertqa::model::params::decays(nm),
+                    });
+                }
+                let t0 = Instant::now();
+                be.adamw_step(&mut slots, &hp).unwrap();
+                be.synchronize().unwrap();
+                adam_ms = t0.elapsed().as_secs_f64() * 1e3;
+            });
+            for (k, _) in vars.iter() {
+                std::env::remove_var(k);
+            }
+            let np = cfg.num_params() as f64;
+            tab.add(
+                &format!("adamw (all params, host-timed{label})"),
+                &format!("{:.1}M params", np / 1e6),
+                adam_ms,
+                np * (4.0 * 4.0 + 3.0 * 4.0 + es),
+                0.0,
+                roof,
+            );
+            let flops = cfg.train_flops_per_seq(t) * b as f64;
+            tab.add(
+                &format!("TRAINING STEP fwd+bwd+adamw{label}"),
+                &format!("B{b} T{t}"),
+                ms,
+                0.0,
+                flops,
+                roof,
+            );
+            let seqs = b as f64 / (ms * 1e-3);
+            let mfu = roof
+                .as_ref()
+                .map(|r| {
+                    format!(
+                        "{:.1}% MFU vs measured GEMM peak",
+                        100.0 * flops / (ms * 1e-3) / 1e12 / r.tflops
+                    )
+                })
+                .unwrap_or_default();
+            let line = format!(
+                "  => {seqs:.1} seq/s, {:.0} tokens/s, {mfu}; activations {:.2} GiB",
+                seqs * t as f64,
+                acts.bytes() as f64 / 1073741824.0
+            );
+            println!("{line}");
+            tab.rows.push(line);
+        }
     }
 }
 
