@@ -220,16 +220,17 @@ fn run_config<B: Timing>(
         let mut lse = Tensor::zeros(be, &[b, nh, t], sd).unwrap();
         let fl = 4.0 * (b * nh * t * t * (c / nh)) as f64;
         // (label, BERTQA_ATTN, BERTQA_ATTN4, dropout p, time forward too): variant 1 (CUDA cores) and, for
-        // bf16/f16 on a GPU, variant 3 (tensor cores, the default) with and without attention dropout (what the
-        // Philox stream costs), and variant 4's backward in its three shapes (its forward is variant 3's).
+        // bf16/f16 on a GPU, variants 3 (tensor cores, the default) and 4, with and without attention dropout
+        // (what the Philox stream costs), and variant 4's backward in its three shapes (w8b2 is its default).
         let mut variants = vec![("v1", "v1", "", 0.1, true)];
         if gpu_lowp {
             variants.extend([
                 ("v3", "v3", "", 0.1, true),
                 ("v3 p=0", "v3", "", 0.0, true),
+                ("v4", "v4", "w8b2", 0.1, true),
+                ("v4 p=0", "v4", "w8b2", 0.0, true),
                 ("v4 w4", "v4", "w4", 0.1, false),
                 ("v4 w8", "v4", "w8", 0.1, false),
-                ("v4 w8b2", "v4", "w8b2", 0.1, false),
             ]);
         }
         let mut dqkv = Tensor::zeros(be, &[b, t, 3 * c], dt).unwrap();

@@ -110,6 +110,47 @@ __device__ __forceinline__ void load_rows(const AttnParams& a, int bi, int h, in
     }
 }
 
+// ---- variant 4 helpers -------------------------------------------------------------------------------------
+// Attention dropout with the Philox work split between two lanes. In the forward layout lane l holds query row
+// R (its g = l/4) and lane l^4 row R^1 at the same keys; in the dK/dV layout lane l holds key j and lane l^4
+// key j^1 at the same queries. Either way one 2×2 Philox block (common.cuh attn_philox) covers both lanes, and
+// attn_dropout_keys/_rows throw half of each call away. Here each lane of the pair makes one call for two
+// blocks — the even lane the first, the odd lane the second — keeps its half and trades the other half with
+// its partner: the words of attn_dropout_keys/_rows for half the Philox calls. All 32 lanes must call together.
+//
+// keys (A, A+1) and (B, B+1) of row R (A, B even) → this lane's words wa, wb
+__device__ __forceinline__ void attn_words_keys2(u64 seed, u64 R, int A, int B, int t, uint2& wa, uint2& wb) {
+    bool odd = R & 1;
+    uint4 r = attn_philox(seed, R, odd ? B : A, t);
+    uint2 mine = odd ? make_uint2(r.z, r.w) : make_uint2(r.x, r.y);  // my row of my block
+    uint2 send = odd ? make_uint2(r.x, r.y) : make_uint2(r.z, r.w);  // the partner's row of my block
+    uint2 got = make_uint2(__shfl_xor_sync(0xffffffffu, send.x, 4), __shfl_xor_sync(0xffffffffu, send.y, 4));
+    wa = odd ? got : mine;
+    wb = odd ? mine : got;
+}
+// rows (RA, RA+1) and (RB, RB+1) of key j (RA, RB even) → this lane's words wa, wb
+__device__ __forceinline__ void attn_words_rows2(u64 seed, u64 RA, u64 RB, int j, int t, uint2& wa, uint2& wb) {
+    bool odd = j & 1;
+    uint4 r = attn_philox(seed, odd ? RB : RA, j, t);
+    uint2 mine = odd ? make_uint2(r.y, r.w) : make_uint2(r.x, r.z);  // my key's column of my block
+    uint2 send = odd ? make_uint2(r.x, r.z) : make_uint2(r.y, r.w);  // the partner's column of my block
+    uint2 got = make_uint2(__shfl_xor_sync(0xffffffffu, send.x, 4), __shfl_xor_sync(0xffffffffu, send.y, 4));
+    wa = odd ? got : mine;
+    wb = odd ? mine : got;
+}
+// keep_factor's test u >= p, u = (word >> 8)·2^-24, as an integer compare: (word >> 8) >= ceil(p·2^24) (p·2^24
+// and its ceiling are exact in float, so the masks are the same bits). 0 when p <= 0: everything kept.
+__device__ __forceinline__ u32 keep_threshold(float p) { return p > 0.f ? (u32)ceilf(p * 16777216.f) : 0u; }
+__device__ __forceinline__ bool kept(u32 word, u32 thr) { return (word >> 8) >= thr; }
+// 2^x, hardware approximation (max relative error 2^-22), flushing denormals; ex2(-inf) = 0
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+#define LOG2E_F 1.4426950408889634f
+#define LN2_F 0.69314718055994531f
+
 template <typename T, int HS>
 __device__ void tc3_forward(const AttnParams& a) {
     constexpr int BK = 64, KS = HS / 16, NO = HS / 8, LD = HS + 8;
@@ -410,11 +451,153 @@ __device__ void tc3_backward_q(const AttnParams& a) {
     }
 }
 
+// ---- variant 4, forward: variant 3's tiling with the K/V/mask tiles double-buffered by cp.async (tile i+1
+// loads while tile i computes), the exponentials in base 2 on the special-function unit (scores scaled by
+// scale·log2 e once; ex2.approx), the dropout Philox calls shared by lane pairs and tested as integers, and the
+// dropout's 1/(1-p) applied once to O instead of to every probability. Counted in the SASS (ptxas 13.0,
+// sm_90, bf16, hs64), per warp and 64-key tile: variant 3 2297 instructions (1108 integer — mostly Philox —,
+// 739 float, 64 HMMA), this one 1402 (615 integer, 272 float, 64 HMMA). The kernel issues ~36 instructions
+// per HMMA, so it is bound by instruction issue, not by the tensor cores.
+template <typename T, int HS>
+__device__ void tc4_forward(const AttnParams& a) {
+    constexpr int BK = 64, KS = HS / 16, NO = HS / 8, LD = HS + 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* Qs = (T*)smem_raw;                // [64][LD]
+    T* Kb = Qs + 64 * LD;                // [2][BK][LD]
+    T* Vb = Kb + 2 * BK * LD;            // [2][BK][LD]
+    int* Mb = (int*)(Vb + 2 * BK * LD);  // [2][BK]
+    int bi = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * 64;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+    auto stage = [&](int k0, int buf) {  // the key tile at k0 into buffer buf, asynchronously
+        load_rows<T, HS, BK, true>(a, bi, h, 1, k0, Kb + buf * BK * LD);
+        load_rows<T, HS, BK, true>(a, bi, h, 2, k0, Vb + buf * BK * LD);
+        for (int j = threadIdx.x; j < BK; j += blockDim.x) {
+            bool valid = k0 + j < a.t;
+            cp_async4(Mb + buf * BK + j, (const int*)a.mask + (u64)bi * a.t + (valid ? k0 + j : a.t - 1), valid);
+        }
+        cp_async_commit();
+    };
+    stage(0, 0);
+    load_rows<T, HS, 64>(a, bi, h, 0, q0, Qs);
+    __syncthreads();
+    u32 qa[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) lda_x4(qa[kk], Qs + warp * 16 * LD, LD, kk * 16);
+    float o[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // row maxima in the base-2 domain, row sums
+    int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
+    u64 R0 = ((u64)bi * a.nh + h) * attn_row_stride(a.t) + i0, R1 = R0 + 8;
+    const float sl2 = a.scale * LOG2E_F;
+    const bool drop = a.p > 0.f;
+    const u32 thr = keep_threshold(a.p);
+    int tiles = (a.t + BK - 1) / BK;
+    for (int it = 0; it < tiles; ++it) {
+        int k0 = it * BK, buf = it & 1;
+        if (it + 1 < tiles) stage(k0 + BK, buf ^ 1);
+        else cp_async_commit();  // an empty group keeps "all but the newest group done" = tile `it` done
+        cp_async_wait<1>();
+        __syncthreads();
+        const T* Ks = Kb + buf * BK * LD;
+        const T* Vs = Vb + buf * BK * LD;
+        const int* Ms = Mb + buf * BK;
+        float s[BK / 8][4];
+#pragma unroll
+        for (int j = 0; j < BK / 8; ++j) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk) {
+                u32 b0, b1;
+                ldb_nk(b0, b1, Ks, LD, j * 8, kk * 16);
+                mma16816<T>(s[j], qa[kk], b0, b1);
+            }
+        }
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < BK / 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                bool live = Ms[j * 8 + 2 * t4 + e] != 0;
+                s[j][e] = live ? s[j][e] * sl2 : -INFINITY;
+                s[j][2 + e] = live ? s[j][2 + e] * sl2 : -INFINITY;
+                mx0 = fmaxf(mx0, s[j][e]);
+                mx1 = fmaxf(mx1, s[j][2 + e]);
+            }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
+        float c0 = ex2(m0 - base0), c1 = ex2(m1 - base1);
+        l0 *= c0;
+        l1 *= c1;
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+            o[n][0] *= c0; o[n][1] *= c0;
+            o[n][2] *= c1; o[n][3] *= c1;
+        }
+        m0 = mn0;
+        m1 = mn1;
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+            u32 pa[4];
+            uint2 w[2][2] = {{make_uint2(0u, 0u), make_uint2(0u, 0u)}, {make_uint2(0u, 0u), make_uint2(0u, 0u)}};  // [half][row]
+            if (drop) {
+                int keyA = k0 + 2 * kk * 8 + 2 * t4;
+                attn_words_keys2(a.seed, R0, keyA, keyA + 8, a.t, w[0][0], w[1][0]);
+                attn_words_keys2(a.seed, R1, keyA, keyA + 8, a.t, w[0][1], w[1][1]);
+            }
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                int j = 2 * kk + half;
+                float p00 = ex2(s[j][0] - base0), p01 = ex2(s[j][1] - base0);
+                float p10 = ex2(s[j][2] - base1), p11 = ex2(s[j][3] - base1);
+                l0 += p00 + p01;
+                l1 += p10 + p11;
+                // thr = 0 without dropout: everything kept
+                pa[half * 2 + 0] = pack2<T>(kept(w[half][0].x, thr) ? p00 : 0.f, kept(w[half][0].y, thr) ? p01 : 0.f);
+                pa[half * 2 + 1] = pack2<T>(kept(w[half][1].x, thr) ? p10 : 0.f, kept(w[half][1].y, thr) ? p11 : 0.f);
+            }
+#pragma unroll
+            for (int n = 0; n < NO; ++n) {
+                u32 b0, b1;
+                ldb_kn(b0, b1, Vs, LD, kk * 16, n * 8);
+                mma16816<T>(o[n], pa, b0, b1);
+            }
+        }
+        __syncthreads();  // this buffer is restaged by the next iteration
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    int C = a.nh * HS;
+    float ks = drop ? 1.f / (1.f - a.p) : 1.f;  // every kept probability's dropout factor
+    float inv0 = l0 > 0.f ? ks / l0 : 0.f, inv1 = l1 > 0.f ? ks / l1 : 0.f;
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+        int d = n * 8 + 2 * t4;
+        if (i0 < a.t) *(u32*)((T*)a.out + ((u64)bi * a.t + i0) * C + h * HS + d) = pack2<T>(o[n][0] * inv0, o[n][1] * inv0);
+        if (i1 < a.t) *(u32*)((T*)a.out + ((u64)bi * a.t + i1) * C + h * HS + d) = pack2<T>(o[n][2] * inv1, o[n][3] * inv1);
+    }
+    if (t4 == 0) {
+        float* lse = (float*)a.lse + ((u64)bi * a.nh + h) * a.t;
+        if (i0 < a.t) lse[i0] = l0 > 0.f ? m0 * LN2_F + logf(l0) : INFINITY;
+        if (i1 < a.t) lse[i1] = l1 > 0.f ? m1 * LN2_F + logf(l1) : INFINITY;
+    }
+}
+
 // ---- variant 4, backward: one kernel per key block (NW warps × 16 keys) computes dK and dV in registers, as
 // tc3_backward_kv does, and also each query tile's dQ contribution dS·K, which it adds into an f32
 // accumulator dqacc (B,T,C) with vector reductions; attention_tc4_dq_store then writes dqacc·scale into dqkv.
 // Against variant 3 this drops the second pass over all (query, key) pairs (tc3_backward_q recomputes S, dP,
-// the exponentials and the dropout stream), at the price of T/(16·NW) reductions per dQ element.
+// the exponentials and the dropout stream), at the price of T/(16·NW) reductions per dQ element; the
+// exponentials, the dropout test and its 1/(1-p) are done as in tc4_forward. SASS count (sm_90, bf16, hs64)
+// per warp for a 16 × 32 (key, query) block: variant 3 1815 (dK/dV kernel) + 1439 (dQ kernel) = 3254
+// instructions, this one 1390 (w8) to 1475 (w4).
 // Query tiles (Q, dO, lse, D) are double-buffered with cp.async: tile i+1 loads while tile i computes.
 // dqacc must be zero on entry.
 __device__ __forceinline__ void red_add2(float* p, float x, float y) {
@@ -467,6 +650,10 @@ __device__ void tc4_backward(const AttnParams& a) {
     const T* Kw = Ks + warp * 16 * LD;
     const T* Vw = Vs + warp * 16 * LD;
     int C = a.nh * HS, tiles = (a.t + BQ - 1) / BQ;
+    const float sl2 = a.scale * LOG2E_F;
+    const bool drop = a.p > 0.f;
+    const u32 thr = keep_threshold(a.p);
+    const float ks = drop ? 1.f / (1.f - a.p) : 1.f;  // a kept probability's dropout factor
     for (int it = 0; it < tiles; ++it) {
         int q0 = it * BQ, buf = it & 1;
         if (it + 1 < tiles) stage(q0 + BQ, buf ^ 1);
@@ -499,23 +686,26 @@ __device__ void tc4_backward(const AttnParams& a) {
 #pragma unroll
         for (int kk = 0; kk < BQ / 16; ++kk) {
             u32 pa[4], sa[4];
+            // [half]: the dropout words of queries (i, i+1), i = q0 + (2kk + half)·8 + 2·t4, for keys ja, jb
+            uint2 wA[2] = {make_uint2(0u, 0u), make_uint2(0u, 0u)}, wB[2] = {wA[0], wA[1]};
+            if (drop) {
+                u64 RA = Rbase + q0 + 2 * kk * 8 + 2 * t4;
+                attn_words_rows2(a.seed, RA, RA + 8, ja, a.t, wA[0], wA[1]);
+                attn_words_rows2(a.seed, RA, RA + 8, jb, a.t, wB[0], wB[1]);
+            }
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 int n = 2 * kk + half;
                 float pv[4], sv[4];
-                // queries i, i+1 (i even) for keys ja, jb: one Philox call per key row
-                int ie = q0 + n * 8 + 2 * t4;
-                float2 fa = a.p > 0.f ? attn_dropout_rows(a.seed, Rbase + ie, ja, a.t, a.p) : make_float2(1.f, 1.f);
-                float2 fb = a.p > 0.f ? attn_dropout_rows(a.seed, Rbase + ie, jb, a.t, a.p) : make_float2(1.f, 1.f);
-                float fs[4] = {fa.x, fa.y, fb.x, fb.y};
+                u32 ws[4] = {wA[half].x, wA[half].y, wB[half].x, wB[half].y};
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     int qi = n * 8 + 2 * t4 + (e & 1);
                     bool live = (e < 2 ? livea : liveb) && q0 + qi < a.t;
-                    float P = live ? expf(s[n][e] * a.scale - Lb[qi]) : 0.f;
-                    float f = live ? fs[e] : 1.f;
-                    pv[e] = P * f;
-                    sv[e] = P * (dp[n][e] * f - Db[qi]);
+                    float P = live ? ex2(s[n][e] * sl2 - Lb[qi] * LOG2E_F) : 0.f;
+                    bool keep = kept(ws[e], thr);  // thr = 0 without dropout
+                    pv[e] = keep ? P : 0.f;        // dV's 1/(1-p) is applied once, at the end
+                    sv[e] = P * ((keep ? dp[n][e] * ks : 0.f) - Db[qi]);
                     Ss[qi * LDS + warp * 16 + g + (e >> 1) * 8] = from_f<T>(sv[e]);
                 }
                 pa[half * 2 + 0] = pack2<T>(pv[0], pv[1]);
@@ -566,12 +756,12 @@ __device__ void tc4_backward(const AttnParams& a) {
         if (ja < a.t) {
             T* base = (T*)a.dqkv + ((u64)bi * a.t + ja) * 3 * C + h * HS + d;
             *(u32*)(base + C) = pack2<T>(dk[n][0] * a.scale, dk[n][1] * a.scale);
-            *(u32*)(base + 2 * C) = pack2<T>(dv[n][0], dv[n][1]);
+            *(u32*)(base + 2 * C) = pack2<T>(dv[n][0] * ks, dv[n][1] * ks);
         }
         if (jb < a.t) {
             T* base = (T*)a.dqkv + ((u64)bi * a.t + jb) * 3 * C + h * HS + d;
             *(u32*)(base + C) = pack2<T>(dk[n][2] * a.scale, dk[n][3] * a.scale);
-            *(u32*)(base + 2 * C) = pack2<T>(dv[n][2], dv[n][3]);
+            *(u32*)(base + 2 * C) = pack2<T>(dv[n][2] * ks, dv[n][3] * ks);
         }
     }
 }
@@ -611,7 +801,9 @@ TC3_INSTANTIATE(f16, f16, 128)
     extern "C" __global__ void __launch_bounds__(NW * 32, MINB) attention_tc4_backward_##CFG##_##NAME##_hs##HS(AttnParams a) { \
         tc4_backward<TY, HS, NW>(a);                                                                                 \
     }
-#define TC4_HS(TY, NAME, HS) TC4_INSTANTIATE(TY, NAME, HS, w4, 4, 3) TC4_INSTANTIATE(TY, NAME, HS, w8, 8, 1) TC4_INSTANTIATE(TY, NAME, HS, w8b2, 8, 2)
+#define TC4_HS(TY, NAME, HS)                                                                                           \
+    TC4_INSTANTIATE(TY, NAME, HS, w4, 4, 3) TC4_INSTANTIATE(TY, NAME, HS, w8, 8, 1) TC4_INSTANTIATE(TY, NAME, HS, w8b2, 8, 2) \
+    extern "C" __global__ void __launch_bounds__(128) attention_tc4_forward_##NAME##_hs##HS(AttnParams a) { tc4_forward<TY, HS>(a); }
 #define TC4_ALL(TY, NAME)                                                                                              \
     TC4_HS(TY, NAME, 32) TC4_HS(TY, NAME, 64) TC4_HS(TY, NAME, 128)                                                   \
     extern "C" __global__ void attention_tc4_dq_store_##NAME(AttnParams a) { tc4_dq_store<TY>(a); }

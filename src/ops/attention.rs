@@ -262,10 +262,10 @@ pub const CUDA_HEAD_SIZES: [usize; 4] = [16, 32, 64, 128];
 pub const CUDA_TC_HEAD_SIZES: [usize; 3] = [32, 64, 128];
 
 /// Which CUDA attention variant runs, from `BERTQA_ATTN`: bf16/f16 at a supported head size run variant 3
-/// (tensor cores, kernels/attention_tc.cu) unless `BERTQA_ATTN=v1` (CUDA cores) or `v4` (variant 3's forward;
-/// the one-pass backward with dQ reductions, not yet the default: it has not run on a GPU). Everything else
-/// (f32, other head sizes) runs variant 1. (Variant 2, an earlier tensor-core version, was retired:
-/// docs/perf-log.md.)
+/// (tensor cores, kernels/attention_tc.cu) unless `BERTQA_ATTN=v1` (CUDA cores) or `v4` (pipelined forward
+/// with fewer instructions per score, one-pass backward with dQ reductions; not yet the default: it has not
+/// run on a GPU). Everything else (f32, other head sizes) runs variant 1. (Variant 2, an earlier tensor-core
+/// version, was retired: docs/perf-log.md.)
 pub fn cuda_variant(dtype: DType, hs: usize) -> u32 {
     let tc = matches!(dtype, DType::BF16 | DType::F16) && CUDA_TC_HEAD_SIZES.contains(&hs);
     match std::env::var("BERTQA_ATTN").as_deref() {
@@ -298,7 +298,12 @@ pub fn tc_entry_points() -> Vec<String> {
     let mut names = Vec::new();
     for dt in ["bf16", "f16"] {
         for hs in CUDA_TC_HEAD_SIZES {
-            for kind in ["tc3_forward", "tc3_backward_kv", "tc3_backward_q"] {
+            for kind in [
+                "tc3_forward",
+                "tc3_backward_kv",
+                "tc3_backward_q",
+                "tc4_forward",
+            ] {
                 names.push(tc_kernel(kind, dt, hs));
             }
             for cfg in ["w4", "w8", "w8b2"] {
@@ -319,6 +324,12 @@ fn tc_smem(hs: usize) -> (u32, u32, u32) {
         (rows + 32 * 8) as u32,
         (rows + 32 * 4) as u32,
     )
+}
+
+/// Dynamic shared memory (bytes) of variant 4's forward: Q (64 rows), two buffers each of K, V (64 rows) and
+/// the key mask.
+fn tc4_forward_smem(hs: usize) -> u32 {
+    ((64 + 4 * 64) * (hs + 8) * 2 + 2 * 64 * 4) as u32
 }
 
 /// Dynamic shared memory (bytes) of variant 4's backward with `nw` warps: K and V for 16·nw keys, two
@@ -372,10 +383,16 @@ impl AttentionOps for Cuda {
             p: drop.p,
             scale: 1.0 / (hs as f32).sqrt(),
         };
-        if cuda_variant(out.dtype, hs) >= 3 {
-            let name = tc_kernel("tc3_forward", suffix(out.dtype)?, hs);
+        let variant = cuda_variant(out.dtype, hs);
+        if variant >= 3 {
+            let (kind, smem) = if variant == 4 {
+                ("tc4_forward", tc4_forward_smem(hs))
+            } else {
+                ("tc3_forward", tc_smem(hs).0)
+            };
+            let name = tc_kernel(kind, suffix(out.dtype)?, hs);
             let grid = (super::blocks(t, 64), nh as u32, b as u32);
-            return self.launch("attention_tc", &name, grid, (128, 1, 1), tc_smem(hs).0, p);
+            return self.launch("attention_tc", &name, grid, (128, 1, 1), smem, p);
         }
         let name = format!("attention_forward_{}_hs{hs}", suffix(out.dtype)?);
         self.launch(
