@@ -271,83 +271,91 @@ fn run_config<B: Timing>(
         std::env::remove_var("BERTQA_ATTN4");
         std::env::remove_var("BERTQA_ATTN");
     }
-    // residual + dropout + layernorm
-    {
-        let x = rand_t(be, &mut r, &[n, c], dt, 1.0);
-        let res = rand_t(be, &mut r, &[n, c], dt, 1.0);
-        let g = rand_t(be, &mut r, &[c], dt, 1.0);
-        let bb = rand_t(be, &mut r, &[c], dt, 1.0);
-        let (mut out, mut sum) = (
-            Tensor::zeros(be, &[n, c], dt).unwrap(),
-            Tensor::zeros(be, &[n, c], dt).unwrap(),
-        );
-        let (mut m, mut rs) = (
-            Tensor::zeros(be, &[n], sd).unwrap(),
-            Tensor::zeros(be, &[n], sd).unwrap(),
-        );
-        let d = Dropout::new(0.1, 5);
-        let ms = bench(be, iters, &mut || {
-            be.residual_layernorm_forward(
-                &mut out, &mut sum, &mut m, &mut rs, &x, &res, &g, &bb, 1e-12, d,
-            )
-            .unwrap()
-        });
-        tab.add(
-            "residual+dropout+layernorm fwd",
-            &format!("{n}x{c}"),
-            ms,
-            4.0 * (n * c) as f64 * es,
-            0.0,
-            roof,
-        );
-        let (mut dx, mut dr) = (
-            Tensor::zeros(be, &[n, c], dt).unwrap(),
-            Tensor::zeros(be, &[n, c], dt).unwrap(),
-        );
-        let (mut dg, mut db) = (
-            Tensor::zeros(be, &[c], sd).unwrap(),
-            Tensor::zeros(be, &[c], sd).unwrap(),
-        );
-        let ms = bench(be, iters, &mut || {
-            be.residual_layernorm_backward(
-                &mut dx, &mut dr, &mut dg, &mut db, &out, &sum, &m, &rs, &g, d,
-            )
-            .unwrap()
-        });
-        tab.add(
-            "residual+dropout+layernorm bwd",
-            &format!("{n}x{c}"),
-            ms,
-            4.0 * (n * c) as f64 * es,
-            0.0,
-            roof,
-        );
-    }
-    // gelu
-    {
-        let x = rand_t(be, &mut r, &[n, f], dt, 2.0);
-        let mut y = Tensor::zeros(be, &[n, f], dt).unwrap();
-        let ms = bench(be, iters, &mut || be.gelu_forward(&mut y, &x).unwrap());
-        tab.add(
-            "gelu fwd",
-            &format!("{n}x{f}"),
-            ms,
-            2.0 * (n * f) as f64 * es,
-            0.0,
-            roof,
-        );
-        let mut dx = Tensor::zeros(be, &[n, f], dt).unwrap();
-        let ms = bench(be, iters, &mut || {
-            be.gelu_backward(&mut dx, &y, &x).unwrap()
-        });
-        tab.add(
-            "gelu bwd",
-            &format!("{n}x{f}"),
-            ms,
-            3.0 * (n * f) as f64 * es,
-            0.0,
-            roof,
-        );
+    // residual + dropout + layernorm, and GELU: the scalar kernels and, on a GPU at bf16/f16, the vec kernels
+    let vec_variants: &[&str] = if gpu_lowp { &["", ", vec"] } else { &[""] };
+    for label in vec_variants {
+        if !label.is_empty() {
+            // SAFETY (edition 2021): single-threaded benchmark; the launchers read it per call
+            std::env::set_var("BERTQA_VEC", "1");
+        }
+        {
+            let x = rand_t(be, &mut r, &[n, c], dt, 1.0);
+            let res = rand_t(be, &mut r, &[n, c], dt, 1.0);
+            let g = rand_t(be, &mut r, &[c], dt, 1.0);
+            let bb = rand_t(be, &mut r, &[c], dt, 1.0);
+            let (mut out, mut sum) = (
+                Tensor::zeros(be, &[n, c], dt).unwrap(),
+                Tensor::zeros(be, &[n, c], dt).unwrap(),
+            );
+            let (mut m, mut rs) = (
+                Tensor::zeros(be, &[n], sd).unwrap(),
+                Tensor::zeros(be, &[n], sd).unwrap(),
+            );
+            let d = Dropout::new(0.1, 5);
+            let ms = bench(be, iters, &mut || {
+                be.residual_layernorm_forward(
+                    &mut out, &mut sum, &mut m, &mut rs, &x, &res, &g, &bb, 1e-12, d,
+                )
+                .unwrap()
+            });
+            tab.add(
+                &format!("residual+dropout+layernorm fwd{label}"),
+                &format!("{n}x{c}"),
+                ms,
+                4.0 * (n * c) as f64 * es,
+                0.0,
+                roof,
+            );
+            let (mut dx, mut dr) = (
+                Tensor::zeros(be, &[n, c], dt).unwrap(),
+                Tensor::zeros(be, &[n, c], dt).unwrap(),
+            );
+            let (mut dg, mut db) = (
+                Tensor::zeros(be, &[c], sd).unwrap(),
+                Tensor::zeros(be, &[c], sd).unwrap(),
+            );
+            let ms = bench(be, iters, &mut || {
+                be.residual_layernorm_backward(
+                    &mut dx, &mut dr, &mut dg, &mut db, &out, &sum, &m, &rs, &g, d,
+                )
+                .unwrap()
+            });
+            tab.add(
+                &format!("residual+dropout+layernorm bwd{label}"),
+                &format!("{n}x{c}"),
+                ms,
+                4.0 * (n * c) as f64 * es,
+                0.0,
+                roof,
+            );
+        }
+        // gelu
+        {
+            let x = rand_t(be, &mut r, &[n, f], dt, 2.0);
+            let mut y = Tensor::zeros(be, &[n, f], dt).unwrap();
+            let ms = bench(be, iters, &mut || be.gelu_forward(&mut y, &x).unwrap());
+            tab.add(
+                &format!("gelu fwd{label}"),
+                &format!("{n}x{f}"),
+                ms,
+                2.0 * (n * f) as f64 * es,
+                0.0,
+                roof,
+            );
+            let mut dx = Tensor::zeros(be, &[n, f], dt).unwrap();
+            let ms = bench(be, iters, &mut || {
+                be.gelu_backward(&mut dx, &y, &x).unwrap()
+            });
+            tab.add(
+                &format!("gelu bwd{label}"),
+                &format!("{n}x{f}"),
+                ms,
+                3.0 * (n * f) as f64 * es,
+                0.0,
+                roof,
+            );
+        }
+        std::env::remove_var("BERTQA_VEC");
     }
     // embeddings
     {
@@ -493,9 +501,14 @@ fn run_config<B: Timing>(
                 ("", &[]),
                 (", attention v4", &[("BERTQA_ATTN", "v4")]),
                 (", cuBLASLt bias", &[("BERTQA_GEMM", "lt")]),
+                (", vec LN/GELU", &[("BERTQA_VEC", "1")]),
                 (
-                    ", attention v4 + cuBLASLt bias",
-                    &[("BERTQA_ATTN", "v4"), ("BERTQA_GEMM", "lt")],
+                    ", attention v4 + cuBLASLt bias + vec LN/GELU",
+                    &[
+                        ("BERTQA_ATTN", "v4"),
+                        ("BERTQA_GEMM", "lt"),
+                        ("BERTQA_VEC", "1"),
+                    ],
                 ),
             ]
         };

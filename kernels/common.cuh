@@ -71,6 +71,31 @@ __device__ __forceinline__ float dropout_factor(u64 seed, u64 idx, float p) {
     if (p <= 0.f) return 1.f;
     return keep_factor(philox_word(philox_at(seed, idx), (u32)(idx & 3)), p);
 }
+// The factors of the 4·Q consecutive elements idx0.. (idx0 % 4 == 0): one Philox call per 4, all words used.
+template <int Q> __device__ __forceinline__ void dropout_factors(u64 seed, u64 idx0, float p, float* f) {
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+        if (p <= 0.f) {
+            f[4 * q] = f[4 * q + 1] = f[4 * q + 2] = f[4 * q + 3] = 1.f;
+        } else {
+            uint4 r = philox_at(seed, idx0 + 4 * q);
+            f[4 * q] = keep_factor(r.x, p);
+            f[4 * q + 1] = keep_factor(r.y, p);
+            f[4 * q + 2] = keep_factor(r.z, p);
+            f[4 * q + 3] = keep_factor(r.w, p);
+        }
+    }
+}
+
+// ---- 16-byte vectors (the "vec" kernels) ---------------------------------------------------------------------
+// 8 bf16/f16 or 4 f32 elements moved with one load/store instruction; the address must be 16-byte aligned.
+template <typename T> struct alignas(16) Pack16 {
+    static constexpr int N = 16 / sizeof(T);
+    T v[N];
+};
+template <typename T> __device__ __forceinline__ Pack16<T> ld16(const T* p) { return *reinterpret_cast<const Pack16<T>*>(p); }
+template <typename T> __device__ __forceinline__ void st16(T* p, const Pack16<T>& x) { *reinterpret_cast<Pack16<T>*>(p) = x; }
+
 // Attention-probability dropout (src/rng.rs attn_uniform): element (row R = (b·NH + h)·Tp + i, key j),
 // Tp = T rounded up to even, uses word (R&1)·2 + (j&1) of philox(counter (R/2)·(Tp/2) + j/2): a 2×2 block of
 // (query, key) shares one call, so a thread holding two adjacent keys, or two adjacent queries, needs one.

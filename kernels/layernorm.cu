@@ -93,6 +93,152 @@ __device__ void ln_backward(const LnBwdParams& a) {
     }
 }
 
+// ---- the "vec" kernels (BERTQA_VEC=1; opt-in until the GPU parity suite has run them) ---------------------
+// Same contract and results as above, for C a multiple of the vector width N (8 bf16/f16, 4 f32) and at most
+// 32·CH·N: lane l owns the 16-byte chunks l, l+32, … (CH of them at most) of every row it handles, keeps the
+// row in registers (one read of each input, no re-reads through the cache), draws one Philox call per 4
+// elements instead of one per element, and — backward — accumulates dγ, dβ for its columns in registers
+// across its rows, touching shared memory once per column at the end instead of twice per element.
+
+template <typename T, int CH>
+__device__ void ln_forward_vec(const LnFwdParams& a) {
+    constexpr int N = Pack16<T>::N;
+    int warps = blockDim.x / 32, lane = threadIdx.x & 31;
+    int row = blockIdx.x * warps + (threadIdx.x >> 5);
+    if (row >= a.n) return;
+    int nch = a.c / N;
+    u64 r0 = (u64)row * a.c;
+    float v[CH][N];  // sum = resid + dropout(inp), as stored (rounded to T)
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < CH; ++k) {
+        int ch = lane + 32 * k;
+        if (ch < nch) {
+            u64 i = r0 + (u64)ch * N;
+            Pack16<T> x = ld16((const T*)a.inp + i), r = ld16((const T*)a.resid + i), y;
+            float f[N];
+            dropout_factors<N / 4>(a.seed, i, a.p, f);
+#pragma unroll
+            for (int e = 0; e < N; ++e) {
+                y.v[e] = from_f<T>(to_f(r.v[e]) + to_f(x.v[e]) * f[e]);
+                v[k][e] = to_f(y.v[e]);
+                s += v[k][e];
+            }
+            st16((T*)a.sum + i, y);
+        }
+    }
+    float mean = warp_sum(s) / a.c;
+    float q = 0.f;
+#pragma unroll
+    for (int k = 0; k < CH; ++k)
+        if (lane + 32 * k < nch)
+#pragma unroll
+            for (int e = 0; e < N; ++e) q += (v[k][e] - mean) * (v[k][e] - mean);
+    float rstd = rsqrtf(warp_sum(q) / a.c + a.eps);
+#pragma unroll
+    for (int k = 0; k < CH; ++k) {
+        int ch = lane + 32 * k;
+        if (ch < nch) {
+            Pack16<T> g = ld16((const T*)a.gamma + ch * N), b = ld16((const T*)a.beta + ch * N), y;
+#pragma unroll
+            for (int e = 0; e < N; ++e) y.v[e] = from_f<T>((v[k][e] - mean) * rstd * to_f(g.v[e]) + to_f(b.v[e]));
+            st16((T*)a.out + r0 + (u64)ch * N, y);
+        }
+    }
+    if (lane == 0) {
+        ((float*)a.mean)[row] = mean;
+        ((float*)a.rstd)[row] = rstd;
+    }
+}
+
+template <typename T, int CH>
+__device__ void ln_backward_vec(const LnBwdParams& a) {
+    constexpr int N = Pack16<T>::N;
+    extern __shared__ float smem[];  // dgamma[c], dbeta[c] partials of this block
+    float* sdg = smem;
+    float* sdb = smem + a.c;
+    for (int i = threadIdx.x; i < 2 * a.c; i += blockDim.x) smem[i] = 0.f;
+    __syncthreads();
+    int warps = blockDim.x / 32, lane = threadIdx.x & 31, nch = a.c / N;
+    // γ and the row's dout and sum stay packed (T) in registers; dγ, dβ partials are f32
+    Pack16<T> gam[CH];
+    float dg[CH][N], db[CH][N];
+#pragma unroll
+    for (int k = 0; k < CH; ++k) {
+        int ch = lane + 32 * k;
+        gam[k] = ld16((const T*)a.gamma + (ch < nch ? ch : 0) * N);
+#pragma unroll
+        for (int e = 0; e < N; ++e) dg[k][e] = db[k][e] = 0.f;
+    }
+    for (int row = blockIdx.x * warps + (threadIdx.x >> 5); row < a.n; row += gridDim.x * warps) {
+        u64 r0 = (u64)row * a.c;
+        float mean = ((const float*)a.mean)[row], rstd = ((const float*)a.rstd)[row];
+        Pack16<T> d[CH], x[CH];
+        float mg = 0.f, mgx = 0.f;
+#pragma unroll
+        for (int k = 0; k < CH; ++k) {
+            int ch = lane + 32 * k;
+            if (ch < nch) {
+                d[k] = ld16((const T*)a.dout + r0 + (u64)ch * N);
+                x[k] = ld16((const T*)a.sum + r0 + (u64)ch * N);
+#pragma unroll
+                for (int e = 0; e < N; ++e) {
+                    float dy = to_f(d[k].v[e]), xh = (to_f(x[k].v[e]) - mean) * rstd;
+                    float gi = dy * to_f(gam[k].v[e]);
+                    mg += gi;
+                    mgx += gi * xh;
+                    dg[k][e] += dy * xh;
+                    db[k][e] += dy;
+                }
+            }
+        }
+        mg = warp_sum(mg) / a.c;
+        mgx = warp_sum(mgx) / a.c;
+#pragma unroll
+        for (int k = 0; k < CH; ++k) {
+            int ch = lane + 32 * k;
+            if (ch < nch) {
+                u64 i = r0 + (u64)ch * N;
+                float f[N];
+                dropout_factors<N / 4>(a.seed, i, a.p, f);
+                Pack16<T> dr, di;
+#pragma unroll
+                for (int e = 0; e < N; ++e) {
+                    float xh = (to_f(x[k].v[e]) - mean) * rstd;
+                    float ds = rstd * (to_f(d[k].v[e]) * to_f(gam[k].v[e]) - mg - xh * mgx);
+                    dr.v[e] = from_f<T>(ds);
+                    di.v[e] = from_f<T>(ds * f[e]);
+                }
+                st16((T*)a.dresid + i, dr);
+                st16((T*)a.dinp + i, di);
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < CH; ++k) {
+        int ch = lane + 32 * k;
+        if (ch < nch)
+#pragma unroll
+            for (int e = 0; e < N; ++e) {
+                atomicAdd(&sdg[ch * N + e], dg[k][e]);
+                atomicAdd(&sdb[ch * N + e], db[k][e]);
+            }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < a.c; i += blockDim.x) {
+        atomicAdd((float*)a.dgamma + i, sdg[i]);
+        atomicAdd((float*)a.dbeta + i, sdb[i]);
+    }
+}
+
+#define LN_VEC(TY, NAME, CH)                                                                                           \
+    extern "C" __global__ void residual_layernorm_forward_vec##CH##_##NAME(LnFwdParams a) { ln_forward_vec<TY, CH>(a); } \
+    extern "C" __global__ void __launch_bounds__(256, 2) residual_layernorm_backward_vec##CH##_##NAME(LnBwdParams a) { ln_backward_vec<TY, CH>(a); }
+#define LN_VEC_ALL(TY, NAME) LN_VEC(TY, NAME, 1) LN_VEC(TY, NAME, 2) LN_VEC(TY, NAME, 3) LN_VEC(TY, NAME, 4)
+LN_VEC_ALL(float, f32)
+LN_VEC_ALL(bf16, bf16)
+LN_VEC_ALL(f16, f16)
+
 extern "C" __global__ void residual_layernorm_forward_f32(LnFwdParams a) { ln_forward<float>(a); }
 extern "C" __global__ void residual_layernorm_forward_bf16(LnFwdParams a) { ln_forward<bf16>(a); }
 extern "C" __global__ void residual_layernorm_forward_f16(LnFwdParams a) { ln_forward<f16>(a); }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU run (≤ 8 minutes): device facts, the GPU parity tests (every kernel and a whole training
-# step against the CPU reference, f32 and bf16; the attention variants; the opt-in paths BERTQA_ATTN=v4 and
-# BERTQA_GEMM=lt), then the kernel/step benchmark (which also times the opt-in paths). Expects the binaries built by
+# step against the CPU reference, f32 and bf16; the attention variants; the opt-in paths BERTQA_ATTN=v4,
+# BERTQA_GEMM=lt and BERTQA_VEC=1), then the kernel/step benchmark (which also times the opt-in paths). Expects the binaries built by
 # scripts/package_gpu.sh in .gpu/bin (carry `.gpu`). Writes logs to $OUT (or ./gpu-out) and prints a summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,9 +31,12 @@ grep -E "FAIL|SKIPPED|panicked|test result" "$OUT/parity_bf16.log" | head -20 | 
 # every tensor-core attention variant and variant 4's three backward shapes, op by op (T=37 and T=203)
 run attn_variants 150 .gpu/bin/test_parity --exact gpu_attention_variants_bf16 --nocapture --test-threads 1
 grep -E "FAIL|SKIPPED|panicked|test result" "$OUT/attn_variants.log" | head -20 | tee -a "$OUT/summary.txt"
-# the whole bf16 suite (incl. a training step) with the opt-in paths on: attention v4, cuBLASLt bias epilogue
-BERTQA_ATTN=v4 BERTQA_GEMM=lt run parity_bf16_v4_lt 150 .gpu/bin/test_parity --exact gpu_parity_bf16 --nocapture --test-threads 1
-grep -E "FAIL|SKIPPED|panicked|test result" "$OUT/parity_bf16_v4_lt.log" | head -20 | tee -a "$OUT/summary.txt"
+# the whole suite (incl. a training step) with every opt-in path on: attention v4, the cuBLASLt bias
+# epilogue, the vec LayerNorm/GELU kernels (the f32 run covers the vec kernels' f32 instances too)
+for dt in bf16 f32; do
+    BERTQA_ATTN=v4 BERTQA_GEMM=lt BERTQA_VEC=1 run parity_${dt}_next 150 .gpu/bin/test_parity --exact gpu_parity_$dt --nocapture --test-threads 1
+    grep -E "FAIL|SKIPPED|panicked|test result" "$OUT/parity_${dt}_next.log" | head -20 | tee -a "$OUT/summary.txt"
+done
 fi
 BENCH_ITERS="${BENCH_ITERS:-10}" run bench "${BENCH_TIMEOUT:-200}" .gpu/bin/bench_ops --bench
 cat "$OUT/bench.log" | tee -a "$OUT/summary.txt" | tail -80

@@ -1,5 +1,5 @@
-//! Every kernels/*.cu compiles with NVRTC for sm_80 and sm_90 with no error and no warning, and the
-//! tensor-core attention module has every entry point its launchers name.
+//! Every kernels/*.cu compiles with NVRTC for sm_80 and sm_90 with no error and no warning, and has every
+//! entry point the variant switches (BERTQA_ATTN, BERTQA_VEC) can make its launchers name.
 //! Needs libnvrtc and the CUDA headers (CI installs the pip wheels nvidia-cuda-nvrtc/-runtime 13.0); without
 //! them it skips with a reason, unless BERTQA_REQUIRE_NVRTC=1 (set by .ci/run), where it fails.
 
@@ -47,11 +47,12 @@ fn every_kernel_compiles_without_warnings() {
                         failures.push(format!("{name} {arch} warnings:\n{}", c.log));
                     }
                     assert!(c.ptx.contains(".entry"), "{name}: no kernel entry in PTX");
-                    if *name == "attention_tc" {
-                        for entry in bertqa::ops::attention::tc_entry_points() {
-                            if !c.ptx.contains(&format!(".entry {entry}(")) {
-                                failures.push(format!("{name} {arch}: no entry point {entry}"));
-                            }
+                    for (_, entry) in bertqa::ops::variant_entry_points()
+                        .iter()
+                        .filter(|(m, _)| m == name)
+                    {
+                        if !c.ptx.contains(&format!(".entry {entry}(")) {
+                            failures.push(format!("{name} {arch}: no entry point {entry}"));
                         }
                     }
                 }

@@ -472,6 +472,19 @@ impl BackendCore for Cuda {
 }
 
 /// Kernel dtype suffix: `_f32`, `_bf16` or `_f16`.
+/// Whether the "vec" elementwise kernels (16-byte loads, dtype at compile time: kernels/gelu.cu,
+/// kernels/layernorm.cu) run: `BERTQA_VEC=1`, opt-in until the GPU parity suite has run them.
+pub fn vec_kernels() -> bool {
+    std::env::var("BERTQA_VEC").as_deref() == Ok("1")
+}
+
+/// Elements of `d` in one 16-byte vector, when every pointer is 16-byte aligned (always true of arena
+/// allocations) — what the vec kernels need; None otherwise.
+pub fn vec_width(d: DType, ptrs: &[u64]) -> Option<usize> {
+    let n = 16 / d.size();
+    ptrs.iter().all(|p| p % 16 == 0).then_some(n)
+}
+
 pub fn suffix(d: DType) -> Result<&'static str> {
     Ok(match d {
         DType::F32 => "f32",

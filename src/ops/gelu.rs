@@ -4,7 +4,7 @@
 use crate::backend::BackendCore;
 use crate::cpu::{rd, wr, Cpu, Real};
 use crate::cuda::{dtype_code, Cuda};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
@@ -104,9 +104,10 @@ impl GeluOps for Cuda {
             dt: dtype_code(out.dtype),
             _pad: 0,
         };
+        let name = gelu_kernel("forward", out.dtype, &[out.buf.ptr, inp.buf.ptr])?;
         self.launch(
             "gelu",
-            "gelu_forward",
+            &name,
             (super::blocks(n, 256).min(1 << 20), 1, 1),
             (256, 1, 1),
             0,
@@ -137,13 +138,42 @@ impl GeluOps for Cuda {
             dt: dtype_code(inp.dtype),
             _pad: 0,
         };
+        let ptrs = [dinp.buf.ptr, dout.buf.ptr, inp.buf.ptr];
+        let name = gelu_kernel("backward", inp.dtype, &ptrs)?;
         self.launch(
             "gelu",
-            "gelu_backward",
+            &name,
             (super::blocks(n, 256).min(1 << 20), 1, 1),
             (256, 1, 1),
             0,
             p,
         )
     }
+}
+
+/// `gelu_{dir}_vec_{dtype}` (16-byte vectors) when `BERTQA_VEC=1` and the buffers allow it, else the scalar
+/// `gelu_{dir}` (dtype at run time).
+fn gelu_kernel(dir: &str, dt: DType, ptrs: &[u64]) -> Result<String> {
+    Ok(
+        if crate::cuda::vec_kernels() && crate::cuda::vec_width(dt, ptrs).is_some() {
+            gelu_vec_kernel(dir, crate::cuda::suffix(dt)?)
+        } else {
+            format!("gelu_{dir}")
+        },
+    )
+}
+
+fn gelu_vec_kernel(dir: &str, sfx: &str) -> String {
+    format!("gelu_{dir}_vec_{sfx}")
+}
+
+/// Every vec kernel name the launchers can ask kernels/gelu.cu for (checked by tests/kernels_compile.rs).
+pub fn vec_entry_points() -> Vec<String> {
+    let mut v = Vec::new();
+    for sfx in ["f32", "bf16", "f16"] {
+        for dir in ["forward", "backward"] {
+            v.push(gelu_vec_kernel(dir, sfx));
+        }
+    }
+    v
 }

@@ -271,6 +271,38 @@ fn cuda_dtypes(op: &str, act: DType, all_act: &[DType], f32s: &[DType]) -> Resul
     Ok(())
 }
 
+/// `residual_layernorm_{dir}_vec{CH}_{dtype}` when `BERTQA_VEC=1` and C splits into 16-byte chunks, CH ≤ 4
+/// of them per lane (C ≤ 1024 in bf16/f16, ≤ 512 in f32), else the scalar kernel.
+fn ln_kernel(dir: &str, dt: DType, c: usize, ptrs: &[u64]) -> Result<String> {
+    let sfx = suffix(dt)?;
+    if crate::cuda::vec_kernels() {
+        if let Some(n) = crate::cuda::vec_width(dt, ptrs) {
+            let ch = c.div_ceil(32 * n);
+            if c.is_multiple_of(n) && (1..=4).contains(&ch) {
+                return Ok(ln_vec_kernel(dir, ch, sfx));
+            }
+        }
+    }
+    Ok(format!("residual_layernorm_{dir}_{sfx}"))
+}
+
+fn ln_vec_kernel(dir: &str, ch: usize, sfx: &str) -> String {
+    format!("residual_layernorm_{dir}_vec{ch}_{sfx}")
+}
+
+/// Every vec kernel name the launchers can ask kernels/layernorm.cu for (checked by tests/kernels_compile.rs).
+pub fn vec_entry_points() -> Vec<String> {
+    let mut v = Vec::new();
+    for sfx in ["f32", "bf16", "f16"] {
+        for ch in 1..=4 {
+            for dir in ["forward", "backward"] {
+                v.push(ln_vec_kernel(dir, ch, sfx));
+            }
+        }
+    }
+    v
+}
+
 impl LayerNormOps for Cuda {
     fn residual_layernorm_forward(
         &self,
@@ -309,7 +341,15 @@ impl LayerNormOps for Cuda {
             p: drop.p,
         };
         // One warp per row, 8 rows per block.
-        let name = format!("residual_layernorm_forward_{}", suffix(out.dtype)?);
+        let ptrs = [
+            out.buf.ptr,
+            sum.buf.ptr,
+            inp.buf.ptr,
+            resid.buf.ptr,
+            gamma.buf.ptr,
+            beta.buf.ptr,
+        ];
+        let name = ln_kernel("forward", out.dtype, c, &ptrs)?;
         self.launch(
             "layernorm",
             &name,
@@ -365,7 +405,14 @@ impl LayerNormOps for Cuda {
         };
         // Grid-stride over rows; each block reduces dgamma/dbeta in shared memory, then one atomicAdd per column.
         let grid = super::blocks(n, 8).min((self.sm_count.max(1) * 2) as u32);
-        let name = format!("residual_layernorm_backward_{}", suffix(dout.dtype)?);
+        let ptrs = [
+            dinp.buf.ptr,
+            dresid.buf.ptr,
+            dout.buf.ptr,
+            sum.buf.ptr,
+            gamma.buf.ptr,
+        ];
+        let name = ln_kernel("backward", dout.dtype, c, &ptrs)?;
         self.launch(
             "layernorm",
             &name,

@@ -26,3 +26,21 @@ pub fn compute_dtype(act: DType) -> DType {
 pub fn blocks(n: usize, block: usize) -> u32 {
     n.div_ceil(block).max(1) as u32
 }
+
+/// (module, kernel) for every entry point chosen by a variant switch (BERTQA_ATTN, BERTQA_VEC), so that
+/// tests/kernels_compile.rs can check the names against the compiled PTX on a machine without a GPU.
+pub fn variant_entry_points() -> Vec<(&'static str, String)> {
+    let mut v: Vec<(&'static str, String)> = Vec::new();
+    v.extend(
+        attention::tc_entry_points()
+            .into_iter()
+            .map(|n| ("attention_tc", n)),
+    );
+    v.extend(
+        layernorm::vec_entry_points()
+            .into_iter()
+            .map(|n| ("layernorm", n)),
+    );
+    v.extend(gelu::vec_entry_points().into_iter().map(|n| ("gelu", n)));
+    v
+}
