@@ -151,6 +151,65 @@ __device__ __forceinline__ float ex2(float x) {
 #define LOG2E_F 1.4426950408889634f
 #define LN2_F 0.69314718055994531f
 
+// ---- tile products shared by the variants -------------------------------------------------------------------
+// S strip (16 query rows of this warp × NJ·8 keys) = Q·Kᵀ: qa = this warp's Q fragments, Ks = [keys][HS] tile.
+template <typename T, int KS, int NJ>
+__device__ __forceinline__ void qk_strip(float (&s)[NJ][4], const u32 (&qa)[KS][4], const T* Ks, int ld) {
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+        s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+            u32 b0, b1;
+            ldb_nk(b0, b1, Ks, ld, j * 8, kk * 16);
+            mma16816<T>(s[j], qa[kk], b0, b1);
+        }
+    }
+}
+// Sᵀ and dPᵀ strips (16 keys of this warp × NQ·8 queries): s = K·Qᵀ, dp = V·dOᵀ; Kw, Vw = this warp's 16 rows.
+template <typename T, int KS, int NQ>
+__device__ __forceinline__ void kq_strips(float (&s)[NQ][4], float (&dp)[NQ][4], const T* Kw, const T* Vw, const T* Qs,
+                                          const T* Os, int ld) {
+#pragma unroll
+    for (int n = 0; n < NQ; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+        u32 ka[4], va[4];
+        lda_x4(ka, Kw, ld, kk * 16);
+        lda_x4(va, Vw, ld, kk * 16);
+#pragma unroll
+        for (int n = 0; n < NQ; ++n) {
+            u32 b0, b1;
+            ldb_nk(b0, b1, Qs, ld, n * 8, kk * 16);
+            mma16816<T>(s[n], ka, b0, b1);
+            ldb_nk(b0, b1, Os, ld, n * 8, kk * 16);
+            mma16816<T>(dp[n], va, b0, b1);
+        }
+    }
+}
+// dK·scale and dV·dv_scale of keys ja (accumulator rows g) and jb (rows g+8) into dqkv
+template <typename T, int HS, int NO>
+__device__ __forceinline__ void store_dkdv(const AttnParams& a, const float (&dk)[NO][4], const float (&dv)[NO][4], int bi,
+                                           int h, int ja, int jb, float dv_scale) {
+    int C = a.nh * HS, t4 = threadIdx.x % 4;
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+        int d = n * 8 + 2 * t4;
+        if (ja < a.t) {
+            T* base = (T*)a.dqkv + ((u64)bi * a.t + ja) * 3 * C + h * HS + d;
+            *(u32*)(base + C) = pack2<T>(dk[n][0] * a.scale, dk[n][1] * a.scale);
+            *(u32*)(base + 2 * C) = pack2<T>(dv[n][0] * dv_scale, dv[n][1] * dv_scale);
+        }
+        if (jb < a.t) {
+            T* base = (T*)a.dqkv + ((u64)bi * a.t + jb) * 3 * C + h * HS + d;
+            *(u32*)(base + C) = pack2<T>(dk[n][2] * a.scale, dk[n][3] * a.scale);
+            *(u32*)(base + 2 * C) = pack2<T>(dv[n][2] * dv_scale, dv[n][3] * dv_scale);
+        }
+    }
+}
+
 template <typename T, int HS>
 __device__ void tc3_forward(const AttnParams& a) {
     constexpr int BK = 64, KS = HS / 16, NO = HS / 8, LD = HS + 8;
@@ -179,16 +238,7 @@ __device__ void tc3_forward(const AttnParams& a) {
         for (int j = threadIdx.x; j < BK; j += blockDim.x) Ms[j] = (k0 + j < a.t) ? ((const int*)a.mask)[(u64)bi * a.t + k0 + j] : 0;
         __syncthreads();
         float s[BK / 8][4];
-#pragma unroll
-        for (int j = 0; j < BK / 8; ++j) {
-            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < KS; ++kk) {
-                u32 b0, b1;
-                ldb_nk(b0, b1, Ks, LD, j * 8, kk * 16);
-                mma16816<T>(s[j], qa[kk], b0, b1);
-            }
-        }
+        qk_strip<T>(s, qa, Ks, LD);
         float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
         for (int j = 0; j < BK / 8; ++j) {
@@ -299,24 +349,7 @@ __device__ void tc3_backward_kv(const AttnParams& a) {
         }
         __syncthreads();
         float s[BQ / 8][4], dp[BQ / 8][4];
-#pragma unroll
-        for (int n = 0; n < BQ / 8; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < KS; ++kk) {
-            u32 ka[4], va[4];
-            lda_x4(ka, Kw, LD, kk * 16);
-            lda_x4(va, Vw, LD, kk * 16);
-#pragma unroll
-            for (int n = 0; n < BQ / 8; ++n) {
-                u32 b0, b1;
-                ldb_nk(b0, b1, Qs, LD, n * 8, kk * 16);
-                mma16816<T>(s[n], ka, b0, b1);
-                ldb_nk(b0, b1, Os, LD, n * 8, kk * 16);
-                mma16816<T>(dp[n], va, b0, b1);
-            }
-        }
+        kq_strips<T, KS>(s, dp, Kw, Vw, Qs, Os, LD);
 #pragma unroll
         for (int kk = 0; kk < BQ / 16; ++kk) {
             u32 pa[4], sa[4];
@@ -354,21 +387,7 @@ __device__ void tc3_backward_kv(const AttnParams& a) {
             }
         }
     }
-    int C = a.nh * HS;
-#pragma unroll
-    for (int n = 0; n < NO; ++n) {
-        int d = n * 8 + 2 * t4;
-        if (ja < a.t) {
-            T* base = (T*)a.dqkv + ((u64)bi * a.t + ja) * 3 * C + h * HS + d;
-            *(u32*)(base + C) = pack2<T>(dk[n][0] * a.scale, dk[n][1] * a.scale);
-            *(u32*)(base + 2 * C) = pack2<T>(dv[n][0], dv[n][1]);
-        }
-        if (jb < a.t) {
-            T* base = (T*)a.dqkv + ((u64)bi * a.t + jb) * 3 * C + h * HS + d;
-            *(u32*)(base + C) = pack2<T>(dk[n][2] * a.scale, dk[n][3] * a.scale);
-            *(u32*)(base + 2 * C) = pack2<T>(dv[n][2], dv[n][3]);
-        }
-    }
+    store_dkdv<T, HS>(a, dk, dv, bi, h, ja, jb, 1.f);
 }
 
 template <typename T, int HS>
@@ -503,16 +522,7 @@ __device__ void tc4_forward(const AttnParams& a) {
         const T* Vs = Vb + buf * BK * LD;
         const int* Ms = Mb + buf * BK;
         float s[BK / 8][4];
-#pragma unroll
-        for (int j = 0; j < BK / 8; ++j) {
-            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < KS; ++kk) {
-                u32 b0, b1;
-                ldb_nk(b0, b1, Ks, LD, j * 8, kk * 16);
-                mma16816<T>(s[j], qa[kk], b0, b1);
-            }
-        }
+        qk_strip<T>(s, qa, Ks, LD);
         float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
         for (int j = 0; j < BK / 8; ++j) {
@@ -665,24 +675,7 @@ __device__ void tc4_backward(const AttnParams& a) {
         const float* Lb = Ls + buf * BQ;
         const float* Db = Ds + buf * BQ;
         float s[BQ / 8][4], dp[BQ / 8][4];
-#pragma unroll
-        for (int n = 0; n < BQ / 8; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < KS; ++kk) {
-            u32 ka[4], va[4];
-            lda_x4(ka, Kw, LD, kk * 16);
-            lda_x4(va, Vw, LD, kk * 16);
-#pragma unroll
-            for (int n = 0; n < BQ / 8; ++n) {
-                u32 b0, b1;
-                ldb_nk(b0, b1, Qb, LD, n * 8, kk * 16);
-                mma16816<T>(s[n], ka, b0, b1);
-                ldb_nk(b0, b1, Ob, LD, n * 8, kk * 16);
-                mma16816<T>(dp[n], va, b0, b1);
-            }
-        }
+        kq_strips<T, KS>(s, dp, Kw, Vw, Qb, Ob, LD);
 #pragma unroll
         for (int kk = 0; kk < BQ / 16; ++kk) {
             u32 pa[4], sa[4];
@@ -750,20 +743,7 @@ __device__ void tc4_backward(const AttnParams& a) {
         }
         __syncthreads();  // Ss and this buffer are free for the next tile
     }
-#pragma unroll
-    for (int n = 0; n < NO; ++n) {
-        int d = n * 8 + 2 * t4;
-        if (ja < a.t) {
-            T* base = (T*)a.dqkv + ((u64)bi * a.t + ja) * 3 * C + h * HS + d;
-            *(u32*)(base + C) = pack2<T>(dk[n][0] * a.scale, dk[n][1] * a.scale);
-            *(u32*)(base + 2 * C) = pack2<T>(dv[n][0] * ks, dv[n][1] * ks);
-        }
-        if (jb < a.t) {
-            T* base = (T*)a.dqkv + ((u64)bi * a.t + jb) * 3 * C + h * HS + d;
-            *(u32*)(base + C) = pack2<T>(dk[n][2] * a.scale, dk[n][3] * a.scale);
-            *(u32*)(base + 2 * C) = pack2<T>(dv[n][2] * ks, dv[n][3] * ks);
-        }
-    }
+    store_dkdv<T, HS>(a, dk, dv, bi, h, ja, jb, ks);
 }
 
 // The Q third of dqkv (B,T,3C) ← dqacc (B,T,C) · scale, two elements per thread.
