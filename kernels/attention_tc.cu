@@ -746,6 +746,31 @@ __device__ void tc4_backward(const AttnParams& a) {
     store_dkdv<T, HS>(a, dk, dv, bi, h, ja, jb, ks);
 }
 
+// D[b,h,i] = dO_i·O_i of head h (variant 4's replacement for attention.cu's attn_dsum, one thread per row with
+// 2-byte loads): G = HS/N threads per (row, head), one 16-byte load each of dO and O, a shuffle sum over the G.
+template <typename T, int HS>
+__device__ void tc4_dsum(const AttnParams& a) {
+    constexpr int N = Pack16<T>::N, G = HS / N;
+    static_assert(G >= 1 && G <= 32 && (G & (G - 1)) == 0, "G must be a power of two ≤ 32");
+    u64 gid = blockIdx.x * (u64)blockDim.x + threadIdx.x, pair = gid / G;  // pair = (b·T + i)·NH + h
+    u64 pairs = (u64)a.b * a.t * a.nh;
+    float s = 0.f;
+    if (pair < pairs) {
+        u64 off = pair * HS + (gid % G) * N;  // (B,T,C) offset: C = NH·HS
+        Pack16<T> x = ld16((const T*)a.dout + off), y = ld16((const T*)a.out + off);
+#pragma unroll
+        for (int e = 0; e < N; ++e) s += to_f(x.v[e]) * to_f(y.v[e]);
+    }
+#pragma unroll
+    for (int o = G / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (pair < pairs && gid % G == 0) {
+        int h = (int)(pair % a.nh);
+        u64 bt = pair / a.nh;
+        int i = (int)(bt % a.t), bi = (int)(bt / a.t);
+        ((float*)a.dsum)[((u64)bi * a.nh + h) * a.t + i] = s;
+    }
+}
+
 // The Q third of dqkv (B,T,3C) ← dqacc (B,T,C) · scale, two elements per thread.
 template <typename T>
 __device__ void tc4_dq_store(const AttnParams& a) {
@@ -783,7 +808,8 @@ TC3_INSTANTIATE(f16, f16, 128)
     }
 #define TC4_HS(TY, NAME, HS)                                                                                           \
     TC4_INSTANTIATE(TY, NAME, HS, w4, 4, 3) TC4_INSTANTIATE(TY, NAME, HS, w8, 8, 1) TC4_INSTANTIATE(TY, NAME, HS, w8b2, 8, 2) \
-    extern "C" __global__ void __launch_bounds__(128) attention_tc4_forward_##NAME##_hs##HS(AttnParams a) { tc4_forward<TY, HS>(a); }
+    extern "C" __global__ void __launch_bounds__(128) attention_tc4_forward_##NAME##_hs##HS(AttnParams a) { tc4_forward<TY, HS>(a); } \
+    extern "C" __global__ void attention_tc4_dsum_##NAME##_hs##HS(AttnParams a) { tc4_dsum<TY, HS>(a); }
 #define TC4_ALL(TY, NAME)                                                                                              \
     TC4_HS(TY, NAME, 32) TC4_HS(TY, NAME, 64) TC4_HS(TY, NAME, 128)                                                   \
     extern "C" __global__ void attention_tc4_dq_store_##NAME(AttnParams a) { tc4_dq_store<TY>(a); }

@@ -35,6 +35,42 @@ extern "C" __global__ void bias_grad(BiasParams a) {
     }
 }
 
+// The "vec" version (BERTQA_VEC=1; opt-in until the GPU parity suite has run it): 16-byte loads, N = 8
+// (bf16/f16) or 4 (f32) columns per thread. Block (32, 8): threadIdx.x picks a group of N columns, threadIdx.y
+// and blockIdx.y stride over rows; the 8 row partials meet in shared memory, then one atomicAdd per column and
+// block. Needs OC % N == 0 and 16-byte-aligned rows.
+template <typename T>
+__device__ void bias_grad_vec(const BiasParams& a) {
+    constexpr int N = Pack16<T>::N;
+    __shared__ float part[8][32 * N + 1];
+    int group = blockIdx.x * 32 + threadIdx.x;
+    float acc[N];
+#pragma unroll
+    for (int e = 0; e < N; ++e) acc[e] = 0.f;
+    if (group < a.oc / N) {
+        for (int r = blockIdx.y * 8 + threadIdx.y; r < a.n; r += gridDim.y * 8) {
+            Pack16<T> v = ld16((const T*)a.out + (u64)r * a.oc + group * N);
+#pragma unroll
+            for (int e = 0; e < N; ++e) acc[e] += to_f(v.v[e]);
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < N; ++e) part[threadIdx.y][threadIdx.x * N + e] = acc[e];
+    __syncthreads();
+    for (int c = threadIdx.y * 32 + threadIdx.x; c < 32 * N; c += 256) {
+        int col = blockIdx.x * 32 * N + c;
+        if (col < a.oc) {
+            float t = 0.f;
+#pragma unroll
+            for (int k = 0; k < 8; ++k) t += part[k][c];
+            atomicAdd((float*)a.bias + col, t);
+        }
+    }
+}
+extern "C" __global__ void bias_grad_vec_f32(BiasParams a) { bias_grad_vec<float>(a); }
+extern "C" __global__ void bias_grad_vec_bf16(BiasParams a) { bias_grad_vec<bf16>(a); }
+extern "C" __global__ void bias_grad_vec_f16(BiasParams a) { bias_grad_vec<f16>(a); }
+
 struct CastParams {
     u64 dst, src, n;
     int dst_dt, src_dt;

@@ -303,6 +303,7 @@ pub fn tc_entry_points() -> Vec<String> {
                 "tc3_backward_kv",
                 "tc3_backward_q",
                 "tc4_forward",
+                "tc4_dsum",
             ] {
                 names.push(tc_kernel(kind, dt, hs));
             }
@@ -445,16 +446,25 @@ impl AttentionOps for Cuda {
             scale: 1.0 / (hs as f32).sqrt(),
         };
         let sfx = format!("{}_hs{hs}", suffix(out.dtype)?);
-        let rows = (super::blocks(b * nh * t, 128), 1, 1);
-        self.launch(
-            "attention",
-            &format!("attention_dsum_{sfx}"),
-            rows,
-            (128, 1, 1),
-            0,
-            p,
-        )?;
-        if cuda_variant(out.dtype, hs) == 4 {
+        let variant = cuda_variant(out.dtype, hs);
+        if variant == 4 {
+            // D with 16-byte loads: HS/8 (bf16/f16) threads per (row, head)
+            let threads = b * t * nh * (hs * out.dtype.size() / 16);
+            let name = tc_kernel("tc4_dsum", suffix(out.dtype)?, hs);
+            let grid = (super::blocks(threads, 256), 1, 1);
+            self.launch("attention_tc", &name, grid, (256, 1, 1), 0, p)?;
+        } else {
+            let rows = (super::blocks(b * nh * t, 128), 1, 1);
+            self.launch(
+                "attention",
+                &format!("attention_dsum_{sfx}"),
+                rows,
+                (128, 1, 1),
+                0,
+                p,
+            )?;
+        }
+        if variant == 4 {
             let (cfg, nw) = tc4_config()?;
             let c = nh * hs;
             let dq = Tensor::<Cuda>::zeros(self, &[b, t, c], DType::F32)?; // (B,T,C) dQ/scale, from the arena
@@ -477,7 +487,7 @@ impl AttentionOps for Cuda {
             let grid = (super::blocks(b * t * c / 2, 256).min(65535 * 16), 1, 1);
             return self.launch("attention_tc", &store, grid, (256, 1, 1), 0, p);
         }
-        if cuda_variant(out.dtype, hs) == 3 {
+        if variant == 3 {
             let grid = (super::blocks(t, 64), nh as u32, b as u32);
             let (_, kv, q) = tc_smem(hs);
             let kv_name = tc_kernel("tc3_backward_kv", suffix(out.dtype)?, hs);

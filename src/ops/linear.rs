@@ -261,11 +261,34 @@ impl LinearOps for Cuda {
                 out_dt: dtype_code(dout.dtype),
                 bias_dt: 0,
             };
-            // Column sums: blocks of 32 columns × 8 row-groups, then an atomicAdd per column per block.
-            let grid_x = super::blocks(oc, 32);
-            let grid_y = (n.div_ceil(256) as u32).clamp(1, 64);
-            self.launch("reduce", "bias_grad", (grid_x, grid_y, 1), (32, 8, 1), 0, p)?;
+            let vec = crate::cuda::vec_width(dout.dtype, &[dout.buf.ptr])
+                .filter(|w| crate::cuda::vec_kernels() && oc.is_multiple_of(*w));
+            if let Some(w) = vec {
+                // 32 groups of w columns per block; enough row-slices for ~4 blocks per SM
+                let grid_x = super::blocks(oc / w, 32);
+                let want = (4 * self.sm_count.max(1) as u32).div_ceil(grid_x);
+                let grid_y = want.clamp(1, n.div_ceil(8).max(1) as u32);
+                let name = bias_grad_vec_kernel(crate::cuda::suffix(dout.dtype)?);
+                self.launch("reduce", &name, (grid_x, grid_y, 1), (32, 8, 1), 0, p)?;
+            } else {
+                // Column sums: blocks of 32 columns × 8 row-groups, then an atomicAdd per column per block.
+                let grid_x = super::blocks(oc, 32);
+                let grid_y = (n.div_ceil(256) as u32).clamp(1, 64);
+                self.launch("reduce", "bias_grad", (grid_x, grid_y, 1), (32, 8, 1), 0, p)?;
+            }
         }
         Ok(())
     }
+}
+
+fn bias_grad_vec_kernel(sfx: &str) -> String {
+    format!("bias_grad_vec_{sfx}")
+}
+
+/// Every vec kernel name the launchers can ask kernels/reduce.cu for (checked by tests/kernels_compile.rs).
+pub fn vec_entry_points() -> Vec<String> {
+    ["f32", "bf16", "f16"]
+        .into_iter()
+        .map(bias_grad_vec_kernel)
+        .collect()
 }

@@ -42,5 +42,10 @@ pub fn variant_entry_points() -> Vec<(&'static str, String)> {
             .map(|n| ("layernorm", n)),
     );
     v.extend(gelu::vec_entry_points().into_iter().map(|n| ("gelu", n)));
+    v.extend(
+        linear::vec_entry_points()
+            .into_iter()
+            .map(|n| ("reduce", n)),
+    );
     v
 }
