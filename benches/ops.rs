@@ -199,18 +199,30 @@ fn run_config<B: Timing>(
         let mut dx = Tensor::zeros(be, &[n, ic], dt).unwrap();
         let mut dw = Tensor::zeros(be, &[oc, ic], sd).unwrap();
         let mut db = Tensor::zeros(be, &[oc], sd).unwrap();
-        let ms = bench(be, iters, &mut || {
-            be.linear_backward(Some(&mut dx), false, &mut dw, Some(&mut db), &y, &x, &w)
-                .unwrap()
-        });
-        tab.add(
-            &format!("{lname} bwd"),
-            &format!("{n}x{ic}->{oc}"),
-            ms,
-            0.0,
-            4.0 * (n * ic * oc) as f64,
-            roof,
-        );
+        // backward with the scalar bias-gradient kernel and, on a GPU, the vec one
+        for label in if gpu_lowp {
+            &["", ", vec"][..]
+        } else {
+            &[""][..]
+        } {
+            if !label.is_empty() {
+                // SAFETY (edition 2021): single-threaded benchmark; the launcher reads it per call
+                std::env::set_var("BERTQA_VEC", "1");
+            }
+            let ms = bench(be, iters, &mut || {
+                be.linear_backward(Some(&mut dx), false, &mut dw, Some(&mut db), &y, &x, &w)
+                    .unwrap()
+            });
+            std::env::remove_var("BERTQA_VEC");
+            tab.add(
+                &format!("{lname} bwd{label}"),
+                &format!("{n}x{ic}->{oc}"),
+                ms,
+                0.0,
+                4.0 * (n * ic * oc) as f64,
+                roof,
+            );
+        }
     }
     // attention
     {
