@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 bash scripts/unpack_gpu.sh
 OUT="${OUT:-compare-out}"; mkdir -p "$OUT"
 EPOCHS="${EPOCHS:-2}"; PEAK="${PEAK_TFLOPS:-781}"
+echo "bertqa kernel switches: $(env | grep -E '^BERTQA_(ATTN|ATTN4|GEMM|VEC)=' | sort | tr '\n' ' ')(none = defaults)" | tee -a "$OUT/summary.txt"
 BIN=.gpu/bin/bertqa
 D=/tmp/bertqa-data; mkdir -p $D
 [ -f $D/train.json ] || gunzip -c .gpu/data/train-v1.1.json.gz > $D/train.json
