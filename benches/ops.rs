@@ -199,21 +199,28 @@ fn run_config<B: Timing>(
         let mut dx = Tensor::zeros(be, &[n, ic], dt).unwrap();
         let mut dw = Tensor::zeros(be, &[oc, ic], sd).unwrap();
         let mut db = Tensor::zeros(be, &[oc], sd).unwrap();
-        // backward with the scalar bias-gradient kernel and, on a GPU, the vec one
-        for label in if gpu_lowp {
-            &["", ", vec"][..]
+        // backward as is and, on a GPU, with the vec bias-gradient kernel, and through cuBLASLt
+        let bwd_variants: &[(&str, &str, &str)] = if gpu_lowp {
+            &[
+                ("", "", ""),
+                (", vec", "BERTQA_VEC", "1"),
+                (", cuBLASLt", "BERTQA_GEMM", "lt"),
+            ]
         } else {
-            &[""][..]
-        } {
-            if !label.is_empty() {
-                // SAFETY (edition 2021): single-threaded benchmark; the launcher reads it per call
-                std::env::set_var("BERTQA_VEC", "1");
+            &[("", "", "")]
+        };
+        for (label, var, val) in bwd_variants {
+            if !var.is_empty() {
+                // SAFETY (edition 2021): single-threaded benchmark; the launchers read it per call
+                std::env::set_var(var, val);
             }
             let ms = bench(be, iters, &mut || {
                 be.linear_backward(Some(&mut dx), false, &mut dw, Some(&mut db), &y, &x, &w)
                     .unwrap()
             });
-            std::env::remove_var("BERTQA_VEC");
+            if !var.is_empty() {
+                std::env::remove_var(var);
+            }
             tab.add(
                 &format!("{lname} bwd{label}"),
                 &format!("{n}x{ic}->{oc}"),

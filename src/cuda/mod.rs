@@ -238,6 +238,22 @@ impl Cuda {
         if adt != bdt {
             bail!("gemm: A is {adt} but B is {bdt}");
         }
+        if let Some(lt) = self.lt()? {
+            let g = lt::Gemm {
+                m,
+                k,
+                n,
+                ta,
+                tb,
+                ab: adt,
+                c: cdt,
+                bias: false,
+            };
+            // SAFETY: the caller's contract (device buffers of this context holding these shapes)
+            if unsafe { lt.gemm(&self.stream, &g, alpha, a, b, beta, c, 0)? } {
+                return Ok(());
+            }
+        }
         let dt = |d: DType| -> Result<bsys::cudaDataType_t> {
             Ok(match d {
                 DType::F32 => bsys::cudaDataType_t::CUDA_R_32F,
@@ -293,8 +309,9 @@ impl Cuda {
         })
     }
 
-    /// cuBLASLt when `BERTQA_GEMM=lt` (the linear layers' forward then adds the bias in the GEMM's
-    /// epilogue: [`lt`]), else None. An error when it was asked for and cannot be set up.
+    /// cuBLASLt when `BERTQA_GEMM=lt` (bf16/f16 GEMMs then run through it with timed algorithm choice, and
+    /// the linear layers' forward adds the bias in the GEMM's epilogue: [`lt`]), else None. An error when it
+    /// was asked for and cannot be set up.
     pub fn lt(&self) -> Result<Option<&lt::Lt>> {
         if std::env::var("BERTQA_GEMM").as_deref() != Ok("lt") {
             return Ok(None);

@@ -166,20 +166,19 @@ impl LinearOps for Cuda {
             let same = [inp.dtype, w.dtype, b.dtype]
                 .iter()
                 .all(|d| *d == out.dtype);
+            let g = crate::cuda::lt::Gemm {
+                m: n,
+                k: ic,
+                n: oc,
+                ta: false,
+                tb: true,
+                ab: inp.dtype,
+                c: out.dtype,
+                bias: true,
+            };
             // SAFETY: the shapes were checked above; every buffer is a device allocation of this context.
-            let fused = same
-                && unsafe {
-                    lt.linear_bias(
-                        &self.stream,
-                        (n, ic, oc),
-                        inp.buf.ptr,
-                        w.buf.ptr,
-                        b.buf.ptr,
-                        out.buf.ptr,
-                        out.dtype,
-                    )?
-                };
-            if fused {
+            let (a, wp, bp, o) = (inp.buf.ptr, w.buf.ptr, b.buf.ptr, out.buf.ptr);
+            if same && unsafe { lt.gemm(&self.stream, &g, 1.0, a, wp, 0.0, o, bp)? } {
                 return Ok(());
             }
         }
