@@ -137,3 +137,132 @@ fn gpu_missing_driver_gives_clear_error() {
         "error should suggest --device cpu: {err}"
     );
 }
+
+/// The lane-pair Philox exchange of attention variant 4 (kernels/attention_tc.cu `attn_words_keys2` /
+/// `attn_words_rows2`), mirrored step by step on the host for every lane of a warp, must hand each lane the
+/// same words as the stream itself (src/rng.rs `attn_uniform`, which the CPU reference uses) — in the
+/// forward layout (lane holds query rows, lane^4 the neighbouring row) and the dK/dV layout (lane holds keys,
+/// lane^4 the neighbouring key).
+#[test]
+fn attention_v4_lane_pair_philox_words_match_the_stream() {
+    use bertqa::rng::{attn_row_stride, attn_uniform, philox4x32_10};
+    let (seed, t, bh) = (0x1234_5678_9abc_def0u64, 203usize, 5u64);
+    let tp = attn_row_stride(t);
+    let philox = |r: u64, j: u64| {
+        let c = (r >> 1) * (tp >> 1) + (j >> 1);
+        philox4x32_10(
+            [c as u32, (c >> 32) as u32, 0, 0],
+            [seed as u32, (seed >> 32) as u32],
+        )
+    };
+    let word_u = |w: u32| (w >> 8) as f32 * (1.0 / 16_777_216.0);
+    // forward layout: lane (g, t4) holds row R = base + g at keys A = 2·t4 + key0, B = A + 8
+    for key0 in [0u64, 16, 64, 192] {
+        let base = bh * tp + 32; // even, as q0 + warp·16 is
+        let mut sent = [[0u32; 2]; 32];
+        let mut mine = [[0u32; 2]; 32];
+        for lane in 0..32 {
+            let (g, t4) = (lane / 4, lane % 4);
+            let r = base + g as u64;
+            let a = key0 + 2 * t4 as u64;
+            let odd = r & 1 == 1;
+            let w = philox(r, if odd { a + 8 } else { a });
+            mine[lane] = if odd { [w[2], w[3]] } else { [w[0], w[1]] };
+            sent[lane] = if odd { [w[0], w[1]] } else { [w[2], w[3]] };
+        }
+        for lane in 0..32 {
+            let (g, t4) = (lane / 4, lane % 4);
+            let r = base + g as u64;
+            let a = key0 + 2 * t4 as u64;
+            let got = sent[lane ^ 4];
+            let (wa, wb) = if r & 1 == 1 {
+                (got, mine[lane])
+            } else {
+                (mine[lane], got)
+            };
+            let i = r - bh * tp;
+            for (k, w) in [(a, wa), (a + 8, wb)] {
+                assert_eq!(
+                    word_u(w[0]),
+                    attn_uniform(seed, bh, i, k, t),
+                    "fwd lane {lane} key {k}"
+                );
+                assert_eq!(
+                    word_u(w[1]),
+                    attn_uniform(seed, bh, i, k + 1, t),
+                    "fwd lane {lane} key {}",
+                    k + 1
+                );
+            }
+        }
+    }
+    // dK/dV layout: lane (g, t4) holds key j = key0 + g at query rows RA = base + 2·t4 (and +1), RB = RA + 8
+    for key0 in [0u64, 16, 128] {
+        let base = bh * tp + 64;
+        let mut sent = [[0u32; 2]; 32];
+        let mut mine = [[0u32; 2]; 32];
+        for lane in 0..32 {
+            let (g, t4) = (lane / 4, lane % 4);
+            let j = key0 + g as u64;
+            let ra = base + 2 * t4 as u64;
+            let odd = j & 1 == 1;
+            let w = philox(if odd { ra + 8 } else { ra }, j);
+            mine[lane] = if odd { [w[1], w[3]] } else { [w[0], w[2]] };
+            sent[lane] = if odd { [w[0], w[2]] } else { [w[1], w[3]] };
+        }
+        for lane in 0..32 {
+            let (g, t4) = (lane / 4, lane % 4);
+            let j = key0 + g as u64;
+            let ra = base + 2 * t4 as u64;
+            let got = sent[lane ^ 4];
+            let (wa, wb) = if j & 1 == 1 {
+                (got, mine[lane])
+            } else {
+                (mine[lane], got)
+            };
+            for (r, w) in [(ra, wa), (ra + 8, wb)] {
+                let i = r - bh * tp;
+                assert_eq!(
+                    word_u(w[0]),
+                    attn_uniform(seed, bh, i, j, t),
+                    "bwd lane {lane} row {i}"
+                );
+                assert_eq!(
+                    word_u(w[1]),
+                    attn_uniform(seed, bh, i + 1, j, t),
+                    "bwd lane {lane} row {}",
+                    i + 1
+                );
+            }
+        }
+    }
+}
+
+/// Variant 4's integer keep test (kernels/attention_tc.cu `keep_threshold`/`kept`: `(w >> 8) >= ceil(p·2^24)`)
+/// keeps exactly the elements the float test of the stream keeps (`(w >> 8)·2^-24 >= p`, common.cuh
+/// `keep_factor`, src/rng.rs), including the words on either side of each threshold.
+#[test]
+fn attention_v4_integer_keep_test_matches_the_float_one() {
+    let mut r = bertqa::rng::Rng::new(9);
+    for p in [
+        0.1f32,
+        0.25,
+        1.0 / 3.0,
+        0.5,
+        0.9,
+        1e-7,
+        0.999_999,
+        0.123_456_79,
+    ] {
+        let thr = (p * 16_777_216.0).ceil() as u32;
+        let mut words: Vec<u32> = (0..10_000).map(|_| (r.next_u64() >> 32) as u32).collect();
+        for d in [-1i64, 0, 1] {
+            let w = ((thr as i64 + d).clamp(0, (1 << 24) - 1) as u32) << 8;
+            words.extend([w, w | 0xff]);
+        }
+        for w in words {
+            let float_keep = (w >> 8) as f32 * (1.0 / 16_777_216.0) >= p;
+            assert_eq!((w >> 8) >= thr, float_keep, "p={p} word={w:#x}");
+        }
+    }
+}
