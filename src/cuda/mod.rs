@@ -309,11 +309,11 @@ impl Cuda {
         })
     }
 
-    /// cuBLASLt when `BERTQA_GEMM=lt` (bf16/f16 GEMMs then run through it with timed algorithm choice, and
-    /// the linear layers' forward adds the bias in the GEMM's epilogue: [`lt`]), else None. An error when it
-    /// was asked for and cannot be set up.
+    /// cuBLASLt when [`gemm_lt`] (bf16/f16 GEMMs then run through it with timed algorithm choice, and the
+    /// linear layers' forward adds the bias in the GEMM's epilogue: [`lt`]), else None. An error when it is on
+    /// and cannot be set up.
     pub fn lt(&self) -> Result<Option<&lt::Lt>> {
-        if std::env::var("BERTQA_GEMM").as_deref() != Ok("lt") {
+        if !gemm_lt() {
             return Ok(None);
         }
         match self
@@ -321,7 +321,7 @@ impl Cuda {
             .get_or_init(|| lt::Lt::new(&self.stream, self.cc.0).map_err(|e| format!("{e:#}")))
         {
             Ok(l) => Ok(Some(l)),
-            Err(e) => bail!("BERTQA_GEMM=lt: {e}"),
+            Err(e) => bail!("cuBLASLt (BERTQA_GEMM=ex turns it off): {e}"),
         }
     }
 
@@ -488,11 +488,31 @@ impl BackendCore for Cuda {
     }
 }
 
-/// Kernel dtype suffix: `_f32`, `_bf16` or `_f16`.
+/// The defaults of the kernel switches. A path becomes the default here once `scripts/gpu_check.sh` has
+/// passed with it on a GPU and the bench shows it faster (docs/perf-log.md); the environment variable still
+/// selects either side. Not yet: nothing of the three has run on a GPU.
+pub const GEMM_LT_DEFAULT: bool = false; // BERTQA_GEMM=lt | ex
+pub const VEC_DEFAULT: bool = false; // BERTQA_VEC=1 | 0
+
+/// `var` = `on` → true, = `off` → false, unset (or anything else) → `default`.
+fn switch(var: &str, on: &str, off: &str, default: bool) -> bool {
+    match std::env::var(var).as_deref() {
+        Ok(v) if v == on => true,
+        Ok(v) if v == off => false,
+        _ => default,
+    }
+}
+
 /// Whether the "vec" elementwise kernels (16-byte loads, dtype at compile time: kernels/gelu.cu,
-/// kernels/layernorm.cu) run: `BERTQA_VEC=1`, opt-in until the GPU parity suite has run them.
+/// kernels/layernorm.cu, the bias gradient in kernels/reduce.cu) run: `BERTQA_VEC=1|0`, default
+/// [`VEC_DEFAULT`].
 pub fn vec_kernels() -> bool {
-    std::env::var("BERTQA_VEC").as_deref() == Ok("1")
+    switch("BERTQA_VEC", "1", "0", VEC_DEFAULT)
+}
+
+/// Whether bf16/f16 GEMMs go through cuBLASLt ([`lt`]): `BERTQA_GEMM=lt|ex`, default [`GEMM_LT_DEFAULT`].
+pub fn gemm_lt() -> bool {
+    switch("BERTQA_GEMM", "lt", "ex", GEMM_LT_DEFAULT)
 }
 
 /// Elements of `d` in one 16-byte vector, when every pointer is 16-byte aligned (always true of arena
@@ -502,6 +522,7 @@ pub fn vec_width(d: DType, ptrs: &[u64]) -> Option<usize> {
     ptrs.iter().all(|p| p % 16 == 0).then_some(n)
 }
 
+/// Kernel dtype suffix: `f32`, `bf16` or `f16`.
 pub fn suffix(d: DType) -> Result<&'static str> {
     Ok(match d {
         DType::F32 => "f32",

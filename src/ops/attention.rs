@@ -261,18 +261,22 @@ pub const CUDA_HEAD_SIZES: [usize; 4] = [16, 32, 64, 128];
 /// Head sizes of the tensor-core variant (kernels/attention_tc.cu; bf16/f16 only).
 pub const CUDA_TC_HEAD_SIZES: [usize; 3] = [32, 64, 128];
 
-/// Which CUDA attention variant runs, from `BERTQA_ATTN`: bf16/f16 at a supported head size run variant 3
-/// (tensor cores, kernels/attention_tc.cu) unless `BERTQA_ATTN=v1` (CUDA cores) or `v4` (pipelined forward
-/// with fewer instructions per score, one-pass backward with dQ reductions; not yet the default: it has not
-/// run on a GPU). Everything else (f32, other head sizes) runs variant 1. (Variant 2, an earlier tensor-core
-/// version, was retired: docs/perf-log.md.)
+/// The tensor-core variant bf16/f16 run by default: 3 until variant 4 has passed the GPU parity suite and
+/// the bench shows it faster (docs/perf-log.md).
+pub const TC_VARIANT_DEFAULT: u32 = 3;
+
+/// Which CUDA attention variant runs. bf16/f16 at a supported head size: `BERTQA_ATTN=v1` (CUDA cores), `v3`
+/// (tensor cores, kernels/attention_tc.cu), `v4` (pipelined forward with fewer instructions per score,
+/// one-pass backward with dQ reductions), unset: [`TC_VARIANT_DEFAULT`]. Everything else (f32, other head
+/// sizes) runs variant 1. (Variant 2, an earlier tensor-core version, was retired: docs/perf-log.md.)
 pub fn cuda_variant(dtype: DType, hs: usize) -> u32 {
     let tc = matches!(dtype, DType::BF16 | DType::F16) && CUDA_TC_HEAD_SIZES.contains(&hs);
     match std::env::var("BERTQA_ATTN").as_deref() {
         _ if !tc => 1,
         Ok("v1") => 1,
+        Ok("v3") => 3,
         Ok("v4") => 4,
-        _ => 3,
+        _ => TC_VARIANT_DEFAULT,
     }
 }
 
