@@ -421,26 +421,37 @@ fn run_config<B: Timing>(
             Tensor::zeros(be, &[c], sd).unwrap(),
             Tensor::zeros(be, &[c], sd).unwrap(),
         );
-        let ms = bench(be, iters, &mut || {
-            let mut eg = EmbGrads {
-                padding_idx: 0,
-                word: &mut dw,
-                pos: &mut dp,
-                ttype: &mut dty,
-                gamma: &mut dg,
-                beta: &mut db,
-            };
-            be.embeddings_backward(&mut eg, &out, &m, &rs, &idt, &tyt, &ew, d)
-                .unwrap()
-        });
-        tab.add(
-            "embeddings+LN+dropout bwd",
-            &format!("{n}x{c}"),
-            ms,
-            (4.0 * es + 12.0) * (n * c) as f64,
-            0.0,
-            roof,
-        );
+        for label in if gpu_lowp {
+            &["", ", vec"][..]
+        } else {
+            &[""][..]
+        } {
+            if !label.is_empty() {
+                // SAFETY (edition 2021): single-threaded benchmark; the launcher reads it per call
+                std::env::set_var("BERTQA_VEC", "1");
+            }
+            let ms = bench(be, iters, &mut || {
+                let mut eg = EmbGrads {
+                    padding_idx: 0,
+                    word: &mut dw,
+                    pos: &mut dp,
+                    ttype: &mut dty,
+                    gamma: &mut dg,
+                    beta: &mut db,
+                };
+                be.embeddings_backward(&mut eg, &out, &m, &rs, &idt, &tyt, &ew, d)
+                    .unwrap()
+            });
+            std::env::remove_var("BERTQA_VEC");
+            tab.add(
+                &format!("embeddings+LN+dropout bwd{label}"),
+                &format!("{n}x{c}"),
+                ms,
+                (4.0 * es + 12.0) * (n * c) as f64,
+                0.0,
+                roof,
+            );
+        }
     }
     // span loss
     {

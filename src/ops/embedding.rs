@@ -352,7 +352,29 @@ impl EmbeddingOps for Cuda {
             p: drop.p,
             padding_idx: g.padding_idx,
         };
-        let name = format!("embeddings_backward_{}", suffix(dout.dtype)?);
+        let sfx = suffix(dout.dtype)?;
+        let ptrs = [
+            dout.buf.ptr,
+            w.word.buf.ptr,
+            w.pos.buf.ptr,
+            w.ttype.buf.ptr,
+            w.gamma.buf.ptr,
+        ];
+        if let Some(nv) = crate::cuda::vec_width(dout.dtype, &ptrs) {
+            let ch = c.div_ceil(32 * nv);
+            if crate::cuda::vec_kernels()
+                && c.is_multiple_of(nv)
+                && (1..=4).contains(&ch)
+                && tv <= 2
+            {
+                // blocks stride over rows (two per SM); dγ, dβ and the token-type rows reduced per block
+                let grid = super::blocks(n, 8).min((self.sm_count.max(1) * 2) as u32);
+                let smem = ((2 + tv) * c * 4) as u32;
+                let name = emb_vec_kernel(ch, sfx);
+                return self.launch("embedding", &name, (grid, 1, 1), (256, 1, 1), smem, p);
+            }
+        }
+        let name = format!("embeddings_backward_{sfx}");
         self.launch(
             "embedding",
             &name,
@@ -362,4 +384,19 @@ impl EmbeddingOps for Cuda {
             p,
         )
     }
+}
+
+fn emb_vec_kernel(ch: usize, sfx: &str) -> String {
+    format!("embeddings_backward_vec{ch}_{sfx}")
+}
+
+/// Every vec kernel name the launchers can ask kernels/embedding.cu for (checked by tests/kernels_compile.rs).
+pub fn vec_entry_points() -> Vec<String> {
+    let mut v = Vec::new();
+    for sfx in ["f32", "bf16", "f16"] {
+        for ch in 1..=4 {
+            v.push(emb_vec_kernel(ch, sfx));
+        }
+    }
+    v
 }
