@@ -471,12 +471,12 @@ __device__ void tc3_backward_q(const AttnParams& a) {
 }
 
 // ---- variant 4, forward: variant 3's tiling with the K/V/mask tiles double-buffered by cp.async (tile i+1
-// loads while tile i computes), the exponentials in base 2 on the special-function unit (scores scaled by
-// scale·log2 e once; ex2.approx), the dropout Philox calls shared by lane pairs and tested as integers, and the
-// dropout's 1/(1-p) applied once to O instead of to every probability. Counted in the SASS (ptxas 13.0,
-// sm_90, bf16, hs64), per warp and 64-key tile: variant 3 2297 instructions (1108 integer — mostly Philox —,
-// 739 float, 64 HMMA), this one 1402 (615 integer, 272 float, 64 HMMA). The kernel issues ~36 instructions
-// per HMMA, so it is bound by instruction issue, not by the tensor cores.
+// loads while tile i computes), the exponentials in base 2 on the special-function unit (ex2.approx of one
+// FFMA of the raw score: 2^{s·scale·log2 e − base·scale·log2 e}), the dropout Philox calls shared by lane
+// pairs and tested as integers, and the dropout's 1/(1-p) applied once to O instead of to every probability.
+// Counted in the SASS (ptxas 13.0, sm_90, bf16, hs64), per warp and 64-key tile: variant 3 2297 instructions
+// (1108 integer — mostly Philox —, 739 float, 64 HMMA), this one 1376 (617 integer, 244 float, 64 HMMA).
+// Variant 3 issues ~36 instructions per HMMA: it is bound by instruction issue, not by the tensor cores.
 template <typename T, int HS>
 __device__ void tc4_forward(const AttnParams& a) {
     constexpr int BK = 64, KS = HS / 16, NO = HS / 8, LD = HS + 8;
@@ -505,7 +505,7 @@ __device__ void tc4_forward(const AttnParams& a) {
     float o[NO][4];
 #pragma unroll
     for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // row maxima in the base-2 domain, row sums
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // row maxima of the raw scores q·k, row sums
     int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
     u64 R0 = ((u64)bi * a.nh + h) * attn_row_stride(a.t) + i0, R1 = R0 + 8;
     const float sl2 = a.scale * LOG2E_F;
@@ -528,9 +528,9 @@ __device__ void tc4_forward(const AttnParams& a) {
         for (int j = 0; j < BK / 8; ++j) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                bool live = Ms[j * 8 + 2 * t4 + e] != 0;
-                s[j][e] = live ? s[j][e] * sl2 : -INFINITY;
-                s[j][2 + e] = live ? s[j][2 + e] * sl2 : -INFINITY;
+                bool live = Ms[j * 8 + 2 * t4 + e] != 0;  // raw scores: the scale joins the exponent's FFMA
+                s[j][e] = live ? s[j][e] : -INFINITY;
+                s[j][2 + e] = live ? s[j][2 + e] : -INFINITY;
                 mx0 = fmaxf(mx0, s[j][e]);
                 mx1 = fmaxf(mx1, s[j][2 + e]);
             }
@@ -541,7 +541,8 @@ __device__ void tc4_forward(const AttnParams& a) {
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
         float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
         float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
-        float c0 = ex2(m0 - base0), c1 = ex2(m1 - base1);
+        float c0 = ex2((m0 - base0) * sl2), c1 = ex2((m1 - base1) * sl2);
+        float nb0 = -base0 * sl2, nb1 = -base1 * sl2;  // e^{scale·(s − base)} = 2^{s·sl2 + nb}
         l0 *= c0;
         l1 *= c1;
 #pragma unroll
@@ -563,8 +564,8 @@ __device__ void tc4_forward(const AttnParams& a) {
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 int j = 2 * kk + half;
-                float p00 = ex2(s[j][0] - base0), p01 = ex2(s[j][1] - base0);
-                float p10 = ex2(s[j][2] - base1), p11 = ex2(s[j][3] - base1);
+                float p00 = ex2(fmaf(s[j][0], sl2, nb0)), p01 = ex2(fmaf(s[j][1], sl2, nb0));
+                float p10 = ex2(fmaf(s[j][2], sl2, nb1)), p11 = ex2(fmaf(s[j][3], sl2, nb1));
                 l0 += p00 + p01;
                 l1 += p10 + p11;
                 // thr = 0 without dropout: everything kept
@@ -595,8 +596,8 @@ __device__ void tc4_forward(const AttnParams& a) {
     }
     if (t4 == 0) {
         float* lse = (float*)a.lse + ((u64)bi * a.nh + h) * a.t;
-        if (i0 < a.t) lse[i0] = l0 > 0.f ? m0 * LN2_F + logf(l0) : INFINITY;
-        if (i1 < a.t) lse[i1] = l1 > 0.f ? m1 * LN2_F + logf(l1) : INFINITY;
+        if (i0 < a.t) lse[i0] = l0 > 0.f ? m0 * a.scale + logf(l0) : INFINITY;
+        if (i1 < a.t) lse[i1] = l1 > 0.f ? m1 * a.scale + logf(l1) : INFINITY;
     }
 }
 
@@ -808,7 +809,7 @@ TC3_INSTANTIATE(f16, f16, 128)
     }
 #define TC4_HS(TY, NAME, HS)                                                                                           \
     TC4_INSTANTIATE(TY, NAME, HS, w4, 4, 3) TC4_INSTANTIATE(TY, NAME, HS, w8, 8, 1) TC4_INSTANTIATE(TY, NAME, HS, w8b2, 8, 2) \
-    extern "C" __global__ void __launch_bounds__(128) attention_tc4_forward_##NAME##_hs##HS(AttnParams a) { tc4_forward<TY, HS>(a); } \
+    extern "C" __global__ void __launch_bounds__(128, HS == 128 ? 2 : 4) attention_tc4_forward_##NAME##_hs##HS(AttnParams a) { tc4_forward<TY, HS>(a); } \
     extern "C" __global__ void attention_tc4_dsum_##NAME##_hs##HS(AttnParams a) { tc4_dsum<TY, HS>(a); }
 #define TC4_ALL(TY, NAME)                                                                                              \
     TC4_HS(TY, NAME, 32) TC4_HS(TY, NAME, 64) TC4_HS(TY, NAME, 128)                                                   \
