@@ -62,7 +62,7 @@ pub struct Cuda {
     pub sm_count: i32,
     /// Allow TF32 tensor cores in f32 GEMMs (off by default: the parity path).
     pub tf32: bool,
-    /// cuBLASLt (bias epilogues), created on first use when `BERTQA_GEMM=lt`.
+    /// cuBLASLt (every bf16/f16 GEMM, bias epilogues), created on first use when [`gemm_lt`].
     lt: std::sync::OnceLock<std::result::Result<lt::Lt, String>>,
 }
 

@@ -2,8 +2,9 @@
 //! Backward: `dinp = dout·W` (overwrite, or `+=` with `accumulate_dinp` — the residual stream adds it to the
 //! gradient already there), `dW += doutᵀ·inp`, `db += Σ_rows dout`.
 //! CPU: the GEMMs go through `cpu::gemm` (matrixmultiply); CUDA: cublasGemmEx with f32 accumulation, bf16
-//! operands and an f32 `dW`, plus the bias kernels in kernels/reduce.cu — or, with `BERTQA_GEMM=lt`, the
-//! forward as one cuBLASLt matmul with a bias epilogue (src/cuda/lt.rs).
+//! operands and an f32 `dW`, plus the bias kernels in kernels/reduce.cu — or, with `BERTQA_GEMM=lt`, every
+//! GEMM through cuBLASLt and the forward as one matmul with a bias epilogue (src/cuda/lt.rs); with
+//! `BERTQA_VEC=1` the bias gradient with 16-byte loads.
 
 use crate::backend::BackendCore;
 use crate::cpu::{gemm, rd, wr, Cpu};
