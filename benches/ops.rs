@@ -18,8 +18,12 @@ use bertqa::rng::{Dropout, Rng};
 use std::time::Instant;
 
 /// Times a closure on a backend: CUDA events on the GPU, the host clock (after a sync) on the CPU.
+/// On the GPU also the per-kernel profile of `reps` runs of a closure (src/cuda/mod.rs profiler).
 trait Timing: Backend {
     fn time_ms(&self, f: &mut dyn FnMut()) -> f64;
+    fn profile(&self, _reps: usize, _f: &mut dyn FnMut()) -> Option<String> {
+        None
+    }
 }
 impl Timing for Cpu {
     fn time_ms(&self, f: &mut dyn FnMut()) -> f64 {
@@ -29,6 +33,15 @@ impl Timing for Cpu {
     }
 }
 impl Timing for Cuda {
+    fn profile(&self, reps: usize, f: &mut dyn FnMut()) -> Option<String> {
+        self.set_profiling(true);
+        for _ in 0..reps {
+            f();
+        }
+        let report = self.profile_report(reps).expect("profile report");
+        self.set_profiling(false);
+        report
+    }
     fn time_ms(&self, f: &mut dyn FnMut()) -> f64 {
         let start = self
             .ctx
@@ -551,7 +564,7 @@ fn run_config<B: Timing>(
                 // SAFETY (edition 2021): single-threaded benchmark
                 std::env::set_var(k, v);
             }
-            let ms = bench(be, iters.clamp(2, 10), &mut || {
+            let mut train_step = || {
                 step += 1;
                 let drop = DropoutCfg {
                     hidden: 0.1,
@@ -598,7 +611,14 @@ fn run_config<B: Timing>(
                 be.adamw_step(&mut slots, &hp).unwrap();
                 be.synchronize().unwrap();
                 adam_ms = t0.elapsed().as_secs_f64() * 1e3;
-            });
+            };
+            let ms = bench(be, iters.clamp(2, 10), &mut train_step);
+            // where the step's time goes, kernel by kernel: the defaults and everything opt-in together
+            let profile = if label.is_empty() || vars.len() > 2 {
+                be.profile(3, &mut train_step)
+            } else {
+                None
+            };
             for (k, _) in vars.iter() {
                 std::env::remove_var(k);
             }
@@ -637,6 +657,9 @@ fn run_config<B: Timing>(
             );
             println!("{line}");
             tab.rows.push(line);
+            if let Some(p) = profile {
+                println!("  per-kernel profile of the step{label} (3 steps, CUDA events around each launch):\n{p}");
+            }
         }
     }
 }

@@ -64,7 +64,12 @@ pub struct Cuda {
     pub tf32: bool,
     /// cuBLASLt (every bf16/f16 GEMM, bias epilogues), created on first use when [`gemm_lt`].
     lt: std::sync::OnceLock<std::result::Result<lt::Lt, String>>,
+    /// While profiling ([`Cuda::set_profiling`]; `cargo bench` does it for a few training steps): a pair of
+    /// CUDA events around every kernel launch and GEMM, read by [`Cuda::profile_report`].
+    profile: Mutex<Option<Vec<ProfileEntry>>>,
 }
+
+type ProfileEntry = (String, cudarc::driver::CudaEvent, cudarc::driver::CudaEvent);
 
 /// Whether the CUDA driver library can be loaded at all (cudarc panics instead of returning an error).
 pub fn driver_present() -> bool {
@@ -117,6 +122,7 @@ impl Cuda {
             sm_count,
             tf32: false,
             lt: std::sync::OnceLock::new(),
+            profile: Mutex::new(None),
         })
     }
 
@@ -153,6 +159,89 @@ impl Cuda {
         Ok(f)
     }
 
+    /// Turn the per-kernel profiler on (clearing what it holds) or off.
+    pub fn set_profiling(&self, on: bool) {
+        if let Ok(mut p) = self.profile.lock() {
+            *p = on.then(Vec::new);
+        }
+    }
+
+    /// While profiling, run `f` (one kernel or GEMM) between two timing events filed under `name`; otherwise
+    /// just run it.
+    pub(crate) fn profiled(
+        &self,
+        name: impl FnOnce() -> String,
+        f: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let on = self.profile.lock().map(|p| p.is_some()).unwrap_or(false);
+        if !on {
+            return f();
+        }
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let ev = || {
+            self.ctx
+                .new_event(flags)
+                .map_err(|e| anyhow!("profiler: event: {e:?}"))
+        };
+        let (start, stop) = (ev()?, ev()?);
+        start
+            .record(&self.stream)
+            .map_err(|e| anyhow!("profiler: {e:?}"))?;
+        f()?;
+        stop.record(&self.stream)
+            .map_err(|e| anyhow!("profiler: {e:?}"))?;
+        if let Ok(mut p) = self.profile.lock() {
+            if let Some(v) = p.as_mut() {
+                v.push((name(), start, stop));
+            }
+        }
+        Ok(())
+    }
+
+    /// While profiling: the GPU time of every kernel and GEMM run since profiling began or the last report,
+    /// summed by name, largest first, per `per` repetitions (e.g. training steps), as a table; the events are
+    /// cleared. None when not profiling.
+    pub fn profile_report(&self, per: usize) -> Result<Option<String>> {
+        let events = match self.profile.lock() {
+            Ok(mut p) => match p.as_mut() {
+                Some(v) => std::mem::take(v),
+                None => return Ok(None),
+            },
+            Err(_) => bail!("profiler lock poisoned"),
+        };
+        self.sync()?;
+        let mut by: HashMap<String, (usize, f64)> = HashMap::new();
+        for (name, a, b) in &events {
+            let ms = a.elapsed_ms(b).map_err(|e| anyhow!("profiler: {e:?}"))? as f64;
+            let e = by.entry(name.clone()).or_default();
+            e.0 += 1;
+            e.1 += ms;
+        }
+        let total: f64 = by.values().map(|v| v.1).sum();
+        let mut rows: Vec<_> = by.into_iter().collect();
+        rows.sort_by(|x, y| y.1 .1.total_cmp(&x.1 .1));
+        let per = per.max(1) as f64;
+        let mut out = format!(
+            "{:<66} {:>7} {:>10} {:>6}\n",
+            "kernel or GEMM (per repetition)", "calls", "ms", "%"
+        );
+        for (name, (n, ms)) in rows {
+            out += &format!(
+                "{name:<66} {:>7.1} {:>10.3} {:>5.1}%\n",
+                n as f64 / per,
+                ms / per,
+                100.0 * ms / total.max(1e-12)
+            );
+        }
+        out += &format!(
+            "{:<66} {:>7} {:>10.3}\n",
+            "sum of kernel times",
+            "",
+            total / per
+        );
+        Ok(Some(out))
+    }
+
     /// Launch `module::name` with one parameter struct. `what` names the op in errors.
     pub fn launch<P: DeviceRepr>(
         &self,
@@ -179,11 +268,19 @@ impl Cuda {
             block_dim: block,
             shared_mem_bytes: smem,
         };
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&params);
-        unsafe { b.launch(cfg) }.map_err(|e| {
-            anyhow!("launch of {name} (grid {grid:?}, block {block:?}, smem {smem}) failed: {e:?}")
-        })?;
+        self.profiled(
+            || name.to_string(),
+            || {
+                let mut b = self.stream.launch_builder(&f);
+                b.arg(&params);
+                unsafe { b.launch(cfg) }.map_err(|e| {
+                    anyhow!(
+                        "launch of {name} (grid {grid:?}, block {block:?}, smem {smem}) failed: {e:?}"
+                    )
+                })?;
+                Ok(())
+            },
+        )?;
         if std::env::var_os("BERTQA_SYNC_LAUNCH").is_some() {
             self.stream
                 .synchronize()
@@ -235,6 +332,29 @@ impl Cuda {
         if m == 0 || n == 0 {
             return Ok(());
         }
+        self.profiled(
+            || gemm_label(m, k, n, ta, tb, adt, cdt, false),
+            || self.gemm_run(m, k, n, alpha, a, adt, ta, b, bdt, tb, beta, c, cdt),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_run(
+        &self,
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f32,
+        a: u64,
+        adt: DType,
+        ta: bool,
+        b: u64,
+        bdt: DType,
+        tb: bool,
+        beta: f32,
+        c: u64,
+        cdt: DType,
+    ) -> Result<()> {
         if adt != bdt {
             bail!("gemm: A is {adt} but B is {bdt}");
         }
@@ -520,6 +640,29 @@ pub fn gemm_lt() -> bool {
 pub fn vec_width(d: DType, ptrs: &[u64]) -> Option<usize> {
     let n = 16 / d.size();
     ptrs.iter().all(|p| p % 16 == 0).then_some(n)
+}
+
+/// How the profiler names a GEMM: `gemm M×K×N` (row-major C(M,N) = op(A)(M,K)·op(B)(K,N)), transposes,
+/// dtypes, and `+bias` for the cuBLASLt bias epilogue.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_label(
+    m: usize,
+    k: usize,
+    n: usize,
+    ta: bool,
+    tb: bool,
+    ab: DType,
+    c: DType,
+    bias: bool,
+) -> String {
+    let t = |x: bool| if x { "T" } else { "N" };
+    let lt = if gemm_lt() && matches!(ab, DType::BF16 | DType::F16) {
+        " lt"
+    } else {
+        ""
+    };
+    let bias = if bias { " +bias" } else { "" };
+    format!("gemm {m}x{k}x{n} {}{} {ab}->{c}{lt}{bias}", t(ta), t(tb))
 }
 
 /// Kernel dtype suffix: `f32`, `bf16` or `f16`.

@@ -179,7 +179,16 @@ impl LinearOps for Cuda {
             };
             // SAFETY: the shapes were checked above; every buffer is a device allocation of this context.
             let (a, wp, bp, o) = (inp.buf.ptr, w.buf.ptr, b.buf.ptr, out.buf.ptr);
-            if same && unsafe { lt.gemm(&self.stream, &g, 1.0, a, wp, 0.0, o, bp)? } {
+            let mut fused = false;
+            if same {
+                let label =
+                    || crate::cuda::gemm_label(n, ic, oc, false, true, inp.dtype, out.dtype, true);
+                self.profiled(label, || {
+                    fused = unsafe { lt.gemm(&self.stream, &g, 1.0, a, wp, 0.0, o, bp)? };
+                    Ok(())
+                })?;
+            }
+            if fused {
                 return Ok(());
             }
         }
