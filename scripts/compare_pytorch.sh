@@ -3,8 +3,9 @@
 #   (a) throughput, BERT-base shapes (random weights), batch 32, seq 384 (no padding), bf16;
 #   (b) a full fine-tune of all-MiniLM-L6-v2 on SQuAD v1.1 (default 2 epochs), both sides from the same f16
 #       BertForQuestionAnswering file (made by `bertqa convert`), dev EM/F1 for both.
+#   (c) our MiniLM training throughput with and without dynamic padding (its effect on its own).
 # Expects .gpu/ from scripts/package_gpu.sh (binaries, gzipped SQuAD, minilm-f16). Writes logs to $OUT.
-# Env: EPOCHS (2), SKIP_A / SKIP_B (skip a workload), PEAK_TFLOPS (measured bf16 GEMM peak; 781 on the H100 of
+# Env: EPOCHS (2), SKIP_A / SKIP_B / SKIP_C (skip a workload), PEAK_TFLOPS (measured bf16 GEMM peak; 781 on the H100 of
 # docs/perf-log.md), HF_COMPILE=1 (also run the torch.compile variant of the throughput test).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,5 +50,18 @@ if [ -z "${SKIP_B:-}" ]; then
         --output-dir /tmp/hf-minilm --peak-tflops $PEAK 2> "$OUT/hf_minilm.err" | tail -1 | tee -a "$OUT/summary.txt"
     echo "hf    MiniLM: wall $(( $(date +%s) - s ))s" | tee -a "$OUT/summary.txt"
     $BIN score $D/dev.json /tmp/hf-minilm/predictions.json 2>/dev/null | sed 's/^/hf predictions scored by bertqa score: /' | tee -a "$OUT/summary.txt"
+fi
+if [ -z "${SKIP_C:-}" ]; then
+    # (c) what dynamic padding (batches trimmed to their longest window, rounded up to 64) is worth on its own:
+    # the same MiniLM training, 300 steps, with and without it (both sides of (b) use it, so the comparison
+    # stays fair; this separates its effect from the kernels')
+    echo "== (c) dynamic padding on/off: all-MiniLM-L6-v2, 300 steps, batch 32, 384/128, bf16" | tee -a "$OUT/summary.txt"
+    for pad in on off; do
+        flag=""; [ $pad = off ] && flag="--no-dynamic-padding"
+        rm -rf /tmp/ours-pad
+        timeout 240 $BIN train --model .gpu/minilm-f16 --train-file $D/train.json --output-dir /tmp/ours-pad --max-steps 300 \
+            --precision bf16 --no-progress --save-total-limit 1 --log-every 10 $flag > "$OUT/ours_pad_$pad.log" 2>&1
+        echo "ours  MiniLM dynamic padding $pad: median $(med /tmp/ours-pad/metrics.jsonl) seq/s" | tee -a "$OUT/summary.txt"
+    done
 fi
 cat "$OUT/summary.txt"
