@@ -319,10 +319,19 @@ impl Case for AttentionCase {
         be.attention_forward(&mut out, &mut lse, &qkv, &mt, nh, d)?;
         let mut dqkv = Tensor::zeros(be, &[b, t, 3 * c], dt)?;
         be.attention_backward(&mut dqkv, &dy, &out, &lse, &qkv, &mt, nh, d)?;
+        // dQ, dK, dV compared one by one: a kernel that gets one of them wrong says which
+        let all = dqkv.to_f64_vec(be)?; // (B,T,3C)
+        let part = |k: usize| -> Vec<f64> {
+            all.chunks(3 * c)
+                .flat_map(|row| row[k * c..(k + 1) * c].iter().copied())
+                .collect()
+        };
         Ok(vec![
             ("out".into(), out.to_f64_vec(be)?),
             ("lse".into(), lse.to_f64_vec(be)?),
-            ("dqkv".into(), dqkv.to_f64_vec(be)?),
+            ("dq".into(), part(0)),
+            ("dk".into(), part(1)),
+            ("dv".into(), part(2)),
         ])
     }
 }
