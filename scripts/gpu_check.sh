@@ -37,6 +37,12 @@ for dt in bf16 f32; do
     BERTQA_ATTN=v4 BERTQA_GEMM=lt BERTQA_VEC=1 run parity_${dt}_next 120 .gpu/bin/test_parity --exact gpu_parity_$dt --nocapture --test-threads 1
     grep -E "FAIL|SKIPPED|panicked|test result" "$OUT/parity_${dt}_next.log" | head -20 | tee -a "$OUT/summary.txt"
 done
+# a fault surfaces at the next synchronisation, far from the kernel: rerun a failed attention-variants test
+# synchronising after every launch, so that its error names the kernel
+if ! grep -q "attn_variants: rc=0" "$OUT/summary.txt"; then
+    BERTQA_SYNC_LAUNCH=1 run attn_variants_sync 120 .gpu/bin/test_parity --exact gpu_attention_variants_bf16 --nocapture --test-threads 1
+    grep -E "FAIL|panicked|failed|test result" "$OUT/attn_variants_sync.log" | head -20 | tee -a "$OUT/summary.txt"
+fi
 # a failed (or hung) opt-in path is not timed: the bench then runs the defaults only
 if ! grep -q "attn_variants: rc=0" "$OUT/summary.txt" || ! grep -q "parity_bf16_next: rc=0" "$OUT/summary.txt" \
     || ! grep -q "parity_f32_next: rc=0" "$OUT/summary.txt"; then
