@@ -113,7 +113,9 @@ fn gpu_attention_variants_bf16() {
                     hs,
                     p: 0.1,
                 };
-                for mut row in compare(&gpu, DType::BF16, &case).unwrap() {
+                let got = compare(&gpu, DType::BF16, &case)
+                    .unwrap_or_else(|e| panic!("BERTQA_ATTN={v} {shape} HS={hs} T={t}: {e:#}"));
+                for mut row in got {
                     row.case = format!("{v} {shape} {}", row.case);
                     rows.push(row);
                 }
