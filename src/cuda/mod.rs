@@ -130,7 +130,7 @@ impl Cuda {
         format!("sm_{}{}", self.cc.0, self.cc.1)
     }
 
-    /// A kernel from module `module` (kernels/<module>.cu), compiled on first use.
+    /// A kernel from module `module` (`kernels/<module>.cu`), compiled on first use.
     pub fn func(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
         let key = format!("{module}::{name}");
         if let Some(f) = self.funcs.lock().unwrap().get(&key) {

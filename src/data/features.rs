@@ -4,7 +4,7 @@
 //! The question is truncated to `max_query_length` tokens; the context is split into windows of at most
 //! `max_seq_length − len(question) − 3` tokens, consecutive windows overlapping by `doc_stride` tokens (the
 //! semantics of Hugging Face's `run_qa.py`, `stride=doc_stride`). Labels: the answer's first and last token
-//! in the window, or (0, 0) — [CLS] — when the answer is not wholly inside the window (v1.1) or the question is
+//! in the window, or (0, 0) — \[CLS\] — when the answer is not wholly inside the window (v1.1) or the question is
 //! impossible (v2.0). Each paragraph's context is tokenized once and shared by its questions.
 
 use crate::data::squad::{Dataset, Example};

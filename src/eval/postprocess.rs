@@ -3,7 +3,7 @@
 //! Per example, over all its windows: the `n_best_size` highest start and end logits; valid spans only (both
 //! tokens inside the context, end ≥ start, length ≤ `max_answer_length`); score = start + end logit; the
 //! answer is the original context substring given by the character offsets. v2.0: the null score is the
-//! [CLS] start + end logit (the minimum over windows), and the answer is "" when
+//! \[CLS\] start + end logit (the minimum over windows), and the answer is "" when
 //! null − best non-null > `null_score_diff_threshold`.
 
 use crate::data::features::Feature;

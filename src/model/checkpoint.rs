@@ -344,7 +344,7 @@ pub fn raw_config(dir: &Path) -> Option<serde_json::Value> {
 
 /// Host tensors (HF names, `bert.` prefix) of a freshly initialised BertForQuestionAnswering, as HF's
 /// `_init_weights` does: linear and embedding weights normal(0, initializer_range), biases 0, LayerNorm
-/// weight 1 and bias 0, the [PAD] embedding row 0.
+/// weight 1 and bias 0, the \[PAD\] embedding row 0.
 pub fn random_init_host(cfg: &BertConfig, seed: u64) -> HostTensors {
     let mut rng = Rng::new(seed);
     let mut out = HostTensors::new();

@@ -65,7 +65,7 @@ pub struct BertConfig {
     pub initializer_range: f32,
     #[serde(default = "d_eps")]
     pub layer_norm_eps: f32,
-    /// The [PAD] id: its word embedding gets no gradient (as nn.Embedding(padding_idx) in HF).
+    /// The \[PAD\] id: its word embedding gets no gradient (as nn.Embedding(padding_idx) in HF).
     #[serde(default)]
     pub pad_token_id: Option<i32>,
 }

@@ -117,7 +117,7 @@ fn check_ids(op: &str, ids: &[i32], limit: usize, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// CPU reference gather: x[(b,t)] = word[ids] + pos[t] + type[types].
+/// CPU reference gather: `x[(b,t)] = word[ids] + pos[t] + type[types]`.
 pub fn gather_ref<T: Real>(
     x: &mut [T],
     ids: &[i32],

@@ -317,7 +317,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
 }
 
 /// Training features: every window of every example whose answer is aligned (v2.0 impossible questions
-/// included, labelled [CLS]).
+/// included, labelled \[CLS\]).
 pub fn training_features(
     ds: &Dataset,
     tok: &WordPieceTokenizer,
