@@ -799,10 +799,11 @@ TC3_INSTANTIATE(f16, f16, 128)
 
 // Shapes of variant 4's backward, picked by BERTQA_ATTN4 (src/ops/attention.rs). Registers from ptxas for
 // sm_90 (bf16; spill stores/loads in bytes):
-//   w4   4 warps, 64 keys per block, ≤ 170 registers (3 blocks/SM): hs32 144, hs64 168, hs128 168 (464/532)
-//   w8   8 warps, 128 keys: half the dQ reductions and Q/dO loads per key; hs32 144, hs64 190, hs128 246
-//        (1 block/SM at hs ≥ 64)
-//   w8b2 8 warps held to 128 registers (2 blocks/SM): hs32 128, hs64 128 (52/172), hs128 128 (1124/1068)
+//   w4   4 warps, 64 keys per block, ≤ 170 registers (3 blocks/SM): hs32 157, hs64 164, hs128 168 (420/624)
+//   w8   8 warps, 128 keys: half the dQ reductions and Q/dO loads per key; hs32 174, hs64 198, hs128 244
+//        (1 block/SM)
+//   w8b2 8 warps held to 128 registers (2 blocks/SM): hs32 128 (12/12), hs64 128 (32/116), hs128 128
+//        (1152/1180)
 #define TC4_INSTANTIATE(TY, NAME, HS, CFG, NW, MINB)                                                                   \
     extern "C" __global__ void __launch_bounds__(NW * 32, MINB) attention_tc4_backward_##CFG##_##NAME##_hs##HS(AttnParams a) { \
         tc4_backward<TY, HS, NW>(a);                                                                                 \
