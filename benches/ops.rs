@@ -547,10 +547,10 @@ fn run_config<B: Timing>(
             &[
                 ("", &[]),
                 (", attention v4", &[("BERTQA_ATTN", "v4")]),
-                (", cuBLASLt bias", &[("BERTQA_GEMM", "lt")]),
-                (", vec LN/GELU", &[("BERTQA_VEC", "1")]),
+                (", cuBLASLt", &[("BERTQA_GEMM", "lt")]),
+                (", vec kernels", &[("BERTQA_VEC", "1")]),
                 (
-                    ", attention v4 + cuBLASLt bias + vec LN/GELU",
+                    ", attention v4 + cuBLASLt + vec kernels",
                     &[
                         ("BERTQA_ATTN", "v4"),
                         ("BERTQA_GEMM", "lt"),
