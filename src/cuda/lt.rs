@@ -234,18 +234,10 @@ impl Lt {
         let set = |attr, val: *const std::ffi::c_void, size| {
             lt::set_matmul_desc_attribute(desc, attr, val, size).map_err(err(&what))
         };
+        let set_i32 = |attr, v: i32| set(attr, &v as *const i32 as *const _, 4);
         use ltsys::cublasLtMatmulDescAttributes_t as D;
-        let (op1, op2) = (g.tb as i32, g.ta as i32); // 1 = CUBLAS_OP_T
-        set(
-            D::CUBLASLT_MATMUL_DESC_TRANSA,
-            &op1 as *const i32 as *const _,
-            4,
-        )?;
-        set(
-            D::CUBLASLT_MATMUL_DESC_TRANSB,
-            &op2 as *const i32 as *const _,
-            4,
-        )?;
+        set_i32(D::CUBLASLT_MATMUL_DESC_TRANSA, g.tb as i32)?; // 1 = CUBLAS_OP_T
+        set_i32(D::CUBLASLT_MATMUL_DESC_TRANSB, g.ta as i32)?;
         if g.bias {
             let epilogue = ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
             set(
@@ -253,12 +245,7 @@ impl Lt {
                 &epilogue as *const _ as *const _,
                 std::mem::size_of_val(&epilogue),
             )?;
-            let bias_ty = tc as i32;
-            set(
-                D::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
-                &bias_ty as *const i32 as *const _,
-                4,
-            )?;
+            set_i32(D::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, tc as i32)?;
             set(
                 D::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                 &bias as *const u64 as *const _,

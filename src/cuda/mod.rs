@@ -332,45 +332,40 @@ impl Cuda {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        self.profiled(
-            || gemm_label(m, k, n, ta, tb, adt, cdt, false),
-            || self.gemm_run(m, k, n, alpha, a, adt, ta, b, bdt, tb, beta, c, cdt),
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn gemm_run(
-        &self,
-        m: usize,
-        k: usize,
-        n: usize,
-        alpha: f32,
-        a: u64,
-        adt: DType,
-        ta: bool,
-        b: u64,
-        bdt: DType,
-        tb: bool,
-        beta: f32,
-        c: u64,
-        cdt: DType,
-    ) -> Result<()> {
         if adt != bdt {
             bail!("gemm: A is {adt} but B is {bdt}");
         }
+        let g = lt::Gemm {
+            m,
+            k,
+            n,
+            ta,
+            tb,
+            ab: adt,
+            c: cdt,
+            bias: false,
+        };
+        self.profiled(
+            || gemm_label(&g),
+            || self.gemm_run(&g, alpha, a, b, beta, c),
+        )
+    }
+
+    /// `g` through cuBLASLt when it is on and has an algorithm, else through cublasGemmEx.
+    fn gemm_run(&self, g: &lt::Gemm, alpha: f32, a: u64, b: u64, beta: f32, c: u64) -> Result<()> {
+        let &lt::Gemm {
+            m,
+            k,
+            n,
+            ta,
+            tb,
+            ab: adt,
+            c: cdt,
+            ..
+        } = g;
         if let Some(lt) = self.lt()? {
-            let g = lt::Gemm {
-                m,
-                k,
-                n,
-                ta,
-                tb,
-                ab: adt,
-                c: cdt,
-                bias: false,
-            };
             // SAFETY: the caller's contract (device buffers of this context holding these shapes)
-            if unsafe { lt.gemm(&self.stream, &g, alpha, a, b, beta, c, 0)? } {
+            if unsafe { lt.gemm(&self.stream, g, alpha, a, b, beta, c, 0)? } {
                 return Ok(());
             }
         }
@@ -409,7 +404,7 @@ impl Cuda {
                 k as i32,
                 &alpha as *const f32 as *const _,
                 b as *const _,
-                dt(bdt)?,
+                dt(adt)?,
                 ldb as i32,
                 a as *const _,
                 dt(adt)?,
@@ -643,26 +638,21 @@ pub fn vec_width(d: DType, ptrs: &[u64]) -> Option<usize> {
 }
 
 /// How the profiler names a GEMM: `gemm M×K×N` (row-major C(M,N) = op(A)(M,K)·op(B)(K,N)), transposes,
-/// dtypes, and `+bias` for the cuBLASLt bias epilogue.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_label(
-    m: usize,
-    k: usize,
-    n: usize,
-    ta: bool,
-    tb: bool,
-    ab: DType,
-    c: DType,
-    bias: bool,
-) -> String {
+/// dtypes, whether cuBLASLt runs it and `+bias` for its bias epilogue.
+pub(crate) fn gemm_label(g: &lt::Gemm) -> String {
     let t = |x: bool| if x { "T" } else { "N" };
-    let lt = if gemm_lt() && matches!(ab, DType::BF16 | DType::F16) {
+    let lt = if gemm_lt() && matches!(g.ab, DType::BF16 | DType::F16) {
         " lt"
     } else {
         ""
     };
-    let bias = if bias { " +bias" } else { "" };
-    format!("gemm {m}x{k}x{n} {}{} {ab}->{c}{lt}{bias}", t(ta), t(tb))
+    let bias = if g.bias { " +bias" } else { "" };
+    let (m, k, n, ab, c) = (g.m, g.k, g.n, g.ab, g.c);
+    format!(
+        "gemm {m}x{k}x{n} {}{} {ab}->{c}{lt}{bias}",
+        t(g.ta),
+        t(g.tb)
+    )
 }
 
 /// Kernel dtype suffix: `f32`, `bf16` or `f16`.

@@ -181,12 +181,13 @@ impl LinearOps for Cuda {
             let (a, wp, bp, o) = (inp.buf.ptr, w.buf.ptr, b.buf.ptr, out.buf.ptr);
             let mut fused = false;
             if same {
-                let label =
-                    || crate::cuda::gemm_label(n, ic, oc, false, true, inp.dtype, out.dtype, true);
-                self.profiled(label, || {
-                    fused = unsafe { lt.gemm(&self.stream, &g, 1.0, a, wp, 0.0, o, bp)? };
-                    Ok(())
-                })?;
+                self.profiled(
+                    || crate::cuda::gemm_label(&g),
+                    || {
+                        fused = unsafe { lt.gemm(&self.stream, &g, 1.0, a, wp, 0.0, o, bp)? };
+                        Ok(())
+                    },
+                )?;
             }
             if fused {
                 return Ok(());
