@@ -37,6 +37,9 @@ template <> struct is_bf16<bf16> { static constexpr bool value = true; };
 
 template <typename T>
 __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+#ifdef BERTQA_EMU
+    ::emu::mma_m16n8k16(is_bf16<T>::value, c, a, b0, b1);
+#else
     if constexpr (is_bf16<T>::value) {
         asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -46,36 +49,66 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1)
                      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
     }
+#endif
 }
 
+// ldmatrix (.m8n8 .b16): lanes 8i..8i+7 give the row addresses of 8×8 matrix i; r[i] = this lane's pair of
+// matrix i — row lane/4, columns 2·(lane%4) and +1 (.trans: rows 2·(lane%4) and +1 of column lane/4).
+// p is a generic pointer into shared memory.
+#ifdef BERTQA_EMU
+__device__ __forceinline__ void ldsm_x4(u32* r, const void* p) { ::emu::ldmatrix(r, 4, false, p); }
+__device__ __forceinline__ void ldsm_x2(u32& b0, u32& b1, const void* p) {
+    u32 r[2];
+    ::emu::ldmatrix(r, 2, false, p);
+    b0 = r[0], b1 = r[1];
+}
+__device__ __forceinline__ void ldsm_x2_trans(u32& b0, u32& b1, const void* p) {
+    u32 r[2];
+    ::emu::ldmatrix(r, 2, true, p);
+    b0 = r[0], b1 = r[1];
+}
+#else
 // shared-memory address of a generic pointer (for ldmatrix)
 __device__ __forceinline__ u32 smem_u32(const void* p) {
     u32 a;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
     return a;
 }
+__device__ __forceinline__ void ldsm_x4(u32* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldsm_x2(u32& b0, u32& b1, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldsm_x2_trans(u32& b0, u32& b1, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(smem_u32(p)));
+}
+#endif
 // A fragment (16×16, row-major tile with row stride `ld` elements) at (row 0, col k0)
 template <typename T> __device__ __forceinline__ void lda_x4(u32* r, const T* tile, int ld, int k0) {
     int l = threadIdx.x & 31;
-    const T* p = tile + (((l >> 3) & 1) * 8 + (l & 7)) * ld + k0 + (l >> 4) * 8;
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+    ldsm_x4(r, tile + (((l >> 3) & 1) * 8 + (l & 7)) * ld + k0 + (l >> 4) * 8);
 }
 // B fragment (k 16 × n 8) from a tile stored [n][k] (row n, k contiguous): rows n0..n0+7, cols k0..k0+15
 template <typename T> __device__ __forceinline__ void ldb_nk(u32& b0, u32& b1, const T* tile, int ld, int n0, int k0) {
     int l = threadIdx.x & 31;
-    const T* p = tile + (n0 + (l & 7)) * ld + k0 + ((l >> 3) & 1) * 8;
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(smem_u32(p)));
+    ldsm_x2(b0, b1, tile + (n0 + (l & 7)) * ld + k0 + ((l >> 3) & 1) * 8);
 }
 // B fragment (k 16 × n 8) from a tile stored [k][n] (row k, n contiguous): rows k0..k0+15, cols n0..n0+7
 template <typename T> __device__ __forceinline__ void ldb_kn(u32& b0, u32& b1, const T* tile, int ld, int k0, int n0) {
     int l = threadIdx.x & 31;
-    const T* p = tile + (k0 + (l & 15)) * ld + n0;
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(smem_u32(p)));
+    ldsm_x2_trans(b0, b1, tile + (k0 + (l & 15)) * ld + n0);
 }
 
 // cp.async (sm_80+): copies global → shared without a register round trip, `bytes` of them or zeros when
 // `valid` is false (src must still be a mapped address); completion via commit/wait groups.
+#ifdef BERTQA_EMU
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) { ::emu::cp_async(dst, src, 16, valid); }
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) { ::emu::cp_async(dst, src, 4, valid); }
+__device__ __forceinline__ void cp_async_commit() { ::emu::cp_async_commit(); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { ::emu::cp_async_wait(N); }
+#else
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0)
                  : "memory");
@@ -86,6 +119,7 @@ __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+#endif
 
 // rows r0.. of part (0 Q, 1 K, 2 V, 3 dO) into a row-major [ROWS][HS+8] tile, 16 bytes per thread and step;
 // rows at or past T are zeros. ASYNC: through cp.async (the caller commits and waits), else plain loads.
@@ -144,9 +178,13 @@ __device__ __forceinline__ u32 keep_threshold(float p) { return p > 0.f ? (u32)c
 __device__ __forceinline__ bool kept(u32 word, u32 thr) { return (word >> 8) >= thr; }
 // 2^x, hardware approximation (max relative error 2^-22), flushing denormals; ex2(-inf) = 0
 __device__ __forceinline__ float ex2(float x) {
+#ifdef BERTQA_EMU
+    return ::emu::ex2_approx_ftz(x);
+#else
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
+#endif
 }
 #define LOG2E_F 1.4426950408889634f
 #define LN2_F 0.69314718055994531f
@@ -213,7 +251,7 @@ __device__ __forceinline__ void store_dkdv(const AttnParams& a, const float (&dk
 template <typename T, int HS>
 __device__ void tc3_forward(const AttnParams& a) {
     constexpr int BK = 64, KS = HS / 16, NO = HS / 8, LD = HS + 8;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    DYN_SMEM(unsigned char, smem_raw);
     T* Qs = (T*)smem_raw;                // [64][LD]
     T* Ks = Qs + 64 * LD;                // [BK][LD]
     T* Vs = Ks + BK * LD;                // [BK][LD]
@@ -317,7 +355,7 @@ __device__ void tc3_forward(const AttnParams& a) {
 template <typename T, int HS>
 __device__ void tc3_backward_kv(const AttnParams& a) {
     constexpr int BQ = 32, KS = HS / 16, NO = HS / 8, LD = HS + 8;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    DYN_SMEM(unsigned char, smem_raw);
     T* Ks = (T*)smem_raw;          // [64][LD]
     T* Vs = Ks + 64 * LD;          // [64][LD]
     T* Qs = Vs + 64 * LD;          // [BQ][LD]
@@ -393,7 +431,7 @@ __device__ void tc3_backward_kv(const AttnParams& a) {
 template <typename T, int HS>
 __device__ void tc3_backward_q(const AttnParams& a) {
     constexpr int BK = 32, KS = HS / 16, NO = HS / 8, LD = HS + 8;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    DYN_SMEM(unsigned char, smem_raw);
     T* Qs = (T*)smem_raw;          // [64][LD]
     T* Os = Qs + 64 * LD;          // [64][LD]  dO
     T* Ks = Os + 64 * LD;          // [BK][LD]
@@ -480,7 +518,7 @@ __device__ void tc3_backward_q(const AttnParams& a) {
 template <typename T, int HS>
 __device__ void tc4_forward(const AttnParams& a) {
     constexpr int BK = 64, KS = HS / 16, NO = HS / 8, LD = HS + 8;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    DYN_SMEM(unsigned char, smem_raw);
     T* Qs = (T*)smem_raw;                // [64][LD]
     T* Kb = Qs + 64 * LD;                // [2][BK][LD]
     T* Vb = Kb + 2 * BK * LD;            // [2][BK][LD]
@@ -625,7 +663,7 @@ __device__ void tc4_backward(const AttnParams& a) {
     constexpr int BKEY = NW * 16, BQ = 32, KS = HS / 16, NO = HS / 8, LD = HS + 8, LDS = BKEY + 8;
     constexpr int NQ = NO / (NW / 2);  // dQ: warp w owns query rows (w&1)·16.. and NQ of the NO column tiles
     static_assert(NQ >= 1 && NO % (NW / 2) == 0, "dQ split");
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    DYN_SMEM(unsigned char, smem_raw);
     T* Ks = (T*)smem_raw;                 // [BKEY][LD]
     T* Vs = Ks + BKEY * LD;               // [BKEY][LD]
     T* Qs = Vs + BKEY * LD;               // [2][BQ][LD]   double-buffered

@@ -6,8 +6,20 @@
 // - Storage types: float, __nv_bfloat16, __half; arithmetic and statistics are always float.
 // - Kernel names: <op>_<forward|backward>_<f32|bf16|f16>.
 #pragma once
+#ifdef BERTQA_EMU
+// Compiled on the CPU by the kernel emulator (tests/emu/cuda_emu.hpp defines the CUDA built-ins it needs).
+#include "cuda_emu.hpp"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
+
+// The block's dynamic shared memory (the launch's smem bytes) as an array of T.
+#ifdef BERTQA_EMU
+#define DYN_SMEM(T, name) T* name = (T*)::emu::dyn_smem()
+#else
+#define DYN_SMEM(T, name) extern __shared__ __align__(16) T name[]
+#endif
 
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)

@@ -89,7 +89,7 @@ __device__ void emb_backward(const EmbParams& a) {
 template <typename T, int CH>
 __device__ void emb_backward_vec(const EmbParams& a) {
     constexpr int N = Pack16<T>::N;
-    extern __shared__ float smem[];  // dγ[c], dβ[c], dttype[tv][c] partials of this block
+    DYN_SMEM(float, smem);  // dγ[c], dβ[c], dttype[tv][c] partials of this block
     float* sdg = smem;
     float* sdb = smem + a.c;
     float* sdt = smem + 2 * a.c;

@@ -54,7 +54,7 @@ __device__ void ln_forward(const LnFwdParams& a) {
 
 template <typename T>
 __device__ void ln_backward(const LnBwdParams& a) {
-    extern __shared__ float smem[];  // dgamma[c], dbeta[c] partials of this block
+    DYN_SMEM(float, smem);  // dgamma[c], dbeta[c] partials of this block
     float* sdg = smem;
     float* sdb = smem + a.c;
     for (int i = threadIdx.x; i < 2 * a.c; i += blockDim.x) smem[i] = 0.f;
@@ -154,7 +154,7 @@ __device__ void ln_forward_vec(const LnFwdParams& a) {
 template <typename T, int CH>
 __device__ void ln_backward_vec(const LnBwdParams& a) {
     constexpr int N = Pack16<T>::N;
-    extern __shared__ float smem[];  // dgamma[c], dbeta[c] partials of this block
+    DYN_SMEM(float, smem);  // dgamma[c], dbeta[c] partials of this block
     float* sdg = smem;
     float* sdb = smem + a.c;
     for (int i = threadIdx.x; i < 2 * a.c; i += blockDim.x) smem[i] = 0.f;

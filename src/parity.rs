@@ -137,14 +137,22 @@ impl Case for LinearCase {
 pub struct GeluCase {
     pub n: usize,
 }
+impl GeluCase {
+    /// (x, dy), host values before rounding
+    pub fn inputs(&self) -> (Vec<f64>, Vec<f64>) {
+        let mut r = Rng::new(12);
+        let x = rv(&mut r, self.n, 4.0);
+        (x, rv(&mut r, self.n, 1.0))
+    }
+}
 impl Case for GeluCase {
     fn name(&self) -> String {
         format!("gelu n={}", self.n)
     }
     fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
-        let mut r = Rng::new(12);
-        let x = up(be, &rv(&mut r, self.n, 4.0), &[self.n], dt)?;
-        let dy = up(be, &rv(&mut r, self.n, 1.0), &[self.n], dt)?;
+        let (x, dy) = self.inputs();
+        let x = up(be, &x, &[self.n], dt)?;
+        let dy = up(be, &dy, &[self.n], dt)?;
         let mut y = Tensor::zeros(be, &[self.n], dt)?;
         be.gelu_forward(&mut y, &x)?;
         let mut dx = Tensor::zeros(be, &[self.n], dt)?;
@@ -178,20 +186,47 @@ pub struct LayerNormCase {
     pub c: usize,
     pub p: f32,
 }
+/// The host inputs of a [`LayerNormCase`] (before rounding to the run's dtype).
+pub struct LayerNormInputs {
+    /// (N,C) the input that is dropped out and added to the residual
+    pub x: Vec<f64>,
+    /// (N,C)
+    pub res: Vec<f64>,
+    /// (C)
+    pub gamma: Vec<f64>,
+    /// (C)
+    pub beta: Vec<f64>,
+    /// (N,C) the output gradient
+    pub dy: Vec<f64>,
+    pub drop: Dropout,
+}
+impl LayerNormCase {
+    pub fn inputs(&self) -> LayerNormInputs {
+        let (n, c) = (self.n, self.c);
+        let mut r = Rng::new(14);
+        LayerNormInputs {
+            x: rv(&mut r, n * c, 1.0),
+            res: rv(&mut r, n * c, 2.0),
+            gamma: rv(&mut r, c, 0.3).iter().map(|v| v + 1.0).collect(),
+            beta: rv(&mut r, c, 0.5),
+            dy: rv(&mut r, n * c, 1.0),
+            drop: Dropout::new(self.p, 99),
+        }
+    }
+}
 impl Case for LayerNormCase {
     fn name(&self) -> String {
         format!("residual_layernorm N={} C={} p={}", self.n, self.c, self.p)
     }
     fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
         let (n, c) = (self.n, self.c);
-        let mut r = Rng::new(14);
-        let d = Dropout::new(self.p, 99);
-        let x = up(be, &rv(&mut r, n * c, 1.0), &[n, c], dt)?;
-        let res = up(be, &rv(&mut r, n * c, 2.0), &[n, c], dt)?;
-        let gm: Vec<f64> = rv(&mut r, c, 0.3).iter().map(|v| v + 1.0).collect();
-        let gamma = up(be, &gm, &[c], dt)?;
-        let beta = up(be, &rv(&mut r, c, 0.5), &[c], dt)?;
-        let dy = up(be, &rv(&mut r, n * c, 1.0), &[n, c], dt)?;
+        let i = self.inputs();
+        let d = i.drop;
+        let x = up(be, &i.x, &[n, c], dt)?;
+        let res = up(be, &i.res, &[n, c], dt)?;
+        let gamma = up(be, &i.gamma, &[c], dt)?;
+        let beta = up(be, &i.beta, &[c], dt)?;
+        let dy = up(be, &i.dy, &[n, c], dt)?;
         let s = stat(dt);
         let (mut out, mut sum) = (
             Tensor::zeros(be, &[n, c], dt)?,
@@ -228,6 +263,51 @@ pub struct EmbeddingCase {
     pub v: usize,
     pub p: f32,
 }
+/// The host inputs of an [`EmbeddingCase`] (before rounding to the run's dtype); P = T + 3 positions, TV = 2
+/// token types; the backward's padding index is 0.
+pub struct EmbeddingInputs {
+    /// (B,T)
+    pub ids: Vec<i32>,
+    /// (B,T) 0 in the first half of each row, 1 in the second
+    pub types: Vec<i32>,
+    /// (V,C)
+    pub word: Vec<f64>,
+    /// (P,C)
+    pub pos: Vec<f64>,
+    /// (TV,C)
+    pub ttype: Vec<f64>,
+    /// (C)
+    pub gamma: Vec<f64>,
+    /// (C)
+    pub beta: Vec<f64>,
+    /// (B,T,C) the output gradient
+    pub dy: Vec<f64>,
+    pub drop: Dropout,
+}
+impl EmbeddingCase {
+    /// (positions P, token types TV)
+    pub fn tables(&self) -> (usize, usize) {
+        (self.t + 3, 2)
+    }
+    pub fn inputs(&self) -> EmbeddingInputs {
+        let (b, t, c, v) = (self.b, self.t, self.c, self.v);
+        let (pp, tv) = self.tables();
+        let mut r = Rng::new(15);
+        let ids = (0..b * t).map(|_| r.below(v) as i32).collect();
+        let types = (0..b * t).map(|i| ((i % t) >= t / 2) as i32).collect();
+        EmbeddingInputs {
+            ids,
+            types,
+            word: rv(&mut r, v * c, 1.0),
+            pos: rv(&mut r, pp * c, 1.0),
+            ttype: rv(&mut r, tv * c, 1.0),
+            gamma: rv(&mut r, c, 0.3).iter().map(|x| x + 1.0).collect(),
+            beta: rv(&mut r, c, 0.5),
+            dy: rv(&mut r, b * t * c, 1.0),
+            drop: Dropout::new(self.p, 4242),
+        }
+    }
+}
 impl Case for EmbeddingCase {
     fn name(&self) -> String {
         format!(
@@ -237,20 +317,17 @@ impl Case for EmbeddingCase {
     }
     fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
         let (b, t, c, v) = (self.b, self.t, self.c, self.v);
-        let (pp, tv) = (t + 3, 2);
-        let mut r = Rng::new(15);
-        let d = Dropout::new(self.p, 4242);
-        let ids: Vec<i32> = (0..b * t).map(|_| r.below(v) as i32).collect();
-        let types: Vec<i32> = (0..b * t).map(|i| ((i % t) >= t / 2) as i32).collect();
-        let word = up(be, &rv(&mut r, v * c, 1.0), &[v, c], dt)?;
-        let pos = up(be, &rv(&mut r, pp * c, 1.0), &[pp, c], dt)?;
-        let ty = up(be, &rv(&mut r, tv * c, 1.0), &[tv, c], dt)?;
-        let gm: Vec<f64> = rv(&mut r, c, 0.3).iter().map(|x| x + 1.0).collect();
-        let gamma = up(be, &gm, &[c], dt)?;
-        let beta = up(be, &rv(&mut r, c, 0.5), &[c], dt)?;
-        let dy = up(be, &rv(&mut r, b * t * c, 1.0), &[b, t, c], dt)?;
-        let idt = Tensor::from_i32(be, &ids, &[b, t])?;
-        let tyt = Tensor::from_i32(be, &types, &[b, t])?;
+        let (pp, tv) = self.tables();
+        let i = self.inputs();
+        let d = i.drop;
+        let word = up(be, &i.word, &[v, c], dt)?;
+        let pos = up(be, &i.pos, &[pp, c], dt)?;
+        let ty = up(be, &i.ttype, &[tv, c], dt)?;
+        let gamma = up(be, &i.gamma, &[c], dt)?;
+        let beta = up(be, &i.beta, &[c], dt)?;
+        let dy = up(be, &i.dy, &[b, t, c], dt)?;
+        let idt = Tensor::from_i32(be, &i.ids, &[b, t])?;
+        let tyt = Tensor::from_i32(be, &i.types, &[b, t])?;
         let s = stat(dt);
         let mut out = Tensor::zeros(be, &[b, t, c], dt)?;
         let (mut mean, mut rstd) = (
@@ -298,6 +375,32 @@ pub struct AttentionCase {
     pub hs: usize,
     pub p: f32,
 }
+/// The host inputs of an [`AttentionCase`] (before rounding to the run's dtype).
+pub struct AttentionInputs {
+    /// (B,T) 1 = real token; row 0 unpadded, the others padded at random
+    pub mask: Vec<i32>,
+    /// (B,T,3C)
+    pub qkv: Vec<f64>,
+    /// (B,T,C) the output gradient
+    pub dy: Vec<f64>,
+    pub drop: Dropout,
+}
+impl AttentionCase {
+    pub fn inputs(&self) -> AttentionInputs {
+        let (b, t, c) = (self.b, self.t, self.nh * self.hs);
+        let mut r = Rng::new(16);
+        let drop = Dropout::new(self.p, 777);
+        let mask = padded_mask(&mut r, b, t);
+        let qkv = rv(&mut r, b * t * 3 * c, 1.5);
+        let dy = rv(&mut r, b * t * c, 1.0);
+        AttentionInputs {
+            mask,
+            qkv,
+            dy,
+            drop,
+        }
+    }
+}
 impl Case for AttentionCase {
     fn name(&self) -> String {
         format!(
@@ -308,11 +411,14 @@ impl Case for AttentionCase {
     fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
         let (b, t, nh, hs) = (self.b, self.t, self.nh, self.hs);
         let c = nh * hs;
-        let mut r = Rng::new(16);
-        let d = Dropout::new(self.p, 777);
-        let mask = padded_mask(&mut r, b, t);
-        let qkv = up(be, &rv(&mut r, b * t * 3 * c, 1.5), &[b, t, 3 * c], dt)?;
-        let dy = up(be, &rv(&mut r, b * t * c, 1.0), &[b, t, c], dt)?;
+        let AttentionInputs {
+            mask,
+            qkv,
+            dy,
+            drop: d,
+        } = self.inputs();
+        let qkv = up(be, &qkv, &[b, t, 3 * c], dt)?;
+        let dy = up(be, &dy, &[b, t, c], dt)?;
         let mt = Tensor::from_i32(be, &mask, &[b, t])?;
         let mut out = Tensor::zeros(be, &[b, t, c], dt)?;
         let mut lse = Tensor::zeros(be, &[b, nh, t], stat(dt))?;
@@ -579,9 +685,15 @@ impl Case for StepCase {
 
 /// Run `case` on `dev` at `dt` and on the CPU (f64 reference, and `dt` storage), and compare.
 pub fn compare<B: Backend, C: Case>(dev: &B, dt: DType, case: &C) -> Result<Vec<Row>> {
+    let devo = case.run(dev, dt)?;
+    compare_outputs(dt, case, &devo)
+}
+
+/// Compare a device's outputs of `case` at `dt`, however they were produced (a backend, or the kernel
+/// emulator of tests/emu), with the CPU reference runs (f64, and `dt` storage).
+pub fn compare_outputs<C: Case>(dt: DType, case: &C, devo: &Outputs) -> Result<Vec<Row>> {
     let reference = case.run(&Cpu, DType::F64)?;
     let cpu_same = case.run(&Cpu, dt)?;
-    let devo = case.run(dev, dt)?;
     let mut rows = vec![];
     let find = |o: &Outputs, name: &str, who: &str| -> Result<Vec<f64>> {
         o.iter()
@@ -599,7 +711,7 @@ pub fn compare<B: Backend, C: Case>(dev: &B, dt: DType, case: &C) -> Result<Vec<
         );
     }
     for (name, r) in reference.iter() {
-        let (c, d) = (find(&cpu_same, name, "cpu")?, find(&devo, name, "device")?);
+        let (c, d) = (find(&cpu_same, name, "cpu")?, find(devo, name, "device")?);
         let (c, d) = (&c, &d);
         if r.len() != d.len() || r.len() != c.len() {
             anyhow::bail!(

@@ -242,6 +242,11 @@ impl Cuda {
         Ok(Some(out))
     }
 
+    /// Run one launch description (src/ops/mod.rs `Launch`).
+    pub fn run<P: DeviceRepr + Copy>(&self, l: &crate::ops::Launch<P>) -> Result<()> {
+        self.launch(l.module, &l.name, l.grid, l.block, l.smem, l.params)
+    }
+
     /// Launch `module::name` with one parameter struct. `what` names the op in errors.
     pub fn launch<P: DeviceRepr>(
         &self,

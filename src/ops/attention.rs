@@ -12,6 +12,7 @@
 use crate::backend::BackendCore;
 use crate::cpu::{gemm, ids, rd, wr, Cpu, Real};
 use crate::cuda::{suffix, Cuda};
+use crate::ops::Launch;
 use crate::rng::Dropout;
 use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
@@ -234,24 +235,34 @@ impl AttentionOps for Cpu {
     }
 }
 
+/// The parameter struct of every attention kernel (kernels/attention.cu, attention_tc.cu `AttnParams`).
+/// Pointers are device addresses (0: unused by the launch). [`AttnPlan`] fills everything but the pointers.
 #[repr(C)]
-#[derive(Clone, Copy)]
-struct AttnParams {
-    out: u64,
-    lse: u64,
-    qkv: u64,
-    mask: u64,
-    dout: u64,
-    dqkv: u64,
-    dsum: u64,
-    dqacc: u64,
-    seed: u64,
-    b: i32,
-    t: i32,
-    nh: i32,
-    hs: i32,
-    p: f32,
-    scale: f32,
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AttnParams {
+    /// (B,T,C) activation dtype
+    pub out: u64,
+    /// (B,NH,T) f32
+    pub lse: u64,
+    /// (B,T,3C)
+    pub qkv: u64,
+    /// (B,T) i32
+    pub mask: u64,
+    /// (B,T,C) backward only
+    pub dout: u64,
+    /// (B,T,3C) backward only
+    pub dqkv: u64,
+    /// (B,NH,T) f32 scratch, backward only
+    pub dsum: u64,
+    /// (B,T,C) f32 scratch, zero on entry, backward of variant 4 only
+    pub dqacc: u64,
+    pub seed: u64,
+    pub b: i32,
+    pub t: i32,
+    pub nh: i32,
+    pub hs: i32,
+    pub p: f32,
+    pub scale: f32,
 }
 unsafe impl cudarc::driver::DeviceRepr for AttnParams {}
 
@@ -359,6 +370,177 @@ fn cuda_checks(op: &str, act: DType, others: &[DType], lse: DType, hs: usize) ->
     Ok(())
 }
 
+/// The shape and settings of one CUDA attention call: `act` the activation dtype, `variant` from
+/// [`cuda_variant`], `tc4` variant 4's backward shape from [`tc4_config`].
+#[derive(Clone, Copy, Debug)]
+pub struct AttnPlan {
+    pub act: DType,
+    pub b: usize,
+    pub t: usize,
+    pub nh: usize,
+    pub hs: usize,
+    pub drop: Dropout,
+    pub variant: u32,
+    pub tc4: (&'static str, usize),
+}
+
+impl AttnPlan {
+    /// The plan the CUDA backend runs: variant and backward shape from `BERTQA_ATTN` / `BERTQA_ATTN4`.
+    pub fn from_env(
+        act: DType,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+        drop: Dropout,
+    ) -> Result<AttnPlan> {
+        Ok(AttnPlan {
+            act,
+            b,
+            t,
+            nh,
+            hs,
+            drop,
+            variant: cuda_variant(act, hs),
+            tc4: tc4_config()?,
+        })
+    }
+
+    /// `ptr`'s pointers with this call's shape and dropout
+    fn params(&self, ptr: AttnParams) -> AttnParams {
+        AttnParams {
+            seed: self.drop.seed,
+            b: self.b as i32,
+            t: self.t as i32,
+            nh: self.nh as i32,
+            hs: self.hs as i32,
+            p: self.drop.p,
+            scale: 1.0 / (self.hs as f32).sqrt(),
+            ..ptr
+        }
+    }
+
+    /// The forward's launches: one kernel writing out and lse.
+    pub fn forward(&self, ptr: AttnParams) -> Result<Vec<Launch<AttnParams>>> {
+        let AttnPlan { b, t, nh, hs, .. } = *self;
+        let p = self.params(ptr);
+        let dt = suffix(self.act)?;
+        let one = |module, name, grid, smem| Launch {
+            module,
+            name,
+            grid,
+            block: (128, 1, 1),
+            smem,
+            params: p,
+        };
+        Ok(vec![match self.variant {
+            4 => one(
+                "attention_tc",
+                tc_kernel("tc4_forward", dt, hs),
+                (super::blocks(t, 64), nh as u32, b as u32),
+                tc4_forward_smem(hs),
+            ),
+            3 => one(
+                "attention_tc",
+                tc_kernel("tc3_forward", dt, hs),
+                (super::blocks(t, 64), nh as u32, b as u32),
+                tc_smem(hs).0,
+            ),
+            _ => one(
+                "attention",
+                format!("attention_forward_{dt}_hs{hs}"),
+                (super::blocks(t, 32), nh as u32, b as u32),
+                0,
+            ),
+        }])
+    }
+
+    /// The backward's launches: D = dO·O into dsum, then dQ/dK/dV (variant 4: dQ through dqacc, which must be
+    /// zero on entry, and a final store).
+    pub fn backward(&self, ptr: AttnParams) -> Result<Vec<Launch<AttnParams>>> {
+        let AttnPlan { b, t, nh, hs, .. } = *self;
+        let p = self.params(ptr);
+        let dt = suffix(self.act)?;
+        let at = |module, name: String, grid, block, smem| Launch {
+            module,
+            name,
+            grid,
+            block,
+            smem,
+            params: p,
+        };
+        let mut v = vec![];
+        if self.variant == 4 {
+            if ptr.dqacc == 0 {
+                bail!("attention_backward: variant 4 needs the f32 dQ accumulator (B,T,C)");
+            }
+            // D with 16-byte loads: HS/8 (bf16/f16) threads per (row, head)
+            let threads = b * t * nh * (hs * self.act.size() / 16);
+            v.push(at(
+                "attention_tc",
+                tc_kernel("tc4_dsum", dt, hs),
+                (super::blocks(threads, 256), 1, 1),
+                (256, 1, 1),
+                0,
+            ));
+            let (cfg, nw) = self.tc4;
+            v.push(at(
+                "attention_tc",
+                tc_kernel(&format!("tc4_backward_{cfg}"), dt, hs),
+                (super::blocks(t, 16 * nw), nh as u32, b as u32),
+                ((32 * nw) as u32, 1, 1),
+                tc4_smem(hs, nw),
+            ));
+            let c = nh * hs;
+            v.push(at(
+                "attention_tc",
+                format!("attention_tc4_dq_store_{dt}"),
+                (super::blocks(b * t * c / 2, 256).min(65535 * 16), 1, 1),
+                (256, 1, 1),
+                0,
+            ));
+            return Ok(v);
+        }
+        v.push(at(
+            "attention",
+            format!("attention_dsum_{dt}_hs{hs}"),
+            (super::blocks(b * nh * t, 128), 1, 1),
+            (128, 1, 1),
+            0,
+        ));
+        if self.variant == 3 {
+            let grid = (super::blocks(t, 64), nh as u32, b as u32);
+            let (_, kv, q) = tc_smem(hs);
+            v.push(at(
+                "attention_tc",
+                tc_kernel("tc3_backward_kv", dt, hs),
+                grid,
+                (128, 1, 1),
+                kv,
+            ));
+            v.push(at(
+                "attention_tc",
+                tc_kernel("tc3_backward_q", dt, hs),
+                grid,
+                (128, 1, 1),
+                q,
+            ));
+            return Ok(v);
+        }
+        let grid = (super::blocks(t, 32), nh as u32, b as u32);
+        for kind in ["kv", "q"] {
+            v.push(at(
+                "attention",
+                format!("attention_backward_{kind}_{dt}_hs{hs}"),
+                grid,
+                (128, 1, 1),
+                0,
+            ));
+        }
+        Ok(v)
+    }
+}
+
 impl AttentionOps for Cuda {
     fn attention_forward(
         &self,
@@ -371,43 +553,18 @@ impl AttentionOps for Cuda {
     ) -> Result<()> {
         let (b, t, _, hs) = dims("attention_forward", out, lse, qkv, mask, nh)?;
         cuda_checks("attention_forward", out.dtype, &[qkv.dtype], lse.dtype, hs)?;
-        let p = AttnParams {
+        let plan = AttnPlan::from_env(out.dtype, b, t, nh, hs, drop)?;
+        let ptr = AttnParams {
             out: out.buf.ptr,
             lse: lse.buf.ptr,
             qkv: qkv.buf.ptr,
             mask: mask.buf.ptr,
-            dout: 0,
-            dqkv: 0,
-            dsum: 0,
-            dqacc: 0,
-            seed: drop.seed,
-            b: b as i32,
-            t: t as i32,
-            nh: nh as i32,
-            hs: hs as i32,
-            p: drop.p,
-            scale: 1.0 / (hs as f32).sqrt(),
+            ..bytemuck::Zeroable::zeroed()
         };
-        let variant = cuda_variant(out.dtype, hs);
-        if variant >= 3 {
-            let (kind, smem) = if variant == 4 {
-                ("tc4_forward", tc4_forward_smem(hs))
-            } else {
-                ("tc3_forward", tc_smem(hs).0)
-            };
-            let name = tc_kernel(kind, suffix(out.dtype)?, hs);
-            let grid = (super::blocks(t, 64), nh as u32, b as u32);
-            return self.launch("attention_tc", &name, grid, (128, 1, 1), smem, p);
+        for l in plan.forward(ptr)? {
+            self.run(&l)?;
         }
-        let name = format!("attention_forward_{}_hs{hs}", suffix(out.dtype)?);
-        self.launch(
-            "attention",
-            &name,
-            (super::blocks(t, 32), nh as u32, b as u32),
-            (128, 1, 1),
-            0,
-            p,
-        )
+        Ok(())
     }
 
     fn attention_backward(
@@ -431,8 +588,15 @@ impl AttentionOps for Cuda {
             lse.dtype,
             hs,
         )?;
+        let plan = AttnPlan::from_env(out.dtype, b, t, nh, hs, drop)?;
         let dsum = Tensor::<Cuda>::zeros(self, &[b, nh, t], DType::F32)?; // (B,NH,T), from the arena
-        let p = AttnParams {
+                                                                          // (B,T,C) f32 dQ accumulator of variant 4, zeroed
+        let dq = if plan.variant == 4 {
+            Some(Tensor::<Cuda>::zeros(self, &[b, t, nh * hs], DType::F32)?)
+        } else {
+            None
+        };
+        let ptr = AttnParams {
             out: out.buf.ptr,
             lse: lse.buf.ptr,
             qkv: qkv.buf.ptr,
@@ -440,81 +604,12 @@ impl AttentionOps for Cuda {
             dout: dout.buf.ptr,
             dqkv: dqkv.buf.ptr,
             dsum: dsum.buf.ptr,
-            dqacc: 0,
-            seed: drop.seed,
-            b: b as i32,
-            t: t as i32,
-            nh: nh as i32,
-            hs: hs as i32,
-            p: drop.p,
-            scale: 1.0 / (hs as f32).sqrt(),
+            dqacc: dq.as_ref().map_or(0, |d| d.buf.ptr),
+            ..bytemuck::Zeroable::zeroed()
         };
-        let sfx = format!("{}_hs{hs}", suffix(out.dtype)?);
-        let variant = cuda_variant(out.dtype, hs);
-        if variant == 4 {
-            // D with 16-byte loads: HS/8 (bf16/f16) threads per (row, head)
-            let threads = b * t * nh * (hs * out.dtype.size() / 16);
-            let name = tc_kernel("tc4_dsum", suffix(out.dtype)?, hs);
-            let grid = (super::blocks(threads, 256), 1, 1);
-            self.launch("attention_tc", &name, grid, (256, 1, 1), 0, p)?;
-        } else {
-            let rows = (super::blocks(b * nh * t, 128), 1, 1);
-            self.launch(
-                "attention",
-                &format!("attention_dsum_{sfx}"),
-                rows,
-                (128, 1, 1),
-                0,
-                p,
-            )?;
+        for l in plan.backward(ptr)? {
+            self.run(&l)?;
         }
-        if variant == 4 {
-            let (cfg, nw) = tc4_config()?;
-            let c = nh * hs;
-            let dq = Tensor::<Cuda>::zeros(self, &[b, t, c], DType::F32)?; // (B,T,C) dQ/scale, from the arena
-            let p = AttnParams {
-                dqacc: dq.buf.ptr,
-                ..p
-            };
-            let grid = (super::blocks(t, 16 * nw), nh as u32, b as u32);
-            let name = tc_kernel(&format!("tc4_backward_{cfg}"), suffix(out.dtype)?, hs);
-            let threads = (32 * nw) as u32;
-            self.launch(
-                "attention_tc",
-                &name,
-                grid,
-                (threads, 1, 1),
-                tc4_smem(hs, nw),
-                p,
-            )?;
-            let store = format!("attention_tc4_dq_store_{}", suffix(out.dtype)?);
-            let grid = (super::blocks(b * t * c / 2, 256).min(65535 * 16), 1, 1);
-            return self.launch("attention_tc", &store, grid, (256, 1, 1), 0, p);
-        }
-        if variant == 3 {
-            let grid = (super::blocks(t, 64), nh as u32, b as u32);
-            let (_, kv, q) = tc_smem(hs);
-            let kv_name = tc_kernel("tc3_backward_kv", suffix(out.dtype)?, hs);
-            self.launch("attention_tc", &kv_name, grid, (128, 1, 1), kv, p)?;
-            let q_name = tc_kernel("tc3_backward_q", suffix(out.dtype)?, hs);
-            return self.launch("attention_tc", &q_name, grid, (128, 1, 1), q, p);
-        }
-        let grid = (super::blocks(t, 32), nh as u32, b as u32);
-        self.launch(
-            "attention",
-            &format!("attention_backward_kv_{sfx}"),
-            grid,
-            (128, 1, 1),
-            0,
-            p,
-        )?;
-        self.launch(
-            "attention",
-            &format!("attention_backward_q_{sfx}"),
-            grid,
-            (128, 1, 1),
-            0,
-            p,
-        )
+        Ok(())
     }
 }

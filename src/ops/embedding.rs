@@ -9,6 +9,7 @@ use crate::cpu::{ids, rd, wr, Cpu, Real};
 use crate::cuda::{suffix, Cuda};
 use crate::ops::dropout::dropout_ref;
 use crate::ops::layernorm::{layernorm_bwd_ref, layernorm_fwd_ref};
+use crate::ops::Launch;
 use crate::rng::Dropout;
 use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
@@ -207,33 +208,83 @@ impl EmbeddingOps for Cpu {
     }
 }
 
+/// kernels/embedding.cu `EmbParams`: pointers are device addresses; the d* gradients accumulate (f32).
 #[repr(C)]
-#[derive(Clone, Copy)]
-struct EmbParams {
-    out: u64, // forward: out; backward: dout
-    mean: u64,
-    rstd: u64,
-    ids: u64,
-    types: u64,
-    word: u64,
-    pos: u64,
-    ttype: u64,
-    gamma: u64,
-    beta: u64,
-    dword: u64,
-    dpos: u64,
-    dttype: u64,
-    dgamma: u64,
-    dbeta: u64,
-    seed: u64,
-    n: i32,
-    t: i32,
-    c: i32,
-    v: i32,
-    tv: i32,
-    eps: f32,
-    p: f32,
-    padding_idx: i32,
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct EmbParams {
+    /// forward: out; backward: dout
+    pub out: u64,
+    pub mean: u64,
+    pub rstd: u64,
+    pub ids: u64,
+    pub types: u64,
+    pub word: u64,
+    pub pos: u64,
+    pub ttype: u64,
+    pub gamma: u64,
+    pub beta: u64,
+    pub dword: u64,
+    pub dpos: u64,
+    pub dttype: u64,
+    pub dgamma: u64,
+    pub dbeta: u64,
+    pub seed: u64,
+    pub n: i32,
+    pub t: i32,
+    pub c: i32,
+    pub v: i32,
+    pub tv: i32,
+    pub eps: f32,
+    pub p: f32,
+    pub padding_idx: i32,
+}
+
+/// The forward's launch (activations in `dt`): one warp per row, 8 rows per block.
+pub fn forward_launch(dt: DType, p: EmbParams) -> Result<Launch<EmbParams>> {
+    Ok(Launch {
+        module: "embedding",
+        name: format!("embeddings_forward_{}", suffix(dt)?),
+        grid: (super::blocks(p.n as usize, 8), 1, 1),
+        block: (256, 1, 1),
+        smem: 0,
+        params: p,
+    })
+}
+
+/// The backward's launch: the vec kernel when `vec` and it applies (16-byte-aligned buffers, C a multiple of
+/// the vector width and at most 4 chunks per lane, at most 2 token types) — blocks striding over rows, two per
+/// SM of `sm_count`, dγ, dβ and the token-type rows reduced per block in (2 + TV)·C floats of shared memory —
+/// else the scalar kernel, one warp per row.
+pub fn backward_launch(
+    dt: DType,
+    p: EmbParams,
+    vec: bool,
+    sm_count: usize,
+) -> Result<Launch<EmbParams>> {
+    let (n, c, tv) = (p.n as usize, p.c as usize, p.tv as usize);
+    let sfx = suffix(dt)?;
+    let ptrs = [p.out, p.word, p.pos, p.ttype, p.gamma];
+    if let Some(nv) = crate::cuda::vec_width(dt, &ptrs) {
+        let ch = c.div_ceil(32 * nv);
+        if vec && c.is_multiple_of(nv) && (1..=4).contains(&ch) && tv <= 2 {
+            return Ok(Launch {
+                module: "embedding",
+                name: emb_vec_kernel(ch, sfx),
+                grid: (super::blocks(n, 8).min((sm_count.max(1) * 2) as u32), 1, 1),
+                block: (256, 1, 1),
+                smem: ((2 + tv) * c * 4) as u32,
+                params: p,
+            });
+        }
+    }
+    Ok(Launch {
+        module: "embedding",
+        name: format!("embeddings_backward_{sfx}"),
+        grid: (super::blocks(n, 8), 1, 1),
+        block: (256, 1, 1),
+        smem: 0,
+        params: p,
+    })
 }
 unsafe impl cudarc::driver::DeviceRepr for EmbParams {}
 
@@ -291,15 +342,7 @@ impl EmbeddingOps for Cuda {
             p: drop.p,
             padding_idx: -1,
         };
-        let name = format!("embeddings_forward_{}", suffix(out.dtype)?);
-        self.launch(
-            "embedding",
-            &name,
-            (super::blocks(n, 8), 1, 1),
-            (256, 1, 1),
-            0,
-            p,
-        )
+        self.run(&forward_launch(out.dtype, p)?)
     }
 
     fn embeddings_backward(
@@ -352,37 +395,12 @@ impl EmbeddingOps for Cuda {
             p: drop.p,
             padding_idx: g.padding_idx,
         };
-        let sfx = suffix(dout.dtype)?;
-        let ptrs = [
-            dout.buf.ptr,
-            w.word.buf.ptr,
-            w.pos.buf.ptr,
-            w.ttype.buf.ptr,
-            w.gamma.buf.ptr,
-        ];
-        if let Some(nv) = crate::cuda::vec_width(dout.dtype, &ptrs) {
-            let ch = c.div_ceil(32 * nv);
-            if crate::cuda::vec_kernels()
-                && c.is_multiple_of(nv)
-                && (1..=4).contains(&ch)
-                && tv <= 2
-            {
-                // blocks stride over rows (two per SM); dγ, dβ and the token-type rows reduced per block
-                let grid = super::blocks(n, 8).min((self.sm_count.max(1) * 2) as u32);
-                let smem = ((2 + tv) * c * 4) as u32;
-                let name = emb_vec_kernel(ch, sfx);
-                return self.launch("embedding", &name, (grid, 1, 1), (256, 1, 1), smem, p);
-            }
-        }
-        let name = format!("embeddings_backward_{sfx}");
-        self.launch(
-            "embedding",
-            &name,
-            (super::blocks(n, 8), 1, 1),
-            (256, 1, 1),
-            0,
+        self.run(&backward_launch(
+            dout.dtype,
             p,
-        )
+            crate::cuda::vec_kernels(),
+            self.sm_count as usize,
+        )?)
     }
 }
 

@@ -4,6 +4,7 @@
 use crate::backend::BackendCore;
 use crate::cpu::{rd, wr, Cpu, Real};
 use crate::cuda::{dtype_code, Cuda};
+use crate::ops::Launch;
 use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
 use rayon::prelude::*;
@@ -74,15 +75,34 @@ impl GeluOps for Cpu {
     }
 }
 
+/// kernels/gelu.cu `GeluParams`: pointers are device addresses; `dout` is 0 in the forward.
 #[repr(C)]
-#[derive(Clone, Copy)]
-struct GeluParams {
-    out: u64,
-    dout: u64,
-    inp: u64,
-    n: u64,
-    dt: i32,
-    _pad: i32,
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct GeluParams {
+    pub out: u64,
+    pub dout: u64,
+    pub inp: u64,
+    pub n: u64,
+    pub dt: i32,
+    pub _pad: i32,
+}
+
+/// The launch of GELU forward (`backward` false) or backward over `p.n` elements of `dt`: grid-stride,
+/// 256 threads per block; the 16-byte vec kernel when `vec` and the buffers are aligned for it.
+pub fn launch(dt: DType, p: GeluParams, backward: bool, vec: bool) -> Result<Launch<GeluParams>> {
+    let (dir, ptrs) = if backward {
+        ("backward", vec![p.out, p.dout, p.inp])
+    } else {
+        ("forward", vec![p.out, p.inp])
+    };
+    Ok(Launch {
+        module: "gelu",
+        name: gelu_kernel(dir, dt, &ptrs, vec)?,
+        grid: (super::blocks(p.n as usize, 256).min(1 << 20), 1, 1),
+        block: (256, 1, 1),
+        smem: 0,
+        params: p,
+    })
 }
 unsafe impl cudarc::driver::DeviceRepr for GeluParams {}
 
@@ -104,15 +124,7 @@ impl GeluOps for Cuda {
             dt: dtype_code(out.dtype),
             _pad: 0,
         };
-        let name = gelu_kernel("forward", out.dtype, &[out.buf.ptr, inp.buf.ptr])?;
-        self.launch(
-            "gelu",
-            &name,
-            (super::blocks(n, 256).min(1 << 20), 1, 1),
-            (256, 1, 1),
-            0,
-            p,
-        )
+        self.run(&launch(out.dtype, p, false, crate::cuda::vec_kernels())?)
     }
     fn gelu_backward(
         &self,
@@ -138,29 +150,18 @@ impl GeluOps for Cuda {
             dt: dtype_code(inp.dtype),
             _pad: 0,
         };
-        let ptrs = [dinp.buf.ptr, dout.buf.ptr, inp.buf.ptr];
-        let name = gelu_kernel("backward", inp.dtype, &ptrs)?;
-        self.launch(
-            "gelu",
-            &name,
-            (super::blocks(n, 256).min(1 << 20), 1, 1),
-            (256, 1, 1),
-            0,
-            p,
-        )
+        self.run(&launch(inp.dtype, p, true, crate::cuda::vec_kernels())?)
     }
 }
 
 /// `gelu_{dir}_vec_{dtype}` (16-byte vectors) when `BERTQA_VEC=1` and the buffers allow it, else the scalar
 /// `gelu_{dir}` (dtype at run time).
-fn gelu_kernel(dir: &str, dt: DType, ptrs: &[u64]) -> Result<String> {
-    Ok(
-        if crate::cuda::vec_kernels() && crate::cuda::vec_width(dt, ptrs).is_some() {
-            gelu_vec_kernel(dir, crate::cuda::suffix(dt)?)
-        } else {
-            format!("gelu_{dir}")
-        },
-    )
+fn gelu_kernel(dir: &str, dt: DType, ptrs: &[u64], vec: bool) -> Result<String> {
+    Ok(if vec && crate::cuda::vec_width(dt, ptrs).is_some() {
+        gelu_vec_kernel(dir, crate::cuda::suffix(dt)?)
+    } else {
+        format!("gelu_{dir}")
+    })
 }
 
 fn gelu_vec_kernel(dir: &str, sfx: &str) -> String {

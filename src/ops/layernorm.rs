@@ -10,6 +10,7 @@ use crate::backend::BackendCore;
 use crate::cpu::{rd, wr, Cpu, Real};
 use crate::cuda::{suffix, Cuda};
 use crate::ops::dropout::dropout_ref;
+use crate::ops::Launch;
 use crate::rng::Dropout;
 use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
@@ -218,42 +219,79 @@ impl LayerNormOps for Cpu {
     }
 }
 
+/// kernels/layernorm.cu `LnFwdParams`: pointers are device addresses.
 #[repr(C)]
-#[derive(Clone, Copy)]
-struct LnFwdParams {
-    out: u64,
-    sum: u64,
-    mean: u64,
-    rstd: u64,
-    inp: u64,
-    resid: u64,
-    gamma: u64,
-    beta: u64,
-    seed: u64,
-    n: i32,
-    c: i32,
-    eps: f32,
-    p: f32,
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct LnFwdParams {
+    pub out: u64,
+    pub sum: u64,
+    pub mean: u64,
+    pub rstd: u64,
+    pub inp: u64,
+    pub resid: u64,
+    pub gamma: u64,
+    pub beta: u64,
+    pub seed: u64,
+    pub n: i32,
+    pub c: i32,
+    pub eps: f32,
+    pub p: f32,
 }
 unsafe impl cudarc::driver::DeviceRepr for LnFwdParams {}
 
+/// kernels/layernorm.cu `LnBwdParams`: pointers are device addresses; dgamma/dbeta accumulate.
 #[repr(C)]
-#[derive(Clone, Copy)]
-struct LnBwdParams {
-    dinp: u64,
-    dresid: u64,
-    dgamma: u64,
-    dbeta: u64,
-    dout: u64,
-    sum: u64,
-    mean: u64,
-    rstd: u64,
-    gamma: u64,
-    seed: u64,
-    n: i32,
-    c: i32,
-    p: f32,
-    _pad: i32,
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct LnBwdParams {
+    pub dinp: u64,
+    pub dresid: u64,
+    pub dgamma: u64,
+    pub dbeta: u64,
+    pub dout: u64,
+    pub sum: u64,
+    pub mean: u64,
+    pub rstd: u64,
+    pub gamma: u64,
+    pub seed: u64,
+    pub n: i32,
+    pub c: i32,
+    pub p: f32,
+    pub _pad: i32,
+}
+
+/// The forward's launch for `act` activations of N rows × C: one warp per row, 8 rows per block; the vec
+/// kernel when `vec` and it applies (`ln_kernel`).
+pub fn forward_launch(act: DType, p: LnFwdParams, vec: bool) -> Result<Launch<LnFwdParams>> {
+    let (n, c) = (p.n as usize, p.c as usize);
+    let ptrs = [p.out, p.sum, p.inp, p.resid, p.gamma, p.beta];
+    Ok(Launch {
+        module: "layernorm",
+        name: ln_kernel("forward", act, c, &ptrs, vec)?,
+        grid: (super::blocks(n, 8), 1, 1),
+        block: (256, 1, 1),
+        smem: 0,
+        params: p,
+    })
+}
+
+/// The backward's launch: grid-stride over rows (at most 2 blocks per SM of `sm_count`); each block reduces
+/// dgamma/dbeta in shared memory (2·C floats), then one atomicAdd per column.
+pub fn backward_launch(
+    act: DType,
+    p: LnBwdParams,
+    vec: bool,
+    sm_count: usize,
+) -> Result<Launch<LnBwdParams>> {
+    let (n, c) = (p.n as usize, p.c as usize);
+    let ptrs = [p.dinp, p.dresid, p.dout, p.sum, p.gamma];
+    Ok(Launch {
+        module: "layernorm",
+        name: ln_kernel("backward", act, c, &ptrs, vec)?,
+        grid: (super::blocks(n, 8).min((sm_count.max(1) * 2) as u32), 1, 1),
+        block: (256, 1, 1),
+        smem: (2 * c * 4) as u32,
+        params: p,
+    })
 }
 unsafe impl cudarc::driver::DeviceRepr for LnBwdParams {}
 
@@ -273,9 +311,9 @@ fn cuda_dtypes(op: &str, act: DType, all_act: &[DType], f32s: &[DType]) -> Resul
 
 /// `residual_layernorm_{dir}_vec{CH}_{dtype}` when `BERTQA_VEC=1` and C splits into 16-byte chunks, CH ≤ 4
 /// of them per lane (C ≤ 1024 in bf16/f16, ≤ 512 in f32), else the scalar kernel.
-fn ln_kernel(dir: &str, dt: DType, c: usize, ptrs: &[u64]) -> Result<String> {
+fn ln_kernel(dir: &str, dt: DType, c: usize, ptrs: &[u64], vec: bool) -> Result<String> {
     let sfx = suffix(dt)?;
-    if crate::cuda::vec_kernels() {
+    if vec {
         if let Some(n) = crate::cuda::vec_width(dt, ptrs) {
             let ch = c.div_ceil(32 * n);
             if c.is_multiple_of(n) && (1..=4).contains(&ch) {
@@ -340,24 +378,7 @@ impl LayerNormOps for Cuda {
             eps,
             p: drop.p,
         };
-        // One warp per row, 8 rows per block.
-        let ptrs = [
-            out.buf.ptr,
-            sum.buf.ptr,
-            inp.buf.ptr,
-            resid.buf.ptr,
-            gamma.buf.ptr,
-            beta.buf.ptr,
-        ];
-        let name = ln_kernel("forward", out.dtype, c, &ptrs)?;
-        self.launch(
-            "layernorm",
-            &name,
-            (super::blocks(n, 8), 1, 1),
-            (256, 1, 1),
-            0,
-            p,
-        )
+        self.run(&forward_launch(out.dtype, p, crate::cuda::vec_kernels())?)
     }
 
     fn residual_layernorm_backward(
@@ -403,23 +424,11 @@ impl LayerNormOps for Cuda {
             p: drop.p,
             _pad: 0,
         };
-        // Grid-stride over rows; each block reduces dgamma/dbeta in shared memory, then one atomicAdd per column.
-        let grid = super::blocks(n, 8).min((self.sm_count.max(1) * 2) as u32);
-        let ptrs = [
-            dinp.buf.ptr,
-            dresid.buf.ptr,
-            dout.buf.ptr,
-            sum.buf.ptr,
-            gamma.buf.ptr,
-        ];
-        let name = ln_kernel("backward", dout.dtype, c, &ptrs)?;
-        self.launch(
-            "layernorm",
-            &name,
-            (grid, 1, 1),
-            (256, 1, 1),
-            (2 * c * 4) as u32,
+        self.run(&backward_launch(
+            dout.dtype,
             p,
-        )
+            crate::cuda::vec_kernels(),
+            self.sm_count as usize,
+        )?)
     }
 }

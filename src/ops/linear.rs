@@ -9,6 +9,7 @@
 use crate::backend::BackendCore;
 use crate::cpu::{gemm, rd, wr, Cpu};
 use crate::cuda::{dtype_code, Cuda};
+use crate::ops::Launch;
 use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
 
@@ -142,9 +143,10 @@ impl LinearOps for Cpu {
     }
 }
 
+/// kernels/reduce.cu `BiasParams`: pointers are device addresses, dtypes as `dtype_code`.
 #[repr(C)]
-#[derive(Clone, Copy)]
-pub(crate) struct BiasParams {
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct BiasParams {
     pub out: u64,
     pub bias: u64,
     pub n: i32,
@@ -271,24 +273,51 @@ impl LinearOps for Cuda {
                 out_dt: dtype_code(dout.dtype),
                 bias_dt: 0,
             };
-            let vec = crate::cuda::vec_width(dout.dtype, &[dout.buf.ptr])
-                .filter(|w| crate::cuda::vec_kernels() && oc.is_multiple_of(*w));
-            if let Some(w) = vec {
-                // 32 groups of w columns per block; enough row-slices for ~4 blocks per SM
-                let grid_x = super::blocks(oc / w, 32);
-                let want = (4 * self.sm_count.max(1) as u32).div_ceil(grid_x);
-                let grid_y = want.clamp(1, n.div_ceil(8).max(1) as u32);
-                let name = bias_grad_vec_kernel(crate::cuda::suffix(dout.dtype)?);
-                self.launch("reduce", &name, (grid_x, grid_y, 1), (32, 8, 1), 0, p)?;
-            } else {
-                // Column sums: blocks of 32 columns × 8 row-groups, then an atomicAdd per column per block.
-                let grid_x = super::blocks(oc, 32);
-                let grid_y = (n.div_ceil(256) as u32).clamp(1, 64);
-                self.launch("reduce", "bias_grad", (grid_x, grid_y, 1), (32, 8, 1), 0, p)?;
-            }
+            self.run(&bias_grad_launch(
+                dout.dtype,
+                p,
+                crate::cuda::vec_kernels(),
+                self.sm_count as usize,
+            )?)?;
         }
         Ok(())
     }
+}
+
+/// The launch of the bias gradient bias (OC, f32, accumulated) += column sums of out (N, OC) in `dt`:
+/// blocks of 32 × 8 threads; the 16-byte vec kernel when `vec`, the rows are 16-byte aligned and OC splits
+/// into whole vectors.
+pub fn bias_grad_launch(
+    dt: DType,
+    p: BiasParams,
+    vec: bool,
+    sm_count: usize,
+) -> Result<Launch<BiasParams>> {
+    let (n, oc) = (p.n as usize, p.oc as usize);
+    let w = crate::cuda::vec_width(dt, &[p.out]).filter(|w| vec && oc.is_multiple_of(*w));
+    let (name, grid) = if let Some(w) = w {
+        // 32 groups of w columns per block; enough row-slices for ~4 blocks per SM
+        let grid_x = super::blocks(oc / w, 32);
+        let want = (4 * sm_count.max(1) as u32).div_ceil(grid_x);
+        let grid_y = want.clamp(1, n.div_ceil(8).max(1) as u32);
+        (
+            bias_grad_vec_kernel(crate::cuda::suffix(dt)?),
+            (grid_x, grid_y, 1),
+        )
+    } else {
+        // Column sums: blocks of 32 columns × 8 row-groups, then an atomicAdd per column per block.
+        let grid_x = super::blocks(oc, 32);
+        let grid_y = (n.div_ceil(256) as u32).clamp(1, 64);
+        ("bias_grad".to_string(), (grid_x, grid_y, 1))
+    };
+    Ok(Launch {
+        module: "reduce",
+        name,
+        grid,
+        block: (32, 8, 1),
+        smem: 0,
+        params: p,
+    })
 }
 
 fn bias_grad_vec_kernel(sfx: &str) -> String {

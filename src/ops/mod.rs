@@ -27,6 +27,22 @@ pub fn blocks(n: usize, block: usize) -> u32 {
     n.div_ceil(block).max(1) as u32
 }
 
+/// One kernel launch as data: what a CUDA op's launcher hands to `Cuda::run`, and what tests/emu_kernels.rs
+/// runs on the CPU through the kernel emulator (tests/emu) — so those tests check the launch configuration
+/// (grid, block, dynamic shared memory) as well as the kernel.
+#[derive(Clone, Debug)]
+pub struct Launch<P> {
+    /// kernel module (src/cuda/nvrtc.rs MODULES)
+    pub module: &'static str,
+    pub name: String,
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    /// dynamic shared memory, bytes
+    pub smem: u32,
+    /// the kernel's parameter struct (`#[repr(C)]`, mirrored in the .cu)
+    pub params: P,
+}
+
 /// (module, kernel) for every entry point chosen by a variant switch (BERTQA_ATTN, BERTQA_VEC), so that
 /// tests/kernels_compile.rs can check the names against the compiled PTX on a machine without a GPU.
 pub fn variant_entry_points() -> Vec<(&'static str, String)> {

@@ -1,0 +1,242 @@
+// cuda_emu.hpp — runs this project's CUDA kernels on the CPU, for tests on machines without a GPU.
+//
+// The kernel sources (kernels/*.cu) are compiled by the host C++ compiler with BERTQA_EMU defined; this header
+// supplies what nvcc/NVRTC would: the execution-space keywords, threadIdx/blockIdx, the vector and 16-bit float
+// types, the intrinsics, and the warp-level instructions the kernels reach through inline PTX (mma.sync
+// m16n8k16, ldmatrix, cp.async, ex2.approx) — each written from the PTX ISA's definition, not from the kernels,
+// so a kernel that misreads a fragment layout gets wrong numbers here as it would on the GPU.
+//
+// Execution model. Every CUDA thread is a fiber (ucontext); one block runs at a time, its threads round-robin,
+// each running until it reaches a barrier (__syncthreads, or a warp collective: shuffles, mma, ldmatrix), so a
+// block behaves as if its warps ran in any interleaving between barriers. Shared memory: `__shared__` arrays are
+// function statics (one block at a time) and the dynamic shared memory is a fresh allocation of exactly the
+// launch's bytes, filled with NaN bytes, so a read past a tile or of an unwritten element shows in the result.
+//
+// Checks a GPU would not report clearly: a barrier that not every live thread reaches (deadlock, named with the
+// waiting threads), a warp collective after lanes of the warp have exited, ldmatrix rows outside the dynamic
+// shared memory or not 16-byte aligned, cp.async with a source outside every global buffer (the driver registers
+// them) or a destination outside shared memory.
+//
+// cp.async: by default each copy lands when its thread waits for the group (the latest the PTX ISA allows);
+// EMU_CP_ASYNC=eager lands it at issue (the earliest). A kernel whose result differs between the two reads a
+// tile before waiting for it or overwrites one still being read.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <ucontext.h>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+#define __restrict__ __restrict
+// One block runs at a time, so a function-static array is exactly the block's shared memory.
+#define __shared__ static
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+struct uint2 {
+    unsigned x, y;
+};
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+struct alignas(8) float2 {
+    float x, y;
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
+// ---- 16-bit floats: storage only, conversions round to nearest even (as __float2bfloat16_rn/__float2half_rn) --
+struct __nv_bfloat16 {
+    uint16_t x;
+};
+struct __half {
+    uint16_t x;
+};
+inline float __uint_as_float(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline uint32_t __float_as_uint(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+inline float __int_as_float(int i) { return __uint_as_float((uint32_t)i); }
+inline int __float_as_int(float f) { return (int)__float_as_uint(f); }
+inline float __bfloat162float(__nv_bfloat16 h) { return __uint_as_float((uint32_t)h.x << 16); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    uint32_t u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return {(uint16_t)((u >> 16) | 0x40)};  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1);
+    return {(uint16_t)(u >> 16)};
+}
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.x; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short x) { return {x}; }
+inline float __half2float(__half h) {
+    uint32_t s = (uint32_t)(h.x & 0x8000) << 16, e = (h.x >> 10) & 0x1f, m = h.x & 0x3ff;
+    if (e == 0x1f) return __uint_as_float(s | 0x7f800000u | (m << 13));
+    if (e == 0) {  // zero or subnormal: m · 2^-24
+        float v = (float)m * 5.9604644775390625e-8f;
+        return s ? -v : v;
+    }
+    return __uint_as_float(s | ((e + 112) << 23) | (m << 13));
+}
+inline __half __float2half_rn(float f) {
+    uint32_t u = __float_as_uint(f), s = (u >> 16) & 0x8000;
+    uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return {(uint16_t)(s | 0x7e00)};
+    if (a >= 0x477ff000u) return {(uint16_t)(s | 0x7c00)};  // rounds to ≥ 65520: infinity
+    if (a < 0x38800000u) {                                   // below 2^-14: subnormal half, m = round(|f|·2^24)
+        float v = std::nearbyint(__uint_as_float(a) * 16777216.0f);  // exact scaling; ties to even
+        return {(uint16_t)(s | (uint32_t)v)};
+    }
+    uint32_t r = a + 0xfffu + ((a >> 13) & 1);  // round the 13 dropped bits to nearest even
+    return {(uint16_t)(s | ((r - 0x38000000u) >> 13))};
+}
+inline unsigned short __half_as_ushort(__half h) { return h.x; }
+inline __half __ushort_as_half(unsigned short x) { return {x}; }
+
+// ---- intrinsics ----------------------------------------------------------------------------------------------
+inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((uint64_t)a * b) >> 32); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+using std::max;
+using std::min;
+template <typename T> inline T __ldg(const T* p) { return *p; }
+
+namespace emu {
+
+[[noreturn]] void fail(const char* fmt, ...);
+
+struct Fiber;
+struct Warp {
+    int live = 0, arrived = 0, size = 0;
+    uint64_t gen = 0;
+    uint64_t slot[32][6];
+    const void* addr[32];
+};
+struct Pending {
+    void* dst;
+    const void* src;
+    int bytes;
+    bool valid;
+    long group;
+};
+struct Fiber {
+    ucontext_t ctx;
+    char* stack = nullptr;
+    dim3 tid;
+    int lane = 0, warp = 0;
+    bool done = false;
+    int wait = 0;  // 0 runnable, 1 at a warp barrier, 2 at the block barrier
+    uint64_t wait_gen = 0;
+    long group = 0;  // the cp.async group being filled
+    std::vector<Pending> cp;
+};
+
+// the running launch (one block at a time)
+extern Fiber* cur;
+extern dim3 block_idx, block_dim, grid_dim;
+extern unsigned char* smem_base;
+extern size_t smem_bytes;
+extern std::vector<Warp> warps;
+extern const char* kernel_name;
+
+inline unsigned char* dyn_smem() { return smem_base; }
+void yield();
+void warp_barrier();  // every live lane of this warp
+void block_barrier(); // every live thread of this block
+bool in_global(const void* p, size_t bytes);
+
+// warp collective: exchange one 64-bit word per lane
+template <typename V> inline V exchange(V v, int src_lane) {
+    static_assert(sizeof(V) <= 8, "shuffle of a value wider than 8 bytes");
+    Warp& w = warps[cur->warp];
+    if (w.live != w.size) fail("%s: warp collective after %d lanes of warp %d exited", kernel_name, w.size - w.live, cur->warp);
+    uint64_t bits = 0;
+    std::memcpy(&bits, &v, sizeof(V));
+    w.slot[cur->lane][0] = bits;
+    warp_barrier();
+    uint64_t got = (src_lane >= 0 && src_lane < w.size) ? w.slot[src_lane][0] : bits;
+    warp_barrier();
+    V r;
+    std::memcpy(&r, &got, sizeof(V));
+    return r;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32, D = A·B + C, from the PTX ISA's fragment
+// layouts (groupID g = lane/4, threadID_in_group t = lane%4):
+//   A: a0,a1 (row g, cols 2t, 2t+1), a2,a3 (row g+8), a4,a5 (row g, cols 2t+8, +9), a6,a7 (row g+8, cols 2t+8, +9);
+//      register i holds the pair (a_{2i}, a_{2i+1}), the lower element in the low 16 bits.
+//   B: b0,b1 (rows 2t, 2t+1, col g), b2,b3 (rows 2t+8, 2t+9, col g).
+//   C, D: c0,c1 (row g, cols 2t, 2t+1), c2,c3 (row g+8, cols 2t, 2t+1).
+// Products of 16-bit inputs are exact in f32; the sum is formed in double and added to C once.
+void mma_m16n8k16(bool bf16, float* c, const uint32_t* a, uint32_t b0, uint32_t b1);
+
+// ldmatrix.sync.aligned.m8n8.{x1,x2,x4}[.trans].shared.b16: lanes 8i..8i+7 address the 8 rows (16 bytes each)
+// of matrix i; register i of lane l = matrix i's (row l/4, cols 2(l%4), 2(l%4)+1), or with .trans (rows 2(l%4),
+// 2(l%4)+1, col l/4), the lower element in the low 16 bits.
+void ldmatrix(uint32_t* r, int n, bool trans, const void* p);
+
+// cp.async.{ca,cg}.shared.global [dst], [src], bytes, valid ? bytes : 0 (zeros when not valid)
+void cp_async(void* dst, const void* src, int bytes, bool valid);
+void cp_async_commit();
+void cp_async_wait(int n);  // all but the newest n committed groups of this thread are complete
+
+// ex2.approx.ftz.f32: 2^x, subnormal inputs and results flushed to zero
+inline float ex2_approx_ftz(float x) {
+    if (std::fabs(x) < 1.17549435e-38f) x = 0.f;
+    float y = std::exp2(x);
+    return std::fabs(y) < 1.17549435e-38f ? 0.f : y;
+}
+
+}  // namespace emu
+
+#define threadIdx (::emu::cur->tid)
+#define blockIdx (::emu::block_idx)
+#define blockDim (::emu::block_dim)
+#define gridDim (::emu::grid_dim)
+
+inline void __syncthreads() { ::emu::block_barrier(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { ::emu::warp_barrier(); }
+template <typename V> inline V __shfl_xor_sync(unsigned, V v, int mask) {
+    return ::emu::exchange(v, ::emu::cur->lane ^ mask);
+}
+template <typename V> inline V __shfl_sync(unsigned, V v, int src) { return ::emu::exchange(v, src & 31); }
+template <typename V> inline V __shfl_down_sync(unsigned, V v, unsigned d) {
+    return ::emu::exchange(v, ::emu::cur->lane + (int)d);
+}
+// Threads of a block never run at the same time (fibers switch only at barriers): a plain add is atomic.
+inline float atomicAdd(float* p, float v) {
+    float old = *p;
+    *p = old + v;
+    return old;
+}
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+    unsigned old = *p;
+    *p = old + v;
+    return old;
+}
+inline int atomicAdd(int* p, int v) {
+    int old = *p;
+    *p = old + v;
+    return old;
+}

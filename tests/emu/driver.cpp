@@ -1,0 +1,402 @@
+// driver.cpp — the kernel emulator's runtime and command-line driver (see cuda_emu.hpp).
+//
+// Built by tests/emu/mod.rs for one kernel module at a time:
+//   c++ -std=c++17 -DBERTQA_EMU -DEMU_MODULE='"attention_tc.cu"' -DEMU_REGISTRY='"registry.inc"' -I tests/emu
+//       -I kernels tests/emu/driver.cpp
+// where registry.inc lists the module's entry points as EMU_KERNEL(name) lines.
+//
+// Usage: driver SCRIPT OUT. SCRIPT (little-endian) = "BQEMU1\0\0", u32 buffer count, per buffer u64 bytes and
+// the bytes; u32 launch count, per launch u32 name length and the name, u32 grid[3], u32 block[3], u32 dynamic
+// shared-memory bytes, u32 parameter bytes and the parameter struct. A parameter word (8-byte aligned) whose top
+// nibble is 0xB is a buffer address: buffer (word >> 36) & 0xFFFFFF at byte offset word & (2^36 - 1), the way
+// the Rust side (tests/emu/mod.rs) wrote it. OUT receives every buffer after the last launch, in order.
+#include "cuda_emu.hpp"
+
+#include <cstdarg>
+#include <map>
+#include <new>
+
+#include "common.cuh"
+#include EMU_MODULE
+
+namespace emu {
+
+Fiber* cur = nullptr;
+dim3 block_idx, block_dim, grid_dim;
+unsigned char* smem_base = nullptr;
+size_t smem_bytes = 0;
+std::vector<Warp> warps;
+const char* kernel_name = "?";
+
+static ucontext_t sched_ctx;
+static std::vector<Fiber> fibers;
+static int block_live = 0, block_arrived = 0;
+static uint64_t block_gen = 0;
+static bool eager_cp = false;
+static int sched = 1;  // 0 rr, 1 warp, 2 rwarp (EMU_SCHED)
+static std::vector<std::pair<const unsigned char*, size_t>> globals;
+
+void fail(const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    std::fprintf(stderr, "emu: ");
+    std::vfprintf(stderr, fmt, ap);
+    std::fprintf(stderr, " (block %u,%u,%u)\n", block_idx.x, block_idx.y, block_idx.z);
+    va_end(ap);
+    std::exit(3);
+}
+
+void yield() { swapcontext(&cur->ctx, &sched_ctx); }
+
+void warp_barrier() {
+    Warp& w = warps[cur->warp];
+    uint64_t g = w.gen;
+    if (++w.arrived == w.live) {
+        w.arrived = 0;
+        ++w.gen;
+        return;
+    }
+    cur->wait = 1;
+    cur->wait_gen = g;
+    yield();
+}
+
+void block_barrier() {
+    uint64_t g = block_gen;
+    if (++block_arrived == block_live) {
+        block_arrived = 0;
+        ++block_gen;
+        return;
+    }
+    cur->wait = 2;
+    cur->wait_gen = g;
+    yield();
+}
+
+bool in_global(const void* p, size_t bytes) {
+    auto q = (const unsigned char*)p;
+    for (auto& [base, n] : globals)
+        if (q >= base && q + bytes <= base + n) return true;
+    return false;
+}
+
+static bool in_smem(const void* p, size_t bytes) {
+    auto q = (const unsigned char*)p;
+    return q >= smem_base && q + bytes <= smem_base + smem_bytes;
+}
+
+static float half_bits_to_float(bool bf16, uint32_t h) {
+    return bf16 ? __bfloat162float(__nv_bfloat16{(uint16_t)h}) : __half2float(__half{(uint16_t)h});
+}
+
+void mma_m16n8k16(bool bf16, float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    Warp& w = warps[cur->warp];
+    if (w.live != 32) fail("%s: mma.sync with %d live lanes", kernel_name, w.live);
+    uint64_t* s = w.slot[cur->lane];
+    for (int i = 0; i < 4; ++i) s[i] = a[i];
+    s[4] = b0;
+    s[5] = b1;
+    warp_barrier();
+    // element (r, k) of A and (k, n) of B, found in the lane and register the PTX ISA puts them in
+    auto A = [&](int r, int k) {
+        int lane = (r % 8) * 4 + (k % 8) / 2, reg = (r / 8) + 2 * (k / 8);
+        uint32_t v = (uint32_t)w.slot[lane][reg];
+        return half_bits_to_float(bf16, (k & 1) ? v >> 16 : v & 0xffff);
+    };
+    auto B = [&](int k, int n) {
+        int lane = n * 4 + (k % 8) / 2, reg = 4 + k / 8;
+        uint32_t v = (uint32_t)w.slot[lane][reg];
+        return half_bits_to_float(bf16, (k & 1) ? v >> 16 : v & 0xffff);
+    };
+    int g = cur->lane / 4, t = cur->lane % 4;
+    float d[4];
+    for (int i = 0; i < 4; ++i) {
+        int r = g + 8 * (i / 2), n = 2 * t + (i % 2);
+        double acc = 0.0;
+        for (int k = 0; k < 16; ++k) acc += (double)A(r, k) * (double)B(k, n);
+        d[i] = (float)((double)c[i] + acc);
+    }
+    warp_barrier();
+    for (int i = 0; i < 4; ++i) c[i] = d[i];
+}
+
+void ldmatrix(uint32_t* r, int n, bool trans, const void* p) {
+    Warp& w = warps[cur->warp];
+    if (w.live != 32) fail("%s: ldmatrix with %d live lanes", kernel_name, w.live);
+    w.addr[cur->lane] = p;
+    if (cur->lane < 8 * n) {
+        if (!in_smem(p, 16))
+            fail("%s: ldmatrix row address of lane %d (warp %d) is %td bytes into the %zu bytes of shared memory",
+                 kernel_name, cur->lane, cur->warp, (const unsigned char*)p - smem_base, smem_bytes);
+        if ((uintptr_t)p % 16) fail("%s: ldmatrix row address of lane %d is not 16-byte aligned", kernel_name, cur->lane);
+    }
+    warp_barrier();
+    int l = cur->lane;
+    auto elem = [&](int m, int row, int col) -> uint32_t {
+        const uint16_t* rowp = (const uint16_t*)w.addr[8 * m + row];
+        return rowp[col];
+    };
+    for (int m = 0; m < n; ++m) {
+        uint32_t lo, hi;
+        if (!trans) {
+            lo = elem(m, l / 4, 2 * (l % 4));
+            hi = elem(m, l / 4, 2 * (l % 4) + 1);
+        } else {
+            lo = elem(m, 2 * (l % 4), l / 4);
+            hi = elem(m, 2 * (l % 4) + 1, l / 4);
+        }
+        r[m] = lo | (hi << 16);
+    }
+    warp_barrier();
+}
+
+static void land(const Pending& c) {
+    if (c.valid)
+        std::memcpy(c.dst, c.src, c.bytes);
+    else
+        std::memset(c.dst, 0, c.bytes);
+}
+
+void cp_async(void* dst, const void* src, int bytes, bool valid) {
+    if (!in_smem(dst, bytes))
+        fail("%s: cp.async destination %td bytes into the %zu bytes of shared memory (thread %u)", kernel_name,
+             (const unsigned char*)dst - smem_base, smem_bytes, cur->tid.x);
+    if (!in_global(src, bytes)) fail("%s: cp.async source outside every global buffer (thread %u)", kernel_name, cur->tid.x);
+    if ((uintptr_t)dst % bytes || (uintptr_t)src % bytes) fail("%s: cp.async of %d bytes misaligned", kernel_name, bytes);
+    Pending c{dst, src, bytes, valid, cur->group};
+    if (eager_cp)
+        land(c);
+    else
+        cur->cp.push_back(c);
+}
+void cp_async_commit() { ++cur->group; }
+void cp_async_wait(int n) {
+    // groups < cur->group are committed; all but the newest n of them must be complete
+    long upto = cur->group - n;
+    std::vector<Pending> keep;
+    for (auto& c : cur->cp) {
+        if (c.group < upto)
+            land(c);
+        else
+            keep.push_back(c);
+    }
+    cur->cp.swap(keep);
+}
+
+// ---- launching -----------------------------------------------------------------------------------------------
+typedef void (*Thunk)(void* fn, const void* params, size_t bytes);
+struct Entry {
+    void* fn;
+    Thunk thunk;
+};
+template <typename P> static void call(void (*f)(P), const void* params, size_t bytes) {
+    if (bytes != sizeof(P)) fail("%s: parameter struct is %zu bytes here, %zu from the caller", kernel_name, sizeof(P), bytes);
+    P p;
+    std::memcpy(&p, params, sizeof(P));
+    f(p);
+}
+template <typename P> static Entry entry(void (*f)(P)) {
+    return Entry{(void*)f, [](void* fn, const void* params, size_t bytes) { call((void (*)(P))fn, params, bytes); }};
+}
+
+static Entry run_entry;
+static const void* run_params;
+static size_t run_bytes;
+
+static void fiber_main() {
+    run_entry.thunk(run_entry.fn, run_params, run_bytes);
+    // the thread exits: barriers now wait for one thread fewer
+    cur->done = true;
+    if (!cur->cp.empty()) cp_async_wait(0);
+    Warp& w = warps[cur->warp];
+    --w.live;
+    if (w.live > 0 && w.arrived == w.live) {
+        w.arrived = 0;
+        ++w.gen;
+    }
+    --block_live;
+    if (block_live > 0 && block_arrived == block_live) {
+        block_arrived = 0;
+        ++block_gen;
+    }
+    swapcontext(&cur->ctx, &sched_ctx);
+}
+
+static void run_block(size_t stack_bytes) {
+    unsigned n = block_dim.x * block_dim.y * block_dim.z;
+    int nw = (int)((n + 31) / 32);
+    warps.assign(nw, Warp{});
+    for (int i = 0; i < nw; ++i) warps[i].live = warps[i].size = (int)std::min(32u, n - 32 * i);
+    block_live = (int)n;
+    block_arrived = 0;
+    std::memset(smem_base, 0xff, smem_bytes);  // NaN in every float/bf16/f16 view
+    for (unsigned i = 0; i < n; ++i) {
+        Fiber& f = fibers[i];
+        f.tid = dim3{i % block_dim.x, (i / block_dim.x) % block_dim.y, i / (block_dim.x * block_dim.y)};
+        f.lane = (int)(i % 32);
+        f.warp = (int)(i / 32);
+        f.done = false;
+        f.wait = 0;
+        f.group = 0;
+        f.cp.clear();
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack;
+        f.ctx.uc_stack.ss_size = stack_bytes;
+        f.ctx.uc_link = &sched_ctx;
+        makecontext(&f.ctx, fiber_main, 0);
+    }
+    // Scheduling: EMU_SCHED=rr resumes every runnable thread in turn (warps advance in lockstep); warp (the
+    // default) and rwarp run one warp — lowest or highest index first — as far as it can go, i.e. until all
+    // its lanes wait at a block barrier or have exited, before the next: a warp that reaches shared memory
+    // another warp has not finished reading, or reads what another has not written yet, does so here.
+    auto runnable = [&](Fiber& f) {
+        if (f.done) return false;
+        if (f.wait == 1 && warps[f.warp].gen == f.wait_gen) return false;
+        if (f.wait == 2 && block_gen == f.wait_gen) return false;
+        return true;
+    };
+    auto resume = [&](Fiber& f) {
+        f.wait = 0;
+        cur = &f;
+        swapcontext(&sched_ctx, &f.ctx);
+    };
+    for (;;) {
+        bool any_live = false, progressed = false;
+        if (sched == 0) {
+            for (unsigned i = 0; i < n; ++i) {
+                any_live |= !fibers[i].done;
+                if (runnable(fibers[i])) {
+                    progressed = true;
+                    resume(fibers[i]);
+                }
+            }
+        } else {
+            for (int k = 0; k < nw; ++k) {
+                int wi = sched == 1 ? k : nw - 1 - k;
+                unsigned lo = 32 * wi, hi = std::min(n, lo + 32);
+                for (bool again = true; again;) {
+                    again = false;
+                    for (unsigned i = lo; i < hi; ++i)
+                        if (runnable(fibers[i])) {
+                            again = progressed = true;
+                            resume(fibers[i]);
+                        }
+                }
+                for (unsigned i = lo; i < hi; ++i) any_live |= !fibers[i].done;
+            }
+        }
+        if (!any_live) break;
+        if (!progressed) {
+            std::string who;
+            for (unsigned i = 0; i < n && who.size() < 400; ++i)
+                if (!fibers[i].done)
+                    who += " t" + std::to_string(i) + (fibers[i].wait == 1 ? "@warp" : "@block");
+            fail("%s: deadlock — no thread can pass its barrier; live threads:%s", kernel_name, who.c_str());
+        }
+    }
+}
+
+static void launch(const Entry& e, const char* name, dim3 grid, dim3 block, size_t smem, const void* params, size_t bytes) {
+    kernel_name = name;
+    grid_dim = grid;
+    block_dim = block;
+    unsigned n = block.x * block.y * block.z;
+    if (n == 0 || n > 1024) fail("%s: %u threads per block", name, n);
+    const size_t stack_bytes = 256 * 1024;
+    fibers.assign(n, Fiber{});
+    std::vector<char> stacks((size_t)n * stack_bytes);
+    for (unsigned i = 0; i < n; ++i) fibers[i].stack = stacks.data() + (size_t)i * stack_bytes;
+    // exactly `smem` bytes, 16-byte aligned (under -fsanitize=address a read past them is reported)
+    smem_base = (unsigned char*)::operator new[](smem ? smem : 1, std::align_val_t(16));
+    smem_bytes = smem;
+    run_entry = e;
+    run_params = params;
+    run_bytes = bytes;
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) {
+                block_idx = dim3{x, y, z};
+                run_block(stack_bytes);
+            }
+    fibers.clear();
+    ::operator delete[](smem_base, std::align_val_t(16));
+    smem_base = nullptr;
+}
+
+}  // namespace emu
+
+#define EMU_KERNEL(name) {#name, ::emu::entry(&name)},
+static const std::map<std::string, emu::Entry> REGISTRY = {
+#include EMU_REGISTRY
+};
+
+template <typename V> static V rd(FILE* f) {
+    V v;
+    if (std::fread(&v, sizeof(V), 1, f) != 1) emu::fail("script truncated");
+    return v;
+}
+
+int main(int argc, char** argv) {
+    if (argc != 3) {
+        std::fprintf(stderr, "usage: %s SCRIPT OUT\n", argv[0]);
+        return 2;
+    }
+    const char* mode = std::getenv("EMU_CP_ASYNC");
+    emu::eager_cp = mode && std::string(mode) == "eager";
+    const char* sch = std::getenv("EMU_SCHED");
+    std::string sc = sch ? sch : "warp";
+    if (sc == "rr")
+        emu::sched = 0;
+    else if (sc == "warp")
+        emu::sched = 1;
+    else if (sc == "rwarp")
+        emu::sched = 2;
+    else
+        emu::fail("EMU_SCHED=%s: expected rr, warp or rwarp", sch);
+    FILE* f = std::fopen(argv[1], "rb");
+    if (!f) emu::fail("cannot open %s", argv[1]);
+    char magic[8];
+    if (std::fread(magic, 1, 8, f) != 8 || std::memcmp(magic, "BQEMU1\0\0", 8) != 0) emu::fail("%s: not an emulator script", argv[1]);
+    uint32_t nbuf = rd<uint32_t>(f);
+    for (uint32_t i = 0; i < nbuf; ++i) {
+        uint64_t n = rd<uint64_t>(f);
+        // exactly n bytes, 16-byte aligned like a device allocation (under -fsanitize=address an access past
+        // the end is reported)
+        auto p = (unsigned char*)::operator new[](n ? n : 1, std::align_val_t(16));
+        if (n && std::fread(p, 1, n, f) != n) emu::fail("script truncated in a buffer");
+        emu::globals.push_back({p, n});
+    }
+    uint32_t nl = rd<uint32_t>(f);
+    for (uint32_t li = 0; li < nl; ++li) {
+        std::string name(rd<uint32_t>(f), '\0');
+        if (std::fread(name.data(), 1, name.size(), f) != name.size()) emu::fail("script truncated in a name");
+        dim3 grid{rd<uint32_t>(f), rd<uint32_t>(f), rd<uint32_t>(f)};
+        dim3 block{rd<uint32_t>(f), rd<uint32_t>(f), rd<uint32_t>(f)};
+        uint32_t smem = rd<uint32_t>(f);
+        std::vector<unsigned char> params(rd<uint32_t>(f));
+        if (std::fread(params.data(), 1, params.size(), f) != params.size()) emu::fail("script truncated in parameters");
+        for (size_t o = 0; o + 8 <= params.size(); o += 8) {
+            uint64_t w;
+            std::memcpy(&w, &params[o], 8);
+            if (w >> 60 != 0xB) continue;
+            uint64_t bi = (w >> 36) & 0xFFFFFF, off = w & ((1ull << 36) - 1);
+            if (bi >= nbuf || off > emu::globals[bi].second) emu::fail("%s: parameter at byte %zu names buffer %llu + %llu", name.c_str(), o, (unsigned long long)bi, (unsigned long long)off);
+            uint64_t real = (uint64_t)(uintptr_t)(emu::globals[bi].first + off);
+            std::memcpy(&params[o], &real, 8);
+        }
+        auto it = REGISTRY.find(name);
+        if (it == REGISTRY.end()) emu::fail("no kernel %s in this module", name.c_str());
+        emu::launch(it->second, name.c_str(), grid, block, smem, params.data(), params.size());
+    }
+    std::fclose(f);
+    FILE* o = std::fopen(argv[2], "wb");
+    if (!o) emu::fail("cannot write %s", argv[2]);
+    for (auto& [p, n] : emu::globals) {
+        uint64_t nn = n;
+        std::fwrite(&nn, 8, 1, o);
+        std::fwrite(p, 1, n, o);
+    }
+    std::fclose(o);
+    for (auto& [p, n] : emu::globals) ::operator delete[]((void*)p, std::align_val_t(16));
+    return 0;
+}

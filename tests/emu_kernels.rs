@@ -1,0 +1,584 @@
+//! The CUDA kernels run on the CPU through the kernel emulator (tests/emu), against the CPU reference, with
+//! the launch configurations the CUDA backend uses (src/ops/*.rs launch plans). These run everywhere `cargo
+//! test` does — they are how kernels are checked between the rare sessions with a GPU. What they cannot see:
+//! timing, and races finer than a barrier (threads switch only at barriers and warp collectives); the GPU
+//! parity suite (tests/parity.rs) remains the last word.
+
+mod emu;
+
+use bertqa::backend::Backend;
+use bertqa::ops::attention::{AttnParams, AttnPlan};
+use bertqa::parity::{
+    compare_outputs, print_rows, AttentionCase, Case, EmbeddingCase, GeluCase, LayerNormCase,
+    Outputs, Row,
+};
+use bertqa::rng::Rng;
+use bertqa::tensor::{DType, Tensor};
+use emu::{addr, Emus, Mode};
+
+/// Host values rounded and laid out as `dt` storage, as the CPU backend rounds them on upload.
+fn encode(v: &[f64], dt: DType) -> Vec<u8> {
+    match dt {
+        DType::F32 => v.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect(),
+        DType::BF16 => v
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x as f32).to_bits().to_le_bytes())
+            .collect(),
+        DType::F16 => v
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x as f32).to_bits().to_le_bytes())
+            .collect(),
+        other => panic!("encode: {other} is not a float storage dtype"),
+    }
+}
+
+fn decode(b: &[u8], dt: DType) -> Vec<f64> {
+    match dt {
+        DType::F32 => b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        DType::BF16 => b
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64())
+            .collect(),
+        DType::F16 => b
+            .chunks_exact(2)
+            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64())
+            .collect(),
+        other => panic!("decode: {other} is not a float storage dtype"),
+    }
+}
+
+/// `BERTQA_EMU_ONLY=text` runs only the cases whose name contains text (e.g. "v4 w8 HS=64 T=203 bf16").
+fn selected(name: &str) -> bool {
+    std::env::var("BERTQA_EMU_ONLY").map_or(true, |f| name.contains(&f))
+}
+
+fn check(rows: &[Row]) {
+    print_rows(rows);
+    let bad: Vec<String> = rows
+        .iter()
+        .filter(|r| !r.pass)
+        .map(|r| format!("{} {}", r.case, r.tensor))
+        .collect();
+    assert!(bad.is_empty(), "failed: {bad:?}");
+}
+
+/// Forward then backward of one attention case through the emulator, as the CUDA backend launches them;
+/// outputs named as AttentionCase names them.
+fn run_attention(
+    emu: &mut Emus,
+    case: &AttentionCase,
+    dt: DType,
+    variant: u32,
+    tc4: (&'static str, usize),
+    mode: Mode,
+) -> Option<Outputs> {
+    let (b, t, nh, hs) = (case.b, case.t, case.nh, case.hs);
+    let c = nh * hs;
+    let inp = case.inputs();
+    let plan = AttnPlan {
+        act: dt,
+        b,
+        t,
+        nh,
+        hs,
+        drop: inp.drop,
+        variant,
+        tc4,
+    };
+    let es = dt.size();
+    // buffers: 0 out, 1 lse, 2 qkv, 3 mask, 4 dout, 5 dqkv, 6 dsum, 7 dqacc
+    let bufs = vec![
+        vec![0xffu8; b * t * c * es],
+        vec![0xffu8; b * nh * t * 4],
+        encode(&inp.qkv, dt),
+        inp.mask.iter().flat_map(|m| m.to_le_bytes()).collect(),
+        encode(&inp.dy, dt),
+        vec![0xffu8; b * t * 3 * c * es],
+        vec![0u8; b * nh * t * 4],
+        vec![0u8; b * t * c * 4],
+    ];
+    let ptr = AttnParams {
+        out: addr(0),
+        lse: addr(1),
+        qkv: addr(2),
+        mask: addr(3),
+        dout: addr(4),
+        dqkv: addr(5),
+        dsum: addr(6),
+        dqacc: if variant == 4 { addr(7) } else { 0 },
+        ..bytemuck::Zeroable::zeroed()
+    };
+    let mut launches = plan.forward(ptr).unwrap();
+    launches.extend(plan.backward(ptr).unwrap());
+    let got = emu
+        .run(&bufs, &launches, mode)
+        .unwrap_or_else(|e| panic!("{}: {e}", case_name(case, variant, tc4)))?;
+    let dqkv = decode(&got[5], dt);
+    let part = |k: usize| -> Vec<f64> {
+        dqkv.chunks(3 * c)
+            .flat_map(|row| row[k * c..(k + 1) * c].iter().copied())
+            .collect()
+    };
+    Some(vec![
+        ("out".into(), decode(&got[0], dt)),
+        ("lse".into(), decode(&got[1], DType::F32)),
+        ("dq".into(), part(0)),
+        ("dk".into(), part(1)),
+        ("dv".into(), part(2)),
+    ])
+}
+
+fn case_name(case: &AttentionCase, variant: u32, tc4: (&str, usize)) -> String {
+    let shape = if variant == 4 { tc4.0 } else { "" };
+    format!("v{variant} {shape} HS={} T={}", case.hs, case.t)
+}
+
+/// Tensor-core attention `variant` (backward shape `tc4` for variant 4), bf16 and f16, every head size, a
+/// short and a multi-tile sequence with padding and dropout, in `modes`: the emulated kernels against the CPU
+/// reference under the GPU parity bounds (src/parity.rs).
+fn attention_sweep(
+    variant: u32,
+    tc4: (&'static str, usize),
+    sizes: &[(usize, usize, usize)],
+    modes: &[Mode],
+) {
+    let mut emu = Emus::default();
+    let mut rows = vec![];
+    for &mode in modes {
+        for dt in [DType::BF16, DType::F16] {
+            for &(hs, b, t) in sizes {
+                let case = AttentionCase {
+                    b,
+                    t,
+                    nh: 2,
+                    hs,
+                    p: 0.1,
+                };
+                let name = format!("{} {dt}", case_name(&case, variant, tc4));
+                if !selected(&name) {
+                    continue;
+                }
+                let Some(out) = run_attention(&mut emu, &case, dt, variant, tc4, mode) else {
+                    return;
+                };
+                for mut row in compare_outputs(dt, &case, &out).unwrap() {
+                    row.case = format!(
+                        "{name} {}/{} {}",
+                        mode.sched,
+                        if mode.eager_cp { "eager" } else { "wait" },
+                        row.case
+                    );
+                    rows.push(row);
+                }
+            }
+        }
+    }
+    check(&rows);
+}
+
+/// (HS, B, T): every tensor-core head size at a one-tile and a multi-tile length (T=203: 4 key tiles of the
+/// forward, 2 key blocks of w8's backward, 7 query tiles; both odd, so the last tiles are partial).
+const SIZES: [(usize, usize, usize); 6] = [
+    (32, 2, 37),
+    (32, 1, 203),
+    (64, 2, 37),
+    (64, 1, 203),
+    (128, 2, 37),
+    (128, 1, 203),
+];
+
+#[test]
+fn emu_attention_v3() {
+    attention_sweep(3, ("w8b2", 8), &SIZES, &[Mode::DEFAULT]);
+}
+
+#[test]
+fn emu_attention_v4_w4() {
+    attention_sweep(4, ("w4", 4), &SIZES, &[Mode::DEFAULT]);
+}
+
+#[test]
+fn emu_attention_v4_w8() {
+    attention_sweep(4, ("w8", 8), &SIZES, &[Mode::DEFAULT]);
+}
+
+#[test]
+fn emu_attention_v4_w8b2() {
+    attention_sweep(4, ("w8b2", 8), &SIZES, &[Mode::DEFAULT]);
+}
+
+/// The pipelined kernels (variant 4's cp.async double buffers) under the other interleavings: warps in
+/// reverse order with copies landing at issue, and warps in lockstep.
+#[test]
+fn emu_attention_v4_interleavings() {
+    for tc4 in [("w4", 4), ("w8b2", 8)] {
+        attention_sweep(4, tc4, &[(64, 1, 203)], &Mode::STRESS);
+    }
+}
+
+// ---- LayerNorm and GELU: the scalar kernels and the 16-byte "vec" kernels (BERTQA_VEC=1) -----------------
+
+fn rv(r: &mut Rng, n: usize, scale: f64) -> Vec<f64> {
+    (0..n).map(|_| (r.uniform() * 2.0 - 1.0) * scale).collect()
+}
+
+/// The case through the emulator with the CUDA backend's launches; also returns the kernel names.
+fn ln_on_emu(
+    emu: &mut Emus,
+    case: &LayerNormCase,
+    dt: DType,
+    vec: bool,
+    sm_count: usize,
+) -> Option<(Outputs, String)> {
+    use bertqa::ops::layernorm::{backward_launch, forward_launch, LnBwdParams, LnFwdParams};
+    let (n, c) = (case.n, case.c);
+    let i = case.inputs();
+    let es = dt.size();
+    // 0 out, 1 sum, 2 mean, 3 rstd, 4 inp, 5 resid, 6 gamma, 7 beta, 8 dinp, 9 dresid, 10 dgamma, 11 dbeta, 12 dout
+    let bufs = vec![
+        vec![0xffu8; n * c * es],
+        vec![0xffu8; n * c * es],
+        vec![0xffu8; n * 4],
+        vec![0xffu8; n * 4],
+        encode(&i.x, dt),
+        encode(&i.res, dt),
+        encode(&i.gamma, dt),
+        encode(&i.beta, dt),
+        vec![0xffu8; n * c * es],
+        vec![0xffu8; n * c * es],
+        vec![0u8; c * 4],
+        vec![0u8; c * 4],
+        encode(&i.dy, dt),
+    ];
+    let f = LnFwdParams {
+        out: addr(0),
+        sum: addr(1),
+        mean: addr(2),
+        rstd: addr(3),
+        inp: addr(4),
+        resid: addr(5),
+        gamma: addr(6),
+        beta: addr(7),
+        seed: i.drop.seed,
+        n: n as i32,
+        c: c as i32,
+        eps: 1e-12,
+        p: i.drop.p,
+    };
+    let b = LnBwdParams {
+        dinp: addr(8),
+        dresid: addr(9),
+        dgamma: addr(10),
+        dbeta: addr(11),
+        dout: addr(12),
+        sum: addr(1),
+        mean: addr(2),
+        rstd: addr(3),
+        gamma: addr(6),
+        seed: i.drop.seed,
+        n: n as i32,
+        c: c as i32,
+        p: i.drop.p,
+        _pad: 0,
+    };
+    let (fl, bl) = (
+        forward_launch(dt, f, vec).unwrap(),
+        backward_launch(dt, b, vec, sm_count).unwrap(),
+    );
+    let names = format!("{} + {}", fl.name, bl.name);
+    let got = emu
+        .run(&bufs, &[fl], Mode::DEFAULT)
+        .unwrap_or_else(|e| panic!("{e}"))?;
+    let got = emu
+        .run(&got, &[bl], Mode::DEFAULT)
+        .unwrap_or_else(|e| panic!("{e}"))?;
+    let f32s = |k: usize| decode(&got[k], DType::F32);
+    Some((
+        vec![
+            ("out".into(), decode(&got[0], dt)),
+            ("mean".into(), f32s(2)),
+            ("rstd".into(), f32s(3)),
+            ("dinp".into(), decode(&got[8], dt)),
+            ("dresid".into(), decode(&got[9], dt)),
+            ("dgamma".into(), f32s(10)),
+            ("dbeta".into(), f32s(11)),
+        ],
+        names,
+    ))
+}
+
+/// Residual LayerNorm, scalar and vec kernels, f32/bf16/f16: C = 384 (MiniLM), 1000 (four 16-byte chunks per
+/// lane in bf16, a partial last one), 200 (lanes without a chunk), 37 (no vec kernel: the scalar fallback);
+/// 19 rows, dropout on; the backward with 1 SM (2 blocks striding over the rows) and with 132.
+#[test]
+fn emu_layernorm_scalar_and_vec() {
+    let mut emu = Emus::default();
+    let mut rows = vec![];
+    for dt in [DType::F32, DType::BF16, DType::F16] {
+        for c in [384, 1000, 200, 37] {
+            for vec in [false, true] {
+                for sm in [1, 132] {
+                    let case = LayerNormCase { n: 19, c, p: 0.1 };
+                    let Some((out, names)) = ln_on_emu(&mut emu, &case, dt, vec, sm) else {
+                        return;
+                    };
+                    if !selected(&names) {
+                        continue;
+                    }
+                    for mut row in compare_outputs(dt, &case, &out).unwrap() {
+                        row.case = format!("{names} sm={sm} {}", row.case);
+                        rows.push(row);
+                    }
+                }
+            }
+        }
+    }
+    check(&rows);
+}
+
+/// GELU, scalar and vec kernels, f32/bf16/f16, a length with a tail past the last whole vector.
+#[test]
+fn emu_gelu_scalar_and_vec() {
+    use bertqa::ops::gelu::{launch, GeluParams};
+    let mut emu = Emus::default();
+    let mut rows = vec![];
+    for dt in [DType::F32, DType::BF16, DType::F16] {
+        for vec in [false, true] {
+            let case = GeluCase { n: 4099 };
+            let n = case.n;
+            let (x, dy) = case.inputs();
+            let es = dt.size();
+            // 0 out, 1 inp, 2 dinp, 3 dout
+            let bufs = vec![
+                vec![0xffu8; n * es],
+                encode(&x, dt),
+                vec![0xffu8; n * es],
+                encode(&dy, dt),
+            ];
+            let code = bertqa::cuda::dtype_code(dt);
+            let fwd = GeluParams {
+                out: addr(0),
+                dout: 0,
+                inp: addr(1),
+                n: n as u64,
+                dt: code,
+                _pad: 0,
+            };
+            let bwd = GeluParams {
+                out: addr(2),
+                dout: addr(3),
+                inp: addr(1),
+                n: n as u64,
+                dt: code,
+                _pad: 0,
+            };
+            let ls = [
+                launch(dt, fwd, false, vec).unwrap(),
+                launch(dt, bwd, true, vec).unwrap(),
+            ];
+            let names = format!("{} + {}", ls[0].name, ls[1].name);
+            let Some(got) = emu
+                .run(&bufs, &ls, Mode::DEFAULT)
+                .unwrap_or_else(|e| panic!("{e}"))
+            else {
+                return;
+            };
+            let out = vec![
+                ("out".into(), decode(&got[0], dt)),
+                ("dinp".into(), decode(&got[2], dt)),
+            ];
+            for mut row in compare_outputs(dt, &case, &out).unwrap() {
+                row.case = format!("{names} {}", row.case);
+                rows.push(row);
+            }
+        }
+    }
+    check(&rows);
+}
+
+/// Bias gradient db (OC, f32) += column sums of dout (N, OC). Reference: the sums of the rounded inputs, in
+/// f64 (F64) or in f32 (the storage dtypes, as the CPU backend's linear_backward accumulates them).
+struct BiasGradCase {
+    n: usize,
+    oc: usize,
+}
+impl BiasGradCase {
+    fn inputs(&self) -> Vec<f64> {
+        rv(&mut Rng::new(17), self.n * self.oc, 1.0)
+    }
+}
+impl Case for BiasGradCase {
+    fn name(&self) -> String {
+        format!("bias_grad N={} OC={}", self.n, self.oc)
+    }
+    fn run<B: Backend>(&self, be: &B, dt: DType) -> anyhow::Result<Outputs> {
+        let x = Tensor::from_f64(be, &self.inputs(), &[self.n, self.oc], dt)?.to_f64_vec(be)?;
+        let mut db = vec![0.0f64; self.oc];
+        for j in 0..self.oc {
+            if dt == DType::F64 {
+                db[j] = (0..self.n).map(|r| x[r * self.oc + j]).sum();
+            } else {
+                db[j] = (0..self.n).map(|r| x[r * self.oc + j] as f32).sum::<f32>() as f64;
+            }
+        }
+        Ok(vec![("dbias".into(), db)])
+    }
+}
+
+/// The bias gradient, scalar and vec kernels, f32/bf16/f16: OC = 768 (whole 32-group blocks), 200 (a partial
+/// block), 37 (no vec kernel), 300 rows (more than one row slice), with 1 and 132 SMs.
+#[test]
+fn emu_bias_grad_scalar_and_vec() {
+    use bertqa::ops::linear::{bias_grad_launch, BiasParams};
+    let mut emu = Emus::default();
+    let mut rows = vec![];
+    for dt in [DType::F32, DType::BF16, DType::F16] {
+        for oc in [768, 200, 37] {
+            for vec in [false, true] {
+                for sm in [1, 132] {
+                    let case = BiasGradCase { n: 300, oc };
+                    let bufs = vec![encode(&case.inputs(), dt), vec![0u8; oc * 4]];
+                    let p = BiasParams {
+                        out: addr(0),
+                        bias: addr(1),
+                        n: case.n as i32,
+                        oc: oc as i32,
+                        out_dt: bertqa::cuda::dtype_code(dt),
+                        bias_dt: 0,
+                    };
+                    let l = bias_grad_launch(dt, p, vec, sm).unwrap();
+                    let name = format!("{} grid {:?} sm={sm}", l.name, l.grid);
+                    if !selected(&name) {
+                        continue;
+                    }
+                    let Some(got) = emu
+                        .run(&bufs, &[l], Mode::DEFAULT)
+                        .unwrap_or_else(|e| panic!("{e}"))
+                    else {
+                        return;
+                    };
+                    let out = vec![("dbias".into(), decode(&got[1], DType::F32))];
+                    for mut row in compare_outputs(dt, &case, &out).unwrap() {
+                        row.case = format!("{name} {}", row.case);
+                        rows.push(row);
+                    }
+                }
+            }
+        }
+    }
+    check(&rows);
+}
+
+/// Embeddings forward, and backward through the scalar and the vec kernel, f32/bf16/f16: C = 384, 200, 37
+/// (scalar only); padding index 0 skipped in dword; the vec backward with 1 SM (blocks striding over rows).
+#[test]
+fn emu_embeddings_scalar_and_vec() {
+    use bertqa::ops::embedding::{backward_launch, forward_launch, EmbParams};
+    let mut emu = Emus::default();
+    let mut rows = vec![];
+    for dt in [DType::F32, DType::BF16, DType::F16] {
+        for c in [384, 200, 37] {
+            for vec in [false, true] {
+                let case = EmbeddingCase {
+                    b: 2,
+                    t: 23,
+                    c,
+                    v: 50,
+                    p: 0.1,
+                };
+                let (n, (pp, tv)) = (case.b * case.t, case.tables());
+                let i = case.inputs();
+                let es = dt.size();
+                let ints = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+                // 0 out, 1 mean, 2 rstd, 3 ids, 4 types, 5 word, 6 pos, 7 ttype, 8 gamma, 9 beta,
+                // 10 dword, 11 dpos, 12 dttype, 13 dgamma, 14 dbeta, 15 dout
+                let bufs = vec![
+                    vec![0xffu8; n * c * es],
+                    vec![0xffu8; n * 4],
+                    vec![0xffu8; n * 4],
+                    ints(&i.ids),
+                    ints(&i.types),
+                    encode(&i.word, dt),
+                    encode(&i.pos, dt),
+                    encode(&i.ttype, dt),
+                    encode(&i.gamma, dt),
+                    encode(&i.beta, dt),
+                    vec![0u8; case.v * c * 4],
+                    vec![0u8; pp * c * 4],
+                    vec![0u8; tv * c * 4],
+                    vec![0u8; c * 4],
+                    vec![0u8; c * 4],
+                    encode(&i.dy, dt),
+                ];
+                let base = EmbParams {
+                    out: addr(0),
+                    mean: addr(1),
+                    rstd: addr(2),
+                    ids: addr(3),
+                    types: addr(4),
+                    word: addr(5),
+                    pos: addr(6),
+                    ttype: addr(7),
+                    gamma: addr(8),
+                    beta: addr(9),
+                    dword: 0,
+                    dpos: 0,
+                    dttype: 0,
+                    dgamma: 0,
+                    dbeta: 0,
+                    seed: i.drop.seed,
+                    n: n as i32,
+                    t: case.t as i32,
+                    c: c as i32,
+                    v: case.v as i32,
+                    tv: tv as i32,
+                    eps: 1e-12,
+                    p: i.drop.p,
+                    padding_idx: -1,
+                };
+                let bwd = EmbParams {
+                    out: addr(15),
+                    dword: addr(10),
+                    dpos: addr(11),
+                    dttype: addr(12),
+                    dgamma: addr(13),
+                    dbeta: addr(14),
+                    eps: 0.0,
+                    padding_idx: 0,
+                    ..base
+                };
+                let (fl, bl) = (
+                    forward_launch(dt, base).unwrap(),
+                    backward_launch(dt, bwd, vec, 1).unwrap(),
+                );
+                let name = format!("{} + {}", fl.name, bl.name);
+                if !selected(&name) {
+                    continue;
+                }
+                let Some(got) = emu
+                    .run(&bufs, &[fl, bl], Mode::DEFAULT)
+                    .unwrap_or_else(|e| panic!("{e}"))
+                else {
+                    return;
+                };
+                let f32s = |k: usize| decode(&got[k], DType::F32);
+                let out = vec![
+                    ("out".into(), decode(&got[0], dt)),
+                    ("dword".into(), f32s(10)),
+                    ("dpos".into(), f32s(11)),
+                    ("dtype".into(), f32s(12)),
+                    ("dgamma".into(), f32s(13)),
+                    ("dbeta".into(), f32s(14)),
+                ];
+                for mut row in compare_outputs(dt, &case, &out).unwrap() {
+                    row.case = format!("{name} {}", row.case);
+                    rows.push(row);
+                }
+            }
+        }
+    }
+    check(&rows);
+}
