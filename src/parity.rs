@@ -168,15 +168,22 @@ pub struct DropoutCase {
     pub n: usize,
     pub p: f32,
 }
+impl DropoutCase {
+    /// (x, dropout), host values before rounding
+    pub fn inputs(&self) -> (Vec<f64>, Dropout) {
+        let x = rv(&mut Rng::new(13), self.n, 1.0);
+        (x, Dropout::new(self.p, 0xDEAD_BEEF_1234))
+    }
+}
 impl Case for DropoutCase {
     fn name(&self) -> String {
         format!("dropout n={} p={}", self.n, self.p)
     }
     fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
-        let mut r = Rng::new(13);
-        let x = up(be, &rv(&mut r, self.n, 1.0), &[self.n], dt)?;
+        let (x, d) = self.inputs();
+        let x = up(be, &x, &[self.n], dt)?;
         let mut y = Tensor::zeros(be, &[self.n], dt)?;
-        be.dropout_forward(&mut y, &x, Dropout::new(self.p, 0xDEAD_BEEF_1234))?;
+        be.dropout_forward(&mut y, &x, d)?;
         Ok(vec![("out".into(), y.to_f64_vec(be)?)])
     }
 }
@@ -446,15 +453,28 @@ pub struct SpanLossCase {
     pub b: usize,
     pub t: usize,
 }
-impl Case for SpanLossCase {
-    fn name(&self) -> String {
-        format!("span_loss B={} T={}", self.b, self.t)
+/// The host inputs of a [`SpanLossCase`]: (B,T) mask, (B,T,2) logits before rounding, (B) start and end
+/// targets (the last example's start is out of range: ignored).
+pub struct SpanLossInputs {
+    pub mask: Vec<i32>,
+    pub logits: Vec<f64>,
+    pub starts: Vec<i32>,
+    pub ends: Vec<i32>,
+}
+impl SpanLossCase {
+    /// The loss settings the case runs, each of them.
+    pub fn configs(&self) -> [SpanLossCfg; 2] {
+        [true, false].map(|mask_padding| SpanLossCfg {
+            mask_padding,
+            scale_start: 0.1,
+            scale_end: 0.07,
+        })
     }
-    fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
+    pub fn inputs(&self) -> SpanLossInputs {
         let (b, t) = (self.b, self.t);
         let mut r = Rng::new(17);
         let mask = padded_mask(&mut r, b, t);
-        let logits = up(be, &rv(&mut r, b * t * 2, 4.0), &[b, t, 2], dt)?;
+        let logits = rv(&mut r, b * t * 2, 4.0);
         let mut st: Vec<i32> = (0..b)
             .map(|bi| {
                 r.below(
@@ -467,13 +487,30 @@ impl Case for SpanLossCase {
             .collect();
         let en: Vec<i32> = st.clone();
         st[b - 1] = t as i32; // ignored
+        SpanLossInputs {
+            mask,
+            logits,
+            starts: st,
+            ends: en,
+        }
+    }
+}
+impl Case for SpanLossCase {
+    fn name(&self) -> String {
+        format!("span_loss B={} T={}", self.b, self.t)
+    }
+    fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
+        let (b, t) = (self.b, self.t);
+        let SpanLossInputs {
+            mask,
+            logits,
+            starts: st,
+            ends: en,
+        } = self.inputs();
+        let logits = up(be, &logits, &[b, t, 2], dt)?;
         let mut out = vec![];
-        for mask_padding in [true, false] {
-            let cfg = SpanLossCfg {
-                mask_padding,
-                scale_start: 0.1,
-                scale_end: 0.07,
-            };
+        for cfg in self.configs() {
+            let mask_padding = cfg.mask_padding;
             let mut l = Tensor::zeros(be, &[b, 2], stat(dt))?;
             let mut dl = Tensor::zeros(be, &[b, t, 2], dt)?;
             be.span_loss_forward_backward(
@@ -495,24 +532,24 @@ impl Case for SpanLossCase {
 pub struct AdamWCase {
     pub sizes: Vec<usize>,
 }
-impl Case for AdamWCase {
-    fn name(&self) -> String {
-        format!("adamw sizes={:?}", self.sizes)
-    }
-    fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
+impl AdamWCase {
+    /// Per tensor (master, grad, m, v) as host values; tensor i decays when i is even.
+    #[allow(clippy::type_complexity)]
+    pub fn inputs(&self) -> Vec<(Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>)> {
         let mut r = Rng::new(18);
-        let g = stat(dt);
-        let mut ts = vec![];
-        for &n in &self.sizes {
-            let master = up(be, &rv(&mut r, n, 1.0), &[n], g)?;
-            let working = master.cast(be, dt)?;
-            let grad = up(be, &rv(&mut r, n, 0.1), &[n], g)?;
-            let m = up(be, &rv(&mut r, n, 0.01), &[n], g)?;
-            let v: Vec<f64> = rv(&mut r, n, 0.001).iter().map(|x| x.abs()).collect();
-            let v = up(be, &v, &[n], g)?;
-            ts.push((master, working, grad, m, v));
-        }
-        let hp = AdamWHyper {
+        self.sizes
+            .iter()
+            .map(|&n| {
+                let master = rv(&mut r, n, 1.0);
+                let grad = rv(&mut r, n, 0.1);
+                let m = rv(&mut r, n, 0.01);
+                let v = rv(&mut r, n, 0.001).iter().map(|x| x.abs()).collect();
+                (master, grad, m, v)
+            })
+            .collect()
+    }
+    pub fn hyper(&self) -> AdamWHyper {
+        AdamWHyper {
             lr: 1e-3,
             beta1: 0.9,
             beta2: 0.999,
@@ -520,7 +557,26 @@ impl Case for AdamWCase {
             weight_decay: 0.01,
             step: 3,
             grad_scale: 0.7,
-        };
+        }
+    }
+}
+impl Case for AdamWCase {
+    fn name(&self) -> String {
+        format!("adamw sizes={:?}", self.sizes)
+    }
+    fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
+        let g = stat(dt);
+        let mut ts = vec![];
+        for (master, grad, m, v) in self.inputs() {
+            let n = master.len();
+            let master = up(be, &master, &[n], g)?;
+            let working = master.cast(be, dt)?;
+            let grad = up(be, &grad, &[n], g)?;
+            let m = up(be, &m, &[n], g)?;
+            let v = up(be, &v, &[n], g)?;
+            ts.push((master, working, grad, m, v));
+        }
+        let hp = self.hyper();
         let norm = be.grad_sq_norm(&ts.iter().map(|t| &t.2).collect::<Vec<_>>())?;
         {
             let mut slots: Vec<AdamWSlot<B>> = ts

@@ -9,8 +9,8 @@ mod emu;
 use bertqa::backend::Backend;
 use bertqa::ops::attention::{AttnParams, AttnPlan};
 use bertqa::parity::{
-    compare_outputs, print_rows, AttentionCase, Case, EmbeddingCase, GeluCase, LayerNormCase,
-    Outputs, Row,
+    compare_outputs, print_rows, AdamWCase, AttentionCase, Case, DropoutCase, EmbeddingCase,
+    GeluCase, LayerNormCase, Outputs, Row, SpanLossCase,
 };
 use bertqa::rng::Rng;
 use bertqa::tensor::{DType, Tensor};
@@ -136,19 +136,20 @@ fn case_name(case: &AttentionCase, variant: u32, tc4: (&str, usize)) -> String {
     format!("v{variant} {shape} HS={} T={}", case.hs, case.t)
 }
 
-/// Tensor-core attention `variant` (backward shape `tc4` for variant 4), bf16 and f16, every head size, a
-/// short and a multi-tile sequence with padding and dropout, in `modes`: the emulated kernels against the CPU
-/// reference under the GPU parity bounds (src/parity.rs).
+/// Attention `variant` (backward shape `tc4` for variant 4) in `dtypes` at `sizes`, with padding and
+/// dropout, in `modes`: the emulated kernels against the CPU reference under the GPU parity bounds
+/// (src/parity.rs).
 fn attention_sweep(
     variant: u32,
     tc4: (&'static str, usize),
+    dtypes: &[DType],
     sizes: &[(usize, usize, usize)],
     modes: &[Mode],
 ) {
     let mut emu = Emus::default();
     let mut rows = vec![];
     for &mode in modes {
-        for dt in [DType::BF16, DType::F16] {
+        for &dt in dtypes {
             for &(hs, b, t) in sizes {
                 let case = AttentionCase {
                     b,
@@ -190,24 +191,40 @@ const SIZES: [(usize, usize, usize); 6] = [
     (128, 1, 203),
 ];
 
+/// The tensor-core variants' dtypes.
+const TC: &[DType] = &[DType::BF16, DType::F16];
+
+/// Variant 1 (CUDA cores): the f32 path, and bf16/f16 at the head sizes without a tensor-core kernel.
+#[test]
+fn emu_attention_v1() {
+    let sizes = [(16, 2, 37), (32, 1, 203), (64, 2, 37), (64, 1, 203)];
+    attention_sweep(
+        1,
+        ("w8b2", 8),
+        &[DType::F32, DType::BF16],
+        &sizes,
+        &[Mode::DEFAULT],
+    );
+}
+
 #[test]
 fn emu_attention_v3() {
-    attention_sweep(3, ("w8b2", 8), &SIZES, &[Mode::DEFAULT]);
+    attention_sweep(3, ("w8b2", 8), TC, &SIZES, &[Mode::DEFAULT]);
 }
 
 #[test]
 fn emu_attention_v4_w4() {
-    attention_sweep(4, ("w4", 4), &SIZES, &[Mode::DEFAULT]);
+    attention_sweep(4, ("w4", 4), TC, &SIZES, &[Mode::DEFAULT]);
 }
 
 #[test]
 fn emu_attention_v4_w8() {
-    attention_sweep(4, ("w8", 8), &SIZES, &[Mode::DEFAULT]);
+    attention_sweep(4, ("w8", 8), TC, &SIZES, &[Mode::DEFAULT]);
 }
 
 #[test]
 fn emu_attention_v4_w8b2() {
-    attention_sweep(4, ("w8b2", 8), &SIZES, &[Mode::DEFAULT]);
+    attention_sweep(4, ("w8b2", 8), TC, &SIZES, &[Mode::DEFAULT]);
 }
 
 /// The pipelined kernels (variant 4's cp.async double buffers) under the other interleavings: warps in
@@ -215,7 +232,7 @@ fn emu_attention_v4_w8b2() {
 #[test]
 fn emu_attention_v4_interleavings() {
     for tc4 in [("w4", 4), ("w8b2", 8)] {
-        attention_sweep(4, tc4, &[(64, 1, 203)], &Mode::STRESS);
+        attention_sweep(4, tc4, TC, &[(64, 1, 203)], &Mode::STRESS);
     }
 }
 
@@ -579,6 +596,278 @@ fn emu_embeddings_scalar_and_vec() {
                 }
             }
         }
+    }
+    check(&rows);
+}
+
+// ---- the small kernels: dropout, span loss, AdamW and the squared gradient norm, cast, bias add ------------
+
+/// Dropout alone (the stream the fused kernels share), f32/bf16/f16, a length that is not a multiple of 4.
+#[test]
+fn emu_dropout() {
+    use bertqa::ops::dropout::{launch, DropoutParams};
+    let mut emu = Emus::default();
+    let mut rows = vec![];
+    for dt in [DType::F32, DType::BF16, DType::F16] {
+        let case = DropoutCase { n: 1027, p: 0.3 };
+        let (x, d) = case.inputs();
+        let code = bertqa::cuda::dtype_code(dt);
+        let bufs = vec![vec![0xffu8; case.n * dt.size()], encode(&x, dt)];
+        let l = launch(DropoutParams {
+            out: addr(0),
+            inp: addr(1),
+            seed: d.seed,
+            n: case.n as u64,
+            p: d.p,
+            out_dt: code,
+            inp_dt: code,
+            _pad: 0,
+        });
+        let Some(got) = emu
+            .run(&bufs, &[l], Mode::DEFAULT)
+            .unwrap_or_else(|e| panic!("{e}"))
+        else {
+            return;
+        };
+        let out = vec![("out".into(), decode(&got[0], dt))];
+        rows.extend(compare_outputs(dt, &case, &out).unwrap());
+    }
+    check(&rows);
+}
+
+/// Span loss forward+backward, with and without masking the padding, f32/bf16/f16, padded batch, one target
+/// out of range.
+#[test]
+fn emu_span_loss() {
+    use bertqa::ops::span_loss::{launch, SpanParams};
+    let mut emu = Emus::default();
+    let mut rows = vec![];
+    for dt in [DType::F32, DType::BF16, DType::F16] {
+        let case = SpanLossCase { b: 3, t: 301 };
+        let (b, t) = (case.b, case.t);
+        let i = case.inputs();
+        let ints = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let mut out: Outputs = vec![];
+        for cfg in case.configs() {
+            // 0 losses, 1 dlogits, 2 logits, 3 starts, 4 ends, 5 mask
+            let bufs = vec![
+                vec![0xffu8; b * 2 * 4],
+                vec![0xffu8; b * t * 2 * dt.size()],
+                encode(&i.logits, dt),
+                ints(&i.starts),
+                ints(&i.ends),
+                ints(&i.mask),
+            ];
+            let l = launch(SpanParams {
+                losses: addr(0),
+                dlogits: addr(1),
+                logits: addr(2),
+                starts: addr(3),
+                ends: addr(4),
+                mask: addr(5),
+                b: b as i32,
+                t: t as i32,
+                mask_padding: cfg.mask_padding as i32,
+                dt: bertqa::cuda::dtype_code(dt),
+                scale_start: cfg.scale_start as f32,
+                scale_end: cfg.scale_end as f32,
+            });
+            let Some(got) = emu
+                .run(&bufs, &[l], Mode::DEFAULT)
+                .unwrap_or_else(|e| panic!("{e}"))
+            else {
+                return;
+            };
+            let m = cfg.mask_padding;
+            out.push((format!("losses mask={m}"), decode(&got[0], DType::F32)));
+            out.push((format!("dlogits mask={m}"), decode(&got[1], dt)));
+        }
+        rows.extend(compare_outputs(dt, &case, &out).unwrap());
+    }
+    check(&rows);
+}
+
+/// The squared gradient norm, then the multi-tensor AdamW step with the working copies refreshed (bf16) or
+/// absent (f32), over tensors of odd sizes, through device tables of addresses as the backend uploads them.
+#[test]
+fn emu_adamw() {
+    use bertqa::ops::adamw::{sq_norm_launch, step_launch, AdamWEntry};
+    let mut emu = Emus::default();
+    let mut rows = vec![];
+    for dt in [DType::F32, DType::BF16] {
+        let case = AdamWCase {
+            sizes: vec![1, 1000, 4099, 37],
+        };
+        let inputs = case.inputs();
+        let f32s = |v: &[f64]| encode(v, DType::F32);
+        // per tensor k: 5k master, 5k+1 working, 5k+2 grad, 5k+3 m, 5k+4 v; then the two tables and the norm
+        let mut bufs = vec![];
+        let (mut step, mut norm) = (vec![], vec![]);
+        for (k, (master, grad, m, v)) in inputs.iter().enumerate() {
+            let n = master.len();
+            bufs.extend([
+                f32s(master),
+                vec![0xffu8; n * dt.size()],
+                f32s(grad),
+                f32s(m),
+                f32s(v),
+            ]);
+            let at = |j: usize| addr(5 * k + j);
+            let working = dt != DType::F32;
+            step.push(AdamWEntry {
+                master: at(0),
+                working: if working { at(1) } else { 0 },
+                grad: at(2),
+                m: at(3),
+                v: at(4),
+                n: n as u64,
+                decay: (k % 2 == 0) as i32,
+                working_dt: bertqa::cuda::dtype_code(dt),
+            });
+            norm.push(AdamWEntry {
+                grad: at(2),
+                n: n as u64,
+                ..Default::default()
+            });
+        }
+        let (ts, tn, acc) = (bufs.len(), bufs.len() + 1, bufs.len() + 2);
+        bufs.push(bytemuck::cast_slice(&step).to_vec());
+        bufs.push(bytemuck::cast_slice(&norm).to_vec());
+        bufs.push(vec![0u8; 4]);
+        let ls = [
+            sq_norm_launch(addr(tn), addr(acc), &norm),
+            step_launch(addr(ts), &step, &case.hyper()),
+        ];
+        let Some(got) = emu
+            .run_tables(&bufs, &[ts, tn], &ls, Mode::DEFAULT)
+            .unwrap_or_else(|e| panic!("{e}"))
+        else {
+            return;
+        };
+        let mut out: Outputs = vec![("grad_sq_norm".into(), decode(&got[acc], DType::F32))];
+        for k in 0..inputs.len() {
+            let param = decode(&got[5 * k], DType::F32);
+            let working = if dt == DType::F32 {
+                param.clone()
+            } else {
+                decode(&got[5 * k + 1], dt)
+            };
+            out.push((format!("param[{k}]"), param));
+            out.push((format!("working[{k}]"), working));
+            out.push((format!("m[{k}]"), decode(&got[5 * k + 3], DType::F32)));
+            out.push((format!("v[{k}]"), decode(&got[5 * k + 4], DType::F32)));
+        }
+        rows.extend(compare_outputs(dt, &case, &out).unwrap());
+    }
+    check(&rows);
+}
+
+/// An f32 tensor cast to the run's dtype (the CPU reference: `Tensor::cast`).
+struct CastCase {
+    n: usize,
+}
+impl CastCase {
+    fn inputs(&self) -> Vec<f64> {
+        rv(&mut Rng::new(19), self.n, 3.0)
+    }
+}
+impl Case for CastCase {
+    fn name(&self) -> String {
+        format!("cast f32 → dt, n={}", self.n)
+    }
+    fn run<B: Backend>(&self, be: &B, dt: DType) -> anyhow::Result<Outputs> {
+        let x = Tensor::from_f64(be, &self.inputs(), &[self.n], DType::F32)?;
+        Ok(vec![("out".into(), x.cast(be, dt)?.to_f64_vec(be)?)])
+    }
+}
+
+/// out (N, OC) += bias (OC) in the storage dtype (the sum formed in f32, rounded on store).
+struct BiasAddCase {
+    n: usize,
+    oc: usize,
+}
+impl BiasAddCase {
+    fn inputs(&self) -> (Vec<f64>, Vec<f64>) {
+        let mut r = Rng::new(20);
+        let out = rv(&mut r, self.n * self.oc, 2.0);
+        (out, rv(&mut r, self.oc, 1.0))
+    }
+}
+impl Case for BiasAddCase {
+    fn name(&self) -> String {
+        format!("bias_add N={} OC={}", self.n, self.oc)
+    }
+    fn run<B: Backend>(&self, be: &B, dt: DType) -> anyhow::Result<Outputs> {
+        let (o, b) = self.inputs();
+        let o = Tensor::from_f64(be, &o, &[self.n, self.oc], dt)?.to_f64_vec(be)?;
+        let b = Tensor::from_f64(be, &b, &[self.oc], dt)?.to_f64_vec(be)?;
+        let sum: Vec<f64> = o
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                let y = b[i % self.oc];
+                if dt == DType::F64 {
+                    x + y
+                } else {
+                    (x as f32 + y as f32) as f64
+                }
+            })
+            .collect();
+        Ok(vec![(
+            "out".into(),
+            Tensor::from_f64(be, &sum, &[self.n, self.oc], dt)?.to_f64_vec(be)?,
+        )])
+    }
+}
+
+#[test]
+fn emu_cast_and_bias_add() {
+    use bertqa::ops::adamw::{cast_launch, CastParams};
+    use bertqa::ops::linear::{bias_add_launch, BiasParams};
+    let mut emu = Emus::default();
+    let mut rows = vec![];
+    for dt in [DType::F32, DType::BF16, DType::F16] {
+        let code = bertqa::cuda::dtype_code(dt);
+        let cast = CastCase { n: 1031 };
+        let bufs = vec![
+            vec![0xffu8; cast.n * dt.size()],
+            encode(&cast.inputs(), DType::F32),
+        ];
+        let l = cast_launch(CastParams {
+            dst: addr(0),
+            src: addr(1),
+            n: cast.n as u64,
+            dst_dt: code,
+            src_dt: bertqa::cuda::dtype_code(DType::F32),
+        });
+        let Some(got) = emu
+            .run(&bufs, &[l], Mode::DEFAULT)
+            .unwrap_or_else(|e| panic!("{e}"))
+        else {
+            return;
+        };
+        rows.extend(
+            compare_outputs(dt, &cast, &vec![("out".into(), decode(&got[0], dt))]).unwrap(),
+        );
+
+        let ba = BiasAddCase { n: 33, oc: 77 };
+        let (o, b) = ba.inputs();
+        let bufs = vec![encode(&o, dt), encode(&b, dt)];
+        let l = bias_add_launch(BiasParams {
+            out: addr(0),
+            bias: addr(1),
+            n: ba.n as i32,
+            oc: ba.oc as i32,
+            out_dt: code,
+            bias_dt: code,
+        });
+        let Some(got) = emu
+            .run(&bufs, &[l], Mode::DEFAULT)
+            .unwrap_or_else(|e| panic!("{e}"))
+        else {
+            return;
+        };
+        rows.extend(compare_outputs(dt, &ba, &vec![("out".into(), decode(&got[0], dt))]).unwrap());
     }
     check(&rows);
 }

@@ -15,6 +15,7 @@
 use crate::backend::BackendCore;
 use crate::cpu::{rd, wr, Cpu, Real};
 use crate::cuda::{dtype_code, Cuda};
+use crate::ops::Launch;
 use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
 
@@ -130,43 +131,111 @@ impl AdamWOps for Cpu {
     }
 }
 
+/// One tensor of the multi-tensor AdamW / squared-norm kernels (kernels/adamw.cu `AdamWEntry`), in a table
+/// in device memory: device addresses (working 0: none), element count, weight decay on/off, the working
+/// copy's `dtype_code`.
 #[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct AdamWEntry {
-    master: u64,
-    working: u64,
-    grad: u64,
-    m: u64,
-    v: u64,
-    n: u64,
-    decay: i32,
-    working_dt: i32,
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AdamWEntry {
+    pub master: u64,
+    pub working: u64,
+    pub grad: u64,
+    pub m: u64,
+    pub v: u64,
+    pub n: u64,
+    pub decay: i32,
+    pub working_dt: i32,
 }
 
+/// kernels/adamw.cu `AdamWParams`: the entry table's device address, the hyperparameters.
 #[repr(C)]
-#[derive(Clone, Copy)]
-struct AdamWParams {
-    table: u64,
-    out: u64, // grad_sq_norm: the f32 accumulator
-    lr: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    wd: f32,
-    bc1: f32,
-    bc2: f32,
-    grad_scale: f32,
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AdamWParams {
+    pub table: u64,
+    /// grad_sq_norm: the f32 accumulator (zero on entry)
+    pub out: u64,
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub wd: f32,
+    pub bc1: f32,
+    pub bc2: f32,
+    pub grad_scale: f32,
+}
+
+/// The AdamW step's launch over `entries` (uploaded at `table`): blockIdx.y picks the tensor, up to 256
+/// blocks of 256 threads stride over its elements.
+pub fn step_launch(table: u64, entries: &[AdamWEntry], hp: &AdamWHyper) -> Launch<AdamWParams> {
+    let maxn = entries.iter().map(|e| e.n as usize).max().unwrap_or(0);
+    Launch {
+        module: "adamw",
+        name: "adamw_step".into(),
+        grid: (
+            super::blocks(maxn, 256 * 4).min(256),
+            entries.len() as u32,
+            1,
+        ),
+        block: (256, 1, 1),
+        smem: 0,
+        params: AdamWParams {
+            table,
+            out: 0,
+            lr: hp.lr as f32,
+            beta1: hp.beta1 as f32,
+            beta2: hp.beta2 as f32,
+            eps: hp.eps as f32,
+            wd: (hp.lr * hp.weight_decay) as f32,
+            bc1: (1.0 - hp.beta1.powi(hp.step as i32)) as f32,
+            bc2: (1.0 - hp.beta2.powi(hp.step as i32)) as f32,
+            grad_scale: hp.grad_scale as f32,
+        },
+    }
+}
+
+/// The squared gradient norm's launch over `entries` (uploaded at `table`) into the f32 at `out`.
+pub fn sq_norm_launch(table: u64, out: u64, entries: &[AdamWEntry]) -> Launch<AdamWParams> {
+    let maxn = entries.iter().map(|e| e.n as usize).max().unwrap_or(0);
+    Launch {
+        module: "adamw",
+        name: "grad_sq_norm".into(),
+        grid: (
+            super::blocks(maxn, 256 * 8).min(128),
+            entries.len() as u32,
+            1,
+        ),
+        block: (256, 1, 1),
+        smem: 0,
+        params: AdamWParams {
+            table,
+            out,
+            ..bytemuck::Zeroable::zeroed()
+        },
+    }
 }
 unsafe impl cudarc::driver::DeviceRepr for AdamWParams {}
 
+/// kernels/reduce.cu `CastParams`: device addresses, element count, `dtype_code`s.
 #[repr(C)]
-#[derive(Clone, Copy)]
-struct CastParams {
-    dst: u64,
-    src: u64,
-    n: u64,
-    dst_dt: i32,
-    src_dt: i32,
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct CastParams {
+    pub dst: u64,
+    pub src: u64,
+    pub n: u64,
+    pub dst_dt: i32,
+    pub src_dt: i32,
+}
+
+/// The cast kernel's launch: grid-stride over the n elements.
+pub fn cast_launch(p: CastParams) -> Launch<CastParams> {
+    Launch {
+        module: "reduce",
+        name: "cast".into(),
+        grid: (super::blocks(p.n as usize, 256).min(1 << 16), 1, 1),
+        block: (256, 1, 1),
+        smem: 0,
+        params: p,
+    }
 }
 unsafe impl cudarc::driver::DeviceRepr for CastParams {}
 
@@ -177,8 +246,8 @@ fn upload_table(be: &Cuda, entries: &[AdamWEntry]) -> Result<Tensor<Cuda>> {
 }
 
 fn bytemuck_cast(e: &[AdamWEntry]) -> &[i32] {
-    // SAFETY: AdamWEntry is repr(C), made of u64/i32 fields with no padding (6×8 + 2×4 = 56 bytes).
-    unsafe { std::slice::from_raw_parts(e.as_ptr() as *const i32, std::mem::size_of_val(e) / 4) }
+    // AdamWEntry is Pod: u64/i32 fields with no padding (6×8 + 2×4 = 56 bytes)
+    bytemuck::cast_slice(e)
 }
 
 pub(crate) fn cuda_cast(
@@ -199,20 +268,12 @@ pub(crate) fn cuda_cast(
         dst_dt: dtype_code(dd),
         src_dt: dtype_code(sd),
     };
-    be.launch(
-        "reduce",
-        "cast",
-        (super::blocks(n, 256).min(1 << 16), 1, 1),
-        (256, 1, 1),
-        0,
-        p,
-    )
+    be.run(&cast_launch(p))
 }
 
 impl AdamWOps for Cuda {
     fn adamw_step(&self, slots: &mut [AdamWSlot<Cuda>], hp: &AdamWHyper) -> Result<()> {
         let mut table = Vec::with_capacity(slots.len());
-        let mut maxn = 0usize;
         for s in slots.iter() {
             check(s)?;
             for t in [&*s.master, s.grad, &*s.m, &*s.v] {
@@ -220,7 +281,6 @@ impl AdamWOps for Cuda {
                     bail!("adamw_step: master weights, gradients and moments must be f32 on CUDA, found {}", t.dtype);
                 }
             }
-            maxn = maxn.max(s.master.numel());
             table.push(AdamWEntry {
                 master: s.master.buf.ptr,
                 working: s.working.as_ref().map(|w| w.buf.ptr).unwrap_or(0),
@@ -236,32 +296,11 @@ impl AdamWOps for Cuda {
             return Ok(());
         }
         let tab = upload_table(self, &table)?;
-        let p = AdamWParams {
-            table: tab.buf.ptr,
-            out: 0,
-            lr: hp.lr as f32,
-            beta1: hp.beta1 as f32,
-            beta2: hp.beta2 as f32,
-            eps: hp.eps as f32,
-            wd: (hp.lr * hp.weight_decay) as f32,
-            bc1: (1.0 - hp.beta1.powi(hp.step as i32)) as f32,
-            bc2: (1.0 - hp.beta2.powi(hp.step as i32)) as f32,
-            grad_scale: hp.grad_scale as f32,
-        };
-        let gx = super::blocks(maxn, 256 * 4).min(256);
-        self.launch(
-            "adamw",
-            "adamw_step",
-            (gx, table.len() as u32, 1),
-            (256, 1, 1),
-            0,
-            p,
-        )
+        self.run(&step_launch(tab.buf.ptr, &table, hp))
     }
 
     fn grad_sq_norm(&self, grads: &[&Tensor<Cuda>]) -> Result<f64> {
         let mut table = Vec::with_capacity(grads.len());
-        let mut maxn = 0;
         for g in grads {
             if g.dtype != DType::F32 {
                 bail!(
@@ -269,7 +308,6 @@ impl AdamWOps for Cuda {
                     g.dtype
                 );
             }
-            maxn = maxn.max(g.numel());
             table.push(AdamWEntry {
                 grad: g.buf.ptr,
                 n: g.numel() as u64,
@@ -281,27 +319,7 @@ impl AdamWOps for Cuda {
         }
         let tab = upload_table(self, &table)?;
         let acc = Tensor::<Cuda>::zeros(self, &[1], DType::F32)?;
-        let p = AdamWParams {
-            table: tab.buf.ptr,
-            out: acc.buf.ptr,
-            lr: 0.0,
-            beta1: 0.0,
-            beta2: 0.0,
-            eps: 0.0,
-            wd: 0.0,
-            bc1: 0.0,
-            bc2: 0.0,
-            grad_scale: 0.0,
-        };
-        let gx = super::blocks(maxn, 256 * 8).min(128);
-        self.launch(
-            "adamw",
-            "grad_sq_norm",
-            (gx, table.len() as u32, 1),
-            (256, 1, 1),
-            0,
-            p,
-        )?;
+        self.run(&sq_norm_launch(tab.buf.ptr, acc.buf.ptr, &table))?;
         Ok(acc.to_f64_vec(self)?[0])
     }
 }

@@ -7,6 +7,7 @@
 use crate::backend::BackendCore;
 use crate::cpu::{rd, wr, Cpu, Real};
 use crate::cuda::{dtype_code, Cuda};
+use crate::ops::Launch;
 use crate::rng::Dropout;
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
@@ -61,17 +62,30 @@ impl DropoutOps for Cpu {
     }
 }
 
+/// kernels/dropout.cu `DropoutParams`: pointers are device addresses, dtypes as `dtype_code`.
 #[repr(C)]
-#[derive(Clone, Copy)]
-struct DropoutParams {
-    out: u64,
-    inp: u64,
-    seed: u64,
-    n: u64,
-    p: f32,
-    out_dt: i32,
-    inp_dt: i32,
-    _pad: i32,
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct DropoutParams {
+    pub out: u64,
+    pub inp: u64,
+    pub seed: u64,
+    pub n: u64,
+    pub p: f32,
+    pub out_dt: i32,
+    pub inp_dt: i32,
+    pub _pad: i32,
+}
+
+/// The dropout kernel's launch: grid-stride over the n elements, 256 threads per block.
+pub fn launch(p: DropoutParams) -> Launch<DropoutParams> {
+    Launch {
+        module: "dropout",
+        name: "dropout_forward".into(),
+        grid: (super::blocks(p.n as usize, 256).min(65535 * 8), 1, 1),
+        block: (256, 1, 1),
+        smem: 0,
+        params: p,
+    }
 }
 unsafe impl cudarc::driver::DeviceRepr for DropoutParams {}
 
@@ -94,13 +108,6 @@ impl DropoutOps for Cuda {
             inp_dt: dtype_code(inp.dtype),
             _pad: 0,
         };
-        self.launch(
-            "dropout",
-            "dropout_forward",
-            (super::blocks(n, 256).min(65535 * 8), 1, 1),
-            (256, 1, 1),
-            0,
-            p,
-        )
+        self.run(&launch(p))
     }
 }

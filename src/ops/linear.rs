@@ -205,14 +205,7 @@ impl LinearOps for Cuda {
                 out_dt: dtype_code(out.dtype),
                 bias_dt: dtype_code(b.dtype),
             };
-            self.launch(
-                "reduce",
-                "bias_add",
-                (super::blocks(n * oc, 256).min(65535 * 16), 1, 1),
-                (256, 1, 1),
-                0,
-                p,
-            )?;
+            self.run(&bias_add_launch(p))?;
         }
         Ok(())
     }
@@ -281,6 +274,23 @@ impl LinearOps for Cuda {
             )?)?;
         }
         Ok(())
+    }
+}
+
+/// The launch of out (N, OC) += bias (OC) (the linear forward without cuBLASLt's epilogue): grid-stride
+/// over the N·OC elements.
+pub fn bias_add_launch(p: BiasParams) -> Launch<BiasParams> {
+    Launch {
+        module: "reduce",
+        name: "bias_add".into(),
+        grid: (
+            super::blocks(p.n as usize * p.oc as usize, 256).min(65535 * 16),
+            1,
+            1,
+        ),
+        block: (256, 1, 1),
+        smem: 0,
+        params: p,
     }
 }
 

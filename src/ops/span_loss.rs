@@ -12,6 +12,7 @@
 use crate::backend::BackendCore;
 use crate::cpu::{ids, rd, wr, Cpu, Real};
 use crate::cuda::{dtype_code, Cuda};
+use crate::ops::Launch;
 use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
 
@@ -114,21 +115,34 @@ impl SpanLossOps for Cpu {
     }
 }
 
+/// kernels/span_loss.cu `SpanParams`: pointers are device addresses, `dt` the logits' `dtype_code`.
 #[repr(C)]
-#[derive(Clone, Copy)]
-struct SpanParams {
-    losses: u64,
-    dlogits: u64,
-    logits: u64,
-    starts: u64,
-    ends: u64,
-    mask: u64,
-    b: i32,
-    t: i32,
-    mask_padding: i32,
-    dt: i32,
-    scale_start: f32,
-    scale_end: f32,
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SpanParams {
+    pub losses: u64,
+    pub dlogits: u64,
+    pub logits: u64,
+    pub starts: u64,
+    pub ends: u64,
+    pub mask: u64,
+    pub b: i32,
+    pub t: i32,
+    pub mask_padding: i32,
+    pub dt: i32,
+    pub scale_start: f32,
+    pub scale_end: f32,
+}
+
+/// The span loss kernel's launch: one block of 256 threads per (example, start|end).
+pub fn launch(p: SpanParams) -> Launch<SpanParams> {
+    Launch {
+        module: "span_loss",
+        name: "span_loss_forward_backward".into(),
+        grid: (p.b as u32, 2, 1),
+        block: (256, 1, 1),
+        smem: 0,
+        params: p,
+    }
 }
 unsafe impl cudarc::driver::DeviceRepr for SpanParams {}
 
@@ -166,13 +180,6 @@ impl SpanLossOps for Cuda {
             scale_start: cfg.scale_start as f32,
             scale_end: cfg.scale_end as f32,
         };
-        self.launch(
-            "span_loss",
-            "span_loss_forward_backward",
-            (b as u32, 2, 1),
-            (256, 1, 1),
-            0,
-            p,
-        )
+        self.run(&launch(p))
     }
 }

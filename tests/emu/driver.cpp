@@ -5,11 +5,11 @@
 //       -I kernels tests/emu/driver.cpp
 // where registry.inc lists the module's entry points as EMU_KERNEL(name) lines.
 //
-// Usage: driver SCRIPT OUT. SCRIPT (little-endian) = "BQEMU1\0\0", u32 buffer count, per buffer u64 bytes and
-// the bytes; u32 launch count, per launch u32 name length and the name, u32 grid[3], u32 block[3], u32 dynamic
+// Usage: driver SCRIPT OUT. SCRIPT (little-endian) = "BQEMU2\0\0", u32 buffer count, per buffer u64 bytes, u32
+// flags (1: a table of device addresses, patched like parameters) and the bytes; u32 launch count, per launch u32 name length and the name, u32 grid[3], u32 block[3], u32 dynamic
 // shared-memory bytes, u32 parameter bytes and the parameter struct. A parameter word (8-byte aligned) whose top
 // nibble is 0xB is a buffer address: buffer (word >> 36) & 0xFFFFFF at byte offset word & (2^36 - 1), the way
-// the Rust side (tests/emu/mod.rs) wrote it. OUT receives every buffer after the last launch, in order.
+// the Rust side (tests/emu/mod.rs) wrote it; so is such a word in a buffer flagged as a table. OUT receives every buffer after the last launch, in order.
 #include "cuda_emu.hpp"
 
 #include <cstdarg>
@@ -356,16 +356,32 @@ int main(int argc, char** argv) {
     FILE* f = std::fopen(argv[1], "rb");
     if (!f) emu::fail("cannot open %s", argv[1]);
     char magic[8];
-    if (std::fread(magic, 1, 8, f) != 8 || std::memcmp(magic, "BQEMU1\0\0", 8) != 0) emu::fail("%s: not an emulator script", argv[1]);
+    if (std::fread(magic, 1, 8, f) != 8 || std::memcmp(magic, "BQEMU2\0\0", 8) != 0) emu::fail("%s: not an emulator script", argv[1]);
     uint32_t nbuf = rd<uint32_t>(f);
+    std::vector<uint32_t> flags(nbuf);
     for (uint32_t i = 0; i < nbuf; ++i) {
         uint64_t n = rd<uint64_t>(f);
+        flags[i] = rd<uint32_t>(f);
         // exactly n bytes, 16-byte aligned like a device allocation (under -fsanitize=address an access past
         // the end is reported)
         auto p = (unsigned char*)::operator new[](n ? n : 1, std::align_val_t(16));
         if (n && std::fread(p, 1, n, f) != n) emu::fail("script truncated in a buffer");
         emu::globals.push_back({p, n});
     }
+    // a fake device address → the real one
+    auto patch = [&](unsigned char* at, const char* what, size_t o) {
+        uint64_t w;
+        std::memcpy(&w, at, 8);
+        if (w >> 60 != 0xB) return;
+        uint64_t bi = (w >> 36) & 0xFFFFFF, off = w & ((1ull << 36) - 1);
+        if (bi >= nbuf || off > emu::globals[bi].second)
+            emu::fail("%s: word at byte %zu names buffer %llu + %llu", what, o, (unsigned long long)bi, (unsigned long long)off);
+        uint64_t real = (uint64_t)(uintptr_t)(emu::globals[bi].first + off);
+        std::memcpy(at, &real, 8);
+    };
+    for (uint32_t i = 0; i < nbuf; ++i)
+        if (flags[i] & 1)
+            for (size_t o = 0; o + 8 <= emu::globals[i].second; o += 8) patch((unsigned char*)emu::globals[i].first + o, "table", o);
     uint32_t nl = rd<uint32_t>(f);
     for (uint32_t li = 0; li < nl; ++li) {
         std::string name(rd<uint32_t>(f), '\0');
@@ -375,15 +391,7 @@ int main(int argc, char** argv) {
         uint32_t smem = rd<uint32_t>(f);
         std::vector<unsigned char> params(rd<uint32_t>(f));
         if (std::fread(params.data(), 1, params.size(), f) != params.size()) emu::fail("script truncated in parameters");
-        for (size_t o = 0; o + 8 <= params.size(); o += 8) {
-            uint64_t w;
-            std::memcpy(&w, &params[o], 8);
-            if (w >> 60 != 0xB) continue;
-            uint64_t bi = (w >> 36) & 0xFFFFFF, off = w & ((1ull << 36) - 1);
-            if (bi >= nbuf || off > emu::globals[bi].second) emu::fail("%s: parameter at byte %zu names buffer %llu + %llu", name.c_str(), o, (unsigned long long)bi, (unsigned long long)off);
-            uint64_t real = (uint64_t)(uintptr_t)(emu::globals[bi].first + off);
-            std::memcpy(&params[o], &real, 8);
-        }
+        for (size_t o = 0; o + 8 <= params.size(); o += 8) patch(&params[o], name.c_str(), o);
         auto it = REGISTRY.find(name);
         if (it == REGISTRY.end()) emu::fail("no kernel %s in this module", name.c_str());
         emu::launch(it->second, name.c_str(), grid, block, smem, params.data(), params.size());

@@ -2,7 +2,8 @@
 //! with the host C++ compiler and runs launch descriptions (src/ops/mod.rs `Launch`) through it on host buffers.
 //!
 //! Buffers are named in parameter structs by fake addresses: buffer i at byte offset o is
-//! `0xB << 60 | i << 36 | o`; the driver replaces every such 8-byte parameter word by the real address.
+//! `0xB << 60 | i << 36 | o`; the driver replaces every such 8-byte word of a parameter struct, or of a buffer
+//! flagged as a table of addresses ([`Emus::run_tables`]), by the real address.
 
 #![allow(dead_code)]
 
@@ -169,6 +170,18 @@ impl Emus {
         launches: &[Launch<P>],
         mode: Mode,
     ) -> Result<Option<Vec<Vec<u8>>>, String> {
+        self.run_tables(bufs, &[], launches, mode)
+    }
+
+    /// As [`Emus::run`], with the buffers numbered in `tables` holding device addresses (fake ones, by
+    /// [`addr`]) that the driver turns into real ones, as it does in parameter structs.
+    pub fn run_tables<P: bytemuck::Pod>(
+        &mut self,
+        bufs: &[Vec<u8>],
+        tables: &[usize],
+        launches: &[Launch<P>],
+        mode: Mode,
+    ) -> Result<Option<Vec<Vec<u8>>>, String> {
         let mut bufs = bufs.to_vec();
         let mut i = 0;
         while i < launches.len() {
@@ -188,7 +201,7 @@ impl Emus {
                 .iter()
                 .find(|e| e.module == module)
                 .expect("built above");
-            bufs = emu.run(&bufs, &launches[i..i + n], mode)?;
+            bufs = emu.run(&bufs, tables, &launches[i..i + n], mode)?;
             i += n;
         }
         Ok(Some(bufs))
@@ -223,17 +236,20 @@ impl Mode {
 }
 
 impl Emu {
-    /// Run `launches` in order on `bufs` (initial contents); returns every buffer afterwards.
+    /// Run `launches` in order on `bufs` (initial contents; those numbered in `tables` hold device
+    /// addresses); returns every buffer afterwards.
     pub fn run<P: bytemuck::Pod>(
         &self,
         bufs: &[Vec<u8>],
+        tables: &[usize],
         launches: &[Launch<P>],
         mode: Mode,
     ) -> Result<Vec<Vec<u8>>, String> {
-        let mut s: Vec<u8> = b"BQEMU1\0\0".to_vec();
+        let mut s: Vec<u8> = b"BQEMU2\0\0".to_vec();
         s.extend((bufs.len() as u32).to_le_bytes());
-        for b in bufs {
+        for (i, b) in bufs.iter().enumerate() {
             s.extend((b.len() as u64).to_le_bytes());
+            s.extend((tables.contains(&i) as u32).to_le_bytes());
             s.extend(b);
         }
         s.extend((launches.len() as u32).to_le_bytes());
