@@ -20,6 +20,13 @@
 // cp.async: by default each copy lands when its thread waits for the group (the latest the PTX ISA allows);
 // EMU_CP_ASYNC=eager lands it at issue (the earliest). A kernel whose result differs between the two reads a
 // tile before waiting for it or overwrites one still being read.
+//
+// Data races (-fsanitize=thread, e.g. BERTQA_EMU_CXXFLAGS=-fsanitize=thread): each CUDA thread is a separate
+// ThreadSanitizer fiber, switched without synchronisation; __syncthreads and warp collectives are the only
+// happens-before edges inside a block (blocks and launches run in order, so races between blocks are not
+// seen). ldmatrix reads and cp.async writes are reported as accesses of the lane that addressed them; the
+// emulator's own bookkeeping is not instrumented. Any access pair two threads make to the same shared or
+// global byte, one a write, with no barrier between them is reported, whatever the interleaving.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -122,6 +129,21 @@ using std::max;
 using std::min;
 template <typename T> inline T __ldg(const T* p) { return *p; }
 
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+// the instrumentation's own entry points (libtsan exports them; the public header does not declare them)
+extern "C" void __tsan_read4(void*);
+extern "C" void __tsan_read16(void*);
+extern "C" void __tsan_write4(void*);
+extern "C" void __tsan_write16(void*);
+#define EMU_TSAN 1
+// the emulator's bookkeeping (barrier counters, exchange slots) is not what is being checked
+#define EMU_UNCHECKED __attribute__((no_sanitize_thread))
+#else
+#define EMU_TSAN 0
+#define EMU_UNCHECKED
+#endif
+
 namespace emu {
 
 [[noreturn]] void fail(const char* fmt, ...);
@@ -142,6 +164,7 @@ struct Pending {
 };
 struct Fiber {
     ucontext_t ctx;
+    void* tsan = nullptr;  // the ThreadSanitizer fiber (-fsanitize=thread)
     char* stack = nullptr;
     dim3 tid;
     int lane = 0, warp = 0;
@@ -167,7 +190,7 @@ void block_barrier(); // every live thread of this block
 bool in_global(const void* p, size_t bytes);
 
 // warp collective: exchange one 64-bit word per lane
-template <typename V> inline V exchange(V v, int src_lane) {
+template <typename V> EMU_UNCHECKED inline V exchange(V v, int src_lane) {
     static_assert(sizeof(V) <= 8, "shuffle of a value wider than 8 bytes");
     Warp& w = warps[cur->warp];
     if (w.live != w.size) fail("%s: warp collective after %d lanes of warp %d exited", kernel_name, w.size - w.live, cur->warp);
@@ -224,19 +247,15 @@ template <typename V> inline V __shfl_sync(unsigned, V v, int src) { return ::em
 template <typename V> inline V __shfl_down_sync(unsigned, V v, unsigned d) {
     return ::emu::exchange(v, ::emu::cur->lane + (int)d);
 }
-// Threads of a block never run at the same time (fibers switch only at barriers): a plain add is atomic.
+// Threads of a block never run at the same time (fibers switch only at barriers), so any add would be
+// atomic here; these are real atomic operations so that ThreadSanitizer treats them as such.
 inline float atomicAdd(float* p, float v) {
-    float old = *p;
-    *p = old + v;
-    return old;
+    uint32_t* u = (uint32_t*)p;
+    uint32_t old = __atomic_load_n(u, __ATOMIC_RELAXED);
+    while (!__atomic_compare_exchange_n(u, &old, __float_as_uint(__uint_as_float(old) + v), false, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED)) {
+    }
+    return __uint_as_float(old);
 }
-inline unsigned atomicAdd(unsigned* p, unsigned v) {
-    unsigned old = *p;
-    *p = old + v;
-    return old;
-}
-inline int atomicAdd(int* p, int v) {
-    int old = *p;
-    *p = old + v;
-    return old;
-}
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }

@@ -13,6 +13,7 @@
 #include "cuda_emu.hpp"
 
 #include <cstdarg>
+#include <array>
 #include <map>
 #include <new>
 
@@ -46,31 +47,61 @@ void fail(const char* fmt, ...) {
     std::exit(3);
 }
 
-void yield() { swapcontext(&cur->ctx, &sched_ctx); }
+// ---- ThreadSanitizer (-fsanitize=thread): fibers and happens-before edges --------------------------------
+#if EMU_TSAN
+static void* sched_tsan = nullptr;
+// barrier sync objects: [warp][generation parity], and the block's; a thread is at most one generation ahead
+static std::vector<std::array<char, 2>> warp_sync;
+static char block_sync[2];
+static char grid_sync;  // every thread's exit → every later thread's start (blocks and launches run in order)
+static void to_fiber(void* f) { __tsan_switch_to_fiber(f, __tsan_switch_to_fiber_no_sync); }
+#define TSAN_RELEASE(p) __tsan_release((void*)(p))
+#define TSAN_ACQUIRE(p) __tsan_acquire((void*)(p))
+#else
+#define TSAN_RELEASE(p) (void)0
+#define TSAN_ACQUIRE(p) (void)0
+#endif
 
-void warp_barrier() {
+EMU_UNCHECKED void yield() {
+#if EMU_TSAN
+    to_fiber(sched_tsan);
+#endif
+    swapcontext(&cur->ctx, &sched_ctx);
+}
+
+EMU_UNCHECKED void warp_barrier() {
     Warp& w = warps[cur->warp];
     uint64_t g = w.gen;
+#if EMU_TSAN
+    void* sync = &warp_sync[cur->warp][g & 1];
+#endif
+    TSAN_RELEASE(sync);
     if (++w.arrived == w.live) {
         w.arrived = 0;
         ++w.gen;
-        return;
+    } else {
+        cur->wait = 1;
+        cur->wait_gen = g;
+        yield();
     }
-    cur->wait = 1;
-    cur->wait_gen = g;
-    yield();
+    TSAN_ACQUIRE(sync);
 }
 
-void block_barrier() {
+EMU_UNCHECKED void block_barrier() {
     uint64_t g = block_gen;
+#if EMU_TSAN
+    void* sync = &block_sync[g & 1];
+#endif
+    TSAN_RELEASE(sync);
     if (++block_arrived == block_live) {
         block_arrived = 0;
         ++block_gen;
-        return;
+    } else {
+        cur->wait = 2;
+        cur->wait_gen = g;
+        yield();
     }
-    cur->wait = 2;
-    cur->wait_gen = g;
-    yield();
+    TSAN_ACQUIRE(sync);
 }
 
 bool in_global(const void* p, size_t bytes) {
@@ -89,7 +120,7 @@ static float half_bits_to_float(bool bf16, uint32_t h) {
     return bf16 ? __bfloat162float(__nv_bfloat16{(uint16_t)h}) : __half2float(__half{(uint16_t)h});
 }
 
-void mma_m16n8k16(bool bf16, float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+EMU_UNCHECKED void mma_m16n8k16(bool bf16, float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
     Warp& w = warps[cur->warp];
     if (w.live != 32) fail("%s: mma.sync with %d live lanes", kernel_name, w.live);
     uint64_t* s = w.slot[cur->lane];
@@ -120,11 +151,14 @@ void mma_m16n8k16(bool bf16, float* c, const uint32_t* a, uint32_t b0, uint32_t 
     for (int i = 0; i < 4; ++i) c[i] = d[i];
 }
 
-void ldmatrix(uint32_t* r, int n, bool trans, const void* p) {
+EMU_UNCHECKED void ldmatrix(uint32_t* r, int n, bool trans, const void* p) {
     Warp& w = warps[cur->warp];
     if (w.live != 32) fail("%s: ldmatrix with %d live lanes", kernel_name, w.live);
     w.addr[cur->lane] = p;
     if (cur->lane < 8 * n) {
+#if EMU_TSAN
+        __tsan_read16((void*)p);  // the row this lane addresses, read by the warp
+#endif
         if (!in_smem(p, 16))
             fail("%s: ldmatrix row address of lane %d (warp %d) is %td bytes into the %zu bytes of shared memory",
                  kernel_name, cur->lane, cur->warp, (const unsigned char*)p - smem_base, smem_bytes);
@@ -150,27 +184,45 @@ void ldmatrix(uint32_t* r, int n, bool trans, const void* p) {
     warp_barrier();
 }
 
-static void land(const Pending& c) {
+// The copy as a write of the issuing thread (and a read of the source when valid), reported both at issue
+// and where it lands: the hardware may write any time in between.
+EMU_UNCHECKED static void tsan_copy(const Pending& c) {
+#if EMU_TSAN
+    if (c.bytes == 16) {
+        __tsan_write16(c.dst);
+        if (c.valid) __tsan_read16((void*)c.src);
+    } else {
+        __tsan_write4(c.dst);
+        if (c.valid) __tsan_read4((void*)c.src);
+    }
+#else
+    (void)c;
+#endif
+}
+
+EMU_UNCHECKED static void land(const Pending& c) {
+    tsan_copy(c);
     if (c.valid)
         std::memcpy(c.dst, c.src, c.bytes);
     else
         std::memset(c.dst, 0, c.bytes);
 }
 
-void cp_async(void* dst, const void* src, int bytes, bool valid) {
+EMU_UNCHECKED void cp_async(void* dst, const void* src, int bytes, bool valid) {
     if (!in_smem(dst, bytes))
         fail("%s: cp.async destination %td bytes into the %zu bytes of shared memory (thread %u)", kernel_name,
              (const unsigned char*)dst - smem_base, smem_bytes, cur->tid.x);
     if (!in_global(src, bytes)) fail("%s: cp.async source outside every global buffer (thread %u)", kernel_name, cur->tid.x);
     if ((uintptr_t)dst % bytes || (uintptr_t)src % bytes) fail("%s: cp.async of %d bytes misaligned", kernel_name, bytes);
     Pending c{dst, src, bytes, valid, cur->group};
+    tsan_copy(c);
     if (eager_cp)
         land(c);
     else
         cur->cp.push_back(c);
 }
-void cp_async_commit() { ++cur->group; }
-void cp_async_wait(int n) {
+EMU_UNCHECKED void cp_async_commit() { ++cur->group; }
+EMU_UNCHECKED void cp_async_wait(int n) {
     // groups < cur->group are committed; all but the newest n of them must be complete
     long upto = cur->group - n;
     std::vector<Pending> keep;
@@ -203,7 +255,8 @@ static Entry run_entry;
 static const void* run_params;
 static size_t run_bytes;
 
-static void fiber_main() {
+EMU_UNCHECKED static void fiber_main() {
+    TSAN_ACQUIRE(&grid_sync);
     run_entry.thunk(run_entry.fn, run_params, run_bytes);
     // the thread exits: barriers now wait for one thread fewer
     cur->done = true;
@@ -219,10 +272,18 @@ static void fiber_main() {
         block_arrived = 0;
         ++block_gen;
     }
+    TSAN_RELEASE(&grid_sync);  // everything this thread did, for the threads of later blocks and launches
+#if EMU_TSAN
+    to_fiber(sched_tsan);
+#endif
     swapcontext(&cur->ctx, &sched_ctx);
 }
 
-static void run_block(size_t stack_bytes) {
+// (a plain assignment in the scheduler's lambda would be instrumented: kernel code reads `cur` for threadIdx)
+EMU_UNCHECKED static void set_cur(Fiber* f) { cur = f; }
+
+EMU_UNCHECKED static void run_block(size_t stack_bytes) {
+    TSAN_ACQUIRE(&grid_sync);  // the previous block's threads are done with the fibers, shared memory, ...
     unsigned n = block_dim.x * block_dim.y * block_dim.z;
     int nw = (int)((n + 31) / 32);
     warps.assign(nw, Warp{});
@@ -230,8 +291,16 @@ static void run_block(size_t stack_bytes) {
     block_live = (int)n;
     block_arrived = 0;
     std::memset(smem_base, 0xff, smem_bytes);  // NaN in every float/bf16/f16 view
+#if EMU_TSAN
+    warp_sync.assign(nw, {});
+    sched_tsan = __tsan_get_current_fiber();
+#endif
     for (unsigned i = 0; i < n; ++i) {
         Fiber& f = fibers[i];
+#if EMU_TSAN
+        if (f.tsan) __tsan_destroy_fiber(f.tsan);
+        f.tsan = __tsan_create_fiber(0);
+#endif
         f.tid = dim3{i % block_dim.x, (i / block_dim.x) % block_dim.y, i / (block_dim.x * block_dim.y)};
         f.lane = (int)(i % 32);
         f.warp = (int)(i / 32);
@@ -245,6 +314,7 @@ static void run_block(size_t stack_bytes) {
         f.ctx.uc_link = &sched_ctx;
         makecontext(&f.ctx, fiber_main, 0);
     }
+    TSAN_RELEASE(&grid_sync);  // ... and this block's threads start after the set-up above
     // Scheduling: EMU_SCHED=rr resumes every runnable thread in turn (warps advance in lockstep); warp (the
     // default) and rwarp run one warp — lowest or highest index first — as far as it can go, i.e. until all
     // its lanes wait at a block barrier or have exited, before the next: a warp that reaches shared memory
@@ -257,7 +327,10 @@ static void run_block(size_t stack_bytes) {
     };
     auto resume = [&](Fiber& f) {
         f.wait = 0;
-        cur = &f;
+        set_cur(&f);
+#if EMU_TSAN
+        to_fiber(f.tsan);
+#endif
         swapcontext(&sched_ctx, &f.ctx);
     };
     for (;;) {
@@ -296,7 +369,8 @@ static void run_block(size_t stack_bytes) {
     }
 }
 
-static void launch(const Entry& e, const char* name, dim3 grid, dim3 block, size_t smem, const void* params, size_t bytes) {
+EMU_UNCHECKED static void launch(const Entry& e, const char* name, dim3 grid, dim3 block, size_t smem, const void* params, size_t bytes) {
+    TSAN_ACQUIRE(&grid_sync);
     kernel_name = name;
     grid_dim = grid;
     block_dim = block;
@@ -318,6 +392,11 @@ static void launch(const Entry& e, const char* name, dim3 grid, dim3 block, size
                 block_idx = dim3{x, y, z};
                 run_block(stack_bytes);
             }
+    TSAN_ACQUIRE(&grid_sync);  // the last block's threads are done
+#if EMU_TSAN
+    for (auto& f : fibers)
+        if (f.tsan) __tsan_destroy_fiber(f.tsan);
+#endif
     fibers.clear();
     ::operator delete[](smem_base, std::align_val_t(16));
     smem_base = nullptr;
@@ -368,6 +447,7 @@ int main(int argc, char** argv) {
         if (n && std::fread(p, 1, n, f) != n) emu::fail("script truncated in a buffer");
         emu::globals.push_back({p, n});
     }
+    TSAN_RELEASE(&emu::grid_sync);  // the buffers as read from the script, before any kernel thread
     // a fake device address → the real one
     auto patch = [&](unsigned char* at, const char* what, size_t o) {
         uint64_t w;
@@ -397,6 +477,7 @@ int main(int argc, char** argv) {
         emu::launch(it->second, name.c_str(), grid, block, smem, params.data(), params.size());
     }
     std::fclose(f);
+    TSAN_ACQUIRE(&emu::grid_sync);  // every kernel thread's writes
     FILE* o = std::fopen(argv[2], "wb");
     if (!o) emu::fail("cannot write %s", argv[2]);
     for (auto& [p, n] : emu::globals) {

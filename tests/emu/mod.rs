@@ -282,6 +282,19 @@ impl Emu {
             dir.join(format!("o-{tag}.bin")),
         );
         std::fs::write(&script, &s).map_err(|e| format!("{}: {e}", script.display()))?;
+        // BERTQA_EMU_MODE=sched[-eager] overrides every test's mode (e.g. rwarp-eager, rr): the whole suite
+        // under another interleaving
+        let mode = match std::env::var("BERTQA_EMU_MODE") {
+            Ok(m) => Mode {
+                sched: match m.split('-').next() {
+                    Some("rr") => "rr",
+                    Some("rwarp") => "rwarp",
+                    _ => "warp",
+                },
+                eager_cp: m.ends_with("-eager"),
+            },
+            Err(_) => mode,
+        };
         let res = Command::new(&self.exe)
             .arg(&script)
             .arg(&out)
