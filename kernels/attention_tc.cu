@@ -780,7 +780,10 @@ __device__ void tc4_backward(const AttnParams& a) {
                 if (r1 < a.t) red_add2(dq + ((u64)bi * a.t + r1) * C + d, acc[n][2], acc[n][3]);
             }
         }
-        __syncthreads();  // Ss and this buffer are free for the next tile
+        // No barrier here: the next tile's first writes (its cp.async stage, into the buffer read before the dS
+        // barrier above; its dS stores into Ss) come after that tile's own barrier (after cp_async_wait), which
+        // every warp reaches only once done with this tile's Ss and K reads. The emulator's race detector
+        // (tests/emu, -fsanitize=thread) finds no race without it.
     }
     store_dkdv<T, HS>(a, dk, dv, bi, h, ja, jb, ks);
 }
