@@ -181,12 +181,14 @@ fn attention_sweep(
 }
 
 /// (HS, B, T): every tensor-core head size at a one-tile and a multi-tile length (T=203: 4 key tiles of the
-/// forward, 2 key blocks of w8's backward, 7 query tiles; both odd, so the last tiles are partial).
-const SIZES: [(usize, usize, usize); 6] = [
+/// forward, 2 key blocks of w8's backward, 7 query tiles; both odd, so the last tiles are partial), and T=128
+/// at HS=64: whole tiles only, no partial-tile paths.
+const SIZES: [(usize, usize, usize); 7] = [
     (32, 2, 37),
     (32, 1, 203),
     (64, 2, 37),
     (64, 1, 203),
+    (64, 1, 128),
     (128, 2, 37),
     (128, 1, 203),
 ];
@@ -229,6 +231,25 @@ fn emu_attention_v4_w8b2() {
 
 /// The pipelined kernels (variant 4's cp.async double buffers) under the other interleavings: warps in
 /// reverse order with copies landing at issue, and warps in lockstep.
+/// The BERT-base shape of one (batch, head pair): T=384, HS=64, the default backward shape and variant 3.
+#[test]
+fn emu_attention_bert_base_shape() {
+    attention_sweep(
+        4,
+        ("w8b2", 8),
+        &[DType::BF16],
+        &[(64, 1, 384)],
+        &[Mode::DEFAULT],
+    );
+    attention_sweep(
+        3,
+        ("w8b2", 8),
+        &[DType::BF16],
+        &[(64, 1, 384)],
+        &[Mode::DEFAULT],
+    );
+}
+
 #[test]
 fn emu_attention_v4_interleavings() {
     for tc4 in [("w4", 4), ("w8b2", 8)] {
@@ -327,15 +348,16 @@ fn ln_on_emu(
     ))
 }
 
-/// Residual LayerNorm, scalar and vec kernels, f32/bf16/f16: C = 384 (MiniLM), 1000 (four 16-byte chunks per
-/// lane in bf16, a partial last one), 200 (lanes without a chunk), 37 (no vec kernel: the scalar fallback);
+/// Residual LayerNorm, scalar and vec kernels, f32/bf16/f16: C = 384 (MiniLM), 768 (BERT-base: three 16-byte
+/// chunks per lane in bf16), 1000 (four, a partial last one), 200 (lanes without a chunk), 37 (no vec kernel:
+/// the scalar fallback);
 /// 19 rows, dropout on; the backward with 1 SM (2 blocks striding over the rows) and with 132.
 #[test]
 fn emu_layernorm_scalar_and_vec() {
     let mut emu = Emus::default();
     let mut rows = vec![];
     for dt in [DType::F32, DType::BF16, DType::F16] {
-        for c in [384, 1000, 200, 37] {
+        for c in [384, 768, 1000, 200, 37] {
             for vec in [false, true] {
                 for sm in [1, 132] {
                     let case = LayerNormCase { n: 19, c, p: 0.1 };
@@ -489,15 +511,15 @@ fn emu_bias_grad_scalar_and_vec() {
     check(&rows);
 }
 
-/// Embeddings forward, and backward through the scalar and the vec kernel, f32/bf16/f16: C = 384, 200, 37
-/// (scalar only); padding index 0 skipped in dword; the vec backward with 1 SM (blocks striding over rows).
+/// Embeddings forward, and backward through the scalar and the vec kernel, f32/bf16/f16: C = 384, 768, 200,
+/// 37 (scalar only); padding index 0 skipped in dword; the vec backward with 1 SM (blocks striding over rows).
 #[test]
 fn emu_embeddings_scalar_and_vec() {
     use bertqa::ops::embedding::{backward_launch, forward_launch, EmbParams};
     let mut emu = Emus::default();
     let mut rows = vec![];
     for dt in [DType::F32, DType::BF16, DType::F16] {
-        for c in [384, 200, 37] {
+        for c in [384, 768, 200, 37] {
             for vec in [false, true] {
                 let case = EmbeddingCase {
                     b: 2,
