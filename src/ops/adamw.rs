@@ -164,54 +164,52 @@ pub struct AdamWParams {
     pub grad_scale: f32,
 }
 
-/// The AdamW step's launch over `entries` (uploaded at `table`): blockIdx.y picks the tensor, up to 256
-/// blocks of 256 threads stride over its elements.
-pub fn step_launch(table: u64, entries: &[AdamWEntry], hp: &AdamWHyper) -> Launch<AdamWParams> {
+/// A launch of `name` over the tensors of `entries`: blockIdx.y picks the tensor, blocks of 256 threads
+/// (each `per_thread` elements of the largest tensor, at most `max_blocks` of them) stride over its elements.
+fn table_launch(
+    name: &str,
+    entries: &[AdamWEntry],
+    per_thread: usize,
+    max_blocks: u32,
+    params: AdamWParams,
+) -> Launch<AdamWParams> {
     let maxn = entries.iter().map(|e| e.n as usize).max().unwrap_or(0);
+    let gx = super::blocks(maxn, 256 * per_thread).min(max_blocks);
     Launch {
         module: "adamw",
-        name: "adamw_step".into(),
-        grid: (
-            super::blocks(maxn, 256 * 4).min(256),
-            entries.len() as u32,
-            1,
-        ),
+        name: name.into(),
+        grid: (gx, entries.len() as u32, 1),
         block: (256, 1, 1),
         smem: 0,
-        params: AdamWParams {
-            table,
-            out: 0,
-            lr: hp.lr as f32,
-            beta1: hp.beta1 as f32,
-            beta2: hp.beta2 as f32,
-            eps: hp.eps as f32,
-            wd: (hp.lr * hp.weight_decay) as f32,
-            bc1: (1.0 - hp.beta1.powi(hp.step as i32)) as f32,
-            bc2: (1.0 - hp.beta2.powi(hp.step as i32)) as f32,
-            grad_scale: hp.grad_scale as f32,
-        },
+        params,
     }
+}
+
+/// The AdamW step's launch over `entries` (uploaded at `table`).
+pub fn step_launch(table: u64, entries: &[AdamWEntry], hp: &AdamWHyper) -> Launch<AdamWParams> {
+    let p = AdamWParams {
+        table,
+        out: 0,
+        lr: hp.lr as f32,
+        beta1: hp.beta1 as f32,
+        beta2: hp.beta2 as f32,
+        eps: hp.eps as f32,
+        wd: (hp.lr * hp.weight_decay) as f32,
+        bc1: (1.0 - hp.beta1.powi(hp.step as i32)) as f32,
+        bc2: (1.0 - hp.beta2.powi(hp.step as i32)) as f32,
+        grad_scale: hp.grad_scale as f32,
+    };
+    table_launch("adamw_step", entries, 4, 256, p)
 }
 
 /// The squared gradient norm's launch over `entries` (uploaded at `table`) into the f32 at `out`.
 pub fn sq_norm_launch(table: u64, out: u64, entries: &[AdamWEntry]) -> Launch<AdamWParams> {
-    let maxn = entries.iter().map(|e| e.n as usize).max().unwrap_or(0);
-    Launch {
-        module: "adamw",
-        name: "grad_sq_norm".into(),
-        grid: (
-            super::blocks(maxn, 256 * 8).min(128),
-            entries.len() as u32,
-            1,
-        ),
-        block: (256, 1, 1),
-        smem: 0,
-        params: AdamWParams {
-            table,
-            out,
-            ..bytemuck::Zeroable::zeroed()
-        },
-    }
+    let p = AdamWParams {
+        table,
+        out,
+        ..bytemuck::Zeroable::zeroed()
+    };
+    table_launch("grad_sq_norm", entries, 8, 128, p)
 }
 unsafe impl cudarc::driver::DeviceRepr for AdamWParams {}
 
