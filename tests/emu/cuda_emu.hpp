@@ -29,6 +29,7 @@
 // global byte, one a write, with no barrier between them is reported, whatever the interleaving.
 #pragma once
 #include <cmath>
+#include <csetjmp>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -164,6 +165,8 @@ struct Pending {
 };
 struct Fiber {
     ucontext_t ctx;
+    jmp_buf jb;            // where the fiber resumes (fast switching, driver.cpp)
+    bool started = false;  // entered once already
     void* tsan = nullptr;  // the ThreadSanitizer fiber (-fsanitize=thread)
     char* stack = nullptr;
     dim3 tid;

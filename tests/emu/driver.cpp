@@ -14,6 +14,7 @@
 
 #include <cstdarg>
 #include <array>
+#include <csetjmp>
 #include <map>
 #include <new>
 
@@ -30,6 +31,48 @@ std::vector<Warp> warps;
 const char* kernel_name = "?";
 
 static ucontext_t sched_ctx;
+
+// Switching fibers: swapcontext saves and restores the signal mask — a system call per switch, most of the
+// emulator's time. Without sanitizers, a fiber is entered once with swapcontext and from then on switched
+// with _setjmp/_longjmp (no system call); under ASan/TSan, which follow swapcontext, every switch uses it.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define EMU_FAST_SWITCH 0
+#else
+#define EMU_FAST_SWITCH 1
+static jmp_buf sched_jb;
+#endif
+
+// fiber → scheduler
+EMU_UNCHECKED static void to_scheduler() {
+#if EMU_FAST_SWITCH
+    if (!_setjmp(cur->jb)) _longjmp(sched_jb, 1);
+#else
+    swapcontext(&cur->ctx, &sched_ctx);
+#endif
+}
+// fiber exit → scheduler, for good
+[[noreturn]] EMU_UNCHECKED static void exit_to_scheduler() {
+#if EMU_FAST_SWITCH
+    _longjmp(sched_jb, 1);
+#else
+    setcontext(&sched_ctx);
+    std::abort();
+#endif
+}
+// scheduler → fiber f, until it yields or exits
+EMU_UNCHECKED static void enter(Fiber& f) {
+#if EMU_FAST_SWITCH
+    if (_setjmp(sched_jb)) return;  // back from the fiber
+    if (!f.started) {
+        f.started = true;
+        swapcontext(&sched_ctx, &f.ctx);  // first entry (the fiber never returns through this context)
+    } else {
+        _longjmp(f.jb, 1);
+    }
+#else
+    swapcontext(&sched_ctx, &f.ctx);
+#endif
+}
 static std::vector<Fiber> fibers;
 static int block_live = 0, block_arrived = 0;
 static uint64_t block_gen = 0;
@@ -66,7 +109,7 @@ EMU_UNCHECKED void yield() {
 #if EMU_TSAN
     to_fiber(sched_tsan);
 #endif
-    swapcontext(&cur->ctx, &sched_ctx);
+    to_scheduler();
 }
 
 EMU_UNCHECKED void warp_barrier() {
@@ -276,7 +319,7 @@ EMU_UNCHECKED static void fiber_main() {
 #if EMU_TSAN
     to_fiber(sched_tsan);
 #endif
-    swapcontext(&cur->ctx, &sched_ctx);
+    exit_to_scheduler();
 }
 
 // (a plain assignment in the scheduler's lambda would be instrumented: kernel code reads `cur` for threadIdx)
@@ -307,6 +350,7 @@ EMU_UNCHECKED static void run_block(size_t stack_bytes) {
         f.done = false;
         f.wait = 0;
         f.group = 0;
+        f.started = false;
         f.cp.clear();
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = f.stack;
@@ -331,7 +375,7 @@ EMU_UNCHECKED static void run_block(size_t stack_bytes) {
 #if EMU_TSAN
         to_fiber(f.tsan);
 #endif
-        swapcontext(&sched_ctx, &f.ctx);
+        enter(f);
     };
     for (;;) {
         bool any_live = false, progressed = false;
