@@ -6,11 +6,12 @@
 // m16n8k16, ldmatrix, cp.async, ex2.approx) — each written from the PTX ISA's definition, not from the kernels,
 // so a kernel that misreads a fragment layout gets wrong numbers here as it would on the GPU.
 //
-// Execution model. Every CUDA thread is a fiber (ucontext); one block runs at a time, its threads round-robin,
-// each running until it reaches a barrier (__syncthreads, or a warp collective: shuffles, mma, ldmatrix), so a
-// block behaves as if its warps ran in any interleaving between barriers. Shared memory: `__shared__` arrays are
-// function statics (one block at a time) and the dynamic shared memory is a fresh allocation of exactly the
-// launch's bytes, filled with NaN bytes, so a read past a tile or of an unwritten element shows in the result.
+// Execution model. Every CUDA thread is a fiber (ucontext); one block runs at a time, and a thread runs until it
+// reaches a barrier (__syncthreads, or a warp collective: shuffles, mma, ldmatrix), where the scheduler picks
+// the next (driver.cpp, EMU_SCHED: one warp as far as it can go, lowest or highest first, or all in lockstep).
+// Shared memory: `__shared__` arrays are function statics (one block at a time) and the dynamic shared memory
+// is a fresh allocation of exactly the launch's bytes, filled with NaN bytes, so a read past a tile or of an
+// unwritten element shows in the result.
 //
 // Checks a GPU would not report clearly: a barrier that not every live thread reaches (deadlock, named with the
 // waiting threads), a warp collective after lanes of the warp have exited, ldmatrix rows outside the dynamic

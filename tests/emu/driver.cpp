@@ -5,11 +5,14 @@
 //       -I kernels tests/emu/driver.cpp
 // where registry.inc lists the module's entry points as EMU_KERNEL(name) lines.
 //
-// Usage: driver SCRIPT OUT. SCRIPT (little-endian) = "BQEMU2\0\0", u32 buffer count, per buffer u64 bytes, u32
-// flags (1: a table of device addresses, patched like parameters) and the bytes; u32 launch count, per launch u32 name length and the name, u32 grid[3], u32 block[3], u32 dynamic
-// shared-memory bytes, u32 parameter bytes and the parameter struct. A parameter word (8-byte aligned) whose top
-// nibble is 0xB is a buffer address: buffer (word >> 36) & 0xFFFFFF at byte offset word & (2^36 - 1), the way
-// the Rust side (tests/emu/mod.rs) wrote it; so is such a word in a buffer flagged as a table. OUT receives every buffer after the last launch, in order.
+// Usage: driver SCRIPT OUT. SCRIPT (little-endian) = "BQEMU2\0\0"; u32 buffer count, then per buffer u64 bytes,
+// u32 flags (1: a table of device addresses, patched like parameters) and the bytes; u32 launch count, then per
+// launch u32 name length and the name, u32 grid[3], u32 block[3], u32 dynamic shared-memory bytes, u32
+// parameter bytes and the parameter struct. A parameter word (8-byte aligned) whose top nibble is 0xB is a
+// buffer address: buffer (word >> 36) & 0xFFFFFF at byte offset word & (2^36 - 1), the way the Rust side
+// (tests/emu/mod.rs) wrote it; so is such a word in a buffer flagged as a table. OUT receives every buffer
+// after the last launch, in order (u64 bytes, the bytes). Environment: EMU_SCHED=warp|rwarp|rr (the
+// interleaving), EMU_CP_ASYNC=wait|eager (when cp.async copies land).
 #include "cuda_emu.hpp"
 
 #include <cstdarg>
