@@ -272,11 +272,10 @@ impl Emu {
             s.extend(p);
         }
         let dir = self.exe.parent().expect("driver has a folder");
-        let tag = format!(
-            "{:?}-{:x}",
-            std::thread::current().id(),
-            s.len() as u64 ^ s.iter().take(4096).map(|&b| b as u64).sum::<u64>()
-        );
+        // unique per process, thread and call: concurrent tests (and test runs) never share a file
+        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("{}-{call}", std::process::id());
         let (script, out) = (
             dir.join(format!("s-{tag}.bin")),
             dir.join(format!("o-{tag}.bin")),
