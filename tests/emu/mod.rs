@@ -132,7 +132,7 @@ pub fn build(module: &str) -> Result<Option<Emu>, String> {
         let registry = dir.join("registry.inc");
         let lines: String = names.iter().map(|n| format!("EMU_KERNEL({n})\n")).collect();
         std::fs::write(&registry, lines).map_err(|e| format!("{}: {e}", registry.display()))?;
-        let tmp = dir.join("driver.tmp");
+        let tmp = dir.join(format!("driver.tmp.{}", std::process::id())); // renamed into place: atomic
         let out = cxx_command(&cxx, module)
             .args(["-O1", "-g", "-Wall", "-Wno-unknown-pragmas"])
             .arg(format!("-DEMU_REGISTRY=\"{}\"", registry.display()))
