@@ -378,22 +378,23 @@ fn emu_layernorm_scalar_and_vec() {
     check(&rows);
 }
 
-/// GELU, scalar and vec kernels, f32/bf16/f16, a length with a tail past the last whole vector.
+/// GELU, scalar and vec kernels, f32/bf16/f16, a length with a tail past the last whole vector; and with the
+/// input 4 bytes past a 16-byte boundary, where the launcher must fall back to the scalar kernels.
 #[test]
 fn emu_gelu_scalar_and_vec() {
     use bertqa::ops::gelu::{launch, GeluParams};
     let mut emu = Emus::default();
     let mut rows = vec![];
     for dt in [DType::F32, DType::BF16, DType::F16] {
-        for vec in [false, true] {
+        for (vec, skew) in [(false, 0), (true, 0), (true, 4)] {
             let case = GeluCase { n: 4099 };
             let n = case.n;
             let (x, dy) = case.inputs();
             let es = dt.size();
-            // 0 out, 1 inp, 2 dinp, 3 dout
+            // 0 out, 1 inp (from byte `skew`), 2 dinp, 3 dout
             let bufs = vec![
                 vec![0xffu8; n * es],
-                encode(&x, dt),
+                [vec![0u8; skew], encode(&x, dt)].concat(),
                 vec![0xffu8; n * es],
                 encode(&dy, dt),
             ];
@@ -401,7 +402,7 @@ fn emu_gelu_scalar_and_vec() {
             let fwd = GeluParams {
                 out: addr(0),
                 dout: 0,
-                inp: addr(1),
+                inp: addr(1) + skew as u64,
                 n: n as u64,
                 dt: code,
                 _pad: 0,
@@ -409,7 +410,7 @@ fn emu_gelu_scalar_and_vec() {
             let bwd = GeluParams {
                 out: addr(2),
                 dout: addr(3),
-                inp: addr(1),
+                inp: addr(1) + skew as u64,
                 n: n as u64,
                 dt: code,
                 _pad: 0,
@@ -418,7 +419,12 @@ fn emu_gelu_scalar_and_vec() {
                 launch(dt, fwd, false, vec).unwrap(),
                 launch(dt, bwd, true, vec).unwrap(),
             ];
-            let names = format!("{} + {}", ls[0].name, ls[1].name);
+            let names = format!("{} + {} skew={skew}", ls[0].name, ls[1].name);
+            assert_eq!(
+                names.contains("vec"),
+                vec && skew == 0,
+                "{names}: the vec kernels need 16-byte-aligned buffers"
+            );
             let Some(got) = emu
                 .run(&bufs, &ls, Mode::DEFAULT)
                 .unwrap_or_else(|e| panic!("{e}"))
