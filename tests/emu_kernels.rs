@@ -4,13 +4,16 @@
 //! timing, and races finer than a barrier (threads switch only at barriers and warp collectives); the GPU
 //! parity suite (tests/parity.rs) remains the last word.
 
+mod common;
 mod emu;
+
+use common::{check_rows, rand_vec};
 
 use bertqa::backend::Backend;
 use bertqa::ops::attention::{AttnParams, AttnPlan};
 use bertqa::parity::{
-    compare_outputs, print_rows, AdamWCase, AttentionCase, Case, DropoutCase, EmbeddingCase,
-    GeluCase, LayerNormCase, Outputs, Row, SpanLossCase,
+    compare_outputs, AdamWCase, AttentionCase, Case, DropoutCase, EmbeddingCase, GeluCase,
+    LayerNormCase, Outputs, SpanLossCase,
 };
 use bertqa::rng::Rng;
 use bertqa::tensor::{DType, Tensor};
@@ -53,16 +56,6 @@ fn decode(b: &[u8], dt: DType) -> Vec<f64> {
 /// `BERTQA_EMU_ONLY=text` runs only the cases whose name contains text (e.g. "v4 w8 HS=64 T=203 bf16").
 fn selected(name: &str) -> bool {
     std::env::var("BERTQA_EMU_ONLY").map_or(true, |f| name.contains(&f))
-}
-
-fn check(rows: &[Row]) {
-    print_rows(rows);
-    let bad: Vec<String> = rows
-        .iter()
-        .filter(|r| !r.pass)
-        .map(|r| format!("{} {}", r.case, r.tensor))
-        .collect();
-    assert!(bad.is_empty(), "failed: {bad:?}");
 }
 
 /// Forward then backward of one attention case through the emulator, as the CUDA backend launches them;
@@ -177,7 +170,7 @@ fn attention_sweep(
             }
         }
     }
-    check(&rows);
+    check_rows(&rows);
 }
 
 /// (HS, B, T): every tensor-core head size at a one-tile and a multi-tile length (T=203: 4 key tiles of the
@@ -258,10 +251,6 @@ fn emu_attention_v4_interleavings() {
 }
 
 // ---- LayerNorm and GELU: the scalar kernels and the 16-byte "vec" kernels (BERTQA_VEC=1) -----------------
-
-fn rv(r: &mut Rng, n: usize, scale: f64) -> Vec<f64> {
-    (0..n).map(|_| (r.uniform() * 2.0 - 1.0) * scale).collect()
-}
 
 /// The case through the emulator with the CUDA backend's launches; also returns the kernel names.
 fn ln_on_emu(
@@ -375,7 +364,7 @@ fn emu_layernorm_scalar_and_vec() {
             }
         }
     }
-    check(&rows);
+    check_rows(&rows);
 }
 
 /// GELU, scalar and vec kernels, f32/bf16/f16, a length with a tail past the last whole vector; and with the
@@ -441,7 +430,7 @@ fn emu_gelu_scalar_and_vec() {
             }
         }
     }
-    check(&rows);
+    check_rows(&rows);
 }
 
 /// Bias gradient db (OC, f32) += column sums of dout (N, OC). Reference: the sums of the rounded inputs, in
@@ -452,7 +441,7 @@ struct BiasGradCase {
 }
 impl BiasGradCase {
     fn inputs(&self) -> Vec<f64> {
-        rv(&mut Rng::new(17), self.n * self.oc, 1.0)
+        rand_vec(&mut Rng::new(17), self.n * self.oc, 1.0)
     }
 }
 impl Case for BiasGradCase {
@@ -514,7 +503,7 @@ fn emu_bias_grad_scalar_and_vec() {
             }
         }
     }
-    check(&rows);
+    check_rows(&rows);
 }
 
 /// Embeddings forward, and backward through the scalar and the vec kernel, f32/bf16/f16: C = 384, 768, 200,
@@ -625,7 +614,7 @@ fn emu_embeddings_scalar_and_vec() {
             }
         }
     }
-    check(&rows);
+    check_rows(&rows);
 }
 
 // ---- the small kernels: dropout, span loss, AdamW and the squared gradient norm, cast, bias add ------------
@@ -660,7 +649,7 @@ fn emu_dropout() {
         let out = vec![("out".into(), decode(&got[0], dt))];
         rows.extend(compare_outputs(dt, &case, &out).unwrap());
     }
-    check(&rows);
+    check_rows(&rows);
 }
 
 /// Span loss forward+backward, with and without masking the padding, f32/bf16/f16, padded batch, one target
@@ -712,7 +701,7 @@ fn emu_span_loss() {
         }
         rows.extend(compare_outputs(dt, &case, &out).unwrap());
     }
-    check(&rows);
+    check_rows(&rows);
 }
 
 /// The squared gradient norm, then the multi-tensor AdamW step with the working copies refreshed (bf16) or
@@ -787,7 +776,7 @@ fn emu_adamw() {
         }
         rows.extend(compare_outputs(dt, &case, &out).unwrap());
     }
-    check(&rows);
+    check_rows(&rows);
 }
 
 /// An f32 tensor cast to the run's dtype (the CPU reference: `Tensor::cast`).
@@ -796,7 +785,7 @@ struct CastCase {
 }
 impl CastCase {
     fn inputs(&self) -> Vec<f64> {
-        rv(&mut Rng::new(19), self.n, 3.0)
+        rand_vec(&mut Rng::new(19), self.n, 3.0)
     }
 }
 impl Case for CastCase {
@@ -817,8 +806,8 @@ struct BiasAddCase {
 impl BiasAddCase {
     fn inputs(&self) -> (Vec<f64>, Vec<f64>) {
         let mut r = Rng::new(20);
-        let out = rv(&mut r, self.n * self.oc, 2.0);
-        (out, rv(&mut r, self.oc, 1.0))
+        let out = rand_vec(&mut r, self.n * self.oc, 2.0);
+        (out, rand_vec(&mut r, self.oc, 1.0))
     }
 }
 impl Case for BiasAddCase {
@@ -897,5 +886,5 @@ fn emu_cast_and_bias_add() {
         };
         rows.extend(compare_outputs(dt, &ba, &vec![("out".into(), decode(&got[0], dt))]).unwrap());
     }
-    check(&rows);
+    check_rows(&rows);
 }

@@ -3,8 +3,10 @@
 
 use bertqa::cpu::Cpu;
 use bertqa::cuda::Cuda;
-use bertqa::parity::{compare, print_rows, rel_l2, suite, AttentionCase};
+mod common;
+use bertqa::parity::{compare, rel_l2, suite, AttentionCase};
 use bertqa::tensor::DType;
+use common::check_rows;
 
 /// GPU tests hold this while they run: one of them sets BERTQA_ATTN/BERTQA_ATTN4, which the others read.
 static GPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -17,19 +19,6 @@ fn cuda_or_skip() -> Option<Cuda> {
             None
         }
     }
-}
-
-fn check(rows: &[bertqa::parity::Row]) {
-    print_rows(rows);
-    let bad: Vec<_> = rows.iter().filter(|r| !r.pass).collect();
-    assert!(
-        bad.is_empty(),
-        "{} tensors out of bounds: {:?}",
-        bad.len(),
-        bad.iter()
-            .map(|r| format!("{} / {}", r.case, r.tensor))
-            .collect::<Vec<_>>()
-    );
 }
 
 #[test]
@@ -57,7 +46,7 @@ fn harness_cpu_against_cpu_f32_and_bf16() {
                 "no rows for {case}"
             );
         }
-        check(&rows);
+        check_rows(&rows);
         if dt == DType::BF16 {
             // bf16 storage must actually lose precision compared with f64, or the reference is not bf16
             assert!(
@@ -80,14 +69,14 @@ fn gpu_parity_f32() {
     let _one = GPU.lock().unwrap_or_else(|e| e.into_inner());
     let Some(gpu) = cuda_or_skip() else { return };
     println!("device: {}", bertqa::backend::BackendCore::name(&gpu));
-    check(&suite(&gpu, DType::F32, &bertqa::ops::attention::CUDA_HEAD_SIZES).unwrap());
+    check_rows(&suite(&gpu, DType::F32, &bertqa::ops::attention::CUDA_HEAD_SIZES).unwrap());
 }
 
 #[test]
 fn gpu_parity_bf16() {
     let _one = GPU.lock().unwrap_or_else(|e| e.into_inner());
     let Some(gpu) = cuda_or_skip() else { return };
-    check(&suite(&gpu, DType::BF16, &bertqa::ops::attention::CUDA_HEAD_SIZES).unwrap());
+    check_rows(&suite(&gpu, DType::BF16, &bertqa::ops::attention::CUDA_HEAD_SIZES).unwrap());
 }
 
 /// Every tensor-core attention variant and backward shape against the f64 CPU reference (bf16 bounds), at
@@ -124,7 +113,7 @@ fn gpu_attention_variants_bf16() {
     }
     std::env::remove_var("BERTQA_ATTN");
     std::env::remove_var("BERTQA_ATTN4");
-    check(&rows);
+    check_rows(&rows);
 }
 
 #[test]

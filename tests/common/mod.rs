@@ -72,3 +72,18 @@ pub fn padded_batch(
     }
     (ids, types, mask)
 }
+
+/// Print parity rows (src/parity.rs) and fail naming every tensor out of its bound.
+pub fn check_rows(rows: &[bertqa::parity::Row]) {
+    bertqa::parity::print_rows(rows);
+    let bad: Vec<String> = rows
+        .iter()
+        .filter(|r| !r.pass)
+        .map(|r| format!("{} / {}", r.case, r.tensor))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{} tensors out of bounds: {bad:?}",
+        bad.len()
+    );
+}
