@@ -239,13 +239,8 @@ unsafe impl cudarc::driver::DeviceRepr for CastParams {}
 
 /// Upload a table of entries as i32 words (the arena buffer keeps it alive for the kernel).
 fn upload_table(be: &Cuda, entries: &[AdamWEntry]) -> Result<Tensor<Cuda>> {
-    let words: &[i32] = bytemuck_cast(entries);
+    let words: &[i32] = bytemuck::cast_slice(entries); // Pod: 6×8 + 2×4 = 56 bytes, no padding
     Tensor::from_i32(be, words, &[words.len()])
-}
-
-fn bytemuck_cast(e: &[AdamWEntry]) -> &[i32] {
-    // AdamWEntry is Pod: u64/i32 fields with no padding (6×8 + 2×4 = 56 bytes)
-    bytemuck::cast_slice(e)
 }
 
 pub(crate) fn cuda_cast(
