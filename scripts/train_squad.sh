@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# One-command SQuAD v1.1 fine-tune with the standard hyperparameters (2 epochs, lr 3e-5, batch 32,
-# max_seq_length 384, doc_stride 128), then evaluation on the dev set. Prints EM/F1 as the last line.
+# One-command SQuAD v1.1 fine-tune, then evaluation on the dev set. Prints the dev EM/F1 JSON as the last line.
 #
-#   scripts/train_squad.sh [MODEL_DIR] [OUTPUT_DIR] [extra bertqa train flags...]
+#   scripts/train_squad.sh [MODEL_DIR] [OUTPUT_DIR] [--full] [extra bertqa train flags...]
+#
+# Recipe: with a GPU, the standard hyperparameters (2 epochs, lr 3e-5, batch 32, max_seq_length 384,
+# doc_stride 128) on all of SQuAD v1.1. Without a GPU that would take about 16 hours, so unless a size flag is
+# given (--max-train-examples, --max-steps, --max-seq-length, --epochs, --max-eval-examples) or --full, the
+# CPU-sized recipe runs instead (2,000 training questions, max_seq_length 256, doc_stride 96, 500 dev
+# questions; about half an hour on 2 cores) and says so.
 #
 # Data and model are looked up in this order:
 #   SQUAD_DIR (holding train-v1.1.json, dev-v1.1.json)   else $BERTQA_ASSETS/squad-v1.1   else ../shared/assets/squad-v1.1
 #   MODEL_DIR argument or $BERTQA_MODEL                    else $BERTQA_ASSETS/all-MiniLM-L6-v2  else ../shared/assets/all-MiniLM-L6-v2
 # Missing pieces are downloaded where a network exists (SQuAD from its official URL, the model from the
 # Hugging Face hub), each checked against a pinned sha256, into $BERTQA_ASSETS (default ./assets).
-# Without a GPU it runs on the CPU and says so; add e.g. `--max-train-examples 2000 --max-seq-length 256`
-# for a quick run.
+# On a GPU machine without the CUDA toolkit headers (a driver-only image), the NVRTC and CUDA-runtime pip
+# wheels are installed into ~/.cache/bertqa/cuda-pip (as .ci/run does) so the kernels can be compiled.
+# BERTQA_TRAIN_DRY_RUN=1 prints the header directory and the `bertqa train` command instead of running them;
+# BERTQA_ASSUME_GPU=1|0 overrides the GPU detection (both for tests/script.rs).
+# Logs: OUTPUT_DIR.train.log (stdout), OUTPUT_DIR.stderr.log (progress and messages), OUTPUT_DIR.metrics.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -21,6 +29,19 @@ MODEL="${1:-${BERTQA_MODEL:-$ASSETS/all-MiniLM-L6-v2}}"
 OUT="${2:-runs/squad-$(date +%Y%m%d-%H%M%S)}"
 shift $(( $# > 2 ? 2 : $# )) || true
 SQUAD="${SQUAD_DIR:-$ASSETS/squad-v1.1}"
+
+# --full is ours; everything else goes to `bertqa train`
+FULL=""
+SIZED=""
+ARGS=()
+for a in "$@"; do
+    case "$a" in
+        --full) FULL=1 ;;
+        --max-train-examples|--max-train-examples=*|--max-steps|--max-steps=*|--max-seq-length|--max-seq-length=*|\
+        --epochs|--epochs=*|--max-eval-examples|--max-eval-examples=*) SIZED=1; ARGS+=("$a") ;;
+        *) ARGS+=("$a") ;;
+    esac
+done
 
 # pinned checksums (official SQuAD v1.1; sentence-transformers/all-MiniLM-L6-v2 revision 1110a243)
 SHA_TRAIN=3527663986b8295af4f7fcdff1ba1ff3f72d07d61a20f487cb238a6ef92fd955
@@ -55,15 +76,63 @@ if [ ! -f "$MODEL/config.json" ]; then
     done
 fi
 
-cargo build --release --quiet
-BIN=target/release/bertqa
-if ! "$BIN" train --help >/dev/null 2>&1; then echo "error: build failed" >&2; exit 1; fi
-if [ -z "$(ls /dev/nvidia0 2>/dev/null)" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
-    echo "bertqa: no GPU found — training on the CPU (slow: for a quick run add --max-train-examples 2000 --max-seq-length 256 --max-eval-examples 500)" >&2
+BIN="${CARGO_TARGET_DIR:-target}/release/bertqa"
+
+GPU=""
+if [ -e /dev/nvidia0 ] || nvidia-smi -L >/dev/null 2>&1; then GPU=1; fi
+case "${BERTQA_ASSUME_GPU:-}" in 1) GPU=1 ;; 0) GPU="" ;; esac  # for tests/script.rs
+RECIPE=(--epochs 2 --learning-rate 3e-5 --batch-size 32 --max-seq-length 384 --doc-stride 128)
+if [ -z "$GPU" ] && [ -z "$FULL" ] && [ -z "$SIZED" ]; then
+    echo "bertqa: no GPU found — running the CPU-sized recipe (2,000 training questions, max_seq_length 256, 500 dev" \
+         "questions; about 30 minutes on 2 cores). The standard recipe on the CPU takes about 16 hours: add --full to run it." >&2
+    RECIPE+=(--max-train-examples 2000 --max-seq-length 256 --doc-stride 96 --max-eval-examples 500 --learning-rate 5e-5)
+elif [ -z "$GPU" ]; then
+    echo "bertqa: no GPU found — training on the CPU" >&2
 fi
+if [ -n "$GPU" ]; then
+    # NVRTC compiles the kernels at run time and needs cuda_bf16.h (CUDA toolkit headers) and libnvrtc: on a
+    # driver-only machine, install the pip wheels that carry both (the same ones .ci/run uses).
+    HEADERS=""
+    for d in "${BERTQA_CUDA_INCLUDE:-}" "${CUDA_HOME:+$CUDA_HOME/include}" "${CUDA_PATH:+$CUDA_PATH/include}" /usr/local/cuda/include \
+             "${BERTQA_CUDA_PIP:+$BERTQA_CUDA_PIP/nvidia/cu13/include}"; do
+        if [ -n "$d" ] && [ -f "$d/cuda_bf16.h" ]; then HEADERS=$d; break; fi
+    done
+    if [ -z "$HEADERS" ]; then
+        PIPDIR="${BERTQA_CUDA_PIP:-$HOME/.cache/bertqa/cuda-pip}"
+        if [ -n "${BERTQA_TRAIN_DRY_RUN:-}" ]; then
+            echo "bertqa: no CUDA toolkit headers found: would install the CUDA pip wheels into $PIPDIR" >&2
+        elif [ ! -f "$PIPDIR/nvidia/cu13/include/cuda_bf16.h" ]; then
+            echo "bertqa: no CUDA toolkit headers found: installing the NVRTC and CUDA-runtime pip wheels into $PIPDIR" >&2
+            python3 -m pip install --quiet --disable-pip-version-check --target "$PIPDIR" \
+                "nvidia-cuda-nvrtc==13.0.*" "nvidia-cuda-runtime==13.0.*" ||
+                { echo "error: could not install the CUDA pip wheels; install the CUDA 13 toolkit or set BERTQA_CUDA_INCLUDE" >&2; exit 1; }
+        fi
+        HEADERS="$PIPDIR/nvidia/cu13/include"
+        export BERTQA_CUDA_PIP="$PIPDIR"
+        export LD_LIBRARY_PATH="$PIPDIR/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    fi
+fi
+
+CMD=("$BIN" train --model "$MODEL" --train-file "$SQUAD/train-v1.1.json" --dev-file "$SQUAD/dev-v1.1.json"
+     --output-dir "$OUT" "${RECIPE[@]}" ${ARGS[@]+"${ARGS[@]}"})
+if [ -n "${BERTQA_TRAIN_DRY_RUN:-}" ]; then  # print what would run (tests/script.rs)
+    echo "headers: ${HEADERS:-none needed}"
+    echo "${CMD[*]}"
+    exit 0
+fi
+cargo build --release --quiet --bin bertqa || { echo "error: cargo build failed" >&2; exit 1; }
+"$BIN" --version >/dev/null || { echo "error: $BIN does not run" >&2; exit 1; }
+mkdir -p "$(dirname "$OUT")"
 echo "model $MODEL, data $SQUAD, output $OUT" >&2
-"$BIN" train --model "$MODEL" --train-file "$SQUAD/train-v1.1.json" --dev-file "$SQUAD/dev-v1.1.json" \
-    --output-dir "$OUT" --epochs 2 --learning-rate 3e-5 --batch-size 32 --max-seq-length 384 --doc-stride 128 "$@" \
-    | tee "$OUT.train.log" | tail -1 > "$OUT.metrics.json" || { echo "training failed (see $OUT.train.log)" >&2; exit 1; }
+set +e
+"${CMD[@]}" 2> >(tee "$OUT.stderr.log" >&2) > "$OUT.train.log"
+rc=$?
+set -e
+wait  # for the stderr tee
+if [ $rc -ne 0 ]; then
+    echo "training failed with exit code $rc (see $OUT.stderr.log and $OUT.train.log)" >&2
+    exit $rc
+fi
+tail -1 "$OUT.train.log" > "$OUT.metrics.json"
 echo "final dev metrics (model in $OUT/best, predictions via: $BIN eval --model $OUT/best --dev-file $SQUAD/dev-v1.1.json):" >&2
 cat "$OUT.metrics.json"

@@ -57,19 +57,26 @@ pub fn nvrtc_present() -> bool {
     std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
 }
 
-/// The CUDA include directory holding cuda_bf16.h, if one can be found.
+/// The CUDA include directory holding cuda_bf16.h, if one can be found (see [`find_cuda_include`]).
 pub fn cuda_include_dir() -> Option<PathBuf> {
+    find_cuda_include(|v| std::env::var(v).ok())
+}
+
+/// The first of `$BERTQA_CUDA_INCLUDE`, `$CUDA_HOME/include`, `$CUDA_PATH/include`, `/usr/local/cuda/include`
+/// and `$BERTQA_CUDA_PIP/nvidia/cu13/include` (the pip wheel nvidia-cuda-runtime) that holds cuda_bf16.h;
+/// `var` reads the environment. scripts/train_squad.sh looks in the same places, in the same order.
+pub fn find_cuda_include(var: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
     let mut cands: Vec<PathBuf> = Vec::new();
-    if let Ok(p) = std::env::var("BERTQA_CUDA_INCLUDE") {
+    if let Some(p) = var("BERTQA_CUDA_INCLUDE") {
         cands.push(p.into());
     }
-    for var in ["CUDA_HOME", "CUDA_PATH"] {
-        if let Ok(p) = std::env::var(var) {
+    for v in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(p) = var(v) {
             cands.push(PathBuf::from(p).join("include"));
         }
     }
     cands.push("/usr/local/cuda/include".into());
-    if let Ok(p) = std::env::var("BERTQA_CUDA_PIP") {
+    if let Some(p) = var("BERTQA_CUDA_PIP") {
         cands.push(PathBuf::from(p).join("nvidia/cu13/include"));
     }
     cands.into_iter().find(|p| p.join("cuda_bf16.h").exists())
@@ -164,4 +171,55 @@ pub fn cached_ptx(name: &str, arch: &str) -> Result<String> {
         }
     }
     Ok(c.ptx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn header_lookup_order() {
+        let tmp = std::env::temp_dir().join(format!("bertqa-hdr-{}", std::process::id()));
+        let mk = |d: &str| {
+            let p = tmp.join(d);
+            std::fs::create_dir_all(&p).unwrap();
+            std::fs::write(p.join("cuda_bf16.h"), "").unwrap();
+            p
+        };
+        let explicit = mk("explicit");
+        let home = mk("home/include");
+        let pip = mk("pip/nvidia/cu13/include");
+        let env = |pairs: Vec<(&'static str, PathBuf)>| {
+            move |v: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == v)
+                    .map(|(_, p)| p.display().to_string())
+            }
+        };
+        let system = Path::new("/usr/local/cuda/include/cuda_bf16.h").exists();
+        // BERTQA_CUDA_INCLUDE first, then CUDA_HOME
+        let all = env(vec![
+            ("BERTQA_CUDA_INCLUDE", explicit.clone()),
+            ("CUDA_HOME", tmp.join("home")),
+            ("BERTQA_CUDA_PIP", tmp.join("pip")),
+        ]);
+        assert_eq!(find_cuda_include(&all), Some(explicit.clone()));
+        let no_explicit = env(vec![
+            ("CUDA_HOME", tmp.join("home")),
+            ("BERTQA_CUDA_PIP", tmp.join("pip")),
+        ]);
+        assert_eq!(find_cuda_include(no_explicit), Some(home));
+        // a directory without the header is passed over; the pip wheel comes last
+        let pip_only = env(vec![
+            ("BERTQA_CUDA_INCLUDE", tmp.join("nothing-here")),
+            ("BERTQA_CUDA_PIP", tmp.join("pip")),
+        ]);
+        if !system {
+            assert_eq!(find_cuda_include(pip_only), Some(pip));
+            assert_eq!(find_cuda_include(|_| None), None);
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
 }

@@ -1,0 +1,207 @@
+//! scripts/train_squad.sh, the README's first command, run as a new user would: from a fresh `git clone` of
+//! this repository (the committed state; CI's checkout is one), with the real SQuAD v1.1 files and
+//! all-MiniLM-L6-v2 from the shared assets, on a tiny subset. The clone builds into this build's target
+//! directory (only the bertqa crate recompiles: ~20 s), so `target/release/bertqa` is put back afterwards.
+//! Its own test binary, so nothing else runs while the uplifted binary is replaced.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn assets() -> Option<PathBuf> {
+    let a = bertqa::util::assets_dir()?;
+    (a.join("squad-v1.1/train-v1.1.json").exists() && a.join("all-MiniLM-L6-v2/config.json").exists())
+        .then_some(a)
+}
+
+/// A fresh clone of this repository in a temporary folder (None, with a printed reason, without git).
+fn fresh_clone(tag: &str) -> Option<(PathBuf, PathBuf)> {
+    let tmp = std::env::temp_dir().join(format!("bertqa-script-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let dst = tmp.join("bertqa");
+    let out = match Command::new("git")
+        .args(["clone", "--quiet"])
+        .arg(root())
+        .arg(&dst)
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => {
+            println!("SKIPPED: git is not available ({e})");
+            return None;
+        }
+    };
+    assert!(
+        out.status.success(),
+        "git clone failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some((tmp, dst))
+}
+
+/// The script with a clean environment for the GPU/header decisions.
+fn script(clone: &Path, assets: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new("bash");
+    c.arg(clone.join("scripts/train_squad.sh"))
+        .args(args)
+        .current_dir(clone)
+        .env("BERTQA_ASSETS", assets)
+        .env("CARGO_TARGET_DIR", root().join("target"))
+        .env_remove("BERTQA_MODEL")
+        .env_remove("SQUAD_DIR")
+        .env_remove("BERTQA_CUDA_INCLUDE")
+        .env_remove("BERTQA_CUDA_PIP")
+        .env_remove("CUDA_HOME")
+        .env_remove("CUDA_PATH");
+    c
+}
+
+/// Puts `target/release/bertqa` back as it was when dropped (the clone's build replaces it).
+struct KeepBinary(PathBuf, Option<Vec<u8>>);
+impl KeepBinary {
+    fn new() -> Self {
+        let p = root().join("target/release/bertqa");
+        let bytes = std::fs::read(&p).ok();
+        KeepBinary(p, bytes)
+    }
+}
+impl Drop for KeepBinary {
+    fn drop(&mut self) {
+        if let Some(b) = &self.1 {
+            let tmp = self.0.with_extension("restore");
+            if std::fs::write(&tmp, b).is_ok() {
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755));
+                }
+                let _ = std::fs::rename(&tmp, &self.0);
+            }
+        }
+    }
+}
+
+#[test]
+fn train_squad_sh_works_from_a_fresh_clone_on_a_tiny_subset() {
+    let Some(assets) = assets() else {
+        println!("SKIPPED: no shared assets (SQuAD v1.1 and all-MiniLM-L6-v2)");
+        return;
+    };
+    let Some((tmp, clone)) = fresh_clone("run") else {
+        return;
+    };
+    let _keep = KeepBinary::new();
+    // the README's quick command, made tiny; runs/ does not exist in a fresh clone
+    assert!(!clone.join("runs").exists());
+    let out = script(
+        &clone,
+        &assets,
+        &[
+            "",
+            "runs/quick",
+            "--max-train-examples",
+            "24",
+            "--max-seq-length",
+            "128",
+            "--doc-stride",
+            "48",
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "2",
+            "--max-eval-examples",
+            "12",
+            "--no-progress",
+        ],
+    )
+    .env("BERTQA_ASSUME_GPU", "0")
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "scripts/train_squad.sh failed ({:?})\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    // the last stdout line is the dev metrics JSON, also saved beside the run with its logs
+    let last = stdout.lines().last().unwrap_or_default();
+    let m: serde_json::Value = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("last stdout line is not JSON ({e}): {last:?}"));
+    for k in ["exact_match", "f1"] {
+        let v = m[k].as_f64().unwrap_or_else(|| panic!("no {k} in {m}"));
+        assert!((0.0..=100.0).contains(&v), "{k} = {v}");
+    }
+    let runs = clone.join("runs");
+    let saved = std::fs::read_to_string(runs.join("quick.metrics.json")).unwrap();
+    assert_eq!(saved.trim(), last.trim());
+    assert!(runs.join("quick.train.log").exists());
+    let log = std::fs::read_to_string(runs.join("quick.stderr.log")).unwrap();
+    assert!(log.contains("training windows"), "stderr log: {log}");
+    assert!(runs.join("quick/best/model.safetensors").exists());
+    assert!(runs.join("quick/metrics.jsonl").exists());
+    let _ = std::fs::remove_dir_all(tmp);
+}
+
+/// The recipe and header decisions, through the script's dry run (prints the command instead of running it).
+#[test]
+fn train_squad_sh_picks_the_recipe_and_the_cuda_headers() {
+    let Some(assets) = assets() else {
+        println!("SKIPPED: no shared assets (SQuAD v1.1 and all-MiniLM-L6-v2)");
+        return;
+    };
+    let Some((tmp, clone)) = fresh_clone("dry") else {
+        return;
+    };
+    let home = tmp.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let dry = |args: &[&str], gpu: &str, include: Option<&Path>| {
+        let mut c = script(&clone, &assets, args);
+        c.env("BERTQA_TRAIN_DRY_RUN", "1")
+            .env("BERTQA_ASSUME_GPU", gpu)
+            .env("HOME", &home);
+        if let Some(i) = include {
+            c.env("BERTQA_CUDA_INCLUDE", i);
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    // no GPU, no size flag: the CPU-sized recipe, said on stderr
+    let (cmd, err) = dry(&[], "0", None);
+    assert!(cmd.contains("--max-train-examples 2000"), "{cmd}");
+    assert!(cmd.contains("--max-seq-length 256"), "{cmd}");
+    assert!(err.contains("CPU-sized recipe") && err.contains("--full"), "{err}");
+    // --full: the standard recipe, and --full itself is not passed on
+    let (cmd, _) = dry(&["", "runs/x", "--full"], "0", None);
+    assert!(!cmd.contains("--max-train-examples"), "{cmd}");
+    assert!(cmd.contains("--max-seq-length 384") && !cmd.contains("--full"), "{cmd}");
+    // a size flag of the user's: the standard recipe with it, last (a repeated flag takes its last value)
+    let (cmd, _) = dry(&["", "runs/x", "--max-steps", "5"], "0", None);
+    assert!(!cmd.contains("--max-train-examples 2000") && cmd.ends_with("--max-steps 5\n"), "{cmd}");
+    // a GPU: the standard recipe; headers from BERTQA_CUDA_INCLUDE when they are there
+    let inc = tmp.join("include");
+    std::fs::create_dir_all(&inc).unwrap();
+    std::fs::write(inc.join("cuda_bf16.h"), "// test\n").unwrap();
+    let (cmd, _) = dry(&[], "1", Some(&inc));
+    assert!(!cmd.contains("--max-train-examples"), "{cmd}");
+    assert!(cmd.contains(&format!("headers: {}", inc.display())), "{cmd}");
+    // a GPU without toolkit headers (a driver-only machine): the pip wheels, into ~/.cache/bertqa/cuda-pip
+    if !Path::new("/usr/local/cuda/include/cuda_bf16.h").exists() {
+        let (cmd, err) = dry(&[], "1", None);
+        let pip = home.join(".cache/bertqa/cuda-pip");
+        assert!(
+            cmd.contains(&format!("headers: {}/nvidia/cu13/include", pip.display())),
+            "{cmd}"
+        );
+        assert!(err.contains("would install the CUDA pip wheels"), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(tmp);
+}
