@@ -6,33 +6,45 @@
 //!
 //! Columns: median µs over the timed runs; achieved GB/s (bytes moved: each input read once, each output
 //! written once) or TFLOP/s (GEMM-like ops); % of the measured roofline for that kind of op.
-//! Options (env): BENCH_ITERS (default 20 GPU / 3 CPU), BENCH_FILTER (substring of the config name).
+//! Kernel variants not yet the default (attention v4, cuBLASLt, the vec kernels) are timed beside the
+//! defaults by switching the backend's `KernelConfig` — one section per kind of op.
+//! Options (env, read here only): BENCH_ITERS (default 20 GPU / 3 CPU), BENCH_FILTER (substring of the
+//! config name), BENCH_DEFAULTS_ONLY (time the default kernels only: scripts/gpu_check.sh sets it when an
+//! opt-in path failed parity).
 
-use bertqa::model::bert::{Acts, Batch, BertQa, DropoutCfg};
+use bertqa::data::features::Feature;
+use bertqa::kernel::{AttnKernel, GemmPath, KernelConfig, Tc4Shape};
 use bertqa::model::{BertConfig, BertParams};
-use bertqa::ops::adamw::{AdamWHyper, AdamWSlot};
+use bertqa::ops::adamw::AdamWHyper;
 use bertqa::ops::embedding::{EmbGrads, EmbWeights};
 use bertqa::ops::span_loss::SpanLossCfg;
 use bertqa::prelude::*;
 use bertqa::rng::{Dropout, Rng};
+use bertqa::train::{FeatureCfgSer, PostCfgSer, TrainConfig, Trainer};
 use std::time::Instant;
 
-/// Times a closure on a backend: CUDA events on the GPU, the host clock (after a sync) on the CPU.
-/// On the GPU also the per-kernel profile of `reps` runs of a closure (src/cuda/mod.rs profiler).
-trait Timing: Backend {
+/// A backend the bench can time and switch kernels on. CUDA events on the GPU, the host clock on the CPU;
+/// on the GPU also the per-kernel profile of `reps` runs of a closure (src/cuda/mod.rs profiler).
+trait Bench: Backend {
     fn time_ms(&self, f: &mut dyn FnMut()) -> f64;
     fn profile(&self, _reps: usize, _f: &mut dyn FnMut()) -> Option<String> {
         None
     }
+    /// Run with these kernels from now on (no-op on the CPU).
+    fn use_kernels(&mut self, _k: KernelConfig) {}
+    /// The kernel variants to time beside the defaults (none on the CPU or at f32).
+    fn opt_in(&self, _dt: DType) -> bool {
+        false
+    }
 }
-impl Timing for Cpu {
+impl Bench for Cpu {
     fn time_ms(&self, f: &mut dyn FnMut()) -> f64 {
         let t = Instant::now();
         f();
         t.elapsed().as_secs_f64() * 1e3
     }
 }
-impl Timing for Cuda {
+impl Bench for Cuda {
     fn profile(&self, reps: usize, f: &mut dyn FnMut()) -> Option<String> {
         self.set_profiling(true);
         for _ in 0..reps {
@@ -43,19 +55,13 @@ impl Timing for Cuda {
         report
     }
     fn time_ms(&self, f: &mut dyn FnMut()) -> f64 {
-        let start = self
-            .ctx
-            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-            .expect("event");
-        let end = self
-            .ctx
-            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-            .expect("event");
-        start.record(&self.stream).expect("record");
-        f();
-        end.record(&self.stream).expect("record");
-        end.synchronize().expect("sync");
-        start.elapsed_ms(&end).expect("elapsed") as f64
+        Cuda::time_ms(self, f).expect("CUDA event timing")
+    }
+    fn use_kernels(&mut self, k: KernelConfig) {
+        self.set_kernels(k);
+    }
+    fn opt_in(&self, dt: DType) -> bool {
+        dt != DType::F32 && std::env::var_os("BENCH_DEFAULTS_ONLY").is_none()
     }
 }
 
@@ -64,7 +70,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn bench<B: Timing>(be: &B, iters: usize, f: &mut dyn FnMut()) -> f64 {
+fn bench<B: Bench>(be: &B, iters: usize, f: &mut dyn FnMut()) -> f64 {
     for _ in 0..2 {
         f();
     }
@@ -77,25 +83,20 @@ struct Roof {
     tflops: f64,
 }
 
-struct Table {
-    rows: Vec<String>,
+/// Where a config's rows go, and what they are measured against.
+struct Table<'a> {
+    roof: &'a Option<Roof>,
+    iters: usize,
 }
-impl Table {
-    fn add(
-        &mut self,
-        name: &str,
-        shape: &str,
-        ms: f64,
-        bytes: f64,
-        flops: f64,
-        roof: &Option<Roof>,
-    ) {
+impl Table<'_> {
+    fn add(&self, name: &str, shape: &str, ms: f64, bytes: f64, flops: f64) {
         let us = ms * 1e3;
         let (ach, pct) = if flops > 0.0 {
             let t = flops / (ms * 1e-3) / 1e12;
             (
                 format!("{t:>8.2} TFLOP/s"),
-                roof.as_ref()
+                self.roof
+                    .as_ref()
                     .map(|r| format!("{:>5.1}%", 100.0 * t / r.tflops))
                     .unwrap_or_default(),
             )
@@ -103,14 +104,13 @@ impl Table {
             let g = bytes / (ms * 1e-3) / 1e9;
             (
                 format!("{g:>8.1} GB/s   "),
-                roof.as_ref()
+                self.roof
+                    .as_ref()
                     .map(|r| format!("{:>5.1}%", 100.0 * g / r.gbs))
                     .unwrap_or_default(),
             )
         };
-        let line = format!("{name:<34} {shape:<26} {us:>11.1} {ach} {pct}");
-        println!("{line}");
-        self.rows.push(line);
+        println!("{name:<40} {shape:<26} {us:>11.1} {ach} {pct}");
     }
 }
 
@@ -120,548 +120,566 @@ fn rand_t<B: Backend>(be: &B, r: &mut Rng, shape: &[usize], dt: DType, s: f64) -
     Tensor::from_f64(be, &v, shape, dt).unwrap()
 }
 
-fn run_config<B: Timing>(
-    be: &B,
-    name: &str,
-    cfg: &BertConfig,
+/// The shapes of one benchmarked configuration.
+struct Shape<'a> {
+    cfg: &'a BertConfig,
     b: usize,
     t: usize,
     dt: DType,
-    iters: usize,
-    roof: &Option<Roof>,
-    tab: &mut Table,
-) {
-    // a GPU at bf16/f16: where the tensor-core attention and the cuBLASLt variants exist
-    let gpu_lowp = !(be.supports(DType::F64) || dt == DType::F32);
-    // ... and the opt-in paths (README), unless BENCH_DEFAULTS_ONLY is set (gpu_check.sh sets it when one of
-    // them failed parity: a broken kernel is not timed)
-    let opt_in = gpu_lowp && std::env::var_os("BENCH_DEFAULTS_ONLY").is_none();
-    println!(
-        "\n== {name}: L={} C={} NH={} F={}  B={b} T={t} {dt} on {}",
-        cfg.num_hidden_layers,
-        cfg.hidden_size,
-        cfg.num_attention_heads,
-        cfg.intermediate_size,
-        be.name()
-    );
-    println!(
-        "{:<34} {:<26} {:>11} {:>16} % roof",
-        "op", "shape", "median µs", "achieved"
-    );
-    let (c, f, nh) = (
-        cfg.hidden_size,
-        cfg.intermediate_size,
-        cfg.num_attention_heads,
-    );
-    let n = b * t;
-    let es = dt.size() as f64;
-    let mut r = Rng::new(1);
-    let sd = if dt == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
-    // linear layers
+}
+impl Shape<'_> {
+    fn n(&self) -> usize {
+        self.b * self.t
+    }
+    /// statistics / parameter-gradient dtype
+    fn sd(&self) -> DType {
+        bertqa::ops::compute_dtype(self.dt)
+    }
+    fn es(&self) -> f64 {
+        self.dt.size() as f64
+    }
+}
+
+/// `(label, config)` pairs: the defaults, then (when `opt_in`) each of `others`.
+fn variants(
+    opt_in: bool,
+    others: &[(&'static str, KernelConfig)],
+) -> Vec<(&'static str, KernelConfig)> {
+    let mut v = vec![("", KernelConfig::default())];
+    if opt_in {
+        v.extend_from_slice(others);
+    }
+    v
+}
+
+fn lt() -> KernelConfig {
+    KernelConfig {
+        gemm: GemmPath::Lt { tune: true },
+        ..KernelConfig::default()
+    }
+}
+fn vec_on() -> KernelConfig {
+    KernelConfig {
+        vec: true,
+        ..KernelConfig::default()
+    }
+}
+fn attn(k: AttnKernel) -> KernelConfig {
+    KernelConfig {
+        attention: k,
+        ..KernelConfig::default()
+    }
+}
+
+/// The four linear layers of a BERT layer, forward (with and without the bias, and with cuBLASLt's bias
+/// epilogue) and backward (scalar and vec bias gradient, cuBLASLt).
+fn bench_linear<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
+    let (c, f, n, dt) = (s.cfg.hidden_size, s.cfg.intermediate_size, s.n(), s.dt);
+    let opt_in = be.opt_in(dt);
     for (lname, ic, oc) in [
         ("linear qkv", c, 3 * c),
         ("linear attn-out", c, c),
         ("linear ffn-up", c, f),
         ("linear ffn-down", f, c),
     ] {
-        let x = rand_t(be, &mut r, &[n, ic], dt, 1.0);
-        let w = rand_t(be, &mut r, &[oc, ic], dt, 0.05);
-        let bb = rand_t(be, &mut r, &[oc], dt, 0.05);
+        let x = rand_t(be, r, &[n, ic], dt, 1.0);
+        let w = rand_t(be, r, &[oc, ic], dt, 0.05);
+        let bb = rand_t(be, r, &[oc], dt, 0.05);
         let mut y = Tensor::zeros(be, &[n, oc], dt).unwrap();
-        let ms = bench(be, iters, &mut || {
-            be.linear_forward(&mut y, &x, &w, Some(&bb)).unwrap()
-        });
-        tab.add(
-            &format!("{lname} fwd"),
-            &format!("{n}x{ic}->{oc}"),
-            ms,
-            0.0,
-            2.0 * (n * ic * oc) as f64,
-            roof,
-        );
-        // the same GEMM without the bias (the difference is what the bias_add pass costs) and, on a GPU,
-        // with the bias in a cuBLASLt epilogue
-        let ms = bench(be, iters, &mut || {
-            be.linear_forward(&mut y, &x, &w, None).unwrap()
-        });
-        tab.add(
-            &format!("{lname} fwd, no bias"),
-            &format!("{n}x{ic}->{oc}"),
-            ms,
-            0.0,
-            2.0 * (n * ic * oc) as f64,
-            roof,
-        );
-        if opt_in {
-            // SAFETY (edition 2021): single-threaded benchmark; the launcher reads it per call
-            std::env::set_var("BERTQA_GEMM", "lt");
-            let ms = bench(be, iters, &mut || {
-                be.linear_forward(&mut y, &x, &w, Some(&bb)).unwrap()
+        let shape = format!("{n}x{ic}->{oc}");
+        let fl = 2.0 * (n * ic * oc) as f64;
+        for (label, k, bias) in [
+            (" fwd", KernelConfig::default(), true),
+            // the bare GEMM: the difference is what the bias_add pass costs
+            (" fwd, no bias", KernelConfig::default(), false),
+        ]
+        .into_iter()
+        .chain(opt_in.then_some((" fwd, cuBLASLt bias", lt(), true)))
+        {
+            be.use_kernels(k);
+            let bref = bias.then_some(&bb);
+            let ms = bench(be, tab.iters, &mut || {
+                be.linear_forward(&mut y, &x, &w, bref).unwrap()
             });
-            std::env::remove_var("BERTQA_GEMM");
-            tab.add(
-                &format!("{lname} fwd, cuBLASLt bias"),
-                &format!("{n}x{ic}->{oc}"),
-                ms,
-                0.0,
-                2.0 * (n * ic * oc) as f64,
-                roof,
-            );
+            tab.add(&format!("{lname}{label}"), &shape, ms, 0.0, fl);
         }
         let mut dx = Tensor::zeros(be, &[n, ic], dt).unwrap();
-        let mut dw = Tensor::zeros(be, &[oc, ic], sd).unwrap();
-        let mut db = Tensor::zeros(be, &[oc], sd).unwrap();
-        // backward as is and, on a GPU, with the vec bias-gradient kernel, and through cuBLASLt
-        let bwd_variants: &[(&str, &str, &str)] = if opt_in {
-            &[
-                ("", "", ""),
-                (", vec", "BERTQA_VEC", "1"),
-                (", cuBLASLt", "BERTQA_GEMM", "lt"),
-            ]
-        } else {
-            &[("", "", "")]
-        };
-        for (label, var, val) in bwd_variants {
-            if !var.is_empty() {
-                // SAFETY (edition 2021): single-threaded benchmark; the launchers read it per call
-                std::env::set_var(var, val);
-            }
-            let ms = bench(be, iters, &mut || {
+        let mut dw = Tensor::zeros(be, &[oc, ic], s.sd()).unwrap();
+        let mut db = Tensor::zeros(be, &[oc], s.sd()).unwrap();
+        for (label, k) in variants(opt_in, &[(", vec", vec_on()), (", cuBLASLt", lt())]) {
+            be.use_kernels(k);
+            let ms = bench(be, tab.iters, &mut || {
                 be.linear_backward(Some(&mut dx), false, &mut dw, Some(&mut db), &y, &x, &w)
                     .unwrap()
             });
-            if !var.is_empty() {
-                std::env::remove_var(var);
-            }
-            tab.add(
-                &format!("{lname} bwd{label}"),
-                &format!("{n}x{ic}->{oc}"),
-                ms,
-                0.0,
-                4.0 * (n * ic * oc) as f64,
-                roof,
-            );
+            tab.add(&format!("{lname} bwd{label}"), &shape, ms, 0.0, 2.0 * fl);
         }
     }
-    // attention
-    {
-        let qkv = rand_t(be, &mut r, &[b, t, 3 * c], dt, 1.0);
-        let mask = Tensor::from_i32(be, &vec![1; b * t], &[b, t]).unwrap();
-        let mut out = Tensor::zeros(be, &[b, t, c], dt).unwrap();
-        let mut lse = Tensor::zeros(be, &[b, nh, t], sd).unwrap();
-        let fl = 4.0 * (b * nh * t * t * (c / nh)) as f64;
-        // (label, BERTQA_ATTN, BERTQA_ATTN4, dropout p, time forward too): variant 1 (CUDA cores) and, for
-        // bf16/f16 on a GPU, variants 3 (tensor cores, the default) and 4, with and without attention dropout
-        // (what the Philox stream costs), and variant 4's backward in its three shapes (w8b2 is its default).
-        let mut variants = vec![("v1", "v1", "", 0.1, true)];
-        if gpu_lowp {
-            variants.extend([("v3", "v3", "", 0.1, true), ("v3 p=0", "v3", "", 0.0, true)]);
-        }
-        if opt_in {
-            variants.extend([
-                ("v4", "v4", "w8b2", 0.1, true),
-                ("v4 p=0", "v4", "w8b2", 0.0, true),
-                ("v4 w4", "v4", "w4", 0.1, false),
-                ("v4 w8", "v4", "w8", 0.1, false),
-            ]);
-        }
-        let mut dqkv = Tensor::zeros(be, &[b, t, 3 * c], dt).unwrap();
-        for (label, v, v4, p, fwd) in variants {
-            // SAFETY (edition 2021): single-threaded benchmark; the launcher reads the variables per call
-            std::env::set_var("BERTQA_ATTN", v);
-            std::env::set_var("BERTQA_ATTN4", if v4.is_empty() { "w8b2" } else { v4 });
-            let d = Dropout::new(p, 3);
-            let shape = format!("B{b} NH{nh} T{t} HS{}", c / nh);
-            // forward always runs once: backward reads its lse
-            let ms = bench(be, if fwd { iters } else { 1 }, &mut || {
-                be.attention_forward(&mut out, &mut lse, &qkv, &mask, nh, d)
-                    .unwrap()
-            });
-            if fwd {
-                tab.add(
-                    &format!("attention fwd (fused, {label})"),
-                    &shape,
-                    ms,
-                    0.0,
-                    fl,
-                    roof,
-                );
-            }
-            let ms = bench(be, iters, &mut || {
-                be.attention_backward(&mut dqkv, &out, &out, &lse, &qkv, &mask, nh, d)
-                    .unwrap()
-            });
+    be.use_kernels(KernelConfig::default());
+}
+
+/// The fused attention: variant 1 (CUDA cores) and, for bf16/f16 on a GPU, variant 3 (the default) and 4,
+/// with and without attention dropout (what the Philox stream costs), and variant 4's backward shapes.
+fn bench_attention<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
+    let (b, t, dt) = (s.b, s.t, s.dt);
+    let (c, nh) = (s.cfg.hidden_size, s.cfg.num_attention_heads);
+    let qkv = rand_t(be, r, &[b, t, 3 * c], dt, 1.0);
+    let mask = Tensor::from_i32(be, &vec![1; b * t], &[b, t]).unwrap();
+    let mut out = Tensor::zeros(be, &[b, t, c], dt).unwrap();
+    let mut lse = Tensor::zeros(be, &[b, nh, t], s.sd()).unwrap();
+    let mut dqkv = Tensor::zeros(be, &[b, t, 3 * c], dt).unwrap();
+    let fl = 4.0 * (b * nh * t * t * (c / nh)) as f64;
+    // (label, kernel, dropout p, time the forward too)
+    let mut runs = vec![("v1", AttnKernel::V1, 0.1, true)];
+    let gpu_lowp = !be.supports(DType::F64) && dt != DType::F32;
+    if gpu_lowp {
+        runs.extend([
+            ("v3", AttnKernel::V3, 0.1, true),
+            ("v3 p=0", AttnKernel::V3, 0.0, true),
+        ]);
+    }
+    if be.opt_in(dt) {
+        runs.extend([
+            ("v4", AttnKernel::V4(Tc4Shape::W8B2), 0.1, true),
+            ("v4 p=0", AttnKernel::V4(Tc4Shape::W8B2), 0.0, true),
+            ("v4 w4", AttnKernel::V4(Tc4Shape::W4), 0.1, false),
+            ("v4 w8", AttnKernel::V4(Tc4Shape::W8), 0.1, false),
+        ]);
+    }
+    let shape = format!("B{b} NH{nh} T{t} HS{}", c / nh);
+    for (label, k, p, fwd) in runs {
+        be.use_kernels(attn(k));
+        let d = Dropout::new(p, 3);
+        // the forward always runs once: the backward reads its lse
+        let ms = bench(be, if fwd { tab.iters } else { 1 }, &mut || {
+            be.attention_forward(&mut out, &mut lse, &qkv, &mask, nh, d)
+                .unwrap()
+        });
+        if fwd {
             tab.add(
-                &format!("attention bwd (fused, {label})"),
+                &format!("attention fwd (fused, {label})"),
                 &shape,
                 ms,
                 0.0,
-                2.5 * fl,
-                roof,
+                fl,
             );
         }
-        std::env::remove_var("BERTQA_ATTN4");
-        std::env::remove_var("BERTQA_ATTN");
-    }
-    // residual + dropout + layernorm, and GELU: the scalar kernels and, on a GPU at bf16/f16, the vec kernels
-    let vec_variants: &[&str] = if opt_in { &["", ", vec"] } else { &[""] };
-    for label in vec_variants {
-        if !label.is_empty() {
-            // SAFETY (edition 2021): single-threaded benchmark; the launchers read it per call
-            std::env::set_var("BERTQA_VEC", "1");
-        }
-        {
-            let x = rand_t(be, &mut r, &[n, c], dt, 1.0);
-            let res = rand_t(be, &mut r, &[n, c], dt, 1.0);
-            let g = rand_t(be, &mut r, &[c], dt, 1.0);
-            let bb = rand_t(be, &mut r, &[c], dt, 1.0);
-            let (mut out, mut sum) = (
-                Tensor::zeros(be, &[n, c], dt).unwrap(),
-                Tensor::zeros(be, &[n, c], dt).unwrap(),
-            );
-            let (mut m, mut rs) = (
-                Tensor::zeros(be, &[n], sd).unwrap(),
-                Tensor::zeros(be, &[n], sd).unwrap(),
-            );
-            let d = Dropout::new(0.1, 5);
-            let ms = bench(be, iters, &mut || {
-                be.residual_layernorm_forward(
-                    &mut out, &mut sum, &mut m, &mut rs, &x, &res, &g, &bb, 1e-12, d,
-                )
-                .unwrap()
-            });
-            tab.add(
-                &format!("residual+dropout+layernorm fwd{label}"),
-                &format!("{n}x{c}"),
-                ms,
-                4.0 * (n * c) as f64 * es,
-                0.0,
-                roof,
-            );
-            let (mut dx, mut dr) = (
-                Tensor::zeros(be, &[n, c], dt).unwrap(),
-                Tensor::zeros(be, &[n, c], dt).unwrap(),
-            );
-            let (mut dg, mut db) = (
-                Tensor::zeros(be, &[c], sd).unwrap(),
-                Tensor::zeros(be, &[c], sd).unwrap(),
-            );
-            let ms = bench(be, iters, &mut || {
-                be.residual_layernorm_backward(
-                    &mut dx, &mut dr, &mut dg, &mut db, &out, &sum, &m, &rs, &g, d,
-                )
-                .unwrap()
-            });
-            tab.add(
-                &format!("residual+dropout+layernorm bwd{label}"),
-                &format!("{n}x{c}"),
-                ms,
-                4.0 * (n * c) as f64 * es,
-                0.0,
-                roof,
-            );
-        }
-        // gelu
-        {
-            let x = rand_t(be, &mut r, &[n, f], dt, 2.0);
-            let mut y = Tensor::zeros(be, &[n, f], dt).unwrap();
-            let ms = bench(be, iters, &mut || be.gelu_forward(&mut y, &x).unwrap());
-            tab.add(
-                &format!("gelu fwd{label}"),
-                &format!("{n}x{f}"),
-                ms,
-                2.0 * (n * f) as f64 * es,
-                0.0,
-                roof,
-            );
-            let mut dx = Tensor::zeros(be, &[n, f], dt).unwrap();
-            let ms = bench(be, iters, &mut || {
-                be.gelu_backward(&mut dx, &y, &x).unwrap()
-            });
-            tab.add(
-                &format!("gelu bwd{label}"),
-                &format!("{n}x{f}"),
-                ms,
-                3.0 * (n * f) as f64 * es,
-                0.0,
-                roof,
-            );
-        }
-        std::env::remove_var("BERTQA_VEC");
-    }
-    // embeddings
-    {
-        let v = cfg.vocab_size;
-        let word = rand_t(be, &mut r, &[v, c], dt, 1.0);
-        let pos = rand_t(be, &mut r, &[cfg.max_position_embeddings, c], dt, 1.0);
-        let ty = rand_t(be, &mut r, &[2, c], dt, 1.0);
-        let g = rand_t(be, &mut r, &[c], dt, 1.0);
-        let bb = rand_t(be, &mut r, &[c], dt, 1.0);
-        let ids: Vec<i32> = (0..n).map(|_| r.below(v) as i32).collect();
-        let idt = Tensor::from_i32(be, &ids, &[b, t]).unwrap();
-        let tyt = Tensor::from_i32(be, &vec![0; n], &[b, t]).unwrap();
-        let mut out = Tensor::zeros(be, &[b, t, c], dt).unwrap();
-        let (mut m, mut rs) = (
-            Tensor::zeros(be, &[b, t], sd).unwrap(),
-            Tensor::zeros(be, &[b, t], sd).unwrap(),
-        );
-        let ew = EmbWeights {
-            word: &word,
-            pos: &pos,
-            ttype: &ty,
-            gamma: &g,
-            beta: &bb,
-        };
-        let d = Dropout::new(0.1, 7);
-        let ms = bench(be, iters, &mut || {
-            be.embeddings_forward(&mut out, &mut m, &mut rs, &idt, &tyt, &ew, 1e-12, d)
+        let ms = bench(be, tab.iters, &mut || {
+            be.attention_backward(&mut dqkv, &out, &out, &lse, &qkv, &mask, nh, d)
                 .unwrap()
         });
         tab.add(
-            "embeddings+LN+dropout fwd",
-            &format!("{n}x{c}"),
+            &format!("attention bwd (fused, {label})"),
+            &shape,
             ms,
-            4.0 * (n * c) as f64 * es,
             0.0,
-            roof,
+            2.5 * fl,
         );
-        let (mut dw, mut dp, mut dty) = (
-            Tensor::zeros(be, &[v, c], sd).unwrap(),
-            Tensor::zeros(be, &[cfg.max_position_embeddings, c], sd).unwrap(),
-            Tensor::zeros(be, &[2, c], sd).unwrap(),
-        );
-        let (mut dg, mut db) = (
-            Tensor::zeros(be, &[c], sd).unwrap(),
-            Tensor::zeros(be, &[c], sd).unwrap(),
-        );
-        for label in if opt_in {
-            &["", ", vec"][..]
-        } else {
-            &[""][..]
-        } {
-            if !label.is_empty() {
-                // SAFETY (edition 2021): single-threaded benchmark; the launcher reads it per call
-                std::env::set_var("BERTQA_VEC", "1");
-            }
-            let ms = bench(be, iters, &mut || {
-                let mut eg = EmbGrads {
-                    padding_idx: 0,
-                    word: &mut dw,
-                    pos: &mut dp,
-                    ttype: &mut dty,
-                    gamma: &mut dg,
-                    beta: &mut db,
-                };
-                be.embeddings_backward(&mut eg, &out, &m, &rs, &idt, &tyt, &ew, d)
-                    .unwrap()
-            });
-            std::env::remove_var("BERTQA_VEC");
-            tab.add(
-                &format!("embeddings+LN+dropout bwd{label}"),
-                &format!("{n}x{c}"),
-                ms,
-                (4.0 * es + 12.0) * (n * c) as f64,
-                0.0,
-                roof,
-            );
-        }
     }
-    // span loss
-    {
-        let logits = rand_t(be, &mut r, &[b, t, 2], dt, 3.0);
-        let st = Tensor::from_i32(be, &vec![5; b], &[b]).unwrap();
-        let mask = Tensor::from_i32(be, &vec![1; b * t], &[b, t]).unwrap();
-        let mut l = Tensor::zeros(be, &[b, 2], sd).unwrap();
-        let mut dl = Tensor::zeros(be, &[b, t, 2], dt).unwrap();
-        let cfgl = SpanLossCfg {
-            mask_padding: true,
-            scale_start: 0.01,
-            scale_end: 0.01,
-        };
-        let ms = bench(be, iters, &mut || {
-            be.span_loss_forward_backward(&mut l, &mut dl, &logits, &st, &st, &mask, cfgl)
-                .unwrap()
+    be.use_kernels(KernelConfig::default());
+}
+
+/// Residual + dropout + LayerNorm and GELU: the scalar kernels and, on a GPU at bf16/f16, the vec kernels.
+fn bench_elementwise<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
+    let (c, f, n, dt, es) = (
+        s.cfg.hidden_size,
+        s.cfg.intermediate_size,
+        s.n(),
+        s.dt,
+        s.es(),
+    );
+    let x = rand_t(be, r, &[n, c], dt, 1.0);
+    let res = rand_t(be, r, &[n, c], dt, 1.0);
+    let g = rand_t(be, r, &[c], dt, 1.0);
+    let bb = rand_t(be, r, &[c], dt, 1.0);
+    let (mut out, mut sum) = (
+        Tensor::zeros(be, &[n, c], dt).unwrap(),
+        Tensor::zeros(be, &[n, c], dt).unwrap(),
+    );
+    let (mut m, mut rs) = (
+        Tensor::zeros(be, &[n], s.sd()).unwrap(),
+        Tensor::zeros(be, &[n], s.sd()).unwrap(),
+    );
+    let (mut dx, mut dr) = (
+        Tensor::zeros(be, &[n, c], dt).unwrap(),
+        Tensor::zeros(be, &[n, c], dt).unwrap(),
+    );
+    let (mut dg, mut db) = (
+        Tensor::zeros(be, &[c], s.sd()).unwrap(),
+        Tensor::zeros(be, &[c], s.sd()).unwrap(),
+    );
+    let gx = rand_t(be, r, &[n, f], dt, 2.0);
+    let (mut gy, mut gdx) = (
+        Tensor::zeros(be, &[n, f], dt).unwrap(),
+        Tensor::zeros(be, &[n, f], dt).unwrap(),
+    );
+    let d = Dropout::new(0.1, 5);
+    for (label, k) in variants(be.opt_in(dt), &[(", vec", vec_on())]) {
+        be.use_kernels(k);
+        let ms = bench(be, tab.iters, &mut || {
+            be.residual_layernorm_forward(
+                &mut out, &mut sum, &mut m, &mut rs, &x, &res, &g, &bb, 1e-12, d,
+            )
+            .unwrap()
+        });
+        let bytes = 4.0 * (n * c) as f64 * es;
+        let sh = format!("{n}x{c}");
+        tab.add(
+            &format!("residual+dropout+layernorm fwd{label}"),
+            &sh,
+            ms,
+            bytes,
+            0.0,
+        );
+        let ms = bench(be, tab.iters, &mut || {
+            be.residual_layernorm_backward(
+                &mut dx, &mut dr, &mut dg, &mut db, &out, &sum, &m, &rs, &g, d,
+            )
+            .unwrap()
         });
         tab.add(
-            "span softmax-CE fwd+bwd",
+            &format!("residual+dropout+layernorm bwd{label}"),
+            &sh,
+            ms,
+            bytes,
+            0.0,
+        );
+        let sh = format!("{n}x{f}");
+        let ms = bench(be, tab.iters, &mut || {
+            be.gelu_forward(&mut gy, &gx).unwrap()
+        });
+        tab.add(
+            &format!("gelu fwd{label}"),
+            &sh,
+            ms,
+            2.0 * (n * f) as f64 * es,
+            0.0,
+        );
+        let ms = bench(be, tab.iters, &mut || {
+            be.gelu_backward(&mut gdx, &gy, &gx).unwrap()
+        });
+        tab.add(
+            &format!("gelu bwd{label}"),
+            &sh,
+            ms,
+            3.0 * (n * f) as f64 * es,
+            0.0,
+        );
+    }
+    be.use_kernels(KernelConfig::default());
+}
+
+/// The embeddings (gather + LayerNorm + dropout) forward, and backward scalar and vec.
+fn bench_embeddings<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
+    let (b, t, n, dt, es) = (s.b, s.t, s.n(), s.dt, s.es());
+    let (c, v, p) = (
+        s.cfg.hidden_size,
+        s.cfg.vocab_size,
+        s.cfg.max_position_embeddings,
+    );
+    let word = rand_t(be, r, &[v, c], dt, 1.0);
+    let pos = rand_t(be, r, &[p, c], dt, 1.0);
+    let ty = rand_t(be, r, &[2, c], dt, 1.0);
+    let g = rand_t(be, r, &[c], dt, 1.0);
+    let bb = rand_t(be, r, &[c], dt, 1.0);
+    let ids: Vec<i32> = (0..n).map(|_| r.below(v) as i32).collect();
+    let idt = Tensor::from_i32(be, &ids, &[b, t]).unwrap();
+    let tyt = Tensor::from_i32(be, &vec![0; n], &[b, t]).unwrap();
+    let mut out = Tensor::zeros(be, &[b, t, c], dt).unwrap();
+    let (mut m, mut rs) = (
+        Tensor::zeros(be, &[b, t], s.sd()).unwrap(),
+        Tensor::zeros(be, &[b, t], s.sd()).unwrap(),
+    );
+    let ew = EmbWeights {
+        word: &word,
+        pos: &pos,
+        ttype: &ty,
+        gamma: &g,
+        beta: &bb,
+    };
+    let d = Dropout::new(0.1, 7);
+    let ms = bench(be, tab.iters, &mut || {
+        be.embeddings_forward(&mut out, &mut m, &mut rs, &idt, &tyt, &ew, 1e-12, d)
+            .unwrap()
+    });
+    let sh = format!("{n}x{c}");
+    tab.add(
+        "embeddings+LN+dropout fwd",
+        &sh,
+        ms,
+        4.0 * (n * c) as f64 * es,
+        0.0,
+    );
+    let sd = s.sd();
+    let (mut dw, mut dp, mut dty) = (
+        Tensor::zeros(be, &[v, c], sd).unwrap(),
+        Tensor::zeros(be, &[p, c], sd).unwrap(),
+        Tensor::zeros(be, &[2, c], sd).unwrap(),
+    );
+    let (mut dg, mut db) = (
+        Tensor::zeros(be, &[c], sd).unwrap(),
+        Tensor::zeros(be, &[c], sd).unwrap(),
+    );
+    for (label, k) in variants(be.opt_in(dt), &[(", vec", vec_on())]) {
+        be.use_kernels(k);
+        let ms = bench(be, tab.iters, &mut || {
+            let mut eg = EmbGrads {
+                padding_idx: 0,
+                word: &mut dw,
+                pos: &mut dp,
+                ttype: &mut dty,
+                gamma: &mut dg,
+                beta: &mut db,
+            };
+            be.embeddings_backward(&mut eg, &out, &m, &rs, &idt, &tyt, &ew, d)
+                .unwrap()
+        });
+        let bytes = (4.0 * es + 12.0) * (n * c) as f64;
+        tab.add(
+            &format!("embeddings+LN+dropout bwd{label}"),
+            &sh,
+            ms,
+            bytes,
+            0.0,
+        );
+    }
+    be.use_kernels(KernelConfig::default());
+}
+
+/// The span loss (softmax cross-entropy over positions, forward and backward in one kernel).
+fn bench_span_loss<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
+    let (b, t, n, dt) = (s.b, s.t, s.n(), s.dt);
+    let logits = rand_t(be, r, &[b, t, 2], dt, 3.0);
+    let st = Tensor::from_i32(be, &vec![5; b], &[b]).unwrap();
+    let mask = Tensor::from_i32(be, &vec![1; b * t], &[b, t]).unwrap();
+    let mut l = Tensor::zeros(be, &[b, 2], s.sd()).unwrap();
+    let mut dl = Tensor::zeros(be, &[b, t, 2], dt).unwrap();
+    let cfgl = SpanLossCfg {
+        mask_padding: true,
+        scale_start: 0.01,
+        scale_end: 0.01,
+    };
+    let ms = bench(be, tab.iters, &mut || {
+        be.span_loss_forward_backward(&mut l, &mut dl, &logits, &st, &st, &mask, cfgl)
+            .unwrap()
+    });
+    let bytes = (n * 2) as f64 * (2.0 * s.es() + 4.0);
+    tab.add(
+        "span softmax-CE fwd+bwd",
+        &format!("B{b} T{t}"),
+        ms,
+        bytes,
+        0.0,
+    );
+}
+
+/// AdamW over the flat buffers (one launch) and the squared gradient norm (one reduction).
+fn bench_adamw<B: Bench>(be: &mut B, s: &Shape, tab: &Table) {
+    let sd = s.sd();
+    let mut master = BertParams::zeros(be, s.cfg, sd).unwrap();
+    let mut working = master.cast(be, s.dt).unwrap();
+    let grads = BertParams::zeros(be, s.cfg, sd).unwrap();
+    let (mut m, mut v) = (
+        BertParams::zeros(be, s.cfg, sd).unwrap(),
+        BertParams::zeros(be, s.cfg, sd).unwrap(),
+    );
+    let hp = AdamWHyper {
+        lr: 1e-5,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        step: 1,
+        grad_scale: 1.0,
+    };
+    let n_decay = grads.layout().n_decay;
+    let same = s.dt == sd;
+    let ms = bench(be, tab.iters, &mut || {
+        let w = if same { None } else { Some(working.flat_mut()) };
+        be.adamw_step(
+            master.flat_mut(),
+            w,
+            grads.flat(),
+            m.flat_mut(),
+            v.flat_mut(),
+            n_decay,
+            &hp,
+        )
+        .unwrap()
+    });
+    let np = grads.layout().total as f64;
+    let sz = sd.size() as f64;
+    // master, m, v read and written, grad read, the working copy written
+    let bytes = np * (7.0 * sz + if same { 0.0 } else { s.es() });
+    let shape = format!("{:.1}M params", np / 1e6);
+    tab.add("adamw (flat, one launch)", &shape, ms, bytes, 0.0);
+    let ms = bench(be, tab.iters, &mut || {
+        be.grad_sq_norm(grads.flat()).unwrap();
+    });
+    tab.add("gradient squared norm (flat)", &shape, ms, np * sz, 0.0);
+}
+
+/// A training configuration for the step benchmark: dropout 0.1, weight decay, clipping, full windows.
+fn step_train_config(b: usize, t: usize) -> TrainConfig {
+    TrainConfig {
+        epochs: 1,
+        learning_rate: 1e-5,
+        batch_size: b,
+        grad_accum_steps: 1,
+        warmup_ratio: 0.0,
+        weight_decay: 0.01,
+        adam_beta1: 0.9,
+        adam_beta2: 0.999,
+        adam_eps: 1e-8,
+        max_grad_norm: 1.0,
+        seed: 1,
+        max_steps: None,
+        eval_every: 0,
+        save_every: 0,
+        save_total_limit: 0,
+        early_stopping_patience: 0,
+        hidden_dropout: 0.1,
+        attention_dropout: 0.1,
+        dynamic_padding: false,
+        max_bad_steps: 3,
+        eval_batch_size: b,
+        log_every: 1,
+        features: FeatureCfgSer {
+            max_seq_length: t,
+            doc_stride: t / 3,
+            max_query_length: 64,
+        },
+        post: PostCfgSer {
+            n_best_size: 20,
+            max_answer_length: 30,
+            version_2: false,
+            null_score_diff_threshold: 0.0,
+        },
+    }
+}
+
+/// B full windows of random ids.
+fn full_windows(cfg: &BertConfig, b: usize, t: usize, r: &mut Rng) -> Vec<Feature> {
+    (0..b)
+        .map(|i| Feature {
+            example: i,
+            input_ids: (0..t)
+                .map(|_| 1 + r.below(cfg.vocab_size - 1) as i32)
+                .collect(),
+            token_type_ids: (0..t).map(|j| (j > 20) as i32).collect(),
+            attention_mask: vec![1; t],
+            offsets: vec![None; t],
+            start_position: 30,
+            end_position: 35,
+            has_answer: true,
+        })
+        .collect()
+}
+
+/// The whole training step through the real Trainer (host packing and upload, forward, loss, backward,
+/// gradient norm, AdamW), with the default kernels and, on a GPU at bf16, each opt-in path and all together;
+/// the per-kernel profile of the defaults and of everything together.
+fn bench_step<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
+    let (b, t, dt) = (s.b, s.t, s.dt);
+    let sd = s.sd();
+    let feats = full_windows(s.cfg, b, t, r);
+    let refs: Vec<&Feature> = feats.iter().collect();
+    let all = KernelConfig {
+        attention: AttnKernel::V4(Tc4Shape::W8B2),
+        gemm: GemmPath::Lt { tune: true },
+        vec: true,
+        sync_launch: false,
+    };
+    let others = [
+        (", attention v4", attn(AttnKernel::V4(Tc4Shape::W8B2))),
+        (", cuBLASLt", lt()),
+        (", vec kernels", vec_on()),
+        (", attention v4 + cuBLASLt + vec kernels", all),
+    ];
+    for (label, k) in variants(be.opt_in(dt), &others) {
+        be.use_kernels(k);
+        let mut seed = Rng::new(5);
+        let master = BertParams::from_host(&*be, s.cfg, sd, |name, shape| {
+            let n: usize = shape.iter().product();
+            let scale = if name.contains("LayerNorm.weight") {
+                1.0
+            } else {
+                0.05
+            };
+            Ok((0..n)
+                .map(|_| (seed.uniform() * 2.0 - 1.0) * scale)
+                .collect())
+        })
+        .unwrap();
+        let be = &*be;
+        let mut tr = Trainer::new(be, s.cfg.clone(), master, dt, step_train_config(b, t)).unwrap();
+        let mut step = || {
+            tr.step(&refs, 1e-5).unwrap();
+            tr.state.global_step += 1;
+        };
+        let ms = bench(be, tab.iters.clamp(2, 10), &mut step);
+        let profile = if label.is_empty() || k == all {
+            be.profile(3, &mut step)
+        } else {
+            None
+        };
+        let flops = s.cfg.train_flops_per_seq(t) * b as f64;
+        tab.add(
+            &format!("TRAINING STEP{label}"),
             &format!("B{b} T{t}"),
             ms,
-            (n * 2) as f64 * (2.0 * es + 4.0),
             0.0,
-            roof,
+            flops,
         );
-    }
-    // whole training step
-    {
-        let specs = bertqa::model::params::param_specs(cfg);
-        let mut master = BertParams::from_vec(
-            cfg,
-            specs
-                .iter()
-                .map(|(nm, s)| {
-                    rand_t(
-                        be,
-                        &mut r,
-                        s,
-                        sd,
-                        if nm.contains("LayerNorm.weight") {
-                            1.0
-                        } else {
-                            0.05
-                        },
-                    )
-                })
-                .collect(),
+        let seqs = b as f64 / (ms * 1e-3);
+        let mfu = tab
+            .roof
+            .as_ref()
+            .map(|r| {
+                format!(
+                    "{:.1}% MFU vs measured GEMM peak",
+                    100.0 * flops / (ms * 1e-3) / 1e12 / r.tflops
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "  => {seqs:.1} seq/s, {:.0} tokens/s, {mfu}; device memory peak {:.2} GiB",
+            seqs * t as f64,
+            be.memory_stats().peak_bytes as f64 / 1073741824.0
         );
-        let mut model = BertQa::new(cfg.clone(), master.cast(be, dt).unwrap());
-        let mut grads = BertParams::zeros(be, cfg, sd).unwrap();
-        let mut m1 = BertParams::zeros(be, cfg, sd).unwrap();
-        let mut m2 = BertParams::zeros(be, cfg, sd).unwrap();
-        let ids: Vec<i32> = (0..n)
-            .map(|_| 1 + r.below(cfg.vocab_size - 1) as i32)
-            .collect();
-        let batch = Batch::new(
-            be,
-            b,
-            t,
-            &ids,
-            &vec![0; n],
-            &vec![1; n],
-            &vec![3; b],
-            &vec![7; b],
-        )
-        .unwrap();
-        let mut acts = Acts::new(be, cfg, b, t, dt).unwrap();
-        let names: Vec<String> = specs.iter().map(|(n, _)| n.clone()).collect();
-        let mut step = 0u64;
-        let same = dt == sd;
-        let mut adam_ms = 0.0;
-        // On a GPU in bf16, the step also with the variants not yet on by default (each label sets them).
-        let step_variants: &[(&str, &[(&str, &str)])] = if !opt_in {
-            &[("", &[])]
-        } else {
-            &[
-                ("", &[]),
-                (", attention v4", &[("BERTQA_ATTN", "v4")]),
-                (", cuBLASLt", &[("BERTQA_GEMM", "lt")]),
-                (", vec kernels", &[("BERTQA_VEC", "1")]),
-                (
-                    ", attention v4 + cuBLASLt + vec kernels",
-                    &[
-                        ("BERTQA_ATTN", "v4"),
-                        ("BERTQA_GEMM", "lt"),
-                        ("BERTQA_VEC", "1"),
-                    ],
-                ),
-            ]
-        };
-        for (label, vars) in step_variants {
-            for (k, v) in vars.iter() {
-                // SAFETY (edition 2021): single-threaded benchmark
-                std::env::set_var(k, v);
-            }
-            let mut train_step = || {
-                step += 1;
-                let drop = DropoutCfg {
-                    hidden: 0.1,
-                    attn: 0.1,
-                    seed: step,
-                };
-                grads.zero_(be).unwrap();
-                model.forward(be, &mut acts, &batch, drop).unwrap();
-                model.loss(be, &mut acts, &batch, 1.0).unwrap();
-                model
-                    .backward(be, &mut grads, &mut acts, &batch, drop)
-                    .unwrap();
-                let gn = be.grad_sq_norm(&grads.tensors()).unwrap().sqrt();
-                let hp = AdamWHyper {
-                    lr: 1e-5,
-                    beta1: 0.9,
-                    beta2: 0.999,
-                    eps: 1e-8,
-                    weight_decay: 0.01,
-                    step,
-                    grad_scale: if gn > 1.0 { 1.0 / gn } else { 1.0 },
-                };
-                let mut work = model.params.tensors_mut().into_iter();
-                let mut slots: Vec<AdamWSlot<B>> = Vec::new();
-                for ((((p, g), a), v), nm) in master
-                    .tensors_mut()
-                    .into_iter()
-                    .zip(grads.tensors())
-                    .zip(m1.tensors_mut())
-                    .zip(m2.tensors_mut())
-                    .zip(&names)
-                {
-                    let w = work.next().unwrap();
-                    slots.push(AdamWSlot {
-                        master: p,
-                        working: if same { None } else { Some(w) },
-                        grad: g,
-                        m: a,
-                        v,
-                        decay: bertqa::model::params::decays(nm),
-                    });
-                }
-                let t0 = Instant::now();
-                be.adamw_step(&mut slots, &hp).unwrap();
-                be.synchronize().unwrap();
-                adam_ms = t0.elapsed().as_secs_f64() * 1e3;
-            };
-            let ms = bench(be, iters.clamp(2, 10), &mut train_step);
-            // where the step's time goes, kernel by kernel: the defaults and everything opt-in together
-            let profile = if label.is_empty() || vars.len() > 2 {
-                be.profile(3, &mut train_step)
-            } else {
-                None
-            };
-            for (k, _) in vars.iter() {
-                std::env::remove_var(k);
-            }
-            let np = cfg.num_params() as f64;
-            tab.add(
-                &format!("adamw (all params, host-timed{label})"),
-                &format!("{:.1}M params", np / 1e6),
-                adam_ms,
-                np * (4.0 * 4.0 + 3.0 * 4.0 + es),
-                0.0,
-                roof,
+        if let Some(p) = profile {
+            println!(
+                "  per-kernel profile of the step{label} (3 steps, CUDA events around each launch):\n{p}"
             );
-            let flops = cfg.train_flops_per_seq(t) * b as f64;
-            tab.add(
-                &format!("TRAINING STEP fwd+bwd+adamw{label}"),
-                &format!("B{b} T{t}"),
-                ms,
-                0.0,
-                flops,
-                roof,
-            );
-            let seqs = b as f64 / (ms * 1e-3);
-            let mfu = roof
-                .as_ref()
-                .map(|r| {
-                    format!(
-                        "{:.1}% MFU vs measured GEMM peak",
-                        100.0 * flops / (ms * 1e-3) / 1e12 / r.tflops
-                    )
-                })
-                .unwrap_or_default();
-            let line = format!(
-                "  => {seqs:.1} seq/s, {:.0} tokens/s, {mfu}; activations {:.2} GiB",
-                seqs * t as f64,
-                acts.bytes() as f64 / 1073741824.0
-            );
-            println!("{line}");
-            tab.rows.push(line);
-            if let Some(p) = profile {
-                println!("  per-kernel profile of the step{label} (3 steps, CUDA events around each launch):\n{p}");
-            }
         }
     }
+}
+
+fn run_config<B: Bench>(be: &mut B, name: &str, s: &Shape, tab: &Table) {
+    let cfg = s.cfg;
+    println!(
+        "\n== {name}: L={} C={} NH={} F={}  B={} T={} {} on {}",
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.intermediate_size,
+        s.b,
+        s.t,
+        s.dt,
+        be.name()
+    );
+    println!(
+        "{:<40} {:<26} {:>11} {:>16} % roof",
+        "op", "shape", "median µs", "achieved"
+    );
+    let mut r = Rng::new(1);
+    bench_linear(be, s, tab, &mut r);
+    bench_attention(be, s, tab, &mut r);
+    bench_elementwise(be, s, tab, &mut r);
+    bench_embeddings(be, s, tab, &mut r);
+    bench_span_loss(be, s, tab, &mut r);
+    bench_adamw(be, s, tab);
+    bench_step(be, s, tab, &mut r);
 }
 
 fn gpu_roofline(gpu: &Cuda) -> Roof {
@@ -686,62 +704,60 @@ fn gpu_roofline(gpu: &Cuda) -> Roof {
     Roof { gbs, tflops }
 }
 
+fn iters(default: usize) -> usize {
+    std::env::var("BENCH_ITERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 fn main() {
     let filter = std::env::var("BENCH_FILTER").unwrap_or_default();
     let minilm = BertConfig::tiny(30522, 384, 6, 12, 1536, 512);
     let base = BertConfig::bert_base();
-    let mut tab = Table { rows: vec![] };
-    match Cuda::new(0) {
-        Ok(gpu) => {
-            let iters = std::env::var("BENCH_ITERS")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(20);
+    match Cuda::new(0, KernelConfig::default()) {
+        Ok(mut gpu) => {
             println!("GPU: {}", gpu.name());
             let roof = Some(gpu_roofline(&gpu));
+            let tab = Table {
+                roof: &roof,
+                iters: iters(20),
+            };
             for (name, cfg) in [("all-MiniLM-L6-v2", &minilm), ("BERT-base", &base)] {
                 if name.contains(&filter) {
-                    run_config(
-                        &gpu,
-                        name,
+                    let s = Shape {
                         cfg,
-                        32,
-                        384,
-                        DType::BF16,
-                        iters,
-                        &roof,
-                        &mut tab,
-                    );
+                        b: 32,
+                        t: 384,
+                        dt: DType::BF16,
+                    };
+                    run_config(&mut gpu, name, &s, &tab);
                 }
             }
             println!(
                 "\narena: peak {:.2} GiB, {} cudaMallocs",
-                gpu.arena
-                    .peak_bytes
-                    .load(std::sync::atomic::Ordering::Relaxed) as f64
-                    / 1073741824.0,
-                gpu.arena
-                    .cuda_mallocs
-                    .load(std::sync::atomic::Ordering::Relaxed)
+                gpu.memory_stats().peak_bytes as f64 / 1073741824.0,
+                gpu.cuda_mallocs()
             );
         }
         Err(e) => {
             println!("GPU part SKIPPED: {e:#}");
-            let iters = std::env::var("BENCH_ITERS")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(3);
+            let tab = Table {
+                roof: &None,
+                iters: iters(3),
+            };
             if "all-MiniLM-L6-v2".contains(&filter) {
+                let s = Shape {
+                    cfg: &minilm,
+                    b: 8,
+                    t: 384,
+                    dt: DType::F32,
+                };
                 run_config(
-                    &Cpu,
+                    &mut Cpu::new(),
                     "all-MiniLM-L6-v2 (CPU reference)",
-                    &minilm,
-                    8,
-                    384,
-                    DType::F32,
-                    iters,
-                    &None,
-                    &mut tab,
+                    &s,
+                    &tab,
                 );
             }
         }

@@ -25,6 +25,22 @@ struct AttnParams {
     int b, t, nh, hs;
     float p, scale;
 };
+CHECK_LAYOUT(AttnParams, 96);
+CHECK_FIELD(AttnParams, out, 0);
+CHECK_FIELD(AttnParams, lse, 8);
+CHECK_FIELD(AttnParams, qkv, 16);
+CHECK_FIELD(AttnParams, mask, 24);
+CHECK_FIELD(AttnParams, dout, 32);
+CHECK_FIELD(AttnParams, dqkv, 40);
+CHECK_FIELD(AttnParams, dsum, 48);
+CHECK_FIELD(AttnParams, dqacc, 56);
+CHECK_FIELD(AttnParams, seed, 64);
+CHECK_FIELD(AttnParams, b, 72);
+CHECK_FIELD(AttnParams, t, 76);
+CHECK_FIELD(AttnParams, nh, 80);
+CHECK_FIELD(AttnParams, hs, 84);
+CHECK_FIELD(AttnParams, p, 88);
+CHECK_FIELD(AttnParams, scale, 92);
 
 __device__ __forceinline__ u32 bits(bf16 x) { return (u32)__bfloat16_as_ushort(x); }
 __device__ __forceinline__ u32 bits(f16 x) { return (u32)__half_as_ushort(x); }

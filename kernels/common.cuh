@@ -1,14 +1,18 @@
 // common.cuh — helpers shared by every kernel module (prepended to each .cu by src/cuda/nvrtc.rs).
 //
 // Conventions
-// - Each kernel takes one parameter struct by value, mirrored by a #[repr(C)] struct in src/ops/<op>.rs.
-//   Pointers travel as u64 (unsigned long long) so the layouts match exactly on both sides.
+// - Each kernel takes one parameter struct by value, mirrored by a #[repr(C)] struct in src/ops/<op>/mod.rs.
+//   Pointers travel as u64 (unsigned long long) so the layouts match exactly on both sides. Every struct's
+//   size and field offsets are pinned below its definition (CHECK_LAYOUT / CHECK_FIELD): NVRTC and the
+//   emulator's C++ compiler enforce them here (NVRTC the sizes only), and tests/kernels_compile.rs checks the
+//   same numbers against the Rust structs (std::mem::offset_of!).
 // - Storage types: float, __nv_bfloat16, __half; arithmetic and statistics are always float.
 // - Kernel names: <op>_<forward|backward>_<f32|bf16|f16>.
 #pragma once
 #ifdef BERTQA_EMU
 // Compiled on the CPU by the kernel emulator (tests/emu/cuda_emu.hpp defines the CUDA built-ins it needs).
 #include "cuda_emu.hpp"
+#include <cstddef>
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -19,6 +23,15 @@
 #define DYN_SMEM(T, name) T* name = (T*)::emu::dyn_smem()
 #else
 #define DYN_SMEM(T, name) extern __shared__ __align__(16) T name[]
+#endif
+
+// The byte layout of a kernel parameter struct, pinned (see Conventions). NVRTC has no offsetof: it checks
+// the sizes, and the emulator's C++ compiler — the same struct text, the same layout rules — the offsets.
+#define CHECK_LAYOUT(S, size) static_assert(sizeof(S) == size, #S ": size differs from its Rust mirror")
+#ifdef BERTQA_EMU
+#define CHECK_FIELD(S, f, off) static_assert(offsetof(S, f) == off, #S "." #f ": offset differs from its Rust mirror")
+#else
+#define CHECK_FIELD(S, f, off) static_assert(true, "")
 #endif
 
 #ifndef INFINITY

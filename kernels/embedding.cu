@@ -10,6 +10,31 @@ struct EmbParams {
     float eps, p;
     int padding_idx;  // backward: no word-embedding gradient for this id (-1: none)
 };
+CHECK_LAYOUT(EmbParams, 160);
+CHECK_FIELD(EmbParams, out, 0);
+CHECK_FIELD(EmbParams, mean, 8);
+CHECK_FIELD(EmbParams, rstd, 16);
+CHECK_FIELD(EmbParams, ids, 24);
+CHECK_FIELD(EmbParams, types, 32);
+CHECK_FIELD(EmbParams, word, 40);
+CHECK_FIELD(EmbParams, pos, 48);
+CHECK_FIELD(EmbParams, ttype, 56);
+CHECK_FIELD(EmbParams, gamma, 64);
+CHECK_FIELD(EmbParams, beta, 72);
+CHECK_FIELD(EmbParams, dword, 80);
+CHECK_FIELD(EmbParams, dpos, 88);
+CHECK_FIELD(EmbParams, dttype, 96);
+CHECK_FIELD(EmbParams, dgamma, 104);
+CHECK_FIELD(EmbParams, dbeta, 112);
+CHECK_FIELD(EmbParams, seed, 120);
+CHECK_FIELD(EmbParams, n, 128);
+CHECK_FIELD(EmbParams, t, 132);
+CHECK_FIELD(EmbParams, c, 136);
+CHECK_FIELD(EmbParams, v, 140);
+CHECK_FIELD(EmbParams, tv, 144);
+CHECK_FIELD(EmbParams, eps, 148);
+CHECK_FIELD(EmbParams, p, 152);
+CHECK_FIELD(EmbParams, padding_idx, 156);
 
 template <typename T>
 __device__ __forceinline__ float gathered(const EmbParams& a, int id, int ty, int tt, int i) {

@@ -8,6 +8,13 @@ struct GeluParams {
     u64 out, dout, inp, n;
     int dt, _pad;
 };
+CHECK_LAYOUT(GeluParams, 40);
+CHECK_FIELD(GeluParams, out, 0);
+CHECK_FIELD(GeluParams, dout, 8);
+CHECK_FIELD(GeluParams, inp, 16);
+CHECK_FIELD(GeluParams, n, 24);
+CHECK_FIELD(GeluParams, dt, 32);
+CHECK_FIELD(GeluParams, _pad, 36);
 
 __device__ __forceinline__ float gelu_f(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752f)); }
 __device__ __forceinline__ float gelu_grad(float x) {

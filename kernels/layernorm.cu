@@ -7,6 +7,20 @@ struct LnFwdParams {
     int n, c;
     float eps, p;
 };
+CHECK_LAYOUT(LnFwdParams, 88);
+CHECK_FIELD(LnFwdParams, out, 0);
+CHECK_FIELD(LnFwdParams, sum, 8);
+CHECK_FIELD(LnFwdParams, mean, 16);
+CHECK_FIELD(LnFwdParams, rstd, 24);
+CHECK_FIELD(LnFwdParams, inp, 32);
+CHECK_FIELD(LnFwdParams, resid, 40);
+CHECK_FIELD(LnFwdParams, gamma, 48);
+CHECK_FIELD(LnFwdParams, beta, 56);
+CHECK_FIELD(LnFwdParams, seed, 64);
+CHECK_FIELD(LnFwdParams, n, 72);
+CHECK_FIELD(LnFwdParams, c, 76);
+CHECK_FIELD(LnFwdParams, eps, 80);
+CHECK_FIELD(LnFwdParams, p, 84);
 
 struct LnBwdParams {
     u64 dinp, dresid, dgamma, dbeta, dout, sum, mean, rstd, gamma, seed;
@@ -14,6 +28,21 @@ struct LnBwdParams {
     float p;
     int _pad;
 };
+CHECK_LAYOUT(LnBwdParams, 96);
+CHECK_FIELD(LnBwdParams, dinp, 0);
+CHECK_FIELD(LnBwdParams, dresid, 8);
+CHECK_FIELD(LnBwdParams, dgamma, 16);
+CHECK_FIELD(LnBwdParams, dbeta, 24);
+CHECK_FIELD(LnBwdParams, dout, 32);
+CHECK_FIELD(LnBwdParams, sum, 40);
+CHECK_FIELD(LnBwdParams, mean, 48);
+CHECK_FIELD(LnBwdParams, rstd, 56);
+CHECK_FIELD(LnBwdParams, gamma, 64);
+CHECK_FIELD(LnBwdParams, seed, 72);
+CHECK_FIELD(LnBwdParams, n, 80);
+CHECK_FIELD(LnBwdParams, c, 84);
+CHECK_FIELD(LnBwdParams, p, 88);
+CHECK_FIELD(LnBwdParams, _pad, 92);
 
 // sum = resid + dropout(inp); out = LN(sum). The statistics are taken over `sum` as stored (rounded to T),
 // exactly what backward reads back.

@@ -6,6 +6,13 @@ struct BiasParams {
     u64 out, bias;
     int n, oc, out_dt, bias_dt;
 };
+CHECK_LAYOUT(BiasParams, 32);
+CHECK_FIELD(BiasParams, out, 0);
+CHECK_FIELD(BiasParams, bias, 8);
+CHECK_FIELD(BiasParams, n, 16);
+CHECK_FIELD(BiasParams, oc, 20);
+CHECK_FIELD(BiasParams, out_dt, 24);
+CHECK_FIELD(BiasParams, bias_dt, 28);
 
 // out[r, j] += bias[j]
 extern "C" __global__ void bias_add(BiasParams a) {
@@ -75,6 +82,12 @@ struct CastParams {
     u64 dst, src, n;
     int dst_dt, src_dt;
 };
+CHECK_LAYOUT(CastParams, 32);
+CHECK_FIELD(CastParams, dst, 0);
+CHECK_FIELD(CastParams, src, 8);
+CHECK_FIELD(CastParams, n, 16);
+CHECK_FIELD(CastParams, dst_dt, 24);
+CHECK_FIELD(CastParams, src_dt, 28);
 
 extern "C" __global__ void cast(CastParams a) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < a.n; i += (u64)gridDim.x * blockDim.x)

@@ -7,6 +7,19 @@ struct SpanParams {
     int b, t, mask_padding, dt;
     float scale_start, scale_end;
 };
+CHECK_LAYOUT(SpanParams, 72);
+CHECK_FIELD(SpanParams, losses, 0);
+CHECK_FIELD(SpanParams, dlogits, 8);
+CHECK_FIELD(SpanParams, logits, 16);
+CHECK_FIELD(SpanParams, starts, 24);
+CHECK_FIELD(SpanParams, ends, 32);
+CHECK_FIELD(SpanParams, mask, 40);
+CHECK_FIELD(SpanParams, b, 48);
+CHECK_FIELD(SpanParams, t, 52);
+CHECK_FIELD(SpanParams, mask_padding, 56);
+CHECK_FIELD(SpanParams, dt, 60);
+CHECK_FIELD(SpanParams, scale_start, 64);
+CHECK_FIELD(SpanParams, scale_end, 68);
 
 extern "C" __global__ void span_loss_forward_backward(SpanParams a) {
     __shared__ float red[32];

@@ -1,28 +1,36 @@
-//! The backend interface. Model and training code are written once against [`Backend`]; the CPU reference
-//! ([`crate::cpu::Cpu`]) and CUDA ([`crate::cuda::Cuda`]) implement it. Each op family lives in one file under
-//! `src/ops/` with its trait, its CPU reference and its CUDA launcher side by side.
+//! Storage: what every backend provides below the ops. The CPU reference ([`crate::cpu::Cpu`]) and CUDA
+//! ([`crate::cuda::Cuda`]) implement [`BackendCore`]; the ops (src/ops) build on it, and the umbrella trait
+//! that model and training code are written against, [`crate::ops::Backend`], lives with them. Nothing here
+//! knows about any op.
 
-use crate::ops::{
-    adamw::AdamWOps, attention::AttentionOps, dropout::DropoutOps, embedding::EmbeddingOps,
-    gelu::GeluOps, layernorm::LayerNormOps, linear::LinearOps, span_loss::SpanLossOps,
-};
 use crate::tensor::DType;
 use anyhow::Result;
 
+/// Bytes held by a backend's allocator now and at most so far (reset with [`BackendCore::reset_peak`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemStats {
+    pub live_bytes: usize,
+    pub peak_bytes: usize,
+}
+
 /// Storage management every backend provides. Buffers are zero-initialised when allocated.
 pub trait BackendCore: Sized + Send + Sync + 'static {
-    /// One contiguous allocation on the device.
+    /// A view of one contiguous allocation on the device (element offset and length); views of one allocation
+    /// keep it alive.
     type Buf: Send + Sync;
 
     /// e.g. "cpu" or "cuda:0 (NVIDIA H100 80GB HBM3, sm_90)".
     fn name(&self) -> String;
     /// Whether element type `dtype` can be stored here (f64 is CPU-only).
     fn supports(&self, dtype: DType) -> bool;
+    /// A fresh allocation of `n` zeroed elements.
     fn alloc(&self, dtype: DType, n: usize) -> Result<Self::Buf>;
-    /// Overwrite `buf` (of `dtype`, `data.len()` elements) with host values, rounded to `dtype`.
-    fn upload_f64(&self, buf: &mut Self::Buf, dtype: DType, data: &[f64]) -> Result<()>;
-    fn upload_i32(&self, buf: &mut Self::Buf, data: &[i32]) -> Result<()>;
-    fn download_f64(&self, buf: &Self::Buf, dtype: DType, n: usize) -> Result<Vec<f64>>;
+    /// `n` elements of `buf` (of `dtype`) from element `offset` on, sharing its allocation.
+    fn view(&self, buf: &Self::Buf, dtype: DType, offset: usize, n: usize) -> Result<Self::Buf>;
+    /// Overwrite `buf` (of `dtype`) with `bytes` (its exact size: elements stored as `dtype`).
+    fn upload(&self, buf: &mut Self::Buf, dtype: DType, bytes: &[u8]) -> Result<()>;
+    /// Copy `buf` (of `dtype`) into `out` (its exact size).
+    fn download(&self, buf: &Self::Buf, dtype: DType, out: &mut [u8]) -> Result<()>;
     fn zero(&self, buf: &mut Self::Buf, dtype: DType, n: usize) -> Result<()>;
     /// `dst[i] = src[i]` converting between float dtypes (round to nearest even on narrowing).
     fn cast(
@@ -35,35 +43,8 @@ pub trait BackendCore: Sized + Send + Sync + 'static {
     ) -> Result<()>;
     /// Wait for all queued work (a no-op on the CPU).
     fn synchronize(&self) -> Result<()>;
-    /// (bytes held now, peak bytes) by the device allocator, where it tracks them.
-    fn memory_stats(&self) -> Option<(usize, usize)> {
-        None
-    }
-}
-
-/// Everything the model, the optimiser and the training loop need from a device.
-pub trait Backend:
-    BackendCore
-    + EmbeddingOps
-    + LinearOps
-    + LayerNormOps
-    + GeluOps
-    + AttentionOps
-    + DropoutOps
-    + SpanLossOps
-    + AdamWOps
-{
-}
-
-impl<B> Backend for B where
-    B: BackendCore
-        + EmbeddingOps
-        + LinearOps
-        + LayerNormOps
-        + GeluOps
-        + AttentionOps
-        + DropoutOps
-        + SpanLossOps
-        + AdamWOps
-{
+    /// Bytes held by this backend's allocations (backend buffers only, not scratch inside ops).
+    fn memory_stats(&self) -> MemStats;
+    /// Start a new peak measurement at the bytes held now.
+    fn reset_peak(&self);
 }

@@ -36,30 +36,27 @@ pub mod cpu;
 pub mod cuda;
 pub mod data;
 pub mod eval;
+pub mod kernel;
 pub mod model;
 pub mod ops;
 pub mod optim;
-pub mod parity;
 pub mod rng;
 pub mod tensor;
 pub mod train;
 pub mod util;
 
-pub use backend::Backend;
+pub use ops::Backend;
 pub use tensor::{DType, Tensor};
 
 /// Everything needed to call ops as backend methods: `use bertqa::prelude::*;`.
 pub mod prelude {
-    pub use crate::backend::{Backend, BackendCore};
+    pub use crate::backend::BackendCore;
     pub use crate::cpu::Cpu;
     pub use crate::cuda::Cuda;
-    pub use crate::ops::adamw::AdamWOps;
-    pub use crate::ops::attention::AttentionOps;
-    pub use crate::ops::dropout::DropoutOps;
-    pub use crate::ops::embedding::EmbeddingOps;
-    pub use crate::ops::gelu::GeluOps;
-    pub use crate::ops::layernorm::LayerNormOps;
-    pub use crate::ops::linear::LinearOps;
-    pub use crate::ops::span_loss::SpanLossOps;
+    pub use crate::kernel::KernelConfig;
+    pub use crate::ops::{
+        AdamWOps, AttentionOps, Backend, DropoutOps, EmbeddingOps, GeluOps, LayerNormOps,
+        LinearOps, SpanLossOps,
+    };
     pub use crate::tensor::{DType, Tensor};
 }

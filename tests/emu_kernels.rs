@@ -9,14 +9,15 @@ mod emu;
 
 use common::{check_rows, rand_vec};
 
-use bertqa::backend::Backend;
+use bertqa::kernel::{dtype_code, AttnKernel, Tc4Shape};
 use bertqa::ops::attention::{AttnParams, AttnPlan};
-use bertqa::parity::{
+use bertqa::ops::Backend;
+use bertqa::rng::Rng;
+use bertqa::tensor::{DType, Tensor};
+use common::parity::{
     compare_outputs, AdamWCase, AttentionCase, Case, DropoutCase, EmbeddingCase, GeluCase,
     LayerNormCase, Outputs, SpanLossCase,
 };
-use bertqa::rng::Rng;
-use bertqa::tensor::{DType, Tensor};
 use emu::{addr, Emus, Mode};
 
 /// Host values rounded and laid out as `dt` storage, as the CPU backend rounds them on upload.
@@ -64,8 +65,7 @@ fn run_attention(
     emu: &mut Emus,
     case: &AttentionCase,
     dt: DType,
-    variant: u32,
-    tc4: (&'static str, usize),
+    kernel: AttnKernel,
     mode: Mode,
 ) -> Option<Outputs> {
     let (b, t, nh, hs) = (case.b, case.t, case.nh, case.hs);
@@ -78,8 +78,7 @@ fn run_attention(
         nh,
         hs,
         drop: inp.drop,
-        variant,
-        tc4,
+        kernel,
     };
     let es = dt.size();
     // buffers: 0 out, 1 lse, 2 qkv, 3 mask, 4 dout, 5 dqkv, 6 dsum, 7 dqacc
@@ -101,14 +100,18 @@ fn run_attention(
         dout: addr(4),
         dqkv: addr(5),
         dsum: addr(6),
-        dqacc: if variant == 4 { addr(7) } else { 0 },
+        dqacc: if plan.needs_dq_accumulator() {
+            addr(7)
+        } else {
+            0
+        },
         ..bytemuck::Zeroable::zeroed()
     };
     let mut launches = plan.forward(ptr).unwrap();
     launches.extend(plan.backward(ptr).unwrap());
     let got = emu
         .run(&bufs, &launches, mode)
-        .unwrap_or_else(|e| panic!("{}: {e}", case_name(case, variant, tc4)))?;
+        .unwrap_or_else(|e| panic!("{}: {e}", case_name(case, kernel)))?;
     let dqkv = decode(&got[5], dt);
     let part = |k: usize| -> Vec<f64> {
         dqkv.chunks(3 * c)
@@ -124,17 +127,20 @@ fn run_attention(
     ])
 }
 
-fn case_name(case: &AttentionCase, variant: u32, tc4: (&str, usize)) -> String {
-    let shape = if variant == 4 { tc4.0 } else { "" };
-    format!("v{variant} {shape} HS={} T={}", case.hs, case.t)
+fn case_name(case: &AttentionCase, kernel: AttnKernel) -> String {
+    let k = match kernel {
+        AttnKernel::V1 => "v1 ".to_string(),
+        AttnKernel::V3 => "v3 ".to_string(),
+        AttnKernel::V4(s) => format!("v4 {}", s.tag().0),
+    };
+    format!("{k} HS={} T={}", case.hs, case.t)
 }
 
-/// Attention `variant` (backward shape `tc4` for variant 4) in `dtypes` at `sizes`, with padding and
+/// Attention `kernel` in `dtypes` at `sizes`, with padding and
 /// dropout, in `modes`: the emulated kernels against the CPU reference under the GPU parity bounds
 /// (src/parity.rs).
 fn attention_sweep(
-    variant: u32,
-    tc4: (&'static str, usize),
+    kernel: AttnKernel,
     dtypes: &[DType],
     sizes: &[(usize, usize, usize)],
     modes: &[Mode],
@@ -151,11 +157,11 @@ fn attention_sweep(
                     hs,
                     p: 0.1,
                 };
-                let name = format!("{} {dt}", case_name(&case, variant, tc4));
+                let name = format!("{} {dt}", case_name(&case, kernel));
                 if !selected(&name) {
                     continue;
                 }
-                let Some(out) = run_attention(&mut emu, &case, dt, variant, tc4, mode) else {
+                let Some(out) = run_attention(&mut emu, &case, dt, kernel, mode) else {
                     return;
                 };
                 for mut row in compare_outputs(dt, &case, &out).unwrap() {
@@ -194,8 +200,7 @@ const TC: &[DType] = &[DType::BF16, DType::F16];
 fn emu_attention_v1() {
     let sizes = [(16, 2, 37), (32, 1, 203), (64, 2, 37), (64, 1, 203)];
     attention_sweep(
-        1,
-        ("w8b2", 8),
+        AttnKernel::V1,
         &[DType::F32, DType::BF16],
         &sizes,
         &[Mode::DEFAULT],
@@ -204,22 +209,22 @@ fn emu_attention_v1() {
 
 #[test]
 fn emu_attention_v3() {
-    attention_sweep(3, ("w8b2", 8), TC, &SIZES, &[Mode::DEFAULT]);
+    attention_sweep(AttnKernel::V3, TC, &SIZES, &[Mode::DEFAULT]);
 }
 
 #[test]
 fn emu_attention_v4_w4() {
-    attention_sweep(4, ("w4", 4), TC, &SIZES, &[Mode::DEFAULT]);
+    attention_sweep(AttnKernel::V4(Tc4Shape::W4), TC, &SIZES, &[Mode::DEFAULT]);
 }
 
 #[test]
 fn emu_attention_v4_w8() {
-    attention_sweep(4, ("w8", 8), TC, &SIZES, &[Mode::DEFAULT]);
+    attention_sweep(AttnKernel::V4(Tc4Shape::W8), TC, &SIZES, &[Mode::DEFAULT]);
 }
 
 #[test]
 fn emu_attention_v4_w8b2() {
-    attention_sweep(4, ("w8b2", 8), TC, &SIZES, &[Mode::DEFAULT]);
+    attention_sweep(AttnKernel::V4(Tc4Shape::W8B2), TC, &SIZES, &[Mode::DEFAULT]);
 }
 
 /// The pipelined kernels (variant 4's cp.async double buffers) under the other interleavings: warps in
@@ -228,15 +233,13 @@ fn emu_attention_v4_w8b2() {
 #[test]
 fn emu_attention_bert_base_shape() {
     attention_sweep(
-        4,
-        ("w8b2", 8),
+        AttnKernel::V4(Tc4Shape::W8B2),
         &[DType::BF16],
         &[(64, 1, 384)],
         &[Mode::DEFAULT],
     );
     attention_sweep(
-        3,
-        ("w8b2", 8),
+        AttnKernel::V3,
         &[DType::BF16],
         &[(64, 1, 384)],
         &[Mode::DEFAULT],
@@ -245,8 +248,8 @@ fn emu_attention_bert_base_shape() {
 
 #[test]
 fn emu_attention_v4_interleavings() {
-    for tc4 in [("w4", 4), ("w8b2", 8)] {
-        attention_sweep(4, tc4, TC, &[(64, 1, 203)], &Mode::STRESS);
+    for shape in [Tc4Shape::W4, Tc4Shape::W8B2] {
+        attention_sweep(AttnKernel::V4(shape), TC, &[(64, 1, 203)], &Mode::STRESS);
     }
 }
 
@@ -387,7 +390,7 @@ fn emu_gelu_scalar_and_vec() {
                 vec![0xffu8; n * es],
                 encode(&dy, dt),
             ];
-            let code = bertqa::cuda::dtype_code(dt);
+            let code = dtype_code(dt);
             let fwd = GeluParams {
                 out: addr(0),
                 dout: 0,
@@ -479,7 +482,7 @@ fn emu_bias_grad_scalar_and_vec() {
                         bias: addr(1),
                         n: case.n as i32,
                         oc: oc as i32,
-                        out_dt: bertqa::cuda::dtype_code(dt),
+                        out_dt: dtype_code(dt),
                         bias_dt: 0,
                     };
                     let l = bias_grad_launch(dt, p, vec, sm).unwrap();
@@ -627,7 +630,7 @@ fn emu_dropout() {
     for dt in [DType::F32, DType::BF16, DType::F16] {
         let case = DropoutCase { n: 1027, p: 0.3 };
         let (x, d) = case.inputs();
-        let code = bertqa::cuda::dtype_code(dt);
+        let code = dtype_code(dt);
         let bufs = vec![vec![0xffu8; case.n * dt.size()], encode(&x, dt)];
         let l = launch(DropoutParams {
             out: addr(0),
@@ -684,7 +687,7 @@ fn emu_span_loss() {
                 b: b as i32,
                 t: t as i32,
                 mask_padding: cfg.mask_padding as i32,
-                dt: bertqa::cuda::dtype_code(dt),
+                dt: dtype_code(dt),
                 scale_start: cfg.scale_start as f32,
                 scale_end: cfg.scale_end as f32,
             });
@@ -703,11 +706,12 @@ fn emu_span_loss() {
     check_rows(&rows);
 }
 
-/// The squared gradient norm, then the multi-tensor AdamW step with the working copies refreshed (bf16) or
-/// absent (f32), over tensors of odd sizes, through device tables of addresses as the backend uploads them.
+/// The squared gradient norm, then the AdamW step over one flat buffer (decayed tensors first, as the trainer
+/// lays them out) with the working copy refreshed (bf16) or absent (f32), tensors of odd sizes; the outputs
+/// are cut back into tensors as the CPU case does.
 #[test]
 fn emu_adamw() {
-    use bertqa::ops::adamw::{sq_norm_launch, step_launch, AdamWEntry};
+    use bertqa::ops::adamw::{sq_norm_launch, step_launch, AdamWParams};
     let mut emu = Emus::default();
     let mut rows = vec![];
     for dt in [DType::F32, DType::BF16] {
@@ -715,63 +719,80 @@ fn emu_adamw() {
             sizes: vec![1, 1000, 4099, 37],
         };
         let inputs = case.inputs();
+        let order: Vec<usize> = (0..inputs.len())
+            .filter(|i| i % 2 == 0)
+            .chain((0..inputs.len()).filter(|i| i % 2 == 1))
+            .collect();
+        let flat = |k: usize| -> Vec<f64> {
+            order
+                .iter()
+                .flat_map(|&i| {
+                    let t = &inputs[i];
+                    [&t.0, &t.1, &t.2, &t.3][k].clone()
+                })
+                .collect()
+        };
+        let n = flat(0).len();
+        let n_decay: usize = order
+            .iter()
+            .filter(|i| *i % 2 == 0)
+            .map(|&i| inputs[i].0.len())
+            .sum();
         let f32s = |v: &[f64]| encode(v, DType::F32);
-        // per tensor k: 5k master, 5k+1 working, 5k+2 grad, 5k+3 m, 5k+4 v; then the two tables and the norm
-        let mut bufs = vec![];
-        let (mut step, mut norm) = (vec![], vec![]);
-        for (k, (master, grad, m, v)) in inputs.iter().enumerate() {
-            let n = master.len();
-            bufs.extend([
-                f32s(master),
-                vec![0xffu8; n * dt.size()],
-                f32s(grad),
-                f32s(m),
-                f32s(v),
-            ]);
-            let at = |j: usize| addr(5 * k + j);
-            let working = dt != DType::F32;
-            step.push(AdamWEntry {
-                master: at(0),
-                working: if working { at(1) } else { 0 },
-                grad: at(2),
-                m: at(3),
-                v: at(4),
-                n: n as u64,
-                decay: (k % 2 == 0) as i32,
-                working_dt: bertqa::cuda::dtype_code(dt),
-            });
-            norm.push(AdamWEntry {
-                grad: at(2),
-                n: n as u64,
-                ..Default::default()
-            });
-        }
-        let (ts, tn, acc) = (bufs.len(), bufs.len() + 1, bufs.len() + 2);
-        bufs.push(bytemuck::cast_slice(&step).to_vec());
-        bufs.push(bytemuck::cast_slice(&norm).to_vec());
-        bufs.push(vec![0u8; 4]);
+        // 0 master, 1 working, 2 grad, 3 m, 4 v, 5 norm accumulator
+        let bufs = vec![
+            f32s(&flat(0)),
+            vec![0xffu8; n * dt.size()],
+            f32s(&flat(1)),
+            f32s(&flat(2)),
+            f32s(&flat(3)),
+            vec![0u8; 4],
+        ];
+        let working = dt != DType::F32;
+        let p = AdamWParams {
+            master: addr(0),
+            working: if working { addr(1) } else { 0 },
+            grad: addr(2),
+            m: addr(3),
+            v: addr(4),
+            n: n as u64,
+            n_decay: n_decay as u64,
+            working_dt: dtype_code(dt),
+            ..bytemuck::Zeroable::zeroed()
+        };
         let ls = [
-            sq_norm_launch(addr(tn), addr(acc), &norm),
-            step_launch(addr(ts), &step, &case.hyper()),
+            sq_norm_launch(addr(2), addr(5), n),
+            step_launch(p, &case.hyper()),
         ];
         let Some(got) = emu
-            .run_tables(&bufs, &[ts, tn], &ls, Mode::DEFAULT)
+            .run(&bufs, &ls, Mode::DEFAULT)
             .unwrap_or_else(|e| panic!("{e}"))
         else {
             return;
         };
-        let mut out: Outputs = vec![("grad_sq_norm".into(), decode(&got[acc], DType::F32))];
-        for k in 0..inputs.len() {
-            let param = decode(&got[5 * k], DType::F32);
-            let working = if dt == DType::F32 {
-                param.clone()
-            } else {
-                decode(&got[5 * k + 1], dt)
-            };
-            out.push((format!("param[{k}]"), param));
-            out.push((format!("working[{k}]"), working));
-            out.push((format!("m[{k}]"), decode(&got[5 * k + 3], DType::F32)));
-            out.push((format!("v[{k}]"), decode(&got[5 * k + 4], DType::F32)));
+        let mut out: Outputs = vec![("grad_sq_norm".into(), decode(&got[5], DType::F32))];
+        let (param, m, v) = (
+            decode(&got[0], DType::F32),
+            decode(&got[3], DType::F32),
+            decode(&got[4], DType::F32),
+        );
+        let work = if working {
+            decode(&got[1], dt)
+        } else {
+            param.clone()
+        };
+        let mut start = vec![0; inputs.len()];
+        let mut at = 0;
+        for &i in &order {
+            start[i] = at;
+            at += inputs[i].0.len();
+        }
+        for (k, inp) in inputs.iter().enumerate() {
+            let r = start[k]..start[k] + inp.0.len();
+            out.push((format!("param[{k}]"), param[r.clone()].to_vec()));
+            out.push((format!("working[{k}]"), work[r.clone()].to_vec()));
+            out.push((format!("m[{k}]"), m[r.clone()].to_vec()));
+            out.push((format!("v[{k}]"), v[r].to_vec()));
         }
         rows.extend(compare_outputs(dt, &case, &out).unwrap());
     }
@@ -838,12 +859,12 @@ impl Case for BiasAddCase {
 
 #[test]
 fn emu_cast_and_bias_add() {
-    use bertqa::ops::adamw::{cast_launch, CastParams};
+    use bertqa::cuda::cast::{cast_launch, CastParams};
     use bertqa::ops::linear::{bias_add_launch, BiasParams};
     let mut emu = Emus::default();
     let mut rows = vec![];
     for dt in [DType::F32, DType::BF16, DType::F16] {
-        let code = bertqa::cuda::dtype_code(dt);
+        let code = dtype_code(dt);
         let cast = CastCase { n: 1031 };
         let bufs = vec![
             vec![0xffu8; cast.n * dt.size()],
@@ -854,7 +875,7 @@ fn emu_cast_and_bias_add() {
             src: addr(1),
             n: cast.n as u64,
             dst_dt: code,
-            src_dt: bertqa::cuda::dtype_code(DType::F32),
+            src_dt: dtype_code(DType::F32),
         });
         let Some(got) = emu
             .run(&bufs, &[l], Mode::DEFAULT)

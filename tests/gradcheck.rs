@@ -23,7 +23,7 @@ fn fd<S>(
     f: &dyn Fn(&S) -> f64,
     idx: &[usize],
 ) -> Vec<f64> {
-    let be = Cpu;
+    let be = Cpu::new();
     let mut out = Vec::with_capacity(idx.len());
     for &i in idx {
         let mut v = get(state).to_f64_vec(&be).unwrap();
@@ -66,7 +66,7 @@ fn report(op: &str, name: &str, analytic: &[f64], numeric: &[f64]) {
 }
 
 fn dot(a: &Tensor<Cpu>, w: &[f64]) -> f64 {
-    a.to_f64_vec(&Cpu)
+    a.to_f64_vec(&Cpu::new())
         .unwrap()
         .iter()
         .zip(w)
@@ -76,7 +76,7 @@ fn dot(a: &Tensor<Cpu>, w: &[f64]) -> f64 {
 
 #[test]
 fn linear_backward_matches_finite_differences() {
-    let be = Cpu;
+    let be = Cpu::new();
     let mut rng = Rng::new(1);
     let (n, ic, oc) = (7, 5, 3);
     struct S {
@@ -92,8 +92,9 @@ fn linear_backward_matches_finite_differences() {
         gw: rand_vec(&mut rng, n * oc, 1.0),
     };
     let f = |s: &S| {
-        let mut out = Tensor::zeros(&Cpu, &[n, oc], F64).unwrap();
-        Cpu.linear_forward(&mut out, &s.x, &s.w, Some(&s.b))
+        let mut out = Tensor::zeros(&Cpu::new(), &[n, oc], F64).unwrap();
+        Cpu::new()
+            .linear_forward(&mut out, &s.x, &s.w, Some(&s.b))
             .unwrap();
         dot(&out, &s.gw)
     };
@@ -157,7 +158,7 @@ fn linear_backward_matches_finite_differences() {
 
 #[test]
 fn gelu_backward_matches_finite_differences() {
-    let be = Cpu;
+    let be = Cpu::new();
     let mut rng = Rng::new(2);
     let n = 41;
     struct S {
@@ -169,8 +170,8 @@ fn gelu_backward_matches_finite_differences() {
         g: rand_vec(&mut rng, n, 1.0),
     };
     let f = |s: &S| {
-        let mut out = Tensor::zeros(&Cpu, &[n], F64).unwrap();
-        Cpu.gelu_forward(&mut out, &s.x).unwrap();
+        let mut out = Tensor::zeros(&Cpu::new(), &[n], F64).unwrap();
+        Cpu::new().gelu_forward(&mut out, &s.x).unwrap();
         dot(&out, &s.g)
     };
     let dout = Tensor::from_f64(&be, &s.g, &[n], F64).unwrap();
@@ -199,7 +200,7 @@ fn gelu_backward_matches_finite_differences() {
 #[test]
 fn residual_layernorm_backward_matches_finite_differences() {
     for p in [0.0f32, 0.3] {
-        let be = Cpu;
+        let be = Cpu::new();
         let mut rng = Rng::new(3);
         let (n, c) = (5, 13);
         let drop = Dropout::new(p, 77);
@@ -218,12 +219,13 @@ fn residual_layernorm_backward_matches_finite_differences() {
             w: rand_vec(&mut rng, n * c, 1.0),
         };
         let f = move |s: &S| {
-            let z = |sh: &[usize]| Tensor::zeros(&Cpu, sh, F64).unwrap();
+            let z = |sh: &[usize]| Tensor::zeros(&Cpu::new(), sh, F64).unwrap();
             let (mut out, mut sum, mut m, mut rs) = (z(&[n, c]), z(&[n, c]), z(&[n]), z(&[n]));
-            Cpu.residual_layernorm_forward(
-                &mut out, &mut sum, &mut m, &mut rs, &s.x, &s.r, &s.g, &s.b, 1e-5, drop,
-            )
-            .unwrap();
+            Cpu::new()
+                .residual_layernorm_forward(
+                    &mut out, &mut sum, &mut m, &mut rs, &s.x, &s.r, &s.g, &s.b, 1e-5, drop,
+                )
+                .unwrap();
             dot(&out, &s.w)
         };
         let z = |sh: &[usize]| Tensor::zeros(&be, sh, F64).unwrap();
@@ -269,7 +271,7 @@ fn residual_layernorm_backward_matches_finite_differences() {
 
 #[test]
 fn dropout_backward_matches_finite_differences() {
-    let be = Cpu;
+    let be = Cpu::new();
     let mut rng = Rng::new(4);
     let n = 50;
     let d = Dropout::new(0.4, 9);
@@ -282,8 +284,8 @@ fn dropout_backward_matches_finite_differences() {
         w: rand_vec(&mut rng, n, 1.0),
     };
     let f = move |s: &S| {
-        let mut out = Tensor::zeros(&Cpu, &[n], F64).unwrap();
-        Cpu.dropout_forward(&mut out, &s.x, d).unwrap();
+        let mut out = Tensor::zeros(&Cpu::new(), &[n], F64).unwrap();
+        Cpu::new().dropout_forward(&mut out, &s.x, d).unwrap();
         dot(&out, &s.w)
     };
     let dout = Tensor::from_f64(&be, &s.w, &[n], F64).unwrap();
@@ -305,7 +307,7 @@ fn dropout_backward_matches_finite_differences() {
 #[test]
 fn embeddings_backward_matches_finite_differences() {
     for p in [0.0f32, 0.25] {
-        let be = Cpu;
+        let be = Cpu::new();
         let mut rng = Rng::new(5);
         let (b, t, c, v, pp, tv) = (2, 6, 7, 11, 9, 2);
         let (ids, types, _) = padded_batch(&mut rng, b, t, v, &[6, 4]);
@@ -331,7 +333,7 @@ fn embeddings_backward_matches_finite_differences() {
             w: rand_vec(&mut rng, b * t * c, 1.0),
         };
         let f = move |s: &S| {
-            let z = |sh: &[usize]| Tensor::zeros(&Cpu, sh, F64).unwrap();
+            let z = |sh: &[usize]| Tensor::zeros(&Cpu::new(), sh, F64).unwrap();
             let (mut out, mut m, mut r) = (z(&[b, t, c]), z(&[b, t]), z(&[b, t]));
             let ew = EmbWeights {
                 word: &s.word,
@@ -340,7 +342,8 @@ fn embeddings_backward_matches_finite_differences() {
                 gamma: &s.g,
                 beta: &s.bb,
             };
-            Cpu.embeddings_forward(&mut out, &mut m, &mut r, &s.ids, &s.types, &ew, 1e-12, drop)
+            Cpu::new()
+                .embeddings_forward(&mut out, &mut m, &mut r, &s.ids, &s.types, &ew, 1e-12, drop)
                 .unwrap();
             dot(&out, &s.w)
         };
@@ -406,7 +409,7 @@ fn embeddings_backward_matches_finite_differences() {
 #[test]
 fn attention_backward_matches_finite_differences() {
     for p in [0.0f32, 0.2] {
-        let be = Cpu;
+        let be = Cpu::new();
         let mut rng = Rng::new(6);
         let (b, t, nh, hs) = (2, 7, 2, 3);
         let c = nh * hs;
@@ -423,9 +426,10 @@ fn attention_backward_matches_finite_differences() {
             w: rand_vec(&mut rng, b * t * c, 1.0),
         };
         let f = move |s: &S| {
-            let mut out = Tensor::zeros(&Cpu, &[b, t, c], F64).unwrap();
-            let mut lse = Tensor::zeros(&Cpu, &[b, nh, t], F64).unwrap();
-            Cpu.attention_forward(&mut out, &mut lse, &s.qkv, &s.mask, nh, drop)
+            let mut out = Tensor::zeros(&Cpu::new(), &[b, t, c], F64).unwrap();
+            let mut lse = Tensor::zeros(&Cpu::new(), &[b, nh, t], F64).unwrap();
+            Cpu::new()
+                .attention_forward(&mut out, &mut lse, &s.qkv, &s.mask, nh, drop)
                 .unwrap();
             dot(&out, &s.w)
         };
@@ -461,7 +465,7 @@ fn attention_backward_matches_finite_differences() {
 #[test]
 fn span_loss_gradient_matches_finite_differences() {
     for mask_padding in [false, true] {
-        let be = Cpu;
+        let be = Cpu::new();
         let mut rng = Rng::new(7);
         let (b, t) = (4, 6);
         let (_, _, mask) = padded_batch(&mut rng, b, t, 5, &[6, 3]);
@@ -485,11 +489,12 @@ fn span_loss_gradient_matches_finite_differences() {
             scale_end: 1.0 / (2.0 * ne as f64),
         };
         let f = |s: &S| {
-            let mut l = Tensor::zeros(&Cpu, &[b, 2], F64).unwrap();
-            let mut d = Tensor::zeros(&Cpu, &[b, t, 2], F64).unwrap();
-            Cpu.span_loss_forward_backward(&mut l, &mut d, &s.logits, &st, &en, &mk, cfg)
+            let mut l = Tensor::zeros(&Cpu::new(), &[b, 2], F64).unwrap();
+            let mut d = Tensor::zeros(&Cpu::new(), &[b, t, 2], F64).unwrap();
+            Cpu::new()
+                .span_loss_forward_backward(&mut l, &mut d, &s.logits, &st, &en, &mk, cfg)
                 .unwrap();
-            let l = l.to_f64_vec(&Cpu).unwrap();
+            let l = l.to_f64_vec(&Cpu::new()).unwrap();
             let (s0, s1): (f64, f64) = (
                 (0..b).map(|i| l[2 * i]).sum(),
                 (0..b).map(|i| l[2 * i + 1]).sum(),
@@ -519,7 +524,7 @@ fn span_loss_gradient_matches_finite_differences() {
 
 /// The whole model + span loss on a tiny config with a padded batch: every parameter tensor.
 fn whole_model_check(drop_p: f32) {
-    let be = Cpu;
+    let be = Cpu::new();
     let mut cfg = BertConfig::tiny(23, 12, 2, 3, 20, 10);
     cfg.pad_token_id = None; // every embedding row trainable, so finite differences see all of them
     let (b, t) = (3, 8);
@@ -533,9 +538,9 @@ fn whole_model_check(drop_p: f32) {
     };
     let mut model = BertQa::new(cfg.clone(), rand_params(&be, &cfg, F64, 9));
     let loss_of = |m: &BertQa<Cpu>| {
-        let mut acts = Acts::new(&Cpu, &m.cfg, b, t, F64).unwrap();
-        m.forward(&Cpu, &mut acts, &batch, drop).unwrap();
-        m.loss(&Cpu, &mut acts, &batch, 1.0).unwrap().loss
+        let mut acts = Acts::new(&Cpu::new(), &m.cfg, b, t, F64).unwrap();
+        m.forward(&Cpu::new(), &mut acts, &batch, drop).unwrap();
+        m.loss(&Cpu::new(), &mut acts, &batch, 1.0).unwrap().loss
     };
     let mut acts = Acts::new(&be, &cfg, b, t, F64).unwrap();
     model.forward(&be, &mut acts, &batch, drop).unwrap();
@@ -554,12 +559,14 @@ fn whole_model_check(drop_p: f32) {
     for &i in &idx0 {
         let h = 1e-6 * emb0[i].abs().max(1.0);
         let f = |x: f64| {
-            let mut a = Acts::new(&Cpu, &cfg, b, t, F64).unwrap();
+            let mut a = Acts::new(&Cpu::new(), &cfg, b, t, F64).unwrap();
             let mut v = emb0.clone();
             v[i] = x;
-            a.emb.copy_from_f64(&Cpu, &v).unwrap();
-            model.forward_encoder(&Cpu, &mut a, &batch, drop).unwrap();
-            model.loss(&Cpu, &mut a, &batch, 1.0).unwrap().loss
+            a.emb.copy_from_f64(&Cpu::new(), &v).unwrap();
+            model
+                .forward_encoder(&Cpu::new(), &mut a, &batch, drop)
+                .unwrap();
+            model.loss(&Cpu::new(), &mut a, &batch, 1.0).unwrap().loss
         };
         num0.push((f(emb0[i] + h) - f(emb0[i] - h)) / (2.0 * h));
     }

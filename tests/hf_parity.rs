@@ -91,7 +91,7 @@ fn hf_grad(reference: &HashMap<String, (Vec<usize>, Vec<f64>)>, internal: &str) 
 }
 
 fn tiny_parity(dt: DType, tol: f64) {
-    let be = Cpu;
+    let be = Cpu::new();
     let dir = fixture("tiny_bert_qa");
     let (cfg, params, rep) = checkpoint::load(&be, &dir, dt, 0).unwrap();
     assert!(rep.had_prefix && !rep.qa_head_initialised);
@@ -172,7 +172,7 @@ fn minilm_logits_match_transformers_on_a_real_squad_window() {
         println!("SKIPPED: ../shared/assets not found");
         return;
     };
-    let be = Cpu;
+    let be = Cpu::new();
     let dir = assets.join("all-MiniLM-L6-v2");
     let (cfg, mut params, rep) = checkpoint::load(&be, &dir, DType::F32, 0).unwrap();
     assert!(!rep.had_prefix && rep.qa_head_initialised, "{rep:?}");
@@ -238,7 +238,7 @@ fn tmpdir(name: &str) -> PathBuf {
 
 #[test]
 fn save_load_round_trip_is_bit_identical() {
-    let be = Cpu;
+    let be = Cpu::new();
     let (cfg, params, _) = checkpoint::load(&be, &fixture("tiny_bert_qa"), DType::F32, 0).unwrap();
     // BERTQA_KEEP_SAVED=DIR keeps the saved model there, for `scripts/make_reference.py --check-saved DIR`
     let keep = std::env::var("BERTQA_KEEP_SAVED").ok().map(PathBuf::from);
@@ -281,7 +281,7 @@ fn save_load_round_trip_is_bit_identical() {
 
 #[test]
 fn checkpoint_errors_name_the_problem() {
-    let be = Cpu;
+    let be = Cpu::new();
     let src = fixture("tiny_bert_qa");
     let host = checkpoint::read_safetensors(&src.join("model.safetensors")).unwrap();
     let cfg_text = std::fs::read_to_string(src.join("config.json")).unwrap();

@@ -1,7 +1,96 @@
 //! Every kernels/*.cu compiles with NVRTC for sm_80 and sm_90 with no error and no warning, and has every
-//! entry point the variant switches (BERTQA_ATTN, BERTQA_VEC) can make its launchers name.
+//! entry point a kernel configuration (attention variant, vec kernels) can make its launchers name.
 //! Needs libnvrtc and the CUDA headers (CI installs the pip wheels nvidia-cuda-nvrtc/-runtime 13.0); without
 //! them it skips with a reason, unless BERTQA_REQUIRE_NVRTC=1 (set by .ci/run), where it fails.
+//!
+//! And, everywhere: every kernel parameter struct's size and field offsets as pinned in the .cu files
+//! (CHECK_LAYOUT / CHECK_FIELD, enforced there by NVRTC and the emulator's compiler) equal the Rust mirror's
+//! (`std::mem::offset_of!`), field for field.
+
+/// (file, struct, size, [(field, offset)]) as the CHECK_LAYOUT / CHECK_FIELD lines of a .cu pin them.
+type Pinned = (String, String, usize, Vec<(String, usize)>);
+
+/// The CHECK_LAYOUT / CHECK_FIELD lines of every .cu.
+fn pinned() -> Vec<Pinned> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    let mut out = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().and_then(|s| s.to_str()) == Some("cu"))
+        .collect();
+    files.sort();
+    for p in files {
+        let text = std::fs::read_to_string(&p).unwrap();
+        let file = p.file_name().unwrap().to_string_lossy().to_string();
+        for line in text.lines() {
+            let args = |pre: &str| -> Option<Vec<String>> {
+                let rest = line.trim().strip_prefix(pre)?.strip_suffix(");")?;
+                Some(rest.split(',').map(|x| x.trim().to_string()).collect())
+            };
+            if let Some(a) = args("CHECK_LAYOUT(") {
+                out.push((file.clone(), a[0].clone(), a[1].parse().unwrap(), vec![]));
+            } else if let Some(a) = args("CHECK_FIELD(") {
+                let last = out.last_mut().expect("CHECK_FIELD before CHECK_LAYOUT");
+                assert_eq!(
+                    last.1, a[0],
+                    "{file}: CHECK_FIELD of {} after {}",
+                    a[0], last.1
+                );
+                last.3.push((a[1].clone(), a[2].parse().unwrap()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn kernel_parameter_structs_match_their_rust_mirrors() {
+    let rust = bertqa::ops::param_layouts();
+    let cu = pinned();
+    let mut problems = Vec::new();
+    for l in &rust {
+        let expect: Vec<String> = std::iter::once(format!("CHECK_LAYOUT({}, {});", l.name, l.size))
+            .chain(
+                l.fields
+                    .iter()
+                    .map(|(f, o)| format!("CHECK_FIELD({}, {f}, {o});", l.name)),
+            )
+            .collect();
+        let found: Vec<_> = cu.iter().filter(|c| c.1 == l.name).collect();
+        if found.is_empty() {
+            problems.push(format!(
+                "{}: no CHECK lines in kernels/*.cu; expected\n{}",
+                l.name,
+                expect.join("\n")
+            ));
+        }
+        for (file, _, size, fields) in found {
+            let same = *size == l.size
+                && fields.len() == l.fields.len()
+                && fields
+                    .iter()
+                    .zip(&l.fields)
+                    .all(|((f, o), (rf, ro))| f == rf && o == ro);
+            if !same {
+                problems.push(format!(
+                    "kernels/{file}: {} differs from its Rust mirror; the lines should read\n{}",
+                    l.name,
+                    expect.join("\n")
+                ));
+            }
+        }
+    }
+    for c in &cu {
+        if !rust.iter().any(|l| l.name == c.1) {
+            problems.push(format!(
+                "kernels/{}: {} has no Rust mirror in ops::param_layouts()",
+                c.0, c.1
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+}
 
 use bertqa::cuda::nvrtc;
 

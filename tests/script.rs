@@ -13,8 +13,9 @@ fn root() -> PathBuf {
 
 fn assets() -> Option<PathBuf> {
     let a = bertqa::util::assets_dir()?;
-    (a.join("squad-v1.1/train-v1.1.json").exists() && a.join("all-MiniLM-L6-v2/config.json").exists())
-        .then_some(a)
+    (a.join("squad-v1.1/train-v1.1.json").exists()
+        && a.join("all-MiniLM-L6-v2/config.json").exists())
+    .then_some(a)
 }
 
 /// A fresh clone of this repository in a temporary folder (None, with a printed reason, without git).
@@ -178,21 +179,33 @@ fn train_squad_sh_picks_the_recipe_and_the_cuda_headers() {
     let (cmd, err) = dry(&[], "0", None);
     assert!(cmd.contains("--max-train-examples 2000"), "{cmd}");
     assert!(cmd.contains("--max-seq-length 256"), "{cmd}");
-    assert!(err.contains("CPU-sized recipe") && err.contains("--full"), "{err}");
+    assert!(
+        err.contains("CPU-sized recipe") && err.contains("--full"),
+        "{err}"
+    );
     // --full: the standard recipe, and --full itself is not passed on
     let (cmd, _) = dry(&["", "runs/x", "--full"], "0", None);
     assert!(!cmd.contains("--max-train-examples"), "{cmd}");
-    assert!(cmd.contains("--max-seq-length 384") && !cmd.contains("--full"), "{cmd}");
+    assert!(
+        cmd.contains("--max-seq-length 384") && !cmd.contains("--full"),
+        "{cmd}"
+    );
     // a size flag of the user's: the standard recipe with it, last (a repeated flag takes its last value)
     let (cmd, _) = dry(&["", "runs/x", "--max-steps", "5"], "0", None);
-    assert!(!cmd.contains("--max-train-examples 2000") && cmd.ends_with("--max-steps 5\n"), "{cmd}");
+    assert!(
+        !cmd.contains("--max-train-examples 2000") && cmd.ends_with("--max-steps 5\n"),
+        "{cmd}"
+    );
     // a GPU: the standard recipe; headers from BERTQA_CUDA_INCLUDE when they are there
     let inc = tmp.join("include");
     std::fs::create_dir_all(&inc).unwrap();
     std::fs::write(inc.join("cuda_bf16.h"), "// test\n").unwrap();
     let (cmd, _) = dry(&[], "1", Some(&inc));
     assert!(!cmd.contains("--max-train-examples"), "{cmd}");
-    assert!(cmd.contains(&format!("headers: {}", inc.display())), "{cmd}");
+    assert!(
+        cmd.contains(&format!("headers: {}", inc.display())),
+        "{cmd}"
+    );
     // a GPU without toolkit headers (a driver-only machine): the pip wheels, into ~/.cache/bertqa/cuda-pip
     if !Path::new("/usr/local/cuda/include/cuda_bf16.h").exists() {
         let (cmd, err) = dry(&[], "1", None);

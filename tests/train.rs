@@ -7,7 +7,7 @@ use bertqa::data::squad::Dataset;
 use bertqa::data::tokenizer;
 use bertqa::eval::postprocess::PostCfg;
 use bertqa::model::{checkpoint, BertConfig};
-use bertqa::ops::adamw::{AdamWHyper, AdamWSlot};
+use bertqa::ops::adamw::AdamWHyper;
 use bertqa::prelude::*;
 use bertqa::train::{self, FeatureCfgSer, PostCfgSer, RunInputs, TrainConfig, Trainer};
 use std::path::PathBuf;
@@ -78,7 +78,8 @@ fn tiny_master(seed: u64) -> (BertConfig, bertqa::model::BertParams<Cpu>) {
         .map(|(k, v)| (k.strip_prefix("bert.").map(String::from).unwrap_or(k), v))
         .collect();
     let (master, _) =
-        checkpoint::params_from_host(&Cpu, &cfg, &stripped, DType::F32, seed, "random").unwrap();
+        checkpoint::params_from_host(&Cpu::new(), &cfg, &stripped, DType::F32, seed, "random")
+            .unwrap();
     (cfg, master)
 }
 
@@ -86,7 +87,7 @@ fn tiny_master(seed: u64) -> (BertConfig, bertqa::model::BertParams<Cpu>) {
 fn tiny_random_bert_overfits_32_questions() {
     let Some(a) = assets() else { return };
     let t0 = std::time::Instant::now();
-    let be = Cpu;
+    let be = Cpu::new();
     let (ds, tok) = squad_subset(&a, 32);
     let fc = FeatureCfg {
         max_seq_length: 256,
@@ -129,7 +130,7 @@ fn tiny_random_bert_overfits_32_questions() {
 
 fn run_steps(out: &std::path::Path, stop_after: Option<usize>, resume: bool) -> Vec<String> {
     let a = assets().unwrap();
-    let be = Cpu;
+    let be = Cpu::new();
     let (ds, tok) = squad_subset(&a, 24);
     let fc = FeatureCfg {
         max_seq_length: 128,
@@ -217,7 +218,7 @@ fn resume_reproduces_the_uninterrupted_loss_trajectory_bit_for_bit() {
 
 #[test]
 fn adamw_matches_hand_computed_values() {
-    let be = Cpu;
+    let be = Cpu::new();
     // p = 1.0, g = 0.5 (grad_scale 2 → 1.0), m = v = 0, t = 1, lr 0.1, wd 0.01 (decayed), eps 1e-8
     // p ← 1 − 0.1·0.01·1 = 0.999; m = 0.1; v = 0.001; m̂ = 1; v̂ = 1; p ← 0.999 − 0.1·1/(1 + 1e-8)
     let mut p = Tensor::from_f64(&be, &[1.0, -2.0], &[2], DType::F64).unwrap();
@@ -233,18 +234,9 @@ fn adamw_matches_hand_computed_values() {
         step: 1,
         grad_scale: 2.0,
     };
-    be.adamw_step(
-        &mut [AdamWSlot {
-            master: &mut p,
-            working: None,
-            grad: &g,
-            m: &mut m,
-            v: &mut v,
-            decay: true,
-        }],
-        &hp,
-    )
-    .unwrap();
+    // both elements before the decay boundary
+    be.adamw_step(&mut p, None, &g, &mut m, &mut v, 2, &hp)
+        .unwrap();
     let pv = p.to_f64_vec(&be).unwrap();
     assert!(
         (pv[0] - (0.999 - 0.1 / (1.0 + 1e-8))).abs() < 1e-15,
@@ -266,25 +258,25 @@ fn adamw_matches_hand_computed_values() {
         weight_decay: 0.0,
         ..hp
     };
-    be.adamw_step(
-        &mut [AdamWSlot {
-            master: &mut p,
-            working: None,
-            grad: &g,
-            m: &mut m,
-            v: &mut v,
-            decay: false,
-        }],
-        &hp2,
-    )
-    .unwrap();
+    be.adamw_step(&mut p, None, &g, &mut m, &mut v, 0, &hp2)
+        .unwrap();
     assert!((p.to_f64_vec(&be).unwrap()[0] - (before - 0.1 / (1.0 + 1e-8))).abs() < 1e-14);
+    // the decay boundary: with n_decay = 1 only element 0 is decayed
+    let mut p = Tensor::from_f64(&be, &[1.0, 1.0], &[2], DType::F64).unwrap();
+    let zero = Tensor::zeros(&be, &[2], DType::F64).unwrap();
+    let (mut m, mut v) = (
+        zero.cast(&be, DType::F64).unwrap(),
+        zero.cast(&be, DType::F64).unwrap(),
+    );
+    be.adamw_step(&mut p, None, &zero, &mut m, &mut v, 1, &hp)
+        .unwrap();
+    assert_eq!(p.to_f64_vec(&be).unwrap(), vec![1.0 - 0.1 * 0.01, 1.0]);
 }
 
 #[test]
 fn fp16_overflow_skips_the_step_and_halves_the_loss_scale() {
     let Some(a) = assets() else { return };
-    let be = Cpu;
+    let be = Cpu::new();
     let (ds, tok) = squad_subset(&a, 4);
     let fc = FeatureCfg {
         max_seq_length: 128,

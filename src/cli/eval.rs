@@ -1,6 +1,5 @@
 //! `bertqa eval` and `bertqa predict`.
 
-use crate::backend::Backend;
 use crate::cli::{on_device, precision_dtype, DeviceFn};
 use crate::data::features::{example_features, featurize, FeatureCfg};
 use crate::data::squad::{Context as SquadContext, Dataset, Example};
@@ -9,6 +8,7 @@ use crate::eval::postprocess::{postprocess, PostCfg};
 use crate::eval::run::{predict, score, write_predictions};
 use crate::model::bert::BertQa;
 use crate::model::checkpoint;
+use crate::ops::Backend;
 use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
@@ -36,6 +36,8 @@ pub struct EvalOpts {
     /// auto (CUDA when usable, else CPU), cpu or cuda
     #[arg(long, default_value = "auto")]
     pub device: String,
+    #[command(flatten)]
+    pub kernels: crate::cli::KernelArgs,
 }
 
 impl EvalOpts {
@@ -138,7 +140,7 @@ impl DeviceFn<()> for EvalJob<'_> {
 }
 
 pub fn run_eval(a: &EvalArgs) -> Result<()> {
-    on_device(&a.opts.device.clone(), EvalJob(a))
+    on_device(&a.opts.device, &a.opts.kernels, EvalJob(a))
 }
 
 #[derive(Args, Debug)]
@@ -191,5 +193,5 @@ impl DeviceFn<()> for PredictJob<'_> {
 }
 
 pub fn run_predict(a: &PredictArgs) -> Result<()> {
-    on_device(&a.opts.device.clone(), PredictJob(a))
+    on_device(&a.opts.device, &a.opts.kernels, PredictJob(a))
 }

@@ -67,7 +67,7 @@ pub struct ConvertArgs {
 }
 
 pub fn convert(a: &ConvertArgs) -> Result<()> {
-    let be = crate::cpu::Cpu;
+    let be = crate::cpu::Cpu::new();
     let dt = crate::tensor::DType::parse(&a.dtype)?;
     let (cfg, params, rep) = checkpoint::load(&be, &a.model, crate::tensor::DType::F32, a.seed)?;
     std::fs::create_dir_all(&a.output)?;

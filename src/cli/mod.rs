@@ -5,20 +5,68 @@ pub mod init;
 pub mod score;
 pub mod train;
 
-use crate::backend::Backend;
+use crate::kernel::{KernelChoice, KernelConfig};
+use crate::ops::Backend;
 use crate::tensor::DType;
 use anyhow::{bail, Result};
+use clap::Args;
 
-/// Run `f` on the backend chosen by `--device` (auto: CUDA if usable, else CPU with a message).
-pub fn on_device<R>(device: &str, f: impl DeviceFn<R>) -> Result<R> {
-    match crate::cuda::open_for_flag(device)? {
+/// The CUDA kernel choices (`KernelConfig`), shared by train, eval and predict. Each flag left out falls back
+/// to its environment variable (BERTQA_ATTN, BERTQA_ATTN4, BERTQA_GEMM, BERTQA_GEMM_TUNE, BERTQA_VEC,
+/// BERTQA_SYNC_LAUNCH), strictly checked, then to the default — the GPU-verified paths.
+#[derive(Args, Debug, Clone, Default)]
+pub struct KernelArgs {
+    /// attention kernel for bf16/f16 on CUDA: v1 (CUDA cores), v3 (tensor cores; default), v4 (pipelined
+    /// forward, one-pass backward; emulator-checked, not yet GPU-verified)
+    #[arg(long, value_parser = ["v1", "v3", "v4"])]
+    pub attention_kernel: Option<String>,
+    /// attention variant 4's backward shape: w4, w8, w8b2 (default)
+    #[arg(long, value_parser = ["w4", "w8", "w8b2"])]
+    pub attention_v4_shape: Option<String>,
+    /// GEMM path for bf16/f16 on CUDA: ex (cublasGemmEx; default) or lt (cuBLASLt with bias epilogues)
+    #[arg(long, value_parser = ["ex", "lt"])]
+    pub gemm: Option<String>,
+    /// with --gemm lt: time cuBLASLt's 8 best algorithms per shape once (on; default) or take its first (off)
+    #[arg(long, value_parser = ["on", "off"])]
+    pub gemm_tune: Option<String>,
+    /// 16-byte-vector LayerNorm, GELU, bias-gradient and embeddings kernels: on or off (default)
+    #[arg(long, value_parser = ["on", "off"])]
+    pub vec_kernels: Option<String>,
+    /// synchronise after every kernel launch (debugging: the error names the kernel that faulted)
+    #[arg(long)]
+    pub sync_launch: bool,
+}
+
+impl KernelArgs {
+    /// The kernel configuration: these flags, then the environment, then the defaults.
+    pub fn config(&self) -> Result<KernelConfig> {
+        KernelConfig::from_choice_and_env(&KernelChoice {
+            attention: self.attention_kernel.clone(),
+            attention_v4_shape: self.attention_v4_shape.clone(),
+            gemm: self.gemm.clone(),
+            gemm_tune: self.gemm_tune.clone(),
+            vec: self.vec_kernels.clone(),
+            sync_launch: self.sync_launch,
+        })
+    }
+}
+
+/// Run `f` on the backend chosen by `--device` (auto: CUDA if usable, else CPU with a message), CUDA with the
+/// kernels of `kernels`.
+pub fn on_device<R>(device: &str, kernels: &KernelArgs, f: impl DeviceFn<R>) -> Result<R> {
+    let k = kernels.config()?;
+    match crate::cuda::open_for_flag(device, k)? {
         Some(gpu) => {
-            eprintln!("bertqa: device {}", crate::backend::BackendCore::name(&gpu));
+            eprintln!(
+                "bertqa: device {} ({})",
+                crate::backend::BackendCore::name(&gpu),
+                k.describe()
+            );
             f.call(&gpu)
         }
         None => {
             eprintln!("bertqa: device cpu");
-            f.call(&crate::cpu::Cpu)
+            f.call(&crate::cpu::Cpu::new())
         }
     }
 }

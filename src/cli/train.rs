@@ -1,11 +1,11 @@
 //! `bertqa train`: fine-tune a BERT checkpoint on SQuAD.
 
-use crate::backend::Backend;
 use crate::cli::eval::EvalOpts;
 use crate::cli::{on_device, precision_dtype, DeviceFn};
 use crate::data::squad::Dataset;
 use crate::data::tokenizer;
 use crate::model::checkpoint as mc;
+use crate::ops::Backend;
 use crate::tensor::DType;
 use crate::train::{self, checkpoint, FeatureCfgSer, PostCfgSer, RunInputs, TrainConfig, Trainer};
 use anyhow::{bail, Context, Result};
@@ -271,7 +271,7 @@ impl DeviceFn<()> for TrainJob<'_> {
             "train_windows": s.train_windows, "seconds": s.seconds, "train_seq_per_s": s.seq_per_s,
             "final_loss": s.losses.last(), "best_f1": s.state.best_f1, "best_step": s.state.best_step,
             "stopped_early": s.state.stopped_early, "precision": trainer.model.dtype().to_string(), "device": be.name(),
-            "peak_device_memory_gib": be.memory_stats().map(|(_, p)| p as f64 / 1073741824.0),
+            "peak_device_memory_gib": be.memory_stats().peak_bytes as f64 / 1073741824.0,
             "train_flops_per_seq_at_max_len": trainer.model.cfg.train_flops_per_seq(a.opts.max_seq_length),
         });
         crate::util::write_atomic(
@@ -289,5 +289,5 @@ impl DeviceFn<()> for TrainJob<'_> {
 
 pub fn run(a: &TrainArgs) -> Result<()> {
     a.validate()?;
-    on_device(&a.opts.device.clone(), TrainJob(a))
+    on_device(&a.opts.device, &a.opts.kernels, TrainJob(a))
 }

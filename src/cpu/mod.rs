@@ -1,66 +1,252 @@
 //! The CPU reference backend: plain loops, f64-capable, the oracle every CUDA kernel is tested against.
 //!
-//! Storage is one `Vec` per buffer in its own dtype. Each op computes in f64 when its activations are f64
-//! (gradient checks) and in f32 otherwise; bf16/f16 buffers are widened to f32 on read and rounded to
-//! nearest-even on store, which is exactly the GPU's mixed-precision policy. The only fast path is the GEMM
-//! (`matrixmultiply`, threaded); everything else is written to be read.
+//! Storage is one allocation per buffer in its own dtype; tensors are views of it (most own the whole). Each
+//! op computes in f64 when its activations are f64 (gradient checks) and in f32 otherwise; bf16/f16 buffers
+//! are widened to f32 on read and rounded to nearest-even on store, which is exactly the GPU's mixed-precision
+//! policy. The only fast path is the GEMM (`matrixmultiply`, threaded); everything else is written to be read.
+//!
+//! Views of one allocation may overlap (a flat buffer and its per-tensor views), so reads ([`rd`], [`ids`])
+//! and writes ([`wr`]) register the element range they borrow with the allocation, like a `RefCell`: a write
+//! overlapping any live borrow of the same allocation, or a read overlapping a live write, panics with both
+//! ranges named. Safe code therefore never holds aliasing `&mut` slices, whatever views it made.
+//!
+//! The backend counts the bytes of its live allocations (and their peak), as the CUDA arena does, so memory
+//! plans are testable here.
 
-use crate::backend::BackendCore;
-use crate::tensor::{DType, Tensor};
+use crate::backend::{BackendCore, MemStats};
+use crate::tensor::{DType, HostScalar, Tensor};
 use anyhow::{bail, Result};
 use half::{bf16, f16};
-use std::borrow::Cow;
+use std::alloc::Layout;
 use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
-/// The CPU backend. Cheap to construct; holds no state.
+/// Allocation counters of one backend value (clones share them).
+#[derive(Debug, Default)]
+struct Counters {
+    live: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+/// The CPU backend. Cheap to construct and to clone (clones share the allocation counters).
 #[derive(Clone, Debug, Default)]
-pub struct Cpu;
+pub struct Cpu {
+    counters: Arc<Counters>,
+}
 
-/// One CPU buffer in its storage dtype.
-#[derive(Clone, Debug)]
-pub enum CpuBuf {
-    F64(Vec<f64>),
-    F32(Vec<f32>),
-    BF16(Vec<bf16>),
-    F16(Vec<f16>),
-    I32(Vec<i32>),
+impl Cpu {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// One allocation: `bytes` of `dtype` elements, 64-byte aligned, zeroed; the element ranges borrowed now.
+struct Store {
+    ptr: NonNull<u8>,
+    layout: Layout,
+    dtype: DType,
+    counters: Arc<Counters>,
+    borrows: Mutex<Vec<Borrow>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Borrow {
+    id: u64,
+    start: usize,
+    end: usize,
+    write: bool,
+}
+
+// SAFETY: the memory is owned by the Store; access to element ranges is serialised by the borrow registry.
+unsafe impl Send for Store {}
+unsafe impl Sync for Store {}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.counters
+            .live
+            .fetch_sub(self.layout.size(), Ordering::Relaxed);
+        // SAFETY: allocated in `Cpu::alloc` with this layout (non-zero size)
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+static NEXT_BORROW: AtomicU64 = AtomicU64::new(1);
+
+/// A registered borrow of a range of a store; unregistered on drop.
+pub struct Guard {
+    store: Arc<Store>,
+    id: u64,
+}
+
+impl Guard {
+    fn new(store: &Arc<Store>, start: usize, end: usize, write: bool) -> Guard {
+        let id = NEXT_BORROW.fetch_add(1, Ordering::Relaxed);
+        let mut b = store.borrows.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = b
+            .iter()
+            .find(|o| o.start < end && start < o.end && (write || o.write))
+        {
+            let kind = |w: bool| if w { "written" } else { "read" };
+            panic!(
+                "bug: elements {start}..{end} of a CPU buffer are {} while elements {}..{} of it are {} \
+                 (overlapping tensor views used together)",
+                kind(write),
+                c.start,
+                c.end,
+                kind(c.write)
+            );
+        }
+        b.push(Borrow {
+            id,
+            start,
+            end,
+            write,
+        });
+        Guard {
+            store: store.clone(),
+            id,
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let mut b = self.store.borrows.lock().unwrap_or_else(|e| e.into_inner());
+        b.retain(|x| x.id != self.id);
+    }
+}
+
+/// A view of a CPU allocation: elements `off..off + len`.
+pub struct CpuBuf {
+    store: Arc<Store>,
+    off: usize,
+    len: usize,
 }
 
 impl CpuBuf {
     pub fn len(&self) -> usize {
-        match self {
-            CpuBuf::F64(v) => v.len(),
-            CpuBuf::F32(v) => v.len(),
-            CpuBuf::BF16(v) => v.len(),
-            CpuBuf::F16(v) => v.len(),
-            CpuBuf::I32(v) => v.len(),
-        }
+        self.len
     }
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
+    fn dtype(&self) -> DType {
+        self.store.dtype
+    }
+    /// The elements as `&[T]` under a registered read (T must be the storage type).
+    fn slice<T: HostScalar>(&self) -> (&[T], Guard) {
+        assert_eq!(
+            T::DTYPE,
+            self.dtype(),
+            "CPU buffer read with the wrong type"
+        );
+        let g = Guard::new(&self.store, self.off, self.off + self.len, false);
+        // SAFETY: in bounds of the allocation (checked when the view was made), aligned (64-byte allocation,
+        // offset in whole elements), and no overlapping write is live (the guard).
+        let s = unsafe {
+            std::slice::from_raw_parts(self.store.ptr.as_ptr().cast::<T>().add(self.off), self.len)
+        };
+        (s, g)
+    }
+    /// The elements as `&mut [T]` under a registered write.
+    fn slice_mut<T: HostScalar>(&mut self) -> (&mut [T], Guard) {
+        assert_eq!(
+            T::DTYPE,
+            self.dtype(),
+            "CPU buffer written with the wrong type"
+        );
+        let g = Guard::new(&self.store, self.off, self.off + self.len, true);
+        // SAFETY: as in `slice`, and no other borrow of an overlapping range is live (the guard).
+        let s = unsafe {
+            std::slice::from_raw_parts_mut(
+                self.store.ptr.as_ptr().cast::<T>().add(self.off),
+                self.len,
+            )
+        };
+        (s, g)
+    }
+    fn bytes(&self) -> (&[u8], Guard) {
+        let sz = self.dtype().size();
+        let g = Guard::new(&self.store, self.off, self.off + self.len, false);
+        // SAFETY: as in `slice`
+        let s = unsafe {
+            std::slice::from_raw_parts(self.store.ptr.as_ptr().add(self.off * sz), self.len * sz)
+        };
+        (s, g)
+    }
+    fn bytes_mut(&mut self) -> (&mut [u8], Guard) {
+        let sz = self.dtype().size();
+        let g = Guard::new(&self.store, self.off, self.off + self.len, true);
+        // SAFETY: as in `slice_mut`
+        let s = unsafe {
+            std::slice::from_raw_parts_mut(
+                self.store.ptr.as_ptr().add(self.off * sz),
+                self.len * sz,
+            )
+        };
+        (s, g)
+    }
+    /// The elements converted to `T` (any storage dtype).
     fn to_vec<T: Real>(&self) -> Vec<T> {
-        match self {
-            CpuBuf::F64(v) => v.iter().map(|&x| T::of(x)).collect(),
-            CpuBuf::F32(v) => v.iter().map(|&x| T::of32(x)).collect(),
-            CpuBuf::BF16(v) => v.iter().map(|&x| T::of32(x.to_f32())).collect(),
-            CpuBuf::F16(v) => v.iter().map(|&x| T::of32(x.to_f32())).collect(),
-            CpuBuf::I32(v) => v.iter().map(|&x| T::of(x as f64)).collect(),
+        match self.dtype() {
+            DType::F64 => self.slice::<f64>().0.iter().map(|&x| T::of(x)).collect(),
+            DType::F32 => self.slice::<f32>().0.iter().map(|&x| T::of32(x)).collect(),
+            DType::BF16 => self
+                .slice::<bf16>()
+                .0
+                .iter()
+                .map(|&x| T::of32(x.to_f32()))
+                .collect(),
+            DType::F16 => self
+                .slice::<f16>()
+                .0
+                .iter()
+                .map(|&x| T::of32(x.to_f32()))
+                .collect(),
+            DType::I32 => self
+                .slice::<i32>()
+                .0
+                .iter()
+                .map(|&x| T::of(x as f64))
+                .collect(),
         }
     }
+    /// Store `src` converted (rounded) to the storage dtype.
     fn store<T: Real>(&mut self, src: &[T]) {
-        match self {
-            CpuBuf::F64(v) => v.iter_mut().zip(src).for_each(|(d, s)| *d = s.f64()),
-            CpuBuf::F32(v) => v.iter_mut().zip(src).for_each(|(d, s)| *d = s.f32()),
-            CpuBuf::BF16(v) => v
+        match self.dtype() {
+            DType::F64 => self
+                .slice_mut::<f64>()
+                .0
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, s)| *d = s.f64()),
+            DType::F32 => self
+                .slice_mut::<f32>()
+                .0
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, s)| *d = s.f32()),
+            DType::BF16 => self
+                .slice_mut::<bf16>()
+                .0
                 .iter_mut()
                 .zip(src)
                 .for_each(|(d, s)| *d = bf16::from_f32(s.f32())),
-            CpuBuf::F16(v) => v
+            DType::F16 => self
+                .slice_mut::<f16>()
+                .0
                 .iter_mut()
                 .zip(src)
                 .for_each(|(d, s)| *d = f16::from_f32(s.f32())),
-            CpuBuf::I32(v) => v.iter_mut().zip(src).for_each(|(d, s)| *d = s.f64() as i32),
+            DType::I32 => self
+                .slice_mut::<i32>()
+                .0
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, s)| *d = s.f64() as i32),
         }
     }
 }
@@ -75,6 +261,7 @@ pub trait Real:
     + Sync
     + std::fmt::Debug
     + std::fmt::Display
+    + HostScalar
     + 'static
 {
     fn of(x: f64) -> Self;
@@ -82,8 +269,6 @@ pub trait Real:
     fn f64(self) -> f64;
     fn f32(self) -> f32;
     fn erf(self) -> Self;
-    fn slice(buf: &CpuBuf) -> Option<&[Self]>;
-    fn slice_mut(buf: &mut CpuBuf) -> Option<&mut [Self]>;
     /// Row-major `C(m,n) = alpha·A(m,k)·B(k,n) + beta·C` with explicit row/column strides.
     #[allow(clippy::too_many_arguments)]
     fn gemm_strided(
@@ -102,9 +287,9 @@ pub trait Real:
     );
 }
 
-/// `Real` for f32 and f64: the same code but for the storage variant and the matrixmultiply routine.
+/// `Real` for f32 and f64: the same code but for the matrixmultiply routine.
 macro_rules! impl_real {
-    ($t:ty, $variant:ident, $erf:path, $gemm:path) => {
+    ($t:ty, $erf:path, $gemm:path) => {
         impl Real for $t {
             fn of(x: f64) -> Self {
                 x as $t
@@ -120,20 +305,6 @@ macro_rules! impl_real {
             }
             fn erf(self) -> Self {
                 $erf(self)
-            }
-            fn slice(buf: &CpuBuf) -> Option<&[Self]> {
-                if let CpuBuf::$variant(v) = buf {
-                    Some(v)
-                } else {
-                    None
-                }
-            }
-            fn slice_mut(buf: &mut CpuBuf) -> Option<&mut [Self]> {
-                if let CpuBuf::$variant(v) = buf {
-                    Some(v)
-                } else {
-                    None
-                }
             }
             fn gemm_strided(
                 m: usize,
@@ -174,8 +345,8 @@ macro_rules! impl_real {
     };
 }
 
-impl_real!(f32, F32, libm::erff, matrixmultiply::sgemm);
-impl_real!(f64, F64, libm::erf, matrixmultiply::dgemm);
+impl_real!(f32, libm::erff, matrixmultiply::sgemm);
+impl_real!(f64, libm::erf, matrixmultiply::dgemm);
 
 /// Row-major GEMM on contiguous operands: `C(m,n) = alpha·op(A)·op(B) + beta·C`, where `op(A)` is `(m,k)`
 /// and A is stored `(m,k)`, or `(k,m)` when `ta`; `op(B)` is `(k,n)` and B is stored `(k,n)`, or `(n,k)` when
@@ -229,44 +400,65 @@ pub fn round_slice<T: Real>(v: &mut [T], dtype: DType) {
     }
 }
 
-/// Read a float tensor as `[T]`, borrowing when the dtype matches and converting otherwise.
-pub fn rd<T: Real>(t: &Tensor<Cpu>) -> Cow<'_, [T]> {
-    match T::slice(&t.buf) {
-        Some(s) => Cow::Borrowed(s),
-        None => Cow::Owned(t.buf.to_vec()),
+/// A tensor read as `[T]`: borrowed (under a registered read) when the dtype is `T`, else a converted copy.
+pub enum In<'a, T> {
+    Borrowed(&'a [T], #[allow(dead_code)] Guard),
+    Owned(Vec<T>),
+}
+
+impl<T> Deref for In<'_, T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match self {
+            In::Borrowed(s, _) => s,
+            In::Owned(v) => v,
+        }
     }
 }
 
-/// Read an optional float tensor.
-pub fn rd_opt<T: Real>(t: Option<&Tensor<Cpu>>) -> Option<Cow<'_, [T]>> {
-    t.map(rd)
+/// Read a float tensor as `[T]`, borrowing when the dtype matches and converting otherwise.
+pub fn rd<T: Real>(t: &Tensor<Cpu>) -> In<'_, T> {
+    if t.buf.dtype() == T::DTYPE {
+        let (s, g) = t.buf.slice::<T>();
+        In::Borrowed(s, g)
+    } else {
+        In::Owned(t.buf.to_vec())
+    }
 }
 
 /// The i32 contents of an integer tensor.
-pub fn ids(t: &Tensor<Cpu>) -> Result<&[i32]> {
-    match &t.buf {
-        CpuBuf::I32(v) => Ok(v),
-        _ => bail!("expected an i32 tensor, found {} {:?}", t.dtype, t.shape),
+pub fn ids(t: &Tensor<Cpu>) -> Result<In<'_, i32>> {
+    if t.buf.dtype() != DType::I32 {
+        bail!(
+            "expected an i32 tensor, found {} {:?}",
+            t.dtype(),
+            t.shape()
+        );
     }
+    let (s, g) = t.buf.slice::<i32>();
+    Ok(In::Borrowed(s, g))
 }
 
 /// A writable view of a tensor as `[T]`: borrows when the dtype matches; otherwise works on a converted copy
-/// (holding the old values when `load`) and stores it back, rounded, when dropped.
+/// (holding the old values when `load`) and stores it back, rounded, when dropped. Registered as a write.
 pub enum Out<'a, T: Real> {
-    Direct(&'a mut [T]),
-    Temp(&'a mut CpuBuf, Vec<T>),
+    Direct(&'a mut [T], #[allow(dead_code)] Guard),
+    Temp(&'a mut CpuBuf, Vec<T>, Option<Guard>),
 }
 
 pub fn wr<T: Real>(t: &mut Tensor<Cpu>, load: bool) -> Out<'_, T> {
-    if T::slice(&t.buf).is_some() {
-        Out::Direct(T::slice_mut(&mut t.buf).expect("dtype checked"))
+    if t.buf.dtype() == T::DTYPE {
+        let (s, g) = t.buf.slice_mut::<T>();
+        Out::Direct(s, g)
     } else {
         let v = if load {
             t.buf.to_vec()
         } else {
             vec![T::zero(); t.buf.len()]
         };
-        Out::Temp(&mut t.buf, v)
+        // the range is registered as written while the copy lives: nothing may read it meanwhile
+        let g = Guard::new(&t.buf.store, t.buf.off, t.buf.off + t.buf.len, true);
+        Out::Temp(&mut t.buf, v, Some(g))
     }
 }
 
@@ -274,8 +466,8 @@ impl<T: Real> Deref for Out<'_, T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
         match self {
-            Out::Direct(s) => s,
-            Out::Temp(_, v) => v,
+            Out::Direct(s, _) => s,
+            Out::Temp(_, v, _) => v,
         }
     }
 }
@@ -283,15 +475,16 @@ impl<T: Real> Deref for Out<'_, T> {
 impl<T: Real> DerefMut for Out<'_, T> {
     fn deref_mut(&mut self) -> &mut [T] {
         match self {
-            Out::Direct(s) => s,
-            Out::Temp(_, v) => v,
+            Out::Direct(s, _) => s,
+            Out::Temp(_, v, _) => v,
         }
     }
 }
 
 impl<T: Real> Drop for Out<'_, T> {
     fn drop(&mut self) {
-        if let Out::Temp(buf, v) = self {
+        if let Out::Temp(buf, v, g) = self {
+            drop(g.take()); // `store` registers its own write
             buf.store(v);
         }
     }
@@ -315,6 +508,20 @@ macro_rules! cpu_compute {
     };
 }
 
+fn check_len(what: &str, buf: &CpuBuf, dtype: DType, bytes: usize) -> Result<()> {
+    if buf.dtype() != dtype {
+        bail!("{what}: buffer holds {}, not {dtype}", buf.dtype());
+    }
+    if buf.len * dtype.size() != bytes {
+        bail!(
+            "{what}: buffer has {} {dtype} elements ({} bytes), data {bytes} bytes",
+            buf.len,
+            buf.len * dtype.size()
+        );
+    }
+    Ok(())
+}
+
 impl BackendCore for Cpu {
     type Buf = CpuBuf;
 
@@ -325,70 +532,93 @@ impl BackendCore for Cpu {
         true
     }
     fn alloc(&self, dtype: DType, n: usize) -> Result<CpuBuf> {
-        Ok(match dtype {
-            DType::F64 => CpuBuf::F64(vec![0.0; n]),
-            DType::F32 => CpuBuf::F32(vec![0.0; n]),
-            DType::BF16 => CpuBuf::BF16(vec![bf16::ZERO; n]),
-            DType::F16 => CpuBuf::F16(vec![f16::ZERO; n]),
-            DType::I32 => CpuBuf::I32(vec![0; n]),
+        let bytes = (n * dtype.size()).max(1);
+        let layout = Layout::from_size_align(bytes, 64)
+            .map_err(|e| anyhow::anyhow!("CPU allocation of {bytes} bytes: {e}"))?;
+        // SAFETY: non-zero size
+        let ptr = NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) }).ok_or_else(|| {
+            anyhow::anyhow!(
+                "out of memory allocating {:.1} MiB on the CPU",
+                bytes as f64 / 1048576.0
+            )
+        })?;
+        let live = self.counters.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.counters.peak.fetch_max(live, Ordering::Relaxed);
+        Ok(CpuBuf {
+            store: Arc::new(Store {
+                ptr,
+                layout,
+                dtype,
+                counters: self.counters.clone(),
+                borrows: Mutex::new(Vec::new()),
+            }),
+            off: 0,
+            len: n,
         })
     }
-    fn upload_f64(&self, buf: &mut CpuBuf, _dtype: DType, data: &[f64]) -> Result<()> {
-        if buf.len() != data.len() {
+    fn view(&self, buf: &CpuBuf, dtype: DType, offset: usize, n: usize) -> Result<CpuBuf> {
+        if buf.dtype() != dtype || offset + n > buf.len {
             bail!(
-                "upload: buffer has {} elements, data {}",
-                buf.len(),
-                data.len()
+                "view of {n} {dtype} elements at {offset} in a buffer of {} {}",
+                buf.len,
+                buf.dtype()
             );
         }
-        match buf {
-            // Round through f32 like a GPU upload would.
-            CpuBuf::BF16(v) => v
-                .iter_mut()
-                .zip(data)
-                .for_each(|(d, &s)| *d = bf16::from_f32(s as f32)),
-            CpuBuf::F16(v) => v
-                .iter_mut()
-                .zip(data)
-                .for_each(|(d, &s)| *d = f16::from_f32(s as f32)),
-            _ => buf.store(data),
-        }
+        Ok(CpuBuf {
+            store: buf.store.clone(),
+            off: buf.off + offset,
+            len: n,
+        })
+    }
+    fn upload(&self, buf: &mut CpuBuf, dtype: DType, bytes: &[u8]) -> Result<()> {
+        check_len("upload", buf, dtype, bytes.len())?;
+        buf.bytes_mut().0.copy_from_slice(bytes);
         Ok(())
     }
-    fn upload_i32(&self, buf: &mut CpuBuf, data: &[i32]) -> Result<()> {
-        match buf {
-            CpuBuf::I32(v) if v.len() == data.len() => {
-                v.copy_from_slice(data);
-                Ok(())
-            }
-            _ => bail!(
-                "upload_i32: buffer is not an i32 buffer of {} elements",
-                data.len()
-            ),
-        }
-    }
-    fn download_f64(&self, buf: &CpuBuf, _dtype: DType, n: usize) -> Result<Vec<f64>> {
-        if buf.len() != n {
-            bail!("download: buffer has {} elements, asked for {n}", buf.len());
-        }
-        Ok(buf.to_vec())
+    fn download(&self, buf: &CpuBuf, dtype: DType, out: &mut [u8]) -> Result<()> {
+        check_len("download", buf, dtype, out.len())?;
+        out.copy_from_slice(buf.bytes().0);
+        Ok(())
     }
     fn zero(&self, buf: &mut CpuBuf, dtype: DType, n: usize) -> Result<()> {
-        *buf = self.alloc(dtype, n)?;
+        check_len("zero", buf, dtype, n * dtype.size())?;
+        buf.bytes_mut().0.fill(0);
         Ok(())
     }
-    fn cast(&self, dst: &mut CpuBuf, _dd: DType, src: &CpuBuf, _sd: DType, n: usize) -> Result<()> {
-        if dst.len() != n || src.len() != n {
-            bail!("cast: sizes {} and {} (expected {n})", dst.len(), src.len());
+    fn cast(&self, dst: &mut CpuBuf, dd: DType, src: &CpuBuf, sd: DType, n: usize) -> Result<()> {
+        if dst.len != n || src.len != n || dst.dtype() != dd || src.dtype() != sd {
+            bail!(
+                "cast: {} {} and {} {} (expected {n} each)",
+                dst.len,
+                dst.dtype(),
+                src.len,
+                src.dtype()
+            );
         }
-        match src {
-            CpuBuf::F64(v) => dst.store(v),
-            _ => dst.store(&src.to_vec::<f32>()),
+        if !dd.is_float() || !sd.is_float() {
+            bail!("cast: only float dtypes ({sd} -> {dd})");
+        }
+        if sd == DType::F64 {
+            let v = src.to_vec::<f64>();
+            dst.store(&v);
+        } else {
+            let v = src.to_vec::<f32>();
+            dst.store(&v);
         }
         Ok(())
     }
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+    fn memory_stats(&self) -> MemStats {
+        MemStats {
+            live_bytes: self.counters.live.load(Ordering::Relaxed),
+            peak_bytes: self.counters.peak.load(Ordering::Relaxed),
+        }
+    }
+    fn reset_peak(&self) {
+        let live = self.counters.live.load(Ordering::Relaxed);
+        self.counters.peak.store(live, Ordering::Relaxed);
     }
 }
 
@@ -422,9 +652,57 @@ mod tests {
 
     #[test]
     fn bf16_storage_rounds_on_store() {
-        let be = Cpu;
+        let be = Cpu::new();
         let t = Tensor::from_f64(&be, &[1.0 + 1.0 / 512.0, 3.0], &[2], DType::BF16).unwrap();
         let v = t.to_f64_vec(&be).unwrap();
         assert_eq!(v, vec![1.0, 3.0]); // 1 + 2^-9 is below bf16's half-ulp at 1 (2^-8): rounds to 1
+    }
+
+    #[test]
+    fn views_share_memory_and_overlapping_writes_are_caught() {
+        let be = Cpu::new();
+        let whole = Tensor::from_f64(&be, &[1.0, 2.0, 3.0, 4.0, 5.0], &[5], DType::F32).unwrap();
+        let mut a = whole.view(&be, 1, &[2]).unwrap();
+        let b = whole.view(&be, 3, &[2]).unwrap();
+        wr::<f32>(&mut a, true).iter_mut().for_each(|x| *x *= 10.0);
+        assert_eq!(
+            whole.to_f64_vec(&be).unwrap(),
+            vec![1.0, 20.0, 30.0, 4.0, 5.0]
+        );
+        // disjoint views: a write of one while the other is read is fine
+        {
+            let rb = rd::<f32>(&b);
+            let mut wa = wr::<f32>(&mut a, false);
+            wa[0] = rb[0];
+        }
+        assert_eq!(whole.to_f64_vec(&be).unwrap()[1], 4.0);
+        // overlapping: reading the whole while a part is written is a bug, reported
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _w = wr::<f32>(&mut a, false);
+            let _r = rd::<f32>(&whole);
+        }));
+        let msg = r
+            .unwrap_err()
+            .downcast::<String>()
+            .map(|s| *s)
+            .unwrap_or_default();
+        assert!(msg.contains("overlapping tensor views"), "{msg}");
+        // the registry is clean again after the panic unwound the guards
+        let _r = rd::<f32>(&whole);
+        assert!(whole.view(&be, 4, &[2]).is_err());
+    }
+
+    #[test]
+    fn allocations_are_counted() {
+        let be = Cpu::new();
+        let a = Tensor::<Cpu>::zeros(&be, &[256], DType::F32).unwrap();
+        assert_eq!(be.memory_stats().live_bytes, 1024);
+        let v = a.view(&be, 0, &[128]).unwrap(); // a view allocates nothing
+        assert_eq!(be.memory_stats().live_bytes, 1024);
+        drop(a);
+        assert_eq!(be.memory_stats().live_bytes, 1024); // the view keeps the allocation alive
+        drop(v);
+        assert_eq!(be.memory_stats().live_bytes, 0);
+        assert_eq!(be.memory_stats().peak_bytes, 1024);
     }
 }

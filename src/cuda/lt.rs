@@ -1,4 +1,5 @@
-//! cuBLASLt for the bf16/f16 GEMMs (`BERTQA_GEMM=lt`; opt-in until the GPU parity suite has run it):
+//! cuBLASLt for the bf16/f16 GEMMs (`GemmPath::Lt` in the kernel configuration, `--gemm lt` /
+//! `BERTQA_GEMM=lt`; opt-in until the GPU parity suite has run it):
 //! - the linear layers' forward as one matmul with the bias added in its epilogue (`CUBLASLT_EPILOGUE_BIAS`)
 //!   instead of cublasGemmEx followed by the bias_add kernel, which reads and writes the whole output once
 //!   more (BERT-base, B=32 T=384: 340 MB per layer);
@@ -7,10 +8,10 @@
 //!
 //! Each (shape, transposes, dtypes, epilogue, pointer alignment) gets a plan once: descriptors, layouts and an
 //! algorithm. The algorithm is the fastest of cuBLASLt's first 8 heuristic candidates, each timed (CUDA
-//! events, 3 runs after a warm-up) into a scratch output; `BERTQA_GEMM_TUNE=0` takes the heuristic's first.
+//! events, 3 runs after a warm-up) into a scratch output; without tuning (`--gemm-tune off`) the heuristic's first.
 //! Later calls only set the bias pointer and launch. Accumulation and scale type are f32.
 //!
-//! Row-major terms as [`super::Cuda::gemm_ptr`]: `C(m,n) = α·op(A)(m,k)·op(B)(k,n) + β·C`. cuBLAS is
+//! Row-major terms as [`super::Cuda::gemm`]: `C(m,n) = α·op(A)(m,k)·op(B)(k,n) + β·C`. cuBLAS is
 //! column-major, where row-major C is `Cᵀ (n,m)`: so cuBLASLt's first operand is our B (op = T when `tb`),
 //! its second our A, and its D is `(n, m)` with leading dimension n; a bias of length n runs along D's rows.
 
@@ -52,6 +53,8 @@ pub struct Lt {
     workspace: CudaSlice<u8>,
     ctx: Arc<CudaContext>,
     plans: Mutex<HashMap<Key, Plan>>,
+    /// time the heuristic's candidates (else take its first)
+    tune: bool,
 }
 
 // The backend has one stream, and the plan cache is behind a mutex held for the whole call.
@@ -105,13 +108,11 @@ fn lt_type(d: DType) -> Option<ltsys::cudaDataType_t> {
 
 impl Lt {
     /// A cuBLASLt handle and its workspace (32 MiB on Hopper and later, 4 MiB before: NVIDIA's advice).
-    pub fn new(stream: &Arc<CudaStream>, cc_major: i32) -> Result<Lt> {
+    pub fn new(stream: &Arc<CudaStream>, cc_major: i32, tune: bool) -> Result<Lt> {
         let present =
             std::panic::catch_unwind(|| unsafe { ltsys::is_culib_present() }).unwrap_or(false);
         if !present {
-            bail!(
-                "libcublasLt.so (CUDA 13) could not be loaded: unset BERTQA_GEMM or install cuBLAS"
-            );
+            bail!("libcublasLt.so (CUDA 13) could not be loaded: use --gemm ex or install cuBLAS");
         }
         let handle = lt::create_handle().map_err(err("create handle"))?;
         let bytes = if cc_major >= 9 { 32 << 20 } else { 4 << 20 };
@@ -123,6 +124,7 @@ impl Lt {
             workspace,
             ctx: stream.context().clone(),
             plans: Mutex::new(HashMap::new()),
+            tune,
         })
     }
 
@@ -275,8 +277,7 @@ impl Lt {
             }
         };
         plan.algo = candidates[0];
-        let tune = std::env::var("BERTQA_GEMM_TUNE").as_deref() != Ok("0");
-        if tune && candidates.len() > 1 {
+        if self.tune && candidates.len() > 1 {
             plan.algo = self.fastest(stream, &mut plan, g, &candidates, a, b, bias)?;
         }
         Ok(Some(plan))

@@ -1,23 +1,29 @@
 //! The CUDA backend: a context and one stream, a caching arena (a training step allocates nothing after the
-//! first), NVRTC-compiled kernels (kernels/*.cu, see [`nvrtc`]) and cuBLAS for every GEMM.
+//! first), NVRTC-compiled kernels (kernels/*.cu, see [`nvrtc`]), cuBLAS/cuBLASLt for every GEMM ([`gemm`],
+//! [`lt`]), and a per-kernel profiler. It knows no op: each op's launcher (src/ops/<op>/cuda.rs) builds its
+//! launches from the op's launch plan and runs them through [`Cuda::run`].
 //!
 //! cudarc loads libcuda/libcublas/libnvrtc at run time, so this module always compiles; [`Cuda::new`] probes
 //! for the driver first (cudarc panics when a library is missing) and returns a clear error instead.
-//! Kernel launchers live next to their CPU reference in `src/ops/<op>.rs`; each kernel takes one `#[repr(C)]`
-//! parameter struct mirrored in its .cu file.
+//!
+//! Device memory is reachable only inside the crate: buffers' device addresses are `pub(crate)`, and the raw
+//! launch ([`Cuda::run`]) is an `unsafe fn` whose contract the launchers uphold (every address in the
+//! parameter struct is a live buffer of this context holding what the kernel reads or writes).
 
+pub mod cast;
+pub mod gemm;
 pub mod lt;
 pub mod nvrtc;
 
-use crate::backend::BackendCore;
-use crate::tensor::{DType, Tensor};
+use crate::backend::{BackendCore, MemStats};
+use crate::kernel::{KernelConfig, Launch};
+use crate::tensor::DType;
 use anyhow::{anyhow, bail, Context, Result};
-use cudarc::cublas::{sys as bsys, CudaBlas};
+use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
     result as dres, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr,
 };
 use cudarc::driver::{LaunchConfig, PushKernelArg};
-use half::{bf16, f16};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,20 +31,19 @@ use std::sync::{Arc, Mutex};
 /// Caching allocator: freed blocks go to a free list keyed by their rounded size and are handed out again.
 pub struct Arena {
     free: Mutex<HashMap<usize, Vec<CudaSlice<u8>>>>,
-    pub live_bytes: AtomicUsize,
-    pub peak_bytes: AtomicUsize,
+    live_bytes: AtomicUsize,
+    peak_bytes: AtomicUsize,
+    /// cudaMalloc calls so far (the bench checks that a step makes none after the first)
     pub cuda_mallocs: AtomicUsize,
 }
 
-/// A device buffer (raw pointer plus the allocation that owns it, returned to the arena on drop).
-pub struct CudaBuf {
-    pub ptr: u64,
-    pub bytes: usize,
+/// One allocation from the arena, returned to it when the last view is dropped.
+struct Alloc {
     slice: Option<CudaSlice<u8>>,
     arena: Arc<Arena>,
 }
 
-impl Drop for CudaBuf {
+impl Drop for Alloc {
     fn drop(&mut self) {
         if let Some(s) = self.slice.take() {
             self.arena.live_bytes.fetch_sub(s.len(), Ordering::Relaxed);
@@ -49,20 +54,33 @@ impl Drop for CudaBuf {
     }
 }
 
+/// A view of a device allocation: `bytes` bytes from device address `ptr`.
+pub struct CudaBuf {
+    pub(crate) ptr: u64,
+    bytes: usize,
+    _alloc: Arc<Alloc>,
+}
+
+impl CudaBuf {
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
 pub struct Cuda {
-    pub ctx: Arc<CudaContext>,
-    pub stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
     blas: CudaBlas,
-    pub arena: Arc<Arena>,
+    arena: Arc<Arena>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     funcs: Mutex<HashMap<String, CudaFunction>>,
     /// Compute capability (major, minor).
     pub cc: (i32, i32),
     pub device_name: String,
     pub sm_count: i32,
-    /// Allow TF32 tensor cores in f32 GEMMs (off by default: the parity path).
-    pub tf32: bool,
-    /// cuBLASLt (every bf16/f16 GEMM, bias epilogues), created on first use when [`gemm_lt`].
+    /// Which kernels run (attention variant, GEMM path, vector kernels).
+    kernels: KernelConfig,
+    /// cuBLASLt (every bf16/f16 GEMM, bias epilogues), created on first use when the configuration asks.
     lt: std::sync::OnceLock<std::result::Result<lt::Lt, String>>,
     /// While profiling ([`Cuda::set_profiling`]; `cargo bench` does it for a few training steps): a pair of
     /// CUDA events around every kernel launch and GEMM, read by [`Cuda::profile_report`].
@@ -77,8 +95,9 @@ pub fn driver_present() -> bool {
 }
 
 impl Cuda {
-    /// Open GPU `ordinal`. Fails with an actionable message when there is no driver or no device.
-    pub fn new(ordinal: usize) -> Result<Self> {
+    /// Open GPU `ordinal` with the kernels of `kernels`. Fails with an actionable message when there is no
+    /// driver or no device.
+    pub fn new(ordinal: usize, kernels: KernelConfig) -> Result<Self> {
         if !driver_present() {
             bail!("no CUDA driver found (libcuda.so could not be loaded): run on a machine with an NVIDIA GPU, or use --device cpu");
         }
@@ -120,7 +139,7 @@ impl Cuda {
             cc,
             device_name,
             sm_count,
-            tf32: false,
+            kernels,
             lt: std::sync::OnceLock::new(),
             profile: Mutex::new(None),
         })
@@ -130,14 +149,35 @@ impl Cuda {
         format!("sm_{}{}", self.cc.0, self.cc.1)
     }
 
+    /// The kernel configuration this backend runs.
+    pub fn kernels(&self) -> &KernelConfig {
+        &self.kernels
+    }
+
+    /// Run other kernels from now on (benches and tests compare variants on one device). cuBLASLt's handle,
+    /// made on first use, keeps the tuning choice it was made with.
+    pub fn set_kernels(&mut self, k: KernelConfig) {
+        self.kernels = k;
+    }
+
+    /// cudaMalloc calls made so far by the arena.
+    pub fn cuda_mallocs(&self) -> usize {
+        self.arena.cuda_mallocs.load(Ordering::Relaxed)
+    }
+
     /// A kernel from module `module` (`kernels/<module>.cu`), compiled on first use.
-    pub fn func(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
+    fn func(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
         let key = format!("{module}::{name}");
-        if let Some(f) = self.funcs.lock().unwrap().get(&key) {
+        if let Some(f) = self
+            .funcs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
             return Ok(f.clone());
         }
         let m = {
-            let mut mods = self.modules.lock().unwrap();
+            let mut mods = self.modules.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(m) = mods.get(module) {
                 m.clone()
             } else {
@@ -155,7 +195,10 @@ impl Cuda {
         let f = m
             .load_function(name)
             .map_err(|e| anyhow!("kernel {name} not found in kernels/{module}.cu: {e:?}"))?;
-        self.funcs.lock().unwrap().insert(key, f.clone());
+        self.funcs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, f.clone());
         Ok(f)
     }
 
@@ -202,6 +245,25 @@ impl Cuda {
     /// summed by name, largest first, per `per` repetitions (e.g. training steps), as a table; the events are
     /// cleared. None when not profiling.
     pub fn profile_report(&self, per: usize) -> Result<Option<String>> {
+        Ok(self.profile_rows(per)?.map(|rows| {
+            let total: f64 = rows.iter().map(|r| r.2).sum();
+            let mut out = format!(
+                "{:<66} {:>7} {:>10} {:>6}\n",
+                "kernel or GEMM (per repetition)", "calls", "ms", "%"
+            );
+            for (name, n, ms) in &rows {
+                out += &format!(
+                    "{name:<66} {n:>7.1} {ms:>10.3} {:>5.1}%\n",
+                    100.0 * ms / total.max(1e-12)
+                );
+            }
+            out += &format!("{:<66} {:>7} {:>10.3}\n", "sum of kernel times", "", total);
+            out
+        }))
+    }
+
+    /// While profiling: (name, calls, ms) per repetition of every kernel and GEMM, largest first; cleared.
+    pub fn profile_rows(&self, per: usize) -> Result<Option<Vec<(String, f64, f64)>>> {
         let events = match self.profile.lock() {
             Ok(mut p) => match p.as_mut() {
                 Some(v) => std::mem::take(v),
@@ -217,46 +279,33 @@ impl Cuda {
             e.0 += 1;
             e.1 += ms;
         }
-        let total: f64 = by.values().map(|v| v.1).sum();
-        let mut rows: Vec<_> = by.into_iter().collect();
-        rows.sort_by(|x, y| y.1 .1.total_cmp(&x.1 .1));
         let per = per.max(1) as f64;
-        let mut out = format!(
-            "{:<66} {:>7} {:>10} {:>6}\n",
-            "kernel or GEMM (per repetition)", "calls", "ms", "%"
-        );
-        for (name, (n, ms)) in rows {
-            out += &format!(
-                "{name:<66} {:>7.1} {:>10.3} {:>5.1}%\n",
-                n as f64 / per,
-                ms / per,
-                100.0 * ms / total.max(1e-12)
-            );
-        }
-        out += &format!(
-            "{:<66} {:>7} {:>10.3}\n",
-            "sum of kernel times",
-            "",
-            total / per
-        );
-        Ok(Some(out))
+        let mut rows: Vec<(String, f64, f64)> = by
+            .into_iter()
+            .map(|(n, (c, ms))| (n, c as f64 / per, ms / per))
+            .collect();
+        rows.sort_by(|x, y| y.2.total_cmp(&x.2));
+        Ok(Some(rows))
     }
 
-    /// Run one launch description (src/ops/mod.rs `Launch`).
-    pub fn run<P: DeviceRepr + Copy>(&self, l: &crate::ops::Launch<P>) -> Result<()> {
-        self.launch(l.module, &l.name, l.grid, l.block, l.smem, l.params)
-    }
-
-    /// Launch `module::name` with one parameter struct. `what` names the op in errors.
-    pub fn launch<P: DeviceRepr>(
-        &self,
-        module: &'static str,
-        name: &str,
-        grid: (u32, u32, u32),
-        block: (u32, u32, u32),
-        smem: u32,
-        params: P,
-    ) -> Result<()> {
+    /// Run one launch description (src/kernel.rs `Launch`).
+    ///
+    /// # Safety
+    /// Every device address in `l.params` must be 0 (unused by the kernel) or point into a live buffer of this
+    /// backend holding at least what the kernel reads or writes for the launch's shapes; buffers the kernel
+    /// writes must not be read or written by anything else until the stream has passed the launch. The
+    /// launch plans (src/ops/*/mod.rs) and their launchers (src/ops/*/cuda.rs) establish this from checked
+    /// tensor shapes.
+    pub(crate) unsafe fn run<P: DeviceRepr + Copy>(&self, l: &Launch<P>) -> Result<()> {
+        let Launch {
+            module,
+            name,
+            grid,
+            block,
+            smem,
+            params,
+        } = l;
+        let (grid, block, smem) = (*grid, *block, *smem);
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
@@ -277,7 +326,7 @@ impl Cuda {
             || name.to_string(),
             || {
                 let mut b = self.stream.launch_builder(&f);
-                b.arg(&params);
+                b.arg(params);
                 unsafe { b.launch(cfg) }.map_err(|e| {
                     anyhow!(
                         "launch of {name} (grid {grid:?}, block {block:?}, smem {smem}) failed: {e:?}"
@@ -286,7 +335,7 @@ impl Cuda {
                 Ok(())
             },
         )?;
-        if std::env::var_os("BERTQA_SYNC_LAUNCH").is_some() {
+        if self.kernels.sync_launch {
             self.stream
                 .synchronize()
                 .map_err(|e| anyhow!("kernel {name} failed: {e:?}"))?;
@@ -294,155 +343,40 @@ impl Cuda {
         Ok(())
     }
 
-    /// Row-major GEMM through cuBLAS: `C(m,n) = alpha·op(A)(m,k)·op(B)(k,n) + beta·C`, A stored (m,k) or (k,m)
-    /// when `ta`, B stored (k,n) or (n,k) when `tb` — the same contract as [`crate::cpu::gemm`].
-    /// A and B share a dtype (f32 or bf16/f16); C is that dtype or f32; accumulation is f32.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemm(
-        &self,
-        m: usize,
-        k: usize,
-        n: usize,
-        alpha: f32,
-        a: &Tensor<Cuda>,
-        ta: bool,
-        b: &Tensor<Cuda>,
-        tb: bool,
-        beta: f32,
-        c: &mut Tensor<Cuda>,
-    ) -> Result<()> {
-        self.gemm_ptr(
-            m, k, n, alpha, a.buf.ptr, a.dtype, ta, b.buf.ptr, b.dtype, tb, beta, c.buf.ptr,
-            c.dtype,
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemm_ptr(
-        &self,
-        m: usize,
-        k: usize,
-        n: usize,
-        alpha: f32,
-        a: u64,
-        adt: DType,
-        ta: bool,
-        b: u64,
-        bdt: DType,
-        tb: bool,
-        beta: f32,
-        c: u64,
-        cdt: DType,
-    ) -> Result<()> {
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        if adt != bdt {
-            bail!("gemm: A is {adt} but B is {bdt}");
-        }
-        let g = lt::Gemm {
-            m,
-            k,
-            n,
-            ta,
-            tb,
-            ab: adt,
-            c: cdt,
-            bias: false,
-        };
-        self.profiled(
-            || gemm_label(&g),
-            || self.gemm_run(&g, alpha, a, b, beta, c),
-        )
-    }
-
-    /// `g` through cuBLASLt when it is on and has an algorithm, else through cublasGemmEx.
-    fn gemm_run(&self, g: &lt::Gemm, alpha: f32, a: u64, b: u64, beta: f32, c: u64) -> Result<()> {
-        let &lt::Gemm {
-            m,
-            k,
-            n,
-            ta,
-            tb,
-            ab: adt,
-            c: cdt,
-            ..
-        } = g;
-        if let Some(lt) = self.lt()? {
-            // SAFETY: the caller's contract (device buffers of this context holding these shapes)
-            if unsafe { lt.gemm(&self.stream, g, alpha, a, b, beta, c, 0)? } {
-                return Ok(());
-            }
-        }
-        let dt = |d: DType| -> Result<bsys::cudaDataType_t> {
-            Ok(match d {
-                DType::F32 => bsys::cudaDataType_t::CUDA_R_32F,
-                DType::BF16 => bsys::cudaDataType_t::CUDA_R_16BF,
-                DType::F16 => bsys::cudaDataType_t::CUDA_R_16F,
-                _ => bail!("gemm: dtype {d} not supported on CUDA"),
-            })
-        };
-        let compute = if adt == DType::F32 && self.tf32 {
-            bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
-        } else {
-            bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F
-        };
-        // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: swap the operands.
-        // Column-major view: B stored (k,n) row-major is a (n,k) column-major matrix with ld n.
-        let (opb, ldb) = if tb {
-            (bsys::cublasOperation_t::CUBLAS_OP_T, k)
-        } else {
-            (bsys::cublasOperation_t::CUBLAS_OP_N, n)
-        };
-        let (opa, lda) = if ta {
-            (bsys::cublasOperation_t::CUBLAS_OP_T, m)
-        } else {
-            (bsys::cublasOperation_t::CUBLAS_OP_N, k)
-        };
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *self.blas.handle(),
-                opb,
-                opa,
-                n as i32,
-                m as i32,
-                k as i32,
-                &alpha as *const f32 as *const _,
-                b as *const _,
-                dt(adt)?,
-                ldb as i32,
-                a as *const _,
-                dt(adt)?,
-                lda as i32,
-                &beta as *const f32 as *const _,
-                c as *mut _,
-                dt(cdt)?,
-                n as i32,
-                compute,
-                bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| {
-            anyhow!(
-                "cublasGemmEx (m={m}, k={k}, n={n}, {adt}->{cdt}, ta={ta}, tb={tb}) failed: {e:?}"
-            )
-        })
-    }
-
-    /// cuBLASLt when [`gemm_lt`] (bf16/f16 GEMMs then run through it with timed algorithm choice, and the
-    /// linear layers' forward adds the bias in the GEMM's epilogue: [`lt`]), else None. An error when it is on
-    /// and cannot be set up.
-    pub fn lt(&self) -> Result<Option<&lt::Lt>> {
-        if !gemm_lt() {
+    /// cuBLASLt when the configuration asks for it (bf16/f16 GEMMs then run through it with timed algorithm
+    /// choice, and the linear layers' forward adds the bias in the GEMM's epilogue: [`lt`]), else None. An
+    /// error when it is asked for and cannot be set up.
+    pub(crate) fn lt(&self) -> Result<Option<&lt::Lt>> {
+        let crate::kernel::GemmPath::Lt { tune } = self.kernels.gemm else {
             return Ok(None);
-        }
-        match self
-            .lt
-            .get_or_init(|| lt::Lt::new(&self.stream, self.cc.0).map_err(|e| format!("{e:#}")))
-        {
+        };
+        match self.lt.get_or_init(|| {
+            lt::Lt::new(&self.stream, self.cc.0, tune).map_err(|e| format!("{e:#}"))
+        }) {
             Ok(l) => Ok(Some(l)),
-            Err(e) => bail!("cuBLASLt (BERTQA_GEMM=ex turns it off): {e}"),
+            Err(e) => bail!("cuBLASLt (--gemm ex turns it off): {e}"),
         }
+    }
+
+    /// The GPU time of `f`'s work on the stream in ms (CUDA events before and after; waits for it).
+    pub fn time_ms(&self, f: &mut dyn FnMut()) -> Result<f64> {
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let ev = || {
+            self.ctx
+                .new_event(flags)
+                .map_err(|e| anyhow!("timing event: {e:?}"))
+        };
+        let (start, end) = (ev()?, ev()?);
+        start
+            .record(&self.stream)
+            .map_err(|e| anyhow!("timing: {e:?}"))?;
+        f();
+        end.record(&self.stream)
+            .map_err(|e| anyhow!("timing: {e:?}"))?;
+        end.synchronize().map_err(|e| anyhow!("timing: {e:?}"))?;
+        Ok(start
+            .elapsed_ms(&end)
+            .map_err(|e| anyhow!("timing: {e:?}"))? as f64)
     }
 
     /// Wait for the stream; an error here usually means an earlier kernel faulted.
@@ -453,8 +387,14 @@ impl Cuda {
     }
 }
 
-fn bytes_of(dtype: DType, n: usize) -> usize {
-    dtype.size() * n
+fn check_view(what: &str, buf: &CudaBuf, dtype: DType, bytes: usize) -> Result<()> {
+    if buf.bytes < bytes {
+        bail!(
+            "{what}: {bytes} bytes of {dtype} do not fit a {}-byte buffer",
+            buf.bytes
+        );
+    }
+    Ok(())
 }
 
 impl BackendCore for Cuda {
@@ -475,12 +415,13 @@ impl BackendCore for Cuda {
         if dtype == DType::F64 {
             bail!("f64 tensors exist on the CPU backend only");
         }
-        let bytes = bytes_of(dtype, n).max(1).div_ceil(256) * 256;
+        let want = dtype.size() * n;
+        let bytes = want.max(1).div_ceil(256) * 256;
         let reused = self
             .arena
             .free
             .lock()
-            .unwrap()
+            .unwrap_or_else(|e| e.into_inner())
             .get_mut(&bytes)
             .and_then(|v| v.pop());
         let slice = match reused {
@@ -507,186 +448,80 @@ impl BackendCore for Cuda {
             .map_err(|e| anyhow!("memset: {e:?}"))?;
         Ok(CudaBuf {
             ptr,
-            bytes,
-            slice: Some(slice),
-            arena: self.arena.clone(),
+            bytes: want,
+            _alloc: Arc::new(Alloc {
+                slice: Some(slice),
+                arena: self.arena.clone(),
+            }),
         })
     }
-    fn upload_f64(&self, buf: &mut CudaBuf, dtype: DType, data: &[f64]) -> Result<()> {
-        let n = data.len();
-        if bytes_of(dtype, n) > buf.bytes {
+    fn view(&self, buf: &CudaBuf, dtype: DType, offset: usize, n: usize) -> Result<CudaBuf> {
+        let (off, len) = (offset * dtype.size(), n * dtype.size());
+        if off + len > buf.bytes {
             bail!(
-                "upload: {n} {dtype} values do not fit a {}-byte buffer",
+                "view of {n} {dtype} elements at {offset} in a {}-byte buffer",
                 buf.bytes
             );
         }
-        let st = self.stream.cu_stream();
-        unsafe {
-            match dtype {
-                DType::F32 => {
-                    let v: Vec<f32> = data.iter().map(|&x| x as f32).collect();
-                    dres::memcpy_htod_async(buf.ptr, &v, st)
-                }
-                DType::BF16 => {
-                    let v: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x as f32)).collect();
-                    dres::memcpy_htod_async(buf.ptr, &v, st)
-                }
-                DType::F16 => {
-                    let v: Vec<f16> = data.iter().map(|&x| f16::from_f32(x as f32)).collect();
-                    dres::memcpy_htod_async(buf.ptr, &v, st)
-                }
-                DType::I32 => {
-                    let v: Vec<i32> = data.iter().map(|&x| x as i32).collect();
-                    dres::memcpy_htod_async(buf.ptr, &v, st)
-                }
-                DType::F64 => bail!("f64 is CPU-only"),
-            }
-        }
-        .map_err(|e| anyhow!("host-to-device copy failed: {e:?}"))?;
-        self.sync()
+        Ok(CudaBuf {
+            ptr: buf.ptr + off as u64,
+            bytes: len,
+            _alloc: buf._alloc.clone(),
+        })
     }
-    fn upload_i32(&self, buf: &mut CudaBuf, data: &[i32]) -> Result<()> {
-        if data.len() * 4 > buf.bytes {
-            bail!(
-                "upload_i32: {} values do not fit a {}-byte buffer",
-                data.len(),
-                buf.bytes
-            );
-        }
-        unsafe { dres::memcpy_htod_async(buf.ptr, data, self.stream.cu_stream()) }
+    fn upload(&self, buf: &mut CudaBuf, dtype: DType, bytes: &[u8]) -> Result<()> {
+        check_view("upload", buf, dtype, bytes.len())?;
+        // SAFETY: the view holds at least bytes.len() bytes (checked); the copy completes before returning.
+        unsafe { dres::memcpy_htod_async(buf.ptr, bytes, self.stream.cu_stream()) }
             .map_err(|e| anyhow!("host-to-device copy failed: {e:?}"))?;
         self.sync()
     }
-    fn download_f64(&self, buf: &CudaBuf, dtype: DType, n: usize) -> Result<Vec<f64>> {
-        let st = self.stream.cu_stream();
-        let out: Vec<f64> = unsafe {
-            match dtype {
-                DType::F32 => {
-                    let mut v = vec![0f32; n];
-                    dres::memcpy_dtoh_async(&mut v, buf.ptr, st).map_err(|e| anyhow!("{e:?}"))?;
-                    self.sync()?;
-                    v.into_iter().map(|x| x as f64).collect()
-                }
-                DType::BF16 => {
-                    let mut v = vec![bf16::ZERO; n];
-                    dres::memcpy_dtoh_async(&mut v, buf.ptr, st).map_err(|e| anyhow!("{e:?}"))?;
-                    self.sync()?;
-                    v.into_iter().map(|x| x.to_f64()).collect()
-                }
-                DType::F16 => {
-                    let mut v = vec![f16::ZERO; n];
-                    dres::memcpy_dtoh_async(&mut v, buf.ptr, st).map_err(|e| anyhow!("{e:?}"))?;
-                    self.sync()?;
-                    v.into_iter().map(|x| x.to_f64()).collect()
-                }
-                DType::I32 => {
-                    let mut v = vec![0i32; n];
-                    dres::memcpy_dtoh_async(&mut v, buf.ptr, st).map_err(|e| anyhow!("{e:?}"))?;
-                    self.sync()?;
-                    v.into_iter().map(|x| x as f64).collect()
-                }
-                DType::F64 => bail!("f64 is CPU-only"),
-            }
-        };
-        Ok(out)
+    fn download(&self, buf: &CudaBuf, dtype: DType, out: &mut [u8]) -> Result<()> {
+        check_view("download", buf, dtype, out.len())?;
+        // SAFETY: as in upload; `out` is not touched until the stream has synchronised.
+        unsafe { dres::memcpy_dtoh_async(out, buf.ptr, self.stream.cu_stream()) }
+            .map_err(|e| anyhow!("device-to-host copy failed: {e:?}"))?;
+        self.sync()
     }
     fn zero(&self, buf: &mut CudaBuf, dtype: DType, n: usize) -> Result<()> {
-        unsafe { dres::memset_d8_async(buf.ptr, 0, bytes_of(dtype, n), self.stream.cu_stream()) }
+        check_view("zero", buf, dtype, n * dtype.size())?;
+        unsafe { dres::memset_d8_async(buf.ptr, 0, n * dtype.size(), self.stream.cu_stream()) }
             .map_err(|e| anyhow!("memset: {e:?}"))
     }
     fn cast(&self, dst: &mut CudaBuf, dd: DType, src: &CudaBuf, sd: DType, n: usize) -> Result<()> {
-        crate::ops::adamw::cuda_cast(self, dst.ptr, dd, src.ptr, sd, n)
+        check_view("cast", dst, dd, n * dd.size())?;
+        check_view("cast", src, sd, n * sd.size())?;
+        cast::cast(self, dst.ptr, dd, src.ptr, sd, n)
     }
     fn synchronize(&self) -> Result<()> {
         self.sync()
     }
-    fn memory_stats(&self) -> Option<(usize, usize)> {
-        Some((
-            self.arena.live_bytes.load(Ordering::Relaxed),
-            self.arena.peak_bytes.load(Ordering::Relaxed),
-        ))
+    fn memory_stats(&self) -> MemStats {
+        MemStats {
+            live_bytes: self.arena.live_bytes.load(Ordering::Relaxed),
+            peak_bytes: self.arena.peak_bytes.load(Ordering::Relaxed),
+        }
     }
-}
-
-/// The defaults of the kernel switches. A path becomes the default here once `scripts/gpu_check.sh` has
-/// passed with it on a GPU and the bench shows it faster (docs/perf-log.md); the environment variable still
-/// selects either side. Not yet: nothing of the three has run on a GPU.
-pub const GEMM_LT_DEFAULT: bool = false; // BERTQA_GEMM=lt | ex
-pub const VEC_DEFAULT: bool = false; // BERTQA_VEC=1 | 0
-
-/// `var` = `on` → true, = `off` → false, unset (or anything else) → `default`.
-fn switch(var: &str, on: &str, off: &str, default: bool) -> bool {
-    match std::env::var(var).as_deref() {
-        Ok(v) if v == on => true,
-        Ok(v) if v == off => false,
-        _ => default,
+    fn reset_peak(&self) {
+        let live = self.arena.live_bytes.load(Ordering::Relaxed);
+        self.arena.peak_bytes.store(live, Ordering::Relaxed);
     }
-}
-
-/// Whether the "vec" elementwise kernels (16-byte loads, dtype at compile time: kernels/gelu.cu,
-/// kernels/layernorm.cu, the bias gradient in kernels/reduce.cu) run: `BERTQA_VEC=1|0`, default
-/// [`VEC_DEFAULT`].
-pub fn vec_kernels() -> bool {
-    switch("BERTQA_VEC", "1", "0", VEC_DEFAULT)
-}
-
-/// Whether bf16/f16 GEMMs go through cuBLASLt ([`lt`]): `BERTQA_GEMM=lt|ex`, default [`GEMM_LT_DEFAULT`].
-pub fn gemm_lt() -> bool {
-    switch("BERTQA_GEMM", "lt", "ex", GEMM_LT_DEFAULT)
 }
 
 /// Elements of `d` in one 16-byte vector, when every pointer is 16-byte aligned (always true of arena
-/// allocations) — what the vec kernels need; None otherwise.
+/// allocations and of the flat buffers' views) — what the vec kernels need; None otherwise.
 pub fn vec_width(d: DType, ptrs: &[u64]) -> Option<usize> {
     let n = 16 / d.size();
     ptrs.iter().all(|p| p % 16 == 0).then_some(n)
 }
 
-/// How the profiler names a GEMM: `gemm M×K×N` (row-major C(M,N) = op(A)(M,K)·op(B)(K,N)), transposes,
-/// dtypes, whether cuBLASLt runs it and `+bias` for its bias epilogue.
-pub(crate) fn gemm_label(g: &lt::Gemm) -> String {
-    let t = |x: bool| if x { "T" } else { "N" };
-    let lt = if gemm_lt() && matches!(g.ab, DType::BF16 | DType::F16) {
-        " lt"
-    } else {
-        ""
-    };
-    let bias = if g.bias { " +bias" } else { "" };
-    let (m, k, n, ab, c) = (g.m, g.k, g.n, g.ab, g.c);
-    format!(
-        "gemm {m}x{k}x{n} {}{} {ab}->{c}{lt}{bias}",
-        t(g.ta),
-        t(g.tb)
-    )
-}
-
-/// Kernel dtype suffix: `f32`, `bf16` or `f16`.
-pub fn suffix(d: DType) -> Result<&'static str> {
-    Ok(match d {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        _ => bail!("no CUDA kernels for dtype {d}"),
-    })
-}
-
-/// The numeric code of a dtype in kernel parameter structs (matches DT_* in kernels/common.cuh).
-pub fn dtype_code(d: DType) -> i32 {
-    match d {
-        DType::F32 => 0,
-        DType::BF16 => 1,
-        DType::F16 => 2,
-        DType::I32 => 3,
-        DType::F64 => 4,
-    }
-}
-
-/// Open the device for a `--device` flag: "auto" falls back to the CPU (with a message) when there is no GPU.
-pub fn open_for_flag(flag: &str) -> Result<Option<Cuda>> {
+/// Open the device for a `--device` flag with kernel configuration `k`: "auto" falls back to the CPU (with a
+/// message) when there is no GPU.
+pub fn open_for_flag(flag: &str, k: KernelConfig) -> Result<Option<Cuda>> {
     match flag {
         "cpu" => Ok(None),
-        "cuda" | "gpu" => Cuda::new(0).map(Some).context("--device cuda"),
-        "auto" => match Cuda::new(0) {
+        "cuda" | "gpu" => Cuda::new(0, k).map(Some).context("--device cuda"),
+        "auto" => match Cuda::new(0, k) {
             Ok(c) => Ok(Some(c)),
             Err(e) => {
                 eprintln!("bertqa: no usable GPU ({e:#}); running on the CPU");

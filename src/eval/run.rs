@@ -1,11 +1,11 @@
 //! Running a model over features and writing the official prediction files.
 
-use crate::backend::Backend;
 use crate::data::features::Feature;
 use crate::data::squad::Dataset;
 use crate::eval::metrics;
 use crate::eval::postprocess::{postprocess, PostCfg, Predictions};
 use crate::model::bert::{Acts, Batch, BertQa, DropoutCfg};
+use crate::ops::Backend;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::path::Path;

@@ -15,11 +15,11 @@
 //! ```
 //! Backward runs the same list in reverse. Parameter gradients accumulate; `dx` carries the residual stream.
 
-use crate::backend::Backend;
 use crate::model::config::BertConfig;
 use crate::model::params::BertParams;
 use crate::ops::embedding::{EmbGrads, EmbWeights};
 use crate::ops::span_loss::SpanLossCfg;
+use crate::ops::Backend;
 use crate::rng::{site_seed, Dropout};
 use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
@@ -220,7 +220,7 @@ impl<B: Backend> Acts<B> {
     /// Bytes held (saved activations + scratch), for memory planning.
     pub fn bytes(&self) -> usize {
         let mut n = 0;
-        let mut add = |t: &Tensor<B>| n += t.numel() * t.dtype.size();
+        let mut add = |t: &Tensor<B>| n += t.numel() * t.dtype().size();
         for t in [
             &self.emb,
             &self.emb_mean,

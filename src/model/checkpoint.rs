@@ -8,11 +8,11 @@
 //! with HF names, F32; tokenizer files copied) that `BertForQuestionAnswering.from_pretrained` loads with no
 //! missing or unexpected keys.
 
-use crate::backend::Backend;
 use crate::model::config::BertConfig;
 use crate::model::params::{param_specs, BertParams};
+use crate::ops::Backend;
 use crate::rng::Rng;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::DType;
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::{Dtype as StDtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
@@ -118,19 +118,19 @@ pub fn params_from_host<B: Backend>(
     seed: u64,
     origin: &str,
 ) -> Result<(BertParams<B>, bool)> {
-    let mut tensors = Vec::new();
     let mut initialised = false;
-    for (name, shape) in param_specs(cfg) {
-        let parts = hf_names(&name);
-        let mut data: Vec<f32> = Vec::with_capacity(shape.iter().product());
+    let params = BertParams::from_host(be, cfg, dtype, |name, shape| {
+        let shape = shape.to_vec();
+        let parts = hf_names(name);
+        let mut data: Vec<f64> = Vec::with_capacity(shape.iter().product());
         let is_qa = name.starts_with("qa_outputs.");
-        if is_qa && !host.contains_key(&name) {
+        if is_qa && !host.contains_key(name) {
             initialised = true;
             if name.ends_with("weight") {
                 let mut rng = Rng::new(seed);
                 data.extend(
                     (0..shape.iter().product::<usize>())
-                        .map(|_| (rng.normal() * cfg.initializer_range as f64) as f32),
+                        .map(|_| (rng.normal() * cfg.initializer_range as f64) as f32 as f64),
                 );
             } else {
                 data.resize(shape.iter().product(), 0.0);
@@ -146,12 +146,12 @@ pub fn params_from_host<B: Backend>(
                 if *s != expect {
                     bail!("{origin}: tensor {p:?} has shape {s:?}, config.json implies {expect:?} (config/weights mismatch?)");
                 }
-                data.extend_from_slice(v);
+                data.extend(v.iter().map(|&x| x as f64));
             }
         }
-        tensors.push(Tensor::from_f32(be, &data, &shape, dtype)?);
-    }
-    Ok((BertParams::from_vec(cfg, tensors), initialised))
+        Ok(data)
+    })?;
+    Ok((params, initialised))
 }
 
 /// Load an HF BERT directory. Returns (config, params in `dtype`, report).

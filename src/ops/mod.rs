@@ -1,6 +1,13 @@
-//! One file per op family: the backend trait, shape checks, the CPU reference loops and the CUDA launcher,
-//! forward and backward side by side. Argument order: outputs, saved state, inputs, weights, dims.
-//! Parameter gradients accumulate (`+=`); activation gradients are overwritten unless stated.
+//! The ops, one folder each (dfdx-style), arrows pointing one way:
+//! - `ops/<op>/mod.rs`: the contract — the backend trait (what the op computes, shapes, argument order),
+//!   shape and dtype checks, the kernels' `#[repr(C)]` parameter structs and the launch plan as a pure
+//!   function of shapes and the [`KernelConfig`](crate::kernel::KernelConfig);
+//! - `ops/<op>/cpu.rs`: the CPU reference loops (the oracle);
+//! - `ops/<op>/cuda.rs`: the CUDA launcher (the plan with device addresses, run on the backend).
+//!
+//! The backends (src/cpu, src/cuda) know no op; the ops build on them, and the model builds on the ops
+//! through [`Backend`]. Argument order: outputs, saved state, inputs, weights, dims. Parameter gradients
+//! accumulate (`+=`); activation gradients are overwritten unless stated.
 
 pub mod adamw;
 pub mod attention;
@@ -11,7 +18,44 @@ pub mod layernorm;
 pub mod linear;
 pub mod span_loss;
 
+use crate::backend::BackendCore;
 use crate::tensor::DType;
+
+pub use adamw::AdamWOps;
+pub use attention::AttentionOps;
+pub use dropout::DropoutOps;
+pub use embedding::EmbeddingOps;
+pub use gelu::GeluOps;
+pub use layernorm::LayerNormOps;
+pub use linear::LinearOps;
+pub use span_loss::SpanLossOps;
+
+/// Everything the model, the optimiser and the training loop need from a device: storage plus every op.
+pub trait Backend:
+    BackendCore
+    + EmbeddingOps
+    + LinearOps
+    + LayerNormOps
+    + GeluOps
+    + AttentionOps
+    + DropoutOps
+    + SpanLossOps
+    + AdamWOps
+{
+}
+
+impl<B> Backend for B where
+    B: BackendCore
+        + EmbeddingOps
+        + LinearOps
+        + LayerNormOps
+        + GeluOps
+        + AttentionOps
+        + DropoutOps
+        + SpanLossOps
+        + AdamWOps
+{
+}
 
 /// The dtype the CPU reference computes in for a given activation dtype: f64 stays f64, all else f32.
 pub fn compute_dtype(act: DType) -> DType {
@@ -22,29 +66,9 @@ pub fn compute_dtype(act: DType) -> DType {
     }
 }
 
-/// Grid size helper: blocks of `block` threads covering `n` items.
-pub fn blocks(n: usize, block: usize) -> u32 {
-    n.div_ceil(block).max(1) as u32
-}
-
-/// One kernel launch as data: what a CUDA op's launcher hands to `Cuda::run`, and what tests/emu_kernels.rs
-/// runs on the CPU through the kernel emulator (tests/emu) — so those tests check the launch configuration
-/// (grid, block, dynamic shared memory) as well as the kernel.
-#[derive(Clone, Debug)]
-pub struct Launch<P> {
-    /// kernel module (src/cuda/nvrtc.rs MODULES)
-    pub module: &'static str,
-    pub name: String,
-    pub grid: (u32, u32, u32),
-    pub block: (u32, u32, u32),
-    /// dynamic shared memory, bytes
-    pub smem: u32,
-    /// the kernel's parameter struct (`#[repr(C)]`, mirrored in the .cu)
-    pub params: P,
-}
-
-/// (module, kernel) for every entry point chosen by a variant switch (BERTQA_ATTN, BERTQA_VEC), so that
-/// tests/kernels_compile.rs can check the names against the compiled PTX on a machine without a GPU.
+/// (module, kernel) for every entry point a kernel configuration can select (attention variants, vec
+/// kernels), so that tests/kernels_compile.rs can check the names against the compiled PTX on a machine
+/// without a GPU.
 pub fn variant_entry_points() -> Vec<(&'static str, String)> {
     let mut v: Vec<(&'static str, String)> = Vec::new();
     v.extend(
@@ -63,5 +87,26 @@ pub fn variant_entry_points() -> Vec<(&'static str, String)> {
             .into_iter()
             .map(|n| ("reduce", n)),
     );
+    v.extend(
+        embedding::vec_entry_points()
+            .into_iter()
+            .map(|n| ("embedding", n)),
+    );
+    v
+}
+
+/// The byte layout of every kernel parameter struct (tests/kernels_compile.rs checks each against the
+/// CHECK_FIELD assertions of its .cu file, which NVRTC and the emulator's compiler enforce).
+pub fn param_layouts() -> Vec<crate::kernel::ParamLayout> {
+    let mut v = Vec::new();
+    v.extend(attention::layouts());
+    v.extend(layernorm::layouts());
+    v.extend(embedding::layouts());
+    v.extend(gelu::layouts());
+    v.extend(linear::layouts());
+    v.extend(dropout::layouts());
+    v.extend(span_loss::layouts());
+    v.extend(adamw::layouts());
+    v.extend(crate::cuda::cast::layouts());
     v
 }

@@ -4,10 +4,10 @@
 //! into a temporary folder, then renamed: a crash never leaves a half-written checkpoint.
 
 use super::{RunInputs, TrainConfig, TrainState, Trainer};
-use crate::backend::Backend;
 use crate::model::checkpoint as mc;
 use crate::model::params::param_specs;
 use crate::model::BertParams;
+use crate::ops::Backend;
 use crate::tensor::DType;
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};

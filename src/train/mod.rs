@@ -6,15 +6,15 @@
 pub mod checkpoint;
 pub mod plot;
 
-use crate::backend::Backend;
 use crate::data::features::{featurize, Feature, FeatureCfg};
 use crate::data::squad::Dataset;
 use crate::data::tokenizer::WordPieceTokenizer;
 use crate::eval::postprocess::PostCfg;
 use crate::model::bert::{grad_dtype, Acts, Batch, BertQa, DropoutCfg};
-use crate::model::params::{decays, param_specs};
+use crate::model::params::param_specs;
 use crate::model::{BertConfig, BertParams};
-use crate::ops::adamw::{AdamWHyper, AdamWSlot};
+use crate::ops::adamw::AdamWHyper;
+use crate::ops::Backend;
 use crate::optim::{clip_coef, linear_schedule, LossScaler};
 use crate::rng::{splitmix64, Rng};
 use crate::tensor::DType;
@@ -241,7 +241,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             self.model
                 .backward(be, &mut self.grads, acts, &batch, drop)?;
         }
-        let norm = (be.grad_sq_norm(&self.grads.tensors())?).sqrt() / loss_scale;
+        let norm = be.grad_sq_norm(self.grads.flat())?.sqrt() / loss_scale;
         let finite = norm.is_finite() && loss.is_finite();
         let apply = self.scaler.update(finite);
         if apply {
@@ -255,32 +255,21 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 step: self.state.adam_t,
                 grad_scale: clip_coef(norm, self.cfg.max_grad_norm) / loss_scale,
             };
-            let (masters, mut work) = match self.master.as_mut() {
-                Some(m) => (
-                    m.tensors_mut(),
-                    Some(self.model.params.tensors_mut().into_iter()),
-                ),
-                None => (self.model.params.tensors_mut(), None),
+            // one launch over the flat buffers; the bf16/f16 working copy is refreshed in the same pass
+            let n_decay = self.grads.layout().n_decay;
+            let (master, working) = match self.master.as_mut() {
+                Some(m) => (m.flat_mut(), Some(self.model.params.flat_mut())),
+                None => (self.model.params.flat_mut(), None),
             };
-            let mut slots = Vec::with_capacity(masters.len());
-            for ((((p, g), m), v), name) in masters
-                .into_iter()
-                .zip(self.grads.tensors())
-                .zip(self.m.tensors_mut())
-                .zip(self.v.tensors_mut())
-                .zip(&self.names)
-            {
-                let working = work.as_mut().and_then(|w| w.next());
-                slots.push(AdamWSlot {
-                    master: p,
-                    working,
-                    grad: g,
-                    m,
-                    v,
-                    decay: decays(name),
-                });
-            }
-            be.adamw_step(&mut slots, &hp)?;
+            be.adamw_step(
+                master,
+                working,
+                self.grads.flat(),
+                self.m.flat_mut(),
+                self.v.flat_mut(),
+                n_decay,
+                &hp,
+            )?;
         }
         Ok((loss, norm, apply))
     }

@@ -1,8 +1,10 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests; `parity` is the backend-parity harness.
 #![allow(dead_code)]
 
-use bertqa::backend::Backend;
+pub mod parity;
+
 use bertqa::model::{BertConfig, BertParams};
+use bertqa::ops::Backend;
 use bertqa::rng::Rng;
 use bertqa::tensor::{DType, Tensor};
 
@@ -27,20 +29,15 @@ pub fn rand_tensor<B: Backend>(
 /// Random parameters shaped like BERT: matrices ~N(0, 0.2²)-ish uniform, LayerNorm gamma around 1.
 pub fn rand_params<B: Backend>(be: &B, cfg: &BertConfig, dtype: DType, seed: u64) -> BertParams<B> {
     let mut rng = Rng::new(seed);
-    let specs = bertqa::model::params::param_specs(cfg);
-    let ts = specs
-        .iter()
-        .map(|(name, shape)| {
-            let n: usize = shape.iter().product();
-            let v: Vec<f64> = if name.contains("LayerNorm.weight") {
-                (0..n).map(|_| 1.0 + (rng.uniform() - 0.5) * 0.4).collect()
-            } else {
-                rand_vec(&mut rng, n, 0.3)
-            };
-            Tensor::from_f64(be, &v, shape, dtype).unwrap()
+    BertParams::from_host(be, cfg, dtype, |name, shape| {
+        let n: usize = shape.iter().product();
+        Ok(if name.contains("LayerNorm.weight") {
+            (0..n).map(|_| 1.0 + (rng.uniform() - 0.5) * 0.4).collect()
+        } else {
+            rand_vec(&mut rng, n, 0.3)
         })
-        .collect();
-    BertParams::from_vec(cfg, ts)
+    })
+    .unwrap()
 }
 
 /// max |a-b| / max(max|b|, floor): a per-tensor normalised error.
@@ -73,9 +70,9 @@ pub fn padded_batch(
     (ids, types, mask)
 }
 
-/// Print parity rows (src/parity.rs) and fail naming every tensor out of its bound.
-pub fn check_rows(rows: &[bertqa::parity::Row]) {
-    bertqa::parity::print_rows(rows);
+/// Print parity rows (tests/common/parity.rs) and fail naming every tensor out of its bound.
+pub fn check_rows(rows: &[parity::Row]) {
+    parity::print_rows(rows);
     let bad: Vec<String> = rows
         .iter()
         .filter(|r| !r.pass)

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
-use bertqa::ops::Launch;
+use bertqa::kernel::Launch;
 
 /// The fake device address of byte 0 of buffer `i` (see the module doc).
 pub fn addr(i: usize) -> u64 {

@@ -12,19 +12,20 @@
 //! 1e-7: gradients the loss is invariant to (the last LayerNorm bias, the span-head bias) are ~1e-17 in f64
 //! and pure rounding noise elsewhere, so their relative error means nothing.
 //!
-//! The same harness runs CPU-against-CPU in `cargo test` (so its plumbing is tested everywhere) and
-//! CUDA-against-CPU in tests/gpu_parity.rs on a GPU machine.
+//! The harness runs CUDA-against-CPU in tests/parity.rs on a GPU machine, and the kernel emulator's outputs
+//! against the CPU in tests/emu_kernels.rs everywhere. It lives with the tests, not in the library.
 
-use crate::backend::Backend;
-use crate::cpu::Cpu;
-use crate::model::bert::{Acts, Batch, BertQa, DropoutCfg};
-use crate::model::{BertConfig, BertParams};
-use crate::ops::adamw::{AdamWHyper, AdamWSlot};
-use crate::ops::embedding::{EmbGrads, EmbWeights};
-use crate::ops::span_loss::SpanLossCfg;
-use crate::rng::{Dropout, Rng};
-use crate::tensor::{DType, Tensor};
 use anyhow::Result;
+use bertqa::cpu::Cpu;
+use bertqa::data::features::Feature;
+use bertqa::model::BertConfig;
+use bertqa::ops::adamw::AdamWHyper;
+use bertqa::ops::embedding::{EmbGrads, EmbWeights};
+use bertqa::ops::span_loss::SpanLossCfg;
+use bertqa::ops::Backend;
+use bertqa::rng::{Dropout, Rng};
+use bertqa::tensor::{DType, Tensor};
+use bertqa::train::{FeatureCfgSer, PostCfgSer, TrainConfig, Trainer};
 
 /// Named outputs of one case, as host f64 vectors.
 pub type Outputs = Vec<(String, Vec<f64>)>;
@@ -71,18 +72,14 @@ pub fn rel_l2(x: &[f64], r: &[f64]) -> f64 {
     }
 }
 
-fn rv(rng: &mut Rng, n: usize, scale: f64) -> Vec<f64> {
-    (0..n)
-        .map(|_| (rng.uniform() * 2.0 - 1.0) * scale)
-        .collect()
-}
+use super::rand_vec as rv;
 
 fn up<B: Backend>(be: &B, v: &[f64], shape: &[usize], dt: DType) -> Result<Tensor<B>> {
     Tensor::from_f64(be, v, shape, dt)
 }
 
 fn stat(dt: DType) -> DType {
-    crate::ops::compute_dtype(dt)
+    bertqa::ops::compute_dtype(dt)
 }
 
 fn padded_mask(rng: &mut Rng, b: usize, t: usize) -> Vec<i32> {
@@ -564,62 +561,162 @@ impl Case for AdamWCase {
     fn name(&self) -> String {
         format!("adamw sizes={:?}", self.sizes)
     }
+    /// The tensors laid end to end in one flat buffer, as the trainer's are (tensor i decays when i is even;
+    /// the decayed ones first, so the boundary is where the first non-decayed tensor starts).
     fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
         let g = stat(dt);
-        let mut ts = vec![];
-        for (master, grad, m, v) in self.inputs() {
-            let n = master.len();
-            let master = up(be, &master, &[n], g)?;
-            let working = master.cast(be, dt)?;
-            let grad = up(be, &grad, &[n], g)?;
-            let m = up(be, &m, &[n], g)?;
-            let v = up(be, &v, &[n], g)?;
-            ts.push((master, working, grad, m, v));
+        let inputs = self.inputs();
+        let order: Vec<usize> = (0..inputs.len())
+            .filter(|i| i % 2 == 0)
+            .chain((0..inputs.len()).filter(|i| i % 2 == 1))
+            .collect();
+        let (mut master, mut grad, mut m, mut v) = (vec![], vec![], vec![], vec![]);
+        for &i in &order {
+            let (p, gr, mm, vv) = &inputs[i];
+            master.extend_from_slice(p);
+            grad.extend_from_slice(gr);
+            m.extend_from_slice(mm);
+            v.extend_from_slice(vv);
         }
-        let hp = self.hyper();
-        let norm = be.grad_sq_norm(&ts.iter().map(|t| &t.2).collect::<Vec<_>>())?;
-        {
-            let mut slots: Vec<AdamWSlot<B>> = ts
-                .iter_mut()
-                .enumerate()
-                .map(|(i, (p, w, gr, m, v))| AdamWSlot {
-                    master: p,
-                    working: if dt == g { None } else { Some(w) },
-                    grad: gr,
-                    m,
-                    v,
-                    decay: i % 2 == 0,
-                })
-                .collect();
-            be.adamw_step(&mut slots, &hp)?;
+        let n = master.len();
+        let n_decay: usize = order
+            .iter()
+            .filter(|i| *i % 2 == 0)
+            .map(|&i| inputs[i].0.len())
+            .sum();
+        let mut master = up(be, &master, &[n], g)?;
+        let mut working = master.cast(be, dt)?;
+        let grad = up(be, &grad, &[n], g)?;
+        let mut m = up(be, &m, &[n], g)?;
+        let mut v = up(be, &v, &[n], g)?;
+        let norm = be.grad_sq_norm(&grad)?;
+        let w = if dt == g { None } else { Some(&mut working) };
+        be.adamw_step(
+            &mut master,
+            w,
+            &grad,
+            &mut m,
+            &mut v,
+            n_decay,
+            &self.hyper(),
+        )?;
+        // back to per-tensor outputs, in the order of the inputs
+        let (p, wk, m, v) = (
+            master.to_f64_vec(be)?,
+            if dt == g {
+                master.to_f64_vec(be)?
+            } else {
+                working.to_f64_vec(be)?
+            },
+            m.to_f64_vec(be)?,
+            v.to_f64_vec(be)?,
+        );
+        let mut starts = vec![0; inputs.len()];
+        let mut at = 0;
+        for &i in &order {
+            starts[i] = at;
+            at += inputs[i].0.len();
         }
         let mut out = vec![("grad_sq_norm".to_string(), vec![norm])];
-        for (i, (p, w, _, m, v)) in ts.iter().enumerate() {
-            out.push((format!("param[{i}]"), p.to_f64_vec(be)?));
+        for (i, inp) in inputs.iter().enumerate() {
+            let r = starts[i]..starts[i] + inp.0.len();
+            out.push((format!("param[{i}]"), p[r.clone()].to_vec()));
             // the working copy: refreshed by AdamW when it is a separate lower-precision tensor
-            out.push((
-                format!("working[{i}]"),
-                if dt != g {
-                    w.to_f64_vec(be)?
-                } else {
-                    p.to_f64_vec(be)?
-                },
-            ));
-            out.push((format!("m[{i}]"), m.to_f64_vec(be)?));
-            out.push((format!("v[{i}]"), v.to_f64_vec(be)?));
+            out.push((format!("working[{i}]"), wk[r.clone()].to_vec()));
+            out.push((format!("m[{i}]"), m[r.clone()].to_vec()));
+            out.push((format!("v[{i}]"), v[r].to_vec()));
         }
         Ok(out)
     }
 }
 
-/// A whole training step of a small BERT (padded batch, dropout on), then `steps` AdamW steps: loss, logits,
-/// every gradient of the first step, and the loss trajectory.
+/// Whole training steps of a small BERT through the real [`Trainer`] (padded batch, dropout on, weight decay,
+/// bf16/f16 working weights with f32 master weights where the run's dtype asks): the loss of each of
+/// `steps + 1` optimizer steps and every gradient of the first. (Not the weights after AdamW: Adam's m/√v
+/// turns the rounding noise of gradients the loss is invariant to into ±lr steps; the losses that follow
+/// show whether the updates are right.)
 pub struct StepCase {
     pub cfg: BertConfig,
     pub b: usize,
     pub t: usize,
     pub steps: usize,
 }
+
+/// A training configuration for the parity step: dropout 0.1, no clipping, no warmup (lr given per step).
+pub fn step_train_config(t: usize) -> TrainConfig {
+    TrainConfig {
+        epochs: 1,
+        learning_rate: 1e-3,
+        batch_size: 64,
+        grad_accum_steps: 1,
+        warmup_ratio: 0.0,
+        weight_decay: 0.01,
+        adam_beta1: 0.9,
+        adam_beta2: 0.999,
+        adam_eps: 1e-8,
+        max_grad_norm: 0.0,
+        seed: 1000,
+        max_steps: None,
+        eval_every: 0,
+        save_every: 0,
+        save_total_limit: 0,
+        early_stopping_patience: 0,
+        hidden_dropout: 0.1,
+        attention_dropout: 0.1,
+        dynamic_padding: false,
+        max_bad_steps: 3,
+        eval_batch_size: 8,
+        log_every: 1,
+        features: FeatureCfgSer {
+            max_seq_length: t,
+            doc_stride: t / 2,
+            max_query_length: 4,
+        },
+        post: PostCfgSer {
+            n_best_size: 5,
+            max_answer_length: 8,
+            version_2: false,
+            null_score_diff_threshold: 0.0,
+        },
+    }
+}
+
+impl StepCase {
+    /// The batch as training windows (random ids, padded at random lengths, labels inside each window).
+    pub fn features(&self) -> Vec<Feature> {
+        let (cfg, b, t) = (&self.cfg, self.b, self.t);
+        let mut r = Rng::new(19);
+        let mask = padded_mask(&mut r, b, t);
+        (0..b)
+            .map(|bi| {
+                let m = mask[bi * t..(bi + 1) * t].to_vec();
+                let len = m.iter().filter(|&&x| x != 0).count();
+                let ids: Vec<i32> = (0..t)
+                    .map(|j| {
+                        if m[j] != 0 {
+                            1 + r.below(cfg.vocab_size - 1) as i32
+                        } else {
+                            0
+                        }
+                    })
+                    .collect();
+                let types = (0..t).map(|j| (m[j] != 0 && j > 3) as i32).collect();
+                let s = r.below(len) as i64;
+                Feature {
+                    example: bi,
+                    input_ids: ids,
+                    token_type_ids: types,
+                    attention_mask: m,
+                    offsets: vec![None; t],
+                    start_position: s,
+                    end_position: (s + 1).min(len as i64 - 1),
+                    has_answer: true,
+                }
+            })
+            .collect()
+    }
+}
+
 impl Case for StepCase {
     fn name(&self) -> String {
         format!(
@@ -633,104 +730,38 @@ impl Case for StepCase {
         )
     }
     fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
-        let (cfg, b, t) = (&self.cfg, self.b, self.t);
-        let mut r = Rng::new(19);
-        let mask = padded_mask(&mut r, b, t);
-        let ids: Vec<i32> = (0..b * t)
-            .map(|i| {
-                if mask[i] != 0 {
-                    1 + r.below(cfg.vocab_size - 1) as i32
-                } else {
-                    0
-                }
-            })
-            .collect();
-        let types: Vec<i32> = (0..b * t)
-            .map(|i| (mask[i] != 0 && i % t > 3) as i32)
-            .collect();
-        let starts: Vec<i64> = (0..b)
-            .map(|bi| r.below(mask[bi * t..(bi + 1) * t].iter().sum::<i32>() as usize) as i64)
-            .collect();
-        let ends: Vec<i64> = starts.iter().map(|&s| s + 1).collect();
-        let batch = Batch::new(be, b, t, &ids, &types, &mask, &starts, &ends)?;
-        // random weights from the host, identical on both backends
-        let specs = crate::model::params::param_specs(cfg);
+        let cfg = &self.cfg;
         let g = stat(dt);
-        let mut tensors = Vec::new();
-        for (name, shape) in &specs {
+        // random weights from the host, identical on both backends
+        let mut r = Rng::new(23);
+        let master = bertqa::model::BertParams::from_host(be, cfg, g, |name, shape| {
             let n: usize = shape.iter().product();
-            let v: Vec<f64> = if name.contains("LayerNorm.weight") {
+            Ok(if name.contains("LayerNorm.weight") {
                 rv(&mut r, n, 0.2).iter().map(|x| x + 1.0).collect()
             } else {
                 rv(&mut r, n, 0.1)
-            };
-            tensors.push(up(be, &v, shape, g)?);
-        }
-        let mut master = BertParams::from_vec(cfg, tensors);
-        let mut model = BertQa::new(cfg.clone(), master.cast(be, dt)?);
-        let mut grads = BertParams::zeros(be, cfg, g)?;
-        let mut m = BertParams::zeros(be, cfg, g)?;
-        let mut v = BertParams::zeros(be, cfg, g)?;
-        let mut acts = Acts::new(be, cfg, b, t, dt)?;
+            })
+        })?;
+        let mut tr = Trainer::new(be, cfg.clone(), master, dt, step_train_config(self.t))?;
+        let feats = self.features();
+        let refs: Vec<&Feature> = feats.iter().collect();
         let mut out: Outputs = vec![];
         let mut losses = vec![];
         for step in 0..=self.steps {
-            let drop = DropoutCfg {
-                hidden: 0.1,
-                attn: 0.1,
-                seed: 1000 + step as u64,
-            };
-            grads.zero_(be)?;
-            model.forward(be, &mut acts, &batch, drop)?;
-            let lo = model.loss(be, &mut acts, &batch, 1.0)?;
-            losses.push(lo.loss);
-            model.backward(be, &mut grads, &mut acts, &batch, drop)?;
+            let (loss, _norm, applied) = tr.step(&refs, 1e-3)?;
+            anyhow::ensure!(applied, "step {step} was not applied (non-finite?)");
+            tr.state.global_step += 1;
+            losses.push(loss);
             if step == 0 {
-                out.push(("logits".into(), acts.logits.to_f64_vec(be)?));
-                for ((name, _), gt) in specs.iter().zip(grads.tensors()) {
-                    out.push((format!("grad {name}"), gt.to_f64_vec(be)?));
-                }
-            }
-            if step == self.steps {
-                break;
-            }
-            let hp = AdamWHyper {
-                lr: 1e-3,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.01,
-                step: step as u64 + 1,
-                grad_scale: 1.0,
-            };
-            let names: Vec<String> = specs.iter().map(|(n, _)| n.clone()).collect();
-            let same = dt == g;
-            let mut slots: Vec<AdamWSlot<B>> = Vec::new();
-            let mut work = model.params.tensors_mut().into_iter();
-            for ((((p, gr), mm), vv), name) in master
-                .tensors_mut()
-                .into_iter()
-                .zip(grads.tensors())
-                .zip(m.tensors_mut())
-                .zip(v.tensors_mut())
-                .zip(&names)
-            {
-                let w = work.next().expect("same layout");
-                slots.push(AdamWSlot {
-                    master: p,
-                    working: if same { None } else { Some(w) },
-                    grad: gr,
-                    m: mm,
-                    v: vv,
-                    decay: crate::model::params::decays(name),
-                });
-            }
-            be.adamw_step(&mut slots, &hp)?;
-            std::mem::drop(slots);
-            if same {
-                // f32/f64 training: the model's weights are the master weights
-                for (w, p) in model.params.tensors_mut().into_iter().zip(master.tensors()) {
-                    w.assign(be, p)?;
+                for (e, gt) in tr
+                    .grads
+                    .layout()
+                    .entries
+                    .clone()
+                    .iter()
+                    .zip(tr.grads.tensors())
+                {
+                    out.push((format!("grad {}", e.name), gt.to_f64_vec(be)?));
                 }
             }
         }
@@ -748,8 +779,8 @@ pub fn compare<B: Backend, C: Case>(dev: &B, dt: DType, case: &C) -> Result<Vec<
 /// Compare a device's outputs of `case` at `dt`, however they were produced (a backend, or the kernel
 /// emulator of tests/emu), with the CPU reference runs (f64, and `dt` storage).
 pub fn compare_outputs<C: Case>(dt: DType, case: &C, devo: &Outputs) -> Result<Vec<Row>> {
-    let reference = case.run(&Cpu, DType::F64)?;
-    let cpu_same = case.run(&Cpu, dt)?;
+    let reference = case.run(&Cpu::new(), DType::F64)?;
+    let cpu_same = case.run(&Cpu::new(), dt)?;
     let mut rows = vec![];
     let find = |o: &Outputs, name: &str, who: &str| -> Result<Vec<f64>> {
         o.iter()

@@ -4,10 +4,11 @@
 //! layernorm, the embeddings and the attention kernel; this standalone op is the reference those fused paths
 //! are tested against, and checks that CPU and GPU masks agree bit for bit.
 
+pub mod cpu;
+pub mod cuda;
+
 use crate::backend::BackendCore;
-use crate::cpu::{rd, wr, Cpu, Real};
-use crate::cuda::{dtype_code, Cuda};
-use crate::ops::Launch;
+use crate::kernel::{blocks, Launch};
 use crate::rng::Dropout;
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
@@ -27,39 +28,15 @@ pub trait DropoutOps: BackendCore {
     }
 }
 
-fn check<B: BackendCore>(out: &Tensor<B>, inp: &Tensor<B>) -> Result<()> {
+pub(crate) fn check<B: BackendCore>(out: &Tensor<B>, inp: &Tensor<B>) -> Result<()> {
     if out.numel() != inp.numel() {
         bail!(
             "dropout: out {:?} and inp {:?} differ in size",
-            out.shape,
-            inp.shape
+            out.shape(),
+            inp.shape()
         );
     }
     Ok(())
-}
-
-/// CPU reference: element i is kept with probability 1-p and scaled by 1/(1-p).
-pub fn dropout_ref<T: Real>(out: &mut [T], inp: &[T], d: Dropout) {
-    if !d.active() {
-        out.copy_from_slice(inp);
-        return;
-    }
-    // = d.factor(i) for every i, with one Philox call per four elements
-    for ((o, &x), f) in out.iter_mut().zip(inp).zip(d.factors(inp.len())) {
-        *o = x * T::of(f);
-    }
-}
-
-impl DropoutOps for Cpu {
-    fn dropout_forward(&self, out: &mut Tensor<Cpu>, inp: &Tensor<Cpu>, d: Dropout) -> Result<()> {
-        check(out, inp)?;
-        crate::cpu_compute!(out.dtype, T => {
-            let x = rd::<T>(inp);
-            let mut o = wr::<T>(out, false);
-            dropout_ref(&mut o, &x, d);
-        });
-        Ok(())
-    }
 }
 
 /// kernels/dropout.cu `DropoutParams`: pointers are device addresses, dtypes as `dtype_code`.
@@ -81,33 +58,25 @@ pub fn launch(p: DropoutParams) -> Launch<DropoutParams> {
     Launch {
         module: "dropout",
         name: "dropout_forward".into(),
-        grid: (super::blocks(p.n as usize, 256).min(65535 * 8), 1, 1),
+        grid: (blocks(p.n as usize, 256).min(65535 * 8), 1, 1),
         block: (256, 1, 1),
         smem: 0,
         params: p,
     }
 }
+
 unsafe impl cudarc::driver::DeviceRepr for DropoutParams {}
 
-impl DropoutOps for Cuda {
-    fn dropout_forward(
-        &self,
-        out: &mut Tensor<Cuda>,
-        inp: &Tensor<Cuda>,
-        d: Dropout,
-    ) -> Result<()> {
-        check(out, inp)?;
-        let n = out.numel();
-        let p = DropoutParams {
-            out: out.buf.ptr,
-            inp: inp.buf.ptr,
-            seed: d.seed,
-            n: n as u64,
-            p: d.p,
-            out_dt: dtype_code(out.dtype),
-            inp_dt: dtype_code(inp.dtype),
-            _pad: 0,
-        };
-        self.run(&launch(p))
-    }
+/// The parameter layout (checked against kernels/dropout.cu by tests/kernels_compile.rs).
+pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
+    vec![crate::param_layout!(DropoutParams {
+        out,
+        inp,
+        seed,
+        n,
+        p,
+        out_dt,
+        inp_dt,
+        _pad
+    })]
 }

@@ -1,0 +1,63 @@
+//! The CPU reference of AdamW and of the squared gradient norm: one loop each over the flat buffers.
+
+use super::{check, AdamWHyper, AdamWOps};
+use crate::cpu::{rd, wr, Cpu, Real};
+use crate::tensor::Tensor;
+use anyhow::Result;
+
+/// The per-element update (reference) of elements `0..p.len()`, the first `n_decay` of them with weight decay.
+pub fn adamw_ref<T: Real>(
+    p: &mut [T],
+    g: &[T],
+    m: &mut [T],
+    v: &mut [T],
+    hp: &AdamWHyper,
+    n_decay: usize,
+) {
+    let (b1, b2) = (T::of(hp.beta1), T::of(hp.beta2));
+    let bc1 = T::one() - T::of(hp.beta1.powi(hp.step as i32));
+    let bc2 = T::one() - T::of(hp.beta2.powi(hp.step as i32));
+    let lr = T::of(hp.lr);
+    let wd = T::of(hp.lr * hp.weight_decay);
+    let gs = T::of(hp.grad_scale);
+    let eps = T::of(hp.eps);
+    for i in 0..p.len() {
+        let gi = g[i] * gs;
+        if i < n_decay {
+            p[i] = p[i] - wd * p[i];
+        }
+        m[i] = b1 * m[i] + (T::one() - b1) * gi;
+        v[i] = b2 * v[i] + (T::one() - b2) * gi * gi;
+        let mhat = m[i] / bc1;
+        let vhat = v[i] / bc2;
+        p[i] -= lr * mhat / (vhat.sqrt() + eps);
+    }
+}
+
+impl AdamWOps for Cpu {
+    fn adamw_step(
+        &self,
+        master: &mut Tensor<Cpu>,
+        working: Option<&mut Tensor<Cpu>>,
+        grad: &Tensor<Cpu>,
+        m: &mut Tensor<Cpu>,
+        v: &mut Tensor<Cpu>,
+        n_decay: usize,
+        hp: &AdamWHyper,
+    ) -> Result<()> {
+        check(master, working.as_deref(), grad, m, v, n_decay)?;
+        crate::cpu_compute!(master.dtype(), T => {
+            let g = rd::<T>(grad);
+            let (mut mm, mut vv) = (wr::<T>(m, true), wr::<T>(v, true));
+            let mut p = wr::<T>(master, true);
+            adamw_ref(&mut p, &g, &mut mm, &mut vv, hp, n_decay);
+            if let Some(w) = working {
+                wr::<T>(w, false).copy_from_slice(&p);
+            }
+        });
+        Ok(())
+    }
+    fn grad_sq_norm(&self, grad: &Tensor<Cpu>) -> Result<f64> {
+        Ok(rd::<f64>(grad).iter().map(|x| x * x).sum::<f64>())
+    }
+}

@@ -1,0 +1,181 @@
+//! AdamW (Loshchilov & Hutter; PyTorch's `torch.optim.AdamW` semantics) as one step over the flat parameter
+//! buffers (src/model/params.rs), and the global gradient norm as one reduction over the flat gradient.
+//!
+//! For each parameter element, with `g = grad·grad_scale` (`grad_scale` folds loss-scale removal and
+//! gradient clipping into one multiplier) and step `t ≥ 1`:
+//! ```text
+//! p ← p·(1 − lr·wd)            (only where decay: elements before `n_decay`)
+//! m ← β1·m + (1−β1)·g
+//! v ← β2·v + (1−β2)·g²
+//! p ← p − lr · (m / (1−β1ᵗ)) / (sqrt(v / (1−β2ᵗ)) + eps)
+//! working ← round(p)           (the bf16/f16 copy the forward pass uses, when there is one)
+//! ```
+//! The flat layout puts every tensor that decays (the weight matrices) before those that do not (biases,
+//! LayerNorm weights), so one boundary `n_decay` says which is which: no per-tensor table. The alignment gaps
+//! between tensors hold zeros in every buffer and stay zero. Master weights, moments and gradients are f32
+//! (f64 in the CPU gradient-check world).
+
+pub mod cpu;
+pub mod cuda;
+
+use crate::backend::BackendCore;
+use crate::kernel::{blocks, Launch};
+use crate::tensor::{DType, Tensor};
+use anyhow::{bail, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWHyper {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// 1-based step number (for bias correction).
+    pub step: u64,
+    /// Multiplier applied to every gradient before use (1/loss_scale × clip coefficient).
+    pub grad_scale: f64,
+}
+
+pub trait AdamWOps: BackendCore {
+    /// One AdamW step over flat buffers of n elements: `master` (f32; f64 on the CPU) updated, `working` (a
+    /// bf16/f16 copy the model computes with, if any) refreshed, `grad` read, moments `m`, `v` updated;
+    /// elements `0..n_decay` get weight decay.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_step(
+        &self,
+        master: &mut Tensor<Self>,
+        working: Option<&mut Tensor<Self>>,
+        grad: &Tensor<Self>,
+        m: &mut Tensor<Self>,
+        v: &mut Tensor<Self>,
+        n_decay: usize,
+        hp: &AdamWHyper,
+    ) -> Result<()>;
+    /// Σ g² over the whole buffer (f64 on the host). NaN/inf in any gradient makes the result non-finite.
+    fn grad_sq_norm(&self, grad: &Tensor<Self>) -> Result<f64>;
+}
+
+/// n after checking that every buffer has it and `n_decay ≤ n`.
+pub(crate) fn check<B: BackendCore>(
+    master: &Tensor<B>,
+    working: Option<&Tensor<B>>,
+    grad: &Tensor<B>,
+    m: &Tensor<B>,
+    v: &Tensor<B>,
+    n_decay: usize,
+) -> Result<usize> {
+    let n = master.numel();
+    for (what, t) in [("grad", grad), ("m", m), ("v", v)]
+        .into_iter()
+        .chain(working.map(|w| ("working copy", w)))
+    {
+        if t.numel() != n {
+            bail!(
+                "adamw_step: {what} {:?} does not match the parameters {:?}",
+                t.shape(),
+                master.shape()
+            );
+        }
+    }
+    if n_decay > n {
+        bail!("adamw_step: n_decay {n_decay} > {n} parameters");
+    }
+    Ok(n)
+}
+
+/// kernels/adamw.cu `AdamWParams`: device addresses (working 0: none), the element counts, the working copy's
+/// `dtype_code`, the hyperparameters (bias corrections precomputed).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AdamWParams {
+    pub master: u64,
+    pub working: u64,
+    pub grad: u64,
+    pub m: u64,
+    pub v: u64,
+    /// grad_sq_norm: the f32 accumulator (zero on entry)
+    pub out: u64,
+    pub n: u64,
+    pub n_decay: u64,
+    pub working_dt: i32,
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub wd: f32,
+    pub bc1: f32,
+    pub bc2: f32,
+    pub grad_scale: f32,
+    pub _pad: i32,
+}
+unsafe impl cudarc::driver::DeviceRepr for AdamWParams {}
+
+/// The AdamW step's launch: blocks of 256 threads striding over the elements (at most 2048 blocks).
+pub fn step_launch(mut p: AdamWParams, hp: &AdamWHyper) -> Launch<AdamWParams> {
+    p.lr = hp.lr as f32;
+    p.beta1 = hp.beta1 as f32;
+    p.beta2 = hp.beta2 as f32;
+    p.eps = hp.eps as f32;
+    p.wd = (hp.lr * hp.weight_decay) as f32;
+    p.bc1 = (1.0 - hp.beta1.powi(hp.step as i32)) as f32;
+    p.bc2 = (1.0 - hp.beta2.powi(hp.step as i32)) as f32;
+    p.grad_scale = hp.grad_scale as f32;
+    Launch {
+        module: "adamw",
+        name: "adamw_step".into(),
+        grid: (blocks(p.n as usize, 256 * 4).min(2048), 1, 1),
+        block: (256, 1, 1),
+        smem: 0,
+        params: p,
+    }
+}
+
+/// The squared norm's launch: blocks of 256 threads striding over `grad` (n f32), each adding its partial
+/// sum into the f32 at `out`.
+pub fn sq_norm_launch(grad: u64, out: u64, n: usize) -> Launch<AdamWParams> {
+    Launch {
+        module: "adamw",
+        name: "grad_sq_norm".into(),
+        grid: (blocks(n, 256 * 8).min(1024), 1, 1),
+        block: (256, 1, 1),
+        smem: 0,
+        params: AdamWParams {
+            grad,
+            out,
+            n: n as u64,
+            ..bytemuck::Zeroable::zeroed()
+        },
+    }
+}
+
+/// Master weights, gradients and moments must be f32 on CUDA.
+pub(crate) fn f32_only(ts: &[DType]) -> Result<()> {
+    if let Some(d) = ts.iter().find(|d| **d != DType::F32) {
+        bail!("adamw_step: master weights, gradients and moments must be f32 on CUDA, found {d}");
+    }
+    Ok(())
+}
+
+/// The parameter layout (checked against kernels/adamw.cu by tests/kernels_compile.rs).
+pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
+    vec![crate::param_layout!(AdamWParams {
+        master,
+        working,
+        grad,
+        m,
+        v,
+        out,
+        n,
+        n_decay,
+        working_dt,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        wd,
+        bc1,
+        bc2,
+        grad_scale,
+        _pad
+    })]
+}

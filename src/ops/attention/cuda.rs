@@ -1,0 +1,105 @@
+//! The CUDA launcher of the fused attention: the plan of mod.rs (variant from the backend's kernel
+//! configuration) with device addresses; the backward's scratch (D, and variant 4's f32 dQ accumulator) comes
+//! from the arena.
+
+use super::{dims, AttentionOps, AttnParams, AttnPlan, CUDA_HEAD_SIZES};
+use crate::cuda::Cuda;
+use crate::rng::Dropout;
+use crate::tensor::{DType, Tensor};
+use anyhow::{bail, Result};
+
+fn cuda_checks(op: &str, act: DType, others: &[DType], lse: DType, hs: usize) -> Result<()> {
+    if !CUDA_HEAD_SIZES.contains(&hs) {
+        bail!("{op}: head size {hs} has no CUDA kernel (supported: {CUDA_HEAD_SIZES:?})");
+    }
+    for d in others {
+        if *d != act {
+            bail!("{op}: activations must share one dtype ({act}), found {d}");
+        }
+    }
+    if lse != DType::F32 {
+        bail!("{op}: lse must be f32 on CUDA, found {lse}");
+    }
+    Ok(())
+}
+
+impl AttentionOps for Cuda {
+    fn attention_forward(
+        &self,
+        out: &mut Tensor<Cuda>,
+        lse: &mut Tensor<Cuda>,
+        qkv: &Tensor<Cuda>,
+        mask: &Tensor<Cuda>,
+        nh: usize,
+        drop: Dropout,
+    ) -> Result<()> {
+        let (b, t, _, hs) = dims("attention_forward", out, lse, qkv, mask, nh)?;
+        cuda_checks(
+            "attention_forward",
+            out.dtype(),
+            &[qkv.dtype()],
+            lse.dtype(),
+            hs,
+        )?;
+        let plan = AttnPlan::new(self.kernels(), out.dtype(), b, t, nh, hs, drop);
+        let ptr = AttnParams {
+            out: out.buf.ptr,
+            lse: lse.buf.ptr,
+            qkv: qkv.buf.ptr,
+            mask: mask.buf.ptr,
+            ..bytemuck::Zeroable::zeroed()
+        };
+        for l in plan.forward(ptr)? {
+            // SAFETY: shapes checked above; every address is a live buffer of this backend
+            unsafe { self.run(&l) }?;
+        }
+        Ok(())
+    }
+
+    fn attention_backward(
+        &self,
+        dqkv: &mut Tensor<Cuda>,
+        dout: &Tensor<Cuda>,
+        out: &Tensor<Cuda>,
+        lse: &Tensor<Cuda>,
+        qkv: &Tensor<Cuda>,
+        mask: &Tensor<Cuda>,
+        nh: usize,
+        drop: Dropout,
+    ) -> Result<()> {
+        let (b, t, _, hs) = dims("attention_backward", out, lse, qkv, mask, nh)?;
+        dout.expect("attention_backward: dout", out.shape())?;
+        dqkv.expect("attention_backward: dqkv", qkv.shape())?;
+        cuda_checks(
+            "attention_backward",
+            out.dtype(),
+            &[qkv.dtype(), dout.dtype(), dqkv.dtype()],
+            lse.dtype(),
+            hs,
+        )?;
+        let plan = AttnPlan::new(self.kernels(), out.dtype(), b, t, nh, hs, drop);
+        // D = dO·O (B,NH,T) and variant 4's f32 dQ accumulator (B,T,C), zeroed, from the arena
+        let dsum = Tensor::<Cuda>::zeros(self, &[b, nh, t], DType::F32)?;
+        let dq = if plan.needs_dq_accumulator() {
+            Some(Tensor::<Cuda>::zeros(self, &[b, t, nh * hs], DType::F32)?)
+        } else {
+            None
+        };
+        let ptr = AttnParams {
+            out: out.buf.ptr,
+            lse: lse.buf.ptr,
+            qkv: qkv.buf.ptr,
+            mask: mask.buf.ptr,
+            dout: dout.buf.ptr,
+            dqkv: dqkv.buf.ptr,
+            dsum: dsum.buf.ptr,
+            dqacc: dq.as_ref().map_or(0, |d| d.buf.ptr),
+            ..bytemuck::Zeroable::zeroed()
+        };
+        for l in plan.backward(ptr)? {
+            // SAFETY: shapes checked above; every address is a live buffer of this backend
+            unsafe { self.run(&l) }?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,374 @@
+//! Multi-head self-attention with a key padding mask and attention-probability dropout.
+//!
+//! Per batch b and head h, with q, k, v the head's slices of `qkv (B,T,3C)` (Q at column 0, K at C, V at 2C,
+//! head h at h·HS):
+//!   `s_ij = q_i·k_j / √HS` (−∞ where `mask[b,j] == 0`), `lse_i = log Σ_j e^{s_ij}`, `P_ij = e^{s_ij − lse_i}`,
+//!   `out_i = Σ_j P_ij·f_ij·v_j` with `f_ij` = [`Dropout::attn_factor`]`(b·NH + h, i, j, T)`.
+//! Saved for backward: `lse (B,NH,T)` only (f32; f64 in the f64 reference).
+//! Backward: `D_i = dO_i·O_i`, `dP_ij = (dO_i·v_j)·f_ij`, `dS_ij = P_ij (dP_ij − D_i)`,
+//!   `dv_j = Σ_i P_ij f_ij dO_i`, `dq_i = Σ_j dS_ij k_j / √HS`, `dk_j = Σ_i dS_ij q_i / √HS`.
+//! Padded query rows are computed like any other (their keys are the real ones), exactly as HF does.
+
+pub mod cpu;
+pub mod cuda;
+
+use crate::backend::BackendCore;
+use crate::kernel::{blocks, suffix, AttnKernel, KernelConfig, Launch, Tc4Shape};
+use crate::rng::Dropout;
+use crate::tensor::{DType, Tensor};
+use anyhow::{bail, Result};
+
+pub trait AttentionOps: BackendCore {
+    /// out (B,T,C), lse (B,NH,T) ← qkv (B,T,3C), mask (B,T) i32.
+    fn attention_forward(
+        &self,
+        out: &mut Tensor<Self>,
+        lse: &mut Tensor<Self>,
+        qkv: &Tensor<Self>,
+        mask: &Tensor<Self>,
+        nh: usize,
+        drop: Dropout,
+    ) -> Result<()>;
+
+    /// dqkv (B,T,3C) (overwritten) ← dout (B,T,C), out (B,T,C), lse (B,NH,T), qkv, mask.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dqkv: &mut Tensor<Self>,
+        dout: &Tensor<Self>,
+        out: &Tensor<Self>,
+        lse: &Tensor<Self>,
+        qkv: &Tensor<Self>,
+        mask: &Tensor<Self>,
+        nh: usize,
+        drop: Dropout,
+    ) -> Result<()>;
+}
+
+/// (B, T, C, HS) after shape checks.
+pub(crate) fn dims<B: BackendCore>(
+    op: &str,
+    out: &Tensor<B>,
+    lse: &Tensor<B>,
+    qkv: &Tensor<B>,
+    mask: &Tensor<B>,
+    nh: usize,
+) -> Result<(usize, usize, usize, usize)> {
+    if out.shape().len() != 3 {
+        bail!("{op}: out must be (B,T,C), found {:?}", out.shape());
+    }
+    let (b, t, c) = (out.shape()[0], out.shape()[1], out.shape()[2]);
+    if nh == 0 || c % nh != 0 {
+        bail!("{op}: hidden size {c} is not divisible by {nh} heads");
+    }
+    qkv.expect(&format!("{op}: qkv"), &[b, t, 3 * c])?;
+    lse.expect(&format!("{op}: lse"), &[b, nh, t])?;
+    mask.expect(&format!("{op}: attention_mask"), &[b, t])?;
+    mask.expect_dtype(&format!("{op}: attention_mask"), &[DType::I32])?;
+    Ok((b, t, c, c / nh))
+}
+
+/// The parameter struct of every attention kernel (kernels/attention.cu, attention_tc.cu `AttnParams`).
+/// Pointers are device addresses (0: unused by the launch). [`AttnPlan`] fills everything but the pointers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AttnParams {
+    /// (B,T,C) activation dtype
+    pub out: u64,
+    /// (B,NH,T) f32
+    pub lse: u64,
+    /// (B,T,3C)
+    pub qkv: u64,
+    /// (B,T) i32
+    pub mask: u64,
+    /// (B,T,C) backward only
+    pub dout: u64,
+    /// (B,T,3C) backward only
+    pub dqkv: u64,
+    /// (B,NH,T) f32 scratch, backward only
+    pub dsum: u64,
+    /// (B,T,C) f32 scratch, zero on entry, backward of variant 4 only
+    pub dqacc: u64,
+    pub seed: u64,
+    pub b: i32,
+    pub t: i32,
+    pub nh: i32,
+    pub hs: i32,
+    pub p: f32,
+    pub scale: f32,
+}
+
+unsafe impl cudarc::driver::DeviceRepr for AttnParams {}
+
+/// Head sizes the fused kernel is instantiated for.
+pub const CUDA_HEAD_SIZES: [usize; 4] = [16, 32, 64, 128];
+
+/// Head sizes of the tensor-core variant (kernels/attention_tc.cu; bf16/f16 only).
+pub const CUDA_TC_HEAD_SIZES: [usize; 3] = [32, 64, 128];
+
+/// The attention kernel that runs for `act` activations at head size `hs` under the configuration `k`: its
+/// tensor-core variant for bf16/f16 at a tensor-core head size, variant 1 (CUDA cores) for everything else
+/// (f32, other head sizes). (Variant 2, an earlier tensor-core version, was retired: docs/perf-log.md.)
+pub fn kernel_for(k: &KernelConfig, act: DType, hs: usize) -> AttnKernel {
+    let tc = matches!(act, DType::BF16 | DType::F16) && CUDA_TC_HEAD_SIZES.contains(&hs);
+    if tc {
+        k.attention
+    } else {
+        AttnKernel::V1
+    }
+}
+
+/// Name of a tensor-core kernel in kernels/attention_tc.cu: `attention_{kind}_{dtype}_hs{HS}`.
+fn tc_kernel(kind: &str, dtype: &str, hs: usize) -> String {
+    format!("attention_{kind}_{dtype}_hs{hs}")
+}
+
+/// Every entry point the tensor-core launchers can ask kernels/attention_tc.cu for (tests/kernels_compile.rs
+/// checks each is in the compiled PTX, so a name typo fails on a machine without a GPU).
+pub fn tc_entry_points() -> Vec<String> {
+    let mut names = Vec::new();
+    for dt in ["bf16", "f16"] {
+        for hs in CUDA_TC_HEAD_SIZES {
+            for kind in [
+                "tc3_forward",
+                "tc3_backward_kv",
+                "tc3_backward_q",
+                "tc4_forward",
+                "tc4_dsum",
+            ] {
+                names.push(tc_kernel(kind, dt, hs));
+            }
+            for shape in Tc4Shape::ALL {
+                names.push(tc_kernel(
+                    &format!("tc4_backward_{}", shape.tag().0),
+                    dt,
+                    hs,
+                ));
+            }
+        }
+        names.push(format!("attention_tc4_dq_store_{dt}"));
+    }
+    names
+}
+
+/// Dynamic shared memory (bytes) of the tensor-core kernels: (forward, backward dK/dV, backward dQ):
+/// 192 padded rows of HS+8 bf16 elements each, plus the key mask or the per-query lse and D.
+fn tc_smem(hs: usize) -> (u32, u32, u32) {
+    let rows = 192 * (hs + 8) * 2;
+    (
+        (rows + 64 * 4) as u32,
+        (rows + 32 * 8) as u32,
+        (rows + 32 * 4) as u32,
+    )
+}
+
+/// Dynamic shared memory (bytes) of variant 4's forward: Q (64 rows), two buffers each of K, V (64 rows) and
+/// the key mask.
+fn tc4_forward_smem(hs: usize) -> u32 {
+    ((64 + 4 * 64) * (hs + 8) * 2 + 2 * 64 * 4) as u32
+}
+
+/// Dynamic shared memory (bytes) of variant 4's backward with `nw` warps: K and V for 16·nw keys, two
+/// buffers each of Q and dO (32 queries), the dS tile (32 × (16·nw + 8)), two buffers each of lse and D.
+fn tc4_smem(hs: usize, nw: usize) -> u32 {
+    let (keys, bq, ld) = (16 * nw, 32, hs + 8);
+    (2 * keys * ld * 2 + 4 * bq * ld * 2 + bq * (keys + 8) * 2 + 4 * bq * 4) as u32
+}
+
+/// The shape and settings of one CUDA attention call: `act` the activation dtype, `kernel` the variant that
+/// runs ([`kernel_for`]).
+#[derive(Clone, Copy, Debug)]
+pub struct AttnPlan {
+    pub act: DType,
+    pub b: usize,
+    pub t: usize,
+    pub nh: usize,
+    pub hs: usize,
+    pub drop: Dropout,
+    pub kernel: AttnKernel,
+}
+
+impl AttnPlan {
+    /// The plan for the configuration `k`.
+    pub fn new(
+        k: &KernelConfig,
+        act: DType,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+        drop: Dropout,
+    ) -> AttnPlan {
+        AttnPlan {
+            act,
+            b,
+            t,
+            nh,
+            hs,
+            drop,
+            kernel: kernel_for(k, act, hs),
+        }
+    }
+
+    /// `ptr`'s pointers with this call's shape and dropout
+    fn params(&self, ptr: AttnParams) -> AttnParams {
+        AttnParams {
+            seed: self.drop.seed,
+            b: self.b as i32,
+            t: self.t as i32,
+            nh: self.nh as i32,
+            hs: self.hs as i32,
+            p: self.drop.p,
+            scale: 1.0 / (self.hs as f32).sqrt(),
+            ..ptr
+        }
+    }
+
+    /// The forward's launches: one kernel writing out and lse.
+    pub fn forward(&self, ptr: AttnParams) -> Result<Vec<Launch<AttnParams>>> {
+        let AttnPlan { b, t, nh, hs, .. } = *self;
+        let p = self.params(ptr);
+        let dt = suffix(self.act)?;
+        let one = |module, name, grid, smem| Launch {
+            module,
+            name,
+            grid,
+            block: (128, 1, 1),
+            smem,
+            params: p,
+        };
+        Ok(vec![match self.kernel {
+            AttnKernel::V4(_) => one(
+                "attention_tc",
+                tc_kernel("tc4_forward", dt, hs),
+                (blocks(t, 64), nh as u32, b as u32),
+                tc4_forward_smem(hs),
+            ),
+            AttnKernel::V3 => one(
+                "attention_tc",
+                tc_kernel("tc3_forward", dt, hs),
+                (blocks(t, 64), nh as u32, b as u32),
+                tc_smem(hs).0,
+            ),
+            AttnKernel::V1 => one(
+                "attention",
+                format!("attention_forward_{dt}_hs{hs}"),
+                (blocks(t, 32), nh as u32, b as u32),
+                0,
+            ),
+        }])
+    }
+
+    /// The backward's launches: D = dO·O into dsum, then dQ/dK/dV (variant 4: dQ through dqacc, which must be
+    /// zero on entry, and a final store).
+    pub fn backward(&self, ptr: AttnParams) -> Result<Vec<Launch<AttnParams>>> {
+        let AttnPlan { b, t, nh, hs, .. } = *self;
+        let p = self.params(ptr);
+        let dt = suffix(self.act)?;
+        let at = |module, name: String, grid, block, smem| Launch {
+            module,
+            name,
+            grid,
+            block,
+            smem,
+            params: p,
+        };
+        let mut v = vec![];
+        if let AttnKernel::V4(shape) = self.kernel {
+            if ptr.dqacc == 0 {
+                bail!("attention_backward: variant 4 needs the f32 dQ accumulator (B,T,C)");
+            }
+            // D with 16-byte loads: HS/8 (bf16/f16) threads per (row, head)
+            let threads = b * t * nh * (hs * self.act.size() / 16);
+            v.push(at(
+                "attention_tc",
+                tc_kernel("tc4_dsum", dt, hs),
+                (blocks(threads, 256), 1, 1),
+                (256, 1, 1),
+                0,
+            ));
+            let (cfg, nw) = shape.tag();
+            v.push(at(
+                "attention_tc",
+                tc_kernel(&format!("tc4_backward_{cfg}"), dt, hs),
+                (blocks(t, 16 * nw), nh as u32, b as u32),
+                ((32 * nw) as u32, 1, 1),
+                tc4_smem(hs, nw),
+            ));
+            let c = nh * hs;
+            v.push(at(
+                "attention_tc",
+                format!("attention_tc4_dq_store_{dt}"),
+                (blocks(b * t * c / 2, 256).min(65535 * 16), 1, 1),
+                (256, 1, 1),
+                0,
+            ));
+            return Ok(v);
+        }
+        v.push(at(
+            "attention",
+            format!("attention_dsum_{dt}_hs{hs}"),
+            (blocks(b * nh * t, 128), 1, 1),
+            (128, 1, 1),
+            0,
+        ));
+        if self.kernel == AttnKernel::V3 {
+            let grid = (blocks(t, 64), nh as u32, b as u32);
+            let (_, kv, q) = tc_smem(hs);
+            v.push(at(
+                "attention_tc",
+                tc_kernel("tc3_backward_kv", dt, hs),
+                grid,
+                (128, 1, 1),
+                kv,
+            ));
+            v.push(at(
+                "attention_tc",
+                tc_kernel("tc3_backward_q", dt, hs),
+                grid,
+                (128, 1, 1),
+                q,
+            ));
+            return Ok(v);
+        }
+        let grid = (blocks(t, 32), nh as u32, b as u32);
+        for kind in ["kv", "q"] {
+            v.push(at(
+                "attention",
+                format!("attention_backward_{kind}_{dt}_hs{hs}"),
+                grid,
+                (128, 1, 1),
+                0,
+            ));
+        }
+        Ok(v)
+    }
+}
+
+impl AttnPlan {
+    /// Whether the backward needs the f32 dQ accumulator `dqacc` (B,T,C), zero on entry (variant 4).
+    pub fn needs_dq_accumulator(&self) -> bool {
+        matches!(self.kernel, AttnKernel::V4(_))
+    }
+}
+
+/// The parameter layout (checked against kernels/attention.cu and attention_tc.cu by tests/kernels_compile.rs).
+pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
+    vec![crate::param_layout!(AttnParams {
+        out,
+        lse,
+        qkv,
+        mask,
+        dout,
+        dqkv,
+        dsum,
+        dqacc,
+        seed,
+        b,
+        t,
+        nh,
+        hs,
+        p,
+        scale
+    })]
+}

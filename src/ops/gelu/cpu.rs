@@ -1,0 +1,54 @@
+//! The CPU reference of GELU: the formula, element by element (in parallel chunks).
+
+use super::{check, GeluOps};
+use crate::cpu::{rd, wr, Cpu, Real};
+use crate::tensor::Tensor;
+use anyhow::Result;
+use rayon::prelude::*;
+
+pub fn gelu_ref<T: Real>(x: T) -> T {
+    let half = T::of(0.5);
+    half * x * (T::one() + (x * T::of(std::f64::consts::FRAC_1_SQRT_2)).erf())
+}
+
+pub fn gelu_grad_ref<T: Real>(x: T) -> T {
+    let half = T::of(0.5);
+    let cdf = half * (T::one() + (x * T::of(std::f64::consts::FRAC_1_SQRT_2)).erf());
+    let pdf = (-half * x * x).exp() * T::of(0.398_942_280_401_432_7);
+    cdf + x * pdf
+}
+
+impl GeluOps for Cpu {
+    fn gelu_forward(&self, out: &mut Tensor<Cpu>, inp: &Tensor<Cpu>) -> Result<()> {
+        check("gelu_forward", out, inp)?;
+        crate::cpu_compute!(out.dtype(), T => {
+            let x = rd::<T>(inp);
+            let mut o = wr::<T>(out, false);
+            o.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(o, x)| {
+                for (o, &x) in o.iter_mut().zip(x) {
+                    *o = gelu_ref(x);
+                }
+            });
+        });
+        Ok(())
+    }
+    fn gelu_backward(
+        &self,
+        dinp: &mut Tensor<Cpu>,
+        dout: &Tensor<Cpu>,
+        inp: &Tensor<Cpu>,
+    ) -> Result<()> {
+        check("gelu_backward", dinp, inp)?;
+        check("gelu_backward", dout, inp)?;
+        crate::cpu_compute!(dout.dtype(), T => {
+            let (x, dy) = (rd::<T>(inp), rd::<T>(dout));
+            let mut d = wr::<T>(dinp, false);
+            d.par_chunks_mut(4096).zip(dy.par_chunks(4096).zip(x.par_chunks(4096))).for_each(|(d, (dy, x))| {
+                for i in 0..d.len() {
+                    d[i] = dy[i] * gelu_grad_ref(x[i]);
+                }
+            });
+        });
+        Ok(())
+    }
+}
