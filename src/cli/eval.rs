@@ -2,11 +2,11 @@
 
 use crate::backend::Backend;
 use crate::cli::{on_device, precision_dtype, DeviceFn};
-use crate::data::features::{example_features, featurize, FeatureCfg};
+use crate::data::features::{example_features, FeatureCfg};
 use crate::data::squad::{Context as SquadContext, Dataset, Example};
 use crate::data::tokenizer;
 use crate::eval::postprocess::{postprocess, PostCfg};
-use crate::eval::run::{predict, score, write_predictions};
+use crate::eval::run::{predict_streaming, score, write_predictions};
 use crate::model::bert::BertQa;
 use crate::model::checkpoint;
 use anyhow::Result;
@@ -104,15 +104,13 @@ impl DeviceFn<()> for EvalJob<'_> {
         if let Some(n) = a.max_examples {
             ds.truncate(n);
         }
-        let t0 = Instant::now();
-        let feats = featurize(&ds, &tok, &a.opts.features(), false)?;
-        let t_feat = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let preds = predict(
+        let (preds, n_windows) = predict_streaming(
             be,
             &model,
             &ds,
-            &feats.features,
+            &tok,
+            &a.opts.features(),
             a.batch_size,
             &a.opts.post(),
             true,
@@ -120,9 +118,9 @@ impl DeviceFn<()> for EvalJob<'_> {
         let t_model = t1.elapsed().as_secs_f64();
         write_predictions(&a.output_dir, &preds, a.opts.version_2_with_negative)?;
         eprintln!(
-            "{} questions, {} windows: featurize {t_feat:.1}s, model+postprocess {t_model:.1}s ({:.1} questions/s); predictions in {}",
+            "{} questions, {} windows: tokenize+model+postprocess {t_model:.1}s ({:.1} questions/s); predictions in {}",
             ds.examples.len(),
-            feats.features.len(),
+            n_windows,
             ds.examples.len() as f64 / t_model,
             a.output_dir.display()
         );

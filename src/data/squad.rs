@@ -44,29 +44,51 @@ struct RawAnswer {
 #[derive(Debug)]
 pub struct Context {
     pub text: String,
-    /// byte offset of each code point, plus the total length at the end
-    pub char_to_byte: Vec<usize>,
+    /// byte offset of every `CHAR_STRIDE`-th code point (a sparse index: 8 bytes per 64 characters instead
+    /// of per character, which mattered for very long contexts)
+    marks: Vec<usize>,
+    num_chars: usize,
     pub title: String,
 }
 
+const CHAR_STRIDE: usize = 64;
+
 impl Context {
     pub fn new(text: String, title: String) -> Self {
-        let mut char_to_byte: Vec<usize> = text.char_indices().map(|(b, _)| b).collect();
-        char_to_byte.push(text.len());
+        let mut marks = Vec::with_capacity(text.len() / CHAR_STRIDE + 1);
+        let mut n = 0;
+        for (k, (b, _)) in text.char_indices().enumerate() {
+            if k % CHAR_STRIDE == 0 {
+                marks.push(b);
+            }
+            n += 1;
+        }
         Context {
             text,
-            char_to_byte,
+            marks,
+            num_chars: n,
             title,
         }
     }
     pub fn num_chars(&self) -> usize {
-        self.char_to_byte.len() - 1
+        self.num_chars
+    }
+    /// Byte offset of code point `c` (≤ num_chars).
+    fn byte_of(&self, c: usize) -> usize {
+        if c >= self.num_chars {
+            return self.text.len();
+        }
+        let base = self.marks[c / CHAR_STRIDE];
+        match self.text[base..].char_indices().nth(c % CHAR_STRIDE) {
+            Some((b, _)) => base + b,
+            None => self.text.len(),
+        }
     }
     /// The substring of code points [start, end), clamped.
     pub fn slice(&self, start: usize, end: usize) -> &str {
         let n = self.num_chars();
         let (s, e) = (start.min(n), end.min(n).max(start.min(n)));
-        &self.text[self.char_to_byte[s]..self.char_to_byte[e]]
+        &self.text[self.byte_of(s)..self.byte_of(e)]
     }
 }
 
