@@ -3,7 +3,7 @@
 //! Character positions are Python string indices (Unicode code points), as in the official files; contexts
 //! keep a code-point → byte table so that spans map back to `&str` slices.
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use serde::Deserialize;
 use std::path::Path;
 use std::sync::Arc;
@@ -38,6 +38,10 @@ struct RawQa {
 struct RawAnswer {
     text: String,
     answer_start: i64,
+}
+
+fn path_of((a, p, q): (usize, usize, usize)) -> String {
+    format!("data[{a}].paragraphs[{p}].qas[{q}]")
 }
 
 /// A paragraph's text with a code-point index.
@@ -121,6 +125,8 @@ pub struct Dataset {
     pub num_paragraphs: usize,
     /// ids of examples whose answer_start does not point at the answer text
     pub misaligned: Vec<String>,
+    /// (article, paragraph, question) indices of each example in the file, for messages (see `json_path`)
+    pub locations: Vec<(usize, usize, usize)>,
 }
 
 impl Dataset {
@@ -138,11 +144,24 @@ impl Dataset {
         })?;
         let mut examples = Vec::new();
         let mut misaligned = Vec::new();
+        let mut locations = Vec::new();
+        let mut seen: std::collections::HashMap<String, (usize, usize, usize)> =
+            std::collections::HashMap::new();
         let mut np = 0;
-        for art in raw.data {
-            for para in art.paragraphs {
+        for (ai, art) in raw.data.into_iter().enumerate() {
+            for (pi, para) in art.paragraphs.into_iter().enumerate() {
                 let ctx = Arc::new(Context::new(para.context, art.title.clone()));
-                for qa in para.qas {
+                for (qi, qa) in para.qas.into_iter().enumerate() {
+                    if let Some(&first) = seen.get(&qa.id) {
+                        bail!(
+                            "{origin}: {}: duplicate question id {:?} (first at {}): ids must be unique, \
+                             predictions are keyed by them",
+                            path_of((ai, pi, qi)),
+                            qa.id,
+                            path_of(first)
+                        );
+                    }
+                    seen.insert(qa.id.clone(), (ai, pi, qi));
                     let mut answers = Vec::with_capacity(qa.answers.len());
                     for a in &qa.answers {
                         answers.push(Answer {
@@ -160,6 +179,7 @@ impl Dataset {
                     if !aligned {
                         misaligned.push(qa.id.clone());
                     }
+                    locations.push((ai, pi, qi));
                     examples.push(Example {
                         id: qa.id,
                         question: qa.question,
@@ -173,12 +193,88 @@ impl Dataset {
                 np += 1;
             }
         }
+        if examples.is_empty() {
+            bail!(
+                "{origin}: no questions (\"data\" has {np} paragraphs and no \"qas\" entries{}): not a usable SQuAD file",
+                if np == 0 { ", it is empty" } else { "" }
+            );
+        }
         Ok(Dataset {
             version: raw.version,
             examples,
             num_paragraphs: np,
             misaligned,
+            locations,
         })
+    }
+
+    /// The JSON path of example `i` in its file, e.g. `data[0].paragraphs[1].qas[2]`.
+    pub fn json_path(&self, i: usize) -> String {
+        self.locations
+            .get(i)
+            .map(|&l| path_of(l))
+            .unwrap_or_else(|| format!("question {i}"))
+    }
+
+    /// Whether the file is SQuAD v2.0: its "version" says 2.x, or some question is marked `is_impossible`.
+    /// (`bertqa score`, `eval` and `train` then score as v2.0 even without --version-2-with-negative.)
+    pub fn is_v2(&self) -> bool {
+        let v = self.version.as_deref().unwrap_or("");
+        v.starts_with('2') || v.starts_with("v2") || self.examples.iter().any(|e| e.is_impossible)
+    }
+
+    /// Questions without an answer: `is_impossible`, or no (or an empty) "answers" list.
+    pub fn unanswerable_count(&self) -> usize {
+        self.examples
+            .iter()
+            .filter(|e| e.is_impossible || e.answers.is_empty())
+            .count()
+    }
+
+    /// For a training file read as SQuAD v1.1: a warning when some questions have no answer (they are
+    /// trained to point at \[CLS\], as v2.0 "no answer"), with the count and the first ids.
+    pub fn unanswerable_report(&self) -> Option<String> {
+        let n = self.unanswerable_count();
+        if n == 0 {
+            return None;
+        }
+        let first: Vec<&str> = self
+            .examples
+            .iter()
+            .filter(|e| e.is_impossible || e.answers.is_empty())
+            .take(5)
+            .map(|e| e.id.as_str())
+            .collect();
+        Some(format!(
+            "{n} of {} questions have no answer (is_impossible, or empty \"answers\"), e.g. {}: they are \
+             trained to point at [CLS] (SQuAD v2.0's \"no answer\") although the file is read as v1.1",
+            self.examples.len(),
+            first.join(", ")
+        ))
+    }
+
+    /// Error unless every question can be scored: at least one gold answer, except questions marked
+    /// `is_impossible` in SQuAD v2.0. Names the file, JSON path and id of the first that cannot.
+    pub fn check_evaluable(&self, version_2: bool, origin: &str) -> Result<()> {
+        if let Some(i) = self
+            .examples
+            .iter()
+            .position(|e| e.answers.is_empty() && !(version_2 && e.is_impossible))
+        {
+            let e = &self.examples[i];
+            bail!(
+                "{origin}: {} (id {:?}): no gold answers (\"answers\" is missing or empty){}; an evaluation \
+                 file needs at least one answer per question, or \"is_impossible\": true in SQuAD v2.0",
+                self.json_path(i),
+                e.id,
+                if e.is_impossible {
+                    " and it is marked is_impossible, but the file is evaluated as v1.1"
+                } else {
+                    ""
+                }
+            );
+        }
+        Ok(())
     }
 
     /// A one-line account of misaligned answers (count and the first few ids), if any.
@@ -197,6 +293,7 @@ impl Dataset {
     /// Keep the first `n` examples.
     pub fn truncate(&mut self, n: usize) {
         self.examples.truncate(n);
+        self.locations.truncate(n);
     }
 }
 

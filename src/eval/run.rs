@@ -225,6 +225,26 @@ pub fn write_predictions(dir: &Path, p: &Predictions, version_2: bool) -> Result
     Ok(())
 }
 
+/// Whether to score `ds` as SQuAD v2.0: `flag` (--version-2-with-negative), or the file itself says so
+/// ([`Dataset::is_v2`]: version 2.x, or questions marked is_impossible) — then a note on stderr says that it
+/// is scored as v2.0. `bertqa score`, `eval` and `train` (its dev file) all decide this way.
+pub fn resolve_version_2(ds: &Dataset, origin: &Path, flag: bool) -> bool {
+    if flag {
+        return true;
+    }
+    if ds.is_v2() {
+        let n = ds.examples.iter().filter(|e| e.is_impossible).count();
+        eprintln!(
+            "note: {} is SQuAD v2.0 (version {:?}, {n} questions marked is_impossible): scoring as v2.0 \
+             (as with --version-2-with-negative)",
+            origin.display(),
+            ds.version.as_deref().unwrap_or("not given")
+        );
+        return true;
+    }
+    false
+}
+
 /// Metrics of predictions against a dataset, as the JSON the commands print.
 pub fn score(
     ds: &Dataset,
