@@ -322,4 +322,92 @@ mod tests {
         assert_eq!(d.misaligned, vec!["b".to_string()]);
         assert_eq!(d.examples[0].context.slice(6, 11), "wörld");
     }
+    fn file(qas: &str, version: &str) -> String {
+        format!(
+            r#"{{"version":"{version}","data":[{{"title":"t","paragraphs":[{{"context":"the old king","qas":[{qas}]}}]}}]}}"#
+        )
+    }
+    const HAS: &str = r#"{"id":"has","question":"q","answers":[{"text":"king","answer_start":8}]}"#;
+
+    #[test]
+    fn unanswerable_questions_are_counted_and_reported() {
+        let d = Dataset::parse(&file(HAS, "1.1"), "t").unwrap();
+        assert_eq!(d.unanswerable_count(), 0);
+        assert!(d.unanswerable_report().is_none());
+        assert!(!d.is_v2());
+        let qas = format!(
+            r#"{HAS},{{"id":"e","question":"q","answers":[]}},{{"id":"m","question":"q"}},{{"id":"i","question":"q","answers":[],"is_impossible":true}}"#
+        );
+        let d = Dataset::parse(&file(&qas, "1.1"), "t").unwrap();
+        assert_eq!(d.unanswerable_count(), 3);
+        let r = d.unanswerable_report().unwrap();
+        assert!(
+            r.starts_with("3 of 4 questions") && r.contains("e, m, i"),
+            "{r}"
+        );
+        // is_impossible makes it v2.0 whatever the version says; so does the version
+        assert!(d.is_v2());
+        assert!(Dataset::parse(&file(HAS, "v2.0"), "t").unwrap().is_v2());
+    }
+
+    #[test]
+    fn evaluation_needs_gold_answers() {
+        let qas = format!(r#"{HAS},{{"id":"i","question":"q","answers":[],"is_impossible":true}}"#);
+        let d = Dataset::parse(&file(&qas, "v2.0"), "f.json").unwrap();
+        d.check_evaluable(true, "f.json").unwrap();
+        let e = d.check_evaluable(false, "f.json").unwrap_err().to_string();
+        assert!(
+            e.contains("f.json: data[0].paragraphs[0].qas[1] (id \"i\")"),
+            "{e}"
+        );
+        let d = Dataset::parse(
+            &file(&format!(r#"{HAS},{{"id":"m","question":"q"}}"#), "v2.0"),
+            "f",
+        )
+        .unwrap();
+        assert!(
+            d.check_evaluable(true, "f").is_err(),
+            "answerable without answers"
+        );
+    }
+
+    #[test]
+    fn duplicate_ids_and_empty_files_are_errors() {
+        let e = Dataset::parse(&file(&format!("{HAS},{HAS}"), "1.1"), "d.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("d.json: data[0].paragraphs[0].qas[1]: duplicate question id \"has\"")
+                && e.contains("first at data[0].paragraphs[0].qas[0]"),
+            "{e}"
+        );
+        let e = Dataset::parse(r#"{"data":[]}"#, "z.json")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("z.json: no questions"), "{e}");
+    }
+
+    #[test]
+    fn slices_use_code_points_across_index_marks() {
+        let text: String = (0..300)
+            .map(|i| if i % 7 == 0 { 'é' } else { 'a' })
+            .collect();
+        let c = Context::new(text.clone(), String::new());
+        let chars: Vec<char> = text.chars().collect();
+        assert_eq!(c.num_chars(), 300);
+        for (s, e) in [
+            (0, 0),
+            (0, 300),
+            (63, 65),
+            (64, 128),
+            (127, 250),
+            (299, 400),
+            (350, 360),
+        ] {
+            let want: String = chars[s.min(300)..e.min(300).max(s.min(300))]
+                .iter()
+                .collect();
+            assert_eq!(c.slice(s, e), want, "{s}..{e}");
+        }
+    }
 }
