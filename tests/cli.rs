@@ -568,14 +568,11 @@ fn a_v2_file_is_detected_and_scored_as_v2() {
     let (ctx, ans) = context_and_answers(30, 1, 0);
     let data = t.join("v2.json");
     // no "version" at all: the is_impossible questions decide
-    let paras = vec![(
-        ctx,
-        vec![
-            qa("has", &[(&ans[0].0, ans[0].1)], Some(false)),
-            qa("none", &[], Some(true)),
-        ],
-    )];
-    let v = json!({"data": [{"title": "t", "paragraphs": paras.iter().map(|(c, q)| json!({"context": c, "qas": q})).collect::<Vec<_>>()}]});
+    let qas = vec![
+        qa("has", &[(&ans[0].0, ans[0].1)], Some(false)),
+        qa("none", &[], Some(true)),
+    ];
+    let v = json!({"data": [{"title": "t", "paragraphs": [{"context": ctx, "qas": qas}]}]});
     std::fs::write(&data, v.to_string()).unwrap();
     let out = t.join("o");
     let o = eval(&model, &data, &out, &[]);

@@ -261,7 +261,7 @@ proptest! {
         let p = pack(&refs, Some(r));
         let longest = *lens.iter().max().unwrap();
         prop_assert!(p.t >= longest && p.t <= t);
-        prop_assert!(p.t % r == 0 || p.t == t);
+        prop_assert!(p.t.is_multiple_of(r) || p.t == t);
         for (b, f) in feats.iter().enumerate() {
             prop_assert_eq!(&p.ids[b * p.t..(b + 1) * p.t], &f.input_ids[..p.t]);
             prop_assert_eq!(&p.mask[b * p.t..(b + 1) * p.t], &f.attention_mask[..p.t]);
