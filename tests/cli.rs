@@ -810,6 +810,17 @@ fn predict_without_a_valid_span_says_there_is_no_answer() {
     );
     // an empty context has nothing to answer from
     fails(&predict(&model, "  ", &[]), &["--context"]);
+    // eval says how many questions had no valid span (they are answered with the empty string)
+    let data = t.join("dev.json");
+    tiny_squad(&data, 2, 3);
+    let o = eval(
+        &model,
+        &data,
+        &t.join("o"),
+        &["--n-best-size", "1", "--max-answer-length", "1"],
+    );
+    last_json(&ok(&o));
+    assert!(stderr(&o).contains("had no valid span"), "{}", stderr(&o));
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -216,6 +216,13 @@ impl DeviceFn<()> for EvalJob<'_> {
             ds.examples.len() as f64 / t_model.max(1e-9),
             a.output_dir.display()
         );
+        if !preds.no_valid_span.is_empty() {
+            eprintln!(
+                "{} questions had no valid span in any window (answered with the empty string), e.g. {}",
+                preds.no_valid_span.len(),
+                preds.no_valid_span[..preds.no_valid_span.len().min(5)].join(", ")
+            );
+        }
         let m = score(&ds, &preds.answers, Some(&preds.null_odds), v2);
         println!("{}", serde_json::to_string(&m)?);
         Ok(())

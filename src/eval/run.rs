@@ -115,7 +115,7 @@ pub fn predict_streaming<B: Backend>(
     let batch_size = batch_size.max(1);
     let mut out = Predictions::new();
     let mut fwd = WindowForward::new(model);
-    let mut pending: Vec<Feature> = Vec::with_capacity(batch_size);
+    let mut pending: Vec<Feature> = Vec::with_capacity(batch_size.min(1024));
     // examples (index, accumulator) whose windows are queued or done, in dataset order
     let mut open: std::collections::VecDeque<(usize, SpanAccumulator)> = Default::default();
     let mut total_windows = 0usize;
