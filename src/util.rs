@@ -43,3 +43,91 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
+
+/// Error if `out` exists and is not an empty directory, unless `force` (the flag to name is `--force`).
+pub fn check_output_dir(out: &Path, force: bool) -> Result<()> {
+    if !out.exists() || force {
+        return Ok(());
+    }
+    if !out.is_dir() {
+        anyhow::bail!(
+            "--output {} exists and is not a directory; pass --force to replace it",
+            out.display()
+        );
+    }
+    let mut names: Vec<String> = std::fs::read_dir(out)
+        .with_context(|| format!("reading {}", out.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort();
+    let more = if names.len() > 4 {
+        format!(", … ({} entries)", names.len())
+    } else {
+        String::new()
+    };
+    names.truncate(4);
+    anyhow::bail!(
+        "--output {} is not empty (holds {}{more}); refusing to overwrite it: choose another directory, \
+         or pass --force to replace it",
+        out.display(),
+        names.join(", ")
+    )
+}
+
+/// Build a directory in a temporary sibling of `out` with `build`, then put it in place of `out`: the old
+/// `out` (if any) is moved aside and removed only once the new one is in place, so an error or a crash
+/// part-way never leaves `out` half-written (the temporary directory is removed on error).
+pub fn replace_dir(out: &Path, build: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let name = out
+        .file_name()
+        .and_then(|s| s.to_str())
+        .filter(|s| !s.is_empty() && *s != "." && *s != "..")
+        .ok_or_else(|| anyhow::anyhow!("--output {}: needs a directory name", out.display()))?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    let pid = std::process::id();
+    let tmp = parent.join(format!(".{name}.tmp-{pid}"));
+    let old = parent.join(format!(".{name}.old-{pid}"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    if let Err(e) = build(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let had_old = out.exists();
+    if had_old {
+        if let Err(e) = std::fs::rename(out, &old) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e).with_context(|| format!("moving {} aside", out.display()));
+        }
+    }
+    if let Err(e) = std::fs::rename(&tmp, out) {
+        if had_old {
+            let _ = std::fs::rename(&old, out);
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()));
+    }
+    if had_old {
+        if old.is_dir() {
+            std::fs::remove_dir_all(&old)
+        } else {
+            std::fs::remove_file(&old)
+        }
+        .with_context(|| {
+            format!(
+                "removing the previous {} (now {})",
+                out.display(),
+                old.display()
+            )
+        })?;
+    }
+    Ok(())
+}

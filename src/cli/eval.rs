@@ -1,17 +1,17 @@
 //! `bertqa eval` and `bertqa predict`.
 
 use crate::cli::{on_device, precision_dtype, DeviceFn};
-use crate::data::features::{example_features, featurize, FeatureCfg};
+use crate::data::features::FeatureCfg;
 use crate::data::squad::{Context as SquadContext, Dataset, Example};
 use crate::data::tokenizer;
-use crate::eval::postprocess::{postprocess, PostCfg};
-use crate::eval::run::{predict, score, write_predictions};
+use crate::eval::postprocess::PostCfg;
+use crate::eval::run::{predict_streaming, resolve_version_2, score, write_predictions};
 use crate::model::bert::BertQa;
 use crate::model::checkpoint;
 use crate::ops::Backend;
-use anyhow::Result;
+use anyhow::{anyhow, bail, Result};
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -41,6 +41,66 @@ pub struct EvalOpts {
 }
 
 impl EvalOpts {
+    /// The checks of the options shared by `eval`, `predict` and `train` (train's own validation calls this
+    /// too). The window budget — context tokens per window — is `max_seq_length − max_query_length − 3`
+    /// (\[CLS\] question \[SEP\] context \[SEP\]); consecutive windows start `budget − doc_stride` tokens
+    /// apart, so `doc_stride` must be below the budget (at or above it every window would start one token
+    /// after the previous one).
+    pub fn validate(&self) -> Result<()> {
+        for (flag, v) in [
+            ("--max-seq-length", self.max_seq_length),
+            ("--max-query-length", self.max_query_length),
+            ("--n-best-size", self.n_best_size),
+            ("--max-answer-length", self.max_answer_length),
+        ] {
+            if v == 0 {
+                bail!("{flag} must be ≥ 1 (got 0)");
+            }
+        }
+        let budget = self
+            .max_seq_length
+            .checked_sub(self.max_query_length + 3)
+            .filter(|&b| b > 0)
+            .ok_or_else(|| {
+                anyhow!(
+                    "--max-query-length ({}) leaves no room for the context in --max-seq-length ({}): \
+                     [CLS] question [SEP] context [SEP] needs max_seq_length ≥ max_query_length + 4",
+                    self.max_query_length,
+                    self.max_seq_length
+                )
+            })?;
+        if self.doc_stride >= budget {
+            bail!(
+                "--doc-stride ({}) must be below the window budget of {budget} context tokens \
+                 (--max-seq-length {} − --max-query-length {} − 3): windows overlap by doc_stride tokens, \
+                 so at or above the budget each would start one token after the previous one",
+                self.doc_stride,
+                self.max_seq_length,
+                self.max_query_length
+            );
+        }
+        if !self.null_score_diff_threshold.is_finite() {
+            bail!(
+                "--null-score-diff-threshold must be a finite number (got {})",
+                self.null_score_diff_threshold
+            );
+        }
+        Ok(())
+    }
+
+    /// Error if the windows are longer than the model's position table.
+    pub fn check_model(&self, cfg: &crate::model::BertConfig, model_dir: &Path) -> Result<()> {
+        if self.max_seq_length > cfg.max_position_embeddings {
+            bail!(
+                "--max-seq-length {} is longer than {}'s position table (max_position_embeddings {})",
+                self.max_seq_length,
+                model_dir.display(),
+                cfg.max_position_embeddings
+            );
+        }
+        Ok(())
+    }
+
     pub fn features(&self) -> FeatureCfg {
         FeatureCfg {
             max_seq_length: self.max_seq_length,
@@ -83,63 +143,96 @@ pub struct EvalArgs {
 /// A QA model directory and its tokenizer, weights in the `--precision` dtype.
 fn load_qa_model<B: Backend>(
     be: &B,
-    dir: &std::path::Path,
+    dir: &Path,
     precision: &str,
+    opts: &EvalOpts,
 ) -> Result<(BertQa<B>, tokenizer::WordPieceTokenizer)> {
     let dt = precision_dtype(be, precision)?;
     let (cfg, params, rep) = checkpoint::load(be, dir, dt, 0)?;
+    opts.check_model(&cfg, dir)?;
     if rep.qa_head_initialised {
         eprintln!(
             "warning: {} has no qa_outputs: the span head is random, scores will be near zero",
             dir.display()
         );
     }
-    Ok((BertQa::new(cfg, params), tokenizer::load(dir)?))
+    let tok = tokenizer::load(dir)?;
+    tok.check_fits(cfg.vocab_size, &dir.display().to_string())?;
+    Ok((BertQa::new(cfg, params), tok))
+}
+
+impl EvalArgs {
+    pub fn validate(&self) -> Result<()> {
+        self.opts.validate()?;
+        if self.batch_size == 0 {
+            bail!("--batch-size must be ≥ 1 (got 0)");
+        }
+        if self.max_examples == Some(0) {
+            bail!("--max-examples 0 leaves no question to evaluate");
+        }
+        Ok(())
+    }
+}
+
+/// The evaluation set: loaded, truncated to `max_examples`, checked to be scorable; and whether it is
+/// scored as SQuAD v2.0 (the flag, or detected from the file with a note on stderr).
+pub fn load_eval_set(
+    path: &Path,
+    max_examples: Option<usize>,
+    version_2_flag: bool,
+) -> Result<(Dataset, bool)> {
+    let mut ds = Dataset::load(path)?;
+    if let Some(n) = max_examples {
+        ds.truncate(n);
+    }
+    let v2 = resolve_version_2(&ds, path, version_2_flag);
+    ds.check_evaluable(v2, &path.display().to_string())?;
+    Ok((ds, v2))
 }
 
 struct EvalJob<'a>(&'a EvalArgs);
 impl DeviceFn<()> for EvalJob<'_> {
     fn call<B: Backend>(self, be: &B) -> Result<()> {
         let a = self.0;
-        let (model, tok) = load_qa_model(be, &a.model, &a.precision)?;
-        let mut ds = Dataset::load(&a.dev_file)?;
-        if let Some(n) = a.max_examples {
-            ds.truncate(n);
-        }
-        let t0 = Instant::now();
-        let feats = featurize(&ds, &tok, &a.opts.features(), false)?;
-        let t_feat = t0.elapsed().as_secs_f64();
+        let (ds, v2) = load_eval_set(&a.dev_file, a.max_examples, a.opts.version_2_with_negative)?;
+        let mut opts = a.opts.clone();
+        opts.version_2_with_negative = v2;
+        let (model, tok) = load_qa_model(be, &a.model, &a.precision, &opts)?;
         let t1 = Instant::now();
-        let preds = predict(
+        let (preds, n_windows) = predict_streaming(
             be,
             &model,
             &ds,
-            &feats.features,
+            &tok,
+            &opts.features(),
             a.batch_size,
-            &a.opts.post(),
+            &opts.post(),
             true,
         )?;
         let t_model = t1.elapsed().as_secs_f64();
-        write_predictions(&a.output_dir, &preds, a.opts.version_2_with_negative)?;
+        write_predictions(&a.output_dir, &preds, v2)?;
         eprintln!(
-            "{} questions, {} windows: featurize {t_feat:.1}s, model+postprocess {t_model:.1}s ({:.1} questions/s); predictions in {}",
+            "{} questions, {} windows: tokenize+model+postprocess {t_model:.1}s ({:.1} questions/s); predictions in {}",
             ds.examples.len(),
-            feats.features.len(),
-            ds.examples.len() as f64 / t_model,
+            n_windows,
+            ds.examples.len() as f64 / t_model.max(1e-9),
             a.output_dir.display()
         );
-        let m = score(
-            &ds,
-            &preds.answers,
-            Some(&preds.null_odds),
-            a.opts.version_2_with_negative,
-        );
+        if !preds.no_valid_span.is_empty() {
+            eprintln!(
+                "{} questions had no valid span in any window (answered with the empty string), e.g. {}",
+                preds.no_valid_span.len(),
+                preds.no_valid_span[..preds.no_valid_span.len().min(5)].join(", ")
+            );
+        }
+        let m = score(&ds, &preds.answers, Some(&preds.null_odds), v2);
         println!("{}", serde_json::to_string(&m)?);
         Ok(())
     }
 }
 
 pub fn run_eval(a: &EvalArgs) -> Result<()> {
+    a.validate()?;
     on_device(&a.opts.device, &a.opts.kernels, EvalJob(a))
 }
 
@@ -161,7 +254,10 @@ struct PredictJob<'a>(&'a PredictArgs);
 impl DeviceFn<()> for PredictJob<'_> {
     fn call<B: Backend>(self, be: &B) -> Result<()> {
         let a = self.0;
-        let (model, tok) = load_qa_model(be, &a.model, &a.precision)?;
+        let (model, tok) = load_qa_model(be, &a.model, &a.precision, &a.opts)?;
+        if tok.encode(&a.context)?.ids.is_empty() {
+            bail!("--context has no tokens (it is empty or only whitespace/control characters)");
+        }
         let ctx = Arc::new(SquadContext::new(a.context.clone(), String::new()));
         let ex = Example {
             id: "q".into(),
@@ -177,21 +273,61 @@ impl DeviceFn<()> for PredictJob<'_> {
             examples: vec![ex],
             num_paragraphs: 1,
             misaligned: vec![],
+            locations: vec![(0, 0, 0)],
         };
-        let q = tok.encode(&a.question)?;
-        let c = tok.encode(&a.context)?;
-        let feats = example_features(0, &ds.examples[0], &q, &c, &tok, &a.opts.features(), false)?;
-        let (s, e) = crate::eval::run::logits_for(be, &model, &feats, 16, None)?;
-        let p = postprocess(&ds, &feats, &s, &e, &a.opts.post());
-        let best = &p.nbest["q"][0];
-        println!(
-            "{}",
-            serde_json::json!({"answer": p.answers["q"], "score": best.start_logit + best.end_logit, "probability": best.probability, "char_start": best.char_start, "char_end": best.char_end})
-        );
+        let (p, _) = predict_streaming(
+            be,
+            &model,
+            &ds,
+            &tok,
+            &a.opts.features(),
+            16,
+            &a.opts.post(),
+            false,
+        )?;
+        let nbest = p
+            .nbest
+            .get("q")
+            .ok_or_else(|| anyhow!("no prediction was made"))?;
+        let out = if p.no_valid_span.iter().any(|id| id == "q") {
+            serde_json::json!({
+                "answer": null,
+                "no_answer": true,
+                "reason": format!(
+                    "no valid span: none of the {} best start and end positions form a span of at most {} tokens inside the context (--n-best-size, --max-answer-length)",
+                    a.opts.n_best_size, a.opts.max_answer_length
+                ),
+            })
+        } else {
+            let best = &nbest[0];
+            let score = best.start_logit + best.end_logit;
+            if !score.is_finite() || !best.probability.is_finite() {
+                bail!(
+                    "{}: the model produced non-finite logits (score {score}); its weights or --precision overflow",
+                    a.model.display()
+                );
+            }
+            let text = &p.answers["q"];
+            let v2_null = a.opts.version_2_with_negative && text.is_empty();
+            let mut o = serde_json::json!({
+                "answer": if v2_null { serde_json::Value::Null } else { serde_json::json!(text) },
+                "no_answer": v2_null,
+                "score": score,
+                "probability": best.probability,
+                "char_start": best.char_start,
+                "char_end": best.char_end,
+            });
+            if let Some(d) = p.null_odds.get("q").filter(|d| d.is_finite()) {
+                o["null_score_diff"] = serde_json::json!(d);
+            }
+            o
+        };
+        println!("{out}");
         Ok(())
     }
 }
 
 pub fn run_predict(a: &PredictArgs) -> Result<()> {
+    a.opts.validate()?;
     on_device(&a.opts.device, &a.opts.kernels, PredictJob(a))
 }

@@ -2,7 +2,7 @@
 //! e.g. BERT-base shapes without a pretrained checkpoint).
 
 use crate::model::{checkpoint, BertConfig};
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -25,12 +25,22 @@ pub struct InitArgs {
     pub max_position_embeddings: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// replace --output even if it is not empty (built beside it, swapped in when complete)
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn run(a: &InitArgs) -> Result<()> {
-    let vocab = BertConfig::from_file(&a.tokenizer_from.join("config.json"))
-        .map(|c| c.vocab_size)
-        .unwrap_or(30522);
+    crate::util::check_output_dir(&a.output, a.force)?;
+    // the embedding table must hold every token id of the tokenizer
+    let tok = crate::data::tokenizer::load(&a.tokenizer_from)?;
+    let cfg_path = a.tokenizer_from.join("config.json");
+    let vocab = if cfg_path.exists() {
+        BertConfig::from_file(&cfg_path)?.vocab_size
+    } else {
+        0
+    }
+    .max(tok.id_extent());
     let cfg = BertConfig::tiny(
         vocab,
         a.hidden_size,
@@ -39,8 +49,11 @@ pub fn run(a: &InitArgs) -> Result<()> {
         a.intermediate_size,
         a.max_position_embeddings,
     );
-    cfg.validate()?;
-    checkpoint::write_random_model(&a.output, &cfg, a.seed, &a.tokenizer_from)?;
+    cfg.validate()
+        .context("--hidden-size/--layers/--heads/--intermediate-size/--max-position-embeddings")?;
+    crate::util::replace_dir(&a.output, |tmp| {
+        checkpoint::write_random_model(tmp, &cfg, a.seed, &a.tokenizer_from)
+    })?;
     println!(
         "{}: random BertForQuestionAnswering, {:.1}M parameters",
         a.output.display(),
@@ -64,33 +77,60 @@ pub struct ConvertArgs {
     /// seed of the span-head initialisation when the source has no qa_outputs
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// replace --output even if it is not empty or is --model itself (built beside it, swapped in when
+    /// complete)
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn convert(a: &ConvertArgs) -> Result<()> {
+    let same = match (a.model.canonicalize(), a.output.canonicalize()) {
+        (Ok(m), Ok(o)) => m == o,
+        _ => false,
+    };
+    if same && !a.force {
+        bail!(
+            "--output {} is the --model directory: converting in place would replace the original weights \
+             ({} → {} may lose precision); choose another --output, or pass --force to replace it \
+             (written beside it and swapped in when complete)",
+            a.output.display(),
+            checkpoint_dtype(&a.model),
+            a.dtype
+        );
+    }
+    crate::util::check_output_dir(&a.output, a.force)?;
     let be = crate::cpu::Cpu::new();
     let dt = crate::tensor::DType::parse(&a.dtype)?;
     let (cfg, params, rep) = checkpoint::load(&be, &a.model, crate::tensor::DType::F32, a.seed)?;
-    std::fs::create_dir_all(&a.output)?;
     let host = checkpoint::to_hf_host(&be, &cfg, &params)?;
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    crate::util::write_atomic(
-        &a.output.join("model.safetensors"),
-        &checkpoint::safetensors_bytes_as(&host, Some(meta), dt)?,
-    )?;
-    let mut conf = checkpoint::raw_config(&a.model)
-        .unwrap_or_else(|| serde_json::to_value(&cfg).unwrap_or_default());
+    let weights = checkpoint::safetensors_bytes_as(&host, Some(meta), dt)?;
+    let mut conf = match checkpoint::raw_config(&a.model) {
+        Some(c) if c.is_object() => c,
+        _ => serde_json::to_value(&cfg)?,
+    };
     conf["architectures"] = serde_json::json!(["BertForQuestionAnswering"]);
-    crate::util::write_atomic(
-        &a.output.join("config.json"),
-        serde_json::to_string_pretty(&conf)?.as_bytes(),
-    )?;
+    let conf = serde_json::to_string_pretty(&conf)?;
+    // everything is read from --model before anything replaces --output (they may be the same directory)
+    let mut tok_files = vec![];
     for f in checkpoint::TOKENIZER_FILES {
         let p = a.model.join(f);
         if p.exists() {
-            std::fs::write(a.output.join(f), std::fs::read(&p)?)?;
+            tok_files.push((
+                *f,
+                std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
+            ));
         }
     }
+    crate::util::replace_dir(&a.output, |tmp| {
+        crate::util::write_atomic(&tmp.join("model.safetensors"), &weights)?;
+        crate::util::write_atomic(&tmp.join("config.json"), conf.as_bytes())?;
+        for (f, bytes) in &tok_files {
+            crate::util::write_atomic(&tmp.join(f), bytes)?;
+        }
+        Ok(())
+    })?;
     println!(
         "{} → {} ({dt}{})",
         a.model.display(),
@@ -102,4 +142,9 @@ pub fn convert(a: &ConvertArgs) -> Result<()> {
         }
     );
     Ok(())
+}
+
+/// The dtype(s) of a model directory's weights, for messages.
+fn checkpoint_dtype(dir: &std::path::Path) -> String {
+    checkpoint::read_safetensors_dtype(&dir.join("model.safetensors"))
 }

@@ -30,12 +30,8 @@ pub fn run(a: &ScoreArgs) -> Result<()> {
             a.predictions.display()
         )
     })?;
-    let v2 = a.version_2_with_negative
-        || ds
-            .version
-            .as_deref()
-            .map(|v| v.starts_with('2') || v.starts_with("v2"))
-            .unwrap_or(false);
+    let v2 = crate::eval::run::resolve_version_2(&ds, &a.data, a.version_2_with_negative);
+    ds.check_evaluable(v2, &a.data.display().to_string())?;
     let na: Option<HashMap<String, f64>> = match &a.na_prob_file {
         Some(p) => Some(
             serde_json::from_str(

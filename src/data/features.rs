@@ -65,39 +65,68 @@ pub fn windows(n_ctx: usize, max_ctx: usize, doc_stride: usize) -> Vec<(usize, u
     out
 }
 
-/// Build the features of one example from its encoded question and context.
-pub fn example_features(
+/// The windows of one example, built one at a time (a long context has many: they need not all exist at
+/// once).
+pub struct WindowBuilder<'a> {
     ex_idx: usize,
-    ex: &Example,
-    q: &Encoded,
-    ctx: &Encoded,
-    tok: &WordPieceTokenizer,
-    cfg: &FeatureCfg,
-    training: bool,
-) -> Result<Vec<Feature>> {
-    let t = cfg.max_seq_length;
-    let qlen = q.ids.len().min(cfg.max_query_length);
-    if qlen + 3 >= t {
-        bail!("max_seq_length {t} leaves no room for the context after a {qlen}-token question");
+    q: &'a [i32],
+    ctx: &'a Encoded,
+    t: usize,
+    max_ctx: usize,
+    doc_stride: usize,
+    /// the answer's code-point span, when labels are wanted
+    span: Option<(usize, usize)>,
+}
+
+impl<'a> WindowBuilder<'a> {
+    pub fn new(
+        ex_idx: usize,
+        ex: &Example,
+        q: &'a Encoded,
+        ctx: &'a Encoded,
+        cfg: &FeatureCfg,
+        training: bool,
+    ) -> Result<Self> {
+        let t = cfg.max_seq_length;
+        let qlen = q.ids.len().min(cfg.max_query_length);
+        if qlen + 3 >= t {
+            bail!(
+                "max_seq_length {t} leaves no room for the context after a {qlen}-token question"
+            );
+        }
+        let span = if training && !ex.is_impossible && ex.answer_aligned {
+            ex.answers
+                .first()
+                .map(|a| (a.start, a.start + a.text.chars().count()))
+        } else {
+            None
+        };
+        Ok(WindowBuilder {
+            ex_idx,
+            q: &q.ids[..qlen],
+            ctx,
+            t,
+            max_ctx: t - qlen - 3,
+            doc_stride: cfg.doc_stride,
+            span,
+        })
     }
-    let max_ctx = t - qlen - 3;
-    // the answer's code-point span, when labels are wanted
-    let span = if training && !ex.is_impossible && ex.answer_aligned {
-        ex.answers
-            .first()
-            .map(|a| (a.start, a.start + a.text.chars().count()))
-    } else {
-        None
-    };
-    let mut out = vec![];
-    for (ws, we) in windows(ctx.ids.len(), max_ctx, cfg.doc_stride) {
+
+    /// The windows (start, end) in context-token indices.
+    pub fn windows(&self) -> Vec<(usize, usize)> {
+        windows(self.ctx.ids.len(), self.max_ctx, self.doc_stride)
+    }
+
+    /// The feature of the window [ws, we) of context tokens.
+    pub fn feature(&self, tok: &WordPieceTokenizer, ws: usize, we: usize) -> Feature {
+        let (t, ctx) = (self.t, self.ctx);
         let mut ids = Vec::with_capacity(t);
         let mut types = Vec::with_capacity(t);
         let mut offsets = Vec::with_capacity(t);
         ids.push(tok.cls);
         types.push(0);
         offsets.push(None);
-        for &id in &q.ids[..qlen] {
+        for &id in self.q {
             ids.push(id);
             types.push(0);
             offsets.push(None);
@@ -121,7 +150,7 @@ pub fn example_features(
         mask.resize(t, 0);
         offsets.resize(t, None);
         let (mut sp, mut ep, mut has) = (0i64, 0i64, false);
-        if let Some((a_s, a_e)) = span {
+        if let Some((a_s, a_e)) = self.span {
             if we > ws && ctx.offsets[ws].0 <= a_s && ctx.offsets[we - 1].1 >= a_e {
                 // last token starting at or before the answer start; first token ending at or after its end
                 let mut s_tok = ws;
@@ -137,8 +166,8 @@ pub fn example_features(
                 has = true;
             }
         }
-        out.push(Feature {
-            example: ex_idx,
+        Feature {
+            example: self.ex_idx,
             input_ids: ids,
             token_type_ids: types,
             attention_mask: mask,
@@ -146,9 +175,26 @@ pub fn example_features(
             start_position: sp,
             end_position: ep,
             has_answer: has,
-        });
+        }
     }
-    Ok(out)
+}
+
+/// Build the features of one example from its encoded question and context.
+pub fn example_features(
+    ex_idx: usize,
+    ex: &Example,
+    q: &Encoded,
+    ctx: &Encoded,
+    tok: &WordPieceTokenizer,
+    cfg: &FeatureCfg,
+    training: bool,
+) -> Result<Vec<Feature>> {
+    let wb = WindowBuilder::new(ex_idx, ex, q, ctx, cfg, training)?;
+    Ok(wb
+        .windows()
+        .into_iter()
+        .map(|(ws, we)| wb.feature(tok, ws, we))
+        .collect())
 }
 
 /// Tokenize a dataset (each paragraph once) and build all features. `training` adds labels.

@@ -3,7 +3,7 @@
 //! Character positions are Python string indices (Unicode code points), as in the official files; contexts
 //! keep a code-point → byte table so that spans map back to `&str` slices.
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use serde::Deserialize;
 use std::path::Path;
 use std::sync::Arc;
@@ -40,33 +40,59 @@ struct RawAnswer {
     answer_start: i64,
 }
 
+fn path_of((a, p, q): (usize, usize, usize)) -> String {
+    format!("data[{a}].paragraphs[{p}].qas[{q}]")
+}
+
 /// A paragraph's text with a code-point index.
 #[derive(Debug)]
 pub struct Context {
     pub text: String,
-    /// byte offset of each code point, plus the total length at the end
-    pub char_to_byte: Vec<usize>,
+    /// byte offset of every `CHAR_STRIDE`-th code point (a sparse index: 8 bytes per 64 characters instead
+    /// of per character, which mattered for very long contexts)
+    marks: Vec<usize>,
+    num_chars: usize,
     pub title: String,
 }
 
+const CHAR_STRIDE: usize = 64;
+
 impl Context {
     pub fn new(text: String, title: String) -> Self {
-        let mut char_to_byte: Vec<usize> = text.char_indices().map(|(b, _)| b).collect();
-        char_to_byte.push(text.len());
+        let mut marks = Vec::with_capacity(text.len() / CHAR_STRIDE + 1);
+        let mut n = 0;
+        for (k, (b, _)) in text.char_indices().enumerate() {
+            if k % CHAR_STRIDE == 0 {
+                marks.push(b);
+            }
+            n += 1;
+        }
         Context {
             text,
-            char_to_byte,
+            marks,
+            num_chars: n,
             title,
         }
     }
     pub fn num_chars(&self) -> usize {
-        self.char_to_byte.len() - 1
+        self.num_chars
+    }
+    /// Byte offset of code point `c` (≤ num_chars).
+    fn byte_of(&self, c: usize) -> usize {
+        if c >= self.num_chars {
+            return self.text.len();
+        }
+        let base = self.marks[c / CHAR_STRIDE];
+        match self.text[base..].char_indices().nth(c % CHAR_STRIDE) {
+            Some((b, _)) => base + b,
+            None => self.text.len(),
+        }
     }
     /// The substring of code points [start, end), clamped.
     pub fn slice(&self, start: usize, end: usize) -> &str {
         let n = self.num_chars();
         let (s, e) = (start.min(n), end.min(n).max(start.min(n)));
-        &self.text[self.char_to_byte[s]..self.char_to_byte[e]]
+        &self.text[self.byte_of(s)..self.byte_of(e)]
     }
 }
 
@@ -99,6 +125,8 @@ pub struct Dataset {
     pub num_paragraphs: usize,
     /// ids of examples whose answer_start does not point at the answer text
     pub misaligned: Vec<String>,
+    /// (article, paragraph, question) indices of each example in the file, for messages (see `json_path`)
+    pub locations: Vec<(usize, usize, usize)>,
 }
 
 impl Dataset {
@@ -116,11 +144,24 @@ impl Dataset {
         })?;
         let mut examples = Vec::new();
         let mut misaligned = Vec::new();
+        let mut locations = Vec::new();
+        let mut seen: std::collections::HashMap<String, (usize, usize, usize)> =
+            std::collections::HashMap::new();
         let mut np = 0;
-        for art in raw.data {
-            for para in art.paragraphs {
+        for (ai, art) in raw.data.into_iter().enumerate() {
+            for (pi, para) in art.paragraphs.into_iter().enumerate() {
                 let ctx = Arc::new(Context::new(para.context, art.title.clone()));
-                for qa in para.qas {
+                for (qi, qa) in para.qas.into_iter().enumerate() {
+                    if let Some(&first) = seen.get(&qa.id) {
+                        bail!(
+                            "{origin}: {}: duplicate question id {:?} (first at {}): ids must be unique, \
+                             predictions are keyed by them",
+                            path_of((ai, pi, qi)),
+                            qa.id,
+                            path_of(first)
+                        );
+                    }
+                    seen.insert(qa.id.clone(), (ai, pi, qi));
                     let mut answers = Vec::with_capacity(qa.answers.len());
                     for a in &qa.answers {
                         answers.push(Answer {
@@ -138,6 +179,7 @@ impl Dataset {
                     if !aligned {
                         misaligned.push(qa.id.clone());
                     }
+                    locations.push((ai, pi, qi));
                     examples.push(Example {
                         id: qa.id,
                         question: qa.question,
@@ -151,12 +193,88 @@ impl Dataset {
                 np += 1;
             }
         }
+        if examples.is_empty() {
+            bail!(
+                "{origin}: no questions (\"data\" has {np} paragraphs and no \"qas\" entries{}): not a usable SQuAD file",
+                if np == 0 { ", it is empty" } else { "" }
+            );
+        }
         Ok(Dataset {
             version: raw.version,
             examples,
             num_paragraphs: np,
             misaligned,
+            locations,
         })
+    }
+
+    /// The JSON path of example `i` in its file, e.g. `data[0].paragraphs[1].qas[2]`.
+    pub fn json_path(&self, i: usize) -> String {
+        self.locations
+            .get(i)
+            .map(|&l| path_of(l))
+            .unwrap_or_else(|| format!("question {i}"))
+    }
+
+    /// Whether the file is SQuAD v2.0: its "version" says 2.x, or some question is marked `is_impossible`.
+    /// (`bertqa score`, `eval` and `train` then score as v2.0 even without --version-2-with-negative.)
+    pub fn is_v2(&self) -> bool {
+        let v = self.version.as_deref().unwrap_or("");
+        v.starts_with('2') || v.starts_with("v2") || self.examples.iter().any(|e| e.is_impossible)
+    }
+
+    /// Questions without an answer: `is_impossible`, or no (or an empty) "answers" list.
+    pub fn unanswerable_count(&self) -> usize {
+        self.examples
+            .iter()
+            .filter(|e| e.is_impossible || e.answers.is_empty())
+            .count()
+    }
+
+    /// For a training file read as SQuAD v1.1: a warning when some questions have no answer (they are
+    /// trained to point at \[CLS\], as v2.0 "no answer"), with the count and the first ids.
+    pub fn unanswerable_report(&self) -> Option<String> {
+        let n = self.unanswerable_count();
+        if n == 0 {
+            return None;
+        }
+        let first: Vec<&str> = self
+            .examples
+            .iter()
+            .filter(|e| e.is_impossible || e.answers.is_empty())
+            .take(5)
+            .map(|e| e.id.as_str())
+            .collect();
+        Some(format!(
+            "{n} of {} questions have no answer (is_impossible, or empty \"answers\"), e.g. {}: they are \
+             trained to point at [CLS] (SQuAD v2.0's \"no answer\") although the file is read as v1.1",
+            self.examples.len(),
+            first.join(", ")
+        ))
+    }
+
+    /// Error unless every question can be scored: at least one gold answer, except questions marked
+    /// `is_impossible` in SQuAD v2.0. Names the file, JSON path and id of the first that cannot.
+    pub fn check_evaluable(&self, version_2: bool, origin: &str) -> Result<()> {
+        if let Some(i) = self
+            .examples
+            .iter()
+            .position(|e| e.answers.is_empty() && !(version_2 && e.is_impossible))
+        {
+            let e = &self.examples[i];
+            bail!(
+                "{origin}: {} (id {:?}): no gold answers (\"answers\" is missing or empty){}; an evaluation \
+                 file needs at least one answer per question, or \"is_impossible\": true in SQuAD v2.0",
+                self.json_path(i),
+                e.id,
+                if e.is_impossible {
+                    " and it is marked is_impossible, but the file is evaluated as v1.1"
+                } else {
+                    ""
+                }
+            );
+        }
+        Ok(())
     }
 
     /// A one-line account of misaligned answers (count and the first few ids), if any.
@@ -175,6 +293,7 @@ impl Dataset {
     /// Keep the first `n` examples.
     pub fn truncate(&mut self, n: usize) {
         self.examples.truncate(n);
+        self.locations.truncate(n);
     }
 }
 
@@ -202,5 +321,93 @@ mod tests {
         assert!(!d.examples[1].answer_aligned);
         assert_eq!(d.misaligned, vec!["b".to_string()]);
         assert_eq!(d.examples[0].context.slice(6, 11), "wörld");
+    }
+    fn file(qas: &str, version: &str) -> String {
+        format!(
+            r#"{{"version":"{version}","data":[{{"title":"t","paragraphs":[{{"context":"the old king","qas":[{qas}]}}]}}]}}"#
+        )
+    }
+    const HAS: &str = r#"{"id":"has","question":"q","answers":[{"text":"king","answer_start":8}]}"#;
+
+    #[test]
+    fn unanswerable_questions_are_counted_and_reported() {
+        let d = Dataset::parse(&file(HAS, "1.1"), "t").unwrap();
+        assert_eq!(d.unanswerable_count(), 0);
+        assert!(d.unanswerable_report().is_none());
+        assert!(!d.is_v2());
+        let qas = format!(
+            r#"{HAS},{{"id":"e","question":"q","answers":[]}},{{"id":"m","question":"q"}},{{"id":"i","question":"q","answers":[],"is_impossible":true}}"#
+        );
+        let d = Dataset::parse(&file(&qas, "1.1"), "t").unwrap();
+        assert_eq!(d.unanswerable_count(), 3);
+        let r = d.unanswerable_report().unwrap();
+        assert!(
+            r.starts_with("3 of 4 questions") && r.contains("e, m, i"),
+            "{r}"
+        );
+        // is_impossible makes it v2.0 whatever the version says; so does the version
+        assert!(d.is_v2());
+        assert!(Dataset::parse(&file(HAS, "v2.0"), "t").unwrap().is_v2());
+    }
+
+    #[test]
+    fn evaluation_needs_gold_answers() {
+        let qas = format!(r#"{HAS},{{"id":"i","question":"q","answers":[],"is_impossible":true}}"#);
+        let d = Dataset::parse(&file(&qas, "v2.0"), "f.json").unwrap();
+        d.check_evaluable(true, "f.json").unwrap();
+        let e = d.check_evaluable(false, "f.json").unwrap_err().to_string();
+        assert!(
+            e.contains("f.json: data[0].paragraphs[0].qas[1] (id \"i\")"),
+            "{e}"
+        );
+        let d = Dataset::parse(
+            &file(&format!(r#"{HAS},{{"id":"m","question":"q"}}"#), "v2.0"),
+            "f",
+        )
+        .unwrap();
+        assert!(
+            d.check_evaluable(true, "f").is_err(),
+            "answerable without answers"
+        );
+    }
+
+    #[test]
+    fn duplicate_ids_and_empty_files_are_errors() {
+        let e = Dataset::parse(&file(&format!("{HAS},{HAS}"), "1.1"), "d.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("d.json: data[0].paragraphs[0].qas[1]: duplicate question id \"has\"")
+                && e.contains("first at data[0].paragraphs[0].qas[0]"),
+            "{e}"
+        );
+        let e = Dataset::parse(r#"{"data":[]}"#, "z.json")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("z.json: no questions"), "{e}");
+    }
+
+    #[test]
+    fn slices_use_code_points_across_index_marks() {
+        let text: String = (0..300)
+            .map(|i| if i % 7 == 0 { 'é' } else { 'a' })
+            .collect();
+        let c = Context::new(text.clone(), String::new());
+        let chars: Vec<char> = text.chars().collect();
+        assert_eq!(c.num_chars(), 300);
+        for (s, e) in [
+            (0, 0),
+            (0, 300),
+            (63, 65),
+            (64, 128),
+            (127, 250),
+            (299, 400),
+            (350, 360),
+        ] {
+            let want: String = chars[s.min(300)..e.min(300).max(s.min(300))]
+                .iter()
+                .collect();
+            assert_eq!(c.slice(s, e), want, "{s}..{e}");
+        }
     }
 }

@@ -1,6 +1,13 @@
 //! The model's own WordPiece tokenizer through the `tokenizers` crate: tokenizer.json when present, else the
 //! BERT pipeline built from vocab.txt (lower-casing per tokenizer_config.json). Any truncation or padding
 //! stored in tokenizer.json is removed: windows are built by `features`.
+//!
+//! Long texts (over [`CHUNK_BYTES`]) are tokenized in pieces cut after whitespace (or before ASCII
+//! punctuation), with the offsets shifted back: BERT's normaliser and pre-tokenizer never join a token across
+//! such a cut, so the result is the same as in one piece, while the `tokenizers` crate's per-byte alignment
+//! tables (~150 bytes per input byte) exist for one group of pieces at a time instead of for the whole text
+//! (a 50 MB context needed > 7 GB). A run of more than `CHUNK_BYTES / 2` bytes with neither whitespace nor
+//! punctuation is cut where it is; BERT maps such a "word" (> 100 characters) to \[UNK\] either way.
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::Path;
@@ -61,35 +68,140 @@ impl WordPieceTokenizer {
         Ok(WordPieceTokenizer { tok, cls, sep, pad })
     }
 
-    /// Encode without special tokens, with code-point offsets into `text`.
+    /// Encode without special tokens, with code-point offsets into `text` (in pieces when it is long).
     pub fn encode(&self, text: &str) -> Result<Encoded> {
-        let e = self.tok.encode_char_offsets(text, false).map_err(|e| {
-            anyhow!(
-                "tokenizing {:?}…: {e}",
-                text.chars().take(40).collect::<String>()
-            )
-        })?;
+        self.encode_chunked(text, CHUNK_BYTES)
+    }
+
+    /// `encode` with pieces of at most about `chunk_bytes` bytes (public for the tests).
+    pub fn encode_chunked(&self, text: &str, chunk_bytes: usize) -> Result<Encoded> {
+        if text.len() <= chunk_bytes {
+            return self.encode_whole(text);
+        }
+        let pieces = split_pieces(text, chunk_bytes);
+        let mut out = Encoded::default();
+        let mut char_base = 0;
+        // a group of pieces at a time, in parallel: memory bounded by the group, not the text
+        for group in pieces.chunks(PIECES_PER_GROUP) {
+            let inputs: Vec<tokenizers::EncodeInput> = group.iter().map(|t| (*t).into()).collect();
+            let encs = self
+                .tok
+                .encode_batch_char_offsets(inputs, false)
+                .map_err(|e| anyhow!("tokenizing {}: {e}", preview(group[0])))?;
+            for (piece, e) in group.iter().zip(encs) {
+                out.ids.extend(e.get_ids().iter().map(|&i| i as i32));
+                out.offsets.extend(
+                    e.get_offsets()
+                        .iter()
+                        .map(|&(s, t)| (s + char_base, t + char_base)),
+                );
+                char_base += piece.chars().count();
+            }
+        }
+        Ok(out)
+    }
+
+    fn encode_whole(&self, text: &str) -> Result<Encoded> {
+        let e = self
+            .tok
+            .encode_char_offsets(text, false)
+            .map_err(|e| anyhow!("tokenizing {}: {e}", preview(text)))?;
         Ok(Encoded {
             ids: e.get_ids().iter().map(|&i| i as i32).collect(),
             offsets: e.get_offsets().to_vec(),
         })
     }
 
-    /// Encode many texts in parallel.
+    /// Encode many texts in parallel (long ones in pieces, see [`CHUNK_BYTES`]).
     pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Encoded>> {
-        let inputs: Vec<tokenizers::EncodeInput> = texts.iter().map(|t| (*t).into()).collect();
-        let encs = self
+        let short: Vec<tokenizers::EncodeInput> = texts
+            .iter()
+            .filter(|t| t.len() <= CHUNK_BYTES)
+            .map(|t| (*t).into())
+            .collect();
+        let mut short = self
             .tok
-            .encode_batch_char_offsets(inputs, false)
-            .map_err(|e| anyhow!("tokenizing a batch: {e}"))?;
-        Ok(encs
-            .into_iter()
-            .map(|e| Encoded {
-                ids: e.get_ids().iter().map(|&i| i as i32).collect(),
-                offsets: e.get_offsets().to_vec(),
-            })
-            .collect())
+            .encode_batch_char_offsets(short, false)
+            .map_err(|e| anyhow!("tokenizing a batch: {e}"))?
+            .into_iter();
+        let mut out = Vec::with_capacity(texts.len());
+        for t in texts {
+            if t.len() <= CHUNK_BYTES {
+                let e = short
+                    .next()
+                    .ok_or_else(|| anyhow!("tokenizer lost a text"))?;
+                out.push(Encoded {
+                    ids: e.get_ids().iter().map(|&i| i as i32).collect(),
+                    offsets: e.get_offsets().to_vec(),
+                });
+            } else {
+                out.push(self.encode(t)?);
+            }
+        }
+        Ok(out)
     }
+
+    /// One past the largest token id of the vocabulary (added tokens included): the embedding table must
+    /// have at least this many rows.
+    pub fn id_extent(&self) -> usize {
+        self.tok
+            .get_vocab(true)
+            .values()
+            .map(|&i| i as usize + 1)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Error unless every token id fits an embedding table of `vocab_size` rows (`origin` names the model).
+    pub fn check_fits(&self, vocab_size: usize, origin: &str) -> Result<()> {
+        let n = self.id_extent();
+        if n > vocab_size {
+            bail!(
+                "{origin}: the tokenizer has {n} token ids but config.json vocab_size is {vocab_size}: \
+                 ids ≥ {vocab_size} have no row in the embedding table (wrong tokenizer for this model?)"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Texts longer than this many bytes are tokenized in pieces of about this size.
+pub const CHUNK_BYTES: usize = 1 << 16;
+/// Pieces tokenized together (in parallel): bounds the tokenizer's working memory to ~4 MB of text.
+const PIECES_PER_GROUP: usize = 64;
+
+fn preview(text: &str) -> String {
+    format!("{:?}…", text.chars().take(40).collect::<String>())
+}
+
+/// Cut `text` into pieces of at most ~`chunk` bytes: after the last ASCII whitespace in the second half of
+/// the window, else before the last ASCII punctuation there, else at the window's end (a char boundary).
+pub fn split_pieces(text: &str, chunk: usize) -> Vec<&str> {
+    let chunk = chunk.max(8);
+    let b = text.as_bytes();
+    let mut out = vec![];
+    let mut p = 0;
+    while p < b.len() {
+        if b.len() - p <= chunk {
+            out.push(&text[p..]);
+            break;
+        }
+        let mut end = p + chunk;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let lo = p + chunk / 2;
+        // ASCII bytes never occur inside a multi-byte UTF-8 sequence, so these cuts are char boundaries
+        let cut = (lo..end)
+            .rev()
+            .find(|&i| matches!(b[i], b' ' | b'\t' | b'\n' | b'\r'))
+            .map(|i| i + 1)
+            .or_else(|| (lo + 1..end).rev().find(|&i| b[i].is_ascii_punctuation()))
+            .unwrap_or(end);
+        out.push(&text[p..cut]);
+        p = cut;
+    }
+    out
 }
 
 /// Load a tokenizer for a model directory, naming the directory on failure.

@@ -7,7 +7,7 @@
 //! null − best non-null > `null_score_diff_threshold`.
 
 use crate::data::features::Feature;
-use crate::data::squad::Dataset;
+use crate::data::squad::{Dataset, Example};
 use serde::Serialize;
 use std::collections::HashMap;
 
@@ -50,6 +50,26 @@ pub struct Predictions {
     pub null_odds: HashMap<String, f64>,
     /// ids in dataset order
     pub order: Vec<String>,
+    /// ids whose windows held no valid span (their n-best is a single empty placeholder)
+    pub no_valid_span: Vec<String>,
+}
+
+impl Predictions {
+    pub fn new() -> Self {
+        Predictions {
+            answers: HashMap::new(),
+            nbest: HashMap::new(),
+            null_odds: HashMap::new(),
+            order: vec![],
+            no_valid_span: vec![],
+        }
+    }
+}
+
+impl Default for Predictions {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 fn top_k(v: &[f32], k: usize) -> Vec<usize> {
@@ -59,58 +79,70 @@ fn top_k(v: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
-/// `start`/`end` logits per feature, each of length T, aligned with `features`.
-pub fn postprocess(
-    ds: &Dataset,
-    features: &[Feature],
-    start: &[Vec<f32>],
-    end: &[Vec<f32>],
-    cfg: &PostCfg,
-) -> Predictions {
-    let mut by_example: Vec<Vec<usize>> = vec![vec![]; ds.examples.len()];
-    for (i, f) in features.iter().enumerate() {
-        by_example[f.example].push(i);
+/// score, start logit, end logit, char start, char end
+type Cand = (f64, f64, f64, usize, usize);
+
+/// The running n-best of one example over its windows, which may arrive one batch at a time: keeping the
+/// best `n_best_size` after each window gives the same list as sorting all windows' candidates at the end
+/// (stable sort, so ties keep window order either way).
+pub struct SpanAccumulator {
+    cands: Vec<Cand>,
+    null_score: f64,
+    windows: usize,
+}
+
+impl Default for SpanAccumulator {
+    fn default() -> Self {
+        Self::new()
     }
-    let mut out = Predictions {
-        answers: HashMap::new(),
-        nbest: HashMap::new(),
-        null_odds: HashMap::new(),
-        order: vec![],
-    };
-    for (ei, ex) in ds.examples.iter().enumerate() {
-        if by_example[ei].is_empty() {
-            continue; // not featurized (e.g. --max-examples)
+}
+
+impl SpanAccumulator {
+    pub fn new() -> Self {
+        SpanAccumulator {
+            cands: vec![],
+            null_score: f64::INFINITY,
+            windows: 0,
         }
-        let mut cands: Vec<(f64, f64, f64, usize, usize)> = vec![]; // score, s logit, e logit, char start, char end
-        let mut null_score = f64::INFINITY;
-        for &fi in &by_example[ei] {
-            let (f, sl, el) = (&features[fi], &start[fi], &end[fi]);
-            null_score = null_score.min(sl[0] as f64 + el[0] as f64);
-            let si = top_k(sl, cfg.n_best_size);
-            let eix = top_k(el, cfg.n_best_size);
-            for &s in &si {
-                for &e in &eix {
-                    let (Some(os), Some(oe)) = (
-                        f.offsets.get(s).copied().flatten(),
-                        f.offsets.get(e).copied().flatten(),
-                    ) else {
-                        continue;
-                    };
-                    if e < s || e - s + 1 > cfg.max_answer_length {
-                        continue;
-                    }
-                    cands.push((
-                        sl[s] as f64 + el[e] as f64,
-                        sl[s] as f64,
-                        el[e] as f64,
-                        os.0,
-                        oe.1,
-                    ));
+    }
+
+    /// Fold in one window: its feature and start/end logits (length T each).
+    pub fn add_window(&mut self, f: &Feature, sl: &[f32], el: &[f32], cfg: &PostCfg) {
+        self.windows += 1;
+        self.null_score = self.null_score.min(sl[0] as f64 + el[0] as f64);
+        let si = top_k(sl, cfg.n_best_size);
+        let eix = top_k(el, cfg.n_best_size);
+        for &s in &si {
+            for &e in &eix {
+                let (Some(os), Some(oe)) = (
+                    f.offsets.get(s).copied().flatten(),
+                    f.offsets.get(e).copied().flatten(),
+                ) else {
+                    continue;
+                };
+                if e < s || e - s + 1 > cfg.max_answer_length {
+                    continue;
                 }
+                self.cands.push((
+                    sl[s] as f64 + el[e] as f64,
+                    sl[s] as f64,
+                    el[e] as f64,
+                    os.0,
+                    oe.1,
+                ));
             }
         }
-        cands.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal));
-        cands.truncate(cfg.n_best_size);
+        self.cands
+            .sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal));
+        self.cands.truncate(cfg.n_best_size);
+    }
+
+    /// The example's answer, n-best list and (v2.0) null odds, into `out`. Nothing when no window was added.
+    pub fn finish(self, ex: &Example, cfg: &PostCfg, out: &mut Predictions) {
+        if self.windows == 0 {
+            return; // not featurized (e.g. --max-examples)
+        }
+        let cands = self.cands;
         let mut nb: Vec<NBest> = cands
             .iter()
             .map(|&(_, s, e, cs, ce)| NBest {
@@ -123,6 +155,7 @@ pub fn postprocess(
             })
             .collect();
         if nb.is_empty() {
+            out.no_valid_span.push(ex.id.clone());
             nb.push(NBest {
                 text: String::new(),
                 start_logit: 0.0,
@@ -145,7 +178,7 @@ pub fn postprocess(
         }
         let best_non_null = cands.first().map(|c| c.0).unwrap_or(f64::NEG_INFINITY);
         let answer = if cfg.version_2 {
-            let diff = null_score - best_non_null;
+            let diff = self.null_score - best_non_null;
             out.null_odds.insert(ex.id.clone(), diff);
             if diff > cfg.null_score_diff_threshold || cands.is_empty() {
                 String::new()
@@ -158,6 +191,26 @@ pub fn postprocess(
         out.answers.insert(ex.id.clone(), answer);
         out.nbest.insert(ex.id.clone(), nb);
         out.order.push(ex.id.clone());
+    }
+}
+
+/// `start`/`end` logits per feature, each of length T, aligned with `features`.
+pub fn postprocess(
+    ds: &Dataset,
+    features: &[Feature],
+    start: &[Vec<f32>],
+    end: &[Vec<f32>],
+    cfg: &PostCfg,
+) -> Predictions {
+    let mut acc: Vec<SpanAccumulator> = (0..ds.examples.len())
+        .map(|_| SpanAccumulator::new())
+        .collect();
+    for (i, f) in features.iter().enumerate() {
+        acc[f.example].add_window(f, &start[i], &end[i], cfg);
+    }
+    let mut out = Predictions::new();
+    for (a, ex) in acc.into_iter().zip(&ds.examples) {
+        a.finish(ex, cfg, &mut out);
     }
     out
 }

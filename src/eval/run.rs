@@ -1,44 +1,51 @@
 //! Running a model over features and writing the official prediction files.
 
-use crate::data::features::Feature;
+use crate::data::features::{Feature, FeatureCfg, WindowBuilder};
 use crate::data::squad::Dataset;
+use crate::data::tokenizer::WordPieceTokenizer;
 use crate::eval::metrics;
-use crate::eval::postprocess::{postprocess, PostCfg, Predictions};
+use crate::eval::postprocess::{postprocess, PostCfg, Predictions, SpanAccumulator};
 use crate::model::bert::{Acts, Batch, BertQa, DropoutCfg};
 use crate::ops::Backend;
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use std::collections::HashMap;
 use std::path::Path;
 
 /// Per-feature start and end logits, each (T).
 pub type SpanLogits = (Vec<Vec<f32>>, Vec<Vec<f32>>);
 
-/// Start and end logits of every feature (length T each). Batches are trimmed to their longest window
-/// (rounded up to 32): the padded positions are masked, so the logits of real tokens are unchanged.
-pub fn logits_for<B: Backend>(
-    be: &B,
-    model: &BertQa<B>,
-    feats: &[Feature],
-    batch_size: usize,
-    progress: Option<&indicatif::ProgressBar>,
-) -> Result<SpanLogits> {
-    let mut starts = Vec::with_capacity(feats.len());
-    let mut ends = Vec::with_capacity(feats.len());
-    let mut acts_cache: Option<Acts<B>> = None;
-    for chunk in feats.chunks(batch_size.max(1)) {
-        let full_t = chunk[0].input_ids.len();
-        let refs: Vec<&Feature> = chunk.iter().collect();
-        let pk = crate::data::features::pack(&refs, Some(32));
+/// The model's forward pass over batches of windows, keeping its activation buffers between batches of one
+/// shape.
+pub struct WindowForward<'m, B: Backend> {
+    model: &'m BertQa<B>,
+    acts: Option<Acts<B>>,
+}
+
+impl<'m, B: Backend> WindowForward<'m, B> {
+    pub fn new(model: &'m BertQa<B>) -> Self {
+        WindowForward { model, acts: None }
+    }
+
+    /// Start and end logits (length T each) of one batch of windows. The batch is trimmed to its longest
+    /// window (rounded up to 32): the padded positions are masked, so the logits of real tokens are unchanged.
+    pub fn logits(&mut self, be: &B, chunk: &[&Feature]) -> Result<SpanLogits> {
+        let Some(first) = chunk.first() else {
+            return Ok((vec![], vec![]));
+        };
+        let full_t = first.input_ids.len();
+        let pk = crate::data::features::pack(chunk, Some(32));
         let (b, t) = (chunk.len(), pk.t);
         let batch = Batch::new(be, b, t, &pk.ids, &pk.types, &pk.mask, &[], &[])?;
-        let reuse = matches!(&acts_cache, Some(a) if a.b == b && a.t == t);
+        let reuse = matches!(&self.acts, Some(a) if a.b == b && a.t == t);
         if !reuse {
-            drop(acts_cache.take()); // free the old buffers first
-            acts_cache = Some(Acts::new(be, &model.cfg, b, t, model.dtype())?);
+            drop(self.acts.take()); // free the old buffers first
+            self.acts = Some(Acts::new(be, &self.model.cfg, b, t, self.model.dtype())?);
         }
-        let acts = acts_cache.as_mut().expect("set above");
-        model.forward(be, acts, &batch, DropoutCfg::OFF)?;
+        let acts = self.acts.as_mut().expect("set above");
+        self.model.forward(be, acts, &batch, DropoutCfg::OFF)?;
         let lg = acts.logits.to_f32_vec(be)?;
+        let mut starts = Vec::with_capacity(b);
+        let mut ends = Vec::with_capacity(b);
         for bi in 0..b {
             let mut s = vec![-1e4f32; full_t];
             let mut e = vec![-1e4f32; full_t];
@@ -49,11 +56,143 @@ pub fn logits_for<B: Backend>(
             starts.push(s);
             ends.push(e);
         }
+        Ok((starts, ends))
+    }
+}
+
+/// Start and end logits of every feature (length T each), `batch_size` windows at a time.
+pub fn logits_for<B: Backend>(
+    be: &B,
+    model: &BertQa<B>,
+    feats: &[Feature],
+    batch_size: usize,
+    progress: Option<&indicatif::ProgressBar>,
+) -> Result<SpanLogits> {
+    let mut starts = Vec::with_capacity(feats.len());
+    let mut ends = Vec::with_capacity(feats.len());
+    let mut fwd = WindowForward::new(model);
+    for chunk in feats.chunks(batch_size.max(1)) {
+        let refs: Vec<&Feature> = chunk.iter().collect();
+        let (s, e) = fwd.logits(be, &refs)?;
+        starts.extend(s);
+        ends.extend(e);
         if let Some(pb) = progress {
-            pb.inc(b as u64);
+            pb.inc(chunk.len() as u64);
         }
     }
     Ok((starts, ends))
+}
+
+/// Paragraphs tokenized together (in parallel) by [`predict_streaming`]; bounded by their text size too.
+const BLOCK_PARAGRAPHS: usize = 256;
+const BLOCK_BYTES: usize = 8 << 20;
+
+/// Predictions for a dataset, with memory bounded by a batch of windows rather than by the dataset: contexts
+/// are tokenized a block of paragraphs at a time (each once), windows are built `batch_size` at a time and
+/// their logits folded into each question's running n-best. The same batches, logits and answers as
+/// `featurize` + [`predict`], which hold every window of the file at once (a 50 MB context: 44,000 windows).
+/// Returns the predictions and the number of windows.
+pub fn predict_streaming<B: Backend>(
+    be: &B,
+    model: &BertQa<B>,
+    ds: &Dataset,
+    tok: &WordPieceTokenizer,
+    fcfg: &FeatureCfg,
+    batch_size: usize,
+    post: &PostCfg,
+    show_progress: bool,
+) -> Result<(Predictions, usize)> {
+    let pb = show_progress.then(|| {
+        let pb = indicatif::ProgressBar::new(ds.examples.len() as u64);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "eval {bar:30} {pos}/{len} questions {per_sec} ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        pb
+    });
+    let batch_size = batch_size.max(1);
+    let mut out = Predictions::new();
+    let mut fwd = WindowForward::new(model);
+    let mut pending: Vec<Feature> = Vec::with_capacity(batch_size.min(1024));
+    // examples (index, accumulator) whose windows are queued or done, in dataset order
+    let mut open: std::collections::VecDeque<(usize, SpanAccumulator)> = Default::default();
+    let mut total_windows = 0usize;
+    let flush = |pending: &mut Vec<Feature>,
+                 open: &mut std::collections::VecDeque<(usize, SpanAccumulator)>,
+                 fwd: &mut WindowForward<B>|
+     -> Result<()> {
+        let refs: Vec<&Feature> = pending.iter().collect();
+        let (s, e) = fwd.logits(be, &refs)?;
+        for (k, f) in pending.iter().enumerate() {
+            let slot = open
+                .iter_mut()
+                .find(|(i, _)| *i == f.example)
+                .ok_or_else(|| anyhow!("window of an unknown example {}", f.example))?;
+            slot.1.add_window(f, &s[k], &e[k], post);
+        }
+        pending.clear();
+        Ok(())
+    };
+    let mut i = 0;
+    while i < ds.examples.len() {
+        // a block of whole paragraphs (examples of a paragraph are contiguous)
+        let mut j = i;
+        let (mut paras, mut bytes) = (0, 0);
+        while j < ds.examples.len() && paras < BLOCK_PARAGRAPHS && (bytes < BLOCK_BYTES || j == i) {
+            let p = ds.examples[j].paragraph;
+            bytes += ds.examples[j].context.text.len();
+            paras += 1;
+            while j < ds.examples.len() && ds.examples[j].paragraph == p {
+                j += 1;
+            }
+        }
+        let block = &ds.examples[i..j];
+        let mut ctx_texts: Vec<&str> = vec![];
+        let mut ctx_idx = Vec::with_capacity(block.len());
+        for (k, ex) in block.iter().enumerate() {
+            if k == 0 || ex.paragraph != block[k - 1].paragraph {
+                ctx_texts.push(ex.context.text.as_str());
+            }
+            ctx_idx.push(ctx_texts.len() - 1);
+        }
+        let ctx_enc = tok.encode_batch(&ctx_texts)?;
+        let q_texts: Vec<&str> = block.iter().map(|e| e.question.as_str()).collect();
+        let q_enc = tok.encode_batch(&q_texts)?;
+        for (k, ex) in block.iter().enumerate() {
+            let ei = i + k;
+            let wb = WindowBuilder::new(ei, ex, &q_enc[k], &ctx_enc[ctx_idx[k]], fcfg, false)
+                .with_context(|| format!("question {:?}", ex.id))?;
+            open.push_back((ei, SpanAccumulator::new()));
+            for (ws, we) in wb.windows() {
+                pending.push(wb.feature(tok, ws, we));
+                total_windows += 1;
+                if pending.len() == batch_size {
+                    flush(&mut pending, &mut open, &mut fwd)?;
+                    // every example before the last queued one is complete
+                    while open.len() > 1 {
+                        let (d, acc) = open.pop_front().expect("non-empty");
+                        acc.finish(&ds.examples[d], post, &mut out);
+                        if let Some(pb) = &pb {
+                            pb.inc(1);
+                        }
+                    }
+                }
+            }
+        }
+        i = j;
+    }
+    if !pending.is_empty() {
+        flush(&mut pending, &mut open, &mut fwd)?;
+    }
+    for (d, acc) in open {
+        acc.finish(&ds.examples[d], post, &mut out);
+    }
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    Ok((out, total_windows))
 }
 
 /// Write predictions.json (id → text), nbest_predictions.json and, for v2.0, null_odds.json, atomically.
@@ -84,6 +223,26 @@ pub fn write_predictions(dir: &Path, p: &Predictions, version_2: bool) -> Result
         )?;
     }
     Ok(())
+}
+
+/// Whether to score `ds` as SQuAD v2.0: `flag` (--version-2-with-negative), or the file itself says so
+/// ([`Dataset::is_v2`]: version 2.x, or questions marked is_impossible) — then a note on stderr says that it
+/// is scored as v2.0. `bertqa score`, `eval` and `train` (its dev file) all decide this way.
+pub fn resolve_version_2(ds: &Dataset, origin: &Path, flag: bool) -> bool {
+    if flag {
+        return true;
+    }
+    if ds.is_v2() {
+        let n = ds.examples.iter().filter(|e| e.is_impossible).count();
+        eprintln!(
+            "note: {} is SQuAD v2.0 (version {:?}, {n} questions marked is_impossible): scoring as v2.0 \
+             (as with --version-2-with-negative)",
+            origin.display(),
+            ds.version.as_deref().unwrap_or("not given")
+        );
+        return true;
+    }
+    false
 }
 
 /// Metrics of predictions against a dataset, as the JSON the commands print.

@@ -70,9 +70,35 @@ pub fn read_safetensors(path: &Path) -> Result<HostTensors> {
                 path.display()
             ),
         };
+        if let Some(i) = vals.iter().position(|v| !v.is_finite()) {
+            bail!(
+                "{}: tensor {name:?} {shape:?} has a non-finite value ({}) at index {i} {:?}: the weights are corrupt \
+                 (a diverged training run?), refusing to load them",
+                path.display(),
+                vals[i],
+                unravel(i, &shape)
+            );
+        }
         out.insert(name, (shape, vals));
     }
     Ok(out)
+}
+
+/// The multi-dimensional index of flat index `i` in a row-major `shape`.
+fn unravel(mut i: usize, shape: &[usize]) -> Vec<usize> {
+    let mut idx = vec![0; shape.len()];
+    for (k, &d) in shape.iter().enumerate().rev() {
+        if d > 0 {
+            idx[k] = i % d;
+            i /= d;
+        }
+    }
+    idx
+}
+
+/// The dtype(s) of a safetensors file's tensors, e.g. "F32" or "F16" ("?" if unreadable).
+pub fn read_safetensors_dtype(path: &Path) -> String {
+    dtype_name(path)
 }
 
 fn dtype_name(path: &Path) -> String {
@@ -162,6 +188,7 @@ pub fn load<B: Backend>(
     seed: u64,
 ) -> Result<(BertConfig, BertParams<B>, LoadReport)> {
     let cfg = BertConfig::from_file(&dir.join("config.json"))?;
+    check_tokenizer_fits(dir, &cfg)?;
     let st_path = dir.join("model.safetensors");
     if !st_path.exists() {
         bail!(
@@ -202,6 +229,19 @@ pub fn load<B: Backend>(
             source_dtype: dtype_name(&st_path),
         },
     ))
+}
+
+/// If `dir` holds tokenizer files: error unless every token id has a row in the embedding table
+/// (`vocab_size` of config.json), naming both. Without tokenizer files there is nothing to check.
+pub fn check_tokenizer_fits(dir: &Path, cfg: &BertConfig) -> Result<()> {
+    if !["tokenizer.json", "vocab.txt"]
+        .iter()
+        .any(|f| dir.join(f).exists())
+    {
+        return Ok(());
+    }
+    let tok = crate::data::tokenizer::load(dir)?;
+    tok.check_fits(cfg.vocab_size, &dir.display().to_string())
 }
 
 /// HF-named host tensors of a model (with the `bert.` prefix on encoder tensors), f32.

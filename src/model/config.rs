@@ -73,8 +73,22 @@ pub struct BertConfig {
 impl BertConfig {
     /// Parse config.json; unknown fields are kept by the caller (see checkpoint::save) and ignored here.
     pub fn from_json(text: &str, origin: &str) -> Result<Self> {
-        let cfg: BertConfig = serde_json::from_str(text)
-            .with_context(|| format!("{origin}: not a valid BERT config.json"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(text).with_context(|| format!("{origin}: not valid JSON"))?;
+        if !v.is_object() {
+            let kind = match v {
+                serde_json::Value::Array(_) => "a list",
+                serde_json::Value::Number(_) => "a number",
+                serde_json::Value::String(_) => "a string",
+                serde_json::Value::Bool(_) => "a boolean",
+                _ => "null",
+            };
+            bail!("{origin}: config.json must be a JSON object (got {kind})");
+        }
+        let cfg: BertConfig = serde_path_to_error::deserialize(v).map_err(|e| {
+            let field = e.path().to_string();
+            anyhow::anyhow!("{origin}: field {field}: {}", e.into_inner())
+        })?;
         cfg.validate()
             .with_context(|| format!("{origin}: unsupported config"))?;
         Ok(cfg)
@@ -86,7 +100,42 @@ impl BertConfig {
         Self::from_json(&text, &path.display().to_string())
     }
 
+    /// Shapes and constants that a model can be built and run with; errors name the config.json field.
     pub fn validate(&self) -> Result<()> {
+        for (name, v, min) in [
+            ("vocab_size", self.vocab_size, 1),
+            ("hidden_size", self.hidden_size, 1),
+            ("num_hidden_layers", self.num_hidden_layers, 1),
+            ("num_attention_heads", self.num_attention_heads, 1),
+            ("intermediate_size", self.intermediate_size, 1),
+            ("max_position_embeddings", self.max_position_embeddings, 1),
+            // features use token types 0 (question) and 1 (context)
+            ("type_vocab_size", self.type_vocab_size, 2),
+        ] {
+            if v < min {
+                bail!("{name} = {v} must be ≥ {min}");
+            }
+        }
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
+            bail!(
+                "layer_norm_eps = {} must be a positive finite number (e.g. 1e-12)",
+                self.layer_norm_eps
+            );
+        }
+        if !(self.initializer_range.is_finite() && self.initializer_range >= 0.0) {
+            bail!(
+                "initializer_range = {} must be a finite number ≥ 0",
+                self.initializer_range
+            );
+        }
+        if let Some(p) = self.pad_token_id {
+            if p >= 0 && p as usize >= self.vocab_size {
+                bail!(
+                    "pad_token_id = {p} is outside the vocabulary (vocab_size {})",
+                    self.vocab_size
+                );
+            }
+        }
         if self.hidden_size == 0
             || self.num_attention_heads == 0
             || !self.hidden_size.is_multiple_of(self.num_attention_heads)
