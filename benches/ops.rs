@@ -8,16 +8,18 @@
 //! written once) or TFLOP/s (GEMM-like ops); % of the measured roofline for that kind of op.
 //! Kernel variants not yet the default (attention v4, cuBLASLt, the vec kernels) are timed beside the
 //! defaults by switching the backend's `KernelConfig` — one section per kind of op.
+//! Then training steps on real SQuAD windows in each batch layout (packed, longest, max).
 //! Options (env, read here only): BENCH_ITERS (default 20 GPU / 3 CPU), BENCH_FILTER (substring of the
 //! config name), BENCH_DEFAULTS_ONLY (time the default kernels only: scripts/gpu_check.sh sets it when an
 //! opt-in path failed parity).
 
 use bertqa::data::features::Feature;
 use bertqa::kernel::{AttnKernel, GemmPath, KernelConfig, Tc4Shape};
-use bertqa::model::{BertConfig, BertParams};
+use bertqa::model::{BertConfig, BertParams, Padding};
 use bertqa::ops::adamw::AdamWHyper;
 use bertqa::ops::embedding::{EmbGrads, EmbWeights};
 use bertqa::ops::span_loss::SpanLossCfg;
+use bertqa::ops::{SeqLayout, Seqs};
 use bertqa::prelude::*;
 use bertqa::rng::{Dropout, Rng};
 use bertqa::train::{FeatureCfgSer, PostCfgSer, TrainConfig, Trainer};
@@ -140,6 +142,11 @@ impl Shape<'_> {
     }
 }
 
+/// The batch of a shape as B full windows of T tokens.
+fn full_layout<B: Backend>(be: &B, s: &Shape) -> Seqs<B> {
+    Seqs::upload(be, &SeqLayout::packed(&vec![s.t; s.b], 0).unwrap()).unwrap()
+}
+
 /// `(label, config)` pairs: the defaults, then (when `opt_in`) each of `others`.
 fn variants(
     opt_in: bool,
@@ -223,11 +230,12 @@ fn bench_linear<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
 fn bench_attention<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
     let (b, t, dt) = (s.b, s.t, s.dt);
     let (c, nh) = (s.cfg.hidden_size, s.cfg.num_attention_heads);
-    let qkv = rand_t(be, r, &[b, t, 3 * c], dt, 1.0);
-    let mask = Tensor::from_i32(be, &vec![1; b * t], &[b, t]).unwrap();
-    let mut out = Tensor::zeros(be, &[b, t, c], dt).unwrap();
-    let mut lse = Tensor::zeros(be, &[b, nh, t], s.sd()).unwrap();
-    let mut dqkv = Tensor::zeros(be, &[b, t, 3 * c], dt).unwrap();
+    let n = s.n();
+    let qkv = rand_t(be, r, &[n, 3 * c], dt, 1.0);
+    let seqs = full_layout(be, s);
+    let mut out = Tensor::zeros(be, &[n, c], dt).unwrap();
+    let mut lse = Tensor::zeros(be, &[nh, n], s.sd()).unwrap();
+    let mut dqkv = Tensor::zeros(be, &[n, 3 * c], dt).unwrap();
     let fl = 4.0 * (b * nh * t * t * (c / nh)) as f64;
     // (label, kernel, dropout p, time the forward too)
     let mut runs = vec![("v1", AttnKernel::V1, 0.1, true)];
@@ -252,7 +260,7 @@ fn bench_attention<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
         let d = Dropout::new(p, 3);
         // the forward always runs once: the backward reads its lse
         let ms = bench(be, if fwd { tab.iters } else { 1 }, &mut || {
-            be.attention_forward(&mut out, &mut lse, &qkv, &mask, nh, d)
+            be.attention_forward(&mut out, &mut lse, &qkv, &seqs, nh, d)
                 .unwrap()
         });
         if fwd {
@@ -265,7 +273,7 @@ fn bench_attention<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
             );
         }
         let ms = bench(be, tab.iters, &mut || {
-            be.attention_backward(&mut dqkv, &out, &out, &lse, &qkv, &mask, nh, d)
+            be.attention_backward(&mut dqkv, &out, &out, &lse, &qkv, &seqs, nh, d)
                 .unwrap()
         });
         tab.add(
@@ -314,11 +322,12 @@ fn bench_elementwise<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) 
         Tensor::zeros(be, &[n, f], dt).unwrap(),
     );
     let d = Dropout::new(0.1, 5);
+    let seqs = full_layout(be, s);
     for (label, k) in variants(be.opt_in(dt), &[(", vec", vec_on())]) {
         be.use_kernels(k);
         let ms = bench(be, tab.iters, &mut || {
             be.residual_layernorm_forward(
-                &mut out, &mut sum, &mut m, &mut rs, &x, &res, &g, &bb, 1e-12, d,
+                &mut out, &mut sum, &mut m, &mut rs, &x, &res, &g, &bb, 1e-12, d, &seqs,
             )
             .unwrap()
         });
@@ -333,7 +342,7 @@ fn bench_elementwise<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) 
         );
         let ms = bench(be, tab.iters, &mut || {
             be.residual_layernorm_backward(
-                &mut dx, &mut dr, &mut dg, &mut db, &out, &sum, &m, &rs, &g, d,
+                &mut dx, &mut dr, &mut dg, &mut db, &out, &sum, &m, &rs, &g, d, &seqs,
             )
             .unwrap()
         });
@@ -371,7 +380,7 @@ fn bench_elementwise<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) 
 
 /// The embeddings (gather + LayerNorm + dropout) forward, and backward scalar and vec.
 fn bench_embeddings<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
-    let (b, t, n, dt, es) = (s.b, s.t, s.n(), s.dt, s.es());
+    let (n, dt, es) = (s.n(), s.dt, s.es());
     let (c, v, p) = (
         s.cfg.hidden_size,
         s.cfg.vocab_size,
@@ -383,12 +392,13 @@ fn bench_embeddings<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
     let g = rand_t(be, r, &[c], dt, 1.0);
     let bb = rand_t(be, r, &[c], dt, 1.0);
     let ids: Vec<i32> = (0..n).map(|_| r.below(v) as i32).collect();
-    let idt = Tensor::from_i32(be, &ids, &[b, t]).unwrap();
-    let tyt = Tensor::from_i32(be, &vec![0; n], &[b, t]).unwrap();
-    let mut out = Tensor::zeros(be, &[b, t, c], dt).unwrap();
+    let idt = Tensor::from_i32(be, &ids, &[n]).unwrap();
+    let tyt = Tensor::from_i32(be, &vec![0; n], &[n]).unwrap();
+    let seqs = full_layout(be, s);
+    let mut out = Tensor::zeros(be, &[n, c], dt).unwrap();
     let (mut m, mut rs) = (
-        Tensor::zeros(be, &[b, t], s.sd()).unwrap(),
-        Tensor::zeros(be, &[b, t], s.sd()).unwrap(),
+        Tensor::zeros(be, &[n], s.sd()).unwrap(),
+        Tensor::zeros(be, &[n], s.sd()).unwrap(),
     );
     let ew = EmbWeights {
         word: &word,
@@ -399,7 +409,7 @@ fn bench_embeddings<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
     };
     let d = Dropout::new(0.1, 7);
     let ms = bench(be, tab.iters, &mut || {
-        be.embeddings_forward(&mut out, &mut m, &mut rs, &idt, &tyt, &ew, 1e-12, d)
+        be.embeddings_forward(&mut out, &mut m, &mut rs, &idt, &tyt, &seqs, &ew, 1e-12, d)
             .unwrap()
     });
     let sh = format!("{n}x{c}");
@@ -431,7 +441,7 @@ fn bench_embeddings<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
                 gamma: &mut dg,
                 beta: &mut db,
             };
-            be.embeddings_backward(&mut eg, &out, &m, &rs, &idt, &tyt, &ew, d)
+            be.embeddings_backward(&mut eg, &out, &m, &rs, &idt, &tyt, &seqs, &ew, d)
                 .unwrap()
         });
         let bytes = (4.0 * es + 12.0) * (n * c) as f64;
@@ -449,18 +459,18 @@ fn bench_embeddings<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
 /// The span loss (softmax cross-entropy over positions, forward and backward in one kernel).
 fn bench_span_loss<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
     let (b, t, n, dt) = (s.b, s.t, s.n(), s.dt);
-    let logits = rand_t(be, r, &[b, t, 2], dt, 3.0);
+    let logits = rand_t(be, r, &[n, 2], dt, 3.0);
     let st = Tensor::from_i32(be, &vec![5; b], &[b]).unwrap();
-    let mask = Tensor::from_i32(be, &vec![1; b * t], &[b, t]).unwrap();
+    let seqs = full_layout(be, s);
     let mut l = Tensor::zeros(be, &[b, 2], s.sd()).unwrap();
-    let mut dl = Tensor::zeros(be, &[b, t, 2], dt).unwrap();
+    let mut dl = Tensor::zeros(be, &[n, 2], dt).unwrap();
     let cfgl = SpanLossCfg {
         mask_padding: true,
         scale_start: 0.01,
         scale_end: 0.01,
     };
     let ms = bench(be, tab.iters, &mut || {
-        be.span_loss_forward_backward(&mut l, &mut dl, &logits, &st, &st, &mask, cfgl)
+        be.span_loss_forward_backward(&mut l, &mut dl, &logits, &st, &st, &seqs, cfgl)
             .unwrap()
     });
     let bytes = (n * 2) as f64 * (2.0 * s.es() + 4.0);
@@ -540,7 +550,7 @@ fn step_train_config(b: usize, t: usize) -> TrainConfig {
         early_stopping_patience: 0,
         hidden_dropout: 0.1,
         attention_dropout: 0.1,
-        dynamic_padding: false,
+        padding: bertqa::model::Padding::Max,
         max_bad_steps: 3,
         eval_batch_size: b,
         log_every: 1,
@@ -655,6 +665,85 @@ fn bench_step<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
     }
 }
 
+/// Real SQuAD v1.1 training windows (384/128/64, all-MiniLM-L6-v2's WordPiece), shuffled with the training
+/// loop's epoch order; None (and a printed reason) without the shared assets.
+fn squad_windows() -> Option<Vec<Feature>> {
+    let Some(a) = bertqa::util::assets_dir() else {
+        println!("padding bench SKIPPED: no shared assets (SQuAD v1.1, all-MiniLM-L6-v2)");
+        return None;
+    };
+    let ds = bertqa::data::squad::Dataset::load(&a.join("squad-v1.1/train-v1.1.json")).ok()?;
+    let tok = bertqa::data::tokenizer::load(&a.join("all-MiniLM-L6-v2")).ok()?;
+    let fc = bertqa::data::features::FeatureCfg::default();
+    let feats = bertqa::train::training_features(&ds, &tok, &fc).ok()?;
+    let order = bertqa::train::epoch_order(feats.len(), 42, 0);
+    let mut shuffled: Vec<Option<Feature>> = feats.into_iter().map(Some).collect();
+    Some(order.iter().filter_map(|&i| shuffled[i].take()).collect())
+}
+
+/// Training steps on real SQuAD windows in each batch layout (`--padding`): the same batches, timed;
+/// windows/s, real and computed tokens/s, and the speed-up of each layout over `longest` (the padding-free
+/// issue's check: packed ≥ 1.6× longest on the CPU at batch 8, ≥ 1.7× on a GPU at batch 32).
+fn bench_padding<B: Bench>(be: &B, s: &Shape, windows: &[Feature], steps: usize) {
+    let (b, dt) = (s.b, s.dt);
+    let sd = s.sd();
+    let batches: Vec<Vec<&Feature>> = windows
+        .chunks(b)
+        .take(steps + 1)
+        .map(|c| c.iter().collect())
+        .collect();
+    println!(
+        "\n-- training steps on real SQuAD v1.1 windows (384/128), B={b}, {} timed steps after one warm-up",
+        steps
+    );
+    let mut rates = vec![];
+    for padding in [Padding::Longest, Padding::Packed, Padding::Max] {
+        let mut seed = Rng::new(5);
+        let master = BertParams::from_host(be, s.cfg, sd, |name, shape| {
+            let n: usize = shape.iter().product();
+            let scale = if name.contains("LayerNorm.weight") {
+                1.0
+            } else {
+                0.05
+            };
+            Ok((0..n)
+                .map(|_| (seed.uniform() * 2.0 - 1.0) * scale)
+                .collect())
+        })
+        .unwrap();
+        let mut tc = step_train_config(b, 384);
+        tc.padding = padding;
+        let mut tr = Trainer::new(be, s.cfg.clone(), master, dt, tc).unwrap();
+        tr.step(&batches[0], 1e-5).unwrap();
+        be.synchronize().unwrap();
+        let t0 = Instant::now();
+        let (mut win, mut real, mut rows) = (0, 0, 0);
+        for (k, batch) in batches[1..].iter().enumerate() {
+            tr.state.global_step = k + 1;
+            let o = tr.step(batch, 1e-5).unwrap();
+            win += o.windows;
+            real += o.real_tokens;
+            rows += o.rows;
+        }
+        be.synchronize().unwrap();
+        let secs = t0.elapsed().as_secs_f64();
+        let w = win as f64 / secs;
+        rates.push(w);
+        println!(
+            "  padding {:<8} {w:>9.1} windows/s {:>10.0} real tokens/s {:>10.0} computed tokens/s ({:.0}% of computed rows real){}",
+            padding.name(),
+            real as f64 / secs,
+            rows as f64 / secs,
+            100.0 * real as f64 / rows as f64,
+            if padding == Padding::Longest {
+                String::new()
+            } else {
+                format!(", {:.2}× longest", w / rates[0])
+            }
+        );
+    }
+}
+
 fn run_config<B: Bench>(be: &mut B, name: &str, s: &Shape, tab: &Table) {
     let cfg = s.cfg;
     println!(
@@ -680,6 +769,10 @@ fn run_config<B: Bench>(be: &mut B, name: &str, s: &Shape, tab: &Table) {
     bench_span_loss(be, s, tab, &mut r);
     bench_adamw(be, s, tab);
     bench_step(be, s, tab, &mut r);
+    if let Some(w) = squad_windows() {
+        let steps = if be.supports(DType::F64) { 3 } else { 20 };
+        bench_padding(&*be, s, &w, steps);
+    }
 }
 
 fn gpu_roofline(gpu: &Cuda) -> Roof {

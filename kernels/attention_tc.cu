@@ -1,6 +1,8 @@
 // attention_tc.cu — fused attention, variant 3: tensor cores (mma.sync m16n8k16, bf16/f16 in, f32 accumulate),
 // FlashAttention-2 structure. Same contract as attention.cu (variant 1: CUDA cores, the f32 path and the
-// fallback): saves only lse; attention dropout from the shared Philox stream (common.cuh attn_dropout*).
+// fallback): variable-length windows (blockIdx.z = window b, rows cu[b]..cu[b+1], its first lens[b] rows the
+// keys), saves only lse (NH,N); attention dropout from the shared stream keyed by (window, head, query, key)
+// (common.cuh attn_dropout*). Blocks past their window's rows exit at once.
 // (Variant 2, the first tensor-core version with scalar tile loads and transposed tiles, was retired after
 // variant 3 passed the same parity suite and ran the step 1.85× faster: docs/perf-log.md, 2026-11-27.)
 //
@@ -21,26 +23,28 @@
 // the two backward kernels by one (tc4_backward, below: dQ through f32 reductions, cp.async query tiles).
 
 struct AttnParams {
-    u64 out, lse, qkv, mask, dout, dqkv, dsum, dqacc, seed;
-    int b, t, nh, hs;
+    u64 out, lse, qkv, cu, lens, wid, dout, dqkv, dsum, dqacc, seed;
+    int b, n, nh, hs;
     float p, scale;
 };
-CHECK_LAYOUT(AttnParams, 96);
+CHECK_LAYOUT(AttnParams, 112);
 CHECK_FIELD(AttnParams, out, 0);
 CHECK_FIELD(AttnParams, lse, 8);
 CHECK_FIELD(AttnParams, qkv, 16);
-CHECK_FIELD(AttnParams, mask, 24);
-CHECK_FIELD(AttnParams, dout, 32);
-CHECK_FIELD(AttnParams, dqkv, 40);
-CHECK_FIELD(AttnParams, dsum, 48);
-CHECK_FIELD(AttnParams, dqacc, 56);
-CHECK_FIELD(AttnParams, seed, 64);
-CHECK_FIELD(AttnParams, b, 72);
-CHECK_FIELD(AttnParams, t, 76);
-CHECK_FIELD(AttnParams, nh, 80);
-CHECK_FIELD(AttnParams, hs, 84);
-CHECK_FIELD(AttnParams, p, 88);
-CHECK_FIELD(AttnParams, scale, 92);
+CHECK_FIELD(AttnParams, cu, 24);
+CHECK_FIELD(AttnParams, lens, 32);
+CHECK_FIELD(AttnParams, wid, 40);
+CHECK_FIELD(AttnParams, dout, 48);
+CHECK_FIELD(AttnParams, dqkv, 56);
+CHECK_FIELD(AttnParams, dsum, 64);
+CHECK_FIELD(AttnParams, dqacc, 72);
+CHECK_FIELD(AttnParams, seed, 80);
+CHECK_FIELD(AttnParams, b, 88);
+CHECK_FIELD(AttnParams, n, 92);
+CHECK_FIELD(AttnParams, nh, 96);
+CHECK_FIELD(AttnParams, hs, 100);
+CHECK_FIELD(AttnParams, p, 104);
+CHECK_FIELD(AttnParams, scale, 108);
 
 __device__ __forceinline__ u32 bits(bf16 x) { return (u32)__bfloat16_as_ushort(x); }
 __device__ __forceinline__ u32 bits(f16 x) { return (u32)__half_as_ushort(x); }
@@ -137,51 +141,52 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 #endif
 
-// rows r0.. of part (0 Q, 1 K, 2 V, 3 dO) into a row-major [ROWS][HS+8] tile, 16 bytes per thread and step;
-// rows at or past T are zeros. ASYNC: through cp.async (the caller commits and waits), else plain loads.
+// rows r0.. (positions in window W) of part (0 Q, 1 K, 2 V, 3 dO) into a row-major [ROWS][HS+8] tile, 16 bytes
+// per thread and step; rows at or past `limit` are zeros. ASYNC: through cp.async (the caller commits and
+// waits), else plain loads.
 template <typename T, int HS, int ROWS, bool ASYNC = false>
-__device__ __forceinline__ void load_rows(const AttnParams& a, int bi, int h, int part, int r0, T* dst) {
+__device__ __forceinline__ void load_rows(const AttnParams& a, const Window& W, int limit, int h, int part, int r0, T* dst) {
     constexpr int CH = HS / 8;
     int C = a.nh * HS;
     auto src = [&](int row, int c) {
-        return part == 3 ? (const T*)a.dout + ((u64)bi * a.t + row) * C + h * HS + c * 8
-                         : (const T*)a.qkv + ((u64)bi * a.t + row) * 3 * C + part * C + h * HS + c * 8;
+        u64 g = (u64)W.s0 + row;
+        return part == 3 ? (const T*)a.dout + g * C + h * HS + c * 8 : (const T*)a.qkv + g * 3 * C + part * C + h * HS + c * 8;
     };
     for (int e = threadIdx.x; e < ROWS * CH; e += blockDim.x) {
         int r = e / CH, c = e % CH, row = r0 + r;
         if constexpr (ASYNC) {
-            bool valid = row < a.t;  // zero-filled rows still name a mapped address
-            cp_async16(dst + r * (HS + 8) + c * 8, src(valid ? row : a.t - 1, c), valid);
+            bool valid = row < limit;  // zero-filled rows still name a mapped address: the window's first row
+            cp_async16(dst + r * (HS + 8) + c * 8, src(valid ? row : 0, c), valid);
         } else {
             uint4 v = make_uint4(0u, 0u, 0u, 0u);
-            if (row < a.t) v = *(const uint4*)src(row, c);
+            if (row < limit) v = *(const uint4*)src(row, c);
             *(uint4*)(dst + r * (HS + 8) + c * 8) = v;
         }
     }
 }
 
 // ---- variant 4 helpers -------------------------------------------------------------------------------------
-// Attention dropout with the Philox work split between two lanes. In the forward layout lane l holds query row
-// R (its g = l/4) and lane l^4 row R^1 at the same keys; in the dK/dV layout lane l holds key j and lane l^4
+// Attention dropout with the Philox work split between two lanes. In the forward layout lane l holds query i
+// (its g = l/4) and lane l^4 query i^1 at the same keys; in the dK/dV layout lane l holds key j and lane l^4
 // key j^1 at the same queries. Either way one 2×2 Philox block (common.cuh attn_philox) covers both lanes, and
 // attn_dropout_keys/_rows throw half of each call away. Here each lane of the pair makes one call for two
 // blocks — the even lane the first, the odd lane the second — keeps its half and trades the other half with
 // its partner: the words of attn_dropout_keys/_rows for half the Philox calls. All 32 lanes must call together.
 //
-// keys (A, A+1) and (B, B+1) of row R (A, B even) → this lane's words wa, wb
-__device__ __forceinline__ void attn_words_keys2(u64 seed, u64 R, int A, int B, int t, uint2& wa, uint2& wb) {
-    bool odd = R & 1;
-    uint4 r = attn_philox(seed, R, odd ? B : A, t);
+// keys (A, A+1) and (B, B+1) of query i (A, B even) of head h, window w → this lane's words wa, wb
+__device__ __forceinline__ void attn_words_keys2(u64 seed, int w, int h, int i, int A, int B, uint2& wa, uint2& wb) {
+    bool odd = i & 1;
+    uint4 r = attn_philox(seed, w, h, i, odd ? B : A);
     uint2 mine = odd ? make_uint2(r.z, r.w) : make_uint2(r.x, r.y);  // my row of my block
     uint2 send = odd ? make_uint2(r.x, r.y) : make_uint2(r.z, r.w);  // the partner's row of my block
     uint2 got = make_uint2(__shfl_xor_sync(0xffffffffu, send.x, 4), __shfl_xor_sync(0xffffffffu, send.y, 4));
     wa = odd ? got : mine;
     wb = odd ? mine : got;
 }
-// rows (RA, RA+1) and (RB, RB+1) of key j (RA, RB even) → this lane's words wa, wb
-__device__ __forceinline__ void attn_words_rows2(u64 seed, u64 RA, u64 RB, int j, int t, uint2& wa, uint2& wb) {
+// queries (IA, IA+1) and (IB, IB+1) of key j (IA, IB even) of head h, window w → this lane's words wa, wb
+__device__ __forceinline__ void attn_words_rows2(u64 seed, int w, int h, int IA, int IB, int j, uint2& wa, uint2& wb) {
     bool odd = j & 1;
-    uint4 r = attn_philox(seed, odd ? RB : RA, j, t);
+    uint4 r = attn_philox(seed, w, h, odd ? IB : IA, j);
     uint2 mine = odd ? make_uint2(r.y, r.w) : make_uint2(r.x, r.z);  // my key's column of my block
     uint2 send = odd ? make_uint2(r.x, r.z) : make_uint2(r.y, r.w);  // the partner's column of my block
     uint2 got = make_uint2(__shfl_xor_sync(0xffffffffu, send.x, 4), __shfl_xor_sync(0xffffffffu, send.y, 4));
@@ -243,21 +248,22 @@ __device__ __forceinline__ void kq_strips(float (&s)[NQ][4], float (&dp)[NQ][4],
         }
     }
 }
-// dK·scale and dV·dv_scale of keys ja (accumulator rows g) and jb (rows g+8) into dqkv
+// dK·scale and dV·dv_scale of keys ja (accumulator rows g) and jb (rows g+8) of window W into dqkv; every row
+// of the window is written (padding rows: zeros, they are no one's keys)
 template <typename T, int HS, int NO>
-__device__ __forceinline__ void store_dkdv(const AttnParams& a, const float (&dk)[NO][4], const float (&dv)[NO][4], int bi,
-                                           int h, int ja, int jb, float dv_scale) {
+__device__ __forceinline__ void store_dkdv(const AttnParams& a, const float (&dk)[NO][4], const float (&dv)[NO][4],
+                                           const Window& W, int h, int ja, int jb, float dv_scale) {
     int C = a.nh * HS, t4 = threadIdx.x % 4;
 #pragma unroll
     for (int n = 0; n < NO; ++n) {
         int d = n * 8 + 2 * t4;
-        if (ja < a.t) {
-            T* base = (T*)a.dqkv + ((u64)bi * a.t + ja) * 3 * C + h * HS + d;
+        if (ja < W.rows) {
+            T* base = (T*)a.dqkv + ((u64)W.s0 + ja) * 3 * C + h * HS + d;
             *(u32*)(base + C) = pack2<T>(dk[n][0] * a.scale, dk[n][1] * a.scale);
             *(u32*)(base + 2 * C) = pack2<T>(dv[n][0] * dv_scale, dv[n][1] * dv_scale);
         }
-        if (jb < a.t) {
-            T* base = (T*)a.dqkv + ((u64)bi * a.t + jb) * 3 * C + h * HS + d;
+        if (jb < W.rows) {
+            T* base = (T*)a.dqkv + ((u64)W.s0 + jb) * 3 * C + h * HS + d;
             *(u32*)(base + C) = pack2<T>(dk[n][2] * a.scale, dk[n][3] * a.scale);
             *(u32*)(base + 2 * C) = pack2<T>(dv[n][2] * dv_scale, dv[n][3] * dv_scale);
         }
@@ -271,10 +277,11 @@ __device__ void tc3_forward(const AttnParams& a) {
     T* Qs = (T*)smem_raw;                // [64][LD]
     T* Ks = Qs + 64 * LD;                // [BK][LD]
     T* Vs = Ks + BK * LD;                // [BK][LD]
-    int* Ms = (int*)(Vs + BK * LD);      // [BK]
-    int bi = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * 64;
+    int h = blockIdx.y, q0 = blockIdx.x * 64;
+    const Window W = window_at(a.cu, a.lens, a.wid, blockIdx.z);
+    if (q0 >= W.rows) return;  // the whole block: past its window
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-    load_rows<T, HS, 64>(a, bi, h, 0, q0, Qs);
+    load_rows<T, HS, 64>(a, W, W.rows, h, 0, q0, Qs);
     __syncthreads();
     u32 qa[KS][4];
 #pragma unroll
@@ -284,12 +291,10 @@ __device__ void tc3_forward(const AttnParams& a) {
     for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
     int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
-    u64 R0 = ((u64)bi * a.nh + h) * attn_row_stride(a.t) + i0, R1 = R0 + 8;
-    for (int k0 = 0; k0 < a.t; k0 += BK) {
+    for (int k0 = 0; k0 < W.len; k0 += BK) {
         __syncthreads();
-        load_rows<T, HS, BK>(a, bi, h, 1, k0, Ks);
-        load_rows<T, HS, BK>(a, bi, h, 2, k0, Vs);
-        for (int j = threadIdx.x; j < BK; j += blockDim.x) Ms[j] = (k0 + j < a.t) ? ((const int*)a.mask)[(u64)bi * a.t + k0 + j] : 0;
+        load_rows<T, HS, BK>(a, W, W.len, h, 1, k0, Ks);
+        load_rows<T, HS, BK>(a, W, W.len, h, 2, k0, Vs);
         __syncthreads();
         float s[BK / 8][4];
         qk_strip<T>(s, qa, Ks, LD);
@@ -298,7 +303,7 @@ __device__ void tc3_forward(const AttnParams& a) {
         for (int j = 0; j < BK / 8; ++j) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                bool live = Ms[j * 8 + 2 * t4 + e] != 0;
+                bool live = k0 + j * 8 + 2 * t4 + e < W.len;
                 s[j][e] = live ? s[j][e] * a.scale : -INFINITY;
                 s[j][2 + e] = live ? s[j][2 + e] * a.scale : -INFINITY;
                 mx0 = fmaxf(mx0, s[j][e]);
@@ -333,8 +338,8 @@ __device__ void tc3_forward(const AttnParams& a) {
                 l1 += p10 + p11;
                 if (a.p > 0.f) {
                     int key = k0 + j * 8 + 2 * t4;  // even: (key, key+1) share one Philox call
-                    float2 f0 = attn_dropout_keys(a.seed, R0, key, a.t, a.p);
-                    float2 f1 = attn_dropout_keys(a.seed, R1, key, a.t, a.p);
+                    float2 f0 = attn_dropout_keys(a.seed, W.w, h, i0, key, a.p);
+                    float2 f1 = attn_dropout_keys(a.seed, W.w, h, i1, key, a.p);
                     p00 *= f0.x; p01 *= f0.y;
                     p10 *= f1.x; p11 *= f1.y;
                 }
@@ -358,13 +363,13 @@ __device__ void tc3_forward(const AttnParams& a) {
 #pragma unroll
     for (int n = 0; n < NO; ++n) {
         int d = n * 8 + 2 * t4;
-        if (i0 < a.t) *(u32*)((T*)a.out + ((u64)bi * a.t + i0) * C + h * HS + d) = pack2<T>(o[n][0] * inv0, o[n][1] * inv0);
-        if (i1 < a.t) *(u32*)((T*)a.out + ((u64)bi * a.t + i1) * C + h * HS + d) = pack2<T>(o[n][2] * inv1, o[n][3] * inv1);
+        if (i0 < W.rows) *(u32*)((T*)a.out + ((u64)W.s0 + i0) * C + h * HS + d) = pack2<T>(o[n][0] * inv0, o[n][1] * inv0);
+        if (i1 < W.rows) *(u32*)((T*)a.out + ((u64)W.s0 + i1) * C + h * HS + d) = pack2<T>(o[n][2] * inv1, o[n][3] * inv1);
     }
     if (t4 == 0) {
-        float* lse = (float*)a.lse + ((u64)bi * a.nh + h) * a.t;
-        if (i0 < a.t) lse[i0] = l0 > 0.f ? m0 + logf(l0) : INFINITY;
-        if (i1 < a.t) lse[i1] = l1 > 0.f ? m1 + logf(l1) : INFINITY;
+        float* lse = (float*)a.lse + (u64)h * a.n + W.s0;
+        if (i0 < W.rows) lse[i0] = l0 > 0.f ? m0 + logf(l0) : INFINITY;
+        if (i1 < W.rows) lse[i1] = l1 > 0.f ? m1 + logf(l1) : INFINITY;
     }
 }
 
@@ -378,28 +383,29 @@ __device__ void tc3_backward_kv(const AttnParams& a) {
     T* Os = Qs + BQ * LD;          // [BQ][LD]  dO
     float* Ls = (float*)(Os + BQ * LD);
     float* Ds = Ls + BQ;
-    int bi = blockIdx.z, h = blockIdx.y, j0 = blockIdx.x * 64;
+    int h = blockIdx.y, j0 = blockIdx.x * 64;
+    const Window W = window_at(a.cu, a.lens, a.wid, blockIdx.z);
+    if (j0 >= W.rows) return;  // the whole block: past its window
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-    load_rows<T, HS, 64>(a, bi, h, 1, j0, Ks);
-    load_rows<T, HS, 64>(a, bi, h, 2, j0, Vs);
+    load_rows<T, HS, 64>(a, W, W.len, h, 1, j0, Ks);
+    load_rows<T, HS, 64>(a, W, W.len, h, 2, j0, Vs);
     int ja = j0 + warp * 16 + g, jb = ja + 8;
-    bool livea = ja < a.t && ((const int*)a.mask)[(u64)bi * a.t + ja] != 0;
-    bool liveb = jb < a.t && ((const int*)a.mask)[(u64)bi * a.t + jb] != 0;
+    bool livea = ja < W.len, liveb = jb < W.len;
     float dk[NO][4], dv[NO][4];
 #pragma unroll
     for (int n = 0; n < NO; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
-    u64 hrow = ((u64)bi * a.nh + h) * a.t, Rbase = ((u64)bi * a.nh + h) * attn_row_stride(a.t);
+    u64 hrow = (u64)h * a.n + W.s0;
     const T* Kw = Ks + warp * 16 * LD;
     const T* Vw = Vs + warp * 16 * LD;
-    for (int q0 = 0; q0 < a.t; q0 += BQ) {
+    for (int q0 = 0; q0 < W.rows; q0 += BQ) {
         __syncthreads();
-        load_rows<T, HS, BQ>(a, bi, h, 0, q0, Qs);
-        load_rows<T, HS, BQ>(a, bi, h, 3, q0, Os);
+        load_rows<T, HS, BQ>(a, W, W.rows, h, 0, q0, Qs);
+        load_rows<T, HS, BQ>(a, W, W.rows, h, 3, q0, Os);
         for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
-            Ls[i] = q0 + i < a.t ? ((const float*)a.lse)[hrow + q0 + i] : 0.f;
-            Ds[i] = q0 + i < a.t ? ((const float*)a.dsum)[hrow + q0 + i] : 0.f;
+            Ls[i] = q0 + i < W.rows ? ((const float*)a.lse)[hrow + q0 + i] : 0.f;
+            Ds[i] = q0 + i < W.rows ? ((const float*)a.dsum)[hrow + q0 + i] : 0.f;
         }
         __syncthreads();
         float s[BQ / 8][4], dp[BQ / 8][4];
@@ -413,14 +419,14 @@ __device__ void tc3_backward_kv(const AttnParams& a) {
                 float pv[4], sv[4];
                 // queries i, i+1 (i even) for keys ja, jb: one Philox call per key row
                 int ie = q0 + n * 8 + 2 * t4;
-                float2 fa = a.p > 0.f ? attn_dropout_rows(a.seed, Rbase + ie, ja, a.t, a.p) : make_float2(1.f, 1.f);
-                float2 fb = a.p > 0.f ? attn_dropout_rows(a.seed, Rbase + ie, jb, a.t, a.p) : make_float2(1.f, 1.f);
+                float2 fa = a.p > 0.f ? attn_dropout_rows(a.seed, W.w, h, ie, ja, a.p) : make_float2(1.f, 1.f);
+                float2 fb = a.p > 0.f ? attn_dropout_rows(a.seed, W.w, h, ie, jb, a.p) : make_float2(1.f, 1.f);
                 float fs[4] = {fa.x, fa.y, fb.x, fb.y};
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     int qi = n * 8 + 2 * t4 + (e & 1);
                     int i = q0 + qi;
-                    bool live = (e < 2 ? livea : liveb) && i < a.t;
+                    bool live = (e < 2 ? livea : liveb) && i < W.rows;
                     float P = live ? expf(s[n][e] * a.scale - Ls[qi]) : 0.f;
                     float f = live ? fs[e] : 1.f;
                     pv[e] = P * f;
@@ -441,7 +447,7 @@ __device__ void tc3_backward_kv(const AttnParams& a) {
             }
         }
     }
-    store_dkdv<T, HS>(a, dk, dv, bi, h, ja, jb, 1.f);
+    store_dkdv<T, HS>(a, dk, dv, W, h, ja, jb, 1.f);
 }
 
 template <typename T, int HS>
@@ -452,11 +458,12 @@ __device__ void tc3_backward_q(const AttnParams& a) {
     T* Os = Qs + 64 * LD;          // [64][LD]  dO
     T* Ks = Os + 64 * LD;          // [BK][LD]
     T* Vs = Ks + BK * LD;          // [BK][LD]
-    int* Ms = (int*)(Vs + BK * LD);
-    int bi = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * 64;
+    int h = blockIdx.y, q0 = blockIdx.x * 64;
+    const Window W = window_at(a.cu, a.lens, a.wid, blockIdx.z);
+    if (q0 >= W.rows) return;  // the whole block: past its window
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-    load_rows<T, HS, 64>(a, bi, h, 0, q0, Qs);
-    load_rows<T, HS, 64>(a, bi, h, 3, q0, Os);
+    load_rows<T, HS, 64>(a, W, W.rows, h, 0, q0, Qs);
+    load_rows<T, HS, 64>(a, W, W.rows, h, 3, q0, Os);
     __syncthreads();
     u32 qa[KS][4], oa[KS][4];
 #pragma unroll
@@ -465,18 +472,16 @@ __device__ void tc3_backward_q(const AttnParams& a) {
         lda_x4(oa[kk], Os + warp * 16 * LD, LD, kk * 16);
     }
     int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
-    u64 hrow = ((u64)bi * a.nh + h) * a.t;
-    float L0 = i0 < a.t ? ((const float*)a.lse)[hrow + i0] : 0.f, L1 = i1 < a.t ? ((const float*)a.lse)[hrow + i1] : 0.f;
-    float D0 = i0 < a.t ? ((const float*)a.dsum)[hrow + i0] : 0.f, D1 = i1 < a.t ? ((const float*)a.dsum)[hrow + i1] : 0.f;
-    u64 R0 = ((u64)bi * a.nh + h) * attn_row_stride(a.t) + i0, R1 = R0 + 8;
+    u64 hrow = (u64)h * a.n + W.s0;
+    float L0 = i0 < W.rows ? ((const float*)a.lse)[hrow + i0] : 0.f, L1 = i1 < W.rows ? ((const float*)a.lse)[hrow + i1] : 0.f;
+    float D0 = i0 < W.rows ? ((const float*)a.dsum)[hrow + i0] : 0.f, D1 = i1 < W.rows ? ((const float*)a.dsum)[hrow + i1] : 0.f;
     float dq[NO][4];
 #pragma unroll
     for (int n = 0; n < NO; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
-    for (int k0 = 0; k0 < a.t; k0 += BK) {
+    for (int k0 = 0; k0 < W.len; k0 += BK) {
         __syncthreads();
-        load_rows<T, HS, BK>(a, bi, h, 1, k0, Ks);
-        load_rows<T, HS, BK>(a, bi, h, 2, k0, Vs);
-        for (int j = threadIdx.x; j < BK; j += blockDim.x) Ms[j] = (k0 + j < a.t) ? ((const int*)a.mask)[(u64)bi * a.t + k0 + j] : 0;
+        load_rows<T, HS, BK>(a, W, W.len, h, 1, k0, Ks);
+        load_rows<T, HS, BK>(a, W, W.len, h, 2, k0, Vs);
         __syncthreads();
         float s[BK / 8][4], dp[BK / 8][4];
 #pragma unroll
@@ -499,9 +504,9 @@ __device__ void tc3_backward_q(const AttnParams& a) {
             for (int half = 0; half < 2; ++half) {
                 int j = 2 * kk + half;
                 int kj = j * 8 + 2 * t4;  // even: keys kj, kj+1
-                bool live0 = Ms[kj] != 0, live1 = Ms[kj + 1] != 0;
-                float2 f0 = attn_dropout_keys(a.seed, R0, k0 + kj, a.t, a.p);
-                float2 f1 = attn_dropout_keys(a.seed, R1, k0 + kj, a.t, a.p);
+                bool live0 = k0 + kj < W.len, live1 = k0 + kj + 1 < W.len;
+                float2 f0 = attn_dropout_keys(a.seed, W.w, h, i0, k0 + kj, a.p);
+                float2 f1 = attn_dropout_keys(a.seed, W.w, h, i1, k0 + kj, a.p);
                 float P00 = live0 ? expf(s[j][0] * a.scale - L0) : 0.f, P01 = live1 ? expf(s[j][1] * a.scale - L0) : 0.f;
                 float P10 = live0 ? expf(s[j][2] * a.scale - L1) : 0.f, P11 = live1 ? expf(s[j][3] * a.scale - L1) : 0.f;
                 sa[half * 2 + 0] = pack2<T>(P00 * (dp[j][0] * f0.x - D0), P01 * (dp[j][1] * f0.y - D0));
@@ -519,12 +524,12 @@ __device__ void tc3_backward_q(const AttnParams& a) {
 #pragma unroll
     for (int n = 0; n < NO; ++n) {
         int d = n * 8 + 2 * t4;
-        if (i0 < a.t) *(u32*)((T*)a.dqkv + ((u64)bi * a.t + i0) * 3 * C + h * HS + d) = pack2<T>(dq[n][0] * a.scale, dq[n][1] * a.scale);
-        if (i1 < a.t) *(u32*)((T*)a.dqkv + ((u64)bi * a.t + i1) * 3 * C + h * HS + d) = pack2<T>(dq[n][2] * a.scale, dq[n][3] * a.scale);
+        if (i0 < W.rows) *(u32*)((T*)a.dqkv + ((u64)W.s0 + i0) * 3 * C + h * HS + d) = pack2<T>(dq[n][0] * a.scale, dq[n][1] * a.scale);
+        if (i1 < W.rows) *(u32*)((T*)a.dqkv + ((u64)W.s0 + i1) * 3 * C + h * HS + d) = pack2<T>(dq[n][2] * a.scale, dq[n][3] * a.scale);
     }
 }
 
-// ---- variant 4, forward: variant 3's tiling with the K/V/mask tiles double-buffered by cp.async (tile i+1
+// ---- variant 4, forward: variant 3's tiling with the K/V tiles double-buffered by cp.async (tile i+1
 // loads while tile i computes), the exponentials in base 2 on the special-function unit (ex2.approx of one
 // FFMA of the raw score: 2^{s·scale·log2 e − base·scale·log2 e}), the dropout Philox calls shared by lane
 // pairs and tested as integers, and the dropout's 1/(1-p) applied once to O instead of to every probability.
@@ -538,20 +543,17 @@ __device__ void tc4_forward(const AttnParams& a) {
     T* Qs = (T*)smem_raw;                // [64][LD]
     T* Kb = Qs + 64 * LD;                // [2][BK][LD]
     T* Vb = Kb + 2 * BK * LD;            // [2][BK][LD]
-    int* Mb = (int*)(Vb + 2 * BK * LD);  // [2][BK]
-    int bi = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * 64;
+    int h = blockIdx.y, q0 = blockIdx.x * 64;
+    const Window W = window_at(a.cu, a.lens, a.wid, blockIdx.z);
+    if (q0 >= W.rows) return;  // the whole block: past its window
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
     auto stage = [&](int k0, int buf) {  // the key tile at k0 into buffer buf, asynchronously
-        load_rows<T, HS, BK, true>(a, bi, h, 1, k0, Kb + buf * BK * LD);
-        load_rows<T, HS, BK, true>(a, bi, h, 2, k0, Vb + buf * BK * LD);
-        for (int j = threadIdx.x; j < BK; j += blockDim.x) {
-            bool valid = k0 + j < a.t;
-            cp_async4(Mb + buf * BK + j, (const int*)a.mask + (u64)bi * a.t + (valid ? k0 + j : a.t - 1), valid);
-        }
+        load_rows<T, HS, BK, true>(a, W, W.len, h, 1, k0, Kb + buf * BK * LD);
+        load_rows<T, HS, BK, true>(a, W, W.len, h, 2, k0, Vb + buf * BK * LD);
         cp_async_commit();
     };
     stage(0, 0);
-    load_rows<T, HS, 64>(a, bi, h, 0, q0, Qs);
+    load_rows<T, HS, 64>(a, W, W.rows, h, 0, q0, Qs);
     __syncthreads();
     u32 qa[KS][4];
 #pragma unroll
@@ -561,11 +563,10 @@ __device__ void tc4_forward(const AttnParams& a) {
     for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // row maxima of the raw scores q·k, row sums
     int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
-    u64 R0 = ((u64)bi * a.nh + h) * attn_row_stride(a.t) + i0, R1 = R0 + 8;
     const float sl2 = a.scale * LOG2E_F;
     const bool drop = a.p > 0.f;
     const u32 thr = keep_threshold(a.p);
-    int tiles = (a.t + BK - 1) / BK;
+    int tiles = (W.len + BK - 1) / BK;
     for (int it = 0; it < tiles; ++it) {
         int k0 = it * BK, buf = it & 1;
         if (it + 1 < tiles) stage(k0 + BK, buf ^ 1);
@@ -574,7 +575,6 @@ __device__ void tc4_forward(const AttnParams& a) {
         __syncthreads();
         const T* Ks = Kb + buf * BK * LD;
         const T* Vs = Vb + buf * BK * LD;
-        const int* Ms = Mb + buf * BK;
         float s[BK / 8][4];
         qk_strip<T>(s, qa, Ks, LD);
         float mx0 = -INFINITY, mx1 = -INFINITY;
@@ -582,7 +582,7 @@ __device__ void tc4_forward(const AttnParams& a) {
         for (int j = 0; j < BK / 8; ++j) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                bool live = Ms[j * 8 + 2 * t4 + e] != 0;  // raw scores: the scale joins the exponent's FFMA
+                bool live = k0 + j * 8 + 2 * t4 + e < W.len;  // raw scores: the scale joins the exponent's FFMA
                 s[j][e] = live ? s[j][e] : -INFINITY;
                 s[j][2 + e] = live ? s[j][2 + e] : -INFINITY;
                 mx0 = fmaxf(mx0, s[j][e]);
@@ -612,8 +612,8 @@ __device__ void tc4_forward(const AttnParams& a) {
             uint2 w[2][2] = {{make_uint2(0u, 0u), make_uint2(0u, 0u)}, {make_uint2(0u, 0u), make_uint2(0u, 0u)}};  // [half][row]
             if (drop) {
                 int keyA = k0 + 2 * kk * 8 + 2 * t4;
-                attn_words_keys2(a.seed, R0, keyA, keyA + 8, a.t, w[0][0], w[1][0]);
-                attn_words_keys2(a.seed, R1, keyA, keyA + 8, a.t, w[0][1], w[1][1]);
+                attn_words_keys2(a.seed, W.w, h, i0, keyA, keyA + 8, w[0][0], w[1][0]);
+                attn_words_keys2(a.seed, W.w, h, i1, keyA, keyA + 8, w[0][1], w[1][1]);
             }
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
@@ -645,13 +645,13 @@ __device__ void tc4_forward(const AttnParams& a) {
 #pragma unroll
     for (int n = 0; n < NO; ++n) {
         int d = n * 8 + 2 * t4;
-        if (i0 < a.t) *(u32*)((T*)a.out + ((u64)bi * a.t + i0) * C + h * HS + d) = pack2<T>(o[n][0] * inv0, o[n][1] * inv0);
-        if (i1 < a.t) *(u32*)((T*)a.out + ((u64)bi * a.t + i1) * C + h * HS + d) = pack2<T>(o[n][2] * inv1, o[n][3] * inv1);
+        if (i0 < W.rows) *(u32*)((T*)a.out + ((u64)W.s0 + i0) * C + h * HS + d) = pack2<T>(o[n][0] * inv0, o[n][1] * inv0);
+        if (i1 < W.rows) *(u32*)((T*)a.out + ((u64)W.s0 + i1) * C + h * HS + d) = pack2<T>(o[n][2] * inv1, o[n][3] * inv1);
     }
     if (t4 == 0) {
-        float* lse = (float*)a.lse + ((u64)bi * a.nh + h) * a.t;
-        if (i0 < a.t) lse[i0] = l0 > 0.f ? m0 * a.scale + logf(l0) : INFINITY;
-        if (i1 < a.t) lse[i1] = l1 > 0.f ? m1 * a.scale + logf(l1) : INFINITY;
+        float* lse = (float*)a.lse + (u64)h * a.n + W.s0;
+        if (i0 < W.rows) lse[i0] = l0 > 0.f ? m0 * a.scale + logf(l0) : INFINITY;
+        if (i1 < W.rows) lse[i1] = l1 > 0.f ? m1 * a.scale + logf(l1) : INFINITY;
     }
 }
 
@@ -687,26 +687,27 @@ __device__ void tc4_backward(const AttnParams& a) {
     T* Ss = Os + 2 * BQ * LD;             // [BQ][LDS]     dS of the current tile, [query][key]
     float* Ls = (float*)(Ss + BQ * LDS);  // [2][BQ]       lse
     float* Ds = Ls + 2 * BQ;              // [2][BQ]       D
-    int bi = blockIdx.z, h = blockIdx.y, j0 = blockIdx.x * BKEY;
+    int h = blockIdx.y, j0 = blockIdx.x * BKEY;
+    const Window W = window_at(a.cu, a.lens, a.wid, blockIdx.z);
+    if (j0 >= W.rows) return;  // the whole block: past its window
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-    u64 hrow = ((u64)bi * a.nh + h) * a.t, Rbase = ((u64)bi * a.nh + h) * attn_row_stride(a.t);
+    u64 hrow = (u64)h * a.n + W.s0;
     auto stage = [&](int q0, int buf) {
-        load_rows<T, HS, BQ, true>(a, bi, h, 0, q0, Qs + buf * BQ * LD);
-        load_rows<T, HS, BQ, true>(a, bi, h, 3, q0, Os + buf * BQ * LD);
+        load_rows<T, HS, BQ, true>(a, W, W.rows, h, 0, q0, Qs + buf * BQ * LD);
+        load_rows<T, HS, BQ, true>(a, W, W.rows, h, 3, q0, Os + buf * BQ * LD);
         for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
-            bool valid = q0 + i < a.t;
-            u64 q = hrow + (valid ? q0 + i : a.t - 1);
+            bool valid = q0 + i < W.rows;
+            u64 q = hrow + (valid ? q0 + i : 0);
             cp_async4(Ls + buf * BQ + i, (const float*)a.lse + q, valid);
             cp_async4(Ds + buf * BQ + i, (const float*)a.dsum + q, valid);
         }
         cp_async_commit();
     };
     stage(0, 0);
-    load_rows<T, HS, BKEY>(a, bi, h, 1, j0, Ks);
-    load_rows<T, HS, BKEY>(a, bi, h, 2, j0, Vs);
+    load_rows<T, HS, BKEY>(a, W, W.len, h, 1, j0, Ks);
+    load_rows<T, HS, BKEY>(a, W, W.len, h, 2, j0, Vs);
     int ja = j0 + warp * 16 + g, jb = ja + 8;
-    bool livea = ja < a.t && ((const int*)a.mask)[(u64)bi * a.t + ja] != 0;
-    bool liveb = jb < a.t && ((const int*)a.mask)[(u64)bi * a.t + jb] != 0;
+    bool livea = ja < W.len, liveb = jb < W.len;
     float dk[NO][4], dv[NO][4];
 #pragma unroll
     for (int n = 0; n < NO; ++n)
@@ -714,7 +715,7 @@ __device__ void tc4_backward(const AttnParams& a) {
         for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
     const T* Kw = Ks + warp * 16 * LD;
     const T* Vw = Vs + warp * 16 * LD;
-    int C = a.nh * HS, tiles = (a.t + BQ - 1) / BQ;
+    int C = a.nh * HS, tiles = (W.rows + BQ - 1) / BQ;
     const float sl2 = a.scale * LOG2E_F;
     const bool drop = a.p > 0.f;
     const u32 thr = keep_threshold(a.p);
@@ -737,9 +738,9 @@ __device__ void tc4_backward(const AttnParams& a) {
             // [half]: the dropout words of queries (i, i+1), i = q0 + (2kk + half)·8 + 2·t4, for keys ja, jb
             uint2 wA[2] = {make_uint2(0u, 0u), make_uint2(0u, 0u)}, wB[2] = {wA[0], wA[1]};
             if (drop) {
-                u64 RA = Rbase + q0 + 2 * kk * 8 + 2 * t4;
-                attn_words_rows2(a.seed, RA, RA + 8, ja, a.t, wA[0], wA[1]);
-                attn_words_rows2(a.seed, RA, RA + 8, jb, a.t, wB[0], wB[1]);
+                int IA = q0 + 2 * kk * 8 + 2 * t4;
+                attn_words_rows2(a.seed, W.w, h, IA, IA + 8, ja, wA[0], wA[1]);
+                attn_words_rows2(a.seed, W.w, h, IA, IA + 8, jb, wB[0], wB[1]);
             }
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
@@ -749,7 +750,7 @@ __device__ void tc4_backward(const AttnParams& a) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     int qi = n * 8 + 2 * t4 + (e & 1);
-                    bool live = (e < 2 ? livea : liveb) && q0 + qi < a.t;
+                    bool live = (e < 2 ? livea : liveb) && q0 + qi < W.rows;
                     float P = live ? ex2(s[n][e] * sl2 - Lb[qi] * LOG2E_F) : 0.f;
                     bool keep = kept(ws[e], thr);  // thr = 0 without dropout
                     pv[e] = keep ? P : 0.f;        // dV's 1/(1-p) is applied once, at the end
@@ -792,8 +793,8 @@ __device__ void tc4_backward(const AttnParams& a) {
 #pragma unroll
             for (int n = 0; n < NQ; ++n) {
                 int d = h * HS + (n0 + n) * 8 + 2 * t4;
-                if (r0 < a.t) red_add2(dq + ((u64)bi * a.t + r0) * C + d, acc[n][0], acc[n][1]);
-                if (r1 < a.t) red_add2(dq + ((u64)bi * a.t + r1) * C + d, acc[n][2], acc[n][3]);
+                if (r0 < W.rows) red_add2(dq + ((u64)W.s0 + r0) * C + d, acc[n][0], acc[n][1]);
+                if (r1 < W.rows) red_add2(dq + ((u64)W.s0 + r1) * C + d, acc[n][2], acc[n][3]);
             }
         }
         // No barrier here: the next tile's first writes (its cp.async stage, into the buffer read before the dS
@@ -801,20 +802,20 @@ __device__ void tc4_backward(const AttnParams& a) {
         // every warp reaches only once done with this tile's Ss and K reads. The emulator's race detector
         // (tests/emu, -fsanitize=thread) finds no race without it.
     }
-    store_dkdv<T, HS>(a, dk, dv, bi, h, ja, jb, ks);
+    store_dkdv<T, HS>(a, dk, dv, W, h, ja, jb, ks);
 }
 
-// D[b,h,i] = dO_i·O_i of head h (variant 4's replacement for attention.cu's attn_dsum, one thread per row with
-// 2-byte loads): G = HS/N threads per (row, head), one 16-byte load each of dO and O, a shuffle sum over the G.
+// D[h, row] = dO_row·O_row of head h (variant 4's replacement for attention.cu's attn_dsum, one thread per row
+// with 2-byte loads): G = HS/N threads per (row, head), one 16-byte load each of dO and O, a shuffle sum.
 template <typename T, int HS>
 __device__ void tc4_dsum(const AttnParams& a) {
     constexpr int N = Pack16<T>::N, G = HS / N;
     static_assert(G >= 1 && G <= 32 && (G & (G - 1)) == 0, "G must be a power of two ≤ 32");
-    u64 gid = blockIdx.x * (u64)blockDim.x + threadIdx.x, pair = gid / G;  // pair = (b·T + i)·NH + h
-    u64 pairs = (u64)a.b * a.t * a.nh;
+    u64 gid = blockIdx.x * (u64)blockDim.x + threadIdx.x, pair = gid / G;  // pair = row·NH + h
+    u64 pairs = (u64)a.n * a.nh;
     float s = 0.f;
     if (pair < pairs) {
-        u64 off = pair * HS + (gid % G) * N;  // (B,T,C) offset: C = NH·HS
+        u64 off = pair * HS + (gid % G) * N;  // (N,C) offset: C = NH·HS
         Pack16<T> x = ld16((const T*)a.dout + off), y = ld16((const T*)a.out + off);
 #pragma unroll
         for (int e = 0; e < N; ++e) s += to_f(x.v[e]) * to_f(y.v[e]);
@@ -823,17 +824,16 @@ __device__ void tc4_dsum(const AttnParams& a) {
     for (int o = G / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     if (pair < pairs && gid % G == 0) {
         int h = (int)(pair % a.nh);
-        u64 bt = pair / a.nh;
-        int i = (int)(bt % a.t), bi = (int)(bt / a.t);
-        ((float*)a.dsum)[((u64)bi * a.nh + h) * a.t + i] = s;
+        u64 row = pair / a.nh;
+        ((float*)a.dsum)[(u64)h * a.n + row] = s;
     }
 }
 
-// The Q third of dqkv (B,T,3C) ← dqacc (B,T,C) · scale, two elements per thread.
+// The Q third of dqkv (N,3C) ← dqacc (N,C) · scale, two elements per thread.
 template <typename T>
 __device__ void tc4_dq_store(const AttnParams& a) {
     int C = a.nh * a.hs;
-    u64 pairs = (u64)a.b * a.t * C / 2;
+    u64 pairs = (u64)a.n * C / 2;
     for (u64 e = blockIdx.x * (u64)blockDim.x + threadIdx.x; e < pairs; e += (u64)gridDim.x * blockDim.x) {
         u64 i = 2 * e, row = i / C;
         int col = (int)(i % C);

@@ -81,29 +81,33 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
     return c;
 }
 
-// The dropout multiplier of element idx: 0 or 1/(1-p). p <= 0 means no dropout.
-// Element idx uses word idx%4 of philox(counter = idx/4) (src/rng.rs).
+// ---- the dropout stream (src/rng.rs) ---------------------------------------------------------------------
+// Keyed by the site's seed; hidden dropout of (window w, position t, feature c) is word c%4 of
+// philox([c/4, t, w, 0]); attention dropout of (window w, head h, query i, key j) is word (i%2)·2 + j%2 of
+// philox([j/2, i/2, h, w]). Kept iff the word's top 24 bits / 2^24 >= p; kept elements are scaled by 1/(1-p).
 __device__ __forceinline__ u32 philox_word(uint4 r, u32 w) { return w == 0 ? r.x : w == 1 ? r.y : w == 2 ? r.z : r.w; }
 __device__ __forceinline__ float keep_factor(u32 word, float p) {
     float u = (float)(word >> 8) * (1.0f / 16777216.0f);
     return u >= p ? 1.0f / (1.0f - p) : 0.f;
 }
-__device__ __forceinline__ uint4 philox_at(u64 seed, u64 idx) {
-    u64 c = idx >> 2;
-    return philox4x32_10(make_uint4((u32)c, (u32)(c >> 32), 0u, 0u), make_uint2((u32)seed, (u32)(seed >> 32)));
+__device__ __forceinline__ uint2 philox_key(u64 seed) { return make_uint2((u32)seed, (u32)(seed >> 32)); }
+// the words of features 4·c4 .. 4·c4+3 of (window w, position t)
+__device__ __forceinline__ uint4 hidden_words(u64 seed, int w, int t, int c4) {
+    return philox4x32_10(make_uint4((u32)c4, (u32)t, (u32)w, 0u), philox_key(seed));
 }
-__device__ __forceinline__ float dropout_factor(u64 seed, u64 idx, float p) {
+// The hidden-dropout multiplier of feature c of (window w, position t): 0 or 1/(1-p); p <= 0: no dropout.
+__device__ __forceinline__ float hidden_factor(u64 seed, int w, int t, int c, float p) {
     if (p <= 0.f) return 1.f;
-    return keep_factor(philox_word(philox_at(seed, idx), (u32)(idx & 3)), p);
+    return keep_factor(philox_word(hidden_words(seed, w, t, c >> 2), (u32)(c & 3)), p);
 }
-// The factors of the 4·Q consecutive elements idx0.. (idx0 % 4 == 0): one Philox call per 4, all words used.
-template <int Q> __device__ __forceinline__ void dropout_factors(u64 seed, u64 idx0, float p, float* f) {
+// The factors of the 4·Q features c0.. (c0 % 4 == 0) of (window w, position t): one Philox call per 4.
+template <int Q> __device__ __forceinline__ void hidden_factors(u64 seed, int w, int t, int c0, float p, float* f) {
 #pragma unroll
     for (int q = 0; q < Q; ++q) {
         if (p <= 0.f) {
             f[4 * q] = f[4 * q + 1] = f[4 * q + 2] = f[4 * q + 3] = 1.f;
         } else {
-            uint4 r = philox_at(seed, idx0 + 4 * q);
+            uint4 r = hidden_words(seed, w, t, (c0 >> 2) + q);
             f[4 * q] = keep_factor(r.x, p);
             f[4 * q + 1] = keep_factor(r.y, p);
             f[4 * q + 2] = keep_factor(r.z, p);
@@ -121,28 +125,41 @@ template <typename T> struct alignas(16) Pack16 {
 template <typename T> __device__ __forceinline__ Pack16<T> ld16(const T* p) { return *reinterpret_cast<const Pack16<T>*>(p); }
 template <typename T> __device__ __forceinline__ void st16(T* p, const Pack16<T>& x) { *reinterpret_cast<Pack16<T>*>(p) = x; }
 
-// Attention-probability dropout (src/rng.rs attn_uniform): element (row R = (b·NH + h)·Tp + i, key j),
-// Tp = T rounded up to even, uses word (R&1)·2 + (j&1) of philox(counter (R/2)·(Tp/2) + j/2): a 2×2 block of
-// (query, key) shares one call, so a thread holding two adjacent keys, or two adjacent queries, needs one.
-__device__ __forceinline__ u64 attn_row_stride(int t) { return (u64)(t + (t & 1)); }
-__device__ __forceinline__ uint4 attn_philox(u64 seed, u64 R, int j, int t) {
-    u64 c = (R >> 1) * (attn_row_stride(t) >> 1) + (u64)(j >> 1);
-    return philox4x32_10(make_uint4((u32)c, (u32)(c >> 32), 0u, 0u), make_uint2((u32)seed, (u32)(seed >> 32)));
+// ---- variable-length batches ------------------------------------------------------------------------------
+// Window b of a batch (src/ops/mod.rs SeqLayout): rows s0 .. s0+rows of the N rows, its first len rows real
+// tokens (the keys), w its index in the optimizer step's whole batch (the dropout key).
+struct Window {
+    int s0, rows, len, w;
+};
+__device__ __forceinline__ Window window_at(u64 cu, u64 lens, u64 wid, int b) {
+    const int* c = (const int*)cu;
+    Window W;
+    W.s0 = c[b];
+    W.rows = c[b + 1] - c[b];
+    W.len = ((const int*)lens)[b];
+    W.w = ((const int*)wid)[b];
+    return W;
 }
-__device__ __forceinline__ float attn_dropout(u64 seed, u64 R, int j, int t, float p) {
+
+// Attention-probability dropout: the 2×2 block of (query, key) holding (i, j) of head h, window w, shares one
+// Philox call, so a thread holding two adjacent keys, or two adjacent queries, needs one.
+__device__ __forceinline__ uint4 attn_philox(u64 seed, int w, int h, int i, int j) {
+    return philox4x32_10(make_uint4((u32)(j >> 1), (u32)(i >> 1), (u32)h, (u32)w), philox_key(seed));
+}
+__device__ __forceinline__ float attn_dropout(u64 seed, int w, int h, int i, int j, float p) {
     if (p <= 0.f) return 1.f;
-    return keep_factor(philox_word(attn_philox(seed, R, j, t), (u32)((R & 1) * 2 + (j & 1))), p);
+    return keep_factor(philox_word(attn_philox(seed, w, h, i, j), (u32)((i & 1) * 2 + (j & 1))), p);
 }
-// keys j, j+1 (j even) of row R
-__device__ __forceinline__ float2 attn_dropout_keys(u64 seed, u64 R, int j, int t, float p) {
+// keys j, j+1 (j even) of query i
+__device__ __forceinline__ float2 attn_dropout_keys(u64 seed, int w, int h, int i, int j, float p) {
     if (p <= 0.f) return make_float2(1.f, 1.f);
-    uint4 r = attn_philox(seed, R, j, t);
-    return (R & 1) ? make_float2(keep_factor(r.z, p), keep_factor(r.w, p)) : make_float2(keep_factor(r.x, p), keep_factor(r.y, p));
+    uint4 r = attn_philox(seed, w, h, i, j);
+    return (i & 1) ? make_float2(keep_factor(r.z, p), keep_factor(r.w, p)) : make_float2(keep_factor(r.x, p), keep_factor(r.y, p));
 }
-// rows R, R+1 (R even) of key j
-__device__ __forceinline__ float2 attn_dropout_rows(u64 seed, u64 R, int j, int t, float p) {
+// queries i, i+1 (i even) of key j
+__device__ __forceinline__ float2 attn_dropout_rows(u64 seed, int w, int h, int i, int j, float p) {
     if (p <= 0.f) return make_float2(1.f, 1.f);
-    uint4 r = attn_philox(seed, R, j, t);
+    uint4 r = attn_philox(seed, w, h, i, j);
     return (j & 1) ? make_float2(keep_factor(r.y, p), keep_factor(r.w, p)) : make_float2(keep_factor(r.x, p), keep_factor(r.z, p));
 }
 

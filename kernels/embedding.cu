@@ -1,40 +1,44 @@
-// embedding.cu — word + position + token-type gather fused with LayerNorm and dropout; backward re-gathers
-// the sum, runs the LayerNorm backward and scatter-adds into the three tables (float atomics).
-// Reference: src/ops/embedding.rs. One warp per token row.
+// embedding.cu — word + position + token-type gather fused with LayerNorm and dropout over the N rows of a
+// batch (row r at position posid[r] of window roww[r]: the position-embedding row and the dropout keys);
+// backward re-gathers the sum, runs the LayerNorm backward and scatter-adds into the three tables (float
+// atomics). Reference: src/ops/embedding/cpu.rs. One warp per token row.
 #include "common.cuh"
 
 struct EmbParams {
-    u64 out, mean, rstd, ids, types, word, pos, ttype, gamma, beta;
+    u64 out, mean, rstd, ids, types, posid, roww, word, pos, ttype, gamma, beta;
     u64 dword, dpos, dttype, dgamma, dbeta, seed;
-    int n, t, c, v, tv;
+    int n, c, v, tv;
     float eps, p;
     int padding_idx;  // backward: no word-embedding gradient for this id (-1: none)
+    int _pad;
 };
-CHECK_LAYOUT(EmbParams, 160);
+CHECK_LAYOUT(EmbParams, 176);
 CHECK_FIELD(EmbParams, out, 0);
 CHECK_FIELD(EmbParams, mean, 8);
 CHECK_FIELD(EmbParams, rstd, 16);
 CHECK_FIELD(EmbParams, ids, 24);
 CHECK_FIELD(EmbParams, types, 32);
-CHECK_FIELD(EmbParams, word, 40);
-CHECK_FIELD(EmbParams, pos, 48);
-CHECK_FIELD(EmbParams, ttype, 56);
-CHECK_FIELD(EmbParams, gamma, 64);
-CHECK_FIELD(EmbParams, beta, 72);
-CHECK_FIELD(EmbParams, dword, 80);
-CHECK_FIELD(EmbParams, dpos, 88);
-CHECK_FIELD(EmbParams, dttype, 96);
-CHECK_FIELD(EmbParams, dgamma, 104);
-CHECK_FIELD(EmbParams, dbeta, 112);
-CHECK_FIELD(EmbParams, seed, 120);
-CHECK_FIELD(EmbParams, n, 128);
-CHECK_FIELD(EmbParams, t, 132);
-CHECK_FIELD(EmbParams, c, 136);
-CHECK_FIELD(EmbParams, v, 140);
-CHECK_FIELD(EmbParams, tv, 144);
-CHECK_FIELD(EmbParams, eps, 148);
-CHECK_FIELD(EmbParams, p, 152);
-CHECK_FIELD(EmbParams, padding_idx, 156);
+CHECK_FIELD(EmbParams, posid, 40);
+CHECK_FIELD(EmbParams, roww, 48);
+CHECK_FIELD(EmbParams, word, 56);
+CHECK_FIELD(EmbParams, pos, 64);
+CHECK_FIELD(EmbParams, ttype, 72);
+CHECK_FIELD(EmbParams, gamma, 80);
+CHECK_FIELD(EmbParams, beta, 88);
+CHECK_FIELD(EmbParams, dword, 96);
+CHECK_FIELD(EmbParams, dpos, 104);
+CHECK_FIELD(EmbParams, dttype, 112);
+CHECK_FIELD(EmbParams, dgamma, 120);
+CHECK_FIELD(EmbParams, dbeta, 128);
+CHECK_FIELD(EmbParams, seed, 136);
+CHECK_FIELD(EmbParams, n, 144);
+CHECK_FIELD(EmbParams, c, 148);
+CHECK_FIELD(EmbParams, v, 152);
+CHECK_FIELD(EmbParams, tv, 156);
+CHECK_FIELD(EmbParams, eps, 160);
+CHECK_FIELD(EmbParams, p, 164);
+CHECK_FIELD(EmbParams, padding_idx, 168);
+CHECK_FIELD(EmbParams, _pad, 172);
 
 template <typename T>
 __device__ __forceinline__ float gathered(const EmbParams& a, int id, int ty, int tt, int i) {
@@ -47,7 +51,8 @@ __device__ void emb_forward(const EmbParams& a) {
     int warps = blockDim.x / 32, lane = threadIdx.x & 31;
     int row = blockIdx.x * warps + (threadIdx.x >> 5);
     if (row >= a.n) return;
-    int id = ((const int*)a.ids)[row], ty = ((const int*)a.types)[row], tt = row % a.t;
+    int id = ((const int*)a.ids)[row], ty = ((const int*)a.types)[row], tt = ((const int*)a.posid)[row];
+    int w = ((const int*)a.roww)[row];
     id = min(max(id, 0), a.v - 1);  // ids are validated on the host; clamp keeps a bad one in bounds
     ty = min(max(ty, 0), a.tv - 1);
     float s = 0.f;
@@ -62,7 +67,7 @@ __device__ void emb_forward(const EmbParams& a) {
     T* out = (T*)a.out + (u64)row * a.c;
     for (int i = lane; i < a.c; i += 32) {
         float y = (gathered<T>(a, id, ty, tt, i) - mean) * rstd * to_f(((const T*)a.gamma)[i]) + to_f(((const T*)a.beta)[i]);
-        out[i] = from_f<T>(y * dropout_factor(a.seed, (u64)row * a.c + i, a.p));
+        out[i] = from_f<T>(y * hidden_factor(a.seed, w, tt, i, a.p));
     }
     if (lane == 0) {
         ((float*)a.mean)[row] = mean;
@@ -75,7 +80,8 @@ __device__ void emb_backward(const EmbParams& a) {
     int warps = blockDim.x / 32, lane = threadIdx.x & 31;
     int row = blockIdx.x * warps + (threadIdx.x >> 5);
     if (row >= a.n) return;
-    int id = ((const int*)a.ids)[row], ty = ((const int*)a.types)[row], tt = row % a.t;
+    int id = ((const int*)a.ids)[row], ty = ((const int*)a.types)[row], tt = ((const int*)a.posid)[row];
+    int w = ((const int*)a.roww)[row];
     id = min(max(id, 0), a.v - 1);
     ty = min(max(ty, 0), a.tv - 1);
     const T* dout = (const T*)a.out + (u64)row * a.c;
@@ -83,7 +89,7 @@ __device__ void emb_backward(const EmbParams& a) {
     float mean = ((const float*)a.mean)[row], rstd = ((const float*)a.rstd)[row];
     float mg = 0.f, mgx = 0.f;
     for (int i = lane; i < a.c; i += 32) {
-        float dy = to_f(dout[i]) * dropout_factor(a.seed, (u64)row * a.c + i, a.p);
+        float dy = to_f(dout[i]) * hidden_factor(a.seed, w, tt, i, a.p);
         float xh = (gathered<T>(a, id, ty, tt, i) - mean) * rstd;
         float gi = dy * to_f(g[i]);
         mg += gi;
@@ -92,7 +98,7 @@ __device__ void emb_backward(const EmbParams& a) {
     mg = warp_sum(mg) / a.c;
     mgx = warp_sum(mgx) / a.c;
     for (int i = lane; i < a.c; i += 32) {
-        float dy = to_f(dout[i]) * dropout_factor(a.seed, (u64)row * a.c + i, a.p);
+        float dy = to_f(dout[i]) * hidden_factor(a.seed, w, tt, i, a.p);
         float xh = (gathered<T>(a, id, ty, tt, i) - mean) * rstd;
         float dx = rstd * (dy * to_f(g[i]) - mg - xh * mgx);
         atomicAdd((float*)a.dgamma + i, dy * xh);
@@ -129,7 +135,7 @@ __device__ void emb_backward_vec(const EmbParams& a) {
     for (int row = blockIdx.x * warps + (threadIdx.x >> 5); row < a.n; row += gridDim.x * warps) {
         int id = min(max(((const int*)a.ids)[row], 0), a.v - 1);
         int ty = min(max(((const int*)a.types)[row], 0), a.tv - 1);
-        int tt = row % a.t;
+        int tt = ((const int*)a.posid)[row], win = ((const int*)a.roww)[row];
         float mean = ((const float*)a.mean)[row], rstd = ((const float*)a.rstd)[row];
         u64 r0 = (u64)row * a.c;
         // this lane's chunk k of the row: dy = dropout(dout), xh = (x - mean)·rstd, γ
@@ -139,7 +145,7 @@ __device__ void emb_backward_vec(const EmbParams& a) {
                       ps = ld16((const T*)a.pos + (u64)tt * a.c + col), tk = ld16((const T*)a.ttype + (u64)ty * a.c + col),
                       g = ld16((const T*)a.gamma + col);
             float f[N];
-            dropout_factors<N / 4>(a.seed, r0 + col, a.p, f);
+            hidden_factors<N / 4>(a.seed, win, tt, col, a.p, f);
 #pragma unroll
             for (int e = 0; e < N; ++e) {
                 dy[e] = to_f(d.v[e]) * f[e];

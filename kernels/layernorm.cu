@@ -1,48 +1,53 @@
-// layernorm.cu — fused residual + dropout + LayerNorm (BERT's post-LN), forward and backward.
-// Reference: src/ops/layernorm.rs (CPU loops). One warp per row; statistics in float.
+// layernorm.cu — fused residual + dropout + LayerNorm (BERT's post-LN), forward and backward, over the N rows
+// of a batch; row r's dropout is keyed by (window roww[r], position pos[r]) (common.cuh, the dropout stream).
+// Reference: src/ops/layernorm/cpu.rs. One warp per row; statistics in float.
 #include "common.cuh"
 
 struct LnFwdParams {
-    u64 out, sum, mean, rstd, inp, resid, gamma, beta, seed;
+    u64 out, pos, roww, sum, mean, rstd, inp, resid, gamma, beta, seed;
     int n, c;
     float eps, p;
 };
-CHECK_LAYOUT(LnFwdParams, 88);
+CHECK_LAYOUT(LnFwdParams, 104);
 CHECK_FIELD(LnFwdParams, out, 0);
-CHECK_FIELD(LnFwdParams, sum, 8);
-CHECK_FIELD(LnFwdParams, mean, 16);
-CHECK_FIELD(LnFwdParams, rstd, 24);
-CHECK_FIELD(LnFwdParams, inp, 32);
-CHECK_FIELD(LnFwdParams, resid, 40);
-CHECK_FIELD(LnFwdParams, gamma, 48);
-CHECK_FIELD(LnFwdParams, beta, 56);
-CHECK_FIELD(LnFwdParams, seed, 64);
-CHECK_FIELD(LnFwdParams, n, 72);
-CHECK_FIELD(LnFwdParams, c, 76);
-CHECK_FIELD(LnFwdParams, eps, 80);
-CHECK_FIELD(LnFwdParams, p, 84);
+CHECK_FIELD(LnFwdParams, pos, 8);
+CHECK_FIELD(LnFwdParams, roww, 16);
+CHECK_FIELD(LnFwdParams, sum, 24);
+CHECK_FIELD(LnFwdParams, mean, 32);
+CHECK_FIELD(LnFwdParams, rstd, 40);
+CHECK_FIELD(LnFwdParams, inp, 48);
+CHECK_FIELD(LnFwdParams, resid, 56);
+CHECK_FIELD(LnFwdParams, gamma, 64);
+CHECK_FIELD(LnFwdParams, beta, 72);
+CHECK_FIELD(LnFwdParams, seed, 80);
+CHECK_FIELD(LnFwdParams, n, 88);
+CHECK_FIELD(LnFwdParams, c, 92);
+CHECK_FIELD(LnFwdParams, eps, 96);
+CHECK_FIELD(LnFwdParams, p, 100);
 
 struct LnBwdParams {
-    u64 dinp, dresid, dgamma, dbeta, dout, sum, mean, rstd, gamma, seed;
+    u64 dinp, pos, roww, dresid, dgamma, dbeta, dout, sum, mean, rstd, gamma, seed;
     int n, c;
     float p;
     int _pad;
 };
-CHECK_LAYOUT(LnBwdParams, 96);
+CHECK_LAYOUT(LnBwdParams, 112);
 CHECK_FIELD(LnBwdParams, dinp, 0);
-CHECK_FIELD(LnBwdParams, dresid, 8);
-CHECK_FIELD(LnBwdParams, dgamma, 16);
-CHECK_FIELD(LnBwdParams, dbeta, 24);
-CHECK_FIELD(LnBwdParams, dout, 32);
-CHECK_FIELD(LnBwdParams, sum, 40);
-CHECK_FIELD(LnBwdParams, mean, 48);
-CHECK_FIELD(LnBwdParams, rstd, 56);
-CHECK_FIELD(LnBwdParams, gamma, 64);
-CHECK_FIELD(LnBwdParams, seed, 72);
-CHECK_FIELD(LnBwdParams, n, 80);
-CHECK_FIELD(LnBwdParams, c, 84);
-CHECK_FIELD(LnBwdParams, p, 88);
-CHECK_FIELD(LnBwdParams, _pad, 92);
+CHECK_FIELD(LnBwdParams, pos, 8);
+CHECK_FIELD(LnBwdParams, roww, 16);
+CHECK_FIELD(LnBwdParams, dresid, 24);
+CHECK_FIELD(LnBwdParams, dgamma, 32);
+CHECK_FIELD(LnBwdParams, dbeta, 40);
+CHECK_FIELD(LnBwdParams, dout, 48);
+CHECK_FIELD(LnBwdParams, sum, 56);
+CHECK_FIELD(LnBwdParams, mean, 64);
+CHECK_FIELD(LnBwdParams, rstd, 72);
+CHECK_FIELD(LnBwdParams, gamma, 80);
+CHECK_FIELD(LnBwdParams, seed, 88);
+CHECK_FIELD(LnBwdParams, n, 96);
+CHECK_FIELD(LnBwdParams, c, 100);
+CHECK_FIELD(LnBwdParams, p, 104);
+CHECK_FIELD(LnBwdParams, _pad, 108);
 
 // sum = resid + dropout(inp); out = LN(sum). The statistics are taken over `sum` as stored (rounded to T),
 // exactly what backward reads back.
@@ -55,10 +60,10 @@ __device__ void ln_forward(const LnFwdParams& a) {
     const T* res = (const T*)a.resid + (u64)row * a.c;
     T* sum = (T*)a.sum + (u64)row * a.c;
     T* out = (T*)a.out + (u64)row * a.c;
+    int w = ((const int*)a.roww)[row], t = ((const int*)a.pos)[row];
     float s = 0.f;
     for (int i = lane; i < a.c; i += 32) {
-        u64 idx = (u64)row * a.c + i;
-        float v = to_f(res[i]) + to_f(inp[i]) * dropout_factor(a.seed, idx, a.p);
+        float v = to_f(res[i]) + to_f(inp[i]) * hidden_factor(a.seed, w, t, i, a.p);
         T vs = from_f<T>(v);
         sum[i] = vs;
         s += to_f(vs);
@@ -94,6 +99,7 @@ __device__ void ln_backward(const LnBwdParams& a) {
         const T* dout = (const T*)a.dout + (u64)row * a.c;
         const T* x = (const T*)a.sum + (u64)row * a.c;
         float mean = ((const float*)a.mean)[row], rstd = ((const float*)a.rstd)[row];
+        int w = ((const int*)a.roww)[row], t = ((const int*)a.pos)[row];
         float mg = 0.f, mgx = 0.f;
         for (int i = lane; i < a.c; i += 32) {
             float gi = to_f(dout[i]) * to_f(g[i]);
@@ -110,7 +116,7 @@ __device__ void ln_backward(const LnBwdParams& a) {
             float xh = (to_f(x[i]) - mean) * rstd;
             float ds = rstd * (dy * to_f(g[i]) - mg - xh * mgx);
             dres[i] = from_f<T>(ds);
-            dinp[i] = from_f<T>(ds * dropout_factor(a.seed, (u64)row * a.c + i, a.p));
+            dinp[i] = from_f<T>(ds * hidden_factor(a.seed, w, t, i, a.p));
             atomicAdd(&sdg[i], dy * xh);
             atomicAdd(&sdb[i], dy);
         }
@@ -137,6 +143,7 @@ __device__ void ln_forward_vec(const LnFwdParams& a) {
     if (row >= a.n) return;
     int nch = a.c / N;
     u64 r0 = (u64)row * a.c;
+    int w = ((const int*)a.roww)[row], t = ((const int*)a.pos)[row];
     float v[CH][N];  // sum = resid + dropout(inp), as stored (rounded to T)
     float s = 0.f;
 #pragma unroll
@@ -146,7 +153,7 @@ __device__ void ln_forward_vec(const LnFwdParams& a) {
             u64 i = r0 + (u64)ch * N;
             Pack16<T> x = ld16((const T*)a.inp + i), r = ld16((const T*)a.resid + i), y;
             float f[N];
-            dropout_factors<N / 4>(a.seed, i, a.p, f);
+            hidden_factors<N / 4>(a.seed, w, t, ch * N, a.p, f);
 #pragma unroll
             for (int e = 0; e < N; ++e) {
                 y.v[e] = from_f<T>(to_f(r.v[e]) + to_f(x.v[e]) * f[e]);
@@ -202,6 +209,7 @@ __device__ void ln_backward_vec(const LnBwdParams& a) {
     for (int row = blockIdx.x * warps + (threadIdx.x >> 5); row < a.n; row += gridDim.x * warps) {
         u64 r0 = (u64)row * a.c;
         float mean = ((const float*)a.mean)[row], rstd = ((const float*)a.rstd)[row];
+        int w = ((const int*)a.roww)[row], t = ((const int*)a.pos)[row];
         Pack16<T> d[CH], x[CH];
         float mg = 0.f, mgx = 0.f;
 #pragma unroll
@@ -229,7 +237,7 @@ __device__ void ln_backward_vec(const LnBwdParams& a) {
             if (ch < nch) {
                 u64 i = r0 + (u64)ch * N;
                 float f[N];
-                dropout_factors<N / 4>(a.seed, i, a.p, f);
+                hidden_factors<N / 4>(a.seed, w, t, ch * N, a.p, f);
                 Pack16<T> dr, di;
 #pragma unroll
                 for (int e = 0; e < N; ++e) {

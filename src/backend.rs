@@ -13,6 +13,14 @@ pub struct MemStats {
     pub peak_bytes: usize,
 }
 
+/// A compute peak model-FLOP utilisation is measured against: TFLOP/s, and where the number comes from
+/// (a datasheet entry for this device and dtype, or a measurement).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Peak {
+    pub tflops: f64,
+    pub source: String,
+}
+
 /// Storage management every backend provides. Buffers are zero-initialised when allocated.
 pub trait BackendCore: Sized + Send + Sync + 'static {
     /// A view of one contiguous allocation on the device (element offset and length); views of one allocation
@@ -47,4 +55,8 @@ pub trait BackendCore: Sized + Send + Sync + 'static {
     fn memory_stats(&self) -> MemStats;
     /// Start a new peak measurement at the bytes held now.
     fn reset_peak(&self);
+    /// The compute peak for GEMMs with `dtype` operands, when known (MFU is reported against it).
+    fn peak(&self, _dtype: DType) -> Option<Peak> {
+        None
+    }
 }

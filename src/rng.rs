@@ -1,10 +1,26 @@
 //! Random numbers shared bit-for-bit by the CPU reference and the CUDA kernels.
 //!
+//! ## The dropout stream (version [`DROPOUT_STREAM_VERSION`])
 //! Dropout masks come from the counter-based Philox4x32-10 generator (Salmon et al., SC'11), the same one
-//! cuRAND and PyTorch use: element `idx` of a dropout site with seed `seed` is kept iff `u(idx) >= p`, where
-//! `u` is the top 24 bits of word `idx mod 4` of `philox([c_lo, c_hi, 0, 0], [seed_lo, seed_hi])`,
-//! `c = idx / 4`, scaled to [0, 1). One Philox call serves four consecutive elements. Because the mask is a pure function of (seed, idx), backward regenerates it instead of
-//! storing it, and the GPU kernels (kernels/common.cuh) produce exactly the CPU's masks.
+//! cuRAND and PyTorch use, and are regenerated in backward instead of stored. They depend on the data only
+//! through each element's *place in the model*, never on how a batch is laid out, so packed, padded,
+//! micro-batched and data-parallel runs draw the same masks (../shared/DESIGN.md, "Dropout stream"):
+//! - key: the site's seed, [`site_seed`]`(step_seed, layer, site)` with [`step_seed`]`(run seed, optimizer
+//!   step)`;
+//! - hidden dropout (embeddings, after attention, after the feed-forward): element (window `w`, position `t`,
+//!   feature `c`) uses word `c mod 4` of `philox([c/4, t, w, 0], key)` — one call per 4 features of a row;
+//! - attention-probability dropout: element (window `w`, head `h`, query `i`, key `j`) uses word
+//!   `(i mod 2)·2 + (j mod 2)` of `philox([j/2, i/2, h, w], key)` — a 2×2 block of (query, key) per call;
+//! - an element is kept iff `u ≥ p`, `u` = the word's top 24 bits scaled to [0, 1); kept elements are scaled
+//!   by `1/(1-p)`.
+//!
+//! `w` is the window's index in the optimizer step's whole batch (before any split into micro-batches or
+//! devices), `t` its position in the window. trainer_state.json records the version; a run is not resumed
+//! across versions.
+
+/// The version of the dropout stream defined above (1: the layout-dependent stream before padding-free
+/// batches).
+pub const DROPOUT_STREAM_VERSION: u32 = 2;
 
 const PHILOX_M0: u32 = 0xD251_1F53;
 const PHILOX_M1: u32 = 0xCD9E_8D57;
@@ -33,35 +49,29 @@ pub fn philox4x32_10(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
     c
 }
 
-/// Uniform in [0, 1) with 24 bits, for element `idx` of the stream `seed`.
+/// The Philox key of a 64-bit seed.
 #[inline]
-pub fn uniform(seed: u64, idx: u64) -> f32 {
-    let c = idx >> 2;
-    let r = philox4x32_10(
-        [c as u32, (c >> 32) as u32, 0, 0],
-        [seed as u32, (seed >> 32) as u32],
-    );
-    (r[(idx & 3) as usize] >> 8) as f32 * (1.0 / 16_777_216.0)
+fn key(seed: u64) -> [u32; 2] {
+    [seed as u32, (seed >> 32) as u32]
 }
 
-/// Row stride of attention-dropout rows: T rounded up to even.
-pub fn attn_row_stride(t: usize) -> u64 {
-    (t + (t & 1)) as u64
+/// Uniform in [0, 1) from a word's top 24 bits.
+#[inline]
+pub fn word_uniform(w: u32) -> f32 {
+    (w >> 8) as f32 * (1.0 / 16_777_216.0)
 }
 
-/// Attention-probability dropout stream: element (query i, key j) of head `bh = b·NH + h`, sequence length
-/// `t`, with row `R = bh·Tp + i` (Tp = [`attn_row_stride`]), uses word `(R&1)·2 + (j&1)` of
-/// `philox(counter = (R/2)·(Tp/2) + j/2)`: each 2×2 block of (query, key) shares one Philox call, so a GPU
-/// thread holding two adjacent keys or two adjacent queries needs a single call (kernels/common.cuh).
-pub fn attn_uniform(seed: u64, bh: u64, i: u64, j: u64, t: usize) -> f32 {
-    let tp = attn_row_stride(t);
-    let r = bh * tp + i;
-    let c = (r >> 1) * (tp >> 1) + (j >> 1);
-    let words = philox4x32_10(
-        [c as u32, (c >> 32) as u32, 0, 0],
-        [seed as u32, (seed >> 32) as u32],
-    );
-    (words[((r & 1) * 2 + (j & 1)) as usize] >> 8) as f32 * (1.0 / 16_777_216.0)
+/// The four words of hidden-dropout features `4·c4 .. 4·c4+3` of window `w`, position `t`.
+#[inline]
+pub fn hidden_words(seed: u64, w: u32, t: u32, c4: u32) -> [u32; 4] {
+    philox4x32_10([c4, t, w, 0], key(seed))
+}
+
+/// The four words of the 2×2 attention-dropout block of queries `2·i2, 2·i2+1` and keys `2·j2, 2·j2+1` of
+/// window `w`, head `h`: word `(i mod 2)·2 + (j mod 2)`.
+#[inline]
+pub fn attn_words(seed: u64, w: u32, h: u32, i2: u32, j2: u32) -> [u32; 4] {
+    philox4x32_10([j2, i2, h, w], key(seed))
 }
 
 /// A dropout site: probability `p` of zeroing, and the seed of its mask. `p == 0` disables it.
@@ -79,81 +89,74 @@ impl Dropout {
     pub fn active(&self) -> bool {
         self.p > 0.0
     }
-    /// The multiplier of attention probability (query i, key j) of head `bh`: 0 or 1/(1-p).
-    pub fn attn_factor(&self, bh: u64, i: u64, j: u64, t: usize) -> f64 {
-        if self.p <= 0.0 {
-            1.0
-        } else if attn_uniform(self.seed, bh, i, j, t) >= self.p {
-            1.0 / (1.0 - self.p as f64)
-        } else {
-            0.0
-        }
-    }
 
+    /// The multiplier of a word: 0 (dropped) or 1/(1-p) (kept).
     fn keep(&self, word: u32) -> f64 {
-        if (word >> 8) as f32 * (1.0 / 16_777_216.0) >= self.p {
+        if word_uniform(word) >= self.p {
             1.0 / (1.0 - self.p as f64)
         } else {
             0.0
         }
     }
 
-    /// The (T, T) matrix of [`Dropout::attn_factor`] for head `bh`, one Philox call per 2×2 block — the same
-    /// values, computed 4× faster (what the CPU attention uses).
-    pub fn attn_factors(&self, bh: u64, t: usize) -> Vec<f64> {
-        let mut f = vec![1.0; t * t];
-        if self.p <= 0.0 {
+    /// The multiplier of hidden feature `c` at (window `w`, position `t`).
+    pub fn hidden_factor(&self, w: u32, t: u32, c: u32) -> f64 {
+        if !self.active() {
+            return 1.0;
+        }
+        self.keep(hidden_words(self.seed, w, t, c / 4)[(c % 4) as usize])
+    }
+
+    /// The multipliers of features 0..n of (window `w`, position `t`), one Philox call per four features
+    /// (= [`Dropout::hidden_factor`] of each).
+    pub fn hidden_factors(&self, w: u32, t: u32, n: usize) -> Vec<f64> {
+        let mut f = vec![1.0; n];
+        if !self.active() {
             return f;
         }
-        let tp = attn_row_stride(t);
-        for i in (0..t).step_by(2) {
-            let r = bh * tp + i as u64; // even: rows r, r+1 share the counter
-            for j in (0..t).step_by(2) {
-                let c = (r >> 1) * (tp >> 1) + (j as u64 >> 1);
-                let w = philox4x32_10(
-                    [c as u32, (c >> 32) as u32, 0, 0],
-                    [self.seed as u32, (self.seed >> 32) as u32],
-                );
-                for (di, dj, word) in [(0, 0, w[0]), (0, 1, w[1]), (1, 0, w[2]), (1, 1, w[3])] {
-                    if i + di < t && j + dj < t {
-                        f[(i + di) * t + j + dj] = self.keep(word);
+        for (c4, chunk) in f.chunks_mut(4).enumerate() {
+            let words = hidden_words(self.seed, w, t, c4 as u32);
+            for (k, x) in chunk.iter_mut().enumerate() {
+                *x = self.keep(words[k]);
+            }
+        }
+        f
+    }
+
+    /// The multiplier of attention probability (query `i`, key `j`) of head `h` of window `w`.
+    pub fn attn_factor(&self, w: u32, h: u32, i: u32, j: u32) -> f64 {
+        if !self.active() {
+            return 1.0;
+        }
+        let words = attn_words(self.seed, w, h, i / 2, j / 2);
+        self.keep(words[((i & 1) * 2 + (j & 1)) as usize])
+    }
+
+    /// The (rows × keys) matrix of [`Dropout::attn_factor`] for head `h` of window `w`, one Philox call per
+    /// 2×2 block — the same values, computed 4× faster (what the CPU attention uses).
+    pub fn attn_factors(&self, w: u32, h: u32, rows: usize, keys: usize) -> Vec<f64> {
+        let mut f = vec![1.0; rows * keys];
+        if !self.active() {
+            return f;
+        }
+        for i in (0..rows).step_by(2) {
+            for j in (0..keys).step_by(2) {
+                let wd = attn_words(self.seed, w, h, (i / 2) as u32, (j / 2) as u32);
+                for (di, dj, word) in [(0, 0, wd[0]), (0, 1, wd[1]), (1, 0, wd[2]), (1, 1, wd[3])] {
+                    if i + di < rows && j + dj < keys {
+                        f[(i + di) * keys + j + dj] = self.keep(word);
                     }
                 }
             }
         }
         f
     }
+}
 
-    /// The multipliers of elements 0..n, one Philox call per four elements (= [`Dropout::factor`] of each).
-    pub fn factors(&self, n: usize) -> Vec<f64> {
-        let mut f = vec![1.0; n];
-        if self.p <= 0.0 {
-            return f;
-        }
-        for (c, chunk) in f.chunks_mut(4).enumerate() {
-            let c = c as u64;
-            let w = philox4x32_10(
-                [c as u32, (c >> 32) as u32, 0, 0],
-                [self.seed as u32, (self.seed >> 32) as u32],
-            );
-            for (k, x) in chunk.iter_mut().enumerate() {
-                *x = self.keep(w[k]);
-            }
-        }
-        f
-    }
-
-    /// The multiplier of element `idx`: 0 (dropped) or 1/(1-p) (kept).
-    #[inline]
-    pub fn factor(&self, idx: u64) -> f64 {
-        if self.p <= 0.0 {
-            1.0
-        } else if uniform(self.seed, idx) >= self.p {
-            1.0 / (1.0 - self.p as f64)
-        } else {
-            0.0
-        }
-    }
+/// The seed of optimizer step `step` of a run with seed `run_seed` (the same for every micro-batch and every
+/// device of the step).
+pub fn step_seed(run_seed: u64, step: u64) -> u64 {
+    splitmix64(run_seed ^ splitmix64(step.wrapping_mul(0x9E37_79B9) ^ 0x5EED))
 }
 
 /// Derive the seed of one dropout site from a step seed, a layer and a site number (SplitMix64 mixing).
@@ -243,38 +246,42 @@ mod tests {
     }
 
     #[test]
-    fn attention_dropout_shares_one_philox_call_per_2x2_block() {
-        // the CUDA kernels rely on this layout (kernels/common.cuh attn_dropout_keys / attn_dropout_rows)
-        let (seed, bh, t) = (99u64, 5u64, 37usize);
-        let tp = attn_row_stride(t);
-        assert_eq!(tp, 38);
-        let (i, j) = (6u64, 10u64);
-        let r = bh * tp + i;
-        let c = (r >> 1) * (tp >> 1) + (j >> 1);
-        let w = philox4x32_10(
-            [c as u32, (c >> 32) as u32, 0, 0],
-            [seed as u32, (seed >> 32) as u32],
-        );
-        let u = |x: u32| (x >> 8) as f32 / 16_777_216.0;
-        assert_eq!(attn_uniform(seed, bh, i, j, t), u(w[0]));
-        assert_eq!(attn_uniform(seed, bh, i, j + 1, t), u(w[1]));
-        assert_eq!(attn_uniform(seed, bh, i + 1, j, t), u(w[2]));
-        assert_eq!(attn_uniform(seed, bh, i + 1, j + 1, t), u(w[3]));
+    fn the_stream_is_the_documented_philox_words() {
+        // hidden: (w, t, c) → word c%4 of philox([c/4, t, w, 0], key)
+        let (seed, p) = (0x0123_4567_89AB_CDEFu64, 0.3f32);
+        let d = Dropout::new(p, seed);
+        let k = [seed as u32, (seed >> 32) as u32];
+        let keep = |w: u32| {
+            if word_uniform(w) >= p {
+                1.0 / (1.0 - p as f64)
+            } else {
+                0.0
+            }
+        };
+        let words = philox4x32_10([5, 17, 9, 0], k);
+        assert_eq!(d.hidden_factor(9, 17, 22), keep(words[2]));
+        assert_eq!(d.hidden_factor(9, 17, 23), keep(words[3]));
+        // attention: (w, h, i, j) → word (i%2)·2 + j%2 of philox([j/2, i/2, h, w], key)
+        let words = philox4x32_10([5, 3, 2, 9], k);
+        assert_eq!(d.attn_factor(9, 2, 6, 10), keep(words[0]));
+        assert_eq!(d.attn_factor(9, 2, 6, 11), keep(words[1]));
+        assert_eq!(d.attn_factor(9, 2, 7, 10), keep(words[2]));
+        assert_eq!(d.attn_factor(9, 2, 7, 11), keep(words[3]));
     }
 
     #[test]
     fn batched_factors_equal_the_per_element_definition() {
         let d = Dropout::new(0.3, 1234);
-        let f = d.factors(103);
-        assert!((0..103).all(|i| f[i] == d.factor(i as u64)));
-        for t in [7usize, 8] {
-            let m = d.attn_factors(3, t);
-            for i in 0..t {
-                for j in 0..t {
+        let f = d.hidden_factors(3, 41, 103);
+        assert!((0..103).all(|c| f[c] == d.hidden_factor(3, 41, c as u32)));
+        for (rows, keys) in [(7usize, 7usize), (8, 8), (9, 5)] {
+            let m = d.attn_factors(4, 1, rows, keys);
+            for i in 0..rows {
+                for j in 0..keys {
                     assert_eq!(
-                        m[i * t + j],
-                        d.attn_factor(3, i as u64, j as u64, t),
-                        "t={t} i={i} j={j}"
+                        m[i * keys + j],
+                        d.attn_factor(4, 1, i as u32, j as u32),
+                        "rows={rows} keys={keys} i={i} j={j}"
                     );
                 }
             }
@@ -284,8 +291,21 @@ mod tests {
     #[test]
     fn dropout_rate_is_close_to_p() {
         let d = Dropout::new(0.1, 42);
-        let n = 200_000u64;
-        let dropped = (0..n).filter(|&i| d.factor(i) == 0.0).count() as f64 / n as f64;
-        assert!((dropped - 0.1).abs() < 0.005, "dropped fraction {dropped}");
+        let f: Vec<f64> = (0..500).flat_map(|t| d.hidden_factors(7, t, 400)).collect();
+        let dropped = f.iter().filter(|&&x| x == 0.0).count() as f64 / f.len() as f64;
+        assert!(
+            (dropped - 0.1).abs() < 0.005,
+            "hidden: dropped fraction {dropped}"
+        );
+        let a = d.attn_factors(3, 5, 300, 300);
+        let dropped = a.iter().filter(|&&x| x == 0.0).count() as f64 / a.len() as f64;
+        assert!(
+            (dropped - 0.1).abs() < 0.005,
+            "attention: dropped fraction {dropped}"
+        );
+        // different windows, heads, positions draw different masks
+        assert_ne!(d.hidden_factors(7, 0, 400), d.hidden_factors(8, 0, 400));
+        assert_ne!(d.hidden_factors(7, 0, 400), d.hidden_factors(7, 1, 400));
+        assert_ne!(d.attn_factors(3, 5, 20, 20), d.attn_factors(3, 6, 20, 20));
     }
 }

@@ -15,8 +15,8 @@ use bertqa::ops::Backend;
 use bertqa::rng::Rng;
 use bertqa::tensor::{DType, Tensor};
 use common::parity::{
-    compare_outputs, AdamWCase, AttentionCase, Case, DropoutCase, EmbeddingCase, GeluCase,
-    LayerNormCase, Outputs, SpanLossCase,
+    attention_outputs, compare_outputs, AdamWCase, AttentionCase, Case, DropoutCase, EmbeddingCase,
+    GeluCase, LayerNormCase, Outputs, SpanLossCase,
 };
 use emu::{addr, Emus, Mode};
 
@@ -68,40 +68,48 @@ fn run_attention(
     kernel: AttnKernel,
     mode: Mode,
 ) -> Option<Outputs> {
-    let (b, t, nh, hs) = (case.b, case.t, case.nh, case.hs);
+    let (nh, hs) = (case.nh, case.hs);
     let c = nh * hs;
     let inp = case.inputs();
+    let l = &inp.layout;
+    let n = l.n();
     let plan = AttnPlan {
         act: dt,
-        b,
-        t,
+        b: l.b(),
+        n,
+        max_rows: l.max_rows(),
         nh,
         hs,
         drop: inp.drop,
         kernel,
     };
     let es = dt.size();
-    // buffers: 0 out, 1 lse, 2 qkv, 3 mask, 4 dout, 5 dqkv, 6 dsum, 7 dqacc
+    let ints = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    // buffers: 0 out, 1 lse, 2 qkv, 3 cu, 4 lens, 5 wid, 6 dout, 7 dqkv, 8 dsum, 9 dqacc
     let bufs = vec![
-        vec![0xffu8; b * t * c * es],
-        vec![0xffu8; b * nh * t * 4],
+        vec![0xffu8; n * c * es],
+        vec![0xffu8; nh * n * 4],
         encode(&inp.qkv, dt),
-        inp.mask.iter().flat_map(|m| m.to_le_bytes()).collect(),
+        ints(&l.cu),
+        ints(&l.lens),
+        ints(&l.wid),
         encode(&inp.dy, dt),
-        vec![0xffu8; b * t * 3 * c * es],
-        vec![0u8; b * nh * t * 4],
-        vec![0u8; b * t * c * 4],
+        vec![0xffu8; n * 3 * c * es],
+        vec![0u8; nh * n * 4],
+        vec![0u8; n * c * 4],
     ];
     let ptr = AttnParams {
         out: addr(0),
         lse: addr(1),
         qkv: addr(2),
-        mask: addr(3),
-        dout: addr(4),
-        dqkv: addr(5),
-        dsum: addr(6),
+        cu: addr(3),
+        lens: addr(4),
+        wid: addr(5),
+        dout: addr(6),
+        dqkv: addr(7),
+        dsum: addr(8),
         dqacc: if plan.needs_dq_accumulator() {
-            addr(7)
+            addr(9)
         } else {
             0
         },
@@ -112,19 +120,12 @@ fn run_attention(
     let got = emu
         .run(&bufs, &launches, mode)
         .unwrap_or_else(|e| panic!("{}: {e}", case_name(case, kernel)))?;
-    let dqkv = decode(&got[5], dt);
-    let part = |k: usize| -> Vec<f64> {
-        dqkv.chunks(3 * c)
-            .flat_map(|row| row[k * c..(k + 1) * c].iter().copied())
-            .collect()
-    };
-    Some(vec![
-        ("out".into(), decode(&got[0], dt)),
-        ("lse".into(), decode(&got[1], DType::F32)),
-        ("dq".into(), part(0)),
-        ("dk".into(), part(1)),
-        ("dv".into(), part(2)),
-    ])
+    Some(attention_outputs(
+        decode(&got[0], dt),
+        decode(&got[1], DType::F32),
+        decode(&got[7], dt),
+        c,
+    ))
 }
 
 fn case_name(case: &AttentionCase, kernel: AttnKernel) -> String {
@@ -133,38 +134,25 @@ fn case_name(case: &AttentionCase, kernel: AttnKernel) -> String {
         AttnKernel::V3 => "v3 ".to_string(),
         AttnKernel::V4(s) => format!("v4 {}", s.tag().0),
     };
-    format!("{k} HS={} T={}", case.hs, case.t)
+    format!("{k} HS={} {}", case.hs, case.shape_name())
 }
 
-/// Attention `kernel` in `dtypes` at `sizes`, with padding and
-/// dropout, in `modes`: the emulated kernels against the CPU reference under the GPU parity bounds
-/// (src/parity.rs).
-fn attention_sweep(
-    kernel: AttnKernel,
-    dtypes: &[DType],
-    sizes: &[(usize, usize, usize)],
-    modes: &[Mode],
-) {
+/// Attention `kernel` in `dtypes` on `cases` (dropout on), in `modes`: the emulated kernels against the CPU
+/// reference under the GPU parity bounds (tests/common/parity.rs).
+fn attention_sweep(kernel: AttnKernel, dtypes: &[DType], cases: &[AttentionCase], modes: &[Mode]) {
     let mut emu = Emus::default();
     let mut rows = vec![];
     for &mode in modes {
         for &dt in dtypes {
-            for &(hs, b, t) in sizes {
-                let case = AttentionCase {
-                    b,
-                    t,
-                    nh: 2,
-                    hs,
-                    p: 0.1,
-                };
-                let name = format!("{} {dt}", case_name(&case, kernel));
+            for case in cases {
+                let name = format!("{} {dt}", case_name(case, kernel));
                 if !selected(&name) {
                     continue;
                 }
-                let Some(out) = run_attention(&mut emu, &case, dt, kernel, mode) else {
+                let Some(out) = run_attention(&mut emu, case, dt, kernel, mode) else {
                     return;
                 };
-                for mut row in compare_outputs(dt, &case, &out).unwrap() {
+                for mut row in compare_outputs(dt, case, &out).unwrap() {
                     row.case = format!(
                         "{name} {}/{} {}",
                         mode.sched,
@@ -179,18 +167,23 @@ fn attention_sweep(
     check_rows(&rows);
 }
 
-/// (HS, B, T): every tensor-core head size at a one-tile and a multi-tile length (T=203: 4 key tiles of the
-/// forward, 2 key blocks of w8's backward, 7 query tiles; both odd, so the last tiles are partial), and T=128
-/// at HS=64: whole tiles only, no partial-tile paths.
-const SIZES: [(usize, usize, usize); 7] = [
-    (32, 2, 37),
-    (32, 1, 203),
-    (64, 2, 37),
-    (64, 1, 203),
-    (64, 1, 128),
-    (128, 2, 37),
-    (128, 1, 203),
-];
+/// Every tensor-core head size at a one-tile and a multi-tile window length, with padding (two windows of 37
+/// rows, the second shorter) and without (one window of 203 tokens: 4 key tiles of the forward, 2 key blocks
+/// of w8's backward, 7 query tiles; odd, so the last tiles are partial); at HS=64 also 128 (whole tiles only)
+/// and a packed batch of windows of 1, 17, 64, 65, 383 and 384 tokens (tile edges on both sides).
+fn sizes() -> Vec<AttentionCase> {
+    let mut v = vec![];
+    for hs in [32, 64, 128] {
+        v.push(AttentionCase::padded(2, 37, 2, hs, 0.1));
+        v.push(AttentionCase::packed(&[203], 2, hs, 0.1));
+    }
+    v.push(AttentionCase::packed(&[128], 2, 64, 0.1));
+    v.push(AttentionCase::packed(&VARLEN, 2, 64, 0.1));
+    v
+}
+
+/// The variable-length batch of the padding-free issue: tile edges (64, 65), a single token, full windows.
+const VARLEN: [usize; 6] = [1, 17, 64, 65, 383, 384];
 
 /// The tensor-core variants' dtypes.
 const TC: &[DType] = &[DType::BF16, DType::F16];
@@ -198,33 +191,43 @@ const TC: &[DType] = &[DType::BF16, DType::F16];
 /// Variant 1 (CUDA cores): the f32 path, and bf16/f16 at the head sizes without a tensor-core kernel.
 #[test]
 fn emu_attention_v1() {
-    let sizes = [(16, 2, 37), (32, 1, 203), (64, 2, 37), (64, 1, 203)];
+    let cases = [
+        AttentionCase::padded(2, 37, 2, 16, 0.1),
+        AttentionCase::packed(&[203], 2, 32, 0.1),
+        AttentionCase::padded(2, 37, 2, 64, 0.1),
+        AttentionCase::packed(&VARLEN, 2, 64, 0.1),
+    ];
     attention_sweep(
         AttnKernel::V1,
         &[DType::F32, DType::BF16],
-        &sizes,
+        &cases,
         &[Mode::DEFAULT],
     );
 }
 
 #[test]
 fn emu_attention_v3() {
-    attention_sweep(AttnKernel::V3, TC, &SIZES, &[Mode::DEFAULT]);
+    attention_sweep(AttnKernel::V3, TC, &sizes(), &[Mode::DEFAULT]);
 }
 
 #[test]
 fn emu_attention_v4_w4() {
-    attention_sweep(AttnKernel::V4(Tc4Shape::W4), TC, &SIZES, &[Mode::DEFAULT]);
+    attention_sweep(AttnKernel::V4(Tc4Shape::W4), TC, &sizes(), &[Mode::DEFAULT]);
 }
 
 #[test]
 fn emu_attention_v4_w8() {
-    attention_sweep(AttnKernel::V4(Tc4Shape::W8), TC, &SIZES, &[Mode::DEFAULT]);
+    attention_sweep(AttnKernel::V4(Tc4Shape::W8), TC, &sizes(), &[Mode::DEFAULT]);
 }
 
 #[test]
 fn emu_attention_v4_w8b2() {
-    attention_sweep(AttnKernel::V4(Tc4Shape::W8B2), TC, &SIZES, &[Mode::DEFAULT]);
+    attention_sweep(
+        AttnKernel::V4(Tc4Shape::W8B2),
+        TC,
+        &sizes(),
+        &[Mode::DEFAULT],
+    );
 }
 
 /// The pipelined kernels (variant 4's cp.async double buffers) under the other interleavings: warps in
@@ -235,13 +238,13 @@ fn emu_attention_bert_base_shape() {
     attention_sweep(
         AttnKernel::V4(Tc4Shape::W8B2),
         &[DType::BF16],
-        &[(64, 1, 384)],
+        &[AttentionCase::packed(&[384], 2, 64, 0.1)],
         &[Mode::DEFAULT],
     );
     attention_sweep(
         AttnKernel::V3,
         &[DType::BF16],
-        &[(64, 1, 384)],
+        &[AttentionCase::packed(&[384], 2, 64, 0.1)],
         &[Mode::DEFAULT],
     );
 }
@@ -249,7 +252,12 @@ fn emu_attention_bert_base_shape() {
 #[test]
 fn emu_attention_v4_interleavings() {
     for shape in [Tc4Shape::W4, Tc4Shape::W8B2] {
-        attention_sweep(AttnKernel::V4(shape), TC, &[(64, 1, 203)], &Mode::STRESS);
+        attention_sweep(
+            AttnKernel::V4(shape),
+            TC,
+            &[AttentionCase::padded(3, 203, 2, 64, 0.1)],
+            &Mode::STRESS,
+        );
     }
 }
 
@@ -267,7 +275,9 @@ fn ln_on_emu(
     let (n, c) = (case.n, case.c);
     let i = case.inputs();
     let es = dt.size();
-    // 0 out, 1 sum, 2 mean, 3 rstd, 4 inp, 5 resid, 6 gamma, 7 beta, 8 dinp, 9 dresid, 10 dgamma, 11 dbeta, 12 dout
+    let ints = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    // 0 out, 1 sum, 2 mean, 3 rstd, 4 inp, 5 resid, 6 gamma, 7 beta, 8 dinp, 9 dresid, 10 dgamma, 11 dbeta, 12 dout,
+    // 13 positions, 14 row windows
     let bufs = vec![
         vec![0xffu8; n * c * es],
         vec![0xffu8; n * c * es],
@@ -282,9 +292,13 @@ fn ln_on_emu(
         vec![0u8; c * 4],
         vec![0u8; c * 4],
         encode(&i.dy, dt),
+        ints(&i.layout.pos()),
+        ints(&i.layout.row_w()),
     ];
     let f = LnFwdParams {
         out: addr(0),
+        pos: addr(13),
+        roww: addr(14),
         sum: addr(1),
         mean: addr(2),
         rstd: addr(3),
@@ -300,6 +314,8 @@ fn ln_on_emu(
     };
     let b = LnBwdParams {
         dinp: addr(8),
+        pos: addr(13),
+        roww: addr(14),
         dresid: addr(9),
         dgamma: addr(10),
         dbeta: addr(11),
@@ -525,12 +541,13 @@ fn emu_embeddings_scalar_and_vec() {
                     v: 50,
                     p: 0.1,
                 };
-                let (n, (pp, tv)) = (case.b * case.t, case.tables());
+                let (pp, tv) = case.tables();
                 let i = case.inputs();
+                let n = i.layout.n();
                 let es = dt.size();
                 let ints = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
                 // 0 out, 1 mean, 2 rstd, 3 ids, 4 types, 5 word, 6 pos, 7 ttype, 8 gamma, 9 beta,
-                // 10 dword, 11 dpos, 12 dttype, 13 dgamma, 14 dbeta, 15 dout
+                // 10 dword, 11 dpos, 12 dttype, 13 dgamma, 14 dbeta, 15 dout, 16 positions, 17 row windows
                 let bufs = vec![
                     vec![0xffu8; n * c * es],
                     vec![0xffu8; n * 4],
@@ -548,6 +565,8 @@ fn emu_embeddings_scalar_and_vec() {
                     vec![0u8; c * 4],
                     vec![0u8; c * 4],
                     encode(&i.dy, dt),
+                    ints(&i.layout.pos()),
+                    ints(&i.layout.row_w()),
                 ];
                 let base = EmbParams {
                     out: addr(0),
@@ -555,6 +574,8 @@ fn emu_embeddings_scalar_and_vec() {
                     rstd: addr(2),
                     ids: addr(3),
                     types: addr(4),
+                    posid: addr(16),
+                    roww: addr(17),
                     word: addr(5),
                     pos: addr(6),
                     ttype: addr(7),
@@ -567,13 +588,13 @@ fn emu_embeddings_scalar_and_vec() {
                     dbeta: 0,
                     seed: i.drop.seed,
                     n: n as i32,
-                    t: case.t as i32,
                     c: c as i32,
                     v: case.v as i32,
                     tv: tv as i32,
                     eps: 1e-12,
                     p: i.drop.p,
                     padding_idx: -1,
+                    _pad: 0,
                 };
                 let bwd = EmbParams {
                     out: addr(15),
@@ -628,15 +649,28 @@ fn emu_dropout() {
     let mut emu = Emus::default();
     let mut rows = vec![];
     for dt in [DType::F32, DType::BF16, DType::F16] {
-        let case = DropoutCase { n: 1027, p: 0.3 };
-        let (x, d) = case.inputs();
+        let case = DropoutCase {
+            rows: 79,
+            c: 13,
+            p: 0.3,
+        };
+        let (x, d, layout) = case.inputs();
         let code = dtype_code(dt);
-        let bufs = vec![vec![0xffu8; case.n * dt.size()], encode(&x, dt)];
+        let ints = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let bufs = vec![
+            vec![0xffu8; case.rows * case.c * dt.size()],
+            encode(&x, dt),
+            ints(&layout.pos()),
+            ints(&layout.row_w()),
+        ];
         let l = launch(DropoutParams {
             out: addr(0),
             inp: addr(1),
+            pos: addr(2),
+            roww: addr(3),
             seed: d.seed,
-            n: case.n as u64,
+            n: case.rows as i32,
+            c: case.c as i32,
             p: d.p,
             out_dt: code,
             inp_dt: code,
@@ -663,19 +697,21 @@ fn emu_span_loss() {
     let mut rows = vec![];
     for dt in [DType::F32, DType::BF16, DType::F16] {
         let case = SpanLossCase { b: 3, t: 301 };
-        let (b, t) = (case.b, case.t);
+        let b = case.b;
         let i = case.inputs();
+        let n = i.layout.n();
         let ints = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let mut out: Outputs = vec![];
         for cfg in case.configs() {
-            // 0 losses, 1 dlogits, 2 logits, 3 starts, 4 ends, 5 mask
+            // 0 losses, 1 dlogits, 2 logits, 3 starts, 4 ends, 5 cu, 6 lens
             let bufs = vec![
                 vec![0xffu8; b * 2 * 4],
-                vec![0xffu8; b * t * 2 * dt.size()],
+                vec![0xffu8; n * 2 * dt.size()],
                 encode(&i.logits, dt),
                 ints(&i.starts),
                 ints(&i.ends),
-                ints(&i.mask),
+                ints(&i.layout.cu),
+                ints(&i.layout.lens),
             ];
             let l = launch(SpanParams {
                 losses: addr(0),
@@ -683,13 +719,14 @@ fn emu_span_loss() {
                 logits: addr(2),
                 starts: addr(3),
                 ends: addr(4),
-                mask: addr(5),
+                cu: addr(5),
+                lens: addr(6),
                 b: b as i32,
-                t: t as i32,
                 mask_padding: cfg.mask_padding as i32,
                 dt: dtype_code(dt),
                 scale_start: cfg.scale_start as f32,
                 scale_end: cfg.scale_end as f32,
+                _pad: 0,
             });
             let Some(got) = emu
                 .run(&bufs, &[l], Mode::DEFAULT)

@@ -4,10 +4,12 @@
 
 mod common;
 use bertqa::cpu::Cpu;
-use bertqa::model::bert::{Acts, Batch, BertQa, DropoutCfg};
-use bertqa::model::{BertConfig, BertParams};
+use bertqa::data::features::Feature;
+use bertqa::model::batch::{pack, HostBatch, Padding};
+use bertqa::model::{ActPlan, BertConfig, BertParams, BertQa, DropoutCfg};
 use bertqa::ops::embedding::{EmbGrads, EmbWeights};
 use bertqa::ops::span_loss::SpanLossCfg;
+use bertqa::ops::{SeqLayout, Seqs};
 use bertqa::prelude::*;
 use bertqa::rng::{Dropout, Rng};
 use bertqa::tensor::{DType, Tensor};
@@ -218,12 +220,13 @@ fn residual_layernorm_backward_matches_finite_differences() {
             b: rand_tensor(&be, &mut rng, &[c], F64, 1.0),
             w: rand_vec(&mut rng, n * c, 1.0),
         };
-        let f = move |s: &S| {
+        let seqs = Seqs::upload(&be, &common::parity::rows_layout(n)).unwrap();
+        let f = |s: &S| {
             let z = |sh: &[usize]| Tensor::zeros(&Cpu::new(), sh, F64).unwrap();
             let (mut out, mut sum, mut m, mut rs) = (z(&[n, c]), z(&[n, c]), z(&[n]), z(&[n]));
             Cpu::new()
                 .residual_layernorm_forward(
-                    &mut out, &mut sum, &mut m, &mut rs, &s.x, &s.r, &s.g, &s.b, 1e-5, drop,
+                    &mut out, &mut sum, &mut m, &mut rs, &s.x, &s.r, &s.g, &s.b, 1e-5, drop, &seqs,
                 )
                 .unwrap();
             dot(&out, &s.w)
@@ -231,13 +234,13 @@ fn residual_layernorm_backward_matches_finite_differences() {
         let z = |sh: &[usize]| Tensor::zeros(&be, sh, F64).unwrap();
         let (mut out, mut sum, mut m, mut rs) = (z(&[n, c]), z(&[n, c]), z(&[n]), z(&[n]));
         be.residual_layernorm_forward(
-            &mut out, &mut sum, &mut m, &mut rs, &s.x, &s.r, &s.g, &s.b, 1e-5, drop,
+            &mut out, &mut sum, &mut m, &mut rs, &s.x, &s.r, &s.g, &s.b, 1e-5, drop, &seqs,
         )
         .unwrap();
         let dout = Tensor::from_f64(&be, &s.w, &[n, c], F64).unwrap();
         let (mut dx, mut dr, mut dg, mut db) = (z(&[n, c]), z(&[n, c]), z(&[c]), z(&[c]));
         be.residual_layernorm_backward(
-            &mut dx, &mut dr, &mut dg, &mut db, &dout, &sum, &m, &rs, &s.g, drop,
+            &mut dx, &mut dr, &mut dg, &mut db, &dout, &sum, &m, &rs, &s.g, drop, &seqs,
         )
         .unwrap();
         let all = |k| (0..k).collect::<Vec<_>>();
@@ -273,24 +276,28 @@ fn residual_layernorm_backward_matches_finite_differences() {
 fn dropout_backward_matches_finite_differences() {
     let be = Cpu::new();
     let mut rng = Rng::new(4);
-    let n = 50;
+    let (rows, c) = (7, 9);
+    let n = rows * c;
     let d = Dropout::new(0.4, 9);
+    let seqs = Seqs::upload(&be, &common::parity::rows_layout(rows)).unwrap();
     struct S {
         x: Tensor<Cpu>,
         w: Vec<f64>,
     }
     let mut s = S {
-        x: rand_tensor(&be, &mut rng, &[n], F64, 1.0),
+        x: rand_tensor(&be, &mut rng, &[rows, c], F64, 1.0),
         w: rand_vec(&mut rng, n, 1.0),
     };
-    let f = move |s: &S| {
-        let mut out = Tensor::zeros(&Cpu::new(), &[n], F64).unwrap();
-        Cpu::new().dropout_forward(&mut out, &s.x, d).unwrap();
+    let f = |s: &S| {
+        let mut out = Tensor::zeros(&Cpu::new(), &[rows, c], F64).unwrap();
+        Cpu::new()
+            .dropout_forward(&mut out, &s.x, d, &seqs)
+            .unwrap();
         dot(&out, &s.w)
     };
-    let dout = Tensor::from_f64(&be, &s.w, &[n], F64).unwrap();
-    let mut dx = Tensor::zeros(&be, &[n], F64).unwrap();
-    be.dropout_backward(&mut dx, &dout, d).unwrap();
+    let dout = Tensor::from_f64(&be, &s.w, &[rows, c], F64).unwrap();
+    let mut dx = Tensor::zeros(&be, &[rows, c], F64).unwrap();
+    be.dropout_backward(&mut dx, &dout, d, &seqs).unwrap();
     let dxv = dx.to_f64_vec(&be).unwrap();
     assert!(
         dxv.contains(&0.0) && dxv.iter().any(|&v| v != 0.0),
@@ -310,7 +317,9 @@ fn embeddings_backward_matches_finite_differences() {
         let be = Cpu::new();
         let mut rng = Rng::new(5);
         let (b, t, c, v, pp, tv) = (2, 6, 7, 11, 9, 2);
+        // two windows padded to 6 rows (positions 0..6 each)
         let (ids, types, _) = padded_batch(&mut rng, b, t, v, &[6, 4]);
+        let seqs = Seqs::upload(&be, &SeqLayout::padded(&[6, 4], t, 3).unwrap()).unwrap();
         let drop = Dropout::new(p, 123);
         struct S {
             word: Tensor<Cpu>,
@@ -328,13 +337,13 @@ fn embeddings_backward_matches_finite_differences() {
             ty: rand_tensor(&be, &mut rng, &[tv, c], F64, 1.0),
             g: rand_tensor(&be, &mut rng, &[c], F64, 1.5),
             bb: rand_tensor(&be, &mut rng, &[c], F64, 1.0),
-            ids: Tensor::from_i32(&be, &ids, &[b, t]).unwrap(),
-            types: Tensor::from_i32(&be, &types, &[b, t]).unwrap(),
+            ids: Tensor::from_i32(&be, &ids, &[b * t]).unwrap(),
+            types: Tensor::from_i32(&be, &types, &[b * t]).unwrap(),
             w: rand_vec(&mut rng, b * t * c, 1.0),
         };
-        let f = move |s: &S| {
+        let f = |s: &S| {
             let z = |sh: &[usize]| Tensor::zeros(&Cpu::new(), sh, F64).unwrap();
-            let (mut out, mut m, mut r) = (z(&[b, t, c]), z(&[b, t]), z(&[b, t]));
+            let (mut out, mut m, mut r) = (z(&[b * t, c]), z(&[b * t]), z(&[b * t]));
             let ew = EmbWeights {
                 word: &s.word,
                 pos: &s.pos,
@@ -343,12 +352,14 @@ fn embeddings_backward_matches_finite_differences() {
                 beta: &s.bb,
             };
             Cpu::new()
-                .embeddings_forward(&mut out, &mut m, &mut r, &s.ids, &s.types, &ew, 1e-12, drop)
+                .embeddings_forward(
+                    &mut out, &mut m, &mut r, &s.ids, &s.types, &seqs, &ew, 1e-12, drop,
+                )
                 .unwrap();
             dot(&out, &s.w)
         };
         let z = |sh: &[usize]| Tensor::zeros(&be, sh, F64).unwrap();
-        let (mut out, mut m, mut r) = (z(&[b, t, c]), z(&[b, t]), z(&[b, t]));
+        let (mut out, mut m, mut r) = (z(&[b * t, c]), z(&[b * t]), z(&[b * t]));
         let ew = EmbWeights {
             word: &s.word,
             pos: &s.pos,
@@ -356,9 +367,11 @@ fn embeddings_backward_matches_finite_differences() {
             gamma: &s.g,
             beta: &s.bb,
         };
-        be.embeddings_forward(&mut out, &mut m, &mut r, &s.ids, &s.types, &ew, 1e-12, drop)
-            .unwrap();
-        let dout = Tensor::from_f64(&be, &s.w, &[b, t, c], F64).unwrap();
+        be.embeddings_forward(
+            &mut out, &mut m, &mut r, &s.ids, &s.types, &seqs, &ew, 1e-12, drop,
+        )
+        .unwrap();
+        let dout = Tensor::from_f64(&be, &s.w, &[b * t, c], F64).unwrap();
         let (mut dw, mut dp, mut dt, mut dg, mut db) =
             (z(&[v, c]), z(&[pp, c]), z(&[tv, c]), z(&[c]), z(&[c]));
         let mut eg = EmbGrads {
@@ -369,7 +382,7 @@ fn embeddings_backward_matches_finite_differences() {
             gamma: &mut dg,
             beta: &mut db,
         };
-        be.embeddings_backward(&mut eg, &dout, &m, &r, &s.ids, &s.types, &ew, drop)
+        be.embeddings_backward(&mut eg, &dout, &m, &r, &s.ids, &s.types, &seqs, &ew, drop)
             .unwrap();
         let all = |k| (0..k).collect::<Vec<_>>();
         let op = format!("embeddings p={p}");
@@ -406,59 +419,65 @@ fn embeddings_backward_matches_finite_differences() {
     }
 }
 
+/// The variable-length attention, packed and padded layouts (windows of 7, 4 and 1 real tokens; the padded
+/// one pads them to 7 rows), with and without dropout: every element of dqkv.
 #[test]
 fn attention_backward_matches_finite_differences() {
-    for p in [0.0f32, 0.2] {
+    for (layout, p) in [
+        (SeqLayout::packed(&[7, 4, 1], 0).unwrap(), 0.0f32),
+        (SeqLayout::packed(&[7, 4, 1], 0).unwrap(), 0.2),
+        (SeqLayout::padded(&[7, 4, 1], 7, 5).unwrap(), 0.2),
+    ] {
         let be = Cpu::new();
         let mut rng = Rng::new(6);
-        let (b, t, nh, hs) = (2, 7, 2, 3);
-        let c = nh * hs;
-        let (_, _, mask) = padded_batch(&mut rng, b, t, 5, &[7, 4]);
+        let (nh, hs) = (2, 3);
+        let (c, n) = (nh * hs, layout.n());
+        let seqs = Seqs::upload(&be, &layout).unwrap();
         let drop = Dropout::new(p, 55);
         struct S {
             qkv: Tensor<Cpu>,
-            mask: Tensor<Cpu>,
             w: Vec<f64>,
         }
         let mut s = S {
-            qkv: rand_tensor(&be, &mut rng, &[b, t, 3 * c], F64, 1.5),
-            mask: Tensor::from_i32(&be, &mask, &[b, t]).unwrap(),
-            w: rand_vec(&mut rng, b * t * c, 1.0),
+            qkv: rand_tensor(&be, &mut rng, &[n, 3 * c], F64, 1.5),
+            w: rand_vec(&mut rng, n * c, 1.0),
         };
-        let f = move |s: &S| {
-            let mut out = Tensor::zeros(&Cpu::new(), &[b, t, c], F64).unwrap();
-            let mut lse = Tensor::zeros(&Cpu::new(), &[b, nh, t], F64).unwrap();
+        let f = |s: &S| {
+            let mut out = Tensor::zeros(&Cpu::new(), &[n, c], F64).unwrap();
+            let mut lse = Tensor::zeros(&Cpu::new(), &[nh, n], F64).unwrap();
             Cpu::new()
-                .attention_forward(&mut out, &mut lse, &s.qkv, &s.mask, nh, drop)
+                .attention_forward(&mut out, &mut lse, &s.qkv, &seqs, nh, drop)
                 .unwrap();
             dot(&out, &s.w)
         };
-        let mut out = Tensor::zeros(&be, &[b, t, c], F64).unwrap();
-        let mut lse = Tensor::zeros(&be, &[b, nh, t], F64).unwrap();
-        be.attention_forward(&mut out, &mut lse, &s.qkv, &s.mask, nh, drop)
+        let mut out = Tensor::zeros(&be, &[n, c], F64).unwrap();
+        let mut lse = Tensor::zeros(&be, &[nh, n], F64).unwrap();
+        be.attention_forward(&mut out, &mut lse, &s.qkv, &seqs, nh, drop)
             .unwrap();
-        let dout = Tensor::from_f64(&be, &s.w, &[b, t, c], F64).unwrap();
-        let mut dqkv = rand_tensor(&be, &mut rng, &[b, t, 3 * c], F64, 1.0);
-        be.attention_backward(&mut dqkv, &dout, &out, &lse, &s.qkv, &s.mask, nh, drop)
+        let dout = Tensor::from_f64(&be, &s.w, &[n, c], F64).unwrap();
+        let mut dqkv = rand_tensor(&be, &mut rng, &[n, 3 * c], F64, 1.0);
+        be.attention_backward(&mut dqkv, &dout, &out, &lse, &s.qkv, &seqs, nh, drop)
             .unwrap();
         let an = dqkv.to_f64_vec(&be).unwrap();
         let num = fd(
             &mut s,
             &|s| &mut s.qkv,
             &f,
-            &(0..b * t * 3 * c).collect::<Vec<_>>(),
+            &(0..n * 3 * c).collect::<Vec<_>>(),
         );
-        // padded keys get exactly zero K/V gradient
-        for bi in 0..b {
-            for j in 0..t {
-                if mask[bi * t + j] == 0 {
-                    for k in c..3 * c {
-                        assert_eq!(an[(bi * t + j) * 3 * c + k], 0.0);
-                    }
-                }
+        // padding rows are no one's keys: exactly zero K/V gradient
+        for b in 0..layout.b() {
+            for i in layout.lens[b] as usize..layout.rows(b) {
+                let r = layout.cu[b] as usize + i;
+                assert!(an[r * 3 * c + c..(r + 1) * 3 * c].iter().all(|&x| x == 0.0));
             }
         }
-        report(&format!("attention p={p}"), "dqkv", &an, &num);
+        let kind = if layout.is_packed() {
+            "packed"
+        } else {
+            "padded"
+        };
+        report(&format!("attention {kind} p={p}"), "dqkv", &an, &num);
     }
 }
 
@@ -468,19 +487,18 @@ fn span_loss_gradient_matches_finite_differences() {
         let be = Cpu::new();
         let mut rng = Rng::new(7);
         let (b, t) = (4, 6);
-        let (_, _, mask) = padded_batch(&mut rng, b, t, 5, &[6, 3]);
-        // row 2's end target is T (ignored); row 3's start is 0 ([CLS])
+        let lens = [6usize, 3, 6, 3];
+        let layout = SeqLayout::padded(&lens, t, 0).unwrap();
+        let seqs = Seqs::upload(&be, &layout).unwrap();
+        // window 2's end target is T (ignored); window 3's start is 0 ([CLS]); window 1's end is in padding
         let starts = vec![2, 1, 4, 0];
-        let ends = vec![3, 2, t as i32, 1];
+        let ends = vec![3, 4, t as i32, 1];
         struct S {
             logits: Tensor<Cpu>,
         }
         let st = Tensor::from_i32(&be, &starts, &[b]).unwrap();
         let en = Tensor::from_i32(&be, &ends, &[b]).unwrap();
-        let mk = Tensor::from_i32(&be, &mask, &[b, t]).unwrap();
-        let valid = |tg: i32, bi: usize| {
-            (tg as usize) < t && (!mask_padding || mask[bi * t + tg as usize] != 0)
-        };
+        let valid = |tg: i32, bi: usize| (tg as usize) < if mask_padding { lens[bi] } else { t };
         let ns = (0..b).filter(|&i| valid(starts[i], i)).count();
         let ne = (0..b).filter(|&i| valid(ends[i], i)).count();
         let cfg = SpanLossCfg {
@@ -490,9 +508,9 @@ fn span_loss_gradient_matches_finite_differences() {
         };
         let f = |s: &S| {
             let mut l = Tensor::zeros(&Cpu::new(), &[b, 2], F64).unwrap();
-            let mut d = Tensor::zeros(&Cpu::new(), &[b, t, 2], F64).unwrap();
+            let mut d = Tensor::zeros(&Cpu::new(), &[b * t, 2], F64).unwrap();
             Cpu::new()
-                .span_loss_forward_backward(&mut l, &mut d, &s.logits, &st, &en, &mk, cfg)
+                .span_loss_forward_backward(&mut l, &mut d, &s.logits, &st, &en, &seqs, cfg)
                 .unwrap();
             let l = l.to_f64_vec(&Cpu::new()).unwrap();
             let (s0, s1): (f64, f64) = (
@@ -502,11 +520,11 @@ fn span_loss_gradient_matches_finite_differences() {
             (s0 / ns as f64 + s1 / ne as f64) / 2.0
         };
         let mut s = S {
-            logits: rand_tensor(&be, &mut rng, &[b, t, 2], F64, 3.0),
+            logits: rand_tensor(&be, &mut rng, &[b * t, 2], F64, 3.0),
         };
         let mut l = Tensor::zeros(&be, &[b, 2], F64).unwrap();
-        let mut d = Tensor::zeros(&be, &[b, t, 2], F64).unwrap();
-        be.span_loss_forward_backward(&mut l, &mut d, &s.logits, &st, &en, &mk, cfg)
+        let mut d = Tensor::zeros(&be, &[b * t, 2], F64).unwrap();
+        be.span_loss_forward_backward(&mut l, &mut d, &s.logits, &st, &en, &seqs, cfg)
             .unwrap();
         report(
             &format!("span_loss mask_padding={mask_padding}"),
@@ -522,36 +540,41 @@ fn span_loss_gradient_matches_finite_differences() {
     }
 }
 
-/// The whole model + span loss on a tiny config with a padded batch: every parameter tensor.
-fn whole_model_check(drop_p: f32) {
+/// The whole model + span loss on a tiny config: every parameter tensor and the gradient w.r.t. the
+/// embeddings output, for three windows of 8, 5 and 6 real tokens (window length 8) laid out as `padding`.
+fn whole_model_check(drop_p: f32, padding: Padding) {
     let be = Cpu::new();
     let mut cfg = BertConfig::tiny(23, 12, 2, 3, 20, 10);
     cfg.pad_token_id = None; // every embedding row trainable, so finite differences see all of them
     let (b, t) = (3, 8);
     let mut rng = Rng::new(8);
     let (ids, types, mask) = padded_batch(&mut rng, b, t, cfg.vocab_size, &[8, 5, 6]);
-    let batch = Batch::new(&be, b, t, &ids, &types, &mask, &[3, 0, 2], &[5, 0, 4]).unwrap();
+    let feats = feature_windows(&ids, &types, &mask, t, &[3, 0, 2], &[5, 0, 4]);
+    let refs: Vec<&Feature> = feats.iter().collect();
+    let hb = pack(&refs, 0, padding).unwrap();
     let drop = DropoutCfg {
         hidden: drop_p,
         attn: drop_p,
         seed: 2024,
     };
+    let plan_for =
+        |hb: &HostBatch| ActPlan::new(&Cpu::new(), &cfg, hb.n(), hb.b(), F64, true).unwrap();
     let mut model = BertQa::new(cfg.clone(), rand_params(&be, &cfg, F64, 9));
     let loss_of = |m: &BertQa<Cpu>| {
-        let mut acts = Acts::new(&Cpu::new(), &m.cfg, b, t, F64).unwrap();
-        m.forward(&Cpu::new(), &mut acts, &batch, drop).unwrap();
-        m.loss(&Cpu::new(), &mut acts, &batch, 1.0).unwrap().loss
+        let mut plan = plan_for(&hb);
+        let (batch, acts) = plan.load(&Cpu::new(), &hb).unwrap();
+        m.forward(&Cpu::new(), acts, batch, drop).unwrap();
+        m.loss_mean(&Cpu::new(), acts, batch, 1.0).unwrap()
     };
-    let mut acts = Acts::new(&be, &cfg, b, t, F64).unwrap();
-    model.forward(&be, &mut acts, &batch, drop).unwrap();
-    let lo = model.loss(&be, &mut acts, &batch, 1.0).unwrap();
-    assert!(lo.loss.is_finite() && lo.loss > 0.0);
+    let mut plan = plan_for(&hb);
+    let (batch, acts) = plan.load(&be, &hb).unwrap();
+    model.forward(&be, acts, batch, drop).unwrap();
+    let lo = model.loss_mean(&be, acts, batch, 1.0).unwrap();
+    assert!(lo.is_finite() && lo > 0.0);
     let mut grads = BertParams::zeros(&be, &cfg, F64).unwrap();
-    model
-        .backward(&be, &mut grads, &mut acts, &batch, drop)
-        .unwrap();
-    // the gradient w.r.t. the embeddings output (layer 0's input), left in acts.dx by backward
-    let dx0 = acts.dx.to_f64_vec(&be).unwrap();
+    model.backward(&be, &mut grads, acts, batch, drop).unwrap();
+    // the gradient w.r.t. the embeddings output (layer 0's input), left in the scratch's dx by backward
+    let dx0 = acts.grad.as_ref().unwrap().dx.to_f64_vec(&be).unwrap();
     let emb0 = acts.emb.to_f64_vec(&be).unwrap();
     let mut srng0 = Rng::new(11);
     let idx0 = sample(emb0.len(), 64, &mut srng0);
@@ -559,24 +582,19 @@ fn whole_model_check(drop_p: f32) {
     for &i in &idx0 {
         let h = 1e-6 * emb0[i].abs().max(1.0);
         let f = |x: f64| {
-            let mut a = Acts::new(&Cpu::new(), &cfg, b, t, F64).unwrap();
+            let mut p = plan_for(&hb);
+            let (bt, a) = p.load(&Cpu::new(), &hb).unwrap();
             let mut v = emb0.clone();
             v[i] = x;
             a.emb.copy_from_f64(&Cpu::new(), &v).unwrap();
-            model
-                .forward_encoder(&Cpu::new(), &mut a, &batch, drop)
-                .unwrap();
-            model.loss(&Cpu::new(), &mut a, &batch, 1.0).unwrap().loss
+            model.forward_encoder(&Cpu::new(), a, bt, drop).unwrap();
+            model.loss_mean(&Cpu::new(), a, bt, 1.0).unwrap()
         };
         num0.push((f(emb0[i] + h) - f(emb0[i] - h)) / (2.0 * h));
     }
     let an0: Vec<f64> = idx0.iter().map(|&i| dx0[i]).collect();
-    report(
-        &format!("whole model p={drop_p}"),
-        "d(embeddings output)",
-        &an0,
-        &num0,
-    );
+    let op = format!("whole model {} p={drop_p}", padding.name());
+    report(&op, "d(embeddings output)", &an0, &num0);
     let names: Vec<String> = bertqa::model::params::param_specs(&cfg)
         .into_iter()
         .map(|(n, _)| n)
@@ -612,16 +630,21 @@ fn whole_model_check(drop_p: f32) {
             num.push((fp - fm) / (2.0 * h));
         }
         let an: Vec<f64> = idx.iter().map(|&i| analytic[k][i]).collect();
-        report(&format!("whole model p={drop_p}"), name, &an, &num);
+        report(&op, name, &an, &num);
     }
 }
 
 #[test]
 fn whole_model_gradients_match_finite_differences() {
-    whole_model_check(0.0);
+    whole_model_check(0.0, Padding::Max);
 }
 
 #[test]
 fn whole_model_gradients_match_finite_differences_with_dropout() {
-    whole_model_check(0.15);
+    whole_model_check(0.15, Padding::Max);
+}
+
+#[test]
+fn whole_model_gradients_match_finite_differences_packed_with_dropout() {
+    whole_model_check(0.15, Padding::Packed);
 }

@@ -1,10 +1,12 @@
 //! Parity with Hugging Face transformers (fixtures written by scripts/make_reference.py), checkpoint round
 //! trips and checkpoint error messages.
 
+mod common;
 use bertqa::cpu::Cpu;
-use bertqa::model::bert::{Acts, Batch, BertQa, DropoutCfg};
+use bertqa::data::features::Feature;
+use bertqa::model::batch::{pack, Padding};
 use bertqa::model::checkpoint;
-use bertqa::model::BertParams;
+use bertqa::model::{ActPlan, BertParams, BertQa, DropoutCfg};
 use bertqa::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
@@ -100,22 +102,22 @@ fn tiny_parity(dt: DType, tol: f64) {
     let r = read_all(&dir.join("reference.safetensors"));
     let (b, t) = (r["input_ids"].0[0], r["input_ids"].0[1]);
     let pos = |k: &str| r[k].1.iter().map(|&x| x as i64).collect::<Vec<_>>();
-    let batch = Batch::new(
-        &be,
-        b,
-        t,
+    // HF's padded (B,T) batch as is: every window padded to T (our `max` layout)
+    let feats = common::feature_windows(
         &ints(&r["input_ids"].1),
         &ints(&r["token_type_ids"].1),
         &ints(&r["attention_mask"].1),
+        t,
         &pos("start_positions"),
         &pos("end_positions"),
-    )
-    .unwrap();
-    let mut acts = Acts::new(&be, &cfg, b, t, dt).unwrap();
-    model
-        .forward(&be, &mut acts, &batch, DropoutCfg::OFF)
-        .unwrap();
-    let lo = model.loss(&be, &mut acts, &batch, 1.0).unwrap();
+    );
+    assert_eq!(feats.len(), b);
+    let refs: Vec<&Feature> = feats.iter().collect();
+    let hb = pack(&refs, 0, Padding::Max).unwrap();
+    let mut plan = ActPlan::new(&be, &cfg, hb.n(), b, dt, true).unwrap();
+    let (batch, acts) = plan.load(&be, &hb).unwrap();
+    model.forward(&be, acts, batch, DropoutCfg::OFF).unwrap();
+    let lo = model.loss_mean(&be, acts, batch, 1.0).unwrap();
     let lg = acts.logits.to_f64_vec(&be).unwrap();
     let (s, e): (Vec<f64>, Vec<f64>) = (
         lg.iter().step_by(2).copied().collect(),
@@ -123,15 +125,15 @@ fn tiny_parity(dt: DType, tol: f64) {
     );
     let es = max_rel(&s, &r["start_logits"].1);
     let ee = max_rel(&e, &r["end_logits"].1);
-    let el = (lo.loss - r["loss"].1[0]).abs() / r["loss"].1[0];
+    let el = (lo - r["loss"].1[0]).abs() / r["loss"].1[0];
     println!(
         "[{dt}] start logits {es:.2e}, end logits {ee:.2e}, loss {el:.2e} (ours {} vs HF {})",
-        lo.loss, r["loss"].1[0]
+        lo, r["loss"].1[0]
     );
     assert!(es < tol && ee < tol && el < tol);
     let mut grads = BertParams::zeros(&be, &cfg, bertqa::model::bert::grad_dtype(dt)).unwrap();
     model
-        .backward(&be, &mut grads, &mut acts, &batch, DropoutCfg::OFF)
+        .backward(&be, &mut grads, acts, batch, DropoutCfg::OFF)
         .unwrap();
     let names = bertqa::model::params::param_specs(&cfg);
     let mut worst = 0.0f64;
@@ -177,14 +179,14 @@ fn minilm_logits_match_transformers_on_a_real_squad_window() {
     let (cfg, mut params, rep) = checkpoint::load(&be, &dir, DType::F32, 0).unwrap();
     assert!(!rep.had_prefix && rep.qa_head_initialised, "{rep:?}");
     let r = read_all(&fixture("minilm_window").join("reference.safetensors"));
-    params.qa_w = Tensor::from_f64(
-        &be,
-        &r["qa_outputs.weight"].1,
-        &[2, cfg.hidden_size],
-        DType::F32,
-    )
-    .unwrap();
-    params.qa_b = Tensor::from_f64(&be, &r["qa_outputs.bias"].1, &[2], DType::F32).unwrap();
+    params
+        .qa_w
+        .copy_from_f64(&be, &r["qa_outputs.weight"].1)
+        .unwrap();
+    params
+        .qa_b
+        .copy_from_f64(&be, &r["qa_outputs.bias"].1)
+        .unwrap();
     let model = BertQa::new(cfg.clone(), params);
     let ids = ints(&r["input_ids"].1);
     // our featurizer builds the same window from the same question
@@ -199,21 +201,12 @@ fn minilm_logits_match_transformers_on_a_real_squad_window() {
     );
     assert_eq!(f.features[0].token_type_ids, ints(&r["token_type_ids"].1));
     let t = ids.len();
-    let batch = Batch::new(
-        &be,
-        1,
-        t,
-        &ids,
-        &ints(&r["token_type_ids"].1),
-        &ints(&r["attention_mask"].1),
-        &[],
-        &[],
-    )
-    .unwrap();
-    let mut acts = Acts::new(&be, &cfg, 1, t, DType::F32).unwrap();
-    model
-        .forward(&be, &mut acts, &batch, DropoutCfg::OFF)
-        .unwrap();
+    // the window as HF ran it: padded to its full length (our `max` layout)
+    let hb = pack(&[&f.features[0]], 0, Padding::Max).unwrap();
+    assert_eq!(hb.n(), t);
+    let mut plan = ActPlan::new(&be, &cfg, t, 1, DType::F32, false).unwrap();
+    let (batch, acts) = plan.load(&be, &hb).unwrap();
+    model.forward(&be, acts, batch, DropoutCfg::OFF).unwrap();
     let lg = acts.logits.to_f64_vec(&be).unwrap();
     let (s, e): (Vec<f64>, Vec<f64>) = (
         lg.iter().step_by(2).copied().collect(),

@@ -128,8 +128,9 @@ fn gpu_parity_bf16() {
     check_rows(&suite(&gpu, DType::BF16, &bertqa::ops::attention::CUDA_HEAD_SIZES).unwrap());
 }
 
-/// Every tensor-core attention variant and backward shape against the f64 CPU reference (bf16 bounds), at
-/// an odd T with padding and dropout: T=37 fits one key block, T=203 spans several key blocks and query tiles.
+/// Every tensor-core attention variant and backward shape against the f64 CPU reference (bf16 bounds), with
+/// dropout: padded windows of T=37 (one key block) and T=203 (several key blocks and query tiles), and
+/// packed windows of 1, 17, 64, 65, 383 and 384 tokens in one batch.
 #[test]
 fn gpu_attention_variants_bf16() {
     let _one = GPU.lock().unwrap_or_else(|e| e.into_inner());
@@ -146,16 +147,13 @@ fn gpu_attention_variants_bf16() {
             ..KernelConfig::default()
         });
         for hs in bertqa::ops::attention::CUDA_TC_HEAD_SIZES {
-            for (b, t) in [(2, 37), (2, 203)] {
-                let case = AttentionCase {
-                    b,
-                    t,
-                    nh: 2,
-                    hs,
-                    p: 0.1,
-                };
+            for case in [
+                AttentionCase::padded(2, 37, 2, hs, 0.1),
+                AttentionCase::padded(2, 203, 2, hs, 0.1),
+                AttentionCase::packed(&[1, 17, 64, 65, 383, 384], 2, hs, 0.1),
+            ] {
                 let got = compare(&gpu, DType::BF16, &case)
-                    .unwrap_or_else(|e| panic!("{kernel:?} HS={hs} T={t}: {e:#}"));
+                    .unwrap_or_else(|e| panic!("{kernel:?} {}: {e:#}", case.name()));
                 for mut row in got {
                     row.case = format!("{kernel:?} {}", row.case);
                     rows.push(row);

@@ -3,11 +3,12 @@
 //! loader on mutated files. Each property runs a modest number of cases so the file takes a few seconds.
 
 use bertqa::cpu::Cpu;
-use bertqa::data::features::{featurize, pack, windows, Feature, FeatureCfg};
+use bertqa::data::features::{featurize, windows, Feature, FeatureCfg};
 use bertqa::data::squad::Dataset;
 use bertqa::data::tokenizer::{self, WordPieceTokenizer};
 use bertqa::eval::metrics::{evaluate_v1, exact, f1_v1, f1_v2, normalize_answer, Gold};
 use bertqa::eval::postprocess::{PostCfg, SpanAccumulator};
+use bertqa::model::batch::{pack, Padding};
 use bertqa::model::{checkpoint, BertConfig};
 use bertqa::tensor::DType;
 use proptest::prelude::*;
@@ -252,21 +253,33 @@ fn feature(len: usize, t: usize, ex: usize) -> Feature {
 proptest! {
     #![proptest_config(cases(128))]
 
-    /// Dynamic padding: T covers the longest window, is a multiple of round_to unless capped at the full
-    /// length, and each row is the prefix of its window.
+    /// The three batch layouts of the same windows: every real token kept in order, each window's rows a
+    /// prefix of it (packed: exactly its real tokens; longest: the longest, rounded up to 64 or the full
+    /// length; max: the full length), positions 0.. per window, window indices from the given first one.
     #[test]
-    fn packing_keeps_every_real_token(lens in prop::collection::vec(1usize..64, 1..8), t in 64usize..80, r in 1usize..40) {
+    fn packing_keeps_every_real_token(lens in prop::collection::vec(1usize..64, 1..8), t in 64usize..80, first in 0usize..5) {
         let feats: Vec<Feature> = lens.iter().map(|&l| feature(l, t, 0)).collect();
         let refs: Vec<&Feature> = feats.iter().collect();
-        let p = pack(&refs, Some(r));
         let longest = *lens.iter().max().unwrap();
-        prop_assert!(p.t >= longest && p.t <= t);
-        prop_assert!(p.t.is_multiple_of(r) || p.t == t);
-        for (b, f) in feats.iter().enumerate() {
-            prop_assert_eq!(&p.ids[b * p.t..(b + 1) * p.t], &f.input_ids[..p.t]);
-            prop_assert_eq!(&p.mask[b * p.t..(b + 1) * p.t], &f.attention_mask[..p.t]);
+        for padding in [Padding::Packed, Padding::Longest, Padding::Max] {
+            let p = pack(&refs, first, padding).unwrap();
+            let l = &p.layout;
+            prop_assert_eq!(l.b(), feats.len());
+            prop_assert_eq!(l.lens.iter().map(|&x| x as usize).collect::<Vec<_>>(), lens.clone());
+            prop_assert_eq!(l.wid[0] as usize, first);
+            for (b, f) in feats.iter().enumerate() {
+                let rows = l.rows(b);
+                let expect = match padding {
+                    Padding::Packed => lens[b],
+                    Padding::Longest => longest.div_ceil(64).saturating_mul(64).min(t),
+                    Padding::Max => t,
+                };
+                prop_assert_eq!(rows, expect);
+                let s0 = l.cu[b] as usize;
+                prop_assert_eq!(&p.ids[s0..s0 + rows], &f.input_ids[..rows]);
+                prop_assert_eq!(&l.pos()[s0..s0 + rows], &(0..rows as i32).collect::<Vec<_>>()[..]);
+            }
         }
-        prop_assert_eq!(pack(&refs, None).t, t);
     }
 
     /// The running n-best over windows equals sorting every window's candidates at the end (the procedure

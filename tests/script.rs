@@ -1,8 +1,9 @@
 //! scripts/train_squad.sh, the README's first command, run as a new user would: from a fresh `git clone` of
 //! this repository (the committed state; CI's checkout is one), with the real SQuAD v1.1 files and
-//! all-MiniLM-L6-v2 from the shared assets, on a tiny subset. The clone builds into this build's target
-//! directory (only the bertqa crate recompiles: ~20 s), so `target/release/bertqa` is put back afterwards.
-//! Its own test binary, so nothing else runs while the uplifted binary is replaced.
+//! all-MiniLM-L6-v2 from the shared assets, on a tiny subset. The clone builds into a target directory of its
+//! own inside this build's (`target/script-clone`: the clone's crate has the same name and version as this
+//! one, and cargo would otherwise mix their artifacts), kept between runs so that later runs rebuild only the
+//! bertqa crate.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -51,7 +52,7 @@ fn script(clone: &Path, assets: &Path, args: &[&str]) -> Command {
         .args(args)
         .current_dir(clone)
         .env("BERTQA_ASSETS", assets)
-        .env("CARGO_TARGET_DIR", root().join("target"))
+        .env("CARGO_TARGET_DIR", root().join("target/script-clone"))
         .env_remove("BERTQA_MODEL")
         .env_remove("SQUAD_DIR")
         .env_remove("BERTQA_CUDA_INCLUDE")
@@ -59,31 +60,6 @@ fn script(clone: &Path, assets: &Path, args: &[&str]) -> Command {
         .env_remove("CUDA_HOME")
         .env_remove("CUDA_PATH");
     c
-}
-
-/// Puts `target/release/bertqa` back as it was when dropped (the clone's build replaces it).
-struct KeepBinary(PathBuf, Option<Vec<u8>>);
-impl KeepBinary {
-    fn new() -> Self {
-        let p = root().join("target/release/bertqa");
-        let bytes = std::fs::read(&p).ok();
-        KeepBinary(p, bytes)
-    }
-}
-impl Drop for KeepBinary {
-    fn drop(&mut self) {
-        if let Some(b) = &self.1 {
-            let tmp = self.0.with_extension("restore");
-            if std::fs::write(&tmp, b).is_ok() {
-                #[cfg(unix)]
-                {
-                    use std::os::unix::fs::PermissionsExt;
-                    let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755));
-                }
-                let _ = std::fs::rename(&tmp, &self.0);
-            }
-        }
-    }
 }
 
 #[test]
@@ -95,7 +71,6 @@ fn train_squad_sh_works_from_a_fresh_clone_on_a_tiny_subset() {
     let Some((tmp, clone)) = fresh_clone("run") else {
         return;
     };
-    let _keep = KeepBinary::new();
     // the README's quick command, made tiny; runs/ does not exist in a fresh clone
     assert!(!clone.join("runs").exists());
     let out = script(

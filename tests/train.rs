@@ -47,7 +47,7 @@ fn tcfg(fc: FeatureCfg) -> TrainConfig {
         early_stopping_patience: 0,
         hidden_dropout: 0.0,
         attention_dropout: 0.0,
-        dynamic_padding: true,
+        padding: bertqa::model::Padding::Packed,
         max_bad_steps: 3,
         eval_batch_size: 32,
         log_every: 1,
@@ -102,7 +102,8 @@ fn tiny_random_bert_overfits_32_questions() {
     for step in 0..steps {
         let batch: Vec<_> = feats.iter().collect(); // full batch: plain gradient descent on 32 questions
         let lr = bertqa::optim::linear_schedule(step, 5, steps, 4e-3);
-        let (loss, _, applied) = tr.step(&batch, lr).unwrap();
+        let st = tr.step(&batch, lr).unwrap();
+        let (loss, applied) = (st.loss, st.applied);
         assert!(applied);
         last = loss;
         if step % 10 == 0 {
@@ -113,7 +114,7 @@ fn tiny_random_bert_overfits_32_questions() {
     let all: Vec<_> = feats.iter().collect();
     let mut total = 0.0;
     for ch in all.chunks(16) {
-        let (l, _, _) = tr.step(ch, 0.0).unwrap(); // lr 0: a pure evaluation of the loss (weights unchanged)
+        let l = tr.step(ch, 0.0).unwrap().loss; // lr 0: a pure evaluation of the loss (weights unchanged)
         total += l * ch.len() as f64;
     }
     let mean = total / all.len() as f64;
@@ -213,6 +214,22 @@ fn resume_reproduces_the_uninterrupted_loss_trajectory_bit_for_bit() {
         straight, resumed,
         "loss/grad-norm trajectories differ after resume"
     );
+    // a checkpoint of the layout-dependent dropout stream (version 1: no "dropout_stream" field) is not
+    // resumed: its masks would change mid-run
+    let ck = bertqa::train::checkpoint::latest(&b.join("run")).unwrap();
+    let st_path = ck.join("trainer_state.json");
+    let mut st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&st_path).unwrap()).unwrap();
+    st.as_object_mut().unwrap().remove("dropout_stream");
+    std::fs::write(&st_path, st.to_string()).unwrap();
+    let e = bertqa::train::checkpoint::restore(&Cpu::new(), &ck)
+        .err()
+        .expect("an old stream must be refused")
+        .to_string();
+    assert!(
+        e.contains("dropout stream 1") && e.contains("--model"),
+        "{e}"
+    );
     let _ = std::fs::remove_dir_all(&base);
 }
 
@@ -290,7 +307,8 @@ fn fp16_overflow_skips_the_step_and_halves_the_loss_scale() {
     let batch: Vec<_> = feats.iter().take(4).collect();
     let before: Vec<f64> = tr.master_params().qa_w.to_f64_vec(&be).unwrap();
     tr.scaler.scale = 1e12; // dlogits overflow f16 (max 65504)
-    let (_, norm, applied) = tr.step(&batch, 1e-3).unwrap();
+    let st = tr.step(&batch, 1e-3).unwrap();
+    let (norm, applied) = (st.grad_norm, st.applied);
     assert!(!applied && !norm.is_finite());
     assert_eq!(tr.scaler.scale, 5e11);
     assert_eq!(
@@ -299,7 +317,8 @@ fn fp16_overflow_skips_the_step_and_halves_the_loss_scale() {
         "a skipped step must not touch the weights"
     );
     tr.scaler.scale = 1024.0;
-    let (loss, norm, applied) = tr.step(&batch, 1e-3).unwrap();
+    let st = tr.step(&batch, 1e-3).unwrap();
+    let (loss, norm, applied) = (st.loss, st.grad_norm, st.applied);
     assert!(applied && norm.is_finite() && loss.is_finite());
     assert_ne!(tr.master_params().qa_w.to_f64_vec(&be).unwrap(), before);
 }

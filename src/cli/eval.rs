@@ -36,11 +36,20 @@ pub struct EvalOpts {
     /// auto (CUDA when usable, else CPU), cpu or cuda
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// how windows are laid out in a batch: packed (real tokens only; default), longest (each padded to the
+    /// batch's longest, rounded up to 64), max (each padded to --max-seq-length). Results do not depend on it.
+    #[arg(long, default_value = "packed", value_parser = ["packed", "longest", "max"])]
+    pub padding: String,
     #[command(flatten)]
     pub kernels: crate::cli::KernelArgs,
 }
 
 impl EvalOpts {
+    /// `--padding`.
+    pub fn padding(&self) -> Result<crate::model::Padding> {
+        crate::model::Padding::parse(&self.padding)
+    }
+
     /// The checks of the options shared by `eval`, `predict` and `train` (train's own validation calls this
     /// too). The window budget — context tokens per window — is `max_seq_length − max_query_length − 3`
     /// (\[CLS\] question \[SEP\] context \[SEP\]); consecutive windows start `budget − doc_stride` tokens
@@ -206,6 +215,7 @@ impl DeviceFn<()> for EvalJob<'_> {
             &tok,
             &opts.features(),
             a.batch_size,
+            opts.padding()?,
             &opts.post(),
             true,
         )?;
@@ -282,6 +292,7 @@ impl DeviceFn<()> for PredictJob<'_> {
             &tok,
             &a.opts.features(),
             16,
+            a.opts.padding()?,
             &a.opts.post(),
             false,
         )?;

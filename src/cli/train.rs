@@ -84,7 +84,7 @@ pub struct TrainArgs {
     /// override the config's attention_probs_dropout_prob
     #[arg(long)]
     pub attention_dropout: Option<f32>,
-    /// pad every batch to --max-seq-length instead of its longest window (same results, slower)
+    /// the same as --padding max (every window padded to --max-seq-length; same results, slower)
     #[arg(long)]
     pub no_dynamic_padding: bool,
     /// abort after this many non-finite steps in a row
@@ -143,8 +143,8 @@ impl TrainArgs {
         Ok(())
     }
 
-    pub fn config(&self, bcfg: &crate::model::BertConfig) -> TrainConfig {
-        TrainConfig {
+    pub fn config(&self, bcfg: &crate::model::BertConfig) -> Result<TrainConfig> {
+        Ok(TrainConfig {
             epochs: self.epochs,
             learning_rate: self.learning_rate,
             batch_size: self.batch_size,
@@ -165,7 +165,11 @@ impl TrainArgs {
             attention_dropout: self
                 .attention_dropout
                 .unwrap_or(bcfg.attention_probs_dropout_prob),
-            dynamic_padding: !self.no_dynamic_padding,
+            padding: if self.no_dynamic_padding {
+                crate::model::Padding::Max
+            } else {
+                crate::model::Padding::parse(&self.opts.padding)?
+            },
             max_bad_steps: self.max_bad_steps,
             eval_batch_size: self.eval_batch_size,
             log_every: self.log_every,
@@ -180,7 +184,7 @@ impl TrainArgs {
                 version_2: self.opts.version_2_with_negative,
                 null_score_diff_threshold: self.opts.null_score_diff_threshold,
             },
-        }
+        })
     }
 }
 
@@ -228,20 +232,25 @@ impl DeviceFn<()> for TrainJob<'_> {
                 if rep.qa_head_initialised {
                     eprintln!("{}: no qa_outputs in the checkpoint: span head initialised normal(0, {}) with seed {}", a.model.display(), bcfg.initializer_range, a.seed);
                 }
-                let cfg = a.config(&bcfg);
+                let cfg = a.config(&bcfg)?;
                 Trainer::new(be, bcfg, master, precision, cfg)?
             }
         };
-        if !be.supports(DType::F64) {
-            trainer.set_peak_tflops(Some(989.0)); // H100 SXM dense bf16 datasheet peak; see README for measured
-        }
+        let peak = be.peak(trainer.model.dtype());
+        trainer.set_peak(peak.clone());
         eprintln!(
-            "model: {} layers, hidden {}, {:.1}M parameters; precision {}; device {}",
+            "model: {} layers, hidden {}, {:.1}M parameters; precision {}; device {}; padding {}; activations {:.2} GiB; MFU {}",
             trainer.model.cfg.num_hidden_layers,
             trainer.model.cfg.hidden_size,
             trainer.model.cfg.num_params() as f64 / 1e6,
             trainer.model.dtype(),
-            be.name()
+            be.name(),
+            trainer.cfg.padding.name(),
+            trainer.activation_bytes() as f64 / 1073741824.0,
+            match &peak {
+                Some(p) => format!("against {} TFLOP/s ({})", p.tflops, p.source),
+                None => "not reported (no known peak for this device)".into(),
+            }
         );
         let flag = Arc::new(AtomicBool::new(false));
         {

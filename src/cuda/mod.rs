@@ -506,6 +506,39 @@ impl BackendCore for Cuda {
         let live = self.arena.live_bytes.load(Ordering::Relaxed);
         self.arena.peak_bytes.store(live, Ordering::Relaxed);
     }
+    fn peak(&self, dtype: DType) -> Option<crate::backend::Peak> {
+        datasheet_peak(&self.device_name, dtype)
+    }
+}
+
+/// Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, TFLOP/s: (name fragment, bf16/f16, f32 —
+/// the CUDA-core rate, as bertqa's f32 GEMMs do not use TF32). The first fragment the device name contains
+/// wins, so the more specific come first.
+const DATASHEET: &[(&str, f64, f64)] = &[
+    ("H200", 989.0, 67.0),
+    ("H100 PCIe", 756.0, 51.0),
+    ("H100 NVL", 835.0, 60.0),
+    ("H100", 989.0, 67.0),
+    ("GH200", 989.0, 67.0),
+    ("A100", 312.0, 19.5),
+    ("L40S", 362.0, 91.6),
+    ("L4", 121.0, 30.3),
+    ("A10G", 70.0, 31.2),
+    ("A10", 125.0, 31.2),
+];
+
+/// The datasheet peak of the device called `name` for `dtype` GEMMs, if it is in [`DATASHEET`].
+pub fn datasheet_peak(name: &str, dtype: DType) -> Option<crate::backend::Peak> {
+    let (frag, lowp, f32_) = DATASHEET.iter().find(|(f, _, _)| name.contains(f))?;
+    let (tflops, kind) = match dtype {
+        DType::BF16 | DType::F16 => (*lowp, "dense bf16/f16 tensor cores"),
+        DType::F32 => (*f32_, "f32 CUDA cores"),
+        _ => return None,
+    };
+    Some(crate::backend::Peak {
+        tflops,
+        source: format!("datasheet: NVIDIA {frag}, {kind}"),
+    })
 }
 
 /// Elements of `d` in one 16-byte vector, when every pointer is 16-byte aligned (always true of arena

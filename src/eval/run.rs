@@ -5,7 +5,9 @@ use crate::data::squad::Dataset;
 use crate::data::tokenizer::WordPieceTokenizer;
 use crate::eval::metrics;
 use crate::eval::postprocess::{postprocess, PostCfg, Predictions, SpanAccumulator};
-use crate::model::bert::{Acts, Batch, BertQa, DropoutCfg};
+use crate::model::batch::{chunks_fitting, pack, Padding};
+use crate::model::bert::{BertQa, DropoutCfg};
+use crate::model::ActPlan;
 use crate::ops::Backend;
 use anyhow::{anyhow, Context, Result};
 use std::collections::HashMap;
@@ -14,63 +16,83 @@ use std::path::Path;
 /// Per-feature start and end logits, each (T).
 pub type SpanLogits = (Vec<Vec<f32>>, Vec<Vec<f32>>);
 
-/// The model's forward pass over batches of windows, keeping its activation buffers between batches of one
-/// shape.
-pub struct WindowForward<'m, B: Backend> {
-    model: &'m BertQa<B>,
-    acts: Option<Acts<B>>,
-}
-
-impl<'m, B: Backend> WindowForward<'m, B> {
-    pub fn new(model: &'m BertQa<B>) -> Self {
-        WindowForward { model, acts: None }
-    }
-
-    /// Start and end logits (length T each) of one batch of windows. The batch is trimmed to its longest
-    /// window (rounded up to 32): the padded positions are masked, so the logits of real tokens are unchanged.
-    pub fn logits(&mut self, be: &B, chunk: &[&Feature]) -> Result<SpanLogits> {
-        let Some(first) = chunk.first() else {
-            return Ok((vec![], vec![]));
-        };
-        let full_t = first.input_ids.len();
-        let pk = crate::data::features::pack(chunk, Some(32));
-        let (b, t) = (chunk.len(), pk.t);
-        let batch = Batch::new(be, b, t, &pk.ids, &pk.types, &pk.mask, &[], &[])?;
-        let reuse = matches!(&self.acts, Some(a) if a.b == b && a.t == t);
-        if !reuse {
-            drop(self.acts.take()); // free the old buffers first
-            self.acts = Some(Acts::new(be, &self.model.cfg, b, t, self.model.dtype())?);
-        }
-        let acts = self.acts.as_mut().expect("set above");
-        self.model.forward(be, acts, &batch, DropoutCfg::OFF)?;
-        let lg = acts.logits.to_f32_vec(be)?;
-        let mut starts = Vec::with_capacity(b);
-        let mut ends = Vec::with_capacity(b);
-        for bi in 0..b {
-            let mut s = vec![-1e4f32; full_t];
-            let mut e = vec![-1e4f32; full_t];
-            for j in 0..t {
-                s[j] = lg[(bi * t + j) * 2];
-                e[j] = lg[(bi * t + j) * 2 + 1];
+/// The start and end logits (full window length each; -1e4 past the rows a window took) of `feats`, in
+/// batches that fit `plan` (at most its windows and rows) laid out as `padding` says. Padding rows are
+/// masked, so the real tokens' logits do not depend on the layout.
+pub fn plan_logits<B: Backend>(
+    be: &B,
+    model: &BertQa<B>,
+    plan: &mut ActPlan<B>,
+    feats: &[&Feature],
+    padding: Padding,
+) -> Result<SpanLogits> {
+    let mut starts = Vec::with_capacity(feats.len());
+    let mut ends = Vec::with_capacity(feats.len());
+    for chunk in chunks_fitting(feats, padding, plan.max_windows(), plan.max_rows())? {
+        let hb = pack(chunk, 0, padding)?;
+        let (batch, acts) = plan.load(be, &hb)?;
+        model.forward(be, acts, batch, DropoutCfg::OFF)?;
+        let lg = acts.logits.to_f32_vec(be)?; // (N,2)
+        for (b, f) in chunk.iter().enumerate() {
+            let full = f.input_ids.len();
+            let (s0, rows) = (hb.layout.cu[b] as usize, hb.layout.rows(b));
+            let mut s = vec![-1e4f32; full];
+            let mut e = vec![-1e4f32; full];
+            for j in 0..rows {
+                s[j] = lg[(s0 + j) * 2];
+                e[j] = lg[(s0 + j) * 2 + 1];
             }
             starts.push(s);
             ends.push(e);
         }
-        Ok((starts, ends))
+    }
+    Ok((starts, ends))
+}
+
+/// The model's forward pass over batches of windows, with a forward-only activation plan of its own.
+pub struct WindowForward<'m, B: Backend> {
+    model: &'m BertQa<B>,
+    plan: ActPlan<B>,
+    padding: Padding,
+}
+
+impl<'m, B: Backend> WindowForward<'m, B> {
+    /// For batches of up to `batch_size` windows of `max_t` tokens, laid out as `padding` says.
+    pub fn new(
+        be: &B,
+        model: &'m BertQa<B>,
+        batch_size: usize,
+        max_t: usize,
+        padding: Padding,
+    ) -> Result<Self> {
+        let b = batch_size.max(1);
+        let plan = ActPlan::new(be, &model.cfg, b * max_t, b, model.dtype(), false)?;
+        Ok(WindowForward {
+            model,
+            plan,
+            padding,
+        })
+    }
+
+    /// Start and end logits (full window length each) of one batch of windows.
+    pub fn logits(&mut self, be: &B, chunk: &[&Feature]) -> Result<SpanLogits> {
+        plan_logits(be, self.model, &mut self.plan, chunk, self.padding)
     }
 }
 
-/// Start and end logits of every feature (length T each), `batch_size` windows at a time.
+/// Start and end logits of every feature (full window length each), `batch_size` windows at a time.
 pub fn logits_for<B: Backend>(
     be: &B,
     model: &BertQa<B>,
     feats: &[Feature],
     batch_size: usize,
+    padding: Padding,
     progress: Option<&indicatif::ProgressBar>,
 ) -> Result<SpanLogits> {
     let mut starts = Vec::with_capacity(feats.len());
     let mut ends = Vec::with_capacity(feats.len());
-    let mut fwd = WindowForward::new(model);
+    let max_t = feats.first().map_or(1, |f| f.input_ids.len());
+    let mut fwd = WindowForward::new(be, model, batch_size, max_t, padding)?;
     for chunk in feats.chunks(batch_size.max(1)) {
         let refs: Vec<&Feature> = chunk.iter().collect();
         let (s, e) = fwd.logits(be, &refs)?;
@@ -99,6 +121,7 @@ pub fn predict_streaming<B: Backend>(
     tok: &WordPieceTokenizer,
     fcfg: &FeatureCfg,
     batch_size: usize,
+    padding: Padding,
     post: &PostCfg,
     show_progress: bool,
 ) -> Result<(Predictions, usize)> {
@@ -114,7 +137,7 @@ pub fn predict_streaming<B: Backend>(
     });
     let batch_size = batch_size.max(1);
     let mut out = Predictions::new();
-    let mut fwd = WindowForward::new(model);
+    let mut fwd = WindowForward::new(be, model, batch_size, fcfg.max_seq_length, padding)?;
     let mut pending: Vec<Feature> = Vec::with_capacity(batch_size.min(1024));
     // examples (index, accumulator) whose windows are queued or done, in dataset order
     let mut open: std::collections::VecDeque<(usize, SpanAccumulator)> = Default::default();
@@ -268,6 +291,7 @@ pub fn predict<B: Backend>(
     ds: &Dataset,
     feats: &[Feature],
     batch_size: usize,
+    padding: Padding,
     post: &PostCfg,
     show_progress: bool,
 ) -> Result<Predictions> {
@@ -283,7 +307,7 @@ pub fn predict<B: Backend>(
     } else {
         None
     };
-    let (s, e) = logits_for(be, model, feats, batch_size, pb.as_ref())?;
+    let (s, e) = logits_for(be, model, feats, batch_size, padding, pb.as_ref())?;
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }

@@ -19,7 +19,8 @@ pub mod linear;
 pub mod span_loss;
 
 use crate::backend::BackendCore;
-use crate::tensor::DType;
+use crate::tensor::{DType, Tensor};
+use anyhow::{bail, Result};
 
 pub use adamw::AdamWOps;
 pub use attention::AttentionOps;
@@ -55,6 +56,167 @@ impl<B> Backend for B where
         + SpanLossOps
         + AdamWOps
 {
+}
+
+/// How the N rows of a batch are grouped into windows, on the host: FlashAttention's variable-length
+/// convention, plus the dropout stream's keys (src/rng.rs). Window `b` owns rows `cu[b]..cu[b+1]`; its first
+/// `lens[b]` rows are real tokens (the keys attention attends to), the rest padding (in padded layouts only;
+/// a packed layout has none). `wid[b]` is the window's index in the optimizer step's whole batch. A row's
+/// position is its offset in its window.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct SeqLayout {
+    /// (B+1) row offsets, cu[0] = 0, non-decreasing
+    pub cu: Vec<i32>,
+    /// (B) real rows per window, 1 ≤ lens[b] ≤ cu[b+1] − cu[b]
+    pub lens: Vec<i32>,
+    /// (B) window index in the optimizer step's whole batch
+    pub wid: Vec<i32>,
+}
+
+impl SeqLayout {
+    /// Windows of `lens[b]` real rows each, padded to `rows[b]` rows, numbered from `first_w`.
+    pub fn new(lens: &[usize], rows: &[usize], first_w: usize) -> Result<SeqLayout> {
+        if lens.len() != rows.len() {
+            bail!(
+                "SeqLayout: {} lengths for {} windows",
+                lens.len(),
+                rows.len()
+            );
+        }
+        let mut cu = vec![0i32];
+        for (&l, &r) in lens.iter().zip(rows) {
+            if l == 0 || l > r {
+                bail!("SeqLayout: a window of {r} rows cannot hold {l} real tokens");
+            }
+            cu.push(cu.last().copied().unwrap_or(0) + r as i32);
+        }
+        Ok(SeqLayout {
+            cu,
+            lens: lens.iter().map(|&l| l as i32).collect(),
+            wid: (0..lens.len()).map(|i| (first_w + i) as i32).collect(),
+        })
+    }
+    /// Windows of `lens[b]` rows, no padding, numbered from `first_w`.
+    pub fn packed(lens: &[usize], first_w: usize) -> Result<SeqLayout> {
+        Self::new(lens, lens, first_w)
+    }
+    /// Windows of `lens[b]` real rows, each padded to `t` rows, numbered from `first_w`.
+    pub fn padded(lens: &[usize], t: usize, first_w: usize) -> Result<SeqLayout> {
+        Self::new(lens, &vec![t; lens.len()], first_w)
+    }
+    /// Windows (B).
+    pub fn b(&self) -> usize {
+        self.lens.len()
+    }
+    /// Rows (N).
+    pub fn n(&self) -> usize {
+        self.cu.last().copied().unwrap_or(0) as usize
+    }
+    /// Rows of window `b`.
+    pub fn rows(&self, b: usize) -> usize {
+        (self.cu[b + 1] - self.cu[b]) as usize
+    }
+    /// The most rows of any window.
+    pub fn max_rows(&self) -> usize {
+        (0..self.b()).map(|b| self.rows(b)).max().unwrap_or(0)
+    }
+    /// (N) each row's position in its window.
+    pub fn pos(&self) -> Vec<i32> {
+        (0..self.b()).flat_map(|b| 0..self.rows(b) as i32).collect()
+    }
+    /// (N) each row's window index in the step's whole batch.
+    pub fn row_w(&self) -> Vec<i32> {
+        (0..self.b())
+            .flat_map(|b| std::iter::repeat_n(self.wid[b], self.rows(b)))
+            .collect()
+    }
+    /// Whether no window has padding.
+    pub fn is_packed(&self) -> bool {
+        (0..self.b()).all(|b| self.rows(b) == self.lens[b] as usize)
+    }
+    /// Real tokens (Σ lens).
+    pub fn real_tokens(&self) -> usize {
+        self.lens.iter().map(|&l| l as usize).sum()
+    }
+}
+
+/// A [`SeqLayout`] on a device, with the per-row keys the kernels need, and its sizes on the host.
+pub struct Seqs<B: BackendCore> {
+    /// (B+1) i32
+    pub cu: Tensor<B>,
+    /// (B) i32
+    pub lens: Tensor<B>,
+    /// (B) i32
+    pub wid: Tensor<B>,
+    /// (N) i32 position of each row in its window (also its position-embedding row)
+    pub pos: Tensor<B>,
+    /// (N) i32 window index (in the step's whole batch) of each row
+    pub row_w: Tensor<B>,
+    n: usize,
+    b: usize,
+    max_rows: usize,
+}
+
+impl<B: BackendCore> Seqs<B> {
+    /// `l` in fresh device tensors.
+    pub fn upload(be: &B, l: &SeqLayout) -> Result<Self> {
+        let (n, b) = (l.n(), l.b());
+        Ok(Seqs {
+            cu: Tensor::from_i32(be, &l.cu, &[b + 1])?,
+            lens: Tensor::from_i32(be, &l.lens, &[b])?,
+            wid: Tensor::from_i32(be, &l.wid, &[b])?,
+            pos: Tensor::from_i32(be, &l.pos(), &[n])?,
+            row_w: Tensor::from_i32(be, &l.row_w(), &[n])?,
+            n,
+            b,
+            max_rows: l.max_rows(),
+        })
+    }
+    /// `l` written into the given tensors (views of an activation plan), which must have its sizes.
+    pub(crate) fn write_into(
+        be: &B,
+        l: &SeqLayout,
+        mut cu: Tensor<B>,
+        mut lens: Tensor<B>,
+        mut wid: Tensor<B>,
+        mut pos: Tensor<B>,
+        mut row_w: Tensor<B>,
+    ) -> Result<Self> {
+        cu.copy_from_i32(be, &l.cu)?;
+        lens.copy_from_i32(be, &l.lens)?;
+        wid.copy_from_i32(be, &l.wid)?;
+        pos.copy_from_i32(be, &l.pos())?;
+        row_w.copy_from_i32(be, &l.row_w())?;
+        Ok(Seqs {
+            cu,
+            lens,
+            wid,
+            pos,
+            row_w,
+            n: l.n(),
+            b: l.b(),
+            max_rows: l.max_rows(),
+        })
+    }
+    /// Rows (N).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+    /// Windows (B).
+    pub fn b(&self) -> usize {
+        self.b
+    }
+    /// The most rows of any window (the attention kernels' grid).
+    pub fn max_rows(&self) -> usize {
+        self.max_rows
+    }
+    /// Error unless `n` rows match this layout (`what` names the tensor).
+    pub fn expect_rows(&self, what: &str, n: usize) -> Result<()> {
+        if n != self.n {
+            bail!("{what}: {n} rows, but the batch layout has {} rows", self.n);
+        }
+        Ok(())
+    }
 }
 
 /// The dtype the CPU reference computes in for a given activation dtype: f64 stays f64, all else f32.

@@ -80,7 +80,8 @@ pub fn save<B: Backend>(tr: &Trainer<B>, inp: &RunInputs) -> Result<()> {
         .join(format!("checkpoint-{}", tr.state.global_step));
     write_dir(tr, inp, &dst, |tmp| {
         crate::util::write_atomic(&tmp.join("optimizer.safetensors"), &moments_bytes(tr)?)?;
-        let st = serde_json::json!({"state": tr.state, "config": tr.cfg, "precision": tr.model.dtype().to_string()});
+        let st = serde_json::json!({"state": tr.state, "config": tr.cfg, "precision": tr.model.dtype().to_string(),
+            "dropout_stream": crate::rng::DROPOUT_STREAM_VERSION});
         crate::util::write_atomic(
             &tmp.join("trainer_state.json"),
             serde_json::to_string_pretty(&st)?.as_bytes(),
@@ -141,6 +142,18 @@ pub fn restore<B: Backend>(be: &B, ckpt: &Path) -> Result<Restored<B>> {
             .with_context(|| format!("reading {}", st_path.display()))?,
     )
     .with_context(|| format!("{}: invalid JSON", st_path.display()))?;
+    // the dropout masks of the rest of the run must continue the stream the run started with
+    let stream = st["dropout_stream"].as_u64().unwrap_or(1);
+    if stream != crate::rng::DROPOUT_STREAM_VERSION as u64 {
+        bail!(
+            "{}: this run was written with dropout stream {stream}, this bertqa draws stream {} (src/rng.rs): \
+             resuming would change the masks mid-run. Finish it with the bertqa that wrote it, or start a new \
+             run from {} as --model (its weights; the optimizer state starts afresh)",
+            st_path.display(),
+            crate::rng::DROPOUT_STREAM_VERSION,
+            ckpt.display()
+        );
+    }
     let state: TrainState = serde_json::from_value(st["state"].clone())
         .with_context(|| format!("{}: bad \"state\"", st_path.display()))?;
     let config: TrainConfig = serde_json::from_value(st["config"].clone())

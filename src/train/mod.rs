@@ -10,17 +10,17 @@ use crate::data::features::{featurize, Feature, FeatureCfg};
 use crate::data::squad::Dataset;
 use crate::data::tokenizer::WordPieceTokenizer;
 use crate::eval::postprocess::PostCfg;
-use crate::model::bert::{grad_dtype, Acts, Batch, BertQa, DropoutCfg};
+use crate::model::batch::{chunks_fitting, pack, real_len, Padding};
+use crate::model::bert::{grad_dtype, BertQa, DropoutCfg, LossScale, LossSums};
 use crate::model::params::param_specs;
-use crate::model::{BertConfig, BertParams};
+use crate::model::{ActPlan, BertConfig, BertParams};
 use crate::ops::adamw::AdamWHyper;
 use crate::ops::Backend;
 use crate::optim::{clip_coef, linear_schedule, LossScaler};
-use crate::rng::{splitmix64, Rng};
+use crate::rng::{splitmix64, step_seed, Rng};
 use crate::tensor::DType;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,7 +48,8 @@ pub struct TrainConfig {
     pub early_stopping_patience: usize,
     pub hidden_dropout: f32,
     pub attention_dropout: f32,
-    pub dynamic_padding: bool,
+    /// how windows are laid out in a batch (results do not depend on it)
+    pub padding: Padding,
     pub max_bad_steps: usize,
     pub eval_batch_size: usize,
     pub log_every: usize,
@@ -149,8 +150,25 @@ pub struct Trainer<'a, B: Backend> {
     pub names: Vec<String>,
     pub state: TrainState,
     pub scaler: LossScaler,
-    acts: HashMap<(usize, usize), Acts<B>>,
-    peak_tflops: Option<f64>,
+    /// the activations of every batch, training and evaluation: sized once for the largest
+    plan: ActPlan<B>,
+    /// the compute peak MFU is measured against (None: not reported)
+    peak: Option<crate::backend::Peak>,
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Copy, Debug)]
+pub struct StepOut {
+    /// the mean span loss over the step's windows
+    pub loss: f64,
+    /// the gradient norm (before clipping; non-finite on overflow)
+    pub grad_norm: f64,
+    /// whether AdamW ran (false: a non-finite step was skipped)
+    pub applied: bool,
+    /// windows, real tokens, and rows computed (real tokens plus padding)
+    pub windows: usize,
+    pub real_tokens: usize,
+    pub rows: usize,
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {
@@ -179,6 +197,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let m = BertParams::zeros(be, &bcfg, gd)?;
         let v = BertParams::zeros(be, &bcfg, gd)?;
         let scaler = LossScaler::new(precision == DType::F16);
+        let plan = Self::plan_for(be, &bcfg, &cfg, precision)?;
         Ok(Trainer {
             be,
             cfg,
@@ -190,9 +209,22 @@ impl<'a, B: Backend> Trainer<'a, B> {
             names,
             state: TrainState::default(),
             scaler,
-            acts: HashMap::new(),
-            peak_tflops: None,
+            plan,
+            peak: None,
         })
+    }
+
+    /// The activation plan of a run: a micro-batch of full windows in training, and evaluation batches of up
+    /// to --eval-batch-size windows in the same rows.
+    fn plan_for(be: &B, bcfg: &BertConfig, cfg: &TrainConfig, dt: DType) -> Result<ActPlan<B>> {
+        let micro = cfg.batch_size.div_ceil(cfg.grad_accum_steps.max(1)).max(1);
+        let rows = micro * cfg.features.max_seq_length;
+        ActPlan::new(be, bcfg, rows, micro.max(cfg.eval_batch_size), dt, true)
+    }
+
+    /// Bytes held by the activation plan.
+    pub fn activation_bytes(&self) -> usize {
+        self.plan.bytes()
     }
 
     /// The weights being optimised (f32).
@@ -200,47 +232,72 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.master.as_ref().unwrap_or(&self.model.params)
     }
 
-    pub fn set_peak_tflops(&mut self, p: Option<f64>) {
-        self.peak_tflops = p;
+    /// The compute peak MFU is measured against (the CLI sets the device's).
+    pub fn set_peak(&mut self, p: Option<crate::backend::Peak>) {
+        self.peak = p;
+    }
+    pub fn peak(&self) -> Option<&crate::backend::Peak> {
+        self.peak.as_ref()
     }
 
-    /// Dropout for micro-batch `micro` of optimizer step `step`.
-    fn dropout(&self, step: usize, micro: usize) -> DropoutCfg {
+    /// Dropout of optimizer step `step`: one seed for the whole step (every micro-batch, every device);
+    /// the masks are keyed by window, position and feature (src/rng.rs).
+    pub fn dropout(&self, step: usize) -> DropoutCfg {
         DropoutCfg {
             hidden: self.cfg.hidden_dropout,
             attn: self.cfg.attention_dropout,
-            seed: splitmix64(self.cfg.seed ^ splitmix64(((step as u64) << 16) | micro as u64)),
+            seed: step_seed(self.cfg.seed, step as u64),
         }
     }
 
-    /// One optimizer step over `feats` (split into micro-batches). Returns (loss, grad norm, applied).
-    pub fn step(&mut self, feats: &[&Feature], lr: f64) -> Result<(f64, f64, bool)> {
+    /// One optimizer step over `feats` (split into micro-batches; the k-th window of the step is window k
+    /// of the dropout stream). The loss is the mean over the step's counted targets, whatever the split.
+    pub fn step(&mut self, feats: &[&Feature], lr: f64) -> Result<StepOut> {
         let be = self.be;
         let n = feats.len();
+        if n == 0 {
+            bail!("step: no windows");
+        }
         let accum = self.cfg.grad_accum_steps.max(1);
         let micro = n.div_ceil(accum).max(1);
         let loss_scale = self.scaler.loss_scale();
-        self.grads.zero_(be)?;
-        let mut loss = 0.0;
-        for (mi, chunk) in feats.chunks(micro).enumerate() {
-            let pk = crate::data::features::pack(chunk, self.cfg.dynamic_padding.then_some(64));
-            let (b, t) = (chunk.len(), pk.t);
-            let starts: Vec<i64> = chunk.iter().map(|f| f.start_position).collect();
-            let ends: Vec<i64> = chunk.iter().map(|f| f.end_position).collect();
-            let batch = Batch::new(be, b, t, &pk.ids, &pk.types, &pk.mask, &starts, &ends)?;
-            if !self.acts.contains_key(&(b, t)) {
-                let a = Acts::new(be, &self.model.cfg, b, t, self.model.dtype())?;
-                self.acts.insert((b, t), a);
+        // micro-batches, each cut further where it does not fit the activation plan (a step may be given
+        // more windows than --batch-size); window k of the step keeps index k in the dropout stream
+        let mut batches = vec![];
+        for (mi, ch) in feats.chunks(micro).enumerate() {
+            let (pw, pr) = (self.plan.max_windows(), self.plan.max_rows());
+            let mut first = mi * micro;
+            for piece in chunks_fitting(ch, self.cfg.padding, pw, pr)? {
+                batches.push(pack(piece, first, self.cfg.padding)?);
+                first += piece.len();
             }
-            let drop = self.dropout(self.state.global_step, mi);
-            let acts = self.acts.get_mut(&(b, t)).expect("inserted");
-            self.model.forward(be, acts, &batch, drop)?;
-            let w = b as f64 / n as f64;
-            let lo = self.model.loss(be, acts, &batch, loss_scale * w)?;
-            loss += w * lo.loss;
-            self.model
-                .backward(be, &mut self.grads, acts, &batch, drop)?;
         }
+        // the whole step's counted targets normalise every micro-batch's gradient
+        let mask = self.model.mask_padding_in_loss;
+        let (mut n_start, mut n_end) = (0, 0);
+        for hb in &batches {
+            n_start += (0..hb.b())
+                .filter(|&b| hb.target_counts(b, false, mask))
+                .count();
+            n_end += (0..hb.b())
+                .filter(|&b| hb.target_counts(b, true, mask))
+                .count();
+        }
+        let scale = LossScale::mean(n_start, n_end, loss_scale);
+        let drop = self.dropout(self.state.global_step);
+        self.grads.zero_(be)?;
+        let mut sums = LossSums::default();
+        let (mut real, mut rows) = (0, 0);
+        for hb in &batches {
+            real += hb.layout.real_tokens();
+            rows += hb.n();
+            let (batch, acts) = self.plan.load(be, hb)?;
+            self.model.forward(be, acts, batch, drop)?;
+            sums.add(&self.model.loss(be, acts, batch, scale)?);
+            self.model
+                .backward(be, &mut self.grads, acts, batch, drop)?;
+        }
+        let loss = sums.mean();
         let norm = be.grad_sq_norm(self.grads.flat())?.sqrt() / loss_scale;
         let finite = norm.is_finite() && loss.is_finite();
         let apply = self.scaler.update(finite);
@@ -271,12 +328,31 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 &hp,
             )?;
         }
-        Ok((loss, norm, apply))
+        Ok(StepOut {
+            loss,
+            grad_norm: norm,
+            applied: apply,
+            windows: n,
+            real_tokens: real,
+            rows,
+        })
+    }
+
+    /// The start and end logits (full window length each) of `feats`, evaluated in batches that fit the
+    /// activation plan.
+    pub fn logits(&mut self, feats: &[&Feature]) -> Result<crate::eval::run::SpanLogits> {
+        crate::eval::run::plan_logits(
+            self.be,
+            &self.model,
+            &mut self.plan,
+            feats,
+            self.cfg.padding,
+        )
     }
 
     /// Evaluate on features of `ds`: the metrics JSON.
     pub fn evaluate(
-        &self,
+        &mut self,
         ds: &Dataset,
         feats: &[Feature],
         post: &PostCfg,
@@ -286,20 +362,14 @@ impl<'a, B: Backend> Trainer<'a, B> {
 
     /// Evaluate and also return the predictions (answers, n-best lists, null odds).
     pub fn evaluate_with_predictions(
-        &self,
+        &mut self,
         ds: &Dataset,
         feats: &[Feature],
         post: &PostCfg,
     ) -> Result<(serde_json::Value, crate::eval::postprocess::Predictions)> {
-        let preds = crate::eval::run::predict(
-            self.be,
-            &self.model,
-            ds,
-            feats,
-            self.cfg.eval_batch_size,
-            post,
-            false,
-        )?;
+        let refs: Vec<&Feature> = feats.iter().collect();
+        let (s, e) = self.logits(&refs)?;
+        let preds = crate::eval::postprocess::postprocess(ds, feats, &s, &e, post);
         let m = crate::eval::run::score(ds, &preds.answers, Some(&preds.null_odds), post.version_2);
         Ok((m, preds))
     }
@@ -392,7 +462,6 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
     let mut losses = vec![];
     let mut seq_total = 0usize;
     let mut time_total = 0.0f64;
-    let max_t = fc.max_seq_length;
     'outer: while trainer.state.epoch < cfg.epochs
         && trainer.state.global_step < trainer.state.total_steps
     {
@@ -411,7 +480,8 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
                 cfg.learning_rate,
             );
             let ts = Instant::now();
-            let (loss, norm, applied) = trainer.step(&batch, lr)?;
+            let out = trainer.step(&batch, lr)?;
+            let (loss, norm, applied) = (out.loss, out.grad_norm, out.applied);
             trainer.be.synchronize()?;
             let dt = ts.elapsed().as_secs_f64();
             trainer.state.global_step += 1;
@@ -430,20 +500,12 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
             seq_total += batch.len();
             time_total += dt;
             let seq_s = batch.len() as f64 / dt;
-            let tok_s = batch
+            // model FLOPs of the real tokens (useful work): each window's own length, attention included
+            let flops: f64 = batch
                 .iter()
-                .map(|f| {
-                    if cfg.dynamic_padding {
-                        f.attention_mask.iter().filter(|&&m| m != 0).count()
-                    } else {
-                        max_t
-                    }
-                })
-                .sum::<usize>() as f64
-                / dt;
-            let mfu = trainer
-                .peak_tflops
-                .map(|p| trainer.model.cfg.train_flops_per_seq(max_t) * seq_s / 1e12 / p);
+                .map(|f| trainer.model.cfg.train_flops_per_seq(real_len(f)))
+                .sum();
+            let mfu = trainer.peak().map(|p| flops / dt / 1e12 / p.tflops);
             if trainer
                 .state
                 .global_step
@@ -451,7 +513,9 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
                 || !applied
             {
                 let mut line = serde_json::json!({"step": trainer.state.global_step, "epoch": trainer.state.epoch as f64 + trainer.state.batch_in_epoch as f64 / steps_per_epoch as f64,
-                    "loss": loss, "lr": lr, "grad_norm": norm, "seq_per_s": seq_s, "tokens_per_s": tok_s, "applied": applied});
+                    "loss": loss, "lr": lr, "grad_norm": norm, "seq_per_s": seq_s,
+                    "real_tokens_per_s": out.real_tokens as f64 / dt, "computed_tokens_per_s": out.rows as f64 / dt,
+                    "applied": applied});
                 if let Some(m) = mfu {
                     line["mfu"] = serde_json::json!(m);
                 }

@@ -70,6 +70,29 @@ pub fn padded_batch(
     (ids, types, mask)
 }
 
+/// Windows of `t` tokens from row-major (B,T) ids, types and mask, with these start/end labels.
+pub fn feature_windows(
+    ids: &[i32],
+    types: &[i32],
+    mask: &[i32],
+    t: usize,
+    starts: &[i64],
+    ends: &[i64],
+) -> Vec<bertqa::data::features::Feature> {
+    (0..ids.len() / t)
+        .map(|b| bertqa::data::features::Feature {
+            example: b,
+            input_ids: ids[b * t..(b + 1) * t].to_vec(),
+            token_type_ids: types[b * t..(b + 1) * t].to_vec(),
+            attention_mask: mask[b * t..(b + 1) * t].to_vec(),
+            offsets: vec![None; t],
+            start_position: starts[b],
+            end_position: ends[b],
+            has_answer: true,
+        })
+        .collect()
+}
+
 /// Print parity rows (tests/common/parity.rs) and fail naming every tensor out of its bound.
 pub fn check_rows(rows: &[parity::Row]) {
     parity::print_rows(rows);

@@ -22,7 +22,7 @@ use bertqa::model::BertConfig;
 use bertqa::ops::adamw::AdamWHyper;
 use bertqa::ops::embedding::{EmbGrads, EmbWeights};
 use bertqa::ops::span_loss::SpanLossCfg;
-use bertqa::ops::Backend;
+use bertqa::ops::{Backend, SeqLayout, Seqs};
 use bertqa::rng::{Dropout, Rng};
 use bertqa::tensor::{DType, Tensor};
 use bertqa::train::{FeatureCfgSer, PostCfgSer, TrainConfig, Trainer};
@@ -82,18 +82,21 @@ fn stat(dt: DType) -> DType {
     bertqa::ops::compute_dtype(dt)
 }
 
-fn padded_mask(rng: &mut Rng, b: usize, t: usize) -> Vec<i32> {
-    let mut m = vec![0; b * t];
-    for bi in 0..b {
-        let len = if bi == 0 { t } else { 1 + rng.below(t) };
-        for j in 0..len {
-            m[bi * t + j] = 1;
-        }
-    }
-    m
+/// Real lengths of `b` windows of at most `t` tokens: the first full, the others random (at least 1).
+pub fn padded_lens(rng: &mut Rng, b: usize, t: usize) -> Vec<usize> {
+    (0..b)
+        .map(|bi| if bi == 0 { t } else { 1 + rng.below(t) })
+        .collect()
 }
 
-/// A parity case: given a backend and a dtype, produce named outputs. Same seed → same inputs.
+/// N rows as windows of at most 13 (the last shorter), numbered from 3: the dropout keys of an op without a
+/// window structure of its own (LayerNorm, dropout), varied across rows.
+pub fn rows_layout(n: usize) -> SeqLayout {
+    let lens: Vec<usize> = (0..n.div_ceil(13)).map(|i| (n - 13 * i).min(13)).collect();
+    SeqLayout::packed(&lens, 3).expect("layout")
+}
+
+/// A parity case: given a backend/// A parity case: given a backend and a dtype, produce named outputs. Same seed → same inputs.
 pub trait Case {
     fn name(&self) -> String;
     fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs>;
@@ -162,25 +165,32 @@ impl Case for GeluCase {
 }
 
 pub struct DropoutCase {
-    pub n: usize,
+    pub rows: usize,
+    pub c: usize,
     pub p: f32,
 }
 impl DropoutCase {
-    /// (x, dropout), host values before rounding
-    pub fn inputs(&self) -> (Vec<f64>, Dropout) {
-        let x = rv(&mut Rng::new(13), self.n, 1.0);
-        (x, Dropout::new(self.p, 0xDEAD_BEEF_1234))
+    /// (x (rows,C), dropout), host values before rounding, and the rows' layout (dropout keys)
+    pub fn inputs(&self) -> (Vec<f64>, Dropout, SeqLayout) {
+        let x = rv(&mut Rng::new(13), self.rows * self.c, 1.0);
+        (
+            x,
+            Dropout::new(self.p, 0xDEAD_BEEF_1234),
+            rows_layout(self.rows),
+        )
     }
 }
 impl Case for DropoutCase {
     fn name(&self) -> String {
-        format!("dropout n={} p={}", self.n, self.p)
+        format!("dropout N={} C={} p={}", self.rows, self.c, self.p)
     }
     fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
-        let (x, d) = self.inputs();
-        let x = up(be, &x, &[self.n], dt)?;
-        let mut y = Tensor::zeros(be, &[self.n], dt)?;
-        be.dropout_forward(&mut y, &x, d)?;
+        let (x, d, l) = self.inputs();
+        let shape = [self.rows, self.c];
+        let x = up(be, &x, &shape, dt)?;
+        let seqs = Seqs::upload(be, &l)?;
+        let mut y = Tensor::zeros(be, &shape, dt)?;
+        be.dropout_forward(&mut y, &x, d, &seqs)?;
         Ok(vec![("out".into(), y.to_f64_vec(be)?)])
     }
 }
@@ -203,6 +213,8 @@ pub struct LayerNormInputs {
     /// (N,C) the output gradient
     pub dy: Vec<f64>,
     pub drop: Dropout,
+    /// the rows' layout (dropout keys)
+    pub layout: SeqLayout,
 }
 impl LayerNormCase {
     pub fn inputs(&self) -> LayerNormInputs {
@@ -215,6 +227,7 @@ impl LayerNormCase {
             beta: rv(&mut r, c, 0.5),
             dy: rv(&mut r, n * c, 1.0),
             drop: Dropout::new(self.p, 99),
+            layout: rows_layout(n),
         }
     }
 }
@@ -231,6 +244,7 @@ impl Case for LayerNormCase {
         let gamma = up(be, &i.gamma, &[c], dt)?;
         let beta = up(be, &i.beta, &[c], dt)?;
         let dy = up(be, &i.dy, &[n, c], dt)?;
+        let seqs = Seqs::upload(be, &i.layout)?;
         let s = stat(dt);
         let (mut out, mut sum) = (
             Tensor::zeros(be, &[n, c], dt)?,
@@ -238,7 +252,7 @@ impl Case for LayerNormCase {
         );
         let (mut mean, mut rstd) = (Tensor::zeros(be, &[n], s)?, Tensor::zeros(be, &[n], s)?);
         be.residual_layernorm_forward(
-            &mut out, &mut sum, &mut mean, &mut rstd, &x, &res, &gamma, &beta, 1e-12, d,
+            &mut out, &mut sum, &mut mean, &mut rstd, &x, &res, &gamma, &beta, 1e-12, d, &seqs,
         )?;
         let (mut dx, mut dr) = (
             Tensor::zeros(be, &[n, c], dt)?,
@@ -246,7 +260,7 @@ impl Case for LayerNormCase {
         );
         let (mut dg, mut db) = (Tensor::zeros(be, &[c], s)?, Tensor::zeros(be, &[c], s)?);
         be.residual_layernorm_backward(
-            &mut dx, &mut dr, &mut dg, &mut db, &dy, &sum, &mean, &rstd, &gamma, d,
+            &mut dx, &mut dr, &mut dg, &mut db, &dy, &sum, &mean, &rstd, &gamma, d, &seqs,
         )?;
         Ok(vec![
             ("out".into(), out.to_f64_vec(be)?),
@@ -260,6 +274,7 @@ impl Case for LayerNormCase {
     }
 }
 
+/// The embeddings over `b` packed windows of random lengths up to `t` (positions 0.. in each window).
 pub struct EmbeddingCase {
     pub b: usize,
     pub t: usize,
@@ -270,9 +285,11 @@ pub struct EmbeddingCase {
 /// The host inputs of an [`EmbeddingCase`] (before rounding to the run's dtype); P = T + 3 positions, TV = 2
 /// token types; the backward's padding index is 0.
 pub struct EmbeddingInputs {
-    /// (B,T)
+    /// the windows (packed, random lengths, numbered from 5)
+    pub layout: SeqLayout,
+    /// (N)
     pub ids: Vec<i32>,
-    /// (B,T) 0 in the first half of each row, 1 in the second
+    /// (N) 0 in the first half of each window, 1 in the second
     pub types: Vec<i32>,
     /// (V,C)
     pub word: Vec<f64>,
@@ -284,7 +301,7 @@ pub struct EmbeddingInputs {
     pub gamma: Vec<f64>,
     /// (C)
     pub beta: Vec<f64>,
-    /// (B,T,C) the output gradient
+    /// (N,C) the output gradient
     pub dy: Vec<f64>,
     pub drop: Dropout,
 }
@@ -297,9 +314,17 @@ impl EmbeddingCase {
         let (b, t, c, v) = (self.b, self.t, self.c, self.v);
         let (pp, tv) = self.tables();
         let mut r = Rng::new(15);
-        let ids = (0..b * t).map(|_| r.below(v) as i32).collect();
-        let types = (0..b * t).map(|i| ((i % t) >= t / 2) as i32).collect();
+        let layout = SeqLayout::packed(&padded_lens(&mut r, b, t), 5).expect("layout");
+        let n = layout.n();
+        let ids = (0..n).map(|_| r.below(v) as i32).collect();
+        let types = (0..b)
+            .flat_map(|w| {
+                let rows = layout.rows(w);
+                (0..rows).map(move |i| (i >= rows / 2) as i32)
+            })
+            .collect();
         EmbeddingInputs {
+            layout,
             ids,
             types,
             word: rv(&mut r, v * c, 1.0),
@@ -307,7 +332,7 @@ impl EmbeddingCase {
             ttype: rv(&mut r, tv * c, 1.0),
             gamma: rv(&mut r, c, 0.3).iter().map(|x| x + 1.0).collect(),
             beta: rv(&mut r, c, 0.5),
-            dy: rv(&mut r, b * t * c, 1.0),
+            dy: rv(&mut r, n * c, 1.0),
             drop: Dropout::new(self.p, 4242),
         }
     }
@@ -320,24 +345,23 @@ impl Case for EmbeddingCase {
         )
     }
     fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
-        let (b, t, c, v) = (self.b, self.t, self.c, self.v);
+        let (c, v) = (self.c, self.v);
         let (pp, tv) = self.tables();
         let i = self.inputs();
+        let n = i.layout.n();
         let d = i.drop;
         let word = up(be, &i.word, &[v, c], dt)?;
         let pos = up(be, &i.pos, &[pp, c], dt)?;
         let ty = up(be, &i.ttype, &[tv, c], dt)?;
         let gamma = up(be, &i.gamma, &[c], dt)?;
         let beta = up(be, &i.beta, &[c], dt)?;
-        let dy = up(be, &i.dy, &[b, t, c], dt)?;
-        let idt = Tensor::from_i32(be, &i.ids, &[b, t])?;
-        let tyt = Tensor::from_i32(be, &i.types, &[b, t])?;
+        let dy = up(be, &i.dy, &[n, c], dt)?;
+        let idt = Tensor::from_i32(be, &i.ids, &[n])?;
+        let tyt = Tensor::from_i32(be, &i.types, &[n])?;
+        let seqs = Seqs::upload(be, &i.layout)?;
         let s = stat(dt);
-        let mut out = Tensor::zeros(be, &[b, t, c], dt)?;
-        let (mut mean, mut rstd) = (
-            Tensor::zeros(be, &[b, t], s)?,
-            Tensor::zeros(be, &[b, t], s)?,
-        );
+        let mut out = Tensor::zeros(be, &[n, c], dt)?;
+        let (mut mean, mut rstd) = (Tensor::zeros(be, &[n], s)?, Tensor::zeros(be, &[n], s)?);
         let ew = EmbWeights {
             word: &word,
             pos: &pos,
@@ -345,7 +369,9 @@ impl Case for EmbeddingCase {
             gamma: &gamma,
             beta: &beta,
         };
-        be.embeddings_forward(&mut out, &mut mean, &mut rstd, &idt, &tyt, &ew, 1e-12, d)?;
+        be.embeddings_forward(
+            &mut out, &mut mean, &mut rstd, &idt, &tyt, &seqs, &ew, 1e-12, d,
+        )?;
         let (mut dw, mut dp, mut dtt) = (
             Tensor::zeros(be, &[v, c], s)?,
             Tensor::zeros(be, &[pp, c], s)?,
@@ -360,7 +386,7 @@ impl Case for EmbeddingCase {
             gamma: &mut dg,
             beta: &mut db,
         };
-        be.embeddings_backward(&mut eg, &dy, &mean, &rstd, &idt, &tyt, &ew, d)?;
+        be.embeddings_backward(&mut eg, &dy, &mean, &rstd, &idt, &tyt, &seqs, &ew, d)?;
         Ok(vec![
             ("out".into(), out.to_f64_vec(be)?),
             ("dword".into(), dw.to_f64_vec(be)?),
@@ -372,88 +398,136 @@ impl Case for EmbeddingCase {
     }
 }
 
+/// The attention over windows of `lens[b]` real tokens in `rows[b]` rows (rows > lens: padding).
 pub struct AttentionCase {
-    pub b: usize,
-    pub t: usize,
+    pub lens: Vec<usize>,
+    pub rows: Vec<usize>,
     pub nh: usize,
     pub hs: usize,
     pub p: f32,
 }
 /// The host inputs of an [`AttentionCase`] (before rounding to the run's dtype).
 pub struct AttentionInputs {
-    /// (B,T) 1 = real token; row 0 unpadded, the others padded at random
-    pub mask: Vec<i32>,
-    /// (B,T,3C)
+    /// windows numbered from 2
+    pub layout: SeqLayout,
+    /// (N,3C)
     pub qkv: Vec<f64>,
-    /// (B,T,C) the output gradient
+    /// (N,C) the output gradient
     pub dy: Vec<f64>,
     pub drop: Dropout,
 }
 impl AttentionCase {
+    /// `b` windows padded to `t` rows: the first full, the others of random real lengths.
+    pub fn padded(b: usize, t: usize, nh: usize, hs: usize, p: f32) -> Self {
+        let lens = padded_lens(&mut Rng::new(16), b, t);
+        AttentionCase {
+            lens,
+            rows: vec![t; b],
+            nh,
+            hs,
+            p,
+        }
+    }
+    /// Windows of these lengths, packed (no padding).
+    pub fn packed(lens: &[usize], nh: usize, hs: usize, p: f32) -> Self {
+        AttentionCase {
+            lens: lens.to_vec(),
+            rows: lens.to_vec(),
+            nh,
+            hs,
+            p,
+        }
+    }
+    pub fn layout(&self) -> SeqLayout {
+        SeqLayout::new(&self.lens, &self.rows, 2).expect("layout")
+    }
     pub fn inputs(&self) -> AttentionInputs {
-        let (b, t, c) = (self.b, self.t, self.nh * self.hs);
-        let mut r = Rng::new(16);
-        let drop = Dropout::new(self.p, 777);
-        let mask = padded_mask(&mut r, b, t);
-        let qkv = rv(&mut r, b * t * 3 * c, 1.5);
-        let dy = rv(&mut r, b * t * c, 1.0);
+        let layout = self.layout();
+        let (n, c) = (layout.n(), self.nh * self.hs);
+        let mut r = Rng::new(17);
         AttentionInputs {
-            mask,
-            qkv,
-            dy,
-            drop,
+            qkv: rv(&mut r, n * 3 * c, 1.5),
+            dy: rv(&mut r, n * c, 1.0),
+            drop: Dropout::new(self.p, 777),
+            layout,
+        }
+    }
+    /// "padded B=2 T=37" or "packed lens=[1, 17, …]"
+    pub fn shape_name(&self) -> String {
+        if self.lens == self.rows {
+            format!("packed lens={:?}", self.lens)
+        } else {
+            format!(
+                "padded B={} T={}",
+                self.rows.len(),
+                self.rows.iter().max().unwrap_or(&0)
+            )
         }
     }
 }
 impl Case for AttentionCase {
     fn name(&self) -> String {
         format!(
-            "attention B={} T={} NH={} HS={} p={}",
-            self.b, self.t, self.nh, self.hs, self.p
+            "attention {} NH={} HS={} p={}",
+            self.shape_name(),
+            self.nh,
+            self.hs,
+            self.p
         )
     }
     fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
-        let (b, t, nh, hs) = (self.b, self.t, self.nh, self.hs);
+        let (nh, hs) = (self.nh, self.hs);
         let c = nh * hs;
         let AttentionInputs {
-            mask,
+            layout,
             qkv,
             dy,
             drop: d,
         } = self.inputs();
-        let qkv = up(be, &qkv, &[b, t, 3 * c], dt)?;
-        let dy = up(be, &dy, &[b, t, c], dt)?;
-        let mt = Tensor::from_i32(be, &mask, &[b, t])?;
-        let mut out = Tensor::zeros(be, &[b, t, c], dt)?;
-        let mut lse = Tensor::zeros(be, &[b, nh, t], stat(dt))?;
-        be.attention_forward(&mut out, &mut lse, &qkv, &mt, nh, d)?;
-        let mut dqkv = Tensor::zeros(be, &[b, t, 3 * c], dt)?;
-        be.attention_backward(&mut dqkv, &dy, &out, &lse, &qkv, &mt, nh, d)?;
-        // dQ, dK, dV compared one by one: a kernel that gets one of them wrong says which
-        let all = dqkv.to_f64_vec(be)?; // (B,T,3C)
-        let part = |k: usize| -> Vec<f64> {
-            all.chunks(3 * c)
-                .flat_map(|row| row[k * c..(k + 1) * c].iter().copied())
-                .collect()
-        };
-        Ok(vec![
-            ("out".into(), out.to_f64_vec(be)?),
-            ("lse".into(), lse.to_f64_vec(be)?),
-            ("dq".into(), part(0)),
-            ("dk".into(), part(1)),
-            ("dv".into(), part(2)),
-        ])
+        let n = layout.n();
+        let seqs = Seqs::upload(be, &layout)?;
+        let qkv = up(be, &qkv, &[n, 3 * c], dt)?;
+        let dy = up(be, &dy, &[n, c], dt)?;
+        let mut out = Tensor::zeros(be, &[n, c], dt)?;
+        let mut lse = Tensor::zeros(be, &[nh, n], stat(dt))?;
+        be.attention_forward(&mut out, &mut lse, &qkv, &seqs, nh, d)?;
+        let mut dqkv = Tensor::zeros(be, &[n, 3 * c], dt)?;
+        be.attention_backward(&mut dqkv, &dy, &out, &lse, &qkv, &seqs, nh, d)?;
+        Ok(attention_outputs(
+            out.to_f64_vec(be)?,
+            lse.to_f64_vec(be)?,
+            dqkv.to_f64_vec(be)?,
+            c,
+        ))
     }
 }
 
+/// The named outputs of an attention case from out (N,C), lse (NH,N) and dqkv (N,3C): dQ, dK and dV compared
+/// one by one, so that a kernel that gets one of them wrong says which.
+pub fn attention_outputs(out: Vec<f64>, lse: Vec<f64>, dqkv: Vec<f64>, c: usize) -> Outputs {
+    let part = |k: usize| -> Vec<f64> {
+        dqkv.chunks(3 * c)
+            .flat_map(|row| row[k * c..(k + 1) * c].iter().copied())
+            .collect()
+    };
+    vec![
+        ("out".into(), out),
+        ("lse".into(), lse),
+        ("dq".into(), part(0)),
+        ("dk".into(), part(1)),
+        ("dv".into(), part(2)),
+    ]
+}
+
+/// The span loss over `b` windows padded to `t` rows (real lengths random, the first full).
 pub struct SpanLossCase {
     pub b: usize,
     pub t: usize,
 }
-/// The host inputs of a [`SpanLossCase`]: (B,T) mask, (B,T,2) logits before rounding, (B) start and end
-/// targets (the last example's start is out of range: ignored).
+/// The host inputs of a [`SpanLossCase`]: the layout, (N,2) logits before rounding, (B) start and end
+/// targets (the last window's start is out of range: ignored).
 pub struct SpanLossInputs {
-    pub mask: Vec<i32>,
+    pub layout: SeqLayout,
     pub logits: Vec<f64>,
     pub starts: Vec<i32>,
     pub ends: Vec<i32>,
@@ -469,23 +543,15 @@ impl SpanLossCase {
     }
     pub fn inputs(&self) -> SpanLossInputs {
         let (b, t) = (self.b, self.t);
-        let mut r = Rng::new(17);
-        let mask = padded_mask(&mut r, b, t);
-        let logits = rv(&mut r, b * t * 2, 4.0);
-        let mut st: Vec<i32> = (0..b)
-            .map(|bi| {
-                r.below(
-                    mask[bi * t..(bi + 1) * t]
-                        .iter()
-                        .filter(|&&m| m != 0)
-                        .count(),
-                ) as i32
-            })
-            .collect();
+        let mut r = Rng::new(18);
+        let lens = padded_lens(&mut r, b, t);
+        let layout = SeqLayout::padded(&lens, t, 0).expect("layout");
+        let logits = rv(&mut r, layout.n() * 2, 4.0);
+        let mut st: Vec<i32> = lens.iter().map(|&l| r.below(l) as i32).collect();
         let en: Vec<i32> = st.clone();
         st[b - 1] = t as i32; // ignored
         SpanLossInputs {
-            mask,
+            layout,
             logits,
             starts: st,
             ends: en,
@@ -497,26 +563,28 @@ impl Case for SpanLossCase {
         format!("span_loss B={} T={}", self.b, self.t)
     }
     fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
-        let (b, t) = (self.b, self.t);
+        let b = self.b;
         let SpanLossInputs {
-            mask,
+            layout,
             logits,
             starts: st,
             ends: en,
         } = self.inputs();
-        let logits = up(be, &logits, &[b, t, 2], dt)?;
+        let n = layout.n();
+        let seqs = Seqs::upload(be, &layout)?;
+        let logits = up(be, &logits, &[n, 2], dt)?;
         let mut out = vec![];
         for cfg in self.configs() {
             let mask_padding = cfg.mask_padding;
             let mut l = Tensor::zeros(be, &[b, 2], stat(dt))?;
-            let mut dl = Tensor::zeros(be, &[b, t, 2], dt)?;
+            let mut dl = Tensor::zeros(be, &[n, 2], dt)?;
             be.span_loss_forward_backward(
                 &mut l,
                 &mut dl,
                 &logits,
                 &Tensor::from_i32(be, &st, &[b])?,
                 &Tensor::from_i32(be, &en, &[b])?,
-                &Tensor::from_i32(be, &mask, &[b, t])?,
+                &seqs,
                 cfg,
             )?;
             out.push((format!("losses mask={mask_padding}"), l.to_f64_vec(be)?));
@@ -663,7 +731,7 @@ pub fn step_train_config(t: usize) -> TrainConfig {
         early_stopping_patience: 0,
         hidden_dropout: 0.1,
         attention_dropout: 0.1,
-        dynamic_padding: false,
+        padding: bertqa::model::Padding::Max,
         max_bad_steps: 3,
         eval_batch_size: 8,
         log_every: 1,
@@ -686,11 +754,11 @@ impl StepCase {
     pub fn features(&self) -> Vec<Feature> {
         let (cfg, b, t) = (&self.cfg, self.b, self.t);
         let mut r = Rng::new(19);
-        let mask = padded_mask(&mut r, b, t);
+        let lens = padded_lens(&mut r, b, t);
         (0..b)
             .map(|bi| {
-                let m = mask[bi * t..(bi + 1) * t].to_vec();
-                let len = m.iter().filter(|&&x| x != 0).count();
+                let len = lens[bi];
+                let m: Vec<i32> = (0..t).map(|j| (j < len) as i32).collect();
                 let ids: Vec<i32> = (0..t)
                     .map(|j| {
                         if m[j] != 0 {
@@ -748,7 +816,8 @@ impl Case for StepCase {
         let mut out: Outputs = vec![];
         let mut losses = vec![];
         for step in 0..=self.steps {
-            let (loss, _norm, applied) = tr.step(&refs, 1e-3)?;
+            let st = tr.step(&refs, 1e-3)?;
+            let (loss, applied) = (st.loss, st.applied);
             anyhow::ensure!(applied, "step {step} was not applied (non-finite?)");
             tr.state.global_step += 1;
             losses.push(loss);
@@ -855,7 +924,15 @@ pub fn suite<B: Backend>(dev: &B, dt: DType, head_sizes: &[usize]) -> Result<Vec
         },
     )?);
     rows.extend(compare(dev, dt, &GeluCase { n: 1001 })?);
-    rows.extend(compare(dev, dt, &DropoutCase { n: 1003, p: 0.1 })?);
+    rows.extend(compare(
+        dev,
+        dt,
+        &DropoutCase {
+            rows: 29,
+            c: 37,
+            p: 0.1,
+        },
+    )?);
     rows.extend(compare(
         dev,
         dt,
@@ -886,29 +963,14 @@ pub fn suite<B: Backend>(dev: &B, dt: DType, head_sizes: &[usize]) -> Result<Vec
         },
     )?);
     for &hs in head_sizes {
+        rows.extend(compare(dev, dt, &AttentionCase::padded(2, 37, 3, hs, 0.1))?);
         rows.extend(compare(
             dev,
             dt,
-            &AttentionCase {
-                b: 2,
-                t: 37,
-                nh: 3,
-                hs,
-                p: 0.1,
-            },
+            &AttentionCase::packed(&[1, 17, 64, 65, 90], 2, hs, 0.1),
         )?);
     }
-    rows.extend(compare(
-        dev,
-        dt,
-        &AttentionCase {
-            b: 2,
-            t: 70,
-            nh: 2,
-            hs: 32,
-            p: 0.0,
-        },
-    )?);
+    rows.extend(compare(dev, dt, &AttentionCase::padded(2, 70, 2, 32, 0.0))?);
     rows.extend(compare(dev, dt, &SpanLossCase { b: 5, t: 29 })?);
     rows.extend(compare(
         dev,

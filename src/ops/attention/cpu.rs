@@ -1,57 +1,76 @@
-//! The CPU reference of the attention: per (batch, head) in parallel, the scores as a matrix, a masked
-//! softmax, dropout factors from the shared stream, and the backward's matrix products.
+//! The CPU reference of the attention: per (window, head) in parallel, the scores as a matrix, the softmax
+//! over the window's real keys, dropout factors from the shared stream, and the backward's matrix products.
 
 use super::{dims, AttentionOps};
 use crate::cpu::{gemm, ids, rd, wr, Cpu, Real};
+use crate::ops::Seqs;
 use crate::rng::Dropout;
 use crate::tensor::Tensor;
 use anyhow::Result;
 use rayon::prelude::*;
 
-/// Copy head `h` of part `part` (0 Q, 1 K, 2 V) of batch row `bi` into a contiguous (T, HS) matrix.
+/// One (window, head): rows `s0 .. s0+rows` of the batch, the first `keys` of them real.
+#[derive(Clone, Copy)]
+struct Block {
+    s0: usize,
+    rows: usize,
+    keys: usize,
+    w: u32,
+    h: usize,
+}
+
+/// Every (window, head) of the layout.
+fn blocks(cu: &[i32], lens: &[i32], wid: &[i32], nh: usize) -> Vec<Block> {
+    let mut v = Vec::with_capacity(lens.len() * nh);
+    for b in 0..lens.len() {
+        for h in 0..nh {
+            v.push(Block {
+                s0: cu[b] as usize,
+                rows: (cu[b + 1] - cu[b]) as usize,
+                keys: lens[b] as usize,
+                w: wid[b] as u32,
+                h,
+            });
+        }
+    }
+    v
+}
+
+/// Head `h` of part `part` (0 Q, 1 K, 2 V) of rows `s0..s0+m` as a contiguous (m, HS) matrix.
 fn head<T: Real>(
     qkv: &[T],
-    bi: usize,
-    t: usize,
+    s0: usize,
+    m: usize,
     c: usize,
     hs: usize,
     h: usize,
     part: usize,
 ) -> Vec<T> {
-    let mut m = vec![T::zero(); t * hs];
-    for i in 0..t {
-        let base = (bi * t + i) * 3 * c + part * c + h * hs;
-        m[i * hs..(i + 1) * hs].copy_from_slice(&qkv[base..base + hs]);
+    let mut out = vec![T::zero(); m * hs];
+    for i in 0..m {
+        let base = (s0 + i) * 3 * c + part * c + h * hs;
+        out[i * hs..(i + 1) * hs].copy_from_slice(&qkv[base..base + hs]);
     }
-    m
+    out
 }
 
-/// The scaled, masked scores and probabilities of one (b, h): returns (P (T,T), lse (T)).
-fn probs<T: Real>(q: &[T], k: &[T], mask: &[i32], t: usize, hs: usize) -> (Vec<T>, Vec<T>) {
+/// The scaled scores and probabilities of R queries over L keys: (P (R,L), lse (R)).
+fn probs<T: Real>(q: &[T], k: &[T], r: usize, l: usize, hs: usize) -> (Vec<T>, Vec<T>) {
     let scale = T::one() / T::of(hs as f64).sqrt();
-    let mut s = vec![T::zero(); t * t];
-    gemm(t, hs, t, scale, q, false, k, true, T::zero(), &mut s);
-    let mut lse = vec![T::zero(); t];
-    for i in 0..t {
-        let row = &mut s[i * t..(i + 1) * t];
-        let mut m = T::neg_infinity();
-        for j in 0..t {
-            if mask[j] != 0 {
-                m = m.max(row[j]);
-            }
+    let mut s = vec![T::zero(); r * l];
+    gemm(r, hs, l, scale, q, false, k, true, T::zero(), &mut s);
+    let mut lse = vec![T::zero(); r];
+    for i in 0..r {
+        let row = &mut s[i * l..(i + 1) * l];
+        let m = row.iter().fold(T::neg_infinity(), |a, &v| a.max(v));
+        // one exp per score: e_j = exp(s_j - m), z = Σ e_j, P_j = e_j / z, lse = m + ln z
+        let mut z = T::zero();
+        for v in row.iter_mut() {
+            *v = (*v - m).exp();
+            z += *v;
         }
-        // one exp per score: e_j = exp(s_j - m), l = Σ e_j, P_j = e_j / l, lse = m + ln l
-        let mut l = T::zero();
-        for j in 0..t {
-            row[j] = if mask[j] != 0 {
-                (row[j] - m).exp()
-            } else {
-                T::zero()
-            };
-            l += row[j];
-        }
-        lse[i] = m + l.ln();
-        let inv = T::one() / l;
+        lse[i] = m + z.ln();
+        let inv = T::one() / z;
         for v in row.iter_mut() {
             *v *= inv;
         }
@@ -65,39 +84,40 @@ impl AttentionOps for Cpu {
         out: &mut Tensor<Cpu>,
         lse: &mut Tensor<Cpu>,
         qkv: &Tensor<Cpu>,
-        mask: &Tensor<Cpu>,
+        seqs: &Seqs<Cpu>,
         nh: usize,
         drop: Dropout,
     ) -> Result<()> {
-        let (b, t, c, hs) = dims("attention_forward", out, lse, qkv, mask, nh)?;
-        let mk = ids(mask)?;
+        let (n, c, hs) = dims("attention_forward", out, lse, qkv, seqs, nh)?;
+        let (cu, lens, wid) = (ids(&seqs.cu)?, ids(&seqs.lens)?, ids(&seqs.wid)?);
+        let bl = blocks(&cu, &lens, &wid, nh);
         crate::cpu_compute!(out.dtype(), T => {
             let x = rd::<T>(qkv);
-            // every (b, h) is independent: compute them in parallel, then scatter into (B,T,C) and (B,NH,T)
-            let per_head: Vec<(Vec<T>, Vec<T>)> = (0..b * nh)
-                .into_par_iter()
-                .map(|bh| {
-                    let (bi, h) = (bh / nh, bh % nh);
-                    let (q, k, v) = (head(&x, bi, t, c, hs, h, 0), head(&x, bi, t, c, hs, h, 1), head(&x, bi, t, c, hs, h, 2));
-                    let (mut p, l) = probs(&q, &k, &mk[bi * t..(bi + 1) * t], t, hs);
+            // every (window, head) is independent: compute them in parallel, then scatter
+            let per: Vec<(Vec<T>, Vec<T>)> = bl
+                .par_iter()
+                .map(|k| {
+                    let (r, l) = (k.rows, k.keys);
+                    let q = head(&x, k.s0, r, c, hs, k.h, 0);
+                    let (kk, v) = (head(&x, k.s0, l, c, hs, k.h, 1), head(&x, k.s0, l, c, hs, k.h, 2));
+                    let (mut p, ls) = probs(&q, &kk, r, l, hs);
                     if drop.active() {
-                        // f_ij = drop.attn_factor(bh, i, j, t), computed for the whole (T,T) block at once
-                        for (pij, f) in p.iter_mut().zip(drop.attn_factors(bh as u64, t)) {
+                        // f_ij = drop.attn_factor(w, h, i, j), computed for the whole (R,L) block at once
+                        for (pij, f) in p.iter_mut().zip(drop.attn_factors(k.w, k.h as u32, r, l)) {
                             *pij *= T::of(f);
                         }
                     }
-                    let mut oh = vec![T::zero(); t * hs];
-                    gemm(t, t, hs, T::one(), &p, false, &v, false, T::zero(), &mut oh);
-                    (oh, l)
+                    let mut oh = vec![T::zero(); r * hs];
+                    gemm(r, l, hs, T::one(), &p, false, &v, false, T::zero(), &mut oh);
+                    (oh, ls)
                 })
                 .collect();
             let mut o = wr::<T>(out, false);
-            let mut ls = wr::<T>(lse, false);
-            for (bh, (oh, l)) in per_head.iter().enumerate() {
-                let (bi, h) = (bh / nh, bh % nh);
-                ls[bh * t..(bh + 1) * t].copy_from_slice(l);
-                for i in 0..t {
-                    let dst = (bi * t + i) * c + h * hs;
+            let mut lo = wr::<T>(lse, false);
+            for (k, (oh, ls)) in bl.iter().zip(&per) {
+                for i in 0..k.rows {
+                    lo[k.h * n + k.s0 + i] = ls[i];
+                    let dst = (k.s0 + i) * c + k.h * hs;
                     o[dst..dst + hs].copy_from_slice(&oh[i * hs..(i + 1) * hs]);
                 }
             }
@@ -112,62 +132,73 @@ impl AttentionOps for Cpu {
         out: &Tensor<Cpu>,
         lse: &Tensor<Cpu>,
         qkv: &Tensor<Cpu>,
-        mask: &Tensor<Cpu>,
+        seqs: &Seqs<Cpu>,
         nh: usize,
         drop: Dropout,
     ) -> Result<()> {
-        let (b, t, c, hs) = dims("attention_backward", out, lse, qkv, mask, nh)?;
+        let (_, c, hs) = dims("attention_backward", out, lse, qkv, seqs, nh)?;
         dout.expect("attention_backward: dout", out.shape())?;
         dqkv.expect("attention_backward: dqkv", qkv.shape())?;
-        let mk = ids(mask)?;
+        let (cu, lens, wid) = (ids(&seqs.cu)?, ids(&seqs.lens)?, ids(&seqs.wid)?);
+        let bl = blocks(&cu, &lens, &wid, nh);
         crate::cpu_compute!(dout.dtype(), T => {
             let (x, dy, y) = (rd::<T>(qkv), rd::<T>(dout), rd::<T>(out));
             let scale = T::one() / T::of(hs as f64).sqrt();
-            // per (b, h) in parallel: (dq, dk, dv), each (T, HS)
-            let per_head: Vec<[Vec<T>; 3]> = (0..b * nh)
-                .into_par_iter()
-                .map(|bh| {
-                    let (bi, h) = (bh / nh, bh % nh);
-                    let (q, k, v) = (head(&x, bi, t, c, hs, h, 0), head(&x, bi, t, c, hs, h, 1), head(&x, bi, t, c, hs, h, 2));
-                    let (p, _) = probs(&q, &k, &mk[bi * t..(bi + 1) * t], t, hs);
-                    // dO and O of this head, contiguous (T, HS)
-                    let mut d_o = vec![T::zero(); t * hs];
-                    let mut o = vec![T::zero(); t * hs];
-                    for i in 0..t {
-                        let src = (bi * t + i) * c + h * hs;
+            // per (window, head) in parallel: dq (R,HS), dk and dv (L,HS)
+            let per: Vec<[Vec<T>; 3]> = bl
+                .par_iter()
+                .map(|k| {
+                    let (r, l) = (k.rows, k.keys);
+                    let q = head(&x, k.s0, r, c, hs, k.h, 0);
+                    let (kk, v) = (head(&x, k.s0, l, c, hs, k.h, 1), head(&x, k.s0, l, c, hs, k.h, 2));
+                    let (p, _) = probs(&q, &kk, r, l, hs);
+                    // dO and O of this head, contiguous (R, HS)
+                    let mut d_o = vec![T::zero(); r * hs];
+                    let mut o = vec![T::zero(); r * hs];
+                    for i in 0..r {
+                        let src = (k.s0 + i) * c + k.h * hs;
                         d_o[i * hs..(i + 1) * hs].copy_from_slice(&dy[src..src + hs]);
                         o[i * hs..(i + 1) * hs].copy_from_slice(&y[src..src + hs]);
                     }
-                    let fm = drop.attn_factors(bh as u64, t); // (T,T): f_ij = drop.attn_factor(bh, i, j, t)
-                    let f = |i: usize, j: usize| T::of(fm[i * t + j]);
-                    // dPd = dO·Vᵀ (T,T); Pd = P∘f
-                    let mut dpd = vec![T::zero(); t * t];
-                    gemm(t, hs, t, T::one(), &d_o, false, &v, true, T::zero(), &mut dpd);
+                    let fm = drop.attn_factors(k.w, k.h as u32, r, l); // (R,L): f_ij
+                    // dPd = dO·Vᵀ (R,L); Pd = P∘f
+                    let mut dpd = vec![T::zero(); r * l];
+                    gemm(r, hs, l, T::one(), &d_o, false, &v, true, T::zero(), &mut dpd);
                     let mut pd = p.clone();
-                    let mut ds = vec![T::zero(); t * t];
-                    for i in 0..t {
+                    let mut ds = vec![T::zero(); r * l];
+                    for i in 0..r {
                         let di: T = (0..hs).map(|d| d_o[i * hs + d] * o[i * hs + d]).sum();
-                        for j in 0..t {
-                            let fij = f(i, j);
-                            pd[i * t + j] = p[i * t + j] * fij;
-                            ds[i * t + j] = p[i * t + j] * (dpd[i * t + j] * fij - di);
+                        for j in 0..l {
+                            let fij = T::of(fm[i * l + j]);
+                            pd[i * l + j] = p[i * l + j] * fij;
+                            ds[i * l + j] = p[i * l + j] * (dpd[i * l + j] * fij - di);
                         }
                     }
-                    let (mut dq, mut dk, mut dv) = (vec![T::zero(); t * hs], vec![T::zero(); t * hs], vec![T::zero(); t * hs]);
-                    gemm(t, t, hs, T::one(), &pd, true, &d_o, false, T::zero(), &mut dv);
-                    gemm(t, t, hs, scale, &ds, false, &k, false, T::zero(), &mut dq);
-                    gemm(t, t, hs, scale, &ds, true, &q, false, T::zero(), &mut dk);
+                    let (mut dq, mut dk, mut dv) = (vec![T::zero(); r * hs], vec![T::zero(); l * hs], vec![T::zero(); l * hs]);
+                    gemm(l, r, hs, T::one(), &pd, true, &d_o, false, T::zero(), &mut dv);
+                    gemm(r, l, hs, scale, &ds, false, &kk, false, T::zero(), &mut dq);
+                    gemm(l, r, hs, scale, &ds, true, &q, false, T::zero(), &mut dk);
                     [dq, dk, dv]
                 })
                 .collect();
             let mut dx = wr::<T>(dqkv, false);
-            for (bh, [dq, dk, dv]) in per_head.iter().enumerate() {
-                let (bi, h) = (bh / nh, bh % nh);
-                for i in 0..t {
-                    let dst = (bi * t + i) * 3 * c + h * hs;
+            for (k, [dq, dk, dv]) in bl.iter().zip(&per) {
+                for i in 0..k.rows {
+                    let dst = (k.s0 + i) * 3 * c + k.h * hs;
                     dx[dst..dst + hs].copy_from_slice(&dq[i * hs..(i + 1) * hs]);
-                    dx[dst + c..dst + c + hs].copy_from_slice(&dk[i * hs..(i + 1) * hs]);
-                    dx[dst + 2 * c..dst + 2 * c + hs].copy_from_slice(&dv[i * hs..(i + 1) * hs]);
+                    // padding rows are no one's keys: zero dK, dV
+                    let (kd, vd) = if i < k.keys {
+                        (&dk[i * hs..(i + 1) * hs], &dv[i * hs..(i + 1) * hs])
+                    } else {
+                        (&[][..], &[][..])
+                    };
+                    for (d, slot) in [(kd, c), (vd, 2 * c)] {
+                        if d.is_empty() {
+                            dx[dst + slot..dst + slot + hs].iter_mut().for_each(|z| *z = T::zero());
+                        } else {
+                            dx[dst + slot..dst + slot + hs].copy_from_slice(d);
+                        }
+                    }
                 }
             }
         });

@@ -4,6 +4,7 @@
 
 use super::{dims, AttentionOps, AttnParams, AttnPlan, CUDA_HEAD_SIZES};
 use crate::cuda::Cuda;
+use crate::ops::Seqs;
 use crate::rng::Dropout;
 use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
@@ -29,11 +30,11 @@ impl AttentionOps for Cuda {
         out: &mut Tensor<Cuda>,
         lse: &mut Tensor<Cuda>,
         qkv: &Tensor<Cuda>,
-        mask: &Tensor<Cuda>,
+        seqs: &Seqs<Cuda>,
         nh: usize,
         drop: Dropout,
     ) -> Result<()> {
-        let (b, t, _, hs) = dims("attention_forward", out, lse, qkv, mask, nh)?;
+        let (n, _, hs) = dims("attention_forward", out, lse, qkv, seqs, nh)?;
         cuda_checks(
             "attention_forward",
             out.dtype(),
@@ -41,16 +42,27 @@ impl AttentionOps for Cuda {
             lse.dtype(),
             hs,
         )?;
-        let plan = AttnPlan::new(self.kernels(), out.dtype(), b, t, nh, hs, drop);
+        let plan = AttnPlan::new(
+            self.kernels(),
+            out.dtype(),
+            seqs.b(),
+            n,
+            seqs.max_rows(),
+            nh,
+            hs,
+            drop,
+        );
         let ptr = AttnParams {
             out: out.buf.ptr,
             lse: lse.buf.ptr,
             qkv: qkv.buf.ptr,
-            mask: mask.buf.ptr,
+            cu: seqs.cu.buf.ptr,
+            lens: seqs.lens.buf.ptr,
+            wid: seqs.wid.buf.ptr,
             ..bytemuck::Zeroable::zeroed()
         };
         for l in plan.forward(ptr)? {
-            // SAFETY: shapes checked above; every address is a live buffer of this backend
+            // SAFETY: out, lse, qkv hold the layout's N rows (checked by dims); cu, lens, wid its windows
             unsafe { self.run(&l) }?;
         }
         Ok(())
@@ -63,11 +75,11 @@ impl AttentionOps for Cuda {
         out: &Tensor<Cuda>,
         lse: &Tensor<Cuda>,
         qkv: &Tensor<Cuda>,
-        mask: &Tensor<Cuda>,
+        seqs: &Seqs<Cuda>,
         nh: usize,
         drop: Dropout,
     ) -> Result<()> {
-        let (b, t, _, hs) = dims("attention_backward", out, lse, qkv, mask, nh)?;
+        let (n, c, hs) = dims("attention_backward", out, lse, qkv, seqs, nh)?;
         dout.expect("attention_backward: dout", out.shape())?;
         dqkv.expect("attention_backward: dqkv", qkv.shape())?;
         cuda_checks(
@@ -77,11 +89,20 @@ impl AttentionOps for Cuda {
             lse.dtype(),
             hs,
         )?;
-        let plan = AttnPlan::new(self.kernels(), out.dtype(), b, t, nh, hs, drop);
-        // D = dO·O (B,NH,T) and variant 4's f32 dQ accumulator (B,T,C), zeroed, from the arena
-        let dsum = Tensor::<Cuda>::zeros(self, &[b, nh, t], DType::F32)?;
+        let plan = AttnPlan::new(
+            self.kernels(),
+            out.dtype(),
+            seqs.b(),
+            n,
+            seqs.max_rows(),
+            nh,
+            hs,
+            drop,
+        );
+        // D = dO·O (NH,N) and variant 4's f32 dQ accumulator (N,C), zeroed, from the arena
+        let dsum = Tensor::<Cuda>::zeros(self, &[nh, n], DType::F32)?;
         let dq = if plan.needs_dq_accumulator() {
-            Some(Tensor::<Cuda>::zeros(self, &[b, t, nh * hs], DType::F32)?)
+            Some(Tensor::<Cuda>::zeros(self, &[n, c], DType::F32)?)
         } else {
             None
         };
@@ -89,7 +110,9 @@ impl AttentionOps for Cuda {
             out: out.buf.ptr,
             lse: lse.buf.ptr,
             qkv: qkv.buf.ptr,
-            mask: mask.buf.ptr,
+            cu: seqs.cu.buf.ptr,
+            lens: seqs.lens.buf.ptr,
+            wid: seqs.wid.buf.ptr,
             dout: dout.buf.ptr,
             dqkv: dqkv.buf.ptr,
             dsum: dsum.buf.ptr,
@@ -97,7 +120,7 @@ impl AttentionOps for Cuda {
             ..bytemuck::Zeroable::zeroed()
         };
         for l in plan.backward(ptr)? {
-            // SAFETY: shapes checked above; every address is a live buffer of this backend
+            // SAFETY: as in the forward; dsum and dq hold (NH,N) and (N,C) f32
             unsafe { self.run(&l) }?;
         }
         Ok(())

@@ -1,36 +1,41 @@
-//! Multi-head self-attention with a key padding mask and attention-probability dropout.
+//! Multi-head self-attention over a variable-length batch: each window attends only within itself, to its
+//! real tokens (keys past `lens[b]` — padding, in padded layouts — get probability 0), with
+//! attention-probability dropout.
 //!
-//! Per batch b and head h, with q, k, v the head's slices of `qkv (B,T,3C)` (Q at column 0, K at C, V at 2C,
-//! head h at h·HS):
-//!   `s_ij = q_i·k_j / √HS` (−∞ where `mask[b,j] == 0`), `lse_i = log Σ_j e^{s_ij}`, `P_ij = e^{s_ij − lse_i}`,
-//!   `out_i = Σ_j P_ij·f_ij·v_j` with `f_ij` = [`Dropout::attn_factor`]`(b·NH + h, i, j, T)`.
-//! Saved for backward: `lse (B,NH,T)` only (f32; f64 in the f64 reference).
+//! Per window b (rows `s0 = cu[b] .. cu[b+1]`, R rows, L = lens[b] real keys) and head h, with q, k, v the
+//! head's slices of `qkv (N,3C)` (Q at column 0, K at C, V at 2C, head h at h·HS), query i < R, key j < L:
+//!   `s_ij = q_i·k_j / √HS`, `lse_i = log Σ_j e^{s_ij}`, `P_ij = e^{s_ij − lse_i}`,
+//!   `out_i = Σ_j P_ij·f_ij·v_j` with `f_ij` = [`Dropout::attn_factor`]`(wid[b], h, i, j)` — the dropout
+//!   stream, keyed by window, head and positions (src/rng.rs), whatever the layout.
+//! Saved for backward: `lse (NH,N)` only (f32; f64 in the f64 reference): row `s0+i` of head h at h·N + s0+i.
 //! Backward: `D_i = dO_i·O_i`, `dP_ij = (dO_i·v_j)·f_ij`, `dS_ij = P_ij (dP_ij − D_i)`,
-//!   `dv_j = Σ_i P_ij f_ij dO_i`, `dq_i = Σ_j dS_ij k_j / √HS`, `dk_j = Σ_i dS_ij q_i / √HS`.
-//! Padded query rows are computed like any other (their keys are the real ones), exactly as HF does.
+//!   `dv_j = Σ_i P_ij f_ij dO_i`, `dq_i = Σ_j dS_ij k_j / √HS`, `dk_j = Σ_i dS_ij q_i / √HS`; padding rows'
+//!   dk, dv are 0 (nothing attends to them).
+//! Padded query rows are computed like any other (their keys are the window's real ones), exactly as HF does.
 
 pub mod cpu;
 pub mod cuda;
 
 use crate::backend::BackendCore;
 use crate::kernel::{blocks, suffix, AttnKernel, KernelConfig, Launch, Tc4Shape};
+use crate::ops::Seqs;
 use crate::rng::Dropout;
 use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
 
 pub trait AttentionOps: BackendCore {
-    /// out (B,T,C), lse (B,NH,T) ← qkv (B,T,3C), mask (B,T) i32.
+    /// out (N,C), lse (NH,N) ← qkv (N,3C), the batch layout `seqs`.
     fn attention_forward(
         &self,
         out: &mut Tensor<Self>,
         lse: &mut Tensor<Self>,
         qkv: &Tensor<Self>,
-        mask: &Tensor<Self>,
+        seqs: &Seqs<Self>,
         nh: usize,
         drop: Dropout,
     ) -> Result<()>;
 
-    /// dqkv (B,T,3C) (overwritten) ← dout (B,T,C), out (B,T,C), lse (B,NH,T), qkv, mask.
+    /// dqkv (N,3C) (overwritten) ← dout (N,C), out (N,C), lse (NH,N), qkv, seqs.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -39,33 +44,32 @@ pub trait AttentionOps: BackendCore {
         out: &Tensor<Self>,
         lse: &Tensor<Self>,
         qkv: &Tensor<Self>,
-        mask: &Tensor<Self>,
+        seqs: &Seqs<Self>,
         nh: usize,
         drop: Dropout,
     ) -> Result<()>;
 }
 
-/// (B, T, C, HS) after shape checks.
+/// (N, C, HS) after shape checks.
 pub(crate) fn dims<B: BackendCore>(
     op: &str,
     out: &Tensor<B>,
     lse: &Tensor<B>,
     qkv: &Tensor<B>,
-    mask: &Tensor<B>,
+    seqs: &Seqs<B>,
     nh: usize,
-) -> Result<(usize, usize, usize, usize)> {
-    if out.shape().len() != 3 {
-        bail!("{op}: out must be (B,T,C), found {:?}", out.shape());
+) -> Result<(usize, usize, usize)> {
+    if out.shape().len() != 2 {
+        bail!("{op}: out must be (N,C), found {:?}", out.shape());
     }
-    let (b, t, c) = (out.shape()[0], out.shape()[1], out.shape()[2]);
+    let (n, c) = (out.shape()[0], out.shape()[1]);
     if nh == 0 || c % nh != 0 {
         bail!("{op}: hidden size {c} is not divisible by {nh} heads");
     }
-    qkv.expect(&format!("{op}: qkv"), &[b, t, 3 * c])?;
-    lse.expect(&format!("{op}: lse"), &[b, nh, t])?;
-    mask.expect(&format!("{op}: attention_mask"), &[b, t])?;
-    mask.expect_dtype(&format!("{op}: attention_mask"), &[DType::I32])?;
-    Ok((b, t, c, c / nh))
+    seqs.expect_rows(op, n)?;
+    qkv.expect(&format!("{op}: qkv"), &[n, 3 * c])?;
+    lse.expect(&format!("{op}: lse"), &[nh, n])?;
+    Ok((n, c, c / nh))
 }
 
 /// The parameter struct of every attention kernel (kernels/attention.cu, attention_tc.cu `AttnParams`).
@@ -73,31 +77,36 @@ pub(crate) fn dims<B: BackendCore>(
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct AttnParams {
-    /// (B,T,C) activation dtype
+    /// (N,C) activation dtype
     pub out: u64,
-    /// (B,NH,T) f32
+    /// (NH,N) f32
     pub lse: u64,
-    /// (B,T,3C)
+    /// (N,3C)
     pub qkv: u64,
-    /// (B,T) i32
-    pub mask: u64,
-    /// (B,T,C) backward only
+    /// (B+1) i32 window row offsets
+    pub cu: u64,
+    /// (B) i32 real keys per window
+    pub lens: u64,
+    /// (B) i32 window index in the step's batch (dropout key)
+    pub wid: u64,
+    /// (N,C) backward only
     pub dout: u64,
-    /// (B,T,3C) backward only
+    /// (N,3C) backward only
     pub dqkv: u64,
-    /// (B,NH,T) f32 scratch, backward only
+    /// (NH,N) f32 scratch, backward only
     pub dsum: u64,
-    /// (B,T,C) f32 scratch, zero on entry, backward of variant 4 only
+    /// (N,C) f32 scratch, zero on entry, backward of variant 4 only
     pub dqacc: u64,
     pub seed: u64,
+    /// windows
     pub b: i32,
-    pub t: i32,
+    /// rows
+    pub n: i32,
     pub nh: i32,
     pub hs: i32,
     pub p: f32,
     pub scale: f32,
 }
-
 unsafe impl cudarc::driver::DeviceRepr for AttnParams {}
 
 /// Head sizes the fused kernel is instantiated for.
@@ -152,20 +161,15 @@ pub fn tc_entry_points() -> Vec<String> {
 }
 
 /// Dynamic shared memory (bytes) of the tensor-core kernels: (forward, backward dK/dV, backward dQ):
-/// 192 padded rows of HS+8 bf16 elements each, plus the key mask or the per-query lse and D.
+/// 192 padded rows of HS+8 bf16 elements each, plus (dK/dV) the per-query lse and D.
 fn tc_smem(hs: usize) -> (u32, u32, u32) {
     let rows = 192 * (hs + 8) * 2;
-    (
-        (rows + 64 * 4) as u32,
-        (rows + 32 * 8) as u32,
-        (rows + 32 * 4) as u32,
-    )
+    (rows as u32, (rows + 32 * 8) as u32, rows as u32)
 }
 
-/// Dynamic shared memory (bytes) of variant 4's forward: Q (64 rows), two buffers each of K, V (64 rows) and
-/// the key mask.
+/// Dynamic shared memory (bytes) of variant 4's forward: Q (64 rows), two buffers each of K and V (64 rows).
 fn tc4_forward_smem(hs: usize) -> u32 {
-    ((64 + 4 * 64) * (hs + 8) * 2 + 2 * 64 * 4) as u32
+    ((64 + 4 * 64) * (hs + 8) * 2) as u32
 }
 
 /// Dynamic shared memory (bytes) of variant 4's backward with `nw` warps: K and V for 16·nw keys, two
@@ -175,13 +179,14 @@ fn tc4_smem(hs: usize, nw: usize) -> u32 {
     (2 * keys * ld * 2 + 4 * bq * ld * 2 + bq * (keys + 8) * 2 + 4 * bq * 4) as u32
 }
 
-/// The shape and settings of one CUDA attention call: `act` the activation dtype, `kernel` the variant that
-/// runs ([`kernel_for`]).
+/// The shape and settings of one CUDA attention call: `act` the activation dtype, `b` windows of at most
+/// `max_rows` rows, `n` rows in all, `kernel` the variant that runs ([`kernel_for`]).
 #[derive(Clone, Copy, Debug)]
 pub struct AttnPlan {
     pub act: DType,
     pub b: usize,
-    pub t: usize,
+    pub n: usize,
+    pub max_rows: usize,
     pub nh: usize,
     pub hs: usize,
     pub drop: Dropout,
@@ -190,11 +195,13 @@ pub struct AttnPlan {
 
 impl AttnPlan {
     /// The plan for the configuration `k`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         k: &KernelConfig,
         act: DType,
         b: usize,
-        t: usize,
+        n: usize,
+        max_rows: usize,
         nh: usize,
         hs: usize,
         drop: Dropout,
@@ -202,7 +209,8 @@ impl AttnPlan {
         AttnPlan {
             act,
             b,
-            t,
+            n,
+            max_rows,
             nh,
             hs,
             drop,
@@ -215,7 +223,7 @@ impl AttnPlan {
         AttnParams {
             seed: self.drop.seed,
             b: self.b as i32,
-            t: self.t as i32,
+            n: self.n as i32,
             nh: self.nh as i32,
             hs: self.hs as i32,
             p: self.drop.p,
@@ -226,7 +234,13 @@ impl AttnPlan {
 
     /// The forward's launches: one kernel writing out and lse.
     pub fn forward(&self, ptr: AttnParams) -> Result<Vec<Launch<AttnParams>>> {
-        let AttnPlan { b, t, nh, hs, .. } = *self;
+        let AttnPlan {
+            b,
+            max_rows: t,
+            nh,
+            hs,
+            ..
+        } = *self;
         let p = self.params(ptr);
         let dt = suffix(self.act)?;
         let one = |module, name, grid, smem| Launch {
@@ -262,7 +276,14 @@ impl AttnPlan {
     /// The backward's launches: D = dO·O into dsum, then dQ/dK/dV (variant 4: dQ through dqacc, which must be
     /// zero on entry, and a final store).
     pub fn backward(&self, ptr: AttnParams) -> Result<Vec<Launch<AttnParams>>> {
-        let AttnPlan { b, t, nh, hs, .. } = *self;
+        let AttnPlan {
+            b,
+            n,
+            max_rows: t,
+            nh,
+            hs,
+            ..
+        } = *self;
         let p = self.params(ptr);
         let dt = suffix(self.act)?;
         let at = |module, name: String, grid, block, smem| Launch {
@@ -276,10 +297,10 @@ impl AttnPlan {
         let mut v = vec![];
         if let AttnKernel::V4(shape) = self.kernel {
             if ptr.dqacc == 0 {
-                bail!("attention_backward: variant 4 needs the f32 dQ accumulator (B,T,C)");
+                bail!("attention_backward: variant 4 needs the f32 dQ accumulator (N,C)");
             }
             // D with 16-byte loads: HS/8 (bf16/f16) threads per (row, head)
-            let threads = b * t * nh * (hs * self.act.size() / 16);
+            let threads = n * nh * (hs * self.act.size() / 16);
             v.push(at(
                 "attention_tc",
                 tc_kernel("tc4_dsum", dt, hs),
@@ -299,7 +320,7 @@ impl AttnPlan {
             v.push(at(
                 "attention_tc",
                 format!("attention_tc4_dq_store_{dt}"),
-                (blocks(b * t * c / 2, 256).min(65535 * 16), 1, 1),
+                (blocks(n * c / 2, 256).min(65535 * 16), 1, 1),
                 (256, 1, 1),
                 0,
             ));
@@ -308,7 +329,7 @@ impl AttnPlan {
         v.push(at(
             "attention",
             format!("attention_dsum_{dt}_hs{hs}"),
-            (blocks(b * nh * t, 128), 1, 1),
+            (blocks(n * nh, 128), 1, 1),
             (128, 1, 1),
             0,
         ));
@@ -346,7 +367,7 @@ impl AttnPlan {
 }
 
 impl AttnPlan {
-    /// Whether the backward needs the f32 dQ accumulator `dqacc` (B,T,C), zero on entry (variant 4).
+    /// Whether the backward needs the f32 dQ accumulator `dqacc` (N,C), zero on entry (variant 4).
     pub fn needs_dq_accumulator(&self) -> bool {
         matches!(self.kernel, AttnKernel::V4(_))
     }
@@ -358,14 +379,16 @@ pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
         out,
         lse,
         qkv,
-        mask,
+        cu,
+        lens,
+        wid,
         dout,
         dqkv,
         dsum,
         dqacc,
         seed,
         b,
-        t,
+        n,
         nh,
         hs,
         p,

@@ -1,30 +1,47 @@
-//! The CPU reference of dropout: each element times its factor from the Philox stream (src/rng.rs).
+//! The CPU reference of dropout: each row times its factors from the dropout stream (src/rng.rs).
 
 use super::{check, DropoutOps};
-use crate::cpu::{rd, wr, Cpu, Real};
+use crate::cpu::{ids, rd, wr, Cpu, Real};
+use crate::ops::Seqs;
 use crate::rng::Dropout;
 use crate::tensor::Tensor;
 use anyhow::Result;
 
-/// CPU reference: element i is kept with probability 1-p and scaled by 1/(1-p).
-pub fn dropout_ref<T: Real>(out: &mut [T], inp: &[T], d: Dropout) {
+/// `out = inp ∘ mask` over rows of `c` features, row r keyed (window `row_w[r]`, position `pos[r]`).
+pub fn dropout_rows_ref<T: Real>(
+    out: &mut [T],
+    inp: &[T],
+    c: usize,
+    pos: &[i32],
+    row_w: &[i32],
+    d: Dropout,
+) {
     if !d.active() {
         out.copy_from_slice(inp);
         return;
     }
-    // = d.factor(i) for every i, with one Philox call per four elements
-    for ((o, &x), f) in out.iter_mut().zip(inp).zip(d.factors(inp.len())) {
-        *o = x * T::of(f);
+    for (r, (o, x)) in out.chunks_mut(c).zip(inp.chunks(c)).enumerate() {
+        let f = d.hidden_factors(row_w[r] as u32, pos[r] as u32, c);
+        for k in 0..c {
+            o[k] = x[k] * T::of(f[k]);
+        }
     }
 }
 
 impl DropoutOps for Cpu {
-    fn dropout_forward(&self, out: &mut Tensor<Cpu>, inp: &Tensor<Cpu>, d: Dropout) -> Result<()> {
-        check(out, inp)?;
+    fn dropout_forward(
+        &self,
+        out: &mut Tensor<Cpu>,
+        inp: &Tensor<Cpu>,
+        d: Dropout,
+        seqs: &Seqs<Cpu>,
+    ) -> Result<()> {
+        let (_, c) = check(out, inp, seqs)?;
+        let (pos, roww) = (ids(&seqs.pos)?, ids(&seqs.row_w)?);
         crate::cpu_compute!(out.dtype(), T => {
             let x = rd::<T>(inp);
             let mut o = wr::<T>(out, false);
-            dropout_ref(&mut o, &x, d);
+            dropout_rows_ref(&mut o, &x, c, &pos, &roww, d);
         });
         Ok(())
     }

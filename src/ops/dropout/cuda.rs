@@ -3,6 +3,7 @@
 use super::{check, launch, DropoutOps, DropoutParams};
 use crate::cuda::Cuda;
 use crate::kernel::dtype_code;
+use crate::ops::Seqs;
 use crate::rng::Dropout;
 use crate::tensor::Tensor;
 use anyhow::Result;
@@ -13,20 +14,23 @@ impl DropoutOps for Cuda {
         out: &mut Tensor<Cuda>,
         inp: &Tensor<Cuda>,
         d: Dropout,
+        seqs: &Seqs<Cuda>,
     ) -> Result<()> {
-        check(out, inp)?;
-        let n = out.numel();
+        let (n, c) = check(out, inp, seqs)?;
         let p = DropoutParams {
             out: out.buf.ptr,
             inp: inp.buf.ptr,
+            pos: seqs.pos.buf.ptr,
+            roww: seqs.row_w.buf.ptr,
             seed: d.seed,
-            n: n as u64,
+            n: n as i32,
+            c: c as i32,
             p: d.p,
             out_dt: dtype_code(out.dtype()),
             inp_dt: dtype_code(inp.dtype()),
             _pad: 0,
         };
-        // SAFETY: shapes checked above; every address is a live buffer of this backend
+        // SAFETY: out and inp hold N·C elements, pos and row_w N (checked above)
         unsafe { self.run(&launch(p)) }
     }
 }

@@ -2,6 +2,7 @@
 
 use super::{backward_launch, dims, forward_launch, EmbGrads, EmbParams, EmbWeights, EmbeddingOps};
 use crate::cuda::Cuda;
+use crate::ops::Seqs;
 use crate::rng::Dropout;
 use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
@@ -14,11 +15,12 @@ impl EmbeddingOps for Cuda {
         rstd: &mut Tensor<Cuda>,
         idt: &Tensor<Cuda>,
         tyt: &Tensor<Cuda>,
+        seqs: &Seqs<Cuda>,
         w: &EmbWeights<Cuda>,
         eps: f32,
         drop: Dropout,
     ) -> Result<()> {
-        let (b, t, c, v, _, tv) = dims("embeddings_forward", out, mean, rstd, idt, tyt, w)?;
+        let (n, c, v, _, tv) = dims("embeddings_forward", out, mean, rstd, idt, tyt, seqs, w)?;
         for d in [
             w.word.dtype(),
             w.pos.dtype(),
@@ -33,13 +35,14 @@ impl EmbeddingOps for Cuda {
                 );
             }
         }
-        let n = b * t;
         let p = EmbParams {
             out: out.buf.ptr,
             mean: mean.buf.ptr,
             rstd: rstd.buf.ptr,
             ids: idt.buf.ptr,
             types: tyt.buf.ptr,
+            posid: seqs.pos.buf.ptr,
+            roww: seqs.row_w.buf.ptr,
             word: w.word.buf.ptr,
             pos: w.pos.buf.ptr,
             ttype: w.ttype.buf.ptr,
@@ -52,13 +55,13 @@ impl EmbeddingOps for Cuda {
             dbeta: 0,
             seed: drop.seed,
             n: n as i32,
-            t: t as i32,
             c: c as i32,
             v: v as i32,
             tv: tv as i32,
             eps,
             p: drop.p,
             padding_idx: -1,
+            _pad: 0,
         };
         // SAFETY: shapes checked above; every address is a live buffer of this backend
         unsafe { self.run(&forward_launch(out.dtype(), p)?) }
@@ -72,10 +75,11 @@ impl EmbeddingOps for Cuda {
         rstd: &Tensor<Cuda>,
         idt: &Tensor<Cuda>,
         tyt: &Tensor<Cuda>,
+        seqs: &Seqs<Cuda>,
         w: &EmbWeights<Cuda>,
         drop: Dropout,
     ) -> Result<()> {
-        let (b, t, c, v, _, tv) = dims("embeddings_backward", dout, mean, rstd, idt, tyt, w)?;
+        let (n, c, v, _, tv) = dims("embeddings_backward", dout, mean, rstd, idt, tyt, seqs, w)?;
         for d in [
             g.word.dtype(),
             g.pos.dtype(),
@@ -87,13 +91,14 @@ impl EmbeddingOps for Cuda {
                 bail!("embeddings_backward: parameter gradients must be f32 on CUDA, found {d}");
             }
         }
-        let n = b * t;
         let p = EmbParams {
             out: dout.buf.ptr,
             mean: mean.buf.ptr,
             rstd: rstd.buf.ptr,
             ids: idt.buf.ptr,
             types: tyt.buf.ptr,
+            posid: seqs.pos.buf.ptr,
+            roww: seqs.row_w.buf.ptr,
             word: w.word.buf.ptr,
             pos: w.pos.buf.ptr,
             ttype: w.ttype.buf.ptr,
@@ -106,13 +111,13 @@ impl EmbeddingOps for Cuda {
             dbeta: g.beta.buf.ptr,
             seed: drop.seed,
             n: n as i32,
-            t: t as i32,
             c: c as i32,
             v: v as i32,
             tv: tv as i32,
             eps: 0.0,
             p: drop.p,
             padding_idx: g.padding_idx,
+            _pad: 0,
         };
         // SAFETY: shapes checked above; every address is a live buffer of this backend
         unsafe {

@@ -1,5 +1,6 @@
-//! BERT embeddings fused with their LayerNorm and dropout:
-//! `x = word[ids] + pos[t] + type[types]`, `out = dropout(LN(x))` (position ids are 0..T, as in HF).
+//! BERT embeddings fused with their LayerNorm and dropout, over the N rows of a batch:
+//! `x[r] = word[ids[r]] + pos[t] + type[types[r]]` with `t = seqs.pos[r]`, the row's position in its window
+//! (0.., as HF's position ids), `out = dropout(LN(x))` (row r keyed by its window and position).
 //! Saves only `mean`/`rstd`: backward re-gathers `x` (cheaper than storing it).
 //! Backward: `dy = dropout(dout)`, LayerNorm backward gives `dx`, `dgamma`, `dbeta`, and `dx` is scattered
 //! (added) into the rows of `dword`, `dpos` and `dtype` that the forward gathered. All accumulate.
@@ -9,6 +10,7 @@ pub mod cuda;
 
 use crate::backend::BackendCore;
 use crate::kernel::{blocks, suffix, Launch};
+use crate::ops::Seqs;
 use crate::rng::Dropout;
 use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
@@ -34,7 +36,7 @@ pub struct EmbGrads<'a, B: BackendCore> {
 }
 
 pub trait EmbeddingOps: BackendCore {
-    /// out (B,T,C), mean (B,T), rstd (B,T) ← ids (B,T) i32, types (B,T) i32, weights.
+    /// out (N,C), mean (N), rstd (N) ← ids (N) i32, types (N) i32, positions and dropout keys (seqs), weights.
     #[allow(clippy::too_many_arguments)]
     fn embeddings_forward(
         &self,
@@ -43,12 +45,13 @@ pub trait EmbeddingOps: BackendCore {
         rstd: &mut Tensor<Self>,
         ids: &Tensor<Self>,
         types: &Tensor<Self>,
+        seqs: &Seqs<Self>,
         w: &EmbWeights<Self>,
         eps: f32,
         drop: Dropout,
     ) -> Result<()>;
 
-    /// grads (accumulated) ← dout (B,T,C), mean, rstd, ids, types, weights.
+    /// grads (accumulated) ← dout (N,C), mean, rstd, ids, types, seqs, weights.
     #[allow(clippy::too_many_arguments)]
     fn embeddings_backward(
         &self,
@@ -58,12 +61,13 @@ pub trait EmbeddingOps: BackendCore {
         rstd: &Tensor<Self>,
         ids: &Tensor<Self>,
         types: &Tensor<Self>,
+        seqs: &Seqs<Self>,
         w: &EmbWeights<Self>,
         drop: Dropout,
     ) -> Result<()>;
 }
 
-/// (B, T, C, V, P, TV) after checking every shape.
+/// (N, C, V, P, TV) after checking every shape.
 pub(crate) fn dims<B: BackendCore>(
     op: &str,
     act: &Tensor<B>,
@@ -71,18 +75,20 @@ pub(crate) fn dims<B: BackendCore>(
     rstd: &Tensor<B>,
     ids: &Tensor<B>,
     types: &Tensor<B>,
+    seqs: &Seqs<B>,
     w: &EmbWeights<B>,
-) -> Result<(usize, usize, usize, usize, usize, usize)> {
-    if act.shape().len() != 3 {
-        bail!("{op}: activation must be (B,T,C), found {:?}", act.shape());
+) -> Result<(usize, usize, usize, usize, usize)> {
+    if act.shape().len() != 2 {
+        bail!("{op}: activation must be (N,C), found {:?}", act.shape());
     }
-    let (b, t, c) = (act.shape()[0], act.shape()[1], act.shape()[2]);
-    ids.expect(&format!("{op}: input_ids"), &[b, t])?;
-    types.expect(&format!("{op}: token_type_ids"), &[b, t])?;
+    let (n, c) = (act.shape()[0], act.shape()[1]);
+    seqs.expect_rows(op, n)?;
+    ids.expect(&format!("{op}: input_ids"), &[n])?;
+    types.expect(&format!("{op}: token_type_ids"), &[n])?;
     ids.expect_dtype(&format!("{op}: input_ids"), &[DType::I32])?;
     types.expect_dtype(&format!("{op}: token_type_ids"), &[DType::I32])?;
-    mean.expect(&format!("{op}: mean"), &[b, t])?;
-    rstd.expect(&format!("{op}: rstd"), &[b, t])?;
+    mean.expect(&format!("{op}: mean"), &[n])?;
+    rstd.expect(&format!("{op}: rstd"), &[n])?;
     let v = w.word.shape()[0];
     let p = w.pos.shape()[0];
     let tv = w.ttype.shape()[0];
@@ -100,10 +106,13 @@ pub(crate) fn dims<B: BackendCore>(
         .expect(&format!("{op}: embeddings.LayerNorm.weight"), &[c])?;
     w.beta
         .expect(&format!("{op}: embeddings.LayerNorm.bias"), &[c])?;
-    if t > p {
-        bail!("{op}: sequence length {t} exceeds max_position_embeddings {p}");
+    if seqs.max_rows() > p {
+        bail!(
+            "{op}: a window of {} rows exceeds max_position_embeddings {p}",
+            seqs.max_rows()
+        );
     }
-    Ok((b, t, c, v, p, tv))
+    Ok((n, c, v, p, tv))
 }
 
 /// kernels/embedding.cu `EmbParams`: pointers are device addresses; the d* gradients accumulate (f32).
@@ -116,6 +125,9 @@ pub struct EmbParams {
     pub rstd: u64,
     pub ids: u64,
     pub types: u64,
+    /// (N) i32 positions (the position-embedding rows), (N) i32 window indices (dropout keys)
+    pub posid: u64,
+    pub roww: u64,
     pub word: u64,
     pub pos: u64,
     pub ttype: u64,
@@ -128,13 +140,13 @@ pub struct EmbParams {
     pub dbeta: u64,
     pub seed: u64,
     pub n: i32,
-    pub t: i32,
     pub c: i32,
     pub v: i32,
     pub tv: i32,
     pub eps: f32,
     pub p: f32,
     pub padding_idx: i32,
+    pub _pad: i32,
 }
 
 /// The forward's launch (activations in `dt`): one warp per row, 8 rows per block.
@@ -210,6 +222,8 @@ pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
         rstd,
         ids,
         types,
+        posid,
+        roww,
         word,
         pos,
         ttype,
@@ -222,12 +236,12 @@ pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
         dbeta,
         seed,
         n,
-        t,
         c,
         v,
         tv,
         eps,
         p,
-        padding_idx
+        padding_idx,
+        _pad
     })]
 }

@@ -1,8 +1,10 @@
 //! The CPU reference of residual + dropout + LayerNorm, and the plain LayerNorm loops the embeddings share.
 
 use super::{dims, LayerNormOps};
+use crate::cpu::ids;
 use crate::cpu::{rd, wr, Cpu, Real};
-use crate::ops::dropout::cpu::dropout_ref;
+use crate::ops::dropout::cpu::dropout_rows_ref;
+use crate::ops::Seqs;
 use crate::rng::Dropout;
 use crate::tensor::Tensor;
 use anyhow::Result;
@@ -81,19 +83,22 @@ impl LayerNormOps for Cpu {
         beta: &Tensor<Cpu>,
         eps: f32,
         drop: Dropout,
+        seqs: &Seqs<Cpu>,
     ) -> Result<()> {
-        let (_, c) = dims(
+        let (n, c) = dims(
             "residual_layernorm_forward",
             inp,
             &[mean, rstd],
             &[resid, out, sum],
             &[gamma, beta],
         )?;
+        seqs.expect_rows("residual_layernorm_forward: inp", n)?;
+        let (pos, roww) = (ids(&seqs.pos)?, ids(&seqs.row_w)?);
         let sum_dtype = sum.dtype();
         crate::cpu_compute!(out.dtype(), T => {
             let (x, r, g, b) = (rd::<T>(inp), rd::<T>(resid), rd::<T>(gamma), rd::<T>(beta));
             let mut dropped = vec![T::zero(); x.len()];
-            dropout_ref(&mut dropped, &x, drop);
+            dropout_rows_ref(&mut dropped, &x, c, &pos, &roww, drop);
             let mut s = wr::<T>(sum, false);
             for i in 0..s.len() {
                 s[i] = r[i] + dropped[i];
@@ -118,14 +123,17 @@ impl LayerNormOps for Cpu {
         rstd: &Tensor<Cpu>,
         gamma: &Tensor<Cpu>,
         drop: Dropout,
+        seqs: &Seqs<Cpu>,
     ) -> Result<()> {
-        let (_, c) = dims(
+        let (n, c) = dims(
             "residual_layernorm_backward",
             dout,
             &[mean, rstd],
             &[sum, dinp, dresid],
             &[gamma, dgamma, dbeta],
         )?;
+        seqs.expect_rows("residual_layernorm_backward: dout", n)?;
+        let (pos, roww) = (ids(&seqs.pos)?, ids(&seqs.row_w)?);
         crate::cpu_compute!(dout.dtype(), T => {
             let (dy, x, m, rs, g) = (rd::<T>(dout), rd::<T>(sum), rd::<T>(mean), rd::<T>(rstd), rd::<T>(gamma));
             let mut dsum = vec![T::zero(); x.len()];
@@ -135,7 +143,7 @@ impl LayerNormOps for Cpu {
             }
             wr::<T>(dresid, false).copy_from_slice(&dsum);
             let mut di = wr::<T>(dinp, false);
-            dropout_ref(&mut di, &dsum, drop);
+            dropout_rows_ref(&mut di, &dsum, c, &pos, &roww, drop);
         });
         Ok(())
     }

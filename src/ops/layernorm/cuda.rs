@@ -2,6 +2,7 @@
 
 use super::{backward_launch, dims, forward_launch, LayerNormOps, LnBwdParams, LnFwdParams};
 use crate::cuda::Cuda;
+use crate::ops::Seqs;
 use crate::rng::Dropout;
 use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
@@ -33,9 +34,11 @@ impl LayerNormOps for Cuda {
         beta: &Tensor<Cuda>,
         eps: f32,
         drop: Dropout,
+        seqs: &Seqs<Cuda>,
     ) -> Result<()> {
         let op = "residual_layernorm_forward";
         let (n, c) = dims(op, inp, &[mean, rstd], &[resid, out, sum], &[gamma, beta])?;
+        seqs.expect_rows(op, n)?;
         cuda_dtypes(
             op,
             out.dtype(),
@@ -50,6 +53,8 @@ impl LayerNormOps for Cuda {
         )?;
         let p = LnFwdParams {
             out: out.buf.ptr,
+            pos: seqs.pos.buf.ptr,
+            roww: seqs.row_w.buf.ptr,
             sum: sum.buf.ptr,
             mean: mean.buf.ptr,
             rstd: rstd.buf.ptr,
@@ -79,6 +84,7 @@ impl LayerNormOps for Cuda {
         rstd: &Tensor<Cuda>,
         gamma: &Tensor<Cuda>,
         drop: Dropout,
+        seqs: &Seqs<Cuda>,
     ) -> Result<()> {
         let op = "residual_layernorm_backward";
         let (n, c) = dims(
@@ -88,6 +94,7 @@ impl LayerNormOps for Cuda {
             &[sum, dinp, dresid],
             &[gamma, dgamma, dbeta],
         )?;
+        seqs.expect_rows(op, n)?;
         cuda_dtypes(
             op,
             dout.dtype(),
@@ -96,6 +103,8 @@ impl LayerNormOps for Cuda {
         )?;
         let p = LnBwdParams {
             dinp: dinp.buf.ptr,
+            pos: seqs.pos.buf.ptr,
+            roww: seqs.row_w.buf.ptr,
             dresid: dresid.buf.ptr,
             dgamma: dgamma.buf.ptr,
             dbeta: dbeta.buf.ptr,

@@ -1,4 +1,5 @@
-//! Residual add + dropout + LayerNorm, fused: BERT's `LN(resid + dropout(inp))` after each sub-layer.
+//! Residual add + dropout + LayerNorm, fused: BERT's `LN(resid + dropout(inp))` after each sub-layer, over
+//! the N rows of a batch (the dropout stream keys row r by its window and position: `seqs`).
 //!
 //! Forward:  `sum = resid + dropout(inp)`, `out = (sum - mean)·rstd·gamma + beta`, rstd = 1/sqrt(var + eps),
 //!           biased variance as in torch.nn.LayerNorm. Saves `sum`, `mean`, `rstd`.
@@ -11,6 +12,7 @@ pub mod cuda;
 
 use crate::backend::BackendCore;
 use crate::kernel::{blocks, suffix, Launch};
+use crate::ops::Seqs;
 use crate::rng::Dropout;
 use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
@@ -30,6 +32,7 @@ pub trait LayerNormOps: BackendCore {
         beta: &Tensor<Self>,
         eps: f32,
         drop: Dropout,
+        seqs: &Seqs<Self>,
     ) -> Result<()>;
 
     /// dinp (N,C), dresid (N,C) overwritten; dgamma (C), dbeta (C) accumulated.
@@ -46,6 +49,7 @@ pub trait LayerNormOps: BackendCore {
         rstd: &Tensor<Self>,
         gamma: &Tensor<Self>,
         drop: Dropout,
+        seqs: &Seqs<Self>,
     ) -> Result<()>;
 }
 
@@ -94,6 +98,9 @@ pub(crate) fn dims<B: BackendCore>(
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct LnFwdParams {
     pub out: u64,
+    /// (N) i32 positions, (N) i32 window indices: the dropout stream's row keys
+    pub pos: u64,
+    pub roww: u64,
     pub sum: u64,
     pub mean: u64,
     pub rstd: u64,
@@ -115,6 +122,8 @@ unsafe impl cudarc::driver::DeviceRepr for LnFwdParams {}
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct LnBwdParams {
     pub dinp: u64,
+    pub pos: u64,
+    pub roww: u64,
     pub dresid: u64,
     pub dgamma: u64,
     pub dbeta: u64,
@@ -204,6 +213,8 @@ pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
     vec![
         crate::param_layout!(LnFwdParams {
             out,
+            pos,
+            roww,
             sum,
             mean,
             rstd,
@@ -219,6 +230,8 @@ pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
         }),
         crate::param_layout!(LnBwdParams {
             dinp,
+            pos,
+            roww,
             dresid,
             dgamma,
             dbeta,

@@ -1,7 +1,8 @@
-//! The CPU reference of the span loss: per example and start/end, a masked log-softmax over positions.
+//! The CPU reference of the span loss: per window and start/end, a log-softmax over the window's positions.
 
 use super::{dims, SpanLossCfg, SpanLossOps};
 use crate::cpu::{ids, rd, wr, Cpu, Real};
+use crate::ops::Seqs;
 use crate::tensor::Tensor;
 use anyhow::Result;
 
@@ -13,36 +14,35 @@ impl SpanLossOps for Cpu {
         logits: &Tensor<Cpu>,
         starts: &Tensor<Cpu>,
         ends: &Tensor<Cpu>,
-        mask: &Tensor<Cpu>,
+        seqs: &Seqs<Cpu>,
         cfg: SpanLossCfg,
     ) -> Result<()> {
-        let (b, t) = dims(losses, dlogits, logits, starts, ends, mask)?;
-        let (st, en, mk) = (ids(starts)?, ids(ends)?, ids(mask)?);
+        let (_, b) = dims(losses, dlogits, logits, starts, ends, seqs)?;
+        let (st, en, cu, lens) = (ids(starts)?, ids(ends)?, ids(&seqs.cu)?, ids(&seqs.lens)?);
         crate::cpu_compute!(logits.dtype(), T => {
             let x = rd::<T>(logits);
             let mut dl = wr::<T>(dlogits, false);
+            dl.iter_mut().for_each(|v| *v = T::zero());
             let mut ls = wr::<T>(losses, false);
             for bi in 0..b {
+                let s0 = cu[bi] as usize;
+                let rows = (cu[bi + 1] - cu[bi]) as usize;
+                // the softmax's positions: the real tokens, or the whole window
+                let range = if cfg.mask_padding { lens[bi] as usize } else { rows };
                 for (w, tgt, scale) in [(0usize, st[bi], cfg.scale_start), (1, en[bi], cfg.scale_end)] {
-                    let valid = |j: usize| !cfg.mask_padding || mk[bi * t + j] != 0;
-                    let logit = |j: usize| x[(bi * t + j) * 2 + w];
-                    for j in 0..t {
-                        dl[(bi * t + j) * 2 + w] = T::zero();
-                    }
+                    let logit = |j: usize| x[(s0 + j) * 2 + w];
                     ls[bi * 2 + w] = T::zero();
-                    if tgt < 0 || tgt as usize >= t || !valid(tgt as usize) {
-                        continue; // ignored (HF: ignore_index); a masked target is ignored too
+                    if tgt < 0 || tgt as usize >= range {
+                        continue; // ignored (HF: ignore_index); a target in masked padding is ignored too
                     }
-                    let m = (0..t).filter(|&j| valid(j)).map(logit).fold(T::neg_infinity(), |a, v| a.max(v));
-                    let z: T = (0..t).filter(|&j| valid(j)).map(|j| (logit(j) - m).exp()).sum();
+                    let m = (0..range).map(logit).fold(T::neg_infinity(), |a, v| a.max(v));
+                    let z: T = (0..range).map(|j| (logit(j) - m).exp()).sum();
                     let lse = m + z.ln();
                     ls[bi * 2 + w] = lse - logit(tgt as usize);
-                    for j in 0..t {
-                        if valid(j) {
-                            let p = (logit(j) - lse).exp();
-                            let y = if j == tgt as usize { T::one() } else { T::zero() };
-                            dl[(bi * t + j) * 2 + w] = (p - y) * T::of(scale);
-                        }
+                    for j in 0..range {
+                        let p = (logit(j) - lse).exp();
+                        let y = if j == tgt as usize { T::one() } else { T::zero() };
+                        dl[(s0 + j) * 2 + w] = (p - y) * T::of(scale);
                     }
                 }
             }

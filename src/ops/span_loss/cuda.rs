@@ -3,6 +3,7 @@
 use super::{dims, launch, SpanLossCfg, SpanLossOps, SpanParams};
 use crate::cuda::Cuda;
 use crate::kernel::dtype_code;
+use crate::ops::Seqs;
 use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
 
@@ -14,10 +15,10 @@ impl SpanLossOps for Cuda {
         logits: &Tensor<Cuda>,
         starts: &Tensor<Cuda>,
         ends: &Tensor<Cuda>,
-        mask: &Tensor<Cuda>,
+        seqs: &Seqs<Cuda>,
         cfg: SpanLossCfg,
     ) -> Result<()> {
-        let (b, t) = dims(losses, dlogits, logits, starts, ends, mask)?;
+        let (_, b) = dims(losses, dlogits, logits, starts, ends, seqs)?;
         if losses.dtype() != DType::F32 || dlogits.dtype() != logits.dtype() {
             bail!(
                 "span_loss: losses must be f32 and dlogits must match logits ({}), found {} / {}",
@@ -32,15 +33,16 @@ impl SpanLossOps for Cuda {
             logits: logits.buf.ptr,
             starts: starts.buf.ptr,
             ends: ends.buf.ptr,
-            mask: mask.buf.ptr,
+            cu: seqs.cu.buf.ptr,
+            lens: seqs.lens.buf.ptr,
             b: b as i32,
-            t: t as i32,
             mask_padding: cfg.mask_padding as i32,
             dt: dtype_code(logits.dtype()),
             scale_start: cfg.scale_start as f32,
             scale_end: cfg.scale_end as f32,
+            _pad: 0,
         };
-        // SAFETY: shapes checked above; every address is a live buffer of this backend
+        // SAFETY: the shapes match the layout (checked by dims); every address is a live buffer
         unsafe { self.run(&launch(p)) }
     }
 }

@@ -1,19 +1,22 @@
-//! The span loss of BertForQuestionAnswering: softmax cross-entropy over the sequence for the start logits
-//! and for the end logits; `loss = (CE_start + CE_end) / 2`, each CE the mean over the batch.
+//! The span loss of BertForQuestionAnswering: per window, softmax cross-entropy over the window's positions
+//! for the start logits and for the end logits; the model averages over windows (`(CE_start + CE_end) / 2`).
 //!
-//! Forward and backward in one op: writes the per-example losses and `dlogits = (softmax − onehot)·scale`.
-//! - `logits (B,T,2)` are the span head's output (`[…, 0]` start, `[…, 1]` end).
-//! - Out-of-range targets: as in HF, positions are first clamped to `[0, T]` (by [`clamp_positions`]) and
-//!   a target equal to `T` is *ignored*: it adds no loss, gets zero gradient and is left out of the mean.
-//! - `mask_padding`: when set, positions with `attention_mask == 0` are excluded from the softmax (logit
-//!   −∞, zero gradient). HF does not mask them; the model masks by default (padding cannot be an answer),
-//!   and the HF parity test turns it off.
+//! Forward and backward in one op: writes the per-window losses and `dlogits = (softmax − onehot)·scale`.
+//! - `logits (N,2)` are the span head's output for the N rows of a batch (`[…, 0]` start, `[…, 1]` end);
+//!   window b owns rows `cu[b]..cu[b+1]` (`seqs`).
+//! - Targets are positions within the window. Out-of-range targets: as in HF, positions are first clamped
+//!   to `[0, T]` (by [`clamp_positions`]); a target at or past the softmax range is *ignored*: it adds no
+//!   loss, gets zero gradient and is left out of the mean.
+//! - `mask_padding`: when set, the softmax runs over the window's real tokens only (`lens[b]`; its padding
+//!   rows get zero gradient). HF does not mask them; the model masks by default (padding cannot be an
+//!   answer), and the HF parity test turns it off. A packed window has no padding: the two agree.
 
 pub mod cpu;
 pub mod cuda;
 
 use crate::backend::BackendCore;
 use crate::kernel::Launch;
+use crate::ops::Seqs;
 use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
 
@@ -26,8 +29,8 @@ pub struct SpanLossCfg {
 }
 
 pub trait SpanLossOps: BackendCore {
-    /// losses (B,2) (f32; per example, 0 when ignored), dlogits (B,T,2) (overwritten) ← logits (B,T,2),
-    /// starts (B) i32, ends (B) i32, mask (B,T) i32.
+    /// losses (B,2) (stat dtype; per window, 0 when ignored), dlogits (N,2) (overwritten) ← logits (N,2),
+    /// starts (B) i32, ends (B) i32 (positions within the windows), seqs.
     #[allow(clippy::too_many_arguments)]
     fn span_loss_forward_backward(
         &self,
@@ -36,38 +39,39 @@ pub trait SpanLossOps: BackendCore {
         logits: &Tensor<Self>,
         starts: &Tensor<Self>,
         ends: &Tensor<Self>,
-        mask: &Tensor<Self>,
+        seqs: &Seqs<Self>,
         cfg: SpanLossCfg,
     ) -> Result<()>;
 }
 
-/// HF's treatment of positions: clamp to [0, T]; T means "ignored".
+/// HF's treatment of positions: clamp to [0, T]; T (the window's length) and beyond mean "ignored".
 pub fn clamp_positions(pos: &[i64], t: usize) -> Vec<i32> {
     pos.iter().map(|&p| p.clamp(0, t as i64) as i32).collect()
 }
 
+/// (N, B) after checking every shape.
 pub(crate) fn dims<B: BackendCore>(
     losses: &Tensor<B>,
     dl: &Tensor<B>,
     logits: &Tensor<B>,
     s: &Tensor<B>,
     e: &Tensor<B>,
-    mask: &Tensor<B>,
+    seqs: &Seqs<B>,
 ) -> Result<(usize, usize)> {
     let op = "span_loss";
-    if logits.shape().len() != 3 || logits.shape()[2] != 2 {
-        bail!("{op}: logits must be (B,T,2), found {:?}", logits.shape());
+    if logits.shape().len() != 2 || logits.shape()[1] != 2 {
+        bail!("{op}: logits must be (N,2), found {:?}", logits.shape());
     }
-    let (b, t) = (logits.shape()[0], logits.shape()[1]);
+    let (n, b) = (logits.shape()[0], seqs.b());
+    seqs.expect_rows(op, n)?;
     dl.expect(&format!("{op}: dlogits"), logits.shape())?;
     losses.expect(&format!("{op}: losses"), &[b, 2])?;
     s.expect(&format!("{op}: start_positions"), &[b])?;
     e.expect(&format!("{op}: end_positions"), &[b])?;
-    mask.expect(&format!("{op}: attention_mask"), &[b, t])?;
-    for x in [s, e, mask] {
+    for x in [s, e] {
         x.expect_dtype(op, &[DType::I32])?;
     }
-    Ok((b, t))
+    Ok((n, b))
 }
 
 /// kernels/span_loss.cu `SpanParams`: pointers are device addresses, `dt` the logits' `dtype_code`.
@@ -79,16 +83,18 @@ pub struct SpanParams {
     pub logits: u64,
     pub starts: u64,
     pub ends: u64,
-    pub mask: u64,
+    /// (B+1) i32 window row offsets, (B) i32 real lengths
+    pub cu: u64,
+    pub lens: u64,
     pub b: i32,
-    pub t: i32,
     pub mask_padding: i32,
     pub dt: i32,
     pub scale_start: f32,
     pub scale_end: f32,
+    pub _pad: i32,
 }
 
-/// The span loss kernel's launch: one block of 256 threads per (example, start|end).
+/// The span loss kernel's launch: one block of 256 threads per (window, start|end).
 pub fn launch(p: SpanParams) -> Launch<SpanParams> {
     Launch {
         module: "span_loss",
@@ -99,7 +105,6 @@ pub fn launch(p: SpanParams) -> Launch<SpanParams> {
         params: p,
     }
 }
-
 unsafe impl cudarc::driver::DeviceRepr for SpanParams {}
 
 /// The parameter layout (checked against kernels/span_loss.cu by tests/kernels_compile.rs).
@@ -110,12 +115,13 @@ pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
         logits,
         starts,
         ends,
-        mask,
+        cu,
+        lens,
         b,
-        t,
         mask_padding,
         dt,
         scale_start,
-        scale_end
+        scale_end,
+        _pad
     })]
 }

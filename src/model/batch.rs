@@ -1,0 +1,289 @@
+//! From windows (data::features) to a batch: N rows grouped into windows ([`SeqLayout`]), the token ids and
+//! types of every row, and the span labels per window — on the host ([`HostBatch`]), then on the device in
+//! the activation plan's views ([`Batch`], src/model/acts.rs).
+//!
+//! Three layouts of the same windows ([`Padding`]): `packed` — each window contributes its real tokens only,
+//! no padding anywhere; `longest` — each window padded to the batch's longest window, rounded up to
+//! [`LONGEST_ROUND`] (at most the full window length); `max` — each window padded to its full length
+//! (`--max-seq-length`). Padding rows are masked everywhere (attention keys, the span softmax), so the real
+//! tokens' results do not depend on the layout; the dropout stream does not either (src/rng.rs).
+
+use crate::backend::BackendCore;
+use crate::data::features::Feature;
+use crate::ops::span_loss::clamp_positions;
+use crate::ops::{SeqLayout, Seqs};
+use crate::tensor::Tensor;
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+/// How windows are laid out in a batch (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Padding {
+    /// the real tokens only (the default)
+    #[default]
+    Packed,
+    /// every window padded to the batch's longest, rounded up to 64
+    Longest,
+    /// every window padded to --max-seq-length
+    Max,
+}
+
+impl Padding {
+    pub fn parse(s: &str) -> Result<Padding> {
+        Ok(match s {
+            "packed" => Padding::Packed,
+            "longest" => Padding::Longest,
+            "max" => Padding::Max,
+            other => bail!("--padding must be packed, longest or max (got {other:?})"),
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Padding::Packed => "packed",
+            Padding::Longest => "longest",
+            Padding::Max => "max",
+        }
+    }
+}
+
+/// `longest` pads to a multiple of this many rows (the attention kernels' tile).
+pub const LONGEST_ROUND: usize = 64;
+
+/// The number of real tokens of a window: its attention mask's last 1, plus one (at least 1).
+pub fn real_len(f: &Feature) -> usize {
+    f.attention_mask
+        .iter()
+        .rposition(|&m| m != 0)
+        .map_or(1, |p| p + 1)
+}
+
+/// One batch of windows on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostBatch {
+    pub layout: SeqLayout,
+    /// (N) input_ids
+    pub ids: Vec<i32>,
+    /// (N) token_type_ids
+    pub types: Vec<i32>,
+    /// (B) start/end positions within each window, clamped to [0, rows] (HF: the window length = ignored)
+    pub starts: Vec<i32>,
+    pub ends: Vec<i32>,
+}
+
+impl HostBatch {
+    /// Windows (B).
+    pub fn b(&self) -> usize {
+        self.layout.b()
+    }
+    /// Rows (N).
+    pub fn n(&self) -> usize {
+        self.layout.n()
+    }
+    /// The rows a window of `real` tokens and `full` length takes in this padding mode, for a batch whose
+    /// longest window has `longest` tokens.
+    pub fn rows_for(padding: Padding, real: usize, longest: usize, full: usize) -> usize {
+        match padding {
+            Padding::Packed => real,
+            Padding::Longest => longest
+                .div_ceil(LONGEST_ROUND)
+                .saturating_mul(LONGEST_ROUND)
+                .min(full)
+                .max(longest),
+            Padding::Max => full,
+        }
+    }
+    /// Whether the start (`end == false`) or end target of window `b` counts: inside the span softmax's range
+    /// (the real tokens when `mask_padding`, else the whole window).
+    pub fn target_counts(&self, b: usize, end: bool, mask_padding: bool) -> bool {
+        let range = if mask_padding {
+            self.layout.lens[b] as usize
+        } else {
+            self.layout.rows(b)
+        };
+        let t = if end { self.ends[b] } else { self.starts[b] };
+        t >= 0 && (t as usize) < range
+    }
+}
+
+/// Lay out `windows` in one batch, the first numbered `first_w` in the optimizer step's whole batch (the
+/// dropout stream's window index). Labels are each window's `start_position`/`end_position` (inference
+/// windows carry (0, 0): harmless, nothing reads the loss).
+pub fn pack(windows: &[&Feature], first_w: usize, padding: Padding) -> Result<HostBatch> {
+    let Some(first) = windows.first() else {
+        bail!("pack: a batch needs at least one window");
+    };
+    let full = first.input_ids.len();
+    let lens: Vec<usize> = windows.iter().map(|f| real_len(f)).collect();
+    let longest = lens.iter().copied().max().unwrap_or(1);
+    let mut rows = Vec::with_capacity(windows.len());
+    for (f, &l) in windows.iter().zip(&lens) {
+        if f.input_ids.len() != full || f.token_type_ids.len() != full {
+            bail!(
+                "pack: windows of {} and {} tokens in one batch",
+                full,
+                f.input_ids.len()
+            );
+        }
+        rows.push(HostBatch::rows_for(padding, l, longest, full));
+    }
+    let layout = SeqLayout::new(&lens, &rows, first_w)?;
+    let n = layout.n();
+    let (mut ids, mut types) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut starts, mut ends) = (Vec::with_capacity(windows.len()), vec![]);
+    for (f, &r) in windows.iter().zip(&rows) {
+        ids.extend_from_slice(&f.input_ids[..r]);
+        types.extend_from_slice(&f.token_type_ids[..r]);
+        starts.extend(clamp_positions(&[f.start_position], r));
+        ends.extend(clamp_positions(&[f.end_position], r));
+    }
+    Ok(HostBatch {
+        layout,
+        ids,
+        types,
+        starts,
+        ends,
+    })
+}
+
+/// Split `windows` into consecutive batches of at most `max_windows` windows and `max_rows` rows each in
+/// this padding mode (for `longest`, the batch's longest window decides every window's rows).
+pub fn chunks_fitting<'a>(
+    windows: &'a [&'a Feature],
+    padding: Padding,
+    max_windows: usize,
+    max_rows: usize,
+) -> Result<Vec<&'a [&'a Feature]>> {
+    let mut out = vec![];
+    let mut start = 0;
+    while start < windows.len() {
+        let (mut end, mut longest) = (start, 0usize);
+        while end < windows.len() && end - start < max_windows.max(1) {
+            let f = windows[end];
+            let l = longest.max(real_len(f));
+            let k = end + 1 - start;
+            let rows = match padding {
+                Padding::Packed => windows[start..=end]
+                    .iter()
+                    .map(|f| real_len(f))
+                    .sum::<usize>(),
+                _ => k * HostBatch::rows_for(padding, 0, l, f.input_ids.len()).max(l),
+            };
+            if rows > max_rows {
+                break;
+            }
+            longest = l;
+            end += 1;
+        }
+        if end == start {
+            bail!(
+                "a window of {} tokens does not fit a batch of {max_rows} rows",
+                windows[start].input_ids.len()
+            );
+        }
+        out.push(&windows[start..end]);
+        start = end;
+    }
+    Ok(out)
+}
+
+/// A batch on the device: views into the activation plan (src/model/acts.rs), and the host copy the loss
+/// needs.
+pub struct Batch<B: BackendCore> {
+    /// (N) i32 input_ids
+    pub ids: Tensor<B>,
+    /// (N) i32 token_type_ids
+    pub types: Tensor<B>,
+    /// the layout, with per-row positions and dropout keys
+    pub seqs: Seqs<B>,
+    /// (B) i32 start positions within the windows (see [`HostBatch::starts`])
+    pub starts: Tensor<B>,
+    /// (B) i32 end positions
+    pub ends: Tensor<B>,
+    pub host: HostBatch,
+}
+
+impl<B: BackendCore> Batch<B> {
+    /// `hb` in fresh device tensors (tests and tools; training and evaluation use the activation plan).
+    pub fn upload(be: &B, hb: &HostBatch) -> Result<Self> {
+        let (n, b) = (hb.n(), hb.b());
+        Ok(Batch {
+            ids: Tensor::from_i32(be, &hb.ids, &[n])?,
+            types: Tensor::from_i32(be, &hb.types, &[n])?,
+            seqs: Seqs::upload(be, &hb.layout)?,
+            starts: Tensor::from_i32(be, &hb.starts, &[b])?,
+            ends: Tensor::from_i32(be, &hb.ends, &[b])?,
+            host: hb.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(len: usize, t: usize, s: i64, e: i64) -> Feature {
+        Feature {
+            example: 0,
+            input_ids: (0..t)
+                .map(|i| if i < len { 100 + i as i32 } else { 0 })
+                .collect(),
+            token_type_ids: (0..t).map(|i| (i >= 3 && i < len) as i32).collect(),
+            attention_mask: (0..t).map(|i| (i < len) as i32).collect(),
+            offsets: vec![None; t],
+            start_position: s,
+            end_position: e,
+            has_answer: true,
+        }
+    }
+
+    #[test]
+    fn the_three_layouts_of_the_same_windows() {
+        let ws = [
+            window(5, 200, 2, 3),
+            window(70, 200, 60, 69),
+            window(1, 200, 0, 0),
+        ];
+        let refs: Vec<&Feature> = ws.iter().collect();
+        let p = pack(&refs, 7, Padding::Packed).unwrap();
+        assert_eq!(p.layout.cu, vec![0, 5, 75, 76]);
+        assert_eq!(p.layout.lens, vec![5, 70, 1]);
+        assert_eq!(p.layout.wid, vec![7, 8, 9]);
+        assert_eq!(p.ids.len(), 76);
+        assert_eq!(&p.ids[5..8], &[100, 101, 102]);
+        assert_eq!(
+            (p.starts.clone(), p.ends.clone()),
+            (vec![2, 60, 0], vec![3, 69, 0])
+        );
+        let l = pack(&refs, 0, Padding::Longest).unwrap();
+        assert_eq!(l.layout.cu, vec![0, 128, 256, 384]); // longest 70 → 128 rows each
+        assert_eq!(l.layout.lens, vec![5, 70, 1]);
+        assert_eq!(l.ids[5], 0); // padding
+        let m = pack(&refs, 0, Padding::Max).unwrap();
+        assert_eq!(m.layout.cu, vec![0, 200, 400, 600]);
+        assert_eq!(m.layout.pos()[200..203], [0, 1, 2]);
+        // a label past the window is clamped to its rows: ignored
+        let far = [window(5, 200, 150, 150)];
+        let r: Vec<&Feature> = far.iter().collect();
+        let p = pack(&r, 0, Padding::Packed).unwrap();
+        assert_eq!(p.starts, vec![5]);
+        assert!(!p.target_counts(0, false, true));
+        assert!(pack(&[], 0, Padding::Packed).is_err());
+    }
+
+    #[test]
+    fn chunks_respect_windows_and_rows() {
+        let ws: Vec<Feature> = [10, 20, 30, 40, 50]
+            .iter()
+            .map(|&l| window(l, 64, 0, 0))
+            .collect();
+        let refs: Vec<&Feature> = ws.iter().collect();
+        let c = chunks_fitting(&refs, Padding::Packed, 10, 60).unwrap();
+        assert_eq!(c.iter().map(|c| c.len()).collect::<Vec<_>>(), vec![3, 1, 1]);
+        let c = chunks_fitting(&refs, Padding::Max, 10, 130).unwrap();
+        assert_eq!(c.iter().map(|c| c.len()).collect::<Vec<_>>(), vec![2, 2, 1]);
+        let c = chunks_fitting(&refs, Padding::Packed, 2, 1000).unwrap();
+        assert_eq!(c.len(), 3);
+        assert!(chunks_fitting(&refs, Padding::Max, 10, 10).is_err());
+    }
+}

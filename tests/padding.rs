@@ -1,0 +1,220 @@
+//! Padding-free batches are exact: the same windows laid out packed, padded to the longest, or padded to the
+//! full length — and split into micro-batches or not — give the same logits, loss and gradients (f64, within
+//! reduction-order rounding, dropout on: the dropout stream is keyed by window, position and feature, not by
+//! the layout), and the same f32 training trajectory. And one activation plan serves every shape: memory does
+//! not grow with the mix of batch shapes.
+
+mod common;
+use bertqa::cpu::Cpu;
+use bertqa::data::features::Feature;
+use bertqa::model::{BertConfig, Padding};
+use bertqa::prelude::*;
+use bertqa::rng::Rng;
+use bertqa::train::Trainer;
+use common::parity::step_train_config;
+
+/// `n` windows of `t` tokens with random real lengths (some short, one full, one of a single token) and
+/// labels inside them.
+fn windows(cfg: &BertConfig, n: usize, t: usize, seed: u64) -> Vec<Feature> {
+    let mut r = Rng::new(seed);
+    (0..n)
+        .map(|i| {
+            let len = match i % 5 {
+                0 => t,
+                1 => 1,
+                _ => 2 + r.below(t - 2),
+            };
+            let s = r.below(len);
+            let e = (s + r.below(3)).min(len - 1);
+            Feature {
+                example: i,
+                input_ids: (0..t)
+                    .map(|j| {
+                        if j < len {
+                            1 + r.below(cfg.vocab_size - 1) as i32
+                        } else {
+                            0
+                        }
+                    })
+                    .collect(),
+                token_type_ids: (0..t).map(|j| (j > 2 && j < len) as i32).collect(),
+                attention_mask: (0..t).map(|j| (j < len) as i32).collect(),
+                offsets: vec![None; t],
+                start_position: s as i64,
+                end_position: e as i64,
+                has_answer: true,
+            }
+        })
+        .collect()
+}
+
+/// ‖a − b‖₂ / ‖b‖₂ (0 when both vanish).
+fn rel(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f64>()
+        .sqrt();
+    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    if den == 0.0 {
+        num
+    } else {
+        num / den
+    }
+}
+
+/// What one f64 step of a tiny model on `feats` gives: (loss, gradients per tensor, logits of the real
+/// tokens per window (start then end)).
+type StepResult = (f64, Vec<(String, Vec<f64>)>, Vec<Vec<f32>>);
+
+fn f64_step(padding: Padding, accum: usize, feats: &[Feature]) -> StepResult {
+    let be = Cpu::new();
+    let cfg = BertConfig::tiny(97, 16, 2, 2, 32, 64);
+    let master = common::rand_params(&be, &cfg, DType::F64, 3);
+    let mut tc = step_train_config(feats[0].input_ids.len());
+    tc.padding = padding;
+    tc.grad_accum_steps = accum;
+    tc.batch_size = feats.len();
+    let mut tr = Trainer::new(&be, cfg, master, DType::F64, tc).unwrap();
+    let refs: Vec<&Feature> = feats.iter().collect();
+    // lr 0: AdamW leaves the weights as they are (the gradients are what is compared)
+    let out = tr.step(&refs, 0.0).unwrap();
+    let grads = tr
+        .grads
+        .layout()
+        .entries
+        .clone()
+        .into_iter()
+        .zip(tr.grads.tensors())
+        .map(|(e, g)| (e.name, g.to_f64_vec(&be).unwrap()))
+        .collect();
+    let (s, e) = tr.logits(&refs).unwrap();
+    let logits = feats
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let l = bertqa::model::batch::real_len(f);
+            [&s[i][..l], &e[i][..l]].concat()
+        })
+        .collect();
+    (out.loss, grads, logits)
+}
+
+#[test]
+fn packed_padded_and_accumulated_steps_agree_in_f64_with_dropout() {
+    let cfg = BertConfig::tiny(97, 16, 2, 2, 32, 64);
+    let feats = windows(&cfg, 7, 40, 5);
+    let (l0, g0, lg0) = f64_step(Padding::Packed, 1, &feats);
+    assert!(l0.is_finite() && l0 > 0.0);
+    for (padding, accum) in [
+        (Padding::Longest, 1),
+        (Padding::Max, 1),
+        (Padding::Packed, 2),
+        (Padding::Max, 3),
+    ] {
+        let (l, g, lg) = f64_step(padding, accum, &feats);
+        let el = ((l - l0) / l0).abs();
+        println!("{padding:?} accum {accum}: loss rel. diff {el:.1e}");
+        assert!(el < 1e-12, "{padding:?} accum {accum}: loss {l} vs {l0}");
+        for ((name, a), (_, b)) in g.iter().zip(&g0) {
+            let e = rel(a, b);
+            assert!(
+                e < 1e-12,
+                "{padding:?} accum {accum}: gradient {name} differs by {e:.2e}"
+            );
+        }
+        for (w, (a, b)) in lg.iter().zip(&lg0).enumerate() {
+            // logits come back as f32
+            let e = rel(
+                &a.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+                &b.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+            );
+            assert!(
+                e < 1e-6,
+                "{padding:?}: logits of window {w} differ by {e:.2e}"
+            );
+        }
+    }
+}
+
+/// 20 f32 training steps (dropout on, AdamW, clipping) give the same per-step losses in every layout.
+#[test]
+fn f32_training_trajectories_agree_across_paddings() {
+    let cfg = BertConfig::tiny(97, 32, 2, 2, 64, 64);
+    let feats = windows(&cfg, 40, 48, 9);
+    let run = |padding: Padding| -> Vec<f64> {
+        let be = Cpu::new();
+        let master = common::rand_params(&be, &cfg, DType::F32, 4);
+        let mut tc = step_train_config(48);
+        tc.padding = padding;
+        tc.max_grad_norm = 1.0;
+        tc.batch_size = 8;
+        let mut tr = Trainer::new(&be, cfg.clone(), master, DType::F32, tc).unwrap();
+        (0..20)
+            .map(|step| {
+                let batch: Vec<&Feature> = (0..8)
+                    .map(|k| &feats[(step * 8 + k) % feats.len()])
+                    .collect();
+                let out = tr.step(&batch, 1e-3).unwrap();
+                tr.state.global_step += 1;
+                out.loss
+            })
+            .collect()
+    };
+    let packed = run(Padding::Packed);
+    for padding in [Padding::Longest, Padding::Max] {
+        let other = run(padding);
+        for (step, (a, b)) in other.iter().zip(&packed).enumerate() {
+            let e = ((a - b) / b).abs();
+            assert!(
+                e < 1e-5,
+                "{padding:?} step {step}: loss {a} vs packed {b} ({e:.1e})"
+            );
+        }
+    }
+}
+
+/// The activation plan: a run whose batches mix short and long windows holds no more memory than one of
+/// full windows only (≤ 1.1×), training and evaluation both; the CPU backend counts its allocations.
+#[test]
+fn mixed_batch_shapes_allocate_no_more_than_the_largest() {
+    let cfg = BertConfig::tiny(97, 32, 2, 2, 64, 128);
+    let t = 128;
+    let full: Vec<Feature> = windows(&cfg, 16, t, 1)
+        .into_iter()
+        .map(|mut f| {
+            f.attention_mask = vec![1; t];
+            f.input_ids.iter_mut().for_each(|x| *x = 1 + *x % 90);
+            f
+        })
+        .collect();
+    let mixed = windows(&cfg, 64, t, 2);
+    let peak = |feats: &[Feature], padding: Padding| -> usize {
+        let be = Cpu::new();
+        let master = common::rand_params(&be, &cfg, DType::F32, 4);
+        let mut tc = step_train_config(t);
+        tc.padding = padding;
+        tc.batch_size = 8;
+        tc.eval_batch_size = 8;
+        let mut tr = Trainer::new(&be, cfg.clone(), master, DType::F32, tc).unwrap();
+        for (step, batch) in feats.chunks(8).enumerate() {
+            let refs: Vec<&Feature> = batch.iter().collect();
+            tr.step(&refs, 1e-3).unwrap();
+            tr.state.global_step = step + 1;
+        }
+        let refs: Vec<&Feature> = feats.iter().collect();
+        tr.logits(&refs).unwrap();
+        be.memory_stats().peak_bytes
+    };
+    let base = peak(&full, Padding::Max);
+    for padding in [Padding::Packed, Padding::Longest, Padding::Max] {
+        let p = peak(&mixed, padding);
+        println!("{padding:?}: peak {p} bytes vs {base} at full windows");
+        assert!(
+            p as f64 <= 1.1 * base as f64,
+            "{padding:?}: {p} > 1.1 × {base}"
+        );
+    }
+}
