@@ -770,7 +770,7 @@ fn run_config<B: Bench>(be: &mut B, name: &str, s: &Shape, tab: &Table) {
     bench_adamw(be, s, tab);
     bench_step(be, s, tab, &mut r);
     if let Some(w) = squad_windows() {
-        let steps = if be.supports(DType::F64) { 3 } else { 20 };
+        let steps = if be.supports(DType::F64) { 8 } else { 20 };
         bench_padding(&*be, s, &w, steps);
     }
 }

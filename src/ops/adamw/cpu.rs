@@ -4,6 +4,10 @@ use super::{check, AdamWHyper, AdamWOps};
 use crate::cpu::{rd, wr, Cpu, Real};
 use crate::tensor::Tensor;
 use anyhow::Result;
+use rayon::prelude::*;
+
+/// Elements per parallel chunk of the flat buffers.
+const CHUNK: usize = 1 << 16;
 
 /// The per-element update (reference) of elements `0..p.len()`, the first `n_decay` of them with weight decay.
 pub fn adamw_ref<T: Real>(
@@ -50,7 +54,16 @@ impl AdamWOps for Cpu {
             let g = rd::<T>(grad);
             let (mut mm, mut vv) = (wr::<T>(m, true), wr::<T>(v, true));
             let mut p = wr::<T>(master, true);
-            adamw_ref(&mut p, &g, &mut mm, &mut vv, hp, n_decay);
+            // element-wise, so chunks in parallel give the same bits as one loop
+            p.par_chunks_mut(CHUNK)
+                .zip(mm.par_chunks_mut(CHUNK))
+                .zip(vv.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK))
+                .enumerate()
+                .for_each(|(k, (((p, m), v), g))| {
+                    let decay = n_decay.saturating_sub(k * CHUNK).min(p.len());
+                    adamw_ref(p, g, m, v, hp, decay);
+                });
             if let Some(w) = working {
                 wr::<T>(w, false).copy_from_slice(&p);
             }
@@ -58,6 +71,14 @@ impl AdamWOps for Cpu {
         Ok(())
     }
     fn grad_sq_norm(&self, grad: &Tensor<Cpu>) -> Result<f64> {
-        Ok(rd::<f64>(grad).iter().map(|x| x * x).sum::<f64>())
+        crate::cpu_compute!(grad.dtype(), T => {
+            let g = rd::<T>(grad);
+            // partial sums per chunk in parallel, added in chunk order: deterministic
+            let parts: Vec<f64> = g
+                .par_chunks(CHUNK)
+                .map(|c| c.iter().map(|&x| x.f64() * x.f64()).sum::<f64>())
+                .collect();
+            Ok(parts.iter().sum::<f64>())
+        })
     }
 }
