@@ -50,6 +50,12 @@ if ! grep -q "attn_variants: rc=0" "$OUT/summary.txt" || ! grep -q "parity_bf16_
     echo "opt-in paths failed parity: bench runs the defaults only" | tee -a "$OUT/summary.txt"
 fi
 fi
+# data parallelism through NCCL with one rank: the same losses as the plain path, and the all-reduce timed
+# (needs libnccl: torch's pip wheel nvidia-nccl-cu13 is linked as libnccl.so for cudarc)
+NCCL2=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null || true)
+if [ -n "$NCCL2" ] && [ -f "$NCCL2" ]; then mkdir -p /tmp/nccl-link && ln -sf "$NCCL2" /tmp/nccl-link/libnccl.so; fi
+LD_LIBRARY_PATH="/tmp/nccl-link${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" run nccl_one_rank 120 .gpu/bin/test_data_parallel --exact gpu_nccl_one_rank_matches_the_plain_path --nocapture --test-threads 1
+grep -E "SKIPPED|panicked|all-reduce|test result" "$OUT/nccl_one_rank.log" | head -20 | tee -a "$OUT/summary.txt"
 BENCH_ITERS="${BENCH_ITERS:-10}" run bench "${BENCH_TIMEOUT:-200}" .gpu/bin/bench_ops --bench
 cat "$OUT/bench.log" | tee -a "$OUT/summary.txt" | tail -80
 exit $status

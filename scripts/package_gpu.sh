@@ -8,7 +8,7 @@ export CARGO_PROFILE_RELEASE_DEBUG=0
 cargo build --release --bin bertqa
 cp target/release/bertqa .gpu/bin/
 # test executables and the bench, located through cargo's JSON messages
-cargo test --release --no-run --message-format=json --test parity 2>/dev/null |
+cargo test --release --no-run --message-format=json --test parity --test data_parallel 2>/dev/null |
     python3 -c 'import sys,json
 for l in sys.stdin:
     m=json.loads(l)

@@ -111,6 +111,28 @@ if [ -n "$GPU" ]; then
         export BERTQA_CUDA_PIP="$PIPDIR"
         export LD_LIBRARY_PATH="$PIPDIR/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     fi
+    # several GPUs (--devices) need NCCL, which cudarc opens as libnccl.so; NCCL itself ships libnccl.so.2
+    # (libnccl2, or the pip wheel nvidia-nccl-cu13 that torch brings): link it under the name looked for.
+    case " ${ARGS[*]:-} " in *" --devices "*|*" --devices="*)
+        if ! ldconfig -p 2>/dev/null | grep -q "libnccl.so " && \
+           ! ls $(echo "${LD_LIBRARY_PATH:-}" | tr ':' ' ') 2>/dev/null | grep -qx "libnccl.so"; then
+            NCCL2=$(ldconfig -p 2>/dev/null | awk '/libnccl.so.2 /{print $NF; exit}')
+            [ -n "$NCCL2" ] || NCCL2=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null || true)
+            if [ -z "$NCCL2" ] || [ ! -f "$NCCL2" ]; then
+                NPIP="${BERTQA_CUDA_PIP:-$HOME/.cache/bertqa/cuda-pip}"
+                if [ ! -f "$NPIP/nvidia/nccl/lib/libnccl.so.2" ] && [ -z "${BERTQA_TRAIN_DRY_RUN:-}" ]; then
+                    echo "bertqa: installing NCCL (pip wheel nvidia-nccl-cu13) into $NPIP" >&2
+                    python3 -m pip install --quiet --disable-pip-version-check --target "$NPIP" "nvidia-nccl-cu13" ||
+                        { echo "error: could not install NCCL; install libnccl2 or train on one GPU" >&2; exit 1; }
+                fi
+                NCCL2="$NPIP/nvidia/nccl/lib/libnccl.so.2"
+            fi
+            LINKDIR="$HOME/.cache/bertqa/nccl-link"
+            mkdir -p "$LINKDIR" && ln -sf "$NCCL2" "$LINKDIR/libnccl.so"
+            export LD_LIBRARY_PATH="$LINKDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+            echo "bertqa: NCCL from $NCCL2" >&2
+        fi ;;
+    esac
 fi
 
 CMD=("$BIN" train --model "$MODEL" --train-file "$SQUAD/train-v1.1.json" --dev-file "$SQUAD/dev-v1.1.json"

@@ -32,6 +32,7 @@
 
 pub mod backend;
 pub mod cli;
+pub mod collective;
 pub mod cpu;
 pub mod cuda;
 pub mod data;

@@ -118,7 +118,24 @@ fn packed_padded_and_accumulated_steps_agree_in_f64_with_dropout() {
         let el = ((l - l0) / l0).abs();
         println!("{padding:?} accum {accum}: loss rel. diff {el:.1e}");
         assert!(el < 1e-12, "{padding:?} accum {accum}: loss {l} vs {l0}");
+        let norm = g0
+            .iter()
+            .flat_map(|(_, v)| v.iter())
+            .map(|x| x * x)
+            .sum::<f64>()
+            .sqrt();
         for ((name, a), (_, b)) in g.iter().zip(&g0) {
+            // the span head's bias and the last LayerNorm's bias have no true gradient (softmax ignores a
+            // constant added to every position's logit): both sides are rounding noise, whose relative
+            // difference means nothing; check that it is noise
+            if name == "qa_outputs.bias" || name == "encoder.layer.1.output.LayerNorm.bias" {
+                let m = a.iter().chain(b).fold(0.0f64, |m, x| m.max(x.abs()));
+                assert!(
+                    m < 1e-12 * norm,
+                    "{padding:?} accum {accum}: {name} = {m:.2e} is not zero"
+                );
+                continue;
+            }
             let e = rel(a, b);
             assert!(
                 e < 1e-12,

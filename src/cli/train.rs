@@ -2,17 +2,25 @@
 
 use crate::cli::eval::EvalOpts;
 use crate::cli::{on_device, precision_dtype, DeviceFn};
+use crate::collective::local::Local;
+use crate::collective::nccl::Nccl;
+use crate::collective::rendezvous::Rendezvous;
+use crate::collective::{Collective, Devices};
+use crate::cpu::Cpu;
+use crate::cuda::Cuda;
 use crate::data::squad::Dataset;
 use crate::data::tokenizer;
 use crate::model::checkpoint as mc;
 use crate::ops::Backend;
 use crate::tensor::DType;
+use crate::train::replica;
 use crate::train::{self, checkpoint, FeatureCfgSer, PostCfgSer, RunInputs, TrainConfig, Trainer};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
@@ -97,6 +105,23 @@ pub struct TrainArgs {
     pub log_every: usize,
     #[arg(long)]
     pub no_progress: bool,
+    /// data parallelism: train on these devices of this machine, CUDA ordinals (0,1,2,3) or CPU replicas
+    /// (cpu,cpu); each step's --batch-size windows are split across them, with the result of one device
+    /// (instead of --device)
+    #[arg(long, conflicts_with = "device")]
+    pub devices: Option<String>,
+    /// machines in the run (each runs this command with its own --node-rank and the same --devices count)
+    #[arg(long, default_value_t = 1)]
+    pub nnodes: usize,
+    /// this machine's index, 0 .. --nnodes (node 0 logs, evaluates and saves)
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: usize,
+    /// how the machines find each other: file:PATH (a shared file system) or tcp:HOST:PORT (node 0's)
+    #[arg(long)]
+    pub rendezvous: Option<String>,
+    /// seconds to wait for the other machines
+    #[arg(long, default_value_t = 600)]
+    pub rendezvous_timeout: u64,
     #[command(flatten)]
     pub opts: EvalOpts,
 }
@@ -129,6 +154,32 @@ impl TrainArgs {
             || self.opts.max_query_length + 8 > self.opts.max_seq_length
         {
             bail!("--doc-stride ({}) and --max-query-length ({}) must leave room in --max-seq-length ({})", self.opts.doc_stride, self.opts.max_query_length, self.opts.max_seq_length);
+        }
+        if self.nnodes == 0 || self.node_rank >= self.nnodes {
+            bail!(
+                "--node-rank ({}) must be below --nnodes ({}), and --nnodes ≥ 1",
+                self.node_rank,
+                self.nnodes
+            );
+        }
+        if self.nnodes > 1 && (self.devices.is_none() || self.rendezvous.is_none()) {
+            bail!("--nnodes {} needs --devices (this machine's GPUs) and --rendezvous (file:PATH or tcp:HOST:PORT)", self.nnodes);
+        }
+        if let Some(d) = &self.devices {
+            let d = Devices::parse(d)?;
+            if matches!(d, Devices::Cpu(_)) && self.nnodes > 1 {
+                bail!("--devices cpu,…: CPU replicas run in one process; several machines need GPUs (NCCL)");
+            }
+            if self.batch_size < d.len() * self.nnodes {
+                bail!(
+                    "--batch-size ({}) must give every device at least one window ({} devices)",
+                    self.batch_size,
+                    d.len() * self.nnodes
+                );
+            }
+        }
+        if let Some(r) = &self.rendezvous {
+            Rendezvous::parse(r)?;
         }
         for (n, p) in [
             ("--hidden-dropout", self.hidden_dropout),
@@ -188,10 +239,19 @@ impl TrainArgs {
     }
 }
 
-struct TrainJob<'a>(&'a TrainArgs);
+/// The leader's job: the arguments, and the replica group of a data-parallel run (a
+/// `Box<dyn Collective<B>>` for the backend `call` is given).
+struct TrainJob<'a>(&'a TrainArgs, Option<Box<dyn std::any::Any + Send>>);
 impl DeviceFn<()> for TrainJob<'_> {
     fn call<B: Backend>(self, be: &B) -> Result<()> {
         let a = self.0;
+        let group = match self.1 {
+            Some(g) => Some(
+                *g.downcast::<Box<dyn Collective<B>>>()
+                    .map_err(|_| anyhow::anyhow!("internal: a replica group of another backend"))?,
+            ),
+            None => None,
+        };
         let mut train_ds = Dataset::load(&a.train_file)?;
         if let Some(msg) = train_ds.misaligned_report() {
             eprintln!("{}: {msg}", a.train_file.display());
@@ -238,6 +298,10 @@ impl DeviceFn<()> for TrainJob<'_> {
         };
         let peak = be.peak(trainer.model.dtype());
         trainer.set_peak(peak.clone());
+        if let Some(g) = group {
+            replica::lead(&mut trainer, g)?;
+        }
+        let peak = trainer.peak().cloned();
         eprintln!(
             "model: {} layers, hidden {}, {:.1}M parameters; precision {}; device {}; padding {}; activations {:.2} GiB; MFU {}",
             trainer.model.cfg.num_hidden_layers,
@@ -274,12 +338,21 @@ impl DeviceFn<()> for TrainJob<'_> {
             interrupt: Some(flag),
             stop_after_steps: None,
         };
-        let s = train::run(&mut trainer, &inp)?;
+        let s = train::run(&mut trainer, &inp);
+        // the followers stop with the leader (an error drops the group instead: they see it has gone)
+        let s = match s {
+            Ok(s) => {
+                trainer.leave_group()?;
+                s
+            }
+            Err(e) => return Err(e),
+        };
         let summary = serde_json::json!({
             "steps": s.state.global_step, "skipped_steps": s.state.skipped_steps, "epochs": s.state.epoch,
             "train_windows": s.train_windows, "seconds": s.seconds, "train_seq_per_s": s.seq_per_s,
             "final_loss": s.losses.last(), "best_f1": s.state.best_f1, "best_step": s.state.best_step,
             "stopped_early": s.state.stopped_early, "precision": trainer.model.dtype().to_string(), "device": be.name(),
+            "devices": a.devices.as_ref().map(|d| Devices::parse(d).map(|d| d.len() * a.nnodes).unwrap_or(0)).unwrap_or(1),
             "peak_device_memory_gib": be.memory_stats().peak_bytes as f64 / 1073741824.0,
             "train_flops_per_seq_at_max_len": trainer.model.cfg.train_flops_per_seq(a.opts.max_seq_length),
         });
@@ -298,5 +371,109 @@ impl DeviceFn<()> for TrainJob<'_> {
 
 pub fn run(a: &TrainArgs) -> Result<()> {
     a.validate()?;
-    on_device(&a.opts.device, &a.opts.kernels, TrainJob(a))
+    match &a.devices {
+        None => on_device(&a.opts.device, &a.opts.kernels, TrainJob(a, None)),
+        Some(d) => data_parallel(a, Devices::parse(d)?),
+    }
+}
+
+/// `--devices`: one thread per device of this machine, each with its own backend and replica; the leader
+/// (rank 0, on node 0) runs the training loop, the others follow it (src/train/replica.rs).
+fn data_parallel(a: &TrainArgs, devs: Devices) -> Result<()> {
+    let world = devs.len() * a.nnodes;
+    match devs {
+        Devices::Cpu(n) => {
+            eprintln!("bertqa: data parallel over {n} CPU replicas in this process");
+            let mut groups = Local::group(n).into_iter();
+            let leader = groups.next().context("--devices: no device")?;
+            let followers: Vec<_> = groups
+                .map(|g| {
+                    let rank = g.rank();
+                    std::thread::Builder::new()
+                        .name(format!("replica-{rank}"))
+                        .spawn(move || replica::follow(&Cpu::new(), Box::new(g)))
+                })
+                .collect::<std::io::Result<_>>()
+                .context("starting the replica threads")?;
+            let g: Box<dyn Collective<Cpu>> = Box::new(leader);
+            let res = TrainJob(a, Some(Box::new(g))).call(&Cpu::new());
+            // the leader's group is gone by now (stopped, or dropped on an error): every follower returns
+            let mut errors = vec![];
+            for (i, h) in followers.into_iter().enumerate() {
+                match h.join() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => errors.push(format!("{e:#}")),
+                    Err(_) => errors.push(format!("replica {} panicked", i + 1)),
+                }
+            }
+            match res {
+                Err(e) => Err(e),
+                Ok(()) if errors.is_empty() => Ok(()),
+                Ok(()) => bail!("{}", errors.join("; ")),
+            }
+        }
+        Devices::Cuda(ords) => {
+            let k = a.opts.kernels.config()?;
+            let id = if a.node_rank == 0 {
+                let id = crate::collective::nccl::unique_id()?;
+                if a.nnodes > 1 {
+                    let r = Rendezvous::parse(a.rendezvous.as_deref().unwrap_or_default())?;
+                    eprintln!(
+                        "bertqa: node 0 of {}: waiting for the other nodes ({r:?})",
+                        a.nnodes
+                    );
+                    r.publish(&id, a.nnodes, Duration::from_secs(a.rendezvous_timeout))?;
+                }
+                id
+            } else {
+                let r = Rendezvous::parse(a.rendezvous.as_deref().unwrap_or_default())?;
+                r.fetch(a.node_rank, Duration::from_secs(a.rendezvous_timeout))?
+            };
+            eprintln!(
+                "bertqa: data parallel: node {} of {}, GPUs {ords:?}, {world} ranks in all ({})",
+                a.node_rank,
+                a.nnodes,
+                k.describe()
+            );
+            let first_rank = a.node_rank * ords.len();
+            // a failing follower ends the process: the others would wait in NCCL for it forever (the last
+            // checkpoint is whole: they are written atomically)
+            let follower = move |i: usize, ord: usize| {
+                let rank = first_rank + i;
+                let res = (|| -> Result<()> {
+                    let be = Cuda::new(ord, k).with_context(|| format!("opening cuda:{ord}"))?;
+                    let g = Nccl::join(&be, &id, rank, world)?;
+                    replica::follow(&be, Box::new(g))
+                })();
+                if let Err(e) = res {
+                    eprintln!("error: replica {rank} (cuda:{ord}): {e:#}; stopping the run");
+                    std::process::exit(1);
+                }
+            };
+            let lead_here = a.node_rank == 0;
+            let skip = usize::from(lead_here);
+            let handles: Vec<_> = ords
+                .iter()
+                .enumerate()
+                .skip(skip)
+                .map(|(i, &ord)| {
+                    std::thread::Builder::new()
+                        .name(format!("replica-{}", first_rank + i))
+                        .spawn(move || follower(i, ord))
+                })
+                .collect::<std::io::Result<_>>()
+                .context("starting the replica threads")?;
+            if lead_here {
+                let be =
+                    Cuda::new(ords[0], k).with_context(|| format!("opening cuda:{}", ords[0]))?;
+                let g: Box<dyn Collective<Cuda>> = Box::new(Nccl::join(&be, &id, 0, world)?);
+                eprintln!("bertqa: {}", g.describe());
+                TrainJob(a, Some(Box::new(g))).call(&be)?;
+            }
+            for h in handles {
+                let _ = h.join();
+            }
+            Ok(())
+        }
+    }
 }

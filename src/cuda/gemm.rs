@@ -209,3 +209,27 @@ impl Cuda {
         })
     }
 }
+
+impl Cuda {
+    /// `y[i] += x[i]` for `n` f32 (cuBLAS saxpy, alpha 1, on this backend's stream); device addresses of
+    /// buffers the caller checked.
+    pub(crate) fn saxpy_one(&self, y: u64, x: u64, n: usize) -> Result<()> {
+        let alpha = 1.0f32;
+        // SAFETY: the caller checked that x and y hold n f32 each; the handle is bound to self.stream
+        let st = unsafe {
+            bsys::cublasSaxpy_v2_64(
+                *self.blas.handle(),
+                n as i64,
+                &alpha,
+                x as *const f32,
+                1,
+                y as *mut f32,
+                1,
+            )
+        };
+        match st {
+            bsys::cublasStatus_t::CUBLAS_STATUS_SUCCESS => Ok(()),
+            e => bail!("cublasSaxpy (n={n}) failed: {e:?}"),
+        }
+    }
+}

@@ -385,6 +385,26 @@ impl Cuda {
             anyhow!("CUDA stream synchronize failed (an earlier kernel faulted?): {e:?}")
         })
     }
+
+    /// The stream every op of this backend runs on (NCCL's collectives are queued on it too).
+    pub(crate) fn raw_stream(&self) -> cudarc::driver::sys::CUstream {
+        self.stream.cu_stream()
+    }
+
+    /// Make this backend's context current on the calling thread (each replica's thread calls it first).
+    pub fn bind_to_thread(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| {
+            anyhow!(
+                "binding the CUDA context of device {} to this thread: {e:?}",
+                self.ctx.ordinal()
+            )
+        })
+    }
+
+    /// The device's ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
 }
 
 fn check_view(what: &str, buf: &CudaBuf, dtype: DType, bytes: usize) -> Result<()> {

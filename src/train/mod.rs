@@ -5,7 +5,9 @@
 
 pub mod checkpoint;
 pub mod plot;
+pub mod replica;
 
+use crate::collective::{split_even, Collective};
 use crate::data::features::{featurize, Feature, FeatureCfg};
 use crate::data::squad::Dataset;
 use crate::data::tokenizer::WordPieceTokenizer;
@@ -154,6 +156,11 @@ pub struct Trainer<'a, B: Backend> {
     plan: ActPlan<B>,
     /// the compute peak MFU is measured against (None: not reported)
     peak: Option<crate::backend::Peak>,
+    /// the other replicas of a data-parallel run (None: this device alone); see src/train/replica.rs
+    group: Option<Box<dyn Collective<B>>>,
+    /// a micro-batch's gradient, before it is added to the step's sum (only when this replica computes
+    /// more than one micro-batch per step)
+    scratch: Option<BertParams<B>>,
 }
 
 /// What one optimizer step did.
@@ -169,6 +176,9 @@ pub struct StepOut {
     pub windows: usize,
     pub real_tokens: usize,
     pub rows: usize,
+    /// data parallelism: milliseconds of the gradient all-reduce, from the moment this replica's backward
+    /// had finished (waiting for slower replicas included); None on one device
+    pub allreduce_ms: Option<f64>,
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {
@@ -197,7 +207,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let m = BertParams::zeros(be, &bcfg, gd)?;
         let v = BertParams::zeros(be, &bcfg, gd)?;
         let scaler = LossScaler::new(precision == DType::F16);
-        let plan = Self::plan_for(be, &bcfg, &cfg, precision)?;
+        let plan = Self::plan_for(be, &bcfg, &cfg, precision, 1)?;
         Ok(Trainer {
             be,
             cfg,
@@ -211,13 +221,25 @@ impl<'a, B: Backend> Trainer<'a, B> {
             scaler,
             plan,
             peak: None,
+            group: None,
+            scratch: None,
         })
     }
 
-    /// The activation plan of a run: a micro-batch of full windows in training, and evaluation batches of up
-    /// to --eval-batch-size windows in the same rows.
-    fn plan_for(be: &B, bcfg: &BertConfig, cfg: &TrainConfig, dt: DType) -> Result<ActPlan<B>> {
-        let micro = cfg.batch_size.div_ceil(cfg.grad_accum_steps.max(1)).max(1);
+    /// The activation plan of a run: a micro-batch of full windows in training (a step's windows split
+    /// over `replicas` devices and --grad-accum-steps), and evaluation batches of up to --eval-batch-size
+    /// windows in the same rows.
+    fn plan_for(
+        be: &B,
+        bcfg: &BertConfig,
+        cfg: &TrainConfig,
+        dt: DType,
+        replicas: usize,
+    ) -> Result<ActPlan<B>> {
+        let micro = cfg
+            .batch_size
+            .div_ceil(cfg.grad_accum_steps.max(1) * replicas.max(1))
+            .max(1);
         let rows = micro * cfg.features.max_seq_length;
         ActPlan::new(be, bcfg, rows, micro.max(cfg.eval_batch_size), dt, true)
     }
@@ -250,32 +272,55 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
     }
 
-    /// One optimizer step over `feats` (split into micro-batches; the k-th window of the step is window k
-    /// of the dropout stream). The loss is the mean over the step's counted targets, whatever the split.
+    /// This replica's rank and the number of replicas (0 and 1 without data parallelism).
+    pub fn rank_world(&self) -> (usize, usize) {
+        self.group
+            .as_ref()
+            .map(|g| (g.rank(), g.world()))
+            .unwrap_or((0, 1))
+    }
+
+    /// One optimizer step over `feats`. The step's windows are split into `replicas × --grad-accum-steps`
+    /// micro-batches of sizes differing by at most one (in order; replica r computes micro-batches
+    /// r·A .. (r+1)·A); each micro-batch's gradient is computed on its own and the step's gradient is their
+    /// sum in order, whether one device adds them one after another or the replicas' sums are reduced — the
+    /// same arithmetic, so `--devices cpu,cpu` gives the bits of `--grad-accum-steps 2`. The k-th window of
+    /// the step is window k of the dropout stream wherever it is computed, and the loss is the mean over the
+    /// step's counted targets. On the leader of a data-parallel run, the other replicas are told to take the
+    /// same step (src/train/replica.rs).
     pub fn step(&mut self, feats: &[&Feature], lr: f64) -> Result<StepOut> {
+        replica::lead_step(self, feats, lr)?;
+        self.step_replica(feats, lr)
+    }
+
+    /// [`Trainer::step`] as every replica runs it (the followers call it directly).
+    pub(crate) fn step_replica(&mut self, feats: &[&Feature], lr: f64) -> Result<StepOut> {
         let be = self.be;
         let n = feats.len();
         if n == 0 {
             bail!("step: no windows");
         }
+        let (rank, world) = self.rank_world();
         let accum = self.cfg.grad_accum_steps.max(1);
-        let micro = n.div_ceil(accum).max(1);
         let loss_scale = self.scaler.loss_scale();
-        // micro-batches, each cut further where it does not fit the activation plan (a step may be given
-        // more windows than --batch-size); window k of the step keeps index k in the dropout stream
-        let mut batches = vec![];
-        for (mi, ch) in feats.chunks(micro).enumerate() {
-            let (pw, pr) = (self.plan.max_windows(), self.plan.max_rows());
-            let mut first = mi * micro;
-            for piece in chunks_fitting(ch, self.cfg.padding, pw, pr)? {
-                batches.push(pack(piece, first, self.cfg.padding)?);
+        // every micro-batch of the step (each cut further where it does not fit the activation plan: a step
+        // may be given more windows than --batch-size); window k of the step keeps index k in the dropout
+        // stream
+        let (pw, pr) = (self.plan.max_windows(), self.plan.max_rows());
+        let mut parts = vec![];
+        for range in split_even(n, world * accum) {
+            let mut first = range.start;
+            let mut pieces = vec![];
+            for piece in chunks_fitting(&feats[range], self.cfg.padding, pw, pr)? {
+                pieces.push(pack(piece, first, self.cfg.padding)?);
                 first += piece.len();
             }
+            parts.push(pieces);
         }
-        // the whole step's counted targets normalise every micro-batch's gradient
+        // the whole step's counted targets (every replica's) normalise every micro-batch's gradient
         let mask = self.model.mask_padding_in_loss;
         let (mut n_start, mut n_end) = (0, 0);
-        for hb in &batches {
+        for hb in parts.iter().flatten() {
             n_start += (0..hb.b())
                 .filter(|&b| hb.target_counts(b, false, mask))
                 .count();
@@ -288,14 +333,66 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.grads.zero_(be)?;
         let mut sums = LossSums::default();
         let (mut real, mut rows) = (0, 0);
-        for hb in &batches {
-            real += hb.layout.real_tokens();
-            rows += hb.n();
-            let (batch, acts) = self.plan.load(be, hb)?;
-            self.model.forward(be, acts, batch, drop)?;
-            sums.add(&self.model.loss(be, acts, batch, scale)?);
-            self.model
-                .backward(be, &mut self.grads, acts, batch, drop)?;
+        let mut first_part = true;
+        for pieces in &parts[rank * accum..(rank + 1) * accum] {
+            if pieces.is_empty() {
+                continue;
+            }
+            // the first micro-batch's gradient goes straight into the step's sum (zero + g = g exactly);
+            // each later one is computed apart and then added
+            let into_scratch = !first_part;
+            if into_scratch {
+                match self.scratch.as_mut() {
+                    Some(s) => s.zero_(be)?,
+                    None => {
+                        self.scratch =
+                            Some(BertParams::zeros(be, &self.model.cfg, self.grads.dtype())?)
+                    }
+                }
+            }
+            for hb in pieces {
+                real += hb.layout.real_tokens();
+                rows += hb.n();
+                let (batch, acts) = self.plan.load(be, hb)?;
+                self.model.forward(be, acts, batch, drop)?;
+                sums.add(&self.model.loss(be, acts, batch, scale)?);
+                let g = match (into_scratch, self.scratch.as_mut()) {
+                    (true, Some(s)) => s,
+                    _ => &mut self.grads,
+                };
+                self.model.backward(be, g, acts, batch, drop)?;
+            }
+            if let (true, Some(s)) = (into_scratch, self.scratch.as_ref()) {
+                be.grad_accumulate(self.grads.flat_mut(), s.flat())?;
+            }
+            first_part = false;
+        }
+        let mut allreduce_ms = None;
+        if let Some(g) = &self.group {
+            // the step's gradient and loss: sums over the replicas (every replica gets the same bits, so
+            // the norm, the loss-scale decision and the AdamW update agree everywhere); timed between two
+            // synchronisations (cheap next to a step, and only with several devices)
+            be.synchronize()?;
+            let t0 = Instant::now();
+            g.all_reduce_sum(be, self.grads.flat_mut())?;
+            be.synchronize()?;
+            allreduce_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
+            let mut v = [
+                sums.start,
+                sums.end,
+                sums.n_start as f64,
+                sums.n_end as f64,
+                real as f64,
+                rows as f64,
+            ];
+            g.sum_host(be, &mut v)?;
+            sums = LossSums {
+                start: v[0],
+                end: v[1],
+                n_start: v[2] as usize,
+                n_end: v[3] as usize,
+            };
+            (real, rows) = (v[4] as usize, v[5] as usize);
         }
         let loss = sums.mean();
         let norm = be.grad_sq_norm(self.grads.flat())?.sqrt() / loss_scale;
@@ -335,19 +432,49 @@ impl<'a, B: Backend> Trainer<'a, B> {
             windows: n,
             real_tokens: real,
             rows,
+            allreduce_ms,
         })
     }
 
     /// The start and end logits (full window length each) of `feats`, evaluated in batches that fit the
     /// activation plan.
     pub fn logits(&mut self, feats: &[&Feature]) -> Result<crate::eval::run::SpanLogits> {
-        crate::eval::run::plan_logits(
+        replica::lead_logits(self, feats)?;
+        Ok(self.logits_replica(feats)?.unwrap_or_default())
+    }
+
+    /// [`Trainer::logits`] as every replica runs it: each computes a contiguous share of the windows and
+    /// the leader gathers them in order (None on the other replicas).
+    pub(crate) fn logits_replica(
+        &mut self,
+        feats: &[&Feature],
+    ) -> Result<Option<crate::eval::run::SpanLogits>> {
+        let (rank, world) = self.rank_world();
+        let share = split_even(feats.len(), world)[rank].clone();
+        let (s, e) = crate::eval::run::plan_logits(
             self.be,
             &self.model,
             &mut self.plan,
-            feats,
+            &feats[share],
             self.cfg.padding,
-        )
+        )?;
+        let Some(g) = &self.group else {
+            return Ok(Some((s, e)));
+        };
+        let mut w = crate::collective::wire::Writer::default();
+        crate::collective::wire::write_logits(&mut w, &s, &e);
+        let Some(all) = g.gather_bytes(self.be, &w.0, 0)? else {
+            return Ok(None);
+        };
+        let (mut starts, mut ends) = (vec![], vec![]);
+        for (r, b) in all.iter().enumerate() {
+            let mut rd = crate::collective::wire::Reader::new(b);
+            let (s, e) = crate::collective::wire::read_logits(&mut rd)
+                .with_context(|| format!("logits from replica {r}"))?;
+            starts.extend(s);
+            ends.extend(e);
+        }
+        Ok(Some((starts, ends)))
     }
 
     /// Evaluate on features of `ds`: the metrics JSON.
@@ -518,6 +645,9 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
                     "applied": applied});
                 if let Some(m) = mfu {
                     line["mfu"] = serde_json::json!(m);
+                }
+                if let Some(ms) = out.allreduce_ms {
+                    line["allreduce_ms"] = serde_json::json!(ms);
                 }
                 if trainer.scaler.enabled {
                     line["loss_scale"] = serde_json::json!(trainer.scaler.scale);

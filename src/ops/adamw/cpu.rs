@@ -81,4 +81,16 @@ impl AdamWOps for Cpu {
             Ok(parts.iter().sum::<f64>())
         })
     }
+
+    fn grad_accumulate(&self, acc: &mut Tensor<Cpu>, g: &Tensor<Cpu>) -> Result<()> {
+        super::check_accumulate(acc, g)?;
+        crate::cpu_compute!(g.dtype(), T => {
+            let gv = rd::<T>(g);
+            let mut a = wr::<T>(acc, true);
+            a.par_chunks_mut(CHUNK)
+                .zip(gv.par_chunks(CHUNK))
+                .for_each(|(a, g)| a.iter_mut().zip(g).for_each(|(a, &g)| *a += g));
+        });
+        Ok(())
+    }
 }

@@ -42,4 +42,12 @@ impl AdamWOps for Cuda {
         unsafe { self.run(&sq_norm_launch(grad.buf.ptr, acc.buf.ptr, grad.numel())) }?;
         Ok(acc.to_host::<f32>(self)?[0] as f64)
     }
+
+    fn grad_accumulate(&self, acc: &mut Tensor<Cuda>, g: &Tensor<Cuda>) -> Result<()> {
+        super::check_accumulate(acc, g)?;
+        f32_only(&[g.dtype()])?;
+        // cuBLAS saxpy with alpha = 1: y = 1·x + y, one fused multiply-add per element, exact in the product,
+        // so one rounding, as the CPU reference's `+=`
+        self.saxpy_one(acc.buf.ptr, g.buf.ptr, g.numel())
+    }
 }

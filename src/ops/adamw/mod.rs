@@ -53,6 +53,23 @@ pub trait AdamWOps: BackendCore {
     ) -> Result<()>;
     /// Σ g² over the whole buffer (f64 on the host). NaN/inf in any gradient makes the result non-finite.
     fn grad_sq_norm(&self, grad: &Tensor<Self>) -> Result<f64>;
+    /// `acc += g`, element by element (one rounding each): a micro-batch's gradient added into the step's
+    /// sum, the same arithmetic as the data-parallel reduction of two replicas.
+    fn grad_accumulate(&self, acc: &mut Tensor<Self>, g: &Tensor<Self>) -> Result<()>;
+}
+
+/// Both gradient buffers of [`AdamWOps::grad_accumulate`] have the same shape and dtype.
+pub(crate) fn check_accumulate<B: BackendCore>(acc: &Tensor<B>, g: &Tensor<B>) -> Result<()> {
+    if acc.shape() != g.shape() || acc.dtype() != g.dtype() {
+        anyhow::bail!(
+            "grad_accumulate: acc {:?} {} and g {:?} {} must match",
+            acc.shape(),
+            acc.dtype(),
+            g.shape(),
+            g.dtype()
+        );
+    }
+    Ok(())
 }
 
 /// n after checking that every buffer has it and `n_decay ≤ n`.
