@@ -63,13 +63,6 @@ pub struct GradScratch<B: BackendCore> {
     pub dpre: Tensor<B>,    // (N,F)
 }
 
-impl<B: BackendCore> Acts<B> {
-    /// The encoder output (N,C): the last layer's output, or the embeddings' in a model without layers.
-    pub fn last_hidden(&self) -> &Tensor<B> {
-        self.layers.last().map(|l| &l.out).unwrap_or(&self.emb)
-    }
-}
-
 /// Where each view lives: (arena, element offset, per-row width or a fixed size).
 #[derive(Clone, Copy, Debug)]
 enum Arena {

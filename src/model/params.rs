@@ -267,29 +267,6 @@ impl<B: BackendCore> BertParams<B> {
         &mut self.flat
     }
 
-    /// The per-tensor views and the whole buffer at once, for a step that reads tensors and writes the whole
-    /// (the CPU backend checks at run time that they are never used overlapping).
-    pub fn views_and_flat(&mut self) -> (Vec<&Tensor<B>>, &mut Tensor<B>) {
-        let BertParams {
-            emb,
-            layers,
-            qa_w,
-            qa_b,
-            flat,
-            ..
-        } = self;
-        let mut v = vec![&emb.word, &emb.pos, &emb.ttype, &emb.ln_g, &emb.ln_b];
-        for l in layers.iter() {
-            v.extend([
-                &l.qkv_w, &l.qkv_b, &l.ao_w, &l.ao_b, &l.ln1_g, &l.ln1_b, &l.ff1_w, &l.ff1_b,
-                &l.ff2_w, &l.ff2_b, &l.ln2_g, &l.ln2_b,
-            ]);
-        }
-        v.push(qa_w);
-        v.push(qa_b);
-        (v, flat)
-    }
-
     /// References in `param_specs` order.
     pub fn tensors(&self) -> Vec<&Tensor<B>> {
         let e = &self.emb;

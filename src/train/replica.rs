@@ -53,7 +53,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
     pub fn join_group(&mut self, group: Box<dyn Collective<B>>) -> Result<()> {
         let be = self.be;
         let (rank, world) = (group.rank(), group.world());
-        self.plan = Self::plan_for(be, &self.model.cfg, &self.cfg, self.model.dtype(), world)?;
+        // this replica's share of a step: a smaller plan (the old one freed first: a one-row placeholder)
+        let dt = self.model.dtype();
+        self.plan = crate::model::ActPlan::new(be, &self.model.cfg, 1, 1, dt, true)?;
+        self.plan = Self::plan_for(be, &self.model.cfg, &self.cfg, dt, world)?;
         if let Some(p) = self.peak.as_mut() {
             p.tflops *= world as f64;
             p.source = format!("{} × {world} devices", p.source);
