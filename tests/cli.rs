@@ -1754,3 +1754,29 @@ fn train_detects_a_v2_dev_file_and_checks_the_tokenizer_on_resume() {
     a[6] = s(&dev).into();
     fails(&run(&a), &["--model", "bigger", "vocab_size"]);
 }
+
+#[test]
+fn a_second_signal_outside_a_save_quits_at_once() {
+    let t = TempDir::new("signal-quit");
+    let (model, data) = train_setup(&t);
+    let out = t.join("run");
+    // each step is followed by a 2 s pause (no save until the epoch end): both signals land in it
+    let child = spawn_train(
+        &train_args(&model, &data, &out, &[]),
+        &[("BERTQA_TEST_STEP_DELAY_MS", "2000")],
+    );
+    wait_until("the first step", || has_a_step(&out));
+    let t0 = std::time::Instant::now();
+    send(&child, libc::SIGTERM);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    send(&child, libc::SIGTERM);
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(143), "{}", stderr(&o));
+    assert!(t0.elapsed().as_millis() < 1500, "did not quit at once");
+    let last = last_json(&stdout(&o));
+    assert_eq!(last["interrupted"], json!(true), "{last}");
+    assert_eq!(last["forced"], json!(true), "{last}");
+    // nothing saved, nothing left behind, the lock gone
+    assert_eq!(debris(&out), Vec::<String>::new());
+    assert!(!listing(&out).iter().any(|n| n.starts_with("checkpoint-")));
+}

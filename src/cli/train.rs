@@ -551,8 +551,9 @@ fn signal_name(sig: i32) -> String {
 }
 
 /// SIGINT and SIGTERM during a run. The first: finish the current step, save a checkpoint, exit 128 +
-/// the signal (130, 143). A second during a save: the save completes, then the process exits at once; a
-/// second outside a save: exit at once (the latest checkpoint stays).
+/// the signal (130, 143). A second during a save: the save completes, then the run stops as after the first
+/// (the loop checks the flag right after every save); a second outside a save: exit at once (the latest
+/// checkpoint stays; anything half-written is debris that the next start removes).
 struct Interrupts {
     /// set by the first signal: the training loop stops after its current step
     flag: Arc<AtomicBool>,
@@ -585,14 +586,15 @@ impl Interrupts {
                     );
                     continue;
                 }
-                // a second signal: let a save in progress complete (and keep new ones from starting), quit
-                let _gate = match checkpoint::try_save_gate() {
-                    Some(g) => g,
-                    None => {
-                        eprintln!("\n{name} again: a save is in progress; it completes, then bertqa exits");
-                        checkpoint::save_gate()
-                    }
+                // a second signal during a save: the save completes, and the training loop, which has seen
+                // the first, stops right after it (it writes the summary and exits 128 + the first signal)
+                let Some(_gate) = checkpoint::try_save_gate() else {
+                    eprintln!(
+                        "\n{name} again: a save is in progress; it completes, then bertqa exits"
+                    );
+                    continue;
                 };
+                // outside a save: quit now, holding the gate so that no save starts
                 lock.release();
                 let s0 = fs.load(Ordering::SeqCst);
                 let latest = checkpoint::latest(&output_dir);
