@@ -1,7 +1,7 @@
 //! `bertqa` — fine-tune BERT for extractive QA. See `bertqa --help`.
 
 use bertqa::cli;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -33,17 +33,28 @@ enum Cmd {
 }
 
 fn main() {
-    let args = Cli::parse();
+    // parsed in two steps so that `train` can tell the flags given on the command line from defaults
+    // (ArgMatches::value_source): on --resume those are compared with the checkpoint's settings
+    let matches = Cli::command().get_matches();
+    let args = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let res = match &args.cmd {
-        Cmd::Train(a) => cli::train::run(a),
-        Cmd::InitRandom(a) => cli::init::run(a),
-        Cmd::Convert(a) => cli::init::convert(a),
-        Cmd::Score(a) => cli::score::run(a),
-        Cmd::Eval(a) => cli::eval::run_eval(a),
-        Cmd::Predict(a) => cli::eval::run_predict(a),
+        Cmd::Train(a) => {
+            let given = cli::train::GivenFlags::from_matches(matches.subcommand_matches("train"));
+            cli::train::run(a, &given)
+        }
+        Cmd::InitRandom(a) => cli::init::run(a).map(|_| 0),
+        Cmd::Convert(a) => cli::init::convert(a).map(|_| 0),
+        Cmd::Score(a) => cli::score::run(a).map(|_| 0),
+        Cmd::Eval(a) => cli::eval::run_eval(a).map(|_| 0),
+        Cmd::Predict(a) => cli::eval::run_predict(a).map(|_| 0),
     };
-    if let Err(e) = res {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    match res {
+        Ok(0) => {}
+        // an interrupted `train`: 128 + the signal (130 SIGINT, 143 SIGTERM)
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
     }
 }

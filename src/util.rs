@@ -131,3 +131,282 @@ pub fn replace_dir(out: &Path, build: impl FnOnce(&Path) -> Result<()>) -> Resul
     }
     Ok(())
 }
+
+/// The name of the lock file `bertqa train` keeps in its output directory while it runs.
+pub const LOCK_FILE: &str = "bertqa.lock";
+
+/// Who holds a run lock: written into the lock file as JSON.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct LockOwner {
+    pub pid: u32,
+    pub host: String,
+    /// when the run started (seconds since the Unix epoch)
+    pub started: u64,
+    /// the process's start time in clock ticks after boot (/proc/PID/stat field 22), to tell a live owner
+    /// from a later process that reuses its pid (None where /proc is not available)
+    #[serde(default)]
+    pub proc_start: Option<u64>,
+}
+
+impl LockOwner {
+    fn me() -> LockOwner {
+        let pid = std::process::id();
+        LockOwner {
+            pid,
+            host: hostname(),
+            started: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            proc_start: proc_start_ticks(pid),
+        }
+    }
+
+    /// Whether this owner is a live process on this machine (a lock written on another host counts as
+    /// live: its process cannot be checked from here).
+    fn alive(&self) -> bool {
+        if self.host != hostname() {
+            return true;
+        }
+        if !pid_alive(self.pid) {
+            return false;
+        }
+        match (self.proc_start, proc_start_ticks(self.pid)) {
+            (Some(a), Some(b)) => a == b,
+            // without start times: a live pid is taken as the owner (unless it is this process)
+            _ => self.pid != std::process::id(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "pid {} on {}, started {}",
+            self.pid, self.host, self.started
+        )
+    }
+}
+
+/// This machine's host name.
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it or truncates
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".into();
+    }
+    let n = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// Whether a process with this pid exists (kill(pid, 0); EPERM means it exists but is not ours).
+pub fn pid_alive(pid: u32) -> bool {
+    let Ok(p) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if p <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 sends nothing; it only checks that the process exists
+    let rc = unsafe { libc::kill(p, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Field 22 of /proc/PID/stat (start time in clock ticks after boot), where /proc exists.
+fn proc_start_ticks(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // the command name (field 2) is in parentheses and may hold spaces: count fields after its ')'
+    let rest = &s[s.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The lock of a run on its output directory: `bertqa.lock` holding the owner (pid, host, start time) as
+/// JSON, created with `create_new` and held with an exclusive `flock` for the life of the run (the kernel
+/// drops the flock when the process dies, even by kill -9). A second run on the directory fails naming the
+/// owner while the owner lives; a lock left by a dead process is taken over with a note. Removed when
+/// dropped (the run ends, however it ends), or by [`DirLockHandle::release`] (the signal handler's quick
+/// exit).
+pub struct DirLock {
+    handle: DirLockHandle,
+}
+
+/// A shareable handle that removes the lock file once (the guard's Drop, or a quick exit on a signal).
+#[derive(Clone)]
+pub struct DirLockHandle {
+    inner: std::sync::Arc<LockInner>,
+}
+
+struct LockInner {
+    path: PathBuf,
+    released: std::sync::atomic::AtomicBool,
+    /// the open lock file: its flock lasts as long as the descriptor
+    file: std::sync::Mutex<Option<std::fs::File>>,
+}
+
+impl DirLockHandle {
+    /// Remove the lock file (once; later calls do nothing).
+    pub fn release(&self) {
+        if self
+            .inner
+            .released
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let _ = std::fs::remove_file(&self.inner.path);
+        if let Ok(mut f) = self.inner.file.lock() {
+            f.take();
+        }
+    }
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+}
+
+/// flock(LOCK_EX | LOCK_NB): Ok(true) taken, Ok(false) held by another process, Err: not supported here.
+fn try_flock(f: &std::fs::File) -> std::io::Result<bool> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: a valid open descriptor
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// Whether `f` is still the file at `path` (not unlinked or replaced since it was opened).
+fn same_file(f: &std::fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (f.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+impl DirLock {
+    /// Take the lock of `dir` (which must exist). Errors name the lock file and the live owner.
+    pub fn acquire(dir: &Path) -> Result<DirLock> {
+        use std::io::{Read, Seek, Write};
+        let path = dir.join(LOCK_FILE);
+        let me = LockOwner::me();
+        for _ in 0..5 {
+            let (mut f, created) = match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(f) => (f, true),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    match std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(&path)
+                    {
+                        Ok(f) => (f, false),
+                        // removed between the two opens: try again
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => {
+                            return Err(e).with_context(|| format!("opening {}", path.display()))
+                        }
+                    }
+                }
+                Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+            };
+            let flocked = match try_flock(&f) {
+                Ok(true) => true,
+                Ok(false) => {
+                    let owner = read_owner(&path);
+                    anyhow::bail!(
+                        "{} is in use by another bertqa run ({}; lock file {}): one run per output \
+                         directory. Wait for it to finish or choose another --output-dir (if that run is gone, \
+                         delete the lock file)",
+                        dir.display(),
+                        owner.map(|o| o.describe()).unwrap_or_else(|| "owner unknown".into()),
+                        path.display()
+                    );
+                }
+                // a file system without flock: the pid check below is the only guard
+                Err(_) => false,
+            };
+            if !same_file(&f, &path) {
+                continue; // its owner removed it as we opened it: start again
+            }
+            let mut previous = None;
+            if !created {
+                let mut text = String::new();
+                f.read_to_string(&mut text)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                match serde_json::from_str::<LockOwner>(&text) {
+                    Ok(o) if o.alive() => anyhow::bail!(
+                        "{} is in use by another bertqa run ({}; lock file {}): one run per output \
+                         directory. Wait for it to finish or choose another --output-dir (if that run is gone, \
+                         delete the lock file)",
+                        dir.display(),
+                        o.describe(),
+                        path.display()
+                    ),
+                    Ok(o) => previous = Some(o.describe()),
+                    Err(_) => {
+                        // empty or partial: maybe a run that is writing it right now (without flock)
+                        let young = std::fs::metadata(&path)
+                            .and_then(|m| m.modified())
+                            .ok()
+                            .and_then(|t| t.elapsed().ok())
+                            .map(|d| d.as_secs() < 5)
+                            .unwrap_or(true);
+                        if young && !flocked {
+                            anyhow::bail!(
+                                "{}: another run is taking this lock right now; try again",
+                                path.display()
+                            );
+                        }
+                        previous = Some("unreadable contents".into());
+                    }
+                }
+            }
+            f.set_len(0)
+                .and_then(|_| f.seek(std::io::SeekFrom::Start(0)))
+                .and_then(|_| f.write_all(serde_json::to_string(&me)?.as_bytes()))
+                .and_then(|_| f.sync_all())
+                .with_context(|| format!("writing {}", path.display()))?;
+            if let Some(p) = previous {
+                eprintln!(
+                    "note: {}: taking over a stale lock ({p}: no such process any more)",
+                    path.display()
+                );
+            }
+            return Ok(DirLock {
+                handle: DirLockHandle {
+                    inner: std::sync::Arc::new(LockInner {
+                        path,
+                        released: false.into(),
+                        file: std::sync::Mutex::new(Some(f)),
+                    }),
+                },
+            });
+        }
+        anyhow::bail!(
+            "{}: could not take the lock (it kept changing); try again",
+            path.display()
+        )
+    }
+
+    pub fn handle(&self) -> DirLockHandle {
+        self.handle.clone()
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        self.handle.release();
+    }
+}
+
+fn read_owner(path: &Path) -> Option<LockOwner> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}

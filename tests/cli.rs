@@ -940,3 +940,843 @@ fn convert_refuses_in_place_and_non_empty_outputs_unless_forced() {
     );
     ok(&eval(&model, &data, &t.join("o"), &[]));
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// train: runs that cannot be lost or mixed (items 1-4), the last-line contract
+
+/// `bertqa train` flags for a tiny run of `model` on `data` into `out` (4 questions per step, 64 tokens,
+/// 2 epochs, evaluation on the training file), then `extra`.
+fn train_args(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "train",
+        "--model",
+        s(model),
+        "--train-file",
+        s(data),
+        "--dev-file",
+        s(data),
+        "--output-dir",
+        s(out),
+        "--device",
+        "cpu",
+        "--max-seq-length",
+        "64",
+        "--max-query-length",
+        "16",
+        "--doc-stride",
+        "16",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "2",
+        "--learning-rate",
+        "1e-3",
+        "--seed",
+        "7",
+        "--no-progress",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    a.extend(extra.iter().map(|x| x.to_string()));
+    a
+}
+
+/// A tiny model and training file in `t`: (model, data).
+fn train_setup(t: &TempDir) -> (PathBuf, PathBuf) {
+    let model = tiny_model(t.path());
+    let data = t.join("train.json");
+    tiny_squad(&data, 4, 4); // 16 questions, 24 windows → 6 steps per epoch
+    (model, data)
+}
+
+/// `bertqa train ARGS` with `env` set, stdout and stderr piped.
+fn spawn_train(args: &[String], env: &[(&str, &str)]) -> std::process::Child {
+    let mut c = Command::new(bin());
+    c.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.spawn().expect("spawning bertqa train")
+}
+
+fn run_env(args: &[String], env: &[(&str, &str)]) -> Output {
+    spawn_train(args, env).wait_with_output().unwrap()
+}
+
+/// Wait (up to 60 s) until `cond` holds.
+#[track_caller]
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !cond() {
+        assert!(t0.elapsed().as_secs() < 60, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Whether `out/metrics.jsonl` has a line for a step.
+fn has_a_step(out: &Path) -> bool {
+    std::fs::read_to_string(out.join("metrics.jsonl")).is_ok_and(|s| s.contains("\"loss\""))
+}
+
+fn send(child: &std::process::Child, sig: i32) {
+    // SAFETY: sending a signal to our own child process
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, sig) }, 0);
+}
+
+/// (step, loss bits, grad-norm bits) of every step line of `out/metrics.jsonl`.
+fn step_lines(out: &Path) -> Vec<(u64, u64, u64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            let loss = v.get("loss")?.as_f64()?;
+            Some((
+                v["step"].as_u64().unwrap(),
+                loss.to_bits(),
+                v["grad_norm"].as_f64().unwrap().to_bits(),
+            ))
+        })
+        .collect()
+}
+
+fn read_json(p: &Path) -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap()
+}
+
+/// Entries of `dir` that are debris of a save or a lock: hidden temporaries, `.old`, `.del`, the lock.
+fn debris(dir: &Path) -> Vec<String> {
+    listing(dir)
+        .into_iter()
+        .filter(|n| n.starts_with('.') || n.ends_with(".old") || n == "bertqa.lock")
+        .collect()
+}
+
+/// Every checkpoint-N in `out` is complete and loads (`bertqa eval` on it).
+#[track_caller]
+fn checkpoints_load(out: &Path, data: &Path) -> Vec<String> {
+    let ck: Vec<String> = listing(out)
+        .into_iter()
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    for c in &ck {
+        let d = out.join(c);
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "optimizer.safetensors",
+            "trainer_state.json",
+        ] {
+            assert!(d.join(f).is_file(), "{c} lacks {f}: {:?}", listing(&d));
+        }
+        let o = eval(
+            &d,
+            data,
+            &out.join("../eval-ck"),
+            &[
+                "--max-seq-length",
+                "64",
+                "--max-query-length",
+                "16",
+                "--doc-stride",
+                "16",
+                "--max-examples",
+                "2",
+            ],
+        );
+        last_json(&ok(&o));
+    }
+    ck
+}
+
+#[test]
+fn train_prints_the_metrics_json_last_and_refuses_to_mix_runs() {
+    let t = TempDir::new("reuse");
+    let (model, data) = train_setup(&t);
+    let out = t.join("run");
+    let o = run(&train_args(&model, &data, &out, &[]));
+    let m = last_json(&ok(&o));
+    assert!(m["f1"].is_number() && m["exact_match"].is_number(), "{m}");
+    let summary = read_json(&out.join("summary.json"));
+    assert_eq!(summary["interrupted"], json!(false));
+    assert!(
+        !out.join("bertqa.lock").exists(),
+        "the lock outlived the run"
+    );
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    // a second run into the same directory is refused, and changes nothing
+    let e = fails(
+        &run(&train_args(&model, &data, &out, &[])),
+        &["already holds a run", "--resume", "--overwrite-output-dir"],
+    );
+    assert!(e.contains("metrics.jsonl"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("metrics.jsonl")).unwrap(),
+        metrics
+    );
+    // any one of a run's files is enough to refuse
+    for marker in [
+        "metrics.jsonl",
+        "summary.json",
+        "predictions.json",
+        "best/",
+        "checkpoint-3/",
+    ] {
+        let d = t.join("marked");
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        match marker.strip_suffix('/') {
+            Some(dir) => {
+                std::fs::create_dir(d.join(dir)).unwrap();
+                // (a checkpoint-N without its files is the debris of a crash, removed at start)
+                for f in [
+                    "config.json",
+                    "model.safetensors",
+                    "optimizer.safetensors",
+                    "trainer_state.json",
+                ] {
+                    std::fs::write(d.join(dir).join(f), "{}").unwrap();
+                }
+            }
+            None => std::fs::write(d.join(marker), "{}").unwrap(),
+        }
+        fails(
+            &run(&train_args(&model, &data, &d, &[])),
+            &[marker.trim_end_matches('/'), "--overwrite-output-dir"],
+        );
+    }
+    // --overwrite-output-dir removes bertqa's files and debris, and nothing of the user's
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    std::fs::create_dir(out.join("checkpoint-notes")).unwrap();
+    std::fs::create_dir(out.join(".checkpoint-9.tmp12345")).unwrap();
+    std::fs::create_dir(out.join("best.old")).unwrap();
+    fails(
+        &run(&train_args(
+            &model,
+            &data,
+            &out,
+            &["--overwrite-output-dir", "--resume"],
+        )),
+        &["--resume", "--overwrite-output-dir"],
+    );
+    let o = run(&train_args(
+        &model,
+        &data,
+        &out,
+        &["--overwrite-output-dir", "--epochs", "1"],
+    ));
+    last_json(&ok(&o));
+    assert!(
+        stderr(&o).contains("--overwrite-output-dir: removed"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    assert!(out.join("checkpoint-notes").is_dir());
+    assert_eq!(debris(&out), Vec::<String>::new());
+    // one run's steps, once each: 1 epoch of 6 steps (the first run had 12)
+    let steps: Vec<u64> = step_lines(&out).iter().map(|l| l.0).collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(
+        listing(&out)
+            .into_iter()
+            .filter(|n| n.starts_with("checkpoint-"))
+            .collect::<Vec<_>>(),
+        vec!["checkpoint-6", "checkpoint-notes"]
+    );
+}
+
+#[test]
+fn a_live_run_locks_its_directory_and_a_stale_lock_is_taken_over() {
+    let t = TempDir::new("lock");
+    let (model, data) = train_setup(&t);
+    let out = t.join("run");
+    let args = train_args(
+        &model,
+        &data,
+        &out,
+        &["--save-every", "1", "--epochs", "50"],
+    );
+    let mut child = spawn_train(&args, &[("BERTQA_TEST_STEP_DELAY_MS", "50")]);
+    wait_until("the first checkpoint", || {
+        out.join("checkpoint-1/trainer_state.json").exists()
+    });
+    let pid = child.id().to_string();
+    for extra in [&["--resume"][..], &[][..], &["--overwrite-output-dir"][..]] {
+        let mut a = train_args(&model, &data, &out, extra);
+        a.extend([
+            "--save-every".into(),
+            "1".into(),
+            "--epochs".into(),
+            "50".into(),
+        ]);
+        fails(
+            &run(&a),
+            &["in use by another bertqa run", &pid, "bertqa.lock"],
+        );
+    }
+    // kill -9: the lock stays behind, naming a dead process; the next --resume takes it over
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(out.join("bertqa.lock").exists());
+    let o = run(&train_args(
+        &model,
+        &data,
+        &out,
+        &["--resume", "--max-steps", "3"],
+    ));
+    ok(&o);
+    assert!(
+        stderr(&o).contains("taking over a stale lock"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.join("bertqa.lock").exists());
+    // a lock naming a live process on this host (without its flock: another kind of file system) is
+    // refused too
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    if !host.is_empty() {
+        let me = std::process::id();
+        std::fs::write(
+            out.join("bertqa.lock"),
+            json!({"pid": me, "host": host, "started": 0}).to_string(),
+        )
+        .unwrap();
+        fails(
+            &run(&train_args(&model, &data, &out, &["--resume"])),
+            &["in use by another bertqa run", &format!("pid {me}")],
+        );
+        std::fs::remove_file(out.join("bertqa.lock")).unwrap();
+    }
+}
+
+#[test]
+fn crashes_during_saves_leave_only_loadable_checkpoints_and_resume_exactly() {
+    let t = TempDir::new("kill9");
+    let (model, data) = train_setup(&t);
+    let flags = [
+        "--save-every",
+        "1",
+        "--eval-every",
+        "2",
+        "--save-total-limit",
+        "2",
+    ];
+    // the uninterrupted run
+    let reference = t.join("reference");
+    let want = last_json(&ok(&run(&train_args(&model, &data, &reference, &flags))));
+    let want_steps = step_lines(&reference);
+    assert!(want_steps.len() >= 8, "{want_steps:?}");
+    // the same run, aborted (as by kill -9) at each stage of a save in turn, each time resumed
+    let out = t.join("run");
+    let stages = [
+        "best:before-rename",
+        "save:after-model",
+        "save:after-optimizer",
+        "save:before-rename",
+        "best:after-move-aside",
+        "save:during-prune",
+    ];
+    for (i, stage) in stages.iter().enumerate() {
+        let mut extra = flags.to_vec();
+        if i > 0 {
+            extra.push("--resume");
+        }
+        let o = run_env(
+            &train_args(&model, &data, &out, &extra),
+            &[("BERTQA_TEST_FAULT", stage)],
+        );
+        assert_eq!(o.status.code(), None, "{stage}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(&format!("aborting at {stage}")),
+            "{}",
+            stderr(&o)
+        );
+        let ck = checkpoints_load(&out, &data);
+        assert!(!ck.is_empty(), "{stage}: no checkpoint");
+        assert!(
+            !debris(&out).is_empty(),
+            "{stage} left no debris: not a crash mid-save?"
+        );
+    }
+    let o = run(&train_args(
+        &model,
+        &data,
+        &out,
+        &[&flags[..], &["--resume"]].concat(),
+    ));
+    let got = last_json(&ok(&o));
+    let err = stderr(&o);
+    // the last crash: a pruned checkpoint half-deleted under its hidden name
+    assert!(err.contains("removed .checkpoint-1.del"), "{err}");
+    assert_eq!(debris(&out), Vec::<String>::new());
+    checkpoints_load(&out, &data);
+    assert_eq!(got, want);
+    assert_eq!(step_lines(&out), want_steps);
+}
+
+#[test]
+fn the_debris_of_earlier_crashes_is_cleaned_and_an_old_copy_restored() {
+    let t = TempDir::new("debris");
+    let (model, data) = train_setup(&t);
+    let out = t.join("run");
+    ok(&run(&train_args(
+        &model,
+        &data,
+        &out,
+        &["--max-steps", "2", "--save-every", "1"],
+    )));
+    // what older versions left: temporaries, a half-pruned checkpoint-N, a half-deleted X.old beside X,
+    // and an X.old without X (a crash between the two renames of a save: the complete previous version)
+    std::fs::create_dir(out.join(".checkpoint-7.tmp999")).unwrap();
+    std::fs::create_dir(out.join(".best.tmp999")).unwrap();
+    std::fs::write(out.join(".metrics.jsonl.tmp999"), "x").unwrap();
+    std::fs::create_dir(out.join("checkpoint-0")).unwrap();
+    std::fs::write(out.join("checkpoint-0/trainer_state.json"), "{}").unwrap();
+    std::fs::create_dir(out.join("checkpoint-1.old")).unwrap();
+    std::fs::rename(out.join("best"), out.join("best.old")).unwrap();
+    std::fs::write(out.join(".user-file.tmp1"), "not ours").unwrap();
+    let o = run(&train_args(
+        &model,
+        &data,
+        &out,
+        &["--resume", "--max-steps", "3", "--save-every", "1"],
+    ));
+    ok(&o);
+    let err = stderr(&o);
+    assert!(err.contains("restored best from best.old"), "{err}");
+    for n in [
+        ".checkpoint-7.tmp999",
+        ".best.tmp999",
+        "checkpoint-0",
+        "checkpoint-1.old",
+    ] {
+        assert!(err.contains(&format!("removed {n}")), "{n}: {err}");
+    }
+    assert_eq!(debris(&out), vec![".user-file.tmp1"]);
+    assert!(out.join("best/model.safetensors").exists());
+}
+
+#[test]
+fn a_failed_save_removes_its_temporary_directory() {
+    let t = TempDir::new("savefail");
+    let (model, data) = train_setup(&t);
+    let out = t.join("run");
+    let o = run_env(
+        &train_args(&model, &data, &out, &["--save-every", "2"]),
+        &[("BERTQA_TEST_FAULT", "save:after-optimizer:error")],
+    );
+    fails(&o, &["injected failure at save:after-optimizer"]);
+    assert_eq!(debris(&out), Vec::<String>::new());
+    let o = run_env(
+        &train_args(
+            &model,
+            &data,
+            &out,
+            &["--save-every", "2", "--overwrite-output-dir"],
+        ),
+        &[("BERTQA_TEST_FAULT", "best:after-model:error")],
+    );
+    fails(&o, &["injected failure at best:after-model"]);
+    assert_eq!(debris(&out), Vec::<String>::new());
+}
+
+#[test]
+fn sigint_and_sigterm_save_exit_130_143_and_resume_exactly() {
+    let t = TempDir::new("signals");
+    let (model, data) = train_setup(&t);
+    let reference = t.join("reference");
+    let want = last_json(&ok(&run(&train_args(&model, &data, &reference, &[]))));
+    let want_steps = step_lines(&reference);
+    for (sig, name, code) in [
+        (libc::SIGINT, "SIGINT", 130),
+        (libc::SIGTERM, "SIGTERM", 143),
+    ] {
+        let out = t.join(name);
+        let child = spawn_train(
+            &train_args(&model, &data, &out, &[]),
+            &[("BERTQA_TEST_STEP_DELAY_MS", "60")],
+        );
+        wait_until("the first step", || has_a_step(&out));
+        send(&child, sig);
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(code), "{}", stderr(&o));
+        let last = last_json(&stdout(&o));
+        assert_eq!(last["interrupted"], json!(true), "{last}");
+        assert_eq!(last["signal"], json!(name), "{last}");
+        let step = last["step"].as_u64().unwrap();
+        assert!(
+            (step as usize) < want_steps.len(),
+            "the run was not interrupted: {last}"
+        );
+        let summary = read_json(&out.join("summary.json"));
+        assert_eq!(summary["interrupted"], json!(true));
+        assert_eq!(summary["signal"], json!(name));
+        assert!(out
+            .join(format!("checkpoint-{step}/trainer_state.json"))
+            .exists());
+        assert_eq!(debris(&out), Vec::<String>::new());
+        let got = last_json(&ok(&run(&train_args(&model, &data, &out, &["--resume"]))));
+        assert_eq!(got, want, "{name}");
+        assert_eq!(step_lines(&out), want_steps, "{name}");
+        assert_eq!(
+            read_json(&out.join("summary.json"))["interrupted"],
+            json!(false)
+        );
+    }
+}
+
+#[test]
+fn a_second_signal_during_a_save_lets_the_save_complete() {
+    let t = TempDir::new("signal2");
+    let (model, data) = train_setup(&t);
+    let out = t.join("run");
+    let child = spawn_train(
+        &train_args(&model, &data, &out, &["--save-every", "1"]),
+        &[("BERTQA_TEST_FAULT", "save:before-rename:sleep=1500")],
+    );
+    wait_until("the first save", || {
+        out.exists()
+            && listing(&out)
+                .iter()
+                .any(|n| n.starts_with(".checkpoint-1.tmp"))
+    });
+    send(&child, libc::SIGINT);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    send(&child, libc::SIGINT);
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("a save is in progress"),
+        "{}",
+        stderr(&o)
+    );
+    let last = last_json(&stdout(&o));
+    assert_eq!(last["interrupted"], json!(true), "{last}");
+    assert_eq!(checkpoints_load(&out, &data), vec!["checkpoint-1"]);
+    assert_eq!(debris(&out), Vec::<String>::new());
+    ok(&run(&train_args(
+        &model,
+        &data,
+        &out,
+        &["--resume", "--save-every", "1"],
+    )));
+}
+
+/// Rewrite `path` (JSON) through `f`.
+fn edit_json(path: &Path, f: impl FnOnce(&mut Value)) {
+    let mut v = read_json(path);
+    f(&mut v);
+    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn resume_validates_the_stored_settings() {
+    let t = TempDir::new("stored");
+    let (model, data) = train_setup(&t);
+    let out = t.join("run");
+    ok(&run(&train_args(
+        &model,
+        &data,
+        &out,
+        &["--max-steps", "2"],
+    )));
+    let st = out.join("checkpoint-2/trainer_state.json");
+    let original = std::fs::read_to_string(&st).unwrap();
+    let cases: Vec<(&str, &str, Value)> = vec![
+        ("config", "batch_size", json!(0)),
+        ("config", "learning_rate", json!(-0.001)),
+        ("config", "grad_accum_steps", json!(0)),
+        ("config", "epochs", json!(0)),
+        ("config", "batch_size", json!("four")),
+        ("state", "global_step", json!(-1)),
+    ];
+    for (part, field, value) in cases {
+        std::fs::write(&st, &original).unwrap();
+        edit_json(&st, |v| v[part][field] = value.clone());
+        fails(
+            &run(&train_args(&model, &data, &out, &["--resume"])),
+            &["trainer_state.json", field],
+        );
+    }
+    std::fs::write(&st, &original).unwrap();
+    ok(&run(&train_args(
+        &model,
+        &data,
+        &out,
+        &["--resume", "--max-steps", "3"],
+    )));
+}
+
+#[test]
+fn resume_takes_the_flags_that_may_change_and_refuses_the_others() {
+    let t = TempDir::new("flags-resume");
+    let (model, data) = train_setup(&t);
+    let out = t.join("run");
+    ok(&run(&train_args(
+        &model,
+        &data,
+        &out,
+        &["--max-steps", "2"],
+    )));
+    // --max-steps is honoured and reported
+    let o = run(&train_args(
+        &model,
+        &data,
+        &out,
+        &["--resume", "--max-steps", "3", "--padding", "max"],
+    ));
+    ok(&o);
+    let err = stderr(&o);
+    assert!(
+        err.contains("--max-steps 3 (the checkpoint had 2)"),
+        "{err}"
+    );
+    assert!(err.contains("keeps its length of 2 steps"), "{err}");
+    assert!(
+        err.contains("--padding max (the checkpoint had packed"),
+        "{err}"
+    );
+    assert_eq!(read_json(&out.join("summary.json"))["steps"], json!(3));
+    let st = read_json(&out.join("checkpoint-3/trainer_state.json"));
+    assert_eq!(st["config"]["max_steps"], json!(3));
+    assert_eq!(st["state"]["total_steps"], json!(2));
+    // --epochs recomputes the schedule
+    let o = run(&train_args(
+        &model,
+        &data,
+        &out,
+        &["--resume", "--max-steps", "5", "--epochs", "3"],
+    ));
+    ok(&o);
+    assert!(stderr(&o).contains("recomputed"), "{}", stderr(&o));
+    assert_eq!(
+        read_json(&out.join("checkpoint-5/trainer_state.json"))["state"]["total_steps"],
+        json!(5)
+    );
+    // a result-changing flag with another value: named, with both values
+    fails(
+        &run(&train_args(
+            &model,
+            &data,
+            &out,
+            &["--resume", "--learning-rate", "0.01", "--batch-size", "8"],
+        )),
+        &[
+            "--learning-rate 0.01",
+            "learning_rate is 0.001",
+            "--batch-size 8",
+            "batch_size is 4",
+        ],
+    );
+    // the same values given explicitly are fine
+    ok(&run(&train_args(
+        &model,
+        &data,
+        &out,
+        &["--resume", "--learning-rate", "1e-3", "--max-steps", "6"],
+    )));
+    // other training data
+    let other = t.join("other.json");
+    tiny_squad(&other, 5, 4);
+    let mut a = train_args(&model, &other, &out, &["--resume", "--max-steps", "7"]);
+    a[4] = s(&other).into();
+    fails(
+        &run(&a),
+        &[
+            "--train-file",
+            "other.json",
+            "not the data this run trained on",
+        ],
+    );
+    fails(
+        &run(&train_args(
+            &model,
+            &data,
+            &out,
+            &["--resume", "--max-steps", "7", "--max-train-examples", "8"],
+        )),
+        &["--max-train-examples 8"],
+    );
+    // a checkpoint from before the fingerprint existed still resumes, with a note
+    let st = out.join("checkpoint-6/trainer_state.json");
+    edit_json(&st, |v| {
+        v["state"].as_object_mut().unwrap().remove("train_data");
+    });
+    let o = run(&train_args(
+        &model,
+        &data,
+        &out,
+        &["--resume", "--max-steps", "7"],
+    ));
+    ok(&o);
+    assert!(
+        stderr(&o).contains("no training-data fingerprint"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn train_checks_its_inputs_like_eval() {
+    let t = TempDir::new("train-inputs");
+    let (model, data) = train_setup(&t);
+    let out = t.join("run");
+    fails(
+        &run(&train_args(&model, &data, &out, &["--doc-stride", "60"])),
+        &["--doc-stride (60)", "budget"],
+    );
+    fails(
+        &run(&train_args(&model, &data, &out, &["--n-best-size", "0"])),
+        &["--n-best-size"],
+    );
+    let small = tiny_model_with(&t.join("small"), &["--max-position-embeddings", "32"]);
+    fails(
+        &run(&train_args(&small, &data, &out, &[])),
+        &["--max-seq-length 64", "max_position_embeddings 32"],
+    );
+    // unanswerable questions in a v1.1 training file: a warning with the count
+    let (ctx, ans) = context_and_answers(40, 2, 0);
+    let v11 = t.join("v11.json");
+    squad_file(
+        &v11,
+        "1.1",
+        vec![(
+            ctx,
+            vec![
+                qa("a", &[(&ans[0].0, ans[0].1)], None),
+                qa("b", &[(&ans[1].0, ans[1].1)], None),
+                qa("none", &[], None),
+            ],
+        )],
+    );
+    let mut a = train_args(&model, &v11, &t.join("v11run"), &["--max-steps", "1"]);
+    a[6] = s(&data).into(); // evaluate on an answerable file
+    let o = run(&a);
+    ok(&o);
+    assert!(
+        stderr(&o).contains("1 of 3 questions have no answer"),
+        "{}",
+        stderr(&o)
+    );
+    // weights that become non-finite are called that, not a learning-rate problem
+    let o = run(&train_args(
+        &model,
+        &data,
+        &t.join("nan"),
+        &[
+            "--weight-decay",
+            "1e39",
+            "--learning-rate",
+            "0.5",
+            "--warmup-ratio",
+            "0",
+            "--max-bad-steps",
+            "1",
+        ],
+    ));
+    let e = fails(&o, &["weights themselves are non-finite"]);
+    assert!(!e.contains("try a lower --learning-rate"), "{e}");
+}
+
+#[test]
+fn each_step_is_saved_once() {
+    let t = TempDir::new("save-once");
+    let (model, data) = train_setup(&t);
+    // 6 steps per epoch and --save-every 3: step 6 is an epoch end and a save step. Replacing an existing
+    // checkpoint-N goes through "after-move-aside"; a run that writes each step once never gets there.
+    let o = run_env(
+        &train_args(
+            &model,
+            &data,
+            &t.join("run"),
+            &["--save-every", "3", "--save-total-limit", "0"],
+        ),
+        &[("BERTQA_TEST_FAULT", "save:after-move-aside")],
+    );
+    last_json(&ok(&o));
+    assert_eq!(
+        checkpoints_load(&t.join("run"), &data),
+        vec![
+            "checkpoint-12",
+            "checkpoint-3",
+            "checkpoint-6",
+            "checkpoint-9"
+        ]
+    );
+}
+
+#[test]
+fn train_detects_a_v2_dev_file_and_checks_the_tokenizer_on_resume() {
+    let t = TempDir::new("train-v2");
+    let (model, data) = train_setup(&t);
+    let (ctx, ans) = context_and_answers(30, 1, 0);
+    let dev = t.join("dev-v2.json");
+    let qas = vec![
+        qa("has", &[(&ans[0].0, ans[0].1)], Some(false)),
+        qa("none", &[], Some(true)),
+    ];
+    let v = json!({"data": [{"title": "t", "paragraphs": [{"context": ctx, "qas": qas}]}]});
+    std::fs::write(&dev, v.to_string()).unwrap();
+    let out = t.join("run");
+    let mut a = train_args(&model, &data, &out, &["--max-steps", "2"]);
+    a[6] = s(&dev).into();
+    let o = run(&a);
+    let m = last_json(&ok(&o));
+    assert!(stderr(&o).contains("scoring as v2.0"), "{}", stderr(&o));
+    assert_eq!(m["NoAns_total"], json!(1), "{m}");
+    assert!(out.join("null_odds.json").exists());
+    // on resume the tokenizer comes from --model: one with more ids than the checkpoint's embeddings fails
+    let bigger = t.join("bigger");
+    std::fs::create_dir(&bigger).unwrap();
+    for e in std::fs::read_dir(&model).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), bigger.join(e.file_name())).unwrap();
+    }
+    let mut vocab = std::fs::read_to_string(bigger.join("vocab.txt")).unwrap();
+    for i in 0..40 {
+        vocab.push_str(&format!("extra{i}\n"));
+    }
+    std::fs::write(bigger.join("vocab.txt"), vocab).unwrap();
+    let mut a = train_args(&bigger, &data, &out, &["--resume", "--max-steps", "3"]);
+    a[6] = s(&dev).into();
+    fails(&run(&a), &["--model", "bigger", "vocab_size"]);
+}
+
+#[test]
+fn a_second_signal_outside_a_save_quits_at_once() {
+    let t = TempDir::new("signal-quit");
+    let (model, data) = train_setup(&t);
+    let out = t.join("run");
+    // each step is followed by a 2 s pause (no save until the epoch end): both signals land in it
+    let child = spawn_train(
+        &train_args(&model, &data, &out, &[]),
+        &[("BERTQA_TEST_STEP_DELAY_MS", "2000")],
+    );
+    wait_until("the first step", || has_a_step(&out));
+    let t0 = std::time::Instant::now();
+    send(&child, libc::SIGTERM);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    send(&child, libc::SIGTERM);
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(143), "{}", stderr(&o));
+    assert!(t0.elapsed().as_millis() < 1500, "did not quit at once");
+    let last = last_json(&stdout(&o));
+    assert_eq!(last["interrupted"], json!(true), "{last}");
+    assert_eq!(last["forced"], json!(true), "{last}");
+    // nothing saved, nothing left behind, the lock gone
+    assert_eq!(debris(&out), Vec::<String>::new());
+    assert!(!listing(&out).iter().any(|n| n.starts_with("checkpoint-")));
+}

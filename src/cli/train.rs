@@ -14,11 +14,17 @@ use crate::model::checkpoint as mc;
 use crate::ops::Backend;
 use crate::tensor::DType;
 use crate::train::replica;
-use crate::train::{self, checkpoint, FeatureCfgSer, PostCfgSer, RunInputs, TrainConfig, Trainer};
+use crate::train::{
+    self, checkpoint, DataFingerprint, FeatureCfgSer, PostCfgSer, RunInputs, TrainConfig,
+    TrainState, Trainer,
+};
+use crate::util::{DirLock, DirLockHandle};
 use anyhow::{bail, Context, Result};
-use clap::Args;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,6 +89,11 @@ pub struct TrainArgs {
     /// continue from the latest checkpoint in --output-dir (or from the checkpoint folder given)
     #[arg(long, num_args = 0..=1, default_missing_value = "")]
     pub resume: Option<String>,
+    /// start afresh in an --output-dir that holds a run: removes what bertqa wrote there (checkpoint-*/,
+    /// best/, metrics.jsonl, predictions.json, nbest_predictions.json, null_odds.json, curves.svg,
+    /// summary.json and the debris of its saves) and nothing else
+    #[arg(long)]
+    pub overwrite_output_dir: bool,
     /// stop when dev F1 has not improved for N evaluations (0: never)
     #[arg(long, default_value_t = 0)]
     pub early_stopping_patience: usize,
@@ -127,33 +138,18 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// The command line's checks: the options shared with eval/predict, then the run's settings
+    /// ([`TrainConfig::validate`], the checks a stored trainer_state.json gets too).
     pub fn validate(&self) -> Result<()> {
-        if self.batch_size == 0
-            || self.grad_accum_steps == 0
-            || self.grad_accum_steps > self.batch_size
-        {
-            bail!(
-                "--batch-size ({}) must be ≥ 1 and ≥ --grad-accum-steps ({})",
-                self.batch_size,
-                self.grad_accum_steps
-            );
+        self.opts.validate()?;
+        if self.resume.is_some() && self.overwrite_output_dir {
+            bail!("--resume continues the run in --output-dir and --overwrite-output-dir removes it: give one of them");
         }
-        if !(self.learning_rate > 0.0 && self.learning_rate < 1.0) {
-            bail!("--learning-rate {} must be in (0, 1)", self.learning_rate);
+        if self.max_train_examples == Some(0) {
+            bail!("--max-train-examples 0 leaves nothing to train on");
         }
-        if !(0.0..1.0).contains(&self.warmup_ratio) {
-            bail!("--warmup-ratio {} must be in [0, 1)", self.warmup_ratio);
-        }
-        if !(0.0..1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) {
-            bail!("--adam-beta1/--adam-beta2 must be in [0, 1)");
-        }
-        if self.epochs == 0 {
-            bail!("--epochs must be ≥ 1");
-        }
-        if self.opts.doc_stride >= self.opts.max_seq_length
-            || self.opts.max_query_length + 8 > self.opts.max_seq_length
-        {
-            bail!("--doc-stride ({}) and --max-query-length ({}) must leave room in --max-seq-length ({})", self.opts.doc_stride, self.opts.max_query_length, self.opts.max_seq_length);
+        if self.max_eval_examples == Some(0) {
+            bail!("--max-eval-examples 0 leaves no question to evaluate");
         }
         if self.nnodes == 0 || self.node_rank >= self.nnodes {
             bail!(
@@ -181,20 +177,32 @@ impl TrainArgs {
         if let Some(r) = &self.rendezvous {
             Rendezvous::parse(r)?;
         }
-        for (n, p) in [
-            ("--hidden-dropout", self.hidden_dropout),
-            ("--attention-dropout", self.attention_dropout),
-        ] {
-            if let Some(p) = p {
-                if !(0.0..1.0).contains(&p) {
-                    bail!("{n} {p} must be in [0, 1)");
-                }
-            }
-        }
-        Ok(())
+        // the model's dropout is checked when it loads; here only the flags'
+        self.config_with(
+            self.hidden_dropout.unwrap_or(0.0),
+            self.attention_dropout.unwrap_or(0.0),
+        )?
+        .validate()
     }
 
+    /// The run's settings: these flags, dropout from the flags or else the model's config.
     pub fn config(&self, bcfg: &crate::model::BertConfig) -> Result<TrainConfig> {
+        self.config_with(
+            self.hidden_dropout.unwrap_or(bcfg.hidden_dropout_prob),
+            self.attention_dropout
+                .unwrap_or(bcfg.attention_probs_dropout_prob),
+        )
+    }
+
+    fn padding(&self) -> Result<crate::model::Padding> {
+        Ok(if self.no_dynamic_padding {
+            crate::model::Padding::Max
+        } else {
+            crate::model::Padding::parse(&self.opts.padding)?
+        })
+    }
+
+    fn config_with(&self, hidden_dropout: f32, attention_dropout: f32) -> Result<TrainConfig> {
         Ok(TrainConfig {
             epochs: self.epochs,
             learning_rate: self.learning_rate,
@@ -212,15 +220,9 @@ impl TrainArgs {
             save_every: self.save_every,
             save_total_limit: self.save_total_limit,
             early_stopping_patience: self.early_stopping_patience,
-            hidden_dropout: self.hidden_dropout.unwrap_or(bcfg.hidden_dropout_prob),
-            attention_dropout: self
-                .attention_dropout
-                .unwrap_or(bcfg.attention_probs_dropout_prob),
-            padding: if self.no_dynamic_padding {
-                crate::model::Padding::Max
-            } else {
-                crate::model::Padding::parse(&self.opts.padding)?
-            },
+            hidden_dropout,
+            attention_dropout,
+            padding: self.padding()?,
             max_bad_steps: self.max_bad_steps,
             eval_batch_size: self.eval_batch_size,
             log_every: self.log_every,
@@ -239,34 +241,469 @@ impl TrainArgs {
     }
 }
 
-/// The leader's job: the arguments, and the replica group of a data-parallel run (a
-/// `Box<dyn Collective<B>>` for the backend `call` is given).
-struct TrainJob<'a>(&'a TrainArgs, Option<Box<dyn std::any::Any + Send>>);
-impl DeviceFn<()> for TrainJob<'_> {
-    fn call<B: Backend>(self, be: &B) -> Result<()> {
-        let a = self.0;
-        let group = match self.1 {
+/// The flags of `train` given on the command line (not defaults), by argument id (the field name:
+/// `max_steps`, `padding`, …): on --resume, these override or are compared with the checkpoint's settings.
+#[derive(Debug, Default, Clone)]
+pub struct GivenFlags(HashSet<String>);
+
+impl GivenFlags {
+    /// From the `train` subcommand's matches (None: no flag counts as given).
+    pub fn from_matches(m: Option<&ArgMatches>) -> GivenFlags {
+        let Some(m) = m else {
+            return GivenFlags::default();
+        };
+        GivenFlags(
+            m.ids()
+                .filter(|id| m.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+                .map(|id| id.as_str().to_string())
+                .collect(),
+        )
+    }
+    /// These ids, as if given on the command line (for tests and callers without clap).
+    pub fn of(ids: &[&str]) -> GivenFlags {
+        GivenFlags(ids.iter().map(|s| s.to_string()).collect())
+    }
+    pub fn has(&self, id: &str) -> bool {
+        self.0.contains(id)
+    }
+}
+
+fn show_opt(v: Option<usize>) -> String {
+    v.map(|x| x.to_string()).unwrap_or_else(|| "none".into())
+}
+
+/// On --resume: the flags given on the command line against the checkpoint's settings `cfg` (stored in
+/// `origin`). Those that may change on resume override it, each reported on stderr: where the run stops
+/// (--max-steps, --epochs; the learning-rate schedule keeps its stored length unless --epochs changes it),
+/// when it evaluates, saves, prunes and stops early, and settings that do not change the result (--padding,
+/// --eval-batch-size, --log-every, --max-bad-steps). Any other flag given with another value than the
+/// checkpoint's is an error naming the flag and both values.
+pub fn apply_resume_flags(
+    a: &TrainArgs,
+    given: &GivenFlags,
+    cfg: &mut TrainConfig,
+    st: &mut TrainState,
+    stored_precision: DType,
+    cli_precision: DType,
+    origin: &Path,
+) -> Result<Vec<String>> {
+    let mut notes = vec![];
+    // --epochs first: it decides whether the schedule keeps its length
+    let mut schedule_recomputed = false;
+    if given.has("epochs") && a.epochs != cfg.epochs {
+        notes.push(format!(
+            "--epochs {} (the checkpoint had {}): the learning-rate schedule ({} steps) is recomputed for \
+             the new length",
+            a.epochs, cfg.epochs, st.total_steps
+        ));
+        cfg.epochs = a.epochs;
+        st.total_steps = 0; // train::run recomputes it (and the warmup) from --epochs / --max-steps
+        st.warmup_steps = 0;
+        schedule_recomputed = true;
+    }
+    if given.has("max_steps") && a.max_steps != cfg.max_steps {
+        let schedule = if schedule_recomputed {
+            "the learning-rate schedule is recomputed (--epochs)".to_string()
+        } else {
+            let past = a.max_steps.is_none_or(|m| m > st.total_steps);
+            format!(
+                "the learning-rate schedule keeps its length of {} steps{}",
+                st.total_steps,
+                if past {
+                    " (it has decayed to 0 there: steps after it run at learning rate 0; give --epochs to \
+                     recompute it)"
+                } else {
+                    ""
+                }
+            )
+        };
+        notes.push(format!(
+            "--max-steps {} (the checkpoint had {}): {schedule}",
+            show_opt(a.max_steps),
+            show_opt(cfg.max_steps)
+        ));
+        cfg.max_steps = a.max_steps;
+    }
+    for (id, flag, stored, new) in [
+        (
+            "eval_every",
+            "--eval-every",
+            &mut cfg.eval_every,
+            a.eval_every,
+        ),
+        (
+            "save_every",
+            "--save-every",
+            &mut cfg.save_every,
+            a.save_every,
+        ),
+        (
+            "save_total_limit",
+            "--save-total-limit",
+            &mut cfg.save_total_limit,
+            a.save_total_limit,
+        ),
+        (
+            "early_stopping_patience",
+            "--early-stopping-patience",
+            &mut cfg.early_stopping_patience,
+            a.early_stopping_patience,
+        ),
+        // settings that do not change the result
+        (
+            "eval_batch_size",
+            "--eval-batch-size",
+            &mut cfg.eval_batch_size,
+            a.eval_batch_size,
+        ),
+        ("log_every", "--log-every", &mut cfg.log_every, a.log_every),
+        (
+            "max_bad_steps",
+            "--max-bad-steps",
+            &mut cfg.max_bad_steps,
+            a.max_bad_steps,
+        ),
+    ] {
+        if given.has(id) && *stored != new {
+            notes.push(format!("{flag} {new} (the checkpoint had {stored})"));
+            *stored = new;
+        }
+    }
+    if given.has("padding") || given.has("no_dynamic_padding") {
+        let p = a.padding()?;
+        if p != cfg.padding {
+            notes.push(format!(
+                "--padding {} (the checkpoint had {}; the result does not depend on it)",
+                p.name(),
+                cfg.padding.name()
+            ));
+            cfg.padding = p;
+        }
+    }
+    // The number of devices (--devices, --nnodes) is not a setting of the run: like --padding it does not
+    // change the result (one dropout stream and one loss normalisation for the whole step), so a run may
+    // resume on any number of devices (the leader sends the restored state to every replica).
+
+    // everything else that changes the result must be what the run started with
+    let mut diffs: Vec<String> = vec![];
+    let mut usize_flag = |id: &str, flag: &str, field: &str, stored: usize, new: usize| {
+        if given.has(id) && stored != new {
+            diffs.push(format!(
+                "{flag} {new} (the checkpoint's {field} is {stored})"
+            ));
+        }
+    };
+    usize_flag(
+        "batch_size",
+        "--batch-size",
+        "batch_size",
+        cfg.batch_size,
+        a.batch_size,
+    );
+    usize_flag(
+        "grad_accum_steps",
+        "--grad-accum-steps",
+        "grad_accum_steps",
+        cfg.grad_accum_steps,
+        a.grad_accum_steps,
+    );
+    usize_flag(
+        "max_seq_length",
+        "--max-seq-length",
+        "features.max_seq_length",
+        cfg.features.max_seq_length,
+        a.opts.max_seq_length,
+    );
+    usize_flag(
+        "doc_stride",
+        "--doc-stride",
+        "features.doc_stride",
+        cfg.features.doc_stride,
+        a.opts.doc_stride,
+    );
+    usize_flag(
+        "max_query_length",
+        "--max-query-length",
+        "features.max_query_length",
+        cfg.features.max_query_length,
+        a.opts.max_query_length,
+    );
+    usize_flag(
+        "n_best_size",
+        "--n-best-size",
+        "post.n_best_size",
+        cfg.post.n_best_size,
+        a.opts.n_best_size,
+    );
+    usize_flag(
+        "max_answer_length",
+        "--max-answer-length",
+        "post.max_answer_length",
+        cfg.post.max_answer_length,
+        a.opts.max_answer_length,
+    );
+    let same = |x: f64, y: f64| x == y || (x - y).abs() <= 1e-12 * x.abs().max(y.abs());
+    for (id, flag, field, stored, new) in [
+        (
+            "learning_rate",
+            "--learning-rate",
+            "learning_rate",
+            cfg.learning_rate,
+            a.learning_rate,
+        ),
+        (
+            "warmup_ratio",
+            "--warmup-ratio",
+            "warmup_ratio",
+            cfg.warmup_ratio,
+            a.warmup_ratio,
+        ),
+        (
+            "weight_decay",
+            "--weight-decay",
+            "weight_decay",
+            cfg.weight_decay,
+            a.weight_decay,
+        ),
+        (
+            "adam_beta1",
+            "--adam-beta1",
+            "adam_beta1",
+            cfg.adam_beta1,
+            a.adam_beta1,
+        ),
+        (
+            "adam_beta2",
+            "--adam-beta2",
+            "adam_beta2",
+            cfg.adam_beta2,
+            a.adam_beta2,
+        ),
+        (
+            "adam_eps",
+            "--adam-eps",
+            "adam_eps",
+            cfg.adam_eps,
+            a.adam_eps,
+        ),
+        (
+            "max_grad_norm",
+            "--max-grad-norm",
+            "max_grad_norm",
+            cfg.max_grad_norm,
+            a.max_grad_norm,
+        ),
+        (
+            "null_score_diff_threshold",
+            "--null-score-diff-threshold",
+            "post.null_score_diff_threshold",
+            cfg.post.null_score_diff_threshold,
+            a.opts.null_score_diff_threshold,
+        ),
+        (
+            "hidden_dropout",
+            "--hidden-dropout",
+            "hidden_dropout",
+            cfg.hidden_dropout as f64,
+            a.hidden_dropout.unwrap_or(cfg.hidden_dropout) as f64,
+        ),
+        (
+            "attention_dropout",
+            "--attention-dropout",
+            "attention_dropout",
+            cfg.attention_dropout as f64,
+            a.attention_dropout.unwrap_or(cfg.attention_dropout) as f64,
+        ),
+    ] {
+        if given.has(id) && !same(stored, new) {
+            diffs.push(format!(
+                "{flag} {new} (the checkpoint's {field} is {stored})"
+            ));
+        }
+    }
+    if given.has("seed") && a.seed != cfg.seed {
+        diffs.push(format!(
+            "--seed {} (the checkpoint's seed is {})",
+            a.seed, cfg.seed
+        ));
+    }
+    if given.has("version_2_with_negative") && a.opts.version_2_with_negative != cfg.post.version_2
+    {
+        diffs.push(format!(
+            "--version-2-with-negative (the checkpoint's post.version_2 is {})",
+            cfg.post.version_2
+        ));
+    }
+    if given.has("precision") && cli_precision != stored_precision {
+        diffs.push(format!(
+            "--precision {} = {cli_precision} (the checkpoint's precision is {stored_precision})",
+            a.precision
+        ));
+    }
+    if !diffs.is_empty() {
+        bail!(
+            "{}: --resume continues a run with the settings it started with, and the command line differs: {}. \
+             Leave these flags out (or give the checkpoint's values), or start a new run",
+            origin.display(),
+            diffs.join("; ")
+        );
+    }
+    cfg.validate()
+        .with_context(|| format!("{} with the command line's overrides", origin.display()))?;
+    Ok(notes)
+}
+
+/// The --max-train-examples of a resumed run: the checkpoint's unless given (then it must be the same).
+fn resume_max_train_examples(
+    a: &TrainArgs,
+    given: &GivenFlags,
+    stored: Option<&DataFingerprint>,
+    origin: &Path,
+) -> Result<Option<usize>> {
+    let Some(fp) = stored else {
+        return Ok(a.max_train_examples);
+    };
+    if given.has("max_train_examples") && a.max_train_examples != fp.max_train_examples {
+        bail!(
+            "{}: --max-train-examples {} differs from the run's ({}): --resume continues a run on the data it started with",
+            origin.display(),
+            show_opt(a.max_train_examples),
+            show_opt(fp.max_train_examples)
+        );
+    }
+    Ok(fp.max_train_examples)
+}
+
+/// Error unless `now` (the --train-file of this command) is the data the run in `origin` trained on.
+fn check_same_data(now: &DataFingerprint, stored: &DataFingerprint, origin: &Path) -> Result<()> {
+    if now.bytes != stored.bytes || now.sha256 != stored.sha256 {
+        bail!(
+            "--train-file {} ({} bytes, sha256 {}) is not the data this run trained on ({}: {} bytes, sha256 {}, \
+             then at {}): --resume continues a run on the same data; start a new run (another --output-dir) to \
+             train on other data",
+            now.file,
+            now.bytes,
+            &now.sha256[..16.min(now.sha256.len())],
+            origin.display(),
+            stored.bytes,
+            &stored.sha256[..16.min(stored.sha256.len())],
+            stored.file
+        );
+    }
+    Ok(())
+}
+
+/// The signal that interrupted a run: "SIGINT", "SIGTERM".
+fn signal_name(sig: i32) -> String {
+    match sig {
+        signal_hook::consts::SIGINT => "SIGINT".into(),
+        signal_hook::consts::SIGTERM => "SIGTERM".into(),
+        s => format!("signal {s}"),
+    }
+}
+
+/// SIGINT and SIGTERM during a run. The first: finish the current step, save a checkpoint, exit 128 +
+/// the signal (130, 143). A second during a save: the save completes, then the run stops as after the first
+/// (the loop checks the flag right after every save); a second outside a save: exit at once (the latest
+/// checkpoint stays; anything half-written is debris that the next start removes).
+struct Interrupts {
+    /// set by the first signal: the training loop stops after its current step
+    flag: Arc<AtomicBool>,
+    /// the first signal's number (0: none yet)
+    first: Arc<AtomicI32>,
+    handle: signal_hook::iterator::Handle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Interrupts {
+    fn install(lock: DirLockHandle, output_dir: PathBuf) -> Result<Interrupts> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+            .context("installing the SIGINT/SIGTERM handlers")?;
+        let handle = signals.handle();
+        let flag = Arc::new(AtomicBool::new(false));
+        let first = Arc::new(AtomicI32::new(0));
+        let (f, fs) = (flag.clone(), first.clone());
+        let thread = std::thread::spawn(move || {
+            for sig in signals.forever() {
+                let name = signal_name(sig);
+                if fs
+                    .compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    f.store(true, Ordering::SeqCst);
+                    eprintln!(
+                        "\n{name}: finishing this step, saving a checkpoint, then exiting (send it again to \
+                         quit at once; a save in progress completes first)"
+                    );
+                    continue;
+                }
+                // a second signal during a save: the save completes, and the training loop, which has seen
+                // the first, stops right after it (it writes the summary and exits 128 + the first signal)
+                let Some(_gate) = checkpoint::try_save_gate() else {
+                    eprintln!(
+                        "\n{name} again: a save is in progress; it completes, then bertqa exits"
+                    );
+                    continue;
+                };
+                // outside a save: quit now, holding the gate so that no save starts
+                lock.release();
+                let s0 = fs.load(Ordering::SeqCst);
+                let latest = checkpoint::latest(&output_dir);
+                eprintln!(
+                    "\n{name} again: quitting now; the latest checkpoint is {}",
+                    latest
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "none".into())
+                );
+                println!(
+                    "{}",
+                    serde_json::json!({"interrupted": true, "signal": signal_name(s0), "forced": true,
+                        "checkpoint": latest.map(|p| p.display().to_string())})
+                );
+                std::process::exit(128 + s0);
+            }
+        });
+        Ok(Interrupts {
+            flag,
+            first,
+            handle,
+            thread: Some(thread),
+        })
+    }
+
+    fn signal(&self) -> Option<i32> {
+        Some(self.first.load(Ordering::SeqCst)).filter(|&s| s != 0)
+    }
+}
+
+impl Drop for Interrupts {
+    fn drop(&mut self) {
+        self.handle.close();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct TrainJob<'a> {
+    a: &'a TrainArgs,
+    given: &'a GivenFlags,
+    interrupts: &'a Interrupts,
+    /// the replica group of a data-parallel run: a `Box<dyn Collective<B>>` for the backend `call` gets
+    group: Option<Box<dyn std::any::Any + Send>>,
+}
+
+impl DeviceFn<bool> for TrainJob<'_> {
+    /// Ok(true): the run was interrupted.
+    fn call<B: Backend>(self, be: &B) -> Result<bool> {
+        let (a, given) = (self.a, self.given);
+        let group = match self.group {
             Some(g) => Some(
                 *g.downcast::<Box<dyn Collective<B>>>()
                     .map_err(|_| anyhow::anyhow!("internal: a replica group of another backend"))?,
             ),
-            None => None,
-        };
-        let mut train_ds = Dataset::load(&a.train_file)?;
-        if let Some(msg) = train_ds.misaligned_report() {
-            eprintln!("{}: {msg}", a.train_file.display());
-        }
-        if let Some(n) = a.max_train_examples {
-            train_ds.truncate(n);
-        }
-        let dev = match &a.dev_file {
-            Some(p) => {
-                let mut d = Dataset::load(p)?;
-                if let Some(n) = a.max_eval_examples {
-                    d.truncate(n);
-                }
-                Some(d)
-            }
             None => None,
         };
         let tok = tokenizer::load(&a.model)?;
@@ -280,21 +717,89 @@ impl DeviceFn<()> for TrainJob<'_> {
             })?),
             Some(p) => Some(PathBuf::from(p)),
         };
-        let mut trainer = match &resume_dir {
+        let cli_precision = precision_dtype(be, &a.precision)?;
+        // the model and the run's settings: the checkpoint's (with the flags that may change), or the flags'
+        let (mut trainer, max_train_examples) = match &resume_dir {
             Some(dir) => {
-                let r = checkpoint::restore(be, dir)?;
-                eprintln!("resuming from {} (step {}, epoch {}); the checkpoint's hyperparameters are used", dir.display(), r.state.global_step, r.state.epoch);
-                checkpoint::into_trainer(be, r)?
+                let mut r = checkpoint::restore(be, dir)?;
+                let origin = dir.join("trainer_state.json");
+                let notes = apply_resume_flags(
+                    a,
+                    given,
+                    &mut r.config,
+                    &mut r.state,
+                    r.precision,
+                    cli_precision,
+                    &origin,
+                )?;
+                eprintln!(
+                    "resuming from {} (step {}, epoch {}) with the checkpoint's settings",
+                    dir.display(),
+                    r.state.global_step,
+                    r.state.epoch
+                );
+                for n in notes {
+                    eprintln!("resume: {n}");
+                }
+                tok.check_fits(r.bcfg.vocab_size, &format!("--model {}", a.model.display()))?;
+                let mut o = a.opts.clone();
+                o.max_seq_length = r.config.features.max_seq_length;
+                o.check_model(&r.bcfg, dir)?;
+                let max =
+                    resume_max_train_examples(a, given, r.state.train_data.as_ref(), &origin)?;
+                let now = DataFingerprint::of(&a.train_file, max)?;
+                match &r.state.train_data {
+                    Some(fp) => check_same_data(&now, fp, &origin)?,
+                    None => {
+                        eprintln!(
+                            "note: {} has no training-data fingerprint (written by an older bertqa): --train-file \
+                             is not checked against the run's data; it is recorded from now on",
+                            origin.display()
+                        );
+                        r.state.train_data = Some(now);
+                    }
+                }
+                (checkpoint::into_trainer(be, r)?, max)
             }
             None => {
-                let precision = precision_dtype(be, &a.precision)?;
                 let (bcfg, master, rep) = mc::load(be, &a.model, DType::F32, a.seed)?;
+                a.opts.check_model(&bcfg, &a.model)?;
+                tok.check_fits(bcfg.vocab_size, &a.model.display().to_string())?;
                 if rep.qa_head_initialised {
                     eprintln!("{}: no qa_outputs in the checkpoint: span head initialised normal(0, {}) with seed {}", a.model.display(), bcfg.initializer_range, a.seed);
                 }
                 let cfg = a.config(&bcfg)?;
-                Trainer::new(be, bcfg, master, precision, cfg)?
+                cfg.validate()?;
+                let fp = DataFingerprint::of(&a.train_file, a.max_train_examples)?;
+                let mut tr = Trainer::new(be, bcfg, master, cli_precision, cfg)?;
+                tr.state.train_data = Some(fp);
+                (tr, a.max_train_examples)
             }
+        };
+        let mut train_ds = Dataset::load(&a.train_file)?;
+        if let Some(msg) = train_ds.misaligned_report() {
+            eprintln!("{}: {msg}", a.train_file.display());
+        }
+        if let Some(n) = max_train_examples {
+            train_ds.truncate(n);
+        }
+        if !trainer.cfg.post.version_2 && !train_ds.is_v2() {
+            if let Some(msg) = train_ds.unanswerable_report() {
+                eprintln!("warning: {}: {msg}", a.train_file.display());
+            }
+        }
+        let dev = match &a.dev_file {
+            Some(p) => {
+                let (d, v2) = crate::cli::eval::load_eval_set(
+                    p,
+                    a.max_eval_examples,
+                    trainer.cfg.post.version_2,
+                )?;
+                // scored as v2.0 when the dev file is (a note on stderr says so)
+                trainer.cfg.post.version_2 = v2;
+                Some(d)
+            }
+            None => None,
         };
         let peak = be.peak(trainer.model.dtype());
         trainer.set_peak(peak.clone());
@@ -316,15 +821,9 @@ impl DeviceFn<()> for TrainJob<'_> {
                 None => "not reported (no known peak for this device)".into(),
             }
         );
-        let flag = Arc::new(AtomicBool::new(false));
-        {
-            let f = flag.clone();
-            let _ = ctrlc::set_handler(move || {
-                if f.swap(true, Ordering::SeqCst) {
-                    std::process::exit(130);
-                }
-                eprintln!("\nCtrl-C: finishing this step and saving a checkpoint (press again to quit now)");
-            });
+        if resume_dir.is_some() {
+            // the previous part's summary no longer describes the run; this part writes its own
+            let _ = std::fs::remove_file(a.output_dir.join("summary.json"));
         }
         let inp = RunInputs {
             train: &train_ds,
@@ -335,18 +834,15 @@ impl DeviceFn<()> for TrainJob<'_> {
             precision: trainer.model.dtype(),
             resume_from: resume_dir,
             show_progress: !a.no_progress,
-            interrupt: Some(flag),
+            interrupt: Some(self.interrupts.flag.clone()),
             stop_after_steps: None,
         };
-        let s = train::run(&mut trainer, &inp);
-        // the followers stop with the leader (an error drops the group instead: they see it has gone)
-        let s = match s {
-            Ok(s) => {
-                trainer.leave_group()?;
-                s
-            }
-            Err(e) => return Err(e),
-        };
+        let s = train::run(&mut trainer, &inp)?;
+        // the followers stop with the leader (on an error the group is dropped instead: they see it gone)
+        trainer.leave_group()?;
+        let signal = self.interrupts.signal().map(signal_name);
+        let interrupted = s.interrupted;
+        let checkpoint = checkpoint::latest(&a.output_dir).map(|p| p.display().to_string());
         let summary = serde_json::json!({
             "steps": s.state.global_step, "skipped_steps": s.state.skipped_steps, "epochs": s.state.epoch,
             "train_windows": s.train_windows, "seconds": s.seconds, "train_seq_per_s": s.seq_per_s,
@@ -354,32 +850,98 @@ impl DeviceFn<()> for TrainJob<'_> {
             "stopped_early": s.state.stopped_early, "precision": trainer.model.dtype().to_string(), "device": be.name(),
             "devices": a.devices.as_ref().map(|d| Devices::parse(d).map(|d| d.len() * a.nnodes).unwrap_or(0)).unwrap_or(1),
             "peak_device_memory_gib": be.memory_stats().peak_bytes as f64 / 1073741824.0,
-            "train_flops_per_seq_at_max_len": trainer.model.cfg.train_flops_per_seq(a.opts.max_seq_length),
+            "train_flops_per_seq_at_max_len": trainer.model.cfg.train_flops_per_seq(trainer.cfg.features.max_seq_length),
+            "interrupted": interrupted, "signal": if interrupted { signal.clone() } else { None },
+            "checkpoint": checkpoint,
         });
         crate::util::write_atomic(
             &a.output_dir.join("summary.json"),
             serde_json::to_string_pretty(&summary)?.as_bytes(),
         )?;
         println!("summary: {summary}");
-        match s.final_metrics {
-            Some(m) => println!("{m}"),
-            None => println!("{{}}"),
+        if interrupted {
+            // the last line stays JSON: what stopped the run and where it can go on from
+            println!(
+                "{}",
+                serde_json::json!({"interrupted": true, "signal": signal, "step": s.state.global_step,
+                    "checkpoint": summary["checkpoint"]})
+            );
+        } else {
+            match s.final_metrics {
+                Some(m) => println!("{m}"),
+                None => println!("{{}}"),
+            }
         }
-        Ok(())
+        Ok(interrupted)
     }
 }
 
-pub fn run(a: &TrainArgs) -> Result<()> {
+/// `bertqa train`: Ok(0) when the run finished (or stopped early), Ok(128 + signal) when a signal
+/// interrupted it (130 SIGINT, 143 SIGTERM). `given`: the flags given on the command line.
+pub fn run(a: &TrainArgs, given: &GivenFlags) -> Result<i32> {
     a.validate()?;
-    match &a.devices {
-        None => on_device(&a.opts.device, &a.opts.kernels, TrainJob(a, None)),
-        Some(d) => data_parallel(a, Devices::parse(d)?),
+    let dir = &a.output_dir;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating --output-dir {}", dir.display()))?;
+    // one run per directory; the clean-up below only while holding the lock
+    let lock = DirLock::acquire(dir)?;
+    for n in checkpoint::clean_debris(dir)? {
+        eprintln!(
+            "{}: {n} (left by an earlier run that stopped part-way)",
+            dir.display()
+        );
     }
+    if a.resume.is_none() {
+        let held = checkpoint::run_contents(dir);
+        if !held.is_empty() {
+            if !a.overwrite_output_dir {
+                let more = if held.len() > 5 {
+                    format!(", … ({} entries)", held.len())
+                } else {
+                    String::new()
+                };
+                bail!(
+                    "--output-dir {} already holds a run ({}{more}): pass --resume to continue it, or \
+                     --overwrite-output-dir to start afresh (it removes only what bertqa wrote there)",
+                    dir.display(),
+                    held[..held.len().min(5)].join(", ")
+                );
+            }
+            let removed = checkpoint::remove_run(dir)?;
+            eprintln!(
+                "--overwrite-output-dir: removed {} from {}",
+                removed.join(", "),
+                dir.display()
+            );
+        }
+    }
+    let interrupts = Interrupts::install(lock.handle(), dir.clone())?;
+    let job = |group| TrainJob {
+        a,
+        given,
+        interrupts: &interrupts,
+        group,
+    };
+    let interrupted = match &a.devices {
+        None => on_device(&a.opts.device, &a.opts.kernels, job(None))?,
+        Some(d) => data_parallel(a, Devices::parse(d)?, job)?,
+    };
+    let code = match (interrupted, interrupts.signal()) {
+        (true, Some(sig)) => 128 + sig,
+        _ => 0,
+    };
+    drop(interrupts);
+    drop(lock);
+    Ok(code)
 }
 
 /// `--devices`: one thread per device of this machine, each with its own backend and replica; the leader
 /// (rank 0, on node 0) runs the training loop, the others follow it (src/train/replica.rs).
-fn data_parallel(a: &TrainArgs, devs: Devices) -> Result<()> {
+fn data_parallel<'a>(
+    a: &TrainArgs,
+    devs: Devices,
+    job: impl Fn(Option<Box<dyn std::any::Any + Send>>) -> TrainJob<'a>,
+) -> Result<bool> {
     let world = devs.len() * a.nnodes;
     match devs {
         Devices::Cpu(n) => {
@@ -396,7 +958,7 @@ fn data_parallel(a: &TrainArgs, devs: Devices) -> Result<()> {
                 .collect::<std::io::Result<_>>()
                 .context("starting the replica threads")?;
             let g: Box<dyn Collective<Cpu>> = Box::new(leader);
-            let res = TrainJob(a, Some(Box::new(g))).call(&Cpu::new());
+            let res = job(Some(Box::new(g))).call(&Cpu::new());
             // the leader's group is gone by now (stopped, or dropped on an error): every follower returns
             let mut errors = vec![];
             for (i, h) in followers.into_iter().enumerate() {
@@ -408,8 +970,8 @@ fn data_parallel(a: &TrainArgs, devs: Devices) -> Result<()> {
             }
             match res {
                 Err(e) => Err(e),
-                Ok(()) if errors.is_empty() => Ok(()),
-                Ok(()) => bail!("{}", errors.join("; ")),
+                Ok(interrupted) if errors.is_empty() => Ok(interrupted),
+                Ok(_) => bail!("{}", errors.join("; ")),
             }
         }
         Devices::Cuda(ords) => {
@@ -463,17 +1025,18 @@ fn data_parallel(a: &TrainArgs, devs: Devices) -> Result<()> {
                 })
                 .collect::<std::io::Result<_>>()
                 .context("starting the replica threads")?;
+            let mut interrupted = false;
             if lead_here {
                 let be =
                     Cuda::new(ords[0], k).with_context(|| format!("opening cuda:{}", ords[0]))?;
                 let g: Box<dyn Collective<Cuda>> = Box::new(Nccl::join(&be, &id, 0, world)?);
                 eprintln!("bertqa: {}", g.describe());
-                TrainJob(a, Some(Box::new(g))).call(&be)?;
+                interrupted = job(Some(Box::new(g))).call(&be)?;
             }
             for h in handles {
                 let _ = h.join();
             }
-            Ok(())
+            Ok(interrupted)
         }
     }
 }

@@ -12,13 +12,101 @@ use crate::tensor::DType;
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
 
-fn replace_dir(tmp: &Path, dst: &Path) -> Result<()> {
+/// Test-only fault injection: `BERTQA_TEST_FAULT=<target>:<stage>[:<action>]` (several separated by
+/// commas), read here, in the save path only. `target` is `save` (a `checkpoint-N/`) or `best` (`best/`);
+/// `stage` one of `after-model` (the model files written into the temporary folder), `after-optimizer`
+/// (checkpoints: optimizer.safetensors and trainer_state.json written too), `before-rename`,
+/// `after-move-aside` (the previous version renamed to `X.old`, the new one not yet in place) and
+/// `during-prune` (an old checkpoint renamed to `.checkpoint-N.del` and partly deleted); `action` is
+/// `abort` (the default: `std::process::abort()`, like a kill -9), `error` (the save fails, like a full
+/// disk) or `sleep=<ms>`. Tests use it to make crashes and signals during a save deterministic.
+pub const FAULT_VAR: &str = "BERTQA_TEST_FAULT";
+
+fn fault_armed(target: &str, stage: &str) -> bool {
+    std::env::var_os(FAULT_VAR).is_some_and(|spec| {
+        spec.to_string_lossy().split(',').any(|e| {
+            let mut it = e.trim().splitn(3, ':');
+            it.next() == Some(target) && it.next() == Some(stage)
+        })
+    })
+}
+
+fn fault(target: &str, stage: &str) -> Result<()> {
+    let Some(spec) = std::env::var_os(FAULT_VAR) else {
+        return Ok(());
+    };
+    let spec = spec.to_string_lossy();
+    for entry in spec.split(',') {
+        let mut it = entry.trim().splitn(3, ':');
+        if it.next() != Some(target) || it.next() != Some(stage) {
+            continue;
+        }
+        match it.next() {
+            None | Some("abort") => {
+                eprintln!("{FAULT_VAR}: aborting at {target}:{stage}");
+                // no core file for an injected crash
+                let zero = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                // SAFETY: a valid rlimit struct
+                unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) };
+                std::process::abort();
+            }
+            Some("error") => bail!("{FAULT_VAR}: injected failure at {target}:{stage}"),
+            Some(a) => match a.strip_prefix("sleep=").and_then(|m| m.parse::<u64>().ok()) {
+                Some(ms) => std::thread::sleep(std::time::Duration::from_millis(ms)),
+                None => bail!("{FAULT_VAR}: unknown action {a:?} (abort, error or sleep=<ms>)"),
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Held for the whole of every save (checkpoint or best/): a second signal waits on it so that a save in
+/// progress completes before the process exits.
+static SAVE_GATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The save gate (see [`SAVE_GATE`]): lock it to wait for a save in progress and to keep new ones from
+/// starting.
+pub fn save_gate() -> std::sync::MutexGuard<'static, ()> {
+    SAVE_GATE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The save gate if no save is in progress.
+pub fn try_save_gate() -> Option<std::sync::MutexGuard<'static, ()>> {
+    match SAVE_GATE.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
+/// `dst.old`: where the previous version of `dst` waits while the new one is renamed into place.
+fn old_for(dst: &Path) -> PathBuf {
+    let name = dst.file_name().and_then(|s| s.to_str()).unwrap_or("dir");
+    dst.with_file_name(format!("{name}.old"))
+}
+
+fn replace_dir(tmp: &Path, dst: &Path, target: &str) -> Result<()> {
+    fault(target, "before-rename")?;
     if dst.exists() {
-        let old = dst.with_extension("old");
-        let _ = std::fs::remove_dir_all(&old);
+        let old = old_for(dst);
+        if old.exists() {
+            std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        }
         std::fs::rename(dst, &old).with_context(|| format!("moving {} aside", dst.display()))?;
-        std::fs::rename(tmp, dst)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), dst.display()))?;
+        if let Err(e) = fault(target, "after-move-aside") {
+            let _ = std::fs::rename(&old, dst);
+            return Err(e);
+        }
+        if let Err(e) = std::fs::rename(tmp, dst) {
+            let _ = std::fs::rename(&old, dst);
+            return Err(e)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), dst.display()));
+        }
+        // the new version is in place: the old one is debris from here on (a crash part-way through this
+        // removal leaves `X.old` beside a complete `X`, which the next start removes)
         let _ = std::fs::remove_dir_all(&old);
     } else {
         std::fs::rename(tmp, dst)
@@ -33,31 +121,41 @@ fn tmp_for(dst: &Path) -> PathBuf {
 }
 
 /// Write the model (master weights) as an HF directory into a fresh temporary folder for `dst`; `extra` adds
-/// more files there; then the folder replaces `dst` in one rename.
+/// more files there; then the folder replaces `dst` in one rename. A failed save removes its temporary
+/// folder. The save gate is held throughout.
 fn write_dir<B: Backend>(
     tr: &Trainer<B>,
     inp: &RunInputs,
     dst: &Path,
+    target: &str,
     extra: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
+    let _gate = save_gate();
     let tmp = tmp_for(dst);
     let _ = std::fs::remove_dir_all(&tmp);
-    let raw = mc::raw_config(&inp.model_dir);
-    mc::save(
-        tr.be,
-        &tmp,
-        &tr.model.cfg,
-        tr.master_params(),
-        Some(&inp.model_dir),
-        raw.as_ref(),
-    )?;
-    extra(&tmp)?;
-    replace_dir(&tmp, dst)
+    let res = (|| {
+        let raw = mc::raw_config(&inp.model_dir);
+        mc::save(
+            tr.be,
+            &tmp,
+            &tr.model.cfg,
+            tr.master_params(),
+            Some(&inp.model_dir),
+            raw.as_ref(),
+        )?;
+        fault(target, "after-model")?;
+        extra(&tmp)?;
+        replace_dir(&tmp, dst, target)
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    res
 }
 
 /// Save the model (master weights) as an HF directory at `dst`, atomically.
 pub fn save_model_dir<B: Backend>(tr: &Trainer<B>, inp: &RunInputs, dst: &Path) -> Result<()> {
-    write_dir(tr, inp, dst, |_| Ok(()))
+    write_dir(tr, inp, dst, "best", |_| Ok(()))
 }
 
 fn moments_bytes<B: Backend>(tr: &Trainer<B>) -> Result<Vec<u8>> {
@@ -73,12 +171,14 @@ fn moments_bytes<B: Backend>(tr: &Trainer<B>) -> Result<Vec<u8>> {
     mc::safetensors_bytes(&host, None)
 }
 
-/// Save `checkpoint-<step>/` and prune old ones beyond `save_total_limit`.
+/// Save `checkpoint-<step>/` and prune old ones beyond `save_total_limit`: each is renamed to a hidden
+/// `.checkpoint-N.del` first, then deleted, so that no directory that looks like a checkpoint is ever
+/// half-deleted.
 pub fn save<B: Backend>(tr: &Trainer<B>, inp: &RunInputs) -> Result<()> {
     let dst = inp
         .output_dir
         .join(format!("checkpoint-{}", tr.state.global_step));
-    write_dir(tr, inp, &dst, |tmp| {
+    write_dir(tr, inp, &dst, "save", |tmp| {
         crate::util::write_atomic(&tmp.join("optimizer.safetensors"), &moments_bytes(tr)?)?;
         let st = serde_json::json!({"state": tr.state, "config": tr.cfg, "precision": tr.model.dtype().to_string(),
             "dropout_stream": crate::rng::DROPOUT_STREAM_VERSION});
@@ -86,20 +186,171 @@ pub fn save<B: Backend>(tr: &Trainer<B>, inp: &RunInputs) -> Result<()> {
             &tmp.join("trainer_state.json"),
             serde_json::to_string_pretty(&st)?.as_bytes(),
         )?;
-        Ok(())
+        fault("save", "after-optimizer")
     })?;
     if tr.cfg.save_total_limit > 0 {
+        let _gate = save_gate();
         let mut all = list_checkpoints(&inp.output_dir);
         all.sort();
         while all.len() > tr.cfg.save_total_limit {
-            let (_, p) = all.remove(0);
-            let _ = std::fs::remove_dir_all(p);
+            let (step, p) = all.remove(0);
+            let del = inp.output_dir.join(format!(".checkpoint-{step}.del"));
+            let _ = std::fs::remove_dir_all(&del);
+            if std::fs::rename(&p, &del).is_ok() {
+                if fault_armed("save", "during-prune") {
+                    // a crash part-way through the deletion
+                    let _ = std::fs::remove_file(del.join("model.safetensors"));
+                }
+                fault("save", "during-prune")?;
+                let _ = std::fs::remove_dir_all(&del);
+            }
         }
     }
     Ok(())
 }
 
-/// (step, path) of every `checkpoint-<step>` in `dir`.
+/// The files a checkpoint directory must hold (written into its temporary folder before the rename).
+const CHECKPOINT_FILES: &[&str] = &[
+    "config.json",
+    "model.safetensors",
+    "optimizer.safetensors",
+    "trainer_state.json",
+];
+
+/// Whether `dir` holds every file of a checkpoint.
+pub fn is_complete(dir: &Path) -> bool {
+    CHECKPOINT_FILES.iter().all(|f| dir.join(f).is_file())
+}
+
+/// `N` of a directory named `checkpoint-N`.
+fn checkpoint_step(name: &str) -> Option<usize> {
+    let n = name.strip_prefix("checkpoint-")?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok()
+}
+
+/// The files `bertqa train` writes at the top of its output directory besides `checkpoint-N/` and `best/`.
+pub const RUN_FILES: &[&str] = &[
+    "metrics.jsonl",
+    "predictions.json",
+    "nbest_predictions.json",
+    "null_odds.json",
+    "curves.svg",
+    "summary.json",
+];
+
+/// The entries of `dir` that belong to an earlier run (checkpoints, best/, the run files), sorted.
+pub fn run_contents(dir: &Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return vec![];
+    };
+    let mut v: Vec<String> = rd
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| checkpoint_step(n).is_some() || n == "best" || RUN_FILES.contains(&n.as_str()))
+        .collect();
+    v.sort();
+    v
+}
+
+/// What to do with an entry of an output directory left by an earlier run that stopped part-way.
+enum Debris {
+    /// a temporary, half-deleted or incomplete directory/file: remove it
+    Remove,
+    /// `X.old` whose `X` is missing: the complete previous version, renamed back to `X`
+    Restore(PathBuf),
+}
+
+/// Whether `name` (an entry of `dir`) is debris of bertqa's own saves.
+fn classify(dir: &Path, name: &str) -> Option<Debris> {
+    let path = dir.join(name);
+    // checkpoint-N that is not complete: half-deleted by an older bertqa's pruning
+    if checkpoint_step(name).is_some() {
+        return (path.is_dir() && !is_complete(&path)).then_some(Debris::Remove);
+    }
+    if let Some(base) = name.strip_suffix(".old") {
+        if checkpoint_step(base).is_some() || base == "best" {
+            let x = dir.join(base);
+            return Some(if x.exists() {
+                Debris::Remove
+            } else {
+                Debris::Restore(x)
+            });
+        }
+        return None;
+    }
+    let hidden = name.strip_prefix('.')?;
+    // .checkpoint-N.del: a pruned checkpoint being deleted
+    if let Some(base) = hidden.strip_suffix(".del") {
+        return checkpoint_step(base).is_some().then_some(Debris::Remove);
+    }
+    // .X.tmpPID: the temporary folder of a save, or a file written atomically
+    let (base, pid) = hidden.rsplit_once(".tmp")?;
+    let ours = checkpoint_step(base).is_some() || base == "best" || RUN_FILES.contains(&base);
+    (ours && pid.bytes().all(|b| b.is_ascii_digit())).then_some(Debris::Remove)
+}
+
+fn remove_any(p: &Path) -> std::io::Result<()> {
+    if p.is_dir() {
+        std::fs::remove_dir_all(p)
+    } else {
+        std::fs::remove_file(p)
+    }
+}
+
+/// Clean up what earlier runs that stopped part-way left in `dir` (call only while holding the run lock):
+/// temporary folders and files of saves (`.checkpoint-N.tmp*`, `.best.tmp*`, `.metrics.jsonl.tmp*`, …),
+/// pruned checkpoints being deleted (`.checkpoint-N.del`), incomplete `checkpoint-N/` (half-deleted by
+/// older versions' pruning), `X.old` beside a complete `X`; an `X.old` whose `X` is missing is the complete
+/// previous version and is renamed back. Returns one line per entry handled.
+pub fn clean_debris(dir: &Path) -> Result<Vec<String>> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Ok(vec![]);
+    };
+    let mut names: Vec<String> = rd
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    // incomplete checkpoints first (an X.old beside one is then restored), then the rest
+    names.sort_by_key(|n| (checkpoint_step(n).is_none(), n.clone()));
+    let mut notes = vec![];
+    for name in names {
+        let path = dir.join(&name);
+        match classify(dir, &name) {
+            None => {}
+            Some(Debris::Remove) => {
+                remove_any(&path).with_context(|| format!("removing {}", path.display()))?;
+                notes.push(format!("removed {name}"));
+            }
+            Some(Debris::Restore(x)) => {
+                std::fs::rename(&path, &x).with_context(|| {
+                    format!("renaming {} back to {}", path.display(), x.display())
+                })?;
+                notes.push(format!(
+                    "restored {} from {name} (a save stopped between its two renames)",
+                    x.file_name().and_then(|s| s.to_str()).unwrap_or("")
+                ));
+            }
+        }
+    }
+    Ok(notes)
+}
+
+/// Remove what `bertqa train` writes in `dir` — `checkpoint-N/`, `best/`, [`RUN_FILES`] and the debris of
+/// its saves — and nothing else (--overwrite-output-dir). Returns the names removed.
+pub fn remove_run(dir: &Path) -> Result<Vec<String>> {
+    let mut removed = clean_debris(dir)?;
+    for name in run_contents(dir) {
+        let p = dir.join(&name);
+        remove_any(&p).with_context(|| format!("removing {}", p.display()))?;
+        removed.push(name);
+    }
+    Ok(removed)
+}
+
+/// (step, path) of every complete `checkpoint-<step>` in `dir`.
 pub fn list_checkpoints(dir: &Path) -> Vec<(usize, PathBuf)> {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return vec![];
@@ -107,11 +358,8 @@ pub fn list_checkpoints(dir: &Path) -> Vec<(usize, PathBuf)> {
     rd.flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
-            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            e.path()
-                .join("trainer_state.json")
-                .exists()
-                .then_some((step, e.path()))
+            let step = checkpoint_step(&name)?;
+            is_complete(&e.path()).then_some((step, e.path()))
         })
         .collect()
 }
@@ -154,11 +402,16 @@ pub fn restore<B: Backend>(be: &B, ckpt: &Path) -> Result<Restored<B>> {
             ckpt.display()
         );
     }
-    let state: TrainState = serde_json::from_value(st["state"].clone())
-        .with_context(|| format!("{}: bad \"state\"", st_path.display()))?;
-    let config: TrainConfig = serde_json::from_value(st["config"].clone())
-        .with_context(|| format!("{}: bad \"config\"", st_path.display()))?;
-    let precision = DType::parse(st["precision"].as_str().unwrap_or("f32"))?;
+    let state: TrainState = serde_path_to_error::deserialize(st["state"].clone())
+        .map_err(|e| anyhow!("{}: state.{}: {}", st_path.display(), e.path(), e.inner()))?;
+    let config: TrainConfig = serde_path_to_error::deserialize(st["config"].clone())
+        .map_err(|e| anyhow!("{}: config.{}: {}", st_path.display(), e.path(), e.inner()))?;
+    // the stored settings get the command line's checks: a hand-edited or corrupt file must not crash
+    config
+        .validate()
+        .with_context(|| format!("{}: \"config\"", st_path.display()))?;
+    let precision = DType::parse(st["precision"].as_str().unwrap_or("f32"))
+        .with_context(|| format!("{}: \"precision\"", st_path.display()))?;
     let (bcfg, master, _) = mc::load(be, ckpt, DType::F32, 0)?;
     let opt = mc::read_safetensors(&ckpt.join("optimizer.safetensors"))?;
     let mut m = vec![];

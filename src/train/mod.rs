@@ -59,6 +59,138 @@ pub struct TrainConfig {
     pub post: PostCfgSer,
 }
 
+impl TrainConfig {
+    /// The checks of a run's settings, for the command line and for a stored trainer_state.json alike: each
+    /// error names the field and its flag (the caller adds where the value came from).
+    pub fn validate(&self) -> Result<()> {
+        let unit = |v: f64| (0.0..1.0).contains(&v);
+        if self.epochs == 0 {
+            bail!("epochs (--epochs) must be ≥ 1 (got 0)");
+        }
+        if self.batch_size == 0 {
+            bail!("batch_size (--batch-size) must be ≥ 1 (got 0)");
+        }
+        if self.grad_accum_steps == 0 || self.grad_accum_steps > self.batch_size {
+            bail!(
+                "grad_accum_steps (--grad-accum-steps) must be in 1..=batch_size ({}) (got {})",
+                self.batch_size,
+                self.grad_accum_steps
+            );
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate < 1.0) {
+            bail!(
+                "learning_rate (--learning-rate) must be in (0, 1) (got {})",
+                self.learning_rate
+            );
+        }
+        if !unit(self.warmup_ratio) {
+            bail!(
+                "warmup_ratio (--warmup-ratio) must be in [0, 1) (got {})",
+                self.warmup_ratio
+            );
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!(
+                "weight_decay (--weight-decay) must be a finite number ≥ 0 (got {})",
+                self.weight_decay
+            );
+        }
+        for (field, flag, v) in [
+            ("adam_beta1", "--adam-beta1", self.adam_beta1),
+            ("adam_beta2", "--adam-beta2", self.adam_beta2),
+        ] {
+            if !unit(v) {
+                bail!("{field} ({flag}) must be in [0, 1) (got {v})");
+            }
+        }
+        if !(self.adam_eps.is_finite() && self.adam_eps > 0.0) {
+            bail!(
+                "adam_eps (--adam-eps) must be a finite number > 0 (got {})",
+                self.adam_eps
+            );
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
+            bail!(
+                "max_grad_norm (--max-grad-norm) must be a finite number ≥ 0 (0: no clipping) (got {})",
+                self.max_grad_norm
+            );
+        }
+        if self.max_steps == Some(0) {
+            bail!("max_steps (--max-steps) must be ≥ 1 (got 0)");
+        }
+        for (field, flag, p) in [
+            ("hidden_dropout", "--hidden-dropout", self.hidden_dropout),
+            (
+                "attention_dropout",
+                "--attention-dropout",
+                self.attention_dropout,
+            ),
+        ] {
+            if !unit(p as f64) {
+                bail!("{field} ({flag}) must be in [0, 1) (got {p})");
+            }
+        }
+        if self.eval_batch_size == 0 {
+            bail!("eval_batch_size (--eval-batch-size) must be ≥ 1 (got 0)");
+        }
+        // the window and post-processing options: the checks eval and predict make
+        crate::cli::eval::EvalOpts {
+            max_seq_length: self.features.max_seq_length,
+            doc_stride: self.features.doc_stride,
+            max_query_length: self.features.max_query_length,
+            n_best_size: self.post.n_best_size,
+            max_answer_length: self.post.max_answer_length,
+            version_2_with_negative: self.post.version_2,
+            null_score_diff_threshold: self.post.null_score_diff_threshold,
+            device: "cpu".into(),
+            padding: self.padding.name().into(),
+            kernels: Default::default(),
+        }
+        .validate()
+    }
+}
+
+/// What the training data of a run was: stored in trainer_state.json and checked by --resume, so that a
+/// run is not continued on other data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataFingerprint {
+    /// the --train-file the run started with (for messages; not compared)
+    pub file: String,
+    pub bytes: u64,
+    pub sha256: String,
+    pub max_train_examples: Option<usize>,
+}
+
+impl DataFingerprint {
+    /// Size and sha256 of `path` (streamed), with `--max-train-examples`.
+    pub fn of(path: &Path, max_train_examples: Option<usize>) -> Result<DataFingerprint> {
+        use sha2::Digest;
+        use std::io::Read;
+        let mut f =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut bytes = 0u64;
+        loop {
+            let n = f
+                .read(&mut buf)
+                .with_context(|| format!("reading {}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            bytes += n as u64;
+            h.update(&buf[..n]);
+        }
+        let sha256 = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        Ok(DataFingerprint {
+            file: path.display().to_string(),
+            bytes,
+            sha256,
+            max_train_examples,
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct FeatureCfgSer {
     pub max_seq_length: usize,
@@ -113,6 +245,9 @@ pub struct TrainState {
     pub scaler: Option<LossScaler>,
     pub last_eval: Option<serde_json::Value>,
     pub stopped_early: bool,
+    /// the training data (absent in checkpoints written before it was recorded)
+    #[serde(default)]
+    pub train_data: Option<DataFingerprint>,
 }
 
 /// Inputs of a run that are not saved: data, device, paths.
@@ -138,6 +273,8 @@ pub struct RunSummary {
     pub seconds: f64,
     pub train_windows: usize,
     pub seq_per_s: f64,
+    /// the run stopped on `interrupt` (or `stop_after_steps`) before its end
+    pub interrupted: bool,
 }
 
 pub struct Trainer<'a, B: Backend> {
@@ -532,6 +669,92 @@ fn append_jsonl(path: &Path, v: &serde_json::Value) -> Result<()> {
     writeln!(f, "{v}").with_context(|| format!("writing {}", path.display()))
 }
 
+/// Test-only: sleep this many milliseconds after each optimizer step (`BERTQA_TEST_STEP_DELAY_MS`), so that
+/// tests can signal a run part-way through without racing it.
+pub const STEP_DELAY_VAR: &str = "BERTQA_TEST_STEP_DELAY_MS";
+
+/// On resume, keep the lines of `metrics.jsonl` up to `step` (the checkpoint's): lines written after it by
+/// a run that died before its next checkpoint would otherwise appear twice.
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let mut kept = String::with_capacity(text.len());
+    let mut dropped = 0;
+    for line in text.lines() {
+        let s = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("step").and_then(|s| s.as_u64()));
+        match s {
+            Some(s) if s > step as u64 => dropped += 1,
+            // a torn last line (a crash mid-write) goes too
+            None if !line.trim().is_empty() => dropped += 1,
+            _ => {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+    }
+    if dropped > 0 {
+        eprintln!(
+            "{}: dropped {dropped} lines written after step {step} (the checkpoint resumed from)",
+            path.display()
+        );
+        crate::util::write_atomic(path, kept.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Evaluations still to come after step `done` of a run that stops at `stop`: every multiple of
+/// `eval_every` (0: none), every epoch end not already counted, and the final one at `stop` (only with a
+/// dev set).
+pub fn evals_left(done: usize, stop: usize, steps_per_epoch: usize, eval_every: usize) -> usize {
+    if stop <= done {
+        return 0;
+    }
+    // multiples of k in (done, stop] (none for k = 0)
+    let count = |k: usize| match (stop.checked_div(k), done.checked_div(k)) {
+        (Some(a), Some(b)) => a - b,
+        _ => 0,
+    };
+    let spe = steps_per_epoch.max(1);
+    let mut n = count(eval_every) + count(spe);
+    if eval_every > 0 {
+        let g = {
+            let (mut a, mut b) = (eval_every, spe);
+            while b != 0 {
+                (a, b) = (b, a % b);
+            }
+            a
+        };
+        n -= count(eval_every / g * spe);
+    }
+    let at_stop = (eval_every > 0 && stop.is_multiple_of(eval_every)) || stop.is_multiple_of(spe);
+    n + usize::from(!at_stop)
+}
+
+/// Seconds left in a run: the steps to come at the measured step time, plus the evaluations to come at
+/// the measured evaluation time.
+pub fn eta_seconds(steps_left: usize, step_s: f64, evals_left: usize, eval_s: f64) -> f64 {
+    steps_left as f64 * step_s + evals_left as f64 * eval_s
+}
+
+fn hms(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// The first non-finite master weight (tensor name, index, value), in one pass.
+fn first_non_finite<B: Backend>(tr: &Trainer<B>) -> Result<Option<(String, usize, f32)>> {
+    for (name, t) in tr.names.iter().zip(tr.master_params().tensors()) {
+        let v = t.to_f32_vec(tr.be)?;
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Ok(Some((name.clone(), i, v[i])));
+        }
+    }
+    Ok(None)
+}
+
 /// Run training to the end (or early stop / interrupt). `trainer` holds the initial (or resumed) state.
 pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunSummary> {
     let cfg = trainer.cfg.clone();
@@ -560,41 +783,65 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
         t0.elapsed().as_secs_f64()
     );
     let steps_per_epoch = feats.len().div_ceil(cfg.batch_size);
-    let mut total = steps_per_epoch * cfg.epochs;
+    // where this run stops (--epochs, --max-steps: may change on resume) …
+    let mut stop_at = steps_per_epoch * cfg.epochs;
     if let Some(ms) = cfg.max_steps {
-        total = total.min(ms);
+        stop_at = stop_at.min(ms);
     }
+    // … and the learning-rate schedule's length: fixed when the run starts, kept on resume (0: recompute)
     let st = &mut trainer.state;
     if st.total_steps == 0 {
-        st.total_steps = total;
-        st.warmup_steps = (cfg.warmup_ratio * total as f64).ceil() as usize;
+        st.total_steps = stop_at;
+        st.warmup_steps = (cfg.warmup_ratio * stop_at as f64).ceil() as usize;
+        if st.global_step > 0 {
+            eprintln!(
+                "learning-rate schedule recomputed: {} steps, {} of warmup",
+                st.total_steps, st.warmup_steps
+            );
+        }
     }
     if let Some(s) = &st.scaler {
         trainer.scaler = s.clone();
     }
     let metrics_path = inp.output_dir.join("metrics.jsonl");
+    if inp.resume_from.is_some() {
+        truncate_metrics(&metrics_path, trainer.state.global_step)?;
+    }
+    let delay = std::env::var(STEP_DELAY_VAR)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(std::time::Duration::from_millis);
     let pb = if inp.show_progress {
-        let pb = indicatif::ProgressBar::new(trainer.state.total_steps as u64);
+        let pb = indicatif::ProgressBar::new(stop_at as u64);
         pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "train {bar:30} {pos}/{len} steps {msg} ETA {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template("train {bar:30} {pos}/{len} steps {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         pb.set_position(trainer.state.global_step as u64);
         Some(pb)
     } else {
         None
     };
+    let is_interrupted = || {
+        inp.interrupt
+            .as_ref()
+            .map(|f| f.load(Ordering::SeqCst))
+            .unwrap_or(false)
+    };
+    let mut interrupted = false;
     let mut losses = vec![];
     let mut seq_total = 0usize;
     let mut time_total = 0.0f64;
-    'outer: while trainer.state.epoch < cfg.epochs
-        && trainer.state.global_step < trainer.state.total_steps
-    {
+    let (mut evals_done, mut eval_time) = (0usize, 0.0f64);
+    'outer: while trainer.state.epoch < cfg.epochs && trainer.state.global_step < stop_at {
         let order = epoch_order(feats.len(), cfg.seed, trainer.state.epoch);
         while trainer.state.batch_in_epoch < steps_per_epoch {
-            if trainer.state.global_step >= trainer.state.total_steps {
+            if trainer.state.global_step >= stop_at {
+                break 'outer;
+            }
+            // a signal that came between steps (during an evaluation or a save): stop before the next
+            if is_interrupted() {
+                interrupted = true;
                 break 'outer;
             }
             let bi = trainer.state.batch_in_epoch;
@@ -618,7 +865,22 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
                 trainer.state.consecutive_bad += 1;
                 eprintln!("step {}: non-finite loss/gradient (loss {loss}, grad norm {norm}); step skipped{}", trainer.state.global_step, if trainer.scaler.enabled { format!(", loss scale now {}", trainer.scaler.scale) } else { String::new() });
                 if trainer.state.consecutive_bad >= cfg.max_bad_steps {
-                    bail!("{} non-finite steps in a row at step {}: aborting (try a lower --learning-rate, --precision fp32, or check the data)", trainer.state.consecutive_bad, trainer.state.global_step);
+                    let n = trainer.state.consecutive_bad;
+                    let g = trainer.state.global_step;
+                    match first_non_finite(trainer)? {
+                        Some((name, i, v)) => bail!(
+                            "{n} non-finite steps in a row at step {g}: aborting. The weights themselves are \
+                             non-finite ({name} is {v} at index {i}): an update before these steps overflowed \
+                             them, and every step since computes on them. Start again from a checkpoint \
+                             saved before the divergence (or the original model) with a smaller \
+                             --learning-rate or --weight-decay"
+                        ),
+                        None => bail!(
+                            "{n} non-finite steps in a row at step {g}: aborting; the weights are finite, \
+                             the loss or gradients overflow (try a lower --learning-rate, --precision fp32, \
+                             or check the data)"
+                        ),
+                    }
                 }
             } else {
                 trainer.state.consecutive_bad = 0;
@@ -654,32 +916,55 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
                 }
                 append_jsonl(&metrics_path, &line)?;
             }
-            if let Some(pb) = &pb {
-                pb.set_message(format!("loss {loss:.4} lr {lr:.2e} {seq_s:.1} seq/s"));
-                pb.set_position(trainer.state.global_step as u64);
+            if let Some(d) = delay {
+                std::thread::sleep(d);
             }
             let mut stop = false;
             if cfg.eval_every > 0 && trainer.state.global_step.is_multiple_of(cfg.eval_every) {
                 stop = eval_and_track(trainer, inp, dev_feats.as_deref(), &post, &metrics_path)?;
+                if let Some(s) = last_eval_seconds(trainer).filter(|_| dev_feats.is_some()) {
+                    evals_done += 1;
+                    eval_time += s;
+                }
             }
-            let interrupted = inp
-                .interrupt
-                .as_ref()
-                .map(|f| f.load(Ordering::SeqCst))
-                .unwrap_or(false)
-                || inp.stop_after_steps == Some(trainer.state.global_step);
-            if (cfg.save_every > 0 && trainer.state.global_step.is_multiple_of(cfg.save_every))
-                || interrupted
-                || stop
-            {
+            if let Some(pb) = &pb {
+                let g = trainer.state.global_step;
+                let step_s = time_total / losses.len() as f64;
+                let (n_evals, eval_s) = match &dev_feats {
+                    None => (0, 0.0),
+                    Some(d) => (
+                        evals_left(g, stop_at, steps_per_epoch, cfg.eval_every),
+                        if evals_done > 0 {
+                            eval_time / evals_done as f64
+                        } else {
+                            // not timed yet: a forward pass costs about a third of a training step
+                            step_s / cfg.batch_size as f64 * d.len() as f64 / 3.0
+                        },
+                    ),
+                };
+                let eta = eta_seconds(stop_at.saturating_sub(g), step_s, n_evals, eval_s);
+                pb.set_message(format!(
+                    "loss {loss:.4} lr {lr:.2e} {seq_s:.1} seq/s ETA {}{}",
+                    hms(eta),
+                    if n_evals > 0 {
+                        format!(" ({n_evals} evaluations to come)")
+                    } else {
+                        String::new()
+                    }
+                ));
+                pb.set_position(g as u64);
+            }
+            interrupted =
+                is_interrupted() || inp.stop_after_steps == Some(trainer.state.global_step);
+            // the last step of an epoch is saved once, at the epoch end below (after its evaluation)
+            let epoch_end = trainer.state.batch_in_epoch == steps_per_epoch;
+            let save_step =
+                cfg.save_every > 0 && trainer.state.global_step.is_multiple_of(cfg.save_every);
+            if (save_step && !epoch_end) || interrupted || stop {
                 trainer.state.scaler = Some(trainer.scaler.clone());
                 checkpoint::save(trainer, inp)?;
             }
             if interrupted {
-                eprintln!(
-                    "interrupted: checkpoint saved at step {}; continue with --resume",
-                    trainer.state.global_step
-                );
                 break 'outer;
             }
             if stop {
@@ -693,7 +978,12 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
         trainer.state.batch_in_epoch = 0;
         let stop =
             if cfg.eval_every == 0 || !trainer.state.global_step.is_multiple_of(cfg.eval_every) {
-                eval_and_track(trainer, inp, dev_feats.as_deref(), &post, &metrics_path)?
+                let s = eval_and_track(trainer, inp, dev_feats.as_deref(), &post, &metrics_path)?;
+                if let Some(s) = last_eval_seconds(trainer).filter(|_| dev_feats.is_some()) {
+                    evals_done += 1;
+                    eval_time += s;
+                }
+                s
             } else {
                 false
             };
@@ -707,7 +997,8 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
     if let Some(pb) = &pb {
         pb.finish_and_clear();
     }
-    // a run that ended on --max-steps (not at an epoch end or a save step) still leaves a checkpoint
+    // a run that ended on --max-steps (not at an epoch end or a save step), or was interrupted between
+    // steps, still leaves a checkpoint of its last step
     let last = checkpoint::latest(&inp.output_dir).and_then(|p| {
         p.file_name()?
             .to_str()?
@@ -715,18 +1006,27 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
             .parse::<usize>()
             .ok()
     });
-    if last != Some(trainer.state.global_step) {
+    if last != Some(trainer.state.global_step) && trainer.state.global_step > 0 {
         trainer.state.scaler = Some(trainer.scaler.clone());
         checkpoint::save(trainer, inp)?;
     }
-    // final metrics: the last evaluation, or one now if the run ended between evaluations
+    // a signal during the last evaluation or save: the run stops here too (a --resume does what is left)
+    interrupted = interrupted || is_interrupted();
+    if interrupted {
+        eprintln!(
+            "interrupted: checkpoint saved at step {}; continue with --resume",
+            trainer.state.global_step
+        );
+    }
+    // final metrics: the last evaluation, or one now if the run ended between evaluations (not when
+    // interrupted: the run is to stop now)
     let final_metrics = match (&trainer.state.last_eval, inp.dev) {
         (Some(v), _)
             if v.get("step").and_then(|s| s.as_u64()) == Some(trainer.state.global_step as u64) =>
         {
             v.get("eval").cloned()
         }
-        (_, Some(_)) => {
+        (_, Some(_)) if !interrupted => {
             eval_and_track(trainer, inp, dev_feats.as_deref(), &post, &metrics_path)?;
             trainer
                 .state
@@ -749,7 +1049,13 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
         } else {
             0.0
         },
+        interrupted,
     })
+}
+
+/// The duration of the evaluation just logged.
+fn last_eval_seconds<B: Backend>(tr: &Trainer<B>) -> Option<f64> {
+    tr.state.last_eval.as_ref()?.get("eval_seconds")?.as_f64()
 }
 
 /// Evaluate on the dev set (if any), log it, keep best/, and say whether to stop early.
@@ -783,4 +1089,48 @@ fn eval_and_track<B: Backend>(
     }
     let p = trainer.cfg.early_stopping_patience;
     Ok(p > 0 && trainer.state.evals_since_best >= p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The evaluations a run does from step `done` to `stop`, counted by walking its steps.
+    fn walk(done: usize, stop: usize, spe: usize, eval_every: usize) -> usize {
+        (done + 1..=stop)
+            .filter(|&g| {
+                (eval_every > 0 && g.is_multiple_of(eval_every))
+                    || g.is_multiple_of(spe)
+                    || g == stop
+            })
+            .count()
+    }
+
+    #[test]
+    fn evals_left_counts_every_evaluation_to_come() {
+        assert_eq!(evals_left(0, 12, 6, 0), 2); // the two epoch ends
+        assert_eq!(evals_left(0, 12, 6, 4), 4); // 4, 6 (epoch end), 8, 12 (both)
+        assert_eq!(evals_left(12, 12, 6, 4), 0);
+        assert_eq!(evals_left(0, 5, 6, 0), 1); // --max-steps mid-epoch: the final evaluation
+        for spe in 1..8 {
+            for every in 0..7 {
+                for stop in 1..30 {
+                    for done in 0..=stop {
+                        assert_eq!(
+                            evals_left(done, stop, spe, every),
+                            walk(done, stop, spe, every),
+                            "done {done} stop {stop} spe {spe} every {every}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_eta_covers_the_steps_and_the_evaluations_to_come() {
+        // 100 steps of 0.5 s and 3 evaluations of 20 s: not the current epoch's steps alone
+        assert_eq!(eta_seconds(100, 0.5, 3, 20.0), 110.0);
+        assert_eq!(hms(3725.0), "1:02:05");
+    }
 }
