@@ -418,6 +418,56 @@ fn cli_devices_cpu_cpu_is_one_run_with_the_losses_of_accumulation() {
         !o.status.success() && e.contains("--devices") && e.contains("--device"),
         "{e}"
     );
+    // several machines: the flags they need, and GPUs
+    let cases: [(&[&str], &str); 5] = [
+        (&["--devices", "0,1", "--nnodes", "2"], "--rendezvous"),
+        (
+            &[
+                "--devices",
+                "cpu,cpu",
+                "--nnodes",
+                "2",
+                "--rendezvous",
+                "tcp:h:1",
+            ],
+            "several machines need GPUs",
+        ),
+        (
+            &[
+                "--devices",
+                "0",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                "2",
+                "--rendezvous",
+                "tcp:h:1",
+            ],
+            "--node-rank",
+        ),
+        (&["--devices", "0,0"], "listed twice"),
+        (
+            &["--devices", "cpu,cpu,cpu", "--batch-size", "2"],
+            "at least one window",
+        ),
+    ];
+    for (extra, says) in cases {
+        let o = Command::new(bin())
+            .args([
+                "train",
+                "--model",
+                "m",
+                "--train-file",
+                "t",
+                "--output-dir",
+                "o",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains(says), "{extra:?}: {e}");
+    }
     let _ = std::fs::remove_dir_all(&base);
 }
 
@@ -493,6 +543,34 @@ fn a_follower_error_reaches_the_leader_instead_of_a_hang() {
         format!("{e:#}").contains("replica 1 of 2 has stopped"),
         "{e:#}"
     );
+    // with the follower's own reason
+    assert!(format!("{e:#}").contains("configuration message"), "{e:#}");
+}
+
+#[test]
+fn replicas_that_diverge_are_detected_when_the_run_ends() {
+    let be = Cpu::new();
+    let mut tr = Trainer::new(&be, tiny_cfg(), master(&be), DType::F32, tcfg(8, 1)).unwrap();
+    std::thread::scope(|s| {
+        let mut g = Local::group(2).into_iter();
+        let lead = g.next().unwrap();
+        let f = g.next().unwrap();
+        let h = s.spawn(move || replica::follow(&Cpu::new(), Box::new(f)));
+        replica::lead(&mut tr, Box::new(lead)).unwrap();
+        tr.verify_replicas().unwrap();
+        // change one weight of the leader only
+        let mut w = tr.model.params.flat().to_host::<f32>(&be).unwrap();
+        w[7] += 1e-3;
+        let shape = tr.model.params.flat().shape().to_vec();
+        let t = Tensor::from_host(&be, &w, &shape).unwrap();
+        tr.model.params.flat_mut().assign(&be, &t).unwrap();
+        let e = tr.leave_group().unwrap_err();
+        assert!(
+            format!("{e:#}").contains("replica 1 of 2 no longer holds"),
+            "{e:#}"
+        );
+        h.join().unwrap().unwrap();
+    });
 }
 
 /// `n` random windows of `t` tokens (real lengths between t/2 and t), labels inside each window.

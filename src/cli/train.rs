@@ -880,6 +880,9 @@ impl DeviceFn<bool> for TrainJob<'_> {
 /// interrupted it (130 SIGINT, 143 SIGTERM). `given`: the flags given on the command line.
 pub fn run(a: &TrainArgs, given: &GivenFlags) -> Result<i32> {
     a.validate()?;
+    if a.node_rank > 0 {
+        return follow_on_this_node(a);
+    }
     let dir = &a.output_dir;
     std::fs::create_dir_all(dir)
         .with_context(|| format!("creating --output-dir {}", dir.display()))?;
@@ -924,7 +927,7 @@ pub fn run(a: &TrainArgs, given: &GivenFlags) -> Result<i32> {
     };
     let interrupted = match &a.devices {
         None => on_device(&a.opts.device, &a.opts.kernels, job(None))?,
-        Some(d) => data_parallel(a, Devices::parse(d)?, job)?,
+        Some(d) => data_parallel(a, Devices::parse(d)?, Some(&job))?,
     };
     let code = match (interrupted, interrupts.signal()) {
         (true, Some(sig)) => 128 + sig,
@@ -937,11 +940,29 @@ pub fn run(a: &TrainArgs, given: &GivenFlags) -> Result<i32> {
 
 /// `--devices`: one thread per device of this machine, each with its own backend and replica; the leader
 /// (rank 0, on node 0) runs the training loop, the others follow it (src/train/replica.rs).
-fn data_parallel<'a>(
-    a: &TrainArgs,
-    devs: Devices,
-    job: impl Fn(Option<Box<dyn std::any::Any + Send>>) -> TrainJob<'a>,
-) -> Result<bool> {
+/// The leader's job for a replica group (None on a node other than 0: every replica there follows).
+type LeaderJob<'j, 'a> = Option<&'j dyn Fn(Option<Box<dyn std::any::Any + Send>>) -> TrainJob<'a>>;
+
+/// A node other than 0 of a run on several machines: its GPUs follow the leader on node 0. It writes
+/// nothing (node 0 holds the output directory and its lock). A first SIGINT/SIGTERM is left to the leader
+/// (a scheduler signals every node: node 0 finishes the step, saves and stops everyone); a second one ends
+/// this process at once.
+fn follow_on_this_node(a: &TrainArgs) -> Result<i32> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let Some(d) = &a.devices else {
+        bail!("--node-rank {} needs --devices", a.node_rank);
+    };
+    let seen = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, seen.clone())
+            .context("installing the signal handlers")?;
+        signal_hook::flag::register(sig, seen.clone()).context("installing the signal handlers")?;
+    }
+    data_parallel(a, Devices::parse(d)?, None)?;
+    Ok(0)
+}
+
+fn data_parallel(a: &TrainArgs, devs: Devices, job: LeaderJob) -> Result<bool> {
     let world = devs.len() * a.nnodes;
     match devs {
         Devices::Cpu(n) => {
@@ -958,6 +979,7 @@ fn data_parallel<'a>(
                 .collect::<std::io::Result<_>>()
                 .context("starting the replica threads")?;
             let g: Box<dyn Collective<Cpu>> = Box::new(leader);
+            let job = job.context("CPU replicas run on node 0")?;
             let res = job(Some(Box::new(g))).call(&Cpu::new());
             // the leader's group is gone by now (stopped, or dropped on an error): every follower returns
             let mut errors = vec![];
@@ -969,13 +991,26 @@ fn data_parallel<'a>(
                 }
             }
             match res {
-                Err(e) => Err(e),
                 Ok(interrupted) if errors.is_empty() => Ok(interrupted),
                 Ok(_) => bail!("{}", errors.join("; ")),
+                // the followers' own errors say why when the leader only saw one of them leave
+                Err(e) if errors.is_empty() => Err(e),
+                Err(e) => Err(e.context(errors.join("; "))),
             }
         }
         Devices::Cuda(ords) => {
             let k = a.opts.kernels.config()?;
+            /// Node 0 removes the rendezvous file when its run ends, however it ends: a later run must
+            /// not find this run's id.
+            struct Retire(Option<Rendezvous>);
+            impl Drop for Retire {
+                fn drop(&mut self) {
+                    if let Some(r) = &self.0 {
+                        r.retire();
+                    }
+                }
+            }
+            let mut _retire = Retire(None);
             let id = if a.node_rank == 0 {
                 let id = crate::collective::nccl::unique_id()?;
                 if a.nnodes > 1 {
@@ -985,6 +1020,7 @@ fn data_parallel<'a>(
                         a.nnodes
                     );
                     r.publish(&id, a.nnodes, Duration::from_secs(a.rendezvous_timeout))?;
+                    _retire = Retire(Some(r));
                 }
                 id
             } else {
@@ -1026,7 +1062,7 @@ fn data_parallel<'a>(
                 .collect::<std::io::Result<_>>()
                 .context("starting the replica threads")?;
             let mut interrupted = false;
-            if lead_here {
+            if let (true, Some(job)) = (lead_here, job) {
                 let be =
                     Cuda::new(ords[0], k).with_context(|| format!("opening cuda:{}", ords[0]))?;
                 let g: Box<dyn Collective<Cuda>> = Box::new(Nccl::join(&be, &id, 0, world)?);

@@ -166,6 +166,9 @@ impl<B: BackendCore> Collective<B> for Local {
     fn describe(&self) -> String {
         format!("in-process ({} replicas)", self.shared.world)
     }
+    fn abort(&self, why: &str) {
+        Local::abort(self, why)
+    }
 
     fn all_reduce_sum(&self, be: &B, t: &mut Tensor<B>) -> Result<()> {
         let (dtype, n) = (t.dtype(), t.numel());

@@ -35,6 +35,9 @@ pub trait Collective<B: BackendCore>: Send + Sync {
     fn broadcast_bytes(&self, be: &B, bytes: &mut Vec<u8>, root: usize) -> Result<()>;
     /// Every replica's bytes, in rank order, on `root` (None on the others).
     fn gather_bytes(&self, be: &B, bytes: &[u8], root: usize) -> Result<Option<Vec<Vec<u8>>>>;
+    /// Leave the group because of `why` (a failed replica): the others' next collective fails naming this
+    /// replica and the reason, instead of waiting for it (where the implementation can tell them).
+    fn abort(&self, _why: &str) {}
     /// Host values summed over the replicas (every replica gets the same result).
     fn sum_host(&self, be: &B, vals: &mut [f64]) -> Result<()> {
         let mine = wire::f64s(vals);

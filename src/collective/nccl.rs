@@ -74,6 +74,42 @@ pub fn unique_id() -> Result<[u8; super::rendezvous::ID_BYTES]> {
     Ok(id.internal.map(|c| c as u8))
 }
 
+/// The communicators alive in this process (address, rank), watched by [`watchdog`].
+static LIVE: std::sync::Mutex<Vec<(usize, usize)>> = std::sync::Mutex::new(Vec::new());
+
+/// NCCL's collectives have no timeout: when a peer dies (a replica's error ends its process, a node is
+/// lost), the survivors would wait in their next collective for ever. A thread polls every live
+/// communicator's asynchronous error (`ncclCommGetAsyncError`, callable from any thread) twice a second;
+/// on one it ends this process with the error (checkpoints are written atomically: `--resume` continues
+/// from the last), which in turn surfaces as an error at the other nodes.
+fn watchdog() {
+    static STARTED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    STARTED.get_or_init(|| {
+        let _ = std::thread::Builder::new()
+            .name("nccl-watchdog".into())
+            .spawn(|| loop {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                let live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+                for &(comm, rank) in live.iter() {
+                    let mut res = ns::ncclResult_t::ncclSuccess;
+                    // SAFETY: the communicator is alive while it is listed (Drop unlists it first, under
+                    // this lock)
+                    let st = unsafe { ns::ncclCommGetAsyncError(comm as ns::ncclComm_t, &mut res) };
+                    let bad = |r: ns::ncclResult_t| {
+                        r != ns::ncclResult_t::ncclSuccess && r != ns::ncclResult_t::ncclInProgress
+                    };
+                    if bad(st) || bad(res) {
+                        eprintln!(
+                            "error: NCCL reports {res:?} on rank {rank} (a peer failed or the network broke): \
+                             stopping; the last checkpoint is whole, continue with --resume"
+                        );
+                        std::process::exit(1);
+                    }
+                }
+            });
+    });
+}
+
 /// One GPU's communicator.
 pub struct Nccl {
     comm: ns::ncclComm_t,
@@ -108,6 +144,10 @@ impl Nccl {
             nr::comm_init_rank(&mut comm, world as i32, uid, rank as i32)
         })
         .with_context(|| format!("rank {rank} of {world} on cuda:{}", be.ordinal()))?;
+        LIVE.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((comm as usize, rank));
+        watchdog();
         Ok(Nccl {
             comm,
             rank,
@@ -149,6 +189,9 @@ impl Nccl {
 
 impl Drop for Nccl {
     fn drop(&mut self) {
+        LIVE.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|&(c, _)| c != self.comm as usize);
         // SAFETY: the communicator was made by join and is not used after this
         unsafe {
             let _ = nr::comm_destroy(self.comm);

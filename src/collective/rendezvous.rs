@@ -63,24 +63,11 @@ impl Rendezvous {
                 let mut served = vec![];
                 while served.len() + 1 < nnodes {
                     match l.accept() {
-                        Ok((mut s, peer)) => {
-                            s.set_nonblocking(false)?;
-                            s.set_read_timeout(Some(Duration::from_secs(30)))?;
-                            let mut hello = [0u8; 20];
-                            s.read_exact(&mut hello)
-                                .with_context(|| format!("rendezvous: reading {peer}"))?;
-                            if &hello[..12] != MAGIC {
-                                eprintln!("rendezvous: ignoring a connection from {peer} that is not a bertqa node");
-                                continue;
-                            }
-                            let node = u64::from_le_bytes(hello[12..20].try_into()?);
-                            if node == 0 || node as usize >= nnodes || served.contains(&node) {
-                                bail!("rendezvous: {peer} says it is node {node} (expected 1..{} once each)", nnodes - 1);
-                            }
-                            s.write_all(MAGIC)?;
-                            s.write_all(id)?;
-                            served.push(node);
-                        }
+                        Ok((s, peer)) => match Self::serve_one(s, id, nnodes, &served) {
+                            Ok(node) => served.push(node),
+                            // a stray connection (a port scan, a client of something else) is not a node
+                            Err(e) => eprintln!("rendezvous: ignoring {peer}: {e:#}"),
+                        },
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                             if t0.elapsed() > timeout {
                                 bail!(
@@ -97,6 +84,39 @@ impl Rendezvous {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// Node 0's side of one TCP connection: the node's hello, then the id; the node's number.
+    fn serve_one(
+        mut s: std::net::TcpStream,
+        id: &[u8; ID_BYTES],
+        nnodes: usize,
+        served: &[u64],
+    ) -> Result<u64> {
+        s.set_nonblocking(false)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut hello = [0u8; 20];
+        s.read_exact(&mut hello).context("reading its hello")?;
+        if &hello[..12] != MAGIC {
+            bail!("not a bertqa node");
+        }
+        let node = u64::from_le_bytes(hello[12..20].try_into()?);
+        if node == 0 || node as usize >= nnodes || served.contains(&node) {
+            bail!(
+                "it says it is node {node} (expected 1..{} once each)",
+                nnodes - 1
+            );
+        }
+        s.write_all(MAGIC)?;
+        s.write_all(id)?;
+        Ok(node)
+    }
+
+    /// Node 0, at the end of a run: remove the rendezvous file (a later run must not find this id).
+    pub fn retire(&self) {
+        if let Rendezvous::File(p) = self {
+            let _ = std::fs::remove_file(p);
         }
     }
 

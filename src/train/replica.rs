@@ -24,6 +24,7 @@ use anyhow::{bail, Context, Result};
 const STEP: u64 = 1;
 const LOGITS: u64 = 2;
 const STOP: u64 = 3;
+const CHECK: u64 = 4;
 
 /// What the leader sends to start a follower: enough to build the same trainer.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -42,7 +43,8 @@ struct StepHeader {
     global_step: usize,
     adam_t: u64,
     scaler: LossScaler,
-    lr: f64,
+    /// the learning rate's bits (JSON would round some f64 by an ulp)
+    lr_bits: u64,
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {
@@ -72,22 +74,75 @@ impl<'a, B: Backend> Trainer<'a, B> {
             v
         };
         for p in bufs {
-            group
-                .broadcast(be, p.flat_mut(), 0)
-                .with_context(|| format!("sending the weights and moments to replica {rank}"))?;
+            group.broadcast(be, p.flat_mut(), 0).with_context(|| {
+                format!("replica {rank}: receiving (or, rank 0, sending) the weights and moments")
+            })?;
         }
         be.synchronize()?;
         self.group = Some(group);
         Ok(())
     }
 
-    /// The leader ends the run for every follower (they return from [`follow`]); a no-op elsewhere.
+    /// The leader ends the run for every follower (they return from [`follow`]), after checking that
+    /// every replica holds the same weights and optimizer state as itself; a no-op elsewhere.
     pub fn leave_group(&mut self) -> Result<()> {
+        let check = self.verify_replicas();
         if let Some(g) = self.group.take() {
             if g.rank() == 0 {
                 let mut b = Writer::default();
                 b.u64(STOP);
                 g.broadcast_bytes(self.be, &mut b.0, 0)?;
+            }
+        }
+        check
+    }
+
+    /// The leader: ask every replica for a digest (SHA-256) of its weights, moments and counters and
+    /// compare them with its own — the replicas must be identical after every step; an error names the
+    /// first that is not.
+    pub fn verify_replicas(&mut self) -> Result<()> {
+        if !self.is_leader_of_group() {
+            return Ok(());
+        }
+        let mut w = Writer::default();
+        w.u64(CHECK);
+        send(self, w)?;
+        self.digest_replica()
+    }
+
+    /// Every replica's side of [`Trainer::verify_replicas`].
+    fn digest_replica(&mut self) -> Result<()> {
+        use sha2::Digest;
+        let be = self.be;
+        let mut h = sha2::Sha256::new();
+        let mut bufs = vec![&self.model.params, &self.m, &self.v];
+        if let Some(m) = self.master.as_ref() {
+            bufs.push(m);
+        }
+        for p in bufs {
+            let f = p.flat();
+            h.update(
+                f.to_f64_vec(be)?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            );
+        }
+        h.update(self.state.adam_t.to_le_bytes());
+        h.update(self.scaler.scale.to_le_bytes());
+        let mine = h.finalize().to_vec();
+        let Some(g) = &self.group else {
+            return Ok(());
+        };
+        if let Some(all) = g.gather_bytes(be, &mine, 0)? {
+            for (r, d) in all.iter().enumerate() {
+                if d != &all[0] {
+                    bail!(
+                        "replica {r} of {} no longer holds the leader's weights and optimizer state \
+                         (its digest differs): the replicas have diverged",
+                        all.len()
+                    );
+                }
             }
         }
         Ok(())
@@ -112,7 +167,7 @@ pub(crate) fn lead_step<B: Backend>(t: &Trainer<B>, feats: &[&Feature], lr: f64)
         global_step: t.state.global_step,
         adam_t: t.state.adam_t,
         scaler: t.scaler.clone(),
-        lr,
+        lr_bits: lr.to_bits(),
     };
     let mut w = Writer::default();
     w.u64(STEP).bytes(&serde_json::to_vec(&head)?);
@@ -156,28 +211,55 @@ pub fn lead<B: Backend>(t: &mut Trainer<B>, group: Box<dyn Collective<B>>) -> Re
     if group.rank() != 0 {
         bail!("lead: this replica is rank {}, not 0", group.rank());
     }
+    if t.cfg.batch_size < group.world() {
+        bail!(
+            "--batch-size {} (the run's) gives some of the {} devices no window: give at least one per device",
+            t.cfg.batch_size,
+            group.world()
+        );
+    }
     greet(t, group.as_ref())?;
     t.join_group(group)
 }
 
 /// A follower: build the leader's trainer on `be`, then take its steps and evaluations until it stops.
+/// On an error it leaves the group saying why (the leader's next collective fails with that reason).
 pub fn follow<B: Backend>(be: &B, group: Box<dyn Collective<B>>) -> Result<()> {
     let rank = group.rank();
-    let res = follow_inner(be, group);
-    res.with_context(|| format!("replica {rank}"))
+    follow_inner(be, group).with_context(|| format!("replica {rank}"))
 }
 
 fn follow_inner<B: Backend>(be: &B, group: Box<dyn Collective<B>>) -> Result<()> {
     let mut hello = vec![];
     group.broadcast_bytes(be, &mut hello, 0)?;
+    let mut t = match start_follower(be, &hello) {
+        Ok(t) => t,
+        Err(e) => {
+            group.abort(&format!("{e:#}"));
+            return Err(e);
+        }
+    };
+    t.join_group(group)?;
+    let res = serve(&mut t);
+    if let (Err(e), Some(g)) = (&res, &t.group) {
+        g.abort(&format!("{e:#}"));
+    }
+    res
+}
+
+fn start_follower<'a, B: Backend>(be: &'a B, hello: &[u8]) -> Result<Trainer<'a, B>> {
     let hello: Hello =
-        serde_json::from_slice(&hello).context("the leader's configuration message")?;
+        serde_json::from_slice(hello).context("the leader's configuration message")?;
     let precision = DType::parse(&hello.precision)?;
     let master = BertParams::zeros(be, &hello.model, grad_dtype(precision))?;
     let mut t = Trainer::new(be, hello.model, master, precision, hello.train)?;
     t.model.mask_padding_in_loss = hello.mask_padding_in_loss;
     t.state = hello.state;
-    t.join_group(group)?;
+    Ok(t)
+}
+
+fn serve<B: Backend>(t: &mut Trainer<B>) -> Result<()> {
+    let be = t.be;
     loop {
         let mut msg = vec![];
         if let Some(g) = &t.group {
@@ -193,7 +275,7 @@ fn follow_inner<B: Backend>(be: &B, group: Box<dyn Collective<B>>) -> Result<()>
                 t.state.adam_t = head.adam_t;
                 t.scaler = head.scaler;
                 let refs: Vec<&Feature> = feats.iter().collect();
-                t.step_replica(&refs, head.lr)?;
+                t.step_replica(&refs, f64::from_bits(head.lr_bits))?;
             }
             LOGITS => {
                 let feats = wire::read_features(&mut r)?;
@@ -201,6 +283,7 @@ fn follow_inner<B: Backend>(be: &B, group: Box<dyn Collective<B>>) -> Result<()>
                 let refs: Vec<&Feature> = feats.iter().collect();
                 t.logits_replica(&refs)?;
             }
+            CHECK => t.digest_replica()?,
             STOP => return Ok(()),
             other => bail!("unknown command {other} from the leader"),
         }
