@@ -166,10 +166,6 @@ impl BertConfig {
         Ok(())
     }
 
-    pub fn head_size(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
-    }
-
     /// A small config for tests: hidden `c`, `l` layers, `nh` heads, vocabulary `v`, positions `p`.
     pub fn tiny(v: usize, c: usize, l: usize, nh: usize, f: usize, p: usize) -> Self {
         BertConfig {
