@@ -112,17 +112,7 @@ fn trajectory(
     let be = Cpu::new();
     let mut tr =
         Trainer::new(&be, tiny_cfg(), master(&be), DType::F32, tcfg(batch, accum)).unwrap();
-    std::thread::scope(|s| {
-        let mut groups = Local::group(replicas).into_iter();
-        let lead = groups.next().unwrap();
-        let followers: Vec<_> = groups
-            .map(|g| s.spawn(move || replica::follow(&Cpu::new(), Box::new(g))))
-            .collect();
-        if replicas > 1 {
-            replica::lead(&mut tr, Box::new(lead)).unwrap();
-        } else {
-            drop(lead);
-        }
+    let losses = with_replicas(&mut tr, replicas, |tr| {
         let mut losses = vec![];
         for step in 0..steps {
             let b: Vec<&Feature> = feats[step * batch..(step + 1) * batch].iter().collect();
@@ -133,17 +123,41 @@ fn trajectory(
             assert_eq!(o.windows, batch);
             losses.push(o.loss);
         }
-        tr.leave_group().unwrap();
-        for f in followers {
-            f.join().unwrap().unwrap();
-        }
-        let w = tr
-            .master_params()
-            .tensors()
-            .iter()
-            .map(|t| t.to_host::<f32>(&be).unwrap())
+        losses
+    });
+    let w = tr
+        .master_params()
+        .tensors()
+        .iter()
+        .map(|t| t.to_host::<f32>(&be).unwrap())
+        .collect();
+    (losses, w)
+}
+
+/// `f` on the leader `tr` with `replicas − 1` CPU followers in threads (1: no group); then the run ends
+/// for every replica (their weights and optimizer state checked equal to the leader's).
+fn with_replicas<R>(
+    tr: &mut Trainer<'_, Cpu>,
+    replicas: usize,
+    f: impl FnOnce(&mut Trainer<'_, Cpu>) -> R,
+) -> R {
+    std::thread::scope(|s| {
+        let mut groups = Local::group(replicas).into_iter();
+        let lead = groups.next().unwrap();
+        let followers: Vec<_> = groups
+            .map(|g| s.spawn(move || replica::follow(&Cpu::new(), Box::new(g))))
             .collect();
-        (losses, w)
+        if replicas > 1 {
+            replica::lead(tr, Box::new(lead)).unwrap();
+        } else {
+            drop(lead);
+        }
+        let r = f(tr);
+        tr.leave_group().unwrap();
+        for h in followers {
+            h.join().unwrap().unwrap();
+        }
+        r
     })
 }
 
@@ -246,17 +260,7 @@ fn run_dp(out: &Path, devices: usize, stop: Option<usize>, resume: bool) -> Vec<
         c.max_steps = Some(6);
         Trainer::new(&be, bc, m, DType::F32, c).unwrap()
     };
-    std::thread::scope(|s| {
-        let mut groups = Local::group(devices).into_iter();
-        let lead = groups.next().unwrap();
-        let followers: Vec<_> = groups
-            .map(|g| s.spawn(move || replica::follow(&Cpu::new(), Box::new(g))))
-            .collect();
-        if devices > 1 {
-            replica::lead(&mut tr, Box::new(lead)).unwrap();
-        } else {
-            drop(lead);
-        }
+    with_replicas(&mut tr, devices, |tr| {
         let inp = RunInputs {
             train: &ds,
             dev: None,
@@ -269,11 +273,7 @@ fn run_dp(out: &Path, devices: usize, stop: Option<usize>, resume: bool) -> Vec<
             interrupt: None,
             stop_after_steps: stop,
         };
-        train::run(&mut tr, &inp).unwrap();
-        tr.leave_group().unwrap();
-        for f in followers {
-            f.join().unwrap().unwrap();
-        }
+        train::run(tr, &inp).unwrap();
     });
     std::fs::read_to_string(out.join("run/metrics.jsonl"))
         .unwrap()

@@ -18,23 +18,41 @@ pub fn adamw_ref<T: Real>(
     hp: &AdamWHyper,
     n_decay: usize,
 ) {
+    let d = n_decay.min(p.len());
+    let (pd, pn) = p.split_at_mut(d);
+    let (md, mn) = m.split_at_mut(d);
+    let (vd, vn) = v.split_at_mut(d);
+    update(pd, &g[..d], md, vd, hp, true);
+    update(pn, &g[d..], mn, vn, hp, false);
+}
+
+/// AdamW on equal-length slices, all with or all without weight decay (no branch in the loop: it
+/// vectorises).
+fn update<T: Real>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], hp: &AdamWHyper, decay: bool) {
     let (b1, b2) = (T::of(hp.beta1), T::of(hp.beta2));
+    let (c1, c2) = (T::one() - b1, T::one() - b2);
     let bc1 = T::one() - T::of(hp.beta1.powi(hp.step as i32));
     let bc2 = T::one() - T::of(hp.beta2.powi(hp.step as i32));
     let lr = T::of(hp.lr);
     let wd = T::of(hp.lr * hp.weight_decay);
     let gs = T::of(hp.grad_scale);
     let eps = T::of(hp.eps);
-    for i in 0..p.len() {
-        let gi = g[i] * gs;
-        if i < n_decay {
-            p[i] = p[i] - wd * p[i];
-        }
-        m[i] = b1 * m[i] + (T::one() - b1) * gi;
-        v[i] = b2 * v[i] + (T::one() - b2) * gi * gi;
-        let mhat = m[i] / bc1;
-        let vhat = v[i] / bc2;
-        p[i] -= lr * mhat / (vhat.sqrt() + eps);
+    let step = |p: &mut T, g: T, m: &mut T, v: &mut T| {
+        let gi = g * gs;
+        *m = b1 * *m + c1 * gi;
+        *v = b2 * *v + c2 * gi * gi;
+        let mhat = *m / bc1;
+        let vhat = *v / bc2;
+        *p -= lr * mhat / (vhat.sqrt() + eps);
+    };
+    let it = p.iter_mut().zip(g).zip(m.iter_mut().zip(v.iter_mut()));
+    if decay {
+        it.for_each(|((p, &g), (m, v))| {
+            *p = *p - wd * *p;
+            step(p, g, m, v)
+        });
+    } else {
+        it.for_each(|((p, &g), (m, v))| step(p, g, m, v));
     }
 }
 
