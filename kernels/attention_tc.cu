@@ -22,29 +22,6 @@
 // Variant 4 (BERTQA_ATTN=v4; opt-in until it has passed the GPU parity suite) keeps this forward and replaces
 // the two backward kernels by one (tc4_backward, below: dQ through f32 reductions, cp.async query tiles).
 
-struct AttnParams {
-    u64 out, lse, qkv, cu, lens, wid, dout, dqkv, dsum, dqacc, seed;
-    int b, n, nh, hs;
-    float p, scale;
-};
-CHECK_LAYOUT(AttnParams, 112);
-CHECK_FIELD(AttnParams, out, 0);
-CHECK_FIELD(AttnParams, lse, 8);
-CHECK_FIELD(AttnParams, qkv, 16);
-CHECK_FIELD(AttnParams, cu, 24);
-CHECK_FIELD(AttnParams, lens, 32);
-CHECK_FIELD(AttnParams, wid, 40);
-CHECK_FIELD(AttnParams, dout, 48);
-CHECK_FIELD(AttnParams, dqkv, 56);
-CHECK_FIELD(AttnParams, dsum, 64);
-CHECK_FIELD(AttnParams, dqacc, 72);
-CHECK_FIELD(AttnParams, seed, 80);
-CHECK_FIELD(AttnParams, b, 88);
-CHECK_FIELD(AttnParams, n, 92);
-CHECK_FIELD(AttnParams, nh, 96);
-CHECK_FIELD(AttnParams, hs, 100);
-CHECK_FIELD(AttnParams, p, 104);
-CHECK_FIELD(AttnParams, scale, 108);
 
 __device__ __forceinline__ u32 bits(bf16 x) { return (u32)__bfloat16_as_ushort(x); }
 __device__ __forceinline__ u32 bits(f16 x) { return (u32)__half_as_ushort(x); }

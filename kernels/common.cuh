@@ -163,6 +163,32 @@ __device__ __forceinline__ float2 attn_dropout_rows(u64 seed, int w, int h, int 
     return (j & 1) ? make_float2(keep_factor(r.y, p), keep_factor(r.w, p)) : make_float2(keep_factor(r.x, p), keep_factor(r.z, p));
 }
 
+// ---- the attention kernels' parameters (attention.cu variant 1, attention_tc.cu variants 3 and 4) --------
+// Mirrored by ops::attention::AttnParams; one definition for both files.
+struct AttnParams {
+    u64 out, lse, qkv, cu, lens, wid, dout, dqkv, dsum, dqacc, seed;
+    int b, n, nh, hs;
+    float p, scale;
+};
+CHECK_LAYOUT(AttnParams, 112);
+CHECK_FIELD(AttnParams, out, 0);
+CHECK_FIELD(AttnParams, lse, 8);
+CHECK_FIELD(AttnParams, qkv, 16);
+CHECK_FIELD(AttnParams, cu, 24);
+CHECK_FIELD(AttnParams, lens, 32);
+CHECK_FIELD(AttnParams, wid, 40);
+CHECK_FIELD(AttnParams, dout, 48);
+CHECK_FIELD(AttnParams, dqkv, 56);
+CHECK_FIELD(AttnParams, dsum, 64);
+CHECK_FIELD(AttnParams, dqacc, 72);
+CHECK_FIELD(AttnParams, seed, 80);
+CHECK_FIELD(AttnParams, b, 88);
+CHECK_FIELD(AttnParams, n, 92);
+CHECK_FIELD(AttnParams, nh, 96);
+CHECK_FIELD(AttnParams, hs, 100);
+CHECK_FIELD(AttnParams, p, 104);
+CHECK_FIELD(AttnParams, scale, 108);
+
 // ---- reductions -------------------------------------------------------------------------------------------
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

@@ -216,25 +216,19 @@ fn replicas_give_the_bits_of_accumulation_and_one_device_within_1e_6() {
     let steps = 10;
     assert!(feats.len() >= 8 * steps, "{} windows", feats.len());
     let single = trajectory(&feats, 1, 8, 1, steps);
-    let accum2 = trajectory(&feats, 1, 8, 2, steps);
-    let two = trajectory(&feats, 2, 8, 1, steps);
-    // the same sums in the same order: bit for bit
-    assert_eq!(two.0, accum2.0, "2 replicas vs 2 micro-batches: losses");
-    assert!(
-        two.1 == accum2.1,
-        "2 replicas vs 2 micro-batches: weights differ"
-    );
-    assert_close("2 replicas vs one device", &two, &single);
-    // 3 replicas, 8 windows: 3 + 3 + 2
-    let accum3 = trajectory(&feats, 1, 8, 3, steps);
-    let three = trajectory(&feats, 3, 8, 1, steps);
-    assert_eq!(three.0, accum3.0, "3 replicas vs 3 micro-batches: losses");
-    assert!(
-        three.1 == accum3.1,
-        "3 replicas vs 3 micro-batches: weights differ"
-    );
-    assert_close("3 replicas vs one device", &three, &single);
-    println!("losses (2 replicas): {:?}", two.0);
+    // 2 replicas at batch 8 (4 + 4 windows), 3 replicas (3 + 3 + 2)
+    for n in [2, 3] {
+        let accum = trajectory(&feats, 1, 8, n, steps);
+        let dp = trajectory(&feats, n, 8, 1, steps);
+        // the same sums in the same order: bit for bit
+        assert_eq!(dp.0, accum.0, "{n} replicas vs {n} micro-batches: losses");
+        assert!(
+            dp.1 == accum.1,
+            "{n} replicas vs {n} micro-batches: weights differ"
+        );
+        assert_close(&format!("{n} replicas vs one device"), &dp, &single);
+        println!("losses ({n} replicas): {:?}", dp.0);
+    }
 }
 
 /// A run of 6 steps on `devices` CPU replicas (1: no group), stopped after `stop` steps, or resumed.

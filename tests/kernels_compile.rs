@@ -10,14 +10,14 @@
 /// (file, struct, size, [(field, offset)]) as the CHECK_LAYOUT / CHECK_FIELD lines of a .cu pin them.
 type Pinned = (String, String, usize, Vec<(String, usize)>);
 
-/// The CHECK_LAYOUT / CHECK_FIELD lines of every .cu.
+/// The CHECK_LAYOUT / CHECK_FIELD lines of every .cu and .cuh.
 fn pinned() -> Vec<Pinned> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
     let mut out = Vec::new();
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().and_then(|s| s.to_str()) == Some("cu"))
+        .filter(|p| matches!(p.extension().and_then(|s| s.to_str()), Some("cu" | "cuh")))
         .collect();
     files.sort();
     for p in files {

@@ -185,6 +185,48 @@ impl Nccl {
         be.upload(&mut b, DType::I32, &host)?;
         Ok(b)
     }
+
+    /// The first `n` bytes of a buffer made by [`Nccl::staged`] (waits for the stream).
+    fn fetch(be: &Cuda, b: &CudaBuf, n: usize) -> Result<Vec<u8>> {
+        let mut host = vec![0u8; n.div_ceil(4).max(1) * 4];
+        be.download(b, DType::I32, &mut host)?;
+        host.truncate(n);
+        Ok(host)
+    }
+
+    /// Root's first `n` bytes of `b` on every rank, in place.
+    fn broadcast_u8(&self, be: &Cuda, b: &CudaBuf, n: usize, root: usize) -> Result<()> {
+        Self::check_buf("broadcast", b, DType::I32, n.div_ceil(4))?;
+        // SAFETY: b holds at least n bytes on this communicator's device; in place is allowed
+        check("ncclBroadcast", unsafe {
+            nr::broadcast(
+                b.ptr as *const _,
+                b.ptr as *mut _,
+                n,
+                ns::ncclDataType_t::ncclUint8,
+                root as i32,
+                self.comm,
+                be.raw_stream() as _,
+            )
+        })
+    }
+
+    /// Every rank's first `n` bytes of `src`, in rank order, into `dst` (n bytes per rank).
+    fn all_gather_u8(&self, be: &Cuda, src: &CudaBuf, dst: &CudaBuf, n: usize) -> Result<()> {
+        Self::check_buf("all_gather", src, DType::I32, n.div_ceil(4))?;
+        Self::check_buf("all_gather", dst, DType::I32, (n * self.world).div_ceil(4))?;
+        // SAFETY: src holds n bytes, dst n per rank
+        check("ncclAllGather", unsafe {
+            nr::all_gather(
+                src.ptr as *const _,
+                dst.ptr as *mut _,
+                n,
+                ns::ncclDataType_t::ncclUint8,
+                self.comm,
+                be.raw_stream() as _,
+            )
+        })
+    }
 }
 
 impl Drop for Nccl {
@@ -245,41 +287,13 @@ impl Collective<Cuda> for Nccl {
     }
 
     fn broadcast_bytes(&self, be: &Cuda, bytes: &mut Vec<u8>, root: usize) -> Result<()> {
+        // the length, then the bytes
         let len = Self::staged(be, &(bytes.len() as u64).to_le_bytes(), 8)?;
-        // SAFETY: len holds 8 bytes
-        check("ncclBroadcast", unsafe {
-            nr::broadcast(
-                len.ptr as *const _,
-                len.ptr as *mut _,
-                8,
-                ns::ncclDataType_t::ncclUint8,
-                root as i32,
-                self.comm,
-                be.raw_stream() as _,
-            )
-        })?;
-        let mut l8 = [0u8; 8];
-        be.download(&len, DType::I32, &mut l8)?;
-        let n = u64::from_le_bytes(l8) as usize;
-        let mut payload = Self::staged(be, bytes, n)?;
-        // SAFETY: payload holds at least n bytes
-        check("ncclBroadcast", unsafe {
-            nr::broadcast(
-                payload.ptr as *const _,
-                payload.ptr as *mut _,
-                n,
-                ns::ncclDataType_t::ncclUint8,
-                root as i32,
-                self.comm,
-                be.raw_stream() as _,
-            )
-        })?;
-        let words = n.div_ceil(4).max(1);
-        let mut host = vec![0u8; words * 4];
-        be.download(&payload, DType::I32, &mut host)?;
-        host.truncate(n);
-        *bytes = host;
-        let _ = &mut payload;
+        self.broadcast_u8(be, &len, 8, root)?;
+        let n = u64::from_le_bytes(Self::fetch(be, &len, 8)?.try_into().unwrap_or([0; 8])) as usize;
+        let payload = Self::staged(be, bytes, n)?;
+        self.broadcast_u8(be, &payload, n, root)?;
+        *bytes = Self::fetch(be, &payload, n)?;
         Ok(())
     }
 
@@ -287,48 +301,24 @@ impl Collective<Cuda> for Nccl {
         // every rank's length, then every rank's bytes padded to the longest (an all-gather: NCCL's gather
         // is point-to-point, and these messages are small next to a step's gradients)
         let mine = Self::staged(be, &(bytes.len() as u64).to_le_bytes(), 8)?;
-        let mut lens = be.alloc(DType::I32, 2 * self.world)?;
-        // SAFETY: mine holds 8 bytes, lens 8 per rank
-        check("ncclAllGather", unsafe {
-            nr::all_gather(
-                mine.ptr as *const _,
-                lens.ptr as *mut _,
-                8,
-                ns::ncclDataType_t::ncclUint8,
-                self.comm,
-                be.raw_stream() as _,
-            )
-        })?;
-        let mut lb = vec![0u8; 8 * self.world];
-        be.download(&lens, DType::I32, &mut lb)?;
-        let lens_h: Vec<usize> = lb
+        let lens = be.alloc(DType::I32, 2 * self.world)?;
+        self.all_gather_u8(be, &mine, &lens, 8)?;
+        let lens: Vec<usize> = Self::fetch(be, &lens, 8 * self.world)?
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as usize)
             .collect();
-        let max = lens_h.iter().copied().max().unwrap_or(0).div_ceil(4).max(1) * 4;
+        let max = lens.iter().copied().max().unwrap_or(0).div_ceil(4).max(1) * 4;
         let src = Self::staged(be, bytes, max)?;
         let all = be.alloc(DType::I32, max / 4 * self.world)?;
-        // SAFETY: src holds max bytes, all max per rank
-        check("ncclAllGather", unsafe {
-            nr::all_gather(
-                src.ptr as *const _,
-                all.ptr as *mut _,
-                max,
-                ns::ncclDataType_t::ncclUint8,
-                self.comm,
-                be.raw_stream() as _,
-            )
-        })?;
-        let _ = &mut lens;
+        self.all_gather_u8(be, &src, &all, max)?;
         if self.rank != root {
             be.synchronize()?;
             return Ok(None);
         }
-        let mut host = vec![0u8; max * self.world];
-        be.download(&all, DType::I32, &mut host)?;
+        let host = Self::fetch(be, &all, max * self.world)?;
         Ok(Some(
             (0..self.world)
-                .map(|r| host[r * max..r * max + lens_h[r]].to_vec())
+                .map(|r| host[r * max..r * max + lens[r]].to_vec())
                 .collect(),
         ))
     }
