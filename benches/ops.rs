@@ -10,7 +10,8 @@
 //! defaults by switching the backend's `KernelConfig` — one section per kind of op.
 //! Then training steps on real SQuAD windows in each batch layout (packed, longest, max).
 //! Options (env, read here only): BENCH_ITERS (default 20 GPU / 3 CPU), BENCH_FILTER (substring of the
-//! config name), BENCH_DEFAULTS_ONLY (time the default kernels only: scripts/gpu_check.sh sets it when an
+//! config name), BENCH_ONLY_PADDING (skip the per-op and synthetic-step sections: only the training steps on
+//! real windows in each layout), BENCH_DEFAULTS_ONLY (time the default kernels only: scripts/gpu_check.sh sets it when an
 //! opt-in path failed parity).
 
 use bertqa::data::features::Feature;
@@ -761,14 +762,16 @@ fn run_config<B: Bench>(be: &mut B, name: &str, s: &Shape, tab: &Table) {
         "{:<40} {:<26} {:>11} {:>16} % roof",
         "op", "shape", "median µs", "achieved"
     );
-    let mut r = Rng::new(1);
-    bench_linear(be, s, tab, &mut r);
-    bench_attention(be, s, tab, &mut r);
-    bench_elementwise(be, s, tab, &mut r);
-    bench_embeddings(be, s, tab, &mut r);
-    bench_span_loss(be, s, tab, &mut r);
-    bench_adamw(be, s, tab);
-    bench_step(be, s, tab, &mut r);
+    if std::env::var_os("BENCH_ONLY_PADDING").is_none() {
+        let mut r = Rng::new(1);
+        bench_linear(be, s, tab, &mut r);
+        bench_attention(be, s, tab, &mut r);
+        bench_elementwise(be, s, tab, &mut r);
+        bench_embeddings(be, s, tab, &mut r);
+        bench_span_loss(be, s, tab, &mut r);
+        bench_adamw(be, s, tab);
+        bench_step(be, s, tab, &mut r);
+    }
     if let Some(w) = squad_windows() {
         let steps = if be.supports(DType::F64) { 8 } else { 20 };
         bench_padding(&*be, s, &w, steps);

@@ -132,24 +132,27 @@ impl Dropout {
         self.keep(words[((i & 1) * 2 + (j & 1)) as usize])
     }
 
-    /// The (rows × keys) matrix of [`Dropout::attn_factor`] for head `h` of window `w`, one Philox call per
-    /// 2×2 block — the same values, computed 4× faster (what the CPU attention uses).
-    pub fn attn_factors(&self, w: u32, h: u32, rows: usize, keys: usize) -> Vec<f64> {
-        let mut f = vec![1.0; rows * keys];
+    /// Visits the (rows × keys) matrix of [`Dropout::attn_factor`] for head `h` of window `w` by 2×2 blocks,
+    /// one Philox call per block: `f(i, j, [f(i,j), f(i,j+1), f(i+1,j), f(i+1,j+1)])` for even `i < rows`,
+    /// `j < keys` (entries past `rows`/`keys` are to be ignored). Only when the site is active.
+    #[inline]
+    pub fn attn_factor_blocks(
+        &self,
+        w: u32,
+        h: u32,
+        rows: usize,
+        keys: usize,
+        mut f: impl FnMut(usize, usize, [f64; 4]),
+    ) {
         if !self.active() {
-            return f;
+            return;
         }
         for i in (0..rows).step_by(2) {
             for j in (0..keys).step_by(2) {
                 let wd = attn_words(self.seed, w, h, (i / 2) as u32, (j / 2) as u32);
-                for (di, dj, word) in [(0, 0, wd[0]), (0, 1, wd[1]), (1, 0, wd[2]), (1, 1, wd[3])] {
-                    if i + di < rows && j + dj < keys {
-                        f[(i + di) * keys + j + dj] = self.keep(word);
-                    }
-                }
+                f(i, j, wd.map(|x| self.keep(x)));
             }
         }
-        f
     }
 }
 
@@ -225,6 +228,20 @@ impl Rng {
 mod tests {
     use super::*;
 
+    /// The (rows × keys) matrix of [`Dropout::attn_factor`] for head `h` of window `w` (all ones when off).
+    fn attn_factors(d: &Dropout, w: u32, h: u32, rows: usize, keys: usize) -> Vec<f64> {
+        let mut m = vec![1.0; rows * keys];
+        d.attn_factor_blocks(w, h, rows, keys, |i, j, f| {
+            for (k, fk) in f.into_iter().enumerate() {
+                let (ii, jj) = (i + k / 2, j + k % 2);
+                if ii < rows && jj < keys {
+                    m[ii * keys + jj] = fk;
+                }
+            }
+        });
+        m
+    }
+
     #[test]
     fn philox_known_answer() {
         // Known-answer vectors from the Random123 distribution (kat_vectors, philox4x32_10).
@@ -274,8 +291,8 @@ mod tests {
         let d = Dropout::new(0.3, 1234);
         let f = d.hidden_factors(3, 41, 103);
         assert!((0..103).all(|c| f[c] == d.hidden_factor(3, 41, c as u32)));
-        for (rows, keys) in [(7usize, 7usize), (8, 8), (9, 5)] {
-            let m = d.attn_factors(4, 1, rows, keys);
+        for (rows, keys) in [(7usize, 7usize), (8, 8), (9, 5), (3, 33), (5, 17), (2, 16)] {
+            let m = attn_factors(&d, 4, 1, rows, keys);
             for i in 0..rows {
                 for j in 0..keys {
                     assert_eq!(
@@ -297,7 +314,7 @@ mod tests {
             (dropped - 0.1).abs() < 0.005,
             "hidden: dropped fraction {dropped}"
         );
-        let a = d.attn_factors(3, 5, 300, 300);
+        let a = attn_factors(&d, 3, 5, 300, 300);
         let dropped = a.iter().filter(|&&x| x == 0.0).count() as f64 / a.len() as f64;
         assert!(
             (dropped - 0.1).abs() < 0.005,
@@ -306,6 +323,9 @@ mod tests {
         // different windows, heads, positions draw different masks
         assert_ne!(d.hidden_factors(7, 0, 400), d.hidden_factors(8, 0, 400));
         assert_ne!(d.hidden_factors(7, 0, 400), d.hidden_factors(7, 1, 400));
-        assert_ne!(d.attn_factors(3, 5, 20, 20), d.attn_factors(3, 6, 20, 20));
+        assert_ne!(
+            attn_factors(&d, 3, 5, 20, 20),
+            attn_factors(&d, 3, 6, 20, 20)
+        );
     }
 }

@@ -17,6 +17,7 @@ use crate::backend::{BackendCore, MemStats};
 use crate::tensor::{DType, HostScalar, Tensor};
 use anyhow::{bail, Result};
 use half::{bf16, f16};
+use rayon::prelude::*;
 use std::alloc::Layout;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
@@ -383,8 +384,45 @@ pub fn gemm<T: Real>(
     }
     let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
     let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
+    // matrixmultiply runs single-threaded (its `threading` feature is off): a large product is split here
+    // into row blocks of C on the rayon pool, and a product called from inside a rayon task (the attention's
+    // per-head products) stays on its thread — one pool, no second one competing for the cores. Every
+    // element of C sums over k in the same order either way, so the split does not change the result.
+    let threads = rayon::current_num_threads();
+    if threads > 1
+        && rayon::current_thread_index().is_none()
+        && m * k * n >= PAR_GEMM_WORK
+        && m >= 2
+    {
+        let rows = m.div_ceil(threads);
+        c[..m * n]
+            .par_chunks_mut(rows * n)
+            .enumerate()
+            .for_each(|(blk, cb)| {
+                let i0 = blk * rows;
+                let a0 = if ta { i0 } else { i0 * k };
+                T::gemm_strided(
+                    cb.len() / n,
+                    k,
+                    n,
+                    alpha,
+                    &a[a0..],
+                    rsa,
+                    csa,
+                    b,
+                    rsb,
+                    csb,
+                    beta,
+                    cb,
+                );
+            });
+        return;
+    }
     T::gemm_strided(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c);
 }
+
+/// Multiply-adds from which [`gemm`] splits a product across the rayon threads (below it one thread is faster).
+const PAR_GEMM_WORK: usize = 1 << 18;
 
 /// Round values in place to what storing them in `dtype` would keep (bf16/f16: round to nearest even).
 pub fn round_slice<T: Real>(v: &mut [T], dtype: DType) {

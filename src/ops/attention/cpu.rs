@@ -1,5 +1,7 @@
 //! The CPU reference of the attention: per (window, head) in parallel, the scores as a matrix, the softmax
-//! over the window's real keys, dropout factors from the shared stream, and the backward's matrix products.
+//! over the window's real keys, dropout factors from the shared stream, and the backward's matrix products
+//! (the backward recomputes P from the saved log-sum-exp, as the CUDA kernels do). The matrix products
+//! run single-threaded inside the per-head tasks (see `cpu::gemm`).
 
 use super::{dims, AttentionOps};
 use crate::cpu::{gemm, ids, rd, wr, Cpu, Real};
@@ -36,6 +38,24 @@ fn blocks(cu: &[i32], lens: &[i32], wid: &[i32], nh: usize) -> Vec<Block> {
     v
 }
 
+/// Calls `g(i·L + j, i, f_ij)` for every entry of block `k`'s (R, L) matrix with its dropout factor
+/// (1 everywhere when the site is off; otherwise one Philox call per 2×2 block).
+fn each_factor<T: Real>(drop: Dropout, k: &Block, mut g: impl FnMut(usize, usize, T)) {
+    let (r, l) = (k.rows, k.keys);
+    if !drop.active() {
+        (0..r * l).for_each(|ij| g(ij, ij / l, T::one()));
+        return;
+    }
+    drop.attn_factor_blocks(k.w, k.h as u32, r, l, |i, j, f| {
+        for (e, fe) in f.into_iter().enumerate() {
+            let (ii, jj) = (i + e / 2, j + e % 2);
+            if ii < r && jj < l {
+                g(ii * l + jj, ii, T::of(fe));
+            }
+        }
+    });
+}
+
 /// Head `h` of part `part` (0 Q, 1 K, 2 V) of rows `s0..s0+m` as a contiguous (m, HS) matrix.
 fn head<T: Real>(
     qkv: &[T],
@@ -54,28 +74,28 @@ fn head<T: Real>(
     out
 }
 
-/// The scaled scores and probabilities of R queries over L keys: (P (R,L), lse (R)).
-fn probs<T: Real>(q: &[T], k: &[T], r: usize, l: usize, hs: usize) -> (Vec<T>, Vec<T>) {
+/// The exponentiated scaled scores of R queries over L keys: `E_ij = exp(s_ij − m_i)` with `m_i` the row's
+/// largest score, the row sums `z_i = Σ_j E_ij` and `lse_i = m_i + ln z_i` (so `P = E / z`).
+fn exp_scores<T: Real>(
+    q: &[T],
+    k: &[T],
+    r: usize,
+    l: usize,
+    hs: usize,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
     let scale = T::one() / T::of(hs as f64).sqrt();
-    let mut s = vec![T::zero(); r * l];
-    gemm(r, hs, l, scale, q, false, k, true, T::zero(), &mut s);
-    let mut lse = vec![T::zero(); r];
-    for i in 0..r {
-        let row = &mut s[i * l..(i + 1) * l];
+    let mut e = vec![T::zero(); r * l];
+    gemm(r, hs, l, scale, q, false, k, true, T::zero(), &mut e);
+    let (mut z, mut lse) = (vec![T::zero(); r], vec![T::zero(); r]);
+    for (i, row) in e.chunks_mut(l).enumerate() {
         let m = row.iter().fold(T::neg_infinity(), |a, &v| a.max(v));
-        // one exp per score: e_j = exp(s_j - m), z = Σ e_j, P_j = e_j / z, lse = m + ln z
-        let mut z = T::zero();
         for v in row.iter_mut() {
             *v = (*v - m).exp();
-            z += *v;
+            z[i] += *v;
         }
-        lse[i] = m + z.ln();
-        let inv = T::one() / z;
-        for v in row.iter_mut() {
-            *v *= inv;
-        }
+        lse[i] = m + z[i].ln();
     }
-    (s, lse)
+    (e, z, lse)
 }
 
 impl AttentionOps for Cpu {
@@ -100,15 +120,18 @@ impl AttentionOps for Cpu {
                     let (r, l) = (k.rows, k.keys);
                     let q = head(&x, k.s0, r, c, hs, k.h, 0);
                     let (kk, v) = (head(&x, k.s0, l, c, hs, k.h, 1), head(&x, k.s0, l, c, hs, k.h, 2));
-                    let (mut p, ls) = probs(&q, &kk, r, l, hs);
+                    let (mut e, z, ls) = exp_scores(&q, &kk, r, l, hs);
+                    // E∘f, f_ij = drop.attn_factor(w, h, i, j) (one Philox call per 2×2 block)
                     if drop.active() {
-                        // f_ij = drop.attn_factor(w, h, i, j), computed for the whole (R,L) block at once
-                        for (pij, f) in p.iter_mut().zip(drop.attn_factors(k.w, k.h as u32, r, l)) {
-                            *pij *= T::of(f);
-                        }
+                        each_factor(drop, k, |ij, _, f: T| e[ij] *= f);
                     }
+                    // O = (P∘f)·V = ((E∘f)·V) / z, row by row
                     let mut oh = vec![T::zero(); r * hs];
-                    gemm(r, l, hs, T::one(), &p, false, &v, false, T::zero(), &mut oh);
+                    gemm(r, l, hs, T::one(), &e, false, &v, false, T::zero(), &mut oh);
+                    for (row, zi) in oh.chunks_mut(hs).zip(&z) {
+                        let inv = T::one() / *zi;
+                        row.iter_mut().for_each(|x| *x *= inv);
+                    }
                     (oh, ls)
                 })
                 .collect();
@@ -136,13 +159,13 @@ impl AttentionOps for Cpu {
         nh: usize,
         drop: Dropout,
     ) -> Result<()> {
-        let (_, c, hs) = dims("attention_backward", out, lse, qkv, seqs, nh)?;
+        let (n, c, hs) = dims("attention_backward", out, lse, qkv, seqs, nh)?;
         dout.expect("attention_backward: dout", out.shape())?;
         dqkv.expect("attention_backward: dqkv", qkv.shape())?;
         let (cu, lens, wid) = (ids(&seqs.cu)?, ids(&seqs.lens)?, ids(&seqs.wid)?);
         let bl = blocks(&cu, &lens, &wid, nh);
         crate::cpu_compute!(dout.dtype(), T => {
-            let (x, dy, y) = (rd::<T>(qkv), rd::<T>(dout), rd::<T>(out));
+            let (x, dy, y, ls) = (rd::<T>(qkv), rd::<T>(dout), rd::<T>(out), rd::<T>(lse));
             let scale = T::one() / T::of(hs as f64).sqrt();
             // per (window, head) in parallel: dq (R,HS), dk and dv (L,HS)
             let per: Vec<[Vec<T>; 3]> = bl
@@ -151,29 +174,31 @@ impl AttentionOps for Cpu {
                     let (r, l) = (k.rows, k.keys);
                     let q = head(&x, k.s0, r, c, hs, k.h, 0);
                     let (kk, v) = (head(&x, k.s0, l, c, hs, k.h, 1), head(&x, k.s0, l, c, hs, k.h, 2));
-                    let (p, _) = probs(&q, &kk, r, l, hs);
-                    // dO and O of this head, contiguous (R, HS)
+                    // P from the forward's log-sum-exp: P_ij = exp(scale·q_i·k_j − lse_i)
+                    let mut p = vec![T::zero(); r * l];
+                    gemm(r, hs, l, scale, &q, false, &kk, true, T::zero(), &mut p);
+                    for (i, row) in p.chunks_mut(l).enumerate() {
+                        let lse_i = ls[k.h * n + k.s0 + i];
+                        row.iter_mut().for_each(|s| *s = (*s - lse_i).exp());
+                    }
+                    // dO of this head, contiguous (R, HS); D_i = dO_i·O_i
                     let mut d_o = vec![T::zero(); r * hs];
-                    let mut o = vec![T::zero(); r * hs];
+                    let mut di = vec![T::zero(); r];
                     for i in 0..r {
                         let src = (k.s0 + i) * c + k.h * hs;
                         d_o[i * hs..(i + 1) * hs].copy_from_slice(&dy[src..src + hs]);
-                        o[i * hs..(i + 1) * hs].copy_from_slice(&y[src..src + hs]);
+                        di[i] = (0..hs).map(|d| dy[src + d] * y[src + d]).sum();
                     }
-                    let fm = drop.attn_factors(k.w, k.h as u32, r, l); // (R,L): f_ij
-                    // dPd = dO·Vᵀ (R,L); Pd = P∘f
-                    let mut dpd = vec![T::zero(); r * l];
-                    gemm(r, hs, l, T::one(), &d_o, false, &v, true, T::zero(), &mut dpd);
-                    let mut pd = p.clone();
+                    // dPd = dO·Vᵀ (R,L); then in place: P → Pd = P∘f, dPd → dS = P∘(dPd∘f − D)
                     let mut ds = vec![T::zero(); r * l];
-                    for i in 0..r {
-                        let di: T = (0..hs).map(|d| d_o[i * hs + d] * o[i * hs + d]).sum();
-                        for j in 0..l {
-                            let fij = T::of(fm[i * l + j]);
-                            pd[i * l + j] = p[i * l + j] * fij;
-                            ds[i * l + j] = p[i * l + j] * (dpd[i * l + j] * fij - di);
-                        }
-                    }
+                    gemm(r, hs, l, T::one(), &d_o, false, &v, true, T::zero(), &mut ds);
+                    let mut grad = |ij: usize, i: usize, f: T| {
+                        let pij = p[ij];
+                        p[ij] = pij * f;
+                        ds[ij] = pij * (ds[ij] * f - di[i]);
+                    };
+                    each_factor(drop, k, &mut grad);
+                    let pd = p;
                     let (mut dq, mut dk, mut dv) = (vec![T::zero(); r * hs], vec![T::zero(); l * hs], vec![T::zero(); l * hs]);
                     gemm(l, r, hs, T::one(), &pd, true, &d_o, false, T::zero(), &mut dv);
                     gemm(r, l, hs, scale, &ds, false, &kk, false, T::zero(), &mut dq);
