@@ -20,7 +20,7 @@ use bertqa::model::{BertConfig, BertParams, Padding};
 use bertqa::ops::adamw::AdamWHyper;
 use bertqa::ops::embedding::{EmbGrads, EmbWeights};
 use bertqa::ops::span_loss::SpanLossCfg;
-use bertqa::ops::{SeqLayout, Seqs};
+use bertqa::ops::{SeqLayout, Seqs, STATS_LEN};
 use bertqa::prelude::*;
 use bertqa::rng::{Dropout, Rng};
 use bertqa::train::{FeatureCfgSer, PostCfgSer, TrainConfig, Trainer};
@@ -465,13 +465,14 @@ fn bench_span_loss<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
     let seqs = full_layout(be, s);
     let mut l = Tensor::zeros(be, &[b, 2], s.sd()).unwrap();
     let mut dl = Tensor::zeros(be, &[n, 2], dt).unwrap();
+    let mut stats = Tensor::zeros(be, &[STATS_LEN], s.sd()).unwrap();
     let cfgl = SpanLossCfg {
         mask_padding: true,
         scale_start: 0.01,
         scale_end: 0.01,
     };
     let ms = bench(be, tab.iters, &mut || {
-        be.span_loss_forward_backward(&mut l, &mut dl, &logits, &st, &st, &seqs, cfgl)
+        be.span_loss_forward_backward(&mut l, &mut dl, &mut stats, &logits, &st, &st, &seqs, cfgl)
             .unwrap()
     });
     let bytes = (n * 2) as f64 * (2.0 * s.es() + 4.0);
@@ -501,8 +502,10 @@ fn bench_adamw<B: Bench>(be: &mut B, s: &Shape, tab: &Table) {
         eps: 1e-8,
         weight_decay: 0.01,
         step: 1,
-        grad_scale: 1.0,
+        loss_scale: 1.0,
+        max_grad_norm: 1.0,
     };
+    let mut stats = Tensor::zeros(be, &[STATS_LEN], sd).unwrap();
     let n_decay = grads.layout().n_decay;
     let same = s.dt == sd;
     let ms = bench(be, tab.iters, &mut || {
@@ -514,6 +517,7 @@ fn bench_adamw<B: Bench>(be: &mut B, s: &Shape, tab: &Table) {
             m.flat_mut(),
             v.flat_mut(),
             n_decay,
+            &stats,
             &hp,
         )
         .unwrap()
@@ -525,7 +529,7 @@ fn bench_adamw<B: Bench>(be: &mut B, s: &Shape, tab: &Table) {
     let shape = format!("{:.1}M params", np / 1e6);
     tab.add("adamw (flat, one launch)", &shape, ms, bytes, 0.0);
     let ms = bench(be, tab.iters, &mut || {
-        be.grad_sq_norm(grads.flat()).unwrap();
+        be.grad_sq_norm(&mut stats, grads.flat()).unwrap();
     });
     tab.add("gradient squared norm (flat)", &shape, ms, np * sz, 0.0);
 }

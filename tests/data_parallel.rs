@@ -531,8 +531,8 @@ fn a_follower_error_reaches_the_leader_instead_of_a_hang() {
     lead.broadcast_bytes(&be, &mut junk, 0).unwrap();
     let e = h.join().unwrap().unwrap_err();
     assert!(format!("{e:#}").contains("replica 1"), "{e:#}");
-    let mut v = [1.0];
-    let e = lead.sum_host(&be, &mut v).unwrap_err();
+    let mut t = Tensor::from_f64(&be, &[1.0], &[1], DType::F32).unwrap();
+    let e = lead.all_reduce_sum(&be, &mut t).unwrap_err();
     assert!(
         format!("{e:#}").contains("replica 1 of 2 has stopped"),
         "{e:#}"

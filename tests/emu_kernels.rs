@@ -11,7 +11,7 @@ use common::{check_rows, rand_vec};
 
 use bertqa::kernel::{dtype_code, AttnKernel, Tc4Shape};
 use bertqa::ops::attention::{AttnParams, AttnPlan};
-use bertqa::ops::Backend;
+use bertqa::ops::{Backend, STAT_GRAD_SQ};
 use bertqa::rng::Rng;
 use bertqa::tensor::{DType, Tensor};
 use common::parity::{
@@ -703,7 +703,7 @@ fn emu_span_loss() {
         let ints = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let mut out: Outputs = vec![];
         for cfg in case.configs() {
-            // 0 losses, 1 dlogits, 2 logits, 3 starts, 4 ends, 5 cu, 6 lens
+            // 0 losses, 1 dlogits, 2 logits, 3 starts, 4 ends, 5 cu, 6 lens, 7 stats
             let bufs = vec![
                 vec![0xffu8; b * 2 * 4],
                 vec![0xffu8; n * 2 * dt.size()],
@@ -712,9 +712,11 @@ fn emu_span_loss() {
                 ints(&i.ends),
                 ints(&i.layout.cu),
                 ints(&i.layout.lens),
+                encode(&SpanLossCase::STATS0, DType::F32),
             ];
             let l = launch(SpanParams {
                 losses: addr(0),
+                stats: addr(7),
                 dlogits: addr(1),
                 logits: addr(2),
                 starts: addr(3),
@@ -729,7 +731,7 @@ fn emu_span_loss() {
                 _pad: 0,
             });
             let Some(got) = emu
-                .run(&bufs, &[l], Mode::DEFAULT)
+                .run(&bufs, &l, Mode::DEFAULT)
                 .unwrap_or_else(|e| panic!("{e}"))
             else {
                 return;
@@ -737,6 +739,7 @@ fn emu_span_loss() {
             let m = cfg.mask_padding;
             out.push((format!("losses mask={m}"), decode(&got[0], DType::F32)));
             out.push((format!("dlogits mask={m}"), decode(&got[1], dt)));
+            out.push((format!("stats mask={m}"), decode(&got[7], DType::F32)));
         }
         rows.extend(compare_outputs(dt, &case, &out).unwrap());
     }
@@ -751,9 +754,14 @@ fn emu_adamw() {
     use bertqa::ops::adamw::{sq_norm_launch, step_launch, AdamWParams};
     let mut emu = Emus::default();
     let mut rows = vec![];
-    for dt in [DType::F32, DType::BF16] {
+    for (dt, nonfinite) in [
+        (DType::F32, false),
+        (DType::BF16, false),
+        (DType::BF16, true),
+    ] {
         let case = AdamWCase {
             sizes: vec![1, 1000, 4099, 37],
+            nonfinite,
         };
         let inputs = case.inputs();
         let order: Vec<usize> = (0..inputs.len())
@@ -776,14 +784,20 @@ fn emu_adamw() {
             .map(|&i| inputs[i].0.len())
             .sum();
         let f32s = |v: &[f64]| encode(v, DType::F32);
-        // 0 master, 1 working, 2 grad, 3 m, 4 v, 5 norm accumulator
+        // 0 master, 1 working (NaN-filled: every element must be written; in the non-finite case, which
+        // writes nothing, the master's values rounded, as the trainer keeps it), 2 grad, 3 m, 4 v, 5 the
+        // step's statistics
         let bufs = vec![
             f32s(&flat(0)),
-            vec![0xffu8; n * dt.size()],
+            if nonfinite {
+                encode(&flat(0), dt)
+            } else {
+                vec![0xffu8; n * dt.size()]
+            },
             f32s(&flat(1)),
             f32s(&flat(2)),
             f32s(&flat(3)),
-            vec![0u8; 4],
+            f32s(&case.stats0()),
         ];
         let working = dt != DType::F32;
         let p = AdamWParams {
@@ -792,6 +806,7 @@ fn emu_adamw() {
             grad: addr(2),
             m: addr(3),
             v: addr(4),
+            stats: addr(5),
             n: n as u64,
             n_decay: n_decay as u64,
             working_dt: dtype_code(dt),
@@ -807,7 +822,8 @@ fn emu_adamw() {
         else {
             return;
         };
-        let mut out: Outputs = vec![("grad_sq_norm".into(), decode(&got[5], DType::F32))];
+        let sq = decode(&got[5], DType::F32)[STAT_GRAD_SQ];
+        let mut out: Outputs = vec![("stats: grad_sq".into(), vec![sq])];
         let (param, m, v) = (
             decode(&got[0], DType::F32),
             decode(&got[3], DType::F32),

@@ -9,7 +9,7 @@ use bertqa::model::batch::{pack, HostBatch, Padding};
 use bertqa::model::{ActPlan, BertConfig, BertParams, BertQa, DropoutCfg};
 use bertqa::ops::embedding::{EmbGrads, EmbWeights};
 use bertqa::ops::span_loss::SpanLossCfg;
-use bertqa::ops::{SeqLayout, Seqs};
+use bertqa::ops::{SeqLayout, Seqs, STATS_LEN, STAT_LOSS_END, STAT_LOSS_START};
 use bertqa::prelude::*;
 use bertqa::rng::{Dropout, Rng};
 use bertqa::tensor::{DType, Tensor};
@@ -509,22 +509,23 @@ fn span_loss_gradient_matches_finite_differences() {
         let f = |s: &S| {
             let mut l = Tensor::zeros(&Cpu::new(), &[b, 2], F64).unwrap();
             let mut d = Tensor::zeros(&Cpu::new(), &[b * t, 2], F64).unwrap();
+            // the loss from the sums the op adds to the step's statistics
+            let mut sums = Tensor::zeros(&Cpu::new(), &[STATS_LEN], F64).unwrap();
             Cpu::new()
-                .span_loss_forward_backward(&mut l, &mut d, &s.logits, &st, &en, &seqs, cfg)
+                .span_loss_forward_backward(
+                    &mut l, &mut d, &mut sums, &s.logits, &st, &en, &seqs, cfg,
+                )
                 .unwrap();
-            let l = l.to_f64_vec(&Cpu::new()).unwrap();
-            let (s0, s1): (f64, f64) = (
-                (0..b).map(|i| l[2 * i]).sum(),
-                (0..b).map(|i| l[2 * i + 1]).sum(),
-            );
-            (s0 / ns as f64 + s1 / ne as f64) / 2.0
+            let sums = sums.to_f64_vec(&Cpu::new()).unwrap();
+            (sums[STAT_LOSS_START] / ns as f64 + sums[STAT_LOSS_END] / ne as f64) / 2.0
         };
         let mut s = S {
             logits: rand_tensor(&be, &mut rng, &[b * t, 2], F64, 3.0),
         };
         let mut l = Tensor::zeros(&be, &[b, 2], F64).unwrap();
         let mut d = Tensor::zeros(&be, &[b * t, 2], F64).unwrap();
-        be.span_loss_forward_backward(&mut l, &mut d, &s.logits, &st, &en, &seqs, cfg)
+        let mut sums = Tensor::zeros(&be, &[STATS_LEN], F64).unwrap();
+        be.span_loss_forward_backward(&mut l, &mut d, &mut sums, &s.logits, &st, &en, &seqs, cfg)
             .unwrap();
         report(
             &format!("span_loss mask_padding={mask_padding}"),

@@ -8,6 +8,7 @@ use bertqa::data::tokenizer;
 use bertqa::eval::postprocess::PostCfg;
 use bertqa::model::{checkpoint, BertConfig};
 use bertqa::ops::adamw::AdamWHyper;
+use bertqa::ops::STATS_LEN;
 use bertqa::prelude::*;
 use bertqa::train::{self, FeatureCfgSer, PostCfgSer, RunInputs, TrainConfig, Trainer};
 use std::path::PathBuf;
@@ -236,7 +237,7 @@ fn resume_reproduces_the_uninterrupted_loss_trajectory_bit_for_bit() {
 #[test]
 fn adamw_matches_hand_computed_values() {
     let be = Cpu::new();
-    // p = 1.0, g = 0.5 (grad_scale 2 → 1.0), m = v = 0, t = 1, lr 0.1, wd 0.01 (decayed), eps 1e-8
+    // p = 1.0, g = 0.5 (loss scale 0.5 → 1.0), m = v = 0, t = 1, lr 0.1, wd 0.01 (decayed), eps 1e-8
     // p ← 1 − 0.1·0.01·1 = 0.999; m = 0.1; v = 0.001; m̂ = 1; v̂ = 1; p ← 0.999 − 0.1·1/(1 + 1e-8)
     let mut p = Tensor::from_f64(&be, &[1.0, -2.0], &[2], DType::F64).unwrap();
     let g = Tensor::from_f64(&be, &[0.5, 0.25], &[2], DType::F64).unwrap();
@@ -249,10 +250,13 @@ fn adamw_matches_hand_computed_values() {
         eps: 1e-8,
         weight_decay: 0.01,
         step: 1,
-        grad_scale: 2.0,
+        loss_scale: 0.5,
+        max_grad_norm: 0.0,
     };
+    // the step's statistics: finite loss sums, Σ g² (no clipping here)
+    let stats = Tensor::from_f64(&be, &[1.0, 2.0, 0.3125], &[STATS_LEN], DType::F64).unwrap();
     // both elements before the decay boundary
-    be.adamw_step(&mut p, None, &g, &mut m, &mut v, 2, &hp)
+    be.adamw_step(&mut p, None, &g, &mut m, &mut v, 2, &stats, &hp)
         .unwrap();
     let pv = p.to_f64_vec(&be).unwrap();
     assert!(
@@ -275,7 +279,7 @@ fn adamw_matches_hand_computed_values() {
         weight_decay: 0.0,
         ..hp
     };
-    be.adamw_step(&mut p, None, &g, &mut m, &mut v, 0, &hp2)
+    be.adamw_step(&mut p, None, &g, &mut m, &mut v, 0, &stats, &hp2)
         .unwrap();
     assert!((p.to_f64_vec(&be).unwrap()[0] - (before - 0.1 / (1.0 + 1e-8))).abs() < 1e-14);
     // the decay boundary: with n_decay = 1 only element 0 is decayed
@@ -285,9 +289,60 @@ fn adamw_matches_hand_computed_values() {
         zero.cast(&be, DType::F64).unwrap(),
         zero.cast(&be, DType::F64).unwrap(),
     );
-    be.adamw_step(&mut p, None, &zero, &mut m, &mut v, 1, &hp)
+    be.adamw_step(&mut p, None, &zero, &mut m, &mut v, 1, &stats, &hp)
         .unwrap();
     assert_eq!(p.to_f64_vec(&be).unwrap(), vec![1.0 - 0.1 * 0.01, 1.0]);
+}
+
+/// AdamW takes its gradient multiplier from the step's statistics on the device: global-norm clipping from
+/// Σ g² (as torch.nn.utils.clip_grad_norm_), and no update at all when a loss sum or Σ g² is non-finite.
+#[test]
+fn adamw_clips_and_skips_from_the_step_statistics() {
+    let be = Cpu::new();
+    let g = Tensor::from_f64(&be, &[0.5, 0.25], &[2], DType::F64).unwrap();
+    let hp = AdamWHyper {
+        lr: 0.1,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+        step: 1,
+        loss_scale: 1.0,
+        max_grad_norm: 0.1,
+    };
+    let run = |st: [f64; 3]| {
+        let mut p = Tensor::from_f64(&be, &[1.0, -2.0], &[2], DType::F64).unwrap();
+        let (mut m, mut v) = (
+            Tensor::zeros(&be, &[2], DType::F64).unwrap(),
+            Tensor::zeros(&be, &[2], DType::F64).unwrap(),
+        );
+        let mut stats = Tensor::from_f64(&be, &st, &[STATS_LEN], DType::F64).unwrap();
+        be.grad_sq_norm(&mut stats, &g).unwrap();
+        be.adamw_step(&mut p, None, &g, &mut m, &mut v, 0, &stats, &hp)
+            .unwrap();
+        let out = |t: &Tensor<Cpu>| t.to_f64_vec(&be).unwrap();
+        (out(&p), out(&m), out(&v), out(&stats))
+    };
+    // norm = √(0.25 + 0.0625) = 0.5590…; clip = 0.1 / (norm + 1e-6); m = (1 − β1)·g·clip
+    let (p, m, _, stats) = run([3.0, 4.0, 0.0]);
+    assert_eq!(stats, vec![3.0, 4.0, 0.3125]);
+    let clip = 0.1 / (0.3125f64.sqrt() + 1e-6);
+    assert!((m[0] - 0.1 * 0.5 * clip).abs() < 1e-16, "{m:?}");
+    assert!((m[1] - 0.1 * 0.25 * clip).abs() < 1e-16, "{m:?}");
+    assert!(p[0] < 1.0 && p[1] < -2.0, "{p:?}");
+    // a non-finite loss sum, or a non-finite Σ g²: nothing changes
+    for st in [
+        [f64::INFINITY, 4.0, 0.0],
+        [3.0, f64::NAN, 0.0],
+        [3.0, 4.0, f64::INFINITY],
+    ] {
+        let (p, m, v, _) = run(st);
+        assert_eq!(
+            (p, m, v),
+            (vec![1.0, -2.0], vec![0.0; 2], vec![0.0; 2]),
+            "{st:?}"
+        );
+    }
 }
 
 #[test]

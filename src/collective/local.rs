@@ -250,8 +250,8 @@ mod tests {
         let mut g = g;
         let last = g.pop().unwrap();
         drop(last);
-        let mut v = vec![1.0];
-        let err = Collective::<Cpu>::sum_host(&g[0], &be, &mut v).unwrap_err();
+        let mut t = Tensor::from_f64(&be, &[1.0], &[1], DType::F32).unwrap();
+        let err = Collective::<Cpu>::all_reduce_sum(&g[0], &be, &mut t).unwrap_err();
         assert!(
             format!("{err:#}").contains("replica 2 of 3 has stopped"),
             "{err:#}"

@@ -38,24 +38,6 @@ pub trait Collective<B: BackendCore>: Send + Sync {
     /// Leave the group because of `why` (a failed replica): the others' next collective fails naming this
     /// replica and the reason, instead of waiting for it (where the implementation can tell them).
     fn abort(&self, _why: &str) {}
-    /// Host values summed over the replicas (every replica gets the same result).
-    fn sum_host(&self, be: &B, vals: &mut [f64]) -> Result<()> {
-        let mine = wire::f64s(vals);
-        let all = self.gather_bytes(be, &mine, 0)?;
-        let mut out = Vec::new();
-        if let Some(all) = all {
-            let mut acc = wire::read_f64s(&all[0], vals.len())?;
-            for b in &all[1..] {
-                for (a, x) in acc.iter_mut().zip(wire::read_f64s(b, vals.len())?) {
-                    *a += x;
-                }
-            }
-            out = wire::f64s(&acc);
-        }
-        self.broadcast_bytes(be, &mut out, 0)?;
-        vals.copy_from_slice(&wire::read_f64s(&out, vals.len())?);
-        Ok(())
-    }
 }
 
 /// `n` items in `parts` contiguous ranges whose sizes differ by at most one, the larger first (the split of

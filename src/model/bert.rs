@@ -24,9 +24,9 @@ use crate::model::config::BertConfig;
 use crate::model::params::BertParams;
 use crate::ops::embedding::{EmbGrads, EmbWeights};
 use crate::ops::span_loss::SpanLossCfg;
-use crate::ops::Backend;
+use crate::ops::{Backend, STATS_LEN, STAT_LOSS_END, STAT_LOSS_START};
 use crate::rng::{site_seed, Dropout};
-use crate::tensor::DType;
+use crate::tensor::{DType, Tensor};
 use anyhow::{anyhow, Result};
 
 /// Dropout probabilities and the seed of this optimizer step (masks are derived per site from it).
@@ -82,8 +82,8 @@ pub struct BertQa<B: Backend> {
     pub mask_padding_in_loss: bool,
 }
 
-/// What [`BertQa::loss`] reports for one batch: the sums of the per-window start and end losses over the
-/// windows whose target counts, and how many those are.
+/// The span loss's sums of the per-window start and end losses over the windows whose target counts, and how
+/// many those are (a step's, or a batch's: [`BertQa::loss_mean`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct LossSums {
     pub start: f64,
@@ -97,12 +97,6 @@ impl LossSums {
     pub fn mean(&self) -> f64 {
         let m = |s: f64, n: usize| if n > 0 { s / n as f64 } else { 0.0 };
         (m(self.start, self.n_start) + m(self.end, self.n_end)) / 2.0
-    }
-    pub fn add(&mut self, o: &LossSums) {
-        self.start += o.start;
-        self.end += o.end;
-        self.n_start += o.n_start;
-        self.n_end += o.n_end;
     }
 }
 
@@ -249,15 +243,17 @@ impl<B: Backend> BertQa<B> {
         Ok(())
     }
 
-    /// The span loss of the last forward — per-window sums over the counted targets — and `dlogits` (scaled
-    /// by `scale`) for backward.
+    /// The span loss of a batch: `dlogits` for backward (scaled by `scale`), the per-window losses in
+    /// `acts.losses`, and the batch's loss sums added to `stats` (the step's statistics, which stay on the
+    /// device: see [`crate::ops::STATS_LEN`]).
     pub fn loss(
         &self,
         be: &B,
         acts: &mut Acts<B>,
         batch: &Batch<B>,
         scale: LossScale,
-    ) -> Result<LossSums> {
+        stats: &mut Tensor<B>,
+    ) -> Result<()> {
         let g = acts
             .grad
             .as_mut()
@@ -270,23 +266,13 @@ impl<B: Backend> BertQa<B> {
         be.span_loss_forward_backward(
             &mut acts.losses,
             &mut g.dlogits,
+            stats,
             &acts.logits,
             &batch.starts,
             &batch.ends,
             &batch.seqs,
             cfg,
-        )?;
-        let ls = acts.losses.to_f64_vec(be)?;
-        let (n_start, n_end) = self.counted_targets(batch);
-        // ignored targets have loss 0
-        let (start, end) =
-            (0..batch.host.b()).fold((0.0, 0.0), |(s, e), i| (s + ls[2 * i], e + ls[2 * i + 1]));
-        Ok(LossSums {
-            start,
-            end,
-            n_start,
-            n_end,
-        })
+        )
     }
 
     /// [`BertQa::loss`] of a batch on its own: the mean over its counted targets, gradient scaled for it.
@@ -297,9 +283,23 @@ impl<B: Backend> BertQa<B> {
         batch: &Batch<B>,
         loss_scale: f64,
     ) -> Result<f64> {
-        let (ns, ne) = self.counted_targets(batch);
-        let s = self.loss(be, acts, batch, LossScale::mean(ns, ne, loss_scale))?;
-        Ok(s.mean())
+        let (n_start, n_end) = self.counted_targets(batch);
+        let mut stats = Tensor::zeros(be, &[STATS_LEN], acts.losses.dtype())?;
+        self.loss(
+            be,
+            acts,
+            batch,
+            LossScale::mean(n_start, n_end, loss_scale),
+            &mut stats,
+        )?;
+        let st = stats.to_f64_vec(be)?;
+        Ok(LossSums {
+            start: st[STAT_LOSS_START],
+            end: st[STAT_LOSS_END],
+            n_start,
+            n_end,
+        }
+        .mean())
     }
 
     /// Backward from the scratch's `dlogits` (set by [`BertQa::loss`]); accumulates into `grads`.

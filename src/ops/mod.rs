@@ -31,6 +31,18 @@ pub use layernorm::LayerNormOps;
 pub use linear::LinearOps;
 pub use span_loss::SpanLossOps;
 
+/// The training step's statistics stay on the device, so that a steady-state step reads the host once (after
+/// the AdamW launch): a `(STATS_LEN)` tensor in the stat dtype, zeroed when a step starts, holding
+/// - `[STAT_LOSS_START]`, `[STAT_LOSS_END]`: Σ of the counted windows' start / end NLL (the span loss adds
+///   each batch's sums, in window order);
+/// - `[STAT_GRAD_SQ]`: Σ g² of the step's gradient (added by `grad_sq_norm`).
+///
+/// `adamw_step` reads them: any non-finite one means no update; otherwise they give the clip coefficient.
+pub const STAT_LOSS_START: usize = 0;
+pub const STAT_LOSS_END: usize = 1;
+pub const STAT_GRAD_SQ: usize = 2;
+pub const STATS_LEN: usize = 3;
+
 /// Everything the model, the optimiser and the training loop need from a device: storage plus every op.
 pub trait Backend:
     BackendCore

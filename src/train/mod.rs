@@ -17,10 +17,10 @@ use crate::model::bert::{grad_dtype, BertQa, DropoutCfg, LossScale, LossSums};
 use crate::model::params::param_specs;
 use crate::model::{ActPlan, BertConfig, BertParams};
 use crate::ops::adamw::AdamWHyper;
-use crate::ops::Backend;
-use crate::optim::{clip_coef, linear_schedule, LossScaler};
+use crate::ops::{Backend, STATS_LEN, STAT_GRAD_SQ, STAT_LOSS_END, STAT_LOSS_START};
+use crate::optim::{linear_schedule, LossScaler};
 use crate::rng::{splitmix64, step_seed, Rng};
-use crate::tensor::DType;
+use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -298,6 +298,8 @@ pub struct Trainer<'a, B: Backend> {
     /// a micro-batch's gradient, before it is added to the step's sum (only when this replica computes
     /// more than one micro-batch per step)
     scratch: Option<BertParams<B>>,
+    /// the step's statistics on the device (ops::STATS_LEN: loss sums, Σ g²)
+    stats: Tensor<B>,
 }
 
 /// What one optimizer step did.
@@ -360,6 +362,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             peak: None,
             group: None,
             scratch: None,
+            stats: Tensor::zeros(be, &[STATS_LEN], gd)?,
         })
     }
 
@@ -468,8 +471,15 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let scale = LossScale::mean(n_start, n_end, loss_scale);
         let drop = self.dropout(self.state.global_step);
         self.grads.zero_(be)?;
-        let mut sums = LossSums::default();
-        let (mut real, mut rows) = (0, 0);
+        // the step's loss sums and Σ g² stay on the device (ops::STATS_LEN) until the one read below
+        self.stats.zero_(be)?;
+        // real and computed rows of the whole step (every replica's)
+        let real = parts
+            .iter()
+            .flatten()
+            .map(|hb| hb.layout.real_tokens())
+            .sum();
+        let rows = parts.iter().flatten().map(|hb| hb.n()).sum();
         let mut first_part = true;
         for pieces in &parts[rank * accum..(rank + 1) * accum] {
             if pieces.is_empty() {
@@ -488,11 +498,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 }
             }
             for hb in pieces {
-                real += hb.layout.real_tokens();
-                rows += hb.n();
                 let (batch, acts) = self.plan.load(be, hb)?;
                 self.model.forward(be, acts, batch, drop)?;
-                sums.add(&self.model.loss(be, acts, batch, scale)?);
+                self.model.loss(be, acts, batch, scale, &mut self.stats)?;
                 let g = match (into_scratch, self.scratch.as_mut()) {
                     (true, Some(s)) => s,
                     _ => &mut self.grads,
@@ -506,7 +514,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
         let mut allreduce_ms = None;
         if let Some(g) = &self.group {
-            // the step's gradient and loss: sums over the replicas (every replica gets the same bits, so
+            // the step's gradient and loss sums: sums over the replicas (every replica gets the same bits, so
             // the norm, the loss-scale decision and the AdamW update agree everywhere); timed between two
             // synchronisations (cheap next to a step, and only with several devices)
             be.synchronize()?;
@@ -514,58 +522,57 @@ impl<'a, B: Backend> Trainer<'a, B> {
             g.all_reduce_sum(be, self.grads.flat_mut())?;
             be.synchronize()?;
             allreduce_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
-            let mut v = [
-                sums.start,
-                sums.end,
-                sums.n_start as f64,
-                sums.n_end as f64,
-                real as f64,
-                rows as f64,
-            ];
-            g.sum_host(be, &mut v)?;
-            sums = LossSums {
-                start: v[0],
-                end: v[1],
-                n_start: v[2] as usize,
-                n_end: v[3] as usize,
-            };
-            (real, rows) = (v[4] as usize, v[5] as usize);
+            g.all_reduce_sum(be, &mut self.stats)?;
         }
-        let loss = sums.mean();
-        let norm = be.grad_sq_norm(self.grads.flat())?.sqrt() / loss_scale;
-        let finite = norm.is_finite() && loss.is_finite();
-        let apply = self.scaler.update(finite);
-        if apply {
+        be.grad_sq_norm(&mut self.stats, self.grads.flat())?;
+        // AdamW reads the statistics on the device: a non-finite loss or gradient changes nothing there, and
+        // the host, reading the same numbers once afterwards, does not count the step
+        let hp = AdamWHyper {
+            lr,
+            beta1: self.cfg.adam_beta1,
+            beta2: self.cfg.adam_beta2,
+            eps: self.cfg.adam_eps,
+            weight_decay: self.cfg.weight_decay,
+            step: self.state.adam_t + 1,
+            loss_scale,
+            max_grad_norm: self.cfg.max_grad_norm,
+        };
+        // one launch over the flat buffers; the bf16/f16 working copy is refreshed in the same pass
+        let n_decay = self.grads.layout().n_decay;
+        let (master, working) = match self.master.as_mut() {
+            Some(m) => (m.flat_mut(), Some(self.model.params.flat_mut())),
+            None => (self.model.params.flat_mut(), None),
+        };
+        be.adamw_step(
+            master,
+            working,
+            self.grads.flat(),
+            self.m.flat_mut(),
+            self.v.flat_mut(),
+            n_decay,
+            &self.stats,
+            &hp,
+        )?;
+        // the step's one host synchronisation
+        let st = self.stats.to_f64_vec(be)?;
+        let finite = hp.grad_scale(&st).is_some();
+        let loss = LossSums {
+            start: st[STAT_LOSS_START],
+            end: st[STAT_LOSS_END],
+            n_start,
+            n_end,
+        }
+        .mean();
+        let norm = st[STAT_GRAD_SQ].sqrt() / loss_scale;
+        // (fp16: halve the loss scale after a non-finite step, grow it after a run of good ones)
+        self.scaler.update(finite);
+        if finite {
             self.state.adam_t += 1;
-            let hp = AdamWHyper {
-                lr,
-                beta1: self.cfg.adam_beta1,
-                beta2: self.cfg.adam_beta2,
-                eps: self.cfg.adam_eps,
-                weight_decay: self.cfg.weight_decay,
-                step: self.state.adam_t,
-                grad_scale: clip_coef(norm, self.cfg.max_grad_norm) / loss_scale,
-            };
-            // one launch over the flat buffers; the bf16/f16 working copy is refreshed in the same pass
-            let n_decay = self.grads.layout().n_decay;
-            let (master, working) = match self.master.as_mut() {
-                Some(m) => (m.flat_mut(), Some(self.model.params.flat_mut())),
-                None => (self.model.params.flat_mut(), None),
-            };
-            be.adamw_step(
-                master,
-                working,
-                self.grads.flat(),
-                self.m.flat_mut(),
-                self.v.flat_mut(),
-                n_decay,
-                &hp,
-            )?;
         }
         Ok(StepOut {
             loss,
             grad_norm: norm,
-            applied: apply,
+            applied: finite,
             windows: n,
             real_tokens: real,
             rows,

@@ -22,7 +22,7 @@ use bertqa::model::BertConfig;
 use bertqa::ops::adamw::AdamWHyper;
 use bertqa::ops::embedding::{EmbGrads, EmbWeights};
 use bertqa::ops::span_loss::SpanLossCfg;
-use bertqa::ops::{Backend, SeqLayout, Seqs};
+use bertqa::ops::{Backend, SeqLayout, Seqs, STATS_LEN, STAT_GRAD_SQ};
 use bertqa::rng::{Dropout, Rng};
 use bertqa::tensor::{DType, Tensor};
 use bertqa::train::{FeatureCfgSer, PostCfgSer, TrainConfig, Trainer};
@@ -533,6 +533,8 @@ pub struct SpanLossInputs {
     pub ends: Vec<i32>,
 }
 impl SpanLossCase {
+    /// The step statistics before the batch's loss sums are added.
+    pub const STATS0: [f64; STATS_LEN] = [0.25, -0.5, 3.0];
     /// The loss settings the case runs, each of them.
     pub fn configs(&self) -> [SpanLossCfg; 2] {
         [true, false].map(|mask_padding| SpanLossCfg {
@@ -578,9 +580,12 @@ impl Case for SpanLossCase {
             let mask_padding = cfg.mask_padding;
             let mut l = Tensor::zeros(be, &[b, 2], stat(dt))?;
             let mut dl = Tensor::zeros(be, &[n, 2], dt)?;
+            // the loss sums are added to what the step's statistics already hold
+            let mut stats = up(be, &SpanLossCase::STATS0, &[STATS_LEN], stat(dt))?;
             be.span_loss_forward_backward(
                 &mut l,
                 &mut dl,
+                &mut stats,
                 &logits,
                 &Tensor::from_i32(be, &st, &[b])?,
                 &Tensor::from_i32(be, &en, &[b])?,
@@ -589,6 +594,7 @@ impl Case for SpanLossCase {
             )?;
             out.push((format!("losses mask={mask_padding}"), l.to_f64_vec(be)?));
             out.push((format!("dlogits mask={mask_padding}"), dl.to_f64_vec(be)?));
+            out.push((format!("stats mask={mask_padding}"), stats.to_f64_vec(be)?));
         }
         Ok(out)
     }
@@ -596,8 +602,14 @@ impl Case for SpanLossCase {
 
 pub struct AdamWCase {
     pub sizes: Vec<usize>,
+    /// the step's loss sums are non-finite: the step must change nothing
+    pub nonfinite: bool,
 }
 impl AdamWCase {
+    /// The step statistics before `grad_sq_norm` adds Σ g² (the loss sums; NaN in the non-finite case).
+    pub fn stats0(&self) -> [f64; STATS_LEN] {
+        [1.5, if self.nonfinite { f64::NAN } else { 2.5 }, 0.0]
+    }
     /// Per tensor (master, grad, m, v) as host values; tensor i decays when i is even.
     #[allow(clippy::type_complexity)]
     pub fn inputs(&self) -> Vec<(Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>)> {
@@ -621,13 +633,15 @@ impl AdamWCase {
             eps: 1e-8,
             weight_decay: 0.01,
             step: 3,
-            grad_scale: 0.7,
+            // with the case's gradients, norm = √Σg² / 2 ≈ 2 > 1: clipping is exercised
+            loss_scale: 2.0,
+            max_grad_norm: 1.0,
         }
     }
 }
 impl Case for AdamWCase {
     fn name(&self) -> String {
-        format!("adamw sizes={:?}", self.sizes)
+        format!("adamw sizes={:?} nonfinite={}", self.sizes, self.nonfinite)
     }
     /// The tensors laid end to end in one flat buffer, as the trainer's are (tensor i decays when i is even;
     /// the decayed ones first, so the boundary is where the first non-decayed tensor starts).
@@ -657,7 +671,8 @@ impl Case for AdamWCase {
         let grad = up(be, &grad, &[n], g)?;
         let mut m = up(be, &m, &[n], g)?;
         let mut v = up(be, &v, &[n], g)?;
-        let norm = be.grad_sq_norm(&grad)?;
+        let mut stats = up(be, &self.stats0(), &[STATS_LEN], g)?;
+        be.grad_sq_norm(&mut stats, &grad)?;
         let w = if dt == g { None } else { Some(&mut working) };
         be.adamw_step(
             &mut master,
@@ -666,6 +681,7 @@ impl Case for AdamWCase {
             &mut m,
             &mut v,
             n_decay,
+            &stats,
             &self.hyper(),
         )?;
         // back to per-tensor outputs, in the order of the inputs
@@ -685,7 +701,9 @@ impl Case for AdamWCase {
             starts[i] = at;
             at += inputs[i].0.len();
         }
-        let mut out = vec![("grad_sq_norm".to_string(), vec![norm])];
+        // Σ g² (the loss sums pass through; one is NaN in the non-finite case)
+        let sq = stats.to_f64_vec(be)?[STAT_GRAD_SQ];
+        let mut out = vec![("stats: grad_sq".to_string(), vec![sq])];
         for (i, inp) in inputs.iter().enumerate() {
             let r = starts[i]..starts[i] + inp.0.len();
             out.push((format!("param[{i}]"), p[r.clone()].to_vec()));
@@ -977,6 +995,15 @@ pub fn suite<B: Backend>(dev: &B, dt: DType, head_sizes: &[usize]) -> Result<Vec
         dt,
         &AdamWCase {
             sizes: vec![1, 257, 4099],
+            nonfinite: false,
+        },
+    )?);
+    rows.extend(compare(
+        dev,
+        dt,
+        &AdamWCase {
+            sizes: vec![1, 257],
+            nonfinite: true,
         },
     )?);
     let cfg = BertConfig::tiny(211, 64, 2, 2, 128, 64);

@@ -129,6 +129,7 @@ inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 using std::max;
 using std::min;
+using std::isfinite;  // CUDA math API: isfinite(float) in device code
 template <typename T> inline T __ldg(const T* p) { return *p; }
 
 #if defined(__SANITIZE_THREAD__)

@@ -1,10 +1,12 @@
 //! The CUDA launcher of AdamW and of the squared gradient norm (kernels/adamw.cu): one launch each over the
 //! flat buffers.
 
-use super::{check, f32_only, sq_norm_launch, step_launch, AdamWHyper, AdamWOps, AdamWParams};
+use super::{
+    check, check_stats, f32_only, sq_norm_launch, step_launch, AdamWHyper, AdamWOps, AdamWParams,
+};
 use crate::cuda::Cuda;
 use crate::kernel::dtype_code;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::Tensor;
 use anyhow::Result;
 
 impl AdamWOps for Cuda {
@@ -16,16 +18,19 @@ impl AdamWOps for Cuda {
         m: &mut Tensor<Cuda>,
         v: &mut Tensor<Cuda>,
         n_decay: usize,
+        stats: &Tensor<Cuda>,
         hp: &AdamWHyper,
     ) -> Result<()> {
         let n = check(master, working.as_deref(), grad, m, v, n_decay)?;
         f32_only(&[master.dtype(), grad.dtype(), m.dtype(), v.dtype()])?;
+        check_stats("adamw_step", stats, master)?;
         let p = AdamWParams {
             master: master.buf.ptr,
             working: working.as_ref().map_or(0, |w| w.buf.ptr),
             grad: grad.buf.ptr,
             m: m.buf.ptr,
             v: v.buf.ptr,
+            stats: stats.buf.ptr,
             n: n as u64,
             n_decay: n_decay as u64,
             working_dt: working.as_ref().map_or(0, |w| dtype_code(w.dtype())),
@@ -35,12 +40,11 @@ impl AdamWOps for Cuda {
         unsafe { self.run(&step_launch(p, hp)) }
     }
 
-    fn grad_sq_norm(&self, grad: &Tensor<Cuda>) -> Result<f64> {
+    fn grad_sq_norm(&self, stats: &mut Tensor<Cuda>, grad: &Tensor<Cuda>) -> Result<()> {
         f32_only(&[grad.dtype()])?;
-        let acc = Tensor::<Cuda>::zeros(self, &[1], DType::F32)?;
-        // SAFETY: grad holds numel() f32, acc one f32 (zeroed)
-        unsafe { self.run(&sq_norm_launch(grad.buf.ptr, acc.buf.ptr, grad.numel())) }?;
-        Ok(acc.to_host::<f32>(self)?[0] as f64)
+        check_stats("grad_sq_norm", stats, grad)?;
+        // SAFETY: grad holds numel() f32, stats STATS_LEN f32
+        unsafe { self.run(&sq_norm_launch(grad.buf.ptr, stats.buf.ptr, grad.numel())) }
     }
 
     fn grad_accumulate(&self, acc: &mut Tensor<Cuda>, g: &Tensor<Cuda>) -> Result<()> {

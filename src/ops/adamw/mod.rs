@@ -1,8 +1,10 @@
 //! AdamW (Loshchilov & Hutter; PyTorch's `torch.optim.AdamW` semantics) as one step over the flat parameter
 //! buffers (src/model/params.rs), and the global gradient norm as one reduction over the flat gradient.
 //!
-//! For each parameter element, with `g = grad·grad_scale` (`grad_scale` folds loss-scale removal and
-//! gradient clipping into one multiplier) and step `t ≥ 1`:
+//! The step's statistics (`stats`, see [`crate::ops::STATS_LEN`]) are read on the device: when any is
+//! non-finite the step changes nothing; otherwise `grad_scale = clip_coef(norm, max_grad_norm) / loss_scale`
+//! with `norm = √Σg² / loss_scale` folds loss-scale removal and global-norm clipping into one multiplier
+//! ([`AdamWHyper::grad_scale`]). For each parameter element, with `g = grad·grad_scale` and step `t ≥ 1`:
 //! ```text
 //! p ← p·(1 − lr·wd)            (only where decay: elements before `n_decay`)
 //! m ← β1·m + (1−β1)·g
@@ -20,6 +22,7 @@ pub mod cuda;
 
 use crate::backend::BackendCore;
 use crate::kernel::{blocks, Launch};
+use crate::ops::{STATS_LEN, STAT_GRAD_SQ};
 use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
 
@@ -32,14 +35,31 @@ pub struct AdamWHyper {
     pub weight_decay: f64,
     /// 1-based step number (for bias correction).
     pub step: u64,
-    /// Multiplier applied to every gradient before use (1/loss_scale × clip coefficient).
-    pub grad_scale: f64,
+    /// The loss scale the gradients carry (1 without fp16 loss scaling).
+    pub loss_scale: f64,
+    /// Global-norm clipping threshold (0: no clipping).
+    pub max_grad_norm: f64,
+}
+
+impl AdamWHyper {
+    /// The multiplier applied to every gradient element, from the step's statistics (`stats`, indexed by
+    /// `STAT_*`), or None when any of them is non-finite (the step is skipped): `clip_coef(norm,
+    /// max_grad_norm) / loss_scale` with `norm = √Σg² / loss_scale`. kernels/adamw.cu computes the same in
+    /// f32.
+    pub fn grad_scale(&self, stats: &[f64]) -> Option<f64> {
+        if stats.len() != STATS_LEN || !stats.iter().all(|x| x.is_finite()) {
+            return None;
+        }
+        let norm = stats[STAT_GRAD_SQ].sqrt() / self.loss_scale;
+        Some(crate::optim::clip_coef(norm, self.max_grad_norm) / self.loss_scale)
+    }
 }
 
 pub trait AdamWOps: BackendCore {
     /// One AdamW step over flat buffers of n elements: `master` (f32; f64 on the CPU) updated, `working` (a
     /// bf16/f16 copy the model computes with, if any) refreshed, `grad` read, moments `m`, `v` updated;
-    /// elements `0..n_decay` get weight decay.
+    /// elements `0..n_decay` get weight decay. `stats (STATS_LEN)` (stat dtype) are the step's statistics,
+    /// read on the device: a non-finite one leaves every buffer unchanged.
     #[allow(clippy::too_many_arguments)]
     fn adamw_step(
         &self,
@@ -49,10 +69,11 @@ pub trait AdamWOps: BackendCore {
         m: &mut Tensor<Self>,
         v: &mut Tensor<Self>,
         n_decay: usize,
+        stats: &Tensor<Self>,
         hp: &AdamWHyper,
     ) -> Result<()>;
-    /// Σ g² over the whole buffer (f64 on the host). NaN/inf in any gradient makes the result non-finite.
-    fn grad_sq_norm(&self, grad: &Tensor<Self>) -> Result<f64>;
+    /// `stats[STAT_GRAD_SQ] += Σ g²` over the whole buffer. NaN/inf in any gradient makes it non-finite.
+    fn grad_sq_norm(&self, stats: &mut Tensor<Self>, grad: &Tensor<Self>) -> Result<()>;
     /// `acc += g`, element by element (one rounding each): a micro-batch's gradient added into the step's
     /// sum, the same arithmetic as the data-parallel reduction of two replicas.
     fn grad_accumulate(&self, acc: &mut Tensor<Self>, g: &Tensor<Self>) -> Result<()>;
@@ -100,6 +121,16 @@ pub(crate) fn check<B: BackendCore>(
     Ok(n)
 }
 
+/// The step statistics' shape, and a stat dtype matching the parameters' (`what` names the op).
+pub(crate) fn check_stats<B: BackendCore>(
+    what: &str,
+    stats: &Tensor<B>,
+    like: &Tensor<B>,
+) -> Result<()> {
+    stats.expect(&format!("{what}: stats"), &[STATS_LEN])?;
+    stats.expect_dtype(&format!("{what}: stats"), &[like.dtype()])
+}
+
 /// kernels/adamw.cu `AdamWParams`: device addresses (working 0: none), the element counts, the working copy's
 /// `dtype_code`, the hyperparameters (bias corrections precomputed).
 #[repr(C)]
@@ -110,8 +141,8 @@ pub struct AdamWParams {
     pub grad: u64,
     pub m: u64,
     pub v: u64,
-    /// grad_sq_norm: the f32 accumulator (zero on entry)
-    pub out: u64,
+    /// the step's statistics (STATS_LEN f32): read by adamw_step, Σ g² added by grad_sq_norm
+    pub stats: u64,
     pub n: u64,
     pub n_decay: u64,
     pub working_dt: i32,
@@ -122,8 +153,8 @@ pub struct AdamWParams {
     pub wd: f32,
     pub bc1: f32,
     pub bc2: f32,
-    pub grad_scale: f32,
-    pub _pad: i32,
+    pub loss_scale: f32,
+    pub max_norm: f32,
 }
 unsafe impl cudarc::driver::DeviceRepr for AdamWParams {}
 
@@ -136,7 +167,8 @@ pub fn step_launch(mut p: AdamWParams, hp: &AdamWHyper) -> Launch<AdamWParams> {
     p.wd = (hp.lr * hp.weight_decay) as f32;
     p.bc1 = (1.0 - hp.beta1.powi(hp.step as i32)) as f32;
     p.bc2 = (1.0 - hp.beta2.powi(hp.step as i32)) as f32;
-    p.grad_scale = hp.grad_scale as f32;
+    p.loss_scale = hp.loss_scale as f32;
+    p.max_norm = hp.max_grad_norm as f32;
     Launch {
         module: "adamw",
         name: "adamw_step".into(),
@@ -148,8 +180,8 @@ pub fn step_launch(mut p: AdamWParams, hp: &AdamWHyper) -> Launch<AdamWParams> {
 }
 
 /// The squared norm's launch: blocks of 256 threads striding over `grad` (n f32), each adding its partial
-/// sum into the f32 at `out`.
-pub fn sq_norm_launch(grad: u64, out: u64, n: usize) -> Launch<AdamWParams> {
+/// sum into `stats[STAT_GRAD_SQ]` (f32).
+pub fn sq_norm_launch(grad: u64, stats: u64, n: usize) -> Launch<AdamWParams> {
     Launch {
         module: "adamw",
         name: "grad_sq_norm".into(),
@@ -158,7 +190,7 @@ pub fn sq_norm_launch(grad: u64, out: u64, n: usize) -> Launch<AdamWParams> {
         smem: 0,
         params: AdamWParams {
             grad,
-            out,
+            stats,
             n: n as u64,
             ..bytemuck::Zeroable::zeroed()
         },
@@ -181,7 +213,7 @@ pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
         grad,
         m,
         v,
-        out,
+        stats,
         n,
         n_decay,
         working_dt,
@@ -192,7 +224,7 @@ pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
         wd,
         bc1,
         bc2,
-        grad_scale,
-        _pad
+        loss_scale,
+        max_norm
     })]
 }

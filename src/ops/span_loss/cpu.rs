@@ -2,7 +2,7 @@
 
 use super::{dims, SpanLossCfg, SpanLossOps};
 use crate::cpu::{ids, rd, wr, Cpu, Real};
-use crate::ops::Seqs;
+use crate::ops::{Seqs, STAT_LOSS_END, STAT_LOSS_START};
 use crate::tensor::Tensor;
 use anyhow::Result;
 
@@ -11,13 +11,14 @@ impl SpanLossOps for Cpu {
         &self,
         losses: &mut Tensor<Cpu>,
         dlogits: &mut Tensor<Cpu>,
+        stats: &mut Tensor<Cpu>,
         logits: &Tensor<Cpu>,
         starts: &Tensor<Cpu>,
         ends: &Tensor<Cpu>,
         seqs: &Seqs<Cpu>,
         cfg: SpanLossCfg,
     ) -> Result<()> {
-        let (_, b) = dims(losses, dlogits, logits, starts, ends, seqs)?;
+        let (_, b) = dims(losses, dlogits, stats, logits, starts, ends, seqs)?;
         let (st, en, cu, lens) = (ids(starts)?, ids(ends)?, ids(&seqs.cu)?, ids(&seqs.lens)?);
         crate::cpu_compute!(logits.dtype(), T => {
             let x = rd::<T>(logits);
@@ -45,6 +46,12 @@ impl SpanLossOps for Cpu {
                         dl[(s0 + j) * 2 + w] = (p - y) * T::of(scale);
                     }
                 }
+            }
+            // the batch's sums, in window order, added to the step's statistics
+            let mut st = wr::<T>(stats, true);
+            for w in 0..2 {
+                let sum = (0..b).fold(T::zero(), |a, bi| a + ls[bi * 2 + w]);
+                st[[STAT_LOSS_START, STAT_LOSS_END][w]] += sum;
             }
         });
         Ok(())

@@ -12,13 +12,14 @@ impl SpanLossOps for Cuda {
         &self,
         losses: &mut Tensor<Cuda>,
         dlogits: &mut Tensor<Cuda>,
+        stats: &mut Tensor<Cuda>,
         logits: &Tensor<Cuda>,
         starts: &Tensor<Cuda>,
         ends: &Tensor<Cuda>,
         seqs: &Seqs<Cuda>,
         cfg: SpanLossCfg,
     ) -> Result<()> {
-        let (_, b) = dims(losses, dlogits, logits, starts, ends, seqs)?;
+        let (_, b) = dims(losses, dlogits, stats, logits, starts, ends, seqs)?;
         if losses.dtype() != DType::F32 || dlogits.dtype() != logits.dtype() {
             bail!(
                 "span_loss: losses must be f32 and dlogits must match logits ({}), found {} / {}",
@@ -29,6 +30,7 @@ impl SpanLossOps for Cuda {
         }
         let p = SpanParams {
             losses: losses.buf.ptr,
+            stats: stats.buf.ptr,
             dlogits: dlogits.buf.ptr,
             logits: logits.buf.ptr,
             starts: starts.buf.ptr,
@@ -43,6 +45,9 @@ impl SpanLossOps for Cuda {
             _pad: 0,
         };
         // SAFETY: the shapes match the layout (checked by dims); every address is a live buffer
-        unsafe { self.run(&launch(p)) }
+        for l in launch(p) {
+            unsafe { self.run(&l) }?;
+        }
+        Ok(())
     }
 }

@@ -1,7 +1,9 @@
 //! The span loss of BertForQuestionAnswering: per window, softmax cross-entropy over the window's positions
 //! for the start logits and for the end logits; the model averages over windows (`(CE_start + CE_end) / 2`).
 //!
-//! Forward and backward in one op: writes the per-window losses and `dlogits = (softmax − onehot)·scale`.
+//! Forward and backward in one op: writes the per-window losses and `dlogits = (softmax − onehot)·scale`,
+//! and adds the batch's loss sums (in window order) to the step's statistics (`stats[STAT_LOSS_START]`,
+//! `stats[STAT_LOSS_END]`, see [`crate::ops::STATS_LEN`]), which stay on the device.
 //! - `logits (N,2)` are the span head's output for the N rows of a batch (`[…, 0]` start, `[…, 1]` end);
 //!   window b owns rows `cu[b]..cu[b+1]` (`seqs`).
 //! - Targets are positions within the window. Out-of-range targets: as in HF, positions are first clamped
@@ -29,13 +31,15 @@ pub struct SpanLossCfg {
 }
 
 pub trait SpanLossOps: BackendCore {
-    /// losses (B,2) (stat dtype; per window, 0 when ignored), dlogits (N,2) (overwritten) ← logits (N,2),
-    /// starts (B) i32, ends (B) i32 (positions within the windows), seqs.
+    /// losses (B,2) (stat dtype; per window, 0 when ignored), dlogits (N,2) (overwritten), stats
+    /// (STATS_LEN) (stat dtype; `[STAT_LOSS_START] += Σ_b losses[b,0]`, `[STAT_LOSS_END] += Σ_b losses[b,1]`)
+    /// ← logits (N,2), starts (B) i32, ends (B) i32 (positions within the windows), seqs.
     #[allow(clippy::too_many_arguments)]
     fn span_loss_forward_backward(
         &self,
         losses: &mut Tensor<Self>,
         dlogits: &mut Tensor<Self>,
+        stats: &mut Tensor<Self>,
         logits: &Tensor<Self>,
         starts: &Tensor<Self>,
         ends: &Tensor<Self>,
@@ -53,6 +57,7 @@ pub fn clamp_positions(pos: &[i64], t: usize) -> Vec<i32> {
 pub(crate) fn dims<B: BackendCore>(
     losses: &Tensor<B>,
     dl: &Tensor<B>,
+    stats: &Tensor<B>,
     logits: &Tensor<B>,
     s: &Tensor<B>,
     e: &Tensor<B>,
@@ -66,6 +71,8 @@ pub(crate) fn dims<B: BackendCore>(
     seqs.expect_rows(op, n)?;
     dl.expect(&format!("{op}: dlogits"), logits.shape())?;
     losses.expect(&format!("{op}: losses"), &[b, 2])?;
+    stats.expect(&format!("{op}: stats"), &[crate::ops::STATS_LEN])?;
+    stats.expect_dtype(&format!("{op}: stats"), &[losses.dtype()])?;
     s.expect(&format!("{op}: start_positions"), &[b])?;
     e.expect(&format!("{op}: end_positions"), &[b])?;
     for x in [s, e] {
@@ -79,6 +86,8 @@ pub(crate) fn dims<B: BackendCore>(
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct SpanParams {
     pub losses: u64,
+    /// the step's statistics (STATS_LEN f32; the loss sums are added to the first two)
+    pub stats: u64,
     pub dlogits: u64,
     pub logits: u64,
     pub starts: u64,
@@ -94,16 +103,27 @@ pub struct SpanParams {
     pub _pad: i32,
 }
 
-/// The span loss kernel's launch: one block of 256 threads per (window, start|end).
-pub fn launch(p: SpanParams) -> Launch<SpanParams> {
-    Launch {
-        module: "span_loss",
-        name: "span_loss_forward_backward".into(),
-        grid: (p.b as u32, 2, 1),
-        block: (256, 1, 1),
-        smem: 0,
-        params: p,
-    }
+/// The span loss's launches: one block of 256 threads per (window, start|end), then one block adding the
+/// per-window losses into the step's statistics in window order (deterministic, the CPU reference's order).
+pub fn launch(p: SpanParams) -> [Launch<SpanParams>; 2] {
+    [
+        Launch {
+            module: "span_loss",
+            name: "span_loss_forward_backward".into(),
+            grid: (p.b as u32, 2, 1),
+            block: (256, 1, 1),
+            smem: 0,
+            params: p,
+        },
+        Launch {
+            module: "span_loss",
+            name: "span_loss_sums".into(),
+            grid: (1, 1, 1),
+            block: (32, 1, 1),
+            smem: 0,
+            params: p,
+        },
+    ]
 }
 unsafe impl cudarc::driver::DeviceRepr for SpanParams {}
 
@@ -111,6 +131,7 @@ unsafe impl cudarc::driver::DeviceRepr for SpanParams {}
 pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
     vec![crate::param_layout!(SpanParams {
         losses,
+        stats,
         dlogits,
         logits,
         starts,
