@@ -59,4 +59,10 @@ pub trait BackendCore: Sized + Send + Sync + 'static {
     fn peak(&self, _dtype: DType) -> Option<Peak> {
         None
     }
+    /// The multiple a packed batch's row count is rounded up to (src/model/batch.rs, filler window): more
+    /// than 1 where the backend keeps per-shape state (tuned GEMM algorithms), so that the varying row counts
+    /// of packed batches fall on a few shapes. 1: exact row counts.
+    fn row_bucket(&self) -> usize {
+        1
+    }
 }

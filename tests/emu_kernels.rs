@@ -170,7 +170,8 @@ fn attention_sweep(kernel: AttnKernel, dtypes: &[DType], cases: &[AttentionCase]
 /// Every tensor-core head size at a one-tile and a multi-tile window length, with padding (two windows of 37
 /// rows, the second shorter) and without (one window of 203 tokens: 4 key tiles of the forward, 2 key blocks
 /// of w8's backward, 7 query tiles; odd, so the last tiles are partial); at HS=64 also 128 (whole tiles only)
-/// and a packed batch of windows of 1, 17, 64, 65, 383 and 384 tokens (tile edges on both sides).
+/// and a packed batch of windows of 1, 17, 64, 65, 383 and 384 tokens (tile edges on both sides), and a
+/// packed batch rounded up to 128 rows by a filler window (1 key, 21 query rows).
 fn sizes() -> Vec<AttentionCase> {
     let mut v = vec![];
     for hs in [32, 64, 128] {
@@ -179,6 +180,7 @@ fn sizes() -> Vec<AttentionCase> {
     }
     v.push(AttentionCase::packed(&[128], 2, 64, 0.1));
     v.push(AttentionCase::packed(&VARLEN, 2, 64, 0.1));
+    v.push(AttentionCase::bucketed(&[17, 90], 128, 2, 64, 0.1));
     v
 }
 
@@ -196,6 +198,7 @@ fn emu_attention_v1() {
         AttentionCase::packed(&[203], 2, 32, 0.1),
         AttentionCase::padded(2, 37, 2, 64, 0.1),
         AttentionCase::packed(&VARLEN, 2, 64, 0.1),
+        AttentionCase::bucketed(&[17, 90], 128, 2, 64, 0.1),
     ];
     attention_sweep(
         AttnKernel::V1,

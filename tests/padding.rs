@@ -69,8 +69,9 @@ fn rel(a: &[f64], b: &[f64]) -> f64 {
 /// tokens per window (start then end)).
 type StepResult = (f64, Vec<(String, Vec<f64>)>, Vec<Vec<f32>>);
 
-fn f64_step(padding: Padding, accum: usize, feats: &[Feature]) -> StepResult {
-    let be = Cpu::new();
+fn f64_step(padding: Padding, accum: usize, bucket: usize, feats: &[Feature]) -> StepResult {
+    // packed batches rounded up to `bucket` rows by a filler window (as on a GPU with cuBLASLt)
+    let be = Cpu::with_row_bucket(bucket);
     let cfg = BertConfig::tiny(97, 16, 2, 2, 32, 64);
     let master = common::rand_params(&be, &cfg, DType::F64, 3);
     let mut tc = step_train_config(feats[0].input_ids.len());
@@ -106,17 +107,19 @@ fn f64_step(padding: Padding, accum: usize, feats: &[Feature]) -> StepResult {
 fn packed_padded_and_accumulated_steps_agree_in_f64_with_dropout() {
     let cfg = BertConfig::tiny(97, 16, 2, 2, 32, 64);
     let feats = windows(&cfg, 7, 40, 5);
-    let (l0, g0, lg0) = f64_step(Padding::Packed, 1, &feats);
+    let (l0, g0, lg0) = f64_step(Padding::Packed, 1, 1, &feats);
     assert!(l0.is_finite() && l0 > 0.0);
-    for (padding, accum) in [
-        (Padding::Longest, 1),
-        (Padding::Max, 1),
-        (Padding::Packed, 2),
-        (Padding::Max, 3),
+    for (padding, accum, bucket) in [
+        (Padding::Longest, 1, 1),
+        (Padding::Max, 1, 1),
+        (Padding::Packed, 2, 1),
+        (Padding::Max, 3, 1),
+        (Padding::Packed, 1, 64),
+        (Padding::Packed, 2, 48),
     ] {
-        let (l, g, lg) = f64_step(padding, accum, &feats);
+        let (l, g, lg) = f64_step(padding, accum, bucket, &feats);
         let el = ((l - l0) / l0).abs();
-        println!("{padding:?} accum {accum}: loss rel. diff {el:.1e}");
+        println!("{padding:?} accum {accum} row bucket {bucket}: loss rel. diff {el:.1e}");
         assert!(el < 1e-12, "{padding:?} accum {accum}: loss {l} vs {l0}");
         let norm = g0
             .iter()

@@ -35,11 +35,20 @@ struct Counters {
 #[derive(Clone, Debug, Default)]
 pub struct Cpu {
     counters: Arc<Counters>,
+    /// [`BackendCore::row_bucket`] (0: 1, exact row counts; tests set it to exercise the filler window)
+    row_bucket: usize,
 }
 
 impl Cpu {
     pub fn new() -> Self {
         Self::default()
+    }
+    /// A CPU backend whose packed batches are rounded up to a multiple of `rows` (as a GPU's may be).
+    pub fn with_row_bucket(rows: usize) -> Self {
+        Cpu {
+            row_bucket: rows,
+            ..Self::default()
+        }
     }
 }
 
@@ -657,6 +666,9 @@ impl BackendCore for Cpu {
     fn reset_peak(&self) {
         let live = self.counters.live.load(Ordering::Relaxed);
         self.counters.peak.store(live, Ordering::Relaxed);
+    }
+    fn row_bucket(&self) -> usize {
+        self.row_bucket.max(1)
     }
 }
 

@@ -5,7 +5,7 @@ use crate::data::squad::Dataset;
 use crate::data::tokenizer::WordPieceTokenizer;
 use crate::eval::metrics;
 use crate::eval::postprocess::{postprocess, PostCfg, Predictions, SpanAccumulator};
-use crate::model::batch::{chunks_fitting, pack, Padding};
+use crate::model::batch::{chunks_fitting, pack_bucketed, Padding};
 use crate::model::bert::{BertQa, DropoutCfg};
 use crate::model::ActPlan;
 use crate::ops::Backend;
@@ -29,7 +29,7 @@ pub fn plan_logits<B: Backend>(
     let mut starts = Vec::with_capacity(feats.len());
     let mut ends = Vec::with_capacity(feats.len());
     for chunk in chunks_fitting(feats, padding, plan.max_windows(), plan.max_rows())? {
-        let hb = pack(chunk, 0, padding)?;
+        let hb = pack_bucketed(chunk, 0, padding, be.row_bucket(), plan.max_rows())?;
         let (batch, acts) = plan.load(be, &hb)?;
         model.forward(be, acts, batch, DropoutCfg::OFF)?;
         let lg = acts.logits.to_f32_vec(be)?; // (N,2)

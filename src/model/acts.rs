@@ -170,7 +170,8 @@ impl<B: BackendCore> ActPlan<B> {
         }
         let mut used = [0usize; 3];
         let mut slots = vec![];
-        for (arena, shape) in shapes(cfg, backward, n_max, b_max) {
+        // one window more than asked: a packed batch's filler (src/model/batch.rs)
+        for (arena, shape) in shapes(cfg, backward, n_max, b_max + 1) {
             let k = arena as usize;
             slots.push(Slot {
                 arena,
@@ -214,7 +215,7 @@ impl<B: BackendCore> ActPlan<B> {
     /// batch are dropped first (nothing of it is read again).
     pub fn load(&mut self, be: &B, hb: &HostBatch) -> Result<(&Batch<B>, &mut Acts<B>)> {
         let (n, b) = (hb.n(), hb.b());
-        if n > self.n_max || b > self.b_max {
+        if n > self.n_max || hb.windows() > self.b_max {
             bail!(
                 "a batch of {n} rows in {b} windows exceeds the activation plan ({} rows, {} windows)",
                 self.n_max,

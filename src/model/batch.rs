@@ -7,6 +7,11 @@
 //! [`LONGEST_ROUND`] (at most the full window length); `max` — each window padded to its full length
 //! (`--max-seq-length`). Padding rows are masked everywhere (attention keys, the span softmax), so the real
 //! tokens' results do not depend on the layout; the dropout stream does not either (src/rng.rs).
+//!
+//! A packed batch's row count changes with every batch. A backend that keeps per-shape state (cuBLASLt
+//! algorithm choices; CUDA graphs) asks for it rounded up to a multiple ([`BackendCore::row_bucket`]): the
+//! extra rows form a *filler* window after the real ones — one real token ([`FILLER_TOKEN`]) and padding,
+//! its targets ignored — so it adds no loss and no gradient, and no real window sees it.
 
 use crate::backend::BackendCore;
 use crate::data::features::Feature;
@@ -69,6 +74,8 @@ pub struct HostBatch {
     /// (B) start/end positions within each window, clamped to [0, rows] (HF: the window length = ignored)
     pub starts: Vec<i32>,
     pub ends: Vec<i32>,
+    /// the last window is a filler (rows rounded up to the backend's bucket; see the module doc)
+    pub filler: bool,
 }
 
 impl HostBatch {
@@ -79,6 +86,14 @@ impl HostBatch {
     /// Rows (N).
     pub fn n(&self) -> usize {
         self.layout.n()
+    }
+    /// The windows of features (B without the filler).
+    pub fn windows(&self) -> usize {
+        self.b() - self.filler as usize
+    }
+    /// The real tokens of the windows of features (the filler's one token not counted).
+    pub fn real_tokens(&self) -> usize {
+        self.layout.real_tokens() - self.filler as usize
     }
     /// The rows a window of `real` tokens and `full` length takes in this padding mode, for a batch whose
     /// longest window has `longest` tokens.
@@ -106,17 +121,33 @@ impl HostBatch {
     }
 }
 
+/// The token id of a filler window's one real row (any id in the vocabulary would do: nothing of the filler
+/// reaches the loss or a gradient).
+pub const FILLER_TOKEN: i32 = 0;
+
 /// Lay out `windows` in one batch, the first numbered `first_w` in the optimizer step's whole batch (the
 /// dropout stream's window index). Labels are each window's `start_position`/`end_position` (inference
 /// windows carry (0, 0): harmless, nothing reads the loss).
 pub fn pack(windows: &[&Feature], first_w: usize, padding: Padding) -> Result<HostBatch> {
+    pack_bucketed(windows, first_w, padding, 1, usize::MAX)
+}
+
+/// [`pack`], a packed layout's rows rounded up to a multiple of `multiple` (at most `max_rows`) by a filler
+/// window (see the module doc); `multiple` ≤ 1, and the padded layouts, as [`pack`].
+pub fn pack_bucketed(
+    windows: &[&Feature],
+    first_w: usize,
+    padding: Padding,
+    multiple: usize,
+    max_rows: usize,
+) -> Result<HostBatch> {
     let Some(first) = windows.first() else {
         bail!("pack: a batch needs at least one window");
     };
     let full = first.input_ids.len();
-    let lens: Vec<usize> = windows.iter().map(|f| real_len(f)).collect();
+    let mut lens: Vec<usize> = windows.iter().map(|f| real_len(f)).collect();
     let longest = lens.iter().copied().max().unwrap_or(1);
-    let mut rows = Vec::with_capacity(windows.len());
+    let mut rows = Vec::with_capacity(windows.len() + 1);
     for (f, &l) in windows.iter().zip(&lens) {
         if f.input_ids.len() != full || f.token_type_ids.len() != full {
             bail!(
@@ -126,6 +157,20 @@ pub fn pack(windows: &[&Feature], first_w: usize, padding: Padding) -> Result<Ho
             );
         }
         rows.push(HostBatch::rows_for(padding, l, longest, full));
+    }
+    let real_rows: usize = rows.iter().sum();
+    let extra = if padding == Padding::Packed && multiple > 1 {
+        real_rows
+            .div_ceil(multiple)
+            .saturating_mul(multiple)
+            .min(max_rows)
+            .saturating_sub(real_rows)
+    } else {
+        0
+    };
+    if extra > 0 {
+        lens.push(1);
+        rows.push(extra);
     }
     let layout = SeqLayout::new(&lens, &rows, first_w)?;
     let n = layout.n();
@@ -137,12 +182,21 @@ pub fn pack(windows: &[&Feature], first_w: usize, padding: Padding) -> Result<Ho
         starts.extend(clamp_positions(&[f.start_position], r));
         ends.extend(clamp_positions(&[f.end_position], r));
     }
+    if extra > 0 {
+        // the filler: one real token, then padding; targets at its row count (ignored)
+        ids.push(FILLER_TOKEN);
+        ids.extend(std::iter::repeat_n(0, extra - 1));
+        types.extend(std::iter::repeat_n(0, extra));
+        starts.push(extra as i32);
+        ends.push(extra as i32);
+    }
     Ok(HostBatch {
         layout,
         ids,
         types,
         starts,
         ends,
+        filler: extra > 0,
     })
 }
 
@@ -269,6 +323,49 @@ mod tests {
         assert_eq!(p.starts, vec![5]);
         assert!(!p.target_counts(0, false, true));
         assert!(pack(&[], 0, Padding::Packed).is_err());
+    }
+
+    #[test]
+    fn a_packed_batch_rounded_up_to_its_bucket_by_a_filler_window() {
+        let ws = [window(5, 200, 2, 3), window(70, 200, 60, 69)];
+        let refs: Vec<&Feature> = ws.iter().collect();
+        // 75 real rows → 128: a filler of 53 rows, one real token, targets ignored, numbered after the rest
+        let p = pack_bucketed(&refs, 4, Padding::Packed, 64, 1000).unwrap();
+        assert!(p.filler);
+        assert_eq!(p.layout.cu, vec![0, 5, 75, 128]);
+        assert_eq!(p.layout.lens, vec![5, 70, 1]);
+        assert_eq!(p.layout.wid, vec![4, 5, 6]);
+        assert_eq!(
+            (p.b(), p.windows(), p.n(), p.real_tokens()),
+            (3, 2, 128, 75)
+        );
+        assert_eq!((p.starts[2], p.ends[2]), (53, 53));
+        assert!(!p.target_counts(2, false, true) && !p.target_counts(2, true, false));
+        assert_eq!((p.ids.len(), p.types.len()), (128, 128));
+        assert_eq!(p.ids[75], FILLER_TOKEN);
+        // the plan's rows cap the bucket; an exact multiple needs no filler; padded layouts are not bucketed
+        assert_eq!(
+            pack_bucketed(&refs, 0, Padding::Packed, 64, 100)
+                .unwrap()
+                .n(),
+            100
+        );
+        assert!(
+            !pack_bucketed(&refs, 0, Padding::Packed, 64, 75)
+                .unwrap()
+                .filler
+        );
+        assert!(
+            !pack_bucketed(&refs, 0, Padding::Packed, 25, 1000)
+                .unwrap()
+                .filler
+        );
+        let l = pack_bucketed(&refs, 0, Padding::Longest, 1000, 1000).unwrap();
+        assert_eq!((l.filler, l.n()), (false, 256));
+        assert_eq!(
+            pack_bucketed(&refs, 0, Padding::Packed, 1, 1000).unwrap(),
+            pack(&refs, 0, Padding::Packed).unwrap()
+        );
     }
 
     #[test]

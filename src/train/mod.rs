@@ -12,7 +12,7 @@ use crate::data::features::{featurize, Feature, FeatureCfg};
 use crate::data::squad::Dataset;
 use crate::data::tokenizer::WordPieceTokenizer;
 use crate::eval::postprocess::PostCfg;
-use crate::model::batch::{chunks_fitting, pack, real_len, Padding};
+use crate::model::batch::{chunks_fitting, pack_bucketed, real_len, Padding};
 use crate::model::bert::{grad_dtype, BertQa, DropoutCfg, LossScale, LossSums};
 use crate::model::params::param_specs;
 use crate::model::{ActPlan, BertConfig, BertParams};
@@ -447,12 +447,13 @@ impl<'a, B: Backend> Trainer<'a, B> {
         // may be given more windows than --batch-size); window k of the step keeps index k in the dropout
         // stream
         let (pw, pr) = (self.plan.max_windows(), self.plan.max_rows());
+        let bucket = be.row_bucket();
         let mut parts = vec![];
         for range in split_even(n, world * accum) {
             let mut first = range.start;
             let mut pieces = vec![];
             for piece in chunks_fitting(&feats[range], self.cfg.padding, pw, pr)? {
-                pieces.push(pack(piece, first, self.cfg.padding)?);
+                pieces.push(pack_bucketed(piece, first, self.cfg.padding, bucket, pr)?);
                 first += piece.len();
             }
             parts.push(pieces);
@@ -474,11 +475,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         // the step's loss sums and Σ g² stay on the device (ops::STATS_LEN) until the one read below
         self.stats.zero_(be)?;
         // real and computed rows of the whole step (every replica's)
-        let real = parts
-            .iter()
-            .flatten()
-            .map(|hb| hb.layout.real_tokens())
-            .sum();
+        let real = parts.iter().flatten().map(|hb| hb.real_tokens()).sum();
         let rows = parts.iter().flatten().map(|hb| hb.n()).sum();
         let mut first_part = true;
         for pieces in &parts[rank * accum..(rank + 1) * accum] {

@@ -438,6 +438,17 @@ impl AttentionCase {
             p,
         }
     }
+    /// Windows of these lengths, packed, then a filler window rounding the rows up to a multiple of
+    /// `multiple` (one real token and padding: src/model/batch.rs `pack_bucketed`).
+    pub fn bucketed(lens: &[usize], multiple: usize, nh: usize, hs: usize, p: f32) -> Self {
+        let n: usize = lens.iter().sum();
+        let extra = n.div_ceil(multiple) * multiple - n;
+        assert!(extra > 0, "the case needs a filler");
+        let mut c = Self::packed(lens, nh, hs, p);
+        c.lens.push(1);
+        c.rows.push(extra);
+        c
+    }
     pub fn layout(&self) -> SeqLayout {
         SeqLayout::new(&self.lens, &self.rows, 2).expect("layout")
     }
@@ -456,12 +467,14 @@ impl AttentionCase {
     pub fn shape_name(&self) -> String {
         if self.lens == self.rows {
             format!("packed lens={:?}", self.lens)
-        } else {
+        } else if self.rows.iter().all(|&r| r == self.rows[0]) {
             format!(
                 "padded B={} T={}",
                 self.rows.len(),
                 self.rows.iter().max().unwrap_or(&0)
             )
+        } else {
+            format!("lens={:?} rows={:?}", self.lens, self.rows)
         }
     }
 }
