@@ -863,6 +863,8 @@ impl DeviceFn<bool> for TrainJob<'_> {
             "train_step_ms_median": s.timings.step_median_s().map(|v| v * 1e3),
             "train_step_ms_mean": s.timings.step_mean_s().map(|v| v * 1e3),
             "timed_steps": s.timings.step_s.len(),
+            // the first step of a process compiles the kernels (NVRTC, unless cached) and tunes GEMMs
+            "first_step_seconds": s.timings.step_s.first(),
             "warmup_steps_excluded": train::warmup_steps(s.timings.step_s.len()),
             "eval_seconds": s.timings.eval_s, "evaluations": s.timings.evals,
             "save_seconds": s.timings.save_s, "saves": s.timings.saves,
