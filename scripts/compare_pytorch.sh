@@ -1,67 +1,253 @@
 #!/usr/bin/env bash
-# Side-by-side on one GPU, in one call: bertqa against Hugging Face transformers + PyTorch (scripts/hf_squad.py).
-#   (a) throughput, BERT-base shapes (random weights), batch 32, seq 384 (no padding), bf16;
-#   (b) a full fine-tune of all-MiniLM-L6-v2 on SQuAD v1.1 (default 2 epochs), both sides from the same f16
-#       BertForQuestionAnswering file (made by `bertqa convert`), dev EM/F1 for both.
-#   (c) our MiniLM training throughput with and without dynamic padding (its effect on its own).
-# Expects .gpu/ from scripts/package_gpu.sh (binaries, gzipped SQuAD, minilm-f16). Writes logs to $OUT.
-# Env: EPOCHS (2), SKIP_A / SKIP_B / SKIP_C (skip a workload), PEAK_TFLOPS (measured bf16 GEMM peak; 781 on the H100 of
-# docs/perf-log.md), HF_COMPILE=1 (also run the torch.compile variant of the throughput test).
+# Side-by-side on one GPU, in one call: bertqa against Hugging Face transformers + PyTorch (scripts/hf_squad.py),
+# like for like (hf_squad.py's header: the same windows, batches, loss, optimizer and step statistic), then one
+# JSON file of the results (scripts/perf_json.py; schema in docs/perf/README.md).
+#
+# Workloads (WORKLOADS, comma-separated; default "throughput"). Expected durations on an H100/H200, from the
+# previous runs' numbers (docs/perf-log.md) — not yet measured for this script:
+#   (always)   peak: bf16 8192³ torch.matmul, the MFU denominator of both sides                       ~15 s
+#              warm: compile bertqa's kernels once (NVRTC; PTX cached in $BERTQA_CACHE), timed apart     ~20 s
+#   throughput BERT-base, random weights, B=32, T=384, every window full (scripts/synth_squad.py: 384 real
+#              tokens, no padding on either side), bf16, THROUGHPUT_STEPS (60) steps, median step after 10
+#              warm-up steps. ROUNDS (3) alternating rounds: bertqa, transformers eager, transformers +
+#              torch.compile, transformers eager with bf16 weights (HF_SIDES="eager compile eager_bf16w")
+#                                                                                ~4-5 min (the first compile ~1 min)
+#   profile    the bench's per-kernel profile of bertqa's BERT-base step (bench_ops, defaults only)     ~1-2 min
+#   lockstep   MiniLM, 640 questions, 20 steps, fp32, dropout 0: both sides' loss per step, which must agree
+#              (same windows, order, loss, optimizer; max relative difference reported)                 ~1 min
+#   minilm     all-MiniLM-L6-v2 fine-tuned on all of SQuAD v1.1, EPOCHS (2) epochs, lr 3e-5, batch 32,
+#              384/128/64, bf16, one evaluation per epoch on both sides, for each seed of SEEDS ("42"): bertqa
+#              (packed batches) then transformers eager (batches padded to their longest window, rounded up to
+#              PAD_MULTIPLE = 8); windows/steps/evaluations/optimizer groups asserted equal
+#                                                                                          ~4-5 min per seed
+#   padding    bertqa alone, the same MiniLM fine-tune with --padding longest beside packed (packed reused
+#              from minilm seed 42 when it ran in this call)                                  ~1.5-3 min
+# One device call has 10 minutes: BUDGET_S (default 560) is this script's own limit; a run whose estimate
+# would cross it is skipped (and said so), the JSON is rewritten after every workload, so a call cut short
+# still returns what finished. Suggested calls: WORKLOADS=throughput (after gpu_check in its own call);
+# WORKLOADS=lockstep,minilm SEEDS=42; WORKLOADS=minilm SEEDS=43; WORKLOADS=minilm,padding SEEDS=44 ...
+# (F1 over seeds: `scripts/perf_json.py merge docs/perf/*.json`).
+#
+# Expects .gpu/ from scripts/package_gpu.sh (binaries, gzipped SQuAD, minilm-f16). Logs and run records go to
+# $OUT (default compare-out); the JSON to $PERF_DIR (default $OUT), named <date>-<card>-<commit>-<workloads>.json
+# (commit it under docs/perf/). Other env: OURS_FLAGS (extra bertqa train flags), BENCH_LOG (a gpu_check bench
+# log to take the per-kernel profile from), the BERTQA_* kernel switches (recorded in the JSON).
+# Smaller shapes, for a dry run on the CPU (the numbers mean nothing there): DEVICE=cpu PRECISION=fp32 BATCH=4
+# SEQ=128 BASE_DIMS="--hidden-size 64 --layers 2 --heads 2 --intermediate-size 128" MAX_TRAIN=40 MAX_EVAL=20
+# LOCK_EXAMPLES=24 LOCK_STEPS=4, GPU_DIR (a .gpu-like folder), DATA_DIR (where SQuAD is unpacked; /tmp/bertqa-data):
+# scripts/smoke_compare.sh runs every workload that way.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/unpack_gpu.sh
-OUT="${OUT:-compare-out}"; mkdir -p "$OUT"
-EPOCHS="${EPOCHS:-2}"; PEAK="${PEAK_TFLOPS:-781}"
-echo "bertqa kernel switches: $(env | grep -E '^BERTQA_(ATTN|ATTN4|GEMM|VEC)=' | sort | tr '\n' ' ')(none = defaults)" | tee -a "$OUT/summary.txt"
-BIN=.gpu/bin/bertqa
-D=/tmp/bertqa-data; mkdir -p $D
-[ -f $D/train.json ] || gunzip -c .gpu/data/train-v1.1.json.gz > $D/train.json
-[ -f $D/dev.json ] || gunzip -c .gpu/data/dev-v1.1.json.gz > $D/dev.json
-export BERTQA_CACHE=/tmp/bertqa-cache PYTHONUNBUFFERED=1
-med() { python3 -c 'import sys,json,statistics
-v=[json.loads(l) for l in open(sys.argv[1]) if "seq_per_s" in l]
-v=[x["seq_per_s"] for x in v[5:]] or [x["seq_per_s"] for x in v]
-print(statistics.median(v))' "$1"; }
-if [ -z "${SKIP_A:-}" ]; then
-    echo "== (a) throughput: BERT-base, B=32, T=384, bf16" | tee -a "$OUT/summary.txt"
-    $BIN init-random --tokenizer-from .gpu/minilm-f16 --output /tmp/bert-base --seed 0 > /dev/null
-    rm -rf /tmp/ours-base
-    timeout 240 $BIN train --model /tmp/bert-base --train-file $D/train.json --output-dir /tmp/ours-base --max-train-examples 3000 \
-        --max-steps 40 --no-dynamic-padding --batch-size 32 --precision bf16 --no-progress --save-total-limit 1 > "$OUT/ours_base.log" 2>&1
-    S=$(med /tmp/ours-base/metrics.jsonl)
-    python3 -c "s=$S; f=212.2e9; print(f'ours  BERT-base: {s:.1f} seq/s, {s*384:.0f} tokens/s, {s*f/1e12:.1f} TFLOP/s, MFU {s*f/1e12/$PEAK*100:.1f}% of $PEAK')" | tee -a "$OUT/summary.txt"
-    grep -h '"steps"' "$OUT/ours_base.log" | tail -1 >> "$OUT/summary.txt"
-    timeout 240 python3 scripts/hf_squad.py --throughput --config bert-base --steps 40 --peak-tflops $PEAK 2> "$OUT/hf_base.err" | tail -1 | tee -a "$OUT/summary.txt"
-    if [ -n "${HF_COMPILE:-}" ]; then
-        timeout 300 python3 scripts/hf_squad.py --throughput --config bert-base --steps 40 --compile --peak-tflops $PEAK 2> "$OUT/hf_base_compile.err" | tail -1 | tee -a "$OUT/summary.txt"
+T_START=$(date +%s)
+GPU_DIR="${GPU_DIR:-.gpu}"
+[ "$GPU_DIR" = .gpu ] && bash scripts/unpack_gpu.sh
+OUT="${OUT:-compare-out}"; mkdir -p "$OUT/runs"
+PERF_DIR="${PERF_DIR:-$OUT}"; mkdir -p "$PERF_DIR"
+WORKLOADS="${WORKLOADS:-throughput}"
+ROUNDS="${ROUNDS:-3}"; STEPS="${THROUGHPUT_STEPS:-60}"; SEEDS="${SEEDS:-42}"; EPOCHS="${EPOCHS:-2}"
+HF_SIDES="${HF_SIDES:-eager compile eager_bf16w}"; PAD_MULTIPLE="${PAD_MULTIPLE:-8}"; BUDGET_S="${BUDGET_S:-560}"
+BIN=$GPU_DIR/bin/bertqa; MINILM=$GPU_DIR/minilm-f16
+BATCH="${BATCH:-32}"; SEQ="${SEQ:-384}"; PRECISION="${PRECISION:-bf16}"; BASE_DIMS="${BASE_DIMS:-}"
+DOC_STRIDE="${DOC_STRIDE:-128}"
+LOCK_EXAMPLES="${LOCK_EXAMPLES:-640}"; LOCK_STEPS="${LOCK_STEPS:-20}"
+# flags both sides get: the device, the subset sizes (all of SQuAD by default)
+DEV_OURS=(); DEV_HF=(); SUB=(--doc-stride "$DOC_STRIDE")
+[ -n "${DEVICE:-}" ] && DEV_OURS=(--device "$DEVICE") && DEV_HF=(--device "$DEVICE")
+[ -n "${MAX_TRAIN:-}" ] && SUB+=(--max-train-examples "$MAX_TRAIN")
+[ -n "${MAX_EVAL:-}" ] && SUB+=(--max-eval-examples "$MAX_EVAL")
+HF_PREC=(); [ "$PRECISION" = fp32 ] && HF_PREC=(--fp32)
+COMMIT=$(head -1 "$GPU_DIR/COMMIT" 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)
+grep -q dirty "$GPU_DIR/COMMIT" 2>/dev/null && COMMIT="$COMMIT-dirty"
+KERNELS="$(env | grep -E '^BERTQA_(ATTN|ATTN4|GEMM|GEMM_TUNE|VEC)=' | sort | tr '\n' ' ')"
+D="${DATA_DIR:-/tmp/bertqa-data}"; mkdir -p "$D"
+[ -f $D/train.json ] || gunzip -c "$GPU_DIR/data/train-v1.1.json.gz" > $D/train.json
+[ -f $D/dev.json ] || gunzip -c "$GPU_DIR/data/dev-v1.1.json.gz" > $D/dev.json
+export BERTQA_CACHE="${BERTQA_CACHE:-/tmp/bertqa-cache}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+PY=scripts/perf_json.py
+status=0
+log() { echo "$*" | tee -a "$OUT/summary.txt"; }
+has() { [[ ",$WORKLOADS," == *",$1,"* ]]; }
+elapsed() { echo $(( $(date +%s) - T_START )); }
+fits() { # estimate_s, what: whether a run of about estimate_s seconds still fits BUDGET_S
+    if [ $(( $(elapsed) + $1 )) -gt "$BUDGET_S" ]; then
+        log "SKIPPED $2: ~$1 s would pass BUDGET_S=$BUDGET_S (at $(elapsed) s)"; return 1
+    fi
+}
+now() { date +%s.%N; }
+since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.3f}')" "$1" "$(now)"; }
+# ours NAME WORKLOAD SIDE ROUND SEED TIMEOUT train-flags... : one bertqa run, its record in runs/NAME.json
+ours() {
+    local name=$1 w=$2 side=$3 round=$4 seed=$5 t=$6; shift 6
+    local dir=/tmp/ours-$name s rc; rm -rf "$dir"
+    s=$(now)
+    timeout "$t" $BIN train --output-dir "$dir" --no-progress --save-total-limit 1 "${DEV_OURS[@]}" --doc-stride "$DOC_STRIDE" \
+        "$@" ${OURS_FLAGS:-} \
+        > "$OUT/$name.log" 2>&1
+    rc=$?
+    cp "$dir/summary.json" "$OUT/$name.summary.json" 2>/dev/null; cp "$dir/metrics.jsonl" "$OUT/$name.metrics.jsonl" 2>/dev/null
+    python3 $PY run --kind ours --workload "$w" --side "$side" ${round:+--round $round} ${seed:+--seed $seed} \
+        --wall "$(since "$s")" --rc $rc --dir "$dir" --out "$OUT/runs/$name.json" | tee -a "$OUT/summary.txt"
+    [ $rc -eq 0 ] || { status=1; tail -5 "$OUT/$name.log" | tee -a "$OUT/summary.txt"; }
+}
+# hf NAME WORKLOAD SIDE ROUND SEED TIMEOUT hf_squad.py-flags...
+hf() {
+    local name=$1 w=$2 side=$3 round=$4 seed=$5 t=$6; shift 6
+    local s rc
+    s=$(now)
+    timeout "$t" python3 scripts/hf_squad.py "${DEV_HF[@]}" "$@" > "$OUT/$name.out" 2> "$OUT/$name.err"
+    rc=$?
+    python3 $PY run --kind hf --workload "$w" --side "$side" ${round:+--round $round} ${seed:+--seed $seed} \
+        --wall "$(since "$s")" --rc $rc --stdout "$OUT/$name.out" --out "$OUT/runs/$name.json" | tee -a "$OUT/summary.txt"
+    [ $rc -eq 0 ] || { status=1; grep -v '^USDT' "$OUT/$name.err" | tail -5 | tee -a "$OUT/summary.txt"; }
+}
+# check A B WHAT: like-for-like assertions; a mismatch fails the script (and is recorded in the JSON)
+check() {
+    [ -f "$OUT/runs/$1.json" ] && [ -f "$OUT/runs/$2.json" ] || return 0
+    python3 $PY check "$OUT/runs/$1.json" "$OUT/runs/$2.json" --what "$3" --record "$OUT/runs/check-$1-$2.json" \
+        2>&1 | tee -a "$OUT/summary.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; log "!!! LIKE-FOR-LIKE CHECK FAILED: $1 vs $2 (see above): their numbers are not comparable"; }
+}
+WARM_S=""
+BASE=/tmp/bertqa-base-model-$(echo "$BASE_DIMS" | md5sum | cut -c1-8)
+base_model() { # the throughput model: BERT-base shapes (or BASE_DIMS), random weights, one config for both sides
+    [ -f $BASE/config.json ] || $BIN init-random --tokenizer-from $MINILM --output $BASE --seed 0 --force $BASE_DIMS > /dev/null
+}
+assemble() {
+    local p
+    p=$(python3 $PY assemble --runs "$OUT/runs" --out-dir "$PERF_DIR" --peak "$OUT/peak.json" ${BENCH_LOG:+--bench "$BENCH_LOG"} \
+        ${WARM_S:+--warm "$WARM_S"} --commit "$COMMIT" --kernels "${KERNELS:-defaults}" 2> "$OUT/assembled.txt")
+    [ -n "$p" ] && [ "$p" != "${LAST_JSON:-}" ] && [ -n "${LAST_JSON:-}" ] && rm -f "$LAST_JSON"
+    LAST_JSON=$p
+    if [ "$PERF_DIR" != "$OUT" ]; then  # a device call: logs next to the JSON, refreshed after every workload
+        tar czf "$PERF_DIR/compare-logs.tgz" -C "$OUT" . 2>/dev/null; cp "$OUT/summary.txt" "$PERF_DIR/compare-summary.txt"
+    fi
+}
+
+log "== compare_pytorch.sh: commit $COMMIT, workloads $WORKLOADS, $(date -u +%FT%TZ)"
+log "bertqa kernel switches: ${KERNELS:-none (defaults)}"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv,noheader 2>&1 | tee -a "$OUT/summary.txt"
+python3 -c 'import torch, transformers; print("torch", torch.__version__, "CUDA", torch.version.cuda, "transformers", transformers.__version__)' 2>&1 | tee -a "$OUT/summary.txt"
+
+# the peak every MFU is measured against, in this call
+python3 scripts/hf_squad.py --measure-peak "${DEV_HF[@]}" ${PEAK_N:+--peak-n $PEAK_N} > "$OUT/peak.out" 2> "$OUT/peak.err"
+tail -1 "$OUT/peak.out" > "$OUT/peak.json"
+PEAK=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["tflops"])' "$OUT/peak.json" 2>/dev/null || echo 0)
+log "measured peak: $PEAK TFLOP/s ($(cat "$OUT/peak.json" 2>/dev/null))"
+
+# compile bertqa's kernels once, so that no timed run includes NVRTC (what a bare machine pays, reported apart)
+if [ -z "${NO_WARM:-}" ]; then
+    s=$(now)
+    base_model
+    python3 scripts/synth_squad.py --vocab $MINILM/vocab.txt --examples 64 --max-seq-length "$SEQ" --out $D/synth-warm.json
+    for m in $MINILM $BASE; do
+        rm -rf /tmp/ours-warm
+        timeout 120 $BIN train --model $m --train-file $D/synth-warm.json --dev-file $D/synth-warm.json --max-eval-examples 16 \
+            --output-dir /tmp/ours-warm --max-steps 2 --batch-size "$BATCH" --max-seq-length "$SEQ" --precision "$PRECISION" \
+            --doc-stride "$DOC_STRIDE" --no-progress "${DEV_OURS[@]}" >> "$OUT/warm.log" 2>&1 || log "warm-up run failed ($m): $(tail -1 "$OUT/warm.log")"
+    done
+    WARM_S=$(since "$s")
+    log "warm-up (NVRTC compilation of bertqa's kernels, cache $BERTQA_CACHE): ${WARM_S}s"
+fi
+
+if has throughput; then
+    W=${BASE_NAME:-bert-base}-b$BATCH-t$SEQ
+    log "== $W: ${BASE_DIMS:-BERT-base}, random weights, B=$BATCH, T=$SEQ (every token real), $PRECISION, $STEPS steps, $ROUNDS rounds"
+    base_model
+    SYN=$D/synth-$((STEPS * BATCH))-$SEQ.json
+    [ -f $SYN ] || python3 scripts/synth_squad.py --vocab $MINILM/vocab.txt --examples $((STEPS * BATCH)) --max-seq-length "$SEQ" --out $SYN
+    for r in $(seq 1 "$ROUNDS"); do
+        fits 40 "$W bertqa round $r" && ours base-ours-$r $W bertqa $r "" 180 --model $BASE --train-file $SYN \
+            --epochs 1 --max-steps "$STEPS" --batch-size "$BATCH" --max-seq-length "$SEQ" --precision "$PRECISION" --log-every 1
+        for s in $HF_SIDES; do
+            case $s in
+                eager) flags=""; est=45 ;;
+                compile) flags="--compile"; est=$([ "$r" = 1 ] && echo 150 || echo 75) ;;
+                eager_bf16w) flags="--bf16-weights"; est=45 ;;
+                *) log "unknown HF side $s"; continue ;;
+            esac
+            [ "$s" = eager_bf16w ] || flags="$flags ${HF_PREC[*]}"
+            fits $est "$W transformers_$s round $r" && hf base-hf-$s-$r $W transformers_$s $r "" 300 --throughput \
+                --config $BASE --steps "$STEPS" --batch-size "$BATCH" --max-seq-length "$SEQ" --peak-tflops "$PEAK" $flags
+        done
+    done
+    for s in $HF_SIDES; do check base-ours-1 base-hf-$s-1 throughput; done
+    assemble
+fi
+
+if has profile; then
+    if fits 150 "profile (bench_ops)"; then
+        log "== profile: bench_ops, BERT-base and MiniLM, default kernels"
+        BENCH_DEFAULTS_ONLY=1 BENCH_ITERS=5 timeout 240 "$GPU_DIR/bin/bench_ops" --bench > "$OUT/bench.log" 2>&1 || status=1
+        BENCH_LOG="${BENCH_LOG:-$OUT/bench.log}"
+        grep -E "roofline|=> |TRAINING STEP" "$OUT/bench.log" | tee -a "$OUT/summary.txt"
+        assemble
     fi
 fi
-if [ -z "${SKIP_B:-}" ]; then
-    echo "== (b) all-MiniLM-L6-v2, SQuAD v1.1, $EPOCHS epochs, bf16, lr 3e-5, batch 32, 384/128" | tee -a "$OUT/summary.txt"
-    rm -rf /tmp/ours-minilm
-    s=$(date +%s)
-    timeout 400 $BIN train --model .gpu/minilm-f16 --train-file $D/train.json --dev-file $D/dev.json --output-dir /tmp/ours-minilm \
-        --epochs $EPOCHS --precision bf16 --no-progress --save-total-limit 1 --log-every 10 ${OURS_FLAGS:-} > "$OUT/ours_minilm.log" 2>&1
-    echo "ours  MiniLM: wall $(( $(date +%s) - s ))s, median $(med /tmp/ours-minilm/metrics.jsonl) seq/s; last lines:" | tee -a "$OUT/summary.txt"
-    tail -2 "$OUT/ours_minilm.log" | tee -a "$OUT/summary.txt"
-    cp /tmp/ours-minilm/metrics.jsonl "$OUT/ours_minilm_metrics.jsonl" 2>/dev/null
-    s=$(date +%s)
-    timeout 400 python3 scripts/hf_squad.py --model .gpu/minilm-f16 --train-file $D/train.json --dev-file $D/dev.json --epochs $EPOCHS \
-        --output-dir /tmp/hf-minilm --peak-tflops $PEAK 2> "$OUT/hf_minilm.err" | tail -1 | tee -a "$OUT/summary.txt"
-    echo "hf    MiniLM: wall $(( $(date +%s) - s ))s" | tee -a "$OUT/summary.txt"
-    $BIN score $D/dev.json /tmp/hf-minilm/predictions.json 2>/dev/null | sed 's/^/hf predictions scored by bertqa score: /' | tee -a "$OUT/summary.txt"
+
+if has lockstep; then
+    W=lockstep-minilm-fp32
+    log "== $W: all-MiniLM-L6-v2, $LOCK_EXAMPLES questions, $LOCK_STEPS steps, fp32, dropout 0: every step's loss on both sides"
+    if fits 120 "$W"; then
+        common=(--train-file $D/train.json --max-train-examples "$LOCK_EXAMPLES" --max-steps "$LOCK_STEPS" --batch-size "$BATCH"
+                --max-seq-length "$SEQ" --doc-stride "$DOC_STRIDE" --seed 42)
+        ours lock-ours $W bertqa "" 42 150 --model $MINILM "${common[@]}" --precision fp32 --hidden-dropout 0 \
+            --attention-dropout 0 --log-every 1
+        hf lock-hf $W transformers_eager "" 42 200 --model $MINILM "${common[@]}" --fp32 --no-dropout --epochs 2 \
+            --output-dir /tmp/hf-lock
+        python3 - "$OUT/runs/lock-ours.json" "$OUT/runs/lock-hf.json" <<'EOF' | tee -a "$OUT/summary.txt"
+import json, sys
+a, b = (json.load(open(p))["result"] for p in sys.argv[1:])
+la, lb = a.get("losses_logged", []), b.get("losses_first_20", [])
+n = min(len(la), len(lb))
+d = max((abs(x - y) / abs(y) for x, y in zip(la, lb)), default=float("nan"))
+print(f"lockstep: first {n} losses, bertqa {[round(x, 5) for x in la[:n]]}, transformers {[round(x, 5) for x in lb[:n]]}; max relative difference {d:.2e}")
+EOF
+        check lock-ours lock-hf finetune
+        assemble
+    fi
 fi
-if [ -z "${SKIP_C:-}" ]; then
-    # (c) what dynamic padding (batches trimmed to their longest window, rounded up to 64) is worth on its own:
-    # the same MiniLM training, 300 steps, with and without it (both sides of (b) use it, so the comparison
-    # stays fair; this separates its effect from the kernels')
-    echo "== (c) dynamic padding on/off: all-MiniLM-L6-v2, 300 steps, batch 32, 384/128, bf16" | tee -a "$OUT/summary.txt"
-    for pad in on off; do
-        flag=""; [ $pad = off ] && flag="--no-dynamic-padding"
-        rm -rf /tmp/ours-pad
-        timeout 240 $BIN train --model .gpu/minilm-f16 --train-file $D/train.json --output-dir /tmp/ours-pad --max-steps 300 \
-            --precision bf16 --no-progress --save-total-limit 1 --log-every 10 $flag > "$OUT/ours_pad_$pad.log" 2>&1
-        echo "ours  MiniLM dynamic padding $pad: median $(med /tmp/ours-pad/metrics.jsonl) seq/s" | tee -a "$OUT/summary.txt"
+
+if has minilm; then
+    W=minilm-squad-${EPOCHS}ep
+    log "== $W: all-MiniLM-L6-v2, SQuAD v1.1, $EPOCHS epochs, bf16, lr 3e-5, batch 32, 384/128/64, seeds $SEEDS"
+    for seed in $SEEDS; do
+        fits 100 "$W bertqa seed $seed" && ours minilm-ours-$seed $W bertqa "" $seed 400 --model $MINILM \
+            --train-file $D/train.json --dev-file $D/dev.json "${SUB[@]}" --epochs "$EPOCHS" --batch-size "$BATCH" \
+            --max-seq-length "$SEQ" --precision "$PRECISION" --log-every 50 --seed $seed
+        if fits 260 "$W transformers seed $seed"; then
+            hf minilm-hf-$seed $W transformers_eager "" $seed 500 --model $MINILM --train-file $D/train.json \
+                --dev-file $D/dev.json "${SUB[@]}" --epochs "$EPOCHS" --batch-size "$BATCH" --max-seq-length "$SEQ" \
+                --seed $seed --pad-multiple "$PAD_MULTIPLE" --peak-tflops "$PEAK" --output-dir /tmp/hf-minilm-$seed "${HF_PREC[@]}"
+            $BIN score $D/dev.json /tmp/hf-minilm-$seed/predictions.json 2>/dev/null | tail -1 \
+                | sed "s/^/transformers seed $seed predictions scored by bertqa score: /" | tee -a "$OUT/summary.txt"
+        fi
+        check minilm-ours-$seed minilm-hf-$seed finetune
+        assemble
     done
 fi
-cat "$OUT/summary.txt"
+
+if has padding; then
+    W=minilm-squad-${EPOCHS}ep-padding
+    log "== $W: bertqa alone, all-MiniLM-L6-v2 $EPOCHS epochs, --padding packed beside --padding longest (seed 42)"
+    if [ -f "$OUT/runs/minilm-ours-42.json" ]; then
+        python3 - "$OUT/runs/minilm-ours-42.json" "$OUT/runs/pad-packed.json" "$W" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1])); r.update(workload=sys.argv[3], side="bertqa_packed", note="the minilm run of this call")
+json.dump(r, open(sys.argv[2], "w"), indent=1)
+EOF
+    else
+        fits 100 "$W packed" && ours pad-packed $W bertqa_packed "" 42 400 --model $MINILM --train-file $D/train.json \
+            --dev-file $D/dev.json "${SUB[@]}" --epochs "$EPOCHS" --batch-size "$BATCH" --max-seq-length "$SEQ" \
+            --precision "$PRECISION" --log-every 50 --seed 42 --padding packed
+    fi
+    fits 120 "$W longest" && ours pad-longest $W bertqa_longest "" 42 400 --model $MINILM --train-file $D/train.json \
+        --dev-file $D/dev.json "${SUB[@]}" --epochs "$EPOCHS" --batch-size "$BATCH" --max-seq-length "$SEQ" \
+        --precision "$PRECISION" --log-every 50 --seed 42 --padding longest
+    assemble
+fi
+
+assemble
+log "== results ($(elapsed) s): $LAST_JSON"
+cat "$OUT/assembled.txt" | tee -a "$OUT/summary.txt"
+[ "$PERF_DIR" != "$OUT" ] && cp "$OUT/summary.txt" "$PERF_DIR/compare-summary.txt"
+exit $status

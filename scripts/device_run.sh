@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
-# Everything one device call does (the lease is short): scripts/gpu_check.sh (parity + bench), then
-# scripts/compare_pytorch.sh (bertqa vs transformers) with the fastest configuration that passed parity: the
-# opt-in paths (BERTQA_ATTN=v4 BERTQA_GEMM=lt BERTQA_VEC=1) if they all passed, else the defaults, else
-# BERTQA_ATTN=v1 if the tensor-core attention failed. SKIP_CHECK=1: the check ran in an earlier call (the
-# whole of this takes ~8-9 minutes, close to the 10-minute limit of one call); compare with the BERTQA_*
-# switches as set. Returns summary.txt and logs.tgz in $OUT (the tool brings back at
-# most 8 files).
+# One device call (10 minutes at most): scripts/gpu_check.sh (parity + bench), then scripts/compare_pytorch.sh
+# (bertqa vs transformers, like for like) with the fastest configuration that passed parity, then one JSON file
+# of the results, <date>-<card>-<commit>-<workloads>.json (schema: docs/perf/README.md; commit it under
+# docs/perf/). gpu_check takes ~6-8 minutes, so one call does one of:
+#   bash scripts/device_run.sh                                  gpu_check, then compare while BUDGET_S allows
+#                                                               (usually nothing more: the JSON then has the
+#                                                               bench's profile and roofline only)
+#   SKIP_CHECK=1 WORKLOADS=throughput bash scripts/device_run.sh              ~5-6 min (3 alternating rounds)
+#   SKIP_CHECK=1 WORKLOADS=lockstep,minilm SEEDS=42 bash scripts/device_run.sh  ~6 min
+#   SKIP_CHECK=1 WORKLOADS=minilm,padding SEEDS=43 bash scripts/device_run.sh   ~7 min
+# (durations from earlier runs' numbers, not yet measured for these scripts). SKIP_CHECK=1: compare with the
+# BERTQA_* switches as given (gpu_check ran in an earlier call); SKIP_COMPARE=1: gpu_check alone. BUDGET_S
+# (default 570): the whole call's limit, passed on to compare_pytorch.sh, which skips runs that would cross it.
+# Returns in $OUT (the tool brings back few files): summary.txt, logs.tgz (gpu_check), compare-summary.txt,
+# compare-logs.tgz, and the JSON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+T0=$(date +%s)
 FINAL="${OUT:-device-out}"; mkdir -p "$FINAL"
 W=/tmp/run-logs; rm -rf $W; mkdir -p $W
+BUDGET="${BUDGET_S:-570}"
 if [ -n "${SKIP_CHECK:-}" ]; then
-    # the check ran in an earlier call: compare with the BERTQA_* switches as given
     mkdir -p $W/check; echo "gpu_check skipped (SKIP_CHECK)" > $W/check/summary.txt
 else
     OUT=$W/check BENCH_ITERS="${BENCH_ITERS:-10}" bash scripts/gpu_check.sh > $W/check.out 2>&1
@@ -31,8 +40,23 @@ else
     echo "tensor-core attention failed bf16 parity: comparing with BERTQA_ATTN=v1"
     export BERTQA_ATTN=v1
 fi
-OUT="$FINAL/cmp" bash scripts/compare_pytorch.sh > $W/compare.out 2>&1  # results land as they come
-tail -60 $W/compare.out
-cat $W/check/summary.txt "$FINAL/cmp/summary.txt" > "$FINAL/summary.txt" 2>/dev/null
+# the bench log of this call (if gpu_check ran) gives the JSON its per-kernel profile and roofline
+[ -f $W/check/bench.log ] && export BENCH_LOG=$W/check/bench.log
+LEFT=$(( BUDGET - ($(date +%s) - T0) ))
+if [ -n "${SKIP_COMPARE:-}" ]; then
+    WORKLOADS=none
+fi
+# compare_pytorch.sh always measures the peak and warms the kernels (~40 s): with less left, only assemble
+if [ "${WORKLOADS:-throughput}" != none ] && [ "$LEFT" -gt 120 ]; then
+    OUT=$W/cmp PERF_DIR="$FINAL" BUDGET_S=$LEFT bash scripts/compare_pytorch.sh > $W/compare.out 2>&1
+    tail -60 $W/compare.out
+else
+    echo "no comparison in this call (${SKIP_COMPARE:+SKIP_COMPARE, }$LEFT s left of BUDGET_S=$BUDGET)"
+    mkdir -p $W/cmp/runs
+    python3 scripts/perf_json.py assemble --runs $W/cmp/runs --out-dir "$FINAL" ${BENCH_LOG:+--bench "$BENCH_LOG"} \
+        --commit "$(head -1 .gpu/COMMIT 2>/dev/null || echo unknown)$(grep -q dirty .gpu/COMMIT 2>/dev/null && echo -dirty)" \
+        --kernels "$(env | grep -E '^BERTQA_(ATTN|ATTN4|GEMM|GEMM_TUNE|VEC)=' | sort | tr '\n' ' ')" 2>&1
+fi
+cat $W/check/summary.txt "$FINAL/compare-summary.txt" > "$FINAL/summary.txt" 2>/dev/null
 tar czf "$FINAL/logs.tgz" -C $W . 2>/dev/null
 ls -la "$FINAL"

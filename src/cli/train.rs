@@ -843,7 +843,8 @@ impl DeviceFn<bool> for TrainJob<'_> {
         let signal = self.interrupts.signal().map(signal_name);
         let interrupted = s.interrupted;
         let checkpoint = checkpoint::latest(&a.output_dir).map(|p| p.display().to_string());
-        let summary = serde_json::json!({
+        let layout = crate::model::params::FlatLayout::new(&trainer.model.cfg);
+        let mut summary = serde_json::json!({
             "steps": s.state.global_step, "skipped_steps": s.state.skipped_steps, "epochs": s.state.epoch,
             "train_windows": s.train_windows, "seconds": s.seconds, "train_seq_per_s": s.seq_per_s,
             "final_loss": s.losses.last(), "best_f1": s.state.best_f1, "best_step": s.state.best_step,
@@ -854,6 +855,34 @@ impl DeviceFn<bool> for TrainJob<'_> {
             "interrupted": interrupted, "signal": if interrupted { signal.clone() } else { None },
             "checkpoint": checkpoint,
         });
+        let compare = serde_json::json!({
+            // for side-by-side comparisons (scripts/compare_pytorch.sh): the time by phase, the step time's
+            // median after warm-up, what was trained on, the optimizer's groups
+            "featurize_seconds": s.timings.featurize_s,
+            "train_step_seconds": s.timings.step_s.iter().sum::<f64>(),
+            "train_step_ms_median": s.timings.step_median_s().map(|v| v * 1e3),
+            "train_step_ms_mean": s.timings.step_mean_s().map(|v| v * 1e3),
+            "timed_steps": s.timings.step_s.len(),
+            // the first step of a process compiles the kernels (NVRTC, unless cached) and tunes GEMMs
+            "first_step_seconds": s.timings.step_s.first(),
+            "warmup_steps_excluded": train::warmup_steps(s.timings.step_s.len()),
+            "eval_seconds": s.timings.eval_s, "evaluations": s.timings.evals,
+            "save_seconds": s.timings.save_s, "saves": s.timings.saves,
+            "train_windows_with_answer": s.windows.train_with_answer,
+            "train_windows_sha256": s.windows.train_sha256,
+            "dev_windows": s.windows.dev, "dev_windows_sha256": s.windows.dev_sha256,
+            "batch_size": trainer.cfg.batch_size, "padding": trainer.cfg.padding.name(),
+            "max_seq_length": trainer.cfg.features.max_seq_length, "doc_stride": trainer.cfg.features.doc_stride,
+            "max_query_length": trainer.cfg.features.max_query_length,
+            "span_loss": if trainer.model.mask_padding_in_loss { "softmax over each window's real tokens (padding masked)" } else { "softmax over each window's rows (padding included)" },
+            "params": layout.entries.iter().map(|e| e.numel()).sum::<usize>(),
+            "params_decay": layout.entries.iter().filter(|e| e.decay).map(|e| e.numel()).sum::<usize>(),
+            "params_no_decay": layout.entries.iter().filter(|e| !e.decay).map(|e| e.numel()).sum::<usize>(),
+            "weight_precision": if trainer.master.is_some() { format!("{} working weights, f32 master weights and Adam moments", trainer.model.dtype()) } else { format!("{} weights and Adam moments", trainer.model.dtype()) },
+        });
+        if let (Some(m), serde_json::Value::Object(c)) = (summary.as_object_mut(), compare) {
+            m.extend(c);
+        }
         crate::util::write_atomic(
             &a.output_dir.join("summary.json"),
             serde_json::to_string_pretty(&summary)?.as_bytes(),

@@ -275,6 +275,94 @@ pub struct RunSummary {
     pub seq_per_s: f64,
     /// the run stopped on `interrupt` (or `stop_after_steps`) before its end
     pub interrupted: bool,
+    /// where this process's part of the run spent its time, and what it trained on
+    pub timings: RunTimings,
+    pub windows: WindowsReport,
+}
+
+/// Where a run spent its time (this process's part of it: a resumed run counts from its resume).
+#[derive(Clone, Debug, Default)]
+pub struct RunTimings {
+    /// tokenizing and windowing the training and dev sets
+    pub featurize_s: f64,
+    /// each optimizer step, host-timed from its start to the device's end (packing, upload, forward,
+    /// backward, norm, AdamW, one synchronisation)
+    pub step_s: Vec<f64>,
+    /// evaluations (logits, post-processing, scoring, predictions files; best/ saves are in `save_s`)
+    pub eval_s: f64,
+    pub evals: usize,
+    /// checkpoint and best/ saves
+    pub save_s: f64,
+    pub saves: usize,
+}
+
+/// The steps left out of [`RunTimings::step_median_s`] as warm-up: the first 10, or half of a shorter run
+/// (scripts/hf_squad.py uses the same rule).
+pub fn warmup_steps(n: usize) -> usize {
+    10.min(n / 2)
+}
+
+impl RunTimings {
+    /// The steady-state step times: all but the first [`warmup_steps`].
+    pub fn steady(&self) -> &[f64] {
+        &self.step_s[warmup_steps(self.step_s.len())..]
+    }
+    /// The median step time after warm-up (the mean of the middle two for an even count); None without
+    /// steps.
+    pub fn step_median_s(&self) -> Option<f64> {
+        let mut v = self.steady().to_vec();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let k = v.len() / 2;
+        Some(if v.len() % 2 == 1 {
+            v[k]
+        } else {
+            (v[k - 1] + v[k]) / 2.0
+        })
+    }
+    /// The mean step time after warm-up.
+    pub fn step_mean_s(&self) -> Option<f64> {
+        let v = self.steady();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    }
+}
+
+/// What a run trained and evaluated on, for side-by-side checks (scripts/hf_squad.py computes the same).
+#[derive(Clone, Debug, Default)]
+pub struct WindowsReport {
+    pub train: usize,
+    /// training windows whose answer lies inside them (the rest are labelled [CLS])
+    pub train_with_answer: usize,
+    /// [`windows_digest`] of the training windows with their labels, in featurization order
+    pub train_sha256: String,
+    pub dev: usize,
+    /// [`windows_digest`] of the dev windows (no labels)
+    pub dev_sha256: String,
+}
+
+/// SHA-256 of windows, in order: for each, its real length `n`, its first `n` token ids and, with `labels`,
+/// its start and end positions, each as a little-endian i32. Equal digests: the same windows, tokens and
+/// labels (scripts/hf_squad.py's `windows_digest` is the same function).
+pub fn windows_digest(feats: &[Feature], labels: bool) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    let mut buf: Vec<u8> = Vec::with_capacity(4 * 512);
+    for f in feats {
+        let n = real_len(f);
+        buf.clear();
+        buf.extend_from_slice(&(n as i32).to_le_bytes());
+        for &id in &f.input_ids[..n] {
+            buf.extend_from_slice(&id.to_le_bytes());
+        }
+        if labels {
+            buf.extend_from_slice(&(f.start_position as i32).to_le_bytes());
+            buf.extend_from_slice(&(f.end_position as i32).to_le_bytes());
+        }
+        h.update(&buf);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub struct Trainer<'a, B: Backend> {
@@ -776,6 +864,10 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
         Some(d) => Some(featurize(d, inp.tokenizer, &fc, false)?.features),
         None => None,
     };
+    let mut tm = RunTimings {
+        featurize_s: t0.elapsed().as_secs_f64(),
+        ..Default::default()
+    };
     eprintln!(
         "bertqa train: {} examples → {} training windows{}; featurized in {:.1}s",
         inp.train.examples.len(),
@@ -862,6 +954,7 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
             let (loss, norm, applied) = (out.loss, out.grad_norm, out.applied);
             trainer.be.synchronize()?;
             let dt = ts.elapsed().as_secs_f64();
+            tm.step_s.push(dt);
             trainer.state.global_step += 1;
             trainer.state.batch_in_epoch += 1;
             if !applied {
@@ -925,7 +1018,14 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
             }
             let mut stop = false;
             if cfg.eval_every > 0 && trainer.state.global_step.is_multiple_of(cfg.eval_every) {
-                stop = eval_and_track(trainer, inp, dev_feats.as_deref(), &post, &metrics_path)?;
+                stop = eval_and_track(
+                    trainer,
+                    inp,
+                    dev_feats.as_deref(),
+                    &post,
+                    &metrics_path,
+                    &mut tm,
+                )?;
                 if let Some(s) = last_eval_seconds(trainer).filter(|_| dev_feats.is_some()) {
                     evals_done += 1;
                     eval_time += s;
@@ -966,7 +1066,7 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
                 cfg.save_every > 0 && trainer.state.global_step.is_multiple_of(cfg.save_every);
             if (save_step && !epoch_end) || interrupted || stop {
                 trainer.state.scaler = Some(trainer.scaler.clone());
-                checkpoint::save(trainer, inp)?;
+                timed_save(&mut tm, || checkpoint::save(trainer, inp))?;
             }
             if interrupted {
                 break 'outer;
@@ -982,7 +1082,14 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
         trainer.state.batch_in_epoch = 0;
         let stop =
             if cfg.eval_every == 0 || !trainer.state.global_step.is_multiple_of(cfg.eval_every) {
-                let s = eval_and_track(trainer, inp, dev_feats.as_deref(), &post, &metrics_path)?;
+                let s = eval_and_track(
+                    trainer,
+                    inp,
+                    dev_feats.as_deref(),
+                    &post,
+                    &metrics_path,
+                    &mut tm,
+                )?;
                 if let Some(s) = last_eval_seconds(trainer).filter(|_| dev_feats.is_some()) {
                     evals_done += 1;
                     eval_time += s;
@@ -992,7 +1099,7 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
                 false
             };
         trainer.state.scaler = Some(trainer.scaler.clone());
-        checkpoint::save(trainer, inp)?;
+        timed_save(&mut tm, || checkpoint::save(trainer, inp))?;
         if stop {
             trainer.state.stopped_early = true;
             break;
@@ -1012,7 +1119,7 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
     });
     if last != Some(trainer.state.global_step) && trainer.state.global_step > 0 {
         trainer.state.scaler = Some(trainer.scaler.clone());
-        checkpoint::save(trainer, inp)?;
+        timed_save(&mut tm, || checkpoint::save(trainer, inp))?;
     }
     // a signal during the last evaluation or save: the run stops here too (a --resume does what is left)
     interrupted = interrupted || is_interrupted();
@@ -1031,7 +1138,14 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
             v.get("eval").cloned()
         }
         (_, Some(_)) if !interrupted => {
-            eval_and_track(trainer, inp, dev_feats.as_deref(), &post, &metrics_path)?;
+            eval_and_track(
+                trainer,
+                inp,
+                dev_feats.as_deref(),
+                &post,
+                &metrics_path,
+                &mut tm,
+            )?;
             trainer
                 .state
                 .last_eval
@@ -1042,6 +1156,17 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
     };
     plot::write_curves(&metrics_path, &inp.output_dir.join("curves.svg")).ok();
     let secs = t_start.elapsed().as_secs_f64();
+    // after the run, outside every timing: what it trained and evaluated on
+    let windows = WindowsReport {
+        train: feats.len(),
+        train_with_answer: feats.iter().filter(|f| f.has_answer).count(),
+        train_sha256: windows_digest(&feats, true),
+        dev: dev_feats.as_ref().map_or(0, |d| d.len()),
+        dev_sha256: dev_feats
+            .as_deref()
+            .map(|d| windows_digest(d, false))
+            .unwrap_or_default(),
+    };
     Ok(RunSummary {
         state: trainer.state.clone(),
         final_metrics,
@@ -1054,7 +1179,18 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
             0.0
         },
         interrupted,
+        timings: tm,
+        windows,
     })
+}
+
+/// Run a save, adding its duration to `tm`.
+fn timed_save(tm: &mut RunTimings, save: impl FnOnce() -> Result<()>) -> Result<()> {
+    let t = Instant::now();
+    let r = save();
+    tm.save_s += t.elapsed().as_secs_f64();
+    tm.saves += 1;
+    r
 }
 
 /// The duration of the evaluation just logged.
@@ -1069,6 +1205,7 @@ fn eval_and_track<B: Backend>(
     dev_feats: Option<&[Feature]>,
     post: &PostCfg,
     metrics_path: &Path,
+    tm: &mut RunTimings,
 ) -> Result<bool> {
     let (Some(dev), Some(df)) = (inp.dev, dev_feats) else {
         return Ok(false);
@@ -1077,6 +1214,8 @@ fn eval_and_track<B: Backend>(
     let (m, preds) = trainer.evaluate_with_predictions(dev, df, post)?;
     // predictions.json / nbest_predictions.json (/ null_odds.json) of the latest evaluation
     crate::eval::run::write_predictions(&inp.output_dir, &preds, post.version_2)?;
+    tm.eval_s += t.elapsed().as_secs_f64();
+    tm.evals += 1;
     let f1 = m.get("f1").and_then(|v| v.as_f64()).unwrap_or(0.0);
     let line = serde_json::json!({"step": trainer.state.global_step, "epoch": trainer.state.epoch, "eval": m, "eval_seconds": t.elapsed().as_secs_f64()});
     append_jsonl(metrics_path, &line)?;
@@ -1087,7 +1226,9 @@ fn eval_and_track<B: Backend>(
         trainer.state.best_f1 = Some(f1);
         trainer.state.best_step = trainer.state.global_step;
         trainer.state.evals_since_best = 0;
-        checkpoint::save_model_dir(trainer, inp, &inp.output_dir.join("best"))?;
+        timed_save(tm, || {
+            checkpoint::save_model_dir(trainer, inp, &inp.output_dir.join("best"))
+        })?;
     } else {
         trainer.state.evals_since_best += 1;
     }
@@ -1129,6 +1270,52 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// scripts/hf_squad.py re-implements the shuffle (its `--self-test` checks the same numbers), so that
+    /// the transformers side of the comparison trains on the same batches in the same order.
+    #[test]
+    fn epoch_order_known_answer() {
+        assert_eq!(epoch_order(10, 42, 0), vec![2, 6, 4, 8, 5, 1, 7, 9, 0, 3]);
+        assert_eq!(epoch_order(10, 42, 1), vec![2, 3, 0, 1, 7, 4, 8, 6, 5, 9]);
+    }
+
+    /// The step-time statistic scripts/hf_squad.py computes the same way: warm-up left out, then the median.
+    #[test]
+    fn step_median_leaves_out_the_warmup() {
+        let mut t = RunTimings::default();
+        assert_eq!(t.step_median_s(), None);
+        t.step_s = vec![9.0, 1.0, 3.0];
+        assert_eq!(warmup_steps(3), 1);
+        assert_eq!(t.step_median_s(), Some(2.0));
+        t.step_s = (0..30)
+            .map(|i| if i < 10 { 100.0 } else { i as f64 })
+            .collect();
+        assert_eq!(t.step_median_s(), Some(19.5));
+        assert_eq!(t.step_mean_s(), Some(19.5));
+    }
+
+    /// The digest scripts/hf_squad.py computes (`Windows.digest`), on a known window.
+    #[test]
+    fn windows_digest_known_answer() {
+        let f = Feature {
+            example: 0,
+            input_ids: vec![101, 7, 102, 8, 9, 102, 0, 0],
+            token_type_ids: vec![0, 0, 0, 1, 1, 1, 0, 0],
+            attention_mask: vec![1, 1, 1, 1, 1, 1, 0, 0],
+            offsets: vec![None; 8],
+            start_position: 3,
+            end_position: 4,
+            has_answer: true,
+        };
+        assert_eq!(
+            windows_digest(std::slice::from_ref(&f), true),
+            "10ef0c56f0ee800bc0ff43cde1f880a24fd271fde4ae2c401bb4473d53dfd30a"
+        );
+        assert_eq!(
+            windows_digest(std::slice::from_ref(&f), false),
+            "d343be784e22e3becfd78a8a8cab96fe8fbe8591bb7471c1f597d3582472ea3d"
+        );
     }
 
     #[test]
