@@ -23,7 +23,7 @@ use bertqa::ops::span_loss::SpanLossCfg;
 use bertqa::ops::{SeqLayout, Seqs, STATS_LEN};
 use bertqa::prelude::*;
 use bertqa::rng::{Dropout, Rng};
-use bertqa::train::{FeatureCfgSer, PostCfgSer, TrainConfig, Trainer};
+use bertqa::train::{FeatureCfgSer, TrainConfig, Trainer};
 use std::time::Instant;
 
 /// A backend the bench can time and switch kernels on. CUDA events on the GPU, the host clock on the CPU;
@@ -540,36 +540,18 @@ fn step_train_config(b: usize, t: usize) -> TrainConfig {
         epochs: 1,
         learning_rate: 1e-5,
         batch_size: b,
-        grad_accum_steps: 1,
         warmup_ratio: 0.0,
-        weight_decay: 0.01,
-        adam_beta1: 0.9,
-        adam_beta2: 0.999,
-        adam_eps: 1e-8,
-        max_grad_norm: 1.0,
         seed: 1,
-        max_steps: None,
-        eval_every: 0,
-        save_every: 0,
         save_total_limit: 0,
-        early_stopping_patience: 0,
-        hidden_dropout: 0.1,
-        attention_dropout: 0.1,
         padding: bertqa::model::Padding::Max,
         max_bad_steps: 3,
         eval_batch_size: b,
-        log_every: 1,
         features: FeatureCfgSer {
             max_seq_length: t,
             doc_stride: t / 3,
             max_query_length: 64,
         },
-        post: PostCfgSer {
-            n_best_size: 20,
-            max_answer_length: 30,
-            version_2: false,
-            null_score_diff_threshold: 0.0,
-        },
+        ..TrainConfig::default()
     }
 }
 

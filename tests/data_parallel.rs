@@ -19,7 +19,7 @@ use bertqa::data::squad::Dataset;
 use bertqa::data::tokenizer;
 use bertqa::model::{checkpoint, BertConfig, BertParams};
 use bertqa::prelude::*;
-use bertqa::train::{self, replica, FeatureCfgSer, PostCfgSer, RunInputs, TrainConfig, Trainer};
+use bertqa::train::{self, replica, FeatureCfgSer, RunInputs, TrainConfig, Trainer};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -44,36 +44,17 @@ fn tcfg(batch: usize, accum: usize) -> TrainConfig {
         learning_rate: 1e-3,
         batch_size: batch,
         grad_accum_steps: accum,
-        warmup_ratio: 0.1,
-        weight_decay: 0.01,
-        adam_beta1: 0.9,
-        adam_beta2: 0.999,
-        adam_eps: 1e-8,
-        max_grad_norm: 1.0,
         seed: 11,
-        max_steps: None,
-        eval_every: 0,
-        save_every: 0,
         save_total_limit: 0,
-        early_stopping_patience: 0,
-        // dropout on: its masks must not depend on which replica computes a window
-        hidden_dropout: 0.1,
-        attention_dropout: 0.1,
-        padding: bertqa::model::Padding::Packed,
+        // dropout on (the default 0.1): its masks must not depend on which replica computes a window
         max_bad_steps: 3,
         eval_batch_size: 16,
-        log_every: 1,
         features: FeatureCfgSer {
             max_seq_length: FC.max_seq_length,
             doc_stride: FC.doc_stride,
             max_query_length: FC.max_query_length,
         },
-        post: PostCfgSer {
-            n_best_size: 20,
-            max_answer_length: 30,
-            version_2: false,
-            null_score_diff_threshold: 0.0,
-        },
+        ..TrainConfig::default()
     }
 }
 

@@ -10,7 +10,7 @@ use bertqa::model::{checkpoint, BertConfig};
 use bertqa::ops::adamw::AdamWHyper;
 use bertqa::ops::STATS_LEN;
 use bertqa::prelude::*;
-use bertqa::train::{self, FeatureCfgSer, PostCfgSer, RunInputs, TrainConfig, Trainer};
+use bertqa::train::{self, FeatureCfgSer, RunInputs, TrainConfig, Trainer};
 use std::path::PathBuf;
 
 fn assets() -> Option<PathBuf> {
@@ -33,36 +33,19 @@ fn tcfg(fc: FeatureCfg) -> TrainConfig {
         epochs: 1,
         learning_rate: 2e-3,
         batch_size: 16,
-        grad_accum_steps: 1,
         warmup_ratio: 0.05,
-        weight_decay: 0.01,
-        adam_beta1: 0.9,
-        adam_beta2: 0.999,
-        adam_eps: 1e-8,
-        max_grad_norm: 1.0,
         seed: 7,
-        max_steps: None,
-        eval_every: 0,
-        save_every: 0,
         save_total_limit: 0,
-        early_stopping_patience: 0,
         hidden_dropout: 0.0,
         attention_dropout: 0.0,
-        padding: bertqa::model::Padding::Packed,
         max_bad_steps: 3,
         eval_batch_size: 32,
-        log_every: 1,
         features: FeatureCfgSer {
             max_seq_length: fc.max_seq_length,
             doc_stride: fc.doc_stride,
             max_query_length: fc.max_query_length,
         },
-        post: PostCfgSer {
-            n_best_size: 20,
-            max_answer_length: 30,
-            version_2: false,
-            null_score_diff_threshold: 0.0,
-        },
+        ..TrainConfig::default()
     }
 }
 

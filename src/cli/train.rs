@@ -40,33 +40,33 @@ pub struct TrainArgs {
     pub dev_file: Option<PathBuf>,
     #[arg(long)]
     pub output_dir: PathBuf,
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = TrainConfig::default().epochs)]
     pub epochs: usize,
-    #[arg(long, default_value_t = 3e-5)]
+    #[arg(long, default_value_t = TrainConfig::default().learning_rate)]
     pub learning_rate: f64,
     /// windows per optimizer step
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
     pub batch_size: usize,
     /// split each batch into this many micro-batches (same result, less memory)
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = TrainConfig::default().grad_accum_steps)]
     pub grad_accum_steps: usize,
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = TrainConfig::default().warmup_ratio)]
     pub warmup_ratio: f64,
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = TrainConfig::default().weight_decay)]
     pub weight_decay: f64,
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = TrainConfig::default().adam_beta1)]
     pub adam_beta1: f64,
-    #[arg(long, default_value_t = 0.999)]
+    #[arg(long, default_value_t = TrainConfig::default().adam_beta2)]
     pub adam_beta2: f64,
-    #[arg(long, default_value_t = 1e-8)]
+    #[arg(long, default_value_t = TrainConfig::default().adam_eps)]
     pub adam_eps: f64,
     /// global gradient-norm clipping (0: off)
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = TrainConfig::default().max_grad_norm)]
     pub max_grad_norm: f64,
     /// auto (bf16 on GPU, fp32 on CPU), fp32, bf16 (f32 master weights) or fp16 (plus dynamic loss scaling)
     #[arg(long, default_value = "auto")]
     pub precision: String,
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, default_value_t = TrainConfig::default().seed)]
     pub seed: u64,
     /// stop after this many optimizer steps
     #[arg(long)]
@@ -78,13 +78,13 @@ pub struct TrainArgs {
     #[arg(long)]
     pub max_eval_examples: Option<usize>,
     /// evaluate every N steps (0: at each epoch end only)
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = TrainConfig::default().eval_every)]
     pub eval_every: usize,
     /// checkpoint every N steps (0: at each epoch end only)
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = TrainConfig::default().save_every)]
     pub save_every: usize,
     /// keep at most N checkpoint-* folders (0: all)
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = TrainConfig::default().save_total_limit)]
     pub save_total_limit: usize,
     /// continue from the latest checkpoint in --output-dir (or from the checkpoint folder given)
     #[arg(long, num_args = 0..=1, default_missing_value = "")]
@@ -95,7 +95,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub overwrite_output_dir: bool,
     /// stop when dev F1 has not improved for N evaluations (0: never)
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = TrainConfig::default().early_stopping_patience)]
     pub early_stopping_patience: usize,
     /// override the config's hidden_dropout_prob
     #[arg(long)]
@@ -107,12 +107,12 @@ pub struct TrainArgs {
     #[arg(long)]
     pub no_dynamic_padding: bool,
     /// abort after this many non-finite steps in a row
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = TrainConfig::default().max_bad_steps)]
     pub max_bad_steps: usize,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = TrainConfig::default().eval_batch_size)]
     pub eval_batch_size: usize,
     /// write a metrics line every N steps
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = TrainConfig::default().log_every)]
     pub log_every: usize,
     #[arg(long)]
     pub no_progress: bool,
@@ -1103,5 +1103,41 @@ fn data_parallel(a: &TrainArgs, devs: Devices, job: LeaderJob) -> Result<bool> {
             }
             Ok(interrupted)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: TrainArgs,
+    }
+
+    /// `bertqa train` with no optional flag runs `TrainConfig::default()` (one source for the defaults).
+    #[test]
+    fn the_flags_defaults_are_the_configs() {
+        let cli = Cli::try_parse_from([
+            "train",
+            "--model",
+            "m",
+            "--train-file",
+            "t.json",
+            "--output-dir",
+            "o",
+        ])
+        .unwrap();
+        let d = TrainConfig::default();
+        let c = cli
+            .a
+            .config_with(d.hidden_dropout, d.attention_dropout)
+            .unwrap();
+        assert_eq!(
+            serde_json::to_value(&c).unwrap(),
+            serde_json::to_value(&d).unwrap()
+        );
     }
 }

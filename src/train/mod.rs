@@ -191,6 +191,48 @@ impl DataFingerprint {
     }
 }
 
+/// The defaults of `bertqa train` (the CLI's flags take theirs from here): the standard SQuAD recipe.
+impl Default for TrainConfig {
+    fn default() -> Self {
+        let (fc, pc) = (FeatureCfg::default(), PostCfg::default());
+        TrainConfig {
+            epochs: 2,
+            learning_rate: 3e-5,
+            batch_size: 32,
+            grad_accum_steps: 1,
+            warmup_ratio: 0.1,
+            weight_decay: 0.01,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            max_grad_norm: 1.0,
+            seed: 42,
+            max_steps: None,
+            eval_every: 0,
+            save_every: 0,
+            save_total_limit: 2,
+            early_stopping_patience: 0,
+            hidden_dropout: 0.1,
+            attention_dropout: 0.1,
+            padding: Padding::Packed,
+            max_bad_steps: 10,
+            eval_batch_size: 64,
+            log_every: 1,
+            features: FeatureCfgSer {
+                max_seq_length: fc.max_seq_length,
+                doc_stride: fc.doc_stride,
+                max_query_length: fc.max_query_length,
+            },
+            post: PostCfgSer {
+                n_best_size: pc.n_best_size,
+                max_answer_length: pc.max_answer_length,
+                version_2: pc.version_2,
+                null_score_diff_threshold: pc.null_score_diff_threshold,
+            },
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct FeatureCfgSer {
     pub max_seq_length: usize,

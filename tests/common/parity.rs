@@ -747,25 +747,13 @@ pub fn step_train_config(t: usize) -> TrainConfig {
         epochs: 1,
         learning_rate: 1e-3,
         batch_size: 64,
-        grad_accum_steps: 1,
         warmup_ratio: 0.0,
-        weight_decay: 0.01,
-        adam_beta1: 0.9,
-        adam_beta2: 0.999,
-        adam_eps: 1e-8,
         max_grad_norm: 0.0,
         seed: 1000,
-        max_steps: None,
-        eval_every: 0,
-        save_every: 0,
         save_total_limit: 0,
-        early_stopping_patience: 0,
-        hidden_dropout: 0.1,
-        attention_dropout: 0.1,
         padding: bertqa::model::Padding::Max,
         max_bad_steps: 3,
         eval_batch_size: 8,
-        log_every: 1,
         features: FeatureCfgSer {
             max_seq_length: t,
             doc_stride: t / 2,
@@ -777,6 +765,7 @@ pub fn step_train_config(t: usize) -> TrainConfig {
             version_2: false,
             null_score_diff_threshold: 0.0,
         },
+        ..TrainConfig::default()
     }
 }
 
