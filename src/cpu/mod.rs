@@ -395,15 +395,18 @@ pub fn gemm<T: Real>(
     let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
     // matrixmultiply runs single-threaded (its `threading` feature is off): a large product is split here
     // into row blocks of C on the rayon pool, and a product called from inside a rayon task (the attention's
-    // per-head products) stays on its thread — one pool, no second one competing for the cores. Every
-    // element of C sums over k in the same order either way, so the split does not change the result.
+    // per-head products) stays on its thread — one pool, no second one competing for the cores. The split
+    // does not change the result, whatever the number of threads (see the block size below).
     let threads = rayon::current_num_threads();
     if threads > 1
         && rayon::current_thread_index().is_none()
         && m * k * n >= PAR_GEMM_WORK
         && m >= 2
     {
-        let rows = m.div_ceil(threads);
+        // blocks start at multiples of 16 rows: matrixmultiply computes a partial tile of rows (fewer than its
+        // kernel's MR, at most 16) by another path whose last bits differ, so only a split at whole tiles
+        // leaves every element as the unsplit product computes it (tested below)
+        let rows = m.div_ceil(threads).next_multiple_of(16);
         c[..m * n]
             .par_chunks_mut(rows * n)
             .enumerate()
@@ -675,6 +678,72 @@ impl BackendCore for Cpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `gemm` splits large products across the rayon threads; the result must be bit for bit the unsplit
+    /// product's (else the CPU results would depend on the machine's core count: an exact resume elsewhere
+    /// would diverge). Shapes with partial row tiles, both transposes, β = 0, 1 and ½, f32 and f64.
+    #[test]
+    fn the_threaded_gemm_equals_one_call_bit_for_bit() {
+        fn case<T: Real>(m: usize, k: usize, n: usize, ta: bool, tb: bool, beta: f64) -> usize {
+            let val = |i: usize, f: f64| T::of(((i * 7919 % 1009) as f64 * f).sin());
+            let a: Vec<T> = (0..m * k).map(|i| val(i, 0.0137)).collect();
+            let b: Vec<T> = (0..k * n).map(|i| val(i, 0.091)).collect();
+            let c0: Vec<T> = (0..m * n).map(|i| val(i, 0.3)).collect();
+            let mut split = c0.clone();
+            gemm(m, k, n, T::of(0.7), &a, ta, &b, tb, T::of(beta), &mut split);
+            let mut one = c0;
+            let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
+            let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
+            T::gemm_strided(
+                m,
+                k,
+                n,
+                T::of(0.7),
+                &a,
+                rsa,
+                csa,
+                &b,
+                rsb,
+                csb,
+                T::of(beta),
+                &mut one,
+            );
+            split
+                .iter()
+                .zip(&one)
+                .filter(|(x, y)| x.f64().to_bits() != y.f64().to_bits())
+                .count()
+        }
+        assert!(
+            rayon::current_num_threads() > 1 || cfg!(miri),
+            "the test needs 2+ threads to split"
+        );
+        let mut bad = vec![];
+        for (m, k, n) in [
+            (77, 300, 129),
+            (401, 768, 64),
+            (200, 300, 129),
+            (129, 512, 70),
+            (1000, 1, 300),
+        ] {
+            assert!(m * k * n >= PAR_GEMM_WORK, "({m},{k},{n}) is not split");
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                for beta in [0.0, 1.0, 0.5] {
+                    for (dt, d) in [
+                        ("f32", case::<f32>(m, k, n, ta, tb, beta)),
+                        ("f64", case::<f64>(m, k, n, ta, tb, beta)),
+                    ] {
+                        if d > 0 {
+                            bad.push(format!(
+                                "{dt} ({m},{k},{n}) ta={ta} tb={tb} β={beta}: {d} elements differ"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(bad.is_empty(), "{bad:#?}");
+    }
 
     #[test]
     fn gemm_matches_loops_for_all_transposes() {

@@ -133,7 +133,8 @@ pub fn pack(windows: &[&Feature], first_w: usize, padding: Padding) -> Result<Ho
 }
 
 /// [`pack`], a packed layout's rows rounded up to a multiple of `multiple` (at most `max_rows`) by a filler
-/// window (see the module doc); `multiple` ≤ 1, and the padded layouts, as [`pack`].
+/// window (see the module doc) no longer than the windows; `multiple` ≤ 1, a filler that would be longer,
+/// and the padded layouts: as [`pack`].
 pub fn pack_bucketed(
     windows: &[&Feature],
     first_w: usize,
@@ -168,6 +169,9 @@ pub fn pack_bucketed(
     } else {
         0
     };
+    // the filler is a window like the others: no longer than the windows' length (so within the position
+    // table); a bucket larger than that is not reached (exact rows instead)
+    let extra = if extra > full { 0 } else { extra };
     if extra > 0 {
         lens.push(1);
         rows.push(extra);
