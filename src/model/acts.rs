@@ -280,14 +280,33 @@ impl<B: BackendCore> ActPlan<B> {
         } else {
             None
         };
-        let (mut ids, mut types) = (next(), next());
+        let (ids, types) = (next(), next());
         let (pos, roww, cu, lens, wid) = (next(), next(), next(), next(), next());
-        let (mut starts, mut ends) = (next(), next());
-        ids.copy_from_i32(be, &hb.ids)?;
-        types.copy_from_i32(be, &hb.types)?;
-        starts.copy_from_i32(be, &hb.starts)?;
-        ends.copy_from_i32(be, &hb.ends)?;
-        let seqs = Seqs::write_into(be, &hb.layout, cu, lens, wid, pos, roww)?;
+        let (starts, ends) = (next(), next());
+        // the batch's integers (the int arena holds nothing else) in one host-to-device copy: one
+        // synchronisation per batch instead of one per array
+        let l = &hb.layout;
+        let ints: [&[i32]; 9] = [
+            &hb.ids,
+            &hb.types,
+            &l.pos(),
+            &l.row_w(),
+            &l.cu,
+            &l.lens,
+            &l.wid,
+            &hb.starts,
+            &hb.ends,
+        ];
+        let int_slots = self.slots.iter().filter(|s| matches!(s.arena, Arena::Int));
+        let mut host = vec![0i32; self.int.numel()];
+        let mut end = 0;
+        for (slot, v) in int_slots.zip(ints) {
+            host[slot.offset..slot.offset + v.len()].copy_from_slice(v);
+            end = end.max(slot.offset + v.len());
+        }
+        let mut head = self.int.view(be, 0, &[end])?;
+        head.copy_from_i32(be, &host[..end])?;
+        let seqs = Seqs::from_views(l, cu, lens, wid, pos, roww);
         self.acts = Some(Acts {
             emb,
             emb_mean,

@@ -184,22 +184,17 @@ impl<B: BackendCore> Seqs<B> {
             max_rows: l.max_rows(),
         })
     }
-    /// `l` written into the given tensors (views of an activation plan), which must have its sizes.
-    pub(crate) fn write_into(
-        be: &B,
+    /// The layout `l` over tensors that already hold it (views of an activation plan, written by its
+    /// loader).
+    pub(crate) fn from_views(
         l: &SeqLayout,
-        mut cu: Tensor<B>,
-        mut lens: Tensor<B>,
-        mut wid: Tensor<B>,
-        mut pos: Tensor<B>,
-        mut row_w: Tensor<B>,
-    ) -> Result<Self> {
-        cu.copy_from_i32(be, &l.cu)?;
-        lens.copy_from_i32(be, &l.lens)?;
-        wid.copy_from_i32(be, &l.wid)?;
-        pos.copy_from_i32(be, &l.pos())?;
-        row_w.copy_from_i32(be, &l.row_w())?;
-        Ok(Seqs {
+        cu: Tensor<B>,
+        lens: Tensor<B>,
+        wid: Tensor<B>,
+        pos: Tensor<B>,
+        row_w: Tensor<B>,
+    ) -> Self {
+        Seqs {
             cu,
             lens,
             wid,
@@ -208,7 +203,7 @@ impl<B: BackendCore> Seqs<B> {
             n: l.n(),
             b: l.b(),
             max_rows: l.max_rows(),
-        })
+        }
     }
     /// Rows (N).
     pub fn n(&self) -> usize {
