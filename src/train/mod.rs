@@ -970,7 +970,6 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
     let mut losses = vec![];
     let mut seq_total = 0usize;
     let mut time_total = 0.0f64;
-    let (mut evals_done, mut eval_time) = (0usize, 0.0f64);
     'outer: while trainer.state.epoch < cfg.epochs && trainer.state.global_step < stop_at {
         let order = epoch_order(feats.len(), cfg.seed, trainer.state.epoch);
         while trainer.state.batch_in_epoch < steps_per_epoch {
@@ -1068,10 +1067,6 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
                     &metrics_path,
                     &mut tm,
                 )?;
-                if let Some(s) = last_eval_seconds(trainer).filter(|_| dev_feats.is_some()) {
-                    evals_done += 1;
-                    eval_time += s;
-                }
             }
             if let Some(pb) = &pb {
                 let g = trainer.state.global_step;
@@ -1080,8 +1075,8 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
                     None => (0, 0.0),
                     Some(d) => (
                         evals_left(g, stop_at, steps_per_epoch, cfg.eval_every),
-                        if evals_done > 0 {
-                            eval_time / evals_done as f64
+                        if tm.evals > 0 {
+                            tm.eval_s / tm.evals as f64
                         } else {
                             // not timed yet: a forward pass costs about a third of a training step
                             step_s / cfg.batch_size as f64 * d.len() as f64 / 3.0
@@ -1124,19 +1119,14 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
         trainer.state.batch_in_epoch = 0;
         let stop =
             if cfg.eval_every == 0 || !trainer.state.global_step.is_multiple_of(cfg.eval_every) {
-                let s = eval_and_track(
+                eval_and_track(
                     trainer,
                     inp,
                     dev_feats.as_deref(),
                     &post,
                     &metrics_path,
                     &mut tm,
-                )?;
-                if let Some(s) = last_eval_seconds(trainer).filter(|_| dev_feats.is_some()) {
-                    evals_done += 1;
-                    eval_time += s;
-                }
-                s
+                )?
             } else {
                 false
             };
@@ -1233,11 +1223,6 @@ fn timed_save(tm: &mut RunTimings, save: impl FnOnce() -> Result<()>) -> Result<
     tm.save_s += t.elapsed().as_secs_f64();
     tm.saves += 1;
     r
-}
-
-/// The duration of the evaluation just logged.
-fn last_eval_seconds<B: Backend>(tr: &Trainer<B>) -> Option<f64> {
-    tr.state.last_eval.as_ref()?.get("eval_seconds")?.as_f64()
 }
 
 /// Evaluate on the dev set (if any), log it, keep best/, and say whether to stop early.
