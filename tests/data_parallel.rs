@@ -19,7 +19,7 @@ use bertqa::data::squad::Dataset;
 use bertqa::data::tokenizer;
 use bertqa::model::{checkpoint, BertConfig, BertParams};
 use bertqa::prelude::*;
-use bertqa::train::{self, replica, FeatureCfgSer, RunInputs, TrainConfig, Trainer};
+use bertqa::train::{self, replica, RunInputs, TrainConfig, Trainer};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -49,11 +49,7 @@ fn tcfg(batch: usize, accum: usize) -> TrainConfig {
         // dropout on (the default 0.1): its masks must not depend on which replica computes a window
         max_bad_steps: 3,
         eval_batch_size: 16,
-        features: FeatureCfgSer {
-            max_seq_length: FC.max_seq_length,
-            doc_stride: FC.doc_stride,
-            max_query_length: FC.max_query_length,
-        },
+        features: FC.into(),
         ..TrainConfig::default()
     }
 }

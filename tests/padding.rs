@@ -11,7 +11,7 @@ use bertqa::model::{BertConfig, Padding};
 use bertqa::prelude::*;
 use bertqa::rng::Rng;
 use bertqa::train::Trainer;
-use common::parity::step_train_config;
+use common::parity::{rel_l2 as rel, step_train_config};
 
 /// `n` windows of `t` tokens with random real lengths (some short, one full, one of a single token) and
 /// labels inside them.
@@ -46,23 +46,6 @@ fn windows(cfg: &BertConfig, n: usize, t: usize, seed: u64) -> Vec<Feature> {
             }
         })
         .collect()
-}
-
-/// ‖a − b‖₂ / ‖b‖₂ (0 when both vanish).
-fn rel(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum::<f64>()
-        .sqrt();
-    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-    if den == 0.0 {
-        num
-    } else {
-        num / den
-    }
 }
 
 /// What one f64 step of a tiny model on `feats` gives: (loss, gradients per tensor, logits of the real

@@ -10,7 +10,7 @@ use bertqa::model::{checkpoint, BertConfig};
 use bertqa::ops::adamw::AdamWHyper;
 use bertqa::ops::STATS_LEN;
 use bertqa::prelude::*;
-use bertqa::train::{self, FeatureCfgSer, RunInputs, TrainConfig, Trainer};
+use bertqa::train::{self, RunInputs, TrainConfig, Trainer};
 use std::path::PathBuf;
 
 fn assets() -> Option<PathBuf> {
@@ -40,11 +40,7 @@ fn tcfg(fc: FeatureCfg) -> TrainConfig {
         attention_dropout: 0.0,
         max_bad_steps: 3,
         eval_batch_size: 32,
-        features: FeatureCfgSer {
-            max_seq_length: fc.max_seq_length,
-            doc_stride: fc.doc_stride,
-            max_query_length: fc.max_query_length,
-        },
+        features: fc.into(),
         ..TrainConfig::default()
     }
 }

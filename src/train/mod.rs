@@ -194,7 +194,6 @@ impl DataFingerprint {
 /// The defaults of `bertqa train` (the CLI's flags take theirs from here): the standard SQuAD recipe.
 impl Default for TrainConfig {
     fn default() -> Self {
-        let (fc, pc) = (FeatureCfg::default(), PostCfg::default());
         TrainConfig {
             epochs: 2,
             learning_rate: 3e-5,
@@ -218,17 +217,8 @@ impl Default for TrainConfig {
             max_bad_steps: 10,
             eval_batch_size: 64,
             log_every: 1,
-            features: FeatureCfgSer {
-                max_seq_length: fc.max_seq_length,
-                doc_stride: fc.doc_stride,
-                max_query_length: fc.max_query_length,
-            },
-            post: PostCfgSer {
-                n_best_size: pc.n_best_size,
-                max_answer_length: pc.max_answer_length,
-                version_2: pc.version_2,
-                null_score_diff_threshold: pc.null_score_diff_threshold,
-            },
+            features: FeatureCfg::default().into(),
+            post: PostCfg::default().into(),
         }
     }
 }
@@ -238,6 +228,15 @@ pub struct FeatureCfgSer {
     pub max_seq_length: usize,
     pub doc_stride: usize,
     pub max_query_length: usize,
+}
+impl From<FeatureCfg> for FeatureCfgSer {
+    fn from(f: FeatureCfg) -> Self {
+        FeatureCfgSer {
+            max_seq_length: f.max_seq_length,
+            doc_stride: f.doc_stride,
+            max_query_length: f.max_query_length,
+        }
+    }
 }
 impl From<FeatureCfgSer> for FeatureCfg {
     fn from(f: FeatureCfgSer) -> Self {
@@ -255,6 +254,16 @@ pub struct PostCfgSer {
     pub max_answer_length: usize,
     pub version_2: bool,
     pub null_score_diff_threshold: f64,
+}
+impl From<PostCfg> for PostCfgSer {
+    fn from(p: PostCfg) -> Self {
+        PostCfgSer {
+            n_best_size: p.n_best_size,
+            max_answer_length: p.max_answer_length,
+            version_2: p.version_2,
+            null_score_diff_threshold: p.null_score_diff_threshold,
+        }
+    }
 }
 impl From<PostCfgSer> for PostCfg {
     fn from(p: PostCfgSer) -> Self {

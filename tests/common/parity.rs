@@ -55,6 +55,7 @@ pub fn rms_abs(x: &[f64], r: &[f64]) -> f64 {
 }
 
 pub fn rel_l2(x: &[f64], r: &[f64]) -> f64 {
+    assert_eq!(x.len(), r.len(), "rel_l2: lengths differ");
     if x.iter().any(|v| !v.is_finite()) {
         return f64::INFINITY;
     }
