@@ -14,7 +14,7 @@
 // round trip for P. Tiles are loaded with 16-byte global loads into row-major shared memory (rows padded by
 // 8 elements: conflict-free ldmatrix), and fragments are read with ldmatrix — `.trans` for the B operands
 // whose k runs down the rows (V in P·V, dO in dV, Q in dK, K in dQ), so no transposed tiles are needed.
-// Dropout: one Philox call for the two adjacent keys (forward, dQ) or adjacent queries (dK/dV) a thread holds.
+// Dropout: one Philox call per lane and 16 keys (forward, dQ) or 16 queries (dK/dV): common.cuh attn_draws_*.
 //
 // forward:  block = 4 warps × 16 query rows; key tiles of 64; O and the row max/sum in registers.
 // dK/dV:    block = 4 warps × 16 keys; query tiles of 32; dK, dV accumulated in registers.
@@ -143,37 +143,6 @@ __device__ __forceinline__ void load_rows(const AttnParams& a, const Window& W, 
 }
 
 // ---- variant 4 helpers -------------------------------------------------------------------------------------
-// Attention dropout with the Philox work split between two lanes. In the forward layout lane l holds query i
-// (its g = l/4) and lane l^4 query i^1 at the same keys; in the dK/dV layout lane l holds key j and lane l^4
-// key j^1 at the same queries. Either way one 2×2 Philox block (common.cuh attn_philox) covers both lanes, and
-// attn_dropout_keys/_rows throw half of each call away. Here each lane of the pair makes one call for two
-// blocks — the even lane the first, the odd lane the second — keeps its half and trades the other half with
-// its partner: the words of attn_dropout_keys/_rows for half the Philox calls. All 32 lanes must call together.
-//
-// keys (A, A+1) and (B, B+1) of query i (A, B even) of head h, window w → this lane's words wa, wb
-__device__ __forceinline__ void attn_words_keys2(u64 seed, int w, int h, int i, int A, int B, uint2& wa, uint2& wb) {
-    bool odd = i & 1;
-    uint4 r = attn_philox(seed, w, h, i, odd ? B : A);
-    uint2 mine = odd ? make_uint2(r.z, r.w) : make_uint2(r.x, r.y);  // my row of my block
-    uint2 send = odd ? make_uint2(r.x, r.y) : make_uint2(r.z, r.w);  // the partner's row of my block
-    uint2 got = make_uint2(__shfl_xor_sync(0xffffffffu, send.x, 4), __shfl_xor_sync(0xffffffffu, send.y, 4));
-    wa = odd ? got : mine;
-    wb = odd ? mine : got;
-}
-// queries (IA, IA+1) and (IB, IB+1) of key j (IA, IB even) of head h, window w → this lane's words wa, wb
-__device__ __forceinline__ void attn_words_rows2(u64 seed, int w, int h, int IA, int IB, int j, uint2& wa, uint2& wb) {
-    bool odd = j & 1;
-    uint4 r = attn_philox(seed, w, h, odd ? IB : IA, j);
-    uint2 mine = odd ? make_uint2(r.y, r.w) : make_uint2(r.x, r.z);  // my key's column of my block
-    uint2 send = odd ? make_uint2(r.x, r.z) : make_uint2(r.y, r.w);  // the partner's column of my block
-    uint2 got = make_uint2(__shfl_xor_sync(0xffffffffu, send.x, 4), __shfl_xor_sync(0xffffffffu, send.y, 4));
-    wa = odd ? got : mine;
-    wb = odd ? mine : got;
-}
-// keep_factor's test u >= p, u = (word >> 8)·2^-24, as an integer compare: (word >> 8) >= ceil(p·2^24) (p·2^24
-// and its ceiling are exact in float, so the masks are the same bits). 0 when p <= 0: everything kept.
-__device__ __forceinline__ u32 keep_threshold(float p) { return p > 0.f ? (u32)ceilf(p * 16777216.f) : 0u; }
-__device__ __forceinline__ bool kept(u32 word, u32 thr) { return (word >> 8) >= thr; }
 // 2^x, hardware approximation (max relative error 2^-22), flushing denormals; ex2(-inf) = 0
 __device__ __forceinline__ float ex2(float x) {
 #ifdef BERTQA_EMU
@@ -268,6 +237,9 @@ __device__ void tc3_forward(const AttnParams& a) {
     for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
     int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
+    const bool drop = a.p > 0.f;
+    const u32 thr = attn_threshold(a.p);
+    const float ks = drop ? 1.f / (1.f - a.p) : 1.f;  // a kept probability's dropout factor
     for (int k0 = 0; k0 < W.len; k0 += BK) {
         __syncthreads();
         load_rows<T, HS, BK>(a, W, W.len, h, 1, k0, Ks);
@@ -305,7 +277,8 @@ __device__ void tc3_forward(const AttnParams& a) {
         m1 = mn1;
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
-            u32 pa[4];
+            u32 pa[4], d[8];
+            if (drop) attn_draws_fwd(a.seed, W.w, h, i0, k0 + kk * 16 + 2 * t4, d);
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 int j = 2 * kk + half;
@@ -313,12 +286,11 @@ __device__ void tc3_forward(const AttnParams& a) {
                 float p10 = expf(s[j][2] - base1), p11 = expf(s[j][3] - base1);
                 l0 += p00 + p01;
                 l1 += p10 + p11;
-                if (a.p > 0.f) {
-                    int key = k0 + j * 8 + 2 * t4;  // even: (key, key+1) share one Philox call
-                    float2 f0 = attn_dropout_keys(a.seed, W.w, h, i0, key, a.p);
-                    float2 f1 = attn_dropout_keys(a.seed, W.w, h, i1, key, a.p);
-                    p00 *= f0.x; p01 *= f0.y;
-                    p10 *= f1.x; p11 *= f1.y;
+                if (drop) {
+                    p00 *= attn_kept(d[2 * half], thr) ? ks : 0.f;
+                    p01 *= attn_kept(d[2 * half + 1], thr) ? ks : 0.f;
+                    p10 *= attn_kept(d[4 + 2 * half], thr) ? ks : 0.f;
+                    p11 *= attn_kept(d[4 + 2 * half + 1], thr) ? ks : 0.f;
                 }
                 pa[half * 2 + 0] = pack2<T>(p00, p01);
                 pa[half * 2 + 1] = pack2<T>(p10, p11);
@@ -376,6 +348,9 @@ __device__ void tc3_backward_kv(const AttnParams& a) {
     u64 hrow = (u64)h * a.n + W.s0;
     const T* Kw = Ks + warp * 16 * LD;
     const T* Vw = Vs + warp * 16 * LD;
+    const bool drop = a.p > 0.f;
+    const u32 thr = attn_threshold(a.p);
+    const float ks = drop ? 1.f / (1.f - a.p) : 1.f;
     for (int q0 = 0; q0 < W.rows; q0 += BQ) {
         __syncthreads();
         load_rows<T, HS, BQ>(a, W, W.rows, h, 0, q0, Qs);
@@ -389,16 +364,21 @@ __device__ void tc3_backward_kv(const AttnParams& a) {
         kq_strips<T, KS>(s, dp, Kw, Vw, Qs, Os, LD);
 #pragma unroll
         for (int kk = 0; kk < BQ / 16; ++kk) {
-            u32 pa[4], sa[4];
+            u32 pa[4], sa[4], d[8];
+            // queries i, i+1, i+8, i+9 (i = q0 + 16kk + 2·t4) of keys ja, jb
+            if (drop) attn_draws_bwd(a.seed, W.w, h, q0 + kk * 16 + 2 * t4, ja, d);
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 int n = 2 * kk + half;
                 float pv[4], sv[4];
-                // queries i, i+1 (i even) for keys ja, jb: one Philox call per key row
-                int ie = q0 + n * 8 + 2 * t4;
-                float2 fa = a.p > 0.f ? attn_dropout_rows(a.seed, W.w, h, ie, ja, a.p) : make_float2(1.f, 1.f);
-                float2 fb = a.p > 0.f ? attn_dropout_rows(a.seed, W.w, h, ie, jb, a.p) : make_float2(1.f, 1.f);
-                float fs[4] = {fa.x, fa.y, fb.x, fb.y};
+                // e: (ja, i), (ja, i+1), (jb, i), (jb, i+1) of this half's queries i
+                float fs[4] = {1.f, 1.f, 1.f, 1.f};
+                if (drop) {
+                    fs[0] = attn_kept(d[2 * half], thr) ? ks : 0.f;
+                    fs[1] = attn_kept(d[4 + 2 * half], thr) ? ks : 0.f;
+                    fs[2] = attn_kept(d[2 * half + 1], thr) ? ks : 0.f;
+                    fs[3] = attn_kept(d[4 + 2 * half + 1], thr) ? ks : 0.f;
+                }
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     int qi = n * 8 + 2 * t4 + (e & 1);
@@ -455,6 +435,9 @@ __device__ void tc3_backward_q(const AttnParams& a) {
     float dq[NO][4];
 #pragma unroll
     for (int n = 0; n < NO; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+    const bool drop = a.p > 0.f;
+    const u32 thr = attn_threshold(a.p);
+    const float ks = drop ? 1.f / (1.f - a.p) : 1.f;
     for (int k0 = 0; k0 < W.len; k0 += BK) {
         __syncthreads();
         load_rows<T, HS, BK>(a, W, W.len, h, 1, k0, Ks);
@@ -476,14 +459,18 @@ __device__ void tc3_backward_q(const AttnParams& a) {
         }
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
-            u32 sa[4];
+            u32 sa[4], d[8];
+            if (drop) attn_draws_fwd(a.seed, W.w, h, i0, k0 + kk * 16 + 2 * t4, d);
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 int j = 2 * kk + half;
                 int kj = j * 8 + 2 * t4;  // even: keys kj, kj+1
                 bool live0 = k0 + kj < W.len, live1 = k0 + kj + 1 < W.len;
-                float2 f0 = attn_dropout_keys(a.seed, W.w, h, i0, k0 + kj, a.p);
-                float2 f1 = attn_dropout_keys(a.seed, W.w, h, i1, k0 + kj, a.p);
+                float2 f0 = make_float2(1.f, 1.f), f1 = f0;
+                if (drop) {
+                    f0 = make_float2(attn_kept(d[2 * half], thr) ? ks : 0.f, attn_kept(d[2 * half + 1], thr) ? ks : 0.f);
+                    f1 = make_float2(attn_kept(d[4 + 2 * half], thr) ? ks : 0.f, attn_kept(d[4 + 2 * half + 1], thr) ? ks : 0.f);
+                }
                 float P00 = live0 ? expf(s[j][0] * a.scale - L0) : 0.f, P01 = live1 ? expf(s[j][1] * a.scale - L0) : 0.f;
                 float P10 = live0 ? expf(s[j][2] * a.scale - L1) : 0.f, P11 = live1 ? expf(s[j][3] * a.scale - L1) : 0.f;
                 sa[half * 2 + 0] = pack2<T>(P00 * (dp[j][0] * f0.x - D0), P01 * (dp[j][1] * f0.y - D0));
@@ -508,11 +495,13 @@ __device__ void tc3_backward_q(const AttnParams& a) {
 
 // ---- variant 4, forward: variant 3's tiling with the K/V tiles double-buffered by cp.async (tile i+1
 // loads while tile i computes), the exponentials in base 2 on the special-function unit (ex2.approx of one
-// FFMA of the raw score: 2^{s·scale·log2 e − base·scale·log2 e}), the dropout Philox calls shared by lane
-// pairs and tested as integers, and the dropout's 1/(1-p) applied once to O instead of to every probability.
-// Counted in the SASS (ptxas 13.0, sm_90, bf16, hs64), per warp and 64-key tile: variant 3 2297 instructions
-// (1108 integer — mostly Philox —, 739 float, 64 HMMA), this one 1376 (617 integer, 244 float, 64 HMMA).
-// Variant 3 issues ~36 instructions per HMMA: it is bound by instruction issue, not by the tensor cores.
+// FFMA of the raw score: 2^{s·scale·log2 e − base·scale·log2 e}), the dropout tested as integers, and the
+// dropout's 1/(1-p) applied once to O instead of to every probability.
+// Counted in the SASS (scripts/sass_count.sh: ptxas 13.0, sm_90, bf16, hs64), per warp and 64-key tile:
+// variant 3 2297 instructions (1108 integer — mostly Philox —, 739 float, 64 HMMA) with the dropout stream of
+// version 2 (one Philox call per 2×2 block); this one 1244 with that stream (two lanes sharing each call), and
+// 1007 (577 integer, 226 float, 34 MUFU, 64 HMMA) with version 3's 16-bit draws (one call per lane and 16 keys).
+// Variant 3 issued ~36 instructions per HMMA: it is bound by instruction issue, not by the tensor cores.
 template <typename T, int HS>
 __device__ void tc4_forward(const AttnParams& a) {
     constexpr int BK = 64, KS = HS / 16, NO = HS / 8, LD = HS + 8;
@@ -542,7 +531,7 @@ __device__ void tc4_forward(const AttnParams& a) {
     int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
     const float sl2 = a.scale * LOG2E_F;
     const bool drop = a.p > 0.f;
-    const u32 thr = keep_threshold(a.p);
+    const u32 thr = attn_threshold(a.p);
     int tiles = (W.len + BK - 1) / BK;
     for (int it = 0; it < tiles; ++it) {
         int k0 = it * BK, buf = it & 1;
@@ -586,12 +575,8 @@ __device__ void tc4_forward(const AttnParams& a) {
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
             u32 pa[4];
-            uint2 w[2][2] = {{make_uint2(0u, 0u), make_uint2(0u, 0u)}, {make_uint2(0u, 0u), make_uint2(0u, 0u)}};  // [half][row]
-            if (drop) {
-                int keyA = k0 + 2 * kk * 8 + 2 * t4;
-                attn_words_keys2(a.seed, W.w, h, i0, keyA, keyA + 8, w[0][0], w[1][0]);
-                attn_words_keys2(a.seed, W.w, h, i1, keyA, keyA + 8, w[0][1], w[1][1]);
-            }
+            u32 d[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};  // all kept (thr = 0) without dropout
+            if (drop) attn_draws_fwd(a.seed, W.w, h, i0, k0 + kk * 16 + 2 * t4, d);
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 int j = 2 * kk + half;
@@ -599,9 +584,8 @@ __device__ void tc4_forward(const AttnParams& a) {
                 float p10 = ex2(fmaf(s[j][2], sl2, nb1)), p11 = ex2(fmaf(s[j][3], sl2, nb1));
                 l0 += p00 + p01;
                 l1 += p10 + p11;
-                // thr = 0 without dropout: everything kept
-                pa[half * 2 + 0] = pack2<T>(kept(w[half][0].x, thr) ? p00 : 0.f, kept(w[half][0].y, thr) ? p01 : 0.f);
-                pa[half * 2 + 1] = pack2<T>(kept(w[half][1].x, thr) ? p10 : 0.f, kept(w[half][1].y, thr) ? p11 : 0.f);
+                pa[half * 2 + 0] = pack2<T>(attn_kept(d[2 * half], thr) ? p00 : 0.f, attn_kept(d[2 * half + 1], thr) ? p01 : 0.f);
+                pa[half * 2 + 1] = pack2<T>(attn_kept(d[4 + 2 * half], thr) ? p10 : 0.f, attn_kept(d[5 + 2 * half], thr) ? p11 : 0.f);
             }
 #pragma unroll
             for (int n = 0; n < NO; ++n) {
@@ -638,8 +622,8 @@ __device__ void tc4_forward(const AttnParams& a) {
 // Against variant 3 this drops the second pass over all (query, key) pairs (tc3_backward_q recomputes S, dP,
 // the exponentials and the dropout stream), at the price of T/(16·NW) reductions per dQ element; the
 // exponentials, the dropout test and its 1/(1-p) are done as in tc4_forward. SASS count (sm_90, bf16, hs64)
-// per warp for a 16 × 32 (key, query) block: variant 3 1815 (dK/dV kernel) + 1439 (dQ kernel) = 3254
-// instructions, this one 1390 (w8) to 1475 (w4).
+// per warp for a 16 × 32 (key, query) block, dropout stream version 2: variant 3 1815 (dK/dV kernel) + 1439
+// (dQ kernel) = 3254 instructions, this one 1355 (w8) to 1428 (w4); version 3: 1288 (w8) to 1364 (w4).
 // Query tiles (Q, dO, lse, D) are double-buffered with cp.async: tile i+1 loads while tile i computes.
 // dqacc must be zero on entry.
 __device__ __forceinline__ void red_add2(float* p, float x, float y) {
@@ -695,7 +679,7 @@ __device__ void tc4_backward(const AttnParams& a) {
     int C = a.nh * HS, tiles = (W.rows + BQ - 1) / BQ;
     const float sl2 = a.scale * LOG2E_F;
     const bool drop = a.p > 0.f;
-    const u32 thr = keep_threshold(a.p);
+    const u32 thr = attn_threshold(a.p);
     const float ks = drop ? 1.f / (1.f - a.p) : 1.f;  // a kept probability's dropout factor
     for (int it = 0; it < tiles; ++it) {
         int q0 = it * BQ, buf = it & 1;
@@ -712,24 +696,21 @@ __device__ void tc4_backward(const AttnParams& a) {
 #pragma unroll
         for (int kk = 0; kk < BQ / 16; ++kk) {
             u32 pa[4], sa[4];
-            // [half]: the dropout words of queries (i, i+1), i = q0 + (2kk + half)·8 + 2·t4, for keys ja, jb
-            uint2 wA[2] = {make_uint2(0u, 0u), make_uint2(0u, 0u)}, wB[2] = {wA[0], wA[1]};
-            if (drop) {
-                int IA = q0 + 2 * kk * 8 + 2 * t4;
-                attn_words_rows2(a.seed, W.w, h, IA, IA + 8, ja, wA[0], wA[1]);
-                attn_words_rows2(a.seed, W.w, h, IA, IA + 8, jb, wB[0], wB[1]);
-            }
+            // the draws of queries i, i+1, i+8, i+9 (i = q0 + 16kk + 2·t4) of keys ja, jb; all kept without dropout
+            u32 d[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
+            if (drop) attn_draws_bwd(a.seed, W.w, h, q0 + kk * 16 + 2 * t4, ja, d);
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 int n = 2 * kk + half;
                 float pv[4], sv[4];
-                u32 ws[4] = {wA[half].x, wA[half].y, wB[half].x, wB[half].y};
+                // e: (ja, i), (ja, i+1), (jb, i), (jb, i+1) of this half's queries i
+                u32 ws[4] = {d[2 * half], d[4 + 2 * half], d[2 * half + 1], d[5 + 2 * half]};
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     int qi = n * 8 + 2 * t4 + (e & 1);
                     bool live = (e < 2 ? livea : liveb) && q0 + qi < W.rows;
                     float P = live ? ex2(s[n][e] * sl2 - Lb[qi] * LOG2E_F) : 0.f;
-                    bool keep = kept(ws[e], thr);  // thr = 0 without dropout
+                    bool keep = attn_kept(ws[e], thr);  // thr = 0 without dropout
                     pv[e] = keep ? P : 0.f;        // dV's 1/(1-p) is applied once, at the end
                     sv[e] = P * ((keep ? dp[n][e] * ks : 0.f) - Db[qi]);
                     Ss[qi * LDS + warp * 16 + g + (e >> 1) * 8] = from_f<T>(sv[e]);

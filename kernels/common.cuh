@@ -83,8 +83,8 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
 
 // ---- the dropout stream (src/rng.rs) ---------------------------------------------------------------------
 // Keyed by the site's seed; hidden dropout of (window w, position t, feature c) is word c%4 of
-// philox([c/4, t, w, 0]); attention dropout of (window w, head h, query i, key j) is word (i%2)·2 + j%2 of
-// philox([j/2, i/2, h, w]). Kept iff the word's top 24 bits / 2^24 >= p; kept elements are scaled by 1/(1-p).
+// philox([c/4, t, w, 0]), kept iff its top 24 bits / 2^24 >= p. Attention dropout: below (attn_philox).
+// Kept elements are scaled by 1/(1-p).
 __device__ __forceinline__ u32 philox_word(uint4 r, u32 w) { return w == 0 ? r.x : w == 1 ? r.y : w == 2 ? r.z : r.w; }
 __device__ __forceinline__ float keep_factor(u32 word, float p) {
     float u = (float)(word >> 8) * (1.0f / 16777216.0f);
@@ -141,26 +141,57 @@ __device__ __forceinline__ Window window_at(u64 cu, u64 lens, u64 wid, int b) {
     return W;
 }
 
-// Attention-probability dropout: the 2×2 block of (query, key) holding (i, j) of head h, window w, shares one
-// Philox call, so a thread holding two adjacent keys, or two adjacent queries, needs one.
+// Attention-probability dropout of (window w, head h, query i, key j): the 16-bit half j%2 (0: low) of word
+// 2·(i/8 % 2) + j/8 % 2 of philox([4·(j/16) + (j%8)/2, 8·(i/16) + i%8, h, w]), kept iff half / 2^16 >= p, i.e.
+// half >= ceil(p·2^16) (attn_threshold; the same bits). One call draws queries {i, i+8} × keys {j, j+1, j+8,
+// j+9} (i%16 < 8, j%16 < 8, j even): in an m16n8k16 layout, what one lane of an S accumulator holds over 16
+// keys (attn_draws_fwd), or, with the lane holding the neighbouring key, two lanes' share of a transposed Sᵀ
+// accumulator (attn_draws_bwd).
 __device__ __forceinline__ uint4 attn_philox(u64 seed, int w, int h, int i, int j) {
-    return philox4x32_10(make_uint4((u32)(j >> 1), (u32)(i >> 1), (u32)h, (u32)w), philox_key(seed));
+    u32 kc = (u32)((j >> 4) * 4 + ((j & 7) >> 1)), qc = (u32)((i >> 4) * 8 + (i & 7));
+    return philox4x32_10(make_uint4(kc, qc, (u32)h, (u32)w), philox_key(seed));
 }
+// p → the integer threshold of the keep test; 0 when p <= 0: everything kept (p·2^16 and its ceiling are exact)
+__device__ __forceinline__ u32 attn_threshold(float p) { return p > 0.f ? (u32)ceilf(p * 65536.f) : 0u; }
+__device__ __forceinline__ bool attn_kept(u32 draw, u32 thr) { return draw >= thr; }
+// One element (variant 1, CUDA cores): 0 or 1/(1-p).
 __device__ __forceinline__ float attn_dropout(u64 seed, int w, int h, int i, int j, float p) {
     if (p <= 0.f) return 1.f;
-    return keep_factor(philox_word(attn_philox(seed, w, h, i, j), (u32)((i & 1) * 2 + (j & 1))), p);
-}
-// keys j, j+1 (j even) of query i
-__device__ __forceinline__ float2 attn_dropout_keys(u64 seed, int w, int h, int i, int j, float p) {
-    if (p <= 0.f) return make_float2(1.f, 1.f);
     uint4 r = attn_philox(seed, w, h, i, j);
-    return (i & 1) ? make_float2(keep_factor(r.z, p), keep_factor(r.w, p)) : make_float2(keep_factor(r.x, p), keep_factor(r.y, p));
+    u32 word = philox_word(r, (u32)(((i >> 3) & 1) * 2 + ((j >> 3) & 1)));
+    u32 draw = (word >> ((j & 1) * 16)) & 0xffffu;
+    return (float)draw * (1.0f / 65536.0f) >= p ? 1.0f / (1.0f - p) : 0.f;
 }
-// queries i, i+1 (i even) of key j
-__device__ __forceinline__ float2 attn_dropout_rows(u64 seed, int w, int h, int i, int j, float p) {
-    if (p <= 0.f) return make_float2(1.f, 1.f);
+// The forward layout: this lane's queries i (i%16 < 8) and i+8, keys j, j+1, j+8, j+9 (j%16 < 8, j even).
+// d[0..3] = draws of (i, j), (i, j+1), (i, j+8), (i, j+9); d[4..7] the same for query i+8. One call.
+__device__ __forceinline__ void attn_draws_fwd(u64 seed, int w, int h, int i, int j, u32 (&d)[8]) {
     uint4 r = attn_philox(seed, w, h, i, j);
-    return (j & 1) ? make_float2(keep_factor(r.y, p), keep_factor(r.w, p)) : make_float2(keep_factor(r.x, p), keep_factor(r.z, p));
+    u32 x[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        d[2 * k] = x[k] & 0xffffu;
+        d[2 * k + 1] = x[k] >> 16;
+    }
+}
+// The backward (Sᵀ) layout: this lane's keys j (j%16 < 8) and j+8, queries i, i+1, i+8, i+9 (i%16 < 8, i even);
+// lane l^4 holds keys j^1 and j^1+8 at the same queries. d[0..3] = draws of (i, j), (i, j+8), (i+8, j),
+// (i+8, j+8); d[4..7] the same for query i+1. The even-key lane draws query i's block, the odd-key lane query
+// i+1's, and each passes its partner the halves of the partner's key: one call and two shuffles per lane.
+// All 32 lanes must call together.
+__device__ __forceinline__ void attn_draws_bwd(u64 seed, int w, int h, int i, int j, u32 (&d)[8]) {
+    bool odd = j & 1;
+    uint4 r = attn_philox(seed, w, h, odd ? i + 1 : i, j);
+    u32 mine = odd ? 16 : 0, his = 16 - mine;  // the shift of my key's half, of my partner's
+    u32 s0 = ((r.x >> his) & 0xffffu) | (((r.y >> his) & 0xffffu) << 16);
+    u32 s1 = ((r.z >> his) & 0xffffu) | (((r.w >> his) & 0xffffu) << 16);
+    u32 g0 = __shfl_xor_sync(0xffffffffu, s0, 4), g1 = __shfl_xor_sync(0xffffffffu, s1, 4);
+    u32 own[4] = {(r.x >> mine) & 0xffffu, (r.y >> mine) & 0xffffu, (r.z >> mine) & 0xffffu, (r.w >> mine) & 0xffffu};
+    u32 got[4] = {g0 & 0xffffu, g0 >> 16, g1 & 0xffffu, g1 >> 16};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        d[k] = odd ? got[k] : own[k];
+        d[4 + k] = odd ? own[k] : got[k];
+    }
 }
 
 // ---- the attention kernels' parameters (attention.cu variant 1, attention_tc.cu variants 3 and 4) --------

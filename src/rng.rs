@@ -9,18 +9,24 @@
 //!   step)`;
 //! - hidden dropout (embeddings, after attention, after the feed-forward): element (window `w`, position `t`,
 //!   feature `c`) uses word `c mod 4` of `philox([c/4, t, w, 0], key)` — one call per 4 features of a row;
-//! - attention-probability dropout: element (window `w`, head `h`, query `i`, key `j`) uses word
-//!   `(i mod 2)·2 + (j mod 2)` of `philox([j/2, i/2, h, w], key)` — a 2×2 block of (query, key) per call;
-//! - an element is kept iff `u ≥ p`, `u` = the word's top 24 bits scaled to [0, 1); kept elements are scaled
-//!   by `1/(1-p)`.
+//!   An element is kept iff `u ≥ p`, `u` = the word's top 24 bits scaled to [0, 1).
+//! - attention-probability dropout: element (window `w`, head `h`, query `i`, key `j`) uses the 16-bit half
+//!   `j mod 2` (0: the low half) of word `2·(⌊i/8⌋ mod 2) + ⌊j/8⌋ mod 2` of
+//!   `philox([4·⌊j/16⌋ + ⌊(j mod 8)/2⌋, 8·⌊i/16⌋ + i mod 8, h, w], key)`: one call draws the 8 entries of
+//!   queries {i, i+8} × keys {j, j+1, j+8, j+9} (i mod 16 < 8, j mod 16 < 8, j even) — what one lane of an
+//!   m16n8k16 tensor-core accumulator holds over 16 keys, so the forward kernel makes one call per lane and
+//!   16 keys, and the backward, whose lanes hold two keys and four queries, one call plus a swap with the
+//!   lane that holds the neighbouring key ([`attn_block`]). An element is kept iff `u ≥ p`, `u` = its 16 bits
+//!   scaled to [0, 1) — p is resolved to 2^-16, e.g. p = 0.1 drops with probability 6554/65536 = 0.100006.
+//! - kept elements are scaled by `1/(1-p)`.
 //!
 //! `w` is the window's index in the optimizer step's whole batch (before any split into micro-batches or
 //! devices), `t` its position in the window. trainer_state.json records the version; a run is not resumed
 //! across versions.
 
 /// The version of the dropout stream defined above (1: the layout-dependent stream before padding-free
-/// batches).
-pub const DROPOUT_STREAM_VERSION: u32 = 2;
+/// batches; 2: attention dropout from 24-bit words, one Philox call per 2×2 block of (query, key)).
+pub const DROPOUT_STREAM_VERSION: u32 = 3;
 
 const PHILOX_M0: u32 = 0xD251_1F53;
 const PHILOX_M1: u32 = 0xCD9E_8D57;
@@ -67,11 +73,29 @@ pub fn hidden_words(seed: u64, w: u32, t: u32, c4: u32) -> [u32; 4] {
     philox4x32_10([c4, t, w, 0], key(seed))
 }
 
-/// The four words of the 2×2 attention-dropout block of queries `2·i2, 2·i2+1` and keys `2·j2, 2·j2+1` of
-/// window `w`, head `h`: word `(i mod 2)·2 + (j mod 2)`.
+/// Uniform in [0, 1) from 16 bits.
 #[inline]
-pub fn attn_words(seed: u64, w: u32, h: u32, i2: u32, j2: u32) -> [u32; 4] {
-    philox4x32_10([j2, i2, h, w], key(seed))
+pub fn half_uniform(x: u32) -> f32 {
+    (x & 0xffff) as f32 * (1.0 / 65_536.0)
+}
+
+/// The attention-dropout block holding (query `i`, key `j`): its first query and first key — queries
+/// `{i0, i0+8}`, keys `{j0, j0+1, j0+8, j0+9}` — and the position of (i, j) in it, `e = 4·r + k` with
+/// `i = i0 + 8r`, `j = j0 + (k mod 2) + 8·⌊k/2⌋`.
+#[inline]
+pub fn attn_block(i: u32, j: u32) -> (u32, u32, usize) {
+    let (i0, r) = (i - (i & 8), (i >> 3) & 1);
+    let (j0, k) = (j - (j & 9), (j & 1) + 2 * ((j >> 3) & 1));
+    (i0, j0, (4 * r + k) as usize)
+}
+
+/// The 8 draws (16 bits each) of the attention-dropout block whose first query is `i0` and first key `j0`
+/// (see [`attn_block`]) of window `w`, head `h`: entry `e` is half `e mod 2` of word `⌊e/2⌋`.
+#[inline]
+pub fn attn_draws(seed: u64, w: u32, h: u32, i0: u32, j0: u32) -> [u32; 8] {
+    let ctr = [4 * (j0 / 16) + (j0 % 8) / 2, 8 * (i0 / 16) + i0 % 8, h, w];
+    let r = philox4x32_10(ctr, key(seed));
+    std::array::from_fn(|e| (r[e / 2] >> (16 * (e % 2))) & 0xffff)
 }
 
 /// A dropout site: probability `p` of zeroing, and the seed of its mask. `p == 0` disables it.
@@ -92,7 +116,12 @@ impl Dropout {
 
     /// The multiplier of a word: 0 (dropped) or 1/(1-p) (kept).
     fn keep(&self, word: u32) -> f64 {
-        if word_uniform(word) >= self.p {
+        self.factor(word_uniform(word))
+    }
+
+    /// The multiplier of a uniform draw: 0 (dropped, u < p) or 1/(1-p) (kept).
+    fn factor(&self, u: f32) -> f64 {
+        if u >= self.p {
             1.0 / (1.0 - self.p as f64)
         } else {
             0.0
@@ -128,13 +157,13 @@ impl Dropout {
         if !self.active() {
             return 1.0;
         }
-        let words = attn_words(self.seed, w, h, i / 2, j / 2);
-        self.keep(words[((i & 1) * 2 + (j & 1)) as usize])
+        let (i0, j0, e) = attn_block(i, j);
+        self.factor(half_uniform(attn_draws(self.seed, w, h, i0, j0)[e]))
     }
 
-    /// Visits the (rows × keys) matrix of [`Dropout::attn_factor`] for head `h` of window `w` by 2×2 blocks,
-    /// one Philox call per block: `f(i, j, [f(i,j), f(i,j+1), f(i+1,j), f(i+1,j+1)])` for even `i < rows`,
-    /// `j < keys` (entries past `rows`/`keys` are to be ignored). Only when the site is active.
+    /// Visits every entry of the (rows × keys) matrix of [`Dropout::attn_factor`] for head `h` of window `w`,
+    /// block by block (one Philox call per 8 entries): `f(i, j, f_ij)` for each `i < rows`, `j < keys`, in no
+    /// particular order. Only when the site is active.
     #[inline]
     pub fn attn_factor_blocks(
         &self,
@@ -142,15 +171,20 @@ impl Dropout {
         h: u32,
         rows: usize,
         keys: usize,
-        mut f: impl FnMut(usize, usize, [f64; 4]),
+        mut f: impl FnMut(usize, usize, f64),
     ) {
         if !self.active() {
             return;
         }
-        for i in (0..rows).step_by(2) {
-            for j in (0..keys).step_by(2) {
-                let wd = attn_words(self.seed, w, h, (i / 2) as u32, (j / 2) as u32);
-                f(i, j, wd.map(|x| self.keep(x)));
+        for i0 in (0..rows).filter(|i| i % 16 < 8) {
+            for j0 in (0..keys).step_by(2).filter(|j| j % 16 < 8) {
+                let d = attn_draws(self.seed, w, h, i0 as u32, j0 as u32);
+                for (e, x) in d.into_iter().enumerate() {
+                    let (i, j) = (i0 + 8 * (e / 4), j0 + (e % 2) + 8 * ((e / 2) % 2));
+                    if i < rows && j < keys {
+                        f(i, j, self.factor(half_uniform(x)));
+                    }
+                }
             }
         }
     }
@@ -228,16 +262,13 @@ impl Rng {
 mod tests {
     use super::*;
 
-    /// The (rows × keys) matrix of [`Dropout::attn_factor`] for head `h` of window `w` (all ones when off).
+    /// The (rows × keys) matrix of [`Dropout::attn_factor`] for head `h` of window `w` (all ones when off;
+    /// NaN where the visit misses an entry).
     fn attn_factors(d: &Dropout, w: u32, h: u32, rows: usize, keys: usize) -> Vec<f64> {
-        let mut m = vec![1.0; rows * keys];
+        let mut m = vec![if d.active() { f64::NAN } else { 1.0 }; rows * keys];
         d.attn_factor_blocks(w, h, rows, keys, |i, j, f| {
-            for (k, fk) in f.into_iter().enumerate() {
-                let (ii, jj) = (i + k / 2, j + k % 2);
-                if ii < rows && jj < keys {
-                    m[ii * keys + jj] = fk;
-                }
-            }
+            assert!(m[i * keys + j].is_nan(), "({i}, {j}) visited twice");
+            m[i * keys + j] = f;
         });
         m
     }
@@ -278,12 +309,34 @@ mod tests {
         let words = philox4x32_10([5, 17, 9, 0], k);
         assert_eq!(d.hidden_factor(9, 17, 22), keep(words[2]));
         assert_eq!(d.hidden_factor(9, 17, 23), keep(words[3]));
-        // attention: (w, h, i, j) → word (i%2)·2 + j%2 of philox([j/2, i/2, h, w], key)
-        let words = philox4x32_10([5, 3, 2, 9], k);
-        assert_eq!(d.attn_factor(9, 2, 6, 10), keep(words[0]));
-        assert_eq!(d.attn_factor(9, 2, 6, 11), keep(words[1]));
-        assert_eq!(d.attn_factor(9, 2, 7, 10), keep(words[2]));
-        assert_eq!(d.attn_factor(9, 2, 7, 11), keep(words[3]));
+        // attention: (w, h, i, j) → half j%2 of word 2·(i/8 % 2) + j/8 % 2 of
+        // philox([4·(j/16) + (j%8)/2, 8·(i/16) + i%8, h, w], key); queries 21, 29 and keys 36, 37, 44, 45
+        // share the call with counter [4·2 + 2, 8 + 5, h, w]
+        let keep16 = |x: u32| keep(x << 16); // top 24 bits x·2^8: u = x/2^16
+        let words = philox4x32_10([10, 13, 2, 9], k);
+        let draws = [
+            (21, 36, words[0] & 0xffff),
+            (21, 37, words[0] >> 16),
+            (21, 44, words[1] & 0xffff),
+            (21, 45, words[1] >> 16),
+            (29, 36, words[2] & 0xffff),
+            (29, 37, words[2] >> 16),
+            (29, 44, words[3] & 0xffff),
+            (29, 45, words[3] >> 16),
+        ];
+        for (i, j, x) in draws {
+            assert_eq!(d.attn_factor(9, 2, i, j), keep16(x), "({i}, {j})");
+            assert_eq!(attn_block(i, j).0, 21);
+            assert_eq!(attn_block(i, j).1, 36);
+        }
+        // one of them by hand: u = x/2^16 against p
+        let x = words[3] >> 16;
+        let by_hand = if x as f64 / 65536.0 >= p as f64 {
+            1.0 / (1.0 - p as f64)
+        } else {
+            0.0
+        };
+        assert_eq!(d.attn_factor(9, 2, 29, 45), by_hand);
     }
 
     #[test]
@@ -291,7 +344,17 @@ mod tests {
         let d = Dropout::new(0.3, 1234);
         let f = d.hidden_factors(3, 41, 103);
         assert!((0..103).all(|c| f[c] == d.hidden_factor(3, 41, c as u32)));
-        for (rows, keys) in [(7usize, 7usize), (8, 8), (9, 5), (3, 33), (5, 17), (2, 16)] {
+        for (rows, keys) in [
+            (7usize, 7usize),
+            (8, 8),
+            (9, 5),
+            (3, 33),
+            (5, 17),
+            (2, 16),
+            (17, 25),
+            (40, 24),
+            (16, 9),
+        ] {
             let m = attn_factors(&d, 4, 1, rows, keys);
             for i in 0..rows {
                 for j in 0..keys {

@@ -184,12 +184,11 @@ fn gpu_missing_driver_gives_clear_error() {
     );
 }
 
-/// Variant 4's integer keep test (kernels/attention_tc.cu `keep_threshold`/`kept`: `(w >> 8) >= ceil(p·2^24)`)
-/// keeps exactly the elements the float test of the stream keeps (`(w >> 8)·2^-24 >= p`, common.cuh
-/// `keep_factor`, src/rng.rs), including the words on either side of each threshold.
+/// The tensor-core kernels' integer keep test of an attention-dropout draw (kernels/common.cuh
+/// `attn_threshold`/`attn_kept`: `draw >= ceil(p·2^16)`) keeps exactly the draws the stream's float test keeps
+/// (`draw·2^-16 >= p`: src/rng.rs `half_uniform`, and variant 1's `attn_dropout`), for every 16-bit draw.
 #[test]
-fn attention_v4_integer_keep_test_matches_the_float_one() {
-    let mut r = bertqa::rng::Rng::new(9);
+fn attention_integer_keep_test_matches_the_float_one() {
     for p in [
         0.1f32,
         0.25,
@@ -200,15 +199,10 @@ fn attention_v4_integer_keep_test_matches_the_float_one() {
         0.999_999,
         0.123_456_79,
     ] {
-        let thr = (p * 16_777_216.0).ceil() as u32;
-        let mut words: Vec<u32> = (0..10_000).map(|_| (r.next_u64() >> 32) as u32).collect();
-        for d in [-1i64, 0, 1] {
-            let w = ((thr as i64 + d).clamp(0, (1 << 24) - 1) as u32) << 8;
-            words.extend([w, w | 0xff]);
-        }
-        for w in words {
-            let float_keep = (w >> 8) as f32 * (1.0 / 16_777_216.0) >= p;
-            assert_eq!((w >> 8) >= thr, float_keep, "p={p} word={w:#x}");
+        let thr = (p * 65_536.0).ceil() as u32;
+        for draw in 0..=0xffffu32 {
+            let float_keep = bertqa::rng::half_uniform(draw) >= p;
+            assert_eq!(draw >= thr, float_keep, "p={p} draw={draw:#x}");
         }
     }
 }

@@ -39,21 +39,14 @@ fn blocks(cu: &[i32], lens: &[i32], wid: &[i32], nh: usize) -> Vec<Block> {
 }
 
 /// Calls `g(i·L + j, i, f_ij)` for every entry of block `k`'s (R, L) matrix with its dropout factor
-/// (1 everywhere when the site is off; otherwise one Philox call per 2×2 block).
+/// (1 everywhere when the site is off; otherwise one Philox call per 8 entries).
 fn each_factor<T: Real>(drop: Dropout, k: &Block, mut g: impl FnMut(usize, usize, T)) {
     let (r, l) = (k.rows, k.keys);
     if !drop.active() {
         (0..r * l).for_each(|ij| g(ij, ij / l, T::one()));
         return;
     }
-    drop.attn_factor_blocks(k.w, k.h as u32, r, l, |i, j, f| {
-        for (e, fe) in f.into_iter().enumerate() {
-            let (ii, jj) = (i + e / 2, j + e % 2);
-            if ii < r && jj < l {
-                g(ii * l + jj, ii, T::of(fe));
-            }
-        }
-    });
+    drop.attn_factor_blocks(k.w, k.h as u32, r, l, |i, j, f| g(i * l + j, i, T::of(f)));
 }
 
 /// Head `h` of part `part` (0 Q, 1 K, 2 V) of rows `s0..s0+m` as a contiguous (m, HS) matrix.
@@ -121,7 +114,7 @@ impl AttentionOps for Cpu {
                     let q = head(&x, k.s0, r, c, hs, k.h, 0);
                     let (kk, v) = (head(&x, k.s0, l, c, hs, k.h, 1), head(&x, k.s0, l, c, hs, k.h, 2));
                     let (mut e, z, ls) = exp_scores(&q, &kk, r, l, hs);
-                    // E∘f, f_ij = drop.attn_factor(w, h, i, j) (one Philox call per 2×2 block)
+                    // E∘f, f_ij = drop.attn_factor(w, h, i, j) (one Philox call per 8 entries)
                     if drop.active() {
                         each_factor(drop, k, |ij, _, f: T| e[ij] *= f);
                     }
