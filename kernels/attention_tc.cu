@@ -51,17 +51,17 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1)
 
 // ldmatrix (.m8n8 .b16): lanes 8i..8i+7 give the row addresses of 8×8 matrix i; r[i] = this lane's pair of
 // matrix i — row lane/4, columns 2·(lane%4) and +1 (.trans: rows 2·(lane%4) and +1 of column lane/4).
-// p is a generic pointer into shared memory.
+// The address is `tile` (generic, into shared memory) plus `off` elements. On the GPU it is formed as a 32-bit
+// .shared address: the tile's (one cvta, hoisted out of the unrolled loops) plus the offset, whose lane part
+// is loop-invariant and whose fragment part is a compile-time constant that ptxas folds into the instruction.
+// (Generic 64-bit addresses cost three integer instructions per ldmatrix: ~190 of the forward's tile.)
 #ifdef BERTQA_EMU
-__device__ __forceinline__ void ldsm_x4(u32* r, const void* p) { ::emu::ldmatrix(r, 4, false, p); }
-__device__ __forceinline__ void ldsm_x2(u32& b0, u32& b1, const void* p) {
-    u32 r[2];
-    ::emu::ldmatrix(r, 2, false, p);
-    b0 = r[0], b1 = r[1];
+template <typename T> __device__ __forceinline__ void ldsm_x4(u32* r, const T* tile, int off) {
+    ::emu::ldmatrix(r, 4, false, tile + off);
 }
-__device__ __forceinline__ void ldsm_x2_trans(u32& b0, u32& b1, const void* p) {
+template <typename T> __device__ __forceinline__ void ldsm_x2(u32& b0, u32& b1, const T* tile, int off, bool trans) {
     u32 r[2];
-    ::emu::ldmatrix(r, 2, true, p);
+    ::emu::ldmatrix(r, 2, trans, tile + off);
     b0 = r[0], b1 = r[1];
 }
 #else
@@ -71,31 +71,31 @@ __device__ __forceinline__ u32 smem_u32(const void* p) {
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
     return a;
 }
-__device__ __forceinline__ void ldsm_x4(u32* r, const void* p) {
+template <typename T> __device__ __forceinline__ void ldsm_x4(u32* r, const T* tile, int off) {
+    u32 a = smem_u32(tile) + (u32)off * (u32)sizeof(T);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }
-__device__ __forceinline__ void ldsm_x2(u32& b0, u32& b1, const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(smem_u32(p)));
-}
-__device__ __forceinline__ void ldsm_x2_trans(u32& b0, u32& b1, const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(smem_u32(p)));
+template <typename T> __device__ __forceinline__ void ldsm_x2(u32& b0, u32& b1, const T* tile, int off, bool trans) {
+    u32 a = smem_u32(tile) + (u32)off * (u32)sizeof(T);
+    if (trans) asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(a));
+    else asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(a));
 }
 #endif
 // A fragment (16×16, row-major tile with row stride `ld` elements) at (row 0, col k0)
 template <typename T> __device__ __forceinline__ void lda_x4(u32* r, const T* tile, int ld, int k0) {
     int l = threadIdx.x & 31;
-    ldsm_x4(r, tile + (((l >> 3) & 1) * 8 + (l & 7)) * ld + k0 + (l >> 4) * 8);
+    ldsm_x4(r, tile, (((l >> 3) & 1) * 8 + (l & 7)) * ld + (l >> 4) * 8 + k0);
 }
 // B fragment (k 16 × n 8) from a tile stored [n][k] (row n, k contiguous): rows n0..n0+7, cols k0..k0+15
 template <typename T> __device__ __forceinline__ void ldb_nk(u32& b0, u32& b1, const T* tile, int ld, int n0, int k0) {
     int l = threadIdx.x & 31;
-    ldsm_x2(b0, b1, tile + (n0 + (l & 7)) * ld + k0 + ((l >> 3) & 1) * 8);
+    ldsm_x2(b0, b1, tile, (l & 7) * ld + ((l >> 3) & 1) * 8 + (n0 * ld + k0), false);
 }
 // B fragment (k 16 × n 8) from a tile stored [k][n] (row k, n contiguous): rows k0..k0+15, cols n0..n0+7
 template <typename T> __device__ __forceinline__ void ldb_kn(u32& b0, u32& b1, const T* tile, int ld, int k0, int n0) {
     int l = threadIdx.x & 31;
-    ldsm_x2_trans(b0, b1, tile + (k0 + (l & 15)) * ld + n0);
+    ldsm_x2(b0, b1, tile, (l & 15) * ld + (k0 * ld + n0), true);
 }
 
 // cp.async (sm_80+): copies global → shared without a register round trip, `bytes` of them or zeros when
@@ -237,6 +237,7 @@ __device__ void tc3_forward(const AttnParams& a) {
     for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
     int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
+    const u32 qc0 = attn_qc(i0);  // the dropout counter of rows i0, i1
     const bool drop = a.p > 0.f;
     const u32 thr = attn_threshold(a.p);
     const float ks = drop ? 1.f / (1.f - a.p) : 1.f;  // a kept probability's dropout factor
@@ -278,7 +279,7 @@ __device__ void tc3_forward(const AttnParams& a) {
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
             u32 pa[4], d[8];
-            if (drop) attn_draws_fwd(a.seed, W.w, h, i0, k0 + kk * 16 + 2 * t4, d);
+            if (drop) attn_draws_fwd(a.seed, W.w, h, qc0, attn_kc(k0) + 4 * kk + t4, d);
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 int j = 2 * kk + half;
@@ -339,6 +340,7 @@ __device__ void tc3_backward_kv(const AttnParams& a) {
     load_rows<T, HS, 64>(a, W, W.len, h, 1, j0, Ks);
     load_rows<T, HS, 64>(a, W, W.len, h, 2, j0, Vs);
     int ja = j0 + warp * 16 + g, jb = ja + 8;
+    const u32 kca = attn_kc(ja);  // the dropout counter of keys ja, jb
     bool livea = ja < W.len, liveb = jb < W.len;
     float dk[NO][4], dv[NO][4];
 #pragma unroll
@@ -366,7 +368,7 @@ __device__ void tc3_backward_kv(const AttnParams& a) {
         for (int kk = 0; kk < BQ / 16; ++kk) {
             u32 pa[4], sa[4], d[8];
             // queries i, i+1, i+8, i+9 (i = q0 + 16kk + 2·t4) of keys ja, jb
-            if (drop) attn_draws_bwd(a.seed, W.w, h, q0 + kk * 16 + 2 * t4, ja, d);
+            if (drop) attn_draws_bwd(a.seed, W.w, h, attn_qc(q0) + 8 * kk + 2 * t4, kca, ja & 1, d);
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 int n = 2 * kk + half;
@@ -429,6 +431,7 @@ __device__ void tc3_backward_q(const AttnParams& a) {
         lda_x4(oa[kk], Os + warp * 16 * LD, LD, kk * 16);
     }
     int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
+    const u32 qc0 = attn_qc(i0);  // the dropout counter of rows i0, i1
     u64 hrow = (u64)h * a.n + W.s0;
     float L0 = i0 < W.rows ? ((const float*)a.lse)[hrow + i0] : 0.f, L1 = i1 < W.rows ? ((const float*)a.lse)[hrow + i1] : 0.f;
     float D0 = i0 < W.rows ? ((const float*)a.dsum)[hrow + i0] : 0.f, D1 = i1 < W.rows ? ((const float*)a.dsum)[hrow + i1] : 0.f;
@@ -460,7 +463,7 @@ __device__ void tc3_backward_q(const AttnParams& a) {
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
             u32 sa[4], d[8];
-            if (drop) attn_draws_fwd(a.seed, W.w, h, i0, k0 + kk * 16 + 2 * t4, d);
+            if (drop) attn_draws_fwd(a.seed, W.w, h, qc0, attn_kc(k0) + 4 * kk + t4, d);
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 int j = 2 * kk + half;
@@ -499,9 +502,11 @@ __device__ void tc3_backward_q(const AttnParams& a) {
 // dropout's 1/(1-p) applied once to O instead of to every probability.
 // Counted in the SASS (scripts/sass_count.sh: ptxas 13.0, sm_90, bf16, hs64), per warp and 64-key tile:
 // variant 3 2297 instructions (1108 integer — mostly Philox —, 739 float, 64 HMMA) with the dropout stream of
-// version 2 (one Philox call per 2×2 block); this one 1244 with that stream (two lanes sharing each call), and
-// 1007 (577 integer, 226 float, 34 MUFU, 64 HMMA) with version 3's 16-bit draws (one call per lane and 16 keys).
-// Variant 3 issued ~36 instructions per HMMA: it is bound by instruction issue, not by the tensor cores.
+// version 2 (one Philox call per 2×2 block); this one 1244 with that stream (two lanes sharing each call), 1007
+// with version 3's 16-bit draws (one call per lane and 16 keys), 820 with ldmatrix addresses formed in 32 bits
+// (ldsm_x4), and 755 on a full tile now that only the last, partial tile masks keys (821 in the loop, of which
+// 66 masking; 389 integer, 226 float, 34 MUFU, 77 memory, 64 HMMA). Variant 3 issued ~36 instructions per
+// HMMA: it is bound by instruction issue, not by the tensor cores; this one issues ~12.
 template <typename T, int HS>
 __device__ void tc4_forward(const AttnParams& a) {
     constexpr int BK = 64, KS = HS / 16, NO = HS / 8, LD = HS + 8;
@@ -529,6 +534,7 @@ __device__ void tc4_forward(const AttnParams& a) {
     for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // row maxima of the raw scores q·k, row sums
     int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
+    const u32 qc0 = attn_qc(i0);  // the dropout counter of rows i0, i1
     const float sl2 = a.scale * LOG2E_F;
     const bool drop = a.p > 0.f;
     const u32 thr = attn_threshold(a.p);
@@ -543,14 +549,21 @@ __device__ void tc4_forward(const AttnParams& a) {
         const T* Vs = Vb + buf * BK * LD;
         float s[BK / 8][4];
         qk_strip<T>(s, qa, Ks, LD);
-        float mx0 = -INFINITY, mx1 = -INFINITY;
+        if (k0 + BK > W.len) {  // the last tile, partial: keys past the window's real ones get probability 0
+#pragma unroll
+            for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    bool live = k0 + j * 8 + 2 * t4 + e < W.len;
+                    s[j][e] = live ? s[j][e] : -INFINITY;
+                    s[j][2 + e] = live ? s[j][2 + e] : -INFINITY;
+                }
+        }
+        float mx0 = -INFINITY, mx1 = -INFINITY;  // of the raw scores: the scale joins the exponent's FFMA
 #pragma unroll
         for (int j = 0; j < BK / 8; ++j) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                bool live = k0 + j * 8 + 2 * t4 + e < W.len;  // raw scores: the scale joins the exponent's FFMA
-                s[j][e] = live ? s[j][e] : -INFINITY;
-                s[j][2 + e] = live ? s[j][2 + e] : -INFINITY;
                 mx0 = fmaxf(mx0, s[j][e]);
                 mx1 = fmaxf(mx1, s[j][2 + e]);
             }
@@ -576,7 +589,7 @@ __device__ void tc4_forward(const AttnParams& a) {
         for (int kk = 0; kk < BK / 16; ++kk) {
             u32 pa[4];
             u32 d[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};  // all kept (thr = 0) without dropout
-            if (drop) attn_draws_fwd(a.seed, W.w, h, i0, k0 + kk * 16 + 2 * t4, d);
+            if (drop) attn_draws_fwd(a.seed, W.w, h, qc0, attn_kc(k0) + 4 * kk + t4, d);
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 int j = 2 * kk + half;
@@ -623,7 +636,8 @@ __device__ void tc4_forward(const AttnParams& a) {
 // the exponentials and the dropout stream), at the price of T/(16·NW) reductions per dQ element; the
 // exponentials, the dropout test and its 1/(1-p) are done as in tc4_forward. SASS count (sm_90, bf16, hs64)
 // per warp for a 16 × 32 (key, query) block, dropout stream version 2: variant 3 1815 (dK/dV kernel) + 1439
-// (dQ kernel) = 3254 instructions, this one 1355 (w8) to 1428 (w4); version 3: 1288 (w8) to 1364 (w4).
+// (dQ kernel) = 3254 instructions, this one 1355 (w8) to 1428 (w4); version 3 and 32-bit ldmatrix addresses:
+// 967 (w8) to 1008 (w4, w8b2) (variant 3: 1305 + 972).
 // Query tiles (Q, dO, lse, D) are double-buffered with cp.async: tile i+1 loads while tile i computes.
 // dqacc must be zero on entry.
 __device__ __forceinline__ void red_add2(float* p, float x, float y) {
@@ -668,6 +682,7 @@ __device__ void tc4_backward(const AttnParams& a) {
     load_rows<T, HS, BKEY>(a, W, W.len, h, 1, j0, Ks);
     load_rows<T, HS, BKEY>(a, W, W.len, h, 2, j0, Vs);
     int ja = j0 + warp * 16 + g, jb = ja + 8;
+    const u32 kca = attn_kc(ja);  // the dropout counter of keys ja, jb
     bool livea = ja < W.len, liveb = jb < W.len;
     float dk[NO][4], dv[NO][4];
 #pragma unroll
@@ -698,7 +713,18 @@ __device__ void tc4_backward(const AttnParams& a) {
             u32 pa[4], sa[4];
             // the draws of queries i, i+1, i+8, i+9 (i = q0 + 16kk + 2·t4) of keys ja, jb; all kept without dropout
             u32 d[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
-            if (drop) attn_draws_bwd(a.seed, W.w, h, q0 + kk * 16 + 2 * t4, ja, d);
+            if (drop) attn_draws_bwd(a.seed, W.w, h, attn_qc(q0) + 8 * kk + 2 * t4, kca, ja & 1, d);
+            // lse·log2 e and D of this lane's queries (2kk + half)·8 + 2·t4 + {0, 1}, read before this step's dS
+            // stores (the compiler cannot tell Ss from Ls/Ds apart, and would read them again after each store)
+            float lq[2][2], dd[2][2];
+#pragma unroll
+            for (int half = 0; half < 2; ++half)
+#pragma unroll
+                for (int par = 0; par < 2; ++par) {
+                    int qi = (2 * kk + half) * 8 + 2 * t4 + par;
+                    lq[half][par] = Lb[qi] * LOG2E_F;
+                    dd[half][par] = Db[qi];
+                }
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 int n = 2 * kk + half;
@@ -709,10 +735,10 @@ __device__ void tc4_backward(const AttnParams& a) {
                 for (int e = 0; e < 4; ++e) {
                     int qi = n * 8 + 2 * t4 + (e & 1);
                     bool live = (e < 2 ? livea : liveb) && q0 + qi < W.rows;
-                    float P = live ? ex2(s[n][e] * sl2 - Lb[qi] * LOG2E_F) : 0.f;
+                    float P = live ? ex2(fmaf(s[n][e], sl2, -lq[half][e & 1])) : 0.f;
                     bool keep = attn_kept(ws[e], thr);  // thr = 0 without dropout
                     pv[e] = keep ? P : 0.f;        // dV's 1/(1-p) is applied once, at the end
-                    sv[e] = P * ((keep ? dp[n][e] * ks : 0.f) - Db[qi]);
+                    sv[e] = P * ((keep ? dp[n][e] * ks : 0.f) - dd[half][e & 1]);
                     Ss[qi * LDS + warp * 16 + g + (e >> 1) * 8] = from_f<T>(sv[e]);
                 }
                 pa[half * 2 + 0] = pack2<T>(pv[0], pv[1]);
@@ -812,13 +838,12 @@ TC3_INSTANTIATE(f16, f16, 32)
 TC3_INSTANTIATE(f16, f16, 64)
 TC3_INSTANTIATE(f16, f16, 128)
 
-// Shapes of variant 4's backward, picked by BERTQA_ATTN4 (src/ops/attention.rs). Registers from ptxas for
-// sm_90 (bf16; spill stores/loads in bytes):
-//   w4   4 warps, 64 keys per block, ≤ 170 registers (3 blocks/SM): hs32 157, hs64 164, hs128 168 (420/624)
-//   w8   8 warps, 128 keys: half the dQ reductions and Q/dO loads per key; hs32 174, hs64 198, hs128 244
+// Shapes of variant 4's backward, picked by --attention-v4-shape (src/kernel.rs Tc4Shape). Registers from
+// ptxas 13.0 for sm_90 (bf16; spill stores/loads in bytes; scripts/sass_count.sh prints them):
+//   w4   4 warps, 64 keys per block, ≤ 170 registers (3 blocks/SM): hs32 136, hs64 160, hs128 168 (256/192)
+//   w8   8 warps, 128 keys: half the dQ reductions and Q/dO loads per key; hs32 134, hs64 175, hs128 236
 //        (1 block/SM)
-//   w8b2 8 warps held to 128 registers (2 blocks/SM): hs32 128 (12/12), hs64 128 (32/116), hs128 128
-//        (1152/1180)
+//   w8b2 8 warps held to 128 registers (2 blocks/SM): hs32 123, hs64 128, hs128 128 (900/676)
 #define TC4_INSTANTIATE(TY, NAME, HS, CFG, NW, MINB)                                                                   \
     extern "C" __global__ void __launch_bounds__(NW * 32, MINB) attention_tc4_backward_##CFG##_##NAME##_hs##HS(AttnParams a) { \
         tc4_backward<TY, HS, NW>(a);                                                                                 \

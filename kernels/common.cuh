@@ -147,8 +147,12 @@ __device__ __forceinline__ Window window_at(u64 cu, u64 lens, u64 wid, int b) {
 // j+9} (i%16 < 8, j%16 < 8, j even): in an m16n8k16 layout, what one lane of an S accumulator holds over 16
 // keys (attn_draws_fwd), or, with the lane holding the neighbouring key, two lanes' share of a transposed Sᵀ
 // accumulator (attn_draws_bwd).
-__device__ __forceinline__ uint4 attn_philox(u64 seed, int w, int h, int i, int j) {
-    u32 kc = (u32)((j >> 4) * 4 + ((j & 7) >> 1)), qc = (u32)((i >> 4) * 8 + (i & 7));
+// The counter words of the call that draws (query i, key j): qc of the query, kc of the key. Kernels step them
+// along their tiles (attn_kc(k0 + 16·kk + 2·t) = attn_kc(k0) + 4·kk + t for k0 % 16 == 0, t < 4; attn_qc likewise
+// + 8 per 16 queries) instead of recomputing them from positions.
+__device__ __forceinline__ u32 attn_qc(int i) { return (u32)((i >> 4) * 8 + (i & 7)); }
+__device__ __forceinline__ u32 attn_kc(int j) { return (u32)((j >> 4) * 4 + ((j & 7) >> 1)); }
+__device__ __forceinline__ uint4 attn_philox(u64 seed, int w, int h, u32 qc, u32 kc) {
     return philox4x32_10(make_uint4(kc, qc, (u32)h, (u32)w), philox_key(seed));
 }
 // p → the integer threshold of the keep test; 0 when p <= 0: everything kept (p·2^16 and its ceiling are exact)
@@ -157,15 +161,16 @@ __device__ __forceinline__ bool attn_kept(u32 draw, u32 thr) { return draw >= th
 // One element (variant 1, CUDA cores): 0 or 1/(1-p).
 __device__ __forceinline__ float attn_dropout(u64 seed, int w, int h, int i, int j, float p) {
     if (p <= 0.f) return 1.f;
-    uint4 r = attn_philox(seed, w, h, i, j);
+    uint4 r = attn_philox(seed, w, h, attn_qc(i), attn_kc(j));
     u32 word = philox_word(r, (u32)(((i >> 3) & 1) * 2 + ((j >> 3) & 1)));
     u32 draw = (word >> ((j & 1) * 16)) & 0xffffu;
     return (float)draw * (1.0f / 65536.0f) >= p ? 1.0f / (1.0f - p) : 0.f;
 }
-// The forward layout: this lane's queries i (i%16 < 8) and i+8, keys j, j+1, j+8, j+9 (j%16 < 8, j even).
-// d[0..3] = draws of (i, j), (i, j+1), (i, j+8), (i, j+9); d[4..7] the same for query i+8. One call.
-__device__ __forceinline__ void attn_draws_fwd(u64 seed, int w, int h, int i, int j, u32 (&d)[8]) {
-    uint4 r = attn_philox(seed, w, h, i, j);
+// The forward layout: this lane's queries i (i%16 < 8) and i+8, keys j, j+1, j+8, j+9 (j%16 < 8, j even);
+// qc = attn_qc(i), kc = attn_kc(j). d[0..3] = draws of (i, j), (i, j+1), (i, j+8), (i, j+9); d[4..7] the same for
+// query i+8. One call.
+__device__ __forceinline__ void attn_draws_fwd(u64 seed, int w, int h, u32 qc, u32 kc, u32 (&d)[8]) {
+    uint4 r = attn_philox(seed, w, h, qc, kc);
     u32 x[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
@@ -174,13 +179,12 @@ __device__ __forceinline__ void attn_draws_fwd(u64 seed, int w, int h, int i, in
     }
 }
 // The backward (Sᵀ) layout: this lane's keys j (j%16 < 8) and j+8, queries i, i+1, i+8, i+9 (i%16 < 8, i even);
-// lane l^4 holds keys j^1 and j^1+8 at the same queries. d[0..3] = draws of (i, j), (i, j+8), (i+8, j),
-// (i+8, j+8); d[4..7] the same for query i+1. The even-key lane draws query i's block, the odd-key lane query
-// i+1's, and each passes its partner the halves of the partner's key: one call and two shuffles per lane.
-// All 32 lanes must call together.
-__device__ __forceinline__ void attn_draws_bwd(u64 seed, int w, int h, int i, int j, u32 (&d)[8]) {
-    bool odd = j & 1;
-    uint4 r = attn_philox(seed, w, h, odd ? i + 1 : i, j);
+// qc = attn_qc(i) (query i+1's call has qc + 1), kc = attn_kc(j), odd = j odd. Lane l^4 holds keys j^1 and
+// j^1+8 at the same queries. d[0..3] = draws of (i, j), (i, j+8), (i+8, j), (i+8, j+8); d[4..7] the same for
+// query i+1. The even-key lane draws query i's block, the odd-key lane query i+1's, and each passes its
+// partner the halves of the partner's key: one call and two shuffles per lane. All 32 lanes must call together.
+__device__ __forceinline__ void attn_draws_bwd(u64 seed, int w, int h, u32 qc, u32 kc, bool odd, u32 (&d)[8]) {
+    uint4 r = attn_philox(seed, w, h, qc + (odd ? 1u : 0u), kc);
     u32 mine = odd ? 16 : 0, his = 16 - mine;  // the shift of my key's half, of my partner's
     u32 s0 = ((r.x >> his) & 0xffffu) | (((r.y >> his) & 0xffffu) << 16);
     u32 s1 = ((r.z >> his) & 0xffffu) | (((r.w >> his) & 0xffffu) << 16);

@@ -36,6 +36,7 @@ def klass(op):
 def main():
     flt = sys.argv[1] if len(sys.argv) > 1 else ""
     kernels = {}
+    preds_all = {}
     name = None
     for line in sys.stdin:
         m = re.match(r"\s+Function : (\S+)", line)
@@ -47,11 +48,13 @@ def main():
         if m and name is not None:
             addr = int(m.group(1), 16)
             kernels[name].append((addr, m.group(3), m.group(4)))
+            preds_all.setdefault(name, []).append(bool(m.group(2)))
     for name, ins in kernels.items():
         if flt not in name:
             continue
         print(f"{name}: {len(ins)} instructions")
         index = {a: k for k, (a, _, _) in enumerate(ins)}
+        preds = preds_all.get(name, [])
         loops = []
         for k, (a, op, args) in enumerate(ins):
             if op.startswith("BRA"):
@@ -66,6 +69,18 @@ def main():
             c = Counter(klass(op) for _, op, _ in body)
             detail = " ".join(f"{k}={c[k]}" for k in ("hmma", "mufu", "float", "int", "shfl", "mem", "uniform", "other") if c[k])
             print(f"  loop {ins[s][0]:#06x}..{ins[e][0]:#06x}: {len(body)} instructions ({detail})")
+            # predicated forward branches inside a long loop: the blocks they can skip (e.g. masking that
+            # only a partial tile runs), so that the common path's length is the loop's minus those blocks
+            if len(body) >= 100:
+                for k in range(s, e):
+                    a, op, args = ins[k]
+                    m = re.search(r"0x([0-9a-f]+)", args)
+                    if op.startswith("BRA") and preds[k] and m:
+                        t = int(m.group(1), 16)
+                        if a < t <= ins[e][0] and t in index:
+                            n = index[t] - k - 1
+                            if n >= 30:
+                                print(f"    {a:#06x}: a predicated branch skips {n} instructions")
 
 if __name__ == "__main__":
     main()
