@@ -180,7 +180,8 @@ fn attn(k: AttnKernel) -> KernelConfig {
 }
 
 /// The four linear layers of a BERT layer, forward (with and without the bias, and with cuBLASLt's bias
-/// epilogue) and backward (scalar and vec bias gradient, cuBLASLt).
+/// epilogue) and backward (scalar and vec bias gradient, cuBLASLt; the FFN up-projection without its bias
+/// gradient, which the model takes in the GELU backward).
 fn bench_linear<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
     let (c, f, n, dt) = (s.cfg.hidden_size, s.cfg.intermediate_size, s.n(), s.dt);
     let opt_in = be.opt_in(dt);
@@ -214,10 +215,13 @@ fn bench_linear<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
         let mut dx = Tensor::zeros(be, &[n, ic], dt).unwrap();
         let mut dw = Tensor::zeros(be, &[oc, ic], s.sd()).unwrap();
         let mut db = Tensor::zeros(be, &[oc], s.sd()).unwrap();
+        // as the model runs it: the FFN up-projection's bias gradient comes with dGELU (gelu_backward_bias)
+        let with_db = lname != "linear ffn-up";
         for (label, k) in variants(opt_in, &[(", vec", vec_on()), (", cuBLASLt", lt())]) {
             be.use_kernels(k);
             let ms = bench(be, tab.iters, &mut || {
-                be.linear_backward(Some(&mut dx), false, &mut dw, Some(&mut db), &y, &x, &w)
+                let db = with_db.then_some(&mut db);
+                be.linear_backward(Some(&mut dx), false, &mut dw, db, &y, &x, &w)
                     .unwrap()
             });
             tab.add(&format!("{lname} bwd{label}"), &shape, ms, 0.0, 2.0 * fl);
@@ -370,6 +374,18 @@ fn bench_elementwise<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) 
         });
         tab.add(
             &format!("gelu bwd{label}"),
+            &sh,
+            ms,
+            3.0 * (n * f) as f64 * es,
+            0.0,
+        );
+        // with the up-projection's bias gradient (vec: one fused pass; scalar: gelu bwd + bias_grad)
+        let mut gdb = Tensor::zeros(be, &[f], s.sd()).unwrap();
+        let ms = bench(be, tab.iters, &mut || {
+            be.gelu_backward_bias(&mut gdx, &mut gdb, &gy, &gx).unwrap()
+        });
+        tab.add(
+            &format!("gelu bwd + bias grad{label}"),
             &sh,
             ms,
             3.0 * (n * f) as f64 * es,

@@ -500,13 +500,13 @@ __device__ void tc3_backward_q(const AttnParams& a) {
 // loads while tile i computes), the exponentials in base 2 on the special-function unit (ex2.approx of one
 // FFMA of the raw score: 2^{s·scale·log2 e − base·scale·log2 e}), the dropout tested as integers, and the
 // dropout's 1/(1-p) applied once to O instead of to every probability.
-// Counted in the SASS (scripts/sass_count.sh: ptxas 13.0, sm_90, bf16, hs64), per warp and 64-key tile:
-// variant 3 2297 instructions (1108 integer — mostly Philox —, 739 float, 64 HMMA) with the dropout stream of
-// version 2 (one Philox call per 2×2 block); this one 1244 with that stream (two lanes sharing each call), 1007
-// with version 3's 16-bit draws (one call per lane and 16 keys), 820 with ldmatrix addresses formed in 32 bits
-// (ldsm_x4), and 755 on a full tile now that only the last, partial tile masks keys (821 in the loop, of which
-// 66 masking; 389 integer, 226 float, 34 MUFU, 77 memory, 64 HMMA). Variant 3 issued ~36 instructions per
-// HMMA: it is bound by instruction issue, not by the tensor cores; this one issues ~12.
+// Counted in the SASS (scripts/sass_count.sh: ptxas 13.0, sm_90, bf16, hs64), per warp and 64-key tile, at
+// commit 9e9b8ad (dropout stream version 2, one Philox call per 2×2 block): variant 3 2204 instructions
+// (64 HMMA; ~34 per HMMA, most of the rest Philox and full-precision expf — it was bound by instruction issue,
+// not by the tensor cores), this one 1244 (two lanes sharing each call). Now: 1007 with version 3's 16-bit
+// draws (one call per lane and 16 keys), 820 with ldmatrix addresses formed in 32 bits (ldsm_x4), and 755 on
+// a full tile now that only the last, partial tile masks keys (821 in the loop, of which 66 masking; 389
+// integer, 226 float, 34 MUFU, 77 memory, 64 HMMA): ~12 per HMMA. (Variant 3 now: 1422.)
 template <typename T, int HS>
 __device__ void tc4_forward(const AttnParams& a) {
     constexpr int BK = 64, KS = HS / 16, NO = HS / 8, LD = HS + 8;
@@ -635,9 +635,9 @@ __device__ void tc4_forward(const AttnParams& a) {
 // Against variant 3 this drops the second pass over all (query, key) pairs (tc3_backward_q recomputes S, dP,
 // the exponentials and the dropout stream), at the price of T/(16·NW) reductions per dQ element; the
 // exponentials, the dropout test and its 1/(1-p) are done as in tc4_forward. SASS count (sm_90, bf16, hs64)
-// per warp for a 16 × 32 (key, query) block, dropout stream version 2: variant 3 1815 (dK/dV kernel) + 1439
-// (dQ kernel) = 3254 instructions, this one 1355 (w8) to 1428 (w4); version 3 and 32-bit ldmatrix addresses:
-// 967 (w8) to 1008 (w4, w8b2) (variant 3: 1305 + 972).
+// per warp for a 16 × 32 (key, query) block at commit 9e9b8ad (stream version 2): variant 3 1700 (dK/dV
+// kernel) + 1274 (dQ kernel) = 2974 instructions, this one 1355 (w8) to 1428 (w4); now (version 3, 32-bit
+// ldmatrix addresses): 967 (w8) to 1008 (w4, w8b2), variant 3 1305 + 972.
 // Query tiles (Q, dO, lse, D) are double-buffered with cp.async: tile i+1 loads while tile i computes.
 // dqacc must be zero on entry.
 __device__ __forceinline__ void red_add2(float* p, float x, float y) {

@@ -125,6 +125,26 @@ template <typename T> struct alignas(16) Pack16 {
 template <typename T> __device__ __forceinline__ Pack16<T> ld16(const T* p) { return *reinterpret_cast<const Pack16<T>*>(p); }
 template <typename T> __device__ __forceinline__ void st16(T* p, const Pack16<T>& x) { *reinterpret_cast<Pack16<T>*>(p) = x; }
 
+// The end of a column-sum kernel with blocks of (32, 8) threads, where thread (x, y) holds the partial sums
+// acc[0..N) of columns (blockIdx.x·32 + x)·N + e over its rows: the 8 row partials of each column meet in
+// shared memory, then one atomicAdd per column and block into dst (f32, c columns). Every thread of the block
+// must call it (it holds a barrier).
+template <int N> __device__ __forceinline__ void column_partials_add(const float (&acc)[N], float* dst, int c) {
+    __shared__ float part[8][32 * N + 1];
+#pragma unroll
+    for (int e = 0; e < N; ++e) part[threadIdx.y][threadIdx.x * N + e] = acc[e];
+    __syncthreads();
+    for (int k = threadIdx.y * 32 + threadIdx.x; k < 32 * N; k += 256) {
+        int col = blockIdx.x * 32 * N + k;
+        if (col < c) {
+            float t = 0.f;
+#pragma unroll
+            for (int r = 0; r < 8; ++r) t += part[r][k];
+            atomicAdd(dst + col, t);
+        }
+    }
+}
+
 // ---- variable-length batches ------------------------------------------------------------------------------
 // Window b of a batch (src/ops/mod.rs SeqLayout): rows s0 .. s0+rows of the N rows, its first len rows real
 // tokens (the keys), w its index in the optimizer step's whole batch (the dropout key).

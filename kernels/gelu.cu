@@ -65,3 +65,46 @@ extern "C" __global__ void gelu_forward_vec_f16(GeluParams a) { gelu_vec<f16, fa
 extern "C" __global__ void gelu_backward_vec_f32(GeluParams a) { gelu_vec<float, true>(a); }
 extern "C" __global__ void gelu_backward_vec_bf16(GeluParams a) { gelu_vec<bf16, true>(a); }
 extern "C" __global__ void gelu_backward_vec_f16(GeluParams a) { gelu_vec<f16, true>(a); }
+
+// The FFN's backward through GELU and the up-projection's bias at once (vec only): dinp = dout · gelu'(inp)
+// over N rows of C columns, and dbias (C, f32) += Σ_rows dinp as stored (rounded to T, as the unfused path's
+// bias_grad reads it back). Saves that read of dinp (BERT-base: N·3072 elements per layer). bias_grad_vec's
+// layout (kernels/reduce.cu): block (32, 8), threadIdx.x a group of N columns, threadIdx.y and blockIdx.y
+// striding over rows, then common.cuh column_partials_add.
+// Needs C % N == 0 and 16-byte-aligned rows.
+struct GeluBiasParams {
+    u64 out, dout, inp, dbias;
+    int n, c;
+};
+CHECK_LAYOUT(GeluBiasParams, 40);
+CHECK_FIELD(GeluBiasParams, out, 0);
+CHECK_FIELD(GeluBiasParams, dout, 8);
+CHECK_FIELD(GeluBiasParams, inp, 16);
+CHECK_FIELD(GeluBiasParams, dbias, 24);
+CHECK_FIELD(GeluBiasParams, n, 32);
+CHECK_FIELD(GeluBiasParams, c, 36);
+
+template <typename T>
+__device__ void gelu_backward_bias_vec(const GeluBiasParams& a) {
+    constexpr int N = Pack16<T>::N;
+    int group = blockIdx.x * 32 + threadIdx.x;
+    float acc[N];
+#pragma unroll
+    for (int e = 0; e < N; ++e) acc[e] = 0.f;
+    if (group < a.c / N) {
+        for (int r = blockIdx.y * 8 + threadIdx.y; r < a.n; r += gridDim.y * 8) {
+            u64 off = (u64)r * a.c + group * N;
+            Pack16<T> x = ld16((const T*)a.inp + off), d = ld16((const T*)a.dout + off), y;
+#pragma unroll
+            for (int e = 0; e < N; ++e) {
+                y.v[e] = from_f<T>(to_f(d.v[e]) * gelu_grad(to_f(x.v[e])));
+                acc[e] += to_f(y.v[e]);
+            }
+            st16((T*)a.out + off, y);
+        }
+    }
+    column_partials_add<N>(acc, (float*)a.dbias, a.c);
+}
+extern "C" __global__ void gelu_backward_bias_vec_f32(GeluBiasParams a) { gelu_backward_bias_vec<float>(a); }
+extern "C" __global__ void gelu_backward_bias_vec_bf16(GeluBiasParams a) { gelu_backward_bias_vec<bf16>(a); }
+extern "C" __global__ void gelu_backward_bias_vec_f16(GeluBiasParams a) { gelu_backward_bias_vec<f16>(a); }

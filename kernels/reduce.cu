@@ -24,22 +24,14 @@ extern "C" __global__ void bias_add(BiasParams a) {
 }
 
 // bias[j] (f32) += sum_r out[r, j]. Block (32, 8): threadIdx.x picks the column (coalesced reads along a row),
-// threadIdx.y and blockIdx.y stride over rows; a shared-memory tree sums the 8 partials.
+// threadIdx.y and blockIdx.y stride over rows; the 8 partials meet in common.cuh column_partials_add.
 extern "C" __global__ void bias_grad(BiasParams a) {
-    __shared__ float part[8][33];
     int j = blockIdx.x * 32 + threadIdx.x;
-    float s = 0.f;
+    float s[1] = {0.f};
     if (j < a.oc) {
-        for (int r = blockIdx.y * 8 + threadIdx.y; r < a.n; r += gridDim.y * 8) s += load_dt(a.out, a.out_dt, (u64)r * a.oc + j);
+        for (int r = blockIdx.y * 8 + threadIdx.y; r < a.n; r += gridDim.y * 8) s[0] += load_dt(a.out, a.out_dt, (u64)r * a.oc + j);
     }
-    part[threadIdx.y][threadIdx.x] = s;
-    __syncthreads();
-    if (threadIdx.y == 0 && j < a.oc) {
-        float t = 0.f;
-#pragma unroll
-        for (int k = 0; k < 8; ++k) t += part[k][threadIdx.x];
-        atomicAdd((float*)a.bias + j, t);
-    }
+    column_partials_add<1>(s, (float*)a.bias, a.oc);
 }
 
 // The "vec" version (BERTQA_VEC=1; opt-in until the GPU parity suite has run it): 16-byte loads, N = 8
@@ -49,7 +41,6 @@ extern "C" __global__ void bias_grad(BiasParams a) {
 template <typename T>
 __device__ void bias_grad_vec(const BiasParams& a) {
     constexpr int N = Pack16<T>::N;
-    __shared__ float part[8][32 * N + 1];
     int group = blockIdx.x * 32 + threadIdx.x;
     float acc[N];
 #pragma unroll
@@ -61,18 +52,7 @@ __device__ void bias_grad_vec(const BiasParams& a) {
             for (int e = 0; e < N; ++e) acc[e] += to_f(v.v[e]);
         }
     }
-#pragma unroll
-    for (int e = 0; e < N; ++e) part[threadIdx.y][threadIdx.x * N + e] = acc[e];
-    __syncthreads();
-    for (int c = threadIdx.y * 32 + threadIdx.x; c < 32 * N; c += 256) {
-        int col = blockIdx.x * 32 * N + c;
-        if (col < a.oc) {
-            float t = 0.f;
-#pragma unroll
-            for (int k = 0; k < 8; ++k) t += part[k][c];
-            atomicAdd((float*)a.bias + col, t);
-        }
-    }
+    column_partials_add<N>(acc, (float*)a.bias, a.oc);
 }
 extern "C" __global__ void bias_grad_vec_f32(BiasParams a) { bias_grad_vec<float>(a); }
 extern "C" __global__ void bias_grad_vec_bf16(BiasParams a) { bias_grad_vec<bf16>(a); }

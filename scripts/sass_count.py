@@ -24,11 +24,11 @@ def klass(op):
     if base in ("LDS", "LDSM", "LDG", "STG", "STS", "LDGSTS", "RED", "ATOM", "ATOMS", "LDL", "STL", "LD", "ST",
                 "LDC", "ULDC", "LDGDEPBAR", "DEPBAR"):
         return "mem"
-    if base.startswith("F") or base.startswith("H") or base in ("DADD", "DMUL", "DFMA"):
-        return "float"
     if base.startswith("I") or base in ("LOP3", "SHF", "PRMT", "LEA", "SEL", "MOV", "POPC", "FLO", "BREV",
                                           "SGXT", "BMSK", "VIADD", "VIMNMX", "IMNMX", "P2R", "R2P", "PLOP3"):
         return "int"
+    if base.startswith("F") or base.startswith("H") or base in ("DADD", "DMUL", "DFMA"):
+        return "float"
     if base.startswith("U"):
         return "uniform"
     return "other"
@@ -63,8 +63,11 @@ def main():
                     t = int(m.group(1), 16)
                     if t <= a and t in index:
                         loops.append((index[t], k))
-        # innermost-first: loops that contain no other loop
+        # every loop (outer loops too, with their inner ones counted once), in address order; a branch to
+        # itself (the kernel's trailing `BRA self`) is not a loop
         for (s, e) in sorted(loops):
+            if s == e:
+                continue
             body = ins[s:e + 1]
             c = Counter(klass(op) for _, op, _ in body)
             detail = " ".join(f"{k}={c[k]}" for k in ("hmma", "mufu", "float", "int", "shfl", "mem", "uniform", "other") if c[k])

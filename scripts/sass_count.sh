@@ -19,7 +19,10 @@ export BERTQA_CUDA_PIP="$PIPDIR"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 cargo run --quiet --release --example ptx -- "$MODULE" "$ARCH" > "$WORK/m.ptx"
-"$TOOLS/nvidia/cu13/bin/ptxas" -arch="$ARCH" -O3 -v "$WORK/m.ptx" -o "$WORK/m.cubin" 2> "$WORK/ptxas.log"
+if ! "$TOOLS/nvidia/cu13/bin/ptxas" -arch="$ARCH" -O3 -v "$WORK/m.ptx" -o "$WORK/m.cubin" 2> "$WORK/ptxas.log"; then
+    grep -v "^ptxas info\|bytes stack frame" "$WORK/ptxas.log" >&2
+    exit 1
+fi
 if [ -n "$FILTER" ]; then
     grep -A3 "Compiling entry function '[^']*$FILTER" "$WORK/ptxas.log" | grep -E "Compiling|registers|spill" >&2 || true
 fi

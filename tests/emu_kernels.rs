@@ -16,7 +16,7 @@ use bertqa::rng::Rng;
 use bertqa::tensor::{DType, Tensor};
 use common::parity::{
     attention_outputs, compare_outputs, AdamWCase, AttentionCase, Case, DropoutCase, EmbeddingCase,
-    GeluCase, LayerNormCase, Outputs, SpanLossCase,
+    GeluBiasCase, GeluCase, LayerNormCase, Outputs, SpanLossCase,
 };
 use emu::{addr, Emus, Mode};
 
@@ -449,6 +449,68 @@ fn emu_gelu_scalar_and_vec() {
             for mut row in compare_outputs(dt, &case, &out).unwrap() {
                 row.case = format!("{names} {}", row.case);
                 rows.push(row);
+            }
+        }
+    }
+    check_rows(&rows);
+}
+
+/// GELU backward with the bias gradient in the same pass (`gelu_backward_bias_vec`), f32/bf16/f16: C = 768
+/// (whole 32-group blocks), 200 (a partial block), 300 rows (several row slices), with 1 and 132 SMs; the
+/// bias gradient accumulates onto nonzero values. C = 37 has no fused launch (the backend then runs the
+/// unfused kernels, tested above and in emu_bias_grad_scalar_and_vec).
+#[test]
+fn emu_gelu_backward_bias() {
+    use bertqa::ops::gelu::{backward_bias_launch, GeluBiasParams};
+    let mut emu = Emus::default();
+    let mut rows = vec![];
+    for dt in [DType::F32, DType::BF16, DType::F16] {
+        for c in [768, 200, 37] {
+            for sm in [1, 132] {
+                let case = GeluBiasCase { rows: 300, c };
+                let (x, dy, b0) = case.inputs();
+                let n = case.rows * c;
+                // 0 dinp, 1 dout, 2 inp, 3 dbias (f32)
+                let bufs = vec![
+                    vec![0xffu8; n * dt.size()],
+                    encode(&dy, dt),
+                    encode(&x, dt),
+                    encode(&b0, DType::F32),
+                ];
+                let p = GeluBiasParams {
+                    out: addr(0),
+                    dout: addr(1),
+                    inp: addr(2),
+                    dbias: addr(3),
+                    n: case.rows as i32,
+                    c: c as i32,
+                };
+                let Some(l) = backward_bias_launch(dt, p, true, sm).unwrap() else {
+                    assert_eq!(c, 37, "C={c} {dt}: the fused kernel should take it");
+                    continue;
+                };
+                assert!(
+                    backward_bias_launch(dt, p, false, sm).unwrap().is_none(),
+                    "vec off"
+                );
+                let name = format!("{} grid {:?} sm={sm}", l.name, l.grid);
+                if !selected(&name) {
+                    continue;
+                }
+                let Some(got) = emu
+                    .run(&bufs, &[l], Mode::DEFAULT)
+                    .unwrap_or_else(|e| panic!("{e}"))
+                else {
+                    return;
+                };
+                let out = vec![
+                    ("dinp".into(), decode(&got[0], dt)),
+                    ("dbias".into(), decode(&got[3], DType::F32)),
+                ];
+                for mut row in compare_outputs(dt, &case, &out).unwrap() {
+                    row.case = format!("{name} {}", row.case);
+                    rows.push(row);
+                }
             }
         }
     }

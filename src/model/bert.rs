@@ -366,12 +366,13 @@ impl<B: Backend> BertQa<B> {
                 &a.f,
                 &w.ff2_w,
             )?;
-            be.gelu_backward(&mut g.dpre, &g.df, &a.pre)?;
+            // dGELU and the up-projection's bias gradient in one pass (GeluOps::gelu_backward_bias)
+            be.gelu_backward_bias(&mut g.dpre, &mut gl.ff1_b, &g.df, &a.pre)?;
             be.linear_backward(
                 Some(&mut g.dh),
                 true,
                 &mut gl.ff1_w,
-                Some(&mut gl.ff1_b),
+                None,
                 &g.dpre,
                 &a.h,
                 &w.ff1_w,

@@ -97,7 +97,7 @@ pub fn rows_layout(n: usize) -> SeqLayout {
     SeqLayout::packed(&lens, 3).expect("layout")
 }
 
-/// A parity case: given a backend/// A parity case: given a backend and a dtype, produce named outputs. Same seed → same inputs.
+/// A parity case: given a backend and a dtype, produce named outputs. Same seed → same inputs.
 pub trait Case {
     fn name(&self) -> String;
     fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs>;
@@ -161,6 +161,41 @@ impl Case for GeluCase {
         Ok(vec![
             ("out".into(), y.to_f64_vec(be)?),
             ("dinp".into(), dx.to_f64_vec(be)?),
+        ])
+    }
+}
+
+/// GELU backward over (rows, C) with the bias gradient of the layer before it (`gelu_backward_bias`): dinp,
+/// and dbias accumulated onto a nonzero start (it adds).
+pub struct GeluBiasCase {
+    pub rows: usize,
+    pub c: usize,
+}
+impl GeluBiasCase {
+    /// (x, dy, dbias before), host values before rounding
+    pub fn inputs(&self) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let mut r = Rng::new(13);
+        let n = self.rows * self.c;
+        let x = rv(&mut r, n, 4.0);
+        let dy = rv(&mut r, n, 1.0);
+        (x, dy, rv(&mut r, self.c, 1.0))
+    }
+}
+impl Case for GeluBiasCase {
+    fn name(&self) -> String {
+        format!("gelu_backward_bias rows={} C={}", self.rows, self.c)
+    }
+    fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
+        let (x, dy, b0) = self.inputs();
+        let shape = [self.rows, self.c];
+        let x = up(be, &x, &shape, dt)?;
+        let dy = up(be, &dy, &shape, dt)?;
+        let mut db = up(be, &b0, &[self.c], stat(dt))?; // accumulates onto existing values
+        let mut dx = Tensor::zeros(be, &shape, dt)?;
+        be.gelu_backward_bias(&mut dx, &mut db, &dy, &x)?;
+        Ok(vec![
+            ("dinp".into(), dx.to_f64_vec(be)?),
+            ("dbias".into(), db.to_f64_vec(be)?),
         ])
     }
 }
@@ -945,6 +980,8 @@ pub fn suite<B: Backend>(dev: &B, dt: DType, head_sizes: &[usize]) -> Result<Vec
         },
     )?);
     rows.extend(compare(dev, dt, &GeluCase { n: 1001 })?);
+    rows.extend(compare(dev, dt, &GeluBiasCase { rows: 97, c: 3072 })?);
+    rows.extend(compare(dev, dt, &GeluBiasCase { rows: 33, c: 100 })?);
     rows.extend(compare(
         dev,
         dt,

@@ -1,6 +1,6 @@
 //! The CPU reference of GELU: the formula, element by element (in parallel chunks).
 
-use super::{check, GeluOps};
+use super::{bias_dims, check, GeluOps};
 use crate::cpu::{rd, wr, Cpu, Real};
 use crate::tensor::Tensor;
 use anyhow::Result;
@@ -48,6 +48,28 @@ impl GeluOps for Cpu {
                     d[i] = dy[i] * gelu_grad_ref(x[i]);
                 }
             });
+        });
+        Ok(())
+    }
+
+    fn gelu_backward_bias(
+        &self,
+        dinp: &mut Tensor<Cpu>,
+        dbias: &mut Tensor<Cpu>,
+        dout: &Tensor<Cpu>,
+        inp: &Tensor<Cpu>,
+    ) -> Result<()> {
+        let (_, c) = bias_dims(dinp, dbias, dout, inp)?;
+        self.gelu_backward(dinp, dout, inp)?;
+        // the column sums of dinp as stored, as linear_backward's bias gradient reads it
+        crate::cpu_compute!(dinp.dtype(), T => {
+            let d = rd::<T>(dinp);
+            let mut g = wr::<T>(dbias, true);
+            for row in d.chunks(c) {
+                for (gj, &x) in g.iter_mut().zip(row) {
+                    *gj += x;
+                }
+            }
         });
         Ok(())
     }

@@ -19,6 +19,38 @@ pub trait GeluOps: BackendCore {
         dout: &Tensor<Self>,
         inp: &Tensor<Self>,
     ) -> Result<()>;
+    /// [`GeluOps::gelu_backward`] over (N, C), and the bias gradient of the linear layer whose output `inp`
+    /// is: `dbias (C) += Σ_rows dinp` (dinp as stored), the column sums that layer's
+    /// [`crate::ops::LinearOps::linear_backward`] would add from `dinp` (on CUDA summed in another order) —
+    /// which is then called without a bias gradient. One pass over dinp where the CUDA vec kernels allow it
+    /// (`gelu_backward_bias_vec`).
+    fn gelu_backward_bias(
+        &self,
+        dinp: &mut Tensor<Self>,
+        dbias: &mut Tensor<Self>,
+        dout: &Tensor<Self>,
+        inp: &Tensor<Self>,
+    ) -> Result<()>;
+}
+
+/// (N, C) of `gelu_backward_bias` after its shape checks: dinp, dout and inp of N·C elements, dbias (C).
+pub(crate) fn bias_dims<B: BackendCore>(
+    dinp: &Tensor<B>,
+    dbias: &Tensor<B>,
+    dout: &Tensor<B>,
+    inp: &Tensor<B>,
+) -> Result<(usize, usize)> {
+    let op = "gelu_backward_bias";
+    let n = check(op, dinp, inp)?;
+    check(op, dout, inp)?;
+    let c = match (dbias.shape(), inp.shape().last()) {
+        ([c], Some(last)) if *c > 0 && c == last => *c,
+        (s, _) => bail!(
+            "{op}: dbias {s:?} must be (C) with C the last dimension of inp {:?}",
+            inp.shape()
+        ),
+    };
+    Ok((n / c, c))
 }
 
 pub(crate) fn check<B: BackendCore>(op: &str, a: &Tensor<B>, b: &Tensor<B>) -> Result<usize> {
@@ -60,6 +92,45 @@ pub fn launch(dt: DType, p: GeluParams, backward: bool, vec: bool) -> Result<Lau
 
 unsafe impl cudarc::driver::DeviceRepr for GeluParams {}
 
+/// kernels/gelu.cu `GeluBiasParams`: dinp `out`, `dout`, `inp` (N, C) and `dbias` (C, f32).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct GeluBiasParams {
+    pub out: u64,
+    pub dout: u64,
+    pub inp: u64,
+    pub dbias: u64,
+    pub n: i32,
+    pub c: i32,
+}
+unsafe impl cudarc::driver::DeviceRepr for GeluBiasParams {}
+
+/// The fused GELU-backward-and-bias-gradient launch, when the vec kernels are on (`vec`) and the buffers
+/// allow 16-byte vectors (C a multiple of the vector width, aligned rows); None otherwise (the caller then
+/// runs gelu_backward and the bias-gradient kernel). Grid: 32 groups of columns per block, enough row
+/// slices for ~8 blocks per SM (`sm_count`).
+pub fn backward_bias_launch(
+    dt: DType,
+    p: GeluBiasParams,
+    vec: bool,
+    sm_count: usize,
+) -> Result<Option<Launch<GeluBiasParams>>> {
+    let (n, c) = (p.n as usize, p.c as usize);
+    let Some(w) =
+        crate::cuda::vec_width(dt, &[p.out, p.dout, p.inp]).filter(|w| vec && c.is_multiple_of(*w))
+    else {
+        return Ok(None);
+    };
+    Ok(Some(Launch {
+        module: "gelu",
+        name: format!("gelu_backward_bias_vec_{}", crate::kernel::suffix(dt)?),
+        grid: crate::ops::linear::column_grid(c / w, n, 8 * sm_count),
+        block: (32, 8, 1),
+        smem: 0,
+        params: p,
+    }))
+}
+
 /// `gelu_{dir}_vec_{dtype}` (16-byte vectors) when `BERTQA_VEC=1` and the buffers allow it, else the scalar
 /// `gelu_{dir}` (dtype at run time).
 fn gelu_kernel(dir: &str, dt: DType, ptrs: &[u64], vec: bool) -> Result<String> {
@@ -81,18 +152,29 @@ pub fn vec_entry_points() -> Vec<String> {
         for dir in ["forward", "backward"] {
             v.push(gelu_vec_kernel(dir, sfx));
         }
+        v.push(format!("gelu_backward_bias_vec_{sfx}"));
     }
     v
 }
 
 /// The parameter layout (checked against kernels/gelu.cu by tests/kernels_compile.rs).
 pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
-    vec![crate::param_layout!(GeluParams {
-        out,
-        dout,
-        inp,
-        n,
-        dt,
-        _pad
-    })]
+    vec![
+        crate::param_layout!(GeluParams {
+            out,
+            dout,
+            inp,
+            n,
+            dt,
+            _pad
+        }),
+        crate::param_layout!(GeluBiasParams {
+            out,
+            dout,
+            inp,
+            dbias,
+            n,
+            c
+        }),
+    ]
 }

@@ -122,13 +122,9 @@ pub fn bias_grad_launch(
     let (n, oc) = (p.n as usize, p.oc as usize);
     let w = crate::cuda::vec_width(dt, &[p.out]).filter(|w| vec && oc.is_multiple_of(*w));
     let (name, grid) = if let Some(w) = w {
-        // 32 groups of w columns per block; enough row-slices for ~4 blocks per SM
-        let grid_x = blocks(oc / w, 32);
-        let want = (4 * sm_count.max(1) as u32).div_ceil(grid_x);
-        let grid_y = want.clamp(1, n.div_ceil(8).max(1) as u32);
         (
             bias_grad_vec_kernel(crate::kernel::suffix(dt)?),
-            (grid_x, grid_y, 1),
+            column_grid(oc / w, n, 4 * sm_count),
         )
     } else {
         // Column sums: blocks of 32 columns × 8 row-groups, then an atomicAdd per column per block.
@@ -144,6 +140,17 @@ pub fn bias_grad_launch(
         smem: 0,
         params: p,
     })
+}
+
+/// The grid of a column-sum kernel with blocks of (32, 8) threads (common.cuh `column_partials_add`): 32 of
+/// the `groups` column groups per block, and enough row slices (of 8 rows, striding) for about `want_blocks`
+/// blocks, at most one per 8 of the `n` rows.
+pub fn column_grid(groups: usize, n: usize, want_blocks: usize) -> (u32, u32, u32) {
+    let grid_x = blocks(groups, 32);
+    let grid_y = (want_blocks.max(1) as u32)
+        .div_ceil(grid_x)
+        .clamp(1, n.div_ceil(8).max(1) as u32);
+    (grid_x, grid_y, 1)
 }
 
 fn bias_grad_vec_kernel(sfx: &str) -> String {
