@@ -100,15 +100,19 @@ template <typename T> __device__ __forceinline__ void ldb_kn(u32& b0, u32& b1, c
 
 // cp.async (sm_80+): copies global → shared without a register round trip, `bytes` of them or zeros when
 // `valid` is false (src must still be a mapped address); completion via commit/wait groups.
+// cp_async16_at: the destination as a tile plus an element offset, formed like ldsm_x4's address (a 32-bit
+// .shared address whose constant part ptxas folds into the instruction).
 #ifdef BERTQA_EMU
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) { ::emu::cp_async(dst, src, 16, valid); }
+template <typename T> __device__ __forceinline__ void cp_async16_at(T* tile, int off, const void* src, bool valid) {
+    ::emu::cp_async(tile + off, src, 16, valid);
+}
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) { ::emu::cp_async(dst, src, 4, valid); }
 __device__ __forceinline__ void cp_async_commit() { ::emu::cp_async_commit(); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { ::emu::cp_async_wait(N); }
 #else
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0)
-                 : "memory");
+template <typename T> __device__ __forceinline__ void cp_async16_at(T* tile, int off, const void* src, bool valid) {
+    u32 d = smem_u32(tile) + (u32)off * (u32)sizeof(T);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
 }
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0)
@@ -119,9 +123,8 @@ template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile(
 #endif
 
 // rows r0.. (positions in window W) of part (0 Q, 1 K, 2 V, 3 dO) into a row-major [ROWS][HS+8] tile, 16 bytes
-// per thread and step; rows at or past `limit` are zeros. ASYNC: through cp.async (the caller commits and
-// waits), else plain loads.
-template <typename T, int HS, int ROWS, bool ASYNC = false>
+// per thread and step, plain loads; rows at or past `limit` are zeros.
+template <typename T, int HS, int ROWS>
 __device__ __forceinline__ void load_rows(const AttnParams& a, const Window& W, int limit, int h, int part, int r0, T* dst) {
     constexpr int CH = HS / 8;
     int C = a.nh * HS;
@@ -131,14 +134,29 @@ __device__ __forceinline__ void load_rows(const AttnParams& a, const Window& W, 
     };
     for (int e = threadIdx.x; e < ROWS * CH; e += blockDim.x) {
         int r = e / CH, c = e % CH, row = r0 + r;
-        if constexpr (ASYNC) {
-            bool valid = row < limit;  // zero-filled rows still name a mapped address: the window's first row
-            cp_async16(dst + r * (HS + 8) + c * 8, src(valid ? row : 0, c), valid);
-        } else {
-            uint4 v = make_uint4(0u, 0u, 0u, 0u);
-            if (row < limit) v = *(const uint4*)src(row, c);
-            *(uint4*)(dst + r * (HS + 8) + c * 8) = v;
-        }
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (row < limit) v = *(const uint4*)src(row, c);
+        *(uint4*)(dst + r * (HS + 8) + c * 8) = v;
+    }
+}
+
+// load_rows through cp.async with a compile-time thread count NT (the caller commits and waits): thread t
+// copies 16-byte chunk t % (HS/8) of rows t / (HS/8), + NT/(HS/8), …, so its source and destination are formed
+// once and stepped by constants and one stride (the generic loop above cost ~10 instructions per copy).
+template <typename T, int HS, int ROWS, int NT>
+__device__ __forceinline__ void stage_rows(const AttnParams& a, const Window& W, int limit, int h, int part, int r0, T* dst) {
+    constexpr int CH = HS / 8, RSTEP = NT / CH, PER = (ROWS + RSTEP - 1) / RSTEP;
+    static_assert(NT % CH == 0, "stage_rows: whole rows per pass");
+    int C = a.nh * HS, r = threadIdx.x / CH, c = threadIdx.x % CH;
+    u64 stride = part == 3 ? (u64)C : 3 * (u64)C;  // elements per row
+    const T* base = part == 3 ? (const T*)a.dout + (u64)W.s0 * C + h * HS
+                              : (const T*)a.qkv + (u64)W.s0 * 3 * C + part * C + h * HS;
+    const T* src = base + (u64)(r0 + r) * stride + c * 8;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        if (ROWS % RSTEP != 0 && r + i * RSTEP >= ROWS) break;
+        bool valid = r0 + r + i * RSTEP < limit;  // zero-filled rows name a mapped address: the window's row 0
+        cp_async16_at(dst, (r + i * RSTEP) * (HS + 8) + c * 8, valid ? src + (u64)(i * RSTEP) * stride : base, valid);
     }
 }
 
@@ -519,8 +537,8 @@ __device__ void tc4_forward(const AttnParams& a) {
     if (q0 >= W.rows) return;  // the whole block: past its window
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
     auto stage = [&](int k0, int buf) {  // the key tile at k0 into buffer buf, asynchronously
-        load_rows<T, HS, BK, true>(a, W, W.len, h, 1, k0, Kb + buf * BK * LD);
-        load_rows<T, HS, BK, true>(a, W, W.len, h, 2, k0, Vb + buf * BK * LD);
+        stage_rows<T, HS, BK, 128>(a, W, W.len, h, 1, k0, Kb + buf * BK * LD);
+        stage_rows<T, HS, BK, 128>(a, W, W.len, h, 2, k0, Vb + buf * BK * LD);
         cp_async_commit();
     };
     stage(0, 0);
@@ -637,7 +655,7 @@ __device__ void tc4_forward(const AttnParams& a) {
 // exponentials, the dropout test and its 1/(1-p) are done as in tc4_forward. SASS count (sm_90, bf16, hs64)
 // per warp for a 16 × 32 (key, query) block at commit 9e9b8ad (stream version 2): variant 3 1700 (dK/dV
 // kernel) + 1274 (dQ kernel) = 2974 instructions, this one 1355 (w8) to 1428 (w4); now (version 3, 32-bit
-// ldmatrix addresses): 967 (w8) to 1008 (w4, w8b2), variant 3 1305 + 972.
+// ldmatrix addresses, stage_rows): 925 (w8), 953 (w8b2), 986 (w4); variant 3 1305 + 972.
 // Query tiles (Q, dO, lse, D) are double-buffered with cp.async: tile i+1 loads while tile i computes.
 // dqacc must be zero on entry.
 __device__ __forceinline__ void red_add2(float* p, float x, float y) {
@@ -668,8 +686,8 @@ __device__ void tc4_backward(const AttnParams& a) {
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
     u64 hrow = (u64)h * a.n + W.s0;
     auto stage = [&](int q0, int buf) {
-        load_rows<T, HS, BQ, true>(a, W, W.rows, h, 0, q0, Qs + buf * BQ * LD);
-        load_rows<T, HS, BQ, true>(a, W, W.rows, h, 3, q0, Os + buf * BQ * LD);
+        stage_rows<T, HS, BQ, NW * 32>(a, W, W.rows, h, 0, q0, Qs + buf * BQ * LD);
+        stage_rows<T, HS, BQ, NW * 32>(a, W, W.rows, h, 3, q0, Os + buf * BQ * LD);
         for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
             bool valid = q0 + i < W.rows;
             u64 q = hrow + (valid ? q0 + i : 0);
