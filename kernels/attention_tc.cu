@@ -148,15 +148,17 @@ __device__ __forceinline__ void stage_rows(const AttnParams& a, const Window& W,
     constexpr int CH = HS / 8, RSTEP = NT / CH, PER = (ROWS + RSTEP - 1) / RSTEP;
     static_assert(NT % CH == 0, "stage_rows: whole rows per pass");
     int C = a.nh * HS, r = threadIdx.x / CH, c = threadIdx.x % CH;
-    u64 stride = part == 3 ? (u64)C : 3 * (u64)C;  // elements per row
-    const T* base = part == 3 ? (const T*)a.dout + (u64)W.s0 * C + h * HS
-                              : (const T*)a.qkv + (u64)W.s0 * 3 * C + part * C + h * HS;
-    const T* src = base + (u64)(r0 + r) * stride + c * 8;
+    u32 stride = (part == 3 ? 1u : 3u) * (u32)C * (u32)sizeof(T);  // bytes per row
+    const char* src = (const char*)(part == 3 ? (const T*)a.dout + (u64)W.s0 * C + h * HS
+                                              : (const T*)a.qkv + (u64)W.s0 * 3 * C + part * C + h * HS) + c * 16;
+    // zero-filled rows (at or past `limit`) still name a mapped address: the last row before the limit (row 0
+    // of the window when limit is 0)
+    int last = max(limit, 1) - 1;
 #pragma unroll
     for (int i = 0; i < PER; ++i) {
         if (ROWS % RSTEP != 0 && r + i * RSTEP >= ROWS) break;
-        bool valid = r0 + r + i * RSTEP < limit;  // zero-filled rows name a mapped address: the window's row 0
-        cp_async16_at(dst, (r + i * RSTEP) * (HS + 8) + c * 8, valid ? src + (u64)(i * RSTEP) * stride : base, valid);
+        int row = r0 + r + i * RSTEP;
+        cp_async16_at(dst, (r + i * RSTEP) * (HS + 8) + c * 8, src + (u64)min(row, last) * stride, row < limit);
     }
 }
 
@@ -522,9 +524,10 @@ __device__ void tc3_backward_q(const AttnParams& a) {
 // commit 9e9b8ad (dropout stream version 2, one Philox call per 2×2 block): variant 3 2204 instructions
 // (64 HMMA; ~34 per HMMA, most of the rest Philox and full-precision expf — it was bound by instruction issue,
 // not by the tensor cores), this one 1244 (two lanes sharing each call). Now: 1007 with version 3's 16-bit
-// draws (one call per lane and 16 keys), 820 with ldmatrix addresses formed in 32 bits (ldsm_x4), and 755 on
-// a full tile now that only the last, partial tile masks keys (821 in the loop, of which 66 masking; 389
-// integer, 226 float, 34 MUFU, 77 memory, 64 HMMA): ~12 per HMMA. (Variant 3 now: 1422.)
+// draws (one call per lane and 16 keys), 820 with ldmatrix addresses formed in 32 bits (ldsm_x4), and 743 on
+// a full tile now that only the last, partial tile masks keys and the stages' addresses are stepped (810 in
+// the loop, of which 67 masking; 358 integer, 226 float, 34 MUFU, 78 memory, 64 HMMA): ~12 per HMMA.
+// (Variant 3 now: 1422.)
 template <typename T, int HS>
 __device__ void tc4_forward(const AttnParams& a) {
     constexpr int BK = 64, KS = HS / 16, NO = HS / 8, LD = HS + 8;
@@ -655,7 +658,7 @@ __device__ void tc4_forward(const AttnParams& a) {
 // exponentials, the dropout test and its 1/(1-p) are done as in tc4_forward. SASS count (sm_90, bf16, hs64)
 // per warp for a 16 × 32 (key, query) block at commit 9e9b8ad (stream version 2): variant 3 1700 (dK/dV
 // kernel) + 1274 (dQ kernel) = 2974 instructions, this one 1355 (w8) to 1428 (w4); now (version 3, 32-bit
-// ldmatrix addresses, stage_rows): 925 (w8), 953 (w8b2), 986 (w4); variant 3 1305 + 972.
+// ldmatrix addresses, stage_rows): 910 (w8), 934 (w8b2), 968 (w4); variant 3 1305 + 972.
 // Query tiles (Q, dO, lse, D) are double-buffered with cp.async: tile i+1 loads while tile i computes.
 // dqacc must be zero on entry.
 __device__ __forceinline__ void red_add2(float* p, float x, float y) {
