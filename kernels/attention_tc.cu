@@ -525,10 +525,13 @@ __device__ void tc3_backward_q(const AttnParams& a) {
 // (64 HMMA; ~34 per HMMA, most of the rest Philox and full-precision expf — it was bound by instruction issue,
 // not by the tensor cores), this one 1244 (two lanes sharing each call). Now: 1007 with version 3's 16-bit
 // draws (one call per lane and 16 keys), 820 with ldmatrix addresses formed in 32 bits (ldsm_x4), and 743 on
-// a full tile now that only the last, partial tile masks keys and the stages' addresses are stepped (810 in
-// the loop, of which 67 masking; 358 integer, 226 float, 34 MUFU, 78 memory, 64 HMMA): ~12 per HMMA.
+// a full tile now that only the last, partial tile masks keys and the stages' addresses are stepped, and 692
+// with dropout a compile-time choice (758 in the loop, of which 66 masking; 318 integer, 224 float, 34 MUFU,
+// 78 memory, 64 HMMA): ~11 per HMMA; without dropout (the _p0 kernel) 429 (494 in the loop): ~7 per HMMA.
 // (Variant 3 now: 1422.)
-template <typename T, int HS>
+// DROP: whether the launch has dropout (p > 0); the p = 0 instantiation (evaluation, or attention dropout
+// off) carries no Philox calls and no keep tests.
+template <typename T, int HS, bool DROP>
 __device__ void tc4_forward(const AttnParams& a) {
     constexpr int BK = 64, KS = HS / 16, NO = HS / 8, LD = HS + 8;
     DYN_SMEM(unsigned char, smem_raw);
@@ -557,8 +560,8 @@ __device__ void tc4_forward(const AttnParams& a) {
     int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
     const u32 qc0 = attn_qc(i0);  // the dropout counter of rows i0, i1
     const float sl2 = a.scale * LOG2E_F;
-    const bool drop = a.p > 0.f;
-    const u32 thr = attn_threshold(a.p);
+    constexpr bool drop = DROP;
+    const u32 thr = DROP ? attn_threshold(a.p) : 0u;
     int tiles = (W.len + BK - 1) / BK;
     for (int it = 0; it < tiles; ++it) {
         int k0 = it * BK, buf = it & 1;
@@ -635,7 +638,7 @@ __device__ void tc4_forward(const AttnParams& a) {
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
     int C = a.nh * HS;
-    float ks = drop ? 1.f / (1.f - a.p) : 1.f;  // every kept probability's dropout factor
+    float ks = DROP ? 1.f / (1.f - a.p) : 1.f;  // every kept probability's dropout factor
     float inv0 = l0 > 0.f ? ks / l0 : 0.f, inv1 = l1 > 0.f ? ks / l1 : 0.f;
 #pragma unroll
     for (int n = 0; n < NO; ++n) {
@@ -658,7 +661,8 @@ __device__ void tc4_forward(const AttnParams& a) {
 // exponentials, the dropout test and its 1/(1-p) are done as in tc4_forward. SASS count (sm_90, bf16, hs64)
 // per warp for a 16 × 32 (key, query) block at commit 9e9b8ad (stream version 2): variant 3 1700 (dK/dV
 // kernel) + 1274 (dQ kernel) = 2974 instructions, this one 1355 (w8) to 1428 (w4); now (version 3, 32-bit
-// ldmatrix addresses, stage_rows): 910 (w8), 934 (w8b2), 968 (w4); variant 3 1305 + 972.
+// ldmatrix addresses, stage_rows, dropout a compile-time choice): 854 (w8), 895 (w8b2), 931 (w4), and
+// without dropout 619, 638, 661; variant 3 1305 + 972.
 // Query tiles (Q, dO, lse, D) are double-buffered with cp.async: tile i+1 loads while tile i computes.
 // dqacc must be zero on entry.
 __device__ __forceinline__ void red_add2(float* p, float x, float y) {
@@ -670,7 +674,7 @@ __device__ __forceinline__ void red_add2(float* p, float x, float y) {
 #endif
 }
 
-template <typename T, int HS, int NW>
+template <typename T, int HS, int NW, bool DROP>
 __device__ void tc4_backward(const AttnParams& a) {
     constexpr int BKEY = NW * 16, BQ = 32, KS = HS / 16, NO = HS / 8, LD = HS + 8, LDS = BKEY + 8;
     constexpr int NQ = NO / (NW / 2);  // dQ: warp w owns query rows (w&1)·16.. and NQ of the NO column tiles
@@ -714,9 +718,9 @@ __device__ void tc4_backward(const AttnParams& a) {
     const T* Vw = Vs + warp * 16 * LD;
     int C = a.nh * HS, tiles = (W.rows + BQ - 1) / BQ;
     const float sl2 = a.scale * LOG2E_F;
-    const bool drop = a.p > 0.f;
-    const u32 thr = attn_threshold(a.p);
-    const float ks = drop ? 1.f / (1.f - a.p) : 1.f;  // a kept probability's dropout factor
+    constexpr bool drop = DROP;
+    const u32 thr = DROP ? attn_threshold(a.p) : 0u;
+    const float ks = DROP ? 1.f / (1.f - a.p) : 1.f;  // a kept probability's dropout factor
     for (int it = 0; it < tiles; ++it) {
         int q0 = it * BQ, buf = it & 1;
         if (it + 1 < tiles) stage(q0 + BQ, buf ^ 1);
@@ -860,18 +864,23 @@ TC3_INSTANTIATE(f16, f16, 64)
 TC3_INSTANTIATE(f16, f16, 128)
 
 // Shapes of variant 4's backward, picked by --attention-v4-shape (src/kernel.rs Tc4Shape). Registers from
-// ptxas 13.0 for sm_90 (bf16; spill stores/loads in bytes; scripts/sass_count.sh prints them):
-//   w4   4 warps, 64 keys per block, ≤ 170 registers (3 blocks/SM): hs32 136, hs64 160, hs128 168 (256/192)
-//   w8   8 warps, 128 keys: half the dQ reductions and Q/dO loads per key; hs32 134, hs64 175, hs128 236
+// ptxas 13.0 for sm_90 (bf16, with dropout; spill stores/loads in bytes; scripts/sass_count.sh prints them):
+//   w4   4 warps, 64 keys per block, ≤ 170 registers (3 blocks/SM): hs32 155, hs64 156, hs128 168 (288/208)
+//   w8   8 warps, 128 keys: half the dQ reductions and Q/dO loads per key; hs32 158, hs64 210, hs128 242
 //        (1 block/SM)
-//   w8b2 8 warps held to 128 registers (2 blocks/SM): hs32 123, hs64 128, hs128 128 (900/676)
+//   w8b2 8 warps held to 128 registers (2 blocks/SM): hs32 128, hs64 128 (8/8), hs128 128 (1000/748)
+// Each with dropout and, suffixed _p0, without (src/ops/attention/mod.rs picks by p).
 #define TC4_INSTANTIATE(TY, NAME, HS, CFG, NW, MINB)                                                                   \
     extern "C" __global__ void __launch_bounds__(NW * 32, MINB) attention_tc4_backward_##CFG##_##NAME##_hs##HS(AttnParams a) { \
-        tc4_backward<TY, HS, NW>(a);                                                                                 \
+        tc4_backward<TY, HS, NW, true>(a);                                                                           \
+    }                                                                                                                \
+    extern "C" __global__ void __launch_bounds__(NW * 32, MINB) attention_tc4_backward_##CFG##_p0_##NAME##_hs##HS(AttnParams a) { \
+        tc4_backward<TY, HS, NW, false>(a);                                                                          \
     }
 #define TC4_HS(TY, NAME, HS)                                                                                           \
     TC4_INSTANTIATE(TY, NAME, HS, w4, 4, 3) TC4_INSTANTIATE(TY, NAME, HS, w8, 8, 1) TC4_INSTANTIATE(TY, NAME, HS, w8b2, 8, 2) \
-    extern "C" __global__ void __launch_bounds__(128, HS == 128 ? 2 : 4) attention_tc4_forward_##NAME##_hs##HS(AttnParams a) { tc4_forward<TY, HS>(a); } \
+    extern "C" __global__ void __launch_bounds__(128, HS == 128 ? 2 : 4) attention_tc4_forward_##NAME##_hs##HS(AttnParams a) { tc4_forward<TY, HS, true>(a); } \
+    extern "C" __global__ void __launch_bounds__(128, HS == 128 ? 2 : 4) attention_tc4_forward_p0_##NAME##_hs##HS(AttnParams a) { tc4_forward<TY, HS, false>(a); } \
     extern "C" __global__ void attention_tc4_dsum_##NAME##_hs##HS(AttnParams a) { tc4_dsum<TY, HS>(a); }
 #define TC4_ALL(TY, NAME)                                                                                              \
     TC4_HS(TY, NAME, 32) TC4_HS(TY, NAME, 64) TC4_HS(TY, NAME, 128)                                                   \

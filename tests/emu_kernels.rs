@@ -137,7 +137,7 @@ fn case_name(case: &AttentionCase, kernel: AttnKernel) -> String {
     format!("{k} HS={} {}", case.hs, case.shape_name())
 }
 
-/// Attention `kernel` in `dtypes` on `cases` (dropout on), in `modes`: the emulated kernels against the CPU
+/// Attention `kernel` in `dtypes` on `cases` (with the cases' dropout), in `modes`: the emulated kernels against the CPU
 /// reference under the GPU parity bounds (tests/common/parity.rs).
 fn attention_sweep(kernel: AttnKernel, dtypes: &[DType], cases: &[AttentionCase], modes: &[Mode]) {
     let mut emu = Emus::default();
@@ -171,7 +171,8 @@ fn attention_sweep(kernel: AttnKernel, dtypes: &[DType], cases: &[AttentionCase]
 /// rows, the second shorter) and without (one window of 203 tokens: 4 key tiles of the forward, 2 key blocks
 /// of w8's backward, 7 query tiles; odd, so the last tiles are partial); at HS=64 also 128 (whole tiles only)
 /// and a packed batch of windows of 1, 17, 64, 65, 383 and 384 tokens (tile edges on both sides), and a
-/// packed batch rounded up to 128 rows by a filler window (1 key, 21 query rows).
+/// packed batch rounded up to 128 rows by a filler window (1 key, 21 query rows); dropout 0.1, and two cases
+/// without dropout.
 fn sizes() -> Vec<AttentionCase> {
     let mut v = vec![];
     for hs in [32, 64, 128] {
@@ -181,6 +182,9 @@ fn sizes() -> Vec<AttentionCase> {
     v.push(AttentionCase::packed(&[128], 2, 64, 0.1));
     v.push(AttentionCase::packed(&VARLEN, 2, 64, 0.1));
     v.push(AttentionCase::bucketed(&[17, 90], 128, 2, 64, 0.1));
+    // without dropout (variant 4's _p0 kernels)
+    v.push(AttentionCase::packed(&VARLEN, 2, 64, 0.0));
+    v.push(AttentionCase::padded(2, 37, 2, 32, 0.0));
     v
 }
 

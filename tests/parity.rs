@@ -153,6 +153,8 @@ fn gpu_attention_variants_bf16() {
                 AttentionCase::packed(&[1, 17, 64, 65, 383, 384], 2, hs, 0.1),
                 // a packed batch rounded up to 128 rows by a filler window (src/model/batch.rs)
                 AttentionCase::bucketed(&[17, 90], 128, 2, hs, 0.1),
+                // without dropout (variant 4's _p0 kernels)
+                AttentionCase::packed(&[1, 17, 64, 65, 383, 384], 2, hs, 0.0),
             ] {
                 let got = compare(&gpu, DType::BF16, &case)
                     .unwrap_or_else(|e| panic!("{kernel:?} {}: {e:#}", case.name()));

@@ -143,16 +143,19 @@ pub fn tc_entry_points() -> Vec<String> {
                 "tc3_backward_kv",
                 "tc3_backward_q",
                 "tc4_forward",
+                "tc4_forward_p0",
                 "tc4_dsum",
             ] {
                 names.push(tc_kernel(kind, dt, hs));
             }
             for shape in Tc4Shape::ALL {
-                names.push(tc_kernel(
-                    &format!("tc4_backward_{}", shape.tag().0),
-                    dt,
-                    hs,
-                ));
+                for p0 in ["", "_p0"] {
+                    names.push(tc_kernel(
+                        &format!("tc4_backward_{}{p0}", shape.tag().0),
+                        dt,
+                        hs,
+                    ));
+                }
             }
         }
         names.push(format!("attention_tc4_dq_store_{dt}"));
@@ -254,7 +257,7 @@ impl AttnPlan {
         Ok(vec![match self.kernel {
             AttnKernel::V4(_) => one(
                 "attention_tc",
-                tc_kernel("tc4_forward", dt, hs),
+                tc_kernel(&format!("tc4_forward{}", self.p0_suffix()), dt, hs),
                 (blocks(t, 64), nh as u32, b as u32),
                 tc4_forward_smem(hs),
             ),
@@ -311,7 +314,7 @@ impl AttnPlan {
             let (cfg, nw) = shape.tag();
             v.push(at(
                 "attention_tc",
-                tc_kernel(&format!("tc4_backward_{cfg}"), dt, hs),
+                tc_kernel(&format!("tc4_backward_{cfg}{}", self.p0_suffix()), dt, hs),
                 (blocks(t, 16 * nw), nh as u32, b as u32),
                 ((32 * nw) as u32, 1, 1),
                 tc4_smem(hs, nw),
@@ -370,6 +373,16 @@ impl AttnPlan {
     /// Whether the backward needs the f32 dQ accumulator `dqacc` (N,C), zero on entry (variant 4).
     pub fn needs_dq_accumulator(&self) -> bool {
         matches!(self.kernel, AttnKernel::V4(_))
+    }
+
+    /// Variant 4's kernels come with dropout and, suffixed `_p0`, without (no Philox calls, no keep tests):
+    /// the suffix for this call's dropout.
+    fn p0_suffix(&self) -> &'static str {
+        if self.drop.p > 0.0 {
+            ""
+        } else {
+            "_p0"
+        }
     }
 }
 
