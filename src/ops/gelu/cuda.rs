@@ -3,7 +3,6 @@
 use super::{backward_bias_launch, bias_dims, check, launch, GeluBiasParams, GeluOps, GeluParams};
 use crate::cuda::Cuda;
 use crate::kernel::dtype_code;
-use crate::ops::linear::{bias_grad_launch, BiasParams};
 use crate::tensor::DType;
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
@@ -94,16 +93,6 @@ impl GeluOps for Cuda {
         }
         // unfused: dinp, then its column sums (what linear_backward would do)
         self.gelu_backward(dinp, dout, inp)?;
-        let b = BiasParams {
-            out: dinp.buf.ptr,
-            bias: dbias.buf.ptr,
-            n: n as i32,
-            oc: c as i32,
-            out_dt: dtype_code(dinp.dtype()),
-            bias_dt: 0,
-        };
-        let l = bias_grad_launch(dinp.dtype(), b, k.vec, self.sm_count as usize)?;
-        // SAFETY: dinp holds N·C elements, dbias C f32 (checked above)
-        unsafe { self.run(&l) }
+        self.bias_grad(dbias, dinp, n, c)
     }
 }

@@ -81,18 +81,32 @@ impl LinearOps for Cuda {
                     db.dtype()
                 );
             }
-            let p = BiasParams {
-                out: dout.buf.ptr,
-                bias: db.buf.ptr,
-                n: n as i32,
-                oc: oc as i32,
-                out_dt: dtype_code(dout.dtype()),
-                bias_dt: 0,
-            };
-            let l = bias_grad_launch(dout.dtype(), p, self.kernels().vec, self.sm_count as usize)?;
-            // SAFETY: dout holds N·OC elements, db OC f32 (checked above)
-            unsafe { self.run(&l) }?;
+            self.bias_grad(db, dout, n, oc)?;
         }
         Ok(())
+    }
+}
+
+impl Cuda {
+    /// db (OC, f32) += the column sums of dout (N, OC): kernels/reduce.cu's bias_grad (or its vec version).
+    /// The caller has checked the shapes and that db is f32.
+    pub(crate) fn bias_grad(
+        &self,
+        db: &mut Tensor<Cuda>,
+        dout: &Tensor<Cuda>,
+        n: usize,
+        oc: usize,
+    ) -> Result<()> {
+        let p = BiasParams {
+            out: dout.buf.ptr,
+            bias: db.buf.ptr,
+            n: n as i32,
+            oc: oc as i32,
+            out_dt: dtype_code(dout.dtype()),
+            bias_dt: 0,
+        };
+        let l = bias_grad_launch(dout.dtype(), p, self.kernels().vec, self.sm_count as usize)?;
+        // SAFETY: the caller checked dout (N·OC elements) and db (OC f32)
+        unsafe { self.run(&l) }
     }
 }
