@@ -18,6 +18,7 @@ use bertqa::data::features::Feature;
 use bertqa::kernel::{AttnKernel, GemmPath, KernelConfig, Tc4Shape};
 use bertqa::model::{BertConfig, BertParams, Padding};
 use bertqa::ops::adamw::AdamWHyper;
+use bertqa::ops::attention::scratch_shape;
 use bertqa::ops::embedding::{EmbGrads, EmbWeights};
 use bertqa::ops::span_loss::SpanLossCfg;
 use bertqa::ops::{SeqLayout, Seqs, STATS_LEN};
@@ -61,7 +62,7 @@ impl Bench for Cuda {
         Cuda::time_ms(self, f).expect("CUDA event timing")
     }
     fn use_kernels(&mut self, k: KernelConfig) {
-        self.set_kernels(k);
+        self.set_kernels(k).expect("switching kernels");
     }
     fn opt_in(&self, dt: DType) -> bool {
         dt != DType::F32 && std::env::var_os("BENCH_DEFAULTS_ONLY").is_none()
@@ -277,9 +278,20 @@ fn bench_attention<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
                 fl,
             );
         }
+        let mut scratch = Tensor::zeros(be, &scratch_shape(n, c, nh), s.sd()).unwrap();
         let ms = bench(be, tab.iters, &mut || {
-            be.attention_backward(&mut dqkv, &out, &out, &lse, &qkv, &seqs, nh, d)
-                .unwrap()
+            be.attention_backward(
+                &mut dqkv,
+                &out,
+                &out,
+                &lse,
+                &qkv,
+                &seqs,
+                nh,
+                d,
+                &mut scratch,
+            )
+            .unwrap()
         });
         tab.add(
             &format!("attention bwd (fused, {label})"),
@@ -482,14 +494,13 @@ fn bench_span_loss<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
     let mut l = Tensor::zeros(be, &[b, 2], s.sd()).unwrap();
     let mut dl = Tensor::zeros(be, &[n, 2], dt).unwrap();
     let mut stats = Tensor::zeros(be, &[STATS_LEN], s.sd()).unwrap();
-    let cfgl = SpanLossCfg {
-        mask_padding: true,
-        scale_start: 0.01,
-        scale_end: 0.01,
-    };
+    let cfgl = SpanLossCfg { mask_padding: true };
+    let scale = Tensor::from_f64(be, &[0.01, 0.01], &[2], s.sd()).unwrap();
     let ms = bench(be, tab.iters, &mut || {
-        be.span_loss_forward_backward(&mut l, &mut dl, &mut stats, &logits, &st, &st, &seqs, cfgl)
-            .unwrap()
+        be.span_loss_forward_backward(
+            &mut l, &mut dl, &mut stats, &logits, &st, &st, &seqs, &scale, cfgl,
+        )
+        .unwrap()
     });
     let bytes = (n * 2) as f64 * (2.0 * s.es() + 4.0);
     tab.add(
@@ -602,13 +613,30 @@ fn bench_step<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
         gemm: GemmPath::Lt { tune: true },
         vec: true,
         sync_launch: false,
+        graphs: false,
     };
-    let others = [
+    let graphs = KernelConfig {
+        graphs: true,
+        ..KernelConfig::default()
+    };
+    let all_graphs = KernelConfig {
+        graphs: true,
+        ..all
+    };
+    // the graph rows last (a failure there loses no other row), and left out after a failed GPU check
+    let mut others = vec![
         (", attention v4", attn(AttnKernel::V4(Tc4Shape::W8B2))),
         (", cuBLASLt", lt()),
         (", vec kernels", vec_on()),
         (", attention v4 + cuBLASLt + vec kernels", all),
     ];
+    if std::env::var_os("BENCH_NO_GRAPHS").is_none() {
+        others.push((", CUDA graphs", graphs));
+        others.push((
+            ", attention v4 + cuBLASLt + vec kernels + CUDA graphs",
+            all_graphs,
+        ));
+    }
     for (label, k) in variants(be.opt_in(dt), &others) {
         be.use_kernels(k);
         let mut seed = Rng::new(5);
@@ -626,11 +654,13 @@ fn bench_step<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
         .unwrap();
         let be = &*be;
         let mut tr = Trainer::new(be, s.cfg.clone(), master, dt, step_train_config(b, t)).unwrap();
+        let host_ms = std::cell::Cell::new(0.0);
         let mut step = || {
-            tr.step(&refs, 1e-5).unwrap();
+            host_ms.set(tr.step(&refs, 1e-5).unwrap().host_ms);
             tr.state.global_step += 1;
         };
         let ms = bench(be, tab.iters.clamp(2, 10), &mut step);
+        let host = host_ms.get();
         let profile = if label.is_empty() || k == all {
             be.profile(3, &mut step)
         } else {
@@ -655,10 +685,15 @@ fn bench_step<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
                 )
             })
             .unwrap_or_default();
+        let g = tr.graphs.stats;
         println!(
-            "  => {seqs:.1} seq/s, {:.0} tokens/s, {mfu}; device memory peak {:.2} GiB",
+            "  => {seqs:.1} seq/s, {:.0} tokens/s, {mfu}; device memory peak {:.2} GiB; host {host:.2} ms of the \
+             step before its synchronisation; micro-batches run {} / recorded {} / replayed {}",
             seqs * t as f64,
-            be.memory_stats().peak_bytes as f64 / 1073741824.0
+            be.memory_stats().peak_bytes as f64 / 1073741824.0,
+            g.eager,
+            g.recorded,
+            g.replayed
         );
         if let Some(p) = profile {
             println!(
@@ -720,13 +755,14 @@ fn bench_padding<B: Bench>(be: &B, s: &Shape, windows: &[Feature], steps: usize)
         tr.step(&batches[0], 1e-5).unwrap();
         be.synchronize().unwrap();
         let t0 = Instant::now();
-        let (mut win, mut real, mut rows) = (0, 0, 0);
+        let (mut win, mut real, mut rows, mut host) = (0, 0, 0, 0.0);
         for (k, batch) in batches[1..].iter().enumerate() {
             tr.state.global_step = k + 1;
             let o = tr.step(batch, 1e-5).unwrap();
             win += o.windows;
             real += o.real_tokens;
             rows += o.rows;
+            host += o.host_ms;
         }
         be.synchronize().unwrap();
         let secs = t0.elapsed().as_secs_f64();
@@ -743,6 +779,16 @@ fn bench_padding<B: Bench>(be: &B, s: &Shape, windows: &[Feature], steps: usize)
             } else {
                 format!(", {:.2}× longest", w / rates[0])
             }
+        );
+        let g = tr.graphs.stats;
+        println!(
+            "    host {:.2} of {:.2} ms per step before its synchronisation; micro-batches run {} / recorded {} / \
+             replayed {}",
+            host / steps as f64,
+            secs * 1e3 / steps as f64,
+            g.eager,
+            g.recorded,
+            g.replayed
         );
     }
 }

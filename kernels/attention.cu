@@ -40,6 +40,7 @@ __device__ __forceinline__ float dot4(const float* x, const float* srow, int sub
 
 template <typename T, int HS>
 __device__ void attn_forward(const AttnParams& a) {
+    const u64 seed = dropout_seed(a);
     constexpr int D = HS / LANES;
     __shared__ float Ks[TILE][HS];
     __shared__ float Vs[TILE][HS];
@@ -73,7 +74,7 @@ __device__ void attn_forward(const AttnParams& a) {
             float corr = expf(m - mn);
             float pe = expf(s - mn);
             l = l * corr + pe;
-            float pf = pe * attn_dropout(a.seed, W.w, h, vi ? i : 0, j, a.p);
+            float pf = pe * attn_dropout(seed, W.w, h, vi ? i : 0, j, a.p);
 #pragma unroll
             for (int k = 0; k < D; ++k) acc[k] = acc[k] * corr + pf * Vs[jj][sub + LANES * k];
             m = mn;
@@ -107,6 +108,7 @@ __device__ void attn_dsum(const AttnParams& a) {
 // dV (padding rows: zeros).
 template <typename T, int HS>
 __device__ void attn_backward_kv(const AttnParams& a) {
+    const u64 seed = dropout_seed(a);
     constexpr int D = HS / LANES;
     __shared__ float Qs[TILE][HS];
     __shared__ float Os[TILE][HS];  // dO rows
@@ -149,7 +151,7 @@ __device__ void attn_backward_kv(const AttnParams& a) {
             float dpd = dot4<D>(v_, Os[ii], sub);
             if (!live) continue;  // per-row condition, after the shuffles
             float P = expf(s - Ls[ii]);
-            float f = attn_dropout(a.seed, W.w, h, i, j, a.p);
+            float f = attn_dropout(seed, W.w, h, i, j, a.p);
             float dS = P * (dpd * f - Ds[ii]);
 #pragma unroll
             for (int k = 0; k < D; ++k) {
@@ -171,6 +173,7 @@ __device__ void attn_backward_kv(const AttnParams& a) {
 // dQ for a tile of 32 queries of a window, looping over its keys.
 template <typename T, int HS>
 __device__ void attn_backward_q(const AttnParams& a) {
+    const u64 seed = dropout_seed(a);
     constexpr int D = HS / LANES;
     __shared__ float Ks[TILE][HS];
     __shared__ float Vs[TILE][HS];
@@ -205,7 +208,7 @@ __device__ void attn_backward_q(const AttnParams& a) {
             float s = dot4<D>(q, Ks[jj], sub) * a.scale;
             float dpd = dot4<D>(dO, Vs[jj], sub);
             float P = expf(s - L);
-            float f = attn_dropout(a.seed, W.w, h, vi ? i : 0, j, a.p);
+            float f = attn_dropout(seed, W.w, h, vi ? i : 0, j, a.p);
             float dS = P * (dpd * f - Dd);
 #pragma unroll
             for (int k = 0; k < D; ++k) dq[k] += dS * a.scale * Ks[jj][sub + LANES * k];

@@ -238,6 +238,7 @@ __device__ __forceinline__ void store_dkdv(const AttnParams& a, const float (&dk
 
 template <typename T, int HS>
 __device__ void tc3_forward(const AttnParams& a) {
+    const u64 seed = dropout_seed(a);
     constexpr int BK = 64, KS = HS / 16, NO = HS / 8, LD = HS + 8;
     DYN_SMEM(unsigned char, smem_raw);
     T* Qs = (T*)smem_raw;                // [64][LD]
@@ -299,7 +300,7 @@ __device__ void tc3_forward(const AttnParams& a) {
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
             u32 pa[4], d[8];
-            if (drop) attn_draws_fwd(a.seed, W.w, h, qc0, attn_kc(k0) + 4 * kk + t4, d);
+            if (drop) attn_draws_fwd(seed, W.w, h, qc0, attn_kc(k0) + 4 * kk + t4, d);
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 int j = 2 * kk + half;
@@ -345,6 +346,7 @@ __device__ void tc3_forward(const AttnParams& a) {
 
 template <typename T, int HS>
 __device__ void tc3_backward_kv(const AttnParams& a) {
+    const u64 seed = dropout_seed(a);
     constexpr int BQ = 32, KS = HS / 16, NO = HS / 8, LD = HS + 8;
     DYN_SMEM(unsigned char, smem_raw);
     T* Ks = (T*)smem_raw;          // [64][LD]
@@ -388,7 +390,7 @@ __device__ void tc3_backward_kv(const AttnParams& a) {
         for (int kk = 0; kk < BQ / 16; ++kk) {
             u32 pa[4], sa[4], d[8];
             // queries i, i+1, i+8, i+9 (i = q0 + 16kk + 2·t4) of keys ja, jb
-            if (drop) attn_draws_bwd(a.seed, W.w, h, attn_qc(q0) + 8 * kk + 2 * t4, kca, ja & 1, d);
+            if (drop) attn_draws_bwd(seed, W.w, h, attn_qc(q0) + 8 * kk + 2 * t4, kca, ja & 1, d);
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 int n = 2 * kk + half;
@@ -431,6 +433,7 @@ __device__ void tc3_backward_kv(const AttnParams& a) {
 
 template <typename T, int HS>
 __device__ void tc3_backward_q(const AttnParams& a) {
+    const u64 seed = dropout_seed(a);
     constexpr int BK = 32, KS = HS / 16, NO = HS / 8, LD = HS + 8;
     DYN_SMEM(unsigned char, smem_raw);
     T* Qs = (T*)smem_raw;          // [64][LD]
@@ -483,7 +486,7 @@ __device__ void tc3_backward_q(const AttnParams& a) {
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
             u32 sa[4], d[8];
-            if (drop) attn_draws_fwd(a.seed, W.w, h, qc0, attn_kc(k0) + 4 * kk + t4, d);
+            if (drop) attn_draws_fwd(seed, W.w, h, qc0, attn_kc(k0) + 4 * kk + t4, d);
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 int j = 2 * kk + half;
@@ -533,6 +536,7 @@ __device__ void tc3_backward_q(const AttnParams& a) {
 // off) carries no Philox calls and no keep tests.
 template <typename T, int HS, bool DROP>
 __device__ void tc4_forward(const AttnParams& a) {
+    const u64 seed = DROP ? dropout_seed(a) : 0ull;
     constexpr int BK = 64, KS = HS / 16, NO = HS / 8, LD = HS + 8;
     DYN_SMEM(unsigned char, smem_raw);
     T* Qs = (T*)smem_raw;                // [64][LD]
@@ -613,7 +617,7 @@ __device__ void tc4_forward(const AttnParams& a) {
         for (int kk = 0; kk < BK / 16; ++kk) {
             u32 pa[4];
             u32 d[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};  // all kept (thr = 0) without dropout
-            if (drop) attn_draws_fwd(a.seed, W.w, h, qc0, attn_kc(k0) + 4 * kk + t4, d);
+            if (drop) attn_draws_fwd(seed, W.w, h, qc0, attn_kc(k0) + 4 * kk + t4, d);
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 int j = 2 * kk + half;
@@ -676,6 +680,7 @@ __device__ __forceinline__ void red_add2(float* p, float x, float y) {
 
 template <typename T, int HS, int NW, bool DROP>
 __device__ void tc4_backward(const AttnParams& a) {
+    const u64 seed = DROP ? dropout_seed(a) : 0ull;
     constexpr int BKEY = NW * 16, BQ = 32, KS = HS / 16, NO = HS / 8, LD = HS + 8, LDS = BKEY + 8;
     constexpr int NQ = NO / (NW / 2);  // dQ: warp w owns query rows (w&1)·16.. and NQ of the NO column tiles
     static_assert(NQ >= 1 && NO % (NW / 2) == 0, "dQ split");
@@ -738,7 +743,7 @@ __device__ void tc4_backward(const AttnParams& a) {
             u32 pa[4], sa[4];
             // the draws of queries i, i+1, i+8, i+9 (i = q0 + 16kk + 2·t4) of keys ja, jb; all kept without dropout
             u32 d[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
-            if (drop) attn_draws_bwd(a.seed, W.w, h, attn_qc(q0) + 8 * kk + 2 * t4, kca, ja & 1, d);
+            if (drop) attn_draws_bwd(seed, W.w, h, attn_qc(q0) + 8 * kk + 2 * t4, kca, ja & 1, d);
             // lse·log2 e and D of this lane's queries (2kk + half)·8 + 2·t4 + {0, 1}, read before this step's dS
             // stores (the compiler cannot tell Ss from Ls/Ds apart, and would read them again after each store)
             float lq[2][2], dd[2][2];

@@ -82,7 +82,20 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
 }
 
 // ---- the dropout stream (src/rng.rs) ---------------------------------------------------------------------
-// Keyed by the site's seed; hidden dropout of (window w, position t, feature c) is word c%4 of
+__device__ __forceinline__ u64 splitmix64(u64 x) {
+    u64 z = x + 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+// The Philox key of a dropout site in this step (src/rng.rs step_site_seed): SplitMix64 of the step's seed XOR
+// the site's key. The step's seed is read from device memory (a.step, written with the batch), so no kernel
+// parameter changes from step to step and a captured CUDA graph replays any step. 0 when the site is off
+// (p = 0), without reading it.
+template <typename P> __device__ __forceinline__ u64 dropout_seed(const P& a) {
+    return a.p > 0.f ? splitmix64(*(const u64*)a.step ^ a.site) : 0ull;
+}
+// Keyed by the site's seed in this step; hidden dropout of (window w, position t, feature c) is word c%4 of
 // philox([c/4, t, w, 0]), kept iff its top 24 bits / 2^24 >= p. Attention dropout: below (attn_philox).
 // Kept elements are scaled by 1/(1-p).
 __device__ __forceinline__ u32 philox_word(uint4 r, u32 w) { return w == 0 ? r.x : w == 1 ? r.y : w == 2 ? r.z : r.w; }
@@ -221,11 +234,12 @@ __device__ __forceinline__ void attn_draws_bwd(u64 seed, int w, int h, u32 qc, u
 // ---- the attention kernels' parameters (attention.cu variant 1, attention_tc.cu variants 3 and 4) --------
 // Mirrored by ops::attention::AttnParams; one definition for both files.
 struct AttnParams {
-    u64 out, lse, qkv, cu, lens, wid, dout, dqkv, dsum, dqacc, seed;
+    u64 out, lse, qkv, cu, lens, wid, dout, dqkv, dsum, dqacc, site;
     int b, n, nh, hs;
     float p, scale;
+    u64 step;
 };
-CHECK_LAYOUT(AttnParams, 112);
+CHECK_LAYOUT(AttnParams, 120);
 CHECK_FIELD(AttnParams, out, 0);
 CHECK_FIELD(AttnParams, lse, 8);
 CHECK_FIELD(AttnParams, qkv, 16);
@@ -236,13 +250,14 @@ CHECK_FIELD(AttnParams, dout, 48);
 CHECK_FIELD(AttnParams, dqkv, 56);
 CHECK_FIELD(AttnParams, dsum, 64);
 CHECK_FIELD(AttnParams, dqacc, 72);
-CHECK_FIELD(AttnParams, seed, 80);
+CHECK_FIELD(AttnParams, site, 80);
 CHECK_FIELD(AttnParams, b, 88);
 CHECK_FIELD(AttnParams, n, 92);
 CHECK_FIELD(AttnParams, nh, 96);
 CHECK_FIELD(AttnParams, hs, 100);
 CHECK_FIELD(AttnParams, p, 104);
 CHECK_FIELD(AttnParams, scale, 108);
+CHECK_FIELD(AttnParams, step, 112);
 
 // ---- reductions -------------------------------------------------------------------------------------------
 __device__ __forceinline__ float warp_sum(float v) {

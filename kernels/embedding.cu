@@ -6,13 +6,14 @@
 
 struct EmbParams {
     u64 out, mean, rstd, ids, types, posid, roww, word, pos, ttype, gamma, beta;
-    u64 dword, dpos, dttype, dgamma, dbeta, seed;
+    u64 dword, dpos, dttype, dgamma, dbeta, site;
     int n, c, v, tv;
     float eps, p;
     int padding_idx;  // backward: no word-embedding gradient for this id (-1: none)
     int _pad;
+    u64 step;
 };
-CHECK_LAYOUT(EmbParams, 176);
+CHECK_LAYOUT(EmbParams, 184);
 CHECK_FIELD(EmbParams, out, 0);
 CHECK_FIELD(EmbParams, mean, 8);
 CHECK_FIELD(EmbParams, rstd, 16);
@@ -30,7 +31,7 @@ CHECK_FIELD(EmbParams, dpos, 104);
 CHECK_FIELD(EmbParams, dttype, 112);
 CHECK_FIELD(EmbParams, dgamma, 120);
 CHECK_FIELD(EmbParams, dbeta, 128);
-CHECK_FIELD(EmbParams, seed, 136);
+CHECK_FIELD(EmbParams, site, 136);
 CHECK_FIELD(EmbParams, n, 144);
 CHECK_FIELD(EmbParams, c, 148);
 CHECK_FIELD(EmbParams, v, 152);
@@ -39,6 +40,7 @@ CHECK_FIELD(EmbParams, eps, 160);
 CHECK_FIELD(EmbParams, p, 164);
 CHECK_FIELD(EmbParams, padding_idx, 168);
 CHECK_FIELD(EmbParams, _pad, 172);
+CHECK_FIELD(EmbParams, step, 176);
 
 template <typename T>
 __device__ __forceinline__ float gathered(const EmbParams& a, int id, int ty, int tt, int i) {
@@ -48,6 +50,7 @@ __device__ __forceinline__ float gathered(const EmbParams& a, int id, int ty, in
 
 template <typename T>
 __device__ void emb_forward(const EmbParams& a) {
+    const u64 seed = dropout_seed(a);
     int warps = blockDim.x / 32, lane = threadIdx.x & 31;
     int row = blockIdx.x * warps + (threadIdx.x >> 5);
     if (row >= a.n) return;
@@ -67,7 +70,7 @@ __device__ void emb_forward(const EmbParams& a) {
     T* out = (T*)a.out + (u64)row * a.c;
     for (int i = lane; i < a.c; i += 32) {
         float y = (gathered<T>(a, id, ty, tt, i) - mean) * rstd * to_f(((const T*)a.gamma)[i]) + to_f(((const T*)a.beta)[i]);
-        out[i] = from_f<T>(y * hidden_factor(a.seed, w, tt, i, a.p));
+        out[i] = from_f<T>(y * hidden_factor(seed, w, tt, i, a.p));
     }
     if (lane == 0) {
         ((float*)a.mean)[row] = mean;
@@ -77,6 +80,7 @@ __device__ void emb_forward(const EmbParams& a) {
 
 template <typename T>
 __device__ void emb_backward(const EmbParams& a) {
+    const u64 seed = dropout_seed(a);
     int warps = blockDim.x / 32, lane = threadIdx.x & 31;
     int row = blockIdx.x * warps + (threadIdx.x >> 5);
     if (row >= a.n) return;
@@ -89,7 +93,7 @@ __device__ void emb_backward(const EmbParams& a) {
     float mean = ((const float*)a.mean)[row], rstd = ((const float*)a.rstd)[row];
     float mg = 0.f, mgx = 0.f;
     for (int i = lane; i < a.c; i += 32) {
-        float dy = to_f(dout[i]) * hidden_factor(a.seed, w, tt, i, a.p);
+        float dy = to_f(dout[i]) * hidden_factor(seed, w, tt, i, a.p);
         float xh = (gathered<T>(a, id, ty, tt, i) - mean) * rstd;
         float gi = dy * to_f(g[i]);
         mg += gi;
@@ -98,7 +102,7 @@ __device__ void emb_backward(const EmbParams& a) {
     mg = warp_sum(mg) / a.c;
     mgx = warp_sum(mgx) / a.c;
     for (int i = lane; i < a.c; i += 32) {
-        float dy = to_f(dout[i]) * hidden_factor(a.seed, w, tt, i, a.p);
+        float dy = to_f(dout[i]) * hidden_factor(seed, w, tt, i, a.p);
         float xh = (gathered<T>(a, id, ty, tt, i) - mean) * rstd;
         float dx = rstd * (dy * to_f(g[i]) - mg - xh * mgx);
         atomicAdd((float*)a.dgamma + i, dy * xh);
@@ -119,6 +123,7 @@ __device__ void emb_backward(const EmbParams& a) {
 // the second re-reading its inputs (cache hits) rather than holding them in registers.
 template <typename T, int CH>
 __device__ void emb_backward_vec(const EmbParams& a) {
+    const u64 seed = dropout_seed(a);
     constexpr int N = Pack16<T>::N;
     DYN_SMEM(float, smem);  // dγ[c], dβ[c], dttype[tv][c] partials of this block
     float* sdg = smem;
@@ -145,7 +150,7 @@ __device__ void emb_backward_vec(const EmbParams& a) {
                       ps = ld16((const T*)a.pos + (u64)tt * a.c + col), tk = ld16((const T*)a.ttype + (u64)ty * a.c + col),
                       g = ld16((const T*)a.gamma + col);
             float f[N];
-            hidden_factors<N / 4>(a.seed, win, tt, col, a.p, f);
+            hidden_factors<N / 4>(seed, win, tt, col, a.p, f);
 #pragma unroll
             for (int e = 0; e < N; ++e) {
                 dy[e] = to_f(d.v[e]) * f[e];

@@ -4,11 +4,12 @@
 #include "common.cuh"
 
 struct LnFwdParams {
-    u64 out, pos, roww, sum, mean, rstd, inp, resid, gamma, beta, seed;
+    u64 out, pos, roww, sum, mean, rstd, inp, resid, gamma, beta, site;
     int n, c;
     float eps, p;
+    u64 step;
 };
-CHECK_LAYOUT(LnFwdParams, 104);
+CHECK_LAYOUT(LnFwdParams, 112);
 CHECK_FIELD(LnFwdParams, out, 0);
 CHECK_FIELD(LnFwdParams, pos, 8);
 CHECK_FIELD(LnFwdParams, roww, 16);
@@ -19,19 +20,21 @@ CHECK_FIELD(LnFwdParams, inp, 48);
 CHECK_FIELD(LnFwdParams, resid, 56);
 CHECK_FIELD(LnFwdParams, gamma, 64);
 CHECK_FIELD(LnFwdParams, beta, 72);
-CHECK_FIELD(LnFwdParams, seed, 80);
+CHECK_FIELD(LnFwdParams, site, 80);
 CHECK_FIELD(LnFwdParams, n, 88);
 CHECK_FIELD(LnFwdParams, c, 92);
 CHECK_FIELD(LnFwdParams, eps, 96);
 CHECK_FIELD(LnFwdParams, p, 100);
+CHECK_FIELD(LnFwdParams, step, 104);
 
 struct LnBwdParams {
-    u64 dinp, pos, roww, dresid, dgamma, dbeta, dout, sum, mean, rstd, gamma, seed;
+    u64 dinp, pos, roww, dresid, dgamma, dbeta, dout, sum, mean, rstd, gamma, site;
     int n, c;
     float p;
     int _pad;
+    u64 step;
 };
-CHECK_LAYOUT(LnBwdParams, 112);
+CHECK_LAYOUT(LnBwdParams, 120);
 CHECK_FIELD(LnBwdParams, dinp, 0);
 CHECK_FIELD(LnBwdParams, pos, 8);
 CHECK_FIELD(LnBwdParams, roww, 16);
@@ -43,16 +46,18 @@ CHECK_FIELD(LnBwdParams, sum, 56);
 CHECK_FIELD(LnBwdParams, mean, 64);
 CHECK_FIELD(LnBwdParams, rstd, 72);
 CHECK_FIELD(LnBwdParams, gamma, 80);
-CHECK_FIELD(LnBwdParams, seed, 88);
+CHECK_FIELD(LnBwdParams, site, 88);
 CHECK_FIELD(LnBwdParams, n, 96);
 CHECK_FIELD(LnBwdParams, c, 100);
 CHECK_FIELD(LnBwdParams, p, 104);
 CHECK_FIELD(LnBwdParams, _pad, 108);
+CHECK_FIELD(LnBwdParams, step, 112);
 
 // sum = resid + dropout(inp); out = LN(sum). The statistics are taken over `sum` as stored (rounded to T),
 // exactly what backward reads back.
 template <typename T>
 __device__ void ln_forward(const LnFwdParams& a) {
+    const u64 seed = dropout_seed(a);
     int warps = blockDim.x / 32, lane = threadIdx.x & 31;
     int row = blockIdx.x * warps + (threadIdx.x >> 5);
     if (row >= a.n) return;
@@ -63,7 +68,7 @@ __device__ void ln_forward(const LnFwdParams& a) {
     int w = ((const int*)a.roww)[row], t = ((const int*)a.pos)[row];
     float s = 0.f;
     for (int i = lane; i < a.c; i += 32) {
-        float v = to_f(res[i]) + to_f(inp[i]) * hidden_factor(a.seed, w, t, i, a.p);
+        float v = to_f(res[i]) + to_f(inp[i]) * hidden_factor(seed, w, t, i, a.p);
         T vs = from_f<T>(v);
         sum[i] = vs;
         s += to_f(vs);
@@ -88,6 +93,7 @@ __device__ void ln_forward(const LnFwdParams& a) {
 
 template <typename T>
 __device__ void ln_backward(const LnBwdParams& a) {
+    const u64 seed = dropout_seed(a);
     DYN_SMEM(float, smem);  // dgamma[c], dbeta[c] partials of this block
     float* sdg = smem;
     float* sdb = smem + a.c;
@@ -116,7 +122,7 @@ __device__ void ln_backward(const LnBwdParams& a) {
             float xh = (to_f(x[i]) - mean) * rstd;
             float ds = rstd * (dy * to_f(g[i]) - mg - xh * mgx);
             dres[i] = from_f<T>(ds);
-            dinp[i] = from_f<T>(ds * hidden_factor(a.seed, w, t, i, a.p));
+            dinp[i] = from_f<T>(ds * hidden_factor(seed, w, t, i, a.p));
             atomicAdd(&sdg[i], dy * xh);
             atomicAdd(&sdb[i], dy);
         }
@@ -137,6 +143,7 @@ __device__ void ln_backward(const LnBwdParams& a) {
 
 template <typename T, int CH>
 __device__ void ln_forward_vec(const LnFwdParams& a) {
+    const u64 seed = dropout_seed(a);
     constexpr int N = Pack16<T>::N;
     int warps = blockDim.x / 32, lane = threadIdx.x & 31;
     int row = blockIdx.x * warps + (threadIdx.x >> 5);
@@ -153,7 +160,7 @@ __device__ void ln_forward_vec(const LnFwdParams& a) {
             u64 i = r0 + (u64)ch * N;
             Pack16<T> x = ld16((const T*)a.inp + i), r = ld16((const T*)a.resid + i), y;
             float f[N];
-            hidden_factors<N / 4>(a.seed, w, t, ch * N, a.p, f);
+            hidden_factors<N / 4>(seed, w, t, ch * N, a.p, f);
 #pragma unroll
             for (int e = 0; e < N; ++e) {
                 y.v[e] = from_f<T>(to_f(r.v[e]) + to_f(x.v[e]) * f[e]);
@@ -189,6 +196,7 @@ __device__ void ln_forward_vec(const LnFwdParams& a) {
 
 template <typename T, int CH>
 __device__ void ln_backward_vec(const LnBwdParams& a) {
+    const u64 seed = dropout_seed(a);
     constexpr int N = Pack16<T>::N;
     DYN_SMEM(float, smem);  // dgamma[c], dbeta[c] partials of this block
     float* sdg = smem;
@@ -237,7 +245,7 @@ __device__ void ln_backward_vec(const LnBwdParams& a) {
             if (ch < nch) {
                 u64 i = r0 + (u64)ch * N;
                 float f[N];
-                hidden_factors<N / 4>(a.seed, w, t, ch * N, a.p, f);
+                hidden_factors<N / 4>(seed, w, t, ch * N, a.p, f);
                 Pack16<T> dr, di;
 #pragma unroll
                 for (int e = 0; e < N; ++e) {

@@ -7,8 +7,8 @@
 struct SpanParams {
     u64 losses, stats, dlogits, logits, starts, ends, cu, lens;
     int b, mask_padding, dt;
-    float scale_start, scale_end;
     int _pad;
+    u64 scale;  // (2) f32: the gradient scales of the start and end halves (device memory: they change every step)
 };
 CHECK_LAYOUT(SpanParams, 88);
 CHECK_FIELD(SpanParams, losses, 0);
@@ -22,9 +22,8 @@ CHECK_FIELD(SpanParams, lens, 56);
 CHECK_FIELD(SpanParams, b, 64);
 CHECK_FIELD(SpanParams, mask_padding, 68);
 CHECK_FIELD(SpanParams, dt, 72);
-CHECK_FIELD(SpanParams, scale_start, 76);
-CHECK_FIELD(SpanParams, scale_end, 80);
-CHECK_FIELD(SpanParams, _pad, 84);
+CHECK_FIELD(SpanParams, _pad, 76);
+CHECK_FIELD(SpanParams, scale, 80);
 
 extern "C" __global__ void span_loss_forward_backward(SpanParams a) {
     __shared__ float red[32];
@@ -32,7 +31,7 @@ extern "C" __global__ void span_loss_forward_backward(SpanParams a) {
     int s0 = ((const int*)a.cu)[bi], rows = ((const int*)a.cu)[bi + 1] - s0;
     int range = a.mask_padding ? ((const int*)a.lens)[bi] : rows;
     int tgt = w == 0 ? ((const int*)a.starts)[bi] : ((const int*)a.ends)[bi];
-    float scale = w == 0 ? a.scale_start : a.scale_end;
+    float scale = ((const float*)a.scale)[w];
     bool tgt_ok = tgt >= 0 && tgt < range;
     float m = -INFINITY;
     for (int j = threadIdx.x; j < range; j += blockDim.x) m = fmaxf(m, load_dt(a.logits, a.dt, ((u64)s0 + j) * 2 + w));

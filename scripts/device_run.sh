@@ -30,10 +30,14 @@ cp $W/check/summary.txt "$FINAL/summary.txt"
 tar czf "$FINAL/logs.tgz" -C $W . 2>/dev/null  # refreshed at the end; here in case the call is cut short
 ok() { grep -q "$1: rc=0" $W/check/summary.txt; }
 if [ -n "${SKIP_CHECK:-}" ]; then
-    echo "comparing with the switches given: $(env | grep -E '^BERTQA_(ATTN|ATTN4|GEMM|VEC)=' | tr '\n' ' ')"
+    echo "comparing with the switches given: $(env | grep -E '^BERTQA_(ATTN|ATTN4|GEMM|VEC|GRAPHS)=' | tr '\n' ' ')"
 elif ok parity_bf16_next && ok parity_f32_next && ok attn_variants; then
     echo "the opt-in paths passed parity: comparing with BERTQA_ATTN=v4 BERTQA_GEMM=lt BERTQA_VEC=1"
     export BERTQA_ATTN=v4 BERTQA_GEMM=lt BERTQA_VEC=1
+    if ok graphs_exact && ok parity_bf16_next_graphs; then
+        echo "CUDA graphs passed too: comparing with BERTQA_GRAPHS=1"
+        export BERTQA_GRAPHS=1
+    fi
 elif ok parity_bf16; then
     echo "attention variant 3 (default) passed bf16 parity: comparing with the defaults"
 else
@@ -55,7 +59,7 @@ else
     mkdir -p $W/cmp/runs
     python3 scripts/perf_json.py assemble --runs $W/cmp/runs --out-dir "$FINAL" ${BENCH_LOG:+--bench "$BENCH_LOG"} \
         --commit "$(head -1 .gpu/COMMIT 2>/dev/null || echo unknown)$(grep -q dirty .gpu/COMMIT 2>/dev/null && echo -dirty)" \
-        --kernels "$(env | grep -E '^BERTQA_(ATTN|ATTN4|GEMM|GEMM_TUNE|VEC)=' | sort | tr '\n' ' ')" 2>&1
+        --kernels "$(env | grep -E '^BERTQA_(ATTN|ATTN4|GEMM|GEMM_TUNE|VEC|GRAPHS)=' | sort | tr '\n' ' ')" 2>&1
 fi
 cat $W/check/summary.txt "$FINAL/compare-summary.txt" > "$FINAL/summary.txt" 2>/dev/null
 tar czf "$FINAL/logs.tgz" -C $W . 2>/dev/null

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU run (≤ 8 minutes): device facts, the GPU parity tests (every kernel and a whole training
 # step against the CPU reference, f32 and bf16; the attention variants; the opt-in paths BERTQA_ATTN=v4,
-# BERTQA_GEMM=lt and BERTQA_VEC=1), then the kernel/step benchmark (which also times the opt-in paths). Expects the binaries built by
+# BERTQA_GEMM=lt and BERTQA_VEC=1; CUDA graphs, BERTQA_GRAPHS=1), then the kernel/step benchmark (which also times the opt-in paths). Expects the binaries built by
 # scripts/package_gpu.sh in .gpu/bin (carry `.gpu`). Writes logs to $OUT (or ./gpu-out) and prints a summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +37,18 @@ for dt in bf16 f32; do
     BERTQA_ATTN=v4 BERTQA_GEMM=lt BERTQA_VEC=1 run parity_${dt}_next 120 .gpu/bin/test_parity --exact gpu_parity_$dt --nocapture --test-threads 1
     grep -E "FAIL|SKIPPED|panicked|test result" "$OUT/parity_${dt}_next.log" | head -20 | tee -a "$OUT/summary.txt"
 done
+# CUDA graphs (--cuda-graphs on): replays bit-identical to running the ops (default kernels), then the whole
+# suite's training steps against the CPU with graphs, with the default kernels and with every opt-in path
+run graphs_exact 120 .gpu/bin/test_parity --exact gpu_cuda_graphs_replay_exactly --nocapture --test-threads 1
+grep -E "FAIL|SKIPPED|panicked|CUDA graphs:|test result" "$OUT/graphs_exact.log" | head -20 | tee -a "$OUT/summary.txt"
+BERTQA_GRAPHS=1 run parity_bf16_graphs 120 .gpu/bin/test_parity --exact gpu_parity_bf16 --nocapture --test-threads 1
+grep -E "FAIL|SKIPPED|panicked|test result" "$OUT/parity_bf16_graphs.log" | head -20 | tee -a "$OUT/summary.txt"
+BERTQA_ATTN=v4 BERTQA_GEMM=lt BERTQA_VEC=1 BERTQA_GRAPHS=1 run parity_bf16_next_graphs 120 .gpu/bin/test_parity --exact gpu_parity_bf16 --nocapture --test-threads 1
+grep -E "FAIL|SKIPPED|panicked|test result" "$OUT/parity_bf16_next_graphs.log" | head -20 | tee -a "$OUT/summary.txt"
+if ! grep -q "graphs_exact: rc=0" "$OUT/summary.txt" || ! grep -q "parity_bf16_graphs: rc=0" "$OUT/summary.txt"; then
+    export BENCH_NO_GRAPHS=1
+    echo "CUDA graphs failed: the bench leaves them out" | tee -a "$OUT/summary.txt"
+fi
 # a fault surfaces at the next synchronisation, far from the kernel: rerun a failed attention-variants test
 # synchronising after every launch, so that its error names the kernel
 if ! grep -q "attn_variants: rc=0" "$OUT/summary.txt"; then

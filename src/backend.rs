@@ -65,4 +65,21 @@ pub trait BackendCore: Sized + Send + Sync + 'static {
     fn row_bucket(&self) -> usize {
         1
     }
+
+    /// A recording of device work, executed again by [`BackendCore::replay`] (a CUDA graph; nothing on the
+    /// CPU).
+    type Graph;
+    /// Whether work is recorded and replayed now ([`crate::train::graphs::StepGraphs`]): CUDA with
+    /// `--cuda-graphs on`, not while profiling or synchronising after every launch. False on the CPU.
+    fn graphs_on(&self) -> bool {
+        false
+    }
+    /// Run `f`, recording the device work it queues instead of executing it. `f` must queue the same work
+    /// with the same parameters whenever it is recorded or run for the same batch shape, read per-step values
+    /// from device memory, and neither allocate, copy to or from the host, nor synchronise (the CUDA backend
+    /// refuses those while recording, with an error naming the call). Nothing runs until
+    /// [`BackendCore::replay`].
+    fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Self::Graph>;
+    /// Queue the work recorded in `g` again, as it was recorded (the same addresses).
+    fn replay(&self, g: &Self::Graph) -> Result<()>;
 }

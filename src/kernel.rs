@@ -110,6 +110,9 @@ pub struct KernelConfig {
     pub vec: bool,
     /// synchronise after every launch, so that a faulting kernel is named (debugging)
     pub sync_launch: bool,
+    /// capture each training micro-batch's forward, loss and backward in a CUDA graph per batch shape and
+    /// replay it (src/train/graphs.rs); off while profiling or with `sync_launch`
+    pub graphs: bool,
 }
 
 impl Default for KernelConfig {
@@ -119,6 +122,7 @@ impl Default for KernelConfig {
             gemm: GemmPath::Ex,
             vec: false,
             sync_launch: false,
+            graphs: false,
         }
     }
 }
@@ -137,6 +141,8 @@ pub struct KernelChoice {
     /// on | off
     pub vec: Option<String>,
     pub sync_launch: bool,
+    /// on | off (CUDA graphs of the training step)
+    pub graphs: Option<String>,
 }
 
 fn parse_switch(what: &str, v: &str) -> Result<bool> {
@@ -150,7 +156,7 @@ fn parse_switch(what: &str, v: &str) -> Result<bool> {
 impl KernelConfig {
     /// The configuration from explicit choices, falling back for each one not given to the environment
     /// (`BERTQA_ATTN=v1|v3|v4`, `BERTQA_ATTN4=w4|w8|w8b2`, `BERTQA_GEMM=ex|lt`, `BERTQA_GEMM_TUNE=1|0`,
-    /// `BERTQA_VEC=1|0`, `BERTQA_SYNC_LAUNCH=1`) through `env`, then to the default. Unknown values are errors
+    /// `BERTQA_VEC=1|0`, `BERTQA_GRAPHS=1|0`, `BERTQA_SYNC_LAUNCH=1`) through `env`, then to the default. Unknown values are errors
     /// that name the flag or variable, never a silent fallback.
     pub fn resolve(c: &KernelChoice, env: impl Fn(&str) -> Option<String>) -> Result<KernelConfig> {
         let d = KernelConfig::default();
@@ -201,6 +207,10 @@ impl KernelConfig {
             None => d.vec,
             Some((w, v)) => parse_switch(&w, &v)?,
         };
+        let graphs = match pick(&c.graphs, "--cuda-graphs", "BERTQA_GRAPHS") {
+            None => d.graphs,
+            Some((w, v)) => parse_switch(&w, &v)?,
+        };
         let sync_launch = c.sync_launch
             || match env("BERTQA_SYNC_LAUNCH") {
                 None => false,
@@ -211,6 +221,7 @@ impl KernelConfig {
             gemm,
             vec,
             sync_launch,
+            graphs,
         })
     }
 
@@ -236,8 +247,9 @@ impl KernelConfig {
             GemmPath::Lt { tune } => format!("lt{}", if tune { " (tuned)" } else { "" }),
         };
         format!(
-            "attention {a}, gemm {g}, vec {}{}",
+            "attention {a}, gemm {g}, vec {}{}{}",
             if self.vec { "on" } else { "off" },
+            if self.graphs { ", CUDA graphs" } else { "" },
             if self.sync_launch {
                 ", sync launch"
             } else {
@@ -297,12 +309,23 @@ mod tests {
                 ("BERTQA_GEMM", "lt"),
                 ("BERTQA_GEMM_TUNE", "0"),
                 ("BERTQA_VEC", "1"),
+                ("BERTQA_GRAPHS", "on"),
             ]),
         )
         .unwrap();
         assert_eq!(c.attention, AttnKernel::V4(Tc4Shape::W4));
         assert_eq!(c.gemm, GemmPath::Lt { tune: false });
-        assert!(c.vec && !c.sync_launch);
+        assert!(c.vec && c.graphs && !c.sync_launch);
+        assert!(!KernelConfig::default().graphs);
+        let off = KernelChoice {
+            graphs: Some("off".into()),
+            ..Default::default()
+        };
+        assert!(
+            !KernelConfig::resolve(&off, env(&[("BERTQA_GRAPHS", "1")]))
+                .unwrap()
+                .graphs
+        );
         // a flag wins over the environment
         let flags = KernelChoice {
             attention: Some("v1".into()),
@@ -325,5 +348,9 @@ mod tests {
         assert!(e.contains("--gemm"), "{e}");
         assert!(KernelConfig::resolve(&none, env(&[("BERTQA_VEC", "yes please")])).is_err());
         assert!(KernelConfig::resolve(&none, env(&[("BERTQA_SYNC_LAUNCH", "2")])).is_err());
+        let e = KernelConfig::resolve(&none, env(&[("BERTQA_GRAPHS", "maybe")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("BERTQA_GRAPHS"), "{e}");
     }
 }

@@ -6,7 +6,8 @@
 //! through each element's *place in the model*, never on how a batch is laid out, so packed, padded,
 //! micro-batched and data-parallel runs draw the same masks (../shared/DESIGN.md, "Dropout stream"):
 //! - key: the site's seed, [`site_seed`]`(step_seed, layer, site)` with [`step_seed`]`(run seed, optimizer
-//!   step)`;
+//!   step)`. The model names a site by its key [`site_key`]`(layer, site)` ([`Dropout`]); the step's seed
+//!   reaches the kernels in device memory, with the batch (so a captured CUDA graph replays any step);
 //! - hidden dropout (embeddings, after attention, after the feed-forward): element (window `w`, position `t`,
 //!   feature `c`) uses word `c mod 4` of `philox([c/4, t, w, 0], key)` — one call per 4 features of a row;
 //!   An element is kept iff `u ≥ p`, `u` = the word's top 24 bits scaled to [0, 1).
@@ -98,17 +99,44 @@ pub fn attn_draws(seed: u64, w: u32, h: u32, i0: u32, j0: u32) -> [u32; 8] {
     std::array::from_fn(|e| (r[e / 2] >> (16 * (e % 2))) & 0xffff)
 }
 
-/// A dropout site: probability `p` of zeroing, and the seed of its mask. `p == 0` disables it.
+/// A dropout site as the model names it: probability `p` of zeroing (`p == 0` disables it) and the site's key,
+/// [`site_key`]`(layer, site)`, the same for every step of a run. The Philox key of its masks in a step is
+/// [`step_site_seed`]`(step seed, site key)` ([`Dropout::at`]); the step's seed travels with the batch
+/// ([`crate::ops::SeqLayout::step_seed`]) into device memory, where the kernels read it, so that no kernel
+/// parameter changes from one step to the next and a captured CUDA graph replays any step.
 #[derive(Clone, Copy, Debug, PartialEq, Default)]
 pub struct Dropout {
+    pub p: f32,
+    pub site: u64,
+}
+
+impl Dropout {
+    pub const OFF: Dropout = Dropout { p: 0.0, site: 0 };
+    pub fn new(p: f32, site: u64) -> Self {
+        Dropout { p, site }
+    }
+    pub fn active(&self) -> bool {
+        self.p > 0.0
+    }
+    /// The masks of this site in the step whose seed is `step_seed`.
+    pub fn at(&self, step_seed: u64) -> DropoutMask {
+        DropoutMask {
+            p: self.p,
+            seed: step_site_seed(step_seed, self.site),
+        }
+    }
+}
+
+/// The masks of one dropout site in one step: probability `p` and the Philox key `seed`.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct DropoutMask {
     pub p: f32,
     pub seed: u64,
 }
 
-impl Dropout {
-    pub const OFF: Dropout = Dropout { p: 0.0, seed: 0 };
+impl DropoutMask {
     pub fn new(p: f32, seed: u64) -> Self {
-        Dropout { p, seed }
+        DropoutMask { p, seed }
     }
     pub fn active(&self) -> bool {
         self.p > 0.0
@@ -137,7 +165,7 @@ impl Dropout {
     }
 
     /// The multipliers of features 0..n of (window `w`, position `t`), one Philox call per four features
-    /// (= [`Dropout::hidden_factor`] of each).
+    /// (= [`DropoutMask::hidden_factor`] of each).
     pub fn hidden_factors(&self, w: u32, t: u32, n: usize) -> Vec<f64> {
         let mut f = vec![1.0; n];
         if !self.active() {
@@ -161,7 +189,7 @@ impl Dropout {
         self.factor(half_uniform(attn_draws(self.seed, w, h, i0, j0)[e]))
     }
 
-    /// Visits every entry of the (rows × keys) matrix of [`Dropout::attn_factor`] for head `h` of window `w`,
+    /// Visits every entry of the (rows × keys) matrix of [`DropoutMask::attn_factor`] for head `h` of window `w`,
     /// block by block (one Philox call per 8 entries): `f(i, j, f_ij)` for each `i < rows`, `j < keys`, in no
     /// particular order. Only when the site is active.
     #[inline]
@@ -196,11 +224,21 @@ pub fn step_seed(run_seed: u64, step: u64) -> u64 {
     splitmix64(run_seed ^ splitmix64(step.wrapping_mul(0x9E37_79B9) ^ 0x5EED))
 }
 
-/// Derive the seed of one dropout site from a step seed, a layer and a site number (SplitMix64 mixing).
+/// The key of dropout site `site` of layer `layer` (constant over a run; SplitMix64 mixing).
+pub fn site_key(layer: u64, site: u64) -> u64 {
+    splitmix64(layer.wrapping_mul(0x1000_0000_01B3) ^ site.wrapping_add(0x9E37))
+}
+
+/// The Philox key of a dropout site in a step: SplitMix64 of the step's seed XOR the site's key (kernels/
+/// common.cuh `step_site_seed` computes the same on the device).
+pub fn step_site_seed(step_seed: u64, site_key: u64) -> u64 {
+    splitmix64(step_seed ^ site_key)
+}
+
+/// The seed of one dropout site from a step seed, a layer and a site number:
+/// [`step_site_seed`]`(step_seed, `[`site_key`]`(layer, site))`.
 pub fn site_seed(step_seed: u64, layer: u64, site: u64) -> u64 {
-    splitmix64(
-        step_seed ^ splitmix64(layer.wrapping_mul(0x1000_0000_01B3) ^ site.wrapping_add(0x9E37)),
-    )
+    step_site_seed(step_seed, site_key(layer, site))
 }
 
 pub fn splitmix64(x: u64) -> u64 {
@@ -262,9 +300,9 @@ impl Rng {
 mod tests {
     use super::*;
 
-    /// The (rows × keys) matrix of [`Dropout::attn_factor`] for head `h` of window `w` (all ones when off;
+    /// The (rows × keys) matrix of [`DropoutMask::attn_factor`] for head `h` of window `w` (all ones when off;
     /// NaN where the visit misses an entry).
-    fn attn_factors(d: &Dropout, w: u32, h: u32, rows: usize, keys: usize) -> Vec<f64> {
+    fn attn_factors(d: &DropoutMask, w: u32, h: u32, rows: usize, keys: usize) -> Vec<f64> {
         let mut m = vec![if d.active() { f64::NAN } else { 1.0 }; rows * keys];
         d.attn_factor_blocks(w, h, rows, keys, |i, j, f| {
             assert!(m[i * keys + j].is_nan(), "({i}, {j}) visited twice");
@@ -297,7 +335,7 @@ mod tests {
     fn the_stream_is_the_documented_philox_words() {
         // hidden: (w, t, c) → word c%4 of philox([c/4, t, w, 0], key)
         let (seed, p) = (0x0123_4567_89AB_CDEFu64, 0.3f32);
-        let d = Dropout::new(p, seed);
+        let d = DropoutMask::new(p, seed);
         let k = [seed as u32, (seed >> 32) as u32];
         let keep = |w: u32| {
             if word_uniform(w) >= p {
@@ -340,8 +378,29 @@ mod tests {
     }
 
     #[test]
+    fn a_site_at_a_step_is_the_site_seed() {
+        // the split into a run-constant site key and a step seed read on the device is the same key
+        for (step, layer, site) in [
+            (0u64, 0u64, 0u64),
+            (step_seed(42, 7), 3, 2),
+            (u64::MAX, 11, 5),
+        ] {
+            let d = Dropout::new(0.1, site_key(layer, site)).at(step);
+            assert_eq!(d.seed, site_seed(step, layer, site));
+            assert_eq!(d.p, 0.1);
+        }
+        // a golden value (computed with the definition before the split): the stream of version 3 is unchanged
+        assert_eq!(site_seed(step_seed(42, 7), 3, 2), {
+            let st = splitmix64(42 ^ splitmix64(7u64.wrapping_mul(0x9E37_79B9) ^ 0x5EED));
+            splitmix64(
+                st ^ splitmix64(3u64.wrapping_mul(0x1000_0000_01B3) ^ 2u64.wrapping_add(0x9E37)),
+            )
+        });
+    }
+
+    #[test]
     fn batched_factors_equal_the_per_element_definition() {
-        let d = Dropout::new(0.3, 1234);
+        let d = DropoutMask::new(0.3, 1234);
         let f = d.hidden_factors(3, 41, 103);
         assert!((0..103).all(|c| f[c] == d.hidden_factor(3, 41, c as u32)));
         for (rows, keys) in [
@@ -370,7 +429,7 @@ mod tests {
 
     #[test]
     fn dropout_rate_is_close_to_p() {
-        let d = Dropout::new(0.1, 42);
+        let d = DropoutMask::new(0.1, 42);
         let f: Vec<f64> = (0..500).flat_map(|t| d.hidden_factors(7, t, 400)).collect();
         let dropped = f.iter().filter(|&&x| x == 0.0).count() as f64 / f.len() as f64;
         assert!(

@@ -77,7 +77,7 @@ fn run_attention(
         act: dt,
         b: l.b(),
         n,
-        max_rows: l.max_rows(),
+        max_rows: l.grid_rows(),
         nh,
         hs,
         drop: inp.drop,
@@ -85,7 +85,7 @@ fn run_attention(
     };
     let es = dt.size();
     let ints = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    // buffers: 0 out, 1 lse, 2 qkv, 3 cu, 4 lens, 5 wid, 6 dout, 7 dqkv, 8 dsum, 9 dqacc
+    // buffers: 0 out, 1 lse, 2 qkv, 3 cu, 4 lens, 5 wid, 6 dout, 7 dqkv, 8 dsum, 9 dqacc, 10 step seed
     let bufs = vec![
         vec![0xffu8; n * c * es],
         vec![0xffu8; nh * n * 4],
@@ -97,6 +97,7 @@ fn run_attention(
         vec![0xffu8; n * 3 * c * es],
         vec![0u8; nh * n * 4],
         vec![0u8; n * c * 4],
+        ints(&l.step_words()),
     ];
     let ptr = AttnParams {
         out: addr(0),
@@ -113,6 +114,7 @@ fn run_attention(
         } else {
             0
         },
+        step: addr(10),
         ..bytemuck::Zeroable::zeroed()
     };
     let mut launches = plan.forward(ptr).unwrap();
@@ -284,7 +286,7 @@ fn ln_on_emu(
     let es = dt.size();
     let ints = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     // 0 out, 1 sum, 2 mean, 3 rstd, 4 inp, 5 resid, 6 gamma, 7 beta, 8 dinp, 9 dresid, 10 dgamma, 11 dbeta, 12 dout,
-    // 13 positions, 14 row windows
+    // 13 positions, 14 row windows, 15 step seed
     let bufs = vec![
         vec![0xffu8; n * c * es],
         vec![0xffu8; n * c * es],
@@ -301,6 +303,7 @@ fn ln_on_emu(
         encode(&i.dy, dt),
         ints(&i.layout.pos()),
         ints(&i.layout.row_w()),
+        ints(&i.layout.step_words()),
     ];
     let f = LnFwdParams {
         out: addr(0),
@@ -313,11 +316,12 @@ fn ln_on_emu(
         resid: addr(5),
         gamma: addr(6),
         beta: addr(7),
-        seed: i.drop.seed,
+        site: i.drop.site,
         n: n as i32,
         c: c as i32,
         eps: 1e-12,
         p: i.drop.p,
+        step: addr(15),
     };
     let b = LnBwdParams {
         dinp: addr(8),
@@ -331,11 +335,12 @@ fn ln_on_emu(
         mean: addr(2),
         rstd: addr(3),
         gamma: addr(6),
-        seed: i.drop.seed,
+        site: i.drop.site,
         n: n as i32,
         c: c as i32,
         p: i.drop.p,
         _pad: 0,
+        step: addr(15),
     };
     let (fl, bl) = (
         forward_launch(dt, f, vec).unwrap(),
@@ -616,7 +621,8 @@ fn emu_embeddings_scalar_and_vec() {
                 let es = dt.size();
                 let ints = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
                 // 0 out, 1 mean, 2 rstd, 3 ids, 4 types, 5 word, 6 pos, 7 ttype, 8 gamma, 9 beta,
-                // 10 dword, 11 dpos, 12 dttype, 13 dgamma, 14 dbeta, 15 dout, 16 positions, 17 row windows
+                // 10 dword, 11 dpos, 12 dttype, 13 dgamma, 14 dbeta, 15 dout, 16 positions, 17 row windows,
+                // 18 step seed
                 let bufs = vec![
                     vec![0xffu8; n * c * es],
                     vec![0xffu8; n * 4],
@@ -636,6 +642,7 @@ fn emu_embeddings_scalar_and_vec() {
                     encode(&i.dy, dt),
                     ints(&i.layout.pos()),
                     ints(&i.layout.row_w()),
+                    ints(&i.layout.step_words()),
                 ];
                 let base = EmbParams {
                     out: addr(0),
@@ -655,7 +662,7 @@ fn emu_embeddings_scalar_and_vec() {
                     dttype: 0,
                     dgamma: 0,
                     dbeta: 0,
-                    seed: i.drop.seed,
+                    site: i.drop.site,
                     n: n as i32,
                     c: c as i32,
                     v: case.v as i32,
@@ -664,6 +671,7 @@ fn emu_embeddings_scalar_and_vec() {
                     p: i.drop.p,
                     padding_idx: -1,
                     _pad: 0,
+                    step: addr(18),
                 };
                 let bwd = EmbParams {
                     out: addr(15),
@@ -731,19 +739,21 @@ fn emu_dropout() {
             encode(&x, dt),
             ints(&layout.pos()),
             ints(&layout.row_w()),
+            ints(&layout.step_words()),
         ];
         let l = launch(DropoutParams {
             out: addr(0),
             inp: addr(1),
             pos: addr(2),
             roww: addr(3),
-            seed: d.seed,
+            site: d.site,
             n: case.rows as i32,
             c: case.c as i32,
             p: d.p,
             out_dt: code,
             inp_dt: code,
             _pad: 0,
+            step: addr(4),
         });
         let Some(got) = emu
             .run(&bufs, &[l], Mode::DEFAULT)
@@ -772,7 +782,7 @@ fn emu_span_loss() {
         let ints = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let mut out: Outputs = vec![];
         for cfg in case.configs() {
-            // 0 losses, 1 dlogits, 2 logits, 3 starts, 4 ends, 5 cu, 6 lens, 7 stats
+            // 0 losses, 1 dlogits, 2 logits, 3 starts, 4 ends, 5 cu, 6 lens, 7 stats, 8 scale
             let bufs = vec![
                 vec![0xffu8; b * 2 * 4],
                 vec![0xffu8; n * 2 * dt.size()],
@@ -782,6 +792,7 @@ fn emu_span_loss() {
                 ints(&i.layout.cu),
                 ints(&i.layout.lens),
                 encode(&SpanLossCase::STATS0, DType::F32),
+                encode(&SpanLossCase::SCALE, DType::F32),
             ];
             let l = launch(SpanParams {
                 losses: addr(0),
@@ -795,9 +806,8 @@ fn emu_span_loss() {
                 b: b as i32,
                 mask_padding: cfg.mask_padding as i32,
                 dt: dtype_code(dt),
-                scale_start: cfg.scale_start as f32,
-                scale_end: cfg.scale_end as f32,
                 _pad: 0,
+                scale: addr(8),
             });
             let Some(got) = emu
                 .run(&bufs, &l, Mode::DEFAULT)

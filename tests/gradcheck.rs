@@ -7,6 +7,7 @@ use bertqa::cpu::Cpu;
 use bertqa::data::features::Feature;
 use bertqa::model::batch::{pack, HostBatch, Padding};
 use bertqa::model::{ActPlan, BertConfig, BertParams, BertQa, DropoutCfg};
+use bertqa::ops::attention::scratch_shape;
 use bertqa::ops::embedding::{EmbGrads, EmbWeights};
 use bertqa::ops::span_loss::SpanLossCfg;
 use bertqa::ops::{SeqLayout, Seqs, STATS_LEN, STAT_LOSS_END, STAT_LOSS_START};
@@ -456,8 +457,19 @@ fn attention_backward_matches_finite_differences() {
             .unwrap();
         let dout = Tensor::from_f64(&be, &s.w, &[n, c], F64).unwrap();
         let mut dqkv = rand_tensor(&be, &mut rng, &[n, 3 * c], F64, 1.0);
-        be.attention_backward(&mut dqkv, &dout, &out, &lse, &s.qkv, &seqs, nh, drop)
-            .unwrap();
+        let mut scratch = Tensor::zeros(&be, &scratch_shape(n, c, nh), F64).unwrap();
+        be.attention_backward(
+            &mut dqkv,
+            &dout,
+            &out,
+            &lse,
+            &s.qkv,
+            &seqs,
+            nh,
+            drop,
+            &mut scratch,
+        )
+        .unwrap();
         let an = dqkv.to_f64_vec(&be).unwrap();
         let num = fd(
             &mut s,
@@ -501,11 +513,14 @@ fn span_loss_gradient_matches_finite_differences() {
         let valid = |tg: i32, bi: usize| (tg as usize) < if mask_padding { lens[bi] } else { t };
         let ns = (0..b).filter(|&i| valid(starts[i], i)).count();
         let ne = (0..b).filter(|&i| valid(ends[i], i)).count();
-        let cfg = SpanLossCfg {
-            mask_padding,
-            scale_start: 1.0 / (2.0 * ns as f64),
-            scale_end: 1.0 / (2.0 * ne as f64),
-        };
+        let cfg = SpanLossCfg { mask_padding };
+        let scale = Tensor::from_f64(
+            &be,
+            &[1.0 / (2.0 * ns as f64), 1.0 / (2.0 * ne as f64)],
+            &[2],
+            F64,
+        )
+        .unwrap();
         let f = |s: &S| {
             let mut l = Tensor::zeros(&Cpu::new(), &[b, 2], F64).unwrap();
             let mut d = Tensor::zeros(&Cpu::new(), &[b * t, 2], F64).unwrap();
@@ -513,7 +528,7 @@ fn span_loss_gradient_matches_finite_differences() {
             let mut sums = Tensor::zeros(&Cpu::new(), &[STATS_LEN], F64).unwrap();
             Cpu::new()
                 .span_loss_forward_backward(
-                    &mut l, &mut d, &mut sums, &s.logits, &st, &en, &seqs, cfg,
+                    &mut l, &mut d, &mut sums, &s.logits, &st, &en, &seqs, &scale, cfg,
                 )
                 .unwrap();
             let sums = sums.to_f64_vec(&Cpu::new()).unwrap();
@@ -525,8 +540,10 @@ fn span_loss_gradient_matches_finite_differences() {
         let mut l = Tensor::zeros(&be, &[b, 2], F64).unwrap();
         let mut d = Tensor::zeros(&be, &[b * t, 2], F64).unwrap();
         let mut sums = Tensor::zeros(&be, &[STATS_LEN], F64).unwrap();
-        be.span_loss_forward_backward(&mut l, &mut d, &mut sums, &s.logits, &st, &en, &seqs, cfg)
-            .unwrap();
+        be.span_loss_forward_backward(
+            &mut l, &mut d, &mut sums, &s.logits, &st, &en, &seqs, &scale, cfg,
+        )
+        .unwrap();
         report(
             &format!("span_loss mask_padding={mask_padding}"),
             "dlogits",
@@ -552,11 +569,11 @@ fn whole_model_check(drop_p: f32, padding: Padding) {
     let (ids, types, mask) = padded_batch(&mut rng, b, t, cfg.vocab_size, &[8, 5, 6]);
     let feats = feature_windows(&ids, &types, &mask, t, &[3, 0, 2], &[5, 0, 4]);
     let refs: Vec<&Feature> = feats.iter().collect();
-    let hb = pack(&refs, 0, padding).unwrap();
+    let mut hb = pack(&refs, 0, padding).unwrap();
+    hb.layout.step_seed = 2024;
     let drop = DropoutCfg {
         hidden: drop_p,
         attn: drop_p,
-        seed: 2024,
     };
     let plan_for =
         |hb: &HostBatch| ActPlan::new(&Cpu::new(), &cfg, hb.n(), hb.b(), F64, true).unwrap();

@@ -13,7 +13,7 @@ use clap::Args;
 
 /// The CUDA kernel choices (`KernelConfig`), shared by train, eval and predict. Each flag left out falls back
 /// to its environment variable (BERTQA_ATTN, BERTQA_ATTN4, BERTQA_GEMM, BERTQA_GEMM_TUNE, BERTQA_VEC,
-/// BERTQA_SYNC_LAUNCH), strictly checked, then to the default — the GPU-verified paths.
+/// BERTQA_GRAPHS, BERTQA_SYNC_LAUNCH), strictly checked, then to the default — the GPU-verified paths.
 #[derive(Args, Debug, Clone, Default)]
 pub struct KernelArgs {
     /// attention kernel for bf16/f16 on CUDA: v1 (CUDA cores), v3 (tensor cores; default), v4 (pipelined
@@ -32,6 +32,10 @@ pub struct KernelArgs {
     /// 16-byte-vector LayerNorm, GELU, bias-gradient and embeddings kernels: on or off (default)
     #[arg(long, value_parser = ["on", "off"])]
     pub vec_kernels: Option<String>,
+    /// capture each training micro-batch (forward, loss, backward) in a CUDA graph per batch shape and replay
+    /// it: on or off (default; not yet GPU-verified)
+    #[arg(long, value_parser = ["on", "off"])]
+    pub cuda_graphs: Option<String>,
     /// synchronise after every kernel launch (debugging: the error names the kernel that faulted)
     #[arg(long)]
     pub sync_launch: bool,
@@ -47,6 +51,7 @@ impl KernelArgs {
             gemm_tune: self.gemm_tune.clone(),
             vec: self.vec_kernels.clone(),
             sync_launch: self.sync_launch,
+            graphs: self.cuda_graphs.clone(),
         })
     }
 }

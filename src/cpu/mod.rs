@@ -574,6 +574,16 @@ fn check_len(what: &str, buf: &CpuBuf, dtype: DType, bytes: usize) -> Result<()>
 
 impl BackendCore for Cpu {
     type Buf = CpuBuf;
+    type Graph = ();
+
+    /// The CPU runs every op as it is called: there is nothing to record ([`BackendCore::graphs_on`] is
+    /// false, so the trainer never asks).
+    fn capture(&self, _f: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        bail!("the CPU backend records no graphs (graphs_on is false)")
+    }
+    fn replay(&self, _g: &()) -> Result<()> {
+        bail!("the CPU backend records no graphs (graphs_on is false)")
+    }
 
     fn name(&self) -> String {
         "cpu".into()

@@ -85,6 +85,16 @@ pub struct Cuda {
     /// While profiling ([`Cuda::set_profiling`]; `cargo bench` does it for a few training steps): a pair of
     /// CUDA events around every kernel launch and GEMM, read by [`Cuda::profile_report`].
     profile: Mutex<Option<Vec<ProfileEntry>>>,
+    /// Set while [`BackendCore::capture`] records a CUDA graph: allocations, host copies and
+    /// synchronisation are refused meanwhile (they would not be replayed, or would break the capture).
+    capturing: std::sync::atomic::AtomicBool,
+}
+
+/// A captured CUDA graph, instantiated ([`BackendCore::capture`]), replayed by [`BackendCore::replay`].
+pub struct Graph {
+    g: cudarc::driver::CudaGraph,
+    /// kernel nodes and other nodes, for logs
+    pub nodes: usize,
 }
 
 type ProfileEntry = (String, cudarc::driver::CudaEvent, cudarc::driver::CudaEvent);
@@ -114,7 +124,13 @@ impl Cuda {
             .map_err(|e| anyhow!("cannot open CUDA device {ordinal}: {e:?}; use --device cpu"))?;
         // One stream, so cudarc's cross-stream event tracking is not needed.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // the legacy default stream, unless graphs are recorded: CUDA cannot record on that one
+        let stream = if kernels.graphs {
+            ctx.new_stream()
+                .map_err(|e| anyhow!("cannot create a CUDA stream: {e:?}"))?
+        } else {
+            ctx.default_stream()
+        };
         let blas =
             CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cuBLAS init failed: {e:?}"))?;
         let cc = ctx.compute_capability().map_err(|e| anyhow!("{e:?}"))?;
@@ -142,6 +158,7 @@ impl Cuda {
             kernels,
             lt: std::sync::OnceLock::new(),
             profile: Mutex::new(None),
+            capturing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -155,9 +172,23 @@ impl Cuda {
     }
 
     /// Run other kernels from now on (benches and tests compare variants on one device). cuBLASLt's handle,
-    /// made on first use, keeps the tuning choice it was made with.
-    pub fn set_kernels(&mut self, k: KernelConfig) {
+    /// made on first use, keeps the tuning choice it was made with. Turning graphs on moves the backend off
+    /// the legacy default stream (CUDA cannot record a graph on it) onto a stream of its own, after the
+    /// work queued so far.
+    pub fn set_kernels(&mut self, k: KernelConfig) -> Result<()> {
+        if k.graphs && self.stream.cu_stream().is_null() {
+            self.sync()?;
+            let s = self
+                .ctx
+                .new_stream()
+                .map_err(|e| anyhow!("cannot create a CUDA stream: {e:?}"))?;
+            // SAFETY: the handle's previous stream has no queued work (synchronised above)
+            unsafe { self.blas.set_stream(s.clone()) }
+                .map_err(|e| anyhow!("cuBLAS set_stream: {e:?}"))?;
+            self.stream = s;
+        }
         self.kernels = k;
+        Ok(())
     }
 
     /// cudaMalloc calls made so far by the arena.
@@ -381,9 +412,27 @@ impl Cuda {
 
     /// Wait for the stream; an error here usually means an earlier kernel faulted.
     pub fn sync(&self) -> Result<()> {
+        self.not_capturing("a stream synchronisation")?;
         self.stream.synchronize().map_err(|e| {
             anyhow!("CUDA stream synchronize failed (an earlier kernel faulted?): {e:?}")
         })
+    }
+
+    /// Error while a CUDA graph is being recorded: `what` cannot be part of one.
+    fn not_capturing(&self, what: &str) -> Result<()> {
+        if self.capturing.load(Ordering::Relaxed) {
+            bail!(
+                "{what} while recording a CUDA graph: the recorded region (a training micro-batch's forward, \
+                 loss and backward) must queue device work only — allocate before it, and copy or synchronise \
+                 outside it (or run without --cuda-graphs)"
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether the profiler is on.
+    fn profiling(&self) -> bool {
+        self.profile.lock().map(|p| p.is_some()).unwrap_or(false)
     }
 
     /// The stream every op of this backend runs on (NCCL's collectives are queued on it too).
@@ -432,6 +481,7 @@ impl BackendCore for Cuda {
         dtype != DType::F64
     }
     fn alloc(&self, dtype: DType, n: usize) -> Result<CudaBuf> {
+        self.not_capturing(&format!("an allocation of {n} {dtype} elements"))?;
         if dtype == DType::F64 {
             bail!("f64 tensors exist on the CPU backend only");
         }
@@ -490,6 +540,7 @@ impl BackendCore for Cuda {
         })
     }
     fn upload(&self, buf: &mut CudaBuf, dtype: DType, bytes: &[u8]) -> Result<()> {
+        self.not_capturing("a host-to-device copy")?;
         check_view("upload", buf, dtype, bytes.len())?;
         // SAFETY: the view holds at least bytes.len() bytes (checked); the copy completes before returning.
         unsafe { dres::memcpy_htod_async(buf.ptr, bytes, self.stream.cu_stream()) }
@@ -497,6 +548,7 @@ impl BackendCore for Cuda {
         self.sync()
     }
     fn download(&self, buf: &CudaBuf, dtype: DType, out: &mut [u8]) -> Result<()> {
+        self.not_capturing("a device-to-host copy")?;
         check_view("download", buf, dtype, out.len())?;
         // SAFETY: as in upload; `out` is not touched until the stream has synchronised.
         unsafe { dres::memcpy_dtoh_async(out, buf.ptr, self.stream.cu_stream()) }
@@ -532,12 +584,63 @@ impl BackendCore for Cuda {
     /// cuBLASLt chooses (and, tuned, times) an algorithm per GEMM shape: packed batches rounded up to 128
     /// rows (≤ 127 masked rows, ~2% of a batch of 32 SQuAD windows) reuse them. cublasGemmEx keeps no state:
     /// exact row counts.
+    /// With CUDA graphs, packed batches are rounded up to 128 rows as well, so that a graph recorded for one
+    /// batch is replayed for the many of the same bucket.
     fn row_bucket(&self) -> usize {
-        if self.kernels.gemm_lt() {
+        if self.kernels.gemm_lt() || self.kernels.graphs {
             128
         } else {
             1
         }
+    }
+
+    type Graph = Graph;
+    fn graphs_on(&self) -> bool {
+        self.kernels.graphs
+            && !self.kernels.sync_launch
+            && !self.profiling()
+            && !self.stream.cu_stream().is_null()
+    }
+    fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Graph> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        if self.capturing.swap(true, Ordering::Relaxed) {
+            bail!("capture: a CUDA graph is being recorded already");
+        }
+        // thread-local mode: this thread's unsafe calls (cudaMalloc, synchronous copies) fail the capture
+        if let Err(e) = self
+            .stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        {
+            self.capturing.store(false, Ordering::Relaxed);
+            bail!("capture: cannot begin recording a CUDA graph: {e:?}");
+        }
+        let r = f();
+        self.capturing.store(false, Ordering::Relaxed);
+        // the capture always ends (also after an error in `f`), leaving the stream usable
+        let g = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        r?;
+        let g = g
+            .map_err(|e| {
+                anyhow!("capture: recording or instantiating the CUDA graph failed: {e:?}")
+            })?
+            .ok_or_else(|| anyhow!("capture: the recorded region queued no work"))?;
+        let mut nodes = 0usize;
+        // SAFETY: a live graph owned by `g`; a null node array asks for the count only
+        unsafe {
+            cudarc::driver::sys::cuGraphGetNodes(g.cu_graph(), std::ptr::null_mut(), &mut nodes)
+        }
+        .result()
+        .map_err(|e| anyhow!("capture: counting the graph's nodes: {e:?}"))?;
+        Ok(Graph { g, nodes })
+    }
+    fn replay(&self, g: &Graph) -> Result<()> {
+        self.not_capturing("a graph replay")?;
+        g.g.launch()
+            .map_err(|e| anyhow!("replaying a CUDA graph of {} nodes failed: {e:?}", g.nodes))?;
+        if self.kernels.sync_launch {
+            self.sync()?;
+        }
+        Ok(())
     }
 }
 

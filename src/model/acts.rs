@@ -61,6 +61,8 @@ pub struct GradScratch<B: BackendCore> {
     pub dqkv: Tensor<B>,    // (N,3C)
     pub df: Tensor<B>,      // (N,F)
     pub dpre: Tensor<B>,    // (N,F)
+    /// (N,C+NH) stat dtype: the attention backward's working memory (AttentionOps::attention_backward)
+    pub attn: Tensor<B>,
 }
 
 /// Where each view lives: (arena, element offset, per-row width or a fixed size).
@@ -137,9 +139,11 @@ fn shapes(cfg: &BertConfig, backward: bool, n: usize, b: usize) -> Vec<(Arena, V
             (Arena::Act, vec![n, 3 * c]),
             (Arena::Act, vec![n, f]),
             (Arena::Act, vec![n, f]),
+            (Arena::Stat, vec![n, c + nh]),
         ]);
     }
-    // the batch: ids, types, positions, row windows (N); cu (B+1); lens, wid, starts, ends (B)
+    // the batch: ids, types, positions, row windows (N); cu (B+1); lens, wid, starts, ends (B); the step's
+    // dropout seed (2)
     v.extend([
         (Arena::Int, vec![n]),
         (Arena::Int, vec![n]),
@@ -150,6 +154,7 @@ fn shapes(cfg: &BertConfig, backward: bool, n: usize, b: usize) -> Vec<(Arena, V
         (Arena::Int, vec![b]),
         (Arena::Int, vec![b]),
         (Arena::Int, vec![b]),
+        (Arena::Int, vec![2]),
     ]);
     v
 }
@@ -276,17 +281,18 @@ impl<B: BackendCore> ActPlan<B> {
                 dqkv: next(),
                 df: next(),
                 dpre: next(),
+                attn: next(),
             })
         } else {
             None
         };
         let (ids, types) = (next(), next());
         let (pos, roww, cu, lens, wid) = (next(), next(), next(), next(), next());
-        let (starts, ends) = (next(), next());
+        let (starts, ends, step) = (next(), next(), next());
         // the batch's integers (the int arena holds nothing else) in one host-to-device copy: one
         // synchronisation per batch instead of one per array
         let l = &hb.layout;
-        let ints: [&[i32]; 9] = [
+        let ints: [&[i32]; 10] = [
             &hb.ids,
             &hb.types,
             &l.pos(),
@@ -296,6 +302,7 @@ impl<B: BackendCore> ActPlan<B> {
             &l.wid,
             &hb.starts,
             &hb.ends,
+            &l.step_words(),
         ];
         let int_slots = self.slots.iter().filter(|s| matches!(s.arena, Arena::Int));
         let mut host = vec![0i32; self.int.numel()];
@@ -306,7 +313,7 @@ impl<B: BackendCore> ActPlan<B> {
         }
         let mut head = self.int.view(be, 0, &[end])?;
         head.copy_from_i32(be, &host[..end])?;
-        let seqs = Seqs::from_views(l, cu, lens, wid, pos, roww);
+        let seqs = Seqs::from_views(l, cu, lens, wid, pos, roww, step);
         self.acts = Some(Acts {
             emb,
             emb_mean,

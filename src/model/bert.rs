@@ -25,29 +25,29 @@ use crate::model::params::BertParams;
 use crate::ops::embedding::{EmbGrads, EmbWeights};
 use crate::ops::span_loss::SpanLossCfg;
 use crate::ops::{Backend, STATS_LEN, STAT_LOSS_END, STAT_LOSS_START};
-use crate::rng::{site_seed, Dropout};
+use crate::rng::{site_key, Dropout};
 use crate::tensor::{DType, Tensor};
 use anyhow::{anyhow, Result};
 
-/// Dropout probabilities and the seed of this optimizer step (masks are derived per site from it).
+/// Dropout probabilities, the same for every step of a run. Each site's masks are keyed by the site
+/// ([`site_key`]) and by the step's seed, which comes with the batch (`SeqLayout::step_seed`), so the
+/// forward and backward of a batch launch the same kernels with the same parameters at every step.
 #[derive(Clone, Copy, Debug)]
 pub struct DropoutCfg {
     pub hidden: f32,
     pub attn: f32,
-    pub seed: u64,
 }
 
 impl DropoutCfg {
     pub const OFF: DropoutCfg = DropoutCfg {
         hidden: 0.0,
         attn: 0.0,
-        seed: 0,
     };
     fn site(&self, layer: usize, site: u64, p: f32) -> Dropout {
         if p <= 0.0 {
             Dropout::OFF
         } else {
-            Dropout::new(p, site_seed(self.seed, layer as u64, site))
+            Dropout::new(p, site_key(layer as u64, site))
         }
     }
     pub fn emb(&self, n_layers: usize) -> Dropout {
@@ -123,6 +123,12 @@ impl LossScale {
             start: f(n_start),
             end: f(n_end),
         }
+    }
+
+    /// Write the two scales into `t` ((2), stat dtype), where the span-loss kernel reads them: the scales
+    /// change every step, so they travel in device memory, not in a kernel's parameters.
+    pub fn write_to<B: Backend>(&self, be: &B, t: &mut Tensor<B>) -> Result<()> {
+        t.copy_from_f64(be, &[self.start, self.end])
     }
 }
 
@@ -243,15 +249,16 @@ impl<B: Backend> BertQa<B> {
         Ok(())
     }
 
-    /// The span loss of a batch: `dlogits` for backward (scaled by `scale`), the per-window losses in
-    /// `acts.losses`, and the batch's loss sums added to `stats` (the step's statistics, which stay on the
-    /// device: see [`crate::ops::STATS_LEN`]).
+    /// The span loss of a batch: `dlogits` for backward (scaled by `scale`, (2) in the stat dtype: a
+    /// [`LossScale`] written by [`LossScale::write_to`]), the per-window losses in `acts.losses`, and the
+    /// batch's loss sums added to `stats` (the step's statistics, which stay on the device: see
+    /// [`crate::ops::STATS_LEN`]).
     pub fn loss(
         &self,
         be: &B,
         acts: &mut Acts<B>,
         batch: &Batch<B>,
-        scale: LossScale,
+        scale: &Tensor<B>,
         stats: &mut Tensor<B>,
     ) -> Result<()> {
         let g = acts
@@ -260,8 +267,6 @@ impl<B: Backend> BertQa<B> {
             .ok_or_else(|| anyhow!("loss: a forward-only activation plan has no dlogits"))?;
         let cfg = SpanLossCfg {
             mask_padding: self.mask_padding_in_loss,
-            scale_start: scale.start,
-            scale_end: scale.end,
         };
         be.span_loss_forward_backward(
             &mut acts.losses,
@@ -271,6 +276,7 @@ impl<B: Backend> BertQa<B> {
             &batch.starts,
             &batch.ends,
             &batch.seqs,
+            scale,
             cfg,
         )
     }
@@ -284,14 +290,11 @@ impl<B: Backend> BertQa<B> {
         loss_scale: f64,
     ) -> Result<f64> {
         let (n_start, n_end) = self.counted_targets(batch);
-        let mut stats = Tensor::zeros(be, &[STATS_LEN], acts.losses.dtype())?;
-        self.loss(
-            be,
-            acts,
-            batch,
-            LossScale::mean(n_start, n_end, loss_scale),
-            &mut stats,
-        )?;
+        let sd = acts.losses.dtype();
+        let mut stats = Tensor::zeros(be, &[STATS_LEN], sd)?;
+        let mut scale = Tensor::zeros(be, &[2], sd)?;
+        LossScale::mean(n_start, n_end, loss_scale).write_to(be, &mut scale)?;
+        self.loss(be, acts, batch, &scale, &mut stats)?;
         let st = stats.to_f64_vec(be)?;
         Ok(LossSums {
             start: st[STAT_LOSS_START],
@@ -409,6 +412,7 @@ impl<B: Backend> BertQa<B> {
                 seqs,
                 nh,
                 drop.attn(l),
+                &mut g.attn,
             )?;
             be.linear_backward(
                 Some(&mut g.dx),

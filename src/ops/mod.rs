@@ -83,6 +83,10 @@ pub struct SeqLayout {
     pub lens: Vec<i32>,
     /// (B) window index in the optimizer step's whole batch
     pub wid: Vec<i32>,
+    /// the optimizer step's dropout seed ([`crate::rng::step_seed`]; 0 outside training): with the window
+    /// indices, the step's part of every dropout key. It goes to the device with the batch, and the kernels
+    /// read it there ([`crate::rng::Dropout`]).
+    pub step_seed: u64,
 }
 
 impl SeqLayout {
@@ -106,7 +110,15 @@ impl SeqLayout {
             cu,
             lens: lens.iter().map(|&l| l as i32).collect(),
             wid: (0..lens.len()).map(|i| (first_w + i) as i32).collect(),
+            step_seed: 0,
         })
+    }
+    /// The step's dropout seed as the two i32 words (little-endian) the device holds it in.
+    pub fn step_words(&self) -> [i32; 2] {
+        [
+            self.step_seed as u32 as i32,
+            (self.step_seed >> 32) as u32 as i32,
+        ]
     }
     /// Windows of `lens[b]` rows, no padding, numbered from `first_w`.
     pub fn packed(lens: &[usize], first_w: usize) -> Result<SeqLayout> {
@@ -132,6 +144,12 @@ impl SeqLayout {
     pub fn max_rows(&self) -> usize {
         (0..self.b()).map(|b| self.rows(b)).max().unwrap_or(0)
     }
+    /// [`SeqLayout::max_rows`] rounded up to [`GRID_ROWS`]: the rows the attention kernels' grids cover
+    /// (blocks past a window's rows exit at once), so that batches whose longest windows differ a little
+    /// launch the same grids (CUDA graphs are recorded per grid).
+    pub fn grid_rows(&self) -> usize {
+        self.max_rows().div_ceil(GRID_ROWS) * GRID_ROWS
+    }
     /// (N) each row's position in its window.
     pub fn pos(&self) -> Vec<i32> {
         (0..self.b()).flat_map(|b| 0..self.rows(b) as i32).collect()
@@ -152,6 +170,10 @@ impl SeqLayout {
     }
 }
 
+/// The multiple the attention kernels' grid rows are rounded up to ([`SeqLayout::grid_rows`]): every
+/// attention tile (16 to 128 rows) divides it.
+pub const GRID_ROWS: usize = 128;
+
 /// A [`SeqLayout`] on a device, with the per-row keys the kernels need, and its sizes on the host.
 pub struct Seqs<B: BackendCore> {
     /// (B+1) i32
@@ -164,6 +186,8 @@ pub struct Seqs<B: BackendCore> {
     pub pos: Tensor<B>,
     /// (N) i32 window index (in the step's whole batch) of each row
     pub row_w: Tensor<B>,
+    /// (2) i32: the step's dropout seed, a little-endian u64 ([`SeqLayout::step_seed`])
+    pub step: Tensor<B>,
     n: usize,
     b: usize,
     max_rows: usize,
@@ -179,6 +203,7 @@ impl<B: BackendCore> Seqs<B> {
             wid: Tensor::from_i32(be, &l.wid, &[b])?,
             pos: Tensor::from_i32(be, &l.pos(), &[n])?,
             row_w: Tensor::from_i32(be, &l.row_w(), &[n])?,
+            step: Tensor::from_i32(be, &l.step_words(), &[2])?,
             n,
             b,
             max_rows: l.max_rows(),
@@ -193,6 +218,7 @@ impl<B: BackendCore> Seqs<B> {
         wid: Tensor<B>,
         pos: Tensor<B>,
         row_w: Tensor<B>,
+        step: Tensor<B>,
     ) -> Self {
         Seqs {
             cu,
@@ -200,6 +226,7 @@ impl<B: BackendCore> Seqs<B> {
             wid,
             pos,
             row_w,
+            step,
             n: l.n(),
             b: l.b(),
             max_rows: l.max_rows(),
@@ -209,13 +236,26 @@ impl<B: BackendCore> Seqs<B> {
     pub fn n(&self) -> usize {
         self.n
     }
+    /// The step's dropout seed, read back from the device (the CPU reference's way to it; kernels read
+    /// [`Seqs::step`] themselves).
+    pub fn step_seed(&self, be: &B) -> Result<u64> {
+        let w = self.step.to_host::<i32>(be)?;
+        match w[..] {
+            [lo, hi] => Ok(lo as u32 as u64 | ((hi as u32 as u64) << 32)),
+            _ => bail!("Seqs: the step seed holds {} words, not 2", w.len()),
+        }
+    }
     /// Windows (B).
     pub fn b(&self) -> usize {
         self.b
     }
-    /// The most rows of any window (the attention kernels' grid).
+    /// The most rows of any window.
     pub fn max_rows(&self) -> usize {
         self.max_rows
+    }
+    /// The attention kernels' grid rows ([`SeqLayout::grid_rows`]).
+    pub fn grid_rows(&self) -> usize {
+        self.max_rows.div_ceil(GRID_ROWS) * GRID_ROWS
     }
     /// Error unless `n` rows match this layout (`what` names the tensor).
     pub fn expect_rows(&self, what: &str, n: usize) -> Result<()> {

@@ -4,6 +4,7 @@
 //! with early stopping, atomic checkpoints with exact resume, a JSONL metrics log and a loss/F1 plot.
 
 pub mod checkpoint;
+pub mod graphs;
 pub mod plot;
 pub mod replica;
 
@@ -439,6 +440,10 @@ pub struct Trainer<'a, B: Backend> {
     scratch: Option<BertParams<B>>,
     /// the step's statistics on the device (ops::STATS_LEN: loss sums, Σ g²)
     stats: Tensor<B>,
+    /// the step's loss-gradient scales on the device (2: start, end; [`LossScale::write_to`])
+    loss_scale: Tensor<B>,
+    /// recorded micro-batches (CUDA graphs), by batch shape
+    pub graphs: graphs::StepGraphs<B::Graph>,
 }
 
 /// What one optimizer step did.
@@ -457,6 +462,10 @@ pub struct StepOut {
     /// data parallelism: milliseconds of the gradient all-reduce, from the moment this replica's backward
     /// had finished (waiting for slower replicas included); None on one device
     pub allreduce_ms: Option<f64>,
+    /// milliseconds from the step's start to its one host synchronisation: the host's work (packing,
+    /// uploads, queueing every launch). Near the step's whole time, the host — launch overhead — bounds
+    /// the step, not the device (what CUDA graphs remove).
+    pub host_ms: f64,
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {
@@ -502,6 +511,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
             group: None,
             scratch: None,
             stats: Tensor::zeros(be, &[STATS_LEN], gd)?,
+            loss_scale: Tensor::zeros(be, &[2], gd)?,
+            graphs: graphs::StepGraphs::default(),
         })
     }
 
@@ -541,14 +552,19 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.peak.as_ref()
     }
 
-    /// Dropout of optimizer step `step`: one seed for the whole step (every micro-batch, every device);
-    /// the masks are keyed by window, position and feature (src/rng.rs).
-    pub fn dropout(&self, step: usize) -> DropoutCfg {
+    /// The run's dropout probabilities (the same at every step).
+    pub fn dropout(&self) -> DropoutCfg {
         DropoutCfg {
             hidden: self.cfg.hidden_dropout,
             attn: self.cfg.attention_dropout,
-            seed: step_seed(self.cfg.seed, step as u64),
         }
+    }
+
+    /// The dropout seed of optimizer step `step`: one for the whole step (every micro-batch, every device),
+    /// carried by each of its batches; the masks are keyed by it, the site, and window, position and feature
+    /// (src/rng.rs).
+    pub fn step_seed(&self, step: usize) -> u64 {
+        step_seed(self.cfg.seed, step as u64)
     }
 
     /// This replica's rank and the number of replicas (0 and 1 without data parallelism).
@@ -574,6 +590,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
 
     /// [`Trainer::step`] as every replica runs it (the followers call it directly).
     pub(crate) fn step_replica(&mut self, feats: &[&Feature], lr: f64) -> Result<StepOut> {
+        let t_step = Instant::now();
         let be = self.be;
         let n = feats.len();
         if n == 0 {
@@ -587,12 +604,15 @@ impl<'a, B: Backend> Trainer<'a, B> {
         // stream
         let (pw, pr) = (self.plan.max_windows(), self.plan.max_rows());
         let bucket = be.row_bucket();
+        let step_seed = self.step_seed(self.state.global_step);
         let mut parts = vec![];
         for range in split_even(n, world * accum) {
             let mut first = range.start;
             let mut pieces = vec![];
             for piece in chunks_fitting(&feats[range], self.cfg.padding, pw, pr)? {
-                pieces.push(pack_bucketed(piece, first, self.cfg.padding, bucket, pr)?);
+                let mut hb = pack_bucketed(piece, first, self.cfg.padding, bucket, pr)?;
+                hb.layout.step_seed = step_seed;
+                pieces.push(hb);
                 first += piece.len();
             }
             parts.push(pieces);
@@ -608,8 +628,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 .filter(|&b| hb.target_counts(b, true, mask))
                 .count();
         }
-        let scale = LossScale::mean(n_start, n_end, loss_scale);
-        let drop = self.dropout(self.state.global_step);
+        LossScale::mean(n_start, n_end, loss_scale).write_to(be, &mut self.loss_scale)?;
+        let drop = self.dropout();
         self.grads.zero_(be)?;
         // the step's loss sums and Σ g² stay on the device (ops::STATS_LEN) until the one read below
         self.stats.zero_(be)?;
@@ -635,13 +655,24 @@ impl<'a, B: Backend> Trainer<'a, B> {
             }
             for hb in pieces {
                 let (batch, acts) = self.plan.load(be, hb)?;
-                self.model.forward(be, acts, batch, drop)?;
-                self.model.loss(be, acts, batch, scale, &mut self.stats)?;
                 let g = match (into_scratch, self.scratch.as_mut()) {
                     (true, Some(s)) => s,
                     _ => &mut self.grads,
                 };
-                self.model.backward(be, g, acts, batch, drop)?;
+                let key = graphs::GraphKey {
+                    rows: hb.n(),
+                    windows: hb.b(),
+                    grid_rows: hb.layout.grid_rows(),
+                    into_scratch,
+                };
+                let (model, stats, scale) = (&self.model, &mut self.stats, &self.loss_scale);
+                // forward, loss and backward: recorded once per batch shape and replayed (CUDA graphs), or
+                // simply run; the batch, its step seed and the loss scales are in device memory already
+                self.graphs.run(be, key, &mut || {
+                    model.forward(be, acts, batch, drop)?;
+                    model.loss(be, acts, batch, scale, stats)?;
+                    model.backward(be, g, acts, batch, drop)
+                })?;
             }
             if let (true, Some(s)) = (into_scratch, self.scratch.as_ref()) {
                 be.grad_accumulate(self.grads.flat_mut(), s.flat())?;
@@ -690,6 +721,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             &hp,
         )?;
         // the step's one host synchronisation
+        let host_ms = t_step.elapsed().as_secs_f64() * 1e3;
         let st = self.stats.to_f64_vec(be)?;
         let finite = hp.grad_scale(&st).is_some();
         let loss = LossSums {
@@ -713,6 +745,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             real_tokens: real,
             rows,
             allreduce_ms,
+            host_ms,
         })
     }
 
@@ -1161,6 +1194,13 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
     if last != Some(trainer.state.global_step) && trainer.state.global_step > 0 {
         trainer.state.scaler = Some(trainer.scaler.clone());
         timed_save(&mut tm, || checkpoint::save(trainer, inp))?;
+    }
+    let g = trainer.graphs.stats;
+    if g.recorded > 0 {
+        eprintln!(
+            "CUDA graphs: {} batch shapes recorded, {} micro-batches replayed, {} run directly",
+            g.recorded, g.replayed, g.eager
+        );
     }
     // a signal during the last evaluation or save: the run stops here too (a --resume does what is left)
     interrupted = interrupted || is_interrupted();

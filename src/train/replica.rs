@@ -59,6 +59,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let dt = self.model.dtype();
         self.plan = crate::model::ActPlan::new(be, &self.model.cfg, 1, 1, dt, true)?;
         self.plan = Self::plan_for(be, &self.model.cfg, &self.cfg, dt, world)?;
+        // graphs recorded with the old plan's addresses must not be replayed
+        self.graphs.clear();
         if let Some(p) = self.peak.as_mut() {
             p.tflops *= world as f64;
             p.source = format!("{} × {world} devices", p.source);

@@ -20,6 +20,7 @@ use bertqa::cpu::Cpu;
 use bertqa::data::features::Feature;
 use bertqa::model::BertConfig;
 use bertqa::ops::adamw::AdamWHyper;
+use bertqa::ops::attention::scratch_shape;
 use bertqa::ops::embedding::{EmbGrads, EmbWeights};
 use bertqa::ops::span_loss::SpanLossCfg;
 use bertqa::ops::{Backend, SeqLayout, Seqs, STATS_LEN, STAT_GRAD_SQ};
@@ -90,11 +91,21 @@ pub fn padded_lens(rng: &mut Rng, b: usize, t: usize) -> Vec<usize> {
         .collect()
 }
 
+/// The step seed of every case's layout: both 32-bit halves nonzero and different, so a kernel that reads
+/// the step seed's words in the wrong order, or not at all, draws other masks than the CPU reference.
+pub const CASE_STEP_SEED: u64 = 0x0123_4567_89AB_CDEF;
+
+/// `l` with the cases' step seed.
+pub fn with_step(mut l: SeqLayout) -> SeqLayout {
+    l.step_seed = CASE_STEP_SEED;
+    l
+}
+
 /// N rows as windows of at most 13 (the last shorter), numbered from 3: the dropout keys of an op without a
 /// window structure of its own (LayerNorm, dropout), varied across rows.
 pub fn rows_layout(n: usize) -> SeqLayout {
     let lens: Vec<usize> = (0..n.div_ceil(13)).map(|i| (n - 13 * i).min(13)).collect();
-    SeqLayout::packed(&lens, 3).expect("layout")
+    with_step(SeqLayout::packed(&lens, 3).expect("layout"))
 }
 
 /// A parity case: given a backend and a dtype, produce named outputs. Same seed → same inputs.
@@ -350,7 +361,7 @@ impl EmbeddingCase {
         let (b, t, c, v) = (self.b, self.t, self.c, self.v);
         let (pp, tv) = self.tables();
         let mut r = Rng::new(15);
-        let layout = SeqLayout::packed(&padded_lens(&mut r, b, t), 5).expect("layout");
+        let layout = with_step(SeqLayout::packed(&padded_lens(&mut r, b, t), 5).expect("layout"));
         let n = layout.n();
         let ids = (0..n).map(|_| r.below(v) as i32).collect();
         let types = (0..b)
@@ -486,7 +497,7 @@ impl AttentionCase {
         c
     }
     pub fn layout(&self) -> SeqLayout {
-        SeqLayout::new(&self.lens, &self.rows, 2).expect("layout")
+        with_step(SeqLayout::new(&self.lens, &self.rows, 2).expect("layout"))
     }
     pub fn inputs(&self) -> AttentionInputs {
         let layout = self.layout();
@@ -541,7 +552,8 @@ impl Case for AttentionCase {
         let mut lse = Tensor::zeros(be, &[nh, n], stat(dt))?;
         be.attention_forward(&mut out, &mut lse, &qkv, &seqs, nh, d)?;
         let mut dqkv = Tensor::zeros(be, &[n, 3 * c], dt)?;
-        be.attention_backward(&mut dqkv, &dy, &out, &lse, &qkv, &seqs, nh, d)?;
+        let mut scratch = Tensor::zeros(be, &scratch_shape(n, c, nh), stat(dt))?;
+        be.attention_backward(&mut dqkv, &dy, &out, &lse, &qkv, &seqs, nh, d, &mut scratch)?;
         Ok(attention_outputs(
             out.to_f64_vec(be)?,
             lse.to_f64_vec(be)?,
@@ -584,13 +596,12 @@ pub struct SpanLossInputs {
 impl SpanLossCase {
     /// The step statistics before the batch's loss sums are added.
     pub const STATS0: [f64; STATS_LEN] = [0.25, -0.5, 3.0];
+    /// The gradient scales of the start and end halves (two different values: a kernel that reads them
+    /// swapped fails).
+    pub const SCALE: [f64; 2] = [0.1, 0.07];
     /// The loss settings the case runs, each of them.
     pub fn configs(&self) -> [SpanLossCfg; 2] {
-        [true, false].map(|mask_padding| SpanLossCfg {
-            mask_padding,
-            scale_start: 0.1,
-            scale_end: 0.07,
-        })
+        [true, false].map(|mask_padding| SpanLossCfg { mask_padding })
     }
     pub fn inputs(&self) -> SpanLossInputs {
         let (b, t) = (self.b, self.t);
@@ -639,6 +650,7 @@ impl Case for SpanLossCase {
                 &Tensor::from_i32(be, &st, &[b])?,
                 &Tensor::from_i32(be, &en, &[b])?,
                 &seqs,
+                &up(be, &SpanLossCase::SCALE, &[2], stat(dt))?,
                 cfg,
             )?;
             out.push((format!("losses mask={mask_padding}"), l.to_f64_vec(be)?));

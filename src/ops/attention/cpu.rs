@@ -6,7 +6,7 @@
 use super::{dims, AttentionOps};
 use crate::cpu::{gemm, ids, rd, wr, Cpu, Real};
 use crate::ops::Seqs;
-use crate::rng::Dropout;
+use crate::rng::{Dropout, DropoutMask};
 use crate::tensor::Tensor;
 use anyhow::Result;
 use rayon::prelude::*;
@@ -40,7 +40,7 @@ fn blocks(cu: &[i32], lens: &[i32], wid: &[i32], nh: usize) -> Vec<Block> {
 
 /// Calls `g(i·L + j, i, f_ij)` for every entry of block `k`'s (R, L) matrix with its dropout factor
 /// (1 everywhere when the site is off; otherwise one Philox call per 8 entries).
-fn each_factor<T: Real>(drop: Dropout, k: &Block, mut g: impl FnMut(usize, usize, T)) {
+fn each_factor<T: Real>(drop: DropoutMask, k: &Block, mut g: impl FnMut(usize, usize, T)) {
     let (r, l) = (k.rows, k.keys);
     if !drop.active() {
         (0..r * l).for_each(|ij| g(ij, ij / l, T::one()));
@@ -104,6 +104,7 @@ impl AttentionOps for Cpu {
         let (n, c, hs) = dims("attention_forward", out, lse, qkv, seqs, nh)?;
         let (cu, lens, wid) = (ids(&seqs.cu)?, ids(&seqs.lens)?, ids(&seqs.wid)?);
         let bl = blocks(&cu, &lens, &wid, nh);
+        let drop = drop.at(seqs.step_seed(self)?);
         crate::cpu_compute!(out.dtype(), T => {
             let x = rd::<T>(qkv);
             // every (window, head) is independent: compute them in parallel, then scatter
@@ -151,12 +152,15 @@ impl AttentionOps for Cpu {
         seqs: &Seqs<Cpu>,
         nh: usize,
         drop: Dropout,
+        scratch: &mut Tensor<Cpu>,
     ) -> Result<()> {
         let (n, c, hs) = dims("attention_backward", out, lse, qkv, seqs, nh)?;
         dout.expect("attention_backward: dout", out.shape())?;
         dqkv.expect("attention_backward: dqkv", qkv.shape())?;
+        super::check_scratch(scratch, lse, n, c, nh)?;
         let (cu, lens, wid) = (ids(&seqs.cu)?, ids(&seqs.lens)?, ids(&seqs.wid)?);
         let bl = blocks(&cu, &lens, &wid, nh);
+        let drop = drop.at(seqs.step_seed(self)?);
         crate::cpu_compute!(dout.dtype(), T => {
             let (x, dy, y, ls) = (rd::<T>(qkv), rd::<T>(dout), rd::<T>(out), rd::<T>(lse));
             let scale = T::one() / T::of(hs as f64).sqrt();

@@ -1,8 +1,8 @@
 //! The CUDA launcher of the fused attention: the plan of mod.rs (variant from the backend's kernel
-//! configuration) with device addresses; the backward's scratch (D, and variant 4's f32 dQ accumulator) comes
-//! from the arena.
+//! configuration) with device addresses; the backward's scratch (D, and variant 4's f32 dQ accumulator) is
+//! the caller's (the activation plan's).
 
-use super::{dims, AttentionOps, AttnParams, AttnPlan, CUDA_HEAD_SIZES};
+use super::{check_scratch, dims, AttentionOps, AttnParams, AttnPlan, CUDA_HEAD_SIZES};
 use crate::cuda::Cuda;
 use crate::ops::Seqs;
 use crate::rng::Dropout;
@@ -47,7 +47,7 @@ impl AttentionOps for Cuda {
             out.dtype(),
             seqs.b(),
             n,
-            seqs.max_rows(),
+            seqs.grid_rows(),
             nh,
             hs,
             drop,
@@ -59,6 +59,7 @@ impl AttentionOps for Cuda {
             cu: seqs.cu.buf.ptr,
             lens: seqs.lens.buf.ptr,
             wid: seqs.wid.buf.ptr,
+            step: seqs.step.buf.ptr,
             ..bytemuck::Zeroable::zeroed()
         };
         for l in plan.forward(ptr)? {
@@ -78,10 +79,12 @@ impl AttentionOps for Cuda {
         seqs: &Seqs<Cuda>,
         nh: usize,
         drop: Dropout,
+        scratch: &mut Tensor<Cuda>,
     ) -> Result<()> {
         let (n, c, hs) = dims("attention_backward", out, lse, qkv, seqs, nh)?;
         dout.expect("attention_backward: dout", out.shape())?;
         dqkv.expect("attention_backward: dqkv", qkv.shape())?;
+        check_scratch(scratch, lse, n, c, nh)?;
         cuda_checks(
             "attention_backward",
             out.dtype(),
@@ -94,15 +97,18 @@ impl AttentionOps for Cuda {
             out.dtype(),
             seqs.b(),
             n,
-            seqs.max_rows(),
+            seqs.grid_rows(),
             nh,
             hs,
             drop,
         );
-        // D = dO·O (NH,N) and variant 4's f32 dQ accumulator (N,C), zeroed, from the arena
-        let dsum = Tensor::<Cuda>::zeros(self, &[nh, n], DType::F32)?;
+        // variant 4's f32 dQ accumulator (N,C), zeroed, then D = dO·O (NH,N), in the caller's scratch
+        let mut dq = scratch.view(self, 0, &[n, c])?;
+        let mut dsum = scratch.view(self, n * c, &[nh, n])?;
+        dsum.zero_(self)?;
         let dq = if plan.needs_dq_accumulator() {
-            Some(Tensor::<Cuda>::zeros(self, &[n, c], DType::F32)?)
+            dq.zero_(self)?;
+            Some(dq)
         } else {
             None
         };
@@ -113,6 +119,7 @@ impl AttentionOps for Cuda {
             cu: seqs.cu.buf.ptr,
             lens: seqs.lens.buf.ptr,
             wid: seqs.wid.buf.ptr,
+            step: seqs.step.buf.ptr,
             dout: dout.buf.ptr,
             dqkv: dqkv.buf.ptr,
             dsum: dsum.buf.ptr,

@@ -35,7 +35,10 @@ pub trait AttentionOps: BackendCore {
         drop: Dropout,
     ) -> Result<()>;
 
-    /// dqkv (N,3C) (overwritten) ← dout (N,C), out (N,C), lse (NH,N), qkv, seqs.
+    /// dqkv (N,3C) (overwritten) ← dout (N,C), out (N,C), lse (NH,N), qkv, seqs; `scratch` (N, C+NH) in
+    /// lse's dtype is the kernels' working memory (contents undefined before and after: D = dO·O and a dQ
+    /// accumulator on CUDA, unused by the CPU reference) — the caller's, so that a training step allocates
+    /// nothing and its kernels read and write the same addresses at every step (CUDA graphs).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -47,6 +50,7 @@ pub trait AttentionOps: BackendCore {
         seqs: &Seqs<Self>,
         nh: usize,
         drop: Dropout,
+        scratch: &mut Tensor<Self>,
     ) -> Result<()>;
 }
 
@@ -70,6 +74,23 @@ pub(crate) fn dims<B: BackendCore>(
     qkv.expect(&format!("{op}: qkv"), &[n, 3 * c])?;
     lse.expect(&format!("{op}: lse"), &[nh, n])?;
     Ok((n, c, c / nh))
+}
+
+/// The shape of [`AttentionOps::attention_backward`]'s scratch for N rows, hidden size C and NH heads.
+pub fn scratch_shape(n: usize, c: usize, nh: usize) -> [usize; 2] {
+    [n, c + nh]
+}
+
+/// Error unless `scratch` is the backward's scratch for these shapes, in lse's dtype.
+pub(crate) fn check_scratch<B: BackendCore>(
+    scratch: &Tensor<B>,
+    lse: &Tensor<B>,
+    n: usize,
+    c: usize,
+    nh: usize,
+) -> Result<()> {
+    scratch.expect("attention_backward: scratch", &scratch_shape(n, c, nh))?;
+    scratch.expect_dtype("attention_backward: scratch", &[lse.dtype()])
 }
 
 /// The parameter struct of every attention kernel (kernels/attention.cu, attention_tc.cu `AttnParams`).
@@ -97,7 +118,8 @@ pub struct AttnParams {
     pub dsum: u64,
     /// (N,C) f32 scratch, zero on entry, backward of variant 4 only
     pub dqacc: u64,
-    pub seed: u64,
+    /// the dropout site's key ([`crate::rng::Dropout::site`]); the kernel combines it with the step seed
+    pub site: u64,
     /// windows
     pub b: i32,
     /// rows
@@ -106,6 +128,8 @@ pub struct AttnParams {
     pub hs: i32,
     pub p: f32,
     pub scale: f32,
+    /// device address of the step's dropout seed (a u64: [`crate::ops::Seqs::step`])
+    pub step: u64,
 }
 unsafe impl cudarc::driver::DeviceRepr for AttnParams {}
 
@@ -224,7 +248,7 @@ impl AttnPlan {
     /// `ptr`'s pointers with this call's shape and dropout
     fn params(&self, ptr: AttnParams) -> AttnParams {
         AttnParams {
-            seed: self.drop.seed,
+            site: self.drop.site,
             b: self.b as i32,
             n: self.n as i32,
             nh: self.nh as i32,
@@ -399,12 +423,13 @@ pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
         dqkv,
         dsum,
         dqacc,
-        seed,
+        site,
         b,
         n,
         nh,
         hs,
         p,
-        scale
+        scale,
+        step
     })]
 }

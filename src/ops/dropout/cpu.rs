@@ -3,7 +3,7 @@
 use super::{check, DropoutOps};
 use crate::cpu::{ids, rd, wr, Cpu, Real};
 use crate::ops::Seqs;
-use crate::rng::Dropout;
+use crate::rng::{Dropout, DropoutMask};
 use crate::tensor::Tensor;
 use anyhow::Result;
 
@@ -14,7 +14,7 @@ pub fn dropout_rows_ref<T: Real>(
     c: usize,
     pos: &[i32],
     row_w: &[i32],
-    d: Dropout,
+    d: DropoutMask,
 ) {
     if !d.active() {
         out.copy_from_slice(inp);
@@ -38,6 +38,7 @@ impl DropoutOps for Cpu {
     ) -> Result<()> {
         let (_, c) = check(out, inp, seqs)?;
         let (pos, roww) = (ids(&seqs.pos)?, ids(&seqs.row_w)?);
+        let d = d.at(seqs.step_seed(self)?);
         crate::cpu_compute!(out.dtype(), T => {
             let x = rd::<T>(inp);
             let mut o = wr::<T>(out, false);

@@ -63,13 +63,16 @@ pub struct DropoutParams {
     pub pos: u64,
     /// (N) i32 window indices
     pub roww: u64,
-    pub seed: u64,
+    /// the dropout site's key ([`crate::rng::Dropout::site`]); the kernel combines it with the step seed
+    pub site: u64,
     pub n: i32,
     pub c: i32,
     pub p: f32,
     pub out_dt: i32,
     pub inp_dt: i32,
     pub _pad: i32,
+    /// device address of the step's dropout seed (a u64: [`crate::ops::Seqs::step`])
+    pub step: u64,
 }
 unsafe impl cudarc::driver::DeviceRepr for DropoutParams {}
 
@@ -96,12 +99,13 @@ pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
         inp,
         pos,
         roww,
-        seed,
+        site,
         n,
         c,
         p,
         out_dt,
         inp_dt,
-        _pad
+        _pad,
+        step
     })]
 }

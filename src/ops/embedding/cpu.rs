@@ -59,6 +59,7 @@ impl EmbeddingOps for Cpu {
         check_ids(op, id, v, "input_ids")?;
         check_ids(op, ty, tv, "token_type_ids")?;
         let (pos, roww) = (ids(&seqs.pos)?, ids(&seqs.row_w)?);
+        let drop = drop.at(seqs.step_seed(self)?);
         crate::cpu_compute!(out.dtype(), T => {
             let mut x = vec![T::zero(); out.numel()];
             gather_ref(&mut x, id, ty, &pos, &rd::<T>(w.word), &rd::<T>(w.pos), &rd::<T>(w.ttype), c);
@@ -89,6 +90,7 @@ impl EmbeddingOps for Cpu {
         check_ids(op, id, v, "input_ids")?;
         check_ids(op, ty, tv, "token_type_ids")?;
         let (pos, roww) = (ids(&seqs.pos)?, ids(&seqs.row_w)?);
+        let drop = drop.at(seqs.step_seed(self)?);
         crate::cpu_compute!(dout.dtype(), T => {
             let mut x = vec![T::zero(); dout.numel()];
             gather_ref(&mut x, id, ty, &pos, &rd::<T>(w.word), &rd::<T>(w.pos), &rd::<T>(w.ttype), c);

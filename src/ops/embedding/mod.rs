@@ -138,7 +138,8 @@ pub struct EmbParams {
     pub dttype: u64,
     pub dgamma: u64,
     pub dbeta: u64,
-    pub seed: u64,
+    /// the dropout site's key ([`crate::rng::Dropout::site`]); the kernel combines it with the step seed
+    pub site: u64,
     pub n: i32,
     pub c: i32,
     pub v: i32,
@@ -147,6 +148,8 @@ pub struct EmbParams {
     pub p: f32,
     pub padding_idx: i32,
     pub _pad: i32,
+    /// device address of the step's dropout seed (a u64: [`crate::ops::Seqs::step`])
+    pub step: u64,
 }
 
 /// The forward's launch (activations in `dt`): one warp per row, 8 rows per block.
@@ -234,7 +237,7 @@ pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
         dttype,
         dgamma,
         dbeta,
-        seed,
+        site,
         n,
         c,
         v,
@@ -242,6 +245,7 @@ pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
         eps,
         p,
         padding_idx,
-        _pad
+        _pad,
+        step
     })]
 }

@@ -94,6 +94,7 @@ impl LayerNormOps for Cpu {
         )?;
         seqs.expect_rows("residual_layernorm_forward: inp", n)?;
         let (pos, roww) = (ids(&seqs.pos)?, ids(&seqs.row_w)?);
+        let drop = drop.at(seqs.step_seed(self)?);
         let sum_dtype = sum.dtype();
         crate::cpu_compute!(out.dtype(), T => {
             let (x, r, g, b) = (rd::<T>(inp), rd::<T>(resid), rd::<T>(gamma), rd::<T>(beta));
@@ -134,6 +135,7 @@ impl LayerNormOps for Cpu {
         )?;
         seqs.expect_rows("residual_layernorm_backward: dout", n)?;
         let (pos, roww) = (ids(&seqs.pos)?, ids(&seqs.row_w)?);
+        let drop = drop.at(seqs.step_seed(self)?);
         crate::cpu_compute!(dout.dtype(), T => {
             let (dy, x, m, rs, g) = (rd::<T>(dout), rd::<T>(sum), rd::<T>(mean), rd::<T>(rstd), rd::<T>(gamma));
             let mut dsum = vec![T::zero(); x.len()];

@@ -108,11 +108,14 @@ pub struct LnFwdParams {
     pub resid: u64,
     pub gamma: u64,
     pub beta: u64,
-    pub seed: u64,
+    /// the dropout site's key ([`crate::rng::Dropout::site`]); the kernel combines it with the step seed
+    pub site: u64,
     pub n: i32,
     pub c: i32,
     pub eps: f32,
     pub p: f32,
+    /// device address of the step's dropout seed (a u64: [`crate::ops::Seqs::step`])
+    pub step: u64,
 }
 
 unsafe impl cudarc::driver::DeviceRepr for LnFwdParams {}
@@ -132,11 +135,14 @@ pub struct LnBwdParams {
     pub mean: u64,
     pub rstd: u64,
     pub gamma: u64,
-    pub seed: u64,
+    /// the dropout site's key ([`crate::rng::Dropout::site`]); the kernel combines it with the step seed
+    pub site: u64,
     pub n: i32,
     pub c: i32,
     pub p: f32,
     pub _pad: i32,
+    /// device address of the step's dropout seed (a u64: [`crate::ops::Seqs::step`])
+    pub step: u64,
 }
 
 /// The forward's launch for `act` activations of N rows × C: one warp per row, 8 rows per block; the vec
@@ -222,11 +228,12 @@ pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
             resid,
             gamma,
             beta,
-            seed,
+            site,
             n,
             c,
             eps,
-            p
+            p,
+            step
         }),
         crate::param_layout!(LnBwdParams {
             dinp,
@@ -240,11 +247,12 @@ pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
             mean,
             rstd,
             gamma,
-            seed,
+            site,
             n,
             c,
             p,
-            _pad
+            _pad,
+            step
         }),
     ]
 }

@@ -16,9 +16,11 @@ impl SpanLossOps for Cpu {
         starts: &Tensor<Cpu>,
         ends: &Tensor<Cpu>,
         seqs: &Seqs<Cpu>,
+        scale: &Tensor<Cpu>,
         cfg: SpanLossCfg,
     ) -> Result<()> {
-        let (_, b) = dims(losses, dlogits, stats, logits, starts, ends, seqs)?;
+        let (_, b) = dims(losses, dlogits, stats, logits, starts, ends, seqs, scale)?;
+        let sc = scale.to_f64_vec(self)?;
         let (st, en, cu, lens) = (ids(starts)?, ids(ends)?, ids(&seqs.cu)?, ids(&seqs.lens)?);
         crate::cpu_compute!(logits.dtype(), T => {
             let x = rd::<T>(logits);
@@ -30,7 +32,7 @@ impl SpanLossOps for Cpu {
                 let rows = (cu[bi + 1] - cu[bi]) as usize;
                 // the softmax's positions: the real tokens, or the whole window
                 let range = if cfg.mask_padding { lens[bi] as usize } else { rows };
-                for (w, tgt, scale) in [(0usize, st[bi], cfg.scale_start), (1, en[bi], cfg.scale_end)] {
+                for (w, tgt, scale) in [(0usize, st[bi], sc[0]), (1, en[bi], sc[1])] {
                     let logit = |j: usize| x[(s0 + j) * 2 + w];
                     ls[bi * 2 + w] = T::zero();
                     if tgt < 0 || tgt as usize >= range {

@@ -17,9 +17,10 @@ impl SpanLossOps for Cuda {
         starts: &Tensor<Cuda>,
         ends: &Tensor<Cuda>,
         seqs: &Seqs<Cuda>,
+        scale: &Tensor<Cuda>,
         cfg: SpanLossCfg,
     ) -> Result<()> {
-        let (_, b) = dims(losses, dlogits, stats, logits, starts, ends, seqs)?;
+        let (_, b) = dims(losses, dlogits, stats, logits, starts, ends, seqs, scale)?;
         if losses.dtype() != DType::F32 || dlogits.dtype() != logits.dtype() {
             bail!(
                 "span_loss: losses must be f32 and dlogits must match logits ({}), found {} / {}",
@@ -40,9 +41,8 @@ impl SpanLossOps for Cuda {
             b: b as i32,
             mask_padding: cfg.mask_padding as i32,
             dt: dtype_code(logits.dtype()),
-            scale_start: cfg.scale_start as f32,
-            scale_end: cfg.scale_end as f32,
             _pad: 0,
+            scale: scale.buf.ptr,
         };
         // SAFETY: the shapes match the layout (checked by dims); every address is a live buffer
         for l in launch(p) {

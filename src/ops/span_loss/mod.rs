@@ -25,15 +25,15 @@ use anyhow::{bail, Result};
 #[derive(Clone, Copy, Debug)]
 pub struct SpanLossCfg {
     pub mask_padding: bool,
-    /// Gradient scale for the start/end halves: usually `loss_scale / (2·n_valid_start)` etc.
-    pub scale_start: f64,
-    pub scale_end: f64,
 }
 
 pub trait SpanLossOps: BackendCore {
     /// losses (B,2) (stat dtype; per window, 0 when ignored), dlogits (N,2) (overwritten), stats
     /// (STATS_LEN) (stat dtype; `[STAT_LOSS_START] += Σ_b losses[b,0]`, `[STAT_LOSS_END] += Σ_b losses[b,1]`)
-    /// ← logits (N,2), starts (B) i32, ends (B) i32 (positions within the windows), seqs.
+    /// ← logits (N,2), starts (B) i32, ends (B) i32 (positions within the windows), seqs, scale (2) (stat
+    /// dtype: the gradient scales of the start and end halves, usually `loss_scale / (2·n_counted_start)`
+    /// etc. — in device memory, because they change every step and the kernels of a step must not: see
+    /// [`crate::rng::Dropout`] for the same reason).
     #[allow(clippy::too_many_arguments)]
     fn span_loss_forward_backward(
         &self,
@@ -44,6 +44,7 @@ pub trait SpanLossOps: BackendCore {
         starts: &Tensor<Self>,
         ends: &Tensor<Self>,
         seqs: &Seqs<Self>,
+        scale: &Tensor<Self>,
         cfg: SpanLossCfg,
     ) -> Result<()>;
 }
@@ -62,6 +63,7 @@ pub(crate) fn dims<B: BackendCore>(
     s: &Tensor<B>,
     e: &Tensor<B>,
     seqs: &Seqs<B>,
+    scale: &Tensor<B>,
 ) -> Result<(usize, usize)> {
     let op = "span_loss";
     if logits.shape().len() != 2 || logits.shape()[1] != 2 {
@@ -73,6 +75,8 @@ pub(crate) fn dims<B: BackendCore>(
     losses.expect(&format!("{op}: losses"), &[b, 2])?;
     stats.expect(&format!("{op}: stats"), &[crate::ops::STATS_LEN])?;
     stats.expect_dtype(&format!("{op}: stats"), &[losses.dtype()])?;
+    scale.expect(&format!("{op}: scale"), &[2])?;
+    scale.expect_dtype(&format!("{op}: scale"), &[losses.dtype()])?;
     s.expect(&format!("{op}: start_positions"), &[b])?;
     e.expect(&format!("{op}: end_positions"), &[b])?;
     for x in [s, e] {
@@ -98,9 +102,9 @@ pub struct SpanParams {
     pub b: i32,
     pub mask_padding: i32,
     pub dt: i32,
-    pub scale_start: f32,
-    pub scale_end: f32,
     pub _pad: i32,
+    /// (2) f32: the gradient scales of the start and end halves
+    pub scale: u64,
 }
 
 /// The span loss's launches: one block of 256 threads per (window, start|end), then one block adding the
@@ -141,8 +145,7 @@ pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
         b,
         mask_padding,
         dt,
-        scale_start,
-        scale_end,
-        _pad
+        _pad,
+        scale
     })]
 }

@@ -1,0 +1,277 @@
+//! CUDA graphs of the training step (`--cuda-graphs on`): a micro-batch's forward, loss and backward — some
+//! 20 launches per layer — recorded once per batch shape and replayed as one launch.
+//!
+//! What makes a replay correct: every kernel parameter of the recorded region is a function of the
+//! [`GraphKey`] alone.
+//! - Addresses: the activations and the batch live in the activation plan at offsets fixed for the run
+//!   (src/model/acts.rs); weights, gradients, the step statistics and the loss scales are the trainer's
+//!   buffers, allocated once. The attention backward's scratch is in the plan too. The recorded region
+//!   allocates nothing (the CUDA backend refuses allocations, host copies and synchronisation while
+//!   recording).
+//! - Values that change every step are read from device memory: the step's dropout seed comes with the
+//!   batch (`SeqLayout::step_seed`), the loss-gradient scales from the trainer's `loss_scale` tensor, both
+//!   written before the replay.
+//! - Shapes: rows N (packed batches rounded up to the backend's row bucket), windows B, and the attention
+//!   grid's rows (the longest window rounded up, `SeqLayout::grid_rows`) are the key; and whether the
+//!   gradient goes to the step's sum or to the accumulation scratch.
+//!
+//! The first micro-batch of a shape runs as usual (kernels are compiled and loaded, cuBLASLt tunes its
+//! algorithms, nothing is recorded); the second is recorded and replayed; later ones are replayed. On the
+//! CPU, and with graphs off, every micro-batch simply runs.
+
+use crate::backend::BackendCore;
+use anyhow::Result;
+use std::collections::HashMap;
+
+/// What [`StepGraphs`] needs of a backend: [`BackendCore`]'s recording calls (every backend has them; the
+/// tests also drive a mock).
+pub trait Recorder {
+    type Graph;
+    fn graphs_on(&self) -> bool;
+    fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Self::Graph>;
+    fn replay(&self, g: &Self::Graph) -> Result<()>;
+}
+
+impl<B: BackendCore> Recorder for B {
+    type Graph = B::Graph;
+    fn graphs_on(&self) -> bool {
+        BackendCore::graphs_on(self)
+    }
+    fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<B::Graph> {
+        BackendCore::capture(self, f)
+    }
+    fn replay(&self, g: &B::Graph) -> Result<()> {
+        BackendCore::replay(self, g)
+    }
+}
+
+/// What determines the recorded work of a micro-batch (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GraphKey {
+    /// rows N
+    pub rows: usize,
+    /// windows B (a filler window included)
+    pub windows: usize,
+    /// the attention grid's rows
+    pub grid_rows: usize,
+    /// the gradient goes to the accumulation scratch (a later micro-batch of the step), not the step's sum
+    pub into_scratch: bool,
+}
+// The kernel configuration is not part of the key: the trainer borrows the backend for its whole life, so
+// the configuration (`Cuda::set_kernels` takes `&mut`) cannot change under its graphs.
+
+enum Slot<G> {
+    /// run once (its warm-up): the next one of this shape is recorded
+    Seen,
+    Ready(G),
+}
+
+/// Counts of what [`StepGraphs::run`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GraphStats {
+    /// micro-batches run without a graph (graphs off, or a shape's first)
+    pub eager: usize,
+    /// graphs recorded (each also replayed once)
+    pub recorded: usize,
+    /// replays of a graph recorded earlier
+    pub replayed: usize,
+}
+
+/// The recorded micro-batches of one trainer, by shape (`G`: the backend's graph type).
+pub struct StepGraphs<G> {
+    slots: HashMap<GraphKey, Slot<G>>,
+    pub stats: GraphStats,
+}
+
+impl<G> Default for StepGraphs<G> {
+    fn default() -> Self {
+        StepGraphs {
+            slots: HashMap::new(),
+            stats: GraphStats::default(),
+        }
+    }
+}
+
+/// The most shapes kept; past it, all are dropped and recorded again on demand (SQuAD at batch 32 gives
+/// a few dozen: row buckets × grid rows).
+pub const MAX_GRAPHS: usize = 512;
+
+impl<G> StepGraphs<G> {
+    /// Run `f` (the micro-batch's device work) for a batch of shape `key`: directly when the backend records
+    /// no graphs or the shape is new; recorded then replayed the second time; replayed after that. A failed
+    /// recording is an error and changes nothing (the shape is recorded again next time).
+    pub fn run<R: Recorder<Graph = G>>(
+        &mut self,
+        be: &R,
+        key: GraphKey,
+        f: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
+        if !be.graphs_on() {
+            self.stats.eager += 1;
+            return f();
+        }
+        match self.slots.get(&key) {
+            Some(Slot::Ready(g)) => {
+                be.replay(g)?;
+                self.stats.replayed += 1;
+            }
+            Some(Slot::Seen) => {
+                let g = be.capture(f)?;
+                be.replay(&g)?;
+                self.slots.insert(key, Slot::Ready(g));
+                self.stats.recorded += 1;
+            }
+            None => {
+                f()?;
+                if self.slots.len() >= MAX_GRAPHS {
+                    self.slots.clear();
+                }
+                self.slots.insert(key, Slot::Seen);
+                self.stats.eager += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forget every recording (the buffers they were recorded with are about to change).
+    pub fn clear(&mut self) {
+        self.slots.clear();
+    }
+
+    /// Shapes with a recorded graph.
+    pub fn recorded(&self) -> usize {
+        self.slots
+            .values()
+            .filter(|s| matches!(s, Slot::Ready(_)))
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::{Cell, RefCell};
+
+    /// A backend whose "device work" is strings: queued work runs into `ran`, or into the recording.
+    #[derive(Default)]
+    struct Mock {
+        on: bool,
+        ran: RefCell<Vec<String>>,
+        recording: RefCell<Option<Vec<String>>>,
+        fail_next_capture: Cell<bool>,
+    }
+    impl Mock {
+        fn queue(&self, op: String) {
+            match self.recording.borrow_mut().as_mut() {
+                Some(r) => r.push(op),
+                None => self.ran.borrow_mut().push(op),
+            }
+        }
+        fn take(&self) -> Vec<String> {
+            std::mem::take(&mut *self.ran.borrow_mut())
+        }
+    }
+    impl Recorder for Mock {
+        type Graph = Vec<String>;
+        fn graphs_on(&self) -> bool {
+            self.on
+        }
+        fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Vec<String>> {
+            *self.recording.borrow_mut() = Some(vec![]);
+            let r = f();
+            let g = self.recording.borrow_mut().take().unwrap_or_default();
+            r?;
+            anyhow::ensure!(!self.fail_next_capture.replace(false), "capture failed");
+            Ok(g)
+        }
+        fn replay(&self, g: &Vec<String>) -> Result<()> {
+            self.ran
+                .borrow_mut()
+                .extend(g.iter().map(|op| format!("{op} (replayed)")));
+            Ok(())
+        }
+    }
+
+    fn key(rows: usize) -> GraphKey {
+        GraphKey {
+            rows,
+            windows: 3,
+            grid_rows: 128,
+            into_scratch: false,
+        }
+    }
+
+    #[test]
+    fn first_run_then_record_then_replay_per_shape() {
+        let be = Mock {
+            on: true,
+            ..Mock::default()
+        };
+        let mut g = StepGraphs::default();
+        // the host-side value the work was queued with: a replay repeats the recorded one
+        let step = Cell::new(0);
+        let run = |g: &mut StepGraphs<Vec<String>>, rows: usize, s: usize| {
+            step.set(s);
+            g.run(&be, key(rows), &mut || {
+                be.queue(format!("rows {rows} step {}", step.get()));
+                Ok(())
+            })
+            .unwrap();
+            be.take()
+        };
+        assert_eq!(run(&mut g, 128, 0), ["rows 128 step 0"]);
+        assert_eq!(run(&mut g, 128, 1), ["rows 128 step 1 (replayed)"]);
+        assert_eq!(run(&mut g, 256, 2), ["rows 256 step 2"]);
+        // recorded at step 1: what a replay runs is the recording, not the closure
+        assert_eq!(run(&mut g, 128, 3), ["rows 128 step 1 (replayed)"]);
+        assert_eq!(run(&mut g, 256, 4), ["rows 256 step 4 (replayed)"]);
+        assert_eq!(
+            g.stats,
+            GraphStats {
+                eager: 2,
+                recorded: 2,
+                replayed: 1
+            }
+        );
+        assert_eq!(g.recorded(), 2);
+        g.clear();
+        assert_eq!(run(&mut g, 128, 5), ["rows 128 step 5"]);
+    }
+
+    #[test]
+    fn a_failed_recording_is_an_error_and_is_tried_again() {
+        let be = Mock {
+            on: true,
+            ..Mock::default()
+        };
+        let mut g = StepGraphs::default();
+        let mut f = || {
+            be.queue("op".into());
+            Ok(())
+        };
+        g.run(&be, key(128), &mut f).unwrap();
+        be.fail_next_capture.set(true);
+        let e = g.run(&be, key(128), &mut f).unwrap_err().to_string();
+        assert!(e.contains("capture failed"), "{e}");
+        assert_eq!(g.recorded(), 0);
+        g.run(&be, key(128), &mut f).unwrap();
+        assert_eq!(g.recorded(), 1);
+        assert_eq!(be.take(), ["op", "op (replayed)"]);
+    }
+
+    #[test]
+    fn without_graphs_everything_runs() {
+        let be = Mock::default();
+        let mut g = StepGraphs::default();
+        for _ in 0..3 {
+            g.run(&be, key(128), &mut || {
+                be.queue("op".into());
+                Ok(())
+            })
+            .unwrap();
+        }
+        assert_eq!(be.take(), ["op", "op", "op"]);
+        assert_eq!(g.stats.eager, 3);
+        assert_eq!(g.recorded(), 0);
+    }
+}
