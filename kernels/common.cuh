@@ -68,11 +68,11 @@ __device__ __forceinline__ void store_dt(u64 p, int dt, u64 i, float v) {
     else ((f16*)p)[i] = __float2half_rn(v);
 }
 
-// ---- Philox4x32-10, bit-identical to src/rng.rs -------------------------------------------------------------
-__device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
+// ---- Philox4x32 with R rounds, bit-identical to src/rng.rs (hidden dropout 10, attention dropout 7) -----------
+template <int R> __device__ __forceinline__ uint4 philox4x32(uint4 c, uint2 k) {
     const u32 M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
 #pragma unroll
-    for (int r = 0; r < 10; ++r) {
+    for (int r = 0; r < R; ++r) {
         if (r > 0) { k.x += W0; k.y += W1; }
         u32 hi0 = __umulhi(M0, c.x), lo0 = M0 * c.x;
         u32 hi1 = __umulhi(M1, c.z), lo1 = M1 * c.z;
@@ -80,6 +80,7 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
     }
     return c;
 }
+__device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) { return philox4x32<10>(c, k); }
 
 // ---- the dropout stream (src/rng.rs) ---------------------------------------------------------------------
 __device__ __forceinline__ u64 splitmix64(u64 x) {
@@ -175,7 +176,7 @@ __device__ __forceinline__ Window window_at(u64 cu, u64 lens, u64 wid, int b) {
 }
 
 // Attention-probability dropout of (window w, head h, query i, key j): the 16-bit half j%2 (0: low) of word
-// 2·(i/8 % 2) + j/8 % 2 of philox([4·(j/16) + (j%8)/2, 8·(i/16) + i%8, h, w]), kept iff half / 2^16 >= p, i.e.
+// 2·(i/8 % 2) + j/8 % 2 of philox7([4·(j/16) + (j%8)/2, 8·(i/16) + i%8, h, w]), kept iff half / 2^16 >= p, i.e.
 // half >= ceil(p·2^16) (attn_threshold; the same bits). One call draws queries {i, i+8} × keys {j, j+1, j+8,
 // j+9} (i%16 < 8, j%16 < 8, j even): in an m16n8k16 layout, what one lane of an S accumulator holds over 16
 // keys (attn_draws_fwd), or, with the lane holding the neighbouring key, two lanes' share of a transposed Sᵀ
@@ -185,8 +186,9 @@ __device__ __forceinline__ Window window_at(u64 cu, u64 lens, u64 wid, int b) {
 // + 8 per 16 queries) instead of recomputing them from positions.
 __device__ __forceinline__ u32 attn_qc(int i) { return (u32)((i >> 4) * 8 + (i & 7)); }
 __device__ __forceinline__ u32 attn_kc(int j) { return (u32)((j >> 4) * 4 + ((j & 7) >> 1)); }
+// 7 rounds (src/rng.rs philox4x32_7): the call sits in the attention kernels' main loops
 __device__ __forceinline__ uint4 attn_philox(u64 seed, int w, int h, u32 qc, u32 kc) {
-    return philox4x32_10(make_uint4(kc, qc, (u32)h, (u32)w), philox_key(seed));
+    return philox4x32<7>(make_uint4(kc, qc, (u32)h, (u32)w), philox_key(seed));
 }
 // p → the integer threshold of the keep test; 0 when p <= 0: everything kept (p·2^16 and its ceiling are exact)
 __device__ __forceinline__ u32 attn_threshold(float p) { return p > 0.f ? (u32)ceilf(p * 65536.f) : 0u; }

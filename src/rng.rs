@@ -1,8 +1,8 @@
 //! Random numbers shared bit-for-bit by the CPU reference and the CUDA kernels.
 //!
 //! ## The dropout stream (version [`DROPOUT_STREAM_VERSION`])
-//! Dropout masks come from the counter-based Philox4x32-10 generator (Salmon et al., SC'11), the same one
-//! cuRAND and PyTorch use, and are regenerated in backward instead of stored. They depend on the data only
+//! Dropout masks come from the counter-based Philox4x32 generator (Salmon et al., SC'11), the one cuRAND
+//! and PyTorch use (10 rounds; attention dropout 7), and are regenerated in backward instead of stored. They depend on the data only
 //! through each element's *place in the model*, never on how a batch is laid out, so packed, padded,
 //! micro-batched and data-parallel runs draw the same masks (../shared/DESIGN.md, "Dropout stream"):
 //! - key: the site's seed, [`site_seed`]`(step_seed, layer, site)` with [`step_seed`]`(run seed, optimizer
@@ -13,7 +13,8 @@
 //!   An element is kept iff `u ≥ p`, `u` = the word's top 24 bits scaled to [0, 1).
 //! - attention-probability dropout: element (window `w`, head `h`, query `i`, key `j`) uses the 16-bit half
 //!   `j mod 2` (0: the low half) of word `2·(⌊i/8⌋ mod 2) + ⌊j/8⌋ mod 2` of
-//!   `philox([4·⌊j/16⌋ + ⌊(j mod 8)/2⌋, 8·⌊i/16⌋ + i mod 8, h, w], key)`: one call draws the 8 entries of
+//!   `philox7([4·⌊j/16⌋ + ⌊(j mod 8)/2⌋, 8·⌊i/16⌋ + i mod 8, h, w], key)` (Philox4x32 with 7 rounds,
+//!   [`philox4x32_7`]; hidden dropout uses 10): one call draws the 8 entries of
 //!   queries {i, i+8} × keys {j, j+1, j+8, j+9} (i mod 16 < 8, j mod 16 < 8, j even) — what one lane of an
 //!   m16n8k16 tensor-core accumulator holds over 16 keys, so the forward kernel makes one call per lane and
 //!   16 keys, and the backward, whose lanes hold two keys and four queries, one call plus a swap with the
@@ -26,8 +27,9 @@
 //! across versions.
 
 /// The version of the dropout stream defined above (1: the layout-dependent stream before padding-free
-/// batches; 2: attention dropout from 24-bit words, one Philox call per 2×2 block of (query, key)).
-pub const DROPOUT_STREAM_VERSION: u32 = 3;
+/// batches; 2: attention dropout from 24-bit words, one Philox call per 2×2 block of (query, key); 3: 16-bit
+/// attention draws, one Philox4x32-10 call per 8; 4: that call with 7 rounds).
+pub const DROPOUT_STREAM_VERSION: u32 = 4;
 
 const PHILOX_M0: u32 = 0xD251_1F53;
 const PHILOX_M1: u32 = 0xCD9E_8D57;
@@ -40,11 +42,23 @@ fn mulhilo(a: u32, b: u32) -> (u32, u32) {
     ((p >> 32) as u32, p as u32)
 }
 
-/// Philox4x32 with 10 rounds.
+/// Philox4x32 with 10 rounds (hidden dropout).
 pub fn philox4x32_10(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    philox4x32(ctr, key, 10)
+}
+
+/// Philox4x32 with 7 rounds (attention dropout): the fewest of Random123's Crush-resistant variants (Salmon
+/// et al., SC'11, Table 2), as FlashAttention-2 uses; the attention kernels make one call per 8 draws inside
+/// their main loops, where the 3 rounds saved are ~6–9% of a tile's instructions.
+pub fn philox4x32_7(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    philox4x32(ctr, key, 7)
+}
+
+/// Philox4x32 with `rounds` rounds.
+pub fn philox4x32(ctr: [u32; 4], key: [u32; 2], rounds: usize) -> [u32; 4] {
     let mut c = ctr;
     let mut k = key;
-    for round in 0..10 {
+    for round in 0..rounds {
         if round > 0 {
             k[0] = k[0].wrapping_add(PHILOX_W0);
             k[1] = k[1].wrapping_add(PHILOX_W1);
@@ -95,7 +109,7 @@ pub fn attn_block(i: u32, j: u32) -> (u32, u32, usize) {
 #[inline]
 pub fn attn_draws(seed: u64, w: u32, h: u32, i0: u32, j0: u32) -> [u32; 8] {
     let ctr = [4 * (j0 / 16) + (j0 % 8) / 2, 8 * (i0 / 16) + i0 % 8, h, w];
-    let r = philox4x32_10(ctr, key(seed));
+    let r = philox4x32_7(ctr, key(seed));
     std::array::from_fn(|e| (r[e / 2] >> (16 * (e % 2))) & 0xffff)
 }
 
@@ -329,6 +343,22 @@ mod tests {
             ),
             [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
         );
+        // and its 7-round lines (philox4x32 7 …)
+        assert_eq!(
+            philox4x32_7([0, 0, 0, 0], [0, 0]),
+            [0x5f6fb709, 0x0d893f64, 0x4f121f81, 0x4f730a48]
+        );
+        assert_eq!(
+            philox4x32_7([0xffffffff; 4], [0xffffffff; 2]),
+            [0x5207ddc2, 0x45165e59, 0x4d8ee751, 0x8c52f662]
+        );
+        assert_eq!(
+            philox4x32_7(
+                [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+                [0xa4093822, 0x299f31d0]
+            ),
+            [0x4dfccaba, 0x190a87f0, 0xc47362ba, 0xb6b5242a]
+        );
     }
 
     #[test]
@@ -348,10 +378,10 @@ mod tests {
         assert_eq!(d.hidden_factor(9, 17, 22), keep(words[2]));
         assert_eq!(d.hidden_factor(9, 17, 23), keep(words[3]));
         // attention: (w, h, i, j) → half j%2 of word 2·(i/8 % 2) + j/8 % 2 of
-        // philox([4·(j/16) + (j%8)/2, 8·(i/16) + i%8, h, w], key); queries 21, 29 and keys 36, 37, 44, 45
+        // philox7([4·(j/16) + (j%8)/2, 8·(i/16) + i%8, h, w], key); queries 21, 29 and keys 36, 37, 44, 45
         // share the call with counter [4·2 + 2, 8 + 5, h, w]
         let keep16 = |x: u32| keep(x << 16); // top 24 bits x·2^8: u = x/2^16
-        let words = philox4x32_10([10, 13, 2, 9], k);
+        let words = philox4x32_7([10, 13, 2, 9], k);
         let draws = [
             (21, 36, words[0] & 0xffff),
             (21, 37, words[0] >> 16),
