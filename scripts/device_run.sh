@@ -34,7 +34,7 @@ if [ -n "${SKIP_CHECK:-}" ]; then
 elif ok parity_bf16_next && ok parity_f32_next && ok attn_variants; then
     echo "the opt-in paths passed parity: comparing with BERTQA_ATTN=v4 BERTQA_GEMM=lt BERTQA_VEC=1"
     export BERTQA_ATTN=v4 BERTQA_GEMM=lt BERTQA_VEC=1
-    if ok graphs_exact && ok parity_bf16_next_graphs; then
+    if ok graphs_exact_next; then
         echo "CUDA graphs passed too: comparing with BERTQA_GRAPHS=1"
         export BERTQA_GRAPHS=1
     fi

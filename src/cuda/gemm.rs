@@ -122,7 +122,8 @@ impl Cuda {
             || label(&g, true),
             || {
                 // SAFETY: the operands hold the elements the shapes imply (checked above)
-                fused = unsafe { lt.gemm(&self.stream, &g, 1.0, a, wp, 0.0, o, bp)? };
+                fused =
+                    unsafe { lt.gemm(&self.stream, &g, 1.0, a, wp, 0.0, o, bp, self.may_plan())? };
                 Ok(())
             },
         )?;
@@ -153,7 +154,7 @@ impl Cuda {
             ..
         } = g;
         if let Some(lt) = self.lt()? {
-            if unsafe { lt.gemm(&self.stream, g, alpha, a, b, beta, c, 0)? } {
+            if unsafe { lt.gemm(&self.stream, g, alpha, a, b, beta, c, 0, self.may_plan())? } {
                 return Ok(());
             }
         }

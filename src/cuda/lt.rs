@@ -52,7 +52,8 @@ pub struct Lt {
     handle: ltsys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     ctx: Arc<CudaContext>,
-    plans: Mutex<HashMap<Key, Plan>>,
+    /// per shape and alignments: its plan, or None where cuBLASLt has no algorithm (cublasGemmEx then)
+    plans: Mutex<HashMap<Key, Option<Plan>>>,
     /// time the heuristic's candidates (else take its first)
     tune: bool,
 }
@@ -65,7 +66,9 @@ impl Drop for Lt {
     fn drop(&mut self) {
         if let Ok(plans) = self.plans.get_mut() {
             for (_, p) in plans.drain() {
-                p.destroy();
+                if let Some(p) = p {
+                    p.destroy();
+                }
             }
         }
         unsafe {
@@ -130,7 +133,8 @@ impl Lt {
 
     /// Run `g` (see [`Gemm`]); `bias` is read only when `g.bias`. Ok(false), having done nothing, when
     /// cuBLASLt has no algorithm for it or the dtypes are not bf16/f16 operands: the caller then takes the
-    /// cublasGemmEx path.
+    /// cublasGemmEx path. `may_plan`: a shape met for the first time may be planned (and tuned: allocations,
+    /// events, synchronisation); false while a CUDA graph is recorded, where a new shape is an error.
     ///
     /// # Safety
     /// The pointers must be device buffers of this context holding the elements `g` describes.
@@ -145,6 +149,7 @@ impl Lt {
         beta: f32,
         c: u64,
         bias: u64,
+        may_plan: bool,
     ) -> Result<bool> {
         if !matches!(g.ab, DType::BF16 | DType::F16) || (g.c != DType::F32 && g.c != g.ab) {
             return Ok(false);
@@ -159,10 +164,14 @@ impl Lt {
             .map_err(|_| anyhow!("cuBLASLt plan cache poisoned"))?;
         let p = match plans.entry(key) {
             Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => match self.plan(stream, &key, a, b, bias)? {
-                Some(p) => e.insert(p),
-                None => return Ok(false),
-            },
+            Entry::Vacant(_) if !may_plan => bail!(
+                "cuBLASLt: GEMM {g:?} met for the first time while recording a CUDA graph (its planning \
+                 allocates and synchronises): the shape's first micro-batch should have run it"
+            ),
+            Entry::Vacant(e) => e.insert(self.plan(stream, &key, a, b, bias)?),
+        };
+        let Some(p) = p else {
+            return Ok(false);
         };
         self.launch(stream, p, g, alpha, a, b, beta, c, bias)?;
         Ok(true)

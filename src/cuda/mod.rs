@@ -88,6 +88,8 @@ pub struct Cuda {
     /// Set while [`BackendCore::capture`] records a CUDA graph: allocations, host copies and
     /// synchronisation are refused meanwhile (they would not be replayed, or would break the capture).
     capturing: std::sync::atomic::AtomicBool,
+    /// cuBLAS's workspace when graphs are on ([`Cuda::set_blas_workspace`])
+    blas_workspace: Option<CudaBuf>,
 }
 
 /// A captured CUDA graph, instantiated ([`BackendCore::capture`]), replayed by [`BackendCore::replay`].
@@ -140,7 +142,7 @@ impl Cuda {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .unwrap_or(0);
-        Ok(Cuda {
+        let mut cuda = Cuda {
             ctx,
             stream,
             blas,
@@ -159,7 +161,12 @@ impl Cuda {
             lt: std::sync::OnceLock::new(),
             profile: Mutex::new(None),
             capturing: std::sync::atomic::AtomicBool::new(false),
-        })
+            blas_workspace: None,
+        };
+        if kernels.graphs {
+            cuda.set_blas_workspace()?;
+        }
+        Ok(cuda)
     }
 
     pub fn arch(&self) -> String {
@@ -186,6 +193,9 @@ impl Cuda {
             unsafe { self.blas.set_stream(s.clone()) }
                 .map_err(|e| anyhow!("cuBLAS set_stream: {e:?}"))?;
             self.stream = s;
+            if self.blas_workspace.is_none() {
+                self.set_blas_workspace()?;
+            }
         }
         self.kernels = k;
         Ok(())
@@ -381,6 +391,9 @@ impl Cuda {
         let crate::kernel::GemmPath::Lt { tune } = self.kernels.gemm else {
             return Ok(None);
         };
+        if self.lt.get().is_none() {
+            self.not_capturing("setting up cuBLASLt")?;
+        }
         match self.lt.get_or_init(|| {
             lt::Lt::new(&self.stream, self.cc.0, tune).map_err(|e| format!("{e:#}"))
         }) {
@@ -427,6 +440,51 @@ impl Cuda {
                  outside it (or run without --cuda-graphs)"
             );
         }
+        Ok(())
+    }
+
+    /// Whether cuBLASLt may plan (and time) a GEMM shape it meets for the first time: not while recording.
+    pub(crate) fn may_plan(&self) -> bool {
+        !self.capturing.load(Ordering::Relaxed)
+    }
+
+    /// End a capture still open on the stream (after an error or a panic while recording), discarding what
+    /// it recorded, so that later work runs instead of being recorded.
+    fn abandon_capture(&self) {
+        use cudarc::driver::sys::CUstreamCaptureStatus;
+        let s = self.stream.cu_stream();
+        // SAFETY: this backend's stream; a graph the driver hands back is destroyed at once
+        unsafe {
+            if matches!(
+                dres::stream::is_capturing(s),
+                Ok(st) if st != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+            ) {
+                if let Ok(g) = dres::stream::end_capture(s) {
+                    if !g.is_null() {
+                        let _ = dres::graph::destroy(g);
+                    }
+                }
+            }
+        }
+    }
+
+    /// With graphs on: give cuBLAS a workspace of its own, from the arena, for good — without one, cuBLAS
+    /// allocates its workspace while a graph is recorded (memory nodes in every graph, memory held by each).
+    /// 32 MiB on Hopper, 4 MiB before (NVIDIA's recommendation).
+    fn set_blas_workspace(&mut self) -> Result<()> {
+        let bytes = if self.cc.0 >= 9 { 32 << 20 } else { 4 << 20 };
+        let ws = self.alloc(DType::F32, bytes / 4)?;
+        // SAFETY: a live device buffer of `bytes` bytes, kept as long as the handle (in self)
+        unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(
+                *self.blas.handle(),
+                ws.ptr as *mut std::ffi::c_void,
+                bytes,
+            )
+        }
+        .result()
+        .map_err(|e| anyhow!("cublasSetWorkspace: {e:?}"))?;
+        self.blas_workspace = Some(ws);
         Ok(())
     }
 
@@ -614,16 +672,30 @@ impl BackendCore for Cuda {
             self.capturing.store(false, Ordering::Relaxed);
             bail!("capture: cannot begin recording a CUDA graph: {e:?}");
         }
+        // a panic in `f` still ends the capture and clears the flag
+        struct Open<'a>(&'a Cuda);
+        impl Drop for Open<'_> {
+            fn drop(&mut self) {
+                self.0.capturing.store(false, Ordering::Relaxed);
+                self.0.abandon_capture();
+            }
+        }
+        let open = Open(self);
         let r = f();
         self.capturing.store(false, Ordering::Relaxed);
-        // the capture always ends (also after an error in `f`), leaving the stream usable
         let g = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        // whatever happened, the stream is not left recording (cudarc's end_capture returns an error it had
+        // recorded earlier without ending the capture)
+        drop(open);
         r?;
         let g = g
             .map_err(|e| {
                 anyhow!("capture: recording or instantiating the CUDA graph failed: {e:?}")
             })?
             .ok_or_else(|| anyhow!("capture: the recorded region queued no work"))?;
+        // the graph's one-time set-up now, not in the first replay
+        g.upload()
+            .map_err(|e| anyhow!("capture: uploading the CUDA graph: {e:?}"))?;
         let mut nodes = 0usize;
         // SAFETY: a live graph owned by `g`; a null node array asks for the count only
         unsafe {

@@ -463,8 +463,10 @@ pub struct StepOut {
     /// had finished (waiting for slower replicas included); None on one device
     pub allreduce_ms: Option<f64>,
     /// milliseconds from the step's start to its one host synchronisation: the host's work (packing,
-    /// uploads, queueing every launch). Near the step's whole time, the host — launch overhead — bounds
-    /// the step, not the device (what CUDA graphs remove).
+    /// uploads, queueing every launch). With one micro-batch per step (the device is idle when the step's
+    /// batch is uploaded) it is the host's share alone, and near the step's whole time the host — launch
+    /// overhead — bounds the step, not the device (what CUDA graphs remove). With several micro-batches it
+    /// also holds the device time each later batch's upload waits for.
     pub host_ms: f64,
 }
 

@@ -820,8 +820,12 @@ pub fn step_train_config(t: usize) -> TrainConfig {
 impl StepCase {
     /// The batch as training windows (random ids, padded at random lengths, labels inside each window).
     pub fn features(&self) -> Vec<Feature> {
+        self.features_from(19)
+    }
+    /// [`StepCase::features`] drawn from seed `seed`.
+    pub fn features_from(&self, seed: u64) -> Vec<Feature> {
         let (cfg, b, t) = (&self.cfg, self.b, self.t);
-        let mut r = Rng::new(19);
+        let mut r = Rng::new(seed);
         let lens = padded_lens(&mut r, b, t);
         (0..b)
             .map(|bi| {
