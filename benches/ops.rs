@@ -701,6 +701,8 @@ fn bench_step<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
             );
         }
     }
+    // the rows after this one (the padding layouts) run the defaults
+    be.use_kernels(KernelConfig::default());
 }
 
 /// Real SQuAD v1.1 training windows (384/128/64, all-MiniLM-L6-v2's WordPiece), shuffled with the training
@@ -731,7 +733,8 @@ fn bench_padding<B: Bench>(be: &B, s: &Shape, windows: &[Feature], steps: usize)
         .map(|c| c.iter().collect())
         .collect();
     println!(
-        "\n-- training steps on real SQuAD v1.1 windows (384/128), B={b}, {} timed steps after one warm-up",
+        "\n-- training steps on real SQuAD v1.1 windows (384/128), B={b}, {} timed steps after one warm-up, the \
+         default kernels",
         steps
     );
     let mut rates = vec![];
@@ -823,7 +826,82 @@ fn run_config<B: Bench>(be: &mut B, name: &str, s: &Shape, tab: &Table) {
     if let Some(w) = squad_windows() {
         let steps = if be.supports(DType::F64) { 8 } else { 20 };
         bench_padding(&*be, s, &w, steps);
+        // CUDA graphs where launches may matter: a small model on the GPU, real (varied) batches
+        if be.opt_in(s.dt)
+            && s.cfg.hidden_size <= 512
+            && std::env::var_os("BENCH_NO_GRAPHS").is_none()
+        {
+            bench_graphs_real(be, s, &w, 100);
+        }
     }
+}
+
+/// Packed training steps on `n` real SQuAD batches, three passes over them (every batch shape seen three
+/// times: run, recorded, replayed), the third timed: with the default kernels without and with CUDA graphs.
+fn bench_graphs_real<B: Bench>(be: &mut B, s: &Shape, windows: &[Feature], n: usize) {
+    let (b, dt) = (s.b, s.dt);
+    let batches: Vec<Vec<&Feature>> = windows
+        .chunks(b)
+        .take(n)
+        .map(|c| c.iter().collect())
+        .collect();
+    println!(
+        "
+-- CUDA graphs on real SQuAD v1.1 windows, packed, B={b}: {} batches three times, the third timed",
+        batches.len()
+    );
+    let mut base = None;
+    for graphs in [false, true] {
+        be.use_kernels(KernelConfig {
+            graphs,
+            ..KernelConfig::default()
+        });
+        let bref = &*be;
+        let mut seed = Rng::new(5);
+        let master = BertParams::from_host(bref, s.cfg, s.sd(), |_, shape| {
+            let n: usize = shape.iter().product();
+            Ok((0..n)
+                .map(|_| (seed.uniform() * 2.0 - 1.0) * 0.05)
+                .collect())
+        })
+        .unwrap();
+        let mut tc = step_train_config(b, 384);
+        tc.padding = Padding::Packed;
+        let mut tr = Trainer::new(bref, s.cfg.clone(), master, dt, tc).unwrap();
+        let mut step = 0;
+        let mut pass = |tr: &mut Trainer<B>| {
+            let mut host = 0.0;
+            for batch in &batches {
+                tr.state.global_step = step;
+                step += 1;
+                host += tr.step(batch, 1e-5).unwrap().host_ms;
+            }
+            host
+        };
+        pass(&mut tr);
+        pass(&mut tr);
+        bref.synchronize().unwrap();
+        let t0 = Instant::now();
+        let host = pass(&mut tr);
+        bref.synchronize().unwrap();
+        let ms = t0.elapsed().as_secs_f64() * 1e3 / batches.len() as f64;
+        let g = tr.graphs.stats;
+        let speed = base
+            .map(|b: f64| format!(", {:.2}× without", b / ms))
+            .unwrap_or_default();
+        base.get_or_insert(ms);
+        println!(
+            "  graphs {:<3} {ms:>8.2} ms per step{speed}; host {:.2} ms per step before its synchronisation; \
+             micro-batches run {} / recorded {} / replayed {} / failed {}",
+            if graphs { "on" } else { "off" },
+            host / batches.len() as f64,
+            g.eager,
+            g.recorded,
+            g.replayed,
+            g.failed
+        );
+    }
+    be.use_kernels(KernelConfig::default());
 }
 
 fn gpu_roofline(gpu: &Cuda) -> Roof {
