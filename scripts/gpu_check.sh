@@ -67,6 +67,14 @@ NCCL2=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.
 if [ -n "$NCCL2" ] && [ -f "$NCCL2" ]; then mkdir -p /tmp/nccl-link && ln -sf "$NCCL2" /tmp/nccl-link/libnccl.so; fi
 LD_LIBRARY_PATH="/tmp/nccl-link${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" run nccl_one_rank 120 .gpu/bin/test_data_parallel --exact gpu_nccl_one_rank_matches_the_plain_path --nocapture --test-threads 1
 grep -E "SKIPPED|panicked|all-reduce|test result" "$OUT/nccl_one_rank.log" | head -20 | tee -a "$OUT/summary.txt"
-BENCH_ITERS="${BENCH_ITERS:-10}" run bench "${BENCH_TIMEOUT:-200}" .gpu/bin/bench_ops --bench
+# the bench's rows on real SQuAD windows (padding layouts, CUDA graphs) read SQuAD and MiniLM's tokenizer from
+# an assets folder; ../shared does not travel: make one from what package_gpu.sh packed
+if [ -z "${BERTQA_ASSETS:-}" ] && [ -f .gpu/data/train-v1.1.json.gz ] && [ -d .gpu/minilm-f16 ]; then
+    A=/tmp/bertqa-assets; mkdir -p $A/squad-v1.1
+    [ -s $A/squad-v1.1/train-v1.1.json ] || gunzip -c .gpu/data/train-v1.1.json.gz > $A/squad-v1.1/train-v1.1.json
+    ln -sfn "$(pwd)/.gpu/minilm-f16" $A/all-MiniLM-L6-v2
+    export BERTQA_ASSETS=$A
+fi
+BENCH_ITERS="${BENCH_ITERS:-10}" run bench "${BENCH_TIMEOUT:-240}" .gpu/bin/bench_ops --bench
 cat "$OUT/bench.log" | tee -a "$OUT/summary.txt" | tail -80
 exit $status
