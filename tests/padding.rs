@@ -224,3 +224,36 @@ fn mixed_batch_shapes_allocate_no_more_than_the_largest() {
         );
     }
 }
+
+/// After its first step, a training step allocates nothing — whatever the batch's shape, with gradient
+/// accumulation and dropout — so that a micro-batch's forward, loss and backward can be recorded as a CUDA
+/// graph (src/train/graphs.rs; the CUDA backend refuses allocations while recording, which only a GPU run
+/// would show). This checks the model and trainer code on the CPU backend, which shares it.
+#[test]
+fn training_steps_allocate_nothing_after_the_first() {
+    let cfg = BertConfig::tiny(97, 16, 2, 2, 32, 64);
+    let t = 64;
+    let feats = windows(&cfg, 40, t, 5);
+    let be = Cpu::with_row_bucket(32);
+    let master = common::rand_params(&be, &cfg, DType::F32, 4);
+    let mut tc = step_train_config(t);
+    tc.padding = Padding::Packed;
+    tc.batch_size = 8;
+    tc.grad_accum_steps = 2;
+    let mut tr = Trainer::new(&be, cfg.clone(), master, DType::F32, tc).unwrap();
+    let mut after_first = None;
+    // batches of 8, 5, 3 and 8 windows of random lengths: other row counts, windows and filler windows
+    for (step, batch) in [&feats[0..8], &feats[8..13], &feats[13..16], &feats[16..24]]
+        .iter()
+        .enumerate()
+    {
+        let refs: Vec<&Feature> = batch.iter().collect();
+        tr.step(&refs, 1e-3).unwrap();
+        tr.state.global_step = step + 1;
+        let made = be.allocations();
+        match after_first {
+            None => after_first = Some(made),
+            Some(n) => assert_eq!(made, n, "step {step} allocated {} times", made - n),
+        }
+    }
+}

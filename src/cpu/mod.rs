@@ -29,6 +29,8 @@ use std::sync::{Arc, Mutex};
 struct Counters {
     live: AtomicUsize,
     peak: AtomicUsize,
+    /// allocations made so far
+    made: AtomicUsize,
 }
 
 /// The CPU backend. Cheap to construct and to clone (clones share the allocation counters).
@@ -49,6 +51,11 @@ impl Cpu {
             row_bucket: rows,
             ..Self::default()
         }
+    }
+    /// Allocations made so far by this backend (and its clones): tests check that a training step makes
+    /// none after the first, which CUDA graphs need of the model and trainer code.
+    pub fn allocations(&self) -> usize {
+        self.counters.made.load(Ordering::Relaxed)
     }
 }
 
@@ -604,6 +611,7 @@ impl BackendCore for Cpu {
         })?;
         let live = self.counters.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.counters.peak.fetch_max(live, Ordering::Relaxed);
+        self.counters.made.fetch_add(1, Ordering::Relaxed);
         Ok(CpuBuf {
             store: Arc::new(Store {
                 ptr,
@@ -833,5 +841,9 @@ mod tests {
         drop(v);
         assert_eq!(be.memory_stats().live_bytes, 0);
         assert_eq!(be.memory_stats().peak_bytes, 1024);
+        // one allocation made, the view none; clones share the count
+        assert_eq!(be.allocations(), 1);
+        let _b = Tensor::<Cpu>::zeros(&be.clone(), &[4], DType::F32).unwrap();
+        assert_eq!(be.allocations(), 2);
     }
 }
