@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU run (≤ 8 minutes): device facts, the GPU parity tests (every kernel and a whole training
 # step against the CPU reference, f32 and bf16; the attention variants; the opt-in paths BERTQA_ATTN=v4,
-# BERTQA_GEMM=lt and BERTQA_VEC=1; CUDA graphs, BERTQA_GRAPHS=1), then the kernel/step benchmark (which also times the opt-in paths). Expects the binaries built by
+# BERTQA_GEMM=lt and BERTQA_VEC=1; CUDA graphs: gpu_cuda_graphs_replay_what_runs, with the defaults and with
+# the opt-in paths), then the kernel/step benchmark (which also times the opt-in paths). Expects the binaries built by
 # scripts/package_gpu.sh in .gpu/bin (carry `.gpu`). Writes logs to $OUT (or ./gpu-out) and prints a summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."

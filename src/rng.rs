@@ -49,7 +49,7 @@ pub fn philox4x32_10(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 
 /// Philox4x32 with 7 rounds (attention dropout): the fewest of Random123's Crush-resistant variants (Salmon
 /// et al., SC'11, Table 2), as FlashAttention-2 uses; the attention kernels make one call per 8 draws inside
-/// their main loops, where the 3 rounds saved are ~6–9% of a tile's instructions.
+/// their main loops, where the 3 rounds saved are ~3–7% of a tile's instructions.
 pub fn philox4x32_7(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
     philox4x32(ctr, key, 7)
 }
@@ -244,7 +244,7 @@ pub fn site_key(layer: u64, site: u64) -> u64 {
 }
 
 /// The Philox key of a dropout site in a step: SplitMix64 of the step's seed XOR the site's key (kernels/
-/// common.cuh `step_site_seed` computes the same on the device).
+/// common.cuh `dropout_seed` computes the same on the device).
 pub fn step_site_seed(step_seed: u64, site_key: u64) -> u64 {
     splitmix64(step_seed ^ site_key)
 }
