@@ -260,7 +260,7 @@ impl KernelConfig {
 }
 
 /// The byte layout of a `#[repr(C)]` kernel parameter struct: its name (as in the .cu), size and the offset of
-/// every field. Built by [`param_layout!`]; checked against kernels/*.cu by tests/kernels_compile.rs.
+/// every field. Built by [`crate::param_layout!`]; checked against kernels/*.cu by tests/kernels_compile.rs.
 #[derive(Clone, Debug)]
 pub struct ParamLayout {
     pub name: &'static str,

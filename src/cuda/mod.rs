@@ -1,13 +1,13 @@
 //! The CUDA backend: a context and one stream, a caching arena (a training step allocates nothing after the
 //! first), NVRTC-compiled kernels (kernels/*.cu, see [`nvrtc`]), cuBLAS/cuBLASLt for every GEMM ([`gemm`],
-//! [`lt`]), and a per-kernel profiler. It knows no op: each op's launcher (src/ops/<op>/cuda.rs) builds its
-//! launches from the op's launch plan and runs them through [`Cuda::run`].
+//! [`lt`]), and a per-kernel profiler. It knows no op: each op's launcher (`src/ops/<op>/cuda.rs`) builds its
+//! launches from the op's launch plan and runs them through `Cuda::run`.
 //!
 //! cudarc loads libcuda/libcublas/libnvrtc at run time, so this module always compiles; [`Cuda::new`] probes
 //! for the driver first (cudarc panics when a library is missing) and returns a clear error instead.
 //!
 //! Device memory is reachable only inside the crate: buffers' device addresses are `pub(crate)`, and the raw
-//! launch ([`Cuda::run`]) is an `unsafe fn` whose contract the launchers uphold (every address in the
+//! launch (`Cuda::run`) is an `unsafe fn` whose contract the launchers uphold (every address in the
 //! parameter struct is a live buffer of this context holding what the kernel reads or writes).
 
 pub mod cast;
@@ -732,7 +732,7 @@ const DATASHEET: &[(&str, f64, f64)] = &[
     ("A10", 125.0, 31.2),
 ];
 
-/// The datasheet peak of the device called `name` for `dtype` GEMMs, if it is in [`DATASHEET`].
+/// The datasheet peak of the device called `name` for `dtype` GEMMs, if it is in `DATASHEET`.
 pub fn datasheet_peak(name: &str, dtype: DType) -> Option<crate::backend::Peak> {
     let (frag, lowp, f32_) = DATASHEET.iter().find(|(f, _, _)| name.contains(f))?;
     let (tflops, kind) = match dtype {

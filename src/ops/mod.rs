@@ -77,9 +77,9 @@ impl<B> Backend for B where
 /// position is its offset in its window.
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct SeqLayout {
-    /// (B+1) row offsets, cu[0] = 0, non-decreasing
+    /// (B+1) row offsets, `cu[0] = 0`, non-decreasing
     pub cu: Vec<i32>,
-    /// (B) real rows per window, 1 ≤ lens[b] ≤ cu[b+1] − cu[b]
+    /// (B) real rows per window, `1 ≤ lens[b] ≤ cu[b+1] − cu[b]`
     pub lens: Vec<i32>,
     /// (B) window index in the optimizer step's whole batch
     pub wid: Vec<i32>,

@@ -67,7 +67,7 @@ fn fault(target: &str, stage: &str) -> Result<()> {
 /// progress completes before the process exits.
 static SAVE_GATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// The save gate (see [`SAVE_GATE`]): lock it to wait for a save in progress and to keep new ones from
+/// The save gate (see `SAVE_GATE`): lock it to wait for a save in progress and to keep new ones from
 /// starting.
 pub fn save_gate() -> std::sync::MutexGuard<'static, ()> {
     SAVE_GATE.lock().unwrap_or_else(|e| e.into_inner())

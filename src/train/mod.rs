@@ -385,7 +385,7 @@ impl RunTimings {
 #[derive(Clone, Debug, Default)]
 pub struct WindowsReport {
     pub train: usize,
-    /// training windows whose answer lies inside them (the rest are labelled [CLS])
+    /// training windows whose answer lies inside them (the rest are labelled `[CLS]`)
     pub train_with_answer: usize,
     /// [`windows_digest`] of the training windows with their labels, in featurization order
     pub train_sha256: String,

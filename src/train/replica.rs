@@ -3,8 +3,8 @@
 //!
 //! The leader (rank 0) runs the ordinary loop ([`super::run`]): it reads the data, logs, evaluates, saves.
 //! Whenever it takes a step or needs logits it first sends the command, with the windows, to every
-//! follower ([`Cmd`]); then all replicas run the same code ([`Trainer::step_replica`],
-//! [`Trainer::logits_replica`]) on their own share and meet in the collective (gradient sum, logits
+//! follower (`Cmd`); then all replicas run the same code (`Trainer::step_replica`,
+//! `Trainer::logits_replica`) on their own share and meet in the collective (gradient sum, logits
 //! gather). Followers do nothing else, so everything a run writes comes from rank 0, a Ctrl-C stops every
 //! replica at the same step (the leader simply sends no further step), and a checkpoint is the leader's:
 //! `--resume` with another number of devices starts by sending the restored weights, moments and step

@@ -2,10 +2,10 @@
 //! real tokens (keys past `lens[b]` — padding, in padded layouts — get probability 0), with
 //! attention-probability dropout.
 //!
-//! Per window b (rows `s0 = cu[b] .. cu[b+1]`, R rows, L = lens[b] real keys) and head h, with q, k, v the
+//! Per window b (rows `s0 = cu[b] .. cu[b+1]`, R rows, L = `lens[b]` real keys) and head h, with q, k, v the
 //! head's slices of `qkv (N,3C)` (Q at column 0, K at C, V at 2C, head h at h·HS), query i < R, key j < L:
 //!   `s_ij = q_i·k_j / √HS`, `lse_i = log Σ_j e^{s_ij}`, `P_ij = e^{s_ij − lse_i}`,
-//!   `out_i = Σ_j P_ij·f_ij·v_j` with `f_ij` = [`Dropout::attn_factor`]`(wid[b], h, i, j)` — the dropout
+//!   `out_i = Σ_j P_ij·f_ij·v_j` with `f_ij` = [`crate::rng::DropoutMask::attn_factor`]`(wid[b], h, i, j)` — the dropout
 //!   stream, keyed by window, head and positions (src/rng.rs), whatever the layout.
 //! Saved for backward: `lse (NH,N)` only (f32; f64 in the f64 reference): row `s0+i` of head h at h·N + s0+i.
 //! Backward: `D_i = dO_i·O_i`, `dP_ij = (dO_i·v_j)·f_ij`, `dS_ij = P_ij (dP_ij − D_i)`,
