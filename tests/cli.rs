@@ -770,6 +770,50 @@ fn eval_and_predict_check_their_options() {
     ));
 }
 
+/// The CUDA kernel switches are checked even on the CPU (one typed configuration, parsed once): an unknown
+/// value of a flag or of its environment variable names it; CUDA graphs, a CUDA-only switch, leave a CPU run
+/// as it is.
+#[test]
+fn kernel_switches_are_checked_and_cuda_graphs_leave_the_cpu_alone() {
+    let t = TempDir::new("kernel-flags");
+    let model = tiny_model(t.path());
+    let data = t.join("dev.json");
+    tiny_squad(&data, 1, 2);
+    // a usage error (clap's exit code 2) naming the flag and the values it takes
+    let o = eval(&model, &data, &t.join("o1"), &["--cuda-graphs", "maybe"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--cuda-graphs") && stderr(&o).contains("on, off"),
+        "{}",
+        stderr(&o)
+    );
+    let mut args: Vec<String> = [
+        "eval",
+        "--model",
+        s(&model),
+        "--dev-file",
+        s(&data),
+        "--output-dir",
+        s(&t.join("o2")),
+        "--device",
+        "cpu",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    let o = Command::new(bin())
+        .args(&args)
+        .env("BERTQA_GRAPHS", "maybe")
+        .output()
+        .unwrap();
+    fails(&o, &["BERTQA_GRAPHS"]);
+    let plain = last_json(&ok(&eval(&model, &data, &t.join("o3"), &[])));
+    args[6] = s(&t.join("o4")).to_string();
+    args.extend(["--cuda-graphs".to_string(), "on".to_string()]);
+    let graphs = last_json(&ok(&Command::new(bin()).args(&args).output().unwrap()));
+    assert_eq!(plain, graphs);
+}
+
 #[test]
 fn predict_without_a_valid_span_says_there_is_no_answer() {
     let t = TempDir::new("nospan");
