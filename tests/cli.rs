@@ -22,8 +22,14 @@ fn bin() -> PathBuf {
 
 /// Run `bertqa ARGS…` and collect its output (stdin closed).
 fn run<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    run_with(args, &[])
+}
+
+/// [`run`] with environment variables set.
+fn run_with<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> Output {
     Command::new(bin())
         .args(args)
+        .envs(env.iter().copied())
         .stdin(std::process::Stdio::null())
         .output()
         .expect("running the bertqa binary")
@@ -238,6 +244,11 @@ fn s(p: &Path) -> &str {
 
 /// `bertqa eval` of `model` on `data` into `root/eval-out`, with extra flags.
 fn eval(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Output {
+    eval_env(model, data, out, extra, &[])
+}
+
+/// [`eval`] with environment variables set.
+fn eval_env(model: &Path, data: &Path, out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
     let mut args = vec![
         "eval",
         "--model",
@@ -250,7 +261,7 @@ fn eval(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Output {
         "cpu",
     ];
     args.extend_from_slice(extra);
-    run(&args)
+    run_with(&args, env)
 }
 
 fn predict(model: &Path, context: &str, extra: &[&str]) -> Output {
@@ -787,30 +798,21 @@ fn kernel_switches_are_checked_and_cuda_graphs_leave_the_cpu_alone() {
         "{}",
         stderr(&o)
     );
-    let mut args: Vec<String> = [
-        "eval",
-        "--model",
-        s(&model),
-        "--dev-file",
-        s(&data),
-        "--output-dir",
-        s(&t.join("o2")),
-        "--device",
-        "cpu",
-    ]
-    .iter()
-    .map(|x| x.to_string())
-    .collect();
-    let o = Command::new(bin())
-        .args(&args)
-        .env("BERTQA_GRAPHS", "maybe")
-        .output()
-        .unwrap();
+    let o = eval_env(
+        &model,
+        &data,
+        &t.join("o2"),
+        &[],
+        &[("BERTQA_GRAPHS", "maybe")],
+    );
     fails(&o, &["BERTQA_GRAPHS"]);
     let plain = last_json(&ok(&eval(&model, &data, &t.join("o3"), &[])));
-    args[6] = s(&t.join("o4")).to_string();
-    args.extend(["--cuda-graphs".to_string(), "on".to_string()]);
-    let graphs = last_json(&ok(&Command::new(bin()).args(&args).output().unwrap()));
+    let graphs = last_json(&ok(&eval(
+        &model,
+        &data,
+        &t.join("o4"),
+        &["--cuda-graphs", "on"],
+    )));
     assert_eq!(plain, graphs);
 }
 
