@@ -148,7 +148,7 @@ impl SeqLayout {
     /// (blocks past a window's rows exit at once), so that batches whose longest windows differ a little
     /// launch the same grids (CUDA graphs are recorded per grid).
     pub fn grid_rows(&self) -> usize {
-        self.max_rows().div_ceil(GRID_ROWS) * GRID_ROWS
+        grid_rows(self.max_rows())
     }
     /// (N) each row's position in its window.
     pub fn pos(&self) -> Vec<i32> {
@@ -173,6 +173,11 @@ impl SeqLayout {
 /// The multiple the attention kernels' grid rows are rounded up to ([`SeqLayout::grid_rows`]): every
 /// attention tile (16 to 128 rows) divides it.
 pub const GRID_ROWS: usize = 128;
+
+/// `max_rows` rounded up to [`GRID_ROWS`].
+fn grid_rows(max_rows: usize) -> usize {
+    max_rows.div_ceil(GRID_ROWS) * GRID_ROWS
+}
 
 /// A [`SeqLayout`] on a device, with the per-row keys the kernels need, and its sizes on the host.
 pub struct Seqs<B: BackendCore> {
@@ -255,7 +260,7 @@ impl<B: BackendCore> Seqs<B> {
     }
     /// The attention kernels' grid rows ([`SeqLayout::grid_rows`]).
     pub fn grid_rows(&self) -> usize {
-        self.max_rows.div_ceil(GRID_ROWS) * GRID_ROWS
+        grid_rows(self.max_rows)
     }
     /// Error unless `n` rows match this layout (`what` names the tensor).
     pub fn expect_rows(&self, what: &str, n: usize) -> Result<()> {
