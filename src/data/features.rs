@@ -9,7 +9,8 @@
 
 use crate::data::squad::{Dataset, Example};
 use crate::data::tokenizer::{Encoded, WordPieceTokenizer};
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
+use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug)]
 pub struct FeatureCfg {
@@ -225,14 +226,30 @@ pub fn featurize(
     }
     let q_texts: Vec<&str> = ds.examples.iter().map(|e| e.question.as_str()).collect();
     let q_enc = tok.encode_batch(&q_texts)?;
-    let mut features = vec![];
-    let mut answerable = 0;
-    for (i, ex) in ds.examples.iter().enumerate() {
-        let ctx = &ctx_enc[ctx_of_para[ex.paragraph].expect("paragraph encoded")];
-        let f = example_features(i, ex, &q_enc[i], ctx, tok, cfg, training)?;
-        if f.iter().any(|x| x.has_answer) {
-            answerable += 1;
-        }
+    // the windows of each example on the rayon pool, gathered in example order (the same features as one
+    // thread builds: each example's windows depend on that example alone)
+    let per_example: Vec<Vec<Feature>> = ds
+        .examples
+        .par_iter()
+        .enumerate()
+        .map(|(i, ex)| {
+            let ctx = ctx_of_para[ex.paragraph]
+                .map(|k| &ctx_enc[k])
+                .ok_or_else(|| {
+                    anyhow!(
+                        "example {i}: its paragraph {} was not encoded",
+                        ex.paragraph
+                    )
+                })?;
+            example_features(i, ex, &q_enc[i], ctx, tok, cfg, training)
+        })
+        .collect::<Result<_>>()?;
+    let answerable = per_example
+        .iter()
+        .filter(|f| f.iter().any(|x| x.has_answer))
+        .count();
+    let mut features = Vec::with_capacity(per_example.iter().map(Vec::len).sum());
+    for f in per_example {
         features.extend(f);
     }
     Ok(Featurized {
