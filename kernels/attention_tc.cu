@@ -261,7 +261,7 @@ __device__ void tc3_forward(const AttnParams& a) {
     const u32 qc0 = attn_qc(i0);  // the dropout counter of rows i0, i1
     const bool drop = a.p > 0.f;
     const u32 thr = attn_threshold(a.p);
-    const float ks = drop ? 1.f / (1.f - a.p) : 1.f;  // a kept probability's dropout factor
+    const float ks = drop ? attn_keep_scale(a.p) : 1.f;  // a kept probability's dropout factor
     for (int k0 = 0; k0 < W.len; k0 += BK) {
         __syncthreads();
         load_rows<T, HS, BK>(a, W, W.len, h, 1, k0, Ks);
@@ -374,7 +374,7 @@ __device__ void tc3_backward_kv(const AttnParams& a) {
     const T* Vw = Vs + warp * 16 * LD;
     const bool drop = a.p > 0.f;
     const u32 thr = attn_threshold(a.p);
-    const float ks = drop ? 1.f / (1.f - a.p) : 1.f;
+    const float ks = drop ? attn_keep_scale(a.p) : 1.f;
     for (int q0 = 0; q0 < W.rows; q0 += BQ) {
         __syncthreads();
         load_rows<T, HS, BQ>(a, W, W.rows, h, 0, q0, Qs);
@@ -463,7 +463,7 @@ __device__ void tc3_backward_q(const AttnParams& a) {
     for (int n = 0; n < NO; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
     const bool drop = a.p > 0.f;
     const u32 thr = attn_threshold(a.p);
-    const float ks = drop ? 1.f / (1.f - a.p) : 1.f;
+    const float ks = drop ? attn_keep_scale(a.p) : 1.f;
     for (int k0 = 0; k0 < W.len; k0 += BK) {
         __syncthreads();
         load_rows<T, HS, BK>(a, W, W.len, h, 1, k0, Ks);
@@ -531,7 +531,8 @@ __device__ void tc3_backward_q(const AttnParams& a) {
 // a full tile now that only the last, partial tile masks keys and the stages' addresses are stepped, and 692
 // with dropout a compile-time choice (758 in the loop, of which 66 masking; 318 integer, 224 float, 34 MUFU,
 // 78 memory, 64 HMMA): ~11 per HMMA; without dropout (the _p0 kernel) 429 (494 in the loop): ~7 per HMMA.
-// (Variant 3 now: 1422.)
+// (Variant 3 then: 1422.) With Philox-7 (stream version 4) 644 (710 in the loop), and 628 (694) with the keep
+// test on draws left in their words' top halves (common.cuh attn_kept): ~9.8 per HMMA. Variant 3: 1358.
 // DROP: whether the launch has dropout (p > 0); the p = 0 instantiation (evaluation, or attention dropout
 // off) carries no Philox calls and no keep tests.
 template <typename T, int HS, bool DROP>
@@ -642,7 +643,7 @@ __device__ void tc4_forward(const AttnParams& a) {
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
     int C = a.nh * HS;
-    float ks = DROP ? 1.f / (1.f - a.p) : 1.f;  // every kept probability's dropout factor
+    float ks = DROP ? attn_keep_scale(a.p) : 1.f;  // every kept probability's dropout factor
     float inv0 = l0 > 0.f ? ks / l0 : 0.f, inv1 = l1 > 0.f ? ks / l1 : 0.f;
 #pragma unroll
     for (int n = 0; n < NO; ++n) {
@@ -666,7 +667,9 @@ __device__ void tc4_forward(const AttnParams& a) {
 // per warp for a 16 × 32 (key, query) block at commit 9e9b8ad (stream version 2): variant 3 1700 (dK/dV
 // kernel) + 1274 (dQ kernel) = 2974 instructions, this one 1355 (w8) to 1428 (w4); now (version 3, 32-bit
 // ldmatrix addresses, stage_rows, dropout a compile-time choice): 854 (w8), 895 (w8b2), 931 (w4), and
-// without dropout 619, 638, 661; variant 3 1305 + 972.
+// without dropout 619, 638, 661; variant 3 1305 + 972. With Philox-7 (stream version 4) 825, 859, 897, and
+// with the keep test on draws in their words' top halves (PRMT moves, no shifts for the high halves) 804, 840,
+// 875 (loop instructions); variant 3 1245 + 944.
 // Query tiles (Q, dO, lse, D) are double-buffered with cp.async: tile i+1 loads while tile i computes.
 // dqacc must be zero on entry.
 __device__ __forceinline__ void red_add2(float* p, float x, float y) {
@@ -725,7 +728,7 @@ __device__ void tc4_backward(const AttnParams& a) {
     const float sl2 = a.scale * LOG2E_F;
     constexpr bool drop = DROP;
     const u32 thr = DROP ? attn_threshold(a.p) : 0u;
-    const float ks = DROP ? 1.f / (1.f - a.p) : 1.f;  // a kept probability's dropout factor
+    const float ks = DROP ? attn_keep_scale(a.p) : 1.f;  // a kept probability's dropout factor
     for (int it = 0; it < tiles; ++it) {
         int q0 = it * BQ, buf = it & 1;
         if (it + 1 < tiles) stage(q0 + BQ, buf ^ 1);

@@ -190,9 +190,22 @@ __device__ __forceinline__ u32 attn_kc(int j) { return (u32)((j >> 4) * 4 + ((j 
 __device__ __forceinline__ uint4 attn_philox(u64 seed, int w, int h, u32 qc, u32 kc) {
     return philox4x32<7>(make_uint4(kc, qc, (u32)h, (u32)w), philox_key(seed));
 }
-// p → the integer threshold of the keep test; 0 when p <= 0: everything kept (p·2^16 and its ceiling are exact)
-__device__ __forceinline__ u32 attn_threshold(float p) { return p > 0.f ? (u32)ceilf(p * 65536.f) : 0u; }
-__device__ __forceinline__ bool attn_kept(u32 draw, u32 thr) { return draw >= thr; }
+// The keep test, on a word that holds a draw in its top 16 bits (the low 16 bits may hold anything: they are
+// below 2^16, so word >= thr·2^16 ⟺ draw >= thr): no shift for a draw that is already a word's top half.
+// attn_threshold(p) = ceil(p·2^16)·2^16 (p·2^16 and its ceiling are exact); 0 when p <= 0: everything kept.
+// ceil(p·2^16) = 2^16 (p > 1 − 2^-16) keeps nothing: the bound is then 2^32 − 1, which keeps the one draw 0xffff,
+// and attn_keep_scale is 0, which zeroes what it kept (as it zeroes everything else).
+__device__ __forceinline__ u32 attn_threshold(float p) {
+    if (!(p > 0.f)) return 0u;
+    u32 thr = (u32)ceilf(p * 65536.f);
+    return thr > 0xffffu ? 0xffffffffu : thr << 16;
+}
+// the factor of a kept probability: 1/(1-p); 0 when nothing can be kept (above); 1 without dropout
+__device__ __forceinline__ float attn_keep_scale(float p) {
+    if (!(p > 0.f)) return 1.f;
+    return ceilf(p * 65536.f) > 65535.f ? 0.f : 1.f / (1.f - p);
+}
+__device__ __forceinline__ bool attn_kept(u32 word, u32 bound) { return word >= bound; }
 // One element (variant 1, CUDA cores): 0 or 1/(1-p).
 __device__ __forceinline__ float attn_dropout(u64 seed, int w, int h, int i, int j, float p) {
     if (p <= 0.f) return 1.f;
@@ -203,29 +216,33 @@ __device__ __forceinline__ float attn_dropout(u64 seed, int w, int h, int i, int
 }
 // The forward layout: this lane's queries i (i%16 < 8) and i+8, keys j, j+1, j+8, j+9 (j%16 < 8, j even);
 // qc = attn_qc(i), kc = attn_kc(j). d[0..3] = draws of (i, j), (i, j+1), (i, j+8), (i, j+9); d[4..7] the same for
-// query i+8. One call.
+// query i+8; each in its word's top 16 bits (attn_kept): key j+1's is Philox's word as it is, key j's that word
+// shifted up. One call.
 __device__ __forceinline__ void attn_draws_fwd(u64 seed, int w, int h, u32 qc, u32 kc, u32 (&d)[8]) {
     uint4 r = attn_philox(seed, w, h, qc, kc);
     u32 x[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-        d[2 * k] = x[k] & 0xffffu;
-        d[2 * k + 1] = x[k] >> 16;
+        d[2 * k] = x[k] << 16;
+        d[2 * k + 1] = x[k];
     }
 }
 // The backward (Sᵀ) layout: this lane's keys j (j%16 < 8) and j+8, queries i, i+1, i+8, i+9 (i%16 < 8, i even);
 // qc = attn_qc(i) (query i+1's call has qc + 1), kc = attn_kc(j), odd = j odd. Lane l^4 holds keys j^1 and
 // j^1+8 at the same queries. d[0..3] = draws of (i, j), (i, j+8), (i+8, j), (i+8, j+8); d[4..7] the same for
 // query i+1. The even-key lane draws query i's block, the odd-key lane query i+1's, and each passes its
-// partner the halves of the partner's key: one call and two shuffles per lane. All 32 lanes must call together.
+// partner the halves of the partner's key: one call and two shuffles per lane. Each draw lands in its word's top
+// 16 bits (attn_kept), the byte moves done by PRMT. All 32 lanes must call together.
 __device__ __forceinline__ void attn_draws_bwd(u64 seed, int w, int h, u32 qc, u32 kc, bool odd, u32 (&d)[8]) {
     uint4 r = attn_philox(seed, w, h, qc + (odd ? 1u : 0u), kc);
-    u32 mine = odd ? 16 : 0, his = 16 - mine;  // the shift of my key's half, of my partner's
-    u32 s0 = ((r.x >> his) & 0xffffu) | (((r.y >> his) & 0xffffu) << 16);
-    u32 s1 = ((r.z >> his) & 0xffffu) | (((r.w >> his) & 0xffffu) << 16);
+    // my partner's halves of (x, y) and (z, w) side by side (his: the high halves if I am even, else the low)
+    const u32 his = odd ? 0x5410u : 0x7632u;
+    // my half moved to the top (the low 16 bits then hold zeros, or the other half: either is fine)
+    const u32 mine = odd ? 0x3210u : 0x1044u;
+    u32 s0 = __byte_perm(r.x, r.y, his), s1 = __byte_perm(r.z, r.w, his);
     u32 g0 = __shfl_xor_sync(0xffffffffu, s0, 4), g1 = __shfl_xor_sync(0xffffffffu, s1, 4);
-    u32 own[4] = {(r.x >> mine) & 0xffffu, (r.y >> mine) & 0xffffu, (r.z >> mine) & 0xffffu, (r.w >> mine) & 0xffffu};
-    u32 got[4] = {g0 & 0xffffu, g0 >> 16, g1 & 0xffffu, g1 >> 16};
+    u32 own[4] = {__byte_perm(r.x, 0u, mine), __byte_perm(r.y, 0u, mine), __byte_perm(r.z, 0u, mine), __byte_perm(r.w, 0u, mine)};
+    u32 got[4] = {g0 << 16, g0, g1 << 16, g1};
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
         d[k] = odd ? got[k] : own[k];

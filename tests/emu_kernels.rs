@@ -173,8 +173,8 @@ fn attention_sweep(kernel: AttnKernel, dtypes: &[DType], cases: &[AttentionCase]
 /// rows, the second shorter) and without (one window of 203 tokens: 4 key tiles of the forward, 2 key blocks
 /// of w8's backward, 7 query tiles; odd, so the last tiles are partial); at HS=64 also 128 (whole tiles only)
 /// and a packed batch of windows of 1, 17, 64, 65, 383 and 384 tokens (tile edges on both sides), and a
-/// packed batch rounded up to 128 rows by a filler window (1 key, 21 query rows); dropout 0.1, and two cases
-/// without dropout.
+/// packed batch rounded up to 128 rows by a filler window (1 key, 21 query rows); dropout 0.1, two cases
+/// without dropout, one at 0.5 and one where nothing can be kept.
 fn sizes() -> Vec<AttentionCase> {
     let mut v = vec![];
     for hs in [32, 64, 128] {
@@ -187,6 +187,10 @@ fn sizes() -> Vec<AttentionCase> {
     // without dropout (variant 4's _p0 kernels)
     v.push(AttentionCase::packed(&VARLEN, 2, 64, 0.0));
     v.push(AttentionCase::padded(2, 37, 2, 32, 0.0));
+    // half of the probabilities dropped; and p > 1 − 2^-16, where no 16-bit draw reaches the threshold 2^16
+    // (common.cuh attn_threshold's edge: nothing is kept and the output and gradients are zero)
+    v.push(AttentionCase::padded(2, 37, 2, 64, 0.5));
+    v.push(AttentionCase::padded(2, 37, 2, 32, 0.999_995));
     v
 }
 
@@ -205,6 +209,7 @@ fn emu_attention_v1() {
         AttentionCase::padded(2, 37, 2, 64, 0.1),
         AttentionCase::packed(&VARLEN, 2, 64, 0.1),
         AttentionCase::bucketed(&[17, 90], 128, 2, 64, 0.1),
+        AttentionCase::padded(2, 37, 2, 32, 0.999_995),
     ];
     attention_sweep(
         AttnKernel::V1,

@@ -123,6 +123,13 @@ inline __half __ushort_as_half(unsigned short x) { return {x}; }
 
 // ---- intrinsics ----------------------------------------------------------------------------------------------
 inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((uint64_t)a * b) >> 32); }
+// CUDA Math API: byte n of the result is byte ((s >> 4n) & 7) of the 8 bytes {x (bytes 0-3), y (bytes 4-7)}
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+    uint64_t in = ((uint64_t)y << 32) | x;
+    unsigned r = 0;
+    for (int n = 0; n < 4; ++n) r |= (unsigned)((in >> (8 * ((s >> (4 * n)) & 7))) & 0xffu) << (8 * n);
+    return r;
+}
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
