@@ -23,7 +23,9 @@ BUDGET="${BUDGET_S:-570}"
 if [ -n "${SKIP_CHECK:-}" ]; then
     mkdir -p $W/check; echo "gpu_check skipped (SKIP_CHECK)" > $W/check/summary.txt
 else
-    OUT=$W/check BENCH_ITERS="${BENCH_ITERS:-10}" bash scripts/gpu_check.sh > $W/check.out 2>&1
+    # gpu_check stops starting steps 40 s before the budget and keeps $FINAL's summary.txt and logs.tgz current
+    OUT=$W/check LIVE_DIR="$FINAL" DEADLINE_S=$(( BUDGET - 40 - ($(date +%s) - T0) )) BENCH_ITERS="${BENCH_ITERS:-10}" \
+        bash scripts/gpu_check.sh > $W/check.out 2>&1
     tail -120 $W/check.out
 fi
 cp $W/check/summary.txt "$FINAL/summary.txt"

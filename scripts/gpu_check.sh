@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# One prepared GPU run (≤ 8 minutes): device facts, the GPU parity tests (every kernel and a whole training
+# One prepared GPU run (≤ 8 minutes; DEADLINE_S bounds it): device facts, the GPU parity tests (every kernel and a whole training
 # step against the CPU reference, f32 and bf16; the attention variants; the opt-in paths BERTQA_ATTN=v4,
 # BERTQA_GEMM=lt and BERTQA_VEC=1; CUDA graphs: gpu_cuda_graphs_replay_what_runs, with the defaults and with
 # the opt-in paths), then the kernel/step benchmark (which also times the opt-in paths). Expects the binaries built by
 # scripts/package_gpu.sh in .gpu/bin (carry `.gpu`). Writes logs to $OUT (or ./gpu-out) and prints a summary.
+# DEADLINE_S (seconds from this script's start; default none): no step starts after it, and each step's timeout
+# is cut to what is left, so that a device call's limit never kills this script mid-way. LIVE_DIR (a folder;
+# default none): refreshed after every step with summary.txt and logs.tgz (what has run so far), so that a call
+# cut short anyway still brings back the finished steps' logs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+T0_CHECK=$(date +%s)
 bash scripts/unpack_gpu.sh
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
@@ -15,13 +20,27 @@ echo "== commit $(cat .gpu/COMMIT 2>/dev/null | tr '\n' ' ')  $(date -u +%FT%TZ)
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>&1 | tee -a "$OUT/summary.txt"
 ls /usr/local/cuda/include/cuda_bf16.h >/dev/null 2>&1 || echo "WARNING: no /usr/local/cuda/include (set BERTQA_CUDA_INCLUDE)" | tee -a "$OUT/summary.txt"
 status=0
+live() { # the logs so far into LIVE_DIR
+    [ -n "${LIVE_DIR:-}" ] || return 0
+    mkdir -p "$LIVE_DIR" && cp "$OUT/summary.txt" "$LIVE_DIR/summary.txt" && tar czf "$LIVE_DIR/logs.tgz" -C "$OUT" . 2>/dev/null
+    return 0
+}
 run() { # name, timeout, command...
     local name=$1 t=$2; shift 2
     local s=$(date +%s)
+    if [ -n "${DEADLINE_S:-}" ]; then
+        local left=$(( DEADLINE_S - (s - T0_CHECK) ))
+        if [ "$left" -lt 20 ]; then
+            echo "-- $name: rc=124 (not run: ${left}s left of DEADLINE_S=$DEADLINE_S)" | tee -a "$OUT/summary.txt"
+            status=1; live; return 124
+        fi
+        [ "$left" -lt "$t" ] && t=$left
+    fi
     timeout "$t" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
-    echo "-- $name: rc=$rc ($(( $(date +%s) - s ))s)" | tee -a "$OUT/summary.txt"
+    echo "-- $name: rc=$rc ($(( $(date +%s) - s ))s, limit ${t}s)" | tee -a "$OUT/summary.txt"
     [ $rc -eq 0 ] || status=1
+    live
     return $rc
 }
 if [ -z "${SKIP_PARITY:-}" ]; then
@@ -47,7 +66,7 @@ BERTQA_ATTN=v4 BERTQA_GEMM=lt BERTQA_VEC=1 run graphs_exact_next 120 .gpu/bin/te
 grep -E "FAIL|SKIPPED|panicked|CUDA graphs:|test result" "$OUT/graphs_exact_next.log" | head -20 | tee -a "$OUT/summary.txt"
 if ! grep -q "graphs_exact: rc=0" "$OUT/summary.txt" || ! grep -q "graphs_exact_next: rc=0" "$OUT/summary.txt"; then
     export BENCH_NO_GRAPHS=1
-    echo "CUDA graphs failed: the bench leaves them out" | tee -a "$OUT/summary.txt"
+    echo "CUDA graphs did not pass (failed, or not run): the bench leaves them out" | tee -a "$OUT/summary.txt"
 fi
 # a fault surfaces at the next synchronisation, far from the kernel: rerun a failed attention-variants test
 # synchronising after every launch, so that its error names the kernel
@@ -59,7 +78,7 @@ fi
 if ! grep -q "attn_variants: rc=0" "$OUT/summary.txt" || ! grep -q "parity_bf16_next: rc=0" "$OUT/summary.txt" \
     || ! grep -q "parity_f32_next: rc=0" "$OUT/summary.txt"; then
     export BENCH_DEFAULTS_ONLY=1
-    echo "opt-in paths failed parity: bench runs the defaults only" | tee -a "$OUT/summary.txt"
+    echo "opt-in paths did not pass parity (failed, or not run): bench runs the defaults only" | tee -a "$OUT/summary.txt"
 fi
 fi
 # data parallelism through NCCL with one rank: the same losses as the plain path, and the all-reduce timed
@@ -78,4 +97,5 @@ if [ -z "${BERTQA_ASSETS:-}" ] && [ -f .gpu/data/train-v1.1.json.gz ] && [ -d .g
 fi
 BENCH_ITERS="${BENCH_ITERS:-10}" run bench "${BENCH_TIMEOUT:-240}" .gpu/bin/bench_ops --bench
 cat "$OUT/bench.log" | tee -a "$OUT/summary.txt" | tail -80
+live
 exit $status
