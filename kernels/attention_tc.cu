@@ -669,7 +669,7 @@ __device__ void tc4_forward(const AttnParams& a) {
 // ldmatrix addresses, stage_rows, dropout a compile-time choice): 854 (w8), 895 (w8b2), 931 (w4), and
 // without dropout 619, 638, 661; variant 3 1305 + 972. With Philox-7 (stream version 4) 825, 859, 897, and
 // with the keep test on draws in their words' top halves (PRMT moves, no shifts for the high halves) 804, 840,
-// 875 (loop instructions); variant 3 1245 + 944.
+// 875, and 786, 821, 858 with dS's dropout as one FFMA (loop instructions); variant 3 1245 + 944.
 // Query tiles (Q, dO, lse, D) are double-buffered with cp.async: tile i+1 loads while tile i computes.
 // dqacc must be zero on entry.
 __device__ __forceinline__ void red_add2(float* p, float x, float y) {
@@ -771,7 +771,7 @@ __device__ void tc4_backward(const AttnParams& a) {
                     float P = live ? ex2(fmaf(s[n][e], sl2, -lq[half][e & 1])) : 0.f;
                     bool keep = attn_kept(ws[e], thr);  // thr = 0 without dropout
                     pv[e] = keep ? P : 0.f;        // dV's 1/(1-p) is applied once, at the end
-                    sv[e] = P * ((keep ? dp[n][e] * ks : 0.f) - dd[half][e & 1]);
+                    sv[e] = P * fmaf(keep ? dp[n][e] : 0.f, ks, -dd[half][e & 1]);
                     Ss[qi * LDS + warp * 16 + g + (e >> 1) * 8] = from_f<T>(sv[e]);
                 }
                 pa[half * 2 + 0] = pack2<T>(pv[0], pv[1]);
