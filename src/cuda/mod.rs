@@ -443,6 +443,14 @@ impl Cuda {
         Ok(())
     }
 
+    /// An error cudarc recorded earlier where it could not return one (freeing a dropped buffer), reported as
+    /// earlier than `what` instead of as `what`'s own.
+    fn stale_error(&self, what: &str) -> Result<()> {
+        self.ctx.check_err().map_err(|e| {
+            anyhow!("before the CUDA graph {what}: an earlier CUDA call had failed (when a buffer was freed): {e:?}")
+        })
+    }
+
     /// Whether cuBLASLt may plan (and time) a GEMM shape it meets for the first time: not while recording.
     pub(crate) fn may_plan(&self) -> bool {
         !self.capturing.load(Ordering::Relaxed)
@@ -661,6 +669,13 @@ impl BackendCore for Cuda {
     }
     fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Graph> {
         use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        if self.capturing.load(Ordering::Relaxed) {
+            bail!("capture: a CUDA graph is being recorded already");
+        }
+        // cudarc keeps the error of a failed free (a dropped buffer) until the next call that checks it;
+        // begin_capture would return it as its own, and the batch shape would be marked unrecordable for an
+        // unrelated earlier fault: report it as what it is
+        self.stale_error("capture")?;
         if self.capturing.swap(true, Ordering::Relaxed) {
             bail!("capture: a CUDA graph is being recorded already");
         }
@@ -707,6 +722,7 @@ impl BackendCore for Cuda {
     }
     fn replay(&self, g: &Graph) -> Result<()> {
         self.not_capturing("a graph replay")?;
+        self.stale_error("replay")?;
         g.g.launch()
             .map_err(|e| anyhow!("replaying a CUDA graph of {} nodes failed: {e:?}", g.nodes))?;
         if self.kernels.sync_launch {
