@@ -56,8 +56,8 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1)
 // is loop-invariant and whose fragment part is a compile-time constant that ptxas folds into the instruction.
 // (Generic 64-bit addresses cost three integer instructions per ldmatrix: ~190 of the forward's tile.)
 #ifdef BERTQA_EMU
-template <typename T> __device__ __forceinline__ void ldsm_x4(u32* r, const T* tile, int off) {
-    ::emu::ldmatrix(r, 4, false, tile + off);
+template <typename T> __device__ __forceinline__ void ldsm_x4(u32* r, const T* tile, int off, bool trans = false) {
+    ::emu::ldmatrix(r, 4, trans, tile + off);
 }
 template <typename T> __device__ __forceinline__ void ldsm_x2(u32& b0, u32& b1, const T* tile, int off, bool trans) {
     u32 r[2];
@@ -71,10 +71,12 @@ __device__ __forceinline__ u32 smem_u32(const void* p) {
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
     return a;
 }
-template <typename T> __device__ __forceinline__ void ldsm_x4(u32* r, const T* tile, int off) {
+template <typename T> __device__ __forceinline__ void ldsm_x4(u32* r, const T* tile, int off, bool trans = false) {
     u32 a = smem_u32(tile) + (u32)off * (u32)sizeof(T);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+    if (trans) asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                            : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+    else asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }
 template <typename T> __device__ __forceinline__ void ldsm_x2(u32& b0, u32& b1, const T* tile, int off, bool trans) {
     u32 a = smem_u32(tile) + (u32)off * (u32)sizeof(T);
@@ -86,6 +88,12 @@ template <typename T> __device__ __forceinline__ void ldsm_x2(u32& b0, u32& b1, 
 template <typename T> __device__ __forceinline__ void lda_x4(u32* r, const T* tile, int ld, int k0) {
     int l = threadIdx.x & 31;
     ldsm_x4(r, tile, (((l >> 3) & 1) * 8 + (l & 7)) * ld + (l >> 4) * 8 + k0);
+}
+// A fragment (16×16: rows m0.., cols k0..) from a tile stored transposed, [k][m] (row k, m contiguous): the four
+// 8×8 matrices (m 0-7 and 8-15 of k 0-7, then of k 8-15) read with .trans
+template <typename T> __device__ __forceinline__ void lda_x4_km(u32* r, const T* tile, int ld, int m0, int k0) {
+    int l = threadIdx.x & 31;
+    ldsm_x4(r, tile, ((l & 7) + ((l >> 4) & 1) * 8) * ld + ((l >> 3) & 1) * 8 + (k0 * ld + m0), true);
 }
 // B fragment (k 16 × n 8) from a tile stored [n][k] (row n, k contiguous): rows n0..n0+7, cols k0..k0+15
 template <typename T> __device__ __forceinline__ void ldb_nk(u32& b0, u32& b1, const T* tile, int ld, int n0, int k0) {
@@ -684,7 +692,7 @@ __device__ __forceinline__ void red_add2(float* p, float x, float y) {
 template <typename T, int HS, int NW, bool DROP>
 __device__ void tc4_backward(const AttnParams& a) {
     const u64 seed = DROP ? dropout_seed(a) : 0ull;
-    constexpr int BKEY = NW * 16, BQ = 32, KS = HS / 16, NO = HS / 8, LD = HS + 8, LDS = BKEY + 8;
+    constexpr int BKEY = NW * 16, BQ = 32, KS = HS / 16, NO = HS / 8, LD = HS + 8, LDT = BQ + 8;
     constexpr int NQ = NO / (NW / 2);  // dQ: warp w owns query rows (w&1)·16.. and NQ of the NO column tiles
     static_assert(NQ >= 1 && NO % (NW / 2) == 0, "dQ split");
     DYN_SMEM(unsigned char, smem_raw);
@@ -692,8 +700,8 @@ __device__ void tc4_backward(const AttnParams& a) {
     T* Vs = Ks + BKEY * LD;               // [BKEY][LD]
     T* Qs = Vs + BKEY * LD;               // [2][BQ][LD]   double-buffered
     T* Os = Qs + 2 * BQ * LD;             // [2][BQ][LD]   dO, double-buffered
-    T* Ss = Os + 2 * BQ * LD;             // [BQ][LDS]     dS of the current tile, [query][key]
-    float* Ls = (float*)(Ss + BQ * LDS);  // [2][BQ]       lse
+    T* St = Os + 2 * BQ * LD;             // [BKEY][LDT]   dS of the current tile, transposed: [key][query]
+    float* Ls = (float*)(St + BKEY * LDT);  // [2][BQ]     lse
     float* Ds = Ls + 2 * BQ;              // [2][BQ]       D
     int h = blockIdx.y, j0 = blockIdx.x * BKEY;
     const Window W = window_at(a.cu, a.lens, a.wid, blockIdx.z);
@@ -748,7 +756,7 @@ __device__ void tc4_backward(const AttnParams& a) {
             u32 d[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
             if (drop) attn_draws_bwd(seed, W.w, h, attn_qc(q0) + 8 * kk + 2 * t4, kca, ja & 1, d);
             // lse·log2 e and D of this lane's queries (2kk + half)·8 + 2·t4 + {0, 1}, read before this step's dS
-            // stores (the compiler cannot tell Ss from Ls/Ds apart, and would read them again after each store)
+            // stores (the compiler cannot tell St from Ls/Ds apart, and would read them again after each store)
             float lq[2][2], dd[2][2];
 #pragma unroll
             for (int half = 0; half < 2; ++half)
@@ -772,12 +780,16 @@ __device__ void tc4_backward(const AttnParams& a) {
                     bool keep = attn_kept(ws[e], thr);  // thr = 0 without dropout
                     pv[e] = keep ? P : 0.f;        // dV's 1/(1-p) is applied once, at the end
                     sv[e] = P * fmaf(keep ? dp[n][e] : 0.f, ks, -dd[half][e & 1]);
-                    Ss[qi * LDS + warp * 16 + g + (e >> 1) * 8] = from_f<T>(sv[e]);
                 }
                 pa[half * 2 + 0] = pack2<T>(pv[0], pv[1]);
                 pa[half * 2 + 1] = pack2<T>(pv[2], pv[3]);
                 sa[half * 2 + 0] = pack2<T>(sv[0], sv[1]);
                 sa[half * 2 + 1] = pack2<T>(sv[2], sv[3]);
+                // dSᵀ for the dQ product below: the packed pair (key, queries i and i+1) is one 32-bit store
+                // (bank-conflict free with LDT = 40: rows g·20 words apart cover the 32 banks)
+                T* sr = St + (warp * 16 + g) * LDT + n * 8 + 2 * t4;
+                *(u32*)sr = sa[half * 2 + 0];
+                *(u32*)(sr + 8 * LDT) = sa[half * 2 + 1];
             }
 #pragma unroll
             for (int n = 0; n < NO; ++n) {
@@ -788,7 +800,7 @@ __device__ void tc4_backward(const AttnParams& a) {
                 mma16816<T>(dk[n], sa, b0, b1);
             }
         }
-        __syncthreads();  // the whole dS tile (BQ queries × BKEY keys) is in Ss
+        __syncthreads();  // the whole dS tile (BQ queries × BKEY keys) is in St
         {
             int mt = warp & 1, n0 = (warp >> 1) * NQ;
             float acc[NQ][4];
@@ -797,7 +809,7 @@ __device__ void tc4_backward(const AttnParams& a) {
 #pragma unroll
             for (int kk = 0; kk < BKEY / 16; ++kk) {
                 u32 sa[4];
-                lda_x4(sa, Ss + mt * 16 * LDS, LDS, kk * 16);
+                lda_x4_km(sa, St, LDT, mt * 16, kk * 16);
 #pragma unroll
                 for (int n = 0; n < NQ; ++n) {
                     u32 b0, b1;
@@ -815,8 +827,8 @@ __device__ void tc4_backward(const AttnParams& a) {
             }
         }
         // No barrier here: the next tile's first writes (its cp.async stage, into the buffer read before the dS
-        // barrier above; its dS stores into Ss) come after that tile's own barrier (after cp_async_wait), which
-        // every warp reaches only once done with this tile's Ss and K reads. The emulator's race detector
+        // barrier above; its dS stores into St) come after that tile's own barrier (after cp_async_wait), which
+        // every warp reaches only once done with this tile's St and K reads. The emulator's race detector
         // (tests/emu, -fsanitize=thread) finds no race without it.
     }
     store_dkdv<T, HS>(a, dk, dv, W, h, ja, jb, ks);

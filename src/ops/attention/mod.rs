@@ -200,10 +200,11 @@ fn tc4_forward_smem(hs: usize) -> u32 {
 }
 
 /// Dynamic shared memory (bytes) of variant 4's backward with `nw` warps: K and V for 16·nw keys, two
-/// buffers each of Q and dO (32 queries), the dS tile (32 × (16·nw + 8)), two buffers each of lse and D.
+/// buffers each of Q and dO (32 queries), the dS tile transposed (16·nw keys × (32 + 8)), two buffers each of
+/// lse and D.
 fn tc4_smem(hs: usize, nw: usize) -> u32 {
     let (keys, bq, ld) = (16 * nw, 32, hs + 8);
-    (2 * keys * ld * 2 + 4 * bq * ld * 2 + bq * (keys + 8) * 2 + 4 * bq * 4) as u32
+    (2 * keys * ld * 2 + 4 * bq * ld * 2 + keys * (bq + 8) * 2 + 4 * bq * 4) as u32
 }
 
 /// The shape and settings of one CUDA attention call: `act` the activation dtype, `b` windows of at most
