@@ -677,7 +677,10 @@ __device__ void tc4_forward(const AttnParams& a) {
 // ldmatrix addresses, stage_rows, dropout a compile-time choice): 854 (w8), 895 (w8b2), 931 (w4), and
 // without dropout 619, 638, 661; variant 3 1305 + 972. With Philox-7 (stream version 4) 825, 859, 897, and
 // with the keep test on draws in their words' top halves (PRMT moves, no shifts for the high halves) 804, 840,
-// 875, and 786, 821, 858 with dS's dropout as one FFMA (loop instructions); variant 3 1245 + 944.
+// 875, and 786, 821, 858 with dS's dropout as one FFMA (loop instructions); variant 3 1245 + 944. Then with
+// dS stored transposed as packed pairs (one 32-bit store per pair, read back with ldmatrix.trans) 742, 767,
+// 808; and, with the key/query masking a block that only partial tiles run, 697, 715, 759 on a whole tile
+// (without dropout 527, 543, 577).
 // Query tiles (Q, dO, lse, D) are double-buffered with cp.async: tile i+1 loads while tile i computes.
 // dqacc must be zero on entry.
 __device__ __forceinline__ void red_add2(float* p, float x, float y) {
@@ -725,6 +728,7 @@ __device__ void tc4_backward(const AttnParams& a) {
     int ja = j0 + warp * 16 + g, jb = ja + 8;
     const u32 kca = attn_kc(ja);  // the dropout counter of keys ja, jb
     bool livea = ja < W.len, liveb = jb < W.len;
+    const bool keys_full = j0 + BKEY <= W.len;  // no key of the block past the window (block-uniform)
     float dk[NO][4], dv[NO][4];
 #pragma unroll
     for (int n = 0; n < NO; ++n)
@@ -749,6 +753,17 @@ __device__ void tc4_backward(const AttnParams& a) {
         const float* Db = Ds + buf * BQ;
         float s[BQ / 8][4], dp[BQ / 8][4];
         kq_strips<T, KS>(s, dp, Kw, Vw, Qb, Ob, LD);
+        // Scores of keys past the window (a partial key block) or of queries past its rows (the last, partial
+        // query tile) become -inf, so that their probabilities below are exactly 0 (ex2.approx(-inf) = +0; the
+        // lse staged for a row past the window is 0, zero-filled by cp.async), and with them their dV and dS
+        // terms. Whole tiles (most of them) skip this instead of testing every element.
+        if (!keys_full || q0 + BQ > W.rows) {
+#pragma unroll
+            for (int n = 0; n < BQ / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    if (!((e < 2 ? livea : liveb) && q0 + n * 8 + 2 * t4 + (e & 1) < W.rows)) s[n][e] = -INFINITY;
+        }
 #pragma unroll
         for (int kk = 0; kk < BQ / 16; ++kk) {
             u32 pa[4], sa[4];
@@ -774,9 +789,7 @@ __device__ void tc4_backward(const AttnParams& a) {
                 u32 ws[4] = {d[2 * half], d[4 + 2 * half], d[2 * half + 1], d[5 + 2 * half]};
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    int qi = n * 8 + 2 * t4 + (e & 1);
-                    bool live = (e < 2 ? livea : liveb) && q0 + qi < W.rows;
-                    float P = live ? ex2(fmaf(s[n][e], sl2, -lq[half][e & 1])) : 0.f;
+                    float P = ex2(fmaf(s[n][e], sl2, -lq[half][e & 1]));  // 0 where masked above
                     bool keep = attn_kept(ws[e], thr);  // thr = 0 without dropout
                     pv[e] = keep ? P : 0.f;        // dV's 1/(1-p) is applied once, at the end
                     sv[e] = P * fmaf(keep ? dp[n][e] : 0.f, ks, -dd[half][e & 1]);
@@ -885,10 +898,10 @@ TC3_INSTANTIATE(f16, f16, 128)
 
 // Shapes of variant 4's backward, picked by --attention-v4-shape (src/kernel.rs Tc4Shape). Registers from
 // ptxas 13.0 for sm_90 (bf16, with dropout; spill stores/loads in bytes; scripts/sass_count.sh prints them):
-//   w4   4 warps, 64 keys per block, ≤ 170 registers (3 blocks/SM): hs32 155, hs64 156, hs128 168 (288/208)
-//   w8   8 warps, 128 keys: half the dQ reductions and Q/dO loads per key; hs32 158, hs64 210, hs128 242
+//   w4   4 warps, 64 keys per block, ≤ 170 registers (3 blocks/SM): hs32 153, hs64 160, hs128 168 (272/212)
+//   w8   8 warps, 128 keys: half the dQ reductions and Q/dO loads per key; hs32 154, hs64 185, hs128 236
 //        (1 block/SM)
-//   w8b2 8 warps held to 128 registers (2 blocks/SM): hs32 128, hs64 128 (8/8), hs128 128 (1000/748)
+//   w8b2 8 warps held to 128 registers (2 blocks/SM): hs32 126, hs64 128, hs128 128 (992/760)
 // Each with dropout and, suffixed _p0, without (src/ops/attention/mod.rs picks by p).
 #define TC4_INSTANTIATE(TY, NAME, HS, CFG, NW, MINB)                                                                   \
     extern "C" __global__ void __launch_bounds__(NW * 32, MINB) attention_tc4_backward_##CFG##_##NAME##_hs##HS(AttnParams a) { \
