@@ -100,10 +100,20 @@ template <typename T> __device__ __forceinline__ void ldb_nk(u32& b0, u32& b1, c
     int l = threadIdx.x & 31;
     ldsm_x2(b0, b1, tile, (l & 7) * ld + ((l >> 3) & 1) * 8 + (n0 * ld + k0), false);
 }
+// ldb_nk for the two n-tiles n0..n0+7 (b[0], b[1]) and n0+8..n0+15 (b[2], b[3]) with one ldmatrix.x4
+template <typename T> __device__ __forceinline__ void ldb_nk2(u32 (&b)[4], const T* tile, int ld, int n0, int k0) {
+    int l = threadIdx.x & 31;
+    ldsm_x4(b, tile, ((l & 7) + ((l >> 4) & 1) * 8) * ld + ((l >> 3) & 1) * 8 + (n0 * ld + k0));
+}
 // B fragment (k 16 × n 8) from a tile stored [k][n] (row k, n contiguous): rows k0..k0+15, cols n0..n0+7
 template <typename T> __device__ __forceinline__ void ldb_kn(u32& b0, u32& b1, const T* tile, int ld, int k0, int n0) {
     int l = threadIdx.x & 31;
     ldsm_x2(b0, b1, tile, (l & 15) * ld + (k0 * ld + n0), true);
+}
+// ldb_kn for the two n-tiles n0..n0+7 (b[0], b[1]) and n0+8..n0+15 (b[2], b[3]) with one ldmatrix.x4.trans
+template <typename T> __device__ __forceinline__ void ldb_kn2(u32 (&b)[4], const T* tile, int ld, int k0, int n0) {
+    int l = threadIdx.x & 31;
+    ldsm_x4(b, tile, (l & 15) * ld + (l >> 4) * 8 + (k0 * ld + n0), true);
 }
 
 // cp.async (sm_80+): copies global → shared without a register round trip, `bytes` of them or zeros when
@@ -188,14 +198,17 @@ __device__ __forceinline__ float ex2(float x) {
 // S strip (16 query rows of this warp × NJ·8 keys) = Q·Kᵀ: qa = this warp's Q fragments, Ks = [keys][HS] tile.
 template <typename T, int KS, int NJ>
 __device__ __forceinline__ void qk_strip(float (&s)[NJ][4], const u32 (&qa)[KS][4], const T* Ks, int ld) {
+    static_assert(NJ % 2 == 0, "key tiles in pairs (ldb_nk2)");
 #pragma unroll
-    for (int j = 0; j < NJ; ++j) {
+    for (int j = 0; j < NJ; j += 2) {
         s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+        s[j + 1][0] = s[j + 1][1] = s[j + 1][2] = s[j + 1][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < KS; ++kk) {
-            u32 b0, b1;
-            ldb_nk(b0, b1, Ks, ld, j * 8, kk * 16);
-            mma16816<T>(s[j], qa[kk], b0, b1);
+            u32 b[4];
+            ldb_nk2(b, Ks, ld, j * 8, kk * 16);
+            mma16816<T>(s[j], qa[kk], b[0], b[1]);
+            mma16816<T>(s[j + 1], qa[kk], b[2], b[3]);
         }
     }
 }
@@ -212,13 +225,16 @@ __device__ __forceinline__ void kq_strips(float (&s)[NQ][4], float (&dp)[NQ][4],
         u32 ka[4], va[4];
         lda_x4(ka, Kw, ld, kk * 16);
         lda_x4(va, Vw, ld, kk * 16);
+        static_assert(NQ % 2 == 0, "query tiles in pairs (ldb_nk2)");
 #pragma unroll
-        for (int n = 0; n < NQ; ++n) {
-            u32 b0, b1;
-            ldb_nk(b0, b1, Qs, ld, n * 8, kk * 16);
-            mma16816<T>(s[n], ka, b0, b1);
-            ldb_nk(b0, b1, Os, ld, n * 8, kk * 16);
-            mma16816<T>(dp[n], va, b0, b1);
+        for (int n = 0; n < NQ; n += 2) {
+            u32 b[4];
+            ldb_nk2(b, Qs, ld, n * 8, kk * 16);
+            mma16816<T>(s[n], ka, b[0], b[1]);
+            mma16816<T>(s[n + 1], ka, b[2], b[3]);
+            ldb_nk2(b, Os, ld, n * 8, kk * 16);
+            mma16816<T>(dp[n], va, b[0], b[1]);
+            mma16816<T>(dp[n + 1], va, b[2], b[3]);
         }
     }
 }
@@ -540,7 +556,10 @@ __device__ void tc3_backward_q(const AttnParams& a) {
 // with dropout a compile-time choice (758 in the loop, of which 66 masking; 318 integer, 224 float, 34 MUFU,
 // 78 memory, 64 HMMA): ~11 per HMMA; without dropout (the _p0 kernel) 429 (494 in the loop): ~7 per HMMA.
 // (Variant 3 then: 1422.) With Philox-7 (stream version 4) 644 (710 in the loop), and 628 (694) with the keep
-// test on draws left in their words' top halves (common.cuh attn_kept): ~9.8 per HMMA. Variant 3: 1358.
+// test on draws left in their words' top halves (common.cuh attn_kept): ~9.8 per HMMA. Variant 3: 1358. Then
+// 615 (411 without dropout) with Kᵀ's fragments loaded two key tiles at a time (qk_strip's ldb_nk2: 16
+// ldmatrix.x4 instead of 32 .x2 per tile); V's stay .x2 here: loading them .x4 too gave 638 (register moves at
+// the 128-register bound).
 // DROP: whether the launch has dropout (p > 0); the p = 0 instantiation (evaluation, or attention dropout
 // off) carries no Philox calls and no keep tests.
 template <typename T, int HS, bool DROP>
@@ -680,7 +699,8 @@ __device__ void tc4_forward(const AttnParams& a) {
 // 875, and 786, 821, 858 with dS's dropout as one FFMA (loop instructions); variant 3 1245 + 944. Then with
 // dS stored transposed as packed pairs (one 32-bit store per pair, read back with ldmatrix.trans) 742, 767,
 // 808; and, with the key/query masking a block that only partial tiles run, 697, 715, 759 on a whole tile
-// (without dropout 527, 543, 577).
+// (without dropout 527, 543, 577); 649, 663, 725 (478, 489, 544) with the B fragments loaded two n-tiles at a
+// time (ldmatrix.x4: ldb_nk2, ldb_kn2).
 // Query tiles (Q, dO, lse, D) are double-buffered with cp.async: tile i+1 loads while tile i computes.
 // dqacc must be zero on entry.
 __device__ __forceinline__ void red_add2(float* p, float x, float y) {
@@ -805,12 +825,14 @@ __device__ void tc4_backward(const AttnParams& a) {
                 *(u32*)(sr + 8 * LDT) = sa[half * 2 + 1];
             }
 #pragma unroll
-            for (int n = 0; n < NO; ++n) {
-                u32 b0, b1;
-                ldb_kn(b0, b1, Ob, LD, kk * 16, n * 8);
-                mma16816<T>(dv[n], pa, b0, b1);
-                ldb_kn(b0, b1, Qb, LD, kk * 16, n * 8);
-                mma16816<T>(dk[n], sa, b0, b1);
+            for (int n = 0; n < NO; n += 2) {  // NO = HS/8 is even
+                u32 b[4];
+                ldb_kn2(b, Ob, LD, kk * 16, n * 8);
+                mma16816<T>(dv[n], pa, b[0], b[1]);
+                mma16816<T>(dv[n + 1], pa, b[2], b[3]);
+                ldb_kn2(b, Qb, LD, kk * 16, n * 8);
+                mma16816<T>(dk[n], sa, b[0], b[1]);
+                mma16816<T>(dk[n + 1], sa, b[2], b[3]);
             }
         }
         __syncthreads();  // the whole dS tile (BQ queries × BKEY keys) is in St
@@ -824,10 +846,16 @@ __device__ void tc4_backward(const AttnParams& a) {
                 u32 sa[4];
                 lda_x4_km(sa, St, LDT, mt * 16, kk * 16);
 #pragma unroll
-                for (int n = 0; n < NQ; ++n) {
+                for (int n = 0; n + 1 < NQ; n += 2) {
+                    u32 b[4];
+                    ldb_kn2(b, Ks, LD, kk * 16, (n0 + n) * 8);
+                    mma16816<T>(acc[n], sa, b[0], b[1]);
+                    mma16816<T>(acc[n + 1], sa, b[2], b[3]);
+                }
+                if (NQ % 2) {  // an odd count (HS=32 with 8 warps: one tile each)
                     u32 b0, b1;
-                    ldb_kn(b0, b1, Ks, LD, kk * 16, (n0 + n) * 8);
-                    mma16816<T>(acc[n], sa, b0, b1);
+                    ldb_kn(b0, b1, Ks, LD, kk * 16, (n0 + NQ - 1) * 8);
+                    mma16816<T>(acc[NQ - 1], sa, b0, b1);
                 }
             }
             int r0 = q0 + mt * 16 + g, r1 = r0 + 8;
@@ -898,10 +926,10 @@ TC3_INSTANTIATE(f16, f16, 128)
 
 // Shapes of variant 4's backward, picked by --attention-v4-shape (src/kernel.rs Tc4Shape). Registers from
 // ptxas 13.0 for sm_90 (bf16, with dropout; spill stores/loads in bytes; scripts/sass_count.sh prints them):
-//   w4   4 warps, 64 keys per block, ≤ 170 registers (3 blocks/SM): hs32 153, hs64 160, hs128 168 (272/212)
-//   w8   8 warps, 128 keys: half the dQ reductions and Q/dO loads per key; hs32 154, hs64 185, hs128 236
+//   w4   4 warps, 64 keys per block, ≤ 170 registers (3 blocks/SM): hs32 141, hs64 159, hs128 168 (344/256)
+//   w8   8 warps, 128 keys: half the dQ reductions and Q/dO loads per key; hs32 154, hs64 212, hs128 242
 //        (1 block/SM)
-//   w8b2 8 warps held to 128 registers (2 blocks/SM): hs32 126, hs64 128, hs128 128 (992/760)
+//   w8b2 8 warps held to 128 registers (2 blocks/SM): hs32 127, hs64 128 (8/8), hs128 128 (1024/792)
 // Each with dropout and, suffixed _p0, without (src/ops/attention/mod.rs picks by p).
 #define TC4_INSTANTIATE(TY, NAME, HS, CFG, NW, MINB)                                                                   \
     extern "C" __global__ void __launch_bounds__(NW * 32, MINB) attention_tc4_backward_##CFG##_##NAME##_hs##HS(AttnParams a) { \
