@@ -556,8 +556,8 @@ __device__ void tc3_backward_q(const AttnParams& a) {
 // with dropout a compile-time choice (758 in the loop, of which 66 masking; 318 integer, 224 float, 34 MUFU,
 // 78 memory, 64 HMMA): ~11 per HMMA; without dropout (the _p0 kernel) 429 (494 in the loop): ~7 per HMMA.
 // (Variant 3 then: 1422.) With Philox-7 (stream version 4) 644 (710 in the loop), and 628 (694) with the keep
-// test on draws left in their words' top halves (common.cuh attn_kept): ~9.8 per HMMA. Variant 3: 1358. Then
-// 615 (411 without dropout) with Kᵀ's fragments loaded two key tiles at a time (qk_strip's ldb_nk2: 16
+// test on draws left in their words' top halves (common.cuh attn_kept): ~9.8 per HMMA (variant 3: 1358). Then
+// 615 (411 without dropout; variant 3: 1346) with Kᵀ's fragments loaded two key tiles at a time (qk_strip's ldb_nk2: 16
 // ldmatrix.x4 instead of 32 .x2 per tile); V's stay .x2 here: loading them .x4 too gave 638 (register moves at
 // the 128-register bound).
 // DROP: whether the launch has dropout (p > 0); the p = 0 instantiation (evaluation, or attention dropout
@@ -700,7 +700,7 @@ __device__ void tc4_forward(const AttnParams& a) {
 // dS stored transposed as packed pairs (one 32-bit store per pair, read back with ldmatrix.trans) 742, 767,
 // 808; and, with the key/query masking a block that only partial tiles run, 697, 715, 759 on a whole tile
 // (without dropout 527, 543, 577); 649, 663, 725 (478, 489, 544) with the B fragments loaded two n-tiles at a
-// time (ldmatrix.x4: ldb_nk2, ldb_kn2).
+// time (ldmatrix.x4: ldb_nk2, ldb_kn2; variant 3 then 1231 + 944).
 // Query tiles (Q, dO, lse, D) are double-buffered with cp.async: tile i+1 loads while tile i computes.
 // dqacc must be zero on entry.
 __device__ __forceinline__ void red_add2(float* p, float x, float y) {

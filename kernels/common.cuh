@@ -193,8 +193,8 @@ __device__ __forceinline__ uint4 attn_philox(u64 seed, int w, int h, u32 qc, u32
 // The keep test, on a word that holds a draw in its top 16 bits (the low 16 bits may hold anything: they are
 // below 2^16, so word >= thr·2^16 ⟺ draw >= thr): no shift for a draw that is already a word's top half.
 // attn_threshold(p) = ceil(p·2^16)·2^16 (p·2^16 and its ceiling are exact); 0 when p <= 0: everything kept.
-// ceil(p·2^16) = 2^16 (p > 1 − 2^-16) keeps nothing: the bound is then 2^32 − 1, which keeps the one draw 0xffff,
-// and attn_keep_scale is 0, which zeroes what it kept (as it zeroes everything else).
+// ceil(p·2^16) = 2^16 (p > 1 − 2^-16) keeps nothing: the bound is then 2^32 − 1, which keeps a word only when both
+// its halves are 0xffff, and attn_keep_scale is 0, which zeroes whatever was kept (as it zeroes everything else).
 __device__ __forceinline__ u32 attn_threshold(float p) {
     if (!(p > 0.f)) return 0u;
     u32 thr = (u32)ceilf(p * 65536.f);

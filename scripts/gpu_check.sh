@@ -20,23 +20,28 @@ echo "== commit $(cat .gpu/COMMIT 2>/dev/null | tr '\n' ' ')  $(date -u +%FT%TZ)
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>&1 | tee -a "$OUT/summary.txt"
 ls /usr/local/cuda/include/cuda_bf16.h >/dev/null 2>&1 || echo "WARNING: no /usr/local/cuda/include (set BERTQA_CUDA_INCLUDE)" | tee -a "$OUT/summary.txt"
 status=0
-live() { # the logs so far into LIVE_DIR
+live() { # the logs so far into LIVE_DIR, each file replaced whole (a kill mid-copy leaves the previous one)
     [ -n "${LIVE_DIR:-}" ] || return 0
-    mkdir -p "$LIVE_DIR" && cp "$OUT/summary.txt" "$LIVE_DIR/summary.txt" && tar czf "$LIVE_DIR/logs.tgz" -C "$OUT" . 2>/dev/null
+    mkdir -p "$LIVE_DIR" || return 0
+    cp "$OUT/summary.txt" "$LIVE_DIR/.summary.tmp" && mv -f "$LIVE_DIR/.summary.tmp" "$LIVE_DIR/summary.txt"
+    tar czf "$LIVE_DIR/.logs.tmp" -C "$OUT" . 2>/dev/null && mv -f "$LIVE_DIR/.logs.tmp" "$LIVE_DIR/logs.tgz"
     return 0
 }
 run() { # name, timeout, command...
     local name=$1 t=$2; shift 2
+    live  # with the previous step's summary lines, written after its run returned
+    rm -f "$OUT/$name.log"  # a step not run must not leave an earlier call's log behind
     local s=$(date +%s)
     if [ -n "${DEADLINE_S:-}" ]; then
-        local left=$(( DEADLINE_S - (s - T0_CHECK) ))
+        # 10 s kept for the kill that follows an ignored SIGTERM (timeout -k)
+        local left=$(( DEADLINE_S - (s - T0_CHECK) - 10 ))
         if [ "$left" -lt 20 ]; then
             echo "-- $name: rc=124 (not run: ${left}s left of DEADLINE_S=$DEADLINE_S)" | tee -a "$OUT/summary.txt"
             status=1; live; return 124
         fi
         [ "$left" -lt "$t" ] && t=$left
     fi
-    timeout "$t" "$@" > "$OUT/$name.log" 2>&1
+    timeout -k 10 "$t" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     echo "-- $name: rc=$rc ($(( $(date +%s) - s ))s, limit ${t}s)" | tee -a "$OUT/summary.txt"
     [ $rc -eq 0 ] || status=1

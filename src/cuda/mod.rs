@@ -447,7 +447,7 @@ impl Cuda {
     /// earlier than `what` instead of as `what`'s own.
     fn stale_error(&self, what: &str) -> Result<()> {
         self.ctx.check_err().map_err(|e| {
-            anyhow!("before the CUDA graph {what}: an earlier CUDA call had failed (when a buffer was freed): {e:?}")
+            anyhow!("before the CUDA graph {what}: an earlier CUDA call had failed where it could not report it (dropping a buffer, stream or event): {e:?}")
         })
     }
 

@@ -227,8 +227,8 @@ pub fn featurize(
     let q_texts: Vec<&str> = ds.examples.iter().map(|e| e.question.as_str()).collect();
     let q_enc = tok.encode_batch(&q_texts)?;
     // the windows of each example on the rayon pool, gathered in example order (the same features as one
-    // thread builds: each example's windows depend on that example alone)
-    let per_example: Vec<Vec<Feature>> = ds
+    // thread builds: each example's windows depend on that example alone); an error is the first example's
+    let per_example: Vec<Result<Vec<Feature>>> = ds
         .examples
         .par_iter()
         .enumerate()
@@ -243,7 +243,8 @@ pub fn featurize(
                 })?;
             example_features(i, ex, &q_enc[i], ctx, tok, cfg, training)
         })
-        .collect::<Result<_>>()?;
+        .collect();
+    let per_example = per_example.into_iter().collect::<Result<Vec<_>>>()?;
     let answerable = per_example
         .iter()
         .filter(|f| f.iter().any(|x| x.has_answer))
