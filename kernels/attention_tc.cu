@@ -559,7 +559,8 @@ __device__ void tc3_backward_q(const AttnParams& a) {
 // test on draws left in their words' top halves (common.cuh attn_kept): ~9.8 per HMMA (variant 3: 1358). Then
 // 615 (411 without dropout; variant 3: 1346) with Kᵀ's fragments loaded two key tiles at a time (qk_strip's ldb_nk2: 16
 // ldmatrix.x4 instead of 32 .x2 per tile); V's stay .x2 here: loading them .x4 too gave 638 (register moves at
-// the 128-register bound).
+// the 128-register bound). 573 (375) on a tile that keeps its rows' bases (the rescaling block, 50
+// instructions, skipped; most tiles after the first).
 // DROP: whether the launch has dropout (p > 0); the p = 0 instantiation (evaluation, or attention dropout
 // off) carries no Philox calls and no keep tests.
 template <typename T, int HS, bool DROP>
@@ -588,10 +589,13 @@ __device__ void tc4_forward(const AttnParams& a) {
     float o[NO][4];
 #pragma unroll
     for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // row maxima of the raw scores q·k, row sums
+    // bases of rows i0, i1 (their maxima of the raw scores q·k when last rescaled) and row sums
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    float nb0 = 0.f, nb1 = 0.f;  // −base·scale·log2 e
     int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
     const u32 qc0 = attn_qc(i0);  // the dropout counter of rows i0, i1
     const float sl2 = a.scale * LOG2E_F;
+    const float gap = 8.f / sl2;  // a raw score this far above its row's base rebases the row (2^8)
     constexpr bool drop = DROP;
     const u32 thr = DROP ? attn_threshold(a.p) : 0u;
     int tiles = (W.len + BK - 1) / BK;
@@ -628,19 +632,27 @@ __device__ void tc4_forward(const AttnParams& a) {
         mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-        float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
-        float c0 = ex2((m0 - base0) * sl2), c1 = ex2((m1 - base1) * sl2);
-        float nb0 = -base0 * sl2, nb1 = -base1 * sl2;  // e^{scale·(s − base)} = 2^{s·sl2 + nb}
-        l0 *= c0;
-        l1 *= c1;
+        // The bases move only when a row's new maximum passes its base by more than 2^8 in the exponent
+        // (FlashAttention-4's conditional rescaling): until then a probability is 2^{s·sl2 + nb} ≤ 2^8 against
+        // a stale base, which the final division by l (summed against the same base) cancels, and O and l
+        // are not rescaled. The branch is warp-uniform: a warp rescales all its rows when one of them must.
+        // The first tile always does (m = −inf; a row without a live key so far keeps nb = 0 and P = 0).
+        if (__any_sync(0xffffffffu, mx0 > m0 + gap || mx1 > m1 + gap)) {
+            float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+            float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
+            float c0 = ex2((m0 - base0) * sl2), c1 = ex2((m1 - base1) * sl2);
+            nb0 = -base0 * sl2;  // e^{scale·(s − base)} = 2^{s·sl2 + nb}
+            nb1 = -base1 * sl2;
+            l0 *= c0;
+            l1 *= c1;
 #pragma unroll
-        for (int n = 0; n < NO; ++n) {
-            o[n][0] *= c0; o[n][1] *= c0;
-            o[n][2] *= c1; o[n][3] *= c1;
+            for (int n = 0; n < NO; ++n) {
+                o[n][0] *= c0; o[n][1] *= c0;
+                o[n][2] *= c1; o[n][3] *= c1;
+            }
+            m0 = mn0;
+            m1 = mn1;
         }
-        m0 = mn0;
-        m1 = mn1;
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
             u32 pa[4];

@@ -174,7 +174,7 @@ fn attention_sweep(kernel: AttnKernel, dtypes: &[DType], cases: &[AttentionCase]
 /// of w8's backward, 7 query tiles; odd, so the last tiles are partial); at HS=64 also 128 (whole tiles only)
 /// and a packed batch of windows of 1, 17, 64, 65, 383 and 384 tokens (tile edges on both sides), and a
 /// packed batch rounded up to 128 rows by a filler window (1 key, 21 query rows); dropout 0.1, two cases
-/// without dropout, one at 0.5 and one where nothing can be kept.
+/// without dropout, one at 0.5, one where nothing can be kept, and two whose row maxima rise from tile to tile.
 fn sizes() -> Vec<AttentionCase> {
     let mut v = vec![];
     for hs in [32, 64, 128] {
@@ -191,6 +191,10 @@ fn sizes() -> Vec<AttentionCase> {
     // (common.cuh attn_threshold's edge: nothing is kept and the output and gradients are zero)
     v.push(AttentionCase::padded(2, 37, 2, 64, 0.5));
     v.push(AttentionCase::padded(2, 37, 2, 32, 0.999_995));
+    // row maxima rising tile after tile: the forward's online softmax rescales mid-way (its other cases
+    // rebase only at the first tile)
+    v.push(AttentionCase::packed(&[203], 2, 64, 0.1).rising());
+    v.push(AttentionCase::packed(&[203], 2, 32, 0.0).rising());
     v
 }
 

@@ -452,6 +452,8 @@ pub struct AttentionCase {
     pub nh: usize,
     pub hs: usize,
     pub p: f32,
+    /// keys scaled up along each window (`rising`)
+    pub rising: bool,
 }
 /// The host inputs of an [`AttentionCase`] (before rounding to the run's dtype).
 pub struct AttentionInputs {
@@ -473,6 +475,7 @@ impl AttentionCase {
             nh,
             hs,
             p,
+            rising: false,
         }
     }
     /// Windows of these lengths, packed (no padding).
@@ -483,7 +486,15 @@ impl AttentionCase {
             nh,
             hs,
             p,
+            rising: false,
         }
+    }
+    /// The keys of position t of each window scaled by 1 + 3t/64, so that every 64-key tile raises the row
+    /// maxima of the scores by more than the forward's rebasing gap (2^8 in the exponent; kernels/
+    /// attention_tc.cu tc4_forward): the online softmax must rescale mid-way, not only at its first tile.
+    pub fn rising(mut self) -> Self {
+        self.rising = true;
+        self
     }
     /// Windows of these lengths, packed, then a filler window rounding the rows up to a multiple of
     /// `multiple` (one real token and padding: src/model/batch.rs `pack_bucketed`).
@@ -503,8 +514,19 @@ impl AttentionCase {
         let layout = self.layout();
         let (n, c) = (layout.n(), self.nh * self.hs);
         let mut r = Rng::new(17);
+        let mut qkv = rv(&mut r, n * 3 * c, 1.5);
+        if self.rising {
+            for (b, &s0) in layout.cu[..layout.b()].iter().enumerate() {
+                for t in 0..self.rows[b] {
+                    let row = &mut qkv[(s0 as usize + t) * 3 * c..][..3 * c];
+                    row[c..2 * c]
+                        .iter_mut()
+                        .for_each(|x| *x *= 1.0 + 3.0 * t as f64 / 64.0);
+                }
+            }
+        }
         AttentionInputs {
-            qkv: rv(&mut r, n * 3 * c, 1.5),
+            qkv,
             dy: rv(&mut r, n * c, 1.0),
             drop: Dropout::new(self.p, 777),
             layout,
@@ -512,6 +534,14 @@ impl AttentionCase {
     }
     /// "padded B=2 T=37" or "packed lens=[1, 17, …]"
     pub fn shape_name(&self) -> String {
+        let s = self.layout_name();
+        if self.rising {
+            format!("{s} rising")
+        } else {
+            s
+        }
+    }
+    fn layout_name(&self) -> String {
         if self.lens == self.rows {
             format!("packed lens={:?}", self.lens)
         } else if self.rows.iter().all(|&r| r == self.rows[0]) {

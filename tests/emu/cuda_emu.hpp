@@ -217,6 +217,18 @@ template <typename V> EMU_UNCHECKED inline V exchange(V v, int src_lane) {
     return r;
 }
 
+// warp vote (vote.sync.ballot.b32): bit l of the result is lane l's predicate, for every lane of the warp
+EMU_UNCHECKED inline unsigned ballot(bool pred) {
+    Warp& w = warps[cur->warp];
+    if (w.live != w.size) fail("%s: warp vote after %d lanes of warp %d exited", kernel_name, w.size - w.live, cur->warp);
+    w.slot[cur->lane][0] = pred ? 1u : 0u;
+    warp_barrier();
+    unsigned r = 0;
+    for (int l = 0; l < w.size; ++l) r |= (unsigned)(w.slot[l][0] & 1u) << l;
+    warp_barrier();
+    return r;
+}
+
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32, D = A·B + C, from the PTX ISA's fragment
 // layouts (groupID g = lane/4, threadID_in_group t = lane%4):
 //   A: a0,a1 (row g, cols 2t, 2t+1), a2,a3 (row g+8), a4,a5 (row g, cols 2t+8, +9), a6,a7 (row g+8, cols 2t+8, +9);
@@ -256,6 +268,9 @@ template <typename V> inline V __shfl_xor_sync(unsigned, V v, int mask) {
     return ::emu::exchange(v, ::emu::cur->lane ^ mask);
 }
 template <typename V> inline V __shfl_sync(unsigned, V v, int src) { return ::emu::exchange(v, src & 31); }
+inline unsigned __ballot_sync(unsigned, int pred) { return ::emu::ballot(pred != 0); }
+inline int __any_sync(unsigned, int pred) { return ::emu::ballot(pred != 0) != 0; }
+inline int __all_sync(unsigned, int pred) { return ::emu::ballot(pred == 0) == 0; }
 template <typename V> inline V __shfl_down_sync(unsigned, V v, unsigned d) {
     return ::emu::exchange(v, ::emu::cur->lane + (int)d);
 }
