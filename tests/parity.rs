@@ -156,8 +156,9 @@ fn gpu_attention_variants_bf16() {
                 AttentionCase::bucketed(&[17, 90], 128, 2, hs, 0.1),
                 // without dropout (variant 4's _p0 kernels)
                 AttentionCase::packed(&[1, 17, 64, 65, 383, 384], 2, hs, 0.0),
-                // row maxima rising tile after tile (the forward rebases mid-way)
+                // row maxima rising tile after tile (the forward rebases mid-way), with and without dropout
                 AttentionCase::packed(&[203, 384], 2, hs, 0.1).rising(),
+                AttentionCase::packed(&[384], 2, hs, 0.0).rising(),
             ] {
                 let got = compare(&gpu, DType::BF16, &case)
                     .unwrap_or_else(|e| panic!("{kernel:?} {}: {e:#}", case.name()));

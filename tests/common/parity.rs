@@ -489,9 +489,10 @@ impl AttentionCase {
             rising: false,
         }
     }
-    /// The keys of position t of each window scaled by 1 + 3t/64, so that every 64-key tile raises the row
-    /// maxima of the scores by more than the forward's rebasing gap (2^8 in the exponent; kernels/
-    /// attention_tc.cu tc4_forward): the online softmax must rescale mid-way, not only at its first tile.
+    /// The keys of position t of each window scaled by 1 + 3t/64, so that on the full 64-key tiles the row
+    /// maxima of the scores keep rising, some row of each warp past the forward's rebasing gap (2^8 in the
+    /// exponent; kernels/attention_tc.cu tc4_forward): the online softmax must rescale mid-way, not only at
+    /// its first tile (and still keeps a stale base on some tiles).
     pub fn rising(mut self) -> Self {
         self.rising = true;
         self
