@@ -49,6 +49,14 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1)
 #endif
 }
 
+// Two n-tiles of one product: c0 += a·(b[0], b[1]), c1 += a·(b[2], b[3]) — the fragments an ldb_nk2 / ldb_kn2
+// load gives
+template <typename T>
+__device__ __forceinline__ void mma16816x2(float* c0, float* c1, const u32* a, const u32 (&b)[4]) {
+    mma16816<T>(c0, a, b[0], b[1]);
+    mma16816<T>(c1, a, b[2], b[3]);
+}
+
 // ldmatrix (.m8n8 .b16): lanes 8i..8i+7 give the row addresses of 8×8 matrix i; r[i] = this lane's pair of
 // matrix i — row lane/4, columns 2·(lane%4) and +1 (.trans: rows 2·(lane%4) and +1 of column lane/4).
 // The address is `tile` (generic, into shared memory) plus `off` elements. On the GPU it is formed as a 32-bit
@@ -207,8 +215,7 @@ __device__ __forceinline__ void qk_strip(float (&s)[NJ][4], const u32 (&qa)[KS][
         for (int kk = 0; kk < KS; ++kk) {
             u32 b[4];
             ldb_nk2(b, Ks, ld, j * 8, kk * 16);
-            mma16816<T>(s[j], qa[kk], b[0], b[1]);
-            mma16816<T>(s[j + 1], qa[kk], b[2], b[3]);
+            mma16816x2<T>(s[j], s[j + 1], qa[kk], b);
         }
     }
 }
@@ -230,11 +237,9 @@ __device__ __forceinline__ void kq_strips(float (&s)[NQ][4], float (&dp)[NQ][4],
         for (int n = 0; n < NQ; n += 2) {
             u32 b[4];
             ldb_nk2(b, Qs, ld, n * 8, kk * 16);
-            mma16816<T>(s[n], ka, b[0], b[1]);
-            mma16816<T>(s[n + 1], ka, b[2], b[3]);
+            mma16816x2<T>(s[n], s[n + 1], ka, b);
             ldb_nk2(b, Os, ld, n * 8, kk * 16);
-            mma16816<T>(dp[n], va, b[0], b[1]);
-            mma16816<T>(dp[n + 1], va, b[2], b[3]);
+            mma16816x2<T>(dp[n], dp[n + 1], va, b);
         }
     }
 }
@@ -285,7 +290,7 @@ __device__ void tc3_forward(const AttnParams& a) {
     const u32 qc0 = attn_qc(i0);  // the dropout counter of rows i0, i1
     const bool drop = a.p > 0.f;
     const u32 thr = attn_threshold(a.p);
-    const float ks = drop ? attn_keep_scale(a.p) : 1.f;  // a kept probability's dropout factor
+    const float ks = attn_keep_scale(a.p);  // a kept probability's dropout factor (1 without dropout)
     for (int k0 = 0; k0 < W.len; k0 += BK) {
         __syncthreads();
         load_rows<T, HS, BK>(a, W, W.len, h, 1, k0, Ks);
@@ -398,7 +403,7 @@ __device__ void tc3_backward_kv(const AttnParams& a) {
     const T* Vw = Vs + warp * 16 * LD;
     const bool drop = a.p > 0.f;
     const u32 thr = attn_threshold(a.p);
-    const float ks = drop ? attn_keep_scale(a.p) : 1.f;
+    const float ks = attn_keep_scale(a.p);
     for (int q0 = 0; q0 < W.rows; q0 += BQ) {
         __syncthreads();
         load_rows<T, HS, BQ>(a, W, W.rows, h, 0, q0, Qs);
@@ -487,7 +492,7 @@ __device__ void tc3_backward_q(const AttnParams& a) {
     for (int n = 0; n < NO; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
     const bool drop = a.p > 0.f;
     const u32 thr = attn_threshold(a.p);
-    const float ks = drop ? attn_keep_scale(a.p) : 1.f;
+    const float ks = attn_keep_scale(a.p);
     for (int k0 = 0; k0 < W.len; k0 += BK) {
         __syncthreads();
         load_rows<T, HS, BK>(a, W, W.len, h, 1, k0, Ks);
@@ -840,11 +845,9 @@ __device__ void tc4_backward(const AttnParams& a) {
             for (int n = 0; n < NO; n += 2) {  // NO = HS/8 is even
                 u32 b[4];
                 ldb_kn2(b, Ob, LD, kk * 16, n * 8);
-                mma16816<T>(dv[n], pa, b[0], b[1]);
-                mma16816<T>(dv[n + 1], pa, b[2], b[3]);
+                mma16816x2<T>(dv[n], dv[n + 1], pa, b);
                 ldb_kn2(b, Qb, LD, kk * 16, n * 8);
-                mma16816<T>(dk[n], sa, b[0], b[1]);
-                mma16816<T>(dk[n + 1], sa, b[2], b[3]);
+                mma16816x2<T>(dk[n], dk[n + 1], sa, b);
             }
         }
         __syncthreads();  // the whole dS tile (BQ queries × BKEY keys) is in St
@@ -861,8 +864,7 @@ __device__ void tc4_backward(const AttnParams& a) {
                 for (int n = 0; n + 1 < NQ; n += 2) {
                     u32 b[4];
                     ldb_kn2(b, Ks, LD, kk * 16, (n0 + n) * 8);
-                    mma16816<T>(acc[n], sa, b[0], b[1]);
-                    mma16816<T>(acc[n + 1], sa, b[2], b[3]);
+                    mma16816x2<T>(acc[n], acc[n + 1], sa, b);
                 }
                 if (NQ % 2) {  // an odd count (HS=32 with 8 warps: one tile each)
                     u32 b0, b1;

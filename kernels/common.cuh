@@ -195,15 +195,17 @@ __device__ __forceinline__ uint4 attn_philox(u64 seed, int w, int h, u32 qc, u32
 // attn_threshold(p) = ceil(p·2^16)·2^16 (p·2^16 and its ceiling are exact); 0 when p <= 0: everything kept.
 // ceil(p·2^16) = 2^16 (p > 1 − 2^-16) keeps nothing: the bound is then 2^32 − 1, which keeps a word only when both
 // its halves are 0xffff, and attn_keep_scale is 0, which zeroes whatever was kept (as it zeroes everything else).
+// ceil(p·2^16), the 16-bit draws' threshold (p > 0)
+__device__ __forceinline__ u32 attn_thr16(float p) { return (u32)ceilf(p * 65536.f); }
 __device__ __forceinline__ u32 attn_threshold(float p) {
     if (!(p > 0.f)) return 0u;
-    u32 thr = (u32)ceilf(p * 65536.f);
+    u32 thr = attn_thr16(p);
     return thr > 0xffffu ? 0xffffffffu : thr << 16;
 }
 // the factor of a kept probability: 1/(1-p); 0 when nothing can be kept (above); 1 without dropout
 __device__ __forceinline__ float attn_keep_scale(float p) {
     if (!(p > 0.f)) return 1.f;
-    return ceilf(p * 65536.f) > 65535.f ? 0.f : 1.f / (1.f - p);
+    return attn_thr16(p) > 0xffffu ? 0.f : 1.f / (1.f - p);
 }
 __device__ __forceinline__ bool attn_kept(u32 word, u32 bound) { return word >= bound; }
 // One element (variant 1, CUDA cores): 0 or 1/(1-p).
