@@ -181,8 +181,8 @@ fn attn(k: AttnKernel) -> KernelConfig {
 }
 
 /// The four linear layers of a BERT layer, forward (with and without the bias, and with cuBLASLt's bias
-/// epilogue) and backward (scalar and vec bias gradient, cuBLASLt; the FFN up-projection without its bias
-/// gradient, which the model takes in the GELU backward).
+/// epilogue) and backward (scalar and vec bias gradient, cuBLASLt; the bias gradient only where the model
+/// takes it here: the QKV projection).
 fn bench_linear<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
     let (c, f, n, dt) = (s.cfg.hidden_size, s.cfg.intermediate_size, s.n(), s.dt);
     let opt_in = be.opt_in(dt);
@@ -216,8 +216,10 @@ fn bench_linear<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
         let mut dx = Tensor::zeros(be, &[n, ic], dt).unwrap();
         let mut dw = Tensor::zeros(be, &[oc, ic], s.sd()).unwrap();
         let mut db = Tensor::zeros(be, &[oc], s.sd()).unwrap();
-        // as the model runs it: the FFN up-projection's bias gradient comes with dGELU (gelu_backward_bias)
-        let with_db = lname != "linear ffn-up";
+        // as the model runs it: only the QKV projection's bias gradient is a pass of its own; the FFN
+        // up-projection's comes with dGELU (gelu_backward_bias), the attention output and FFN down
+        // projections' with the residual LayerNorm backward after them
+        let with_db = lname == "linear qkv";
         for (label, k) in variants(opt_in, &[(", vec", vec_on()), (", cuBLASLt", lt())]) {
             be.use_kernels(k);
             let ms = bench(be, tab.iters, &mut || {
@@ -329,7 +331,8 @@ fn bench_elementwise<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) 
         Tensor::zeros(be, &[n, c], dt).unwrap(),
         Tensor::zeros(be, &[n, c], dt).unwrap(),
     );
-    let (mut dg, mut db) = (
+    let (mut dg, mut db, mut dbias) = (
+        Tensor::zeros(be, &[c], s.sd()).unwrap(),
         Tensor::zeros(be, &[c], s.sd()).unwrap(),
         Tensor::zeros(be, &[c], s.sd()).unwrap(),
     );
@@ -359,12 +362,23 @@ fn bench_elementwise<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) 
         );
         let ms = bench(be, tab.iters, &mut || {
             be.residual_layernorm_backward(
-                &mut dx, &mut dr, &mut dg, &mut db, &out, &sum, &m, &rs, &g, d, &seqs,
+                &mut dx,
+                &mut dr,
+                &mut dg,
+                &mut db,
+                Some(&mut dbias),
+                &out,
+                &sum,
+                &m,
+                &rs,
+                &g,
+                d,
+                &seqs,
             )
             .unwrap()
         });
         tab.add(
-            &format!("residual+dropout+layernorm bwd{label}"),
+            &format!("residual+dropout+layernorm bwd, +bias grad{label}"),
             &sh,
             ms,
             bytes,

@@ -33,8 +33,9 @@ struct LnBwdParams {
     float p;
     int _pad;
     u64 step;
+    u64 dbias;  // (C) f32 += Σ_rows dinp (the bias gradient of the linear layer that produced inp), or 0
 };
-CHECK_LAYOUT(LnBwdParams, 120);
+CHECK_LAYOUT(LnBwdParams, 128);
 CHECK_FIELD(LnBwdParams, dinp, 0);
 CHECK_FIELD(LnBwdParams, pos, 8);
 CHECK_FIELD(LnBwdParams, roww, 16);
@@ -52,6 +53,7 @@ CHECK_FIELD(LnBwdParams, c, 100);
 CHECK_FIELD(LnBwdParams, p, 104);
 CHECK_FIELD(LnBwdParams, _pad, 108);
 CHECK_FIELD(LnBwdParams, step, 112);
+CHECK_FIELD(LnBwdParams, dbias, 120);
 
 // sum = resid + dropout(inp); out = LN(sum). The statistics are taken over `sum` as stored (rounded to T),
 // exactly what backward reads back.
@@ -94,10 +96,12 @@ __device__ void ln_forward(const LnFwdParams& a) {
 template <typename T>
 __device__ void ln_backward(const LnBwdParams& a) {
     const u64 seed = dropout_seed(a);
-    DYN_SMEM(float, smem);  // dgamma[c], dbeta[c] partials of this block
+    DYN_SMEM(float, smem);  // dgamma[c], dbeta[c] (and dbias[c]) partials of this block
     float* sdg = smem;
     float* sdb = smem + a.c;
-    for (int i = threadIdx.x; i < 2 * a.c; i += blockDim.x) smem[i] = 0.f;
+    float* sdi = smem + 2 * a.c;
+    const bool bias = a.dbias != 0;
+    for (int i = threadIdx.x; i < (bias ? 3 : 2) * a.c; i += blockDim.x) smem[i] = 0.f;
     __syncthreads();
     int warps = blockDim.x / 32, lane = threadIdx.x & 31;
     const T* g = (const T*)a.gamma;
@@ -121,16 +125,19 @@ __device__ void ln_backward(const LnBwdParams& a) {
             float dy = to_f(dout[i]);
             float xh = (to_f(x[i]) - mean) * rstd;
             float ds = rstd * (dy * to_f(g[i]) - mg - xh * mgx);
+            float di = ds * hidden_factor(seed, w, t, i, a.p);
             dres[i] = from_f<T>(ds);
-            dinp[i] = from_f<T>(ds * hidden_factor(seed, w, t, i, a.p));
+            dinp[i] = from_f<T>(di);
             atomicAdd(&sdg[i], dy * xh);
             atomicAdd(&sdb[i], dy);
+            if (bias) atomicAdd(&sdi[i], di);
         }
     }
     __syncthreads();
     for (int i = threadIdx.x; i < a.c; i += blockDim.x) {
         atomicAdd((float*)a.dgamma + i, sdg[i]);
         atomicAdd((float*)a.dbeta + i, sdb[i]);
+        if (bias) atomicAdd((float*)a.dbias + i, sdi[i]);
     }
 }
 
@@ -198,12 +205,20 @@ template <typename T, int CH>
 __device__ void ln_backward_vec(const LnBwdParams& a) {
     const u64 seed = dropout_seed(a);
     constexpr int N = Pack16<T>::N;
-    DYN_SMEM(float, smem);  // dgamma[c], dbeta[c] partials of this block
+    // Shared: dgamma[c], dbeta[c] partials of this block; with dbias, also dbias[c], then each warp's slice
+    // of dbias partials for its lanes' columns, float4 (k·N/4 + h)·32 + lane holding elements 4h..4h+3 of
+    // chunk lane + 32k (each lane touches only its own, conflict-free). The slices are in shared memory, not
+    // registers, because dγ and dβ fill the 128 registers of __launch_bounds__(256, 2). 16-byte aligned:
+    // 3·C is a multiple of 4 (C of N). At most 45 KiB (C = 1024 in bf16), under the 48 KiB default.
+    DYN_SMEM(float, smem);
+    int warps = blockDim.x / 32, lane = threadIdx.x & 31, nch = a.c / N;
     float* sdg = smem;
     float* sdb = smem + a.c;
-    for (int i = threadIdx.x; i < 2 * a.c; i += blockDim.x) smem[i] = 0.f;
+    float* sdi = smem + 2 * a.c;
+    float4* slice = (float4*)(smem + 3 * a.c) + (threadIdx.x >> 5) * (CH * N / 4) * 32;
+    const bool bias = a.dbias != 0;
+    for (int i = threadIdx.x; i < (bias ? 3 * a.c + warps * CH * 32 * N : 2 * a.c); i += blockDim.x) smem[i] = 0.f;
     __syncthreads();
-    int warps = blockDim.x / 32, lane = threadIdx.x & 31, nch = a.c / N;
     // γ and the row's dout and sum stay packed (T) in registers; dγ, dβ partials are f32
     Pack16<T> gam[CH];
     float dg[CH][N], db[CH][N];
@@ -252,8 +267,20 @@ __device__ void ln_backward_vec(const LnBwdParams& a) {
                     float xh = (to_f(x[k].v[e]) - mean) * rstd;
                     float ds = rstd * (to_f(d[k].v[e]) * to_f(gam[k].v[e]) - mg - xh * mgx);
                     dr.v[e] = from_f<T>(ds);
-                    di.v[e] = from_f<T>(ds * f[e]);
+                    f[e] *= ds;  // dinp, unrounded
+                    di.v[e] = from_f<T>(f[e]);
                 }
+                if (bias)
+#pragma unroll
+                    for (int h = 0; h < N / 4; ++h) {
+                        float4& acc = slice[(k * (N / 4) + h) * 32 + lane];
+                        float4 v = acc;
+                        v.x += f[4 * h];
+                        v.y += f[4 * h + 1];
+                        v.z += f[4 * h + 2];
+                        v.w += f[4 * h + 3];
+                        acc = v;
+                    }
                 st16((T*)a.dresid + i, dr);
                 st16((T*)a.dinp + i, di);
             }
@@ -267,12 +294,14 @@ __device__ void ln_backward_vec(const LnBwdParams& a) {
             for (int e = 0; e < N; ++e) {
                 atomicAdd(&sdg[ch * N + e], dg[k][e]);
                 atomicAdd(&sdb[ch * N + e], db[k][e]);
+                if (bias) atomicAdd(&sdi[ch * N + e], ((const float*)&slice[(k * (N / 4) + e / 4) * 32 + lane])[e % 4]);
             }
     }
     __syncthreads();
     for (int i = threadIdx.x; i < a.c; i += blockDim.x) {
         atomicAdd((float*)a.dgamma + i, sdg[i]);
         atomicAdd((float*)a.dbeta + i, sdb[i]);
+        if (bias) atomicAdd((float*)a.dbias + i, sdi[i]);
     }
 }
 

@@ -295,7 +295,7 @@ fn ln_on_emu(
     let es = dt.size();
     let ints = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     // 0 out, 1 sum, 2 mean, 3 rstd, 4 inp, 5 resid, 6 gamma, 7 beta, 8 dinp, 9 dresid, 10 dgamma, 11 dbeta, 12 dout,
-    // 13 positions, 14 row windows, 15 step seed
+    // 13 positions, 14 row windows, 15 step seed, 16 dbias
     let bufs = vec![
         vec![0xffu8; n * c * es],
         vec![0xffu8; n * c * es],
@@ -313,6 +313,7 @@ fn ln_on_emu(
         ints(&i.layout.pos()),
         ints(&i.layout.row_w()),
         ints(&i.layout.step_words()),
+        encode(&i.dbias0, DType::F32),
     ];
     let f = LnFwdParams {
         out: addr(0),
@@ -350,6 +351,7 @@ fn ln_on_emu(
         p: i.drop.p,
         _pad: 0,
         step: addr(15),
+        dbias: if case.bias_grad { addr(16) } else { 0 },
     };
     let (fl, bl) = (
         forward_launch(dt, f, vec).unwrap(),
@@ -372,7 +374,10 @@ fn ln_on_emu(
             ("dresid".into(), decode(&got[9], dt)),
             ("dgamma".into(), f32s(10)),
             ("dbeta".into(), f32s(11)),
-        ],
+        ]
+        .into_iter()
+        .chain(case.bias_grad.then(|| ("dbias".into(), f32s(16))))
+        .collect(),
         names,
     ))
 }
@@ -389,7 +394,13 @@ fn emu_layernorm_scalar_and_vec() {
         for c in [384, 768, 1000, 200, 37] {
             for vec in [false, true] {
                 for sm in [1, 132] {
-                    let case = LayerNormCase { n: 19, c, p: 0.1 };
+                    // the bias gradient everywhere but C = 200 (where the kernels must leave it alone)
+                    let case = LayerNormCase {
+                        n: 19,
+                        c,
+                        p: 0.1,
+                        bias_grad: c != 200,
+                    };
                     let Some((out, names)) = ln_on_emu(&mut emu, &case, dt, vec, sm) else {
                         return;
                     };

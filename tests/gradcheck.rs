@@ -207,8 +207,11 @@ fn residual_layernorm_backward_matches_finite_differences() {
         let mut rng = Rng::new(3);
         let (n, c) = (5, 13);
         let drop = Dropout::new(p, 77);
+        // inp = x + bias (the output of a linear layer with bias `bias`, broadcast over the rows): the
+        // backward's dbias is that bias's gradient
         struct S {
             x: Tensor<Cpu>,
+            bias: Tensor<Cpu>,
             r: Tensor<Cpu>,
             g: Tensor<Cpu>,
             b: Tensor<Cpu>,
@@ -216,18 +219,37 @@ fn residual_layernorm_backward_matches_finite_differences() {
         }
         let mut s = S {
             x: rand_tensor(&be, &mut rng, &[n, c], F64, 2.0),
+            bias: rand_tensor(&be, &mut rng, &[c], F64, 1.0),
             r: rand_tensor(&be, &mut rng, &[n, c], F64, 2.0),
             g: rand_tensor(&be, &mut rng, &[c], F64, 1.5),
             b: rand_tensor(&be, &mut rng, &[c], F64, 1.0),
             w: rand_vec(&mut rng, n * c, 1.0),
         };
         let seqs = Seqs::upload(&be, &common::parity::rows_layout(n)).unwrap();
+        let inp = |s: &S| {
+            let (x, bias) = (
+                s.x.to_f64_vec(&be).unwrap(),
+                s.bias.to_f64_vec(&be).unwrap(),
+            );
+            let v: Vec<f64> = x.iter().enumerate().map(|(i, v)| v + bias[i % c]).collect();
+            Tensor::from_f64(&Cpu::new(), &v, &[n, c], F64).unwrap()
+        };
         let f = |s: &S| {
             let z = |sh: &[usize]| Tensor::zeros(&Cpu::new(), sh, F64).unwrap();
             let (mut out, mut sum, mut m, mut rs) = (z(&[n, c]), z(&[n, c]), z(&[n]), z(&[n]));
             Cpu::new()
                 .residual_layernorm_forward(
-                    &mut out, &mut sum, &mut m, &mut rs, &s.x, &s.r, &s.g, &s.b, 1e-5, drop, &seqs,
+                    &mut out,
+                    &mut sum,
+                    &mut m,
+                    &mut rs,
+                    &inp(s),
+                    &s.r,
+                    &s.g,
+                    &s.b,
+                    1e-5,
+                    drop,
+                    &seqs,
                 )
                 .unwrap();
             dot(&out, &s.w)
@@ -235,15 +257,44 @@ fn residual_layernorm_backward_matches_finite_differences() {
         let z = |sh: &[usize]| Tensor::zeros(&be, sh, F64).unwrap();
         let (mut out, mut sum, mut m, mut rs) = (z(&[n, c]), z(&[n, c]), z(&[n]), z(&[n]));
         be.residual_layernorm_forward(
-            &mut out, &mut sum, &mut m, &mut rs, &s.x, &s.r, &s.g, &s.b, 1e-5, drop, &seqs,
+            &mut out,
+            &mut sum,
+            &mut m,
+            &mut rs,
+            &inp(&s),
+            &s.r,
+            &s.g,
+            &s.b,
+            1e-5,
+            drop,
+            &seqs,
         )
         .unwrap();
         let dout = Tensor::from_f64(&be, &s.w, &[n, c], F64).unwrap();
         let (mut dx, mut dr, mut dg, mut db) = (z(&[n, c]), z(&[n, c]), z(&[c]), z(&[c]));
+        // dbias accumulates: it starts at 0.5 and FD sees the gradient alone
+        let mut dbias = Tensor::from_f64(&be, &vec![0.5; c], &[c], F64).unwrap();
         be.residual_layernorm_backward(
-            &mut dx, &mut dr, &mut dg, &mut db, &dout, &sum, &m, &rs, &s.g, drop, &seqs,
+            &mut dx,
+            &mut dr,
+            &mut dg,
+            &mut db,
+            Some(&mut dbias),
+            &dout,
+            &sum,
+            &m,
+            &rs,
+            &s.g,
+            drop,
+            &seqs,
         )
         .unwrap();
+        let dbias: Vec<f64> = dbias
+            .to_f64_vec(&be)
+            .unwrap()
+            .iter()
+            .map(|v| v - 0.5)
+            .collect();
         let all = |k| (0..k).collect::<Vec<_>>();
         let op = format!("residual_layernorm p={p}");
         report(
@@ -269,6 +320,12 @@ fn residual_layernorm_backward_matches_finite_differences() {
             "dbeta",
             &db.to_f64_vec(&be).unwrap(),
             &fd(&mut s, &|s| &mut s.b, &f, &all(c)),
+        );
+        report(
+            &op,
+            "dbias",
+            &dbias,
+            &fd(&mut s, &|s| &mut s.bias, &f, &all(c)),
         );
     }
 }

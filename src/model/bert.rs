@@ -346,12 +346,14 @@ impl<B: Backend> BertQa<B> {
             let x = if l == 0 { &*emb } else { &layers[l - 1].out };
             let w = &p.layers[l];
             let gl = &mut grads.layers[l];
-            // x_out = LN2(h + dropout(fo)): dx → dfo (dsub), dh
+            // x_out = LN2(h + dropout(fo)): dx → dfo (dsub), dh; the down-projection's bias gradient (Σ dfo)
+            // in the same pass
             be.residual_layernorm_backward(
                 &mut g.dsub,
                 &mut g.dh,
                 &mut gl.ln2_g,
                 &mut gl.ln2_b,
+                Some(&mut gl.ff2_b),
                 &g.dx,
                 &a.sum2,
                 &a.mean2,
@@ -364,7 +366,7 @@ impl<B: Backend> BertQa<B> {
                 Some(&mut g.df),
                 false,
                 &mut gl.ff2_w,
-                Some(&mut gl.ff2_b),
+                None,
                 &g.dsub,
                 &a.f,
                 &w.ff2_w,
@@ -380,12 +382,13 @@ impl<B: Backend> BertQa<B> {
                 &a.h,
                 &w.ff1_w,
             )?;
-            // h = LN1(x + dropout(ao)): dh → dao (dsub), dx
+            // h = LN1(x + dropout(ao)): dh → dao (dsub), dx; the output projection's bias gradient too
             be.residual_layernorm_backward(
                 &mut g.dsub,
                 &mut g.dx,
                 &mut gl.ln1_g,
                 &mut gl.ln1_b,
+                Some(&mut gl.ao_b),
                 &g.dh,
                 &a.sum1,
                 &a.mean1,
@@ -398,7 +401,7 @@ impl<B: Backend> BertQa<B> {
                 Some(&mut g.datt),
                 false,
                 &mut gl.ao_w,
-                Some(&mut gl.ao_b),
+                None,
                 &g.dsub,
                 &a.att,
                 &w.ao_w,

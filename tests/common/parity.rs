@@ -246,6 +246,8 @@ pub struct LayerNormCase {
     pub n: usize,
     pub c: usize,
     pub p: f32,
+    /// also the bias gradient of the linear layer before (dbias += Σ dinp), starting from `dbias0`
+    pub bias_grad: bool,
 }
 /// The host inputs of a [`LayerNormCase`] (before rounding to the run's dtype).
 pub struct LayerNormInputs {
@@ -259,6 +261,8 @@ pub struct LayerNormInputs {
     pub beta: Vec<f64>,
     /// (N,C) the output gradient
     pub dy: Vec<f64>,
+    /// (C) the bias gradient's value before the backward adds to it
+    pub dbias0: Vec<f64>,
     pub drop: Dropout,
     /// the rows' layout (dropout keys)
     pub layout: SeqLayout,
@@ -273,6 +277,7 @@ impl LayerNormCase {
             gamma: rv(&mut r, c, 0.3).iter().map(|v| v + 1.0).collect(),
             beta: rv(&mut r, c, 0.5),
             dy: rv(&mut r, n * c, 1.0),
+            dbias0: rv(&mut r, c, 1.0),
             drop: Dropout::new(self.p, 99),
             layout: rows_layout(n),
         }
@@ -280,7 +285,11 @@ impl LayerNormCase {
 }
 impl Case for LayerNormCase {
     fn name(&self) -> String {
-        format!("residual_layernorm N={} C={} p={}", self.n, self.c, self.p)
+        let bg = if self.bias_grad { " +dbias" } else { "" };
+        format!(
+            "residual_layernorm N={} C={} p={}{bg}",
+            self.n, self.c, self.p
+        )
     }
     fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
         let (n, c) = (self.n, self.c);
@@ -306,10 +315,22 @@ impl Case for LayerNormCase {
             Tensor::zeros(be, &[n, c], dt)?,
         );
         let (mut dg, mut db) = (Tensor::zeros(be, &[c], s)?, Tensor::zeros(be, &[c], s)?);
+        let mut dbias = Tensor::from_f64(be, &i.dbias0, &[c], s)?;
         be.residual_layernorm_backward(
-            &mut dx, &mut dr, &mut dg, &mut db, &dy, &sum, &mean, &rstd, &gamma, d, &seqs,
+            &mut dx,
+            &mut dr,
+            &mut dg,
+            &mut db,
+            self.bias_grad.then_some(&mut dbias),
+            &dy,
+            &sum,
+            &mean,
+            &rstd,
+            &gamma,
+            d,
+            &seqs,
         )?;
-        Ok(vec![
+        let mut o: Outputs = vec![
             ("out".into(), out.to_f64_vec(be)?),
             ("mean".into(), mean.to_f64_vec(be)?),
             ("rstd".into(), rstd.to_f64_vec(be)?),
@@ -317,7 +338,11 @@ impl Case for LayerNormCase {
             ("dresid".into(), dr.to_f64_vec(be)?),
             ("dgamma".into(), dg.to_f64_vec(be)?),
             ("dbeta".into(), db.to_f64_vec(be)?),
-        ])
+        ];
+        if self.bias_grad {
+            o.push(("dbias".into(), dbias.to_f64_vec(be)?));
+        }
+        Ok(o)
     }
 }
 
@@ -1045,6 +1070,7 @@ pub fn suite<B: Backend>(dev: &B, dt: DType, head_sizes: &[usize]) -> Result<Vec
             n: 37,
             c: 96,
             p: 0.1,
+            bias_grad: true,
         },
     )?);
     rows.extend(compare(
@@ -1054,6 +1080,17 @@ pub fn suite<B: Backend>(dev: &B, dt: DType, head_sizes: &[usize]) -> Result<Vec
             n: 64,
             c: 768,
             p: 0.0,
+            bias_grad: false,
+        },
+    )?);
+    rows.extend(compare(
+        dev,
+        dt,
+        &LayerNormCase {
+            n: 50,
+            c: 768,
+            p: 0.1,
+            bias_grad: true,
         },
     )?);
     rows.extend(compare(

@@ -118,6 +118,7 @@ impl LayerNormOps for Cpu {
         dresid: &mut Tensor<Cpu>,
         dgamma: &mut Tensor<Cpu>,
         dbeta: &mut Tensor<Cpu>,
+        dbias: Option<&mut Tensor<Cpu>>,
         dout: &Tensor<Cpu>,
         sum: &Tensor<Cpu>,
         mean: &Tensor<Cpu>,
@@ -133,6 +134,9 @@ impl LayerNormOps for Cpu {
             &[sum, dinp, dresid],
             &[gamma, dgamma, dbeta],
         )?;
+        if let Some(d) = &dbias {
+            dims("residual_layernorm_backward: dbias", dout, &[], &[], &[d])?;
+        }
         seqs.expect_rows("residual_layernorm_backward: dout", n)?;
         let (pos, roww) = (ids(&seqs.pos)?, ids(&seqs.row_w)?);
         let drop = drop.at(seqs.step_seed(self)?);
@@ -146,6 +150,12 @@ impl LayerNormOps for Cpu {
             wr::<T>(dresid, false).copy_from_slice(&dsum);
             let mut di = wr::<T>(dinp, false);
             dropout_rows_ref(&mut di, &dsum, c, &pos, &roww, drop);
+            if let Some(dbias) = dbias {
+                let mut dbs = wr::<T>(dbias, true);
+                for (i, v) in di.iter().enumerate() {
+                    dbs[i % c] += *v;
+                }
+            }
         });
         Ok(())
     }

@@ -79,6 +79,7 @@ impl LayerNormOps for Cuda {
         dresid: &mut Tensor<Cuda>,
         dgamma: &mut Tensor<Cuda>,
         dbeta: &mut Tensor<Cuda>,
+        dbias: Option<&mut Tensor<Cuda>>,
         dout: &Tensor<Cuda>,
         sum: &Tensor<Cuda>,
         mean: &Tensor<Cuda>,
@@ -96,11 +97,16 @@ impl LayerNormOps for Cuda {
             &[gamma, dgamma, dbeta],
         )?;
         seqs.expect_rows(op, n)?;
+        let mut f32s = vec![mean.dtype(), rstd.dtype(), dgamma.dtype(), dbeta.dtype()];
+        if let Some(d) = &dbias {
+            dims(op, dout, &[], &[], &[d])?;
+            f32s.push(d.dtype());
+        }
         cuda_dtypes(
             op,
             dout.dtype(),
             &[dinp.dtype(), dresid.dtype(), sum.dtype(), gamma.dtype()],
-            &[mean.dtype(), rstd.dtype(), dgamma.dtype(), dbeta.dtype()],
+            &f32s,
         )?;
         let p = LnBwdParams {
             dinp: dinp.buf.ptr,
@@ -120,6 +126,7 @@ impl LayerNormOps for Cuda {
             c: c as i32,
             p: drop.p,
             _pad: 0,
+            dbias: dbias.map_or(0, |d| d.buf.ptr),
         };
         // SAFETY: shapes checked above; every address is a live buffer of this backend
         unsafe {

@@ -5,7 +5,10 @@
 //!           biased variance as in torch.nn.LayerNorm. Saves `sum`, `mean`, `rstd`.
 //! Backward: `x̂ = (sum - mean)·rstd`, `g = dout·gamma`,
 //!           `dsum = rstd·(g - mean(g) - x̂·mean(g·x̂))`, `dgamma += Σ dout·x̂`, `dbeta += Σ dout`,
-//!           `dresid = dsum` (overwrite), `dinp = dropout(dsum)` (overwrite, same mask).
+//!           `dresid = dsum` (overwrite), `dinp = dropout(dsum)` (overwrite, same mask), and, when asked,
+//!           `dbias += Σ dinp`: the bias gradient of the linear layer whose output `inp` is, taken in the same
+//!           pass (cuBLASLt's BGRADB epilogue does this in the weight-gradient GEMM, but overwrites where the
+//!           gradients here accumulate; linear::LinearOps::linear_backward then skips its bias pass).
 
 pub mod cpu;
 pub mod cuda;
@@ -35,7 +38,8 @@ pub trait LayerNormOps: BackendCore {
         seqs: &Seqs<Self>,
     ) -> Result<()>;
 
-    /// dinp (N,C), dresid (N,C) overwritten; dgamma (C), dbeta (C) accumulated.
+    /// dinp (N,C), dresid (N,C) overwritten; dgamma (C), dbeta (C) accumulated; `dbias` (C), when given,
+    /// accumulates the column sums of dinp (the bias gradient of the linear layer that produced `inp`).
     #[allow(clippy::too_many_arguments)]
     fn residual_layernorm_backward(
         &self,
@@ -43,6 +47,7 @@ pub trait LayerNormOps: BackendCore {
         dresid: &mut Tensor<Self>,
         dgamma: &mut Tensor<Self>,
         dbeta: &mut Tensor<Self>,
+        dbias: Option<&mut Tensor<Self>>,
         dout: &Tensor<Self>,
         sum: &Tensor<Self>,
         mean: &Tensor<Self>,
@@ -143,6 +148,8 @@ pub struct LnBwdParams {
     pub _pad: i32,
     /// device address of the step's dropout seed (a u64: [`crate::ops::Seqs::step`])
     pub step: u64,
+    /// (C) f32 += the column sums of dinp, or 0: none
+    pub dbias: u64,
 }
 
 /// The forward's launch for `act` activations of N rows × C: one warp per row, 8 rows per block; the vec
@@ -152,7 +159,7 @@ pub fn forward_launch(act: DType, p: LnFwdParams, vec: bool) -> Result<Launch<Ln
     let ptrs = [p.out, p.sum, p.inp, p.resid, p.gamma, p.beta];
     Ok(Launch {
         module: "layernorm",
-        name: ln_kernel("forward", act, c, &ptrs, vec)?,
+        name: ln_kernel("forward", act, c, &ptrs, vec)?.0,
         grid: (blocks(n, 8), 1, 1),
         block: (256, 1, 1),
         smem: 0,
@@ -161,7 +168,9 @@ pub fn forward_launch(act: DType, p: LnFwdParams, vec: bool) -> Result<Launch<Ln
 }
 
 /// The backward's launch: grid-stride over rows (at most 2 blocks per SM of `sm_count`); each block reduces
-/// dgamma/dbeta in shared memory (2·C floats), then one atomicAdd per column.
+/// dgamma/dbeta (and dbias, when asked) in shared memory, then one atomicAdd per column: 2·C floats, or 3·C
+/// with dbias, and for the vec kernels with dbias also each warp's partials of its lanes' columns
+/// (32·CH·N floats a warp: 24 KiB in all for BERT-base's C = 768 in bf16).
 pub fn backward_launch(
     act: DType,
     p: LnBwdParams,
@@ -170,31 +179,44 @@ pub fn backward_launch(
 ) -> Result<Launch<LnBwdParams>> {
     let (n, c) = (p.n as usize, p.c as usize);
     let ptrs = [p.dinp, p.dresid, p.dout, p.sum, p.gamma];
+    let (name, chunks) = ln_kernel("backward", act, c, &ptrs, vec)?;
+    let floats = match (p.dbias != 0, chunks) {
+        (false, _) => 2 * c,
+        (true, None) => 3 * c,
+        (true, Some((ch, w))) => 3 * c + 8 * 32 * ch * w,
+    };
     Ok(Launch {
         module: "layernorm",
-        name: ln_kernel("backward", act, c, &ptrs, vec)?,
+        name,
         grid: (blocks(n, 8).min((sm_count.max(1) * 2) as u32), 1, 1),
         block: (256, 1, 1),
-        smem: (2 * c * 4) as u32,
+        smem: (floats * 4) as u32,
         params: p,
     })
 }
 
 unsafe impl cudarc::driver::DeviceRepr for LnBwdParams {}
 
-/// `residual_layernorm_{dir}_vec{CH}_{dtype}` when the vec kernels are on and C splits into 16-byte chunks, CH ≤ 4
-/// of them per lane (C ≤ 1024 in bf16/f16, ≤ 512 in f32), else the scalar kernel.
-fn ln_kernel(dir: &str, dt: DType, c: usize, ptrs: &[u64], vec: bool) -> Result<String> {
+/// `residual_layernorm_{dir}_vec{CH}_{dtype}` when the vec kernels are on and C splits into 16-byte chunks of N
+/// elements, CH ≤ 4 of them per lane (C ≤ 1024 in bf16/f16, ≤ 512 in f32), with Some((CH, N)); else the
+/// scalar kernel, with None.
+fn ln_kernel(
+    dir: &str,
+    dt: DType,
+    c: usize,
+    ptrs: &[u64],
+    vec: bool,
+) -> Result<(String, Option<(usize, usize)>)> {
     let sfx = suffix(dt)?;
     if vec {
         if let Some(n) = crate::cuda::vec_width(dt, ptrs) {
             let ch = c.div_ceil(32 * n);
             if c.is_multiple_of(n) && (1..=4).contains(&ch) {
-                return Ok(ln_vec_kernel(dir, ch, sfx));
+                return Ok((ln_vec_kernel(dir, ch, sfx), Some((ch, n))));
             }
         }
     }
-    Ok(format!("residual_layernorm_{dir}_{sfx}"))
+    Ok((format!("residual_layernorm_{dir}_{sfx}"), None))
 }
 
 fn ln_vec_kernel(dir: &str, ch: usize, sfx: &str) -> String {
@@ -252,7 +274,8 @@ pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
             c,
             p,
             _pad,
-            step
+            step,
+            dbias
         }),
     ]
 }
