@@ -181,8 +181,8 @@ fn attn(k: AttnKernel) -> KernelConfig {
 }
 
 /// The four linear layers of a BERT layer, forward (with and without the bias, and with cuBLASLt's bias
-/// epilogue) and backward (scalar and vec bias gradient, cuBLASLt; the bias gradient only where the model
-/// takes it here: the QKV projection).
+/// epilogue) and backward (cuBLAS and cuBLASLt; without the bias gradient, which the model takes in the
+/// pass that produces each layer's output gradient, before its backward GEMMs: attention, dGELU, LayerNorm).
 fn bench_linear<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
     let (c, f, n, dt) = (s.cfg.hidden_size, s.cfg.intermediate_size, s.n(), s.dt);
     let opt_in = be.opt_in(dt);
@@ -215,16 +215,14 @@ fn bench_linear<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
         }
         let mut dx = Tensor::zeros(be, &[n, ic], dt).unwrap();
         let mut dw = Tensor::zeros(be, &[oc, ic], s.sd()).unwrap();
-        let mut db = Tensor::zeros(be, &[oc], s.sd()).unwrap();
-        // as the model runs it: only the QKV projection's bias gradient is a pass of its own; the FFN
-        // up-projection's comes with dGELU (gelu_backward_bias), the attention output and FFN down
-        // projections' with the residual LayerNorm backward after them
-        let with_db = lname == "linear qkv";
-        for (label, k) in variants(opt_in, &[(", vec", vec_on()), (", cuBLASLt", lt())]) {
+        // as the model runs it: no bias gradient here — the QKV projection's comes with the attention
+        // backward, the FFN up-projection's with dGELU (gelu_backward_bias), the attention output and FFN
+        // down projections' with the residual LayerNorm backward after them (so the vec kernels change nothing
+        // here)
+        for (label, k) in variants(opt_in, &[(", cuBLASLt", lt())]) {
             be.use_kernels(k);
             let ms = bench(be, tab.iters, &mut || {
-                let db = with_db.then_some(&mut db);
-                be.linear_backward(Some(&mut dx), false, &mut dw, db, &y, &x, &w)
+                be.linear_backward(Some(&mut dx), false, &mut dw, None, &y, &x, &w)
                     .unwrap()
             });
             tab.add(&format!("{lname} bwd{label}"), &shape, ms, 0.0, 2.0 * fl);
@@ -281,9 +279,12 @@ fn bench_attention<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
             );
         }
         let mut scratch = Tensor::zeros(be, &scratch_shape(n, c, nh), s.sd()).unwrap();
+        // with the QKV bias gradient, as the model runs it
+        let mut dbias = Tensor::zeros(be, &[3 * c], s.sd()).unwrap();
         let ms = bench(be, tab.iters, &mut || {
             be.attention_backward(
                 &mut dqkv,
+                Some(&mut dbias),
                 &out,
                 &out,
                 &lse,

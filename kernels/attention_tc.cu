@@ -243,6 +243,67 @@ __device__ __forceinline__ void kq_strips(float (&s)[NQ][4], float (&dp)[NQ][4],
         }
     }
 }
+// p[0], p[1] += x, y in global memory, one vector reduction on sm_90 (8-byte aligned p)
+__device__ __forceinline__ void red_add2(float* p, float x, float y) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(x), "f"(y) : "memory");
+#else
+    atomicAdd(p, x);
+    atomicAdd(p + 1, y);
+#endif
+}
+
+// One step of warp_cols_add's reduction across lane bit `o` (one of the row-group bits 16, 8, 4) of the M
+// column-pair sums v[0..M) a lane holds: with M ≥ 2, a lane keeps half of them (the upper half when its bit
+// is set: nb, the first n it holds, moves up) and adds its partner's copy of that half (reduce-scatter: one
+// shuffle per kept pair); with M = 1 both partners keep the sum.
+template <int NO, int M>
+__device__ __forceinline__ void cols_step(float (&v)[NO][2], int o, int& nb) {
+    const bool up = threadIdx.x & o;
+    if constexpr (M >= 2) {
+        constexpr int H = M / 2;
+#pragma unroll
+        for (int i = 0; i < H; ++i)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                float send = up ? v[i][c] : v[i + H][c];
+                float keep = up ? v[i + H][c] : v[i][c];
+                v[i][c] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+            }
+        if (up) nb += H;
+    } else {
+        v[0][0] += __shfl_xor_sync(0xffffffffu, v[0][0], o);
+        v[0][1] += __shfl_xor_sync(0xffffffffu, v[0][1], o);
+    }
+}
+
+// The QKV bias gradient's share of one warp's 16 rows of an m16n8 accumulator array (rows g in x[n][0..1], rows
+// g+8 in x[n][2..3], columns n·8 + 2·t4 + {0, 1}): the column sums over the rows that exist (ok0, ok1), times
+// `scale` — exactly what the caller stores, before rounding — added to dst[n·8 + 2·t4 + {0, 1}]. The sums over
+// the 8 row groups (lane bits 4, 3, 2) scatter the n's across them, so that each lane ends with NO/8 column
+// pairs (HS=64: 7 shuffles per column instead of 24) and adds them with one vector reduction each; below
+// NO = 8 the last steps are plain butterflies and only the lanes with those bits clear add. Every lane must
+// call it (a warp-uniform condition).
+template <int NO>
+__device__ __forceinline__ void warp_cols_add(const float (&x)[NO][4], bool ok0, bool ok1, float scale, float* dst) {
+    float v[NO][2];
+#pragma unroll
+    for (int n = 0; n < NO; ++n)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) v[n][c] = (ok0 ? x[n][c] : 0.f) + (ok1 ? x[n][2 + c] : 0.f);
+    constexpr int M1 = NO, M2 = NO / 2 > 1 ? NO / 2 : 1, M3 = NO / 4 > 1 ? NO / 4 : 1, MF = NO / 8 > 1 ? NO / 8 : 1;
+    int nb = 0;
+    cols_step<NO, M1>(v, 16, nb);
+    cols_step<NO, M2>(v, 8, nb);
+    cols_step<NO, M3>(v, 4, nb);
+    // the bits whose step was a plain butterfly hold copies: only the lanes with them clear add
+    constexpr int copies = (M1 == 1 ? 16 : 0) | (M2 == 1 ? 8 : 0) | (M3 == 1 ? 4 : 0);
+    if (threadIdx.x & copies) return;
+    int t4 = threadIdx.x % 4;
+#pragma unroll
+    for (int i = 0; i < MF; ++i) red_add2(dst + (nb + i) * 8 + 2 * t4, v[i][0] * scale, v[i][1] * scale);
+}
+
 // dK·scale and dV·dv_scale of keys ja (accumulator rows g) and jb (rows g+8) of window W into dqkv; every row
 // of the window is written (padding rows: zeros, they are no one's keys)
 template <typename T, int HS, int NO>
@@ -263,6 +324,10 @@ __device__ __forceinline__ void store_dkdv(const AttnParams& a, const float (&dk
             *(u32*)(base + 2 * C) = pack2<T>(dv[n][2] * dv_scale, dv[n][3] * dv_scale);
         }
     }
+    // The V third of the QKV bias gradient. The K third gets nothing: a bias on every key adds q_i·b to all of
+    // query i's scores, which the softmax ignores — Σ_j dS_ij = Σ_j P_ij·(f_ij·dP_ij) − D_i·Σ_j P_ij = D_i − D_i
+    // = 0 for every row, so Σ_j dK_j = 0 exactly (summing the stored dK would add only rounding noise).
+    if (a.dbias) warp_cols_add<NO>(dv, ja < W.rows, jb < W.rows, dv_scale, (float*)a.dbias + 2 * C + h * HS);
 }
 
 template <typename T, int HS>
@@ -546,6 +611,7 @@ __device__ void tc3_backward_q(const AttnParams& a) {
         if (i0 < W.rows) *(u32*)((T*)a.dqkv + ((u64)W.s0 + i0) * 3 * C + h * HS + d) = pack2<T>(dq[n][0] * a.scale, dq[n][1] * a.scale);
         if (i1 < W.rows) *(u32*)((T*)a.dqkv + ((u64)W.s0 + i1) * 3 * C + h * HS + d) = pack2<T>(dq[n][2] * a.scale, dq[n][3] * a.scale);
     }
+    if (a.dbias) warp_cols_add<NO>(dq, i0 < W.rows, i1 < W.rows, a.scale, (float*)a.dbias + h * HS);  // the Q third
 }
 
 // ---- variant 4, forward: variant 3's tiling with the K/V tiles double-buffered by cp.async (tile i+1
@@ -720,14 +786,6 @@ __device__ void tc4_forward(const AttnParams& a) {
 // time (ldmatrix.x4: ldb_nk2, ldb_kn2; variant 3 then 1231 + 944).
 // Query tiles (Q, dO, lse, D) are double-buffered with cp.async: tile i+1 loads while tile i computes.
 // dqacc must be zero on entry.
-__device__ __forceinline__ void red_add2(float* p, float x, float y) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(x), "f"(y) : "memory");
-#else
-    atomicAdd(p, x);
-    atomicAdd(p + 1, y);
-#endif
-}
 
 template <typename T, int HS, int NW, bool DROP>
 __device__ void tc4_backward(const AttnParams& a) {
@@ -913,17 +971,24 @@ __device__ void tc4_dsum(const AttnParams& a) {
     }
 }
 
-// The Q third of dqkv (N,3C) ← dqacc (N,C) · scale, two elements per thread.
+// The Q third of dqkv (N,3C) ← dqacc (N,C) · scale, and with dbias the Q third of the QKV bias gradient (the
+// column sums of dQ·scale, before rounding). Block (32, 8): threadIdx.x picks a column pair, threadIdx.y and
+// blockIdx.y stride over the rows; the 8 partials meet in common.cuh column_partials_add.
 template <typename T>
 __device__ void tc4_dq_store(const AttnParams& a) {
-    int C = a.nh * a.hs;
-    u64 pairs = (u64)a.n * C / 2;
-    for (u64 e = blockIdx.x * (u64)blockDim.x + threadIdx.x; e < pairs; e += (u64)gridDim.x * blockDim.x) {
-        u64 i = 2 * e, row = i / C;
-        int col = (int)(i % C);
-        float2 v = *(const float2*)((const float*)a.dqacc + i);
-        *(u32*)((T*)a.dqkv + row * 3 * C + col) = pack2<T>(v.x * a.scale, v.y * a.scale);
+    int C = a.nh * a.hs, col = (blockIdx.x * 32 + threadIdx.x) * 2;
+    float acc[2] = {0.f, 0.f};
+    if (col < C) {
+        for (int row = blockIdx.y * 8 + threadIdx.y; row < a.n; row += gridDim.y * 8) {
+            float2 v = *(const float2*)((const float*)a.dqacc + (u64)row * C + col);
+            v.x *= a.scale;
+            v.y *= a.scale;
+            *(u32*)((T*)a.dqkv + (u64)row * 3 * C + col) = pack2<T>(v.x, v.y);
+            acc[0] += v.x;
+            acc[1] += v.y;
+        }
     }
+    if (a.dbias) column_partials_add<2>(acc, (float*)a.dbias, C);
 }
 
 #define TC3_INSTANTIATE(TY, NAME, HS)                                                                                  \

@@ -259,8 +259,9 @@ struct AttnParams {
     int b, n, nh, hs;
     float p, scale;
     u64 step;
+    u64 dbias;  // (3C) f32 += column sums of dqkv (the QKV bias gradient; the K third's are 0), or 0; tensor-core backward only
 };
-CHECK_LAYOUT(AttnParams, 120);
+CHECK_LAYOUT(AttnParams, 128);
 CHECK_FIELD(AttnParams, out, 0);
 CHECK_FIELD(AttnParams, lse, 8);
 CHECK_FIELD(AttnParams, qkv, 16);
@@ -279,6 +280,7 @@ CHECK_FIELD(AttnParams, hs, 100);
 CHECK_FIELD(AttnParams, p, 104);
 CHECK_FIELD(AttnParams, scale, 108);
 CHECK_FIELD(AttnParams, step, 112);
+CHECK_FIELD(AttnParams, dbias, 120);
 
 // ---- reductions -------------------------------------------------------------------------------------------
 __device__ __forceinline__ float warp_sum(float v) {

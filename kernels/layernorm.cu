@@ -209,7 +209,7 @@ __device__ void ln_backward_vec(const LnBwdParams& a) {
     // of dbias partials for its lanes' columns, float4 (k·N/4 + h)·32 + lane holding elements 4h..4h+3 of
     // chunk lane + 32k (each lane touches only its own, conflict-free). The slices are in shared memory, not
     // registers, because dγ and dβ fill the 128 registers of __launch_bounds__(256, 2). 16-byte aligned:
-    // 3·C is a multiple of 4 (C of N). At most 45 KiB (C = 1024 in bf16), under the 48 KiB default.
+    // 3·C is a multiple of 4 (C of N). At most 44 KiB (C = 1024 in bf16), under the 48 KiB default.
     DYN_SMEM(float, smem);
     int warps = blockDim.x / 32, lane = threadIdx.x & 31, nch = a.c / N;
     float* sdg = smem;

@@ -85,7 +85,9 @@ fn run_attention(
     };
     let es = dt.size();
     let ints = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    // buffers: 0 out, 1 lse, 2 qkv, 3 cu, 4 lens, 5 wid, 6 dout, 7 dqkv, 8 dsum, 9 dqacc, 10 step seed
+    // buffers: 0 out, 1 lse, 2 qkv, 3 cu, 4 lens, 5 wid, 6 dout, 7 dqkv, 8 dsum, 9 dqacc, 10 step seed, 11 the QKV
+    // bias gradient (the tensor-core kernels add to it; after variant 1 the launcher runs the bias-gradient
+    // kernel over dqkv, and so does this)
     let bufs = vec![
         vec![0xffu8; n * c * es],
         vec![0xffu8; nh * n * 4],
@@ -98,7 +100,9 @@ fn run_attention(
         vec![0u8; nh * n * 4],
         vec![0u8; n * c * 4],
         ints(&l.step_words()),
+        encode(&inp.dbias0, DType::F32),
     ];
+    let fused = plan.fuses_bias_grad() && case.bias_grad;
     let ptr = AttnParams {
         out: addr(0),
         lse: addr(1),
@@ -115,17 +119,34 @@ fn run_attention(
             0
         },
         step: addr(10),
+        dbias: if fused { addr(11) } else { 0 },
         ..bytemuck::Zeroable::zeroed()
     };
     let mut launches = plan.forward(ptr).unwrap();
     launches.extend(plan.backward(ptr).unwrap());
-    let got = emu
+    let mut got = emu
         .run(&bufs, &launches, mode)
         .unwrap_or_else(|e| panic!("{}: {e}", case_name(case, kernel)))?;
+    if case.bias_grad && !fused {
+        use bertqa::ops::linear::{bias_grad_launch, BiasParams};
+        let p = BiasParams {
+            out: addr(7),
+            bias: addr(11),
+            n: n as i32,
+            oc: 3 * c as i32,
+            out_dt: dtype_code(dt),
+            bias_dt: 0,
+        };
+        let l = bias_grad_launch(dt, p, false, 132).unwrap();
+        got = emu
+            .run(&got, &[l], mode)
+            .unwrap_or_else(|e| panic!("{} bias_grad: {e}", case_name(case, kernel)))?;
+    }
     Some(attention_outputs(
         decode(&got[0], dt),
         decode(&got[1], DType::F32),
         decode(&got[7], dt),
+        Some(decode(&got[11], DType::F32)),
         c,
     ))
 }
@@ -174,7 +195,8 @@ fn attention_sweep(kernel: AttnKernel, dtypes: &[DType], cases: &[AttentionCase]
 /// of w8's backward, 7 query tiles; odd, so the last tiles are partial); at HS=64 also 128 (whole tiles only)
 /// and a packed batch of windows of 1, 17, 64, 65, 383 and 384 tokens (tile edges on both sides), and a
 /// packed batch rounded up to 128 rows by a filler window (1 key, 21 query rows); dropout 0.1, two cases
-/// without dropout, one at 0.5, one where nothing can be kept, and two whose row maxima rise from tile to tile.
+/// without dropout, one at 0.5, one where nothing can be kept, two whose row maxima rise from tile to tile, and
+/// one without the QKV bias gradient.
 fn sizes() -> Vec<AttentionCase> {
     let mut v = vec![];
     for hs in [32, 64, 128] {
@@ -195,6 +217,8 @@ fn sizes() -> Vec<AttentionCase> {
     // rebase only at the first tile)
     v.push(AttentionCase::packed(&[203], 2, 64, 0.1).rising());
     v.push(AttentionCase::packed(&[203], 2, 32, 0.0).rising());
+    // without the QKV bias gradient (dbias must keep its start)
+    v.push(AttentionCase::padded(2, 37, 2, 64, 0.1).without_bias_grad());
     v
 }
 
@@ -385,7 +409,8 @@ fn ln_on_emu(
 /// Residual LayerNorm, scalar and vec kernels, f32/bf16/f16: C = 384 (MiniLM), 768 (BERT-base: three 16-byte
 /// chunks per lane in bf16), 1000 (four, a partial last one), 200 (lanes without a chunk), 37 (no vec kernel:
 /// the scalar fallback);
-/// 19 rows, dropout on; the backward with 1 SM (2 blocks striding over the rows) and with 132.
+/// 19 rows, dropout on; the backward with 1 SM (2 blocks striding over the rows) and with 132; with the bias
+/// gradient of the linear layer before, except at C = 384 on 132 SMs.
 #[test]
 fn emu_layernorm_scalar_and_vec() {
     let mut emu = Emus::default();
@@ -394,12 +419,13 @@ fn emu_layernorm_scalar_and_vec() {
         for c in [384, 768, 1000, 200, 37] {
             for vec in [false, true] {
                 for sm in [1, 132] {
-                    // the bias gradient everywhere but C = 200 (where the kernels must leave it alone)
+                    // the bias gradient everywhere (every vec CH) but C = 384 on 132 SMs, where the kernels
+                    // must leave it alone
                     let case = LayerNormCase {
                         n: 19,
                         c,
                         p: 0.1,
-                        bias_grad: c != 200,
+                        bias_grad: !(c == 384 && sm == 132),
                     };
                     let Some((out, names)) = ln_on_emu(&mut emu, &case, dt, vec, sm) else {
                         return;

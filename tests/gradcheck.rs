@@ -492,35 +492,55 @@ fn attention_backward_matches_finite_differences() {
         let (c, n) = (nh * hs, layout.n());
         let seqs = Seqs::upload(&be, &layout).unwrap();
         let drop = Dropout::new(p, 55);
+        // the attention reads qkv + bias (the QKV projection's output with its bias broadcast over the rows):
+        // the backward's dbias is that bias's gradient
         struct S {
             qkv: Tensor<Cpu>,
+            bias: Tensor<Cpu>,
             w: Vec<f64>,
         }
         let mut s = S {
             qkv: rand_tensor(&be, &mut rng, &[n, 3 * c], F64, 1.5),
+            bias: rand_tensor(&be, &mut rng, &[3 * c], F64, 0.5),
             w: rand_vec(&mut rng, n * c, 1.0),
+        };
+        let biased = |s: &S| {
+            let (x, b) = (
+                s.qkv.to_f64_vec(&be).unwrap(),
+                s.bias.to_f64_vec(&be).unwrap(),
+            );
+            let v: Vec<f64> = x
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v + b[i % (3 * c)])
+                .collect();
+            Tensor::from_f64(&Cpu::new(), &v, &[n, 3 * c], F64).unwrap()
         };
         let f = |s: &S| {
             let mut out = Tensor::zeros(&Cpu::new(), &[n, c], F64).unwrap();
             let mut lse = Tensor::zeros(&Cpu::new(), &[nh, n], F64).unwrap();
             Cpu::new()
-                .attention_forward(&mut out, &mut lse, &s.qkv, &seqs, nh, drop)
+                .attention_forward(&mut out, &mut lse, &biased(s), &seqs, nh, drop)
                 .unwrap();
             dot(&out, &s.w)
         };
+        let qkv = biased(&s);
         let mut out = Tensor::zeros(&be, &[n, c], F64).unwrap();
         let mut lse = Tensor::zeros(&be, &[nh, n], F64).unwrap();
-        be.attention_forward(&mut out, &mut lse, &s.qkv, &seqs, nh, drop)
+        be.attention_forward(&mut out, &mut lse, &qkv, &seqs, nh, drop)
             .unwrap();
         let dout = Tensor::from_f64(&be, &s.w, &[n, c], F64).unwrap();
         let mut dqkv = rand_tensor(&be, &mut rng, &[n, 3 * c], F64, 1.0);
         let mut scratch = Tensor::zeros(&be, &scratch_shape(n, c, nh), F64).unwrap();
+        // dbias accumulates: it starts at 0.25 and FD sees the gradient alone
+        let mut dbias = Tensor::from_f64(&be, &vec![0.25; 3 * c], &[3 * c], F64).unwrap();
         be.attention_backward(
             &mut dqkv,
+            Some(&mut dbias),
             &dout,
             &out,
             &lse,
-            &s.qkv,
+            &qkv,
             &seqs,
             nh,
             drop,
@@ -547,6 +567,19 @@ fn attention_backward_matches_finite_differences() {
             "padded"
         };
         report(&format!("attention {kind} p={p}"), "dqkv", &an, &num);
+        let db: Vec<f64> = dbias
+            .to_f64_vec(&be)
+            .unwrap()
+            .iter()
+            .map(|v| v - 0.25)
+            .collect();
+        let num = fd(
+            &mut s,
+            &|s| &mut s.bias,
+            &f,
+            &(0..3 * c).collect::<Vec<_>>(),
+        );
+        report(&format!("attention {kind} p={p}"), "dbias", &db, &num);
     }
 }
 

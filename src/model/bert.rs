@@ -406,8 +406,10 @@ impl<B: Backend> BertQa<B> {
                 &a.att,
                 &w.ao_w,
             )?;
+            // the QKV projection's bias gradient comes with dqkv
             be.attention_backward(
                 &mut g.dqkv,
+                Some(&mut gl.qkv_b),
                 &g.datt,
                 &a.att,
                 &a.lse,
@@ -421,7 +423,7 @@ impl<B: Backend> BertQa<B> {
                 Some(&mut g.dx),
                 true,
                 &mut gl.qkv_w,
-                Some(&mut gl.qkv_b),
+                None,
                 &g.dqkv,
                 x,
                 &w.qkv_w,

@@ -479,6 +479,8 @@ pub struct AttentionCase {
     pub p: f32,
     /// keys scaled up along each window (`rising`)
     pub rising: bool,
+    /// the backward also adds the QKV bias gradient (all cases but those made `without_bias_grad`)
+    pub bias_grad: bool,
 }
 /// The host inputs of an [`AttentionCase`] (before rounding to the run's dtype).
 pub struct AttentionInputs {
@@ -488,6 +490,8 @@ pub struct AttentionInputs {
     pub qkv: Vec<f64>,
     /// (N,C) the output gradient
     pub dy: Vec<f64>,
+    /// (3C) the QKV bias gradient before the backward adds to it
+    pub dbias0: Vec<f64>,
     pub drop: Dropout,
 }
 impl AttentionCase {
@@ -501,6 +505,7 @@ impl AttentionCase {
             hs,
             p,
             rising: false,
+            bias_grad: true,
         }
     }
     /// Windows of these lengths, packed (no padding).
@@ -512,6 +517,7 @@ impl AttentionCase {
             hs,
             p,
             rising: false,
+            bias_grad: true,
         }
     }
     /// The keys of position t of each window scaled by 1 + 3t/64, so that on the full 64-key tiles the row
@@ -520,6 +526,11 @@ impl AttentionCase {
     /// its first tile (and still keeps a stale base on some tiles).
     pub fn rising(mut self) -> Self {
         self.rising = true;
+        self
+    }
+    /// The backward without the QKV bias gradient (the kernels must then leave it alone).
+    pub fn without_bias_grad(mut self) -> Self {
+        self.bias_grad = false;
         self
     }
     /// Windows of these lengths, packed, then a filler window rounding the rows up to a multiple of
@@ -551,9 +562,11 @@ impl AttentionCase {
                 }
             }
         }
+        let dy = rv(&mut r, n * c, 1.0);
         AttentionInputs {
             qkv,
-            dy: rv(&mut r, n * c, 1.0),
+            dy,
+            dbias0: rv(&mut r, 3 * c, 1.0),
             drop: Dropout::new(self.p, 777),
             layout,
         }
@@ -561,10 +574,15 @@ impl AttentionCase {
     /// "padded B=2 T=37" or "packed lens=[1, 17, …]"
     pub fn shape_name(&self) -> String {
         let s = self.layout_name();
-        if self.rising {
+        let s = if self.rising {
             format!("{s} rising")
         } else {
             s
+        };
+        if self.bias_grad {
+            s
+        } else {
+            format!("{s} no-dbias")
         }
     }
     fn layout_name(&self) -> String {
@@ -598,6 +616,7 @@ impl Case for AttentionCase {
             layout,
             qkv,
             dy,
+            dbias0,
             drop: d,
         } = self.inputs();
         let n = layout.n();
@@ -609,19 +628,39 @@ impl Case for AttentionCase {
         be.attention_forward(&mut out, &mut lse, &qkv, &seqs, nh, d)?;
         let mut dqkv = Tensor::zeros(be, &[n, 3 * c], dt)?;
         let mut scratch = Tensor::zeros(be, &scratch_shape(n, c, nh), stat(dt))?;
-        be.attention_backward(&mut dqkv, &dy, &out, &lse, &qkv, &seqs, nh, d, &mut scratch)?;
+        let mut dbias = Tensor::from_f64(be, &dbias0, &[3 * c], stat(dt))?;
+        be.attention_backward(
+            &mut dqkv,
+            self.bias_grad.then_some(&mut dbias),
+            &dy,
+            &out,
+            &lse,
+            &qkv,
+            &seqs,
+            nh,
+            d,
+            &mut scratch,
+        )?;
         Ok(attention_outputs(
             out.to_f64_vec(be)?,
             lse.to_f64_vec(be)?,
             dqkv.to_f64_vec(be)?,
+            Some(dbias.to_f64_vec(be)?),
             c,
         ))
     }
 }
 
-/// The named outputs of an attention case from out (N,C), lse (NH,N) and dqkv (N,3C): dQ, dK and dV compared
-/// one by one, so that a kernel that gets one of them wrong says which.
-pub fn attention_outputs(out: Vec<f64>, lse: Vec<f64>, dqkv: Vec<f64>, c: usize) -> Outputs {
+/// The named outputs of an attention case from out (N,C), lse (NH,N), dqkv (N,3C) and the QKV bias gradient
+/// (3C, when there is one): dQ, dK and dV compared one by one, so that a kernel that gets one of them wrong
+/// says which.
+pub fn attention_outputs(
+    out: Vec<f64>,
+    lse: Vec<f64>,
+    dqkv: Vec<f64>,
+    dbias: Option<Vec<f64>>,
+    c: usize,
+) -> Outputs {
     let part = |k: usize| -> Vec<f64> {
         dqkv.chunks(3 * c)
             .flat_map(|row| row[k * c..(k + 1) * c].iter().copied())
@@ -634,6 +673,9 @@ pub fn attention_outputs(out: Vec<f64>, lse: Vec<f64>, dqkv: Vec<f64>, c: usize)
         ("dk".into(), part(1)),
         ("dv".into(), part(2)),
     ]
+    .into_iter()
+    .chain(dbias.map(|d| ("dbias".into(), d)))
+    .collect()
 }
 
 /// The span loss over `b` windows padded to `t` rows (real lengths random, the first full).

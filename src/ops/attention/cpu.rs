@@ -145,6 +145,7 @@ impl AttentionOps for Cpu {
     fn attention_backward(
         &self,
         dqkv: &mut Tensor<Cpu>,
+        dbias: Option<&mut Tensor<Cpu>>,
         dout: &Tensor<Cpu>,
         out: &Tensor<Cpu>,
         lse: &Tensor<Cpu>,
@@ -157,6 +158,9 @@ impl AttentionOps for Cpu {
         let (n, c, hs) = dims("attention_backward", out, lse, qkv, seqs, nh)?;
         dout.expect("attention_backward: dout", out.shape())?;
         dqkv.expect("attention_backward: dqkv", qkv.shape())?;
+        if let Some(d) = &dbias {
+            d.expect("attention_backward: dbias", &[3 * c])?;
+        }
         super::check_scratch(scratch, lse, n, c, nh)?;
         let (cu, lens, wid) = (ids(&seqs.cu)?, ids(&seqs.lens)?, ids(&seqs.wid)?);
         let bl = blocks(&cu, &lens, &wid, nh);
@@ -221,6 +225,13 @@ impl AttentionOps for Cpu {
                             dx[dst + slot..dst + slot + hs].copy_from_slice(d);
                         }
                     }
+                }
+            }
+            // the QKV bias gradient: column sums of dqkv (before rounding to its dtype)
+            if let Some(db) = dbias {
+                let mut db = wr::<T>(db, true);
+                for row in dx.chunks(3 * c) {
+                    db.iter_mut().zip(row).for_each(|(b, v)| *b += *v);
                 }
             }
         });

@@ -72,6 +72,7 @@ impl AttentionOps for Cuda {
     fn attention_backward(
         &self,
         dqkv: &mut Tensor<Cuda>,
+        dbias: Option<&mut Tensor<Cuda>>,
         dout: &Tensor<Cuda>,
         out: &Tensor<Cuda>,
         lse: &Tensor<Cuda>,
@@ -85,6 +86,15 @@ impl AttentionOps for Cuda {
         dout.expect("attention_backward: dout", out.shape())?;
         dqkv.expect("attention_backward: dqkv", qkv.shape())?;
         check_scratch(scratch, lse, n, c, nh)?;
+        if let Some(d) = &dbias {
+            d.expect("attention_backward: dbias", &[3 * c])?;
+            if d.dtype() != DType::F32 {
+                bail!(
+                    "attention_backward: bias gradients are f32 on CUDA, found {}",
+                    d.dtype()
+                );
+            }
+        }
         cuda_checks(
             "attention_backward",
             out.dtype(),
@@ -102,6 +112,9 @@ impl AttentionOps for Cuda {
             hs,
             drop,
         );
+        // the kernels add the bias gradient themselves (tensor-core variants; their vector reductions need an
+        // 8-byte-aligned dbias), or the bias-gradient kernel runs after them
+        let fused = |d: &Tensor<Cuda>| plan.fuses_bias_grad() && d.buf.ptr.is_multiple_of(8);
         // variant 4's f32 dQ accumulator (N,C), zeroed, then D = dO·O (NH,N), in the caller's scratch
         let mut dq = scratch.view(self, 0, &[n, c])?;
         let mut dsum = scratch.view(self, n * c, &[nh, n])?;
@@ -124,11 +137,20 @@ impl AttentionOps for Cuda {
             dqkv: dqkv.buf.ptr,
             dsum: dsum.buf.ptr,
             dqacc: dq.as_ref().map_or(0, |d| d.buf.ptr),
+            dbias: match &dbias {
+                Some(d) if fused(d) => d.buf.ptr,
+                _ => 0,
+            },
             ..bytemuck::Zeroable::zeroed()
         };
         for l in plan.backward(ptr)? {
-            // SAFETY: as in the forward; dsum and dq hold (NH,N) and (N,C) f32
+            // SAFETY: as in the forward; dsum and dq hold (NH,N) and (N,C) f32, dbias 3C f32
             unsafe { self.run(&l) }?;
+        }
+        if let Some(d) = dbias {
+            if !fused(d) {
+                self.bias_grad(d, dqkv, n, 3 * c)?;
+            }
         }
         Ok(())
     }

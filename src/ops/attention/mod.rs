@@ -39,10 +39,17 @@ pub trait AttentionOps: BackendCore {
     /// lse's dtype is the kernels' working memory (contents undefined before and after: D = dO·O and a dQ
     /// accumulator on CUDA, unused by the CPU reference) — the caller's, so that a training step allocates
     /// nothing and its kernels read and write the same addresses at every step (CUDA graphs).
+    ///
+    /// `dbias` (3C), when given, accumulates the column sums of dqkv: the QKV projection's bias gradient,
+    /// which the tensor-core kernels take from their dQ and dV registers as they store them (one pass over
+    /// dqkv fewer; the other kernels run the bias-gradient pass after). Its K third is zero up to rounding
+    /// (a bias on every key shifts each query's scores by a constant, which the softmax ignores); the
+    /// tensor-core kernels add exactly 0 there.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
         dqkv: &mut Tensor<Self>,
+        dbias: Option<&mut Tensor<Self>>,
         dout: &Tensor<Self>,
         out: &Tensor<Self>,
         lse: &Tensor<Self>,
@@ -130,6 +137,9 @@ pub struct AttnParams {
     pub scale: f32,
     /// device address of the step's dropout seed (a u64: [`crate::ops::Seqs::step`])
     pub step: u64,
+    /// (3C) f32, 8-byte aligned, += the column sums of dqkv (the K third: exactly 0), or 0: none (backward of
+    /// the tensor-core variants only: [`AttnPlan::fuses_bias_grad`])
+    pub dbias: u64,
 }
 unsafe impl cudarc::driver::DeviceRepr for AttnParams {}
 
@@ -344,12 +354,13 @@ impl AttnPlan {
                 ((32 * nw) as u32, 1, 1),
                 tc4_smem(hs, nw),
             ));
+            // blocks of 32 column pairs × 8 row lanes (the bias gradient's column sums), at most 64 rows of blocks
             let c = nh * hs;
             v.push(at(
                 "attention_tc",
                 format!("attention_tc4_dq_store_{dt}"),
-                (blocks(n * c / 2, 256).min(65535 * 16), 1, 1),
-                (256, 1, 1),
+                (blocks(c / 2, 32), blocks(n, 8).min(64), 1),
+                (32, 8, 1),
                 0,
             ));
             return Ok(v);
@@ -400,6 +411,12 @@ impl AttnPlan {
         matches!(self.kernel, AttnKernel::V4(_))
     }
 
+    /// Whether the backward's kernels add the QKV bias gradient (`AttnParams::dbias`) themselves: the
+    /// tensor-core variants; after variant 1 the launcher runs the bias-gradient kernel over dqkv.
+    pub fn fuses_bias_grad(&self) -> bool {
+        self.kernel != AttnKernel::V1
+    }
+
     /// Variant 4's kernels come with dropout and, suffixed `_p0`, without (no Philox calls, no keep tests):
     /// the suffix for this call's dropout.
     fn p0_suffix(&self) -> &'static str {
@@ -431,6 +448,7 @@ pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
         hs,
         p,
         scale,
-        step
+        step,
+        dbias
     })]
 }
