@@ -580,6 +580,14 @@ fn attention_backward_matches_finite_differences() {
             &(0..3 * c).collect::<Vec<_>>(),
         );
         report(&format!("attention {kind} p={p}"), "dbias", &db, &num);
+        // its K third is zero (a bias on every key shifts each query's scores by a constant), which the
+        // tensor-core kernels rely on (they add nothing there)
+        let k_max = db[c..2 * c].iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        let v_max = db[2 * c..].iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        assert!(
+            k_max < 1e-12 * v_max,
+            "attention {kind} p={p}: K bias gradient {k_max:e}, not 0 (V: {v_max:e})"
+        );
     }
 }
 
@@ -634,6 +642,16 @@ fn span_loss_gradient_matches_finite_differences() {
             &mut l, &mut d, &mut sums, &s.logits, &st, &en, &seqs, &scale, cfg,
         )
         .unwrap();
+        // the span head's bias has no gradient, which the model relies on (it computes none): each column of
+        // dlogits sums to 0 within every window (softmax shift invariance), so over the batch too
+        let dl = d.to_f64_vec(&be).unwrap();
+        for w in 0..2 {
+            let sum: f64 = dl.iter().skip(w).step_by(2).sum();
+            assert!(
+                sum.abs() < 1e-14,
+                "span_loss: Σ dlogits[.., {w}] = {sum:e}, not 0"
+            );
+        }
         report(
             &format!("span_loss mask_padding={mask_padding}"),
             "dlogits",

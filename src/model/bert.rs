@@ -331,11 +331,15 @@ impl<B: Backend> BertQa<B> {
         })?;
         {
             let last = layers.last().map(|l| &l.out).unwrap_or(emb);
+            // No pass for the span head's bias gradient: it is exactly zero. Each half of the bias adds one
+            // constant to every position's logit of a window's start (end) softmax, which the softmax ignores:
+            // Σ_j dlogits_j = scale·(Σ_j p_j − 1) = 0 in every window (ignored targets: all zero), checked in
+            // tests/gradcheck.rs; summing dlogits would give rounding noise only.
             be.linear_backward(
                 Some(&mut g.dx),
                 false,
                 &mut grads.qa_w,
-                Some(&mut grads.qa_b),
+                None,
                 &g.dlogits,
                 last,
                 &p.qa_w,
