@@ -785,7 +785,7 @@ __device__ void tc4_forward(const AttnParams& a) {
 // (without dropout 527, 543, 577); 649, 663, 725 (478, 489, 544) with the B fragments loaded two n-tiles at a
 // time (ldmatrix.x4: ldb_nk2, ldb_kn2; variant 3 then 1231 + 944).
 // Query tiles (Q, dO, lse, D) are double-buffered with cp.async: tile i+1 loads while tile i computes.
-// dqacc must be zero on entry.
+// dqacc must be zero on entry (tc4_dsum, launched before, zeroes it).
 
 template <typename T, int HS, int NW, bool DROP>
 __device__ void tc4_backward(const AttnParams& a) {
@@ -948,7 +948,9 @@ __device__ void tc4_backward(const AttnParams& a) {
 }
 
 // D[h, row] = dO_row·O_row of head h (variant 4's replacement for attention.cu's attn_dsum, one thread per row
-// with 2-byte loads): G = HS/N threads per (row, head), one 16-byte load each of dO and O, a shuffle sum.
+// with 2-byte loads): G = HS/N threads per (row, head), one 16-byte load each of dO and O, a shuffle sum. Each
+// thread also zeroes the N floats of the dQ accumulator at the same (row, head, group) offset, so that dqacc
+// (N,C) is zero when tc4_backward starts (instead of a memset launch of its own).
 template <typename T, int HS>
 __device__ void tc4_dsum(const AttnParams& a) {
     constexpr int N = Pack16<T>::N, G = HS / N;
@@ -961,6 +963,9 @@ __device__ void tc4_dsum(const AttnParams& a) {
         Pack16<T> x = ld16((const T*)a.dout + off), y = ld16((const T*)a.out + off);
 #pragma unroll
         for (int e = 0; e < N; ++e) s += to_f(x.v[e]) * to_f(y.v[e]);
+        float4* z = (float4*)((float*)a.dqacc + off);  // (N,C) f32, the same offset: 32-byte aligned
+#pragma unroll
+        for (int e = 0; e < N / 4; ++e) z[e] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
 #pragma unroll
     for (int o = G / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);

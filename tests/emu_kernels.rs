@@ -97,8 +97,9 @@ fn run_attention(
         ints(&l.wid),
         encode(&inp.dy, dt),
         vec![0xffu8; n * 3 * c * es],
-        vec![0u8; nh * n * 4],
-        vec![0u8; n * c * 4],
+        // D and the dQ accumulator poisoned (NaN): the backward's first kernel must write every element of both
+        vec![0xffu8; nh * n * 4],
+        vec![0xffu8; n * c * 4],
         ints(&l.step_words()),
         encode(&inp.dbias0, DType::F32),
     ];

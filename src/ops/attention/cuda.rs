@@ -115,16 +115,11 @@ impl AttentionOps for Cuda {
         // the kernels add the bias gradient themselves (tensor-core variants; their vector reductions need an
         // 8-byte-aligned dbias), or the bias-gradient kernel runs after them
         let fused = |d: &Tensor<Cuda>| plan.fuses_bias_grad() && d.buf.ptr.is_multiple_of(8);
-        // variant 4's f32 dQ accumulator (N,C), zeroed, then D = dO·O (NH,N), in the caller's scratch
-        let mut dq = scratch.view(self, 0, &[n, c])?;
-        let mut dsum = scratch.view(self, n * c, &[nh, n])?;
-        dsum.zero_(self)?;
-        let dq = if plan.needs_dq_accumulator() {
-            dq.zero_(self)?;
-            Some(dq)
-        } else {
-            None
-        };
+        // variant 4's f32 dQ accumulator (N,C), then D = dO·O (NH,N), in the caller's scratch; the first kernel
+        // of the backward writes every element of D (and zeroes the accumulator): no memsets
+        let dq = scratch.view(self, 0, &[n, c])?;
+        let dsum = scratch.view(self, n * c, &[nh, n])?;
+        let dq = plan.needs_dq_accumulator().then_some(dq);
         let ptr = AttnParams {
             out: out.buf.ptr,
             lse: lse.buf.ptr,

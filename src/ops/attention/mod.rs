@@ -123,7 +123,7 @@ pub struct AttnParams {
     pub dqkv: u64,
     /// (NH,N) f32 scratch, backward only
     pub dsum: u64,
-    /// (N,C) f32 scratch, zero on entry, backward of variant 4 only
+    /// (N,C) f32 scratch, backward of variant 4 only (zeroed by its first kernel, tc4_dsum)
     pub dqacc: u64,
     /// the dropout site's key ([`crate::rng::Dropout::site`]); the kernel combines it with the step seed
     pub site: u64,
@@ -311,8 +311,8 @@ impl AttnPlan {
         }])
     }
 
-    /// The backward's launches: D = dO·O into dsum, then dQ/dK/dV (variant 4: dQ through dqacc, which must be
-    /// zero on entry, and a final store).
+    /// The backward's launches: D = dO·O into dsum (every element), then dQ/dK/dV (variant 4: the first kernel
+    /// also zeroes dqacc, through which dQ accumulates, and a final store).
     pub fn backward(&self, ptr: AttnParams) -> Result<Vec<Launch<AttnParams>>> {
         let AttnPlan {
             b,
@@ -406,7 +406,7 @@ impl AttnPlan {
 }
 
 impl AttnPlan {
-    /// Whether the backward needs the f32 dQ accumulator `dqacc` (N,C), zero on entry (variant 4).
+    /// Whether the backward needs the f32 dQ accumulator `dqacc` (N,C) (variant 4; its first kernel zeroes it).
     pub fn needs_dq_accumulator(&self) -> bool {
         matches!(self.kernel, AttnKernel::V4(_))
     }
