@@ -219,16 +219,13 @@ __device__ void ln_backward_vec(const LnBwdParams& a) {
     const bool bias = a.dbias != 0;
     for (int i = threadIdx.x; i < (bias ? 3 * a.c + warps * CH * 32 * N : 2 * a.c); i += blockDim.x) smem[i] = 0.f;
     __syncthreads();
-    // γ and the row's dout and sum stay packed (T) in registers; dγ, dβ partials are f32
-    Pack16<T> gam[CH];
+    // the row's dout and sum stay packed (T) in registers; dγ, dβ partials are f32; γ is read again (L1) where
+    // it is needed: kept in registers it pushed the kernel past its 128 (spills at C = 768 in bf16)
     float dg[CH][N], db[CH][N];
 #pragma unroll
-    for (int k = 0; k < CH; ++k) {
-        int ch = lane + 32 * k;
-        gam[k] = ld16((const T*)a.gamma + (ch < nch ? ch : 0) * N);
+    for (int k = 0; k < CH; ++k)
 #pragma unroll
         for (int e = 0; e < N; ++e) dg[k][e] = db[k][e] = 0.f;
-    }
     for (int row = blockIdx.x * warps + (threadIdx.x >> 5); row < a.n; row += gridDim.x * warps) {
         u64 r0 = (u64)row * a.c;
         float mean = ((const float*)a.mean)[row], rstd = ((const float*)a.rstd)[row];
@@ -241,10 +238,11 @@ __device__ void ln_backward_vec(const LnBwdParams& a) {
             if (ch < nch) {
                 d[k] = ld16((const T*)a.dout + r0 + (u64)ch * N);
                 x[k] = ld16((const T*)a.sum + r0 + (u64)ch * N);
+                Pack16<T> gam = ld16((const T*)a.gamma + ch * N);
 #pragma unroll
                 for (int e = 0; e < N; ++e) {
                     float dy = to_f(d[k].v[e]), xh = (to_f(x[k].v[e]) - mean) * rstd;
-                    float gi = dy * to_f(gam[k].v[e]);
+                    float gi = dy * to_f(gam.v[e]);
                     mg += gi;
                     mgx += gi * xh;
                     dg[k][e] += dy * xh;
@@ -261,11 +259,11 @@ __device__ void ln_backward_vec(const LnBwdParams& a) {
                 u64 i = r0 + (u64)ch * N;
                 float f[N];
                 hidden_factors<N / 4>(seed, w, t, ch * N, a.p, f);
-                Pack16<T> dr, di;
+                Pack16<T> dr, di, gam = ld16((const T*)a.gamma + ch * N);
 #pragma unroll
                 for (int e = 0; e < N; ++e) {
                     float xh = (to_f(x[k].v[e]) - mean) * rstd;
-                    float ds = rstd * (to_f(d[k].v[e]) * to_f(gam[k].v[e]) - mg - xh * mgx);
+                    float ds = rstd * (to_f(d[k].v[e]) * to_f(gam.v[e]) - mg - xh * mgx);
                     dr.v[e] = from_f<T>(ds);
                     f[e] *= ds;  // dinp, unrounded
                     di.v[e] = from_f<T>(f[e]);
