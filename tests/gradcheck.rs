@@ -234,8 +234,9 @@ fn residual_layernorm_backward_matches_finite_differences() {
             let v: Vec<f64> = x.iter().enumerate().map(|(i, v)| v + bias[i % c]).collect();
             Tensor::from_f64(&Cpu::new(), &v, &[n, c], F64).unwrap()
         };
-        let f = |s: &S| {
-            let z = |sh: &[usize]| Tensor::zeros(&Cpu::new(), sh, F64).unwrap();
+        // the forward on the CPU reference: (out, sum, mean, rstd)
+        let z = |sh: &[usize]| Tensor::zeros(&Cpu::new(), sh, F64).unwrap();
+        let fwd = |s: &S| {
             let (mut out, mut sum, mut m, mut rs) = (z(&[n, c]), z(&[n, c]), z(&[n]), z(&[n]));
             Cpu::new()
                 .residual_layernorm_forward(
@@ -252,24 +253,10 @@ fn residual_layernorm_backward_matches_finite_differences() {
                     &seqs,
                 )
                 .unwrap();
-            dot(&out, &s.w)
+            (out, sum, m, rs)
         };
-        let z = |sh: &[usize]| Tensor::zeros(&be, sh, F64).unwrap();
-        let (mut out, mut sum, mut m, mut rs) = (z(&[n, c]), z(&[n, c]), z(&[n]), z(&[n]));
-        be.residual_layernorm_forward(
-            &mut out,
-            &mut sum,
-            &mut m,
-            &mut rs,
-            &inp(&s),
-            &s.r,
-            &s.g,
-            &s.b,
-            1e-5,
-            drop,
-            &seqs,
-        )
-        .unwrap();
+        let f = |s: &S| dot(&fwd(s).0, &s.w);
+        let (_, sum, m, rs) = fwd(&s);
         let dout = Tensor::from_f64(&be, &s.w, &[n, c], F64).unwrap();
         let (mut dx, mut dr, mut dg, mut db) = (z(&[n, c]), z(&[n, c]), z(&[c]), z(&[c]));
         // dbias accumulates: it starts at 0.5 and FD sees the gradient alone
