@@ -115,9 +115,10 @@ fn packed_padded_and_accumulated_steps_agree_in_f64_with_dropout() {
             .sqrt();
         for ((name, a), (_, b)) in g.iter().zip(&g0) {
             // the span head's bias and the last LayerNorm's bias have no true gradient (softmax ignores a
-            // constant added to every position's logit): the model leaves the first at exactly 0
-            // (src/model/bert.rs), the second is rounding noise on both sides, whose relative difference
-            // means nothing; check that both are (near) zero
+            // constant added to every position's logit). The model computes none for the first (exactly 0
+            // here, src/model/bert.rs); the second, (Σ_rows dlogits)·W_qa, is rounding noise on both sides,
+            // whose relative difference means nothing — checking that it is noise checks, in every layout
+            // here, the identity Σ_rows dlogits = 0 that leaving out the first relies on
             if name == "qa_outputs.bias" || name == "encoder.layer.1.output.LayerNorm.bias" {
                 let m = a.iter().chain(b).fold(0.0f64, |m, x| m.max(x.abs()));
                 assert!(
