@@ -320,6 +320,8 @@ fn bench_elementwise<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) 
     let res = rand_t(be, r, &[n, c], dt, 1.0);
     let g = rand_t(be, r, &[c], dt, 1.0);
     let bb = rand_t(be, r, &[c], dt, 1.0);
+    // the bias of the linear layer before, added here as the model does
+    let lbias = rand_t(be, r, &[c], dt, 0.05);
     let (mut out, mut sum) = (
         Tensor::zeros(be, &[n, c], dt).unwrap(),
         Tensor::zeros(be, &[n, c], dt).unwrap(),
@@ -348,14 +350,25 @@ fn bench_elementwise<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) 
         be.use_kernels(k);
         let ms = bench(be, tab.iters, &mut || {
             be.residual_layernorm_forward(
-                &mut out, &mut sum, &mut m, &mut rs, &x, &res, &g, &bb, 1e-12, d, &seqs,
+                &mut out,
+                &mut sum,
+                &mut m,
+                &mut rs,
+                &x,
+                Some(&lbias),
+                &res,
+                &g,
+                &bb,
+                1e-12,
+                d,
+                &seqs,
             )
             .unwrap()
         });
         let bytes = 4.0 * (n * c) as f64 * es;
         let sh = format!("{n}x{c}");
         tab.add(
-            &format!("residual+dropout+layernorm fwd{label}"),
+            &format!("residual+dropout+layernorm fwd, +bias{label}"),
             &sh,
             ms,
             bytes,

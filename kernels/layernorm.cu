@@ -8,8 +8,9 @@ struct LnFwdParams {
     int n, c;
     float eps, p;
     u64 step;
+    u64 bias;  // (C) T: the bias of the linear layer that produced inp, added before the dropout; or 0
 };
-CHECK_LAYOUT(LnFwdParams, 112);
+CHECK_LAYOUT(LnFwdParams, 120);
 CHECK_FIELD(LnFwdParams, out, 0);
 CHECK_FIELD(LnFwdParams, pos, 8);
 CHECK_FIELD(LnFwdParams, roww, 16);
@@ -26,6 +27,7 @@ CHECK_FIELD(LnFwdParams, c, 92);
 CHECK_FIELD(LnFwdParams, eps, 96);
 CHECK_FIELD(LnFwdParams, p, 100);
 CHECK_FIELD(LnFwdParams, step, 104);
+CHECK_FIELD(LnFwdParams, bias, 112);
 
 struct LnBwdParams {
     u64 dinp, pos, roww, dresid, dgamma, dbeta, dout, sum, mean, rstd, gamma, site;
@@ -55,8 +57,8 @@ CHECK_FIELD(LnBwdParams, _pad, 108);
 CHECK_FIELD(LnBwdParams, step, 112);
 CHECK_FIELD(LnBwdParams, dbias, 120);
 
-// sum = resid + dropout(inp); out = LN(sum). The statistics are taken over `sum` as stored (rounded to T),
-// exactly what backward reads back.
+// sum = resid + dropout(inp + bias); out = LN(sum). The statistics are taken over `sum` as stored (rounded to
+// T), exactly what backward reads back.
 template <typename T>
 __device__ void ln_forward(const LnFwdParams& a) {
     const u64 seed = dropout_seed(a);
@@ -68,9 +70,10 @@ __device__ void ln_forward(const LnFwdParams& a) {
     T* sum = (T*)a.sum + (u64)row * a.c;
     T* out = (T*)a.out + (u64)row * a.c;
     int w = ((const int*)a.roww)[row], t = ((const int*)a.pos)[row];
+    const T* bias = (const T*)a.bias;
     float s = 0.f;
     for (int i = lane; i < a.c; i += 32) {
-        float v = to_f(res[i]) + to_f(inp[i]) * hidden_factor(seed, w, t, i, a.p);
+        float v = to_f(res[i]) + (to_f(inp[i]) + (bias ? to_f(bias[i]) : 0.f)) * hidden_factor(seed, w, t, i, a.p);
         T vs = from_f<T>(v);
         sum[i] = vs;
         s += to_f(vs);
@@ -166,11 +169,19 @@ __device__ void ln_forward_vec(const LnFwdParams& a) {
         if (ch < nch) {
             u64 i = r0 + (u64)ch * N;
             Pack16<T> x = ld16((const T*)a.inp + i), r = ld16((const T*)a.resid + i), y;
-            float f[N];
+            float f[N], bv[N];
             hidden_factors<N / 4>(seed, w, t, ch * N, a.p, f);
+            if (a.bias) {
+                Pack16<T> b = ld16((const T*)a.bias + ch * N);
+#pragma unroll
+                for (int e = 0; e < N; ++e) bv[e] = to_f(b.v[e]);
+            } else {
+#pragma unroll
+                for (int e = 0; e < N; ++e) bv[e] = 0.f;
+            }
 #pragma unroll
             for (int e = 0; e < N; ++e) {
-                y.v[e] = from_f<T>(to_f(r.v[e]) + to_f(x.v[e]) * f[e]);
+                y.v[e] = from_f<T>(to_f(r.v[e]) + (to_f(x.v[e]) + bv[e]) * f[e]);
                 v[k][e] = to_f(y.v[e]);
                 s += v[k][e];
             }

@@ -320,7 +320,7 @@ fn ln_on_emu(
     let es = dt.size();
     let ints = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     // 0 out, 1 sum, 2 mean, 3 rstd, 4 inp, 5 resid, 6 gamma, 7 beta, 8 dinp, 9 dresid, 10 dgamma, 11 dbeta, 12 dout,
-    // 13 positions, 14 row windows, 15 step seed, 16 dbias
+    // 13 positions, 14 row windows, 15 step seed, 16 dbias, 17 the linear bias added to inp
     let bufs = vec![
         vec![0xffu8; n * c * es],
         vec![0xffu8; n * c * es],
@@ -339,6 +339,7 @@ fn ln_on_emu(
         ints(&i.layout.row_w()),
         ints(&i.layout.step_words()),
         encode(&i.dbias0, DType::F32),
+        encode(&i.bias, dt),
     ];
     let f = LnFwdParams {
         out: addr(0),
@@ -357,6 +358,7 @@ fn ln_on_emu(
         eps: 1e-12,
         p: i.drop.p,
         step: addr(15),
+        bias: if case.linear_bias { addr(17) } else { 0 },
     };
     let b = LnBwdParams {
         dinp: addr(8),
@@ -376,7 +378,7 @@ fn ln_on_emu(
         p: i.drop.p,
         _pad: 0,
         step: addr(15),
-        dbias: if case.bias_grad { addr(16) } else { 0 },
+        dbias: if case.linear_bias { addr(16) } else { 0 },
     };
     let (fl, bl) = (
         forward_launch(dt, f, vec).unwrap(),
@@ -401,7 +403,7 @@ fn ln_on_emu(
             ("dbeta".into(), f32s(11)),
         ]
         .into_iter()
-        .chain(case.bias_grad.then(|| ("dbias".into(), f32s(16))))
+        .chain(case.linear_bias.then(|| ("dbias".into(), f32s(16))))
         .collect(),
         names,
     ))
@@ -411,7 +413,7 @@ fn ln_on_emu(
 /// chunks per lane in bf16), 1000 (four, a partial last one), 200 (lanes without a chunk), 37 (no vec kernel:
 /// the scalar fallback);
 /// 19 rows, dropout on; the backward with 1 SM (2 blocks striding over the rows) and with 132; with the bias
-/// gradient of the linear layer before, except at C = 384 on 132 SMs.
+/// and gradient of the linear layer before, except at C = 384 on 132 SMs.
 #[test]
 fn emu_layernorm_scalar_and_vec() {
     let mut emu = Emus::default();
@@ -420,13 +422,13 @@ fn emu_layernorm_scalar_and_vec() {
         for c in [384, 768, 1000, 200, 37] {
             for vec in [false, true] {
                 for sm in [1, 132] {
-                    // the bias gradient everywhere (every vec CH) but C = 384 on 132 SMs, where the kernels
-                    // must leave it alone
+                    // the linear bias (forward) and its gradient everywhere (every vec CH) but C = 384 on 132
+                    // SMs, where the kernels must do without and leave dbias alone
                     let case = LayerNormCase {
                         n: 19,
                         c,
                         p: 0.1,
-                        bias_grad: !(c == 384 && sm == 132),
+                        linear_bias: !(c == 384 && sm == 132),
                     };
                     let Some((out, names)) = ln_on_emu(&mut emu, &case, dt, vec, sm) else {
                         return;

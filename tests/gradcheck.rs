@@ -207,8 +207,7 @@ fn residual_layernorm_backward_matches_finite_differences() {
         let mut rng = Rng::new(3);
         let (n, c) = (5, 13);
         let drop = Dropout::new(p, 77);
-        // inp = x + bias (the output of a linear layer with bias `bias`, broadcast over the rows): the
-        // backward's dbias is that bias's gradient
+        // the op's own `bias` (the linear layer's, added to inp): the backward's dbias is its gradient
         struct S {
             x: Tensor<Cpu>,
             bias: Tensor<Cpu>,
@@ -226,14 +225,6 @@ fn residual_layernorm_backward_matches_finite_differences() {
             w: rand_vec(&mut rng, n * c, 1.0),
         };
         let seqs = Seqs::upload(&be, &common::parity::rows_layout(n)).unwrap();
-        let inp = |s: &S| {
-            let (x, bias) = (
-                s.x.to_f64_vec(&be).unwrap(),
-                s.bias.to_f64_vec(&be).unwrap(),
-            );
-            let v: Vec<f64> = x.iter().enumerate().map(|(i, v)| v + bias[i % c]).collect();
-            Tensor::from_f64(&Cpu::new(), &v, &[n, c], F64).unwrap()
-        };
         // the forward on the CPU reference: (out, sum, mean, rstd)
         let z = |sh: &[usize]| Tensor::zeros(&Cpu::new(), sh, F64).unwrap();
         let fwd = |s: &S| {
@@ -244,7 +235,8 @@ fn residual_layernorm_backward_matches_finite_differences() {
                     &mut sum,
                     &mut m,
                     &mut rs,
-                    &inp(s),
+                    &s.x,
+                    Some(&s.bias),
                     &s.r,
                     &s.g,
                     &s.b,

@@ -6,11 +6,11 @@
 //! for l in 0..L:
 //!   qkv = x·Wqkvᵀ + bqkv                                              (N,3C)
 //!   att = attention(qkv, seqs)            saves lse                   (N,C), lse (NH,N)
-//!   ao  = att·Woᵀ + bo                                                (N,C)    (scratch)
-//!   h   = LN1(x + dropout(ao))            saves sum1, mean1, rstd1    (N,C)
+//!   ao  = att·Woᵀ                                                     (N,C)    (scratch)
+//!   h   = LN1(x + dropout(ao + bo))       saves sum1, mean1, rstd1    (N,C)
 //!   pre = h·W1ᵀ + b1 ; f = gelu(pre)                                  (N,F)
-//!   fo  = f·W2ᵀ + b2                                                  (N,C)    (scratch)
-//!   x   = LN2(h + dropout(fo))            saves sum2, mean2, rstd2    (N,C)
+//!   fo  = f·W2ᵀ                                                       (N,C)    (scratch)
+//!   x   = LN2(h + dropout(fo + b2))       saves sum2, mean2, rstd2    (N,C)
 //! logits = x·Wqaᵀ + bqa                                               (N,2)  [..,0] start, [..,1] end
 //! loss = (CE(start) + CE(end)) / 2, CE per window over its positions   span_loss
 //! ```
@@ -213,13 +213,15 @@ impl<B: Backend> BertQa<B> {
             let w = &p.layers[l];
             be.linear_forward(&mut a.qkv, x, &w.qkv_w, Some(&w.qkv_b))?;
             be.attention_forward(&mut a.att, &mut a.lse, &a.qkv, seqs, nh, drop.attn(l))?;
-            be.linear_forward(sub, &a.att, &w.ao_w, Some(&w.ao_b))?;
+            // the output and down projections' biases are added in the LayerNorm after them
+            be.linear_forward(sub, &a.att, &w.ao_w, None)?;
             be.residual_layernorm_forward(
                 &mut a.h,
                 &mut a.sum1,
                 &mut a.mean1,
                 &mut a.rstd1,
                 sub,
+                Some(&w.ao_b),
                 x,
                 &w.ln1_g,
                 &w.ln1_b,
@@ -229,13 +231,14 @@ impl<B: Backend> BertQa<B> {
             )?;
             be.linear_forward(&mut a.pre, &a.h, &w.ff1_w, Some(&w.ff1_b))?;
             be.gelu_forward(&mut a.f, &a.pre)?;
-            be.linear_forward(sub, &a.f, &w.ff2_w, Some(&w.ff2_b))?;
+            be.linear_forward(sub, &a.f, &w.ff2_w, None)?;
             be.residual_layernorm_forward(
                 &mut a.out,
                 &mut a.sum2,
                 &mut a.mean2,
                 &mut a.rstd2,
                 sub,
+                Some(&w.ff2_b),
                 &a.h,
                 &w.ln2_g,
                 &w.ln2_b,
@@ -350,7 +353,7 @@ impl<B: Backend> BertQa<B> {
             let x = if l == 0 { &*emb } else { &layers[l - 1].out };
             let w = &p.layers[l];
             let gl = &mut grads.layers[l];
-            // x_out = LN2(h + dropout(fo)): dx → dfo (dsub), dh; the down-projection's bias gradient (Σ dfo)
+            // x_out = LN2(h + dropout(fo + b2)): dx → dfo (dsub), dh; the down-projection's bias gradient (Σ dfo)
             // in the same pass
             be.residual_layernorm_backward(
                 &mut g.dsub,
@@ -386,7 +389,7 @@ impl<B: Backend> BertQa<B> {
                 &a.h,
                 &w.ff1_w,
             )?;
-            // h = LN1(x + dropout(ao)): dh → dao (dsub), dx; the output projection's bias gradient too
+            // h = LN1(x + dropout(ao + bo)): dh → dao (dsub), dx; the output projection's bias gradient too
             be.residual_layernorm_backward(
                 &mut g.dsub,
                 &mut g.dx,

@@ -246,8 +246,9 @@ pub struct LayerNormCase {
     pub n: usize,
     pub c: usize,
     pub p: f32,
-    /// also the bias gradient of the linear layer before (dbias += Σ dinp), starting from `dbias0`
-    pub bias_grad: bool,
+    /// the linear layer before has a bias: added to inp in the forward (`bias`), its gradient added in the
+    /// backward (dbias += Σ dinp, starting from `dbias0`)
+    pub linear_bias: bool,
 }
 /// The host inputs of a [`LayerNormCase`] (before rounding to the run's dtype).
 pub struct LayerNormInputs {
@@ -263,6 +264,8 @@ pub struct LayerNormInputs {
     pub dy: Vec<f64>,
     /// (C) the bias gradient's value before the backward adds to it
     pub dbias0: Vec<f64>,
+    /// (C) the linear layer's bias, added to inp
+    pub bias: Vec<f64>,
     pub drop: Dropout,
     /// the rows' layout (dropout keys)
     pub layout: SeqLayout,
@@ -278,6 +281,7 @@ impl LayerNormCase {
             beta: rv(&mut r, c, 0.5),
             dy: rv(&mut r, n * c, 1.0),
             dbias0: rv(&mut r, c, 1.0),
+            bias: rv(&mut r, c, 0.5),
             drop: Dropout::new(self.p, 99),
             layout: rows_layout(n),
         }
@@ -285,7 +289,7 @@ impl LayerNormCase {
 }
 impl Case for LayerNormCase {
     fn name(&self) -> String {
-        let bg = if self.bias_grad { " +dbias" } else { "" };
+        let bg = if self.linear_bias { " +bias" } else { "" };
         format!(
             "residual_layernorm N={} C={} p={}{bg}",
             self.n, self.c, self.p
@@ -307,8 +311,20 @@ impl Case for LayerNormCase {
             Tensor::zeros(be, &[n, c], dt)?,
         );
         let (mut mean, mut rstd) = (Tensor::zeros(be, &[n], s)?, Tensor::zeros(be, &[n], s)?);
+        let bias = up(be, &i.bias, &[c], dt)?;
         be.residual_layernorm_forward(
-            &mut out, &mut sum, &mut mean, &mut rstd, &x, &res, &gamma, &beta, 1e-12, d, &seqs,
+            &mut out,
+            &mut sum,
+            &mut mean,
+            &mut rstd,
+            &x,
+            self.linear_bias.then_some(&bias),
+            &res,
+            &gamma,
+            &beta,
+            1e-12,
+            d,
+            &seqs,
         )?;
         let (mut dx, mut dr) = (
             Tensor::zeros(be, &[n, c], dt)?,
@@ -321,7 +337,7 @@ impl Case for LayerNormCase {
             &mut dr,
             &mut dg,
             &mut db,
-            self.bias_grad.then_some(&mut dbias),
+            self.linear_bias.then_some(&mut dbias),
             &dy,
             &sum,
             &mean,
@@ -339,7 +355,7 @@ impl Case for LayerNormCase {
             ("dgamma".into(), dg.to_f64_vec(be)?),
             ("dbeta".into(), db.to_f64_vec(be)?),
         ];
-        if self.bias_grad {
+        if self.linear_bias {
             o.push(("dbias".into(), dbias.to_f64_vec(be)?));
         }
         Ok(o)
@@ -1112,7 +1128,7 @@ pub fn suite<B: Backend>(dev: &B, dt: DType, head_sizes: &[usize]) -> Result<Vec
             n: 37,
             c: 96,
             p: 0.1,
-            bias_grad: true,
+            linear_bias: true,
         },
     )?);
     rows.extend(compare(
@@ -1122,7 +1138,7 @@ pub fn suite<B: Backend>(dev: &B, dt: DType, head_sizes: &[usize]) -> Result<Vec
             n: 64,
             c: 768,
             p: 0.0,
-            bias_grad: false,
+            linear_bias: false,
         },
     )?);
     rows.extend(compare(
@@ -1132,7 +1148,7 @@ pub fn suite<B: Backend>(dev: &B, dt: DType, head_sizes: &[usize]) -> Result<Vec
             n: 50,
             c: 768,
             p: 0.1,
-            bias_grad: true,
+            linear_bias: true,
         },
     )?);
     rows.extend(compare(

@@ -78,6 +78,7 @@ impl LayerNormOps for Cpu {
         mean: &mut Tensor<Cpu>,
         rstd: &mut Tensor<Cpu>,
         inp: &Tensor<Cpu>,
+        bias: Option<&Tensor<Cpu>>,
         resid: &Tensor<Cpu>,
         gamma: &Tensor<Cpu>,
         beta: &Tensor<Cpu>,
@@ -93,13 +94,22 @@ impl LayerNormOps for Cpu {
             &[gamma, beta],
         )?;
         seqs.expect_rows("residual_layernorm_forward: inp", n)?;
+        if let Some(b) = bias {
+            dims("residual_layernorm_forward: bias", inp, &[], &[], &[b])?;
+        }
         let (pos, roww) = (ids(&seqs.pos)?, ids(&seqs.row_w)?);
         let drop = drop.at(seqs.step_seed(self)?);
         let sum_dtype = sum.dtype();
         crate::cpu_compute!(out.dtype(), T => {
             let (x, r, g, b) = (rd::<T>(inp), rd::<T>(resid), rd::<T>(gamma), rd::<T>(beta));
+            // inp + bias, then dropped out
+            let mut xb = x.to_vec();
+            if let Some(bias) = bias {
+                let bias = rd::<T>(bias);
+                xb.iter_mut().enumerate().for_each(|(i, v)| *v += bias[i % c]);
+            }
             let mut dropped = vec![T::zero(); x.len()];
-            dropout_rows_ref(&mut dropped, &x, c, &pos, &roww, drop);
+            dropout_rows_ref(&mut dropped, &xb, c, &pos, &roww, drop);
             let mut s = wr::<T>(sum, false);
             for i in 0..s.len() {
                 s[i] = r[i] + dropped[i];

@@ -29,6 +29,7 @@ impl LayerNormOps for Cuda {
         mean: &mut Tensor<Cuda>,
         rstd: &mut Tensor<Cuda>,
         inp: &Tensor<Cuda>,
+        bias: Option<&Tensor<Cuda>>,
         resid: &Tensor<Cuda>,
         gamma: &Tensor<Cuda>,
         beta: &Tensor<Cuda>,
@@ -39,18 +40,18 @@ impl LayerNormOps for Cuda {
         let op = "residual_layernorm_forward";
         let (n, c) = dims(op, inp, &[mean, rstd], &[resid, out, sum], &[gamma, beta])?;
         seqs.expect_rows(op, n)?;
-        cuda_dtypes(
-            op,
-            out.dtype(),
-            &[
-                sum.dtype(),
-                inp.dtype(),
-                resid.dtype(),
-                gamma.dtype(),
-                beta.dtype(),
-            ],
-            &[mean.dtype(), rstd.dtype()],
-        )?;
+        let mut acts = vec![
+            sum.dtype(),
+            inp.dtype(),
+            resid.dtype(),
+            gamma.dtype(),
+            beta.dtype(),
+        ];
+        if let Some(b) = bias {
+            dims(op, inp, &[], &[], &[b])?;
+            acts.push(b.dtype());
+        }
+        cuda_dtypes(op, out.dtype(), &acts, &[mean.dtype(), rstd.dtype()])?;
         let p = LnFwdParams {
             out: out.buf.ptr,
             pos: seqs.pos.buf.ptr,
@@ -68,6 +69,7 @@ impl LayerNormOps for Cuda {
             c: c as i32,
             eps,
             p: drop.p,
+            bias: bias.map_or(0, |b| b.buf.ptr),
         };
         // SAFETY: shapes checked above; every address is a live buffer of this backend
         unsafe { self.run(&forward_launch(out.dtype(), p, self.kernels().vec)?) }

@@ -1,8 +1,10 @@
 //! Residual add + dropout + LayerNorm, fused: BERT's `LN(resid + dropout(inp))` after each sub-layer, over
 //! the N rows of a batch (the dropout stream keys row r by its window and position: `seqs`).
 //!
-//! Forward:  `sum = resid + dropout(inp)`, `out = (sum - mean)·rstd·gamma + beta`, rstd = 1/sqrt(var + eps),
-//!           biased variance as in torch.nn.LayerNorm. Saves `sum`, `mean`, `rstd`.
+//! Forward:  `sum = resid + dropout(inp + bias)`, `out = (sum - mean)·rstd·gamma + beta`,
+//!           rstd = 1/sqrt(var + eps), biased variance as in torch.nn.LayerNorm. Saves `sum`, `mean`, `rstd`.
+//!           `bias` (optional) is the bias of the linear layer whose output `inp` is, added here instead of
+//!           in a pass of its own after the GEMM (cuBLAS) or in its epilogue (cuBLASLt).
 //! Backward: `x̂ = (sum - mean)·rstd`, `g = dout·gamma`,
 //!           `dsum = rstd·(g - mean(g) - x̂·mean(g·x̂))`, `dgamma += Σ dout·x̂`, `dbeta += Σ dout`,
 //!           `dresid = dsum` (overwrite), `dinp = dropout(dsum)` (overwrite, same mask), and, when asked,
@@ -21,7 +23,8 @@ use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
 
 pub trait LayerNormOps: BackendCore {
-    /// out (N,C), sum (N,C), mean (N), rstd (N) ← inp (N,C), resid (N,C), gamma (C), beta (C).
+    /// out (N,C), sum (N,C), mean (N), rstd (N) ← inp (N,C), its bias (C) when given, resid (N,C), gamma (C),
+    /// beta (C).
     #[allow(clippy::too_many_arguments)]
     fn residual_layernorm_forward(
         &self,
@@ -30,6 +33,7 @@ pub trait LayerNormOps: BackendCore {
         mean: &mut Tensor<Self>,
         rstd: &mut Tensor<Self>,
         inp: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
         resid: &Tensor<Self>,
         gamma: &Tensor<Self>,
         beta: &Tensor<Self>,
@@ -121,6 +125,8 @@ pub struct LnFwdParams {
     pub p: f32,
     /// device address of the step's dropout seed (a u64: [`crate::ops::Seqs::step`])
     pub step: u64,
+    /// (C) the bias added to inp (the activation dtype), or 0: none
+    pub bias: u64,
 }
 
 unsafe impl cudarc::driver::DeviceRepr for LnFwdParams {}
@@ -156,7 +162,7 @@ pub struct LnBwdParams {
 /// kernel when `vec` and it applies (`ln_kernel`).
 pub fn forward_launch(act: DType, p: LnFwdParams, vec: bool) -> Result<Launch<LnFwdParams>> {
     let (n, c) = (p.n as usize, p.c as usize);
-    let ptrs = [p.out, p.sum, p.inp, p.resid, p.gamma, p.beta];
+    let ptrs = [p.out, p.sum, p.inp, p.resid, p.gamma, p.beta, p.bias];
     Ok(Launch {
         module: "layernorm",
         name: ln_kernel("forward", act, c, &ptrs, vec)?.0,
@@ -255,7 +261,8 @@ pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
             c,
             eps,
             p,
-            step
+            step,
+            bias
         }),
         crate::param_layout!(LnBwdParams {
             dinp,
