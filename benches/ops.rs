@@ -320,8 +320,9 @@ fn bench_elementwise<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) 
     let res = rand_t(be, r, &[n, c], dt, 1.0);
     let g = rand_t(be, r, &[c], dt, 1.0);
     let bb = rand_t(be, r, &[c], dt, 1.0);
-    // the bias of the linear layer before, added here as the model does
+    // the biases of the linear layers before, added here as the model does
     let lbias = rand_t(be, r, &[c], dt, 0.05);
+    let gbias = rand_t(be, r, &[f], dt, 0.05);
     let (mut out, mut sum) = (
         Tensor::zeros(be, &[n, c], dt).unwrap(),
         Tensor::zeros(be, &[n, c], dt).unwrap(),
@@ -400,32 +401,34 @@ fn bench_elementwise<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) 
         );
         let sh = format!("{n}x{f}");
         let ms = bench(be, tab.iters, &mut || {
-            be.gelu_forward(&mut gy, &gx).unwrap()
+            be.gelu_forward(&mut gy, &gx, Some(&gbias)).unwrap()
         });
         tab.add(
-            &format!("gelu fwd{label}"),
+            &format!("gelu fwd, +bias{label}"),
             &sh,
             ms,
             2.0 * (n * f) as f64 * es,
             0.0,
         );
         let ms = bench(be, tab.iters, &mut || {
-            be.gelu_backward(&mut gdx, &gy, &gx).unwrap()
+            be.gelu_backward(&mut gdx, &gy, &gx, Some(&gbias)).unwrap()
         });
         tab.add(
-            &format!("gelu bwd{label}"),
+            &format!("gelu bwd, +bias{label}"),
             &sh,
             ms,
             3.0 * (n * f) as f64 * es,
             0.0,
         );
-        // with the up-projection's bias gradient (vec: one fused pass; scalar: gelu bwd + bias_grad)
+        // with the up-projection's bias gradient (vec: one fused pass; scalar: gelu bwd + bias_grad), as the
+        // model runs it
         let mut gdb = Tensor::zeros(be, &[f], s.sd()).unwrap();
         let ms = bench(be, tab.iters, &mut || {
-            be.gelu_backward_bias(&mut gdx, &mut gdb, &gy, &gx).unwrap()
+            be.gelu_backward_bias(&mut gdx, &mut gdb, &gy, &gx, Some(&gbias))
+                .unwrap()
         });
         tab.add(
-            &format!("gelu bwd + bias grad{label}"),
+            &format!("gelu bwd, +bias, + bias grad{label}"),
             &sh,
             ms,
             3.0 * (n * f) as f64 * es,

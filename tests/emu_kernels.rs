@@ -455,58 +455,76 @@ fn emu_gelu_scalar_and_vec() {
     let mut emu = Emus::default();
     let mut rows = vec![];
     for dt in [DType::F32, DType::BF16, DType::F16] {
-        for (vec, skew) in [(false, 0), (true, 0), (true, 4)] {
-            let case = GeluCase { n: 4099 };
-            let n = case.n;
-            let (x, dy) = case.inputs();
-            let es = dt.size();
-            // 0 out, 1 inp (from byte `skew`), 2 dinp, 3 dout
-            let bufs = vec![
-                vec![0xffu8; n * es],
-                [vec![0u8; skew], encode(&x, dt)].concat(),
-                vec![0xffu8; n * es],
-                encode(&dy, dt),
-            ];
-            let code = dtype_code(dt);
-            let fwd = GeluParams {
-                out: addr(0),
-                dout: 0,
-                inp: addr(1) + skew as u64,
-                n: n as u64,
-                dt: code,
-                _pad: 0,
-            };
-            let bwd = GeluParams {
-                out: addr(2),
-                dout: addr(3),
-                inp: addr(1) + skew as u64,
-                n: n as u64,
-                dt: code,
-                _pad: 0,
-            };
-            let ls = [
-                launch(dt, fwd, false, vec).unwrap(),
-                launch(dt, bwd, true, vec).unwrap(),
-            ];
-            let names = format!("{} + {} skew={skew}", ls[0].name, ls[1].name);
-            assert_eq!(
-                names.contains("vec"),
-                vec && skew == 0,
-                "{names}: the vec kernels need 16-byte-aligned buffers"
-            );
-            let Some(got) = emu
-                .run(&bufs, &ls, Mode::DEFAULT)
-                .unwrap_or_else(|e| panic!("{e}"))
-            else {
-                return;
-            };
-            let out = vec![
-                ("out".into(), decode(&got[0], dt)),
-                ("dinp".into(), decode(&got[2], dt)),
-            ];
-            for mut row in compare_outputs(dt, &case, &out).unwrap() {
-                row.case = format!("{names} {}", row.case);
-                rows.push(row);
+        // (n, C of the bias or 0): a tail past the last whole vector without a bias; with the FFN's bias over
+        // 40 columns (whole vectors per row) and over 37 (scalar kernels only)
+        for (n, c) in [(4099, 0), (97 * 40, 40), (50 * 37, 37)] {
+            for (vec, skew) in [(false, 0), (true, 0), (true, 4)] {
+                let case = GeluCase { n, c };
+                let (x, dy, b) = case.inputs();
+                let es = dt.size();
+                // 0 out, 1 inp (from byte `skew`), 2 dinp, 3 dout, 4 bias
+                let bufs = vec![
+                    vec![0xffu8; n * es],
+                    [vec![0u8; skew], encode(&x, dt)].concat(),
+                    vec![0xffu8; n * es],
+                    encode(&dy, dt),
+                    encode(&b, dt),
+                ];
+                let code = dtype_code(dt);
+                let bias = if c > 0 { addr(4) } else { 0 };
+                let fwd = GeluParams {
+                    out: addr(0),
+                    dout: 0,
+                    inp: addr(1) + skew as u64,
+                    n: n as u64,
+                    dt: code,
+                    c: c as i32,
+                    bias,
+                };
+                let bwd = GeluParams {
+                    out: addr(2),
+                    dout: addr(3),
+                    inp: addr(1) + skew as u64,
+                    n: n as u64,
+                    dt: code,
+                    c: c as i32,
+                    bias,
+                };
+                let mut ls = [
+                    launch(dt, fwd, false, vec).unwrap(),
+                    launch(dt, bwd, true, vec).unwrap(),
+                ];
+                let names = format!("{} + {} skew={skew}", ls[0].name, ls[1].name);
+                let vec_ok = vec && skew == 0 && c % (16 / es) == 0;
+                assert_eq!(
+                    names.contains("vec"),
+                    vec_ok,
+                    "{names}: the vec kernels need aligned buffers and whole vectors per row"
+                );
+                // the launch's grid (one element or vector per thread at these sizes), and with a bias also 3
+                // blocks, so that each thread strides over several rows' columns (ColStep's wrap-around)
+                for small in [false, true] {
+                    if small {
+                        if c == 0 {
+                            continue;
+                        }
+                        ls.iter_mut().for_each(|l| l.grid = (3, 1, 1));
+                    }
+                    let Some(got) = emu
+                        .run(&bufs, &ls, Mode::DEFAULT)
+                        .unwrap_or_else(|e| panic!("{e}"))
+                    else {
+                        return;
+                    };
+                    let out = vec![
+                        ("out".into(), decode(&got[0], dt)),
+                        ("dinp".into(), decode(&got[2], dt)),
+                    ];
+                    for mut row in compare_outputs(dt, &case, &out).unwrap() {
+                        row.case = format!("{names} 3-blocks={small} {}", row.case);
+                        rows.push(row);
+                    }
+                }
             }
         }
     }
@@ -525,15 +543,21 @@ fn emu_gelu_backward_bias() {
     for dt in [DType::F32, DType::BF16, DType::F16] {
         for c in [768, 200, 37] {
             for sm in [1, 132] {
-                let case = GeluBiasCase { rows: 300, c };
-                let (x, dy, b0) = case.inputs();
+                // the derivative at x + the forward's bias (as the model runs it), except at C = 200
+                let case = GeluBiasCase {
+                    rows: 300,
+                    c,
+                    bias: c != 200,
+                };
+                let (x, dy, b0, bias) = case.inputs();
                 let n = case.rows * c;
-                // 0 dinp, 1 dout, 2 inp, 3 dbias (f32)
+                // 0 dinp, 1 dout, 2 inp, 3 dbias (f32), 4 the forward's bias
                 let bufs = vec![
                     vec![0xffu8; n * dt.size()],
                     encode(&dy, dt),
                     encode(&x, dt),
                     encode(&b0, DType::F32),
+                    encode(&bias, dt),
                 ];
                 let p = GeluBiasParams {
                     out: addr(0),
@@ -542,6 +566,7 @@ fn emu_gelu_backward_bias() {
                     dbias: addr(3),
                     n: case.rows as i32,
                     c: c as i32,
+                    bias: if case.bias { addr(4) } else { 0 },
                 };
                 let Some(l) = backward_bias_launch(dt, p, true, sm).unwrap() else {
                     assert_eq!(c, 37, "C={c} {dt}: the fused kernel should take it");

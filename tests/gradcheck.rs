@@ -174,12 +174,12 @@ fn gelu_backward_matches_finite_differences() {
     };
     let f = |s: &S| {
         let mut out = Tensor::zeros(&Cpu::new(), &[n], F64).unwrap();
-        Cpu::new().gelu_forward(&mut out, &s.x).unwrap();
+        Cpu::new().gelu_forward(&mut out, &s.x, None).unwrap();
         dot(&out, &s.g)
     };
     let dout = Tensor::from_f64(&be, &s.g, &[n], F64).unwrap();
     let mut dx = Tensor::zeros(&be, &[n], F64).unwrap();
-    be.gelu_backward(&mut dx, &dout, &s.x).unwrap();
+    be.gelu_backward(&mut dx, &dout, &s.x, None).unwrap();
     report(
         "gelu",
         "dinp",
@@ -189,7 +189,7 @@ fn gelu_backward_matches_finite_differences() {
     // golden values: torch.nn.functional.gelu(x) (erf form, float64, torch 2.x) at x = -1, 0.5, 2
     let x = Tensor::from_f64(&be, &[-1.0, 0.5, 2.0], &[3], F64).unwrap();
     let mut y = Tensor::zeros(&be, &[3], F64).unwrap();
-    be.gelu_forward(&mut y, &x).unwrap();
+    be.gelu_forward(&mut y, &x, None).unwrap();
     let y = y.to_f64_vec(&be).unwrap();
     for (a, b) in y.iter().zip([
         -0.15865525393145702,
@@ -198,6 +198,54 @@ fn gelu_backward_matches_finite_differences() {
     ]) {
         assert!((a - b).abs() < 1e-12, "gelu {a} vs {b}");
     }
+}
+
+/// GELU with the FFN up-projection's bias added to its input (as the model runs it): gelu_backward_bias's
+/// dinp and dbias against finite differences through x and through the bias.
+#[test]
+fn gelu_with_bias_matches_finite_differences() {
+    let be = Cpu::new();
+    let mut rng = Rng::new(12);
+    let (rows, c) = (7, 6);
+    struct S {
+        x: Tensor<Cpu>,
+        bias: Tensor<Cpu>,
+        g: Vec<f64>,
+    }
+    let mut s = S {
+        x: rand_tensor(&be, &mut rng, &[rows, c], F64, 3.0),
+        bias: rand_tensor(&be, &mut rng, &[c], F64, 1.0),
+        g: rand_vec(&mut rng, rows * c, 1.0),
+    };
+    let f = |s: &S| {
+        let mut out = Tensor::zeros(&Cpu::new(), &[rows, c], F64).unwrap();
+        Cpu::new()
+            .gelu_forward(&mut out, &s.x, Some(&s.bias))
+            .unwrap();
+        dot(&out, &s.g)
+    };
+    let dout = Tensor::from_f64(&be, &s.g, &[rows, c], F64).unwrap();
+    let mut dx = Tensor::zeros(&be, &[rows, c], F64).unwrap();
+    let mut db = Tensor::zeros(&be, &[c], F64).unwrap();
+    be.gelu_backward_bias(&mut dx, &mut db, &dout, &s.x, Some(&s.bias))
+        .unwrap();
+    report(
+        "gelu + bias",
+        "dinp",
+        &dx.to_f64_vec(&be).unwrap(),
+        &fd(
+            &mut s,
+            &|s| &mut s.x,
+            &f,
+            &(0..rows * c).collect::<Vec<_>>(),
+        ),
+    );
+    report(
+        "gelu + bias",
+        "dbias",
+        &db.to_f64_vec(&be).unwrap(),
+        &fd(&mut s, &|s| &mut s.bias, &f, &(0..c).collect::<Vec<_>>()),
+    );
 }
 
 #[test]

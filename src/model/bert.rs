@@ -8,7 +8,7 @@
 //!   att = attention(qkv, seqs)            saves lse                   (N,C), lse (NH,N)
 //!   ao  = att·Woᵀ                                                     (N,C)    (scratch)
 //!   h   = LN1(x + dropout(ao + bo))       saves sum1, mean1, rstd1    (N,C)
-//!   pre = h·W1ᵀ + b1 ; f = gelu(pre)                                  (N,F)
+//!   pre = h·W1ᵀ ; f = gelu(pre + b1)                                  (N,F)
 //!   fo  = f·W2ᵀ                                                       (N,C)    (scratch)
 //!   x   = LN2(h + dropout(fo + b2))       saves sum2, mean2, rstd2    (N,C)
 //! logits = x·Wqaᵀ + bqa                                               (N,2)  [..,0] start, [..,1] end
@@ -229,8 +229,10 @@ impl<B: Backend> BertQa<B> {
                 drop.hidden1(l),
                 seqs,
             )?;
-            be.linear_forward(&mut a.pre, &a.h, &w.ff1_w, Some(&w.ff1_b))?;
-            be.gelu_forward(&mut a.f, &a.pre)?;
+            // the up-projection's bias is added in the GELU (forward and backward), like the output and down
+            // projections' in the LayerNorm
+            be.linear_forward(&mut a.pre, &a.h, &w.ff1_w, None)?;
+            be.gelu_forward(&mut a.f, &a.pre, Some(&w.ff1_b))?;
             be.linear_forward(sub, &a.f, &w.ff2_w, None)?;
             be.residual_layernorm_forward(
                 &mut a.out,
@@ -379,7 +381,7 @@ impl<B: Backend> BertQa<B> {
                 &w.ff2_w,
             )?;
             // dGELU and the up-projection's bias gradient in one pass (GeluOps::gelu_backward_bias)
-            be.gelu_backward_bias(&mut g.dpre, &mut gl.ff1_b, &g.df, &a.pre)?;
+            be.gelu_backward_bias(&mut g.dpre, &mut gl.ff1_b, &g.df, &a.pre, Some(&w.ff1_b))?;
             be.linear_backward(
                 Some(&mut g.dh),
                 true,

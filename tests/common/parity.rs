@@ -146,29 +146,43 @@ impl Case for LinearCase {
     }
 }
 
+/// GELU forward and backward over n elements; with `c` > 0 as (n/c, c) with a bias (c) added to the input
+/// (the FFN up-projection's, as the model adds it).
 pub struct GeluCase {
     pub n: usize,
+    pub c: usize,
 }
 impl GeluCase {
-    /// (x, dy), host values before rounding
-    pub fn inputs(&self) -> (Vec<f64>, Vec<f64>) {
+    /// (x, dy, bias), host values before rounding
+    pub fn inputs(&self) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
         let mut r = Rng::new(12);
         let x = rv(&mut r, self.n, 4.0);
-        (x, rv(&mut r, self.n, 1.0))
+        let dy = rv(&mut r, self.n, 1.0);
+        (x, dy, rv(&mut r, self.c, 1.0))
+    }
+    /// the input's shape
+    pub fn shape(&self) -> Vec<usize> {
+        match self.n.checked_div(self.c) {
+            Some(rows) => vec![rows, self.c],
+            None => vec![self.n],
+        }
     }
 }
 impl Case for GeluCase {
     fn name(&self) -> String {
-        format!("gelu n={}", self.n)
+        format!("gelu n={} bias C={}", self.n, self.c)
     }
     fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
-        let (x, dy) = self.inputs();
-        let x = up(be, &x, &[self.n], dt)?;
-        let dy = up(be, &dy, &[self.n], dt)?;
-        let mut y = Tensor::zeros(be, &[self.n], dt)?;
-        be.gelu_forward(&mut y, &x)?;
-        let mut dx = Tensor::zeros(be, &[self.n], dt)?;
-        be.gelu_backward(&mut dx, &dy, &x)?;
+        let (x, dy, b) = self.inputs();
+        let sh = self.shape();
+        let x = up(be, &x, &sh, dt)?;
+        let dy = up(be, &dy, &sh, dt)?;
+        let b = up(be, &b, &[self.c], dt)?;
+        let bias = (self.c > 0).then_some(&b);
+        let mut y = Tensor::zeros(be, &sh, dt)?;
+        be.gelu_forward(&mut y, &x, bias)?;
+        let mut dx = Tensor::zeros(be, &sh, dt)?;
+        be.gelu_backward(&mut dx, &dy, &x, bias)?;
         Ok(vec![
             ("out".into(), y.to_f64_vec(be)?),
             ("dinp".into(), dx.to_f64_vec(be)?),
@@ -181,29 +195,34 @@ impl Case for GeluCase {
 pub struct GeluBiasCase {
     pub rows: usize,
     pub c: usize,
+    /// the derivative taken at x + the forward's bias (as the model runs it), not at x
+    pub bias: bool,
 }
 impl GeluBiasCase {
-    /// (x, dy, dbias before), host values before rounding
-    pub fn inputs(&self) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    /// (x, dy, dbias before, the forward's bias), host values before rounding
+    pub fn inputs(&self) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
         let mut r = Rng::new(13);
         let n = self.rows * self.c;
         let x = rv(&mut r, n, 4.0);
         let dy = rv(&mut r, n, 1.0);
-        (x, dy, rv(&mut r, self.c, 1.0))
+        let b0 = rv(&mut r, self.c, 1.0);
+        (x, dy, b0, rv(&mut r, self.c, 1.0))
     }
 }
 impl Case for GeluBiasCase {
     fn name(&self) -> String {
-        format!("gelu_backward_bias rows={} C={}", self.rows, self.c)
+        let b = if self.bias { " at x+bias" } else { "" };
+        format!("gelu_backward_bias rows={} C={}{b}", self.rows, self.c)
     }
     fn run<B: Backend>(&self, be: &B, dt: DType) -> Result<Outputs> {
-        let (x, dy, b0) = self.inputs();
+        let (x, dy, b0, bias) = self.inputs();
         let shape = [self.rows, self.c];
         let x = up(be, &x, &shape, dt)?;
         let dy = up(be, &dy, &shape, dt)?;
+        let bias = up(be, &bias, &[self.c], dt)?;
         let mut db = up(be, &b0, &[self.c], stat(dt))?; // accumulates onto existing values
         let mut dx = Tensor::zeros(be, &shape, dt)?;
-        be.gelu_backward_bias(&mut dx, &mut db, &dy, &x)?;
+        be.gelu_backward_bias(&mut dx, &mut db, &dy, &x, self.bias.then_some(&bias))?;
         Ok(vec![
             ("dinp".into(), dx.to_f64_vec(be)?),
             ("dbias".into(), db.to_f64_vec(be)?),
@@ -1109,9 +1128,43 @@ pub fn suite<B: Backend>(dev: &B, dt: DType, head_sizes: &[usize]) -> Result<Vec
             oc: 192,
         },
     )?);
-    rows.extend(compare(dev, dt, &GeluCase { n: 1001 })?);
-    rows.extend(compare(dev, dt, &GeluBiasCase { rows: 97, c: 3072 })?);
-    rows.extend(compare(dev, dt, &GeluBiasCase { rows: 33, c: 100 })?);
+    rows.extend(compare(dev, dt, &GeluCase { n: 1001, c: 0 })?);
+    rows.extend(compare(
+        dev,
+        dt,
+        &GeluCase {
+            n: 97 * 3072,
+            c: 3072,
+        },
+    )?);
+    rows.extend(compare(
+        dev,
+        dt,
+        &GeluCase {
+            n: 33 * 100,
+            c: 100,
+        },
+    )?);
+    for bias in [false, true] {
+        rows.extend(compare(
+            dev,
+            dt,
+            &GeluBiasCase {
+                rows: 97,
+                c: 3072,
+                bias,
+            },
+        )?);
+    }
+    rows.extend(compare(
+        dev,
+        dt,
+        &GeluBiasCase {
+            rows: 33,
+            c: 100,
+            bias: true,
+        },
+    )?);
     rows.extend(compare(
         dev,
         dt,

@@ -1,6 +1,6 @@
 //! The CPU reference of GELU: the formula, element by element (in parallel chunks).
 
-use super::{bias_dims, check, GeluOps};
+use super::{bias_cols, bias_dims, check, GeluOps};
 use crate::cpu::{rd, wr, Cpu, Real};
 use crate::tensor::Tensor;
 use anyhow::Result;
@@ -18,11 +18,27 @@ pub fn gelu_grad_ref<T: Real>(x: T) -> T {
     cdf + x * pdf
 }
 
+/// inp + bias (bias broadcast over rows of c), or inp itself without a bias (c = 0).
+fn biased<T: Real>(x: &[T], bias: Option<&Tensor<Cpu>>, c: usize) -> Vec<T> {
+    let mut v = x.to_vec();
+    if let Some(b) = bias {
+        let b = rd::<T>(b);
+        v.iter_mut().enumerate().for_each(|(i, x)| *x += b[i % c]);
+    }
+    v
+}
+
 impl GeluOps for Cpu {
-    fn gelu_forward(&self, out: &mut Tensor<Cpu>, inp: &Tensor<Cpu>) -> Result<()> {
+    fn gelu_forward(
+        &self,
+        out: &mut Tensor<Cpu>,
+        inp: &Tensor<Cpu>,
+        bias: Option<&Tensor<Cpu>>,
+    ) -> Result<()> {
         check("gelu_forward", out, inp)?;
+        let c = bias_cols("gelu_forward", inp, bias)?;
         crate::cpu_compute!(out.dtype(), T => {
-            let x = rd::<T>(inp);
+            let x = biased(&rd::<T>(inp), bias, c);
             let mut o = wr::<T>(out, false);
             o.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(o, x)| {
                 for (o, &x) in o.iter_mut().zip(x) {
@@ -37,11 +53,13 @@ impl GeluOps for Cpu {
         dinp: &mut Tensor<Cpu>,
         dout: &Tensor<Cpu>,
         inp: &Tensor<Cpu>,
+        bias: Option<&Tensor<Cpu>>,
     ) -> Result<()> {
         check("gelu_backward", dinp, inp)?;
         check("gelu_backward", dout, inp)?;
+        let c = bias_cols("gelu_backward", inp, bias)?;
         crate::cpu_compute!(dout.dtype(), T => {
-            let (x, dy) = (rd::<T>(inp), rd::<T>(dout));
+            let (x, dy) = (biased(&rd::<T>(inp), bias, c), rd::<T>(dout));
             let mut d = wr::<T>(dinp, false);
             d.par_chunks_mut(4096).zip(dy.par_chunks(4096).zip(x.par_chunks(4096))).for_each(|(d, (dy, x))| {
                 for i in 0..d.len() {
@@ -58,9 +76,10 @@ impl GeluOps for Cpu {
         dbias: &mut Tensor<Cpu>,
         dout: &Tensor<Cpu>,
         inp: &Tensor<Cpu>,
+        bias: Option<&Tensor<Cpu>>,
     ) -> Result<()> {
         let (_, c) = bias_dims(dinp, dbias, dout, inp)?;
-        self.gelu_backward(dinp, dout, inp)?;
+        self.gelu_backward(dinp, dout, inp, bias)?;
         // the column sums of dinp as stored, as linear_backward's bias gradient reads it
         crate::cpu_compute!(dinp.dtype(), T => {
             let d = rd::<T>(dinp);

@@ -1,5 +1,9 @@
 //! GELU in BERT's exact (erf) form: `gelu(x) = ½·x·(1 + erf(x/√2))`,
 //! `gelu'(x) = ½·(1 + erf(x/√2)) + x·φ(x)`, with φ the standard normal density.
+//!
+//! The FFN up-projection's bias can be added here (`x = inp + bias`, bias (C) over the rows of an (N, C)
+//! input) instead of in a pass of its own after the GEMM: the forward adds it on the fly, and the backward,
+//! given the same bias, differentiates at the same point — `inp` stays the GEMM's output without it.
 
 pub mod cpu;
 pub mod cuda;
@@ -10,26 +14,37 @@ use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
 
 pub trait GeluOps: BackendCore {
-    /// out (n) ← inp (n).
-    fn gelu_forward(&self, out: &mut Tensor<Self>, inp: &Tensor<Self>) -> Result<()>;
-    /// dinp (n) (overwritten) ← dout (n), inp (n).
+    /// out (N,C) ← gelu(inp + bias): inp (N,C), bias (C) when given (C the last dimension of inp).
+    fn gelu_forward(
+        &self,
+        out: &mut Tensor<Self>,
+        inp: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+    ) -> Result<()>;
+    /// dinp (N,C) (overwritten) = dout (N,C) · gelu'(inp + bias): the derivative where
+    /// [`GeluOps::gelu_forward`] with the same bias evaluated it.
     fn gelu_backward(
         &self,
         dinp: &mut Tensor<Self>,
         dout: &Tensor<Self>,
         inp: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
     ) -> Result<()>;
     /// [`GeluOps::gelu_backward`] over (N, C), and the bias gradient of the linear layer whose output `inp`
     /// is: `dbias (C) += Σ_rows dinp` (dinp as stored), the column sums that layer's
     /// [`crate::ops::LinearOps::linear_backward`] would add from `dinp` (on CUDA summed in another order) —
     /// which is then called without a bias gradient. One pass over dinp where the CUDA vec kernels allow it
     /// (`gelu_backward_bias_vec`).
+    ///
+    /// With `bias` (the forward's, C), the derivative is taken at `inp + bias` (dinp = dout·gelu'(inp + bias)),
+    /// as [`GeluOps::gelu_forward`] with that bias computed it.
     fn gelu_backward_bias(
         &self,
         dinp: &mut Tensor<Self>,
         dbias: &mut Tensor<Self>,
         dout: &Tensor<Self>,
         inp: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
     ) -> Result<()>;
 }
 
@@ -53,6 +68,22 @@ pub(crate) fn bias_dims<B: BackendCore>(
     Ok((n / c, c))
 }
 
+/// C (the last dimension of inp) when `bias` is given and has C elements; 0 without a bias.
+pub(crate) fn bias_cols<B: BackendCore>(
+    op: &str,
+    inp: &Tensor<B>,
+    bias: Option<&Tensor<B>>,
+) -> Result<usize> {
+    let Some(b) = bias else { return Ok(0) };
+    match (b.shape(), inp.shape().last()) {
+        ([c], Some(last)) if *c > 0 && c == last => Ok(*c),
+        (s, _) => bail!(
+            "{op}: bias {s:?} must be (C) with C the last dimension of inp {:?}",
+            inp.shape()
+        ),
+    }
+}
+
 pub(crate) fn check<B: BackendCore>(op: &str, a: &Tensor<B>, b: &Tensor<B>) -> Result<usize> {
     if a.numel() != b.numel() {
         bail!("{op}: {:?} and {:?} differ in size", a.shape(), b.shape());
@@ -69,20 +100,25 @@ pub struct GeluParams {
     pub inp: u64,
     pub n: u64,
     pub dt: i32,
-    pub _pad: i32,
+    /// the bias's length C (inp is (N, C)), 0 without a bias
+    pub c: i32,
+    /// (C) the bias added to inp (its dtype), or 0
+    pub bias: u64,
 }
 
 /// The launch of GELU forward (`backward` false) or backward over `p.n` elements of `dt`: grid-stride,
-/// 256 threads per block; the 16-byte vec kernel when `vec` and the buffers are aligned for it.
+/// 256 threads per block; the 16-byte vec kernel when `vec` and the buffers are aligned for it (with a bias,
+/// also C a multiple of the vector width, so that no vector straddles two rows).
 pub fn launch(dt: DType, p: GeluParams, backward: bool, vec: bool) -> Result<Launch<GeluParams>> {
     let (dir, ptrs) = if backward {
-        ("backward", vec![p.out, p.dout, p.inp])
+        ("backward", vec![p.out, p.dout, p.inp, p.bias])
     } else {
-        ("forward", vec![p.out, p.inp])
+        ("forward", vec![p.out, p.inp, p.bias])
     };
+    let rows_whole = |w: usize| (p.c as usize).is_multiple_of(w);
     Ok(Launch {
         module: "gelu",
-        name: gelu_kernel(dir, dt, &ptrs, vec)?,
+        name: gelu_kernel(dir, dt, &ptrs, vec, rows_whole)?,
         grid: (blocks(p.n as usize, 256).min(1 << 20), 1, 1),
         block: (256, 1, 1),
         smem: 0,
@@ -102,6 +138,8 @@ pub struct GeluBiasParams {
     pub dbias: u64,
     pub n: i32,
     pub c: i32,
+    /// (C) the forward's bias (inp's dtype), added to inp, or 0
+    pub bias: u64,
 }
 unsafe impl cudarc::driver::DeviceRepr for GeluBiasParams {}
 
@@ -116,8 +154,8 @@ pub fn backward_bias_launch(
     sm_count: usize,
 ) -> Result<Option<Launch<GeluBiasParams>>> {
     let (n, c) = (p.n as usize, p.c as usize);
-    let Some(w) =
-        crate::cuda::vec_width(dt, &[p.out, p.dout, p.inp]).filter(|w| vec && c.is_multiple_of(*w))
+    let Some(w) = crate::cuda::vec_width(dt, &[p.out, p.dout, p.inp, p.bias])
+        .filter(|w| vec && c.is_multiple_of(*w))
     else {
         return Ok(None);
     };
@@ -133,12 +171,20 @@ pub fn backward_bias_launch(
 
 /// `gelu_{dir}_vec_{dtype}` (16-byte vectors) when `BERTQA_VEC=1` and the buffers allow it, else the scalar
 /// `gelu_{dir}` (dtype at run time).
-fn gelu_kernel(dir: &str, dt: DType, ptrs: &[u64], vec: bool) -> Result<String> {
-    Ok(if vec && crate::cuda::vec_width(dt, ptrs).is_some() {
-        gelu_vec_kernel(dir, crate::kernel::suffix(dt)?)
-    } else {
-        format!("gelu_{dir}")
-    })
+fn gelu_kernel(
+    dir: &str,
+    dt: DType,
+    ptrs: &[u64],
+    vec: bool,
+    rows_whole: impl Fn(usize) -> bool,
+) -> Result<String> {
+    Ok(
+        if vec && crate::cuda::vec_width(dt, ptrs).is_some_and(rows_whole) {
+            gelu_vec_kernel(dir, crate::kernel::suffix(dt)?)
+        } else {
+            format!("gelu_{dir}")
+        },
+    )
 }
 
 fn gelu_vec_kernel(dir: &str, sfx: &str) -> String {
@@ -166,7 +212,8 @@ pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
             inp,
             n,
             dt,
-            _pad
+            c,
+            bias
         }),
         crate::param_layout!(GeluBiasParams {
             out,
@@ -174,7 +221,8 @@ pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
             inp,
             dbias,
             n,
-            c
+            c,
+            bias
         }),
     ]
 }
