@@ -1,10 +1,11 @@
-// gelu.cu — exact (erf) GELU forward and backward. Reference: src/ops/gelu.rs.
+// gelu.cu — exact (erf) GELU forward and backward. Reference: src/ops/gelu/cpu.rs.
 // Two versions: the scalar kernels (any dtype at run time, any alignment) and the "vec" kernels (dtype at
 // compile time, 16-byte loads and stores, 8 bf16/f16 or 4 f32 elements per step; BERTQA_VEC=1, opt-in until
 // the GPU parity suite has run them).
 #include "common.cuh"
 
-// With a bias (c > 0), x = inp + bias[column] with inp (n/c, c): the FFN up-projection's bias, added here
+// With a bias (c > 0; the kernels read `bias` only then), x = inp + bias[column] with inp (n/c, c): the FFN
+// up-projection's bias, added here
 // instead of in a pass after its GEMM; forward and backward both take it, so inp stays the GEMM's output.
 struct GeluParams {
     u64 out, dout, inp, n;
@@ -42,7 +43,7 @@ extern "C" __global__ void gelu_forward(GeluParams a) {
     u64 first = blockIdx.x * (u64)blockDim.x + threadIdx.x, stride = (u64)gridDim.x * blockDim.x;
     ColStep col(first, stride, a.c);
     for (u64 i = first; i < a.n; i += stride, col.next()) {
-        float x = load_dt(a.inp, a.dt, i) + (a.bias ? load_dt(a.bias, a.dt, col.col) : 0.f);
+        float x = load_dt(a.inp, a.dt, i) + (a.c ? load_dt(a.bias, a.dt, col.col) : 0.f);
         store_dt(a.out, a.dt, i, gelu_f(x));
     }
 }
@@ -51,7 +52,7 @@ extern "C" __global__ void gelu_backward(GeluParams a) {
     u64 first = blockIdx.x * (u64)blockDim.x + threadIdx.x, stride = (u64)gridDim.x * blockDim.x;
     ColStep col(first, stride, a.c);
     for (u64 i = first; i < a.n; i += stride, col.next()) {
-        float x = load_dt(a.inp, a.dt, i) + (a.bias ? load_dt(a.bias, a.dt, col.col) : 0.f);
+        float x = load_dt(a.inp, a.dt, i) + (a.c ? load_dt(a.bias, a.dt, col.col) : 0.f);
         store_dt(a.out, a.dt, i, load_dt(a.dout, a.dt, i) * gelu_grad(x));
     }
 }
@@ -63,7 +64,7 @@ __device__ void gelu_vec(const GeluParams& a) {
     constexpr int N = Pack16<T>::N;
     const T* inp = (const T*)a.inp;
     const T* dout = (const T*)a.dout;
-    const T* bias = (const T*)a.bias;
+    const T* bias = a.c ? (const T*)a.bias : nullptr;  // the bias is there when its length is (c > 0)
     T* out = (T*)a.out;
     u64 stride = (u64)gridDim.x * blockDim.x, first = blockIdx.x * (u64)blockDim.x + threadIdx.x;
     ColStep col(first * N, stride * N, a.c);
@@ -106,7 +107,7 @@ extern "C" __global__ void gelu_backward_vec_f16(GeluParams a) { gelu_vec<f16, t
 // bias_grad reads it back). Saves that read of dinp (BERT-base: N·3072 elements per layer). bias_grad_vec's
 // layout (kernels/reduce.cu): block (32, 8), threadIdx.x a group of N columns, threadIdx.y and blockIdx.y
 // striding over rows, then common.cuh column_partials_add.
-// Needs C % N == 0 and 16-byte-aligned rows.
+// Needs C % N == 0 and 16-byte-aligned rows and bias.
 struct GeluBiasParams {
     u64 out, dout, inp, dbias;
     int n, c;

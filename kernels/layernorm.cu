@@ -161,7 +161,7 @@ __device__ void ln_forward_vec(const LnFwdParams& a) {
     int nch = a.c / N;
     u64 r0 = (u64)row * a.c;
     int w = ((const int*)a.roww)[row], t = ((const int*)a.pos)[row];
-    float v[CH][N];  // sum = resid + dropout(inp), as stored (rounded to T)
+    float v[CH][N];  // sum = resid + dropout(inp + bias), as stored (rounded to T)
     float s = 0.f;
 #pragma unroll
     for (int k = 0; k < CH; ++k) {

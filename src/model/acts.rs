@@ -24,13 +24,13 @@ pub struct LayerActs<B: BackendCore> {
     pub qkv: Tensor<B>,   // (N,3C)
     pub att: Tensor<B>,   // (N,C)
     pub lse: Tensor<B>,   // (NH,N) stat dtype
-    pub sum1: Tensor<B>,  // (N,C)  x + dropout(ao)
+    pub sum1: Tensor<B>,  // (N,C)  x + dropout(ao + bo)
     pub h: Tensor<B>,     // (N,C)  LN1 output
     pub mean1: Tensor<B>, // (N)
     pub rstd1: Tensor<B>, // (N)
-    pub pre: Tensor<B>,   // (N,F)  before GELU
+    pub pre: Tensor<B>,   // (N,F)  h·W1ᵀ, before GELU (without b1, which the GELU adds)
     pub f: Tensor<B>,     // (N,F)  after GELU
-    pub sum2: Tensor<B>,  // (N,C)  h + dropout(fo)
+    pub sum2: Tensor<B>,  // (N,C)  h + dropout(fo + b2)
     pub out: Tensor<B>,   // (N,C)  LN2 output = next layer's input
     pub mean2: Tensor<B>, // (N)
     pub rstd2: Tensor<B>, // (N)

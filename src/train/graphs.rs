@@ -1,5 +1,5 @@
 //! CUDA graphs of the training step (`--cuda-graphs on`): a micro-batch's forward, loss and backward — some
-//! 30 launches per layer — recorded once per batch shape and replayed as one launch.
+//! 22–27 launches per layer — recorded once per batch shape and replayed as one launch.
 //!
 //! What makes a replay correct: every kernel parameter of the recorded region is a function of the
 //! [`GraphKey`] alone.
