@@ -138,6 +138,18 @@ template <typename T> struct alignas(16) Pack16 {
 };
 template <typename T> __device__ __forceinline__ Pack16<T> ld16(const T* p) { return *reinterpret_cast<const Pack16<T>*>(p); }
 template <typename T> __device__ __forceinline__ void st16(T* p, const Pack16<T>& x) { *reinterpret_cast<Pack16<T>*>(p) = x; }
+// The N elements at p (16-byte aligned) as floats, or zeros when p is null: an optional per-column vector such as
+// a bias added by the kernel after a GEMM.
+template <typename T> __device__ __forceinline__ void ld16_f_or_zero(const T* p, float (&f)[Pack16<T>::N]) {
+    if (p) {
+        Pack16<T> x = ld16(p);
+#pragma unroll
+        for (int e = 0; e < Pack16<T>::N; ++e) f[e] = to_f(x.v[e]);
+    } else {
+#pragma unroll
+        for (int e = 0; e < Pack16<T>::N; ++e) f[e] = 0.f;
+    }
+}
 
 // The end of a column-sum kernel with blocks of (32, 8) threads, where thread (x, y) holds the partial sums
 // acc[0..N) of columns (blockIdx.x·32 + x)·N + e over its rows: the 8 row partials of each column meet in

@@ -71,14 +71,9 @@ __device__ void gelu_vec(const GeluParams& a) {
     for (u64 v = first; v < a.n / N; v += stride, col.next()) {
         Pack16<T> x = ld16(inp + v * N), y;
         float xf[N];
-        if (bias) {
-            Pack16<T> b = ld16(bias + col.col);
+        ld16_f_or_zero(bias ? bias + col.col : nullptr, xf);
 #pragma unroll
-            for (int e = 0; e < N; ++e) xf[e] = to_f(x.v[e]) + to_f(b.v[e]);
-        } else {
-#pragma unroll
-            for (int e = 0; e < N; ++e) xf[e] = to_f(x.v[e]);
-        }
+        for (int e = 0; e < N; ++e) xf[e] += to_f(x.v[e]);
         if constexpr (BWD) {
             Pack16<T> d = ld16(dout + v * N);
 #pragma unroll
@@ -131,14 +126,7 @@ __device__ void gelu_backward_bias_vec(const GeluBiasParams& a) {
     for (int e = 0; e < N; ++e) acc[e] = 0.f;
     if (group < a.c / N) {
         float b[N];
-        if (a.bias) {
-            Pack16<T> bv = ld16((const T*)a.bias + group * N);
-#pragma unroll
-            for (int e = 0; e < N; ++e) b[e] = to_f(bv.v[e]);
-        } else {
-#pragma unroll
-            for (int e = 0; e < N; ++e) b[e] = 0.f;
-        }
+        ld16_f_or_zero(a.bias ? (const T*)a.bias + group * N : nullptr, b);
         for (int r = blockIdx.y * 8 + threadIdx.y; r < a.n; r += gridDim.y * 8) {
             u64 off = (u64)r * a.c + group * N;
             Pack16<T> x = ld16((const T*)a.inp + off), d = ld16((const T*)a.dout + off), y;

@@ -171,14 +171,7 @@ __device__ void ln_forward_vec(const LnFwdParams& a) {
             Pack16<T> x = ld16((const T*)a.inp + i), r = ld16((const T*)a.resid + i), y;
             float f[N], bv[N];
             hidden_factors<N / 4>(seed, w, t, ch * N, a.p, f);
-            if (a.bias) {
-                Pack16<T> b = ld16((const T*)a.bias + ch * N);
-#pragma unroll
-                for (int e = 0; e < N; ++e) bv[e] = to_f(b.v[e]);
-            } else {
-#pragma unroll
-                for (int e = 0; e < N; ++e) bv[e] = 0.f;
-            }
+            ld16_f_or_zero(a.bias ? (const T*)a.bias + ch * N : nullptr, bv);
 #pragma unroll
             for (int e = 0; e < N; ++e) {
                 y.v[e] = from_f<T>(to_f(r.v[e]) + (to_f(x.v[e]) + bv[e]) * f[e]);
