@@ -58,13 +58,7 @@ pub(crate) fn bias_dims<B: BackendCore>(
     let op = "gelu_backward_bias";
     let n = check(op, dinp, inp)?;
     check(op, dout, inp)?;
-    let c = match (dbias.shape(), inp.shape().last()) {
-        ([c], Some(last)) if *c > 0 && c == last => *c,
-        (s, _) => bail!(
-            "{op}: dbias {s:?} must be (C) with C the last dimension of inp {:?}",
-            inp.shape()
-        ),
-    };
+    let c = column_vec(op, "dbias", dbias, inp)?;
     Ok((n / c, c))
 }
 
@@ -74,11 +68,20 @@ pub(crate) fn bias_cols<B: BackendCore>(
     inp: &Tensor<B>,
     bias: Option<&Tensor<B>>,
 ) -> Result<usize> {
-    let Some(b) = bias else { return Ok(0) };
-    match (b.shape(), inp.shape().last()) {
+    bias.map_or(Ok(0), |b| column_vec(op, "bias", b, inp))
+}
+
+/// C, after checking that `v` (called `what`) is a (C) vector with C > 0 the last dimension of inp.
+fn column_vec<B: BackendCore>(
+    op: &str,
+    what: &str,
+    v: &Tensor<B>,
+    inp: &Tensor<B>,
+) -> Result<usize> {
+    match (v.shape(), inp.shape().last()) {
         ([c], Some(last)) if *c > 0 && c == last => Ok(*c),
         (s, _) => bail!(
-            "{op}: bias {s:?} must be (C) with C the last dimension of inp {:?}",
+            "{op}: {what} {s:?} must be (C) with C the last dimension of inp {:?}",
             inp.shape()
         ),
     }
