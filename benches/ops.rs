@@ -40,6 +40,10 @@ trait Bench: Backend {
     fn opt_in(&self, _dt: DType) -> bool {
         false
     }
+    /// Whether Hopper's wgmma kernels (attention variant 5's forward) run here: an sm_90 GPU.
+    fn wgmma(&self) -> bool {
+        false
+    }
 }
 impl Bench for Cpu {
     fn time_ms(&self, f: &mut dyn FnMut()) -> f64 {
@@ -66,6 +70,9 @@ impl Bench for Cuda {
     }
     fn opt_in(&self, dt: DType) -> bool {
         dt != DType::F32 && std::env::var_os("BENCH_DEFAULTS_ONLY").is_none()
+    }
+    fn wgmma(&self) -> bool {
+        self.cc == (9, 0)
     }
 }
 
@@ -259,6 +266,13 @@ fn bench_attention<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
             ("v4 w4", AttnKernel::V4(Tc4Shape::W4), 0.1, false),
             ("v4 w8", AttnKernel::V4(Tc4Shape::W8), 0.1, false),
         ]);
+        if be.wgmma() {
+            // variant 5: the wgmma forward (its backward is v4 w8b2's)
+            runs.extend([
+                ("v5", AttnKernel::V5(Tc4Shape::W8B2), 0.1, true),
+                ("v5 p=0", AttnKernel::V5(Tc4Shape::W8B2), 0.0, true),
+            ]);
+        }
     }
     let shape = format!("B{b} NH{nh} T{t} HS{}", c / nh);
     for (label, k, p, fwd) in runs {
@@ -661,6 +675,16 @@ fn bench_step<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
         (", vec kernels", vec_on()),
         (", attention v4 + cuBLASLt + vec kernels", all),
     ];
+    if be.wgmma() {
+        // attention variant 5 (the wgmma forward) in place of v4, everything else on
+        others.push((
+            ", attention v5 + cuBLASLt + vec kernels",
+            KernelConfig {
+                attention: AttnKernel::V5(Tc4Shape::W8B2),
+                ..all
+            },
+        ));
+    }
     if std::env::var_os("BENCH_NO_GRAPHS").is_none() {
         others.push((", CUDA graphs", graphs));
         others.push((

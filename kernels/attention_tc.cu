@@ -22,16 +22,6 @@
 // Variant 4 (BERTQA_ATTN=v4; opt-in until it has passed the GPU parity suite) keeps this forward and replaces
 // the two backward kernels by one (tc4_backward, below: dQ through f32 reductions, cp.async query tiles).
 
-
-__device__ __forceinline__ u32 bits(bf16 x) { return (u32)__bfloat16_as_ushort(x); }
-__device__ __forceinline__ u32 bits(f16 x) { return (u32)__half_as_ushort(x); }
-template <typename T> __device__ __forceinline__ u32 pack2(float lo, float hi) {
-    return bits(from_f<T>(lo)) | (bits(from_f<T>(hi)) << 16);
-}
-
-template <typename T> struct is_bf16 { static constexpr bool value = false; };
-template <> struct is_bf16<bf16> { static constexpr bool value = true; };
-
 template <typename T>
 __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
 #ifdef BERTQA_EMU
@@ -73,12 +63,6 @@ template <typename T> __device__ __forceinline__ void ldsm_x2(u32& b0, u32& b1, 
     b0 = r[0], b1 = r[1];
 }
 #else
-// shared-memory address of a generic pointer (for ldmatrix)
-__device__ __forceinline__ u32 smem_u32(const void* p) {
-    u32 a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
 template <typename T> __device__ __forceinline__ void ldsm_x4(u32* r, const T* tile, int off, bool trans = false) {
     u32 a = smem_u32(tile) + (u32)off * (u32)sizeof(T);
     if (trans) asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -124,30 +108,6 @@ template <typename T> __device__ __forceinline__ void ldb_kn2(u32 (&b)[4], const
     ldsm_x4(b, tile, (l & 15) * ld + (l >> 4) * 8 + (k0 * ld + n0), true);
 }
 
-// cp.async (sm_80+): copies global → shared without a register round trip, `bytes` of them or zeros when
-// `valid` is false (src must still be a mapped address); completion via commit/wait groups.
-// cp_async16_at: the destination as a tile plus an element offset, formed like ldsm_x4's address (a 32-bit
-// .shared address whose constant part ptxas folds into the instruction).
-#ifdef BERTQA_EMU
-template <typename T> __device__ __forceinline__ void cp_async16_at(T* tile, int off, const void* src, bool valid) {
-    ::emu::cp_async(tile + off, src, 16, valid);
-}
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) { ::emu::cp_async(dst, src, 4, valid); }
-__device__ __forceinline__ void cp_async_commit() { ::emu::cp_async_commit(); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { ::emu::cp_async_wait(N); }
-#else
-template <typename T> __device__ __forceinline__ void cp_async16_at(T* tile, int off, const void* src, bool valid) {
-    u32 d = smem_u32(tile) + (u32)off * (u32)sizeof(T);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
-}
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
-#endif
-
 // rows r0.. (positions in window W) of part (0 Q, 1 K, 2 V, 3 dO) into a row-major [ROWS][HS+8] tile, 16 bytes
 // per thread and step, plain loads; rows at or past `limit` are zeros.
 template <typename T, int HS, int ROWS>
@@ -187,20 +147,6 @@ __device__ __forceinline__ void stage_rows(const AttnParams& a, const Window& W,
         cp_async16_at(dst, (r + i * RSTEP) * (HS + 8) + c * 8, src + (u64)min(row, last) * stride, row < limit);
     }
 }
-
-// ---- variant 4 helpers -------------------------------------------------------------------------------------
-// 2^x, hardware approximation (max relative error 2^-22), flushing denormals; ex2(-inf) = 0
-__device__ __forceinline__ float ex2(float x) {
-#ifdef BERTQA_EMU
-    return ::emu::ex2_approx_ftz(x);
-#else
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-#endif
-}
-#define LOG2E_F 1.4426950408889634f
-#define LN2_F 0.69314718055994531f
 
 // ---- tile products shared by the variants -------------------------------------------------------------------
 // S strip (16 query rows of this warp × NJ·8 keys) = Q·Kᵀ: qa = this warp's Q fragments, Ks = [keys][HS] tile.
@@ -660,14 +606,11 @@ __device__ void tc4_forward(const AttnParams& a) {
     float o[NO][4];
 #pragma unroll
     for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-    // bases of rows i0, i1 (their maxima of the raw scores q·k when last rescaled) and row sums
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
-    float nb0 = 0.f, nb1 = 0.f;  // −base·scale·log2 e
-    int i0 = q0 + warp * 16 + g, i1 = i0 + 8;
-    const u32 qc0 = attn_qc(i0);  // the dropout counter of rows i0, i1
+    FwdRows r{-INFINITY, -INFINITY, 0.f, 0.f, 0.f, 0.f};
+    int i0 = q0 + warp * 16 + g;
+    const u32 qc0 = attn_qc(i0);  // the dropout counter of rows i0, i0 + 8
     const float sl2 = a.scale * LOG2E_F;
     const float gap = 8.f / sl2;  // a raw score this far above its row's base rebases the row (2^8)
-    constexpr bool drop = DROP;
     const u32 thr = DROP ? attn_threshold(a.p) : 0u;
     int tiles = (W.len + BK - 1) / BK;
     for (int it = 0; it < tiles; ++it) {
@@ -680,65 +623,11 @@ __device__ void tc4_forward(const AttnParams& a) {
         const T* Vs = Vb + buf * BK * LD;
         float s[BK / 8][4];
         qk_strip<T>(s, qa, Ks, LD);
-        if (k0 + BK > W.len) {  // the last tile, partial: keys past the window's real ones get probability 0
-#pragma unroll
-            for (int j = 0; j < BK / 8; ++j)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    bool live = k0 + j * 8 + 2 * t4 + e < W.len;
-                    s[j][e] = live ? s[j][e] : -INFINITY;
-                    s[j][2 + e] = live ? s[j][2 + e] : -INFINITY;
-                }
-        }
-        float mx0 = -INFINITY, mx1 = -INFINITY;  // of the raw scores: the scale joins the exponent's FFMA
-#pragma unroll
-        for (int j = 0; j < BK / 8; ++j) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                mx0 = fmaxf(mx0, s[j][e]);
-                mx1 = fmaxf(mx1, s[j][2 + e]);
-            }
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        // The bases move only when a row's new maximum passes its base by more than 2^8 in the exponent
-        // (FlashAttention-4's conditional rescaling): until then a probability is 2^{s·sl2 + nb} ≤ 2^8 against
-        // a stale base, which the final division by l (summed against the same base) cancels, and O and l
-        // are not rescaled. The branch is warp-uniform: a warp rescales all its rows when one of them must.
-        // The first tile always does (m = −inf; a row without a live key so far keeps nb = 0 and P = 0).
-        if (__any_sync(0xffffffffu, mx0 > m0 + gap || mx1 > m1 + gap)) {
-            float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-            float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
-            float c0 = ex2((m0 - base0) * sl2), c1 = ex2((m1 - base1) * sl2);
-            nb0 = -base0 * sl2;  // e^{scale·(s − base)} = 2^{s·sl2 + nb}
-            nb1 = -base1 * sl2;
-            l0 *= c0;
-            l1 *= c1;
-#pragma unroll
-            for (int n = 0; n < NO; ++n) {
-                o[n][0] *= c0; o[n][1] *= c0;
-                o[n][2] *= c1; o[n][3] *= c1;
-            }
-            m0 = mn0;
-            m1 = mn1;
-        }
+        fwd_tile_rebase<BK / 8>(s, k0, W.len, t4, r, sl2, gap, o);
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
             u32 pa[4];
-            u32 d[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};  // all kept (thr = 0) without dropout
-            if (drop) attn_draws_fwd(seed, W.w, h, qc0, attn_kc(k0) + 4 * kk + t4, d);
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                int j = 2 * kk + half;
-                float p00 = ex2(fmaf(s[j][0], sl2, nb0)), p01 = ex2(fmaf(s[j][1], sl2, nb0));
-                float p10 = ex2(fmaf(s[j][2], sl2, nb1)), p11 = ex2(fmaf(s[j][3], sl2, nb1));
-                l0 += p00 + p01;
-                l1 += p10 + p11;
-                pa[half * 2 + 0] = pack2<T>(attn_kept(d[2 * half], thr) ? p00 : 0.f, attn_kept(d[2 * half + 1], thr) ? p01 : 0.f);
-                pa[half * 2 + 1] = pack2<T>(attn_kept(d[4 + 2 * half], thr) ? p10 : 0.f, attn_kept(d[5 + 2 * half], thr) ? p11 : 0.f);
-            }
+            fwd_tile_probs<T, BK / 8, DROP>(s, kk, r, sl2, seed, W.w, h, qc0, attn_kc(k0) + 4 * kk + t4, thr, pa);
 #pragma unroll
             for (int n = 0; n < NO; ++n) {
                 u32 b0, b1;
@@ -748,24 +637,7 @@ __device__ void tc4_forward(const AttnParams& a) {
         }
         __syncthreads();  // this buffer is restaged by the next iteration
     }
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    int C = a.nh * HS;
-    float ks = DROP ? attn_keep_scale(a.p) : 1.f;  // every kept probability's dropout factor
-    float inv0 = l0 > 0.f ? ks / l0 : 0.f, inv1 = l1 > 0.f ? ks / l1 : 0.f;
-#pragma unroll
-    for (int n = 0; n < NO; ++n) {
-        int d = n * 8 + 2 * t4;
-        if (i0 < W.rows) *(u32*)((T*)a.out + ((u64)W.s0 + i0) * C + h * HS + d) = pack2<T>(o[n][0] * inv0, o[n][1] * inv0);
-        if (i1 < W.rows) *(u32*)((T*)a.out + ((u64)W.s0 + i1) * C + h * HS + d) = pack2<T>(o[n][2] * inv1, o[n][3] * inv1);
-    }
-    if (t4 == 0) {
-        float* lse = (float*)a.lse + (u64)h * a.n + W.s0;
-        if (i0 < W.rows) lse[i0] = l0 > 0.f ? m0 * a.scale + logf(l0) : INFINITY;
-        if (i1 < W.rows) lse[i1] = l1 > 0.f ? m1 * a.scale + logf(l1) : INFINITY;
-    }
+    fwd_store<T, HS, DROP>(a, W, h, i0, t4, r, o);
 }
 
 // ---- variant 4, backward: one kernel per key block (NW warps × 16 keys) computes dK and dV in registers, as
@@ -1032,3 +904,4 @@ TC3_INSTANTIATE(f16, f16, 128)
     extern "C" __global__ void attention_tc4_dq_store_##NAME(AttnParams a) { tc4_dq_store<TY>(a); }
 TC4_ALL(bf16, bf16)
 TC4_ALL(f16, f16)
+

@@ -47,6 +47,13 @@ typedef __half f16;
 #define DT_BF16 1
 #define DT_F16 2
 
+// Whether a 16-bit storage type is bf16 (the tensor-core instructions name their input type).
+template <typename T> struct is_bf16 { static constexpr bool value = false; };
+template <> struct is_bf16<bf16> { static constexpr bool value = true; };
+// The 16 bits of a 16-bit float (packing pairs into the 32-bit registers of the tensor-core instructions).
+__device__ __forceinline__ u32 bits(bf16 x) { return (u32)__bfloat16_as_ushort(x); }
+__device__ __forceinline__ u32 bits(f16 x) { return (u32)__half_as_ushort(x); }
+
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_f(f16 x) { return __half2float(x); }
@@ -323,4 +330,286 @@ __device__ __forceinline__ float block_max(float v, float* shared) {
     __syncthreads();
     v = lane < nw ? shared[lane] : -INFINITY;
     return warp_max(v);
+}
+
+// ---- shared memory, cp.async, tensor-core packing, ex2 (the tensor-core attention kernels) -----------------
+// A pair of 16-bit floats in one 32-bit register, `lo` in the low half (mma/wgmma operand order).
+template <typename T> __device__ __forceinline__ u32 pack2(float lo, float hi) {
+    return bits(from_f<T>(lo)) | (bits(from_f<T>(hi)) << 16);
+}
+
+// The .shared address of a pointer into shared memory (ldmatrix, cp.async, matrix descriptors, swizzles).
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+#ifdef BERTQA_EMU
+    return ::emu::shared_addr(p);
+#else
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+#endif
+}
+
+// cp.async (sm_80+): copies global → shared without a register round trip, `bytes` of them or zeros when
+// `valid` is false (src must still be a mapped address); completion via commit/wait groups.
+// cp_async16_at: the destination as a tile plus an element offset, formed like ldsm_x4's address (a 32-bit
+// .shared address whose constant part ptxas folds into the instruction).
+#ifdef BERTQA_EMU
+template <typename T> __device__ __forceinline__ void cp_async16_at(T* tile, int off, const void* src, bool valid) {
+    ::emu::cp_async(tile + off, src, 16, valid);
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) { ::emu::cp_async(dst, src, 4, valid); }
+__device__ __forceinline__ void cp_async_commit() { ::emu::cp_async_commit(); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { ::emu::cp_async_wait(N); }
+#else
+template <typename T> __device__ __forceinline__ void cp_async16_at(T* tile, int off, const void* src, bool valid) {
+    u32 d = smem_u32(tile) + (u32)off * (u32)sizeof(T);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+#endif
+
+// 2^x, hardware approximation (max relative error 2^-22), flushing denormals; ex2(-inf) = 0
+__device__ __forceinline__ float ex2(float x) {
+#ifdef BERTQA_EMU
+    return ::emu::ex2_approx_ftz(x);
+#else
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#endif
+}
+#define LOG2E_F 1.4426950408889634f
+#define LN2_F 0.69314718055994531f
+
+
+// ---- wgmma: Hopper's warpgroup MMA (sm_90a; PTX ISA 9.7.15) -------------------------------------------------
+// Compiled where the target has it (NVRTC's sm_90a, which defines __CUDA_ARCH_FEAT_SM90_ALL) and in the
+// emulator (tests/emu, which implements these instructions from the PTX ISA). A warpgroup is 4 consecutive warps;
+// every wgmma.mma_async is issued by all its 128 threads. The protocol, per the ISA: shared-memory tiles written
+// by the threads are handed to wgmma after fence_proxy_async() and a barrier; wg_fence() before the first
+// wgmma_* and after the registers it uses were written; wg_commit() closes a group of wgmma_*; wg_wait<n>()
+// waits until at most n groups are in flight — only then may the accumulators (and A fragments) be touched.
+#if defined(BERTQA_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define BERTQA_HAVE_WGMMA 1
+
+// Swizzle modes as the matrix descriptor encodes them, and the width in bytes of one swizzled row.
+#define WG_SWIZZLE_NONE 0
+#define WG_SWIZZLE_128B 1
+#define WG_SWIZZLE_64B 2
+#define WG_SWIZZLE_32B 3
+__host__ __device__ __forceinline__ constexpr u32 wg_swizzle_bytes(int mode) {
+    return mode == WG_SWIZZLE_128B ? 128u : mode == WG_SWIZZLE_64B ? 64u : mode == WG_SWIZZLE_32B ? 32u : 16u;
+}
+// Where the 16-byte chunk at .shared address `a` of a tile in `mode` lives: bits 4.. ^= bits 7.. (the
+// Swizzle<log2(W/16),4,3> of the canonical layouts; the identity without swizzling). Tiles must start on the
+// pattern's boundary (W·8 bytes): descriptors here leave the matrix base offset 0.
+__device__ __forceinline__ u32 wg_swizzle(u32 a, int mode) {
+    return mode == WG_SWIZZLE_NONE ? a : a ^ (((a >> 7) & (wg_swizzle_bytes(mode) / 16 - 1)) << 4);
+}
+// A matrix descriptor: start .shared address, leading and stride dimension byte offsets, swizzle mode.
+__device__ __forceinline__ u64 wg_desc(u32 start, u32 lbo, u32 sbo, int mode) {
+    return (u64)((start & 0x3FFFF) >> 4) | (u64)((lbo & 0x3FFFF) >> 4) << 16 | (u64)((sbo & 0x3FFFF) >> 4) << 32 |
+           (u64)mode << 62;
+}
+
+// Pins registers in place for the compiler: wgmma reads and writes its accumulators (and A fragments)
+// asynchronously, which the compiler does not know; call this on them after wg_wait and before wg_fence, so
+// that no other use of them is moved across.
+template <int M> __device__ __forceinline__ void wg_pin(float (&r)[M]) {
+#ifndef BERTQA_EMU
+#pragma unroll
+    for (int i = 0; i < M; ++i) asm volatile("" : "+f"(r[i])::"memory");
+#endif
+}
+template <int M> __device__ __forceinline__ void wg_pin(u32 (&r)[M]) {
+#ifndef BERTQA_EMU
+#pragma unroll
+    for (int i = 0; i < M; ++i) asm volatile("" : "+r"(r[i])::"memory");
+#endif
+}
+
+#ifdef BERTQA_EMU
+__device__ __forceinline__ void fence_proxy_async() { ::emu::fence_proxy_async(); }
+__device__ __forceinline__ void wg_fence() { ::emu::wgmma_fence(); }
+__device__ __forceinline__ void wg_commit() { ::emu::wgmma_commit(); }
+template <int N> __device__ __forceinline__ void wg_wait() { ::emu::wgmma_wait(N); }
+// D (64×N) = A·B + (scale_d ? D : 0), A (64×16) and B (16×N) from shared memory (K-major, or MN-major when TA/TB)
+template <int N, int TA, int TB, typename T>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], u64 adesc, u64 bdesc, int scale_d) {
+    ::emu::wgmma(N, is_bf16<T>::value, d, nullptr, adesc, bdesc, scale_d != 0, TA, TB);
+}
+// the same with A from registers (mma.m16n8k16's A layout, warp w of the warpgroup holding rows 16w..16w+15)
+template <int N, int TB, typename T>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const u32 (&a)[4], u64 bdesc, int scale_d) {
+    ::emu::wgmma(N, is_bf16<T>::value, d, a, 0, bdesc, scale_d != 0, false, TB);
+}
+#else
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+template <int N, int TA, int TB, typename T>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], u64 adesc, u64 bdesc, int scale_d) {
+    static_assert(N == 32 || N == 64, "wgmma_ss: N = 32 or 64");
+    if constexpr (N == 32 && is_bf16<T>::value) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, %19, %20;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+                     : "l"(adesc), "l"(bdesc), "r"(scale_d), "n"(TA), "n"(TB));
+    } else if constexpr (N == 32 && !is_bf16<T>::value) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, %19, %20;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+                     : "l"(adesc), "l"(bdesc), "r"(scale_d), "n"(TA), "n"(TB));
+    } else if constexpr (N == 64 && is_bf16<T>::value) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, %35, %36;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                     : "l"(adesc), "l"(bdesc), "r"(scale_d), "n"(TA), "n"(TB));
+    } else if constexpr (N == 64 && !is_bf16<T>::value) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, %35, %36;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                     : "l"(adesc), "l"(bdesc), "r"(scale_d), "n"(TA), "n"(TB));
+    }
+}
+template <int N, int TB, typename T>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const u32 (&a)[4], u64 bdesc, int scale_d) {
+    static_assert(N == 32 || N == 64, "wgmma_rs: N = 32 or 64");
+    if constexpr (N == 32 && is_bf16<T>::value) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, %22;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(bdesc), "r"(scale_d), "n"(TB));
+    } else if constexpr (N == 32 && !is_bf16<T>::value) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, %22;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(bdesc), "r"(scale_d), "n"(TB));
+    } else if constexpr (N == 64 && is_bf16<T>::value) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(bdesc), "r"(scale_d), "n"(TB));
+    } else if constexpr (N == 64 && !is_bf16<T>::value) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(bdesc), "r"(scale_d), "n"(TB));
+    }
+}
+#endif  // BERTQA_EMU
+#endif  // wgmma
+
+// ---- the tensor-core attention forward's softmax over one key tile (attention_tc.cu variant 4, attention_wg.cu
+// variant 5) ----------------------------------------------------------------------------------------------------
+// One lane's rows: i0 (row g of the warp's 16) and i1 = i0 + 8.
+struct FwdRows {
+    float m0, m1;    // bases: the rows' maxima of the raw scores q·k when last rebased (−inf: none yet)
+    float l0, l1;    // the rows' sums of probabilities, against the bases
+    float nb0, nb1;  // −base·scale·log2 e: a probability is 2^{s·sl2 + nb}
+};
+
+// S (this warp's 16 rows × 8·NJ keys from k0, in the m16n8 accumulator layout: s[j][e] is key k0 + 8j + 2·t4 +
+// e%2 of row i0 (e < 2) or i1) masked past the window's `len` keys on a partial tile (the last: a block-uniform
+// branch), then the rows' maxima and FlashAttention-4's conditional rebase: the bases move only when a row's new
+// maximum passes its base by more than `gap` (2^8 in the exponent); until then a probability is at most 2^8
+// against a stale base, which the final division by l (summed against the same base) cancels, and O and l are
+// not rescaled. The branch is warp-uniform: a warp rebases all its rows when one of them must. The first tile
+// always does (m = −inf; a row without a live key so far keeps nb = 0 and P = 0). Rebasing scales the lane's O
+// accumulator (o[n][e]: columns 8n + 2·t4 + e%2 of row i0 (e < 2) or i1) with its rows.
+template <int NJ, int NO>
+__device__ __forceinline__ void fwd_tile_rebase(float (&s)[NJ][4], int k0, int len, int t4, FwdRows& r, float sl2,
+                                                float gap, float (&o)[NO][4]) {
+    if (k0 + 8 * NJ > len) {  // the last tile, partial: keys past the window's real ones get probability 0
+#pragma unroll
+        for (int j = 0; j < NJ; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                bool live = k0 + j * 8 + 2 * t4 + e < len;
+                s[j][e] = live ? s[j][e] : -INFINITY;
+                s[j][2 + e] = live ? s[j][2 + e] : -INFINITY;
+            }
+    }
+    float mx0 = -INFINITY, mx1 = -INFINITY;  // of the raw scores: the scale joins the exponent's FFMA
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            mx0 = fmaxf(mx0, s[j][e]);
+            mx1 = fmaxf(mx1, s[j][2 + e]);
+        }
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    if (!__any_sync(0xffffffffu, mx0 > r.m0 + gap || mx1 > r.m1 + gap)) return;
+    float mn0 = fmaxf(r.m0, mx0), mn1 = fmaxf(r.m1, mx1);
+    float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
+    float c0 = ex2((r.m0 - base0) * sl2), c1 = ex2((r.m1 - base1) * sl2);
+    r.nb0 = -base0 * sl2;  // e^{scale·(s − base)} = 2^{s·sl2 + nb}
+    r.nb1 = -base1 * sl2;
+    r.l0 *= c0;
+    r.l1 *= c1;
+    r.m0 = mn0;
+    r.m1 = mn1;
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+        o[n][0] *= c0; o[n][1] *= c0;
+        o[n][2] *= c1; o[n][3] *= c1;
+    }
+}
+
+// The probabilities of keys 16kk.. of the tile (two m16n8 strips of s) as the A fragment of P·V (the
+// accumulator layout is the A layout: no shuffles), dropped ones 0 (the dropout's 1/(1-p) is applied to O at
+// the end); the rows' sums take every probability, kept or not. kc: the dropout counter of the lane's first key.
+template <typename T, int NJ, bool DROP>
+__device__ __forceinline__ void fwd_tile_probs(const float (&s)[NJ][4], int kk, FwdRows& r, float sl2, u64 seed,
+                                               int w, int h, u32 qc0, u32 kc, u32 thr, u32 (&pa)[4]) {
+    u32 d[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};  // all kept (thr = 0) without dropout
+    if (DROP) attn_draws_fwd(seed, w, h, qc0, kc, d);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        int j = 2 * kk + half;
+        float p00 = ex2(fmaf(s[j][0], sl2, r.nb0)), p01 = ex2(fmaf(s[j][1], sl2, r.nb0));
+        float p10 = ex2(fmaf(s[j][2], sl2, r.nb1)), p11 = ex2(fmaf(s[j][3], sl2, r.nb1));
+        r.l0 += p00 + p01;
+        r.l1 += p10 + p11;
+        pa[half * 2 + 0] = pack2<T>(attn_kept(d[2 * half], thr) ? p00 : 0.f, attn_kept(d[2 * half + 1], thr) ? p01 : 0.f);
+        pa[half * 2 + 1] = pack2<T>(attn_kept(d[4 + 2 * half], thr) ? p10 : 0.f, attn_kept(d[5 + 2 * half], thr) ? p11 : 0.f);
+    }
+}
+
+// The forward's epilogue (variants 4 and 5): the rows' sums across the quad, O·(1/(1-p))/l into out, lse.
+// o[n][e]: the lane's O accumulator in the m16n8 layout (columns 8n + 2·t4 + e%2 of row i0 (e < 2) or i1).
+template <typename T, int HS, bool DROP>
+__device__ __forceinline__ void fwd_store(const AttnParams& a, const Window& W, int h, int i0, int t4, FwdRows& r,
+                                          const float (&o)[HS / 8][4]) {
+    r.l0 += __shfl_xor_sync(0xffffffffu, r.l0, 1);
+    r.l0 += __shfl_xor_sync(0xffffffffu, r.l0, 2);
+    r.l1 += __shfl_xor_sync(0xffffffffu, r.l1, 1);
+    r.l1 += __shfl_xor_sync(0xffffffffu, r.l1, 2);
+    int C = a.nh * HS, i1 = i0 + 8;
+    float ks = DROP ? attn_keep_scale(a.p) : 1.f;  // every kept probability's dropout factor
+    float inv0 = r.l0 > 0.f ? ks / r.l0 : 0.f, inv1 = r.l1 > 0.f ? ks / r.l1 : 0.f;
+#pragma unroll
+    for (int n = 0; n < HS / 8; ++n) {
+        int d = n * 8 + 2 * t4;
+        if (i0 < W.rows) *(u32*)((T*)a.out + ((u64)W.s0 + i0) * C + h * HS + d) = pack2<T>(o[n][0] * inv0, o[n][1] * inv0);
+        if (i1 < W.rows) *(u32*)((T*)a.out + ((u64)W.s0 + i1) * C + h * HS + d) = pack2<T>(o[n][2] * inv1, o[n][3] * inv1);
+    }
+    if (t4 == 0) {
+        float* lse = (float*)a.lse + (u64)h * a.n + W.s0;
+        if (i0 < W.rows) lse[i0] = r.l0 > 0.f ? r.m0 * a.scale + logf(r.l0) : INFINITY;
+        if (i1 < W.rows) lse[i1] = r.l1 > 0.f ? r.m1 * a.scale + logf(r.l1) : INFINITY;
+    }
 }

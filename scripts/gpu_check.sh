@@ -2,7 +2,7 @@
 # One prepared GPU run (≤ 8 minutes; DEADLINE_S bounds it): device facts, the GPU parity tests (every kernel and a whole training
 # step against the CPU reference, f32 and bf16; the attention variants; the opt-in paths BERTQA_ATTN=v4,
 # BERTQA_GEMM=lt and BERTQA_VEC=1; CUDA graphs: gpu_cuda_graphs_replay_what_runs, with the defaults and with
-# the opt-in paths), then the kernel/step benchmark (which also times the opt-in paths). Expects the binaries built by
+# the opt-in paths; the wgmma probe), then the kernel/step benchmark (which also times the opt-in paths). Expects the binaries built by
 # scripts/package_gpu.sh in .gpu/bin (carry `.gpu`). Writes logs to $OUT (or ./gpu-out) and prints a summary.
 # DEADLINE_S (seconds from this script's start; default none): no step starts after it, and each step's timeout
 # is cut to what is left, so that a device call's limit never kills this script mid-way. LIVE_DIR (a folder;
@@ -56,6 +56,9 @@ grep -E "FAIL|SKIPPED|panicked|test result" "$OUT/parity_bf16.log" | head -20 | 
 # every tensor-core attention variant and variant 4's three backward shapes, op by op (T=37 and T=203)
 run attn_variants 120 .gpu/bin/test_parity --exact gpu_attention_variants_bf16 --nocapture --test-threads 1
 grep -E "FAIL|SKIPPED|panicked|test result" "$OUT/attn_variants.log" | head -20 | tee -a "$OUT/summary.txt"
+# wgmma (sm_90a) on the hardware against the emulator's reading of the PTX ISA: the probe cases bit for bit
+run wgmma_probe 60 .gpu/bin/test_parity --exact gpu_wgmma_probe --nocapture --test-threads 1
+grep -E "wgmma probe:|differ|SKIPPED|panicked|test result" "$OUT/wgmma_probe.log" | head -20 | tee -a "$OUT/summary.txt"
 # the whole suite (incl. a training step) with every opt-in path on: attention v4, cuBLASLt, the vec kernels
 # (the f32 run covers the vec kernels' f32 instances and cuBLASLt's fall-back for f32)
 for dt in bf16 f32; do

@@ -66,6 +66,19 @@ pub enum AttnKernel {
     V3,
     /// variant 4: pipelined forward, one-pass backward with f32 dQ reductions, in the given backward shape
     V4(Tc4Shape),
+    /// variant 5: variant 4 with the forward's products on Hopper's wgmma (sm_90 only; head sizes 32 and 64,
+    /// variant 4's forward at 128); variant 4's backward in the given shape
+    V5(Tc4Shape),
+}
+
+impl AttnKernel {
+    /// Variant 4's backward shape, for the variants whose backward is variant 4's.
+    pub fn tc4_shape(self) -> Option<Tc4Shape> {
+        match self {
+            AttnKernel::V4(s) | AttnKernel::V5(s) => Some(s),
+            _ => None,
+        }
+    }
 }
 
 /// Variant 4's backward shape: warps per block and register budget (kernels/attention_tc.cu lists them).
@@ -186,8 +199,9 @@ impl KernelConfig {
                 "v1" => AttnKernel::V1,
                 "v3" => AttnKernel::V3,
                 "v4" => AttnKernel::V4(shape),
+                "v5" => AttnKernel::V5(shape),
                 other => bail!(
-                    "{w}={other:?}: expected v1, v3 or v4 (variant 2 was retired: docs/perf-log.md)"
+                    "{w}={other:?}: expected v1, v3, v4 or v5 (variant 2 was retired: docs/perf-log.md)"
                 ),
             },
         };
@@ -241,6 +255,7 @@ impl KernelConfig {
             AttnKernel::V1 => "v1".to_string(),
             AttnKernel::V3 => "v3".to_string(),
             AttnKernel::V4(s) => format!("v4/{}", s.tag().0),
+            AttnKernel::V5(s) => format!("v5/{}", s.tag().0),
         };
         let g = match self.gemm {
             GemmPath::Ex => "ex".to_string(),
@@ -333,6 +348,17 @@ mod tests {
         };
         let c = KernelConfig::resolve(&flags, env(&[("BERTQA_ATTN", "v4")])).unwrap();
         assert_eq!(c.attention, AttnKernel::V1);
+        // variant 5 takes variant 4's backward shape
+        let c = KernelConfig::resolve(&none, env(&[("BERTQA_ATTN", "v5"), ("BERTQA_ATTN4", "w8")]))
+            .unwrap();
+        assert_eq!(c.attention, AttnKernel::V5(Tc4Shape::W8));
+        assert_eq!(c.attention.tc4_shape(), Some(Tc4Shape::W8));
+        assert!(
+            c.describe().starts_with("attention v5/w8,"),
+            "{}",
+            c.describe()
+        );
+        assert_eq!(AttnKernel::V3.tc4_shape(), None);
         // unknown values are errors naming where they came from (BERTQA_ATTN=v2 used to run the default)
         let e = KernelConfig::resolve(&none, env(&[("BERTQA_ATTN", "v2")]))
             .unwrap_err()

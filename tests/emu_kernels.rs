@@ -157,6 +157,7 @@ fn case_name(case: &AttentionCase, kernel: AttnKernel) -> String {
         AttnKernel::V1 => "v1 ".to_string(),
         AttnKernel::V3 => "v3 ".to_string(),
         AttnKernel::V4(s) => format!("v4 {}", s.tag().0),
+        AttnKernel::V5(s) => format!("v5 {}", s.tag().0),
     };
     format!("{k} HS={} {}", case.hs, case.shape_name())
 }
@@ -270,6 +271,28 @@ fn emu_attention_v4_w8b2() {
         TC,
         &sizes(),
         &[Mode::DEFAULT],
+    );
+}
+
+/// Variant 5: the wgmma forward (HS 32 and 64; variant 4's at 128) with variant 4's backward, every case; and
+/// under the other interleavings (warps in reverse order with copies landing and wgmma reading its operands at
+/// issue, and warps in lockstep) on a multi-tile case of each of its head sizes.
+#[test]
+fn emu_attention_v5() {
+    attention_sweep(
+        AttnKernel::V5(Tc4Shape::W8B2),
+        TC,
+        &sizes(),
+        &[Mode::DEFAULT],
+    );
+    attention_sweep(
+        AttnKernel::V5(Tc4Shape::W8B2),
+        &[DType::BF16],
+        &[
+            AttentionCase::padded(3, 203, 2, 64, 0.1),
+            AttentionCase::packed(&[203], 2, 32, 0.1).rising(),
+        ],
+        &Mode::STRESS,
     );
 }
 
@@ -1111,4 +1134,84 @@ fn emu_cast_and_bias_add() {
         rows.extend(compare_outputs(dt, &ba, &vec![("out".into(), decode(&got[0], dt))]).unwrap());
     }
     check_rows(&rows);
+}
+
+/// wgmma (sm_90a), as the emulator reads the PTX ISA: every probe case (A from registers or shared memory,
+/// either major-ness, every swizzle, chained k-steps, scale-d 0 and 1) bit for bit against the exact CPU
+/// product, in the three interleavings (operands read at the wait, or at issue); then the emulator's protocol
+/// checks, each on a kernel that breaks the protocol on purpose. The same cases run on a GPU in tests/parity.rs
+/// `gpu_wgmma_probe`: that run is what says the emulator reads the layouts as the hardware does.
+#[test]
+fn emu_wgmma_probe() {
+    use bertqa::cuda::wgmma_probe::WgmmaProbeCase;
+    let mut emu = Emus::default();
+    let run = |emu: &mut Emus, case: &WgmmaProbeCase, seed: u64, fault: i32, mode: Mode| {
+        let (a, b, c) = case.inputs(seed);
+        let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        let bufs = vec![
+            encode(&f64s(&a), case.dtype),
+            encode(&f64s(&b), case.dtype),
+            encode(&f64s(&c), DType::F32),
+            vec![0xffu8; 64 * case.n * 4],
+        ];
+        let mut l = case.launch(addr(0), addr(1), addr(2), addr(3)).unwrap();
+        l.params.fault = fault;
+        let got = emu.run(&bufs, &[l], mode)?;
+        Ok::<_, String>(got.map(|g| {
+            let d: Vec<f32> = decode(&g[3], DType::F32)
+                .iter()
+                .map(|&x| x as f32)
+                .collect();
+            (d, case.reference(&a, &b, &c))
+        }))
+    };
+    let cases = WgmmaProbeCase::sweep();
+    assert!(cases.len() > 80, "{} cases", cases.len());
+    let mut bad = vec![];
+    for (i, case) in cases.iter().enumerate() {
+        for mode in [Mode::DEFAULT, Mode::STRESS[0], Mode::STRESS[1]] {
+            let Some((got, want)) = run(&mut emu, case, i as u64 + 1, 0, mode)
+                .unwrap_or_else(|e| panic!("{}: {e}", case.name()))
+            else {
+                return;
+            };
+            if let Some(e) = (0..got.len()).find(|&e| got[e].to_bits() != want[e].to_bits()) {
+                bad.push(format!(
+                    "{} ({mode:?}): D[{}][{}] = {} (want {})",
+                    case.name(),
+                    e / case.n,
+                    e % case.n,
+                    got[e],
+                    want[e]
+                ));
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} of {} wgmma probes differ:\n{}",
+        bad.len(),
+        3 * cases.len(),
+        bad.join("\n")
+    );
+    // the protocol checks: each fault must be caught (wrong numbers, or the emulator's own error)
+    let case = cases[0];
+    let (got, _) = run(&mut emu, &case, 7, 1, Mode::DEFAULT).unwrap().unwrap();
+    assert!(
+        got.iter().all(|x| x.is_nan()),
+        "tiles handed to wgmma without fence.proxy.async were read anyway"
+    );
+    let acc = *cases
+        .iter()
+        .find(|c| c.acc)
+        .expect("a case accumulating onto C");
+    for (fault, case, says) in [
+        (2, case, "without a wgmma.fence"),
+        (3, acc, "wrote its wgmma accumulator registers"),
+    ] {
+        match run(&mut emu, &case, 7, fault, Mode::DEFAULT) {
+            Err(e) => assert!(e.contains(says), "fault {fault}: {e}"),
+            Ok(_) => panic!("fault {fault} ({says}) not caught"),
+        }
+    }
 }

@@ -128,8 +128,8 @@ fn gpu_parity_bf16() {
     check_rows(&suite(&gpu, DType::BF16, &bertqa::ops::attention::CUDA_HEAD_SIZES).unwrap());
 }
 
-/// Every tensor-core attention variant and backward shape against the f64 CPU reference (bf16 bounds), with
-/// dropout: padded windows of T=37 (one key block) and T=203 (several key blocks and query tiles), and
+/// Every tensor-core attention variant and backward shape (and variant 5's wgmma forward on an sm_90 GPU)
+/// against the f64 CPU reference (bf16 bounds), with dropout: padded windows of T=37 (one key block) and T=203 (several key blocks and query tiles), and
 /// packed windows of 1, 17, 64, 65, 383 and 384 tokens in one batch.
 #[test]
 fn gpu_attention_variants_bf16() {
@@ -138,9 +138,20 @@ fn gpu_attention_variants_bf16() {
         return;
     };
     let mut rows = vec![];
+    // variant 5 (the wgmma forward) where it exists: sm_90
+    let v5 = if gpu.cc == (9, 0) {
+        vec![AttnKernel::V5(Tc4Shape::W8B2)]
+    } else {
+        println!(
+            "variant 5 not tested: it needs an sm_90 GPU, this is {}",
+            gpu.arch()
+        );
+        vec![]
+    };
     let variants = [AttnKernel::V3]
         .into_iter()
-        .chain(Tc4Shape::ALL.into_iter().map(AttnKernel::V4));
+        .chain(Tc4Shape::ALL.into_iter().map(AttnKernel::V4))
+        .chain(v5);
     for kernel in variants {
         gpu.set_kernels(KernelConfig {
             attention: kernel,
@@ -170,6 +181,56 @@ fn gpu_attention_variants_bf16() {
         }
     }
     check_rows(&rows);
+}
+
+/// wgmma on the hardware against the emulator's reading of the PTX ISA (tests/emu_kernels.rs
+/// `emu_wgmma_probe`, the same cases and reference): every probe bit for bit. On an sm_90 GPU only (the
+/// instruction exists nowhere else); elsewhere it says why it skips.
+#[test]
+fn gpu_wgmma_probe() {
+    use bertqa::cuda::wgmma_probe::{run, WgmmaProbeCase};
+    let _one = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(gpu) = cuda_or_skip(Some(KernelConfig::default())) else {
+        return;
+    };
+    if gpu.cc.0 != 9 {
+        println!("SKIPPED: wgmma needs an sm_90 GPU, this is {}", gpu.arch());
+        return;
+    }
+    let cases = WgmmaProbeCase::sweep();
+    let mut bad = vec![];
+    for (i, case) in cases.iter().enumerate() {
+        let (a, b, c) = case.inputs(i as u64 + 1);
+        let got = run(&gpu, case, &a, &b, &c).unwrap_or_else(|e| panic!("{}: {e:#}", case.name()));
+        let want = case.reference(&a, &b, &c);
+        let wrong = (0..got.len())
+            .filter(|&e| got[e].to_bits() != want[e].to_bits())
+            .count();
+        if let Some(e) = (0..got.len()).find(|&e| got[e].to_bits() != want[e].to_bits()) {
+            bad.push(format!(
+                "{}: {wrong} of {} differ, first D[{}][{}] = {} (want {})",
+                case.name(),
+                got.len(),
+                e / case.n,
+                e % case.n,
+                got[e],
+                want[e]
+            ));
+        }
+    }
+    println!(
+        "wgmma probe: {} of {} cases bit-exact on {}",
+        cases.len() - bad.len(),
+        cases.len(),
+        gpu.arch()
+    );
+    assert!(
+        bad.is_empty(),
+        "{} of {} wgmma probes differ on the GPU:\n{}",
+        bad.len(),
+        cases.len(),
+        bad.join("\n")
+    );
 }
 
 /// CUDA graphs (`--cuda-graphs on`) replay what running the ops does. Two trainers on one backend (so the

@@ -14,6 +14,7 @@ pub mod cast;
 pub mod gemm;
 pub mod lt;
 pub mod nvrtc;
+pub mod wgmma_probe;
 
 use crate::backend::{BackendCore, MemStats};
 use crate::kernel::{KernelConfig, Launch};
@@ -137,6 +138,7 @@ impl Cuda {
             CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cuBLAS init failed: {e:?}"))?;
         let cc = ctx.compute_capability().map_err(|e| anyhow!("{e:?}"))?;
         let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        kernels_run_on(&kernels, cc, &device_name)?;
         let sm_count = ctx
             .attribute(
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
@@ -183,6 +185,7 @@ impl Cuda {
     /// the legacy default stream (CUDA cannot record a graph on it) onto a stream of its own, after the
     /// work queued so far.
     pub fn set_kernels(&mut self, k: KernelConfig) -> Result<()> {
+        kernels_run_on(&k, self.cc, &self.device_name)?;
         if k.graphs && self.stream.cu_stream().is_null() {
             self.sync()?;
             let s = self
@@ -222,7 +225,7 @@ impl Cuda {
             if let Some(m) = mods.get(module) {
                 m.clone()
             } else {
-                let ptx = nvrtc::cached_ptx(module, &self.arch())?;
+                let ptx = nvrtc::cached_ptx(module, &nvrtc::module_arch(module, &self.arch()))?;
                 let m = self
                     .ctx
                     .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
@@ -522,6 +525,20 @@ impl Cuda {
     }
 }
 
+/// Whether the kernels of `k` exist on a device of compute capability `cc`: variant 5's attention forward is
+/// Hopper's wgmma (sm_90 only).
+fn kernels_run_on(k: &KernelConfig, cc: (i32, i32), device: &str) -> Result<()> {
+    if matches!(k.attention, crate::kernel::AttnKernel::V5(_)) && cc != (9, 0) {
+        bail!(
+            "attention kernel v5 needs an sm_90 GPU (its forward is Hopper's wgmma); this is {device} (sm_{}{}): \
+             use --attention-kernel v4",
+            cc.0,
+            cc.1
+        );
+    }
+    Ok(())
+}
+
 fn check_view(what: &str, buf: &CudaBuf, dtype: DType, bytes: usize) -> Result<()> {
     if buf.bytes < bytes {
         bail!(
@@ -783,5 +800,29 @@ pub fn open_for_flag(flag: &str, k: KernelConfig) -> Result<Option<Cuda>> {
             }
         },
         other => bail!("--device must be auto, cpu or cuda (got {other:?})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kernels_run_on;
+    use crate::kernel::{AttnKernel, KernelConfig, Tc4Shape};
+
+    /// Attention variant 5 (wgmma) is refused off sm_90, with the device and the way out named.
+    #[test]
+    fn variant_5_needs_sm_90() {
+        let v5 = KernelConfig {
+            attention: AttnKernel::V5(Tc4Shape::W8B2),
+            ..KernelConfig::default()
+        };
+        assert!(kernels_run_on(&v5, (9, 0), "H100").is_ok());
+        for cc in [(8, 0), (8, 9), (10, 0)] {
+            let e = kernels_run_on(&v5, cc, "some GPU").unwrap_err().to_string();
+            assert!(
+                e.contains("sm_90") && e.contains("some GPU") && e.contains("v4"),
+                "{e}"
+            );
+        }
+        assert!(kernels_run_on(&KernelConfig::default(), (8, 0), "A100").is_ok());
     }
 }

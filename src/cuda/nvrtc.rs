@@ -31,7 +31,27 @@ pub const MODULES: &[(&str, &str)] = &[
     ("span_loss", include_str!("../../kernels/span_loss.cu")),
     ("adamw", include_str!("../../kernels/adamw.cu")),
     ("reduce", include_str!("../../kernels/reduce.cu")),
+    (
+        "attention_wg",
+        include_str!("../../kernels/attention_wg.cu"),
+    ),
+    ("wgmma_probe", include_str!("../../kernels/wgmma_probe.cu")),
 ];
+
+/// Modules that use an architecture's arch-specific instructions (Hopper's wgmma: the `a` targets), compiled
+/// for `sm_90a` on an sm_90 device; see [`module_arch`]. (attention_wg: attention variant 5's forward.)
+pub const ARCH_SPECIFIC: &[&str] = &["attention_wg", "wgmma_probe"];
+
+/// The NVRTC target for `module` on a device of architecture `arch` ("sm_90"): the arch-specific variant
+/// ("sm_90a") for the modules in [`ARCH_SPECIFIC`] on sm_90, `arch` otherwise (those modules' kernels then
+/// trap: their instructions do not exist there).
+pub fn module_arch(module: &str, arch: &str) -> String {
+    if ARCH_SPECIFIC.contains(&module) && arch == "sm_90" {
+        "sm_90a".into()
+    } else {
+        arch.into()
+    }
+}
 
 pub fn module_source(name: &str) -> Result<String> {
     let (_, src) = MODULES

@@ -291,6 +291,11 @@ pub fn variant_entry_points() -> Vec<(&'static str, String)> {
             .map(|n| ("attention_tc", n)),
     );
     v.extend(
+        attention::wg_entry_points()
+            .into_iter()
+            .map(|n| ("attention_wg", n)),
+    );
+    v.extend(
         layernorm::vec_entry_points()
             .into_iter()
             .map(|n| ("layernorm", n)),
@@ -322,5 +327,6 @@ pub fn param_layouts() -> Vec<crate::kernel::ParamLayout> {
     v.extend(span_loss::layouts());
     v.extend(adamw::layouts());
     v.extend(crate::cuda::cast::layouts());
+    v.extend(crate::cuda::wgmma_probe::layouts());
     v
 }

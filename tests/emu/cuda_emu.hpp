@@ -3,8 +3,9 @@
 // The kernel sources (kernels/*.cu) are compiled by the host C++ compiler with BERTQA_EMU defined; this header
 // supplies what nvcc/NVRTC would: the execution-space keywords, threadIdx/blockIdx, the vector and 16-bit float
 // types, the intrinsics, and the warp-level instructions the kernels reach through inline PTX (mma.sync
-// m16n8k16, ldmatrix, cp.async, ex2.approx) — each written from the PTX ISA's definition, not from the kernels,
-// so a kernel that misreads a fragment layout gets wrong numbers here as it would on the GPU.
+// m16n8k16, ldmatrix, cp.async, ex2.approx; and Hopper's warpgroup wgmma.mma_async with its fence, commit and
+// wait, and fence.proxy.async) — each written from the PTX ISA's definition, not from the kernels, so a kernel
+// that misreads a fragment layout gets wrong numbers here as it would on the GPU.
 //
 // Execution model. Every CUDA thread is a fiber (ucontext); one block runs at a time, and a thread runs until it
 // reaches a barrier (__syncthreads, or a warp collective: shuffles, mma, ldmatrix), where the scheduler picks
@@ -22,6 +23,21 @@
 // EMU_CP_ASYNC=eager lands it at issue (the earliest). A kernel whose result differs between the two reads a
 // tile before waiting for it or overwrites one still being read.
 //
+// wgmma (PTX ISA 9.7.15): a warpgroup is warps 4i..4i+3, and every one of its 128 threads must issue each
+// wgmma.mma_async (a warpgroup barrier here). Shared-memory operands are read through their matrix
+// descriptors (start address, leading/stride byte offsets, swizzle mode; the canonical layouts of 9.7.15.5.1.2),
+// from the block's *async-proxy view* of shared memory: a copy of shared memory taken whenever a thread
+// executes fence.proxy.async, so a kernel that writes a tile with ordinary stores (or cp.async) and hands it to
+// wgmma without that fence reads the NaN-filled start (or a stale tile). (One thread's fence publishes every
+// thread's writes here: a fence missing in only some threads is not caught.) The product is formed when the first
+// thread of the warpgroup waits for it (wgmma.wait_group; EMU_CP_ASYNC=eager: at issue) and added to each
+// thread's accumulator at its own wait. Checked: a wgmma.mma_async without a wgmma.fence since the thread's last
+// wait (or its start); accumulator or A-fragment registers changed between issue and wait; descriptors that
+// differ between the threads; an element outside the dynamic shared memory; a nonzero matrix base offset (not
+// emulated); a thread exiting with a wgmma in flight. Shared addresses (`shared_addr`) start at
+// EMU_SMEM_WINDOW, which is 16- but not 1024-byte aligned, so a kernel that assumes its dynamic shared memory
+// starts on a swizzle-pattern boundary fails here: it must align its tiles itself.
+//
 // Data races (-fsanitize=thread, e.g. BERTQA_EMU_CXXFLAGS=-fsanitize=thread): each CUDA thread is a separate
 // ThreadSanitizer fiber, switched without synchronisation; __syncthreads and warp collectives are the only
 // happens-before edges inside a block (blocks and launches run in order, so races between blocks are not
@@ -36,6 +52,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <memory>
 #include <ucontext.h>
 #include <vector>
 
@@ -159,6 +176,23 @@ namespace emu {
 [[noreturn]] void fail(const char* fmt, ...);
 
 struct Fiber;
+struct WgOp;  // one wgmma.mma_async of a warpgroup (driver.cpp)
+struct WgPending {
+    std::shared_ptr<WgOp> op;
+    float* d;                 // the issuing thread's accumulator registers
+    bool chained;             // an earlier wgmma on the same accumulator was in flight at issue
+    std::vector<float> snap;  // the accumulator at issue (when not chained)
+    const uint32_t* a;        // the A-fragment registers (null: A from shared memory)
+    uint32_t a_snap[4];
+    long group;
+};
+struct WarpGroup {
+    int live = 0, arrived = 0, size = 0;
+    uint64_t gen = 0;
+    uint64_t slot[128][8];
+    std::shared_ptr<WgOp> op;  // the wgmma being issued (built by the first thread past the barrier)
+    uint64_t op_gen = ~0ull;
+};
 struct Warp {
     int live = 0, arrived = 0, size = 0;
     uint64_t gen = 0;
@@ -181,10 +215,13 @@ struct Fiber {
     dim3 tid;
     int lane = 0, warp = 0;
     bool done = false;
-    int wait = 0;  // 0 runnable, 1 at a warp barrier, 2 at the block barrier
+    int wait = 0;  // 0 runnable, 1 at a warp barrier, 2 at the block barrier, 3 at a warpgroup barrier
     uint64_t wait_gen = 0;
     long group = 0;  // the cp.async group being filled
     std::vector<Pending> cp;
+    long wg_group = 0;        // the wgmma group being filled
+    bool wg_fenced = false;   // a wgmma.fence since the last wgmma.wait_group (or the start)
+    std::vector<WgPending> wg;
 };
 
 // the running launch (one block at a time)
@@ -193,6 +230,7 @@ extern dim3 block_idx, block_dim, grid_dim;
 extern unsigned char* smem_base;
 extern size_t smem_bytes;
 extern std::vector<Warp> warps;
+extern std::vector<WarpGroup> groups;
 extern const char* kernel_name;
 
 inline unsigned char* dyn_smem() { return smem_base; }
@@ -247,6 +285,24 @@ void ldmatrix(uint32_t* r, int n, bool trans, const void* p);
 void cp_async(void* dst, const void* src, int bytes, bool valid);
 void cp_async_commit();
 void cp_async_wait(int n);  // all but the newest n committed groups of this thread are complete
+
+// The .shared address of a byte of the dynamic shared memory (what cvta.to.shared gives on the GPU).
+constexpr uint32_t EMU_SMEM_WINDOW = 0x1230;
+uint32_t shared_addr(const void* p);
+// fence.proxy.async.shared::cta: this thread's earlier shared-memory writes become visible to wgmma (and any
+// other async-proxy reader); here: the async-proxy view is refreshed from shared memory.
+void fence_proxy_async();
+// wgmma.fence.sync.aligned, wgmma.commit_group.sync.aligned, wgmma.wait_group.sync.aligned n
+void wgmma_fence();
+void wgmma_commit();
+void wgmma_wait(int n);
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.{bf16,f16}.{bf16,f16}: D (64×N, f32) = A (64×16) · B (16×N) + (scale_d ?
+// D : 0). A from the four registers `a` (when not null; the layout of mma.m16n8k16's A, warp w of the group
+// holding rows 16w..16w+15) or from shared memory through `adesc` (K-major, or M-major when trans_a); B from
+// shared memory through `bdesc` (K-major, or N-major when trans_b). `d` holds this thread's N/2 accumulator
+// elements: d[4j + i] is row 16w + lane/4 + 8(i/2), column 8j + 2(lane%4) + i%2.
+void wgmma(int n, bool bf16, float* d, const uint32_t* a, uint64_t adesc, uint64_t bdesc, bool scale_d, bool trans_a,
+           bool trans_b);
 
 // ex2.approx.ftz.f32: 2^x, subnormal inputs and results flushed to zero
 inline float ex2_approx_ftz(float x) {

@@ -12,7 +12,7 @@
 // buffer address: buffer (word >> 36) & 0xFFFFFF at byte offset word & (2^36 - 1), the way the Rust side
 // (tests/emu/mod.rs) wrote it; so is such a word in a buffer flagged as a table. OUT receives every buffer
 // after the last launch, in order (u64 bytes, the bytes). Environment: EMU_SCHED=warp|rwarp|rr (the
-// interleaving), EMU_CP_ASYNC=wait|eager (when cp.async copies land).
+// interleaving), EMU_CP_ASYNC=wait|eager (when cp.async copies land, and when wgmma reads its operands).
 #include "cuda_emu.hpp"
 
 #include <cstdarg>
@@ -31,7 +31,9 @@ dim3 block_idx, block_dim, grid_dim;
 unsigned char* smem_base = nullptr;
 size_t smem_bytes = 0;
 std::vector<Warp> warps;
+std::vector<WarpGroup> groups;
 const char* kernel_name = "?";
+static unsigned char* smem_async = nullptr;  // the async proxy's view of shared memory (see cuda_emu.hpp)
 
 static ucontext_t sched_ctx;
 
@@ -98,12 +100,22 @@ void fail(const char* fmt, ...) {
 static void* sched_tsan = nullptr;
 // barrier sync objects: [warp][generation parity], and the block's; a thread is at most one generation ahead
 static std::vector<std::array<char, 2>> warp_sync;
+static std::vector<std::array<char, 2>> group_sync;
 static char block_sync[2];
 static char grid_sync;  // every thread's exit → every later thread's start (blocks and launches run in order)
 static void to_fiber(void* f) { __tsan_switch_to_fiber(f, __tsan_switch_to_fiber_no_sync); }
 #define TSAN_RELEASE(p) __tsan_release((void*)(p))
 #define TSAN_ACQUIRE(p) __tsan_acquire((void*)(p))
+extern "C" void __tsan_ignore_thread_begin(void);
+extern "C" void __tsan_ignore_thread_end(void);
+// the emulator's own shared bookkeeping (wgmma's operation records: shared_ptr counts, the product), which the
+// fibers touch one at a time, is not what is checked (library code inlined here is instrumented regardless of
+// EMU_UNCHECKED)
+#define TSAN_IGNORE_BEGIN() __tsan_ignore_thread_begin()
+#define TSAN_IGNORE_END() __tsan_ignore_thread_end()
 #else
+#define TSAN_IGNORE_BEGIN() (void)0
+#define TSAN_IGNORE_END() (void)0
 #define TSAN_RELEASE(p) (void)0
 #define TSAN_ACQUIRE(p) (void)0
 #endif
@@ -115,23 +127,35 @@ EMU_UNCHECKED void yield() {
     to_scheduler();
 }
 
-EMU_UNCHECKED void warp_barrier() {
-    Warp& w = warps[cur->warp];
+// A barrier over a group of threads (a warp or a warpgroup: live, arrived, gen), `kind` the fiber's wait state
+// while it waits; `sync` its ThreadSanitizer sync objects, one per generation parity.
+template <typename G>
+EMU_UNCHECKED static void group_wait(G& w, std::array<char, 2>* sync_pair, int kind) {
     uint64_t g = w.gen;
 #if EMU_TSAN
-    void* sync = &warp_sync[cur->warp][g & 1];
+    void* sync = &(*sync_pair)[g & 1];
+#else
+    (void)sync_pair;
 #endif
     TSAN_RELEASE(sync);
     if (++w.arrived == w.live) {
         w.arrived = 0;
         ++w.gen;
     } else {
-        cur->wait = 1;
+        cur->wait = kind;
         cur->wait_gen = g;
         yield();
     }
     TSAN_ACQUIRE(sync);
 }
+
+#if EMU_TSAN
+#define EMU_SYNC_OF(v, i) (&(v)[i])
+#else
+#define EMU_SYNC_OF(v, i) ((std::array<char, 2>*)nullptr)
+#endif
+EMU_UNCHECKED void warp_barrier() { group_wait(warps[cur->warp], EMU_SYNC_OF(warp_sync, cur->warp), 1); }
+EMU_UNCHECKED static void group_barrier() { group_wait(groups[cur->warp / 4], EMU_SYNC_OF(group_sync, cur->warp / 4), 3); }
 
 EMU_UNCHECKED void block_barrier() {
     uint64_t g = block_gen;
@@ -281,6 +305,176 @@ EMU_UNCHECKED void cp_async_wait(int n) {
     cur->cp.swap(keep);
 }
 
+// ---- wgmma (sm_90a) -------------------------------------------------------------------------------------------
+EMU_UNCHECKED uint32_t shared_addr(const void* p) {
+    auto q = (const unsigned char*)p;
+    if (q < smem_base || q > smem_base + smem_bytes)
+        fail("%s: shared address of a pointer outside the dynamic shared memory (thread %u)", kernel_name, cur->tid.x);
+    return EMU_SMEM_WINDOW + (uint32_t)(q - smem_base);
+}
+
+// Plain word copies: under -fsanitize=thread a memcpy would be intercepted and reported as this thread reading
+// what others wrote; the async proxy is not the thread.
+EMU_UNCHECKED static void copy_unchecked(unsigned char* dst, const unsigned char* src, size_t n) {
+    for (size_t i = 0; i < n; ++i) ((volatile unsigned char*)dst)[i] = ((const volatile unsigned char*)src)[i];
+}
+
+EMU_UNCHECKED void fence_proxy_async() { copy_unchecked(smem_async, smem_base, smem_bytes); }
+
+struct WgOp {
+    int n = 0;
+    bool bf16 = true, a_regs = false, trans_a = false, trans_b = false, scale_d = true;
+    uint64_t adesc = 0, bdesc = 0;
+    std::vector<uint32_t> a;  // with a_regs: [thread][4] fragment registers as issued
+    std::vector<double> prod; // 64×n, once formed
+    bool formed = false;
+};
+
+// Element (mn, k) of a 16-bit operand in shared memory, through its matrix descriptor (PTX ISA 9.7.15.5.1.2):
+// bits 0-13 start address >> 4, 16-29 leading dimension byte offset (LBO) >> 4, 32-45 stride dimension byte
+// offset (SBO) >> 4, 49-51 base offset, 62-63 swizzle (0 none, 1 128 B, 2 64 B, 3 32 B). The canonical
+// layouts, T = 8 elements (16 bytes), W the swizzle width in bytes:
+//   K-major, none:      ((8,m),(T,2k)):((1T,SBO),(1,LBO))   rows of a core matrix 16 B apart, next 8 rows at SBO, next 8 k at LBO
+//   K-major, swizzled:  ((8,m),(T,2k)):((W/2,SBO),(1,T))     rows W bytes apart, next 8 rows at SBO, k along the row
+//   MN-major, none:     ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO)) 8 mn contiguous, k rows 16 B apart, next 8 mn at SBO, next 8 k at LBO
+//   MN-major, swizzled: ((T,W/16,m),(8,k)):((1,T,LBO),(W/2,SBO)) W/2 mn contiguous, k rows W bytes apart, next W/2 mn at LBO, next 8 k at SBO
+// and then the swizzle, Swizzle<log2(W/16),4,3> of the byte address: bits 4.. (the 16-byte chunk) ^= bits 7.. .
+EMU_UNCHECKED static float wg_elem(bool bf16, uint64_t desc, bool mn_major, int mn, int k, const char* what) {
+    uint32_t start = (uint32_t)(desc & 0x3fff) << 4, lbo = (uint32_t)((desc >> 16) & 0x3fff) << 4,
+             sbo = (uint32_t)((desc >> 32) & 0x3fff) << 4;
+    int base = (int)((desc >> 49) & 7), mode = (int)(desc >> 62);
+    if (base) fail("%s: wgmma %s descriptor with matrix base offset %d (not emulated: align the tile to its pattern)", kernel_name, what, base);
+    uint32_t w = mode == 0 ? 16 : mode == 1 ? 128 : mode == 2 ? 64 : 32, off;
+    if (!mn_major)
+        off = mode == 0 ? (mn % 8) * 16 + (mn / 8) * sbo + (k / 8) * lbo + (k % 8) * 2
+                        : (mn % 8) * w + (mn / 8) * sbo + (k / 8) * 16 + (k % 8) * 2;
+    else if (mode == 0)
+        off = (mn % 8) * 2 + (mn / 8) * sbo + (k % 8) * 16 + (k / 8) * lbo;
+    else
+        off = (mn % (w / 2)) * 2 + (mn / (w / 2)) * lbo + (k % 8) * w + (k / 8) * sbo;
+    uint32_t addr = start + off;
+    if (mode) addr ^= ((addr >> 7) & (w / 16 - 1)) << 4;
+    if (addr < EMU_SMEM_WINDOW || addr - EMU_SMEM_WINDOW + 2 > smem_bytes)
+        fail("%s: wgmma %s element (%d, %d) at shared address 0x%x (start 0x%x lbo %u sbo %u mode %d), outside the %zu bytes of dynamic shared memory "
+             "(from 0x%x)", kernel_name, what, mn, k, addr, start, lbo, sbo, mode, smem_bytes, EMU_SMEM_WINDOW);
+    uint16_t h;
+    std::memcpy(&h, smem_async + (addr - EMU_SMEM_WINDOW), 2);
+    return half_bits_to_float(bf16, h);
+}
+
+// A·B of the whole warpgroup: products of 16-bit inputs are exact, each sum of 16 is formed in double.
+EMU_UNCHECKED static void wg_form(WgOp& op) {
+    op.prod.assign(64 * (size_t)op.n, 0.0);
+    std::vector<float> A(64 * 16), B(16 * (size_t)op.n);
+    for (int m = 0; m < 64; ++m)
+        for (int k = 0; k < 16; ++k) {
+            if (op.a_regs) {
+                int r = m % 16, lane = (r % 8) * 4 + (k % 8) / 2, reg = r / 8 + 2 * (k / 8);
+                uint32_t v = op.a[(size_t)(32 * (m / 16) + lane) * 4 + reg];
+                A[m * 16 + k] = half_bits_to_float(op.bf16, (k & 1) ? v >> 16 : v & 0xffff);
+            } else {
+                A[m * 16 + k] = wg_elem(op.bf16, op.adesc, op.trans_a, m, k, "A");
+            }
+        }
+    for (int k = 0; k < 16; ++k)
+        for (int j = 0; j < op.n; ++j) B[k * op.n + j] = wg_elem(op.bf16, op.bdesc, op.trans_b, j, k, "B");
+    for (int m = 0; m < 64; ++m)
+        for (int j = 0; j < op.n; ++j) {
+            double acc = 0.0;
+            for (int k = 0; k < 16; ++k) acc += (double)A[m * 16 + k] * (double)B[k * op.n + j];
+            op.prod[(size_t)m * op.n + j] = acc;
+        }
+    op.formed = true;
+}
+
+EMU_UNCHECKED void wgmma_fence() { cur->wg_fenced = true; }
+EMU_UNCHECKED void wgmma_commit() { ++cur->wg_group; }
+
+EMU_UNCHECKED void wgmma(int n, bool bf16, float* d, const uint32_t* a, uint64_t adesc, uint64_t bdesc, bool scale_d,
+                         bool trans_a, bool trans_b) {
+    WarpGroup& g = groups[cur->warp / 4];
+    if (g.size != 128 || g.live != 128)
+        fail("%s: wgmma.mma_async in warpgroup %d with %d live threads (all 128 must issue it)", kernel_name, cur->warp / 4, g.live);
+    if (n < 8 || n > 256 || n % 8) fail("%s: wgmma.mma_async with N = %d", kernel_name, n);
+    if (!cur->wg_fenced)
+        fail("%s: wgmma.mma_async without a wgmma.fence since thread %u's last wgmma.wait_group (or its start)", kernel_name, cur->tid.x);
+    int t = (cur->warp % 4) * 32 + cur->lane;
+    uint64_t* s = g.slot[t];
+    for (int i = 0; i < 4; ++i) s[i] = a ? a[i] : 0;
+    s[4] = a ? 0 : adesc;
+    s[5] = bdesc;
+    s[6] = (uint64_t)n | (uint64_t)bf16 << 16 | (uint64_t)(a != nullptr) << 17 | (uint64_t)trans_a << 18 |
+           (uint64_t)trans_b << 19 | (uint64_t)scale_d << 20;
+    group_barrier();
+    TSAN_IGNORE_BEGIN();
+    if (g.op_gen != g.gen) {  // the first thread past the barrier: one operation for the warpgroup
+        for (int u = 1; u < 128; ++u)
+            for (int i = 4; i < 7; ++i)
+                if (g.slot[u][i] != g.slot[0][i])
+                    fail("%s: wgmma.mma_async operands differ between threads 0 and %d of warpgroup %d (word %d: 0x%llx vs 0x%llx)",
+                         kernel_name, u, cur->warp / 4, i, (unsigned long long)g.slot[0][i], (unsigned long long)g.slot[u][i]);
+        auto op = std::make_shared<WgOp>();
+        op->n = n;
+        op->bf16 = bf16;
+        op->a_regs = a != nullptr;
+        op->trans_a = trans_a;
+        op->trans_b = trans_b;
+        op->scale_d = scale_d;
+        op->adesc = adesc;
+        op->bdesc = bdesc;
+        if (op->a_regs) {
+            op->a.resize(128 * 4);
+            for (int u = 0; u < 128; ++u)
+                for (int i = 0; i < 4; ++i) op->a[u * 4 + i] = (uint32_t)g.slot[u][i];
+        }
+        if (eager_cp) wg_form(*op);
+        g.op = op;
+        g.op_gen = g.gen;
+    }
+    WgPending p;
+    p.op = g.op;
+    p.d = d;
+    p.chained = false;
+    for (auto& q : cur->wg)
+        if (q.d == d) p.chained = true;
+    if (!p.chained) p.snap.assign(d, d + n / 2);
+    p.a = a;
+    for (int i = 0; i < 4; ++i) p.a_snap[i] = a ? a[i] : 0;
+    p.group = cur->wg_group;
+    cur->wg.push_back(std::move(p));
+    TSAN_IGNORE_END();
+}
+
+EMU_UNCHECKED void wgmma_wait(int n) {
+    TSAN_IGNORE_BEGIN();
+    {  // (the records' destructors run inside the ignored region)
+        long upto = cur->wg_group - n;
+        std::vector<WgPending> keep;
+        int w = cur->warp % 4, l = cur->lane;
+        for (auto& p : cur->wg) {
+            if (p.group >= upto) {
+                keep.push_back(std::move(p));
+                continue;
+            }
+            WgOp& op = *p.op;
+            if (!p.chained && std::memcmp(p.snap.data(), p.d, p.snap.size() * sizeof(float)) != 0)
+                fail("%s: thread %u wrote its wgmma accumulator registers between wgmma.mma_async and wgmma.wait_group", kernel_name, cur->tid.x);
+            if (p.a && std::memcmp(p.a_snap, p.a, sizeof p.a_snap) != 0)
+                fail("%s: thread %u wrote its wgmma A-fragment registers between wgmma.mma_async and wgmma.wait_group", kernel_name, cur->tid.x);
+            if (!op.formed) wg_form(op);
+            for (int j = 0; j < op.n / 8; ++j)
+                for (int i = 0; i < 4; ++i) {
+                    int row = 16 * w + l / 4 + 8 * (i / 2), col = 8 * j + 2 * (l % 4) + i % 2;
+                    float& dv = p.d[4 * j + i];
+                    dv = (float)((op.scale_d ? (double)dv : 0.0) + op.prod[(size_t)row * op.n + col]);
+                }
+        }
+        cur->wg.swap(keep);
+    }
+    cur->wg_fenced = false;
+    TSAN_IGNORE_END();
+}
+
 // ---- launching -----------------------------------------------------------------------------------------------
 typedef void (*Thunk)(void* fn, const void* params, size_t bytes);
 struct Entry {
@@ -307,11 +501,18 @@ EMU_UNCHECKED static void fiber_main() {
     // the thread exits: barriers now wait for one thread fewer
     cur->done = true;
     if (!cur->cp.empty()) cp_async_wait(0);
+    if (!cur->wg.empty()) fail("%s: thread %u exited with a wgmma.mma_async in flight (no wgmma.wait_group for it)", kernel_name, cur->tid.x);
     Warp& w = warps[cur->warp];
     --w.live;
     if (w.live > 0 && w.arrived == w.live) {
         w.arrived = 0;
         ++w.gen;
+    }
+    WarpGroup& wg = groups[cur->warp / 4];
+    --wg.live;
+    if (wg.live > 0 && wg.arrived == wg.live) {
+        wg.arrived = 0;
+        ++wg.gen;
     }
     --block_live;
     if (block_live > 0 && block_arrived == block_live) {
@@ -334,11 +535,16 @@ EMU_UNCHECKED static void run_block(size_t stack_bytes) {
     int nw = (int)((n + 31) / 32);
     warps.assign(nw, Warp{});
     for (int i = 0; i < nw; ++i) warps[i].live = warps[i].size = (int)std::min(32u, n - 32 * i);
+    int ng = (nw + 3) / 4;
+    groups.assign(ng, WarpGroup{});
+    for (int i = 0; i < ng; ++i) groups[i].live = groups[i].size = (int)std::min(128u, n - 128 * i);
     block_live = (int)n;
     block_arrived = 0;
     std::memset(smem_base, 0xff, smem_bytes);  // NaN in every float/bf16/f16 view
+    std::memset(smem_async, 0xff, smem_bytes);
 #if EMU_TSAN
     warp_sync.assign(nw, {});
+    group_sync.assign(ng, {});
     sched_tsan = __tsan_get_current_fiber();
 #endif
     for (unsigned i = 0; i < n; ++i) {
@@ -355,6 +561,9 @@ EMU_UNCHECKED static void run_block(size_t stack_bytes) {
         f.group = 0;
         f.started = false;
         f.cp.clear();
+        f.wg_group = 0;
+        f.wg_fenced = false;
+        f.wg.clear();
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = f.stack;
         f.ctx.uc_stack.ss_size = stack_bytes;
@@ -370,6 +579,7 @@ EMU_UNCHECKED static void run_block(size_t stack_bytes) {
         if (f.done) return false;
         if (f.wait == 1 && warps[f.warp].gen == f.wait_gen) return false;
         if (f.wait == 2 && block_gen == f.wait_gen) return false;
+        if (f.wait == 3 && groups[f.warp / 4].gen == f.wait_gen) return false;
         return true;
     };
     auto resume = [&](Fiber& f) {
@@ -410,7 +620,7 @@ EMU_UNCHECKED static void run_block(size_t stack_bytes) {
             std::string who;
             for (unsigned i = 0; i < n && who.size() < 400; ++i)
                 if (!fibers[i].done)
-                    who += " t" + std::to_string(i) + (fibers[i].wait == 1 ? "@warp" : "@block");
+                    who += " t" + std::to_string(i) + (fibers[i].wait == 1 ? "@warp" : fibers[i].wait == 3 ? "@warpgroup" : "@block");
             fail("%s: deadlock — no thread can pass its barrier; live threads:%s", kernel_name, who.c_str());
         }
     }
@@ -430,6 +640,7 @@ EMU_UNCHECKED static void launch(const Entry& e, const char* name, dim3 grid, di
     // exactly `smem` bytes, 16-byte aligned (under -fsanitize=address a read past them is reported)
     smem_base = (unsigned char*)::operator new[](smem ? smem : 1, std::align_val_t(16));
     smem_bytes = smem;
+    smem_async = (unsigned char*)::operator new[](smem ? smem : 1, std::align_val_t(16));
     run_entry = e;
     run_params = params;
     run_bytes = bytes;
@@ -446,7 +657,8 @@ EMU_UNCHECKED static void launch(const Entry& e, const char* name, dim3 grid, di
 #endif
     fibers.clear();
     ::operator delete[](smem_base, std::align_val_t(16));
-    smem_base = nullptr;
+    ::operator delete[](smem_async, std::align_val_t(16));
+    smem_base = smem_async = nullptr;
 }
 
 }  // namespace emu

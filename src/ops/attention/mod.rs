@@ -161,7 +161,7 @@ pub fn kernel_for(k: &KernelConfig, act: DType, hs: usize) -> AttnKernel {
     }
 }
 
-/// Name of a tensor-core kernel in kernels/attention_tc.cu: `attention_{kind}_{dtype}_hs{HS}`.
+/// Name of a tensor-core kernel in kernels/attention_tc.cu (or attention_wg.cu): `attention_{kind}_{dtype}_hs{HS}`.
 fn tc_kernel(kind: &str, dtype: &str, hs: usize) -> String {
     format!("attention_{kind}_{dtype}_hs{hs}")
 }
@@ -207,6 +207,28 @@ fn tc_smem(hs: usize) -> (u32, u32, u32) {
 /// Dynamic shared memory (bytes) of variant 4's forward: Q (64 rows), two buffers each of K and V (64 rows).
 fn tc4_forward_smem(hs: usize) -> u32 {
     ((64 + 4 * 64) * (hs + 8) * 2) as u32
+}
+
+/// Every entry point the launchers can ask kernels/attention_wg.cu for (variant 5's forward).
+pub fn wg_entry_points() -> Vec<String> {
+    let mut names = Vec::new();
+    for dt in ["bf16", "f16"] {
+        for hs in TC5_HEAD_SIZES {
+            for kind in ["tc5_forward", "tc5_forward_p0"] {
+                names.push(tc_kernel(kind, dt, hs));
+            }
+        }
+    }
+    names
+}
+
+/// Head sizes variant 5's (wgmma) forward has kernels for; at the others variant 5 runs variant 4's forward.
+pub const TC5_HEAD_SIZES: [usize; 2] = [32, 64];
+
+/// Dynamic shared memory (bytes) of variant 5's forward: 1024 bytes to align the tiles to the 128-byte swizzle's
+/// pattern, then Q and two buffers each of K and V, 64 rows × HS (16-bit) each, unpadded.
+fn tc5_forward_smem(hs: usize) -> u32 {
+    (1024 + 5 * 64 * hs * 2) as u32
 }
 
 /// Dynamic shared memory (bytes) of variant 4's backward with `nw` warps: K and V for 16·nw keys, two
@@ -290,7 +312,13 @@ impl AttnPlan {
             params: p,
         };
         Ok(vec![match self.kernel {
-            AttnKernel::V4(_) => one(
+            AttnKernel::V5(_) if TC5_HEAD_SIZES.contains(&hs) => one(
+                "attention_wg",
+                tc_kernel(&format!("tc5_forward{}", self.p0_suffix()), dt, hs),
+                (blocks(t, 64), nh as u32, b as u32),
+                tc5_forward_smem(hs),
+            ),
+            AttnKernel::V4(_) | AttnKernel::V5(_) => one(
                 "attention_tc",
                 tc_kernel(&format!("tc4_forward{}", self.p0_suffix()), dt, hs),
                 (blocks(t, 64), nh as u32, b as u32),
@@ -333,7 +361,7 @@ impl AttnPlan {
             params: p,
         };
         let mut v = vec![];
-        if let AttnKernel::V4(shape) = self.kernel {
+        if let Some(shape) = self.kernel.tc4_shape() {
             if ptr.dqacc == 0 {
                 bail!("attention_backward: variant 4 needs the f32 dQ accumulator (N,C)");
             }
@@ -408,7 +436,7 @@ impl AttnPlan {
 impl AttnPlan {
     /// Whether the backward needs the f32 dQ accumulator `dqacc` (N,C) (variant 4; its first kernel zeroes it).
     pub fn needs_dq_accumulator(&self) -> bool {
-        matches!(self.kernel, AttnKernel::V4(_))
+        self.kernel.tc4_shape().is_some()
     }
 
     /// Whether the backward's kernels add the QKV bias gradient (`AttnParams::dbias`) themselves: the

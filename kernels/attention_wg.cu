@@ -1,0 +1,137 @@
+// attention_wg.cu — fused attention, variant 5's forward: Hopper's warpgroup MMA (wgmma, sm_90a). Its own module
+// so that the GPU-verified attention_tc.cu keeps its sm_90 target: NVRTC compiles this one for sm_90a on an sm_90
+// device (src/cuda/nvrtc.rs ARCH_SPECIFIC); elsewhere its kernels are stubs that trap. Same contract as
+// attention_tc.cu's variant 4 forward (whose softmax helpers it shares: common.cuh fwd_tile_*), and the same
+// backward (variant 4's, in attention_tc.cu).
+#include "common.cuh"
+
+// ---- variant 5, forward (sm_90a): the block is one warpgroup (4 warps × 16 query rows, as in variant 4),
+// and both products are Hopper's wgmma instead of per-warp mma.sync: S (64 queries × 64 keys) = Q·Kᵀ as HS/16
+// wgmma m64n64k16 reading Q and K from shared memory, O += P·V as 4 wgmma m64nHSk16 with P from registers (the S
+// accumulator of each warp is in the m16n8 layout, so fwd_tile_probs packs it into the A fragments as variant 4
+// does) and V from shared memory. No ldmatrix and 8 MMA instructions per warpgroup and tile instead of 64 per
+// warp. The softmax, dropout, masking, epilogue and the double-buffered cp.async staging are variant 4's. The
+// backward stays variant 4's (--attention-kernel v5 = this forward + v4's backward). Head sizes 32 and 64 (at
+// 128 variant 4's forward runs: src/ops/attention/mod.rs).
+// Tiles (Q, and two buffers each of K and V, 64 rows × HS) are in wgmma's canonical layout: rows of W = 2·HS
+// bytes, atoms of 8 rows (8W bytes) in order, the 16-byte chunks swizzled by .shared address in W bytes (128-byte
+// swizzle at HS = 64, 64-byte at HS = 32; kernels/wgmma_probe.cu checks this reading of the PTX ISA on a GPU).
+// The same bytes are a K-major operand for Q and K (rows are M or N, HS is K) and an N-major one for V (rows
+// are K, HS is N). Before the products read a tile (async proxy), each thread fences its own cp.async copies
+// (fence.proxy.async) and the block synchronises. This first version waits for each product before the next
+// step (S, then the softmax, then P·V): the overlap of one tile's softmax with the next tile's S
+// (FlashAttention-3's intra-warpgroup pipelining) is the next step once the GPU has measured this one.
+#ifdef BERTQA_HAVE_WGMMA
+template <int HS> struct Tc5Tile {
+    static constexpr u32 W = 2 * HS;
+    static constexpr int MODE = HS == 64 ? WG_SWIZZLE_128B : WG_SWIZZLE_64B;
+    static_assert(HS == 32 || HS == 64, "variant 5: head size 32 or 64");
+    // element offset of chunk c (8 elements) of row r in a tile: the swizzle acts on .shared address bits 4-9,
+    // so on a tile that starts on a 1024-byte boundary it is the swizzle of the offset alone (a constant per
+    // thread, whichever buffer)
+    __device__ __forceinline__ static int chunk(int r, int c) {
+        return (int)(wg_swizzle((u32)r * W + (u32)c * 16u, MODE) / 2u);
+    }
+    // K-major operand, k-step s (elements 16s.. of each row): 8-row groups 8W apart (SBO), the step's 32 bytes
+    // along the row (the leading byte offset is unused with swizzling: 16, encoded 1)
+    __device__ __forceinline__ static u64 kmajor(u32 base, int s) { return wg_desc(base + 32u * s, 16u, 8u * W, MODE); }
+    // N-major operand, k-step s (rows 16s..): rows W apart, 8-row groups 8W apart (SBO); one swizzle row holds
+    // all HS columns, so the leading byte offset (next HS/… columns) is unused
+    __device__ __forceinline__ static u64 nmajor(u32 base, int s) { return wg_desc(base + 16u * W * s, 8u * W, 8u * W, MODE); }
+};
+
+// 64 rows r0.. of part (0 Q, 1 K, 2 V) into a Tc5Tile through cp.async (the caller commits and waits); rows at or
+// past `limit` zero-filled from a mapped address (as stage_rows)
+template <typename T, int HS>
+__device__ __forceinline__ void tc5_stage(const AttnParams& a, const Window& W, int limit, int h, int part, int r0, T* tile) {
+    constexpr int CH = HS / 8, RSTEP = 128 / CH, PER = 64 / RSTEP;
+    int C = a.nh * HS, r = threadIdx.x / CH, c = threadIdx.x % CH;
+    u32 stride = 3u * (u32)C * (u32)sizeof(T);
+    const char* src = (const char*)((const T*)a.qkv + (u64)W.s0 * 3 * C + part * C + h * HS) + c * 16;
+    int last = max(limit, 1) - 1;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        int row = r + i * RSTEP;
+        cp_async16_at(tile, Tc5Tile<HS>::chunk(row, c), src + (u64)min(r0 + row, last) * stride, r0 + row < limit);
+    }
+}
+
+template <typename T, int HS, bool DROP>
+__device__ void tc5_forward(const AttnParams& a) {
+    using L = Tc5Tile<HS>;
+    const u64 seed = DROP ? dropout_seed(a) : 0ull;
+    constexpr int BK = 64, NO = HS / 8, TILE = 64 * HS;  // elements per tile
+    DYN_SMEM(unsigned char, smem_raw);
+    T* Qs = (T*)(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));  // on the swizzle's boundary
+    T* Kb = Qs + TILE;      // [2] tiles
+    T* Vb = Kb + 2 * TILE;  // [2] tiles
+    int h = blockIdx.y, q0 = blockIdx.x * 64;
+    const Window W = window_at(a.cu, a.lens, a.wid, blockIdx.z);
+    if (q0 >= W.rows) return;  // the whole block: past its window
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+    auto stage = [&](int k0, int buf) {  // the key tile at k0 into buffer buf, asynchronously
+        tc5_stage<T, HS>(a, W, W.len, h, 1, k0, Kb + buf * TILE);
+        tc5_stage<T, HS>(a, W, W.len, h, 2, k0, Vb + buf * TILE);
+        cp_async_commit();
+    };
+    tc5_stage<T, HS>(a, W, W.rows, h, 0, q0, Qs);  // in the first tile's group
+    stage(0, 0);
+    float o[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float(&of)[HS / 2] = reinterpret_cast<float(&)[HS / 2]>(o);  // the wgmma accumulator: of[4n + e] = o[n][e]
+    FwdRows r{-INFINITY, -INFINITY, 0.f, 0.f, 0.f, 0.f};
+    int i0 = q0 + warp * 16 + g;
+    const u32 qc0 = attn_qc(i0);
+    const float sl2 = a.scale * LOG2E_F;
+    const float gap = 8.f / sl2;
+    const u32 thr = DROP ? attn_threshold(a.p) : 0u;
+    // the descriptors of buffer 0's first k-step; a descriptor's low 14 bits are its start address / 16, so a
+    // step or the other buffer is an addition (every .shared address is below 2^18)
+    const u64 qd = L::kmajor(smem_u32(Qs), 0), kd = L::kmajor(smem_u32(Kb), 0), vd = L::nmajor(smem_u32(Vb), 0);
+    constexpr u32 TB = TILE * sizeof(T);  // bytes per tile
+    int tiles = (W.len + BK - 1) / BK;
+    for (int it = 0; it < tiles; ++it) {
+        int k0 = it * BK, buf = it & 1;
+        if (it + 1 < tiles) stage(k0 + BK, buf ^ 1);
+        else cp_async_commit();
+        cp_async_wait<1>();
+        fence_proxy_async();  // this thread's copies of tile `it` (and Q), visible to wgmma
+        __syncthreads();
+        float s[BK / 8][4];
+        float(&sf)[BK / 2] = reinterpret_cast<float(&)[BK / 2]>(s);  // sf[4j + e] = s[j][e]
+        wg_fence();
+#pragma unroll
+        for (int ks = 0; ks < HS / 16; ++ks)
+            wgmma_ss<BK, 0, 0, T>(sf, qd + 2u * ks, kd + ((buf * TB) >> 4) + 2u * ks, ks > 0);
+        wg_commit();
+        wg_wait<0>();
+        wg_pin(sf);
+        fwd_tile_rebase<BK / 8>(s, k0, W.len, t4, r, sl2, gap, o);
+        u32 pa[BK / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk)
+            fwd_tile_probs<T, BK / 8, DROP>(s, kk, r, sl2, seed, W.w, h, qc0, attn_kc(k0) + 4 * kk + t4, thr, pa[kk]);
+        wg_pin(of);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) wgmma_rs<HS, 1, T>(of, pa[kk], vd + ((buf * TB + 16u * L::W * kk) >> 4), 1);
+        wg_commit();
+        wg_wait<0>();
+        wg_pin(of);
+        __syncthreads();  // this buffer is restaged by the next iteration
+    }
+    fwd_store<T, HS, DROP>(a, W, h, i0, t4, r, o);
+}
+#define TC5_FWD(TY, HS, DROP) tc5_forward<TY, HS, DROP>(a);
+#else
+// compiled for a target without wgmma (NVRTC's plain sm_90, sm_80): the entry points exist and trap
+#define TC5_FWD(TY, HS, DROP) __trap();
+#endif
+#define TC5_HS(TY, NAME, HS)                                                                                           \
+    extern "C" __global__ void __launch_bounds__(128, 4) attention_tc5_forward_##NAME##_hs##HS(AttnParams a) { TC5_FWD(TY, HS, true) } \
+    extern "C" __global__ void __launch_bounds__(128, 4) attention_tc5_forward_p0_##NAME##_hs##HS(AttnParams a) { TC5_FWD(TY, HS, false) }
+TC5_HS(bf16, bf16, 32)
+TC5_HS(bf16, bf16, 64)
+TC5_HS(f16, f16, 32)
+TC5_HS(f16, f16, 64)
