@@ -40,7 +40,7 @@ trait Bench: Backend {
     fn opt_in(&self, _dt: DType) -> bool {
         false
     }
-    /// Whether Hopper's wgmma kernels (attention variant 5's forward) run here: an sm_90 GPU.
+    /// Whether Hopper's wgmma kernels (attention variants 5 and 6) run here: an sm_90 GPU.
     fn wgmma(&self) -> bool {
         false
     }
@@ -267,10 +267,12 @@ fn bench_attention<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
             ("v4 w8", AttnKernel::V4(Tc4Shape::W8), 0.1, false),
         ]);
         if be.wgmma() {
-            // variant 5: the wgmma forward (its backward is v4 w8b2's)
+            // variant 5: the wgmma forward (its backward is v4 w8b2's); variant 6: the wgmma backward too
             runs.extend([
                 ("v5", AttnKernel::V5(Tc4Shape::W8B2), 0.1, true),
                 ("v5 p=0", AttnKernel::V5(Tc4Shape::W8B2), 0.0, true),
+                ("v6", AttnKernel::V6(Tc4Shape::W8B2), 0.1, false),
+                ("v6 p=0", AttnKernel::V6(Tc4Shape::W8B2), 0.0, false),
             ]);
         }
     }
@@ -676,14 +678,25 @@ fn bench_step<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
         (", attention v4 + cuBLASLt + vec kernels", all),
     ];
     if be.wgmma() {
-        // attention variant 5 (the wgmma forward) in place of v4, everything else on
-        others.push((
-            ", attention v5 + cuBLASLt + vec kernels",
-            KernelConfig {
-                attention: AttnKernel::V5(Tc4Shape::W8B2),
-                ..all
-            },
-        ));
+        // attention variants 5 and 6 (wgmma) in place of v4, everything else on
+        for (label, a) in [
+            (
+                ", attention v5 + cuBLASLt + vec kernels",
+                AttnKernel::V5(Tc4Shape::W8B2),
+            ),
+            (
+                ", attention v6 + cuBLASLt + vec kernels",
+                AttnKernel::V6(Tc4Shape::W8B2),
+            ),
+        ] {
+            others.push((
+                label,
+                KernelConfig {
+                    attention: a,
+                    ..all
+                },
+            ));
+        }
     }
     if std::env::var_os("BENCH_NO_GRAPHS").is_none() {
         others.push((", CUDA graphs", graphs));

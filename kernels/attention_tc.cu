@@ -189,93 +189,6 @@ __device__ __forceinline__ void kq_strips(float (&s)[NQ][4], float (&dp)[NQ][4],
         }
     }
 }
-// p[0], p[1] += x, y in global memory, one vector reduction on sm_90 (8-byte aligned p)
-__device__ __forceinline__ void red_add2(float* p, float x, float y) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(x), "f"(y) : "memory");
-#else
-    atomicAdd(p, x);
-    atomicAdd(p + 1, y);
-#endif
-}
-
-// One step of warp_cols_add's reduction across lane bit `o` (one of the row-group bits 16, 8, 4) of the M
-// column-pair sums v[0..M) a lane holds: with M ≥ 2, a lane keeps half of them (the upper half when its bit
-// is set: nb, the first n it holds, moves up) and adds its partner's copy of that half (reduce-scatter: one
-// shuffle per kept pair); with M = 1 both partners keep the sum.
-template <int NO, int M>
-__device__ __forceinline__ void cols_step(float (&v)[NO][2], int o, int& nb) {
-    const bool up = threadIdx.x & o;
-    if constexpr (M >= 2) {
-        constexpr int H = M / 2;
-#pragma unroll
-        for (int i = 0; i < H; ++i)
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-                float send = up ? v[i][c] : v[i + H][c];
-                float keep = up ? v[i + H][c] : v[i][c];
-                v[i][c] = keep + __shfl_xor_sync(0xffffffffu, send, o);
-            }
-        if (up) nb += H;
-    } else {
-        v[0][0] += __shfl_xor_sync(0xffffffffu, v[0][0], o);
-        v[0][1] += __shfl_xor_sync(0xffffffffu, v[0][1], o);
-    }
-}
-
-// The QKV bias gradient's share of one warp's 16 rows of an m16n8 accumulator array (rows g in x[n][0..1], rows
-// g+8 in x[n][2..3], columns n·8 + 2·t4 + {0, 1}): the column sums over the rows that exist (ok0, ok1), times
-// `scale` — exactly what the caller stores, before rounding — added to dst[n·8 + 2·t4 + {0, 1}]. The sums over
-// the 8 row groups (lane bits 4, 3, 2) scatter the n's across them, so that each lane ends with NO/8 column
-// pairs (HS=64: 7 shuffles per column instead of 24) and adds them with one vector reduction each; below
-// NO = 8 the last steps are plain butterflies and only the lanes with those bits clear add. Every lane must
-// call it (a warp-uniform condition).
-template <int NO>
-__device__ __forceinline__ void warp_cols_add(const float (&x)[NO][4], bool ok0, bool ok1, float scale, float* dst) {
-    float v[NO][2];
-#pragma unroll
-    for (int n = 0; n < NO; ++n)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) v[n][c] = (ok0 ? x[n][c] : 0.f) + (ok1 ? x[n][2 + c] : 0.f);
-    constexpr int M1 = NO, M2 = NO / 2 > 1 ? NO / 2 : 1, M3 = NO / 4 > 1 ? NO / 4 : 1, MF = NO / 8 > 1 ? NO / 8 : 1;
-    int nb = 0;
-    cols_step<NO, M1>(v, 16, nb);
-    cols_step<NO, M2>(v, 8, nb);
-    cols_step<NO, M3>(v, 4, nb);
-    // the bits whose step was a plain butterfly hold copies: only the lanes with them clear add
-    constexpr int copies = (M1 == 1 ? 16 : 0) | (M2 == 1 ? 8 : 0) | (M3 == 1 ? 4 : 0);
-    if (threadIdx.x & copies) return;
-    int t4 = threadIdx.x % 4;
-#pragma unroll
-    for (int i = 0; i < MF; ++i) red_add2(dst + (nb + i) * 8 + 2 * t4, v[i][0] * scale, v[i][1] * scale);
-}
-
-// dK·scale and dV·dv_scale of keys ja (accumulator rows g) and jb (rows g+8) of window W into dqkv; every row
-// of the window is written (padding rows: zeros, they are no one's keys)
-template <typename T, int HS, int NO>
-__device__ __forceinline__ void store_dkdv(const AttnParams& a, const float (&dk)[NO][4], const float (&dv)[NO][4],
-                                           const Window& W, int h, int ja, int jb, float dv_scale) {
-    int C = a.nh * HS, t4 = threadIdx.x % 4;
-#pragma unroll
-    for (int n = 0; n < NO; ++n) {
-        int d = n * 8 + 2 * t4;
-        if (ja < W.rows) {
-            T* base = (T*)a.dqkv + ((u64)W.s0 + ja) * 3 * C + h * HS + d;
-            *(u32*)(base + C) = pack2<T>(dk[n][0] * a.scale, dk[n][1] * a.scale);
-            *(u32*)(base + 2 * C) = pack2<T>(dv[n][0] * dv_scale, dv[n][1] * dv_scale);
-        }
-        if (jb < W.rows) {
-            T* base = (T*)a.dqkv + ((u64)W.s0 + jb) * 3 * C + h * HS + d;
-            *(u32*)(base + C) = pack2<T>(dk[n][2] * a.scale, dk[n][3] * a.scale);
-            *(u32*)(base + 2 * C) = pack2<T>(dv[n][2] * dv_scale, dv[n][3] * dv_scale);
-        }
-    }
-    // The V third of the QKV bias gradient. The K third gets nothing: a bias on every key adds q_i·b to all of
-    // query i's scores, which the softmax ignores — Σ_j dS_ij = Σ_j P_ij·(f_ij·dP_ij) − D_i·Σ_j P_ij = D_i − D_i
-    // = 0 for every row, so Σ_j dK_j = 0 exactly (summing the stored dK would add only rounding noise).
-    if (a.dbias) warp_cols_add<NO>(dv, ja < W.rows, jb < W.rows, dv_scale, (float*)a.dbias + 2 * C + h * HS);
-}
-
 template <typename T, int HS>
 __device__ void tc3_forward(const AttnParams& a) {
     const u64 seed = dropout_seed(a);
@@ -705,7 +618,6 @@ __device__ void tc4_backward(const AttnParams& a) {
     const T* Vw = Vs + warp * 16 * LD;
     int C = a.nh * HS, tiles = (W.rows + BQ - 1) / BQ;
     const float sl2 = a.scale * LOG2E_F;
-    constexpr bool drop = DROP;
     const u32 thr = DROP ? attn_threshold(a.p) : 0u;
     const float ks = DROP ? attn_keep_scale(a.p) : 1.f;  // a kept probability's dropout factor
     for (int it = 0; it < tiles; ++it) {
@@ -734,40 +646,13 @@ __device__ void tc4_backward(const AttnParams& a) {
 #pragma unroll
         for (int kk = 0; kk < BQ / 16; ++kk) {
             u32 pa[4], sa[4];
-            // the draws of queries i, i+1, i+8, i+9 (i = q0 + 16kk + 2·t4) of keys ja, jb; all kept without dropout
-            u32 d[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
-            if (drop) attn_draws_bwd(seed, W.w, h, attn_qc(q0) + 8 * kk + 2 * t4, kca, ja & 1, d);
-            // lse·log2 e and D of this lane's queries (2kk + half)·8 + 2·t4 + {0, 1}, read before this step's dS
-            // stores (the compiler cannot tell St from Ls/Ds apart, and would read them again after each store)
-            float lq[2][2], dd[2][2];
-#pragma unroll
-            for (int half = 0; half < 2; ++half)
-#pragma unroll
-                for (int par = 0; par < 2; ++par) {
-                    int qi = (2 * kk + half) * 8 + 2 * t4 + par;
-                    lq[half][par] = Lb[qi] * LOG2E_F;
-                    dd[half][par] = Db[qi];
-                }
+            bwd_tile_ps<T, BQ / 8, DROP>(s, dp, kk, Lb, Db, seed, W.w, h, attn_qc(q0) + 8 * kk + 2 * t4, kca, ja & 1, t4,
+                                         sl2, thr, ks, pa, sa);
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
-                int n = 2 * kk + half;
-                float pv[4], sv[4];
-                // e: (ja, i), (ja, i+1), (jb, i), (jb, i+1) of this half's queries i
-                u32 ws[4] = {d[2 * half], d[4 + 2 * half], d[2 * half + 1], d[5 + 2 * half]};
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    float P = ex2(fmaf(s[n][e], sl2, -lq[half][e & 1]));  // 0 where masked above
-                    bool keep = attn_kept(ws[e], thr);  // thr = 0 without dropout
-                    pv[e] = keep ? P : 0.f;        // dV's 1/(1-p) is applied once, at the end
-                    sv[e] = P * fmaf(keep ? dp[n][e] : 0.f, ks, -dd[half][e & 1]);
-                }
-                pa[half * 2 + 0] = pack2<T>(pv[0], pv[1]);
-                pa[half * 2 + 1] = pack2<T>(pv[2], pv[3]);
-                sa[half * 2 + 0] = pack2<T>(sv[0], sv[1]);
-                sa[half * 2 + 1] = pack2<T>(sv[2], sv[3]);
                 // dSᵀ for the dQ product below: the packed pair (key, queries i and i+1) is one 32-bit store
                 // (bank-conflict free with LDT = 40: rows g·20 words apart cover the 32 banks)
-                T* sr = St + (warp * 16 + g) * LDT + n * 8 + 2 * t4;
+                T* sr = St + (warp * 16 + g) * LDT + (2 * kk + half) * 8 + 2 * t4;
                 *(u32*)sr = sa[half * 2 + 0];
                 *(u32*)(sr + 8 * LDT) = sa[half * 2 + 1];
             }

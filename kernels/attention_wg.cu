@@ -1,8 +1,8 @@
-// attention_wg.cu — fused attention, variant 5's forward: Hopper's warpgroup MMA (wgmma, sm_90a). Its own module
-// so that the GPU-verified attention_tc.cu keeps its sm_90 target: NVRTC compiles this one for sm_90a on an sm_90
-// device (src/cuda/nvrtc.rs ARCH_SPECIFIC); elsewhere its kernels are stubs that trap. Same contract as
-// attention_tc.cu's variant 4 forward (whose softmax helpers it shares: common.cuh fwd_tile_*), and the same
-// backward (variant 4's, in attention_tc.cu).
+// attention_wg.cu — fused attention on Hopper's warpgroup MMA (wgmma, sm_90a): variant 5's forward and variant 6's
+// backward (variant 5 = this forward + variant 4's backward; variant 6 = both from here). Its own module so that
+// the GPU-verified attention_tc.cu keeps its sm_90 target: NVRTC compiles this one for sm_90a on an sm_90 device
+// (src/cuda/nvrtc.rs ARCH_SPECIFIC); elsewhere its kernels are stubs that trap. Same contract as attention_tc.cu's
+// variant 4, whose per-element code it shares (common.cuh fwd_tile_*, fwd_store, bwd_tile_ps, store_dkdv).
 #include "common.cuh"
 
 // ---- variant 5, forward (sm_90a): the block is one warpgroup (4 warps × 16 query rows, as in variant 4),
@@ -10,9 +10,8 @@
 // wgmma m64n64k16 reading Q and K from shared memory, O += P·V as 4 wgmma m64nHSk16 with P from registers (the S
 // accumulator of each warp is in the m16n8 layout, so fwd_tile_probs packs it into the A fragments as variant 4
 // does) and V from shared memory. No ldmatrix and 8 MMA instructions per warpgroup and tile instead of 64 per
-// warp. The softmax, dropout, masking, epilogue and the double-buffered cp.async staging are variant 4's. The
-// backward stays variant 4's (--attention-kernel v5 = this forward + v4's backward). Head sizes 32 and 64 (at
-// 128 variant 4's forward runs: src/ops/attention/mod.rs).
+// warp. The softmax, dropout, masking, epilogue and the double-buffered cp.async staging are variant 4's.
+// Head sizes 32 and 64 (at 128 variant 4's forward runs: src/ops/attention/mod.rs).
 // Tiles (Q, and two buffers each of K and V, 64 rows × HS) are in wgmma's canonical layout: rows of W = 2·HS
 // bytes, atoms of 8 rows (8W bytes) in order, the 16-byte chunks swizzled by .shared address in W bytes (128-byte
 // swizzle at HS = 64, 64-byte at HS = 32; kernels/wgmma_probe.cu checks this reading of the PTX ISA on a GPU).
@@ -40,14 +39,15 @@ template <int HS> struct Tc5Tile {
     __device__ __forceinline__ static u64 nmajor(u32 base, int s) { return wg_desc(base + 16u * W * s, 8u * W, 8u * W, MODE); }
 };
 
-// 64 rows r0.. of part (0 Q, 1 K, 2 V) into a Tc5Tile through cp.async (the caller commits and waits); rows at or
-// past `limit` zero-filled from a mapped address (as stage_rows)
+// 64 rows r0.. of part (0 Q, 1 K, 2 V, 3 dO) into a Tc5Tile through cp.async (the caller commits and waits); rows
+// at or past `limit` zero-filled from a mapped address (as stage_rows)
 template <typename T, int HS>
 __device__ __forceinline__ void tc5_stage(const AttnParams& a, const Window& W, int limit, int h, int part, int r0, T* tile) {
     constexpr int CH = HS / 8, RSTEP = 128 / CH, PER = 64 / RSTEP;
     int C = a.nh * HS, r = threadIdx.x / CH, c = threadIdx.x % CH;
-    u32 stride = 3u * (u32)C * (u32)sizeof(T);
-    const char* src = (const char*)((const T*)a.qkv + (u64)W.s0 * 3 * C + part * C + h * HS) + c * 16;
+    u32 stride = (part == 3 ? 1u : 3u) * (u32)C * (u32)sizeof(T);
+    const char* src = (const char*)(part == 3 ? (const T*)a.dout + (u64)W.s0 * C + h * HS
+                                              : (const T*)a.qkv + (u64)W.s0 * 3 * C + part * C + h * HS) + c * 16;
     int last = max(limit, 1) - 1;
 #pragma unroll
     for (int i = 0; i < PER; ++i) {
@@ -123,14 +123,158 @@ __device__ void tc5_forward(const AttnParams& a) {
     }
     fwd_store<T, HS, DROP>(a, W, h, i0, t4, r, o);
 }
+
+// ---- variant 6, backward (sm_90a): variant 4's one-pass backward with its five products on wgmma. The block is
+// one warpgroup and 64 keys (warp w: keys 16w.., as variant 4's w4); query tiles of 64, double-buffered. Per
+// tile: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ (wgmma m64n64k16 from shared memory, K and V as K-major A, Q and dO as K-major
+// B), then P and dS in registers (bwd_tile_ps, variant 4's code: the accumulators are in its m16n8 layout), dV +=
+// Pᵀ·dO and dK += dSᵀ·Q (wgmma m64nHSk16, Pᵀ and dSᵀ from registers, dO and Q N-major), and dQ = dS·K (wgmma
+// with A = dSᵀ from shared memory M-major, B = K N-major) added into the f32 accumulator dqacc with vector
+// reductions, as variant 4 does. Q, K, V and dO tiles share Tc5Tile's layout (K-major and N-major views of the
+// same bytes); dSᵀ is a [key][query] tile of 64 × 64 with 128-byte rows, 128-byte swizzle. dqacc must be zero on
+// entry (tc4_dsum zeroes it), and attention_tc4_dq_store writes dQ and its bias-gradient third afterwards.
+template <typename T, int HS, bool DROP>
+__device__ void tc5_backward(const AttnParams& a) {
+    using L = Tc5Tile<HS>;
+    using LS = Tc5Tile<64>;  // the dSᵀ tile: 64 queries per row, 128 bytes
+    const u64 seed = DROP ? dropout_seed(a) : 0ull;
+    constexpr int BQ = 64, NO = HS / 8, TILE = 64 * HS;
+    DYN_SMEM(unsigned char, smem_raw);
+    T* Ks = (T*)(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
+    T* Vs = Ks + TILE;
+    T* Qs = Vs + TILE;                      // [2] tiles
+    T* Os = Qs + 2 * TILE;                  // [2] tiles (dO)
+    T* St = Os + 2 * TILE;                  // dSᵀ, 64 × 64
+    float* Ls = (float*)(St + 64 * 64);     // [2][BQ] lse
+    float* Ds = Ls + 2 * BQ;                // [2][BQ] D
+    int h = blockIdx.y, j0 = blockIdx.x * 64;
+    const Window W = window_at(a.cu, a.lens, a.wid, blockIdx.z);
+    if (j0 >= W.rows) return;  // the whole block: past its window
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+    u64 hrow = (u64)h * a.n + W.s0;
+    auto stage = [&](int q0, int buf) {
+        tc5_stage<T, HS>(a, W, W.rows, h, 0, q0, Qs + buf * TILE);
+        tc5_stage<T, HS>(a, W, W.rows, h, 3, q0, Os + buf * TILE);
+        for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
+            bool valid = q0 + i < W.rows;
+            u64 q = hrow + (valid ? q0 + i : 0);
+            cp_async4(Ls + buf * BQ + i, (const float*)a.lse + q, valid);
+            cp_async4(Ds + buf * BQ + i, (const float*)a.dsum + q, valid);
+        }
+        cp_async_commit();
+    };
+    tc5_stage<T, HS>(a, W, W.len, h, 1, j0, Ks);  // in the first tile's group
+    tc5_stage<T, HS>(a, W, W.len, h, 2, j0, Vs);
+    stage(0, 0);
+    int ja = j0 + warp * 16 + g, jb = ja + 8;
+    const u32 kca = attn_kc(ja);
+    bool livea = ja < W.len, liveb = jb < W.len;
+    const bool keys_full = j0 + 64 <= W.len;
+    float dk[NO][4], dv[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+    float(&dkf)[HS / 2] = reinterpret_cast<float(&)[HS / 2]>(dk);
+    float(&dvf)[HS / 2] = reinterpret_cast<float(&)[HS / 2]>(dv);
+    int C = a.nh * HS, tiles = (W.rows + BQ - 1) / BQ;
+    const float sl2 = a.scale * LOG2E_F;
+    const u32 thr = DROP ? attn_threshold(a.p) : 0u;
+    const float ks = DROP ? attn_keep_scale(a.p) : 1.f;
+    // descriptors of the first k-step (buffer 0): K and V as K-major A; K as N-major B (dQ); Q and dO as K-major
+    // B (Sᵀ, dPᵀ) and N-major B (dK, dV); dSᵀ as M-major A (dQ). A step or the other buffer is an addition.
+    const u32 kb = smem_u32(Ks), vb = smem_u32(Vs), qb = smem_u32(Qs), ob = smem_u32(Os), sb = smem_u32(St);
+    const u64 kdk = L::kmajor(kb, 0), vdk = L::kmajor(vb, 0), kdn = L::nmajor(kb, 0);
+    const u64 qdk = L::kmajor(qb, 0), odk = L::kmajor(ob, 0), qdn = L::nmajor(qb, 0), odn = L::nmajor(ob, 0);
+    const u64 sdm = LS::nmajor(sb, 0);
+    constexpr u32 TB16 = TILE * sizeof(T) / 16;  // a tile in descriptor units
+    constexpr u32 KSTEP = 2, NSTEP = 16 * L::W / 16, SSTEP = 16 * LS::W / 16;  // one k-step, in descriptor units
+    for (int it = 0; it < tiles; ++it) {
+        int q0 = it * BQ, buf = it & 1;
+        if (it + 1 < tiles) stage(q0 + BQ, buf ^ 1);
+        else cp_async_commit();
+        cp_async_wait<1>();
+        fence_proxy_async();  // this thread's copies of tile `it` (and K, V), visible to wgmma
+        __syncthreads();
+        const float* Lb = Ls + buf * BQ;
+        const float* Db = Ds + buf * BQ;
+        float s[BQ / 8][4], dp[BQ / 8][4];
+        float(&sf)[BQ / 2] = reinterpret_cast<float(&)[BQ / 2]>(s);
+        float(&dpf)[BQ / 2] = reinterpret_cast<float(&)[BQ / 2]>(dp);
+        wg_fence();
+#pragma unroll
+        for (int k = 0; k < HS / 16; ++k)
+            wgmma_ss<BQ, 0, 0, T>(sf, kdk + KSTEP * k, qdk + buf * TB16 + KSTEP * k, k > 0);
+#pragma unroll
+        for (int k = 0; k < HS / 16; ++k)
+            wgmma_ss<BQ, 0, 0, T>(dpf, vdk + KSTEP * k, odk + buf * TB16 + KSTEP * k, k > 0);
+        wg_commit();
+        wg_wait<0>();
+        wg_pin(sf);
+        wg_pin(dpf);
+        if (!keys_full || q0 + BQ > W.rows) {  // as variant 4: dead keys or queries get probability 0
+#pragma unroll
+            for (int n = 0; n < BQ / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    if (!((e < 2 ? livea : liveb) && q0 + n * 8 + 2 * t4 + (e & 1) < W.rows)) s[n][e] = -INFINITY;
+        }
+        u32 pa[BQ / 16][4], sa[BQ / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < BQ / 16; ++kk) {
+            bwd_tile_ps<T, BQ / 8, DROP>(s, dp, kk, Lb, Db, seed, W.w, h, attn_qc(q0) + 8 * kk + 2 * t4, kca, ja & 1, t4,
+                                         sl2, thr, ks, pa[kk], sa[kk]);
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {  // dSᵀ (key, queries 8n + 2·t4, +1) for dQ, one 32-bit store each
+                int n = 2 * kk + half;
+                *(u32*)((char*)St + LS::chunk(warp * 16 + g, n) * 2 + 4 * t4) = sa[kk][half * 2 + 0];
+                *(u32*)((char*)St + LS::chunk(warp * 16 + g + 8, n) * 2 + 4 * t4) = sa[kk][half * 2 + 1];
+            }
+        }
+        wg_pin(dvf);
+        wg_pin(dkf);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < BQ / 16; ++kk) wgmma_rs<HS, 1, T>(dvf, pa[kk], odn + buf * TB16 + NSTEP * kk, 1);
+#pragma unroll
+        for (int kk = 0; kk < BQ / 16; ++kk) wgmma_rs<HS, 1, T>(dkf, sa[kk], qdn + buf * TB16 + NSTEP * kk, 1);
+        wg_commit();
+        fence_proxy_async();  // this thread's dSᵀ stores, visible to wgmma
+        __syncthreads();      // the whole dSᵀ tile
+        float acc[NO][4];
+        float(&accf)[HS / 2] = reinterpret_cast<float(&)[HS / 2]>(acc);
+#pragma unroll
+        for (int kk = 0; kk < 64 / 16; ++kk) wgmma_ss<HS, 1, 1, T>(accf, sdm + SSTEP * kk, kdn + NSTEP * kk, kk > 0);
+        wg_commit();
+        wg_wait<0>();
+        wg_pin(accf);
+        wg_pin(dvf);
+        wg_pin(dkf);
+        int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+        float* dq = (float*)a.dqacc;
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+            int d = h * HS + n * 8 + 2 * t4;
+            if (r0 < W.rows) red_add2(dq + ((u64)W.s0 + r0) * C + d, acc[n][0], acc[n][1]);
+            if (r1 < W.rows) red_add2(dq + ((u64)W.s0 + r1) * C + d, acc[n][2], acc[n][3]);
+        }
+        __syncthreads();  // dSᵀ and this tile's buffers are rewritten by the next iteration
+    }
+    store_dkdv<T, HS>(a, dk, dv, W, h, ja, jb, ks);
+}
 #define TC5_FWD(TY, HS, DROP) tc5_forward<TY, HS, DROP>(a);
+#define TC6_BWD(TY, HS, DROP) tc5_backward<TY, HS, DROP>(a);
 #else
 // compiled for a target without wgmma (NVRTC's plain sm_90, sm_80): the entry points exist and trap
 #define TC5_FWD(TY, HS, DROP) __trap();
+#define TC6_BWD(TY, HS, DROP) __trap();
 #endif
+// variant 5's forward (4 blocks of one warpgroup per SM) and variant 6's backward (2 per SM)
 #define TC5_HS(TY, NAME, HS)                                                                                           \
     extern "C" __global__ void __launch_bounds__(128, 4) attention_tc5_forward_##NAME##_hs##HS(AttnParams a) { TC5_FWD(TY, HS, true) } \
-    extern "C" __global__ void __launch_bounds__(128, 4) attention_tc5_forward_p0_##NAME##_hs##HS(AttnParams a) { TC5_FWD(TY, HS, false) }
+    extern "C" __global__ void __launch_bounds__(128, 4) attention_tc5_forward_p0_##NAME##_hs##HS(AttnParams a) { TC5_FWD(TY, HS, false) } \
+    extern "C" __global__ void __launch_bounds__(128, 2) attention_tc6_backward_##NAME##_hs##HS(AttnParams a) { TC6_BWD(TY, HS, true) } \
+    extern "C" __global__ void __launch_bounds__(128, 2) attention_tc6_backward_p0_##NAME##_hs##HS(AttnParams a) { TC6_BWD(TY, HS, false) }
 TC5_HS(bf16, bf16, 32)
 TC5_HS(bf16, bf16, 64)
 TC5_HS(f16, f16, 32)

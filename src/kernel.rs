@@ -69,13 +69,16 @@ pub enum AttnKernel {
     /// variant 5: variant 4 with the forward's products on Hopper's wgmma (sm_90 only; head sizes 32 and 64,
     /// variant 4's forward at 128); variant 4's backward in the given shape
     V5(Tc4Shape),
+    /// variant 6: variant 5's forward and a backward on wgmma too (sm_90 only; head sizes 32 and 64, variant
+    /// 4's forward and backward, in the given shape, at 128)
+    V6(Tc4Shape),
 }
 
 impl AttnKernel {
     /// Variant 4's backward shape, for the variants whose backward is variant 4's.
     pub fn tc4_shape(self) -> Option<Tc4Shape> {
         match self {
-            AttnKernel::V4(s) | AttnKernel::V5(s) => Some(s),
+            AttnKernel::V4(s) | AttnKernel::V5(s) | AttnKernel::V6(s) => Some(s),
             _ => None,
         }
     }
@@ -200,8 +203,9 @@ impl KernelConfig {
                 "v3" => AttnKernel::V3,
                 "v4" => AttnKernel::V4(shape),
                 "v5" => AttnKernel::V5(shape),
+                "v6" => AttnKernel::V6(shape),
                 other => bail!(
-                    "{w}={other:?}: expected v1, v3, v4 or v5 (variant 2 was retired: docs/perf-log.md)"
+                    "{w}={other:?}: expected v1, v3, v4, v5 or v6 (variant 2 was retired: docs/perf-log.md)"
                 ),
             },
         };
@@ -256,6 +260,7 @@ impl KernelConfig {
             AttnKernel::V3 => "v3".to_string(),
             AttnKernel::V4(s) => format!("v4/{}", s.tag().0),
             AttnKernel::V5(s) => format!("v5/{}", s.tag().0),
+            AttnKernel::V6(s) => format!("v6/{}", s.tag().0),
         };
         let g = match self.gemm {
             GemmPath::Ex => "ex".to_string(),

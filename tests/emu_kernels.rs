@@ -158,6 +158,7 @@ fn case_name(case: &AttentionCase, kernel: AttnKernel) -> String {
         AttnKernel::V3 => "v3 ".to_string(),
         AttnKernel::V4(s) => format!("v4 {}", s.tag().0),
         AttnKernel::V5(s) => format!("v5 {}", s.tag().0),
+        AttnKernel::V6(s) => format!("v6 {}", s.tag().0),
     };
     format!("{k} HS={} {}", case.hs, case.shape_name())
 }
@@ -287,6 +288,27 @@ fn emu_attention_v5() {
     );
     attention_sweep(
         AttnKernel::V5(Tc4Shape::W8B2),
+        &[DType::BF16],
+        &[
+            AttentionCase::padded(3, 203, 2, 64, 0.1),
+            AttentionCase::packed(&[203], 2, 32, 0.1).rising(),
+        ],
+        &Mode::STRESS,
+    );
+}
+
+/// Variant 6: variant 5's forward and the wgmma backward (HS 32 and 64; variant 4's at 128), every case; and
+/// the other interleavings on a multi-tile case of each of its head sizes.
+#[test]
+fn emu_attention_v6() {
+    attention_sweep(
+        AttnKernel::V6(Tc4Shape::W8B2),
+        TC,
+        &sizes(),
+        &[Mode::DEFAULT],
+    );
+    attention_sweep(
+        AttnKernel::V6(Tc4Shape::W8B2),
         &[DType::BF16],
         &[
             AttentionCase::padded(3, 203, 2, 64, 0.1),

@@ -128,7 +128,7 @@ fn gpu_parity_bf16() {
     check_rows(&suite(&gpu, DType::BF16, &bertqa::ops::attention::CUDA_HEAD_SIZES).unwrap());
 }
 
-/// Every tensor-core attention variant and backward shape (and variant 5's wgmma forward on an sm_90 GPU)
+/// Every tensor-core attention variant and backward shape (and the wgmma variants 5 and 6 on an sm_90 GPU)
 /// against the f64 CPU reference (bf16 bounds), with dropout: padded windows of T=37 (one key block) and T=203 (several key blocks and query tiles), and
 /// packed windows of 1, 17, 64, 65, 383 and 384 tokens in one batch.
 #[test]
@@ -138,12 +138,15 @@ fn gpu_attention_variants_bf16() {
         return;
     };
     let mut rows = vec![];
-    // variant 5 (the wgmma forward) where it exists: sm_90
+    // variants 5 and 6 (wgmma) where they exist: sm_90
     let v5 = if gpu.cc == (9, 0) {
-        vec![AttnKernel::V5(Tc4Shape::W8B2)]
+        vec![
+            AttnKernel::V5(Tc4Shape::W8B2),
+            AttnKernel::V6(Tc4Shape::W8B2),
+        ]
     } else {
         println!(
-            "variant 5 not tested: it needs an sm_90 GPU, this is {}",
+            "variants 5 and 6 not tested: they need an sm_90 GPU, this is {}",
             gpu.arch()
         );
         vec![]

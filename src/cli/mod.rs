@@ -17,9 +17,9 @@ use clap::Args;
 #[derive(Args, Debug, Clone, Default)]
 pub struct KernelArgs {
     /// attention kernel for bf16/f16 on CUDA: v1 (CUDA cores), v3 (tensor cores; default), v4 (pipelined
-    /// forward, one-pass backward), v5 (v4 with the forward's products on Hopper's wgmma; sm_90 GPUs only);
-    /// v4 and v5 emulator-checked, not yet GPU-verified
-    #[arg(long, value_parser = ["v1", "v3", "v4", "v5"])]
+    /// forward, one-pass backward), v5 (v4 with the forward's products on Hopper's wgmma; sm_90 GPUs only),
+    /// v6 (v5 with the backward's products on wgmma too); v4-v6 emulator-checked, not yet GPU-verified
+    #[arg(long, value_parser = ["v1", "v3", "v4", "v5", "v6"])]
     pub attention_kernel: Option<String>,
     /// attention variant 4's backward shape: w4, w8, w8b2 (default)
     #[arg(long, value_parser = ["w4", "w8", "w8b2"])]

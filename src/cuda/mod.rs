@@ -528,13 +528,17 @@ impl Cuda {
 /// Whether the kernels of `k` exist on a device of compute capability `cc`: variant 5's attention forward is
 /// Hopper's wgmma (sm_90 only).
 fn kernels_run_on(k: &KernelConfig, cc: (i32, i32), device: &str) -> Result<()> {
-    if matches!(k.attention, crate::kernel::AttnKernel::V5(_)) && cc != (9, 0) {
-        bail!(
-            "attention kernel v5 needs an sm_90 GPU (its forward is Hopper's wgmma); this is {device} (sm_{}{}): \
-             use --attention-kernel v4",
-            cc.0,
-            cc.1
-        );
+    use crate::kernel::AttnKernel;
+    if let AttnKernel::V5(_) | AttnKernel::V6(_) = k.attention {
+        if cc != (9, 0) {
+            bail!(
+                "attention kernel {} needs an sm_90 GPU (Hopper's wgmma); this is {device} (sm_{}{}): \
+                 use --attention-kernel v4",
+                k.describe(),
+                cc.0,
+                cc.1
+            );
+        }
     }
     Ok(())
 }
@@ -824,5 +828,11 @@ mod tests {
             );
         }
         assert!(kernels_run_on(&KernelConfig::default(), (8, 0), "A100").is_ok());
+        let v6 = KernelConfig {
+            attention: AttnKernel::V6(Tc4Shape::W8B2),
+            ..KernelConfig::default()
+        };
+        assert!(kernels_run_on(&v6, (8, 0), "A100").is_err());
+        assert!(kernels_run_on(&v6, (9, 0), "H200").is_ok());
     }
 }

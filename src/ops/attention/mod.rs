@@ -209,12 +209,18 @@ fn tc4_forward_smem(hs: usize) -> u32 {
     ((64 + 4 * 64) * (hs + 8) * 2) as u32
 }
 
-/// Every entry point the launchers can ask kernels/attention_wg.cu for (variant 5's forward).
+/// Every entry point the launchers can ask kernels/attention_wg.cu for (variant 5's forward, variant 6's
+/// backward).
 pub fn wg_entry_points() -> Vec<String> {
     let mut names = Vec::new();
     for dt in ["bf16", "f16"] {
         for hs in TC5_HEAD_SIZES {
-            for kind in ["tc5_forward", "tc5_forward_p0"] {
+            for kind in [
+                "tc5_forward",
+                "tc5_forward_p0",
+                "tc6_backward",
+                "tc6_backward_p0",
+            ] {
                 names.push(tc_kernel(kind, dt, hs));
             }
         }
@@ -222,13 +228,20 @@ pub fn wg_entry_points() -> Vec<String> {
     names
 }
 
-/// Head sizes variant 5's (wgmma) forward has kernels for; at the others variant 5 runs variant 4's forward.
+/// Head sizes the wgmma kernels (variant 5's forward, 6's backward) exist for; at the others variants 5 and 6
+/// run variant 4's.
 pub const TC5_HEAD_SIZES: [usize; 2] = [32, 64];
 
 /// Dynamic shared memory (bytes) of variant 5's forward: 1024 bytes to align the tiles to the 128-byte swizzle's
 /// pattern, then Q and two buffers each of K and V, 64 rows × HS (16-bit) each, unpadded.
 fn tc5_forward_smem(hs: usize) -> u32 {
     (1024 + 5 * 64 * hs * 2) as u32
+}
+
+/// Dynamic shared memory (bytes) of variant 6's backward: 1024 bytes of alignment, K and V and two buffers each
+/// of Q and dO (64 rows × HS, 16-bit), the dSᵀ tile (64 × 64), two buffers each of lse and D (64 f32).
+fn tc6_backward_smem(hs: usize) -> u32 {
+    (1024 + 6 * 64 * hs * 2 + 64 * 64 * 2 + 4 * 64 * 4) as u32
 }
 
 /// Dynamic shared memory (bytes) of variant 4's backward with `nw` warps: K and V for 16·nw keys, two
@@ -312,13 +325,13 @@ impl AttnPlan {
             params: p,
         };
         Ok(vec![match self.kernel {
-            AttnKernel::V5(_) if TC5_HEAD_SIZES.contains(&hs) => one(
+            AttnKernel::V5(_) | AttnKernel::V6(_) if TC5_HEAD_SIZES.contains(&hs) => one(
                 "attention_wg",
                 tc_kernel(&format!("tc5_forward{}", self.p0_suffix()), dt, hs),
                 (blocks(t, 64), nh as u32, b as u32),
                 tc5_forward_smem(hs),
             ),
-            AttnKernel::V4(_) | AttnKernel::V5(_) => one(
+            AttnKernel::V4(_) | AttnKernel::V5(_) | AttnKernel::V6(_) => one(
                 "attention_tc",
                 tc_kernel(&format!("tc4_forward{}", self.p0_suffix()), dt, hs),
                 (blocks(t, 64), nh as u32, b as u32),
@@ -375,13 +388,23 @@ impl AttnPlan {
                 0,
             ));
             let (cfg, nw) = shape.tag();
-            v.push(at(
-                "attention_tc",
-                tc_kernel(&format!("tc4_backward_{cfg}{}", self.p0_suffix()), dt, hs),
-                (blocks(t, 16 * nw), nh as u32, b as u32),
-                ((32 * nw) as u32, 1, 1),
-                tc4_smem(hs, nw),
-            ));
+            if matches!(self.kernel, AttnKernel::V6(_)) && TC5_HEAD_SIZES.contains(&hs) {
+                v.push(at(
+                    "attention_wg",
+                    tc_kernel(&format!("tc6_backward{}", self.p0_suffix()), dt, hs),
+                    (blocks(t, 64), nh as u32, b as u32),
+                    (128, 1, 1),
+                    tc6_backward_smem(hs),
+                ));
+            } else {
+                v.push(at(
+                    "attention_tc",
+                    tc_kernel(&format!("tc4_backward_{cfg}{}", self.p0_suffix()), dt, hs),
+                    (blocks(t, 16 * nw), nh as u32, b as u32),
+                    ((32 * nw) as u32, 1, 1),
+                    tc4_smem(hs, nw),
+                ));
+            }
             // blocks of 32 column pairs × 8 row lanes (the bias gradient's column sums), at most 64 rows of blocks
             let c = nh * hs;
             v.push(at(
