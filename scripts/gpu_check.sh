@@ -2,7 +2,7 @@
 # One prepared GPU run (≤ 8 minutes; DEADLINE_S bounds it): device facts, the GPU parity tests (every kernel and a whole training
 # step against the CPU reference, f32 and bf16; the attention variants; the opt-in paths BERTQA_ATTN=v4,
 # BERTQA_GEMM=lt and BERTQA_VEC=1; CUDA graphs: gpu_cuda_graphs_replay_what_runs, with the defaults and with
-# the opt-in paths; the wgmma probe), then the kernel/step benchmark (which also times the opt-in paths). Expects the binaries built by
+# the opt-in paths; the wgmma probe and attention variants 5 and 6), then the kernel/step benchmark (which also times the opt-in paths). Expects the binaries built by
 # scripts/package_gpu.sh in .gpu/bin (carry `.gpu`). Writes logs to $OUT (or ./gpu-out) and prints a summary.
 # DEADLINE_S (seconds from this script's start; default none): no step starts after it, and each step's timeout
 # is cut to what is left, so that a device call's limit never kills this script mid-way. LIVE_DIR (a folder;
@@ -59,6 +59,18 @@ grep -E "FAIL|SKIPPED|panicked|test result" "$OUT/attn_variants.log" | head -20 
 # wgmma (sm_90a) on the hardware against the emulator's reading of the PTX ISA: the probe cases bit for bit
 run wgmma_probe 60 .gpu/bin/test_parity --exact gpu_wgmma_probe --nocapture --test-threads 1
 grep -E "wgmma probe:|differ|SKIPPED|panicked|test result" "$OUT/wgmma_probe.log" | head -20 | tee -a "$OUT/summary.txt"
+# attention variants 5 and 6 (wgmma; sm_90), the same cases as attn_variants; the bench leaves them out unless
+# both this and the probe passed
+run attn_wgmma 120 .gpu/bin/test_parity --exact gpu_attention_wgmma_bf16 --nocapture --test-threads 1
+grep -E "FAIL|SKIPPED|panicked|test result" "$OUT/attn_wgmma.log" | head -20 | tee -a "$OUT/summary.txt"
+if ! grep -q "wgmma_probe: rc=0" "$OUT/summary.txt" || ! grep -q "attn_wgmma: rc=0" "$OUT/summary.txt"; then
+    if grep -q "wgmma_probe: rc=0" "$OUT/summary.txt"; then  # the layouts hold: name the failing kernel
+        BERTQA_SYNC_LAUNCH=1 run attn_wgmma_sync 120 .gpu/bin/test_parity --exact gpu_attention_wgmma_bf16 --nocapture --test-threads 1
+        grep -E "FAIL|panicked|failed|test result" "$OUT/attn_wgmma_sync.log" | head -20 | tee -a "$OUT/summary.txt"
+    fi
+    export BENCH_NO_WGMMA=1
+    echo "the wgmma probe or variants 5/6 did not pass (failed, or not run): the bench leaves them out" | tee -a "$OUT/summary.txt"
+fi
 # the whole suite (incl. a training step) with every opt-in path on: attention v4, cuBLASLt, the vec kernels
 # (the f32 run covers the vec kernels' f32 instances and cuBLASLt's fall-back for f32)
 for dt in bf16 f32; do
