@@ -594,12 +594,7 @@ __device__ void tc4_backward(const AttnParams& a) {
     auto stage = [&](int q0, int buf) {
         stage_rows<T, HS, BQ, NW * 32>(a, W, W.rows, h, 0, q0, Qs + buf * BQ * LD);
         stage_rows<T, HS, BQ, NW * 32>(a, W, W.rows, h, 3, q0, Os + buf * BQ * LD);
-        for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
-            bool valid = q0 + i < W.rows;
-            u64 q = hrow + (valid ? q0 + i : 0);
-            cp_async4(Ls + buf * BQ + i, (const float*)a.lse + q, valid);
-            cp_async4(Ds + buf * BQ + i, (const float*)a.dsum + q, valid);
-        }
+        stage_lse_d<BQ>(a, W, hrow, q0, Ls + buf * BQ, Ds + buf * BQ);
         cp_async_commit();
     };
     stage(0, 0);

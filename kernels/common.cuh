@@ -614,6 +614,18 @@ __device__ __forceinline__ void fwd_store(const AttnParams& a, const Window& W, 
     }
 }
 
+// The lse and D of queries q0 .. q0+BQ of window W (hrow: head h's first row of the window in the (NH,N) lse and
+// D) into ls and ds by cp.async (the caller commits); queries past the window get 0 from a mapped address.
+template <int BQ>
+__device__ __forceinline__ void stage_lse_d(const AttnParams& a, const Window& W, u64 hrow, int q0, float* ls, float* ds) {
+    for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
+        bool valid = q0 + i < W.rows;
+        u64 q = hrow + (valid ? q0 + i : 0);
+        cp_async4(ls + i, (const float*)a.lse + q, valid);
+        cp_async4(ds + i, (const float*)a.dsum + q, valid);
+    }
+}
+
 // ---- the tensor-core attention backward's probabilities and dS over one query tile (attention_tc.cu variant 4,
 // attention_wg.cu variant 6) ------------------------------------------------------------------------------------
 // Sᵀ and dPᵀ (this warp's 16 keys ja = row g, jb = g + 8 × 8·NQ queries, in the m16n8 accumulator layout: s[n][e] is
