@@ -31,7 +31,8 @@ struct WgProbeParams {
     int swizzle;  // WG_SWIZZLE_* (A and B alike)
     int acc;      // 1: D = A·B + C; 0: the first wgmma ignores the (NaN) accumulator (scale-d = 0)
     int fault;    // emulator tests of its protocol checks: 1 no fence.proxy.async, 2 no wgmma.fence,
-                  // 3 an accumulator written before wgmma.wait_group (0 on a GPU: the others are undefined there)
+                  // 3 an accumulator written before wgmma.wait_group, 4 the same between the waits of two
+                  // groups chained on it (0 on a GPU: the others are undefined there)
 };
 CHECK_LAYOUT(WgProbeParams, 56);
 CHECK_FIELD(WgProbeParams, a, 0);
@@ -137,9 +138,14 @@ __device__ void wgmma_probe(const WgProbeParams& p) {
             if (p.a_mode == 2 && p.b_major == 0) wgmma_ss<N, 1, 0, T>(d, ad, bd, scale_d);
             if (p.a_mode == 2 && p.b_major == 1) wgmma_ss<N, 1, 1, T>(d, ad, bd, scale_d);
         }
+        if (p.fault == 4) wg_commit();  // a group per k-step
     }
     wg_commit();
     if (p.fault == 3) d[0] += 1.f;
+    if (p.fault == 4) {  // the first group lands, the accumulator is written while the later ones are in flight
+        wg_wait<2>();
+        d[0] += 1.f;
+    }
     wg_wait<0>();
     wg_pin(d);
 #pragma unroll

@@ -171,7 +171,7 @@ fn parse_switch(what: &str, v: &str) -> Result<bool> {
 
 impl KernelConfig {
     /// The configuration from explicit choices, falling back for each one not given to the environment
-    /// (`BERTQA_ATTN=v1|v3|v4`, `BERTQA_ATTN4=w4|w8|w8b2`, `BERTQA_GEMM=ex|lt`, `BERTQA_GEMM_TUNE=1|0`,
+    /// (`BERTQA_ATTN=v1|v3|v4|v5|v6`, `BERTQA_ATTN4=w4|w8|w8b2`, `BERTQA_GEMM=ex|lt`, `BERTQA_GEMM_TUNE=1|0`,
     /// `BERTQA_VEC=1|0`, `BERTQA_GRAPHS=1|0`, `BERTQA_SYNC_LAUNCH=1`) through `env`, then to the default. Unknown values are errors
     /// that name the flag or variable, never a silent fallback.
     pub fn resolve(c: &KernelChoice, env: impl Fn(&str) -> Option<String>) -> Result<KernelConfig> {

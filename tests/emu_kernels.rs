@@ -1227,9 +1227,14 @@ fn emu_wgmma_probe() {
         .iter()
         .find(|c| c.acc)
         .expect("a case accumulating onto C");
+    let k48 = *cases
+        .iter()
+        .find(|c| c.k == 48)
+        .expect("a case of three k-steps");
     for (fault, case, says) in [
         (2, case, "without a wgmma.fence"),
         (3, acc, "wrote its wgmma accumulator registers"),
+        (4, k48, "wrote its wgmma accumulator registers"),
     ] {
         match run(&mut emu, &case, 7, fault, Mode::DEFAULT) {
             Err(e) => assert!(e.contains(says), "fault {fault}: {e}"),

@@ -24,6 +24,13 @@ fn cuda_or_skip(k: Option<KernelConfig>) -> Option<Cuda> {
     };
     match Cuda::new(0, k) {
         Ok(c) => Some(c),
+        // a GPU that cannot run the chosen kernels (BERTQA_ATTN=v5 off sm_90) is a failure, not a skip
+        Err(e)
+            if e.downcast_ref::<bertqa::cuda::KernelsUnsupported>()
+                .is_some() =>
+        {
+            panic!("{e:#}")
+        }
         Err(e) => {
             println!("SKIPPED (no GPU): {e:#}");
             None

@@ -525,19 +525,32 @@ impl Cuda {
     }
 }
 
-/// Whether the kernels of `k` exist on a device of compute capability `cc`: variant 5's attention forward is
+/// A kernel configuration the GPU at hand cannot run (attention variants 5 and 6 off sm_90). Its own type, so
+/// that `--device auto` reports it instead of falling back to the CPU as it does when there is no GPU.
+#[derive(Debug)]
+pub struct KernelsUnsupported(pub String);
+
+impl std::fmt::Display for KernelsUnsupported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for KernelsUnsupported {}
+
+/// Whether the kernels of `k` exist on a device of compute capability `cc`: attention variants 5 and 6 are
 /// Hopper's wgmma (sm_90 only).
 fn kernels_run_on(k: &KernelConfig, cc: (i32, i32), device: &str) -> Result<()> {
     use crate::kernel::AttnKernel;
     if let AttnKernel::V5(_) | AttnKernel::V6(_) = k.attention {
         if cc != (9, 0) {
-            bail!(
-                "attention kernel {} needs an sm_90 GPU (Hopper's wgmma); this is {device} (sm_{}{}): \
-                 use --attention-kernel v4",
+            return Err(KernelsUnsupported(format!(
+                "{} needs an sm_90 GPU (Hopper's wgmma); this is {device} (sm_{}{}): choose another attention \
+                 kernel (--attention-kernel or BERTQA_ATTN: v4)",
                 k.describe(),
                 cc.0,
                 cc.1
-            );
+            ))
+            .into());
         }
     }
     Ok(())
@@ -798,6 +811,8 @@ pub fn open_for_flag(flag: &str, k: KernelConfig) -> Result<Option<Cuda>> {
         "cuda" | "gpu" => Cuda::new(0, k).map(Some).context("--device cuda"),
         "auto" => match Cuda::new(0, k) {
             Ok(c) => Ok(Some(c)),
+            // a GPU that cannot run the chosen kernels is an error, not a reason to train on the CPU
+            Err(e) if e.downcast_ref::<KernelsUnsupported>().is_some() => Err(e),
             Err(e) => {
                 eprintln!("bertqa: no usable GPU ({e:#}); running on the CPU");
                 Ok(None)
@@ -823,7 +838,7 @@ mod tests {
         for cc in [(8, 0), (8, 9), (10, 0)] {
             let e = kernels_run_on(&v5, cc, "some GPU").unwrap_err().to_string();
             assert!(
-                e.contains("sm_90") && e.contains("some GPU") && e.contains("v4"),
+                e.contains("sm_90") && e.contains("some GPU") && e.contains("BERTQA_ATTN"),
                 "{e}"
             );
         }
@@ -832,7 +847,11 @@ mod tests {
             attention: AttnKernel::V6(Tc4Shape::W8B2),
             ..KernelConfig::default()
         };
-        assert!(kernels_run_on(&v6, (8, 0), "A100").is_err());
+        let e = kernels_run_on(&v6, (8, 0), "A100").unwrap_err();
+        assert!(
+            e.downcast_ref::<super::KernelsUnsupported>().is_some(),
+            "{e}"
+        );
         assert!(kernels_run_on(&v6, (9, 0), "H200").is_ok());
     }
 }

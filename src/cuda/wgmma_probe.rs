@@ -34,7 +34,8 @@ pub struct WgProbeParams {
     pub swizzle: i32,
     pub acc: i32,
     /// emulator tests only: 1 skips fence.proxy.async, 2 skips wgmma.fence, 3 writes an accumulator before
-    /// wgmma.wait_group (each undefined on a GPU; the emulator must catch it)
+    /// wgmma.wait_group, 4 writes it between the waits of groups chained on it (each undefined on a GPU; the
+    /// emulator must catch it)
     pub fault: i32,
 }
 unsafe impl cudarc::driver::DeviceRepr for WgProbeParams {}

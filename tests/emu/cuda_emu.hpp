@@ -34,7 +34,10 @@
 // thread's accumulator at its own wait. Checked: a wgmma.mma_async without a wgmma.fence since the thread's last
 // wait (or its start); accumulator or A-fragment registers changed between issue and wait; descriptors that
 // differ between the threads; an element outside the dynamic shared memory; a nonzero matrix base offset (not
-// emulated); a thread exiting with a wgmma in flight. Shared addresses (`shared_addr`) start at
+// emulated); a thread exiting with a wgmma in flight, or while its warpgroup issues one. Not modelled: the
+// hardware synchronises a wgmma.mma_async only within each warp, and here it is a barrier over the warpgroup,
+// so a kernel missing a __syncthreads between other warps' shared-memory writes and a wgmma reading them passes
+// here (and under ThreadSanitizer); the GPU parity tests are what check such hand-offs. Shared addresses (`shared_addr`) start at
 // EMU_SMEM_WINDOW, which is 16- but not 1024-byte aligned, so a kernel that assumes its dynamic shared memory
 // starts on a swizzle-pattern boundary fails here: it must align its tiles itself.
 //

@@ -405,9 +405,16 @@ EMU_UNCHECKED void wgmma(int n, bool bf16, float* d, const uint32_t* a, uint64_t
     s[5] = bdesc;
     s[6] = (uint64_t)n | (uint64_t)bf16 << 16 | (uint64_t)(a != nullptr) << 17 | (uint64_t)trans_a << 18 |
            (uint64_t)trans_b << 19 | (uint64_t)scale_d << 20;
+    s[7] = g.gen;  // the barrier generation this thread issues at
     group_barrier();
     TSAN_IGNORE_BEGIN();
     if (g.op_gen != g.gen) {  // the first thread past the barrier: one operation for the warpgroup
+        // every thread must have issued at this generation (one that exited instead released the barrier
+        // and left stale operands: a non-uniform wgmma)
+        for (int u = 0; u < 128; ++u)
+            if (g.slot[u][7] != g.gen - 1)
+                fail("%s: thread %d of warpgroup %d did not issue this wgmma.mma_async (it exited or is elsewhere)",
+                     kernel_name, u, cur->warp / 4);
         for (int u = 1; u < 128; ++u)
             for (int i = 4; i < 7; ++i)
                 if (g.slot[u][i] != g.slot[0][i])
@@ -468,6 +475,17 @@ EMU_UNCHECKED void wgmma_wait(int n) {
                     float& dv = p.d[4 * j + i];
                     dv = (float)((op.scale_d ? (double)dv : 0.0) + op.prod[(size_t)row * op.n + col]);
                 }
+        }
+        // a chained operation whose predecessors have all landed now starts from the accumulator as it stands:
+        // from here on its registers must not change until its own wait either
+        for (size_t i = 0; i < keep.size(); ++i) {
+            if (!keep[i].chained) continue;
+            bool after_another = false;
+            for (size_t j = 0; j < i; ++j) after_another |= keep[j].d == keep[i].d;
+            if (!after_another) {
+                keep[i].chained = false;
+                keep[i].snap.assign(keep[i].d, keep[i].d + keep[i].op->n / 2);
+            }
         }
         cur->wg.swap(keep);
     }
@@ -537,7 +555,10 @@ EMU_UNCHECKED static void run_block(size_t stack_bytes) {
     for (int i = 0; i < nw; ++i) warps[i].live = warps[i].size = (int)std::min(32u, n - 32 * i);
     int ng = (nw + 3) / 4;
     groups.assign(ng, WarpGroup{});
-    for (int i = 0; i < ng; ++i) groups[i].live = groups[i].size = (int)std::min(128u, n - 128 * i);
+    for (int i = 0; i < ng; ++i) {
+        groups[i].live = groups[i].size = (int)std::min(128u, n - 128 * i);
+        for (auto& sl : groups[i].slot) sl[7] = ~0ull;  // no generation issued yet
+    }
     block_live = (int)n;
     block_arrived = 0;
     std::memset(smem_base, 0xff, smem_bytes);  // NaN in every float/bf16/f16 view
