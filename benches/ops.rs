@@ -73,7 +73,7 @@ impl Bench for Cuda {
     }
     fn wgmma(&self) -> bool {
         // BENCH_NO_WGMMA: set by scripts/gpu_check.sh when the wgmma probe or variants 5/6 failed parity
-        self.cc == (9, 0) && std::env::var_os("BENCH_NO_WGMMA").is_none()
+        self.has_wgmma() && std::env::var_os("BENCH_NO_WGMMA").is_none()
     }
 }
 

@@ -194,7 +194,7 @@ fn gpu_attention_wgmma_bf16() {
     let Some(mut gpu) = cuda_or_skip(Some(KernelConfig::default())) else {
         return;
     };
-    if gpu.cc != (9, 0) {
+    if !gpu.has_wgmma() {
         println!(
             "SKIPPED: variants 5 and 6 need an sm_90 GPU, this is {}",
             gpu.arch()
@@ -220,7 +220,7 @@ fn gpu_wgmma_probe() {
     let Some(gpu) = cuda_or_skip(Some(KernelConfig::default())) else {
         return;
     };
-    if gpu.cc.0 != 9 {
+    if !gpu.has_wgmma() {
         println!("SKIPPED: wgmma needs an sm_90 GPU, this is {}", gpu.arch());
         return;
     }

@@ -171,6 +171,11 @@ impl Cuda {
         Ok(cuda)
     }
 
+    /// Whether this GPU has Hopper's wgmma (attention variants 5 and 6, the wgmma probe).
+    pub fn has_wgmma(&self) -> bool {
+        wgmma_cc(self.cc)
+    }
+
     pub fn arch(&self) -> String {
         format!("sm_{}{}", self.cc.0, self.cc.1)
     }
@@ -537,12 +542,17 @@ impl std::fmt::Display for KernelsUnsupported {
 }
 impl std::error::Error for KernelsUnsupported {}
 
+/// Whether a device of compute capability `cc` has Hopper's wgmma (sm_90, the `sm_90a` target).
+fn wgmma_cc(cc: (i32, i32)) -> bool {
+    cc == (9, 0)
+}
+
 /// Whether the kernels of `k` exist on a device of compute capability `cc`: attention variants 5 and 6 are
 /// Hopper's wgmma (sm_90 only).
 fn kernels_run_on(k: &KernelConfig, cc: (i32, i32), device: &str) -> Result<()> {
     use crate::kernel::AttnKernel;
     if let AttnKernel::V5(_) | AttnKernel::V6(_) = k.attention {
-        if cc != (9, 0) {
+        if !wgmma_cc(cc) {
             return Err(KernelsUnsupported(format!(
                 "{} needs an sm_90 GPU (Hopper's wgmma); this is {device} (sm_{}{}): choose another attention \
                  kernel (--attention-kernel or BERTQA_ATTN: v4)",

@@ -248,7 +248,7 @@ impl WgmmaProbeCase {
 /// Runs one probe on the GPU and returns D (64·N, row-major). Needs an sm_90 device (the module is compiled
 /// for sm_90a there); elsewhere an error says so.
 pub fn run(be: &Cuda, case: &WgmmaProbeCase, a: &[f32], b: &[f32], c: &[f32]) -> Result<Vec<f32>> {
-    if be.cc.0 != 9 {
+    if !be.has_wgmma() {
         bail!(
             "wgmma probe: wgmma needs compute capability 9.0 (this device is {})",
             be.arch()
