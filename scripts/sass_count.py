@@ -5,7 +5,11 @@ without a GPU (docs/perf-log.md). Reads `cuobjdump -sass` output of a cubin on s
 For each kernel (optionally only those whose name contains FILTER) it prints the static instruction count,
 and, for every loop (a backward branch), the instructions between its target and the branch, by class:
 HMMA (tensor core), MUFU (special functions: ex2, rcp), float (F*/HADD2.../FMNMX), integer (I*, LOP3, SHF,
-PRMT, LEA, ...), memory (LD*/ST*/LDSM/LDGSTS/RED/ATOM), shuffles (SHFL) and the rest.
+PRMT, LEA, ...), memory (LD*/ST*/LDSM/LDGSTS/RED/ATOM), shuffles (SHFL) and the rest. For a long loop it
+also prints the blocks that predicated branches skip and the *common path*: the instructions one steady-state
+tile executes (common_path below) — the number the perf log compares. A runtime branch that every tile takes
+but that holds no tensor-core product, copy, reduction or shared store (variant 3's dropout, tested at run
+time) is left out of it: read such kernels' loop totals instead.
 
   scripts/sass_count.sh attention_tc tc4_forward_bf16_hs64
 """
@@ -15,7 +19,7 @@ from collections import Counter
 
 def klass(op):
     base = op.split(".")[0]
-    if base in ("HMMA",):
+    if base in ("HMMA", "HGMMA"):
         return "hmma"
     if base == "MUFU":
         return "mufu"
@@ -32,6 +36,47 @@ def klass(op):
     if base.startswith("U"):
         return "uniform"
     return "other"
+
+# Instructions that every full tile executes: tensor-core products, the tile copies (cp.async), the reductions
+# and shared-memory stores. Staging code, partial-tile masking and rare rescaling are not in this list.
+ESSENTIAL = ("HMMA", "HGMMA", "LDGSTS", "RED", "REDG", "STS", "LDSM")
+
+
+def common_path(ins, s, e):
+    """The path from the loop's first instruction to its back edge, over forward branches only (an inner loop
+    runs once), that executes the most essential instructions (ESSENTIAL: a full tile's products, copies,
+    reductions and stores) and, among those, the fewest instructions: the steady-state tile, without a partial
+    tile's masking and clamping or the last tile's missing copies, without a rare branch such as rebasing, with
+    a loop's staging done by its first warps. Returns (count, Counter by class)."""
+    best = [None] * (e - s + 2)  # best[k - s]: (essential, -count, classes) of the best path from k to e
+    for k in range(e, s - 1, -1):
+        a, op, args = ins[k]
+        ess = 1 if op.split(".")[0] in ESSENTIAL else 0
+        if k == e:
+            best[k - s] = (ess, -1, Counter({klass(op): 1}))
+            continue
+        succ = []
+        m = re.search(r"0x([0-9a-f]+)", args)
+        target = int(m.group(1), 16) if op.startswith("BRA") and m else None
+        conditional = not op.startswith("BRA") or bool(re.match(r"!?U?P\d", args)) or PRED[k]
+        if op.startswith("EXIT") and not PRED[k]:
+            continue
+        if conditional or target is None:
+            succ.append(k + 1)
+        if target is not None and ins[k][0] < target <= ins[e][0]:
+            succ.append(next(j for j in range(k + 1, e + 1) if ins[j][0] == target))
+        cands = [best[j - s] for j in succ if best[j - s] is not None]
+        if not cands:
+            continue
+        b = max(cands, key=lambda t: (t[0], t[1]))
+        cl = b[2].copy()
+        cl[klass(op)] += 1
+        best[k - s] = (b[0] + ess, b[1] - 1, cl)
+    return -best[0][1], best[0][2]
+
+
+PRED = []
+
 
 def main():
     flt = sys.argv[1] if len(sys.argv) > 1 else ""
@@ -55,6 +100,7 @@ def main():
         print(f"{name}: {len(ins)} instructions")
         index = {a: k for k, (a, _, _) in enumerate(ins)}
         preds = preds_all.get(name, [])
+        PRED[:] = preds
         loops = []
         for k, (a, op, args) in enumerate(ins):
             if op.startswith("BRA"):
@@ -73,8 +119,11 @@ def main():
             detail = " ".join(f"{k}={c[k]}" for k in ("hmma", "mufu", "float", "int", "shfl", "mem", "uniform", "other") if c[k])
             print(f"  loop {ins[s][0]:#06x}..{ins[e][0]:#06x}: {len(body)} instructions ({detail})")
             # predicated forward branches inside a long loop: the blocks they can skip (e.g. masking that
-            # only a partial tile runs), so that the common path's length is the loop's minus those blocks
+            # only a partial tile runs), and the common path through the loop (common_path)
             if len(body) >= 100:
+                n, c = common_path(ins, s, e)
+                detail = " ".join(f"{k}={c[k]}" for k in ("hmma", "mufu", "float", "int", "shfl", "mem", "uniform", "other") if c[k])
+                print(f"    common path: {n} instructions ({detail})")
                 for k in range(s, e):
                     a, op, args = ins[k]
                     m = re.search(r"0x([0-9a-f]+)", args)
