@@ -39,22 +39,56 @@ template <int HS> struct Tc5Tile {
     __device__ __forceinline__ static u64 nmajor(u32 base, int s) { return wg_desc(base + 16u * W * s, 8u * W, 8u * W, MODE); }
 };
 
-// 64 rows r0.. of part (0 Q, 1 K, 2 V, 3 dO) into a Tc5Tile through cp.async (the caller commits and waits); rows
-// at or past `limit` zero-filled from a mapped address (as stage_rows)
-template <typename T, int HS>
-__device__ __forceinline__ void tc5_stage(const AttnParams& a, const Window& W, int limit, int h, int part, int r0, T* tile) {
-    constexpr int CH = HS / 8, RSTEP = 128 / CH, PER = 64 / RSTEP;
-    int C = a.nh * HS, r = threadIdx.x / CH, c = threadIdx.x % CH;
-    u32 stride = (part == 3 ? 1u : 3u) * (u32)C * (u32)sizeof(T);
-    const char* src = (const char*)(part == 3 ? (const T*)a.dout + (u64)W.s0 * C + h * HS
-                                              : (const T*)a.qkv + (u64)W.s0 * 3 * C + part * C + h * HS) + c * 16;
-    int last = max(limit, 1) - 1;
-#pragma unroll
-    for (int i = 0; i < PER; ++i) {
-        int row = r + i * RSTEP;
-        cp_async16_at(tile, Tc5Tile<HS>::chunk(row, c), src + (u64)min(r0 + row, last) * stride, r0 + row < limit);
+// The cp.async staging of one part's (0 Q, 1 K, 2 V, 3 dO) 64-row tiles into Tc5Tiles by NT threads, rows
+// r0.. (the caller commits and waits); rows at or past `limit` are zero-filled from a mapped address (as
+// stage_rows). Thread t (0 ≤ t < NT) copies chunk t % CH of rows t / CH + i·RSTEP. The addresses are formed once per thread: since RSTEP is a
+// multiple of the swizzle's 8-row period, row r + i·RSTEP's chunk sits i·RSTEP·HS elements after row r's, and a
+// tile whose rows all exist (the block-uniform common case) is one 64-bit product plus constant steps; the last,
+// partial tile of a window clamps and zero-fills row by row.
+template <typename T, int HS, int NT = 128> struct Tc5Stager {
+    static constexpr int CH = HS / 8, RSTEP = NT / CH, PER = 64 / RSTEP;
+    static_assert(RSTEP % 8 == 0, "a thread's rows must share the swizzle phase");
+    const char* src;  // this thread's chunk of the window's row r
+    u64 stride;       // bytes from a row to the next
+    int r, off, limit;
+    __device__ __forceinline__ Tc5Stager(const AttnParams& a, const Window& W, int limit_, int h, int part, int t) {
+        int C = a.nh * HS, c = t % CH;
+        r = t / CH;
+        stride = (u64)((part == 3 ? 1 : 3) * C) * sizeof(T);
+        src = (const char*)(part == 3 ? (const T*)a.dout + (u64)W.s0 * C + h * HS
+                                      : (const T*)a.qkv + (u64)W.s0 * 3 * C + part * C + h * HS) + c * 16 + r * stride;
+        off = Tc5Tile<HS>::chunk(r, c);
+        limit = limit_;
     }
-}
+    // rows r0.. into `tile`; with TWO, the same rows of the part `delta` bytes further along each row into
+    // `tile2` (K then V: the addresses formed once for both)
+    template <bool TWO = false>
+    __device__ __forceinline__ void issue(int r0, T* tile, T* tile2 = nullptr, u64 delta = 0) const {
+        if (r0 + 64 <= limit) {
+            const char* p = src + (u64)r0 * stride;
+#pragma unroll
+            for (int i = 0; i < PER; ++i) {
+                const char* pi = p + i * RSTEP * stride;
+                cp_async16_at(tile, off + i * RSTEP * HS, pi, true);
+                if (TWO) cp_async16_at(tile2, off + i * RSTEP * HS, pi + delta, true);
+            }
+        } else {
+            int last = max(limit, 1) - 1;
+            const char* p0 = src - (u64)r * stride;
+#pragma unroll
+            for (int i = 0; i < PER; ++i) {
+                int row = r0 + r + i * RSTEP;
+                const char* pi = p0 + (u64)min(row, last) * stride;
+                cp_async16_at(tile, off + i * RSTEP * HS, pi, row < limit);
+                if (TWO) cp_async16_at(tile2, off + i * RSTEP * HS, pi + delta, row < limit);
+            }
+        }
+    }
+    // K and V rows r0.. (V is C elements after K in each qkv row)
+    __device__ __forceinline__ void issue_kv(const AttnParams& a, int r0, T* kt, T* vt) const {
+        issue<true>(r0, kt, vt, (u64)a.nh * HS * sizeof(T));
+    }
+};
 
 template <typename T, int HS, bool DROP>
 __device__ void tc5_forward(const AttnParams& a) {
@@ -69,12 +103,12 @@ __device__ void tc5_forward(const AttnParams& a) {
     const Window W = window_at(a.cu, a.lens, a.wid, blockIdx.z);
     if (q0 >= W.rows) return;  // the whole block: past its window
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+    const Tc5Stager<T, HS> kv(a, W, W.len, h, 1, threadIdx.x);
     auto stage = [&](int k0, int buf) {  // the key tile at k0 into buffer buf, asynchronously
-        tc5_stage<T, HS>(a, W, W.len, h, 1, k0, Kb + buf * TILE);
-        tc5_stage<T, HS>(a, W, W.len, h, 2, k0, Vb + buf * TILE);
+        kv.issue_kv(a, k0, Kb + buf * TILE, Vb + buf * TILE);
         cp_async_commit();
     };
-    tc5_stage<T, HS>(a, W, W.rows, h, 0, q0, Qs);  // in the first tile's group
+    Tc5Stager<T, HS>(a, W, W.rows, h, 0, threadIdx.x).issue(q0, Qs);  // in the first tile's group
     stage(0, 0);
     float o[NO][4];
 #pragma unroll
@@ -133,38 +167,92 @@ __device__ void tc5_forward(const AttnParams& a) {
 // reductions, as variant 4 does. Q, K, V and dO tiles share Tc5Tile's layout (K-major and N-major views of the
 // same bytes); dSᵀ is a [key][query] tile of 64 × 64 with 128-byte rows, 128-byte swizzle. dqacc must be zero on
 // entry (tc4_dsum zeroes it), and attention_tc4_dq_store writes dQ and its bias-gradient third afterwards.
-template <typename T, int HS, bool DROP>
+// Two shapes (the backward shape's warps, src/ops/attention): NWG = 1 warpgroup per block (w4: 64 keys, 2 blocks
+// per SM), or NWG = 2 (w8: 128 keys, warpgroup i the keys 64i.., 1 block per SM). With two, the query tiles are
+// staged once for both warpgroups (half the Q and dO traffic from L2) and each warpgroup's dQ over its own 64 keys
+// is summed with the other's in shared memory before the reductions (X: each adds half of the columns), so the
+// f32 reductions into dqacc per element fall from T/64 to T/128 (6 to 3 at T = 384): what the dQ accumulator's
+// atomics cost on the GPU is unmeasured, and the two shapes let the bench decide.
+
+// dQ over one query tile: rows r0 (acc[n][0..1]) and r0 + 8 (acc[n][2..3]), columns 8n + 2·t4, +1 for n in
+// [LO, HI), added into the f32 accumulator at dq (row r0, column 2·t4 of this head; C columns per row); the
+// bounds tested only on a window's partial last tile (full: both rows exist)
+template <int LO, int HI, int NO>
+__device__ __forceinline__ void tc6_dq_red(const float (&acc)[NO][4], float* dq, int C, bool full, bool ok0, bool ok1) {
+    if (full) {
+#pragma unroll
+        for (int n = LO; n < HI; ++n) {
+            red_add2(dq + n * 8, acc[n][0], acc[n][1]);
+            red_add2(dq + 8 * C + n * 8, acc[n][2], acc[n][3]);
+        }
+    } else {
+#pragma unroll
+        for (int n = LO; n < HI; ++n) {
+            if (ok0) red_add2(dq + n * 8, acc[n][0], acc[n][1]);
+            if (ok1) red_add2(dq + 8 * C + n * 8, acc[n][2], acc[n][3]);
+        }
+    }
+}
+// The two warpgroups' dQ halves traded through X ([2][NO/2][128] float4: receiver, column block, thread of the
+// warpgroup — a thread's twin in the other warpgroup holds the same rows and columns): send stores columns
+// [LO, HI) for warpgroup RCV, recv adds what the other warpgroup stored for this one.
+template <int LO, int HI, int RCV, int NO>
+__device__ __forceinline__ void tc6_dq_send(const float (&acc)[NO][4], float4* X, int tw) {
+#pragma unroll
+    for (int n = LO; n < HI; ++n) X[(RCV * (NO / 2) + n - LO) * 128 + tw] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
+}
+template <int LO, int HI, int RCV, int NO>
+__device__ __forceinline__ void tc6_dq_recv(float (&acc)[NO][4], const float4* X, int tw) {
+#pragma unroll
+    for (int n = LO; n < HI; ++n) {
+        float4 v = X[(RCV * (NO / 2) + n - LO) * 128 + tw];
+        acc[n][0] += v.x;
+        acc[n][1] += v.y;
+        acc[n][2] += v.z;
+        acc[n][3] += v.w;
+    }
+}
+
+template <typename T, int HS, bool DROP, int NWG>
 __device__ void tc5_backward(const AttnParams& a) {
     using L = Tc5Tile<HS>;
     using LS = Tc5Tile<64>;  // the dSᵀ tile: 64 queries per row, 128 bytes
+    static_assert(NWG == 1 || NWG == 2, "one or two warpgroups");
     const u64 seed = DROP ? dropout_seed(a) : 0ull;
-    constexpr int BQ = 64, NO = HS / 8, TILE = 64 * HS;
+    constexpr int BQ = 64, NO = HS / 8, TILE = 64 * HS, NT = 128 * NWG;
     DYN_SMEM(unsigned char, smem_raw);
-    T* Ks = (T*)(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));
-    T* Vs = Ks + TILE;
-    T* Qs = Vs + TILE;                      // [2] tiles
+    T* Ks = (T*)(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));  // [NWG] tiles, warpgroup i's keys
+    T* Vs = Ks + NWG * TILE;                // [NWG] tiles
+    T* Qs = Vs + NWG * TILE;                // [2] tiles
     T* Os = Qs + 2 * TILE;                  // [2] tiles (dO)
-    T* St = Os + 2 * TILE;                  // dSᵀ, 64 × 64
-    float* Ls = (float*)(St + 64 * 64);     // [2][BQ] lse
+    T* St = Os + 2 * TILE;                  // [NWG] dSᵀ, 64 × 64
+    float* Ls = (float*)(St + NWG * 64 * 64);  // [2][BQ] lse
     float* Ds = Ls + 2 * BQ;                // [2][BQ] D
-    int h = blockIdx.y, j0 = blockIdx.x * 64;
+    float4* X = (float4*)(Ds + 2 * BQ);     // NWG = 2: [2][NO/2][128] the traded dQ halves (tc6_dq_send)
+    int h = blockIdx.y, j0 = blockIdx.x * 64 * NWG;
     const Window W = window_at(a.cu, a.lens, a.wid, blockIdx.z);
     if (j0 >= W.rows) return;  // the whole block: past its window
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+    // warpgroup wg: keys jw.. (a warpgroup wholly past the window computes zeros: it shares the block's barriers)
+    // (wg through a shuffle: a value ptxas knows to be warp-uniform, so the descriptors built from it stay in
+    // uniform registers, as CUTLASS's canonical_warp_group_idx does)
+    const int wg = NWG == 1 ? 0 : __shfl_sync(0xffffffffu, (int)threadIdx.x / 128, 0);
+    const int tw = NWG == 1 ? threadIdx.x : threadIdx.x % 128, jw = j0 + 64 * wg;
+    int warp = tw / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
     u64 hrow = (u64)h * a.n + W.s0;
+    const Tc5Stager<T, HS, NT> qst(a, W, W.rows, h, 0, threadIdx.x), ost(a, W, W.rows, h, 3, threadIdx.x);
     auto stage = [&](int q0, int buf) {
-        tc5_stage<T, HS>(a, W, W.rows, h, 0, q0, Qs + buf * TILE);
-        tc5_stage<T, HS>(a, W, W.rows, h, 3, q0, Os + buf * TILE);
+        qst.issue(q0, Qs + buf * TILE);
+        ost.issue(q0, Os + buf * TILE);
         stage_lse_d<BQ>(a, W, hrow, q0, Ls + buf * BQ, Ds + buf * BQ);
         cp_async_commit();
     };
-    tc5_stage<T, HS>(a, W, W.len, h, 1, j0, Ks);  // in the first tile's group
-    tc5_stage<T, HS>(a, W, W.len, h, 2, j0, Vs);
+    Tc5Stager<T, HS>(a, W, W.len, h, 1, tw).issue(jw, Ks + wg * TILE);  // in the first tile's group
+    Tc5Stager<T, HS>(a, W, W.len, h, 2, tw).issue(jw, Vs + wg * TILE);
     stage(0, 0);
-    int ja = j0 + warp * 16 + g, jb = ja + 8;
+    int ja = jw + warp * 16 + g, jb = ja + 8;
     const u32 kca = attn_kc(ja);
     bool livea = ja < W.len, liveb = jb < W.len;
-    const bool keys_full = j0 + 64 <= W.len;
+    const bool keys_full = jw + 64 <= W.len;
     float dk[NO][4], dv[NO][4];
 #pragma unroll
     for (int n = 0; n < NO; ++n)
@@ -178,7 +266,13 @@ __device__ void tc5_backward(const AttnParams& a) {
     const float ks = DROP ? attn_keep_scale(a.p) : 1.f;
     // descriptors of the first k-step (buffer 0): K and V as K-major A; K as N-major B (dQ); Q and dO as K-major
     // B (Sᵀ, dPᵀ) and N-major B (dK, dV); dSᵀ as M-major A (dQ). A step or the other buffer is an addition.
-    const u32 kb = smem_u32(Ks), vb = smem_u32(Vs), qb = smem_u32(Qs), ob = smem_u32(Os), sb = smem_u32(St);
+    const u32 kb = smem_u32(Ks + wg * TILE), vb = smem_u32(Vs + wg * TILE), qb = smem_u32(Qs), ob = smem_u32(Os);
+    T* Sw = St + wg * 64 * 64;  // this warpgroup's dSᵀ tile
+    const u32 sb = smem_u32(Sw);
+    // where this lane stores dSᵀ (keys ja, jb = rows r, r + 8 of Sw; queries 8n + 2·t4, +1): LS::chunk(r, n) bytes,
+    // i.e. r·128 + 16·(n ^ (r % 8)) + 4·t4 on the 1024-aligned tile, with r % 8 = g for both rows
+    char* sw = (char*)Sw + (warp * 16 + g) * 128 + 4 * t4;
+    const int gx = 16 * g;
     const u64 kdk = L::kmajor(kb, 0), vdk = L::kmajor(vb, 0), kdn = L::nmajor(kb, 0);
     const u64 qdk = L::kmajor(qb, 0), odk = L::kmajor(ob, 0), qdn = L::nmajor(qb, 0), odn = L::nmajor(ob, 0);
     const u64 sdm = LS::nmajor(sb, 0);
@@ -222,8 +316,8 @@ __device__ void tc5_backward(const AttnParams& a) {
 #pragma unroll
             for (int half = 0; half < 2; ++half) {  // dSᵀ (key, queries 8n + 2·t4, +1) for dQ, one 32-bit store each
                 int n = 2 * kk + half;
-                *(u32*)((char*)St + LS::chunk(warp * 16 + g, n) * 2 + 4 * t4) = sa[kk][half * 2 + 0];
-                *(u32*)((char*)St + LS::chunk(warp * 16 + g + 8, n) * 2 + 4 * t4) = sa[kk][half * 2 + 1];
+                *(u32*)(sw + ((16 * n) ^ gx)) = sa[kk][half * 2 + 0];
+                *(u32*)(sw + 1024 + ((16 * n) ^ gx)) = sa[kk][half * 2 + 1];
             }
         }
         wg_pin(dvf);
@@ -235,7 +329,7 @@ __device__ void tc5_backward(const AttnParams& a) {
         for (int kk = 0; kk < BQ / 16; ++kk) wgmma_rs<HS, 1, T>(dkf, sa[kk], qdn + buf * TB16 + NSTEP * kk, 1);
         wg_commit();
         fence_proxy_async();  // this thread's dSᵀ stores, visible to wgmma
-        __syncthreads();      // the whole dSᵀ tile
+        __syncthreads();      // the whole dSᵀ tile (this warpgroup's; a named barrier per warpgroup would do)
         float acc[NO][4];
         float(&accf)[HS / 2] = reinterpret_cast<float(&)[HS / 2]>(acc);
 #pragma unroll
@@ -245,31 +339,44 @@ __device__ void tc5_backward(const AttnParams& a) {
         wg_pin(accf);
         wg_pin(dvf);
         wg_pin(dkf);
-        int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
-        float* dq = (float*)a.dqacc;
-#pragma unroll
-        for (int n = 0; n < NO; ++n) {
-            int d = h * HS + n * 8 + 2 * t4;
-            if (r0 < W.rows) red_add2(dq + ((u64)W.s0 + r0) * C + d, acc[n][0], acc[n][1]);
-            if (r1 < W.rows) red_add2(dq + ((u64)W.s0 + r1) * C + d, acc[n][2], acc[n][3]);
+        // rows r0 and r0 + 8, columns h·HS + 8n + 2·t4, +1: one address per tile, the rest constant offsets
+        int r0 = q0 + warp * 16 + g;
+        float* dq = (float*)a.dqacc + ((u64)W.s0 + r0) * C + h * HS + 2 * t4;
+        const bool full = q0 + BQ <= W.rows, ok0 = r0 < W.rows, ok1 = r0 + 8 < W.rows;
+        if constexpr (NWG == 1) {
+            tc6_dq_red<0, NO>(acc, dq, C, full, ok0, ok1);
+        } else {  // warpgroup 0 adds columns n < NO/2 of both warpgroups' sums, warpgroup 1 the rest
+            if (wg == 0) tc6_dq_send<NO / 2, NO, 1>(acc, X, tw);
+            else tc6_dq_send<0, NO / 2, 0>(acc, X, tw);
+            __syncthreads();
+            if (wg == 0) {
+                tc6_dq_recv<0, NO / 2, 0>(acc, X, tw);
+                tc6_dq_red<0, NO / 2>(acc, dq, C, full, ok0, ok1);
+            } else {
+                tc6_dq_recv<NO / 2, NO, 1>(acc, X, tw);
+                tc6_dq_red<NO / 2, NO>(acc, dq, C, full, ok0, ok1);
+            }
         }
-        __syncthreads();  // dSᵀ and this tile's buffers are rewritten by the next iteration
+        __syncthreads();  // dSᵀ, X and this tile's buffers are rewritten by the next iteration
     }
     store_dkdv<T, HS>(a, dk, dv, W, h, ja, jb, ks);
 }
 #define TC5_FWD(TY, HS, DROP) tc5_forward<TY, HS, DROP>(a);
-#define TC6_BWD(TY, HS, DROP) tc5_backward<TY, HS, DROP>(a);
+#define TC6_BWD(TY, HS, DROP, NWG) tc5_backward<TY, HS, DROP, NWG>(a);
 #else
 // compiled for a target without wgmma (NVRTC's plain sm_90, sm_80): the entry points exist and trap
 #define TC5_FWD(TY, HS, DROP) __trap();
-#define TC6_BWD(TY, HS, DROP) __trap();
+#define TC6_BWD(TY, HS, DROP, NWG) __trap();
 #endif
-// variant 5's forward (4 blocks of one warpgroup per SM) and variant 6's backward (2 per SM)
+// variant 5's forward (4 blocks of one warpgroup per SM) and variant 6's backward: w4 (2 blocks of one warpgroup
+// per SM), w8 (1 block of two)
 #define TC5_HS(TY, NAME, HS)                                                                                           \
     extern "C" __global__ void __launch_bounds__(128, 4) attention_tc5_forward_##NAME##_hs##HS(AttnParams a) { TC5_FWD(TY, HS, true) } \
     extern "C" __global__ void __launch_bounds__(128, 4) attention_tc5_forward_p0_##NAME##_hs##HS(AttnParams a) { TC5_FWD(TY, HS, false) } \
-    extern "C" __global__ void __launch_bounds__(128, 2) attention_tc6_backward_##NAME##_hs##HS(AttnParams a) { TC6_BWD(TY, HS, true) } \
-    extern "C" __global__ void __launch_bounds__(128, 2) attention_tc6_backward_p0_##NAME##_hs##HS(AttnParams a) { TC6_BWD(TY, HS, false) }
+    extern "C" __global__ void __launch_bounds__(128, 2) attention_tc6_backward_w4_##NAME##_hs##HS(AttnParams a) { TC6_BWD(TY, HS, true, 1) } \
+    extern "C" __global__ void __launch_bounds__(128, 2) attention_tc6_backward_w4_p0_##NAME##_hs##HS(AttnParams a) { TC6_BWD(TY, HS, false, 1) } \
+    extern "C" __global__ void __launch_bounds__(256, 1) attention_tc6_backward_w8_##NAME##_hs##HS(AttnParams a) { TC6_BWD(TY, HS, true, 2) } \
+    extern "C" __global__ void __launch_bounds__(256, 1) attention_tc6_backward_w8_p0_##NAME##_hs##HS(AttnParams a) { TC6_BWD(TY, HS, false, 2) }
 TC5_HS(bf16, bf16, 32)
 TC5_HS(bf16, bf16, 64)
 TC5_HS(f16, f16, 32)

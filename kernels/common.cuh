@@ -643,15 +643,17 @@ __device__ __forceinline__ void bwd_tile_ps(const float (&s)[NQ][4], const float
     if (DROP) attn_draws_bwd(seed, w, h, qc, kca, odd, d);
     // lse·log2 e and D of this lane's queries (2kk + half)·8 + 2·t4 + {0, 1}, read before the caller's dS stores
     // (the compiler cannot tell a dS tile from Ls/Ds apart, and would read them again after each store)
+    // (8-byte loads: Lb and Db are 8-byte aligned, the pair's first query even)
     float lq[2][2], dd[2][2];
 #pragma unroll
-    for (int half = 0; half < 2; ++half)
-#pragma unroll
-        for (int par = 0; par < 2; ++par) {
-            int qi = (2 * kk + half) * 8 + 2 * t4 + par;
-            lq[half][par] = Lb[qi] * LOG2E_F;
-            dd[half][par] = Db[qi];
-        }
+    for (int half = 0; half < 2; ++half) {
+        int qi = (2 * kk + half) * 8 + 2 * t4;
+        float2 l = *(const float2*)(Lb + qi), dv = *(const float2*)(Db + qi);
+        lq[half][0] = l.x * LOG2E_F;
+        lq[half][1] = l.y * LOG2E_F;
+        dd[half][0] = dv.x;
+        dd[half][1] = dv.y;
+    }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         int n = 2 * kk + half;

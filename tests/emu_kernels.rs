@@ -297,25 +297,23 @@ fn emu_attention_v5() {
     );
 }
 
-/// Variant 6: variant 5's forward and the wgmma backward (HS 32 and 64; variant 4's at 128), every case; and
-/// the other interleavings on a multi-tile case of each of its head sizes.
+/// Variant 6: variant 5's forward and the wgmma backward (HS 32 and 64; variant 4's at 128) in both its shapes
+/// (w8b2: two warpgroups and 128 keys per block; w4: one and 64), every case; and the other interleavings on a
+/// multi-tile case of each of its head sizes.
 #[test]
 fn emu_attention_v6() {
-    attention_sweep(
-        AttnKernel::V6(Tc4Shape::W8B2),
-        TC,
-        &sizes(),
-        &[Mode::DEFAULT],
-    );
-    attention_sweep(
-        AttnKernel::V6(Tc4Shape::W8B2),
-        &[DType::BF16],
-        &[
-            AttentionCase::padded(3, 203, 2, 64, 0.1),
-            AttentionCase::packed(&[203], 2, 32, 0.1).rising(),
-        ],
-        &Mode::STRESS,
-    );
+    for shape in [Tc4Shape::W8B2, Tc4Shape::W4] {
+        attention_sweep(AttnKernel::V6(shape), TC, &sizes(), &[Mode::DEFAULT]);
+        attention_sweep(
+            AttnKernel::V6(shape),
+            &[DType::BF16],
+            &[
+                AttentionCase::padded(3, 203, 2, 64, 0.1),
+                AttentionCase::packed(&[203], 2, 32, 0.1).rising(),
+            ],
+            &Mode::STRESS,
+        );
+    }
 }
 
 /// The pipelined kernels (variant 4's cp.async double buffers) under the other interleavings: warps in

@@ -206,6 +206,7 @@ fn gpu_attention_wgmma_bf16() {
         &[
             AttnKernel::V5(Tc4Shape::W8B2),
             AttnKernel::V6(Tc4Shape::W8B2),
+            AttnKernel::V6(Tc4Shape::W4),
         ],
     );
 }

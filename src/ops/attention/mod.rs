@@ -218,8 +218,10 @@ pub fn wg_entry_points() -> Vec<String> {
             for kind in [
                 "tc5_forward",
                 "tc5_forward_p0",
-                "tc6_backward",
-                "tc6_backward_p0",
+                "tc6_backward_w4",
+                "tc6_backward_w4_p0",
+                "tc6_backward_w8",
+                "tc6_backward_w8_p0",
             ] {
                 names.push(tc_kernel(kind, dt, hs));
             }
@@ -238,10 +240,21 @@ fn tc5_forward_smem(hs: usize) -> u32 {
     (1024 + 5 * 64 * hs * 2) as u32
 }
 
-/// Dynamic shared memory (bytes) of variant 6's backward: 1024 bytes of alignment, K and V and two buffers each
-/// of Q and dO (64 rows × HS, 16-bit), the dSᵀ tile (64 × 64), two buffers each of lse and D (64 f32).
-fn tc6_backward_smem(hs: usize) -> u32 {
-    (1024 + 6 * 64 * hs * 2 + 64 * 64 * 2 + 4 * 64 * 4) as u32
+/// Variant 6's backward shape from the backward shape setting: (kernel-name tag, warpgroups per block). w4 is
+/// one warpgroup and 64 keys per block; w8 (and w8b2, whose register budget does not apply) two and 128.
+fn tc6_shape(shape: Tc4Shape) -> (&'static str, usize) {
+    match shape {
+        Tc4Shape::W4 => ("w4", 1),
+        Tc4Shape::W8 | Tc4Shape::W8B2 => ("w8", 2),
+    }
+}
+
+/// Dynamic shared memory (bytes) of variant 6's backward with `nwg` warpgroups: 1024 bytes of alignment, K and
+/// V per warpgroup and two buffers each of Q and dO (64 rows × HS, 16-bit), a dSᵀ tile (64 × 64) per
+/// warpgroup, two buffers each of lse and D (64 f32), and with two warpgroups the traded dQ halves (64 × HS f32).
+fn tc6_backward_smem(hs: usize, nwg: usize) -> u32 {
+    let traded = if nwg == 2 { 64 * hs * 4 } else { 0 };
+    (1024 + (2 * nwg + 4) * 64 * hs * 2 + nwg * 64 * 64 * 2 + 4 * 64 * 4 + traded) as u32
 }
 
 /// Dynamic shared memory (bytes) of variant 4's backward with `nw` warps: K and V for 16·nw keys, two
@@ -389,12 +402,13 @@ impl AttnPlan {
             ));
             let (cfg, nw) = shape.tag();
             if matches!(self.kernel, AttnKernel::V6(_)) && TC5_HEAD_SIZES.contains(&hs) {
+                let (tag, nwg) = tc6_shape(shape);
                 v.push(at(
                     "attention_wg",
-                    tc_kernel(&format!("tc6_backward{}", self.p0_suffix()), dt, hs),
-                    (blocks(t, 64), nh as u32, b as u32),
-                    (128, 1, 1),
-                    tc6_backward_smem(hs),
+                    tc_kernel(&format!("tc6_backward_{tag}{}", self.p0_suffix()), dt, hs),
+                    (blocks(t, 64 * nwg), nh as u32, b as u32),
+                    ((128 * nwg) as u32, 1, 1),
+                    tc6_backward_smem(hs, nwg),
                 ));
             } else {
                 v.push(at(
