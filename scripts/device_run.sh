@@ -34,8 +34,11 @@ ok() { grep -q "$1: rc=0" $W/check/summary.txt; }
 if [ -n "${SKIP_CHECK:-}" ]; then
     echo "comparing with the switches given: $(env | grep -E '^BERTQA_(ATTN|ATTN4|GEMM|VEC|GRAPHS)=' | tr '\n' ' ')"
 elif ok parity_bf16_next && ok parity_f32_next && ok attn_variants; then
-    echo "the opt-in paths passed parity: comparing with BERTQA_ATTN=v4 BERTQA_GEMM=lt BERTQA_VEC=1"
-    export BERTQA_ATTN=v4 BERTQA_GEMM=lt BERTQA_VEC=1
+    # attention: variant 6 where the wgmma checks passed (the predicted fastest; the bench rows of this call
+    # say whether it is), else variant 4
+    A=v4; ok wgmma_probe && ok attn_wgmma && A=v6
+    echo "the opt-in paths passed parity: comparing with BERTQA_ATTN=$A BERTQA_GEMM=lt BERTQA_VEC=1"
+    export BERTQA_ATTN=$A BERTQA_GEMM=lt BERTQA_VEC=1
     if ok graphs_exact_next; then
         echo "CUDA graphs passed too: comparing with BERTQA_GRAPHS=1"
         export BERTQA_GRAPHS=1
