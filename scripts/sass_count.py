@@ -58,8 +58,14 @@ def common_path(ins, s, e):
         succ = []
         m = re.search(r"0x([0-9a-f]+)", args)
         target = int(m.group(1), 16) if op.startswith("BRA") and m else None
-        conditional = not op.startswith("BRA") or bool(re.match(r"!?U?P\d", args)) or PRED[k]
-        if op.startswith("EXIT") and not PRED[k]:
+        pred = PRED[k]  # the guard ("@P0", "@!UP1", "@PT", ...) or ""
+        if pred == "@!PT":  # never runs: falls through
+            best[k - s] = best[k + 1 - s] and (best[k + 1 - s][0], best[k + 1 - s][1] - 1, best[k + 1 - s][2] + Counter({klass(op): 1}))
+            continue
+        guarded = pred not in ("", "@PT")
+        # a branch on a predicate or register operand (BRA P1, …; BRA.DIV UR4, …) may fall through as well
+        conditional = not op.startswith("BRA") or guarded or bool(re.match(r"!?U?P\d|U?R\d", args)) or ".DIV" in op
+        if op.startswith("EXIT") and not guarded:
             continue
         if conditional or target is None:
             succ.append(k + 1)
@@ -72,6 +78,8 @@ def common_path(ins, s, e):
         cl = b[2].copy()
         cl[klass(op)] += 1
         best[k - s] = (b[0] + ess, b[1] - 1, cl)
+    if best[0] is None:
+        return None
     return -best[0][1], best[0][2]
 
 
@@ -93,7 +101,7 @@ def main():
         if m and name is not None:
             addr = int(m.group(1), 16)
             kernels[name].append((addr, m.group(3), m.group(4)))
-            preds_all.setdefault(name, []).append(bool(m.group(2)))
+            preds_all.setdefault(name, []).append((m.group(2) or "").strip())
     for name, ins in kernels.items():
         if flt not in name:
             continue
@@ -121,9 +129,13 @@ def main():
             # predicated forward branches inside a long loop: the blocks they can skip (e.g. masking that
             # only a partial tile runs), and the common path through the loop (common_path)
             if len(body) >= 100:
-                n, c = common_path(ins, s, e)
-                detail = " ".join(f"{k}={c[k]}" for k in ("hmma", "mufu", "float", "int", "shfl", "mem", "uniform", "other") if c[k])
-                print(f"    common path: {n} instructions ({detail})")
+                r = common_path(ins, s, e)
+                if r is None:
+                    print("    common path: none found (no path from the loop's start reaches its back edge)")
+                else:
+                    n, c = r
+                    detail = " ".join(f"{k}={c[k]}" for k in ("hmma", "mufu", "float", "int", "shfl", "mem", "uniform", "other") if c[k])
+                    print(f"    common path: {n} instructions ({detail})")
                 for k in range(s, e):
                     a, op, args = ins[k]
                     m = re.search(r"0x([0-9a-f]+)", args)
