@@ -3,7 +3,7 @@
 //! all-MiniLM-L6-v2 from the shared assets, on a tiny subset. The clone builds into a target directory of its
 //! own inside this build's (`target/script-clone`: the clone's crate has the same name and version as this
 //! one, and cargo would otherwise mix their artifacts), kept between runs so that later runs rebuild only the
-//! bertqa crate.
+//! bertqa crate. And scripts/sass_count.py's common-path count, on a synthetic SASS listing.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -192,4 +192,74 @@ fn train_squad_sh_picks_the_recipe_and_the_cuda_headers() {
         assert!(err.contains("would install the CUDA pip wheels"), "{err}");
     }
     let _ = std::fs::remove_dir_all(tmp);
+}
+
+/// scripts/sass_count.py's common path (the instruction count the perf log compares kernels by) on a
+/// synthetic SASS listing whose answer is counted by hand: a loop that stages its next tile (or, on the last
+/// one, only commits), skips a masking block that only partial tiles run, runs an inner loop once, passes a
+/// `BRA.DIV` to an out-of-line handler, and reduces. The steady-state tile is 15 + PAD instructions: the
+/// staging branch taken for its copies, the masking skipped, the inner loop once, the divergence branch
+/// falling through.
+#[test]
+fn sass_count_common_path_counts_the_steady_state_tile() {
+    const PAD: usize = 90;
+    let mut lines = vec![
+        "MOV R1, RZ".to_string(),
+        "ISETP.GE.AND P0, PT, R1, R2, PT".into(), // 0x10: the loop
+        "@P0 BRA 0x60".into(),                    // the last tile: no staging
+        "LDGSTS.E.BYPASS.128 [R3], desc[UR4][R4.64]".into(),
+        "LDGSTS.E.BYPASS.128 [R3+0x800], desc[UR4][R6.64]".into(),
+        "BRA 0x70".into(),
+        "LDGDEPBAR".into(),     // 0x60
+        "@!P1 BRA 0xc0".into(), // 0x70: full tiles skip the masking
+        "FSEL R8, R8, -INF, P2".into(),
+        "FSEL R9, R9, -INF, P2".into(),
+        "FSEL R10, R10, -INF, P2".into(),
+        "FSEL R11, R11, -INF, P2".into(),
+        "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT".into(), // 0xc0
+        "MUFU.EX2 R12, R12".into(),
+    ];
+    lines.extend((0..PAD).map(|i| format!("FFMA R{}, R12, R13, R14", 40 + i % 50)));
+    let inner = lines.len() * 16;
+    lines.extend([
+        "IADD3 R13, R13, 0x1, RZ".to_string(), // the inner loop
+        "ISETP.LT.AND P3, PT, R13, 0x4, PT".into(),
+        format!("@P3 BRA {inner:#x}"),
+        "BRA.DIV UR4, 0x4000".into(),
+        "REDG.E.ADD.F32x2.FTZ.RN.STRONG.GPU desc[UR4][R14.64], R16".into(),
+        "IADD3 R1, R1, 0x1, RZ".into(),
+        "@P4 BRA 0x10".into(), // the loop's back edge
+        "EXIT".into(),
+    ]);
+    let mut sass = String::from("\tcode for sm_90a\n\t\tFunction : synthetic_kernel\n");
+    for (k, l) in lines.iter().enumerate() {
+        sass.push_str(&format!(
+            "        /*{:04x}*/                   {l} ;\n",
+            k * 16
+        ));
+    }
+    let mut child = match Command::new("python3")
+        .arg(root().join("scripts/sass_count.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            println!("SKIPPED: python3 is not available ({e})");
+            return;
+        }
+    };
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(sass.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "sass_count.py failed:\n{text}");
+    let expect = format!("common path: {} instructions", 15 + PAD);
+    assert!(text.contains(&expect), "expected '{expect}' in:\n{text}");
 }
