@@ -268,15 +268,16 @@ fn bench_attention<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
             ("v4 w8", AttnKernel::V4(Tc4Shape::W8), 0.1, false),
         ]);
         if be.wgmma() {
-            // variant 5: the wgmma forward (its backward is v4 w8b2's); variant 6: the wgmma backward too, with
-            // two warpgroups and 128 keys per block (w8b2 runs v6's w8) or one and 64 (w4)
+            // variant 5: the wgmma forward (its backward is v4 w8b2's); variant 6: the wgmma backward too; each
+            // wgmma kernel with two warpgroups per block (w8b2 runs their w8: 128 queries in the forward, 128
+            // keys in the backward) or one (w4: 64)
             runs.extend([
                 ("v5", AttnKernel::V5(Tc4Shape::W8B2), 0.1, true),
                 ("v5 p=0", AttnKernel::V5(Tc4Shape::W8B2), 0.0, true),
                 ("v6", AttnKernel::V6(Tc4Shape::W8B2), 0.1, false),
                 ("v6 p=0", AttnKernel::V6(Tc4Shape::W8B2), 0.0, false),
-                ("v6 w4", AttnKernel::V6(Tc4Shape::W4), 0.1, false),
-                ("v6 w4 p=0", AttnKernel::V6(Tc4Shape::W4), 0.0, false),
+                ("v6 w4", AttnKernel::V6(Tc4Shape::W4), 0.1, true),
+                ("v6 w4 p=0", AttnKernel::V6(Tc4Shape::W4), 0.0, true),
             ]);
         }
     }

@@ -90,25 +90,34 @@ template <typename T, int HS, int NT = 128> struct Tc5Stager {
     }
 };
 
-template <typename T, int HS, bool DROP>
+// Two shapes, as variant 6's backward (the backward shape setting): NWG = 1 warpgroup and 64 queries per block
+// (w4), or NWG = 2 (w8: 128 queries, warpgroup i the queries 64i..), whose warpgroups share each K/V tile — half
+// the K/V reads from L2 (226 → 113 MB per BERT-base layer) and half the copies per thread — at the price of a
+// block-wide barrier pair per tile over 8 warps instead of 4.
+template <typename T, int HS, bool DROP, int NWG>
 __device__ void tc5_forward(const AttnParams& a) {
     using L = Tc5Tile<HS>;
     const u64 seed = DROP ? dropout_seed(a) : 0ull;
-    constexpr int BK = 64, NO = HS / 8, TILE = 64 * HS;  // elements per tile
+    static_assert(NWG == 1 || NWG == 2, "one or two warpgroups");
+    constexpr int BK = 64, NO = HS / 8, TILE = 64 * HS, NT = 128 * NWG;  // elements per tile
     DYN_SMEM(unsigned char, smem_raw);
-    T* Qs = (T*)(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));  // on the swizzle's boundary
-    T* Kb = Qs + TILE;      // [2] tiles
-    T* Vb = Kb + 2 * TILE;  // [2] tiles
-    int h = blockIdx.y, q0 = blockIdx.x * 64;
+    T* Qs = (T*)(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u));  // [NWG] tiles, on the swizzle's boundary
+    T* Kb = Qs + NWG * TILE;  // [2] tiles
+    T* Vb = Kb + 2 * TILE;    // [2] tiles
+    int h = blockIdx.y, qb = blockIdx.x * 64 * NWG;
     const Window W = window_at(a.cu, a.lens, a.wid, blockIdx.z);
-    if (q0 >= W.rows) return;  // the whole block: past its window
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-    const Tc5Stager<T, HS> kv(a, W, W.len, h, 1, threadIdx.x);
+    if (qb >= W.rows) return;  // the whole block: past its window
+    // warpgroup wg: queries q0.. (one wholly past the window computes what it stores nowhere: it shares the
+    // block's barriers; wg through a shuffle, a value ptxas knows to be warp-uniform: see tc5_backward)
+    const int wg = NWG == 1 ? 0 : __shfl_sync(0xffffffffu, (int)threadIdx.x / 128, 0);
+    const int tw = NWG == 1 ? threadIdx.x : threadIdx.x % 128, q0 = qb + 64 * wg;
+    int warp = tw / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+    const Tc5Stager<T, HS, NT> kv(a, W, W.len, h, 1, threadIdx.x);
     auto stage = [&](int k0, int buf) {  // the key tile at k0 into buffer buf, asynchronously
         kv.issue_kv(a, k0, Kb + buf * TILE, Vb + buf * TILE);
         cp_async_commit();
     };
-    Tc5Stager<T, HS>(a, W, W.rows, h, 0, threadIdx.x).issue(q0, Qs);  // in the first tile's group
+    Tc5Stager<T, HS>(a, W, W.rows, h, 0, tw).issue(q0, Qs + wg * TILE);  // in the first tile's group
     stage(0, 0);
     float o[NO][4];
 #pragma unroll
@@ -122,7 +131,7 @@ __device__ void tc5_forward(const AttnParams& a) {
     const u32 thr = DROP ? attn_threshold(a.p) : 0u;
     // the descriptors of buffer 0's first k-step; a descriptor's low 14 bits are its start address / 16, so a
     // step or the other buffer is an addition (every .shared address is below 2^18)
-    const u64 qd = L::kmajor(smem_u32(Qs), 0), kd = L::kmajor(smem_u32(Kb), 0), vd = L::nmajor(smem_u32(Vb), 0);
+    const u64 qd = L::kmajor(smem_u32(Qs + wg * TILE), 0), kd = L::kmajor(smem_u32(Kb), 0), vd = L::nmajor(smem_u32(Vb), 0);
     constexpr u32 TB = TILE * sizeof(T);  // bytes per tile
     int tiles = (W.len + BK - 1) / BK;
     for (int it = 0; it < tiles; ++it) {
@@ -361,18 +370,20 @@ __device__ void tc5_backward(const AttnParams& a) {
     }
     store_dkdv<T, HS>(a, dk, dv, W, h, ja, jb, ks);
 }
-#define TC5_FWD(TY, HS, DROP) tc5_forward<TY, HS, DROP>(a);
+#define TC5_FWD(TY, HS, DROP, NWG) tc5_forward<TY, HS, DROP, NWG>(a);
 #define TC6_BWD(TY, HS, DROP, NWG) tc5_backward<TY, HS, DROP, NWG>(a);
 #else
 // compiled for a target without wgmma (NVRTC's plain sm_90, sm_80): the entry points exist and trap
-#define TC5_FWD(TY, HS, DROP) __trap();
+#define TC5_FWD(TY, HS, DROP, NWG) __trap();
 #define TC6_BWD(TY, HS, DROP, NWG) __trap();
 #endif
-// variant 5's forward (4 blocks of one warpgroup per SM) and variant 6's backward: w4 (2 blocks of one warpgroup
-// per SM), w8 (1 block of two)
+// variant 5's forward: w4 (4 blocks of one warpgroup per SM), w8 (2 blocks of two); variant 6's backward: w4 (2
+// blocks of one warpgroup per SM), w8 (1 block of two)
 #define TC5_HS(TY, NAME, HS)                                                                                           \
-    extern "C" __global__ void __launch_bounds__(128, 4) attention_tc5_forward_##NAME##_hs##HS(AttnParams a) { TC5_FWD(TY, HS, true) } \
-    extern "C" __global__ void __launch_bounds__(128, 4) attention_tc5_forward_p0_##NAME##_hs##HS(AttnParams a) { TC5_FWD(TY, HS, false) } \
+    extern "C" __global__ void __launch_bounds__(128, 4) attention_tc5_forward_w4_##NAME##_hs##HS(AttnParams a) { TC5_FWD(TY, HS, true, 1) } \
+    extern "C" __global__ void __launch_bounds__(128, 4) attention_tc5_forward_w4_p0_##NAME##_hs##HS(AttnParams a) { TC5_FWD(TY, HS, false, 1) } \
+    extern "C" __global__ void __launch_bounds__(256, 2) attention_tc5_forward_w8_##NAME##_hs##HS(AttnParams a) { TC5_FWD(TY, HS, true, 2) } \
+    extern "C" __global__ void __launch_bounds__(256, 2) attention_tc5_forward_w8_p0_##NAME##_hs##HS(AttnParams a) { TC5_FWD(TY, HS, false, 2) } \
     extern "C" __global__ void __launch_bounds__(128, 2) attention_tc6_backward_w4_##NAME##_hs##HS(AttnParams a) { TC6_BWD(TY, HS, true, 1) } \
     extern "C" __global__ void __launch_bounds__(128, 2) attention_tc6_backward_w4_p0_##NAME##_hs##HS(AttnParams a) { TC6_BWD(TY, HS, false, 1) } \
     extern "C" __global__ void __launch_bounds__(256, 1) attention_tc6_backward_w8_##NAME##_hs##HS(AttnParams a) { TC6_BWD(TY, HS, true, 2) } \

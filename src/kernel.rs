@@ -70,8 +70,8 @@ pub enum AttnKernel {
     /// variant 4's forward at 128); variant 4's backward in the given shape
     V5(Tc4Shape),
     /// variant 6: variant 5's forward and a backward on wgmma too (sm_90 only; head sizes 32 and 64, variant
-    /// 4's forward and backward, in the given shape, at 128). Its backward's shapes: w4, one warpgroup and 64
-    /// keys per block; w8 and w8b2, two warpgroups and 128 keys (kernels/attention_wg.cu)
+    /// 4's forward and backward, in the given shape, at 128). The wgmma kernels' shapes (variant 5's forward
+    /// too): w4, one warpgroup per block (64 queries or keys); w8 and w8b2, two (128; kernels/attention_wg.cu)
     V6(Tc4Shape),
 }
 

@@ -21,8 +21,8 @@ pub struct KernelArgs {
     /// v6 (v5 with the backward's products on wgmma too); v4-v6 emulator-checked, not yet GPU-verified
     #[arg(long, value_parser = ["v1", "v3", "v4", "v5", "v6"])]
     pub attention_kernel: Option<String>,
-    /// attention variant 4's backward shape: w4, w8, w8b2 (default); variant 6's: w4 (one warpgroup, 64 keys per
-    /// block) or w8/w8b2 (two warpgroups, 128 keys)
+    /// attention variant 4's backward shape: w4, w8, w8b2 (default); the wgmma kernels' (variant 5's forward,
+    /// variant 6's forward and backward): w4 (one warpgroup per block) or w8/w8b2 (two)
     #[arg(long, value_parser = ["w4", "w8", "w8b2"])]
     pub attention_v4_shape: Option<String>,
     /// GEMM path for bf16/f16 on CUDA: ex (cublasGemmEx; default) or lt (cuBLASLt with bias epilogues)

@@ -216,8 +216,10 @@ pub fn wg_entry_points() -> Vec<String> {
     for dt in ["bf16", "f16"] {
         for hs in TC5_HEAD_SIZES {
             for kind in [
-                "tc5_forward",
-                "tc5_forward_p0",
+                "tc5_forward_w4",
+                "tc5_forward_w4_p0",
+                "tc5_forward_w8",
+                "tc5_forward_w8_p0",
                 "tc6_backward_w4",
                 "tc6_backward_w4_p0",
                 "tc6_backward_w8",
@@ -234,15 +236,17 @@ pub fn wg_entry_points() -> Vec<String> {
 /// run variant 4's.
 pub const TC5_HEAD_SIZES: [usize; 2] = [32, 64];
 
-/// Dynamic shared memory (bytes) of variant 5's forward: 1024 bytes to align the tiles to the 128-byte swizzle's
-/// pattern, then Q and two buffers each of K and V, 64 rows × HS (16-bit) each, unpadded.
-fn tc5_forward_smem(hs: usize) -> u32 {
-    (1024 + 5 * 64 * hs * 2) as u32
+/// Dynamic shared memory (bytes) of variant 5's forward with `nwg` warpgroups: 1024 bytes to align the tiles to
+/// the 128-byte swizzle's pattern, then a Q tile per warpgroup and two buffers each of K and V, 64 rows × HS
+/// (16-bit) each, unpadded.
+fn tc5_forward_smem(hs: usize, nwg: usize) -> u32 {
+    (1024 + (nwg + 4) * 64 * hs * 2) as u32
 }
 
-/// Variant 6's backward shape from the backward shape setting: (kernel-name tag, warpgroups per block). w4 is
-/// one warpgroup and 64 keys per block; w8 (and w8b2, whose register budget does not apply) two and 128.
-fn tc6_shape(shape: Tc4Shape) -> (&'static str, usize) {
+/// The wgmma kernels' shape from the backward shape setting: (kernel-name tag, warpgroups per block), for
+/// variant 5's forward (and so 6's) and variant 6's backward. w4 is one warpgroup per block (64 queries in the
+/// forward, 64 keys in the backward); w8 (and w8b2, whose register budget does not apply) two (128).
+fn wg_shape(shape: Tc4Shape) -> (&'static str, usize) {
     match shape {
         Tc4Shape::W4 => ("w4", 1),
         Tc4Shape::W8 | Tc4Shape::W8B2 => ("w8", 2),
@@ -338,12 +342,18 @@ impl AttnPlan {
             params: p,
         };
         Ok(vec![match self.kernel {
-            AttnKernel::V5(_) | AttnKernel::V6(_) if TC5_HEAD_SIZES.contains(&hs) => one(
-                "attention_wg",
-                tc_kernel(&format!("tc5_forward{}", self.p0_suffix()), dt, hs),
-                (blocks(t, 64), nh as u32, b as u32),
-                tc5_forward_smem(hs),
-            ),
+            AttnKernel::V5(shape) | AttnKernel::V6(shape) if TC5_HEAD_SIZES.contains(&hs) => {
+                let (tag, nwg) = wg_shape(shape);
+                Launch {
+                    block: ((128 * nwg) as u32, 1, 1),
+                    ..one(
+                        "attention_wg",
+                        tc_kernel(&format!("tc5_forward_{tag}{}", self.p0_suffix()), dt, hs),
+                        (blocks(t, 64 * nwg), nh as u32, b as u32),
+                        tc5_forward_smem(hs, nwg),
+                    )
+                }
+            }
             AttnKernel::V4(_) | AttnKernel::V5(_) | AttnKernel::V6(_) => one(
                 "attention_tc",
                 tc_kernel(&format!("tc4_forward{}", self.p0_suffix()), dt, hs),
@@ -402,7 +412,7 @@ impl AttnPlan {
             ));
             let (cfg, nw) = shape.tag();
             if matches!(self.kernel, AttnKernel::V6(_)) && TC5_HEAD_SIZES.contains(&hs) {
-                let (tag, nwg) = tc6_shape(shape);
+                let (tag, nwg) = wg_shape(shape);
                 v.push(at(
                     "attention_wg",
                     tc_kernel(&format!("tc6_backward_{tag}{}", self.p0_suffix()), dt, hs),
