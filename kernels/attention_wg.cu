@@ -5,8 +5,8 @@
 // variant 4, whose per-element code it shares (common.cuh fwd_tile_*, fwd_store, bwd_tile_ps, store_dkdv).
 #include "common.cuh"
 
-// ---- variant 5, forward (sm_90a): the block is one warpgroup (4 warps × 16 query rows, as in variant 4),
-// and both products are Hopper's wgmma instead of per-warp mma.sync: S (64 queries × 64 keys) = Q·Kᵀ as HS/16
+// ---- variant 5, forward (sm_90a): each warpgroup (4 warps × 16 query rows, as in variant 4; one or two per
+// block, below) takes 64 queries, and both products are Hopper's wgmma instead of per-warp mma.sync: S (64 queries × 64 keys) = Q·Kᵀ as HS/16
 // wgmma m64n64k16 reading Q and K from shared memory, O += P·V as 4 wgmma m64nHSk16 with P from registers (the S
 // accumulator of each warp is in the m16n8 layout, so fwd_tile_probs packs it into the A fragments as variant 4
 // does) and V from shared memory. No ldmatrix and 8 MMA instructions per warpgroup and tile instead of 64 per

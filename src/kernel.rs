@@ -67,7 +67,8 @@ pub enum AttnKernel {
     /// variant 4: pipelined forward, one-pass backward with f32 dQ reductions, in the given backward shape
     V4(Tc4Shape),
     /// variant 5: variant 4 with the forward's products on Hopper's wgmma (sm_90 only; head sizes 32 and 64,
-    /// variant 4's forward at 128); variant 4's backward in the given shape
+    /// variant 4's forward at 128); variant 4's backward in the given shape, which also picks the wgmma
+    /// forward's (w4: one warpgroup per block; w8, w8b2: two)
     V5(Tc4Shape),
     /// variant 6: variant 5's forward and a backward on wgmma too (sm_90 only; head sizes 32 and 64, variant
     /// 4's forward and backward, in the given shape, at 128). The wgmma kernels' shapes (variant 5's forward

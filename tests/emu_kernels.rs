@@ -275,7 +275,8 @@ fn emu_attention_v4_w8b2() {
     );
 }
 
-/// Variant 5: the wgmma forward (HS 32 and 64; variant 4's at 128) with variant 4's backward, every case; and
+/// Variant 5: the wgmma forward (HS 32 and 64; variant 4's at 128; in the w8 shape, two warpgroups per block —
+/// emu_attention_v6 runs the w4 one) with variant 4's backward, every case; and
 /// under the other interleavings (warps in reverse order with copies landing and wgmma reading its operands at
 /// issue, and warps in lockstep) on a multi-tile case of each of its head sizes.
 #[test]
