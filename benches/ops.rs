@@ -906,7 +906,73 @@ fn run_config<B: Bench>(be: &mut B, name: &str, s: &Shape, tab: &Table) {
         {
             bench_graphs_real(be, s, &w, 100);
         }
+        // last: the wgmma kernels' two block shapes on real packed batches, where short windows favour
+        // smaller blocks (docs/perf-log.md, eighth session)
+        if be.wgmma() && be.opt_in(s.dt) {
+            bench_shapes_real(be, s, &w, 40);
+        }
     }
+}
+
+/// Packed training steps on `n` real SQuAD batches with attention variant 6 in each block shape (w8: two
+/// warpgroups per block, w4: one) and variant 4 for scale, cuBLASLt and the vec kernels on: two passes, the
+/// second timed (the first plans each batch shape's GEMMs).
+fn bench_shapes_real<B: Bench>(be: &mut B, s: &Shape, windows: &[Feature], n: usize) {
+    let (b, dt) = (s.b, s.dt);
+    let batches: Vec<Vec<&Feature>> = windows
+        .chunks(b)
+        .take(n)
+        .map(|c| c.iter().collect())
+        .collect();
+    println!(
+        "
+-- attention block shapes on real SQuAD v1.1 windows, packed, B={b}, cuBLASLt + vec kernels: {} batches twice, \
+the second timed",
+        batches.len()
+    );
+    for (label, attention) in [
+        ("v6 w8", AttnKernel::V6(Tc4Shape::W8B2)),
+        ("v6 w4", AttnKernel::V6(Tc4Shape::W4)),
+        ("v4 w8b2", AttnKernel::V4(Tc4Shape::W8B2)),
+    ] {
+        be.use_kernels(KernelConfig {
+            attention,
+            gemm: GemmPath::Lt { tune: true },
+            vec: true,
+            ..KernelConfig::default()
+        });
+        let bref = &*be;
+        let mut seed = Rng::new(5);
+        let master = BertParams::from_host(bref, s.cfg, s.sd(), |_, shape| {
+            let n: usize = shape.iter().product();
+            Ok((0..n)
+                .map(|_| (seed.uniform() * 2.0 - 1.0) * 0.05)
+                .collect())
+        })
+        .unwrap();
+        let mut tc = step_train_config(b, 384);
+        tc.padding = Padding::Packed;
+        let mut tr = Trainer::new(bref, s.cfg.clone(), master, dt, tc).unwrap();
+        let mut step = 0;
+        let mut pass = |tr: &mut Trainer<B>| {
+            for batch in &batches {
+                tr.state.global_step = step;
+                step += 1;
+                tr.step(batch, 1e-5).unwrap();
+            }
+        };
+        pass(&mut tr);
+        bref.synchronize().unwrap();
+        let t0 = Instant::now();
+        pass(&mut tr);
+        bref.synchronize().unwrap();
+        let ms = t0.elapsed().as_secs_f64() * 1e3 / batches.len() as f64;
+        println!(
+            "  {label:<8} {ms:>8.2} ms per step, {:>7.1} windows/s",
+            b as f64 / (ms * 1e-3)
+        );
+    }
+    be.use_kernels(KernelConfig::default());
 }
 
 /// Packed training steps on `n` real SQuAD batches, three passes over them (every batch shape seen three
