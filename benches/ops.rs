@@ -800,11 +800,7 @@ fn squad_windows() -> Option<Vec<Feature>> {
 fn bench_padding<B: Bench>(be: &B, s: &Shape, windows: &[Feature], steps: usize) {
     let (b, dt) = (s.b, s.dt);
     let sd = s.sd();
-    let batches: Vec<Vec<&Feature>> = windows
-        .chunks(b)
-        .take(steps + 1)
-        .map(|c| c.iter().collect())
-        .collect();
+    let batches = real_batches(windows, b, steps + 1);
     println!(
         "\n-- training steps on real SQuAD v1.1 windows (384/128), B={b}, {} timed steps after one warm-up, the \
          default kernels",
@@ -918,12 +914,8 @@ fn run_config<B: Bench>(be: &mut B, name: &str, s: &Shape, tab: &Table) {
 /// warpgroups per block, w4: one) and variant 4 for scale, cuBLASLt and the vec kernels on: two passes, the
 /// second timed (the first plans each batch shape's GEMMs).
 fn bench_shapes_real<B: Bench>(be: &mut B, s: &Shape, windows: &[Feature], n: usize) {
-    let (b, dt) = (s.b, s.dt);
-    let batches: Vec<Vec<&Feature>> = windows
-        .chunks(b)
-        .take(n)
-        .map(|c| c.iter().collect())
-        .collect();
+    let b = s.b;
+    let batches = real_batches(windows, b, n);
     println!(
         "
 -- attention block shapes on real SQuAD v1.1 windows, packed, B={b}, cuBLASLt + vec kernels: {} batches twice, \
@@ -942,17 +934,7 @@ the second timed",
             ..KernelConfig::default()
         });
         let bref = &*be;
-        let mut seed = Rng::new(5);
-        let master = BertParams::from_host(bref, s.cfg, s.sd(), |_, shape| {
-            let n: usize = shape.iter().product();
-            Ok((0..n)
-                .map(|_| (seed.uniform() * 2.0 - 1.0) * 0.05)
-                .collect())
-        })
-        .unwrap();
-        let mut tc = step_train_config(b, 384);
-        tc.padding = Padding::Packed;
-        let mut tr = Trainer::new(bref, s.cfg.clone(), master, dt, tc).unwrap();
+        let mut tr = packed_trainer(bref, s);
         let mut step = 0;
         let mut pass = |tr: &mut Trainer<B>| {
             for batch in &batches {
@@ -975,15 +957,36 @@ the second timed",
     be.use_kernels(KernelConfig::default());
 }
 
-/// Packed training steps on `n` real SQuAD batches, three passes over them (every batch shape seen three
-/// times: run, recorded, replayed), the third timed: with the default kernels without and with CUDA graphs.
-fn bench_graphs_real<B: Bench>(be: &mut B, s: &Shape, windows: &[Feature], n: usize) {
-    let (b, dt) = (s.b, s.dt);
-    let batches: Vec<Vec<&Feature>> = windows
+/// The first `n` batches of `b` windows (fewer if the windows run out).
+fn real_batches(windows: &[Feature], b: usize, n: usize) -> Vec<Vec<&Feature>> {
+    windows
         .chunks(b)
         .take(n)
         .map(|c| c.iter().collect())
-        .collect();
+        .collect()
+}
+
+/// A trainer on random weights (uniform ±0.05, seed 5) taking packed batches of B windows of up to 384 tokens:
+/// the bench sections on real SQuAD batches.
+fn packed_trainer<'a, B: Bench>(be: &'a B, s: &Shape) -> Trainer<'a, B> {
+    let mut seed = Rng::new(5);
+    let master = BertParams::from_host(be, s.cfg, s.sd(), |_, shape| {
+        let n: usize = shape.iter().product();
+        Ok((0..n)
+            .map(|_| (seed.uniform() * 2.0 - 1.0) * 0.05)
+            .collect())
+    })
+    .unwrap();
+    let mut tc = step_train_config(s.b, 384);
+    tc.padding = Padding::Packed;
+    Trainer::new(be, s.cfg.clone(), master, s.dt, tc).unwrap()
+}
+
+/// Packed training steps on `n` real SQuAD batches, three passes over them (every batch shape seen three
+/// times: run, recorded, replayed), the third timed: with the default kernels without and with CUDA graphs.
+fn bench_graphs_real<B: Bench>(be: &mut B, s: &Shape, windows: &[Feature], n: usize) {
+    let b = s.b;
+    let batches = real_batches(windows, b, n);
     println!(
         "
 -- CUDA graphs on real SQuAD v1.1 windows, packed, B={b}: {} batches three times, the third timed",
@@ -996,17 +999,7 @@ fn bench_graphs_real<B: Bench>(be: &mut B, s: &Shape, windows: &[Feature], n: us
             ..KernelConfig::default()
         });
         let bref = &*be;
-        let mut seed = Rng::new(5);
-        let master = BertParams::from_host(bref, s.cfg, s.sd(), |_, shape| {
-            let n: usize = shape.iter().product();
-            Ok((0..n)
-                .map(|_| (seed.uniform() * 2.0 - 1.0) * 0.05)
-                .collect())
-        })
-        .unwrap();
-        let mut tc = step_train_config(b, 384);
-        tc.padding = Padding::Packed;
-        let mut tr = Trainer::new(bref, s.cfg.clone(), master, dt, tc).unwrap();
+        let mut tr = packed_trainer(bref, s);
         let mut step = 0;
         let mut pass = |tr: &mut Trainer<B>| {
             let mut host = 0.0;
