@@ -1079,6 +1079,7 @@ fn main() {
             };
             // BERT-base first: its rows carry the throughput and attention targets, and a bench cut short by
             // its device call's limit (scripts/gpu_check.sh) keeps what it printed
+            let mut tuned = 0;
             for (name, cfg) in [("BERT-base", &base), ("all-MiniLM-L6-v2", &minilm)] {
                 if name.contains(&filter) {
                     let s = Shape {
@@ -1088,6 +1089,18 @@ fn main() {
                         dt: DType::BF16,
                     };
                     run_config(&mut gpu, name, &s, &tab);
+                    // what cuBLASLt's tuning found for this model's shapes: how far its heuristic's first
+                    // choice is from the fastest of its candidates (whether a wider search would pay)
+                    let lines = gpu.gemm_tuning_report();
+                    if lines.len() > tuned {
+                        println!(
+                            "\n== {name}: cuBLASLt tuning, per GEMM shape (µs per launch, 3 timed)"
+                        );
+                        for l in &lines[tuned..] {
+                            println!("  {l}");
+                        }
+                        tuned = lines.len();
+                    }
                 }
             }
             println!(

@@ -123,6 +123,31 @@ fn gpu_parity_f32() {
         gpu.kernels().describe()
     );
     check_rows(&suite(&gpu, DType::F32, &bertqa::ops::attention::CUDA_HEAD_SIZES).unwrap());
+    lt_ran(&gpu, DType::F32);
+}
+
+/// With `--gemm lt` (BERTQA_GEMM=lt), what cuBLASLt ran of the suite: at bf16 it must have run GEMMs, the
+/// bias epilogue among them — else the suite passed on cublasGemmEx's results, having checked nothing of
+/// cuBLASLt (its fall-backs are silent where it has no algorithm). At f32 it runs nothing (f32 GEMMs are
+/// cublasGemmEx's, the parity path).
+fn lt_ran(gpu: &Cuda, dt: DType) {
+    if !gpu.kernels().gemm_lt() {
+        return;
+    }
+    let c = gpu.gemm_lt_counts().unwrap_or_default();
+    println!(
+        "cuBLASLt: {} GEMMs ({} with the bias epilogue), {} bf16/f16 GEMMs left to cublasGemmEx",
+        c.lt, c.lt_bias, c.fallback
+    );
+    if dt != DType::F32 {
+        assert!(
+            c.lt > 0 && c.lt_bias > 0,
+            "--gemm lt: cuBLASLt ran {} GEMMs, {} with the bias epilogue ({} fell back): the suite did not check it",
+            c.lt,
+            c.lt_bias,
+            c.fallback
+        );
+    }
 }
 
 #[test]
@@ -133,6 +158,7 @@ fn gpu_parity_bf16() {
     };
     println!("kernels: {}", gpu.kernels().describe());
     check_rows(&suite(&gpu, DType::BF16, &bertqa::ops::attention::CUDA_HEAD_SIZES).unwrap());
+    lt_ran(&gpu, DType::BF16);
 }
 
 /// The tensor-core attention variants `kernels` against the f64 CPU reference (bf16 bounds), every head size:

@@ -8,21 +8,11 @@ use anyhow::{anyhow, bail, Result};
 use cudarc::cublas::sys as bsys;
 
 /// How the profiler names a GEMM: `gemm M×K×N` (row-major C(M,N) = op(A)(M,K)·op(B)(K,N)), transposes,
-/// dtypes, whether cuBLASLt runs it and `+bias` for its bias epilogue.
-fn label(g: &lt::Gemm, lt: bool) -> String {
-    let t = |x: bool| if x { "T" } else { "N" };
-    let lt = if lt && matches!(g.ab, DType::BF16 | DType::F16) {
-        " lt"
-    } else {
-        ""
-    };
+/// dtypes, ` lt` when cuBLASLt ran it and `+bias` for its bias epilogue.
+fn label(g: &lt::Gemm, ran_lt: bool) -> String {
+    let lt = if ran_lt { " lt" } else { "" };
     let bias = if g.bias { " +bias" } else { "" };
-    let (m, k, n, ab, c) = (g.m, g.k, g.n, g.ab, g.c);
-    format!(
-        "gemm {m}x{k}x{n} {}{} {ab}->{c}{lt}{bias}",
-        t(g.ta),
-        t(g.tb)
-    )
+    format!("gemm {}{lt}{bias}", g.shape())
 }
 
 fn fits(what: &str, t: &Tensor<Cuda>, n: usize) -> Result<()> {
@@ -74,10 +64,14 @@ impl Cuda {
             bias: false,
         };
         let (ap, bp, cp) = (a.buf.ptr, b.buf.ptr, c.buf.ptr);
+        let ran_lt = std::cell::Cell::new(false);
         self.profiled(
-            || label(&g, self.kernels.gemm_lt()),
+            || label(&g, ran_lt.get()),
             // SAFETY: every operand holds the elements the shapes imply (checked above)
-            || unsafe { self.gemm_raw(&g, alpha, ap, bp, beta, cp) },
+            || {
+                ran_lt.set(unsafe { self.gemm_raw(&g, alpha, ap, bp, beta, cp)? });
+                Ok(())
+            },
         )
     }
 
@@ -118,19 +112,22 @@ impl Cuda {
         };
         let (a, wp, bp, o) = (inp.buf.ptr, w.buf.ptr, bias.buf.ptr, out.buf.ptr);
         let mut fused = false;
+        let ran = std::cell::Cell::new(false);
         self.profiled(
-            || label(&g, true),
+            || label(&g, ran.get()),
             || {
                 // SAFETY: the operands hold the elements the shapes imply (checked above)
                 fused =
                     unsafe { lt.gemm(&self.stream, &g, 1.0, a, wp, 0.0, o, bp, self.may_plan())? };
+                ran.set(fused);
                 Ok(())
             },
         )?;
         Ok(fused)
     }
 
-    /// `g` through cuBLASLt when it is on and has an algorithm, else through cublasGemmEx.
+    /// `g` through cuBLASLt when it is on and has an algorithm (Ok(true)), else through cublasGemmEx
+    /// (Ok(false)).
     ///
     /// # Safety
     /// `a`, `b` and `c` are device buffers of this context holding the elements `g` describes.
@@ -142,7 +139,7 @@ impl Cuda {
         b: u64,
         beta: f32,
         c: u64,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let &lt::Gemm {
             m,
             k,
@@ -155,7 +152,7 @@ impl Cuda {
         } = g;
         if let Some(lt) = self.lt()? {
             if unsafe { lt.gemm(&self.stream, g, alpha, a, b, beta, c, 0, self.may_plan())? } {
-                return Ok(());
+                return Ok(true);
             }
         }
         let dt = |d: DType| -> Result<bsys::cudaDataType_t> {
@@ -207,7 +204,8 @@ impl Cuda {
             anyhow!(
                 "cublasGemmEx (m={m}, k={k}, n={n}, {adt}->{cdt}, ta={ta}, tb={tb}) failed: {e:?}"
             )
-        })
+        })?;
+        Ok(false)
     }
 }
 

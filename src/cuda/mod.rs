@@ -410,6 +410,24 @@ impl Cuda {
         }
     }
 
+    /// What cuBLASLt's tuning measured (one line per GEMM shape timed: the heuristic's first candidate against
+    /// the fastest, see [`lt::Tuned::line`]); empty when cuBLASLt has not been set up or did not tune.
+    pub fn gemm_tuning_report(&self) -> Vec<String> {
+        match self.lt.get() {
+            Some(Ok(l)) => l.tuning().iter().map(|t| t.line()).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// How many GEMMs cuBLASLt ran (with its bias epilogue, of them) and how many bf16/f16 GEMMs it handed
+    /// to cublasGemmEx, since it was set up; None when it has not been (`--gemm ex`, or no GEMM yet).
+    pub fn gemm_lt_counts(&self) -> Option<lt::LtCounts> {
+        match self.lt.get() {
+            Some(Ok(l)) => Some(l.counts()),
+            _ => None,
+        }
+    }
+
     /// The GPU time of `f`'s work on the stream in ms (CUDA events before and after; waits for it).
     pub fn time_ms(&self, f: &mut dyn FnMut()) -> Result<f64> {
         let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
