@@ -128,24 +128,30 @@ fn gpu_parity_f32() {
 
 /// With `--gemm lt` (BERTQA_GEMM=lt), what cuBLASLt ran of the suite: at bf16 it must have run GEMMs, the
 /// bias epilogue among them — else the suite passed on cublasGemmEx's results, having checked nothing of
-/// cuBLASLt (its fall-backs are silent where it has no algorithm). At f32 it runs nothing (f32 GEMMs are
-/// cublasGemmEx's, the parity path).
+/// cuBLASLt (it hands a shape it has no algorithm for to cublasGemmEx silently) — and given up no shape. At
+/// f32 it runs nothing (f32 GEMMs are cublasGemmEx's, the parity path).
 fn lt_ran(gpu: &Cuda, dt: DType) {
     if !gpu.kernels().gemm_lt() {
         return;
     }
     let c = gpu.gemm_lt_counts().unwrap_or_default();
     println!(
-        "cuBLASLt: {} GEMMs ({} with the bias epilogue), {} bf16/f16 GEMMs left to cublasGemmEx",
-        c.lt, c.lt_bias, c.fallback
+        "cuBLASLt: {} GEMMs ({} with the bias epilogue), {} without a bias left to cublasGemmEx, {} bias \
+         epilogues declined, {} shapes given up",
+        c.lt, c.lt_bias, c.fallback, c.bias_declined, c.failed
+    );
+    // a shape given up (none of its algorithms ran, or the chosen one refused to launch) is a cuBLASLt
+    // problem at any dtype
+    assert_eq!(
+        c.failed, 0,
+        "--gemm lt: cuBLASLt gave up shapes (warnings above): {c:?}"
     );
     if dt != DType::F32 {
         assert!(
             c.lt > 0 && c.lt_bias > 0,
-            "--gemm lt: cuBLASLt ran {} GEMMs, {} with the bias epilogue ({} fell back): the suite did not check it",
+            "--gemm lt: cuBLASLt ran {} GEMMs, {} with the bias epilogue: the suite did not check it ({c:?})",
             c.lt,
             c.lt_bias,
-            c.fallback
         );
     }
 }

@@ -113,8 +113,9 @@ impl Cuda {
         let (a, wp, bp, o) = (inp.buf.ptr, w.buf.ptr, bias.buf.ptr, out.buf.ptr);
         let mut fused = false;
         let ran = std::cell::Cell::new(false);
-        self.profiled(
-            || label(&g, ran.get()),
+        // a declined epilogue ran nothing: no profiler row (the caller's GEMM and bias pass file their own)
+        self.profiled_if(
+            || ran.get().then(|| label(&g, true)),
             || {
                 // SAFETY: the operands hold the elements the shapes imply (checked above)
                 fused =

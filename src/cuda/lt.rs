@@ -9,9 +9,9 @@
 //! Each (shape, transposes, dtypes, epilogue, pointer alignments) gets a plan once: descriptors, layouts and an
 //! algorithm. The algorithm is the fastest of cuBLASLt's first 8 heuristic candidates, each timed (CUDA
 //! events, 3 runs after a warm-up) into a scratch output; without tuning (`--gemm-tune off`) the heuristic's
-//! first that runs. Where cuBLASLt has no algorithm, or none of them runs, or the chosen one later fails to
-//! launch, the GEMM goes to cublasGemmEx (the last two with a warning); [`Lt::counts`] says how often each
-//! path ran, and [`Lt::tuning`] what the tuning measured.
+//! first that runs. Where cuBLASLt has no algorithm, or none of them runs, or the chosen one later refuses to
+//! launch (outside a CUDA graph's recording), the GEMM goes to cublasGemmEx (the last two with a warning);
+//! [`Lt::counts`] says how often each path was taken, and [`Lt::tuning`] what the tuning measured.
 //! Later calls only set the bias pointer and launch. Accumulation and scale type are f32.
 //!
 //! Row-major terms as [`super::Cuda::gemm`]: `C(m,n) = α·op(A)(m,k)·op(B)(k,n) + β·C`. cuBLAS is
@@ -21,7 +21,7 @@
 use crate::tensor::DType;
 use anyhow::{anyhow, bail, Result};
 use cudarc::cublaslt::{result as lt, sys as ltsys};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr};
 use std::collections::hash_map::{Entry, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -73,26 +73,37 @@ pub struct Lt {
     tune: bool,
     /// what each tuning measured, in the order the shapes were met ([`Lt::tuning`])
     tuned: Mutex<Vec<Tuned>>,
-    /// GEMMs run by cuBLASLt, those with the bias epilogue, and bf16/f16 GEMMs left to cublasGemmEx ([`LtCounts`])
+    /// what the calls to [`Lt::gemm`] did ([`LtCounts`])
     ran: AtomicUsize,
     ran_bias: AtomicUsize,
     fell_back: AtomicUsize,
+    bias_declined: AtomicUsize,
+    failed: AtomicUsize,
 }
 
-/// What [`Lt::gemm`] did so far: GEMMs cuBLASLt ran (`lt`; `lt_bias` of them with the bias epilogue), and
-/// bf16/f16 GEMMs it handed back to cublasGemmEx (`fallback`: no algorithm for the shape and alignments, a
-/// bias aligned below 16 bytes, or an algorithm that failed to launch — the last two with a warning).
+/// What the calls to [`Lt::gemm`] did so far (calls, not launches: a CUDA graph's replays do not call it):
+/// - `lt`: run by cuBLASLt; `lt_bias` of them with the bias epilogue;
+/// - `fallback`: GEMMs without a bias handed back to cublasGemmEx — cuBLASLt has no algorithm for the shape and
+///   alignments (silent: expected for odd leading dimensions), or one of the failures below;
+/// - `bias_declined`: bias epilogues declined (a bias aligned below 16 bytes, or no algorithm with the
+///   epilogue): the caller then runs the GEMM without it and adds the bias in a pass of its own;
+/// - `failed`: shapes given up with a warning — none of the heuristic's algorithms ran, or the chosen one
+///   later refused to launch. A healthy cuBLASLt has none.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LtCounts {
     pub lt: usize,
     pub lt_bias: usize,
     pub fallback: usize,
+    pub bias_declined: usize,
+    pub failed: usize,
 }
 
 /// One shape's tuning: each candidate's time (ms per launch; None: it failed to run), the heuristic's order.
 #[derive(Clone, Debug)]
 pub struct Tuned {
     pub gemm: Gemm,
+    /// the alignments in bytes of A, B, C and the bias (0: none), as in the plan's key
+    pub align: [u32; 4],
     pub ms: Vec<Option<f32>>,
 }
 
@@ -109,7 +120,13 @@ impl Tuned {
     /// `4096x768x3072 NT bf16->bf16 +bias: heuristic's #1 41.2 µs, fastest #3 38.0 µs (-7.8%), 8 timed`.
     pub fn line(&self) -> String {
         let bias = if self.gemm.bias { " +bias" } else { "" };
-        let head = format!("{}{bias}", self.gemm.shape());
+        let [a, b, c, bb] = self.align;
+        let bias_al = if self.gemm.bias {
+            format!("/{bb}")
+        } else {
+            String::new()
+        };
+        let head = format!("{}{bias} (aligned {a}/{b}/{c}{bias_al})", self.gemm.shape());
         let failed = self.ms.iter().filter(|t| t.is_none()).count();
         let failed = if failed > 0 {
             format!(", {failed} failed")
@@ -125,7 +142,7 @@ impl Tuned {
                     _ => String::new(),
                 };
                 format!(
-                    "{head}: heuristic's #1 {first}, fastest #{} {:.1} µs{gain}, {} timed{failed}",
+                    "{head}: heuristic's #1 {first}, fastest #{} {:.1} µs{gain}, of {} candidates{failed}",
                     i + 1,
                     1e3 * best,
                     self.ms.len()
@@ -142,9 +159,10 @@ unsafe impl Sync for Lt {}
 impl Drop for Lt {
     fn drop(&mut self) {
         // the plans first (their descriptors), then the handle
-        if let Ok(plans) = self.plans.get_mut() {
-            plans.clear();
-        }
+        self.plans
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         unsafe {
             let _ = lt::destroy_handle(self.handle);
         }
@@ -212,6 +230,8 @@ impl Lt {
             ran: AtomicUsize::new(0),
             ran_bias: AtomicUsize::new(0),
             fell_back: AtomicUsize::new(0),
+            bias_declined: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
         })
     }
 
@@ -221,6 +241,8 @@ impl Lt {
             lt: self.ran.load(Ordering::Relaxed),
             lt_bias: self.ran_bias.load(Ordering::Relaxed),
             fallback: self.fell_back.load(Ordering::Relaxed),
+            bias_declined: self.bias_declined.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
         }
     }
 
@@ -249,10 +271,18 @@ impl Lt {
         if !matches!(g.ab, DType::BF16 | DType::F16) || (g.c != DType::F32 && g.c != g.ab) {
             return Ok(false);
         }
+        // a GEMM cuBLASLt does not take: a declined bias epilogue, or one handed to cublasGemmEx
+        let decline = |n: &AtomicUsize| {
+            n.fetch_add(1, Ordering::Relaxed);
+            Ok(false)
+        };
+        let declined = if g.bias {
+            &self.bias_declined
+        } else {
+            &self.fell_back
+        };
         if g.bias && alignment(bias) < 16 {
-            // there is no alignment preference to declare for the bias
-            self.fell_back.fetch_add(1, Ordering::Relaxed);
-            return Ok(false);
+            return decline(declined); // there is no alignment preference to declare for the bias
         }
         let bias_align = if g.bias { alignment(bias) } else { 0 };
         let key: Key = (*g, [alignment(a), alignment(b), alignment(c), bias_align]);
@@ -269,19 +299,30 @@ impl Lt {
             Entry::Vacant(e) => e.insert(self.plan(stream, &key, a, b, bias)?),
         };
         let Some(plan) = p else {
-            self.fell_back.fetch_add(1, Ordering::Relaxed);
-            return Ok(false);
+            return decline(declined);
         };
         if let Err(e) = self.launch(stream, plan, g, alpha, a, b, beta, c, bias) {
-            // the cuBLASLt documentation: an algorithm that passed its checks may still fail to run; the
-            // shape goes to cublasGemmEx (which CUDA graphs can record too) from now on
+            use ltsys::cublasStatus_t as S;
+            let refused = matches!(
+                e.0,
+                S::CUBLAS_STATUS_NOT_SUPPORTED
+                    | S::CUBLAS_STATUS_INVALID_VALUE
+                    | S::CUBLAS_STATUS_ARCH_MISMATCH
+            );
+            // cublasLt.h: an algorithm that passed its checks may still refuse to run. Outside a recording,
+            // the shape goes to cublasGemmEx from now on; while recording, the error ends the recording
+            // (graphs.rs then runs the micro-batch directly, where this is decided); a failure that is
+            // not a refusal (a faulted context, no memory) is an error either way
+            if !refused || !may_plan {
+                return Err(err(&format!("matmul {}", g.shape()))(e));
+            }
             eprintln!(
-                "warning: cuBLASLt {}: its algorithm failed to launch ({e}); cublasGemmEx runs this shape from now on",
+                "warning: cuBLASLt {}: its algorithm refused to launch ({e}); cublasGemmEx runs this shape from now on",
                 g.shape()
             );
             *p = None;
-            self.fell_back.fetch_add(1, Ordering::Relaxed);
-            return Ok(false);
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            return decline(declined);
         }
         self.ran.fetch_add(1, Ordering::Relaxed);
         if g.bias {
@@ -396,28 +437,62 @@ impl Lt {
         if candidates.is_empty() {
             return Ok(None); // no algorithm for this shape and these alignments: cublasGemmEx
         }
-        match self.choose(stream, &mut plan, g, &candidates, a, b, bias) {
-            Ok(Some(algo)) => {
+        // what the candidates are tried with: a scratch output, and events when tuned. Without them (no
+        // memory left) the heuristic's first, untried (a refusal at its first launch still falls back, see
+        // gemm); a failure while trying them is an error
+        let tools = (|| -> Result<_> {
+            let bytes = g.m * g.n * g.c.size();
+            let scratch = stream
+                .alloc_zeros::<u8>(bytes.max(1))
+                .map_err(|e| anyhow!("a scratch output of {bytes} bytes: {e:?}"))?;
+            let events = if self.tune {
+                let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+                let ev = || {
+                    self.ctx
+                        .new_event(flags)
+                        .map_err(|e| anyhow!("an event: {e:?}"))
+                };
+                Some((ev()?, ev()?))
+            } else {
+                None
+            };
+            Ok((scratch, events))
+        })();
+        let (scratch, events) = match tools {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!(
+                    "warning: cuBLASLt {}: no room to try its algorithms ({e:#}); taking the heuristic's first",
+                    g.shape()
+                );
+                plan.algo = candidates[0];
+                return Ok(Some(plan));
+            }
+        };
+        let chosen = self
+            .choose(
+                stream,
+                &mut plan,
+                key,
+                &candidates,
+                (a, b, bias),
+                &scratch,
+                events.as_ref(),
+            )
+            .map_err(|e| anyhow!("cuBLASLt {what}: trying its algorithms: {e:#}"))?;
+        match chosen {
+            Some(algo) => {
                 plan.algo = algo;
                 Ok(Some(plan))
             }
-            Ok(None) => {
+            None => {
                 eprintln!(
                     "warning: cuBLASLt {}: none of its {} algorithms ran; cublasGemmEx runs this shape",
                     g.shape(),
                     candidates.len()
                 );
+                self.failed.fetch_add(1, Ordering::Relaxed);
                 Ok(None)
-            }
-            // no scratch output or events to check the candidates with (memory): the heuristic's first,
-            // unchecked (a launch failure later still falls back, see gemm)
-            Err(e) => {
-                eprintln!(
-                    "warning: cuBLASLt {}: the algorithm choice could not run ({e:#}); taking the heuristic's first",
-                    g.shape()
-                );
-                plan.algo = candidates[0];
-                Ok(Some(plan))
             }
         }
     }
@@ -454,9 +529,13 @@ impl Lt {
                 lt::set_matmul_pref_attribute(pref, attr, &al as *const u32 as *const _, 4)
             });
         }
+        if let Err(e) = r {
+            let _ = lt::destroy_matmul_pref(pref);
+            return Err(err(what)(e)); // a preference cuBLASLt does not accept: a mistake here
+        }
         let mut results: [ltsys::cublasLtMatmulHeuristicResult_t; 8] = std::mem::zeroed();
         let mut count = 0i32;
-        let r = r.and_then(|_| {
+        let r = {
             ltsys::cublasLtMatmulAlgoGetHeuristic(
                 self.handle,
                 p.desc,
@@ -470,7 +549,7 @@ impl Lt {
                 &mut count,
             )
             .result()
-        });
+        };
         let _ = lt::destroy_matmul_pref(pref);
         match r {
             // cublasLt.h: "CUBLAS_STATUS_NOT_SUPPORTED if no heuristic function available for current
@@ -487,38 +566,23 @@ impl Lt {
             .collect())
     }
 
-    /// The algorithm to run `g` with: each candidate (the heuristic's order) launches once into a scratch
-    /// output (β = 0, so the caller's C is untouched) — one that fails is passed over; tuned, each that ran
-    /// then runs 3 times between CUDA events and the fastest is taken (what was measured goes to
-    /// [`Lt::tuning`]); untuned, the first that ran. Ok(None) when none ran; Err when the scratch output or
-    /// the events cannot be had.
+    /// The algorithm to run `key`'s GEMM with: each candidate (the heuristic's order) launches once into
+    /// `scratch` (β = 0, so the caller's C is untouched) — one that refuses is passed over; with `events`
+    /// (tuned), each that ran then runs 3 times between them and the fastest is taken (what was measured goes
+    /// to [`Lt::tuning`]); without, the first that ran. Ok(None) when none ran; Err when the stream fails.
     #[allow(clippy::too_many_arguments)]
     unsafe fn choose(
         &self,
         stream: &Arc<CudaStream>,
         plan: &mut Plan,
-        g: &Gemm,
+        key: &Key,
         candidates: &[ltsys::cublasLtMatmulAlgo_t],
-        a: u64,
-        b: u64,
-        bias: u64,
+        (a, b, bias): (u64, u64, u64),
+        scratch: &CudaSlice<u8>,
+        events: Option<&(CudaEvent, CudaEvent)>,
     ) -> Result<Option<ltsys::cublasLtMatmulAlgo_t>> {
-        let bytes = g.m * g.n * g.c.size();
-        let scratch = stream
-            .alloc_zeros::<u8>(bytes.max(1))
-            .map_err(|e| anyhow!("a scratch output of {bytes} bytes: {e:?}"))?;
+        let g = &key.0;
         let (d, _rec) = scratch.device_ptr(stream);
-        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let ev = |s: &str| {
-            self.ctx
-                .new_event(flags)
-                .map_err(|e| anyhow!("{s} event: {e:?}"))
-        };
-        let events = if self.tune {
-            Some((ev("start")?, ev("stop")?))
-        } else {
-            None
-        };
         let mut best: Option<(f32, ltsys::cublasLtMatmulAlgo_t)> = None;
         let mut times = Vec::with_capacity(candidates.len());
         for &algo in candidates {
@@ -530,19 +594,18 @@ impl Lt {
             {
                 continue;
             }
-            let Some((start, stop)) = &events else {
+            let Some((start, stop)) = events else {
                 best = Some((0.0, algo)); // untuned: the first that runs
                 break;
             };
-            let timed = (|| -> Result<f32> {
-                start.record(stream).map_err(|e| anyhow!("{e:?}"))?;
-                for _ in 0..3 {
-                    self.launch(stream, plan, g, 1.0, a, b, 0.0, d, bias)?;
-                }
-                stop.record(stream).map_err(|e| anyhow!("{e:?}"))?;
-                start.elapsed_ms(stop).map_err(|e| anyhow!("{e:?}"))
-            })();
-            if let Ok(ms) = timed {
+            start.record(stream).map_err(|e| anyhow!("{e:?}"))?;
+            let ran = (0..3).all(|_| {
+                self.launch(stream, plan, g, 1.0, a, b, 0.0, d, bias)
+                    .is_ok()
+            });
+            stop.record(stream).map_err(|e| anyhow!("{e:?}"))?;
+            let ms = start.elapsed_ms(stop).map_err(|e| anyhow!("{e:?}"))?;
+            if ran {
                 *times.last_mut().expect("pushed above") = Some(ms / 3.0);
                 if best.is_none_or(|(b, _)| ms < b) {
                     best = Some((ms, algo));
@@ -551,11 +614,12 @@ impl Lt {
         }
         stream
             .synchronize()
-            .map_err(|e| anyhow!("synchronising after the candidates of {}: {e:?}", g.shape()))?;
-        if self.tune {
+            .map_err(|e| anyhow!("synchronising after its candidates: {e:?}"))?;
+        if events.is_some() {
             if let Ok(mut t) = self.tuned.lock() {
                 t.push(Tuned {
                     gemm: *g,
+                    align: key.1,
                     ms: times,
                 });
             }
@@ -584,32 +648,35 @@ mod tests {
         };
         let t = Tuned {
             gemm,
+            align: [256, 256, 256, 128],
             ms: vec![Some(0.050), None, Some(0.040), Some(0.045)],
         };
         assert_eq!(t.best(), Some((2, 0.040)));
         assert_eq!(
             t.line(),
-            "4096x768x3072 NT bf16->bf16 +bias: heuristic's #1 50.0 µs, fastest #3 40.0 µs (-20.0%), 4 timed, 1 failed"
+            "4096x768x3072 NT bf16->bf16 +bias (aligned 256/256/256/128): heuristic's #1 50.0 µs, fastest #3 40.0 µs (-20.0%), of 4 candidates, 1 failed"
         );
         let first_failed = Tuned {
             gemm,
+            align: [256, 16, 256, 256],
             ms: vec![None, Some(0.030)],
         };
         assert_eq!(
             first_failed.line(),
-            "4096x768x3072 NT bf16->bf16 +bias: heuristic's #1 failed, fastest #2 30.0 µs, 2 timed, 1 failed"
+            "4096x768x3072 NT bf16->bf16 +bias (aligned 256/16/256/256): heuristic's #1 failed, fastest #2 30.0 µs, of 2 candidates, 1 failed"
         );
         let none = Tuned {
             gemm: Gemm {
                 bias: false,
                 ..gemm
             },
+            align: [256, 256, 256, 0],
             ms: vec![None, None],
         };
         assert_eq!(none.best(), None);
         assert_eq!(
             none.line(),
-            "4096x768x3072 NT bf16->bf16: none of 2 candidates ran"
+            "4096x768x3072 NT bf16->bf16 (aligned 256/256/256): none of 2 candidates ran"
         );
     }
 

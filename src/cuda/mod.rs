@@ -265,6 +265,16 @@ impl Cuda {
         name: impl FnOnce() -> String,
         f: impl FnOnce() -> Result<()>,
     ) -> Result<()> {
+        self.profiled_if(|| Some(name()), f)
+    }
+
+    /// [`Cuda::profiled`], filing nothing when `name` (asked after `f` ran) is None: `f` turned out to run no
+    /// work of its own (a cuBLASLt bias epilogue it declined).
+    pub(crate) fn profiled_if(
+        &self,
+        name: impl FnOnce() -> Option<String>,
+        f: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
         let on = self.profile.lock().map(|p| p.is_some()).unwrap_or(false);
         if !on {
             return f();
@@ -282,9 +292,9 @@ impl Cuda {
         f()?;
         stop.record(&self.stream)
             .map_err(|e| anyhow!("profiler: {e:?}"))?;
-        if let Ok(mut p) = self.profile.lock() {
+        if let (Ok(mut p), Some(name)) = (self.profile.lock(), name()) {
             if let Some(v) = p.as_mut() {
-                v.push((name(), start, stop));
+                v.push((name, start, stop));
             }
         }
         Ok(())
@@ -419,8 +429,9 @@ impl Cuda {
         }
     }
 
-    /// How many GEMMs cuBLASLt ran (with its bias epilogue, of them) and how many bf16/f16 GEMMs it handed
-    /// to cublasGemmEx, since it was set up; None when it has not been (`--gemm ex`, or no GEMM yet).
+    /// What the calls to cuBLASLt did since it was set up ([`lt::LtCounts`]: run, with the bias epilogue,
+    /// handed to cublasGemmEx, epilogues declined, shapes given up with a warning); None when it has not
+    /// been (`--gemm ex`, or no GEMM yet).
     pub fn gemm_lt_counts(&self) -> Option<lt::LtCounts> {
         match self.lt.get() {
             Some(Ok(l)) => Some(l.counts()),
