@@ -6,13 +6,15 @@
 //!
 //! Columns: median µs over the timed runs; achieved GB/s (bytes moved: each input read once, each output
 //! written once) or TFLOP/s (GEMM-like ops); % of the measured roofline for that kind of op.
-//! Kernel variants not yet the default (attention v4, cuBLASLt, the vec kernels) are timed beside the
-//! defaults by switching the backend's `KernelConfig` — one section per kind of op.
+//! Kernel variants not yet the default (attention v4, v5 and v6 in their block shapes, cuBLASLt, the vec
+//! kernels, CUDA graphs) are timed beside the defaults by switching the backend's `KernelConfig` — one
+//! section per kind of op; what cuBLASLt's tuning measured is printed per model.
 //! Then training steps on real SQuAD windows in each batch layout (packed, longest, max).
 //! Options (env, read here only): BENCH_ITERS (default 20 GPU / 3 CPU), BENCH_FILTER (substring of the
 //! config name), BENCH_ONLY_PADDING (skip the per-op and synthetic-step sections: only the training steps on
 //! real windows in each layout), BENCH_DEFAULTS_ONLY (time the default kernels only: scripts/gpu_check.sh sets it when an
-//! opt-in path failed parity).
+//! opt-in path failed parity), BENCH_NO_WGMMA (leave out attention variants 5 and 6: set when the wgmma
+//! probe or their parity failed), BENCH_NO_GRAPHS (leave out CUDA graphs: set when their check failed).
 
 use bertqa::data::features::Feature;
 use bertqa::kernel::{AttnKernel, GemmPath, KernelConfig, Tc4Shape};
@@ -239,8 +241,9 @@ fn bench_linear<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
     be.use_kernels(KernelConfig::default());
 }
 
-/// The fused attention: variant 1 (CUDA cores) and, for bf16/f16 on a GPU, variant 3 (the default) and 4,
-/// with and without attention dropout (what the Philox stream costs), and variant 4's backward shapes.
+/// The fused attention: variant 1 (CUDA cores) and, for bf16/f16 on a GPU, variant 3 (the default), 4 (its
+/// backward shapes) and, on sm_90, 5 and 6 (wgmma, both block shapes), with and without attention dropout
+/// (what the Philox stream costs).
 fn bench_attention<B: Bench>(be: &mut B, s: &Shape, tab: &Table, r: &mut Rng) {
     let (b, t, dt) = (s.b, s.t, s.dt);
     let (c, nh) = (s.cfg.hidden_size, s.cfg.num_attention_heads);

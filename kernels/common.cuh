@@ -1,13 +1,17 @@
 // common.cuh — helpers shared by every kernel module (prepended to each .cu by src/cuda/nvrtc.rs).
 //
 // Conventions
-// - Each kernel takes one parameter struct by value, mirrored by a #[repr(C)] struct in src/ops/<op>/mod.rs.
+// - Each kernel takes one parameter struct by value, mirrored by a #[repr(C)] struct in src/ops/<op>/mod.rs
+//   (the cast's and the wgmma probe's in src/cuda/cast.rs and src/cuda/wgmma_probe.rs).
 //   Pointers travel as u64 (unsigned long long) so the layouts match exactly on both sides. Every struct's
 //   size and field offsets are pinned below its definition (CHECK_LAYOUT / CHECK_FIELD): NVRTC and the
 //   emulator's C++ compiler enforce them here (NVRTC the sizes only), and tests/kernels_compile.rs checks the
 //   same numbers against the Rust structs (std::mem::offset_of!).
 // - Storage types: float, __nv_bfloat16, __half; arithmetic and statistics are always float.
-// - Kernel names: <op>_<forward|backward>_<f32|bf16|f16>.
+// - Kernel names: <op>_<forward|backward>_<f32|bf16|f16>, variants inserting their tags before the dtype
+//   (attention_tc4_backward_w8b2_p0_bf16_hs64: variant, block shape, no dropout, then dtype and head size);
+//   a few take the dtype at run time (gelu_forward, dropout_forward, bias_add) or have no direction
+//   (adamw_step, grad_sq_norm, span_loss_sums).
 #pragma once
 #ifdef BERTQA_EMU
 // Compiled on the CPU by the kernel emulator (tests/emu/cuda_emu.hpp defines the CUDA built-ins it needs).
@@ -271,8 +275,9 @@ __device__ __forceinline__ void attn_draws_bwd(u64 seed, int w, int h, u32 qc, u
     }
 }
 
-// ---- the attention kernels' parameters (attention.cu variant 1, attention_tc.cu variants 3 and 4) --------
-// Mirrored by ops::attention::AttnParams; one definition for both files.
+// ---- the attention kernels' parameters (attention.cu variant 1, attention_tc.cu variants 3 and 4,
+// attention_wg.cu variants 5 and 6) ------------------------------------------------------------------------
+// Mirrored by ops::attention::AttnParams; one definition for the three files.
 struct AttnParams {
     u64 out, lse, qkv, cu, lens, wid, dout, dqkv, dsum, dqacc, site;
     int b, n, nh, hs;

@@ -148,9 +148,9 @@ impl Default for KernelConfig {
 /// Explicit kernel choices, each `None` when not given (command-line flags; see [`KernelConfig::resolve`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KernelChoice {
-    /// v1 | v3 | v4
+    /// v1 | v3 | v4 | v5 | v6
     pub attention: Option<String>,
-    /// w4 | w8 | w8b2 (variant 4's backward shape)
+    /// w4 | w8 | w8b2 (variant 4's backward shape; the wgmma kernels' block shape for v5/v6: w4, or w8/w8b2)
     pub attention_v4_shape: Option<String>,
     /// ex | lt
     pub gemm: Option<String>,

@@ -9,7 +9,7 @@
 //! |---|---|
 //! | `B`  | batch size (windows per step) |
 //! | `T`  | sequence length (tokens per window, `max_seq_length`) |
-//! | `N`  | rows of a token-major matrix, `N = B·T` |
+//! | `N`  | rows of a token-major matrix: `B·T` padded to `T`; a variable-length batch's row count (`SeqLayout`) |
 //! | `C`  | hidden size (`hidden_size`) |
 //! | `NH` | attention heads (`num_attention_heads`) |
 //! | `HS` | head size, `HS = C / NH` |

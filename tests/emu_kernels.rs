@@ -1,5 +1,5 @@
 //! The CUDA kernels run on the CPU through the kernel emulator (tests/emu), against the CPU reference, with
-//! the launch configurations the CUDA backend uses (src/ops/*.rs launch plans). These run everywhere `cargo
+//! the launch configurations the CUDA backend uses (src/ops/*/mod.rs launch plans). These run everywhere `cargo
 //! test` does — they are how kernels are checked between the rare sessions with a GPU. What they cannot see:
 //! timing, and races finer than a barrier (threads switch only at barriers and warp collectives); the GPU
 //! parity suite (tests/parity.rs) remains the last word.
@@ -317,8 +317,6 @@ fn emu_attention_v6() {
     }
 }
 
-/// The pipelined kernels (variant 4's cp.async double buffers) under the other interleavings: warps in
-/// reverse order with copies landing at issue, and warps in lockstep.
 /// The BERT-base shape of one (batch, head pair): T=384, HS=64, the default backward shape and variant 3.
 #[test]
 fn emu_attention_bert_base_shape() {
@@ -336,6 +334,8 @@ fn emu_attention_bert_base_shape() {
     );
 }
 
+/// The pipelined kernels (variant 4's cp.async double buffers) under the other interleavings: warps in
+/// reverse order with copies landing at issue, and warps in lockstep.
 #[test]
 fn emu_attention_v4_interleavings() {
     for shape in [Tc4Shape::W4, Tc4Shape::W8B2] {

@@ -1,4 +1,5 @@
-//! Every kernels/*.cu compiles with NVRTC for sm_80 and sm_90 with no error and no warning, and has every
+//! Every kernels/*.cu compiles with NVRTC for sm_80 and sm_90 (the wgmma modules also for sm_90a) with no
+//! error and no warning, and has every
 //! entry point a kernel configuration (attention variant, vec kernels) can make its launchers name.
 //! Needs libnvrtc and the CUDA headers (CI installs the pip wheels nvidia-cuda-nvrtc/-runtime 13.0); without
 //! them it skips with a reason, unless BERTQA_REQUIRE_NVRTC=1 (set by .ci/run), where it fails.

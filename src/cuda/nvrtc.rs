@@ -39,7 +39,7 @@ pub const MODULES: &[(&str, &str)] = &[
 ];
 
 /// Modules that use an architecture's arch-specific instructions (Hopper's wgmma: the `a` targets), compiled
-/// for `sm_90a` on an sm_90 device; see [`module_arch`]. (attention_wg: attention variant 5's forward.)
+/// for `sm_90a` on an sm_90 device; see [`module_arch`]. (attention_wg: attention variant 5's forward and variant 6's backward.)
 pub const ARCH_SPECIFIC: &[&str] = &["attention_wg", "wgmma_probe"];
 
 /// The NVRTC target for `module` on a device of architecture `arch` ("sm_90"): the arch-specific variant

@@ -1,5 +1,5 @@
 //! Client of the kernel emulator (tests/emu/cuda_emu.hpp, driver.cpp): builds one emulator per kernel module
-//! with the host C++ compiler and runs launch descriptions (src/ops/mod.rs `Launch`) through it on host buffers.
+//! with the host C++ compiler and runs launch descriptions (src/kernel.rs `Launch`) through it on host buffers.
 //!
 //! Buffers are named in parameter structs by fake addresses: buffer i at byte offset o is
 //! `0xB << 60 | i << 36 | o`; the driver replaces every such 8-byte word of a parameter struct, or of a buffer

@@ -100,7 +100,8 @@ pub(crate) fn check_scratch<B: BackendCore>(
     scratch.expect_dtype("attention_backward: scratch", &[lse.dtype()])
 }
 
-/// The parameter struct of every attention kernel (kernels/attention.cu, attention_tc.cu `AttnParams`).
+/// The parameter struct of every attention kernel (kernels/common.cuh `AttnParams`, used by attention.cu,
+/// attention_tc.cu and attention_wg.cu).
 /// Pointers are device addresses (0: unused by the launch). [`AttnPlan`] fills everything but the pointers.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
@@ -503,7 +504,7 @@ impl AttnPlan {
     }
 }
 
-/// The parameter layout (checked against kernels/attention.cu and attention_tc.cu by tests/kernels_compile.rs).
+/// The parameter layout (checked against kernels/common.cuh's `AttnParams` by tests/kernels_compile.rs).
 pub fn layouts() -> Vec<crate::kernel::ParamLayout> {
     vec![crate::param_layout!(AttnParams {
         out,

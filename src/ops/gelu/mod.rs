@@ -172,7 +172,8 @@ pub fn backward_bias_launch(
     }))
 }
 
-/// `gelu_{dir}_vec_{dtype}` (16-byte vectors) when `BERTQA_VEC=1` and the buffers allow it, else the scalar
+/// `gelu_{dir}_vec_{dtype}` (16-byte vectors) when the kernel configuration's `vec` is on (`--vec-kernels
+/// on` / `BERTQA_VEC=1`) and the buffers allow it, else the scalar
 /// `gelu_{dir}` (dtype at run time).
 fn gelu_kernel(
     dir: &str,
