@@ -346,6 +346,63 @@ fn eval_prints_the_metrics_json_last_and_writes_every_prediction() {
     assert_eq!(sc["f1"], m["f1"]);
 }
 
+/// The README: `--padding` changes the speed only. The n-best lists rank each window's real tokens, so a
+/// batch padded to its longest window or to --max-seq-length answers exactly as a packed one — with an
+/// untrained model, whose logits at padding positions are as large as anywhere, and a short n-best list, so
+/// that padding would take its slots if it were ranked.
+#[test]
+fn eval_answers_do_not_depend_on_the_padding() {
+    let t = TempDir::new("eval-padding");
+    let model = tiny_model(t.path());
+    let data = t.join("dev.json");
+    tiny_squad(&data, 3, 4);
+    let read = |out: &Path, f: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join(f)).unwrap()).unwrap()
+    };
+    let mut runs = vec![];
+    for padding in ["packed", "longest", "max"] {
+        let out = t.join(&format!("out-{padding}"));
+        let flags = [
+            "--max-seq-length",
+            "64",
+            "--max-query-length",
+            "16",
+            "--doc-stride",
+            "16",
+            "--n-best-size",
+            "2",
+            "--padding",
+            padding,
+        ];
+        let m = last_json(&ok(&eval(&model, &data, &out, &flags)));
+        runs.push((
+            padding,
+            m,
+            read(&out, "predictions.json"),
+            read(&out, "nbest_predictions.json"),
+        ));
+    }
+    let (_, m0, p0, n0) = &runs[0];
+    for (padding, m, p, n) in &runs[1..] {
+        assert_eq!(p, p0, "--padding {padding}: other answers than packed");
+        assert_eq!(m["f1"], m0["f1"], "--padding {padding}");
+        for (id, list) in n0.as_object().unwrap() {
+            let texts = |l: &Value| -> Vec<String> {
+                l.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| c["text"].as_str().unwrap().to_string())
+                    .collect()
+            };
+            assert_eq!(
+                texts(&n[id]),
+                texts(list),
+                "--padding {padding}: n-best of {id}"
+            );
+        }
+    }
+}
+
 #[test]
 fn score_prints_official_metrics_last() {
     let t = TempDir::new("score");
@@ -1413,6 +1470,53 @@ fn the_debris_of_earlier_crashes_is_cleaned_and_an_old_copy_restored() {
     }
     assert_eq!(debris(&out), vec![".user-file.tmp1"]);
     assert!(out.join("best/model.safetensors").exists());
+}
+
+/// A `checkpoint-N/` (or `best/`) holding anything bertqa does not write is another tool's or the user's:
+/// never removed — not as debris at start-up, not by --overwrite-output-dir; the directory then holds a run.
+#[test]
+fn a_checkpoint_folder_bertqa_did_not_write_is_never_removed() {
+    let t = TempDir::new("foreignckpt");
+    let (model, data) = train_setup(&t);
+    let out = t.join("run");
+    std::fs::create_dir_all(out.join("checkpoint-500")).unwrap();
+    std::fs::write(out.join("checkpoint-500/optimizer.pt"), "another trainer's").unwrap();
+    std::fs::write(out.join("checkpoint-500/config.json"), "{}").unwrap();
+    std::fs::create_dir_all(out.join("checkpoint-007")).unwrap();
+    std::fs::write(out.join("checkpoint-007/important.txt"), "the user's").unwrap();
+    let before = listing(&out);
+    fails(
+        &run(&train_args(&model, &data, &out, &["--max-steps", "1"])),
+        &["already holds a run", "checkpoint-007", "checkpoint-500"],
+    );
+    assert_eq!(listing(&out), before);
+    fails(
+        &run(&train_args(
+            &model,
+            &data,
+            &out,
+            &["--max-steps", "1", "--overwrite-output-dir"],
+        )),
+        &[
+            "files bertqa does not write",
+            "checkpoint-007",
+            "checkpoint-500",
+        ],
+    );
+    assert_eq!(listing(&out), before);
+    assert!(
+        out.join("checkpoint-500/optimizer.pt").is_file()
+            && out.join("checkpoint-007/important.txt").is_file()
+    );
+    // moved away, the directory trains
+    std::fs::remove_dir_all(out.join("checkpoint-500")).unwrap();
+    std::fs::remove_dir_all(out.join("checkpoint-007")).unwrap();
+    ok(&run(&train_args(
+        &model,
+        &data,
+        &out,
+        &["--max-steps", "1"],
+    )));
 }
 
 #[test]

@@ -106,12 +106,15 @@ impl SpanAccumulator {
         }
     }
 
-    /// Fold in one window: its feature and start/end logits (length T each).
+    /// Fold in one window: its feature and start/end logits (its real tokens first; any positions past
+    /// them — padding of a `longest` or `max` batch — are ignored, so the n-best lists and the answers do not
+    /// depend on how the windows were batched; the training loss leaves padding out the same way).
     pub fn add_window(&mut self, f: &Feature, sl: &[f32], el: &[f32], cfg: &PostCfg) {
         self.windows += 1;
         self.null_score = self.null_score.min(sl[0] as f64 + el[0] as f64);
-        let si = top_k(sl, cfg.n_best_size);
-        let eix = top_k(el, cfg.n_best_size);
+        let real = crate::model::batch::real_len(f);
+        let si = top_k(&sl[..real.min(sl.len())], cfg.n_best_size);
+        let eix = top_k(&el[..real.min(el.len())], cfg.n_best_size);
         for &s in &si {
             for &e in &eix {
                 let (Some(os), Some(oe)) = (

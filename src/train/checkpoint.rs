@@ -222,6 +222,23 @@ pub fn is_complete(dir: &Path) -> bool {
     CHECKPOINT_FILES.iter().all(|f| dir.join(f).is_file())
 }
 
+/// Whether every entry of `dir` is a plain file of a bertqa checkpoint (its own files and the tokenizer's
+/// copied beside the model); an empty directory counts. False when it cannot be read.
+fn only_checkpoint_files(dir: &Path) -> bool {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    rd.into_iter().all(|e| {
+        e.is_ok_and(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            e.file_type().is_ok_and(|t| t.is_file())
+                && (CHECKPOINT_FILES.contains(&name.as_ref())
+                    || crate::model::checkpoint::TOKENIZER_FILES.contains(&name.as_ref()))
+        })
+    })
+}
+
 /// `N` of a directory named `checkpoint-N`.
 fn checkpoint_step(name: &str) -> Option<usize> {
     let n = name.strip_prefix("checkpoint-")?;
@@ -266,9 +283,12 @@ enum Debris {
 /// Whether `name` (an entry of `dir`) is debris of bertqa's own saves.
 fn classify(dir: &Path, name: &str) -> Option<Debris> {
     let path = dir.join(name);
-    // checkpoint-N that is not complete: half-deleted by an older bertqa's pruning
+    // checkpoint-N that is not complete: half-deleted by an older bertqa's pruning — only when every entry
+    // in it is a file bertqa writes into a checkpoint; anything else (a checkpoint of another tool, a file
+    // of the user's) is not ours to remove, and the directory then holds a run (run_contents)
     if checkpoint_step(name).is_some() {
-        return (path.is_dir() && !is_complete(&path)).then_some(Debris::Remove);
+        return (path.is_dir() && !is_complete(&path) && only_checkpoint_files(&path))
+            .then_some(Debris::Remove);
     }
     if let Some(base) = name.strip_suffix(".old") {
         if checkpoint_step(base).is_some() || base == "best" {
@@ -342,6 +362,19 @@ pub fn clean_debris(dir: &Path) -> Result<Vec<String>> {
 /// its saves — and nothing else (--overwrite-output-dir). Returns the names removed.
 pub fn remove_run(dir: &Path) -> Result<Vec<String>> {
     let mut removed = clean_debris(dir)?;
+    // a checkpoint-N/ or best/ holding anything bertqa does not write is not removed, nor is anything else
+    let foreign: Vec<String> = run_contents(dir)
+        .into_iter()
+        .filter(|n| dir.join(n).is_dir() && !only_checkpoint_files(&dir.join(n)))
+        .collect();
+    if !foreign.is_empty() {
+        bail!(
+            "--overwrite-output-dir: {} in {} hold(s) files bertqa does not write: not removing anything; \
+             move them away first",
+            foreign.join(", "),
+            dir.display()
+        );
+    }
     for name in run_contents(dir) {
         let p = dir.join(&name);
         remove_any(&p).with_context(|| format!("removing {}", p.display()))?;
