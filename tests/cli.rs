@@ -1472,6 +1472,71 @@ fn the_debris_of_earlier_crashes_is_cleaned_and_an_old_copy_restored() {
     assert!(out.join("best/model.safetensors").exists());
 }
 
+/// `--resume` never mixes two runs' files: not from an earlier checkpoint of a directory that holds later
+/// ones (the abandoned future would sit beside the new one, and a later `--resume` would pick it), not from
+/// another directory into one that holds a run; and a finished run resumed again trains nothing and leaves
+/// its files as they were (a scheduler relaunching `--resume` after the end).
+#[test]
+fn resume_never_mixes_two_runs_and_a_finished_run_is_left_alone() {
+    let t = TempDir::new("resumemix");
+    let (model, data) = train_setup(&t);
+    let out = t.join("run");
+    let keep_all = [
+        "--max-steps",
+        "6",
+        "--save-every",
+        "2",
+        "--save-total-limit",
+        "0",
+    ];
+    ok(&run(&train_args(&model, &data, &out, &keep_all)));
+    let ck2 = out.join("checkpoint-2");
+    let before = listing(&out);
+    let summary = std::fs::read(out.join("summary.json")).unwrap();
+    let metrics = std::fs::read(out.join("metrics.jsonl")).unwrap();
+    // an earlier checkpoint of this directory, while later ones exist
+    fails(
+        &run(&train_args(&model, &data, &out, &["--resume", s(&ck2)])),
+        &[
+            "later checkpoints",
+            "checkpoint-4",
+            "checkpoint-6",
+            "another --output-dir",
+        ],
+    );
+    assert_eq!(listing(&out), before);
+    // into another directory: one that holds a run is refused, an empty one continues from step 2
+    let other = t.join("other");
+    ok(&run(&train_args(
+        &model,
+        &data,
+        &other,
+        &["--max-steps", "1"],
+    )));
+    fails(
+        &run(&train_args(&model, &data, &other, &["--resume", s(&ck2)])),
+        &["another directory", "already holds a run"],
+    );
+    let branch = t.join("branch");
+    let o = ok(&run(&train_args(
+        &model,
+        &data,
+        &branch,
+        &["--resume", s(&ck2)],
+    )));
+    assert!(last_json(&o)["exact_match"].is_number(), "{o}");
+    assert_eq!(read_json(&branch.join("summary.json"))["steps"], 6);
+    // the finished run, resumed again: nothing trained, nothing rewritten, exit 0
+    let o = run(&train_args(&model, &data, &out, &["--resume"]));
+    let last = last_json(&ok(&o));
+    assert_eq!(last["already_finished"], true, "{last}");
+    assert_eq!(last["step"], 6, "{last}");
+    assert!(stderr(&o).contains("nothing to resume"), "{}", stderr(&o));
+    assert_eq!(listing(&out), before);
+    assert_eq!(std::fs::read(out.join("summary.json")).unwrap(), summary);
+    assert_eq!(std::fs::read(out.join("metrics.jsonl")).unwrap(), metrics);
+}
+
 /// A `checkpoint-N/` (or `best/`) holding anything bertqa does not write is another tool's or the user's:
 /// never removed — not as debris at start-up, not by --overwrite-output-dir; the directory then holds a run.
 #[test]

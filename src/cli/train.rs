@@ -821,10 +821,6 @@ impl DeviceFn<bool> for TrainJob<'_> {
                 None => "not reported (no known peak for this device)".into(),
             }
         );
-        if resume_dir.is_some() {
-            // the previous part's summary no longer describes the run; this part writes its own
-            let _ = std::fs::remove_file(a.output_dir.join("summary.json"));
-        }
         let inp = RunInputs {
             train: &train_ds,
             dev: dev.as_ref(),
@@ -840,6 +836,21 @@ impl DeviceFn<bool> for TrainJob<'_> {
         let s = train::run(&mut trainer, &inp)?;
         // the followers stop with the leader (on an error the group is dropped instead: they see it gone)
         trainer.leave_group()?;
+        if s.already_done {
+            let checkpoint = checkpoint::latest(&a.output_dir).map(|p| p.display().to_string());
+            eprintln!(
+                "{}: the run already reached step {} (where --epochs/--max-steps stop it): nothing to resume, \
+                 its files are left as they are (raise --epochs or --max-steps to train further)",
+                a.output_dir.display(),
+                s.state.global_step
+            );
+            // the last line stays JSON, as after an interrupted run: where the run stands
+            println!(
+                "{}",
+                serde_json::json!({"already_finished": true, "step": s.state.global_step, "checkpoint": checkpoint})
+            );
+            return Ok(false);
+        }
         let signal = self.interrupts.signal().map(signal_name);
         let interrupted = s.interrupted;
         let checkpoint = checkpoint::latest(&a.output_dir).map(|p| p.display().to_string());
@@ -922,6 +933,9 @@ pub fn run(a: &TrainArgs, given: &GivenFlags) -> Result<i32> {
             "{}: {n} (left by an earlier run that stopped part-way)",
             dir.display()
         );
+    }
+    if let Some(r) = a.resume.as_deref().filter(|r| !r.is_empty()) {
+        checkpoint::check_resume_target(dir, Path::new(r))?;
     }
     if a.resume.is_none() {
         let held = checkpoint::run_contents(dir);

@@ -383,6 +383,51 @@ pub fn remove_run(dir: &Path) -> Result<Vec<String>> {
     Ok(removed)
 }
 
+/// `--resume CKPT` into the output directory `dir`: refused where it would mix two runs' files.
+/// - CKPT in `dir` (`dir/checkpoint-K`) while `dir` holds later checkpoints: they are the future of the run
+///   being continued from step K; the continuation would write its own beside them (and a later `--resume`
+///   would pick theirs). Branching from step K goes into another directory.
+/// - CKPT elsewhere while `dir` holds a run: that run's files would be mixed with the continued one's.
+pub fn check_resume_target(dir: &Path, ckpt: &Path) -> Result<()> {
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let parent = ckpt.parent().map(canon);
+    if parent.as_deref() == Some(canon(dir).as_path()) {
+        let name = ckpt.file_name().map(|n| n.to_string_lossy().into_owned());
+        if let Some(k) = name.as_deref().and_then(checkpoint_step) {
+            let mut later: Vec<usize> = list_checkpoints(dir)
+                .into_iter()
+                .map(|(s, _)| s)
+                .filter(|&s| s > k)
+                .collect();
+            later.sort_unstable();
+            if !later.is_empty() {
+                let steps: Vec<String> = later.iter().map(|s| format!("checkpoint-{s}")).collect();
+                bail!(
+                    "--resume {}: {} also holds later checkpoints of the same run ({}); continuing from step {k} \
+                     here would mix two continuations of it. To branch from step {k}, resume into another \
+                     --output-dir (e.g. {}-from-{k}); or move the later checkpoints away",
+                    ckpt.display(),
+                    dir.display(),
+                    steps.join(", "),
+                    dir.display()
+                );
+            }
+        }
+        return Ok(());
+    }
+    let held = run_contents(dir);
+    if !held.is_empty() {
+        bail!(
+            "--resume {} continues a run from another directory, and --output-dir {} already holds a run ({}): \
+             their files would be mixed; resume into an --output-dir that holds no run",
+            ckpt.display(),
+            dir.display(),
+            held[..held.len().min(5)].join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// (step, path) of every complete `checkpoint-<step>` in `dir`.
 pub fn list_checkpoints(dir: &Path) -> Vec<(usize, PathBuf)> {
     let Ok(rd) = std::fs::read_dir(dir) else {

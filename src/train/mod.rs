@@ -330,6 +330,9 @@ pub struct RunSummary {
     /// where this process's part of the run spent its time, and what it trained on
     pub timings: RunTimings,
     pub windows: WindowsReport,
+    /// resumed at or past where the run stops (`--epochs`, `--max-steps`): nothing was trained, and the
+    /// output directory was left as it was
+    pub already_done: bool,
 }
 
 /// Where a run spent its time (this process's part of it: a resumed run counts from its resume).
@@ -987,7 +990,25 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
     }
     let metrics_path = inp.output_dir.join("metrics.jsonl");
     if inp.resume_from.is_some() {
+        if trainer.state.global_step >= stop_at {
+            // a finished run resumed again (a scheduler relaunching after the end, say): nothing to train,
+            // and its files — summary.json, predictions, best/ — stay as the run left them
+            return Ok(RunSummary {
+                state: trainer.state.clone(),
+                final_metrics: None,
+                losses: vec![],
+                seconds: 0.0,
+                train_windows: feats.len(),
+                seq_per_s: 0.0,
+                interrupted: false,
+                timings: tm,
+                windows: WindowsReport::default(),
+                already_done: true,
+            });
+        }
         truncate_metrics(&metrics_path, trainer.state.global_step)?;
+        // the previous part's summary no longer describes the run; this part writes its own
+        let _ = std::fs::remove_file(inp.output_dir.join("summary.json"));
     }
     let delay = std::env::var(STEP_DELAY_VAR)
         .ok()
@@ -1264,6 +1285,7 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
         interrupted,
         timings: tm,
         windows,
+        already_done: false,
     })
 }
 
