@@ -25,11 +25,7 @@ use std::process::Command;
 use std::time::Duration;
 
 fn assets() -> Option<PathBuf> {
-    let a = bertqa::util::assets_dir();
-    if a.is_none() {
-        println!("SKIPPED: ../shared/assets not found (set BERTQA_ASSETS)");
-    }
-    a
+    bertqa::util::assets_or_skip()
 }
 
 const FC: FeatureCfg = FeatureCfg {

@@ -7,7 +7,7 @@
 mod common;
 mod emu;
 
-use common::{check_rows, rand_vec};
+use common::rand_vec;
 
 use bertqa::kernel::{dtype_code, AttnKernel, Tc4Shape};
 use bertqa::ops::attention::{AttnParams, AttnPlan};
@@ -57,6 +57,20 @@ fn decode(b: &[u8], dt: DType) -> Vec<f64> {
 /// `BERTQA_EMU_ONLY=text` runs only the cases whose name contains text (e.g. "v4 w8 HS=64 T=203 bf16").
 fn selected(name: &str) -> bool {
     std::env::var("BERTQA_EMU_ONLY").map_or(true, |f| name.contains(&f))
+}
+
+/// [`common::check_rows`] for a test's cases, which must not be none: a test whose cases all fell to
+/// `BERTQA_EMU_ONLY` says so (SKIPPED), and one that ran no case without a filter fails (an empty sweep
+/// checks nothing).
+fn check(rows: &[common::parity::Row]) {
+    if rows.is_empty() {
+        match std::env::var("BERTQA_EMU_ONLY") {
+            Ok(f) => println!("SKIPPED: BERTQA_EMU_ONLY={f:?} matches none of this test's cases"),
+            Err(_) => panic!("no case ran: the test checked nothing"),
+        }
+        return;
+    }
+    common::check_rows(rows);
 }
 
 /// Forward then backward of one attention case through the emulator, as the CUDA backend launches them;
@@ -190,7 +204,7 @@ fn attention_sweep(kernel: AttnKernel, dtypes: &[DType], cases: &[AttentionCase]
             }
         }
     }
-    check_rows(&rows);
+    check(&rows);
 }
 
 /// Every tensor-core head size at a one-tile and a multi-tile window length, with padding (two windows of 37
@@ -488,7 +502,7 @@ fn emu_layernorm_scalar_and_vec() {
             }
         }
     }
-    check_rows(&rows);
+    check(&rows);
 }
 
 /// GELU, scalar and vec kernels, f32/bf16/f16, a length with a tail past the last whole vector; and with the
@@ -573,7 +587,7 @@ fn emu_gelu_scalar_and_vec() {
             }
         }
     }
-    check_rows(&rows);
+    check(&rows);
 }
 
 /// GELU backward with the bias gradient in the same pass (`gelu_backward_bias_vec`), f32/bf16/f16: C = 768
@@ -639,7 +653,7 @@ fn emu_gelu_backward_bias() {
             }
         }
     }
-    check_rows(&rows);
+    check(&rows);
 }
 
 /// Bias gradient db (OC, f32) += column sums of dout (N, OC). Reference: the CPU backend's linear_backward
@@ -711,7 +725,7 @@ fn emu_bias_grad_scalar_and_vec() {
             }
         }
     }
-    check_rows(&rows);
+    check(&rows);
 }
 
 /// Embeddings forward, and backward through the scalar and the vec kernel, f32/bf16/f16: C = 384, 768, 200,
@@ -830,7 +844,7 @@ fn emu_embeddings_scalar_and_vec() {
             }
         }
     }
-    check_rows(&rows);
+    check(&rows);
 }
 
 // ---- the small kernels: dropout, span loss, AdamW and the squared gradient norm, cast, bias add ------------
@@ -880,7 +894,7 @@ fn emu_dropout() {
         let out = vec![("out".into(), decode(&got[0], dt))];
         rows.extend(compare_outputs(dt, &case, &out).unwrap());
     }
-    check_rows(&rows);
+    check(&rows);
 }
 
 /// Span loss forward+backward, with and without masking the padding, f32/bf16/f16, padded batch, one target
@@ -938,7 +952,7 @@ fn emu_span_loss() {
         }
         rows.extend(compare_outputs(dt, &case, &out).unwrap());
     }
-    check_rows(&rows);
+    check(&rows);
 }
 
 /// The squared gradient norm, then the AdamW step over one flat buffer (decayed tensors first, as the trainer
@@ -1044,7 +1058,7 @@ fn emu_adamw() {
         }
         rows.extend(compare_outputs(dt, &case, &out).unwrap());
     }
-    check_rows(&rows);
+    check(&rows);
 }
 
 /// An f32 tensor cast to the run's dtype (the CPU reference: `Tensor::cast`).
@@ -1154,7 +1168,7 @@ fn emu_cast_and_bias_add() {
         };
         rows.extend(compare_outputs(dt, &ba, &vec![("out".into(), decode(&got[0], dt))]).unwrap());
     }
-    check_rows(&rows);
+    check(&rows);
 }
 
 /// wgmma (sm_90a), as the emulator reads the PTX ISA: every probe case (A from registers or shared memory,

@@ -171,8 +171,7 @@ fn tiny_model_matches_transformers_in_f32() {
 
 #[test]
 fn minilm_logits_match_transformers_on_a_real_squad_window() {
-    let Some(assets) = bertqa::util::assets_dir() else {
-        println!("SKIPPED: ../shared/assets not found");
+    let Some(assets) = bertqa::util::assets_or_skip() else {
         return;
     };
     let be = Cpu::new();

@@ -257,7 +257,7 @@ proptest! {
     /// prefix of it (packed: exactly its real tokens; longest: the longest, rounded up to 64 or the full
     /// length; max: the full length), positions 0.. per window, window indices from the given first one.
     #[test]
-    fn packing_keeps_every_real_token(lens in prop::collection::vec(1usize..64, 1..8), t in 64usize..80, first in 0usize..5) {
+    fn packing_keeps_every_real_token(lens in prop::collection::vec(1usize..200, 1..8), t in 200usize..257, first in 0usize..5) {
         let feats: Vec<Feature> = lens.iter().map(|&l| feature(l, t, 0)).collect();
         let refs: Vec<&Feature> = feats.iter().collect();
         let longest = *lens.iter().max().unwrap();
@@ -302,9 +302,11 @@ proptest! {
         for (w, f) in feats.iter().enumerate() {
             let (s, e) = (lg(w, 0), lg(w, 1));
             acc.add_window(f, &s, &e, &cfg);
-            // reference: the top-n starts and ends (stable order), every valid pair, in window order
+            // reference: the top-n starts and ends among the window's real tokens (stable order; padding is
+            // not ranked), every valid pair, in window order
+            let real = f.attention_mask.iter().filter(|&&m| m != 0).count();
             let top = |v: &[f32]| {
-                let mut idx: Vec<usize> = (0..t).collect();
+                let mut idx: Vec<usize> = (0..real).collect();
                 idx.sort_by(|&a, &b| v[b].partial_cmp(&v[a]).unwrap());
                 idx.truncate(n_best);
                 idx

@@ -13,10 +13,7 @@ fn root() -> PathBuf {
 }
 
 fn assets() -> Option<PathBuf> {
-    let a = bertqa::util::assets_dir()?;
-    (a.join("squad-v1.1/train-v1.1.json").exists()
-        && a.join("all-MiniLM-L6-v2/config.json").exists())
-    .then_some(a)
+    bertqa::util::assets_or_skip()
 }
 
 /// A fresh clone of this repository in a temporary folder (None, with a printed reason, without git).
@@ -65,7 +62,6 @@ fn script(clone: &Path, assets: &Path, args: &[&str]) -> Command {
 #[test]
 fn train_squad_sh_works_from_a_fresh_clone_on_a_tiny_subset() {
     let Some(assets) = assets() else {
-        println!("SKIPPED: no shared assets (SQuAD v1.1 and all-MiniLM-L6-v2)");
         return;
     };
     let Some((tmp, clone)) = fresh_clone("run") else {
@@ -127,7 +123,6 @@ fn train_squad_sh_works_from_a_fresh_clone_on_a_tiny_subset() {
 #[test]
 fn train_squad_sh_picks_the_recipe_and_the_cuda_headers() {
     let Some(assets) = assets() else {
-        println!("SKIPPED: no shared assets (SQuAD v1.1 and all-MiniLM-L6-v2)");
         return;
     };
     let Some((tmp, clone)) = fresh_clone("dry") else {

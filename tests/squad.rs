@@ -11,11 +11,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 fn assets() -> Option<PathBuf> {
-    let a = bertqa::util::assets_dir();
-    if a.is_none() {
-        println!("SKIPPED: ../shared/assets not found (set BERTQA_ASSETS)");
-    }
-    a
+    bertqa::util::assets_or_skip()
 }
 
 fn minilm_tokenizer() -> Option<WordPieceTokenizer> {
@@ -111,9 +107,19 @@ fn labelled_spans_decode_to_the_gold_answer_on_the_whole_train_set() {
     for b in &bad {
         println!("  mismatch {b}");
     }
+    // featurization is deterministic: the counts are known. Every question of the train set has its answer
+    // wholly inside some window (none is misaligned in the file), and 226 gold answers are sub-words of a
+    // token ("six" inside "sixth"), which no token span can decode to exactly; a change that loses a window
+    // or mislabels one span more fails here
+    assert_eq!(
+        n_in + ds.misaligned.len(),
+        ds.examples.len(),
+        "questions whose answer lies in no window"
+    );
     assert!(
-        n_ok as f64 >= 0.995 * n_in as f64,
-        "only {n_ok} of {n_in} spans round-trip"
+        n_in - n_ok <= 226,
+        "{} of {n_in} spans do not round-trip (226 are sub-word answers)",
+        n_in - n_ok
     );
 }
 
@@ -192,11 +198,9 @@ fn offsets_survive_accents_cjk_emoji_whitespace_and_control_characters() {
             feat.offsets[feat.end_position as usize].unwrap(),
         );
         let got = ds.examples[0].context.slice(s.0, e.1);
-        assert_eq!(
-            normalize_answer(got),
-            normalize_answer(ans),
-            "context {ctx:?}"
-        );
+        // the exact text (not after the metric's normalisation, which would forgive a label one token off
+        // the start of "the answer", or a span that swallows trailing punctuation)
+        assert_eq!(got, ans, "context {ctx:?}");
         // every context token's offsets lie inside the context and on char boundaries
         for o in feat.offsets.iter().flatten() {
             assert!(o.0 <= o.1 && o.1 <= ctx.chars().count());

@@ -14,11 +14,7 @@ use bertqa::train::{self, RunInputs, TrainConfig, Trainer};
 use std::path::PathBuf;
 
 fn assets() -> Option<PathBuf> {
-    let a = bertqa::util::assets_dir();
-    if a.is_none() {
-        println!("SKIPPED: ../shared/assets not found (set BERTQA_ASSETS)");
-    }
-    a
+    bertqa::util::assets_or_skip()
 }
 
 /// The first `n` SQuAD v1.1 training questions and all-MiniLM-L6-v2's tokenizer.

@@ -605,7 +605,11 @@ fn signal_name(sig: i32) -> String {
 /// SIGINT and SIGTERM during a run. The first: finish the current step, save a checkpoint, exit 128 +
 /// the signal (130, 143). A second during a save: the save completes, then the run stops as after the first
 /// (the loop checks the flag right after every save); a second outside a save: exit at once (the latest
-/// checkpoint stays; anything half-written is debris that the next start removes).
+/// checkpoint stays; anything half-written is debris that the next start removes). The same signal again
+/// within [`ECHO`] of the first is the first's echo, not a second: coreutils `timeout` (and a shell's Ctrl-C
+/// to a process group) signal the process and then its group, so one request arrives twice.
+const ECHO: std::time::Duration = std::time::Duration::from_millis(50);
+
 struct Interrupts {
     /// set by the first signal: the training loop stops after its current step
     flag: Arc<AtomicBool>,
@@ -625,18 +629,24 @@ impl Interrupts {
         let first = Arc::new(AtomicI32::new(0));
         let (f, fs) = (flag.clone(), first.clone());
         let thread = std::thread::spawn(move || {
+            let mut first_at: Option<std::time::Instant> = None;
             for sig in signals.forever() {
                 let name = signal_name(sig);
                 if fs
                     .compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
                     .is_ok()
                 {
+                    first_at = Some(std::time::Instant::now());
                     f.store(true, Ordering::SeqCst);
                     eprintln!(
                         "\n{name}: finishing this step, saving a checkpoint, then exiting (send it again to \
                          quit at once; a save in progress completes first)"
                     );
                     continue;
+                }
+                if sig == fs.load(Ordering::SeqCst) && first_at.is_some_and(|t| t.elapsed() < ECHO)
+                {
+                    continue; // the first one's echo (see ECHO)
                 }
                 // a second signal during a save: the save completes, and the training loop, which has seen
                 // the first, stops right after it (it writes the summary and exits 128 + the first signal)

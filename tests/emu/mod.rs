@@ -284,14 +284,25 @@ impl Emu {
         // BERTQA_EMU_MODE=sched[-eager] overrides every test's mode (e.g. rwarp-eager, rr): the whole suite
         // under another interleaving
         let mode = match std::env::var("BERTQA_EMU_MODE") {
-            Ok(m) => Mode {
-                sched: match m.split('-').next() {
-                    Some("rr") => "rr",
-                    Some("rwarp") => "rwarp",
-                    _ => "warp",
-                },
-                eager_cp: m.ends_with("-eager"),
-            },
+            Ok(m) => {
+                let (sched, eager_cp) = match m.strip_suffix("-eager") {
+                    Some(s) => (s, true),
+                    None => (m.as_str(), false),
+                };
+                Mode {
+                    sched: match sched {
+                        "warp" => "warp",
+                        "rwarp" => "rwarp",
+                        "rr" => "rr",
+                        _ => {
+                            return Err(format!(
+                                "BERTQA_EMU_MODE={m:?}: not warp, rwarp or rr (each optionally with -eager)"
+                            ))
+                        }
+                    },
+                    eager_cp,
+                }
+            }
             Err(_) => mode,
         };
         let res = Command::new(&self.exe)
