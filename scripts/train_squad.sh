@@ -18,17 +18,28 @@
 # wheels are installed into ~/.cache/bertqa/cuda-pip (as .ci/run does) so the kernels can be compiled.
 # BERTQA_TRAIN_DRY_RUN=1 prints the header directory and the `bertqa train` command instead of running them;
 # BERTQA_ASSUME_GPU=1|0 overrides the GPU detection (both for tests/script.rs).
+# A MODEL_DIR given (argument or $BERTQA_MODEL) must hold a model (config.json): only the default one is
+# downloaded. Relative paths (MODEL_DIR, OUTPUT_DIR, SQUAD_DIR, BERTQA_ASSETS, BERTQA_MODEL) are the caller's;
+# the default OUTPUT_DIR is runs/ in this repository.
 # Logs: OUTPUT_DIR.train.log (stdout), OUTPUT_DIR.stderr.log (progress and messages), OUTPUT_DIR.metrics.json.
 set -euo pipefail
+CALLER=$(pwd)
+abs() { case "$1" in /*|"") printf '%s' "$1" ;; *) printf '%s' "$CALLER/$1" ;; esac; }
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 DEFAULT_ASSETS="$ROOT/../shared/assets"
 [ -d "$DEFAULT_ASSETS" ] || DEFAULT_ASSETS="$ROOT/assets"
-ASSETS="${BERTQA_ASSETS:-$DEFAULT_ASSETS}"
-MODEL="${1:-${BERTQA_MODEL:-$ASSETS/all-MiniLM-L6-v2}}"
-OUT="${2:-runs/squad-$(date +%Y%m%d-%H%M%S)}"
+ASSETS=$(abs "${BERTQA_ASSETS:-$DEFAULT_ASSETS}")
+GIVEN_MODEL=$(abs "${1:-${BERTQA_MODEL:-}}")
+MODEL="${GIVEN_MODEL:-$ASSETS/all-MiniLM-L6-v2}"
+if [ -n "${2:-}" ]; then OUT=$(abs "$2"); else OUT="$ROOT/runs/squad-$(date +%Y%m%d-%H%M%S)"; fi
 shift $(( $# > 2 ? 2 : $# )) || true
-SQUAD="${SQUAD_DIR:-$ASSETS/squad-v1.1}"
+SQUAD=$(abs "${SQUAD_DIR:-$ASSETS/squad-v1.1}")
+if [ -n "$GIVEN_MODEL" ] && [ ! -f "$GIVEN_MODEL/config.json" ]; then
+    echo "error: MODEL_DIR $GIVEN_MODEL holds no config.json (not a model directory); give an HF BERT directory," \
+         "or \"\" for all-MiniLM-L6-v2 from the assets" >&2
+    exit 2
+fi
 
 # --full is ours; everything else goes to `bertqa train`
 FULL=""
@@ -76,7 +87,7 @@ if [ ! -f "$MODEL/config.json" ]; then
     done
 fi
 
-BIN="${CARGO_TARGET_DIR:-target}/release/bertqa"
+BIN="$(abs "${CARGO_TARGET_DIR:-$ROOT/target}")/release/bertqa"
 
 GPU=""
 if [ -e /dev/nvidia0 ] || nvidia-smi -L >/dev/null 2>&1; then GPU=1; fi
@@ -156,5 +167,8 @@ if [ $rc -ne 0 ]; then
     exit $rc
 fi
 tail -1 "$OUT.train.log" > "$OUT.metrics.json"
-echo "final dev metrics (model in $OUT/best, predictions via: $BIN eval --model $OUT/best --dev-file $SQUAD/dev-v1.1.json):" >&2
+# the last evaluation's metrics; best/ holds the best evaluation's model, which may be an earlier one
+field() { sed -n "s/^ *\"$1\": *\([^,]*\),*$/\1/p" "$OUT/summary.json" 2>/dev/null | head -1; }
+echo "dev metrics of the last evaluation (step $(field steps)); best/ holds the best one's model (step $(field best_step)," \
+     "F1 $(field best_f1)); its predictions via: $BIN eval --model $OUT/best --dev-file $SQUAD/dev-v1.1.json" >&2
 cat "$OUT.metrics.json"

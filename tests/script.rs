@@ -186,6 +186,34 @@ fn train_squad_sh_picks_the_recipe_and_the_cuda_headers() {
         );
         assert!(err.contains("would install the CUDA pip wheels"), "{err}");
     }
+    // paths given relative to where the script is called from are resolved there (not in the repository),
+    // and a MODEL_DIR that holds no model is an error, not a silent switch to all-MiniLM-L6-v2
+    let caller = tmp.join("caller");
+    std::fs::create_dir_all(caller.join("mymodel")).unwrap();
+    std::fs::write(caller.join("mymodel/config.json"), "{}").unwrap();
+    let from_caller = |args: &[&str]| {
+        let mut c = script(&clone, &assets, args);
+        c.current_dir(&caller)
+            .env("BERTQA_TRAIN_DRY_RUN", "1")
+            .env("BERTQA_ASSUME_GPU", "0")
+            .env("HOME", &home);
+        c.output().unwrap()
+    };
+    let o = from_caller(&["mymodel", "out", "--max-steps", "1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cmd = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        cmd.contains(&format!("--model {}/mymodel ", caller.display()))
+            && cmd.contains(&format!("--output-dir {}/out ", caller.display())),
+        "{cmd}"
+    );
+    let o = from_caller(&["mymodell", "out", "--max-steps", "1"]);
+    assert_eq!(o.status.code(), Some(2), "a typo'd MODEL_DIR ran");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("mymodell holds no config.json"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let _ = std::fs::remove_dir_all(tmp);
 }
 
