@@ -421,7 +421,14 @@ fn score_prints_official_metrics_last() {
     }
     let pf = t.join("preds.json");
     std::fs::write(&pf, Value::Object(preds.clone()).to_string()).unwrap();
-    let m = last_json(&ok(&run(&["score", s(&data), s(&pf)])));
+    let out = ok(&run(&["score", s(&data), s(&pf)]));
+    // byte for byte what the official v1.1 script prints (python3 evaluate-v1.1.py dev.json preds.json)
+    assert_eq!(
+        out.lines().last(),
+        Some(r#"{"exact_match": 100.0, "f1": 100.0}"#),
+        "{out}"
+    );
+    let m = last_json(&out);
     assert_eq!(m["exact_match"].as_f64(), Some(100.0));
     assert_eq!(m["f1"].as_f64(), Some(100.0));
     preds.insert("p0q0".into(), json!("nothing alike"));
@@ -654,6 +661,38 @@ fn a_v2_file_is_detected_and_scored_as_v2() {
     let m2 = last_json(&ok(&o));
     assert!(stderr(&o).contains("scoring as v2.0"));
     assert_eq!(m2["exact"], m["exact"]);
+    // the official script's keys: the best-threshold figures only with null odds (eval has them; score
+    // with --na-prob-file), HasAns_*/NoAns_* only where there are such questions
+    assert!(m["best_f1"].is_number(), "{m}");
+    assert!(
+        m2.get("best_f1").is_none(),
+        "best_* without null odds: {m2}"
+    );
+    let m3 = last_json(&ok(&run(&[
+        "score",
+        s(&data),
+        s(&out.join("predictions.json")),
+        "--na-prob-file",
+        s(&out.join("null_odds.json")),
+    ])));
+    assert_eq!(m3["best_f1"], m["best_f1"], "{m3}");
+    // a v1.1 file scored with --na-prob-file is scored as v2.0; with no unanswerable question, no NoAns_*
+    let v1 = t.join("v1.json");
+    let v = json!({"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": ctx,
+        "qas": [qa("has", &[(&ans[0].0, ans[0].1)], None)]}]}]});
+    std::fs::write(&v1, v.to_string()).unwrap();
+    let m4 = last_json(&ok(&run(&[
+        "score",
+        s(&v1),
+        s(&out.join("predictions.json")),
+        "--na-prob-file",
+        s(&out.join("null_odds.json")),
+    ])));
+    assert_eq!(m4["HasAns_total"], json!(1), "{m4}");
+    assert!(
+        m4.get("NoAns_total").is_none() && m4["best_f1"].is_number(),
+        "{m4}"
+    );
 }
 
 #[test]

@@ -72,7 +72,7 @@ pub struct ConvertArgs {
     #[arg(long)]
     pub output: PathBuf,
     /// f32, f16 or bf16
-    #[arg(long, default_value = "f16")]
+    #[arg(long, default_value = "f16", value_parser = ["f32", "f16", "bf16"])]
     pub dtype: String,
     /// seed of the span-head initialisation when the source has no qa_outputs
     #[arg(long, default_value_t = 42)]

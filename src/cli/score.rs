@@ -30,7 +30,12 @@ pub fn run(a: &ScoreArgs) -> Result<()> {
             a.predictions.display()
         )
     })?;
-    let v2 = crate::eval::run::resolve_version_2(&ds, &a.data, a.version_2_with_negative);
+    // --na-prob-file asks for v2.0's best-threshold figures: v2.0 scoring
+    let v2 = crate::eval::run::resolve_version_2(
+        &ds,
+        &a.data,
+        a.version_2_with_negative || a.na_prob_file.is_some(),
+    );
     ds.check_evaluable(v2, &a.data.display().to_string())?;
     let na: Option<HashMap<String, f64>> = match &a.na_prob_file {
         Some(p) => Some(
@@ -50,6 +55,22 @@ pub fn run(a: &ScoreArgs) -> Result<()> {
         eprintln!("{missing} unanswered questions receive score 0");
     }
     let out = crate::eval::run::score(&ds, &preds, na.as_ref(), v2);
-    println!("{}", serde_json::to_string(&out)?);
+    println!("{}", as_python_prints(&out));
     Ok(())
+}
+
+/// A flat JSON object of numbers as the official scripts print theirs (Python's `json.dumps`: `", "` and
+/// `": "` separators; keys in the scripts' order; numbers as the shortest round-trip text, as Python's
+/// repr), e.g. `{"exact_match": 81.2, "f1": 88.5}`; anything else as compact JSON.
+fn as_python_prints(v: &serde_json::Value) -> String {
+    match v.as_object() {
+        Some(o) if o.values().all(|x| x.is_number()) => {
+            let items: Vec<String> = o
+                .iter()
+                .map(|(k, x)| format!("{}: {x}", serde_json::Value::from(k.as_str())))
+                .collect();
+            format!("{{{}}}", items.join(", "))
+        }
+        _ => v.to_string(),
+    }
 }

@@ -904,10 +904,14 @@ impl DeviceFn<bool> for TrainJob<'_> {
         if let (Some(m), serde_json::Value::Object(c)) = (summary.as_object_mut(), compare) {
             m.extend(c);
         }
-        crate::util::write_atomic(
-            &a.output_dir.join("summary.json"),
-            serde_json::to_string_pretty(&summary)?.as_bytes(),
-        )?;
+        // stopped before its first step: no checkpoint, and no summary either, so that the directory holds no
+        // run and the same command starts it again
+        if !(interrupted && summary["checkpoint"].is_null()) {
+            crate::util::write_atomic(
+                &a.output_dir.join("summary.json"),
+                serde_json::to_string_pretty(&summary)?.as_bytes(),
+            )?;
+        }
         println!("summary: {summary}");
         if interrupted {
             // the last line stays JSON: what stopped the run and where it can go on from

@@ -76,9 +76,10 @@ impl Devices {
             let x = x.strip_prefix("cuda:").unwrap_or(x);
             match x.parse::<usize>() {
                 Ok(o) => ords.push(o),
-                Err(_) => bail!(
-                    "--devices {s:?}: {x:?} is neither a CUDA ordinal nor cpu (and the list may not mix them)"
+                Err(_) if x == "cpu" => bail!(
+                    "--devices {s:?}: mixes cpu with CUDA ordinals; give only GPUs (0,1,…) or only cpu replicas (cpu,cpu)"
                 ),
+                Err(_) => bail!("--devices {s:?}: {x:?} is neither a CUDA ordinal nor cpu"),
             }
         }
         let mut sorted = ords.clone();

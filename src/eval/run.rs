@@ -277,7 +277,28 @@ pub fn score(
 ) -> serde_json::Value {
     let gold = metrics::gold_of(ds);
     if version_2 {
-        serde_json::to_value(metrics::evaluate_v2(&gold, answers, null_odds)).unwrap_or_default()
+        // the keys the official v2.0 script prints: HasAns_*/NoAns_* only where there are such questions,
+        // the best-threshold figures only with null odds (its --na-prob-file)
+        let s = metrics::evaluate_v2(&gold, answers, null_odds);
+        let mut m = serde_json::json!({"exact": s.exact, "f1": s.f1, "total": s.total});
+        let o = m.as_object_mut().expect("an object");
+        if s.has_ans_total > 0 {
+            o.insert("HasAns_exact".into(), s.has_ans_exact.into());
+            o.insert("HasAns_f1".into(), s.has_ans_f1.into());
+            o.insert("HasAns_total".into(), s.has_ans_total.into());
+        }
+        if s.no_ans_total > 0 {
+            o.insert("NoAns_exact".into(), s.no_ans_exact.into());
+            o.insert("NoAns_f1".into(), s.no_ans_f1.into());
+            o.insert("NoAns_total".into(), s.no_ans_total.into());
+        }
+        if null_odds.is_some() {
+            o.insert("best_exact".into(), s.best_exact.into());
+            o.insert("best_exact_thresh".into(), s.best_exact_thresh.into());
+            o.insert("best_f1".into(), s.best_f1.into());
+            o.insert("best_f1_thresh".into(), s.best_f1_thresh.into());
+        }
+        m
     } else {
         let s = metrics::evaluate_v1(&gold, answers);
         serde_json::json!({"exact_match": s.exact_match, "f1": s.f1})

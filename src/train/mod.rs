@@ -1228,10 +1228,16 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
     // a signal during the last evaluation or save: the run stops here too (a --resume does what is left)
     interrupted = interrupted || is_interrupted();
     if interrupted {
-        eprintln!(
-            "interrupted: checkpoint saved at step {}; continue with --resume",
-            trainer.state.global_step
-        );
+        match checkpoint::latest(&inp.output_dir) {
+            Some(p) => eprintln!(
+                "interrupted: checkpoint {} (step {}); continue with --resume",
+                p.display(),
+                trainer.state.global_step
+            ),
+            None => eprintln!(
+                "interrupted before the first step: nothing to save; the same command starts the run again"
+            ),
+        }
     }
     // final metrics: the last evaluation, or one now if the run ended between evaluations (not when
     // interrupted: the run is to stop now)
