@@ -695,6 +695,29 @@ fn a_v2_file_is_detected_and_scored_as_v2() {
     );
 }
 
+/// A UTF-8 byte-order mark before the JSON is read past; bytes that are not UTF-8 are an error naming the
+/// file and the offset of the first.
+#[test]
+fn a_byte_order_mark_is_read_past_and_invalid_utf8_named_by_offset() {
+    let t = TempDir::new("utf8");
+    let data = t.join("dev.json");
+    tiny_squad(&data, 1, 2);
+    let text = std::fs::read(&data).unwrap();
+    let bom = t.join("bom.json");
+    std::fs::write(&bom, [&[0xef, 0xbb, 0xbf][..], &text[..]].concat()).unwrap();
+    let pf = t.join("p.json");
+    std::fs::write(&pf, "{}").unwrap();
+    ok(&run(&["score", s(&bom), s(&pf)]));
+    let bad = t.join("latin1.json");
+    let mut b = text.clone();
+    b.insert(40, 0xe9); // 'é' in Latin-1
+    std::fs::write(&bad, b).unwrap();
+    fails(
+        &run(&["score", s(&bad), s(&pf)]),
+        &["latin1.json", "not UTF-8", "offset 40"],
+    );
+}
+
 #[test]
 fn files_without_questions_or_answers_are_errors() {
     let t = TempDir::new("empty");

@@ -131,9 +131,18 @@ pub struct Dataset {
 
 impl Dataset {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
+        let bytes = std::fs::read(path)
             .with_context(|| format!("reading SQuAD file {}", path.display()))?;
-        Self::parse(&text, &path.display().to_string())
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let at = e.utf8_error().valid_up_to();
+            anyhow!(
+                "{}: not UTF-8 (JSON must be): the first invalid byte is at offset {at}",
+                path.display()
+            )
+        })?;
+        // a byte-order mark (some editors write one) is not JSON: read past it
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        Self::parse(text, &path.display().to_string())
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
