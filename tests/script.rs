@@ -286,3 +286,38 @@ fn sass_count_common_path_counts_the_steady_state_tile() {
     let expect = format!("common path: {} instructions", 15 + PAD);
     assert!(text.contains(&expect), "expected '{expect}' in:\n{text}");
 }
+
+/// The PyTorch side of the comparison (scripts/hf_squad.py) trains on bertqa's windows in bertqa's order:
+/// its own implementations of `epoch_order` and the windows digest give the known answers pinned on the
+/// Rust side (src/train/mod.rs `epoch_order_known_answer`, `windows_digest_known_answer`). Run here, without
+/// PyTorch, so that a drift shows up in `cargo test` rather than as a mismatch in a GPU run.
+#[test]
+fn hf_squad_py_draws_bertqas_epoch_order_and_windows_digest() {
+    let has_numpy = Command::new("python3")
+        .args(["-c", "import numpy"])
+        .output()
+        .map(|o| o.status.success());
+    match has_numpy {
+        Ok(true) => {}
+        Ok(false) => {
+            println!("SKIPPED: python3 has no numpy (scripts/hf_squad.py needs it)");
+            return;
+        }
+        Err(e) => {
+            println!("SKIPPED: python3 is not available ({e})");
+            return;
+        }
+    }
+    let o = Command::new("python3")
+        .arg(root().join("scripts/hf_squad.py"))
+        .arg("--self-test")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "hf_squad.py --self-test failed:\n{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(out.trim(), r#"{"mode": "self-test", "ok": true}"#);
+}
