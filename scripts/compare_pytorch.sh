@@ -23,8 +23,9 @@
 #   padding    bertqa alone, the same MiniLM fine-tune with --padding longest beside packed (packed reused
 #              from minilm seed 42 when it ran in this call)                                  ~1.5-3 min
 # One device call has 10 minutes: BUDGET_S (default 560) is this script's own limit; a run whose estimate
-# would cross it is skipped (and said so), the JSON is rewritten after every workload, so a call cut short
-# still returns what finished. Suggested calls: WORKLOADS=throughput (after gpu_check in its own call);
+# would cross it is skipped (and said so), every run's timeout is cut to what is left of it, the throughput
+# workload runs whole rounds only (every side once per round; estimates from this call's own walls after the
+# first), and the JSON is rewritten after every run, so a call cut short still returns what finished. Suggested calls: WORKLOADS=throughput (after gpu_check in its own call);
 # WORKLOADS=lockstep,minilm SEEDS=42; WORKLOADS=minilm SEEDS=43; WORKLOADS=minilm,padding SEEDS=44 ...
 # (F1 over seeds: `scripts/perf_json.py merge docs/perf/*.json`).
 #
@@ -45,6 +46,7 @@ OUT="${OUT:-compare-out}"; mkdir -p "$OUT/runs"
 PERF_DIR="${PERF_DIR:-$OUT}"; mkdir -p "$PERF_DIR"
 WORKLOADS="${WORKLOADS:-throughput}"
 ROUNDS="${ROUNDS:-3}"; STEPS="${THROUGHPUT_STEPS:-60}"; SEEDS="${SEEDS:-42}"; EPOCHS="${EPOCHS:-2}"
+SEEDS="${SEEDS//,/ }"; FIRST_SEED="${SEEDS%% *}"  # "42 43" or "42,43"
 HF_SIDES="${HF_SIDES:-eager compile eager_bf16w}"; PAD_MULTIPLE="${PAD_MULTIPLE:-8}"; BUDGET_S="${BUDGET_S:-560}"
 BIN=$GPU_DIR/bin/bertqa; MINILM=$GPU_DIR/minilm-f16
 BATCH="${BATCH:-32}"; SEQ="${SEQ:-384}"; PRECISION="${PRECISION:-bf16}"; BASE_DIMS="${BASE_DIMS:-}"
@@ -58,7 +60,7 @@ DEV_OURS=(); DEV_HF=(); SUB=(--doc-stride "$DOC_STRIDE")
 HF_PREC=(); [ "$PRECISION" = fp32 ] && HF_PREC=(--fp32)
 COMMIT=$(head -1 "$GPU_DIR/COMMIT" 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)
 grep -q dirty "$GPU_DIR/COMMIT" 2>/dev/null && COMMIT="$COMMIT-dirty"
-KERNELS="$(env | grep -E '^BERTQA_(ATTN|ATTN4|GEMM|GEMM_TUNE|VEC)=' | sort | tr '\n' ' ')"
+KERNELS="$(env | grep -E '^BERTQA_(ATTN|ATTN4|GEMM|GEMM_TUNE|VEC|GRAPHS)=' | sort | tr '\n' ' ')"
 D="${DATA_DIR:-/tmp/bertqa-data}"; mkdir -p "$D"
 [ -f $D/train.json ] || gunzip -c "$GPU_DIR/data/train-v1.1.json.gz" > $D/train.json
 [ -f $D/dev.json ] || gunzip -c "$GPU_DIR/data/dev-v1.1.json.gz" > $D/dev.json
@@ -75,10 +77,19 @@ fits() { # estimate_s, what: whether a run of about estimate_s seconds still fit
 }
 now() { date +%s.%N; }
 since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.3f}')" "$1" "$(now)"; }
+# capped T: a run's timeout cut to what is left of BUDGET_S (15 s kept for assembling): no run crosses the
+# call's limit, however long it takes; prints nothing (and fails) when less than 15 s would be left
+capped() {
+    local left=$(( BUDGET_S - $(elapsed) - 15 ))
+    [ "$left" -ge 15 ] || return 1
+    echo $(( $1 < left ? $1 : left ))
+}
+LAST_WALL=0  # the wall seconds of the last ours/hf run (the throughput rounds' estimates)
 # ours NAME WORKLOAD SIDE ROUND SEED TIMEOUT train-flags... : one bertqa run, its record in runs/NAME.json
 ours() {
     local name=$1 w=$2 side=$3 round=$4 seed=$5 t=$6; shift 6
     local dir=/tmp/ours-$name s rc; rm -rf "$dir"
+    t=$(capped "$t") || { log "SKIPPED $name: no time left of BUDGET_S=$BUDGET_S"; return 0; }
     s=$(now)
     timeout "$t" $BIN train --output-dir "$dir" --no-progress --save-total-limit 1 "${DEV_OURS[@]}" --doc-stride "$DOC_STRIDE" \
         "$@" ${OURS_FLAGS:-} \
@@ -88,17 +99,22 @@ ours() {
     python3 $PY run --kind ours --workload "$w" --side "$side" ${round:+--round $round} ${seed:+--seed $seed} \
         --wall "$(since "$s")" --rc $rc --dir "$dir" --out "$OUT/runs/$name.json" | tee -a "$OUT/summary.txt"
     [ $rc -eq 0 ] || { status=1; tail -5 "$OUT/$name.log" | tee -a "$OUT/summary.txt"; }
+    LAST_WALL=$(since "$s"); LAST_WALL=${LAST_WALL%.*}
+    assemble  # the JSON after every run: a call cut short keeps what finished
 }
 # hf NAME WORKLOAD SIDE ROUND SEED TIMEOUT hf_squad.py-flags...
 hf() {
     local name=$1 w=$2 side=$3 round=$4 seed=$5 t=$6; shift 6
     local s rc
+    t=$(capped "$t") || { log "SKIPPED $name: no time left of BUDGET_S=$BUDGET_S"; return 0; }
     s=$(now)
     timeout "$t" python3 scripts/hf_squad.py "${DEV_HF[@]}" "$@" > "$OUT/$name.out" 2> "$OUT/$name.err"
     rc=$?
     python3 $PY run --kind hf --workload "$w" --side "$side" ${round:+--round $round} ${seed:+--seed $seed} \
         --wall "$(since "$s")" --rc $rc --stdout "$OUT/$name.out" --out "$OUT/runs/$name.json" | tee -a "$OUT/summary.txt"
     [ $rc -eq 0 ] || { status=1; grep -v '^USDT' "$OUT/$name.err" | tail -5 | tee -a "$OUT/summary.txt"; }
+    LAST_WALL=$(since "$s"); LAST_WALL=${LAST_WALL%.*}
+    assemble
 }
 # check A B WHAT: like-for-like assertions; a mismatch fails the script (and is recorded in the JSON)
 check() {
@@ -106,6 +122,7 @@ check() {
     python3 $PY check "$OUT/runs/$1.json" "$OUT/runs/$2.json" --what "$3" --record "$OUT/runs/check-$1-$2.json" \
         2>&1 | tee -a "$OUT/summary.txt"
     [ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; log "!!! LIKE-FOR-LIKE CHECK FAILED: $1 vs $2 (see above): their numbers are not comparable"; }
+    assemble
 }
 WARM_S=""
 BASE=/tmp/bertqa-base-model-$(echo "$BASE_DIMS" | md5sum | cut -c1-8)
@@ -128,20 +145,32 @@ log "bertqa kernel switches: ${KERNELS:-none (defaults)}"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv,noheader 2>&1 | tee -a "$OUT/summary.txt"
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "CUDA", torch.version.cuda, "transformers", transformers.__version__)' 2>&1 | tee -a "$OUT/summary.txt"
 
-# the peak every MFU is measured against, in this call
-python3 scripts/hf_squad.py --measure-peak "${DEV_HF[@]}" ${PEAK_N:+--peak-n $PEAK_N} > "$OUT/peak.out" 2> "$OUT/peak.err"
-tail -1 "$OUT/peak.out" > "$OUT/peak.json"
-PEAK=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["tflops"])' "$OUT/peak.json" 2>/dev/null || echo 0)
+# the peak every MFU is measured against, in this call (bounded: a hang must not take the call; a failure
+# leaves every mfu null, not the call without its JSON)
+timeout 120 python3 scripts/hf_squad.py --measure-peak "${DEV_HF[@]}" ${PEAK_N:+--peak-n $PEAK_N} > "$OUT/peak.out" 2> "$OUT/peak.err" \
+    || log "peak measurement failed (rc $?): $(grep -v '^USDT' "$OUT/peak.err" | tail -1)"
+python3 -c '
+import json, sys
+rec = None
+for line in reversed(open(sys.argv[1], errors="replace").read().splitlines()):
+    try:
+        rec = json.loads(line); break
+    except ValueError:
+        continue
+json.dump(rec if isinstance(rec, dict) else {"tflops": None, "error": "the peak measurement printed no result"},
+          open(sys.argv[2], "w"))
+' "$OUT/peak.out" "$OUT/peak.json"
+PEAK=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["tflops"] or 0)' "$OUT/peak.json" 2>/dev/null || echo 0)
 log "measured peak: $PEAK TFLOP/s ($(cat "$OUT/peak.json" 2>/dev/null))"
 
 # compile bertqa's kernels once, so that no timed run includes NVRTC (what a bare machine pays, reported apart)
-if [ -z "${NO_WARM:-}" ]; then
+if [ -z "${NO_WARM:-}" ] && fits 90 "warm-up (NVRTC compilation)"; then
     s=$(now)
     base_model
     python3 scripts/synth_squad.py --vocab $MINILM/vocab.txt --examples 64 --max-seq-length "$SEQ" --out $D/synth-warm.json
     for m in $MINILM $BASE; do
         rm -rf /tmp/ours-warm
-        timeout 120 $BIN train --model $m --train-file $D/synth-warm.json --dev-file $D/synth-warm.json --max-eval-examples 16 \
+        timeout "$(capped 120 || echo 1)" $BIN train --model $m --train-file $D/synth-warm.json --dev-file $D/synth-warm.json --max-eval-examples 16 \
             --output-dir /tmp/ours-warm --max-steps 2 --batch-size "$BATCH" --max-seq-length "$SEQ" --precision "$PRECISION" \
             --doc-stride "$DOC_STRIDE" --no-progress "${DEV_OURS[@]}" >> "$OUT/warm.log" 2>&1 || log "warm-up run failed ($m): $(tail -1 "$OUT/warm.log")"
     done
@@ -155,19 +184,27 @@ if has throughput; then
     base_model
     SYN=$D/synth-$((STEPS * BATCH))-$SEQ.json
     [ -f $SYN ] || python3 scripts/synth_squad.py --vocab $MINILM/vocab.txt --examples $((STEPS * BATCH)) --max-seq-length "$SEQ" --out $SYN
+    # whole rounds only (every side, alternating), so that each side has as many runs as the others: a round
+    # starts when its estimate fits — the first round's from earlier runs' numbers, later ones from the
+    # walls this call measured (torch.compile's first run compiles; later ones read its cache)
+    declare -A EST=([bertqa]=40 [eager]=45 [compile]=150 [eager_bf16w]=45)
+    for s in $HF_SIDES; do [ -n "${EST[$s]:-}" ] || { log "unknown HF side $s (eager, compile, eager_bf16w)"; exit 2; }; done
     for r in $(seq 1 "$ROUNDS"); do
-        fits 40 "$W bertqa round $r" && ours base-ours-$r $W bertqa $r "" 180 --model $BASE --train-file $SYN \
+        est=${EST[bertqa]}; for s in $HF_SIDES; do est=$(( est + EST[$s] )); done
+        fits $est "$W round $r of $ROUNDS (every side: ~$est s)" || break
+        ours base-ours-$r $W bertqa $r "" 180 --model $BASE --train-file $SYN \
             --epochs 1 --max-steps "$STEPS" --batch-size "$BATCH" --max-seq-length "$SEQ" --precision "$PRECISION" --log-every 1
+        EST[bertqa]=$(( LAST_WALL + 5 ))
         for s in $HF_SIDES; do
             case $s in
-                eager) flags=""; est=45 ;;
-                compile) flags="--compile"; est=$([ "$r" = 1 ] && echo 150 || echo 75) ;;
-                eager_bf16w) flags="--bf16-weights"; est=45 ;;
-                *) log "unknown HF side $s"; continue ;;
+                eager) flags="" ;;
+                compile) flags="--compile" ;;
+                eager_bf16w) flags="--bf16-weights" ;;
             esac
             [ "$s" = eager_bf16w ] || flags="$flags ${HF_PREC[*]}"
-            fits $est "$W transformers_$s round $r" && hf base-hf-$s-$r $W transformers_$s $r "" 300 --throughput \
+            hf base-hf-$s-$r $W transformers_$s $r "" 300 --throughput \
                 --config $BASE --steps "$STEPS" --batch-size "$BATCH" --max-seq-length "$SEQ" --peak-tflops "$PEAK" $flags
+            EST[$s]=$(( LAST_WALL + 5 ))
         done
     done
     for s in $HF_SIDES; do check base-ours-1 base-hf-$s-1 throughput; done
@@ -177,7 +214,7 @@ fi
 if has profile; then
     if fits 150 "profile (bench_ops)"; then
         log "== profile: bench_ops, BERT-base and MiniLM, default kernels"
-        BENCH_DEFAULTS_ONLY=1 BENCH_ITERS=5 timeout 240 "$GPU_DIR/bin/bench_ops" --bench > "$OUT/bench.log" 2>&1 || status=1
+        BENCH_DEFAULTS_ONLY=1 BENCH_ITERS=5 timeout "$(capped 240 || echo 1)" "$GPU_DIR/bin/bench_ops" --bench > "$OUT/bench.log" 2>&1 || status=1
         BENCH_LOG="${BENCH_LOG:-$OUT/bench.log}"
         grep -E "roofline|=> |TRAINING STEP" "$OUT/bench.log" | tee -a "$OUT/summary.txt"
         assemble
@@ -209,7 +246,7 @@ fi
 
 if has minilm; then
     W=minilm-squad-${EPOCHS}ep
-    log "== $W: all-MiniLM-L6-v2, SQuAD v1.1, $EPOCHS epochs, bf16, lr 3e-5, batch 32, 384/128/64, seeds $SEEDS"
+    log "== $W: all-MiniLM-L6-v2, SQuAD v1.1, $EPOCHS epochs, $PRECISION, lr 3e-5, batch $BATCH, $SEQ/$DOC_STRIDE/64, seeds $SEEDS"
     for seed in $SEEDS; do
         fits 100 "$W bertqa seed $seed" && ours minilm-ours-$seed $W bertqa "" $seed 400 --model $MINILM \
             --train-file $D/train.json --dev-file $D/dev.json "${SUB[@]}" --epochs "$EPOCHS" --batch-size "$BATCH" \
@@ -228,21 +265,21 @@ fi
 
 if has padding; then
     W=minilm-squad-${EPOCHS}ep-padding
-    log "== $W: bertqa alone, all-MiniLM-L6-v2 $EPOCHS epochs, --padding packed beside --padding longest (seed 42)"
-    if [ -f "$OUT/runs/minilm-ours-42.json" ]; then
-        python3 - "$OUT/runs/minilm-ours-42.json" "$OUT/runs/pad-packed.json" "$W" <<'EOF'
+    log "== $W: bertqa alone, all-MiniLM-L6-v2 $EPOCHS epochs, --padding packed beside --padding longest (seed $FIRST_SEED)"
+    if [ -f "$OUT/runs/minilm-ours-$FIRST_SEED.json" ]; then
+        python3 - "$OUT/runs/minilm-ours-$FIRST_SEED.json" "$OUT/runs/pad-packed.json" "$W" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1])); r.update(workload=sys.argv[3], side="bertqa_packed", note="the minilm run of this call")
 json.dump(r, open(sys.argv[2], "w"), indent=1)
 EOF
     else
-        fits 100 "$W packed" && ours pad-packed $W bertqa_packed "" 42 400 --model $MINILM --train-file $D/train.json \
+        fits 100 "$W packed" && ours pad-packed $W bertqa_packed "" $FIRST_SEED 400 --model $MINILM --train-file $D/train.json \
             --dev-file $D/dev.json "${SUB[@]}" --epochs "$EPOCHS" --batch-size "$BATCH" --max-seq-length "$SEQ" \
-            --precision "$PRECISION" --log-every 50 --seed 42 --padding packed
+            --precision "$PRECISION" --log-every 50 --seed $FIRST_SEED --padding packed
     fi
-    fits 120 "$W longest" && ours pad-longest $W bertqa_longest "" 42 400 --model $MINILM --train-file $D/train.json \
+    fits 120 "$W longest" && ours pad-longest $W bertqa_longest "" $FIRST_SEED 400 --model $MINILM --train-file $D/train.json \
         --dev-file $D/dev.json "${SUB[@]}" --epochs "$EPOCHS" --batch-size "$BATCH" --max-seq-length "$SEQ" \
-        --precision "$PRECISION" --log-every 50 --seed 42 --padding longest
+        --precision "$PRECISION" --log-every 50 --seed $FIRST_SEED --padding longest
     assemble
 fi
 

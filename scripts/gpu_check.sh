@@ -2,7 +2,7 @@
 # One prepared GPU run (≤ 8 minutes; DEADLINE_S bounds it): device facts, the GPU parity tests (every kernel and a whole training
 # step against the CPU reference, f32 and bf16; the attention variants; the opt-in paths BERTQA_ATTN=v4,
 # BERTQA_GEMM=lt and BERTQA_VEC=1; CUDA graphs: gpu_cuda_graphs_replay_what_runs, with the defaults and with
-# the opt-in paths; the wgmma probe and attention variants 5 and 6), then the kernel/step benchmark (which also times the opt-in paths). Expects the binaries built by
+# the opt-in paths; the wgmma probe and attention variants 5 and 6), then the kernel/step benchmark (which also times the opt-in paths), then, with the time left, variant 6 in a whole training step and under CUDA graphs (parity_bf16_v6, graphs_exact_v6: what device_run.sh requires before comparing with it). Expects the binaries built by
 # scripts/package_gpu.sh in .gpu/bin (carry `.gpu`). Writes logs to $OUT (or ./gpu-out) and prints a summary.
 # DEADLINE_S (seconds from this script's start; default none): no step starts after it, and each step's timeout
 # is cut to what is left, so that a device call's limit never kills this script mid-way. LIVE_DIR (a folder;
@@ -50,7 +50,7 @@ run() { # name, timeout, command...
 }
 if [ -z "${SKIP_PARITY:-}" ]; then
 run parity_f32 120 .gpu/bin/test_parity --exact gpu_parity_f32 --nocapture --test-threads 1
-grep -E "FAIL|SKIPPED|panicked|test result" "$OUT/parity_f32.log" | head -20 | tee -a "$OUT/summary.txt"
+grep -E "FAIL|SKIPPED|panicked|test result" "$OUT/parity_f32.log" 2>/dev/null | head -20 | tee -a "$OUT/summary.txt"
 run parity_bf16 120 .gpu/bin/test_parity --exact gpu_parity_bf16 --nocapture --test-threads 1
 grep -E "FAIL|SKIPPED|panicked|test result" "$OUT/parity_bf16.log" | head -20 | tee -a "$OUT/summary.txt"
 # every tensor-core attention variant and variant 4's three backward shapes, op by op (T=37 and T=203)
@@ -114,5 +114,14 @@ if [ -z "${BERTQA_ASSETS:-}" ] && [ -f .gpu/data/train-v1.1.json.gz ] && [ -d .g
 fi
 BENCH_ITERS="${BENCH_ITERS:-10}" run bench "${BENCH_TIMEOUT:-240}" .gpu/bin/bench_ops --bench
 cat "$OUT/bench.log" | tee -a "$OUT/summary.txt" | tail -80
+# last, with what time is left (after the bench, which it must not crowd out): variant 6 in a whole training
+# step and under CUDA graphs, with the other opt-in paths — what scripts/device_run.sh requires before it
+# compares with v6 (the steps above checked v6 op by op only, and the whole step with v4)
+if [ -z "${SKIP_PARITY:-}" ] && grep -q "wgmma_probe: rc=0" "$OUT/summary.txt" && grep -q "attn_wgmma: rc=0" "$OUT/summary.txt"; then
+    BERTQA_ATTN=v6 BERTQA_GEMM=lt BERTQA_VEC=1 run parity_bf16_v6 120 .gpu/bin/test_parity --exact gpu_parity_bf16 --nocapture --test-threads 1
+    grep -E "FAIL|SKIPPED|panicked|cuBLASLt|test result" "$OUT/parity_bf16_v6.log" 2>/dev/null | head -20 | tee -a "$OUT/summary.txt"
+    BERTQA_ATTN=v6 BERTQA_GEMM=lt BERTQA_VEC=1 run graphs_exact_v6 120 .gpu/bin/test_parity --exact gpu_cuda_graphs_replay_what_runs --nocapture --test-threads 1
+    grep -E "FAIL|SKIPPED|panicked|CUDA graphs:|test result" "$OUT/graphs_exact_v6.log" 2>/dev/null | head -20 | tee -a "$OUT/summary.txt"
+fi
 live
 exit $status

@@ -126,23 +126,27 @@ def check(ra, rb, what):
 
 def cmd_check(a):
     ra, rb = load_json(a.a), load_json(a.b)
-    ok, rows = check(ra, rb, a.what)
-    failed = [r["side"] for r in (ra, rb) if not r["ok"]]
-    if failed:
-        ok, rows = False, [(f"run failed: {', '.join(failed)}", None, None, False)]
     between = f"{ra['side']} vs {rb['side']}" + (f" (seed {ra['seed']})" if ra.get("seed") is not None else "") + \
               (f" (round {ra['round']})" if ra.get("round") is not None else "")
-    for k, va, vb, same in rows:
-        print(f"  {'ok      ' if same else 'MISMATCH'} {k}: {ra['side']} {va} | {rb['side']} {vb}")
-    print(f"like-for-like {ra['workload']} {between}: {'all equal' if ok else 'CHECK FAILED'}")
+    failed = [r["side"] for r in (ra, rb) if not r["ok"]]
+    if failed:
+        # a run that failed has nothing to compare: not a mismatch (its failure is reported as such, and the
+        # other sides' comparisons stand)
+        ok, rows = None, []
+        print(f"like-for-like {ra['workload']} {between}: not compared ({', '.join(failed)} failed)")
+    else:
+        ok, rows = check(ra, rb, a.what)
+        for k, va, vb, same in rows:
+            print(f"  {'ok      ' if same else 'MISMATCH'} {k}: {ra['side']} {va} | {rb['side']} {vb}")
+        print(f"like-for-like {ra['workload']} {between}: {'all equal' if ok else 'CHECK FAILED'}")
     if a.record:
         with open(a.record, "w") as f:
             json.dump({"workload": ra["workload"], "side": "check", "round": ra.get("round"), "seed": ra.get("seed"),
                        "rc": 0, "wall_s": 0.0, "ok": True, "note": None,
-                       "result": {"between": between, "ok": ok,
+                       "result": {"between": between, "ok": ok, "failed": failed,
                                   "fields": {k: {"a": va, "b": vb, "equal": same} for k, va, vb, same in rows}}},
                       f, indent=1)
-    sys.exit(0 if ok else 1)
+    sys.exit(1 if ok is False else 0)
 
 
 def mean_std(v):
@@ -278,6 +282,12 @@ def assemble(runs, peak, bench, args):
     out["device"] = smi
     out["software"] = {k: env.get(k) for k in ("python", "torch", "transformers", "cuda_runtime", "cudnn")} if env else {}
     out["bertqa_kernels"] = args.kernels or "defaults"
+    out["step_time"] = {
+        "bertqa": "host clock from a step's start to the device's end: the trainer's own one synchronisation per "
+                  "step (it reads the loss and the gradient norm's statistics after AdamW), batch packing and "
+                  "upload included; median over the steps after the first min(10, n/2)",
+        "transformers": "CUDA events around each step (optimizer step included), no per-step host "
+                        "synchronisation; median over the same steps"}
     out["peak"] = {"tflops": peak_t, "how": (peak or {}).get("gemm"), "ms_median": (peak or {}).get("ms_median"),
                    "note": "measured in this call (scripts/hf_squad.py --measure-peak); every mfu below is "
                            "seq/s x train_flops_per_seq(T) / this peak, the same formula for both sides"}
@@ -304,7 +314,9 @@ def assemble(runs, peak, bench, args):
         checks = [r for r in runs if r["workload"] == w and r["side"] == "check"]
         if checks:
             entry["like_for_like"] = [c["result"] for c in checks]
-            entry["like_for_like_ok"] = all(c["result"]["ok"] for c in checks)
+            compared = [c["result"]["ok"] for c in checks if c["result"]["ok"] is not None]
+            # over the pairs that could be compared (a failed run is reported by its side's failed_runs)
+            entry["like_for_like_ok"] = all(compared) if compared else None
         out["workloads"][w] = entry
     base = bench.get("profiles", {}).get("BERT-base")
     out["profile"] = base or {}
@@ -341,17 +353,36 @@ def human(out):
         if "loss_trajectories" in e:
             lines.append(f"  lockstep max relative loss difference: {e['loss_trajectories']['max_rel_diff']:.2e}")
         for c in e.get("like_for_like", []):
-            lines.append(f"  like-for-like {c.get('between')}: {'equal' if c.get('ok') else 'MISMATCH'}")
+            verdict = {True: "equal", False: "MISMATCH", None: "not compared (a run failed)"}[c.get("ok")]
+            lines.append(f"  like-for-like {c.get('between')}: {verdict}")
     return "\n".join(lines)
+
+
+def load_peak(path):
+    """The peak measurement's record, or one that says it is missing (a failed or cut measurement must not
+    cost the call its JSON: every mfu is then null)."""
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        return load_json(path)
+    except ValueError:
+        return last_json_line(path) or {"tflops": None, "error": f"no JSON in {os.path.basename(path)}: the "
+                                                                   "peak measurement failed or was cut"}
 
 
 def cmd_assemble(a):
     runs = [load_json(p) for p in sorted(glob.glob(os.path.join(a.runs, "*.json")))]
-    peak = load_json(a.peak) if a.peak and os.path.exists(a.peak) else None
+    peak = load_peak(a.peak)
     bench = parse_bench(a.bench)
     out = assemble(runs, peak, bench, a)
+    if peak and peak.get("error"):
+        out["peak"]["error"] = peak["error"]
     wl = "+".join(sorted(out["workloads"])) or ("profile" if out["profile"] else "none")
-    name = f"{out['date'][:10]}-{card_slug(out['card'])}-{a.commit or 'unknown'}-{wl}.json"
+    # the time and the seeds too: two calls on one day and commit (one seed each) must not share a name
+    seeds = sorted({r["seed"] for r in runs if r.get("seed") is not None and r["side"] != "check"})
+    tag = ("-seeds" + "_".join(str(x) for x in seeds)) if seeds else ""
+    name = (f"{out['date'][:10]}-{out['date'][11:19].replace(':', '')}-{card_slug(out['card'])}-"
+            f"{a.commit or 'unknown'}-{wl}{tag}.json")
     os.makedirs(a.out_dir, exist_ok=True)
     path = os.path.join(a.out_dir, re.sub(r"[^A-Za-z0-9_.+-]", "_", name))
     with open(path, "w") as f:
@@ -362,15 +393,19 @@ def cmd_assemble(a):
 
 def cmd_merge(a):
     per = {}
-    for p in a.files:
-        j = load_json(p)
+    # one entry per (workload, side, seed, commit): the same run written by two files (a file copied or
+    # assembled twice) counts once — the later file's, by its date
+    files = sorted(((load_json(p), p) for p in a.files), key=lambda jp: jp[0].get("date") or "")
+    for j, p in files:
         for w, e in j.get("workloads", {}).items():
             for s, d in e.items():
                 if isinstance(d, dict) and d.get("per_seed"):
                     for x in d["per_seed"]:
                         if x.get("f1") is None:
                             continue
-                        per.setdefault((w, s), []).append({**x, "commit": j.get("commit"), "file": os.path.basename(p)})
+                        xs = per.setdefault((w, s), [])
+                        xs[:] = [y for y in xs if (y["seed"], y["commit"]) != (x["seed"], j.get("commit"))]
+                        xs.append({**x, "commit": j.get("commit"), "file": os.path.basename(p)})
     out = {}
     for (w, s), xs in sorted(per.items()):
         f1, f1s = mean_std([x["f1"] for x in xs])
