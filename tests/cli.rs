@@ -2089,3 +2089,43 @@ fn the_echo_of_a_signal_is_not_a_second_one() {
         "no checkpoint saved: {last}"
     );
 }
+
+/// A signal before the training starts (the model loading, the data read — here a FIFO nobody writes, as a
+/// node waiting for the others at a rendezvous would block) exits at once with 128 + the signal: there is
+/// nothing to save (before: the first signal only asked the training loop, not yet running, to stop).
+#[test]
+fn a_signal_before_the_training_starts_exits_at_once() {
+    let t = TempDir::new("signal-early");
+    let (model, _) = train_setup(&t);
+    let fifo = t.join("fifo.json");
+    let c = std::ffi::CString::new(s(&fifo)).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let out = t.join("run");
+    let mut child = spawn_train(&train_args(&model, &fifo, &out, &[]), &[]);
+    // the lock is taken just before the handlers are installed: give them a moment
+    wait_until("the run lock", || out.join("bertqa.lock").exists());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    send(&child, libc::SIGINT);
+    let t0 = std::time::Instant::now();
+    let code = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        if t0.elapsed().as_secs() > 20 {
+            let _ = child.kill();
+            panic!("still running 20 s after SIGINT");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(code, Some(130), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("before the training started"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !out.join("bertqa.lock").exists(),
+        "the lock was left behind"
+    );
+}

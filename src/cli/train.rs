@@ -613,6 +613,9 @@ const ECHO: std::time::Duration = std::time::Duration::from_millis(50);
 struct Interrupts {
     /// set by the first signal: the training loop stops after its current step
     flag: Arc<AtomicBool>,
+    /// set when the training starts (the job's train::run): a signal before it — loading, a rendezvous that
+    /// waits for other machines — exits at once, as there is nothing to save
+    started: Arc<AtomicBool>,
     /// the first signal's number (0: none yet)
     first: Arc<AtomicI32>,
     handle: signal_hook::iterator::Handle,
@@ -626,8 +629,9 @@ impl Interrupts {
             .context("installing the SIGINT/SIGTERM handlers")?;
         let handle = signals.handle();
         let flag = Arc::new(AtomicBool::new(false));
+        let started = Arc::new(AtomicBool::new(false));
         let first = Arc::new(AtomicI32::new(0));
-        let (f, fs) = (flag.clone(), first.clone());
+        let (f, fs, st) = (flag.clone(), first.clone(), started.clone());
         let thread = std::thread::spawn(move || {
             let mut first_at: Option<std::time::Instant> = None;
             for sig in signals.forever() {
@@ -636,6 +640,13 @@ impl Interrupts {
                     .compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
                     .is_ok()
                 {
+                    if !st.load(Ordering::SeqCst) {
+                        eprintln!(
+                            "\n{name} before the training started: exiting now (nothing to save)"
+                        );
+                        lock.release();
+                        std::process::exit(128 + sig);
+                    }
                     first_at = Some(std::time::Instant::now());
                     f.store(true, Ordering::SeqCst);
                     eprintln!(
@@ -677,6 +688,7 @@ impl Interrupts {
         });
         Ok(Interrupts {
             flag,
+            started,
             first,
             handle,
             thread: Some(thread),
@@ -843,6 +855,7 @@ impl DeviceFn<bool> for TrainJob<'_> {
             interrupt: Some(self.interrupts.flag.clone()),
             stop_after_steps: None,
         };
+        self.interrupts.started.store(true, Ordering::SeqCst);
         let s = train::run(&mut trainer, &inp)?;
         // the followers stop with the leader (on an error the group is dropped instead: they see it gone)
         trainer.leave_group()?;
@@ -1047,12 +1060,18 @@ fn data_parallel(a: &TrainArgs, devs: Devices, job: LeaderJob) -> Result<bool> {
                     Err(_) => errors.push(format!("replica {} panicked", i + 1)),
                 }
             }
+            // a follower that only saw the leader leave (replica 0) says nothing the leader's own error does not:
+            // the leader's error then stands alone (before: one line per replica, the cause last)
+            let own: Vec<String> = errors
+                .into_iter()
+                .filter(|m| !m.contains("replica 0 of"))
+                .collect();
             match res {
-                Ok(interrupted) if errors.is_empty() => Ok(interrupted),
-                Ok(_) => bail!("{}", errors.join("; ")),
+                Ok(interrupted) if own.is_empty() => Ok(interrupted),
+                Ok(_) => bail!("{}", own.join("; ")),
                 // the followers' own errors say why when the leader only saw one of them leave
-                Err(e) if errors.is_empty() => Err(e),
-                Err(e) => Err(e.context(errors.join("; "))),
+                Err(e) if own.is_empty() => Err(e),
+                Err(e) => Err(e.context(own.join("; "))),
             }
         }
         Devices::Cuda(ords) => {
@@ -1114,7 +1133,20 @@ fn data_parallel(a: &TrainArgs, devs: Devices, job: LeaderJob) -> Result<bool> {
                 .map(|(i, &ord)| {
                     std::thread::Builder::new()
                         .name(format!("replica-{}", first_rank + i))
-                        .spawn(move || follower(i, ord))
+                        .spawn(move || {
+                            // a panic, like an error, ends the process: the others would wait in NCCL for it
+                            let rank = first_rank + i;
+                            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                follower(i, ord)
+                            }))
+                            .is_err()
+                            {
+                                eprintln!(
+                                    "error: replica {rank} (cuda:{ord}) panicked; stopping the run"
+                                );
+                                std::process::exit(1);
+                            }
+                        })
                 })
                 .collect::<std::io::Result<_>>()
                 .context("starting the replica threads")?;
