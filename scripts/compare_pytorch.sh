@@ -84,11 +84,12 @@ capped() {
     [ "$left" -ge 15 ] || return 1
     echo $(( $1 < left ? $1 : left ))
 }
-LAST_WALL=0  # the wall seconds of the last ours/hf run (the throughput rounds' estimates)
+LAST_WALL=""  # the wall seconds of the last ours/hf run ("" when it was skipped): the rounds' estimates
 # ours NAME WORKLOAD SIDE ROUND SEED TIMEOUT train-flags... : one bertqa run, its record in runs/NAME.json
 ours() {
     local name=$1 w=$2 side=$3 round=$4 seed=$5 t=$6; shift 6
     local dir=/tmp/ours-$name s rc; rm -rf "$dir"
+    LAST_WALL=""
     t=$(capped "$t") || { log "SKIPPED $name: no time left of BUDGET_S=$BUDGET_S"; return 0; }
     s=$(now)
     timeout "$t" $BIN train --output-dir "$dir" --no-progress --save-total-limit 1 "${DEV_OURS[@]}" --doc-stride "$DOC_STRIDE" \
@@ -106,6 +107,7 @@ ours() {
 hf() {
     local name=$1 w=$2 side=$3 round=$4 seed=$5 t=$6; shift 6
     local s rc
+    LAST_WALL=""
     t=$(capped "$t") || { log "SKIPPED $name: no time left of BUDGET_S=$BUDGET_S"; return 0; }
     s=$(now)
     timeout "$t" python3 scripts/hf_squad.py "${DEV_HF[@]}" "$@" > "$OUT/$name.out" 2> "$OUT/$name.err"
@@ -133,7 +135,8 @@ assemble() {
     local p
     p=$(python3 $PY assemble --runs "$OUT/runs" --out-dir "$PERF_DIR" --peak "$OUT/peak.json" ${BENCH_LOG:+--bench "$BENCH_LOG"} \
         ${WARM_S:+--warm "$WARM_S"} --commit "$COMMIT" --kernels "${KERNELS:-defaults}" 2> "$OUT/assembled.txt")
-    [ -n "$p" ] && [ "$p" != "${LAST_JSON:-}" ] && [ -n "${LAST_JSON:-}" ] && rm -f "$LAST_JSON"
+    [ -n "$p" ] || return 0  # nothing assembled (assembled.txt says why): the previous JSON stands
+    [ "$p" != "${LAST_JSON:-}" ] && [ -n "${LAST_JSON:-}" ] && rm -f "$LAST_JSON"
     LAST_JSON=$p
     if [ "$PERF_DIR" != "$OUT" ]; then  # a device call: logs next to the JSON, refreshed after every workload
         tar czf "$PERF_DIR/compare-logs.tgz" -C "$OUT" . 2>/dev/null; cp "$OUT/summary.txt" "$PERF_DIR/compare-summary.txt"
@@ -194,7 +197,7 @@ if has throughput; then
         fits $est "$W round $r of $ROUNDS (every side: ~$est s)" || break
         ours base-ours-$r $W bertqa $r "" 180 --model $BASE --train-file $SYN \
             --epochs 1 --max-steps "$STEPS" --batch-size "$BATCH" --max-seq-length "$SEQ" --precision "$PRECISION" --log-every 1
-        EST[bertqa]=$(( LAST_WALL + 5 ))
+        [ -z "$LAST_WALL" ] || EST[bertqa]=$(( LAST_WALL + 5 ))
         for s in $HF_SIDES; do
             case $s in
                 eager) flags="" ;;
@@ -204,7 +207,7 @@ if has throughput; then
             [ "$s" = eager_bf16w ] || flags="$flags ${HF_PREC[*]}"
             hf base-hf-$s-$r $W transformers_$s $r "" 300 --throughput \
                 --config $BASE --steps "$STEPS" --batch-size "$BATCH" --max-seq-length "$SEQ" --peak-tflops "$PEAK" $flags
-            EST[$s]=$(( LAST_WALL + 5 ))
+            [ -z "$LAST_WALL" ] || EST[$s]=$(( LAST_WALL + 5 ))
         done
     done
     for s in $HF_SIDES; do check base-ours-1 base-hf-$s-1 throughput; done

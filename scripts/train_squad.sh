@@ -87,7 +87,9 @@ if [ ! -f "$MODEL/config.json" ]; then
     done
 fi
 
-BIN="$(abs "${CARGO_TARGET_DIR:-$ROOT/target}")/release/bertqa"
+# CARGO_TARGET_DIR is resolved where cargo runs: the repository (below)
+case "${CARGO_TARGET_DIR:-}" in /*) TGT=$CARGO_TARGET_DIR ;; "") TGT=$ROOT/target ;; *) TGT=$ROOT/$CARGO_TARGET_DIR ;; esac
+BIN="$TGT/release/bertqa"
 
 GPU=""
 if [ -e /dev/nvidia0 ] || nvidia-smi -L >/dev/null 2>&1; then GPU=1; fi

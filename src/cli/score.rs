@@ -55,22 +55,113 @@ pub fn run(a: &ScoreArgs) -> Result<()> {
         eprintln!("{missing} unanswered questions receive score 0");
     }
     let out = crate::eval::run::score(&ds, &preds, na.as_ref(), v2);
-    println!("{}", as_python_prints(&out));
+    // v2.0's official script indents its JSON; ours stays one line (the last line of every command is its
+    // metrics JSON), with the same keys, order and numbers
+    println!("{}", as_python_prints(&out, false));
     Ok(())
 }
 
-/// A flat JSON object of numbers as the official scripts print theirs (Python's `json.dumps`: `", "` and
-/// `": "` separators; keys in the scripts' order; numbers as the shortest round-trip text, as Python's
-/// repr), e.g. `{"exact_match": 81.2, "f1": 88.5}`; anything else as compact JSON.
-fn as_python_prints(v: &serde_json::Value) -> String {
+/// A flat JSON object of numbers as the official scripts print theirs — Python's `json.dumps`: `", "` and
+/// `": "` separators (v1.1), or `indent=2` (v2.0: one key per line); keys in the scripts' order; floats as
+/// Python's repr (the shortest round-trip digits, scientific below 1e-4 and from 1e16 up: `1.5e-05`), e.g.
+/// `{"exact_match": 81.2, "f1": 88.5}`; anything else as compact JSON.
+fn as_python_prints(v: &serde_json::Value, indent: bool) -> String {
     match v.as_object() {
         Some(o) if o.values().all(|x| x.is_number()) => {
             let items: Vec<String> = o
                 .iter()
-                .map(|(k, x)| format!("{}: {x}", serde_json::Value::from(k.as_str())))
+                .map(|(k, x)| format!("{}: {}", serde_json::Value::from(k.as_str()), py_number(x)))
                 .collect();
-            format!("{{{}}}", items.join(", "))
+            if indent {
+                format!("{{\n  {}\n}}", items.join(",\n  "))
+            } else {
+                format!("{{{}}}", items.join(", "))
+            }
         }
         _ => v.to_string(),
+    }
+}
+
+/// A JSON number as Python's `json.dumps` writes it: integers as they are, floats as `repr(float)`.
+fn py_number(x: &serde_json::Value) -> String {
+    match x.as_f64() {
+        Some(f) if !x.is_u64() && !x.is_i64() => py_float(f),
+        _ => x.to_string(),
+    }
+}
+
+/// Python's `repr(float)`: the shortest digits that round-trip (Rust's `{:e}` has the same digits), in fixed
+/// notation for exponents -4..16, else `d.ddde±XX`.
+fn py_float(f: f64) -> String {
+    if f == 0.0 {
+        return if f.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
+    }
+    if !f.is_finite() {
+        return if f.is_nan() {
+            "NaN".into()
+        } else if f > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
+    }
+    let e = format!("{:e}", f.abs());
+    let (mant, exp) = e.split_once('e').expect("{:e} has an exponent");
+    let exp: i32 = exp.parse().expect("an integer exponent");
+    let digits: String = mant.chars().filter(|c| *c != '.').collect();
+    let sign = if f < 0.0 { "-" } else { "" };
+    let n = digits.len() as i32;
+    let body = if (-4..16).contains(&exp) {
+        if exp >= 0 {
+            if exp + 1 >= n {
+                format!("{digits}{}.0", "0".repeat((exp + 1 - n) as usize))
+            } else {
+                format!(
+                    "{}.{}",
+                    &digits[..(exp + 1) as usize],
+                    &digits[(exp + 1) as usize..]
+                )
+            }
+        } else {
+            format!("0.{}{digits}", "0".repeat((-exp - 1) as usize))
+        }
+    } else {
+        let m = if n > 1 {
+            format!("{}.{}", &digits[..1], &digits[1..])
+        } else {
+            digits.clone()
+        };
+        format!("{m}e{}{:02}", if exp < 0 { "-" } else { "+" }, exp.abs())
+    };
+    format!("{sign}{body}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::py_float;
+
+    /// Against Python 3's repr(float) (values printed by `python3 -c 'print(repr(x))'`).
+    #[test]
+    fn floats_print_as_python_repr_does() {
+        for (x, want) in [
+            (100.0, "100.0"),
+            (86.20624408703878, "86.20624408703878"),
+            (0.5, "0.5"),
+            (1.5e-5, "1.5e-05"),
+            (0.0001, "0.0001"),
+            (0.00012, "0.00012"),
+            (1e16, "1e+16"),
+            (1.2345e16, "1.2345e+16"),
+            (1234567890123456.0, "1234567890123456.0"),
+            (-2.5, "-2.5"),
+            (0.0, "0.0"),
+            (-1e-7, "-1e-07"),
+        ] {
+            assert_eq!(py_float(x), want, "{x:e}");
+        }
     }
 }

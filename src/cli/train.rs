@@ -608,7 +608,7 @@ fn signal_name(sig: i32) -> String {
 /// checkpoint stays; anything half-written is debris that the next start removes). The same signal again
 /// within [`ECHO`] of the first is the first's echo, not a second: coreutils `timeout` (and a shell's Ctrl-C
 /// to a process group) signal the process and then its group, so one request arrives twice.
-const ECHO: std::time::Duration = std::time::Duration::from_millis(50);
+const ECHO: std::time::Duration = std::time::Duration::from_millis(100);
 
 struct Interrupts {
     /// set by the first signal: the training loop stops after its current step
@@ -963,6 +963,18 @@ pub fn run(a: &TrainArgs, given: &GivenFlags) -> Result<i32> {
     }
     if let Some(r) = a.resume.as_deref().filter(|r| !r.is_empty()) {
         checkpoint::check_resume_target(dir, Path::new(r))?;
+    }
+    if a.resume.is_some() {
+        // a save of the continued run would have to replace them: say so now, not after some steps
+        let foreign = checkpoint::foreign_dirs(dir);
+        if !foreign.is_empty() {
+            bail!(
+                "--resume: {} in {} hold(s) files bertqa does not write, which a save of this run would have to \
+                 replace; move them away first",
+                foreign.join(", "),
+                dir.display()
+            );
+        }
     }
     if a.resume.is_none() {
         let held = checkpoint::run_contents(dir);

@@ -190,6 +190,18 @@ fn err(what: &str) -> impl Fn(lt::CublasError) -> anyhow::Error + '_ {
     move |e| anyhow!("cuBLASLt {what}: {e:?}")
 }
 
+/// Whether a failed `cublasLtMatmul` is the algorithm refusing the problem (it ran nothing): another
+/// algorithm, or cublasGemmEx, may take it. Anything else (a faulted context, no memory) is an error.
+fn refused(e: &lt::CublasError) -> bool {
+    use ltsys::cublasStatus_t as S;
+    matches!(
+        e.0,
+        S::CUBLAS_STATUS_NOT_SUPPORTED
+            | S::CUBLAS_STATUS_INVALID_VALUE
+            | S::CUBLAS_STATUS_ARCH_MISMATCH
+    )
+}
+
 /// Largest power of two (≤ 256) dividing the address: what cuBLASLt may assume about an operand.
 fn alignment(ptr: u64) -> u32 {
     if ptr == 0 {
@@ -302,13 +314,7 @@ impl Lt {
             return decline(declined);
         };
         if let Err(e) = self.launch(stream, plan, g, alpha, a, b, beta, c, bias) {
-            use ltsys::cublasStatus_t as S;
-            let refused = matches!(
-                e.0,
-                S::CUBLAS_STATUS_NOT_SUPPORTED
-                    | S::CUBLAS_STATUS_INVALID_VALUE
-                    | S::CUBLAS_STATUS_ARCH_MISMATCH
-            );
+            let refused = refused(&e);
             // cublasLt.h: an algorithm that passed its checks may still refuse to run. Outside a recording,
             // the shape goes to cublasGemmEx from now on; while recording, the error ends the recording
             // (graphs.rs then runs the micro-batch directly, where this is decided); a failure that is
@@ -588,11 +594,10 @@ impl Lt {
         for &algo in candidates {
             plan.algo = algo;
             times.push(None);
-            if self
-                .launch(stream, plan, g, 1.0, a, b, 0.0, d, bias)
-                .is_err()
-            {
-                continue;
+            match self.launch(stream, plan, g, 1.0, a, b, 0.0, d, bias) {
+                Ok(()) => {}
+                Err(e) if refused(&e) => continue, // this candidate does not run here: the next one
+                Err(e) => return Err(err("trying a candidate")(e)),
             }
             let Some((start, stop)) = events else {
                 best = Some((0.0, algo)); // untuned: the first that runs

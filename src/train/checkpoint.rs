@@ -90,6 +90,14 @@ fn old_for(dst: &Path) -> PathBuf {
 
 fn replace_dir(tmp: &Path, dst: &Path, target: &str) -> Result<()> {
     fault(target, "before-rename")?;
+    // a folder of that name holding anything bertqa does not write is someone else's: never replaced
+    if dst.is_dir() && !only_checkpoint_files(dst) {
+        let _ = std::fs::remove_dir_all(tmp);
+        bail!(
+            "{} holds files bertqa does not write: not replacing it with this save; move it away",
+            dst.display()
+        );
+    }
     if dst.exists() {
         let old = old_for(dst);
         if old.exists() {
@@ -360,13 +368,19 @@ pub fn clean_debris(dir: &Path) -> Result<Vec<String>> {
 
 /// Remove what `bertqa train` writes in `dir` — `checkpoint-N/`, `best/`, [`RUN_FILES`] and the debris of
 /// its saves — and nothing else (--overwrite-output-dir). Returns the names removed.
+/// The `checkpoint-N/` and `best/` folders of `dir` that hold anything bertqa does not write (another tool's
+/// or the user's): never removed or replaced.
+pub fn foreign_dirs(dir: &Path) -> Vec<String> {
+    run_contents(dir)
+        .into_iter()
+        .filter(|n| dir.join(n).is_dir() && !only_checkpoint_files(&dir.join(n)))
+        .collect()
+}
+
 pub fn remove_run(dir: &Path) -> Result<Vec<String>> {
     let mut removed = clean_debris(dir)?;
     // a checkpoint-N/ or best/ holding anything bertqa does not write is not removed, nor is anything else
-    let foreign: Vec<String> = run_contents(dir)
-        .into_iter()
-        .filter(|n| dir.join(n).is_dir() && !only_checkpoint_files(&dir.join(n)))
-        .collect();
+    let foreign = foreign_dirs(dir);
     if !foreign.is_empty() {
         bail!(
             "--overwrite-output-dir: {} in {} hold(s) files bertqa does not write: not removing anything; \
@@ -390,13 +404,26 @@ pub fn remove_run(dir: &Path) -> Result<Vec<String>> {
 /// - CKPT elsewhere while `dir` holds a run: that run's files would be mixed with the continued one's.
 pub fn check_resume_target(dir: &Path, ckpt: &Path) -> Result<()> {
     let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    let parent = ckpt.parent().map(canon);
+    // a bare `checkpoint-4` is in the current directory
+    let parent = ckpt
+        .parent()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
+        .map(canon);
     if parent.as_deref() == Some(canon(dir).as_path()) {
         let name = ckpt.file_name().map(|n| n.to_string_lossy().into_owned());
         if let Some(k) = name.as_deref().and_then(checkpoint_step) {
-            let mut later: Vec<usize> = list_checkpoints(dir)
+            // every later checkpoint-N/, complete or not (a save of the continued run would replace it)
+            let mut later: Vec<usize> = std::fs::read_dir(dir)
                 .into_iter()
-                .map(|(s, _)| s)
+                .flatten()
+                .flatten()
+                .filter_map(|e| checkpoint_step(&e.file_name().to_string_lossy()))
                 .filter(|&s| s > k)
                 .collect();
             later.sort_unstable();

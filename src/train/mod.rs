@@ -317,6 +317,18 @@ pub struct RunInputs<'a> {
     pub stop_after_steps: Option<usize>,
 }
 
+/// Whether the run in `dir` ended — not interrupted — at `step`: its summary.json says so. A run that reached
+/// its last step but was stopped by a signal before its final evaluation has not ended: a --resume does that.
+fn finished_at(dir: &Path, step: usize) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join("summary.json")) else {
+        return false;
+    };
+    let Ok(s) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return false;
+    };
+    s["interrupted"] == serde_json::json!(false) && s["steps"].as_u64() == Some(step as u64)
+}
+
 /// What a finished run reports.
 pub struct RunSummary {
     pub state: TrainState,
@@ -990,7 +1002,9 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
     }
     let metrics_path = inp.output_dir.join("metrics.jsonl");
     if inp.resume_from.is_some() {
-        if trainer.state.global_step >= stop_at {
+        if (trainer.state.global_step >= stop_at || trainer.state.stopped_early)
+            && finished_at(&inp.output_dir, trainer.state.global_step)
+        {
             // a finished run resumed again (a scheduler relaunching after the end, say): nothing to train,
             // and its files — summary.json, predictions, best/ — stay as the run left them
             return Ok(RunSummary {
@@ -1035,7 +1049,10 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
     let mut losses = vec![];
     let mut seq_total = 0usize;
     let mut time_total = 0.0f64;
-    'outer: while trainer.state.epoch < cfg.epochs && trainer.state.global_step < stop_at {
+    'outer: while trainer.state.epoch < cfg.epochs
+        && trainer.state.global_step < stop_at
+        && !trainer.state.stopped_early
+    {
         let order = epoch_order(feats.len(), cfg.seed, trainer.state.epoch);
         while trainer.state.batch_in_epoch < steps_per_epoch {
             if trainer.state.global_step >= stop_at {
