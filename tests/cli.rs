@@ -2195,3 +2195,55 @@ fn a_run_interrupted_in_its_last_step_is_finished_by_resume() {
     );
     assert!(out.join("predictions.json").exists());
 }
+
+/// A node other than 0 waiting at the rendezvous for node 0 (here: none comes) ends on one signal, at once,
+/// with 128 + the signal — before, its first signal was left to a node 0 that was not there, and it waited
+/// out --rendezvous-timeout. (Runs without a GPU: a follower opens its GPUs only after the rendezvous.)
+#[test]
+fn a_follower_node_waiting_at_the_rendezvous_stops_on_one_signal() {
+    let t = TempDir::new("follower-signal");
+    let (model, data) = train_setup(&t);
+    let rdzv = t.join("run.rdzv");
+    let mut a = train_args(&model, &data, &t.join("run"), &[]);
+    // the node flags replace the single-device ones
+    if let Some(i) = a.iter().position(|x| x == "--device") {
+        a.drain(i..i + 2);
+    }
+    let r = format!("file:{}", s(&rdzv));
+    a.extend(
+        [
+            "--devices",
+            "0",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            "1",
+            "--rendezvous",
+            &r,
+            "--rendezvous-timeout",
+            "60",
+        ]
+        .map(String::from),
+    );
+    let mut child = spawn_train(&a, &[]);
+    wait_until("the SIGTERM handler", || catches(child.id(), libc::SIGTERM));
+    send(&child, libc::SIGTERM);
+    let t0 = std::time::Instant::now();
+    let code = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        if t0.elapsed().as_secs() > 20 {
+            let _ = child.kill();
+            panic!("the follower node still waits 20 s after SIGTERM");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(code, Some(143), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("before the training started"),
+        "{}",
+        stderr(&o)
+    );
+}

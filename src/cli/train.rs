@@ -1029,19 +1029,50 @@ type LeaderJob<'j, 'a> = Option<&'j dyn Fn(Option<Box<dyn std::any::Any + Send>>
 /// nothing (node 0 holds the output directory and its lock). A first SIGINT/SIGTERM is left to the leader
 /// (a scheduler signals every node: node 0 finishes the step, saves and stops everyone); a second one ends
 /// this process at once.
+/// Set on a node other than 0 once it has node 0's id (the rendezvous is over): its signals are then node 0's
+/// to act on (see [`follow_on_this_node`]).
+static JOINED: AtomicBool = AtomicBool::new(false);
+
 fn follow_on_this_node(a: &TrainArgs) -> Result<i32> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let Some(d) = &a.devices else {
         bail!("--node-rank {} needs --devices", a.node_rank);
     };
-    let seen = Arc::new(AtomicBool::new(false));
-    for sig in [SIGINT, SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, seen.clone())
-            .context("installing the signal handlers")?;
-        signal_hook::flag::register(sig, seen.clone()).context("installing the signal handlers")?;
-    }
+    // Before the rendezvous is over, a signal ends the node at once: nothing runs yet. After it, the first
+    // signal is left to node 0 (a scheduler signals every node: node 0 finishes the step, saves and stops
+    // everyone); another one — not the first one's echo, see ECHO — ends this node at once.
+    let first = Arc::new(AtomicI32::new(0));
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("installing the signal handlers")?;
+    let f = first.clone();
+    std::thread::spawn(move || {
+        let mut first_at: Option<std::time::Instant> = None;
+        for sig in signals.forever() {
+            let name = signal_name(sig);
+            if !JOINED.load(Ordering::SeqCst) {
+                eprintln!("\n{name} before the training started: exiting now");
+                std::process::exit(128 + sig);
+            }
+            if f.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                first_at = Some(std::time::Instant::now());
+                eprintln!("\n{name}: left to node 0, which finishes the step, saves and stops every node (send it again to quit this node at once)");
+                continue;
+            }
+            if sig == f.load(Ordering::SeqCst) && first_at.is_some_and(|t| t.elapsed() < ECHO) {
+                continue; // the first one's echo
+            }
+            eprintln!("\n{name} again: quitting this node now");
+            std::process::exit(128 + sig);
+        }
+    });
     data_parallel(a, Devices::parse(d)?, None)?;
-    Ok(0)
+    // stopped by node 0 after a signal: exit as node 0 does (128 + the signal)
+    Ok(match first.load(Ordering::SeqCst) {
+        0 => 0,
+        s => 128 + s,
+    })
 }
 
 fn data_parallel(a: &TrainArgs, devs: Devices, job: LeaderJob) -> Result<bool> {
@@ -1113,7 +1144,9 @@ fn data_parallel(a: &TrainArgs, devs: Devices, job: LeaderJob) -> Result<bool> {
                 id
             } else {
                 let r = Rendezvous::parse(a.rendezvous.as_deref().unwrap_or_default())?;
-                r.fetch(a.node_rank, Duration::from_secs(a.rendezvous_timeout))?
+                let id = r.fetch(a.node_rank, Duration::from_secs(a.rendezvous_timeout))?;
+                JOINED.store(true, Ordering::SeqCst);
+                id
             };
             eprintln!(
                 "bertqa: data parallel: node {} of {}, GPUs {ords:?}, {world} ranks in all ({})",
