@@ -11,7 +11,7 @@
 //! - the rendezvous file: two processes exchange an id through it.
 
 use bertqa::collective::local::Local;
-use bertqa::collective::rendezvous::{Rendezvous, ID_BYTES};
+use bertqa::collective::rendezvous::{Rendezvous, RunShape, ID_BYTES};
 use bertqa::collective::Collective;
 use bertqa::cpu::Cpu;
 use bertqa::data::features::{Feature, FeatureCfg};
@@ -444,6 +444,12 @@ fn cli_devices_cpu_cpu_is_one_run_with_the_losses_of_accumulation() {
     let _ = std::fs::remove_dir_all(&base);
 }
 
+/// The run both processes of the rendezvous test say they belong to.
+const SHAPE: RunShape = RunShape {
+    nnodes: 2,
+    devices_per_node: 1,
+};
+
 /// The child half of the rendezvous test (does nothing unless the parent started it).
 #[test]
 fn rendezvous_child_process() {
@@ -451,7 +457,7 @@ fn rendezvous_child_process() {
         return;
     };
     let r = Rendezvous::parse(&format!("file:{path}")).unwrap();
-    let id = r.fetch(1, Duration::from_secs(60)).unwrap();
+    let id = r.fetch(1, SHAPE, Duration::from_secs(60)).unwrap();
     std::fs::write(format!("{path}.child"), id).unwrap();
 }
 
@@ -470,14 +476,14 @@ fn rendezvous_file_hands_the_id_to_another_process() {
     std::thread::sleep(Duration::from_millis(300));
     let id: [u8; ID_BYTES] = std::array::from_fn(|i| (i * 7 + 3) as u8);
     let r = Rendezvous::parse(&format!("file:{}", path.display())).unwrap();
-    r.publish(&id, 2, Duration::from_secs(10)).unwrap();
+    r.publish(&id, SHAPE, Duration::from_secs(10)).unwrap();
     assert!(child.wait().unwrap().success());
     assert_eq!(
         std::fs::read(dir.join("run.rdzv.child")).unwrap(),
         id.to_vec()
     );
     // a second run with the same file is refused (the other nodes could read the stale id)
-    let e = r.publish(&id, 2, Duration::from_secs(1)).unwrap_err();
+    let e = r.publish(&id, SHAPE, Duration::from_secs(1)).unwrap_err();
     assert!(format!("{e:#}").contains("exists already"), "{e:#}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1130,6 +1130,11 @@ fn data_parallel(a: &TrainArgs, devs: Devices, job: LeaderJob) -> Result<bool> {
                 }
             }
             let mut _retire = Retire(None);
+            // what every node must agree on (checked at the rendezvous)
+            let shape = crate::collective::rendezvous::RunShape {
+                nnodes: a.nnodes,
+                devices_per_node: ords.len(),
+            };
             let id = if a.node_rank == 0 {
                 let id = crate::collective::nccl::unique_id()?;
                 if a.nnodes > 1 {
@@ -1138,13 +1143,17 @@ fn data_parallel(a: &TrainArgs, devs: Devices, job: LeaderJob) -> Result<bool> {
                         "bertqa: node 0 of {}: waiting for the other nodes ({r:?})",
                         a.nnodes
                     );
-                    r.publish(&id, a.nnodes, Duration::from_secs(a.rendezvous_timeout))?;
+                    r.publish(&id, shape, Duration::from_secs(a.rendezvous_timeout))?;
                     _retire = Retire(Some(r));
                 }
                 id
             } else {
                 let r = Rendezvous::parse(a.rendezvous.as_deref().unwrap_or_default())?;
-                let id = r.fetch(a.node_rank, Duration::from_secs(a.rendezvous_timeout))?;
+                let id = r.fetch(
+                    a.node_rank,
+                    shape,
+                    Duration::from_secs(a.rendezvous_timeout),
+                )?;
                 JOINED.store(true, Ordering::SeqCst);
                 id
             };

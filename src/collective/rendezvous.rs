@@ -10,7 +10,45 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// The bytes exchanged (an `ncclUniqueId`).
 pub const ID_BYTES: usize = 128;
-const MAGIC: &[u8; 12] = b"bertqa-rdzv1";
+/// Version 2: the id comes with the run's shape, which every node checks against its own.
+const MAGIC: &[u8; 12] = b"bertqa-rdzv2";
+
+/// What every node of a run must agree on before NCCL joins them (with another count, NCCL would wait for
+/// ranks that never come, or fail obscurely): node 0's, published with the id, is checked by every other
+/// node against its own command line, and (TCP) each node's by node 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunShape {
+    /// --nnodes
+    pub nnodes: usize,
+    /// the --devices count of every node
+    pub devices_per_node: usize,
+}
+
+impl RunShape {
+    fn bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&(self.nnodes as u64).to_le_bytes());
+        b[8..].copy_from_slice(&(self.devices_per_node as u64).to_le_bytes());
+        b
+    }
+    fn from_bytes(b: &[u8]) -> RunShape {
+        let n = |r: &[u8]| u64::from_le_bytes(r.try_into().expect("8 bytes")) as usize;
+        RunShape {
+            nnodes: n(&b[..8]),
+            devices_per_node: n(&b[8..16]),
+        }
+    }
+    /// Why `theirs` (the other side's) cannot join this run, if it cannot.
+    fn mismatch(&self, theirs: &RunShape, who: &str) -> Option<String> {
+        (self != theirs).then(|| {
+            format!(
+                "{who} runs --nnodes {} with {} device(s) per node, this node --nnodes {} with {}: every node \
+                 must give the same --nnodes and the same --devices count",
+                theirs.nnodes, theirs.devices_per_node, self.nnodes, self.devices_per_node
+            )
+        })
+    }
+}
 
 /// Where the id is exchanged (`--rendezvous file:PATH` or `tcp:HOST:PORT`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,8 +76,10 @@ impl Rendezvous {
         bail!("--rendezvous {s:?}: expected file:PATH (a shared file system) or tcp:HOST:PORT")
     }
 
-    /// Node 0: hand `id` to the `nnodes - 1` other nodes (TCP: waits until each has connected).
-    pub fn publish(&self, id: &[u8; ID_BYTES], nnodes: usize, timeout: Duration) -> Result<()> {
+    /// Node 0: hand `id` (and the run's `shape`) to the `shape.nnodes - 1` other nodes (TCP: waits until each
+    /// has connected; a node of another shape is refused, and told why).
+    pub fn publish(&self, id: &[u8; ID_BYTES], shape: RunShape, timeout: Duration) -> Result<()> {
+        let nnodes = shape.nnodes;
         match self {
             Rendezvous::File(p) => {
                 if p.exists() {
@@ -51,6 +91,7 @@ impl Rendezvous {
                 }
                 let mut body = MAGIC.to_vec();
                 body.extend_from_slice(id);
+                body.extend_from_slice(&shape.bytes());
                 // written whole under another name, then renamed: a reader sees all of it or nothing
                 crate::util::write_atomic(p, &body)
                     .with_context(|| format!("writing the rendezvous file {}", p.display()))
@@ -63,7 +104,7 @@ impl Rendezvous {
                 let mut served = vec![];
                 while served.len() + 1 < nnodes {
                     match l.accept() {
-                        Ok((s, peer)) => match Self::serve_one(s, id, nnodes, &served) {
+                        Ok((s, peer)) => match Self::serve_one(s, id, shape, &served) {
                             Ok(node) => served.push(node),
                             // a stray connection (a port scan, a client of something else) is not a node
                             Err(e) => eprintln!("rendezvous: ignoring {peer}: {e:#}"),
@@ -91,15 +132,16 @@ impl Rendezvous {
     fn serve_one(
         mut s: std::net::TcpStream,
         id: &[u8; ID_BYTES],
-        nnodes: usize,
+        shape: RunShape,
         served: &[u64],
     ) -> Result<u64> {
+        let nnodes = shape.nnodes;
         s.set_nonblocking(false)?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut hello = [0u8; 20];
+        let mut hello = [0u8; 12 + 8 + 16];
         s.read_exact(&mut hello).context("reading its hello")?;
         if &hello[..12] != MAGIC {
-            bail!("not a bertqa node");
+            bail!("not a bertqa node of this version");
         }
         let node = u64::from_le_bytes(hello[12..20].try_into()?);
         if node == 0 || node as usize >= nnodes || served.contains(&node) {
@@ -108,9 +150,21 @@ impl Rendezvous {
                 nnodes - 1
             );
         }
+        // the reply: status (0: joined, 1: refused), the id (zeros when refused), node 0's shape
+        let theirs = RunShape::from_bytes(&hello[20..36]);
+        let refused = shape.mismatch(&theirs, &format!("node {node}"));
         s.write_all(MAGIC)?;
-        s.write_all(id)?;
-        Ok(node)
+        s.write_all(&[u8::from(refused.is_some())])?;
+        s.write_all(if refused.is_some() {
+            &[0u8; ID_BYTES]
+        } else {
+            id
+        })?;
+        s.write_all(&shape.bytes())?;
+        match refused {
+            Some(why) => bail!("refused: {why}"),
+            None => Ok(node),
+        }
     }
 
     /// Node 0, at the end of a run: remove the rendezvous file (a later run must not find this id).
@@ -120,18 +174,23 @@ impl Rendezvous {
         }
     }
 
-    /// Node `node` (≥ 1): the id node 0 published, waiting up to `timeout` for it.
-    pub fn fetch(&self, node: usize, timeout: Duration) -> Result<[u8; ID_BYTES]> {
+    /// Node `node` (≥ 1) of a run of `shape`: the id node 0 published, waiting up to `timeout` for it; an
+    /// error when node 0's run has another shape.
+    pub fn fetch(&self, node: usize, shape: RunShape, timeout: Duration) -> Result<[u8; ID_BYTES]> {
         let t0 = Instant::now();
         let started = SystemTime::now();
         let parse = |b: &[u8], src: &str| -> Result<[u8; ID_BYTES]> {
-            if b.len() != MAGIC.len() + ID_BYTES || &b[..MAGIC.len()] != MAGIC {
+            if b.len() != MAGIC.len() + ID_BYTES + 16 || &b[..MAGIC.len()] != MAGIC {
                 bail!(
-                    "rendezvous: {src} does not hold a bertqa rendezvous id ({} bytes)",
+                    "rendezvous: {src} does not hold a bertqa rendezvous id of this version ({} bytes)",
                     b.len()
                 );
             }
-            Ok(b[MAGIC.len()..].try_into()?)
+            let theirs = RunShape::from_bytes(&b[MAGIC.len() + ID_BYTES..]);
+            if let Some(why) = shape.mismatch(&theirs, "node 0") {
+                bail!("rendezvous ({src}): {why}");
+            }
+            Ok(b[MAGIC.len()..MAGIC.len() + ID_BYTES].try_into()?)
         };
         match self {
             Rendezvous::File(p) => loop {
@@ -163,10 +222,13 @@ impl Rendezvous {
                         s.set_read_timeout(Some(timeout))?;
                         let mut hello = MAGIC.to_vec();
                         hello.extend_from_slice(&(node as u64).to_le_bytes());
+                        hello.extend_from_slice(&shape.bytes());
                         s.write_all(&hello)?;
-                        let mut b = vec![0u8; MAGIC.len() + ID_BYTES];
+                        let mut b = vec![0u8; MAGIC.len() + 1 + ID_BYTES + 16];
                         s.read_exact(&mut b)
                             .with_context(|| format!("rendezvous: reading the id from {addr}"))?;
+                        // node 0's status byte out of the way: a refusal shows as the shapes' difference
+                        b.remove(MAGIC.len());
                         return parse(&b, addr);
                     }
                     Err(e) => {
@@ -215,12 +277,68 @@ mod tests {
             let hs: Vec<_> = (1..3)
                 .map(|node| {
                     let r = r.clone();
-                    s.spawn(move || r.fetch(node, Duration::from_secs(20)).unwrap())
+                    s.spawn(move || r.fetch(node, SHAPE3, Duration::from_secs(20)).unwrap())
                 })
                 .collect();
-            r.publish(&id, 3, Duration::from_secs(20)).unwrap();
+            r.publish(&id, SHAPE3, Duration::from_secs(20)).unwrap();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
         assert!(got.iter().all(|g| g == &id));
+    }
+
+    const SHAPE3: RunShape = RunShape {
+        nnodes: 3,
+        devices_per_node: 2,
+    };
+
+    /// A node of another shape (another --nnodes or --devices count) is refused on both sides, saying so;
+    /// node 0 goes on waiting for the right one.
+    #[test]
+    fn a_node_of_another_shape_is_refused() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let r = Rendezvous::parse(&format!("tcp:127.0.0.1:{port}")).unwrap();
+        let id = [9u8; ID_BYTES];
+        let two = RunShape {
+            nnodes: 2,
+            devices_per_node: 2,
+        };
+        std::thread::scope(|s| {
+            let (r1, r2) = (r.clone(), r.clone());
+            let wrong = s.spawn(move || {
+                r1.fetch(
+                    1,
+                    RunShape {
+                        devices_per_node: 4,
+                        ..two
+                    },
+                    Duration::from_secs(20),
+                )
+            });
+            let node0 = s.spawn(move || r2.publish(&id, two, Duration::from_secs(20)));
+            let e = wrong.join().unwrap().unwrap_err();
+            assert!(
+                format!("{e:#}").contains("--nnodes 2 with 2 device(s) per node"),
+                "{e:#}"
+            );
+            // the right node still joins
+            assert_eq!(r.fetch(1, two, Duration::from_secs(20)).unwrap(), id);
+            node0.join().unwrap().unwrap();
+        });
+        // through a file
+        let dir = std::env::temp_dir().join(format!("bertqa-rdzv-shape-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = Rendezvous::parse(&format!("file:{}", dir.join("x.rdzv").display())).unwrap();
+        f.publish(&id, two, Duration::from_secs(1)).unwrap();
+        let e = f
+            .fetch(1, RunShape { nnodes: 3, ..two }, Duration::from_secs(1))
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("node 0 runs --nnodes 2"), "{e:#}");
+        assert_eq!(f.fetch(1, two, Duration::from_secs(1)).unwrap(), id);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
