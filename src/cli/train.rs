@@ -1025,14 +1025,15 @@ pub fn run(a: &TrainArgs, given: &GivenFlags) -> Result<i32> {
 /// The leader's job for a replica group (None on a node other than 0: every replica there follows).
 type LeaderJob<'j, 'a> = Option<&'j dyn Fn(Option<Box<dyn std::any::Any + Send>>) -> TrainJob<'a>>;
 
-/// A node other than 0 of a run on several machines: its GPUs follow the leader on node 0. It writes
-/// nothing (node 0 holds the output directory and its lock). A first SIGINT/SIGTERM is left to the leader
-/// (a scheduler signals every node: node 0 finishes the step, saves and stops everyone); a second one ends
-/// this process at once.
 /// Set on a node other than 0 once it has node 0's id (the rendezvous is over): its signals are then node 0's
 /// to act on (see [`follow_on_this_node`]).
 static JOINED: AtomicBool = AtomicBool::new(false);
 
+/// A node other than 0 of a run on several machines: its GPUs follow the leader on node 0. It writes
+/// nothing (node 0 holds the output directory and its lock). A signal before the rendezvous is over ends it
+/// at once; after it, a first SIGINT/SIGTERM is left to the leader (a scheduler signals every node: node 0
+/// finishes the step, saves and stops everyone), and a second one (not the first one's echo) ends this
+/// process at once. Exits 128 + the first signal when node 0 stopped the run after one.
 fn follow_on_this_node(a: &TrainArgs) -> Result<i32> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let Some(d) = &a.devices else {
