@@ -1202,6 +1202,23 @@ fn catches(pid: u32, sig: i32) -> bool {
         .is_some_and(|m| m & (1u64 << (sig - 1)) != 0)
 }
 
+/// The exit code and output of `child`, which must end within `secs` seconds of `what` (else it is killed
+/// and the test fails).
+fn exit_within(mut child: std::process::Child, secs: u64, what: &str) -> (Option<i32>, Output) {
+    let t0 = std::time::Instant::now();
+    let code = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        if t0.elapsed().as_secs() > secs {
+            let _ = child.kill();
+            panic!("still running {secs} s after {what}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    (code, child.wait_with_output().unwrap())
+}
+
 fn send(child: &std::process::Child, sig: i32) {
     // SAFETY: sending a signal to our own child process
     assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, sig) }, 0);
@@ -2115,22 +2132,11 @@ fn a_signal_before_the_training_starts_exits_at_once() {
     let c = std::ffi::CString::new(s(&fifo)).unwrap();
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
     let out = t.join("run");
-    let mut child = spawn_train(&train_args(&model, &fifo, &out, &[]), &[]);
+    let child = spawn_train(&train_args(&model, &fifo, &out, &[]), &[]);
     // the handlers are installed just after the lock is taken: wait until the kernel says SIGINT is caught
     wait_until("the SIGINT handler", || catches(child.id(), libc::SIGINT));
     send(&child, libc::SIGINT);
-    let t0 = std::time::Instant::now();
-    let code = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st.code();
-        }
-        if t0.elapsed().as_secs() > 20 {
-            let _ = child.kill();
-            panic!("still running 20 s after SIGINT");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    let o = child.wait_with_output().unwrap();
+    let (code, o) = exit_within(child, 20, "SIGINT");
     assert_eq!(code, Some(130), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("before the training started"),
@@ -2225,21 +2231,10 @@ fn a_follower_node_waiting_at_the_rendezvous_stops_on_one_signal() {
         ]
         .map(String::from),
     );
-    let mut child = spawn_train(&a, &[]);
+    let child = spawn_train(&a, &[]);
     wait_until("the SIGTERM handler", || catches(child.id(), libc::SIGTERM));
     send(&child, libc::SIGTERM);
-    let t0 = std::time::Instant::now();
-    let code = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st.code();
-        }
-        if t0.elapsed().as_secs() > 20 {
-            let _ = child.kill();
-            panic!("the follower node still waits 20 s after SIGTERM");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    let o = child.wait_with_output().unwrap();
+    let (code, o) = exit_within(child, 20, "SIGTERM");
     assert_eq!(code, Some(143), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("before the training started"),

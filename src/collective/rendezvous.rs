@@ -264,14 +264,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn tcp_hands_the_id_to_every_node() {
+    /// A TCP rendezvous on a port of this machine that was free a moment ago.
+    fn local_tcp() -> Rendezvous {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let r = Rendezvous::parse(&format!("tcp:127.0.0.1:{port}")).unwrap();
+        Rendezvous::parse(&format!("tcp:127.0.0.1:{port}")).unwrap()
+    }
+
+    #[test]
+    fn tcp_hands_the_id_to_every_node() {
+        let r = local_tcp();
         let id = [7u8; ID_BYTES];
         let got: Vec<[u8; ID_BYTES]> = std::thread::scope(|s| {
             let hs: Vec<_> = (1..3)
@@ -295,12 +300,7 @@ mod tests {
     /// node 0 goes on waiting for the right one.
     #[test]
     fn a_node_of_another_shape_is_refused() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let r = Rendezvous::parse(&format!("tcp:127.0.0.1:{port}")).unwrap();
+        let r = local_tcp();
         let id = [9u8; ID_BYTES];
         let two = RunShape {
             nnodes: 2,
