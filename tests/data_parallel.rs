@@ -488,6 +488,45 @@ fn rendezvous_file_hands_the_id_to_another_process() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The child half of the next test: node 0 waiting at a file rendezvous, ended by an early exit
+/// (`rendezvous::exit`, what a signal before the training starts calls) while it waits.
+#[test]
+fn rendezvous_node_zero_child_process() {
+    let Ok(path) = std::env::var("BERTQA_TEST_RDZV_NODE0") else {
+        return;
+    };
+    let r = Rendezvous::parse(&format!("file:{path}")).unwrap();
+    std::thread::spawn(move || r.publish(&[1u8; ID_BYTES], SHAPE, Duration::from_secs(60)));
+    let t = std::time::Instant::now();
+    while !std::path::Path::new(&path).exists() && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bertqa::collective::rendezvous::exit(130);
+}
+
+/// Node 0 ended while it waits for the other nodes (a signal, an error that exits at once) removes its
+/// rendezvous file: the next run must not find it (before, the file stayed and the next node 0 refused to
+/// start until someone removed it).
+#[test]
+fn node_zero_ending_early_removes_its_rendezvous_file() {
+    let dir = std::env::temp_dir().join(format!("bertqa-rdzv-exit-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("run.rdzv");
+    let o = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "rendezvous_node_zero_child_process",
+            "--nocapture",
+        ])
+        .env("BERTQA_TEST_RDZV_NODE0", &path)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(130), "{o:?}");
+    assert!(!path.exists(), "the rendezvous file outlived node 0");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn nccl_without_the_library_is_a_clear_error() {
     // this machine has no libnccl (CI neither): the error says what to install; with it, nothing to check

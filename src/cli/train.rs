@@ -645,7 +645,7 @@ impl Interrupts {
                             "\n{name} before the training started: exiting now (nothing to save)"
                         );
                         lock.release();
-                        std::process::exit(128 + sig);
+                        crate::collective::rendezvous::exit(128 + sig);
                     }
                     first_at = Some(std::time::Instant::now());
                     f.store(true, Ordering::SeqCst);
@@ -683,7 +683,7 @@ impl Interrupts {
                     serde_json::json!({"interrupted": true, "signal": signal_name(s0), "forced": true,
                         "checkpoint": latest.map(|p| p.display().to_string())})
                 );
-                std::process::exit(128 + s0);
+                crate::collective::rendezvous::exit(128 + s0);
             }
         });
         Ok(Interrupts {
@@ -1052,7 +1052,7 @@ fn follow_on_this_node(a: &TrainArgs) -> Result<i32> {
             let name = signal_name(sig);
             if !JOINED.load(Ordering::SeqCst) {
                 eprintln!("\n{name} before the training started: exiting now");
-                std::process::exit(128 + sig);
+                crate::collective::rendezvous::exit(128 + sig);
             }
             if f.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
@@ -1065,7 +1065,7 @@ fn follow_on_this_node(a: &TrainArgs) -> Result<i32> {
                 continue; // the first one's echo
             }
             eprintln!("\n{name} again: quitting this node now");
-            std::process::exit(128 + sig);
+            crate::collective::rendezvous::exit(128 + sig);
         }
     });
     data_parallel(a, Devices::parse(d)?, None)?;
@@ -1176,7 +1176,7 @@ fn data_parallel(a: &TrainArgs, devs: Devices, job: LeaderJob) -> Result<bool> {
                 })();
                 if let Err(e) = res {
                     eprintln!("error: replica {rank} (cuda:{ord}): {e:#}; stopping the run");
-                    std::process::exit(1);
+                    crate::collective::rendezvous::exit(1);
                 }
             };
             let lead_here = a.node_rank == 0;
@@ -1199,7 +1199,7 @@ fn data_parallel(a: &TrainArgs, devs: Devices, job: LeaderJob) -> Result<bool> {
                                 eprintln!(
                                     "error: replica {rank} (cuda:{ord}) panicked; stopping the run"
                                 );
-                                std::process::exit(1);
+                                crate::collective::rendezvous::exit(1);
                             }
                         })
                 })

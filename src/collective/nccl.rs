@@ -103,7 +103,7 @@ fn watchdog() {
                             "error: NCCL reports {res:?} on rank {rank} (a peer failed or the network broke): \
                              stopping; the last checkpoint is whole, continue with --resume"
                         );
-                        std::process::exit(1);
+                        crate::collective::rendezvous::exit(1);
                     }
                 }
             });

@@ -2,16 +2,74 @@
 //! unique id (128 opaque bytes) and every other node reads it, through a file on a shared file system or a
 //! TCP port of node 0 — torchrun's `--rdzv-endpoint` and llm.c's shared-file / TCP init, reduced to what
 //! NCCL needs. The id is then given to `ncclCommInitRank` by every GPU's thread.
+//!
+//! Through a file, the exchange is a handshake, so that every node knows the others are there before any
+//! of them enters `ncclCommInitRank` (which waits forever for a rank that never comes):
+//! 1. node 0 writes `PATH` saying "waiting", with a nonce of its own (a random number naming this run's
+//!    rendezvous);
+//! 2. node k reads it and answers in `PATH.node<k>`: node 0's nonce, k, the node's own nonce and its shape;
+//! 3. once every node has answered with node 0's nonce and the run's shape, node 0 rewrites `PATH` as "go":
+//!    the NCCL id and the nodes' nonces; a node takes the id only from a "go" that lists its own nonce.
+//!
+//! So a file left by a crashed run can delay a node but never hand it a dead run's id (it does not list
+//! the node's nonce), node 0 gives up after `--rendezvous-timeout` naming the nodes that did not answer
+//! (and removes its file) instead of waiting in NCCL, and the nodes may start in any order.
 
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Write};
-use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// The bytes exchanged (an `ncclUniqueId`).
 pub const ID_BYTES: usize = 128;
-/// Version 2: the id comes with the run's shape, which every node checks against its own.
+/// TCP, version 2: the id comes with the run's shape, which every node checks against its own.
 const MAGIC: &[u8; 12] = b"bertqa-rdzv2";
+/// The file handshake (see the module doc), version 3: node 0's file and the nodes' answers.
+const FILE_MAGIC: &[u8; 12] = b"bertqa-rdzf3";
+/// The nonces that name one rendezvous (node 0's) and one node's process (each other node's).
+type Nonce = [u8; 16];
+/// How often a file rendezvous looks again.
+const POLL: Duration = Duration::from_millis(100);
+
+/// The rendezvous files this process published (node 0) and has not removed yet: removed by
+/// [`retire_published`], which the paths that end the process with `std::process::exit` (no destructors
+/// run there) call first — a signal while node 0 waits for the others, say.
+static PUBLISHED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Remove every rendezvous file this process published (see [`PUBLISHED`]).
+pub fn retire_published() {
+    let files = std::mem::take(&mut *PUBLISHED.lock().unwrap_or_else(|e| e.into_inner()));
+    for p in files {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// End the process with `code`, removing its rendezvous files first ([`retire_published`]):
+/// `std::process::exit` runs no destructors, so every early exit of a training process goes through here.
+pub fn exit(code: i32) -> ! {
+    retire_published();
+    std::process::exit(code)
+}
+
+/// Fresh random bytes from the standard library's per-process hash keys (drawn from the OS), the time
+/// and the process id: a nonce nobody else's run will hold.
+fn nonce() -> Nonce {
+    use std::hash::{BuildHasher, Hasher};
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut out = [0u8; 16];
+    for (i, half) in out.chunks_mut(8).enumerate() {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(t);
+        h.write_u32(std::process::id());
+        h.write_usize(i);
+        half.copy_from_slice(&h.finish().to_le_bytes());
+    }
+    out
+}
 
 /// What every node of a run must agree on before NCCL joins them (with another count, NCCL would wait for
 /// ranks that never come, or fail obscurely): node 0's, published with the id, is checked by every other
@@ -76,26 +134,13 @@ impl Rendezvous {
         bail!("--rendezvous {s:?}: expected file:PATH (a shared file system) or tcp:HOST:PORT")
     }
 
-    /// Node 0: hand `id` (and the run's `shape`) to the `shape.nnodes - 1` other nodes (TCP: waits until each
-    /// has connected; a node of another shape is refused, and told why).
+    /// Node 0: hand `id` (and the run's `shape`) to the `shape.nnodes - 1` other nodes, waiting up to
+    /// `timeout` until each has it (a file: until each has answered, see the module doc; TCP: connected). A
+    /// node of another shape is refused, and told why; node 0 goes on waiting for the right one.
     pub fn publish(&self, id: &[u8; ID_BYTES], shape: RunShape, timeout: Duration) -> Result<()> {
         let nnodes = shape.nnodes;
         match self {
-            Rendezvous::File(p) => {
-                if p.exists() {
-                    bail!(
-                        "rendezvous file {} exists already (from an earlier run?): remove it, or give \
-                         another path, so that the other nodes cannot read a stale id",
-                        p.display()
-                    );
-                }
-                let mut body = MAGIC.to_vec();
-                body.extend_from_slice(id);
-                body.extend_from_slice(&shape.bytes());
-                // written whole under another name, then renamed: a reader sees all of it or nothing
-                crate::util::write_atomic(p, &body)
-                    .with_context(|| format!("writing the rendezvous file {}", p.display()))
-            }
+            Rendezvous::File(p) => publish_file(p, id, shape, timeout),
             Rendezvous::Tcp(addr) => {
                 let l = std::net::TcpListener::bind(addr)
                     .with_context(|| format!("rendezvous: listening on {addr}"))?;
@@ -170,7 +215,7 @@ impl Rendezvous {
     /// Node 0, at the end of a run: remove the rendezvous file (a later run must not find this id).
     pub fn retire(&self) {
         if let Rendezvous::File(p) = self {
-            let _ = std::fs::remove_file(p);
+            retire_file(p);
         }
     }
 
@@ -178,7 +223,6 @@ impl Rendezvous {
     /// error when node 0's run has another shape.
     pub fn fetch(&self, node: usize, shape: RunShape, timeout: Duration) -> Result<[u8; ID_BYTES]> {
         let t0 = Instant::now();
-        let started = SystemTime::now();
         let parse = |b: &[u8], src: &str| -> Result<[u8; ID_BYTES]> {
             if b.len() != MAGIC.len() + ID_BYTES + 16 || &b[..MAGIC.len()] != MAGIC {
                 bail!(
@@ -193,29 +237,7 @@ impl Rendezvous {
             Ok(b[MAGIC.len()..MAGIC.len() + ID_BYTES].try_into()?)
         };
         match self {
-            Rendezvous::File(p) => loop {
-                if let Ok(meta) = std::fs::metadata(p) {
-                    // a file much older than this process is a previous run's
-                    let fresh = meta
-                        .modified()
-                        .map(|m| m + Duration::from_secs(600) >= started)
-                        .unwrap_or(true);
-                    if fresh {
-                        let b = std::fs::read(p).with_context(|| {
-                            format!("reading the rendezvous file {}", p.display())
-                        })?;
-                        return parse(&b, &p.display().to_string());
-                    }
-                }
-                if t0.elapsed() > timeout {
-                    bail!(
-                        "rendezvous: no (fresh) {} after {:?}: is node 0 running with the same --rendezvous?",
-                        p.display(),
-                        timeout
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            },
+            Rendezvous::File(p) => fetch_file(p, node, shape, timeout),
             Rendezvous::Tcp(addr) => loop {
                 match std::net::TcpStream::connect(addr) {
                     Ok(mut s) => {
@@ -242,6 +264,272 @@ impl Rendezvous {
                 }
             },
         }
+    }
+}
+
+/// Node 0's file: "waiting" (its nonce and the run's shape), then "go" (with the NCCL id and the nonces of
+/// the nodes that answered). Layout: FILE_MAGIC, state (0 waiting, 1 go), node 0's nonce, the shape; for
+/// "go" then the id, the number of nodes' nonces (u64) and the nonces.
+#[derive(Debug, PartialEq, Eq)]
+struct NodeZeroFile {
+    nonce: Nonce,
+    shape: RunShape,
+    go: Option<([u8; ID_BYTES], Vec<Nonce>)>,
+}
+
+const FILE_HEAD: usize = 12 + 1 + 16 + 16;
+
+impl NodeZeroFile {
+    fn bytes(&self) -> Vec<u8> {
+        let mut b = FILE_MAGIC.to_vec();
+        b.push(u8::from(self.go.is_some()));
+        b.extend_from_slice(&self.nonce);
+        b.extend_from_slice(&self.shape.bytes());
+        if let Some((id, nodes)) = &self.go {
+            b.extend_from_slice(id);
+            b.extend_from_slice(&(nodes.len() as u64).to_le_bytes());
+            for n in nodes {
+                b.extend_from_slice(n);
+            }
+        }
+        b
+    }
+
+    fn parse(b: &[u8], src: &Path) -> Result<NodeZeroFile> {
+        let bad = || {
+            anyhow::anyhow!(
+                "rendezvous: {} does not hold a bertqa rendezvous of this version ({} bytes; a file of \
+                 another bertqa version, or not bertqa's)",
+                src.display(),
+                b.len()
+            )
+        };
+        if b.len() < FILE_HEAD || &b[..12] != FILE_MAGIC {
+            return Err(bad());
+        }
+        let nonce: Nonce = b[13..29].try_into()?;
+        let shape = RunShape::from_bytes(&b[29..45]);
+        let go = match b[12] {
+            0 if b.len() == FILE_HEAD => None,
+            1 if b.len() >= FILE_HEAD + ID_BYTES + 8 => {
+                let rest = &b[FILE_HEAD..];
+                let id: [u8; ID_BYTES] = rest[..ID_BYTES].try_into()?;
+                let n = u64::from_le_bytes(rest[ID_BYTES..ID_BYTES + 8].try_into()?) as usize;
+                let nonces = &rest[ID_BYTES + 8..];
+                if Some(nonces.len()) != n.checked_mul(16) {
+                    return Err(bad());
+                }
+                let nodes = nonces
+                    .chunks(16)
+                    .map(|c| c.try_into().expect("16 bytes"))
+                    .collect();
+                Some((id, nodes))
+            }
+            _ => return Err(bad()),
+        };
+        Ok(NodeZeroFile { nonce, shape, go })
+    }
+}
+
+/// Node k's answer to node 0's "waiting" file, in `PATH.node<k>`: FILE_MAGIC, node 0's nonce, k, the
+/// node's own nonce, its shape.
+#[derive(Debug, PartialEq, Eq)]
+struct Answer {
+    leader: Nonce,
+    node: u64,
+    own: Nonce,
+    shape: RunShape,
+}
+
+impl Answer {
+    fn bytes(&self) -> Vec<u8> {
+        let mut b = FILE_MAGIC.to_vec();
+        b.extend_from_slice(&self.leader);
+        b.extend_from_slice(&self.node.to_le_bytes());
+        b.extend_from_slice(&self.own);
+        b.extend_from_slice(&self.shape.bytes());
+        b
+    }
+
+    /// None for anything else (an unfinished or foreign file is simply not an answer yet).
+    fn read(path: &Path) -> Option<Answer> {
+        let b = std::fs::read(path).ok()?;
+        if b.len() != 12 + 16 + 8 + 16 + 16 || &b[..12] != FILE_MAGIC {
+            return None;
+        }
+        Some(Answer {
+            leader: b[12..28].try_into().ok()?,
+            node: u64::from_le_bytes(b[28..36].try_into().ok()?),
+            own: b[36..52].try_into().ok()?,
+            shape: RunShape::from_bytes(&b[52..68]),
+        })
+    }
+}
+
+/// Where node `node` answers: `PATH.node<node>`, beside node 0's file.
+fn answer_path(p: &Path, node: usize) -> PathBuf {
+    let mut name = p.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".node{node}"));
+    p.with_file_name(name)
+}
+
+/// Remove node 0's file (and forget it in [`PUBLISHED`]).
+fn retire_file(p: &Path) {
+    PUBLISHED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|q| q != p);
+    let _ = std::fs::remove_file(p);
+}
+
+/// Node 0's side of the file handshake (see the module doc): returns once every node has answered and
+/// the "go" is written; gives up after `timeout`, naming the nodes that did not answer, and removes its
+/// file.
+fn publish_file(p: &Path, id: &[u8; ID_BYTES], shape: RunShape, timeout: Duration) -> Result<()> {
+    if p.exists() {
+        bail!(
+            "rendezvous file {} exists already (from an earlier run?): remove it, or give another path",
+            p.display()
+        );
+    }
+    let leader = nonce();
+    let waiting = NodeZeroFile {
+        nonce: leader,
+        shape,
+        go: None,
+    };
+    // written whole under another name, then renamed: a reader sees all of it or nothing
+    crate::util::write_atomic(p, &waiting.bytes())
+        .with_context(|| format!("writing the rendezvous file {}", p.display()))?;
+    PUBLISHED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(p.to_path_buf());
+    let t0 = Instant::now();
+    // nodes refused for their shape, and why (told once; such a node may come back with the right one)
+    let mut refused = std::collections::BTreeMap::new();
+    loop {
+        let (mut nodes, mut missing) = (vec![], vec![]);
+        for k in 1..shape.nnodes {
+            match Answer::read(&answer_path(p, k)) {
+                // an answer to another rendezvous (an earlier run's) is no answer
+                Some(a) if a.leader == leader && a.node == k as u64 => {
+                    match shape.mismatch(&a.shape, &format!("node {k}")) {
+                        None => {
+                            refused.remove(&k);
+                            nodes.push(a.own);
+                        }
+                        Some(why) => {
+                            if refused.insert(k, why.clone()).as_ref() != Some(&why) {
+                                eprintln!("rendezvous: refusing {why}");
+                            }
+                            missing.push(k);
+                        }
+                    }
+                }
+                _ => missing.push(k),
+            }
+        }
+        if missing.is_empty() {
+            let go = NodeZeroFile {
+                nonce: leader,
+                shape,
+                go: Some((*id, nodes)),
+            };
+            crate::util::write_atomic(p, &go.bytes())
+                .with_context(|| format!("writing the rendezvous file {}", p.display()))?;
+            for k in 1..shape.nnodes {
+                let _ = std::fs::remove_file(answer_path(p, k));
+            }
+            return Ok(());
+        }
+        if t0.elapsed() > timeout {
+            retire_file(p);
+            let why: Vec<String> = missing
+                .iter()
+                .filter_map(|k| refused.get(k).map(|w| format!("; refused {w}")))
+                .collect();
+            bail!(
+                "rendezvous: node(s) {} of {} did not answer through {} within {:?} (started with the same \
+                 --rendezvous and --node-rank 1..{}?){}; the file is removed",
+                missing
+                    .iter()
+                    .map(|k| k.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                shape.nnodes,
+                p.display(),
+                timeout,
+                shape.nnodes - 1,
+                why.concat()
+            );
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Node `node`'s side of the file handshake: answers node 0's "waiting" file (again whenever it names
+/// another rendezvous), and takes the id from a "go" that lists this process's nonce.
+fn fetch_file(p: &Path, node: usize, shape: RunShape, timeout: Duration) -> Result<[u8; ID_BYTES]> {
+    let own = nonce();
+    let t0 = Instant::now();
+    // node 0's nonce this node answered
+    let mut answered: Option<Nonce> = None;
+    // what the file said last, for the message when node 0 never says "go" to this node
+    let mut seen: &str;
+    loop {
+        match std::fs::read(p) {
+            Ok(b) => {
+                let f = NodeZeroFile::parse(&b, p)?;
+                match &f.go {
+                    None => {
+                        if answered != Some(f.nonce) {
+                            let a = Answer {
+                                leader: f.nonce,
+                                node: node as u64,
+                                own,
+                                shape,
+                            };
+                            crate::util::write_atomic(&answer_path(p, node), &a.bytes())
+                                .with_context(|| {
+                                    format!("rendezvous: answering node 0 beside {}", p.display())
+                                })?;
+                            answered = Some(f.nonce);
+                        }
+                        // (node 0 is told too: the answer carries this node's shape)
+                        if let Some(why) = shape.mismatch(&f.shape, "node 0") {
+                            bail!("rendezvous ({}): {why}", p.display());
+                        }
+                        seen = "node 0 is waiting for the other nodes' answers (are all --nnodes nodes \
+                                started? a file left by a crashed run waits forever: remove it and restart \
+                                node 0)";
+                    }
+                    Some((id, nodes)) => {
+                        if answered == Some(f.nonce) && nodes.contains(&own) {
+                            return Ok(*id);
+                        }
+                        seen = "it belongs to a run that started without this node (a file left by a \
+                                crashed run: remove it and restart node 0; or another node was started \
+                                with this --node-rank)";
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                seen = "no such file (is node 0 running with the same --rendezvous?)";
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("reading the rendezvous file {}", p.display()))
+            }
+        }
+        if t0.elapsed() > timeout {
+            bail!(
+                "rendezvous: no go from node 0 through {} within {:?}: {seen}",
+                p.display(),
+                timeout
+            );
+        }
+        std::thread::sleep(POLL);
     }
 }
 
@@ -328,17 +616,198 @@ mod tests {
             assert_eq!(r.fetch(1, two, Duration::from_secs(20)).unwrap(), id);
             node0.join().unwrap().unwrap();
         });
-        // through a file
-        let dir = std::env::temp_dir().join(format!("bertqa-rdzv-shape-{}", std::process::id()));
+        // through a file: the wrong node is refused at once; node 0 says so and waits for the right one
+        let (dir, f) = temp_file_rdzv("shape");
+        std::thread::scope(|s| {
+            let node0 = s.spawn(|| f.publish(&id, two, Duration::from_secs(20)));
+            let e = f
+                .fetch(1, RunShape { nnodes: 3, ..two }, Duration::from_secs(20))
+                .unwrap_err();
+            assert!(format!("{e:#}").contains("node 0 runs --nnodes 2"), "{e:#}");
+            assert_eq!(f.fetch(1, two, Duration::from_secs(20)).unwrap(), id);
+            node0.join().unwrap().unwrap();
+        });
+        f.retire();
+        // and when the right one never comes, node 0's error says why the one that came was refused
+        std::thread::scope(|s| {
+            let node0 = s.spawn(|| f.publish(&id, two, Duration::from_secs(2)));
+            let e = f
+                .fetch(1, RunShape { nnodes: 3, ..two }, Duration::from_secs(20))
+                .unwrap_err();
+            assert!(format!("{e:#}").contains("node 0 runs --nnodes 2"), "{e:#}");
+            let e = format!("{:#}", node0.join().unwrap().unwrap_err());
+            assert!(
+                e.contains("node(s) 1 of 2 did not answer")
+                    && e.contains("refused node 1 runs --nnodes 3"),
+                "{e}"
+            );
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A fresh directory and a file rendezvous in it.
+    fn temp_file_rdzv(tag: &str) -> (PathBuf, Rendezvous) {
+        let dir = std::env::temp_dir().join(format!("bertqa-rdzv-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let f = Rendezvous::parse(&format!("file:{}", dir.join("x.rdzv").display())).unwrap();
-        f.publish(&id, two, Duration::from_secs(1)).unwrap();
-        let e = f
-            .fetch(1, RunShape { nnodes: 3, ..two }, Duration::from_secs(1))
-            .unwrap_err();
-        assert!(format!("{e:#}").contains("node 0 runs --nnodes 2"), "{e:#}");
-        assert_eq!(f.fetch(1, two, Duration::from_secs(1)).unwrap(), id);
+        let r = Rendezvous::parse(&format!("file:{}", dir.join("x.rdzv").display())).unwrap();
+        (dir, r)
+    }
+
+    fn path(r: &Rendezvous) -> &Path {
+        match r {
+            Rendezvous::File(p) => p,
+            Rendezvous::Tcp(_) => unreachable!("a file rendezvous"),
+        }
+    }
+
+    /// Node 0 returns only when every node has the id, whatever the order they start in; the answers are
+    /// cleaned up; the file stays until the run ends (retire).
+    #[test]
+    fn file_handshake_waits_for_every_node_in_any_order() {
+        let (dir, r) = temp_file_rdzv("order");
+        let id = [5u8; ID_BYTES];
+        let late = Duration::from_millis(700);
+        std::thread::scope(|s| {
+            // node 1 before node 0, node 2 well after it
+            let n1 = s.spawn(|| r.fetch(1, SHAPE3, Duration::from_secs(20)));
+            std::thread::sleep(Duration::from_millis(200));
+            let t0 = Instant::now();
+            let (r0, id0) = (&r, &id);
+            let node0 = s.spawn(move || {
+                r0.publish(id0, SHAPE3, Duration::from_secs(20))
+                    .map(|()| t0.elapsed())
+            });
+            std::thread::sleep(late);
+            let n2 = r.fetch(2, SHAPE3, Duration::from_secs(20)).unwrap();
+            let waited = node0.join().unwrap().unwrap();
+            assert!(
+                waited >= late,
+                "node 0 went on after {waited:?}, before node 2 came"
+            );
+            assert_eq!(n1.join().unwrap().unwrap(), id);
+            assert_eq!(n2, id);
+        });
+        assert!(path(&r).exists());
+        for k in 1..3 {
+            assert!(!answer_path(path(&r), k).exists(), "answer {k} left");
+        }
+        r.retire();
+        assert!(!path(&r).exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A node that never comes: node 0 gives up after the timeout (instead of entering NCCL, which would
+    /// wait forever), names it and removes its file; the node that came says what it waited for.
+    #[test]
+    fn node_zero_gives_up_naming_the_nodes_that_did_not_answer() {
+        let (dir, r) = temp_file_rdzv("missing");
+        let id = [6u8; ID_BYTES];
+        std::thread::scope(|s| {
+            let n1 = s.spawn(|| r.fetch(1, SHAPE3, Duration::from_secs(3)));
+            let e = format!(
+                "{:#}",
+                r.publish(&id, SHAPE3, Duration::from_secs(1)).unwrap_err()
+            );
+            assert!(
+                e.contains("node(s) 2 of 3 did not answer") && e.contains("the file is removed"),
+                "{e}"
+            );
+            assert!(!path(&r).exists());
+            let e = format!("{:#}", n1.join().unwrap().unwrap_err());
+            assert!(e.contains("no go from node 0"), "{e}");
+        });
+        assert!(!PUBLISHED.lock().unwrap().iter().any(|p| p == path(&r)));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A file left by a crashed run (its "go", or a "waiting" whose node 0 died) never hands a node a dead
+    /// run's id: the node waits, and takes the id of the next node 0 once the file is replaced.
+    #[test]
+    fn a_file_left_by_a_crashed_run_delays_a_node_but_never_hands_it_the_dead_runs_id() {
+        let (dir, r) = temp_file_rdzv("stale");
+        let two = RunShape {
+            nnodes: 2,
+            devices_per_node: 1,
+        };
+        let (dead, live) = ([1u8; ID_BYTES], [2u8; ID_BYTES]);
+        // a whole rendezvous whose node 0 then crashed (its file stays)
+        std::thread::scope(|s| {
+            let n1 = s.spawn(|| r.fetch(1, two, Duration::from_secs(20)));
+            r.publish(&dead, two, Duration::from_secs(20)).unwrap();
+            assert_eq!(n1.join().unwrap().unwrap(), dead);
+        });
+        PUBLISHED.lock().unwrap().retain(|p| p != path(&r));
+        // a node of the next run does not take it...
+        let e = format!("{:#}", r.fetch(1, two, Duration::from_secs(1)).unwrap_err());
+        assert!(e.contains("started without this node"), "{e}");
+        // ...and node 0 refuses to start over it
+        let e = format!(
+            "{:#}",
+            r.publish(&live, two, Duration::from_secs(1)).unwrap_err()
+        );
+        assert!(e.contains("exists already"), "{e}");
+        // once it is removed and node 0 restarted, the waiting node joins the new run
+        std::thread::scope(|s| {
+            let n1 = s.spawn(|| r.fetch(1, two, Duration::from_secs(20)));
+            std::thread::sleep(Duration::from_millis(400));
+            assert!(!n1.is_finished(), "node 1 took the dead run's id");
+            std::fs::remove_file(path(&r)).unwrap();
+            r.publish(&live, two, Duration::from_secs(20)).unwrap();
+            assert_eq!(n1.join().unwrap().unwrap(), live);
+        });
+        r.retire();
+        // a node 0 that died while waiting: the node answers it, and answers the next one again
+        let stale = NodeZeroFile {
+            nonce: [3u8; 16],
+            shape: two,
+            go: None,
+        };
+        std::fs::write(path(&r), stale.bytes()).unwrap();
+        std::thread::scope(|s| {
+            let n1 = s.spawn(|| r.fetch(1, two, Duration::from_secs(20)));
+            let answer = answer_path(path(&r), 1);
+            let t = Instant::now();
+            while !answer.exists() && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert_eq!(Answer::read(&answer).map(|a| a.leader), Some([3u8; 16]));
+            std::fs::remove_file(path(&r)).unwrap();
+            r.publish(&live, two, Duration::from_secs(20)).unwrap();
+            assert_eq!(n1.join().unwrap().unwrap(), live);
+        });
+        r.retire();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The files' layouts read back as written; anything else is refused by name (node 0's file) or not
+    /// taken for an answer.
+    #[test]
+    fn file_layouts_round_trip_and_garbage_is_named() {
+        let go = NodeZeroFile {
+            nonce: [8u8; 16],
+            shape: SHAPE3,
+            go: Some(([4u8; ID_BYTES], vec![[1u8; 16], [2u8; 16]])),
+        };
+        let p = Path::new("/x/run.rdzv");
+        assert_eq!(NodeZeroFile::parse(&go.bytes(), p).unwrap(), go);
+        let mut cut = go.bytes();
+        cut.pop();
+        for bad in [&cut[..], b"hello", &[0u8; 300][..]] {
+            let e = format!("{:#}", NodeZeroFile::parse(bad, p).unwrap_err());
+            assert!(
+                e.contains("/x/run.rdzv does not hold a bertqa rendezvous"),
+                "{e}"
+            );
+        }
+        assert_eq!(answer_path(p, 2), Path::new("/x/run.rdzv.node2"));
+        let (dir, r) = temp_file_rdzv("layout");
+        std::fs::write(path(&r), b"not a rendezvous").unwrap();
+        let e = format!(
+            "{:#}",
+            r.fetch(1, SHAPE3, Duration::from_secs(5)).unwrap_err()
+        );
+        assert!(e.contains("does not hold a bertqa rendezvous"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
