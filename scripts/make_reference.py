@@ -11,8 +11,11 @@ Needs torch, transformers, safetensors. Usage:
    gradient of every parameter — computed in float64 (model.double()), dropout off (eval mode).
 2. minilm_window/: the first SQuAD v1.1 dev question as HF's tokenizer windows it (max_length 384, stride 128,
    only_second), a seeded qa_outputs head, and all-MiniLM-L6-v2's start/end logits on that window (float32).
+3. tokenizer_settings.json: the token ids transformers' AutoTokenizer gives for a few texts (accents, CJK,
+   case) in tokenizer directories made from all-MiniLM-L6-v2's vocab.txt / tokenizer.json with each
+   tokenizer_config.json setting changed (tests/squad.rs rebuilds the same directories).
 """
-import argparse, json, os, sys
+import argparse, json, os, shutil, sys, tempfile
 import torch
 from safetensors.torch import save_file, load_file
 from transformers import BertConfig, BertForQuestionAnswering, BertTokenizerFast
@@ -88,6 +91,51 @@ def minilm():
     print(f"minilm: question {qa['id']}, {int(enc['attention_mask'][0].sum())} tokens -> {out_dir}")
 
 
+# name: (with tokenizer.json, tokenizer_config.json or None for none, tokenizer.json's "lowercase" or None to keep)
+TOKENIZER_VARIANTS = {
+    "vocab_default": (False, {}, None),
+    "vocab_cased": (False, {"do_lower_case": False}, None),
+    "vocab_keep_accents": (False, {"do_lower_case": True, "strip_accents": False}, None),
+    "vocab_cased_strip_accents": (False, {"do_lower_case": False, "strip_accents": True}, None),
+    "vocab_no_chinese": (False, {"tokenize_chinese_chars": False}, None),
+    "json_no_config": (True, None, None),
+    "json_config_cased": (True, {"do_lower_case": False}, None),
+    "json_cased_no_config": (True, None, False),
+    "json_cased_config_cased": (True, {"do_lower_case": False}, False),
+}
+TOKENIZER_TEXTS = ["Café Zoë, naïve résumé!", "北京 is in 中国; Tokyo is 東京.",
+                   "The Denver Broncos (AFC) defeated Panthers 24–10.", "ÅNGSTRÖM Ünïcödé Straße"]
+
+
+def tokenizer_settings():
+    from transformers import AutoTokenizer
+    src = os.path.join(ASSETS, "all-MiniLM-L6-v2")
+    out = {"texts": TOKENIZER_TEXTS, "variants": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (use_json, cfg, json_lower) in TOKENIZER_VARIANTS.items():
+            d = os.path.join(tmp, name)
+            os.makedirs(d)
+            shutil.copy(os.path.join(src, "vocab.txt"), d)
+            if use_json:
+                j = json.load(open(os.path.join(src, "tokenizer.json")))
+                j["truncation"], j["padding"] = None, None
+                if json_lower is not None:
+                    j["normalizer"]["lowercase"] = json_lower
+                json.dump(j, open(os.path.join(d, "tokenizer.json"), "w"))
+            if cfg is not None:
+                json.dump(dict(cfg, tokenizer_class="BertTokenizer"), open(os.path.join(d, "tokenizer_config.json"), "w"))
+            json.dump({"model_type": "bert"}, open(os.path.join(d, "config.json"), "w"))  # for AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(d)
+            out["variants"][name] = {"tokenizer_json": use_json, "tokenizer_json_lowercase": json_lower,
+                                     "tokenizer_config": cfg,
+                                     "ids": [tok(t, add_special_tokens=False)["input_ids"] for t in TOKENIZER_TEXTS]}
+    import transformers
+    out["transformers"] = transformers.__version__
+    with open(os.path.join(FIX, "tokenizer_settings.json"), "w") as f:
+        json.dump(out, f, indent=1, ensure_ascii=False)
+    print(f"tokenizer settings: {len(out['variants'])} variants -> tests/fixtures/tokenizer_settings.json")
+
+
 def check_saved(d):
     model, info = BertForQuestionAnswering.from_pretrained(d, output_loading_info=True)
     bad = {k: v for k, v in info.items() if v}
@@ -113,3 +161,4 @@ if __name__ == "__main__":
     else:
         tiny()
         minilm()
+        tokenizer_settings()

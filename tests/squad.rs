@@ -315,6 +315,93 @@ fn squad_v2_impossible_questions_flow_through_features_postprocess_and_metrics()
     assert_eq!(sc.exact, 50.0);
 }
 
+/// The normaliser's settings come from tokenizer_config.json as transformers takes them — its defaults
+/// where the file is silent or absent, and over what tokenizer.json says — for vocab.txt and tokenizer.json
+/// alike: the ids transformers gave (tests/fixtures/tokenizer_settings.json, scripts/make_reference.py) for
+/// directories made the same way from all-MiniLM-L6-v2's files. (Before: vocab.txt ignored strip_accents and
+/// tokenize_chinese_chars, and tokenizer.json's normaliser won over tokenizer_config.json.)
+#[test]
+fn tokenizer_settings_as_transformers_takes_them() {
+    let Some(a) = assets() else { return };
+    let src = a.join("all-MiniLM-L6-v2");
+    let fix: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/tokenizer_settings.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let texts: Vec<&str> = fix["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let variants = fix["variants"].as_object().unwrap();
+    assert_eq!(variants.len(), 9);
+    for (name, v) in variants {
+        let dir = std::env::temp_dir().join(format!("bertqa-tok-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(src.join("vocab.txt"), dir.join("vocab.txt")).unwrap();
+        if v["tokenizer_json"].as_bool().unwrap() {
+            let mut j: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
+                    .unwrap();
+            if let Some(l) = v["tokenizer_json_lowercase"].as_bool() {
+                j["normalizer"]["lowercase"] = l.into();
+            }
+            std::fs::write(dir.join("tokenizer.json"), j.to_string()).unwrap();
+        }
+        if let Some(cfg) = v["tokenizer_config"].as_object() {
+            std::fs::write(
+                dir.join("tokenizer_config.json"),
+                serde_json::Value::Object(cfg.clone()).to_string(),
+            )
+            .unwrap();
+        }
+        let tok = tokenizer::load(&dir).unwrap();
+        for (text, want) in texts.iter().zip(v["ids"].as_array().unwrap()) {
+            let want: Vec<i32> = want
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i.as_i64().unwrap() as i32)
+                .collect();
+            assert_eq!(tok.encode(text).unwrap().ids, want, "{name}: {text}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// A tokenizer_config.json that is not JSON, or holds a setting of the wrong type, is an error naming it
+/// (before: silently read as "lower-case").
+#[test]
+fn a_bad_tokenizer_config_is_named() {
+    let Some(a) = assets() else { return };
+    let dir = std::env::temp_dir().join(format!("bertqa-tok-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(a.join("all-MiniLM-L6-v2/vocab.txt"), dir.join("vocab.txt")).unwrap();
+    for (body, says) in [
+        (
+            "{\"do_lower_case\": \"no\"}",
+            "do_lower_case is \"no\", expected true, false or null",
+        ),
+        ("{\"strip_accents\": 0}", "strip_accents is 0"),
+        ("{do_lower_case: false", "parsing"),
+    ] {
+        std::fs::write(dir.join("tokenizer_config.json"), body).unwrap();
+        let e = format!("{:#}", tokenizer::load(&dir).err().unwrap());
+        assert!(
+            e.contains("tokenizer_config.json") && e.contains(says),
+            "{body}: {e}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn vocab_txt_fallback_tokenizes_like_tokenizer_json() {
     let Some(a) = assets() else { return };

@@ -1,6 +1,9 @@
 //! The model's own WordPiece tokenizer through the `tokenizers` crate: tokenizer.json when present, else the
-//! BERT pipeline built from vocab.txt (lower-casing per tokenizer_config.json). Any truncation or padding
-//! stored in tokenizer.json is removed: windows are built by `features`.
+//! BERT pipeline built from vocab.txt. Either way the normaliser's settings — lower-casing, accent
+//! stripping, Chinese characters split — are tokenizer_config.json's (transformers' defaults where it is
+//! silent or absent), as transformers' BertTokenizer takes them, even over a tokenizer.json that says
+//! otherwise (a warning then says so). Any truncation or padding stored in tokenizer.json is removed:
+//! windows are built by `features`.
 //!
 //! Long texts (over [`CHUNK_BYTES`]) are tokenized in pieces cut after whitespace (or before ASCII
 //! punctuation), with the offsets shifted back: BERT's normaliser and pre-tokenizer never join a token across
@@ -14,6 +17,7 @@ use std::path::Path;
 use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+use tokenizers::NormalizerWrapper;
 use tokenizers::Tokenizer;
 
 pub struct WordPieceTokenizer {
@@ -30,11 +34,98 @@ pub struct Encoded {
     pub offsets: Vec<(usize, usize)>,
 }
 
+/// The normaliser settings of a model directory's tokenizer_config.json, with transformers' defaults
+/// (BertTokenizer: `do_lower_case` true, `strip_accents` null = as `do_lower_case`,
+/// `tokenize_chinese_chars` true) for what it does not say, or when there is no such file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NormSettings {
+    pub do_lower_case: bool,
+    pub strip_accents: Option<bool>,
+    pub tokenize_chinese_chars: bool,
+}
+
+impl NormSettings {
+    pub fn read(dir: &Path) -> Result<NormSettings> {
+        let mut n = NormSettings {
+            do_lower_case: true,
+            strip_accents: None,
+            tokenize_chinese_chars: true,
+        };
+        let p = dir.join("tokenizer_config.json");
+        let text = match std::fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(n),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+        let flag = |k: &str| -> Result<Option<bool>> {
+            match v.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(serde_json::Value::Bool(b)) => Ok(Some(*b)),
+                Some(other) => bail!(
+                    "{}: {k} is {other}, expected true, false or null",
+                    p.display()
+                ),
+            }
+        };
+        if let Some(b) = flag("do_lower_case")? {
+            n.do_lower_case = b;
+        }
+        n.strip_accents = flag("strip_accents")?;
+        if let Some(b) = flag("tokenize_chinese_chars")? {
+            n.tokenize_chinese_chars = b;
+        }
+        Ok(n)
+    }
+
+    /// BERT's normaliser with these settings (`clean_text` as given).
+    fn normalizer(&self, clean_text: bool) -> BertNormalizer {
+        BertNormalizer::new(
+            clean_text,
+            self.tokenize_chinese_chars,
+            self.strip_accents,
+            self.do_lower_case,
+        )
+    }
+}
+
 impl WordPieceTokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        let norm = NormSettings::read(dir)?;
         let tj = dir.join("tokenizer.json");
         let mut tok = if tj.exists() {
-            Tokenizer::from_file(&tj).map_err(|e| anyhow!("{}: {e}", tj.display()))?
+            let mut t = Tokenizer::from_file(&tj).map_err(|e| anyhow!("{}: {e}", tj.display()))?;
+            // transformers rebuilds a BERT normaliser that differs from tokenizer_config.json's settings
+            if let Some(NormalizerWrapper::BertNormalizer(n)) = t.get_normalizer() {
+                let want = norm.normalizer(n.clean_text);
+                let says = |n: &BertNormalizer| {
+                    format!(
+                        "lowercase {}, strip_accents {}, handle_chinese_chars {}",
+                        n.lowercase,
+                        n.strip_accents
+                            .map_or("null".to_string(), |b| b.to_string()),
+                        n.handle_chinese_chars
+                    )
+                };
+                if (n.lowercase, n.strip_accents, n.handle_chinese_chars)
+                    != (
+                        want.lowercase,
+                        want.strip_accents,
+                        want.handle_chinese_chars,
+                    )
+                {
+                    eprintln!(
+                        "warning: {}'s normaliser ({}) is replaced by tokenizer_config.json's settings ({}; \
+                         transformers' defaults where it is silent or absent), as transformers does",
+                        tj.display(),
+                        says(n),
+                        says(&want)
+                    );
+                    t.with_normalizer(Some(want));
+                }
+            }
+            t
         } else {
             let vocab = dir.join("vocab.txt");
             if !vocab.exists() {
@@ -43,17 +134,12 @@ impl WordPieceTokenizer {
                     dir.display()
                 );
             }
-            let lower = std::fs::read_to_string(dir.join("tokenizer_config.json"))
-                .ok()
-                .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-                .and_then(|v| v.get("do_lower_case").and_then(|b| b.as_bool()))
-                .unwrap_or(true);
             let wp = WordPiece::from_file(&vocab.to_string_lossy())
                 .unk_token("[UNK]".into())
                 .build()
                 .map_err(|e| anyhow!("{}: {e}", vocab.display()))?;
             let mut t = Tokenizer::new(wp);
-            t.with_normalizer(Some(BertNormalizer::new(true, true, None, lower)));
+            t.with_normalizer(Some(norm.normalizer(true)));
             t.with_pre_tokenizer(Some(BertPreTokenizer));
             t
         };
