@@ -1104,6 +1104,27 @@ fn convert_refuses_in_place_and_non_empty_outputs_unless_forced() {
         vec!["dev.json", "fresh", "model", "other", "tok"]
     );
     ok(&eval(&model, &data, &t.join("o"), &[]));
+    // config.json says the dtype written, in both fields transformers reads (transformers 5 loads in
+    // `dtype`: a copied "float16" made it load an f32 file as f16), whatever the source's config said
+    let dtypes = |d: &Path| {
+        let c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+        (c["dtype"].clone(), c["torch_dtype"].clone())
+    };
+    assert_eq!(dtypes(&model), ("float16".into(), "float16".into()));
+    for (dt, name) in [("f32", "float32"), ("bf16", "bfloat16")] {
+        let out = t.join(&format!("back-{dt}"));
+        ok(&run(&[
+            "convert",
+            "--model",
+            s(&model),
+            "--output",
+            s(&out),
+            "--dtype",
+            dt,
+        ]));
+        assert_eq!(dtypes(&out), (name.into(), name.into()), "{dt}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------

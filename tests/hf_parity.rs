@@ -366,3 +366,167 @@ fn checkpoint_errors_name_the_problem() {
     ));
     assert!(e.contains("hidden_act"), "{e}");
 }
+
+/// The fixture's weights as loaded (f32 values of every parameter, in order).
+fn loaded_values(dir: &Path) -> Vec<Vec<f32>> {
+    let be = Cpu::new();
+    let (_, p, _) = checkpoint::load(&be, dir, DType::F32, 0).unwrap();
+    p.tensors()
+        .iter()
+        .map(|t| t.to_f32_vec(&be).unwrap())
+        .collect()
+}
+
+/// Checkpoints transformers loads and bertqa now loads the same way (a helper's probe against
+/// transformers 5.24 found each refused or read differently): sharded safetensors, LayerNorm gamma/beta
+/// names, another task's head (classifier.*). A tensor stored with and without the `bert.` prefix is refused.
+#[test]
+fn checkpoint_variants_transformers_loads_give_the_same_weights() {
+    let src = fixture("tiny_bert_qa");
+    let host = checkpoint::read_safetensors(&src.join("model.safetensors")).unwrap();
+    let cfg_text = std::fs::read_to_string(src.join("config.json")).unwrap();
+    let want = loaded_values(&src);
+    // sharded: two files and the index transformers writes (save_pretrained(max_shard_size=...))
+    let d = tmpdir("sharded");
+    std::fs::write(d.join("config.json"), &cfg_text).unwrap();
+    let (mut a, mut b) = (
+        checkpoint::HostTensors::new(),
+        checkpoint::HostTensors::new(),
+    );
+    let mut map = serde_json::Map::new();
+    for (i, (k, v)) in host.iter().enumerate() {
+        let (part, file) = if i % 2 == 0 {
+            (&mut a, "model-00001-of-00002.safetensors")
+        } else {
+            (&mut b, "model-00002-of-00002.safetensors")
+        };
+        part.insert(k.clone(), v.clone());
+        map.insert(k.clone(), file.into());
+    }
+    for (part, file) in [
+        (&a, "model-00001-of-00002.safetensors"),
+        (&b, "model-00002-of-00002.safetensors"),
+    ] {
+        std::fs::write(
+            d.join(file),
+            checkpoint::safetensors_bytes(part, None).unwrap(),
+        )
+        .unwrap();
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": map});
+    std::fs::write(d.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    assert_eq!(loaded_values(&d), want, "sharded");
+    // an index that lies about where a tensor is, or lists one no shard holds: named
+    let mut bad = index.clone();
+    let first = host.keys().next().unwrap().clone();
+    bad["weight_map"][&first] = "model-00002-of-00002.safetensors".into();
+    std::fs::write(d.join("model.safetensors.index.json"), bad.to_string()).unwrap();
+    let e = format!(
+        "{:#}",
+        checkpoint::load(&Cpu::new(), &d, DType::F32, 0)
+            .err()
+            .unwrap()
+    );
+    assert!(e.contains(&first) && e.contains("is not where"), "{e}");
+    let mut bad = index.clone();
+    bad["weight_map"]["bert.extra"] = "model-00001-of-00002.safetensors".into();
+    std::fs::write(d.join("model.safetensors.index.json"), bad.to_string()).unwrap();
+    let e = format!(
+        "{:#}",
+        checkpoint::load(&Cpu::new(), &d, DType::F32, 0)
+            .err()
+            .unwrap()
+    );
+    assert!(
+        e.contains("\"bert.extra\"") && e.contains("does not hold it"),
+        "{e}"
+    );
+    // LayerNorm gamma/beta (older checkpoints) and a classifier head (BertForSequenceClassification)
+    let d = tmpdir("gamma");
+    std::fs::write(d.join("config.json"), &cfg_text).unwrap();
+    let mut h = checkpoint::HostTensors::new();
+    for (k, v) in &host {
+        let k = k
+            .replace("LayerNorm.weight", "LayerNorm.gamma")
+            .replace("LayerNorm.bias", "LayerNorm.beta");
+        h.insert(k, v.clone());
+    }
+    assert!(h.keys().any(|k| k.ends_with("LayerNorm.gamma")));
+    h.insert("classifier.weight".into(), (vec![3, 32], vec![0.5; 96]));
+    h.insert("classifier.bias".into(), (vec![3], vec![0.5; 3]));
+    std::fs::write(
+        d.join("model.safetensors"),
+        checkpoint::safetensors_bytes(&h, None).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(loaded_values(&d), want, "gamma/beta + classifier");
+    let (_, _, rep) = checkpoint::load(&Cpu::new(), &d, DType::F32, 0).unwrap();
+    assert!(
+        rep.ignored.contains(&"classifier.weight".to_string()),
+        "{:?}",
+        rep.ignored
+    );
+    // the same tensor twice (with and without the prefix): which one would be meant?
+    let mut h = host.clone();
+    let (s, v) = h["bert.embeddings.LayerNorm.weight"].clone();
+    h.insert(
+        "embeddings.LayerNorm.weight".into(),
+        (s, v.iter().map(|x| x + 1.0).collect()),
+    );
+    std::fs::write(
+        d.join("model.safetensors"),
+        checkpoint::safetensors_bytes(&h, None).unwrap(),
+    )
+    .unwrap();
+    let e = format!(
+        "{:#}",
+        checkpoint::load(&Cpu::new(), &d, DType::F32, 0)
+            .err()
+            .unwrap()
+    );
+    assert!(
+        e.contains("\"bert.embeddings.LayerNorm.weight\"")
+            && e.contains("\"embeddings.LayerNorm.weight\"")
+            && e.contains("which one is meant"),
+        "{e}"
+    );
+    // weights transformers saves but bertqa does not read: the error says how to convert them
+    let d = tmpdir("bin");
+    std::fs::write(d.join("config.json"), &cfg_text).unwrap();
+    std::fs::write(d.join("pytorch_model.bin"), b"pickle").unwrap();
+    let e = format!(
+        "{:#}",
+        checkpoint::load(&Cpu::new(), &d, DType::F32, 0)
+            .err()
+            .unwrap()
+    );
+    assert!(
+        e.contains("pytorch_model.bin") && e.contains("save_pretrained"),
+        "{e}"
+    );
+    // configs whose computation this BERT does not implement are refused, not ignored
+    for (key, value, says) in [
+        ("is_decoder", serde_json::json!(true), "is_decoder"),
+        (
+            "position_embedding_type",
+            serde_json::json!("relative_key"),
+            "position_embedding_type \"relative_key\"",
+        ),
+    ] {
+        let mut c: serde_json::Value = serde_json::from_str(&cfg_text).unwrap();
+        c[key] = value;
+        std::fs::write(d.join("config.json"), c.to_string()).unwrap();
+        std::fs::write(
+            d.join("model.safetensors"),
+            checkpoint::safetensors_bytes(&host, None).unwrap(),
+        )
+        .unwrap();
+        let e = format!(
+            "{:#}",
+            checkpoint::load(&Cpu::new(), &d, DType::F32, 0)
+                .err()
+                .unwrap()
+        );
+        assert!(e.contains(says) && e.contains("unsupported config"), "{e}");
+    }
+}

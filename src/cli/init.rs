@@ -111,6 +111,7 @@ pub fn convert(a: &ConvertArgs) -> Result<()> {
         _ => serde_json::to_value(&cfg)?,
     };
     conf["architectures"] = serde_json::json!(["BertForQuestionAnswering"]);
+    checkpoint::set_config_dtype(&mut conf, dt)?;
     let conf = serde_json::to_string_pretty(&conf)?;
     // everything is read from --model before anything replaces --output (they may be the same directory)
     let mut tok_files = vec![];
@@ -146,5 +147,5 @@ pub fn convert(a: &ConvertArgs) -> Result<()> {
 
 /// The dtype(s) of a model directory's weights, for messages.
 fn checkpoint_dtype(dir: &std::path::Path) -> String {
-    checkpoint::read_safetensors_dtype(&dir.join("model.safetensors"))
+    checkpoint::model_dtype(dir)
 }

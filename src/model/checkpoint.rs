@@ -1,9 +1,13 @@
 //! Hugging Face checkpoints in and out.
 //!
-//! Load: `config.json` + `model.safetensors` (F32/F16/BF16) of a BertModel (names without prefix, e.g.
-//! all-MiniLM-L6-v2) or a BertForQuestionAnswering (`bert.` prefix plus `qa_outputs.*`). The pooler and
-//! `embeddings.position_ids` are ignored. Without `qa_outputs` the head is initialised normal(0,
-//! initializer_range) with zero bias from a seed, and the caller is told.
+//! Load: `config.json` + `model.safetensors` (F32/F16/BF16), or the shards listed by
+//! `model.safetensors.index.json`, of a BertModel (names without prefix, e.g. all-MiniLM-L6-v2) or a
+//! BertForQuestionAnswering (`bert.` prefix plus `qa_outputs.*`) — or of any other BERT head: the pooler, the
+//! pre-training heads (`cls.*`), a classifier (`classifier.*`) and `embeddings.position_ids` are ignored,
+//! and LayerNorm `gamma`/`beta` (older checkpoints) read as `weight`/`bias`, as transformers does. A tensor
+//! present both with and without the `bert.` prefix is an error (which one would be meant?). Without
+//! `qa_outputs` the head is initialised normal(0, initializer_range) with zero bias from a seed, and the
+//! caller is told.
 //! Save: an HF-format BertForQuestionAnswering directory (config.json with `architectures`, model.safetensors
 //! with HF names, F32; tokenizer files copied) that `BertForQuestionAnswering.from_pretrained` loads with no
 //! missing or unexpected keys.
@@ -96,26 +100,134 @@ fn unravel(mut i: usize, shape: &[usize]) -> Vec<usize> {
     idx
 }
 
-/// The dtype(s) of a safetensors file's tensors, e.g. "F32" or "F16" ("?" if unreadable).
-pub fn read_safetensors_dtype(path: &Path) -> String {
-    dtype_name(path)
-}
-
-fn dtype_name(path: &Path) -> String {
-    let Ok(bytes) = std::fs::read(path) else {
-        return "?".into();
+/// The dtype(s) of a model directory's weights (every shard's), e.g. "F32" or "BF16+F32" ("?" if
+/// unreadable).
+pub fn model_dtype(dir: &Path) -> String {
+    let files = match weight_files(dir) {
+        Ok((files, _)) => files,
+        Err(_) => return "?".into(),
     };
-    let Ok(st) = SafeTensors::deserialize(&bytes) else {
-        return "?".into();
-    };
-    let mut names: Vec<String> = st
-        .tensors()
-        .iter()
-        .map(|(_, v)| format!("{:?}", v.dtype()))
-        .collect();
+    let mut names = vec![];
+    for path in files {
+        let Ok(bytes) = std::fs::read(&path) else {
+            return "?".into();
+        };
+        let Ok(st) = SafeTensors::deserialize(&bytes) else {
+            return "?".into();
+        };
+        names.extend(st.tensors().iter().map(|(_, v)| format!("{:?}", v.dtype())));
+    }
     names.sort();
     names.dedup();
     names.join("+")
+}
+
+/// The index of sharded weights (transformers' `save_pretrained` with `max_shard_size`).
+const SHARD_INDEX: &str = "model.safetensors.index.json";
+
+/// Per tensor name, the shard file that holds it (model.safetensors.index.json's weight_map).
+type ShardMap = BTreeMap<String, String>;
+
+/// The safetensors files holding a model directory's weights: `model.safetensors`, or the shards
+/// `model.safetensors.index.json` lists (with, per tensor name, its shard). An error that says what to do
+/// when there are none (a PyTorch or TensorFlow checkpoint).
+fn weight_files(dir: &Path) -> Result<(Vec<std::path::PathBuf>, Option<ShardMap>)> {
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok((vec![single], None));
+    }
+    let index = dir.join(SHARD_INDEX);
+    if index.exists() {
+        let text = std::fs::read_to_string(&index)
+            .with_context(|| format!("reading {}", index.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", index.display()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| anyhow!("{}: no \"weight_map\" object", index.display()))?;
+        let mut by_name = BTreeMap::new();
+        let mut files = vec![];
+        for (name, f) in map {
+            let f = f.as_str().ok_or_else(|| {
+                anyhow!("{}: weight_map.{name} is not a file name", index.display())
+            })?;
+            // a shard beside the index, nothing else
+            if f.is_empty() || f.contains('/') || f.contains('\\') || f == ".." {
+                bail!(
+                    "{}: weight_map.{name} = {f:?} is not a file in this directory",
+                    index.display()
+                );
+            }
+            let path = dir.join(f);
+            if !files.contains(&path) {
+                files.push(path);
+            }
+            by_name.insert(name.clone(), f.to_string());
+        }
+        if files.is_empty() {
+            bail!("{}: the weight_map is empty", index.display());
+        }
+        return Ok((files, Some(by_name)));
+    }
+    let other = ["pytorch_model.bin", "tf_model.h5", "flax_model.msgpack"]
+        .into_iter()
+        .find(|f| dir.join(f).exists());
+    match other {
+        Some(f) => bail!(
+            "{}: has {f} but no model.safetensors: bertqa reads safetensors only (no pickle); convert it once \
+             with transformers: python3 -c 'import transformers as t; \
+             t.BertForQuestionAnswering.from_pretrained(\"{}\"{}).save_pretrained(\"OUT\")' and give OUT \
+             (copy the tokenizer files into it)",
+            dir.display(),
+            dir.display(),
+            if f == "pytorch_model.bin" { "" } else if f == "tf_model.h5" { ", from_tf=True" } else { ", from_flax=True" }
+        ),
+        None => bail!(
+            "{}: no model.safetensors (nor {SHARD_INDEX}): not a model directory?",
+            dir.display()
+        ),
+    }
+}
+
+/// Every tensor of a model directory's weights (one file or its shards), f32, with the file each came
+/// from.
+fn read_weights(dir: &Path) -> Result<(HostTensors, BTreeMap<String, std::path::PathBuf>)> {
+    let (files, index) = weight_files(dir)?;
+    let mut all = HostTensors::new();
+    let mut from: BTreeMap<String, std::path::PathBuf> = BTreeMap::new();
+    for path in &files {
+        for (name, t) in read_safetensors(path)? {
+            if let Some(prev) = from.get(&name) {
+                bail!(
+                    "tensor {name:?} is in both {} and {}",
+                    prev.display(),
+                    path.display()
+                );
+            }
+            if let Some(idx) = &index {
+                let listed = idx.get(&name).map(|f| dir.join(f));
+                if listed.as_ref() != Some(path) {
+                    bail!(
+                        "{}: tensor {name:?} is not where {SHARD_INDEX} puts it ({})",
+                        path.display(),
+                        listed.map_or("nowhere".into(), |p| p.display().to_string())
+                    );
+                }
+            }
+            from.insert(name.clone(), path.clone());
+            all.insert(name, t);
+        }
+    }
+    if let Some(idx) = &index {
+        if let Some((name, f)) = idx.iter().find(|(n, _)| !all.contains_key(*n)) {
+            bail!(
+                "{}: {SHARD_INDEX} lists tensor {name:?} in {f}, which does not hold it",
+                dir.display()
+            );
+        }
+    }
+    Ok((all, from))
 }
 
 /// HF tensor names for one internal parameter (the fused qkv maps to three).
@@ -189,35 +301,48 @@ pub fn load<B: Backend>(
 ) -> Result<(BertConfig, BertParams<B>, LoadReport)> {
     let cfg = BertConfig::from_file(&dir.join("config.json"))?;
     check_tokenizer_fits(dir, &cfg)?;
-    let st_path = dir.join("model.safetensors");
-    if !st_path.exists() {
-        bail!(
-            "{}: no model.safetensors (only safetensors checkpoints are supported)",
-            dir.display()
-        );
-    }
-    let raw = read_safetensors(&st_path)?;
+    let (raw, from) = read_weights(dir)?;
     let had_prefix = raw.keys().any(|k| k.starts_with("bert."));
     let mut host = HostTensors::new();
+    // the stored name of each tensor kept (for messages)
+    let mut stored: BTreeMap<String, String> = BTreeMap::new();
     let mut ignored = Vec::new();
     for (k, v) in raw {
-        let name = k.strip_prefix("bert.").unwrap_or(&k).to_string();
-        if name.starts_with("pooler.") || name.ends_with("position_ids") || name.starts_with("cls.")
+        let name = hf_name_of_stored(&k);
+        if name.starts_with("pooler.")
+            || name.ends_with("position_ids")
+            || name.starts_with("cls.")
+            || name.starts_with("classifier.")
         {
             ignored.push(k);
             continue;
         }
+        if let Some(first) = stored.get(&name) {
+            bail!(
+                "{}: tensors {first:?} and {k:?} are both {name:?}: which one is meant? (a checkpoint \
+                 holding two copies; transformers would take one silently)",
+                from[&k].display()
+            );
+        }
+        stored.insert(name.clone(), k);
         host.insert(name, v);
     }
-    let origin = st_path.display().to_string();
     // Unexpected tensors mean the file is not a BERT of this config.
     let known: std::collections::HashSet<String> = param_specs(&cfg)
         .iter()
         .flat_map(|(n, _)| hf_names(n))
         .collect();
     if let Some(extra) = host.keys().find(|k| !known.contains(*k)) {
-        bail!("{origin}: unexpected tensor {extra:?} (not part of BertForQuestionAnswering with this config.json)");
+        let k = &stored[extra];
+        bail!(
+            "{}: unexpected tensor {k:?} (not part of BertForQuestionAnswering with this config.json)",
+            from[k].display()
+        );
     }
+    let origin = match from.values().next() {
+        Some(p) if from.values().all(|q| q == p) => p.display().to_string(),
+        _ => format!("{} (sharded)", dir.display()),
+    };
     let (params, init) = params_from_host(be, &cfg, &host, dtype, seed, &origin)?;
     Ok((
         cfg,
@@ -226,9 +351,23 @@ pub fn load<B: Backend>(
             had_prefix,
             qa_head_initialised: init,
             ignored,
-            source_dtype: dtype_name(&st_path),
+            source_dtype: model_dtype(dir),
         },
     ))
+}
+
+/// The HF name (as `to_hf_host` writes it, without the `bert.` prefix) of a stored tensor name: the prefix
+/// dropped, and LayerNorm's `gamma`/`beta` of older checkpoints read as `weight`/`bias` (transformers
+/// renames them the same way).
+fn hf_name_of_stored(k: &str) -> String {
+    let name = k.strip_prefix("bert.").unwrap_or(k);
+    if let Some(pre) = name.strip_suffix("LayerNorm.gamma") {
+        return format!("{pre}LayerNorm.weight");
+    }
+    if let Some(pre) = name.strip_suffix("LayerNorm.beta") {
+        return format!("{pre}LayerNorm.bias");
+    }
+    name.to_string()
 }
 
 /// If `dir` holds tokenizer files: error unless every token id has a row in the embedding table
@@ -320,6 +459,23 @@ pub fn safetensors_bytes_as(
     safetensors::serialize(views, metadata).map_err(|e| anyhow!("serialising safetensors: {e}"))
 }
 
+/// Say in a config.json what dtype its model.safetensors holds, in both the fields transformers reads:
+/// `dtype` (transformers 5, which loads in that dtype by default) and `torch_dtype` (before). A copied
+/// config would otherwise keep its source's (an f32 file loaded as float16).
+pub fn set_config_dtype(conf: &mut serde_json::Value, dt: DType) -> Result<()> {
+    let name = match dt {
+        DType::F32 => "float32",
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        other => bail!("no config.json dtype for {other}"),
+    };
+    if let Some(c) = conf.as_object_mut() {
+        c.insert("dtype".into(), serde_json::json!(name));
+        c.insert("torch_dtype".into(), serde_json::json!(name));
+    }
+    Ok(())
+}
+
 /// Save as an HF BertForQuestionAnswering directory; copies tokenizer files from `tokenizer_src` if given.
 /// Every file is written atomically.
 pub fn save<B: Backend>(
@@ -356,8 +512,8 @@ pub fn save<B: Backend>(
         c.entry("pad_token_id").or_insert(serde_json::json!(0));
         c.entry("position_embedding_type")
             .or_insert(serde_json::json!("absolute"));
-        c.insert("torch_dtype".into(), serde_json::json!("float32"));
     }
+    set_config_dtype(&mut conf, DType::F32)?;
     crate::util::write_atomic(
         &dir.join("config.json"),
         serde_json::to_string_pretty(&conf)?.as_bytes(),

@@ -85,6 +85,20 @@ impl BertConfig {
             };
             bail!("{origin}: config.json must be a JSON object (got {kind})");
         }
+        // settings that change the computation and that this BERT does not implement: refused, not ignored
+        if v.get("is_decoder").and_then(|b| b.as_bool()) == Some(true) {
+            bail!(
+                "{origin}: unsupported config: is_decoder = true (a causal decoder; bertqa computes BERT's \
+                 bidirectional encoder)"
+            );
+        }
+        match v.get("position_embedding_type") {
+            None | Some(serde_json::Value::Null) => {}
+            Some(serde_json::Value::String(s)) if s == "absolute" => {}
+            Some(other) => bail!(
+                "{origin}: unsupported config: position_embedding_type {other} (only \"absolute\")"
+            ),
+        }
         let cfg: BertConfig = serde_path_to_error::deserialize(v).map_err(|e| {
             let field = e.path().to_string();
             anyhow::anyhow!("{origin}: field {field}: {}", e.into_inner())
