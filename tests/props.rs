@@ -226,8 +226,34 @@ proptest! {
         prop_assert_eq!(&pieces.offsets, &whole.offsets);
         let cut = tokenizer::split_pieces(&text, chunk);
         prop_assert_eq!(cut.concat(), text.clone());
-        prop_assert!(cut.iter().all(|p| p.len() <= chunk.max(8)));
+        prop_assert!(cut.iter().all(|p| p.len() <= chunk.max(8) * tokenizer::MAX_RUN_CHUNKS));
     }
+
+    /// The same with the separators where a cut can go wrong (a helper's probe found contexts over 64 KiB
+    /// tokenized differently from transformers): no-break, ideographic and narrow spaces, Unicode dashes,
+    /// quotes and ellipses, a zero-width space and a form feed (both deleted by the normaliser: the words
+    /// beside them join), U+0085 (whitespace, but a control character: deleted too), and no separator at
+    /// all (runs longer than half a piece).
+    #[test]
+    fn tokenizing_in_pieces_matches_tokenizing_whole_with_unicode_separators(
+        parts in prop::collection::vec((prop::sample::select(WORDS.to_vec()), unicode_sep()), 1..40),
+        chunk in 32usize..120,
+    ) {
+        let tok = tok();
+        let text = join(&parts);
+        let whole = tok.encode_chunked(&text, usize::MAX).unwrap();
+        let pieces = tok.encode_chunked(&text, chunk).unwrap();
+        prop_assert_eq!(&pieces.ids, &whole.ids, "{:?}", tokenizer::split_pieces(&text, chunk));
+        prop_assert_eq!(&pieces.offsets, &whole.offsets);
+    }
+}
+
+/// Separators whose handling differs between BERT's normaliser, its pre-tokenizer and a naive cut.
+fn unicode_sep() -> impl Strategy<Value = &'static str> {
+    prop::sample::select(vec![
+        " ", "\u{a0}", "\u{3000}", "\u{202f}", "\u{2028}", "—", "–", "“", "” ", "…", "·",
+        "\u{200b}", "\u{c}", "\u{85}", "", "", "",
+    ])
 }
 
 // ---------------------------------------------------------------------------------------------------------

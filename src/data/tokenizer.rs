@@ -5,12 +5,15 @@
 //! otherwise (a warning then says so). Any truncation or padding stored in tokenizer.json is removed:
 //! windows are built by `features`.
 //!
-//! Long texts (over [`CHUNK_BYTES`]) are tokenized in pieces cut after whitespace (or before ASCII
-//! punctuation), with the offsets shifted back: BERT's normaliser and pre-tokenizer never join a token across
-//! such a cut, so the result is the same as in one piece, while the `tokenizers` crate's per-byte alignment
-//! tables (~150 bytes per input byte) exist for one group of pieces at a time instead of for the whole text
-//! (a 50 MB context needed > 7 GB). A run of more than `CHUNK_BYTES / 2` bytes with neither whitespace nor
-//! punctuation is cut where it is; BERT maps such a "word" (> 100 characters) to \[UNK\] either way.
+//! Long texts (over [`CHUNK_BYTES`]) are tokenized in pieces, with the offsets shifted back, cut only where
+//! BERT's normaliser and pre-tokenizer never join a token across: after a whitespace character (any the
+//! pre-tokenizer splits on: no-break and ideographic spaces too) or before a punctuation character (ASCII or
+//! Unicode P*, isolated as its own token) — not after a zero-width space or a form feed, which the
+//! normaliser deletes, joining their neighbours. So the result is the same as in one piece, while the `tokenizers` crate's per-byte
+//! alignment tables (~150 bytes per input byte) exist for one group of pieces at a time instead of for the
+//! whole text (a 50 MB context needed > 7 GB). A piece with no such place in its second half runs on to the
+//! next one; only a run of more than [`MAX_RUN_CHUNKS`] pieces' bytes without one (a single "word" of over
+//! a megabyte, which BERT maps to one \[UNK\]) is cut where it is, and then gives an \[UNK\] per piece.
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::Path;
@@ -260,15 +263,38 @@ fn preview(text: &str) -> String {
     format!("{:?}…", text.chars().take(40).collect::<String>())
 }
 
-/// Cut `text` into pieces of at most ~`chunk` bytes: after the last ASCII whitespace in the second half of
-/// the window, else before the last ASCII punctuation there, else at the window's end (a char boundary).
+/// How far (in pieces of `chunk` bytes) a piece may run on to reach a place where it can be cut exactly.
+pub const MAX_RUN_CHUNKS: usize = 16;
+
+/// BERT's punctuation (the pre-tokenizer's `is_bert_punc`): ASCII punctuation or Unicode category P*.
+fn is_bert_punct(c: char) -> bool {
+    use unicode_categories::UnicodeCategories;
+    c.is_ascii_punctuation() || c.is_punctuation()
+}
+
+/// Whitespace the pre-tokenizer splits on after the normaliser: not the whitespace that is also a control
+/// character (form feed, U+0085, …), which the normaliser's cleaning deletes, joining its neighbours.
+fn is_bert_space(c: char) -> bool {
+    use unicode_categories::UnicodeCategories;
+    c.is_whitespace() && (matches!(c, '\t' | '\n' | '\r') || !c.is_other())
+}
+
+/// Whether `text` may be cut before byte `i` (a char boundary) without changing its tokens: right after a
+/// whitespace character or right before a punctuation character (see the module doc).
+fn exact_cut(text: &str, i: usize) -> bool {
+    text[..i].chars().next_back().is_some_and(is_bert_space)
+        || text[i..].chars().next().is_some_and(is_bert_punct)
+}
+
+/// Cut `text` into pieces of about `chunk` bytes (see the module doc): at the last place in the second half
+/// of each window where the cut is exact, preferring one after whitespace; else at the first such place
+/// after the window (up to [`MAX_RUN_CHUNKS`] windows on); else at the window's end (a char boundary).
 pub fn split_pieces(text: &str, chunk: usize) -> Vec<&str> {
     let chunk = chunk.max(8);
-    let b = text.as_bytes();
     let mut out = vec![];
     let mut p = 0;
-    while p < b.len() {
-        if b.len() - p <= chunk {
+    while p < text.len() {
+        if text.len() - p <= chunk {
             out.push(&text[p..]);
             break;
         }
@@ -276,13 +302,36 @@ pub fn split_pieces(text: &str, chunk: usize) -> Vec<&str> {
         while !text.is_char_boundary(end) {
             end -= 1;
         }
-        let lo = p + chunk / 2;
-        // ASCII bytes never occur inside a multi-byte UTF-8 sequence, so these cuts are char boundaries
-        let cut = (lo..end)
+        let mut lo = p + chunk / 2;
+        while !text.is_char_boundary(lo) {
+            lo += 1;
+        }
+        let window = &text[lo..end];
+        let after_space = window
+            .char_indices()
             .rev()
-            .find(|&i| matches!(b[i], b' ' | b'\t' | b'\n' | b'\r'))
-            .map(|i| i + 1)
-            .or_else(|| (lo + 1..end).rev().find(|&i| b[i].is_ascii_punctuation()))
+            .find(|&(_, c)| is_bert_space(c))
+            .map(|(i, c)| lo + i + c.len_utf8());
+        let before_punct = || {
+            window
+                .char_indices()
+                .rev()
+                .find(|&(i, c)| i > 0 && is_bert_punct(c))
+                .map(|(i, _)| lo + i)
+        };
+        let run_on = || {
+            let mut limit = (p + chunk * MAX_RUN_CHUNKS).min(text.len());
+            while !text.is_char_boundary(limit) {
+                limit -= 1;
+            }
+            text[end..limit]
+                .char_indices()
+                .map(|(i, _)| end + i)
+                .find(|&i| exact_cut(text, i))
+        };
+        let cut = after_space
+            .or_else(before_punct)
+            .or_else(run_on)
             .unwrap_or(end);
         out.push(&text[p..cut]);
         p = cut;

@@ -13,9 +13,19 @@ pub fn py_isspace(c: char) -> bool {
     matches!(c, '\t' | '\n' | '\x0b' | '\x0c' | '\r' | '\x1c'..='\x1f' | ' ' | '\u{85}' | '\u{a0}' | '\u{1680}' | '\u{2000}'..='\u{200a}' | '\u{2028}' | '\u{2029}' | '\u{202f}' | '\u{205f}' | '\u{3000}')
 }
 
-/// A word character for Python's `re` `\b` on str patterns: alphanumeric or underscore.
+/// A word character for Python's `re` `\b` on str patterns: `str.isalnum()` or underscore, i.e. a letter
+/// or a number by general category (L*, N*). Not Rust's `is_alphanumeric`, whose Alphabetic property also
+/// takes combining vowel signs (U+093E) and circled letters (U+24B6): beside those the official script
+/// still removes "a", "an", "the". (Unicode tables: the regex crate's, current; Python's are its own
+/// version's.)
 fn is_word(c: char) -> bool {
-    c.is_alphanumeric() || c == '_'
+    static WORD: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    c.is_ascii_alphanumeric()
+        || c == '_'
+        || (!c.is_ascii()
+            && WORD
+                .get_or_init(|| regex::Regex::new(r"^[\p{L}\p{N}]$").expect("a valid regex"))
+                .is_match(c.encode_utf8(&mut [0u8; 4])))
 }
 
 const PUNCT: &str = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~";
@@ -296,6 +306,25 @@ mod tests {
         assert_eq!(normalize_answer("The Denver Broncos!"), "denver broncos");
         assert_eq!(normalize_answer("  an apple, a day  "), "apple day");
         assert_eq!(normalize_answer("theater"), "theater"); // no \b after "the"
+                                                            // word characters as Python's re takes them (expected values from the official normalize_answer
+                                                            // under Python 3.11): marks and symbols are not word characters, letters and numbers of any
+                                                            // script are
+        for (text, official) in [
+            ("a\u{93e} b", "\u{93e} b"),
+            ("a\u{24b6} b", "\u{24d0} b"),
+            ("a\u{345} b", "\u{345} b"),
+            ("the\u{e31} x", "\u{e31} x"),
+            ("an\u{5b0} y", "\u{5b0} y"),
+            ("a\u{1f130}", "\u{1f130}"),
+            ("x a\u{b2} y", "x a\u{b2} y"),
+            ("the\u{663} z", "the\u{663} z"),
+            ("a\u{2160} b", "a\u{2170} b"),
+            ("a_b the_c", "ab thec"),
+            ("\u{e9}the a\u{301} b", "\u{e9}the \u{301} b"),
+            ("th\u{e9} an\u{660}", "th\u{e9} an\u{660}"),
+        ] {
+            assert_eq!(normalize_answer(text), official, "{text:?}");
+        }
         assert_eq!(normalize_answer("anthe a"), "anthe");
         assert_eq!(normalize_answer("the-end"), "theend"); // punctuation goes before articles
         assert_eq!(normalize_answer("A.B."), "ab");

@@ -38,6 +38,12 @@ fn d_eps() -> f32 {
     1e-12
 }
 
+/// An f32 setting written as the shortest decimal that reads back as it (`0.1`, not the f32's exact
+/// `0.10000000149011612`): config.json keeps the numbers its author wrote.
+fn short_f32<S: serde::Serializer>(x: &f32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(format!("{x}").parse::<f64>().unwrap_or(*x as f64))
+}
+
 /// The fields of HF's BertConfig that define the computation (defaults are HF's).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct BertConfig {
@@ -53,17 +59,17 @@ pub struct BertConfig {
     pub intermediate_size: usize,
     #[serde(default = "d_act")]
     pub hidden_act: String,
-    #[serde(default = "d_drop")]
+    #[serde(default = "d_drop", serialize_with = "short_f32")]
     pub hidden_dropout_prob: f32,
-    #[serde(default = "d_drop")]
+    #[serde(default = "d_drop", serialize_with = "short_f32")]
     pub attention_probs_dropout_prob: f32,
     #[serde(default = "d_pos")]
     pub max_position_embeddings: usize,
     #[serde(default = "d_types")]
     pub type_vocab_size: usize,
-    #[serde(default = "d_init")]
+    #[serde(default = "d_init", serialize_with = "short_f32")]
     pub initializer_range: f32,
-    #[serde(default = "d_eps")]
+    #[serde(default = "d_eps", serialize_with = "short_f32")]
     pub layer_norm_eps: f32,
     /// The \[PAD\] id: its word embedding gets no gradient (as nn.Embedding(padding_idx) in HF).
     #[serde(default)]
