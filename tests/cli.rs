@@ -574,6 +574,15 @@ fn init_random_sizes_the_vocabulary_from_the_tokenizer() {
         .lines()
         .count();
     assert_eq!(c["vocab_size"].as_u64(), Some(vocab_lines as u64));
+    // the settings as written, not their f32 roundings (0.10000000149011612, 9.999999960041972e-13)
+    let text = std::fs::read_to_string(model.join("config.json")).unwrap();
+    for want in [
+        "\"layer_norm_eps\": 1e-12",
+        "\"hidden_dropout_prob\": 0.1,",
+        "\"initializer_range\": 0.02,",
+    ] {
+        assert!(text.contains(want), "{want} not in {text}");
+    }
 }
 
 #[test]
