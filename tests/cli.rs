@@ -8,6 +8,7 @@
 
 use serde_json::{json, Value};
 use std::ffi::OsStr;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -458,6 +459,88 @@ fn predict_prints_one_answer_with_a_finite_score() {
     let p = v["probability"].as_f64().unwrap();
     assert!(p > 0.0 && p <= 1.0, "{v}");
     assert_eq!(v["no_answer"], json!(false));
+}
+
+/// The passage from a file or standard input (--context-file): the same answer as --context, for
+/// passages longer than a command line can carry (over 128 KiB); one of the two is required, not both;
+/// a file that is not UTF-8 is named with the offset.
+#[test]
+fn predict_reads_the_passage_from_a_file_or_standard_input() {
+    let t = TempDir::new("predict-file");
+    let model = tiny_model(t.path());
+    let (ctx, _) = context_and_answers(30, 0, 1);
+    let by_arg = last_json(&ok(&predict(&model, &ctx, &[])));
+    let f = t.join("ctx.txt");
+    std::fs::write(&f, &ctx).unwrap();
+    let args = |file: &str| {
+        vec![
+            "predict".to_string(),
+            "--model".into(),
+            s(&model).into(),
+            "--question".into(),
+            "what was the old city named after?".into(),
+            "--context-file".into(),
+            file.into(),
+            "--device".into(),
+            "cpu".into(),
+        ]
+    };
+    assert_eq!(last_json(&ok(&run(&args(s(&f))))), by_arg);
+    let mut child = Command::new(bin())
+        .args(args("-"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(ctx.as_bytes())
+        .unwrap();
+    assert_eq!(last_json(&ok(&child.wait_with_output().unwrap())), by_arg);
+    // longer than one argument may be (MAX_ARG_STRLEN, 128 KiB): the passage ends with the answer's text
+    let mut long = "stone water king ".repeat(9000);
+    long.push_str(&ctx);
+    assert!(long.len() > 150_000);
+    let big = t.join("long.txt");
+    std::fs::write(&big, &long).unwrap();
+    let v = last_json(&ok(&run(&args(s(&big)))));
+    let (cs, ce) = (
+        v["char_start"].as_u64().unwrap(),
+        v["char_end"].as_u64().unwrap(),
+    );
+    assert_eq!(
+        &long[cs as usize..ce as usize],
+        v["answer"].as_str().unwrap(),
+        "{v}"
+    );
+    // both, neither, not UTF-8
+    let mut both = args(s(&f));
+    both.extend(["--context".into(), "x".into()]);
+    let o = run(&both);
+    assert!(
+        !o.status.success() && stderr(&o).contains("--context"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&[
+        "predict",
+        "--model",
+        s(&model),
+        "--question",
+        "q",
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("--context"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::write(&f, b"the old \xff city").unwrap();
+    fails(&run(&args(s(&f))), &["ctx.txt", "not UTF-8", "offset 8"]);
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ use crate::eval::run::{predict_streaming, resolve_version_2, score, write_predic
 use crate::model::bert::BertQa;
 use crate::model::checkpoint;
 use crate::ops::Backend;
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -247,28 +247,71 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
 }
 
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("passage").required(true).args(["context", "context_file"])))]
 pub struct PredictArgs {
     #[arg(long)]
     pub model: PathBuf,
     #[arg(long)]
     pub question: String,
+    /// the passage, as an argument
     #[arg(long)]
-    pub context: String,
+    pub context: Option<String>,
+    /// the passage, read from a UTF-8 file (`-`: standard input) — for passages too long for a command
+    /// line (about 128 KiB on Linux) or holding characters an argument cannot (NUL)
+    #[arg(long, value_name = "PATH")]
+    pub context_file: Option<PathBuf>,
     #[arg(long, default_value = "fp32")]
     pub precision: String,
     #[command(flatten)]
     pub opts: EvalOpts,
 }
 
+impl PredictArgs {
+    /// The passage (from --context or --context-file) and the flag that gave it, for messages.
+    fn passage(&self) -> Result<(String, String)> {
+        use std::io::Read;
+        match (&self.context, &self.context_file) {
+            (Some(c), None) => Ok((c.clone(), "--context".into())),
+            (None, Some(p)) => {
+                let mut bytes = vec![];
+                let what = if p.as_os_str() == "-" {
+                    std::io::stdin()
+                        .read_to_end(&mut bytes)
+                        .context("--context-file -: reading standard input")?;
+                    "--context-file - (standard input)".to_string()
+                } else {
+                    bytes = std::fs::read(p)
+                        .with_context(|| format!("--context-file {}: reading it", p.display()))?;
+                    format!("--context-file {}", p.display())
+                };
+                let text = String::from_utf8(bytes).map_err(|e| {
+                    anyhow!(
+                        "{what}: not UTF-8 (invalid byte at offset {})",
+                        e.utf8_error().valid_up_to()
+                    )
+                })?;
+                // a byte-order mark is not part of the passage (char offsets count from after it)
+                let text = text
+                    .strip_prefix('\u{feff}')
+                    .map(str::to_string)
+                    .unwrap_or(text);
+                Ok((text, what))
+            }
+            _ => bail!("give the passage once: --context or --context-file"),
+        }
+    }
+}
+
 struct PredictJob<'a>(&'a PredictArgs);
 impl DeviceFn<()> for PredictJob<'_> {
     fn call<B: Backend>(self, be: &B) -> Result<()> {
         let a = self.0;
+        let (context, flag) = a.passage()?;
         let (model, tok) = load_qa_model(be, &a.model, &a.precision, &a.opts)?;
-        if tok.encode(&a.context)?.ids.is_empty() {
-            bail!("--context has no tokens (it is empty or only whitespace/control characters)");
+        if tok.encode(&context)?.ids.is_empty() {
+            bail!("{flag} has no tokens (it is empty or only whitespace/control characters)");
         }
-        let ctx = Arc::new(SquadContext::new(a.context.clone(), String::new()));
+        let ctx = Arc::new(SquadContext::new(context, String::new()));
         let ex = Example {
             id: "q".into(),
             question: a.question.clone(),
