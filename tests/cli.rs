@@ -461,6 +461,88 @@ fn predict_prints_one_answer_with_a_finite_score() {
     assert_eq!(v["no_answer"], json!(false));
 }
 
+/// `score` on SQuAD v2.0 as the official evaluate-v2.0.py (tests/fixtures/score_v2): the no-answer
+/// threshold of --na-prob-file applied (default 1.0, --na-prob-thresh), HasAns as "has any gold answer",
+/// the best-threshold sweep breaking ties in the file's order. (Before: the threshold was never applied,
+/// an answer normalising to "" made a question NoAns, ties went in dataset order.)
+#[test]
+fn score_v2_equals_the_official_script() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/score_v2");
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let cases = expected.as_object().unwrap();
+    assert_eq!(cases.len(), 5);
+    for (name, case) in cases {
+        let mut args = vec![
+            "score".to_string(),
+            s(&dir.join("data.json")).into(),
+            s(&dir.join("preds.json")).into(),
+        ];
+        for a in case["args"].as_array().unwrap() {
+            let a = a.as_str().unwrap();
+            args.push(if a.ends_with(".json") {
+                s(&dir.join(a)).into()
+            } else {
+                a.into()
+            });
+        }
+        let got = last_json(&ok(&run(&args)));
+        let want = case["official"].as_object().unwrap();
+        let got_keys: Vec<&String> = got.as_object().unwrap().keys().collect();
+        assert_eq!(got_keys, want.keys().collect::<Vec<_>>(), "{name}");
+        for (k, w) in want {
+            assert_eq!(got[k].as_f64(), w.as_f64(), "{name}: {k}: {got}");
+        }
+    }
+}
+
+/// v2.0 "no answer" from predict says why, with the null odds and the span it rejected; a negative
+/// threshold is accepted as run_qa's argparse accepts it (before: "unexpected argument '-1000'").
+#[test]
+fn predict_v2_no_answer_says_why() {
+    let t = TempDir::new("predict-v2");
+    let model = tiny_model(t.path());
+    let (ctx, _) = context_and_answers(30, 0, 1);
+    let v = last_json(&ok(&predict(
+        &model,
+        &ctx,
+        &[
+            "--version-2-with-negative",
+            "--null-score-diff-threshold",
+            "-1000",
+        ],
+    )));
+    assert_eq!(
+        (v["answer"].clone(), v["no_answer"].clone()),
+        (json!(null), json!(true)),
+        "{v}"
+    );
+    assert!(v["reason"].as_str().unwrap().contains("-1000"), "{v}");
+    assert!(v["null_score_diff"].as_f64().unwrap().is_finite(), "{v}");
+    let r = &v["rejected_span"];
+    let (cs, ce) = (
+        r["char_start"].as_u64().unwrap(),
+        r["char_end"].as_u64().unwrap(),
+    );
+    assert_eq!(
+        &ctx[cs as usize..ce as usize],
+        r["text"].as_str().unwrap(),
+        "{v}"
+    );
+    // and a threshold that keeps the span answers with it
+    let v = last_json(&ok(&predict(
+        &model,
+        &ctx,
+        &[
+            "--version-2-with-negative",
+            "--null-score-diff-threshold",
+            "1000",
+        ],
+    )));
+    assert_eq!(v["no_answer"], json!(false), "{v}");
+    assert!(ctx.contains(v["answer"].as_str().unwrap()), "{v}");
+}
+
 /// The passage from a file or standard input (--context-file): the same answer as --context, for
 /// passages longer than a command line can carry (over 128 KiB); one of the two is required, not both;
 /// a file that is not UTF-8 is named with the offset.

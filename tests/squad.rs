@@ -302,7 +302,7 @@ fn squad_v2_impossible_questions_flow_through_features_postprocess_and_metrics()
     assert_eq!(p.answers["has"], "Paris");
     assert_eq!(p.answers["none"], "");
     assert!(p.null_odds["none"] > 0.0 && p.null_odds["has"] < 0.0);
-    let sc = evaluate_v2(&gold_of(&ds), &p.answers, Some(&p.null_odds));
+    let sc = evaluate_v2(&gold_of(&ds), &p.answers, Some(&p.na_probs()));
     assert_eq!(
         (sc.exact, sc.f1, sc.has_ans_exact, sc.no_ans_exact),
         (100.0, 100.0, 100.0, 100.0)
@@ -400,6 +400,91 @@ fn a_bad_tokenizer_config_is_named() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// v2.0 n-best lists as transformers' postprocess_qa_predictions writes them: the null ([CLS]) is an entry
+/// of its own, ranked by its score among the spans, added back last when the cut dropped it, and the
+/// probabilities are over the whole list; with no valid span the null odds are the null score minus 0
+/// (transformers' placeholder), never a non-number (before: the null was not listed, and such a question's
+/// null_odds.json value was `null`, which no scorer reads).
+#[test]
+fn squad_v2_nbest_lists_the_null_and_null_odds_stay_finite() {
+    let Some(tok) = minilm_tokenizer() else {
+        return;
+    };
+    let js = serde_json::json!({"version": "v2.0", "data": [{"title": "t", "paragraphs": [{"context": "Paris is the capital of France. Berlin is in Germany.", "qas": [
+        {"id": "has", "question": "What is the capital of France?", "answers": [{"text": "Paris", "answer_start": 0}], "is_impossible": false}
+    ]}]}]})
+    .to_string();
+    let ds = Dataset::parse(&js, "v2").unwrap();
+    let cfg = FeatureCfg {
+        max_seq_length: 64,
+        doc_stride: 16,
+        max_query_length: 16,
+    };
+    let f = featurize(&ds, &tok, &cfg, true).unwrap();
+    assert_eq!(f.features.len(), 1);
+    let feat = &f.features[0];
+    let (a, last) = (
+        feat.start_position as usize,
+        feat.offsets.iter().rposition(|o| o.is_some()).unwrap(),
+    );
+    let t = 64;
+    assert!(feat.offsets[a + 1].is_some());
+    let logits = |cls: f32, start_at: usize, end_at: usize| {
+        let (mut s, mut e) = (vec![-5.0f32; t], vec![-5.0f32; t]);
+        s[0] = cls;
+        e[0] = cls;
+        s[start_at] = 2.5;
+        e[end_at] = 2.5;
+        // a second span, one token longer (when it ends after its start)
+        e[end_at + 1] = 1.0;
+        (vec![s], vec![e])
+    };
+    let run = |cls: f32, start_at: usize, end_at: usize, n_best: usize| {
+        let (s, e) = logits(cls, start_at, end_at);
+        let post = PostCfg {
+            version_2: true,
+            n_best_size: n_best,
+            ..PostCfg::default()
+        };
+        postprocess(&ds, &f.features, &s, &e, &post)
+    };
+    let listed = |p: &bertqa::eval::postprocess::Predictions| -> Vec<(String, f64, f64)> {
+        p.nbest["has"]
+            .iter()
+            .map(|n| (n.text.clone(), n.start_logit + n.end_logit, n.probability))
+            .collect()
+    };
+    // the null (score 3) second of the two best: [Paris 5, null 3]; softmax over the list
+    let p = run(1.5, a, a, 2);
+    let l = listed(&p);
+    assert_eq!(
+        (l[0].0.as_str(), l[0].1, l[1].0.as_str(), l[1].1),
+        ("Paris", 5.0, "", 3.0)
+    );
+    let p0 = 1.0 / (1.0 + (-2.0f64).exp());
+    assert!(
+        (l[0].2 - p0).abs() < 1e-12 && (l[1].2 - (1.0 - p0)).abs() < 1e-12,
+        "{l:?}"
+    );
+    assert_eq!(
+        (p.answers["has"].as_str(), p.null_odds["has"]),
+        ("Paris", -2.0)
+    );
+    // the null (score −8) below the cut: the two best spans, then the null added back
+    let p = run(-4.0, a, a, 2);
+    let l = listed(&p);
+    assert_eq!(l.len(), 3, "{l:?}");
+    assert_eq!(
+        (l[0].1, l[1].1, l[2].0.as_str(), l[2].1),
+        (5.0, 3.5, "", -8.0)
+    );
+    // no valid span (the best start after the best end): the null alone, finite odds, answer ""
+    let p = run(1.0, last, a, 1);
+    assert_eq!(p.no_valid_span, vec!["has".to_string()]);
+    assert_eq!(listed(&p), vec![(String::new(), 2.0, 1.0)]);
+    assert_eq!((p.answers["has"].as_str(), p.null_odds["has"]), ("", 2.0));
 }
 
 #[test]

@@ -31,7 +31,9 @@ pub struct EvalOpts {
     /// SQuAD v2.0: allow "no answer"
     #[arg(long)]
     pub version_2_with_negative: bool,
-    #[arg(long, default_value_t = 0.0)]
+    /// SQuAD v2.0: answer "" when the null score beats the best span by more than this (negative values
+    /// allowed)
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub null_score_diff_threshold: f64,
     /// auto (CUDA when usable, else CPU), cpu or cuda
     #[arg(long, default_value = "auto")]
@@ -235,7 +237,7 @@ impl DeviceFn<()> for EvalJob<'_> {
                 preds.no_valid_span[..preds.no_valid_span.len().min(5)].join(", ")
             );
         }
-        let m = score(&ds, &preds.answers, Some(&preds.null_odds), v2);
+        let m = score(&ds, &preds.answers, Some(&preds.na_probs()), v2);
         println!("{}", serde_json::to_string(&m)?);
         Ok(())
     }
@@ -353,7 +355,10 @@ impl DeviceFn<()> for PredictJob<'_> {
                 ),
             })
         } else {
-            let best = &nbest[0];
+            let best = nbest
+                .iter()
+                .find(|n| !n.is_null)
+                .ok_or_else(|| anyhow!("no span in the n-best list"))?;
             let score = best.start_logit + best.end_logit;
             if !score.is_finite() || !best.probability.is_finite() {
                 bail!(
@@ -362,23 +367,48 @@ impl DeviceFn<()> for PredictJob<'_> {
                 );
             }
             let text = &p.answers["q"];
-            let v2_null = a.opts.version_2_with_negative && text.is_empty();
-            let mut o = serde_json::json!({
-                "answer": if v2_null { serde_json::Value::Null } else { serde_json::json!(text) },
-                "no_answer": v2_null,
+            let diff = p.null_odds.get("q").copied().filter(|d| d.is_finite());
+            // (the probabilities are over the n-best list, v2.0's null entry included, as transformers')
+            let span = serde_json::json!({
                 "score": score,
                 "probability": best.probability,
                 "char_start": best.char_start,
                 "char_end": best.char_end,
             });
-            if let Some(d) = p.null_odds.get("q").filter(|d| d.is_finite()) {
-                o["null_score_diff"] = serde_json::json!(d);
+            if a.opts.version_2_with_negative && text.is_empty() {
+                let d = diff.unwrap_or(f64::NAN);
+                serde_json::json!({
+                    "answer": null,
+                    "no_answer": true,
+                    "reason": format!(
+                        "the null score beats the best span by {d} > --null-score-diff-threshold {}",
+                        a.opts.null_score_diff_threshold
+                    ),
+                    "null_score_diff": diff,
+                    "rejected_span": dict_with(span, "text", serde_json::json!(best.text)),
+                })
+            } else {
+                let mut o = dict_with(span, "answer", serde_json::json!(text));
+                o["no_answer"] = serde_json::json!(false);
+                if let Some(d) = diff {
+                    o["null_score_diff"] = serde_json::json!(d);
+                }
+                o
             }
-            o
         };
         println!("{out}");
         Ok(())
     }
+}
+
+/// `obj` with `key: value` put first.
+fn dict_with(obj: serde_json::Value, key: &str, value: serde_json::Value) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    m.insert(key.into(), value);
+    if let serde_json::Value::Object(o) = obj {
+        m.extend(o);
+    }
+    serde_json::Value::Object(m)
 }
 
 pub fn run_predict(a: &PredictArgs) -> Result<()> {

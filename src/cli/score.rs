@@ -1,10 +1,10 @@
 //! `bertqa score DATA.json PREDICTIONS.json` — a drop-in for the official evaluation script.
 
 use crate::data::squad::Dataset;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
 pub struct ScoreArgs {
@@ -15,9 +15,17 @@ pub struct ScoreArgs {
     /// Score as SQuAD v2.0 (default: detected from the file's "version")
     #[arg(long)]
     pub version_2_with_negative: bool,
-    /// v2.0: null_odds.json (question id → null score diff) for the best-threshold figures
+    /// v2.0: no-answer probabilities, or bertqa's null_odds.json (question id → value): a question whose
+    /// value is above --na-prob-thresh scores as predicted "no answer", and the best-threshold figures
+    /// are added (the official script's --na-prob-file)
     #[arg(long)]
     pub na_prob_file: Option<PathBuf>,
+    /// v2.0 with --na-prob-file: the value above which a question counts as predicted "no answer" (the
+    /// official script's default, 1.0; bertqa's null odds are logit differences, often above 1: give
+    /// the --null-score-diff-threshold the predictions were made with, or a large number to score
+    /// predictions.json as written)
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub na_prob_thresh: f64,
 }
 
 pub fn run(a: &ScoreArgs) -> Result<()> {
@@ -37,13 +45,8 @@ pub fn run(a: &ScoreArgs) -> Result<()> {
         a.version_2_with_negative || a.na_prob_file.is_some(),
     );
     ds.check_evaluable(v2, &a.data.display().to_string())?;
-    let na: Option<HashMap<String, f64>> = match &a.na_prob_file {
-        Some(p) => Some(
-            serde_json::from_str(
-                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-            )
-            .with_context(|| format!("{}: expected id → number", p.display()))?,
-        ),
+    let na = match &a.na_prob_file {
+        Some(p) => Some(read_na_probs(p, &ds, a.na_prob_thresh)?),
         None => None,
     };
     let missing = ds
@@ -59,6 +62,48 @@ pub fn run(a: &ScoreArgs) -> Result<()> {
     // metrics JSON), with the same keys, order and numbers
     println!("{}", as_python_prints(&out, false));
     Ok(())
+}
+
+/// An --na-prob-file: a JSON object of question id → number, in the file's order; a dataset question it
+/// does not name is counted as 0.0 with a warning (the official script stops there
+/// with a KeyError).
+fn read_na_probs(p: &Path, ds: &Dataset, thresh: f64) -> Result<crate::eval::metrics::NaProbs> {
+    if !thresh.is_finite() {
+        bail!("--na-prob-thresh {thresh} must be a finite number");
+    }
+    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", p.display()))?;
+    let Some(o) = v.as_object() else {
+        bail!(
+            "{}: expected a JSON object of question id → number",
+            p.display()
+        );
+    };
+    let mut values = Vec::with_capacity(o.len());
+    for (k, x) in o {
+        let Some(f) = x.as_f64() else {
+            bail!("{}: {k:?} is {x}, expected a number", p.display());
+        };
+        values.push((k.clone(), f));
+    }
+    let named: std::collections::HashSet<&str> = values.iter().map(|(k, _)| k.as_str()).collect();
+    let unnamed = ds
+        .examples
+        .iter()
+        .filter(|e| !named.contains(e.id.as_str()))
+        .count();
+    if unnamed > 0 {
+        eprintln!(
+            "warning: {}: {unnamed} question(s) have no value; counted as 0.0 (the official script stops with \
+             a KeyError)",
+            p.display()
+        );
+    }
+    Ok(crate::eval::metrics::NaProbs {
+        values,
+        thresh: Some(thresh),
+    })
 }
 
 /// A flat JSON object of numbers as the official scripts print theirs — Python's `json.dumps`: `", "` and

@@ -179,12 +179,26 @@ pub struct ScoresV2 {
     pub best_f1_thresh: f64,
 }
 
-/// The official v2.0 evaluation (no-answer probability threshold 1.0), plus the best thresholds when
-/// `na_probs` (question id → null odds) are given.
+/// What v2.0 scoring knows of "no answer" beyond the predictions (the official script's `--na-prob-file`
+/// and `--na-prob-thresh`): each question's value — a no-answer probability, or bertqa's null odds — in
+/// the file's order (the best-threshold sweep breaks ties in that order, as the official script's stable
+/// sort of the file's keys does), and the threshold above which a question counts as predicted "no
+/// answer" (None: not applied — the official script without a file, where every value is 0).
+#[derive(Clone, Debug, Default)]
+pub struct NaProbs {
+    pub values: Vec<(String, f64)>,
+    pub thresh: Option<f64>,
+}
+
+/// The official v2.0 evaluation (evaluate-v2.0.py): raw EM/F1 per predicted question, then, with `na`,
+/// a question whose value is above the threshold scores as a "no answer" prediction (1 when it has no
+/// gold answer, else 0); HasAns/NoAns split by whether the question has any gold answer
+/// (`bool(qa['answers'])`); and the best-threshold figures from the raw scores swept in the order of the
+/// values.
 pub fn evaluate_v2(
     gold: &[Gold],
     predictions: &HashMap<String, String>,
-    na_probs: Option<&HashMap<String, f64>>,
+    na: Option<&NaProbs>,
 ) -> ScoresV2 {
     let mut em = HashMap::new();
     let mut f1 = HashMap::new();
@@ -208,7 +222,31 @@ pub fn evaluate_v2(
             golds.iter().map(|a| f1_v2(p, a)).fold(0.0, f64::max),
         );
     }
-    let has_ans = |g: &Gold| g.answers.iter().any(|a| !normalize_answer(a).is_empty());
+    let has_ans = |g: &Gold| !g.answers.is_empty();
+    let value: HashMap<&str, f64> = na
+        .map(|n| n.values.iter().map(|(k, v)| (k.as_str(), *v)).collect())
+        .unwrap_or_default();
+    // apply_no_ans_threshold
+    let thresholded = |raw: &HashMap<String, f64>| -> HashMap<String, f64> {
+        let Some(t) = na.and_then(|n| n.thresh) else {
+            return raw.clone();
+        };
+        gold.iter()
+            .filter_map(|g| {
+                let s = *raw.get(&g.id)?;
+                let pred_na = value.get(g.id.as_str()).copied().unwrap_or(0.0) > t;
+                Some((
+                    g.id.clone(),
+                    if pred_na {
+                        f64::from(u8::from(!has_ans(g)))
+                    } else {
+                        s
+                    },
+                ))
+            })
+            .collect()
+    };
+    let (em_t, f1_t) = (thresholded(&em), thresholded(&f1));
     let avg = |m: &HashMap<String, f64>, filt: &dyn Fn(&Gold) -> bool| -> (f64, usize) {
         let sel: Vec<&Gold> = gold.iter().filter(|g| filt(g)).collect();
         let s: f64 = sel
@@ -224,36 +262,31 @@ pub fn evaluate_v2(
             sel.len(),
         )
     };
-    let (exact_all, total) = avg(&em, &|_| true);
-    let (f1_all, _) = avg(&f1, &|_| true);
-    let (he, ht) = avg(&em, &|g| has_ans(g));
-    let (hf, _) = avg(&f1, &|g| has_ans(g));
-    let (ne, nt) = avg(&em, &|g| !has_ans(g));
-    let (nf, _) = avg(&f1, &|g| !has_ans(g));
-    // find_best_thresh of the official script
+    let (exact_all, total) = avg(&em_t, &|_| true);
+    let (f1_all, _) = avg(&f1_t, &|_| true);
+    let (he, ht) = avg(&em_t, &|g| has_ans(g));
+    let (hf, _) = avg(&f1_t, &|g| has_ans(g));
+    let (ne, nt) = avg(&em_t, &|g| !has_ans(g));
+    let (nf, _) = avg(&f1_t, &|g| !has_ans(g));
+    // find_best_thresh of the official script: the raw scores, in the values' order (stable sort)
+    let by_id: HashMap<&str, &Gold> = gold.iter().map(|g| (g.id.as_str(), g)).collect();
     let best = |scores: &HashMap<String, f64>| -> (f64, f64) {
-        let Some(na) = na_probs else {
+        let Some(na) = na else {
             return (0.0, 0.0);
         };
         let num_no_ans = gold.iter().filter(|g| !has_ans(g)).count() as f64;
         let mut cur = num_no_ans;
         let mut best = cur;
         let mut thresh = 0.0;
-        let mut ids: Vec<&Gold> = gold.iter().collect();
-        ids.sort_by(|a, b| {
-            na.get(&a.id)
-                .copied()
-                .unwrap_or(0.0)
-                .partial_cmp(&na.get(&b.id).copied().unwrap_or(0.0))
-                .unwrap_or(std::cmp::Ordering::Equal)
-        });
-        for g in ids {
-            let Some(p) = predictions.get(&g.id) else {
+        let mut order: Vec<&(String, f64)> = na.values.iter().collect();
+        order.sort_by(|a, b| a.1.partial_cmp(&b.1).unwrap_or(std::cmp::Ordering::Equal));
+        for (id, v) in order {
+            let (Some(s), Some(g)) = (scores.get(id), by_id.get(id.as_str())) else {
                 continue;
             };
             let diff = if has_ans(g) {
-                scores.get(&g.id).copied().unwrap_or(0.0)
-            } else if !p.is_empty() {
+                *s
+            } else if !predictions[id].is_empty() {
                 -1.0
             } else {
                 0.0
@@ -261,10 +294,10 @@ pub fn evaluate_v2(
             cur += diff;
             if cur > best {
                 best = cur;
-                thresh = na.get(&g.id).copied().unwrap_or(0.0);
+                thresh = *v;
             }
         }
-        (100.0 * best / gold.len().max(1) as f64, thresh)
+        (100.0 * best / scores.len().max(1) as f64, thresh)
     };
     let (be, bet) = best(&em);
     let (bf, bft) = best(&f1);

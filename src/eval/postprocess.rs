@@ -3,8 +3,11 @@
 //! Per example, over all its windows: the `n_best_size` highest start and end logits; valid spans only (both
 //! tokens inside the context, end ≥ start, length ≤ `max_answer_length`); score = start + end logit; the
 //! answer is the original context substring given by the character offsets. v2.0: the null score is the
-//! \[CLS\] start + end logit (the minimum over windows), and the answer is "" when
-//! null − best non-null > `null_score_diff_threshold`.
+//! \[CLS\] start + end logit (the minimum over windows; the first window of equal score), the answer is ""
+//! when null − best non-null > `null_score_diff_threshold`, and the n-best list holds the null as an entry
+//! of its own (text "", ranked by its score, added back last when the cut dropped it), the probabilities
+//! normalised over that list — as transformers' n-best. No valid span: the answer is "" (transformers
+//! writes the text "empty"), the null odds are the null score minus 0 (transformers' placeholder score).
 
 use crate::data::features::Feature;
 use crate::data::squad::{Dataset, Example};
@@ -39,6 +42,9 @@ pub struct NBest {
     /// code-point span in the context
     pub char_start: usize,
     pub char_end: usize,
+    /// the v2.0 null entry (\[CLS\]), or the placeholder of an example with no valid span
+    #[serde(skip)]
+    pub is_null: bool,
 }
 
 pub struct Predictions {
@@ -66,6 +72,21 @@ impl Predictions {
     }
 }
 
+impl Predictions {
+    /// The null odds (v2.0) as the metrics' no-answer values, in dataset order, with no threshold: the
+    /// scores are those of predictions.json as written (the null-score threshold already chose its "").
+    pub fn na_probs(&self) -> crate::eval::metrics::NaProbs {
+        crate::eval::metrics::NaProbs {
+            values: self
+                .order
+                .iter()
+                .filter_map(|id| self.null_odds.get(id).map(|v| (id.clone(), *v)))
+                .collect(),
+            thresh: None,
+        }
+    }
+}
+
 impl Default for Predictions {
     fn default() -> Self {
         Self::new()
@@ -87,7 +108,8 @@ type Cand = (f64, f64, f64, usize, usize);
 /// (stable sort, so ties keep window order either way).
 pub struct SpanAccumulator {
     cands: Vec<Cand>,
-    null_score: f64,
+    /// the lowest \[CLS\] start + end logit over the windows: (score, start logit, end logit)
+    null: Option<(f64, f64, f64)>,
     windows: usize,
 }
 
@@ -101,7 +123,7 @@ impl SpanAccumulator {
     pub fn new() -> Self {
         SpanAccumulator {
             cands: vec![],
-            null_score: f64::INFINITY,
+            null: None,
             windows: 0,
         }
     }
@@ -111,7 +133,11 @@ impl SpanAccumulator {
     /// depend on how the windows were batched; the training loss leaves padding out the same way).
     pub fn add_window(&mut self, f: &Feature, sl: &[f32], el: &[f32], cfg: &PostCfg) {
         self.windows += 1;
-        self.null_score = self.null_score.min(sl[0] as f64 + el[0] as f64);
+        let (ns, ne) = (sl[0] as f64, el[0] as f64);
+        // strictly lower: the first window keeps a tie (transformers' min_null_prediction)
+        if self.null.is_none_or(|(score, _, _)| ns + ne < score) {
+            self.null = Some((ns + ne, ns, ne));
+        }
         let real = crate::model::batch::real_len(f);
         let si = top_k(&sl[..real.min(sl.len())], cfg.n_best_size);
         let eix = top_k(&el[..real.min(el.len())], cfg.n_best_size);
@@ -155,18 +181,44 @@ impl SpanAccumulator {
                 probability: 0.0,
                 char_start: cs,
                 char_end: ce,
+                is_null: false,
             })
             .collect();
-        if nb.is_empty() {
+        let null = self.null.filter(|_| cfg.version_2).map(|(_, s, e)| NBest {
+            text: String::new(),
+            start_logit: s,
+            end_logit: e,
+            probability: 0.0,
+            char_start: 0,
+            char_end: 0,
+            is_null: true,
+        });
+        if let Some(null) = null.clone() {
+            // ranked among the spans (after those of equal score), cut to n_best, added back if cut
+            let score = null.start_logit + null.end_logit;
+            let at = nb
+                .iter()
+                .position(|n| n.start_logit + n.end_logit < score)
+                .unwrap_or(nb.len());
+            nb.insert(at, null.clone());
+            nb.truncate(cfg.n_best_size.max(1));
+            if !nb.iter().any(|n| n.is_null) {
+                nb.push(null);
+            }
+        }
+        if cands.is_empty() {
             out.no_valid_span.push(ex.id.clone());
-            nb.push(NBest {
-                text: String::new(),
-                start_logit: 0.0,
-                end_logit: 0.0,
-                probability: 1.0,
-                char_start: 0,
-                char_end: 0,
-            });
+            if null.is_none() {
+                nb.push(NBest {
+                    text: String::new(),
+                    start_logit: 0.0,
+                    end_logit: 0.0,
+                    probability: 1.0,
+                    char_start: 0,
+                    char_end: 0,
+                    is_null: true,
+                });
+            }
         }
         let best = nb
             .iter()
@@ -179,17 +231,23 @@ impl SpanAccumulator {
         for n in nb.iter_mut() {
             n.probability = (n.start_logit + n.end_logit - best).exp() / z;
         }
-        let best_non_null = cands.first().map(|c| c.0).unwrap_or(f64::NEG_INFINITY);
-        let answer = if cfg.version_2 {
-            let diff = self.null_score - best_non_null;
-            out.null_odds.insert(ex.id.clone(), diff);
-            if diff > cfg.null_score_diff_threshold || cands.is_empty() {
-                String::new()
-            } else {
-                nb[0].text.clone()
+        let answer = match (cfg.version_2, cands.first()) {
+            (false, Some(_)) => nb[0].text.clone(),
+            (false, None) => String::new(),
+            (true, best) => {
+                // no valid span: transformers' placeholder scores 0
+                let best_non_null = best.map_or(0.0, |c| c.0);
+                let null_score = self.null.map_or(0.0, |(score, _, _)| score);
+                let diff = null_score - best_non_null;
+                out.null_odds.insert(ex.id.clone(), diff);
+                match best {
+                    Some(_) if diff <= cfg.null_score_diff_threshold => nb
+                        .iter()
+                        .find(|n| !n.is_null)
+                        .map_or(String::new(), |n| n.text.clone()),
+                    _ => String::new(),
+                }
             }
-        } else {
-            nb[0].text.clone()
         };
         out.answers.insert(ex.id.clone(), answer);
         out.nbest.insert(ex.id.clone(), nb);

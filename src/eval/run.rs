@@ -272,14 +272,14 @@ pub fn resolve_version_2(ds: &Dataset, origin: &Path, flag: bool) -> bool {
 pub fn score(
     ds: &Dataset,
     answers: &HashMap<String, String>,
-    null_odds: Option<&HashMap<String, f64>>,
+    na: Option<&metrics::NaProbs>,
     version_2: bool,
 ) -> serde_json::Value {
     let gold = metrics::gold_of(ds);
     if version_2 {
         // the keys the official v2.0 script prints: HasAns_*/NoAns_* only where there are such questions,
         // the best-threshold figures only with null odds (its --na-prob-file)
-        let s = metrics::evaluate_v2(&gold, answers, null_odds);
+        let s = metrics::evaluate_v2(&gold, answers, na);
         let mut m = serde_json::json!({"exact": s.exact, "f1": s.f1, "total": s.total});
         let o = m.as_object_mut().expect("an object");
         if s.has_ans_total > 0 {
@@ -292,7 +292,7 @@ pub fn score(
             o.insert("NoAns_f1".into(), s.no_ans_f1.into());
             o.insert("NoAns_total".into(), s.no_ans_total.into());
         }
-        if null_odds.is_some() {
+        if na.is_some() {
             o.insert("best_exact".into(), s.best_exact.into());
             o.insert("best_exact_thresh".into(), s.best_exact_thresh.into());
             o.insert("best_f1".into(), s.best_f1.into());

@@ -827,7 +827,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let refs: Vec<&Feature> = feats.iter().collect();
         let (s, e) = self.logits(&refs)?;
         let preds = crate::eval::postprocess::postprocess(ds, feats, &s, &e, post);
-        let m = crate::eval::run::score(ds, &preds.answers, Some(&preds.null_odds), post.version_2);
+        let m =
+            crate::eval::run::score(ds, &preds.answers, Some(&preds.na_probs()), post.version_2);
         Ok((m, preds))
     }
 }
