@@ -32,16 +32,101 @@ type Nonce = [u8; 16];
 /// How often a file rendezvous looks again.
 const POLL: Duration = Duration::from_millis(100);
 
-/// The rendezvous files this process published (node 0) and has not removed yet: removed by
-/// [`retire_published`], which the paths that end the process with `std::process::exit` (no destructors
-/// run there) call first — a signal while node 0 waits for the others, say.
-static PUBLISHED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// A rendezvous file this process wrote — node 0's file, or a node's answer — and removes when it is done
+/// or ends: its path, and the nonce at byte `at` that makes it this process's (another process may have
+/// replaced it since: that one is left alone).
+struct Owned {
+    path: PathBuf,
+    nonce: Nonce,
+    at: usize,
+}
 
-/// Remove every rendezvous file this process published (see [`PUBLISHED`]).
+/// Where node 0's nonce sits in its file, and a node's own nonce in its answer.
+const NODE0_NONCE_AT: usize = 13;
+const ANSWER_NONCE_AT: usize = 36;
+
+/// The rendezvous files this process owns and has not removed yet: removed by [`retire_published`], which
+/// the paths that end the process with `std::process::exit` (no destructors run there) call first — a
+/// signal while node 0 waits for the others, or while a node waits for node 0, say.
+static PUBLISHED: Mutex<Vec<Owned>> = Mutex::new(Vec::new());
+
+fn published() -> std::sync::MutexGuard<'static, Vec<Owned>> {
+    PUBLISHED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Remove `o.path` if it is still this process's.
+fn remove_if_ours(o: &Owned) {
+    if let Ok(b) = std::fs::read(&o.path) {
+        if b.get(o.at..o.at + 16) == Some(&o.nonce[..]) {
+            let _ = std::fs::remove_file(&o.path);
+        }
+    }
+}
+
+/// Remove (if still ours) and forget the owned files at `p` — of one nonce, or any.
+fn retire_file(p: &Path, nonce: Option<&Nonce>) {
+    let mut list = published();
+    let mut i = 0;
+    while i < list.len() {
+        if list[i].path == p && nonce.is_none_or(|n| *n == list[i].nonce) {
+            remove_if_ours(&list.remove(i));
+        } else {
+            i += 1;
+        }
+    }
+}
+
+/// Remove every rendezvous file this process owns (see [`PUBLISHED`]).
 pub fn retire_published() {
-    let files = std::mem::take(&mut *PUBLISHED.lock().unwrap_or_else(|e| e.into_inner()));
-    for p in files {
-        let _ = std::fs::remove_file(p);
+    for o in std::mem::take(&mut *published()) {
+        remove_if_ours(&o);
+    }
+}
+
+/// Create `p` holding `bytes`, whole, failing if it exists — even when another process creates it at the
+/// same moment: written under a temporary name, then hard-linked to `p` (atomic and exclusive, NFS
+/// included). Where hard links are not supported, checked and renamed (not exclusive).
+fn create_exclusive(p: &Path, bytes: &[u8], tag: &Nonce) -> Result<()> {
+    use std::io::Write;
+    let exists = || {
+        anyhow::anyhow!(
+            "rendezvous file {} exists already (another run's, or left by a crashed one): remove it, or \
+             give another path",
+            p.display()
+        )
+    };
+    let dir = p
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp{}-{:02x}{:02x}{:02x}{:02x}",
+        p.file_name().and_then(|n| n.to_str()).unwrap_or("rdzv"),
+        std::process::id(),
+        tag[0],
+        tag[1],
+        tag[2],
+        tag[3]
+    ));
+    {
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_all().ok();
+    }
+    let linked = std::fs::hard_link(&tmp, p);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(exists()),
+        Err(_) => {
+            if p.exists() {
+                return Err(exists());
+            }
+            crate::util::write_atomic(p, bytes)
+        }
     }
 }
 
@@ -215,7 +300,7 @@ impl Rendezvous {
     /// Node 0, at the end of a run: remove the rendezvous file (a later run must not find this id).
     pub fn retire(&self) {
         if let Rendezvous::File(p) = self {
-            retire_file(p);
+            retire_file(p, None);
         }
     }
 
@@ -373,38 +458,41 @@ fn answer_path(p: &Path, node: usize) -> PathBuf {
     p.with_file_name(name)
 }
 
-/// Remove node 0's file (and forget it in [`PUBLISHED`]).
-fn retire_file(p: &Path) {
-    PUBLISHED
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .retain(|q| q != p);
-    let _ = std::fs::remove_file(p);
-}
-
 /// Node 0's side of the file handshake (see the module doc): returns once every node has answered and
 /// the "go" is written; gives up after `timeout`, naming the nodes that did not answer, and removes its
 /// file.
 fn publish_file(p: &Path, id: &[u8; ID_BYTES], shape: RunShape, timeout: Duration) -> Result<()> {
-    if p.exists() {
-        bail!(
-            "rendezvous file {} exists already (from an earlier run?): remove it, or give another path",
-            p.display()
-        );
-    }
     let leader = nonce();
     let waiting = NodeZeroFile {
         nonce: leader,
         shape,
         go: None,
     };
-    // written whole under another name, then renamed: a reader sees all of it or nothing
-    crate::util::write_atomic(p, &waiting.bytes())
-        .with_context(|| format!("writing the rendezvous file {}", p.display()))?;
-    PUBLISHED
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(p.to_path_buf());
+    // owned before it exists: a signal right after it is written removes it
+    published().push(Owned {
+        path: p.to_path_buf(),
+        nonce: leader,
+        at: NODE0_NONCE_AT,
+    });
+    if let Err(e) = create_exclusive(p, &waiting.bytes(), &leader) {
+        retire_file(p, Some(&leader)); // not ours: left alone
+        return Err(e);
+    }
+    let res = wait_for_answers(p, id, shape, timeout, leader);
+    if res.is_err() {
+        retire_file(p, Some(&leader));
+    }
+    res
+}
+
+/// Node 0 after writing "waiting": every node's answer, then "go" (see [`publish_file`]).
+fn wait_for_answers(
+    p: &Path,
+    id: &[u8; ID_BYTES],
+    shape: RunShape,
+    timeout: Duration,
+    leader: Nonce,
+) -> Result<()> {
     let t0 = Instant::now();
     // nodes refused for their shape, and why (told once; such a node may come back with the right one)
     let mut refused = std::collections::BTreeMap::new();
@@ -444,7 +532,6 @@ fn publish_file(p: &Path, id: &[u8; ID_BYTES], shape: RunShape, timeout: Duratio
             return Ok(());
         }
         if t0.elapsed() > timeout {
-            retire_file(p);
             let why: Vec<String> = missing
                 .iter()
                 .filter_map(|k| refused.get(k).map(|w| format!("; refused {w}")))
@@ -472,6 +559,21 @@ fn publish_file(p: &Path, id: &[u8; ID_BYTES], shape: RunShape, timeout: Duratio
 /// another rendezvous), and takes the id from a "go" that lists this process's nonce.
 fn fetch_file(p: &Path, node: usize, shape: RunShape, timeout: Duration) -> Result<[u8; ID_BYTES]> {
     let own = nonce();
+    let answer = answer_path(p, node);
+    // this node's answer goes when it does — success, error, timeout, or an exit on a signal — so that node
+    // 0 never counts a node that has left (the answer of a node of another shape stays: node 0 names it)
+    published().push(Owned {
+        path: answer.clone(),
+        nonce: own,
+        at: ANSWER_NONCE_AT,
+    });
+    struct Leave(PathBuf, Nonce);
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            retire_file(&self.0, Some(&self.1));
+        }
+    }
+    let leave = Leave(answer.clone(), own);
     let t0 = Instant::now();
     // node 0's nonce this node answered
     let mut answered: Option<Nonce> = None;
@@ -490,14 +592,15 @@ fn fetch_file(p: &Path, node: usize, shape: RunShape, timeout: Duration) -> Resu
                                 own,
                                 shape,
                             };
-                            crate::util::write_atomic(&answer_path(p, node), &a.bytes())
-                                .with_context(|| {
-                                    format!("rendezvous: answering node 0 beside {}", p.display())
-                                })?;
+                            crate::util::write_atomic(&answer, &a.bytes()).with_context(|| {
+                                format!("rendezvous: answering node 0 beside {}", p.display())
+                            })?;
                             answered = Some(f.nonce);
                         }
-                        // (node 0 is told too: the answer carries this node's shape)
+                        // (node 0 is told too: the answer, left in place, carries this node's shape)
                         if let Some(why) = shape.mismatch(&f.shape, "node 0") {
+                            published().retain(|o| o.nonce != own);
+                            std::mem::forget(leave);
                             bail!("rendezvous ({}): {why}", p.display());
                         }
                         seen = "node 0 is waiting for the other nodes' answers (are all --nnodes nodes \
@@ -516,6 +619,10 @@ fn fetch_file(p: &Path, node: usize, shape: RunShape, timeout: Duration) -> Resu
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 seen = "no such file (is node 0 running with the same --rendezvous?)";
+            }
+            // NFS: the file was replaced while being read ("go" renamed over "waiting"): read it again
+            Err(e) if e.raw_os_error() == Some(libc::ESTALE) => {
+                seen = "the file kept changing while being read (ESTALE)";
             }
             Err(e) => {
                 return Err(e)
@@ -717,7 +824,7 @@ mod tests {
             let e = format!("{:#}", n1.join().unwrap().unwrap_err());
             assert!(e.contains("no go from node 0"), "{e}");
         });
-        assert!(!PUBLISHED.lock().unwrap().iter().any(|p| p == path(&r)));
+        assert!(!published().iter().any(|o| o.path == path(&r)));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -737,7 +844,7 @@ mod tests {
             r.publish(&dead, two, Duration::from_secs(20)).unwrap();
             assert_eq!(n1.join().unwrap().unwrap(), dead);
         });
-        PUBLISHED.lock().unwrap().retain(|p| p != path(&r));
+        published().retain(|o| o.path != path(&r));
         // a node of the next run does not take it...
         let e = format!("{:#}", r.fetch(1, two, Duration::from_secs(1)).unwrap_err());
         assert!(e.contains("started without this node"), "{e}");
@@ -775,6 +882,63 @@ mod tests {
             std::fs::remove_file(path(&r)).unwrap();
             r.publish(&live, two, Duration::from_secs(20)).unwrap();
             assert_eq!(n1.join().unwrap().unwrap(), live);
+        });
+        r.retire();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A node that answered and then left (its timeout here; a signal or an error likewise) takes its
+    /// answer with it: node 0 does not count it, so it never enters NCCL with a node that is gone (before:
+    /// the answer stayed, node 0 said "go" once the last node came, and every node hung in NCCL).
+    #[test]
+    fn a_node_that_left_is_not_counted() {
+        let (dir, r) = temp_file_rdzv("left");
+        let id = [4u8; ID_BYTES];
+        std::thread::scope(|s| {
+            let node0 = s.spawn(|| r.publish(&id, SHAPE3, Duration::from_secs(4)));
+            // node 1 answers, waits 1 s for a go that cannot come (node 2 is not there yet), and leaves
+            let e = format!(
+                "{:#}",
+                r.fetch(1, SHAPE3, Duration::from_secs(1)).unwrap_err()
+            );
+            assert!(e.contains("no go from node 0"), "{e}");
+            assert!(
+                !answer_path(path(&r), 1).exists(),
+                "node 1's answer outlived it"
+            );
+            // node 2 comes: node 0 still lacks node 1, and says so when it gives up
+            let n2 = s.spawn(|| r.fetch(2, SHAPE3, Duration::from_secs(8)));
+            let e = format!("{:#}", node0.join().unwrap().unwrap_err());
+            assert!(e.contains("node(s) 1 of 3 did not answer"), "{e}");
+            assert!(n2.join().unwrap().is_err());
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A second node 0 on the same path (another run, or a node given rank 0 twice) is refused, and its
+    /// refusal leaves the first one's file alone (before: its error path could remove the live file).
+    #[test]
+    fn a_second_node_zero_is_refused_and_leaves_the_first_ones_file() {
+        let (dir, r) = temp_file_rdzv("twice");
+        let two = RunShape {
+            nnodes: 2,
+            devices_per_node: 1,
+        };
+        let (first, second) = ([1u8; ID_BYTES], [2u8; ID_BYTES]);
+        std::thread::scope(|s| {
+            let node0 = s.spawn(|| r.publish(&first, two, Duration::from_secs(20)));
+            let t = Instant::now();
+            while !path(&r).exists() && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let e = format!(
+                "{:#}",
+                r.publish(&second, two, Duration::from_secs(1)).unwrap_err()
+            );
+            assert!(e.contains("exists already"), "{e}");
+            assert!(path(&r).exists(), "the first node 0's file was removed");
+            assert_eq!(r.fetch(1, two, Duration::from_secs(20)).unwrap(), first);
+            node0.join().unwrap().unwrap();
         });
         r.retire();
         let _ = std::fs::remove_dir_all(&dir);
