@@ -102,9 +102,20 @@ TOKENIZER_VARIANTS = {
     "json_config_cased": (True, {"do_lower_case": False}, None),
     "json_cased_no_config": (True, None, False),
     "json_cased_config_cased": (True, {"do_lower_case": False}, False),
+    # BERT's pipeline is rebuilt whatever tokenizer.json holds (clean_text off, another pre-tokenizer)...
+    "json_odd_pipeline": (True, {}, None),
+    # ...unless the class says to keep tokenizer.json as it is
+    "json_odd_pipeline_kept": (True, {"tokenizer_class": "PreTrainedTokenizerFast"}, None),
 }
+
+
+def odd_pipeline(j):
+    """tokenizer.json with clean_text off and the Whitespace pre-tokenizer (not BERT's)."""
+    j["normalizer"]["clean_text"] = False
+    j["pre_tokenizer"] = {"type": "Whitespace"}
 TOKENIZER_TEXTS = ["Café Zoë, naïve résumé!", "北京 is in 中国; Tokyo is 東京.",
-                   "The Denver Broncos (AFC) defeated Panthers 24–10.", "ÅNGSTRÖM Ünïcödé Straße"]
+                   "The Denver Broncos (AFC) defeated Panthers 24–10.", "ÅNGSTRÖM Ünïcödé Straße",
+                   "a [SEP] b [sep] [MASK]x [UNK]", "Hello\x0cWorld what?! tab\there"]
 
 
 def tokenizer_settings():
@@ -121,13 +132,17 @@ def tokenizer_settings():
                 j["truncation"], j["padding"] = None, None
                 if json_lower is not None:
                     j["normalizer"]["lowercase"] = json_lower
+                if name.startswith("json_odd_pipeline"):
+                    odd_pipeline(j)
                 json.dump(j, open(os.path.join(d, "tokenizer.json"), "w"))
-            if cfg is not None:
-                json.dump(dict(cfg, tokenizer_class="BertTokenizer"), open(os.path.join(d, "tokenizer_config.json"), "w"))
+            written = None if cfg is None else dict({"tokenizer_class": "BertTokenizer"}, **cfg)
+            if written is not None:
+                json.dump(written, open(os.path.join(d, "tokenizer_config.json"), "w"))
             json.dump({"model_type": "bert"}, open(os.path.join(d, "config.json"), "w"))  # for AutoTokenizer
             tok = AutoTokenizer.from_pretrained(d)
             out["variants"][name] = {"tokenizer_json": use_json, "tokenizer_json_lowercase": json_lower,
-                                     "tokenizer_config": cfg,
+                                     "odd_pipeline": name.startswith("json_odd_pipeline"),
+                                     "tokenizer_config": written,
                                      "ids": [tok(t, add_special_tokens=False)["input_ids"] for t in TOKENIZER_TEXTS]}
     import transformers
     out["transformers"] = transformers.__version__

@@ -501,7 +501,9 @@ fn checkpoint_variants_transformers_loads_give_the_same_weights() {
             .unwrap()
     );
     assert!(
-        e.contains("pytorch_model.bin") && e.contains("save_pretrained"),
+        e.contains("pytorch_model.bin")
+            && e.contains("save_file")
+            && e.contains("weights_only=True"),
         "{e}"
     );
     // configs whose computation this BERT does not implement are refused, not ignored

@@ -316,8 +316,9 @@ fn squad_v2_impossible_questions_flow_through_features_postprocess_and_metrics()
 }
 
 /// The normaliser's settings come from tokenizer_config.json as transformers takes them — its defaults
-/// where the file is silent or absent, and over what tokenizer.json says — for vocab.txt and tokenizer.json
-/// alike: the ids transformers gave (tests/fixtures/tokenizer_settings.json, scripts/make_reference.py) for
+/// where the file is silent or absent, and over what tokenizer.json says (BERT's whole pipeline, unless
+/// tokenizer_class is PreTrainedTokenizerFast), special tokens matched in the text — for vocab.txt and
+/// tokenizer.json alike: the ids transformers gave (tests/fixtures/tokenizer_settings.json, scripts/make_reference.py) for
 /// directories made the same way from all-MiniLM-L6-v2's files. (Before: vocab.txt ignored strip_accents and
 /// tokenize_chinese_chars, and tokenizer.json's normaliser won over tokenizer_config.json.)
 #[test]
@@ -339,7 +340,7 @@ fn tokenizer_settings_as_transformers_takes_them() {
         .map(|t| t.as_str().unwrap())
         .collect();
     let variants = fix["variants"].as_object().unwrap();
-    assert_eq!(variants.len(), 9);
+    assert_eq!(variants.len(), 11);
     for (name, v) in variants {
         let dir = std::env::temp_dir().join(format!("bertqa-tok-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -351,6 +352,11 @@ fn tokenizer_settings_as_transformers_takes_them() {
                     .unwrap();
             if let Some(l) = v["tokenizer_json_lowercase"].as_bool() {
                 j["normalizer"]["lowercase"] = l.into();
+            }
+            // scripts/make_reference.py's odd_pipeline: clean_text off, another pre-tokenizer
+            if v["odd_pipeline"].as_bool().unwrap() {
+                j["normalizer"]["clean_text"] = false.into();
+                j["pre_tokenizer"] = serde_json::json!({"type": "Whitespace"});
             }
             std::fs::write(dir.join("tokenizer.json"), j.to_string()).unwrap();
         }

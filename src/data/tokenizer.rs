@@ -20,6 +20,7 @@ use std::path::Path;
 use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::NormalizerWrapper;
 use tokenizers::Tokenizer;
 
@@ -28,6 +29,12 @@ pub struct WordPieceTokenizer {
     pub cls: i32,
     pub sep: i32,
     pub pad: i32,
+    /// BERT's normaliser and pre-tokenizer: long texts may be cut into pieces where the tokens cannot
+    /// change (see the module doc); with another pipeline (tokenizer_class PreTrainedTokenizerFast, kept
+    /// as tokenizer.json says) they are tokenized whole
+    exact_cuts: bool,
+    /// the added tokens' texts (\[CLS\], \[SEP\], …: matched in the raw text), which no cut may split
+    added: Vec<String>,
 }
 
 /// Token ids and, per token, the code-point span [start, end) in the input text.
@@ -40,11 +47,15 @@ pub struct Encoded {
 /// The normaliser settings of a model directory's tokenizer_config.json, with transformers' defaults
 /// (BertTokenizer: `do_lower_case` true, `strip_accents` null = as `do_lower_case`,
 /// `tokenize_chinese_chars` true) for what it does not say, or when there is no such file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NormSettings {
     pub do_lower_case: bool,
     pub strip_accents: Option<bool>,
     pub tokenize_chinese_chars: bool,
+    /// `tokenizer_class`: PreTrainedTokenizerFast (or TokenizersBackend) keeps tokenizer.json as it is;
+    /// anything else (BertTokenizer, or none: config.json's model type) is BERT's pipeline, built from
+    /// these settings — as transformers 5 builds it
+    pub tokenizer_class: Option<String>,
 }
 
 impl NormSettings {
@@ -53,6 +64,7 @@ impl NormSettings {
             do_lower_case: true,
             strip_accents: None,
             tokenize_chinese_chars: true,
+            tokenizer_class: None,
         };
         let p = dir.join("tokenizer_config.json");
         let text = match std::fs::read_to_string(&p) {
@@ -79,7 +91,19 @@ impl NormSettings {
         if let Some(b) = flag("tokenize_chinese_chars")? {
             n.tokenize_chinese_chars = b;
         }
+        n.tokenizer_class = v
+            .get("tokenizer_class")
+            .and_then(|c| c.as_str())
+            .map(String::from);
         Ok(n)
+    }
+
+    /// Whether tokenizer.json is used as it is (see `tokenizer_class`).
+    fn keeps_tokenizer_json(&self) -> bool {
+        matches!(
+            self.tokenizer_class.as_deref(),
+            Some("PreTrainedTokenizerFast" | "TokenizersBackend")
+        )
     }
 
     /// BERT's normaliser with these settings (`clean_text` as given).
@@ -99,33 +123,54 @@ impl WordPieceTokenizer {
         let tj = dir.join("tokenizer.json");
         let mut tok = if tj.exists() {
             let mut t = Tokenizer::from_file(&tj).map_err(|e| anyhow!("{}: {e}", tj.display()))?;
-            // transformers rebuilds a BERT normaliser that differs from tokenizer_config.json's settings
-            if let Some(NormalizerWrapper::BertNormalizer(n)) = t.get_normalizer() {
-                let want = norm.normalizer(n.clean_text);
+            // transformers' BertTokenizer builds BERT's normaliser (clean_text on) and pre-tokenizer from
+            // tokenizer_config.json, whatever tokenizer.json holds
+            if !norm.keeps_tokenizer_json() {
+                let want = norm.normalizer(true);
                 let says = |n: &BertNormalizer| {
                     format!(
-                        "lowercase {}, strip_accents {}, handle_chinese_chars {}",
+                        "clean_text {}, lowercase {}, strip_accents {}, handle_chinese_chars {}",
+                        n.clean_text,
                         n.lowercase,
                         n.strip_accents
                             .map_or("null".to_string(), |b| b.to_string()),
                         n.handle_chinese_chars
                     )
                 };
-                if (n.lowercase, n.strip_accents, n.handle_chinese_chars)
-                    != (
-                        want.lowercase,
-                        want.strip_accents,
-                        want.handle_chinese_chars,
-                    )
-                {
+                let had = match t.get_normalizer() {
+                    Some(NormalizerWrapper::BertNormalizer(n)) => {
+                        let key = |n: &BertNormalizer| {
+                            (
+                                n.clean_text,
+                                n.lowercase,
+                                n.strip_accents,
+                                n.handle_chinese_chars,
+                            )
+                        };
+                        (key(n) != key(&want)).then(|| says(n))
+                    }
+                    Some(_) => Some("another kind of normaliser".into()),
+                    None => Some("no normaliser".into()),
+                };
+                if let Some(had) = had {
                     eprintln!(
-                        "warning: {}'s normaliser ({}) is replaced by tokenizer_config.json's settings ({}; \
-                         transformers' defaults where it is silent or absent), as transformers does",
+                        "warning: {}'s normaliser ({had}) is replaced by BERT's with tokenizer_config.json's \
+                         settings ({}; transformers' defaults where it is silent or absent), as transformers \
+                         does (tokenizer_class PreTrainedTokenizerFast keeps tokenizer.json as it is)",
                         tj.display(),
-                        says(n),
                         says(&want)
                     );
-                    t.with_normalizer(Some(want));
+                }
+                t.with_normalizer(Some(want));
+                if !matches!(
+                    t.get_pre_tokenizer(),
+                    Some(PreTokenizerWrapper::BertPreTokenizer(_))
+                ) {
+                    eprintln!(
+                        "warning: {}'s pre-tokenizer is replaced by BERT's, as transformers does",
+                        tj.display()
+                    );
+                    t.with_pre_tokenizer(Some(BertPreTokenizer));
                 }
             }
             t
@@ -144,6 +189,15 @@ impl WordPieceTokenizer {
             let mut t = Tokenizer::new(wp);
             t.with_normalizer(Some(norm.normalizer(true)));
             t.with_pre_tokenizer(Some(BertPreTokenizer));
+            // BERT's special tokens, matched in the raw text as transformers' BertTokenizer registers them
+            // ("a [SEP] b" holds the [SEP] token, not "[", "sep", "]")
+            let specials: Vec<tokenizers::AddedToken> =
+                ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+                    .into_iter()
+                    .filter(|s| t.token_to_id(s).is_some())
+                    .map(|s| tokenizers::AddedToken::from(s, true))
+                    .collect();
+            t.add_special_tokens(&specials);
             t
         };
         tok.with_truncation(None).map_err(|e| anyhow!("{e}"))?;
@@ -154,7 +208,27 @@ impl WordPieceTokenizer {
                 .ok_or_else(|| anyhow!("{}: vocabulary has no {s} token", dir.display()))
         };
         let (cls, sep, pad) = (id("[CLS]")?, id("[SEP]")?, id("[PAD]")?);
-        Ok(WordPieceTokenizer { tok, cls, sep, pad })
+        let exact_cuts = matches!(
+            tok.get_normalizer(),
+            Some(NormalizerWrapper::BertNormalizer(_))
+        ) && matches!(
+            tok.get_pre_tokenizer(),
+            Some(PreTokenizerWrapper::BertPreTokenizer(_))
+        );
+        let added = tok
+            .get_added_tokens_decoder()
+            .values()
+            .map(|t| t.content.clone())
+            .filter(|c| c.len() > 1)
+            .collect();
+        Ok(WordPieceTokenizer {
+            tok,
+            cls,
+            sep,
+            pad,
+            exact_cuts,
+            added,
+        })
     }
 
     /// Encode without special tokens, with code-point offsets into `text` (in pieces when it is long).
@@ -164,10 +238,10 @@ impl WordPieceTokenizer {
 
     /// `encode` with pieces of at most about `chunk_bytes` bytes (public for the tests).
     pub fn encode_chunked(&self, text: &str, chunk_bytes: usize) -> Result<Encoded> {
-        if text.len() <= chunk_bytes {
+        if text.len() <= chunk_bytes || !self.exact_cuts {
             return self.encode_whole(text);
         }
-        let pieces = split_pieces(text, chunk_bytes);
+        let pieces = self.pieces(text, chunk_bytes);
         let mut out = Encoded::default();
         let mut char_base = 0;
         // a group of pieces at a time, in parallel: memory bounded by the group, not the text
@@ -188,6 +262,13 @@ impl WordPieceTokenizer {
             }
         }
         Ok(out)
+    }
+
+    /// `text` cut into pieces of about `chunk` bytes where its tokens cannot change ([`split_pieces`], no
+    /// cut inside an added token such as "\[SEP\]").
+    pub fn pieces<'t>(&self, text: &'t str, chunk: usize) -> Vec<&'t str> {
+        let added: Vec<&str> = self.added.iter().map(String::as_str).collect();
+        split_pieces(text, chunk, &added)
     }
 
     fn encode_whole(&self, text: &str) -> Result<Encoded> {
@@ -280,16 +361,31 @@ fn is_bert_space(c: char) -> bool {
 }
 
 /// Whether `text` may be cut before byte `i` (a char boundary) without changing its tokens: right after a
-/// whitespace character or right before a punctuation character (see the module doc).
-fn exact_cut(text: &str, i: usize) -> bool {
-    text[..i].chars().next_back().is_some_and(is_bert_space)
-        || text[i..].chars().next().is_some_and(is_bert_punct)
+/// whitespace character or right before a punctuation character (see the module doc), and not inside an
+/// occurrence of one of the `added` tokens (matched in the raw text; compared ignoring ASCII case).
+fn exact_cut(text: &str, i: usize, added: &[&str]) -> bool {
+    (text[..i].chars().next_back().is_some_and(is_bert_space)
+        || text[i..].chars().next().is_some_and(is_bert_punct))
+        && !splits_added(text, i, added)
+}
+
+/// Whether a cut before byte `i` falls strictly inside an occurrence of an added token.
+fn splits_added(text: &str, i: usize, added: &[&str]) -> bool {
+    let b = text.as_bytes();
+    added.iter().any(|t| {
+        let t = t.as_bytes();
+        (1..t.len()).any(|k| {
+            i >= k
+                && i - k + t.len() <= b.len()
+                && b[i - k..i - k + t.len()].eq_ignore_ascii_case(t)
+        })
+    })
 }
 
 /// Cut `text` into pieces of about `chunk` bytes (see the module doc): at the last place in the second half
 /// of each window where the cut is exact, preferring one after whitespace; else at the first such place
 /// after the window (up to [`MAX_RUN_CHUNKS`] windows on); else at the window's end (a char boundary).
-pub fn split_pieces(text: &str, chunk: usize) -> Vec<&str> {
+pub fn split_pieces<'t>(text: &'t str, chunk: usize, added: &[&str]) -> Vec<&'t str> {
     let chunk = chunk.max(8);
     let mut out = vec![];
     let mut p = 0;
@@ -310,13 +406,14 @@ pub fn split_pieces(text: &str, chunk: usize) -> Vec<&str> {
         let after_space = window
             .char_indices()
             .rev()
-            .find(|&(_, c)| is_bert_space(c))
-            .map(|(i, c)| lo + i + c.len_utf8());
+            .map(|(i, c)| (lo + i + c.len_utf8(), c))
+            .find(|&(cut, c)| is_bert_space(c) && !splits_added(text, cut, added))
+            .map(|(cut, _)| cut);
         let before_punct = || {
             window
                 .char_indices()
                 .rev()
-                .find(|&(i, c)| i > 0 && is_bert_punct(c))
+                .find(|&(i, c)| i > 0 && is_bert_punct(c) && !splits_added(text, lo + i, added))
                 .map(|(i, _)| lo + i)
         };
         let run_on = || {
@@ -327,7 +424,7 @@ pub fn split_pieces(text: &str, chunk: usize) -> Vec<&str> {
             text[end..limit]
                 .char_indices()
                 .map(|(i, _)| end + i)
-                .find(|&i| exact_cut(text, i))
+                .find(|&i| exact_cut(text, i, added))
         };
         let cut = after_space
             .or_else(before_punct)

@@ -101,7 +101,7 @@ fn unravel(mut i: usize, shape: &[usize]) -> Vec<usize> {
 }
 
 /// The dtype(s) of a model directory's weights (every shard's), e.g. "F32" or "BF16+F32" ("?" if
-/// unreadable).
+/// unreadable): from the files' headers only.
 pub fn model_dtype(dir: &Path) -> String {
     let files = match weight_files(dir) {
         Ok((files, _)) => files,
@@ -109,17 +109,36 @@ pub fn model_dtype(dir: &Path) -> String {
     };
     let mut names = vec![];
     for path in files {
-        let Ok(bytes) = std::fs::read(&path) else {
-            return "?".into();
-        };
-        let Ok(st) = SafeTensors::deserialize(&bytes) else {
-            return "?".into();
-        };
-        names.extend(st.tensors().iter().map(|(_, v)| format!("{:?}", v.dtype())));
+        match header_dtypes(&path) {
+            Some(d) => names.extend(d),
+            None => return "?".into(),
+        }
     }
     names.sort();
     names.dedup();
     names.join("+")
+}
+
+/// The dtypes named in a safetensors file's header (its first 8 + n bytes), without reading the data.
+fn header_dtypes(path: &Path) -> Option<Vec<String>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 << 20 {
+        return None;
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&header).ok()?;
+    Some(
+        v.as_object()?
+            .iter()
+            .filter(|(k, _)| k.as_str() != "__metadata__")
+            .filter_map(|(_, t)| t.get("dtype")?.as_str().map(String::from))
+            .collect(),
+    )
 }
 
 /// The index of sharded weights (transformers' `save_pretrained` with `max_shard_size`).
@@ -170,18 +189,28 @@ fn weight_files(dir: &Path) -> Result<(Vec<std::path::PathBuf>, Option<ShardMap>
         }
         return Ok((files, Some(by_name)));
     }
-    let other = ["pytorch_model.bin", "tf_model.h5", "flax_model.msgpack"]
+    let bin = dir.join("pytorch_model.bin");
+    if bin.exists() {
+        // the tensors as they are, names included (a head the file lacks stays absent: bertqa initialises
+        // it from --seed and says so, rather than taking transformers' unseeded one)
+        bail!(
+            "{}: has pytorch_model.bin but no model.safetensors: bertqa reads safetensors only (no pickle); \
+             convert it once, keeping the tensors as they are: python3 -c 'import torch; from \
+             safetensors.torch import save_file; sd = torch.load({:?}, weights_only=True); \
+             save_file({{k: v.contiguous().clone() for k, v in sd.items()}}, {:?}, metadata={{\"format\": \"pt\"}})'",
+            dir.display(),
+            bin.display().to_string(),
+            dir.join("model.safetensors").display().to_string()
+        );
+    }
+    match ["tf_model.h5", "flax_model.msgpack"]
         .into_iter()
-        .find(|f| dir.join(f).exists());
-    match other {
+        .find(|f| dir.join(f).exists())
+    {
         Some(f) => bail!(
-            "{}: has {f} but no model.safetensors: bertqa reads safetensors only (no pickle); convert it once \
-             with transformers: python3 -c 'import transformers as t; \
-             t.BertForQuestionAnswering.from_pretrained(\"{}\"{}).save_pretrained(\"OUT\")' and give OUT \
-             (copy the tokenizer files into it)",
-            dir.display(),
-            dir.display(),
-            if f == "pytorch_model.bin" { "" } else if f == "tf_model.h5" { ", from_tf=True" } else { ", from_flax=True" }
+            "{}: has {f} but no model.safetensors: bertqa reads safetensors only (convert the model to \
+             PyTorch/safetensors with a transformers version that still reads {f})",
+            dir.display()
         ),
         None => bail!(
             "{}: no model.safetensors (nor {SHARD_INDEX}): not a model directory?",
