@@ -68,7 +68,9 @@ pub struct TrainArgs {
     pub precision: String,
     #[arg(long, default_value_t = TrainConfig::default().seed)]
     pub seed: u64,
-    /// stop after this many optimizer steps
+    /// stop after this many optimizer steps, or at the end of --epochs if that comes first (unlike
+    /// transformers' max_steps, which overrides num_train_epochs); the learning-rate schedule spans the
+    /// smaller of the two
     #[arg(long)]
     pub max_steps: Option<usize>,
     /// train on the first N questions only (quick runs)
