@@ -386,6 +386,14 @@ fn checkpoint_variants_transformers_loads_give_the_same_weights() {
     let host = checkpoint::read_safetensors(&src.join("model.safetensors")).unwrap();
     let cfg_text = std::fs::read_to_string(src.join("config.json")).unwrap();
     let want = loaded_values(&src);
+    let load_err = |d: &Path| {
+        format!(
+            "{:#}",
+            checkpoint::load(&Cpu::new(), d, DType::F32, 0)
+                .err()
+                .expect("should fail")
+        )
+    };
     // sharded: two files and the index transformers writes (save_pretrained(max_shard_size=...))
     let d = tmpdir("sharded");
     std::fs::write(d.join("config.json"), &cfg_text).unwrap();
@@ -421,22 +429,12 @@ fn checkpoint_variants_transformers_loads_give_the_same_weights() {
     let first = host.keys().next().unwrap().clone();
     bad["weight_map"][&first] = "model-00002-of-00002.safetensors".into();
     std::fs::write(d.join("model.safetensors.index.json"), bad.to_string()).unwrap();
-    let e = format!(
-        "{:#}",
-        checkpoint::load(&Cpu::new(), &d, DType::F32, 0)
-            .err()
-            .unwrap()
-    );
+    let e = load_err(&d);
     assert!(e.contains(&first) && e.contains("is not where"), "{e}");
     let mut bad = index.clone();
     bad["weight_map"]["bert.extra"] = "model-00001-of-00002.safetensors".into();
     std::fs::write(d.join("model.safetensors.index.json"), bad.to_string()).unwrap();
-    let e = format!(
-        "{:#}",
-        checkpoint::load(&Cpu::new(), &d, DType::F32, 0)
-            .err()
-            .unwrap()
-    );
+    let e = load_err(&d);
     assert!(
         e.contains("\"bert.extra\"") && e.contains("does not hold it"),
         "{e}"
@@ -478,12 +476,7 @@ fn checkpoint_variants_transformers_loads_give_the_same_weights() {
         checkpoint::safetensors_bytes(&h, None).unwrap(),
     )
     .unwrap();
-    let e = format!(
-        "{:#}",
-        checkpoint::load(&Cpu::new(), &d, DType::F32, 0)
-            .err()
-            .unwrap()
-    );
+    let e = load_err(&d);
     assert!(
         e.contains("\"bert.embeddings.LayerNorm.weight\"")
             && e.contains("\"embeddings.LayerNorm.weight\"")
@@ -494,12 +487,7 @@ fn checkpoint_variants_transformers_loads_give_the_same_weights() {
     let d = tmpdir("bin");
     std::fs::write(d.join("config.json"), &cfg_text).unwrap();
     std::fs::write(d.join("pytorch_model.bin"), b"pickle").unwrap();
-    let e = format!(
-        "{:#}",
-        checkpoint::load(&Cpu::new(), &d, DType::F32, 0)
-            .err()
-            .unwrap()
-    );
+    let e = load_err(&d);
     assert!(
         e.contains("pytorch_model.bin")
             && e.contains("save_file")
@@ -523,12 +511,7 @@ fn checkpoint_variants_transformers_loads_give_the_same_weights() {
             checkpoint::safetensors_bytes(&host, None).unwrap(),
         )
         .unwrap();
-        let e = format!(
-            "{:#}",
-            checkpoint::load(&Cpu::new(), &d, DType::F32, 0)
-                .err()
-                .unwrap()
-        );
+        let e = load_err(&d);
         assert!(e.contains(says) && e.contains("unsupported config"), "{e}");
     }
 }
