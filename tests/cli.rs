@@ -471,7 +471,7 @@ fn score_v2_equals_the_official_script() {
     let expected: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let cases = expected.as_object().unwrap();
-    assert_eq!(cases.len(), 5);
+    assert_eq!(cases.len(), 6);
     for (name, case) in cases {
         let mut args = vec![
             "score".to_string(),

@@ -381,6 +381,55 @@ fn tokenizer_settings_as_transformers_takes_them() {
     }
 }
 
+/// A tokenizer.json whose added tokens are matched after normalisation, as single words or with the
+/// spaces beside them makes where a long text may be cut depend on its neighbours: such a tokenizer reads
+/// texts whole, so pieces never change its tokens (a review found "HÉLLO-WORLD" cut before "-").
+#[test]
+fn texts_are_read_whole_when_added_tokens_make_cuts_unsafe() {
+    let Some(a) = assets() else { return };
+    let src = a.join("all-MiniLM-L6-v2");
+    let mut j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let tokens = [
+        ("hello-world", true, false, false),
+        ("[M2]", false, true, false),
+        ("<lx>", false, false, true),
+    ];
+    for (i, (content, normalized, single_word, lstrip)) in tokens.iter().enumerate() {
+        j["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+                "id": 30522 + i, "content": content, "single_word": single_word, "lstrip": lstrip,
+                "rstrip": false, "normalized": normalized, "special": false
+            }));
+    }
+    let dir = std::env::temp_dir().join(format!("bertqa-tok-added-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), j.to_string()).unwrap();
+    let tok = tokenizer::load(&dir).unwrap();
+    for text in [
+        format!("{}HÉLLO-WORLD more", "word ".repeat(30)),
+        format!("{}xxxxxxxxxxx[M2] y", "word ".repeat(30)),
+        format!("{}abc <lx> d", "word ".repeat(30)),
+    ] {
+        for chunk in [16, 24, 40, 64] {
+            let (whole, pieces) = (
+                tok.encode_chunked(&text, usize::MAX).unwrap(),
+                tok.encode_chunked(&text, chunk).unwrap(),
+            );
+            assert_eq!(
+                (&pieces.ids, &pieces.offsets),
+                (&whole.ids, &whole.offsets),
+                "{text} / {chunk}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A tokenizer_config.json that is not JSON, or holds a setting of the wrong type, is an error naming it
 /// (before: silently read as "lower-case").
 #[test]

@@ -45,9 +45,14 @@ pub fn run(a: &ScoreArgs) -> Result<()> {
         a.version_2_with_negative || a.na_prob_file.is_some(),
     );
     ds.check_evaluable(v2, &a.data.display().to_string())?;
+    // without a file, every value is 0.0, as in the official script: only a negative threshold matters
     let na = match &a.na_prob_file {
         Some(p) => Some(read_na_probs(p, &ds, a.na_prob_thresh)?),
-        None => None,
+        None => Some(crate::eval::metrics::NaProbs {
+            values: vec![],
+            thresh: Some(a.na_prob_thresh),
+            sweep: false,
+        }),
     };
     let missing = ds
         .examples
@@ -87,12 +92,16 @@ fn read_na_probs(p: &Path, ds: &Dataset, thresh: f64) -> Result<crate::eval::met
         };
         values.push((k.clone(), f));
     }
-    let named: std::collections::HashSet<&str> = values.iter().map(|(k, _)| k.as_str()).collect();
-    let unnamed = ds
+    let named: std::collections::HashSet<String> = values.iter().map(|(k, _)| k.clone()).collect();
+    let unnamed: Vec<String> = ds
         .examples
         .iter()
-        .filter(|e| !named.contains(e.id.as_str()))
-        .count();
+        .filter(|e| !named.contains(&e.id))
+        .map(|e| e.id.clone())
+        .collect();
+    // (0.0 for the threshold and in the sweep alike, after the file's values)
+    values.extend(unnamed.iter().map(|id| (id.clone(), 0.0)));
+    let unnamed = unnamed.len();
     if unnamed > 0 {
         eprintln!(
             "warning: {}: {unnamed} question(s) have no value; counted as 0.0 (the official script stops with \
@@ -103,6 +112,7 @@ fn read_na_probs(p: &Path, ds: &Dataset, thresh: f64) -> Result<crate::eval::met
     Ok(crate::eval::metrics::NaProbs {
         values,
         thresh: Some(thresh),
+        sweep: true,
     })
 }
 

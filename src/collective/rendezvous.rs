@@ -8,8 +8,11 @@
 //! 1. node 0 writes `PATH` saying "waiting", with a nonce of its own (a random number naming this run's
 //!    rendezvous);
 //! 2. node k reads it and answers in `PATH.node<k>`: node 0's nonce, k, the node's own nonce and its shape;
-//! 3. once every node has answered with node 0's nonce and the run's shape, node 0 rewrites `PATH` as "go":
-//!    the NCCL id and the nodes' nonces; a node takes the id only from a "go" that lists its own nonce.
+//! 3. once every node has answered with node 0's nonce and the run's shape, node 0 takes the answers
+//!    (renames each to `PATH.node<k>.taken`: a node leaving from then on finds its answer gone and stays
+//!    for the "go") and rewrites `PATH` as "go": the NCCL id and the nodes' nonces; a node takes the id only
+//!    from a "go" that lists its own nonce. A node that leaves before that (timeout, error, signal) removes
+//!    its answer, so node 0 never counts it.
 //!
 //! So a file left by a crashed run can delay a node but never hand it a dead run's id (it does not list
 //! the node's nonce), node 0 gives up after `--rendezvous-timeout` naming the nodes that did not answer
@@ -31,6 +34,9 @@ const FILE_MAGIC: &[u8; 12] = b"bertqa-rdzf3";
 type Nonce = [u8; 16];
 /// How often a file rendezvous looks again.
 const POLL: Duration = Duration::from_millis(100);
+/// How long a node whose answer node 0 has taken waits past its timeout for the "go" (node 0 writes it
+/// right after taking the answers).
+const COMMITTED_GRACE: Duration = Duration::from_secs(60);
 
 /// A rendezvous file this process wrote — node 0's file, or a node's answer — and removes when it is done
 /// or ends: its path, and the nonce at byte `at` that makes it this process's (another process may have
@@ -133,7 +139,11 @@ fn create_exclusive(p: &Path, bytes: &[u8], tag: &Nonce) -> Result<()> {
 /// End the process with `code`, removing its rendezvous files first ([`retire_published`]):
 /// `std::process::exit` runs no destructors, so every early exit of a training process goes through here.
 pub fn exit(code: i32) -> ! {
-    retire_published();
+    // held to the end: a node cannot write (or re-write) an answer between the removal and the exit
+    let mut owned = published();
+    for o in std::mem::take(&mut *owned) {
+        remove_if_ours(&o);
+    }
     std::process::exit(code)
 }
 
@@ -451,6 +461,50 @@ impl Answer {
     }
 }
 
+/// Where node 0 moves node `node`'s answer when it takes it (see [`take_answers`]).
+fn taken_path(p: &Path, node: usize) -> PathBuf {
+    let mut name = answer_path(p, node).into_os_string();
+    name.push(".taken");
+    PathBuf::from(name)
+}
+
+/// Node 0, once every node has answered: move each answer to its taken name (a rename: the node can
+/// then no longer withdraw it, see [`withdraw`]), checking it is still the answer that was read; the
+/// nodes' nonces in node order. None — every answer put back — if one was withdrawn or replaced in the
+/// meantime.
+fn take_answers(p: &Path, nnodes: usize, leader: Nonce, read: &[Nonce]) -> Option<Vec<Nonce>> {
+    let mut taken = vec![];
+    let ok = (1..nnodes).zip(read).all(|(k, own)| {
+        if std::fs::rename(answer_path(p, k), taken_path(p, k)).is_err() {
+            return false;
+        }
+        taken.push(k);
+        Answer::read(&taken_path(p, k)).is_some_and(|a| a.leader == leader && a.own == *own)
+    });
+    if ok {
+        return Some(read.to_vec());
+    }
+    for k in taken {
+        let _ = std::fs::rename(taken_path(p, k), answer_path(p, k));
+    }
+    None
+}
+
+/// A node leaving before "go": remove its answer, unless node 0 has taken it (then the node is part of
+/// the run: true, and it must wait for the "go" that follows).
+fn withdraw(p: &Path, node: usize, own: &Nonce) -> bool {
+    let answer = answer_path(p, node);
+    let _guard = published();
+    if let Ok(b) = std::fs::read(&answer) {
+        if b.get(ANSWER_NONCE_AT..ANSWER_NONCE_AT + 16) == Some(&own[..])
+            && std::fs::remove_file(&answer).is_ok()
+        {
+            return false;
+        }
+    }
+    Answer::read(&taken_path(p, node)).is_some_and(|a| a.own == *own)
+}
+
 /// Where node `node` answers: `PATH.node<node>`, beside node 0's file.
 fn answer_path(p: &Path, node: usize) -> PathBuf {
     let mut name = p.file_name().unwrap_or_default().to_os_string();
@@ -518,18 +572,23 @@ fn wait_for_answers(
                 _ => missing.push(k),
             }
         }
+        // every node answered: take the answers (a node can no longer withdraw one), then say go
         if missing.is_empty() {
-            let go = NodeZeroFile {
-                nonce: leader,
-                shape,
-                go: Some((*id, nodes)),
-            };
-            crate::util::write_atomic(p, &go.bytes())
-                .with_context(|| format!("writing the rendezvous file {}", p.display()))?;
-            for k in 1..shape.nnodes {
-                let _ = std::fs::remove_file(answer_path(p, k));
+            if let Some(nodes) = take_answers(p, shape.nnodes, leader, &nodes) {
+                let go = NodeZeroFile {
+                    nonce: leader,
+                    shape,
+                    go: Some((*id, nodes)),
+                };
+                let written = crate::util::write_atomic(p, &go.bytes())
+                    .with_context(|| format!("writing the rendezvous file {}", p.display()));
+                for k in 1..shape.nnodes {
+                    let _ = std::fs::remove_file(taken_path(p, k));
+                }
+                return written;
             }
-            return Ok(());
+            // a node withdrew its answer in the meantime: wait on
+            continue;
         }
         if t0.elapsed() > timeout {
             let why: Vec<String> = missing
@@ -577,6 +636,8 @@ fn fetch_file(p: &Path, node: usize, shape: RunShape, timeout: Duration) -> Resu
     let t0 = Instant::now();
     // node 0's nonce this node answered
     let mut answered: Option<Nonce> = None;
+    // node 0 took this node's answer as the timeout came: it waits for the go that follows
+    let mut committed = false;
     // what the file said last, for the message when node 0 never says "go" to this node
     let mut seen: &str;
     loop {
@@ -592,9 +653,18 @@ fn fetch_file(p: &Path, node: usize, shape: RunShape, timeout: Duration) -> Resu
                                 own,
                                 shape,
                             };
-                            crate::util::write_atomic(&answer, &a.bytes()).with_context(|| {
-                                format!("rendezvous: answering node 0 beside {}", p.display())
-                            })?;
+                            {
+                                // under the lock: an exit on a signal removes it, or it is not written
+                                let _guard = published();
+                                crate::util::write_atomic(&answer, &a.bytes()).with_context(
+                                    || {
+                                        format!(
+                                            "rendezvous: answering node 0 beside {}",
+                                            p.display()
+                                        )
+                                    },
+                                )?;
+                            }
                             answered = Some(f.nonce);
                         }
                         // (node 0 is told too: the answer, left in place, carries this node's shape)
@@ -629,11 +699,23 @@ fn fetch_file(p: &Path, node: usize, shape: RunShape, timeout: Duration) -> Resu
                     .with_context(|| format!("reading the rendezvous file {}", p.display()))
             }
         }
-        if t0.elapsed() > timeout {
+        if t0.elapsed() > timeout && !committed {
+            // leaving: unless node 0 has just taken this node's answer — then its "go" follows at once
+            if answered.is_some() && withdraw(p, node, &own) {
+                committed = true;
+                continue;
+            }
             bail!(
                 "rendezvous: no go from node 0 through {} within {:?}: {seen}",
                 p.display(),
                 timeout
+            );
+        }
+        if committed && t0.elapsed() > timeout + COMMITTED_GRACE {
+            bail!(
+                "rendezvous: no go from node 0 through {} within {:?} of its taking this node's answer",
+                p.display(),
+                COMMITTED_GRACE
             );
         }
         std::thread::sleep(POLL);
@@ -912,6 +994,57 @@ mod tests {
             assert!(e.contains("node(s) 1 of 3 did not answer"), "{e}");
             assert!(n2.join().unwrap().is_err());
         });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A node whose timeout comes just as node 0 takes its answer (the moment between node 0 reading
+    /// every answer and writing "go") stays for the go instead of leaving: node 0 would otherwise enter
+    /// NCCL with a node that is gone. Node 0's side is played by hand here, to hold that moment open.
+    #[test]
+    fn a_node_whose_answer_was_taken_waits_for_the_go() {
+        let (dir, r) = temp_file_rdzv("taken");
+        let two = RunShape {
+            nnodes: 2,
+            devices_per_node: 1,
+        };
+        let leader = [9u8; 16];
+        let waiting = NodeZeroFile {
+            nonce: leader,
+            shape: two,
+            go: None,
+        };
+        std::fs::write(path(&r), waiting.bytes()).unwrap();
+        let id = [3u8; ID_BYTES];
+        std::thread::scope(|s| {
+            let n1 = s.spawn(|| r.fetch(1, two, Duration::from_millis(500)));
+            let answer = answer_path(path(&r), 1);
+            let t = Instant::now();
+            while Answer::read(&answer).is_none() && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let own = Answer::read(&answer).unwrap().own;
+            // node 0 takes the answer... and is slow to say go: past node 1's timeout
+            assert_eq!(take_answers(path(&r), 2, leader, &[own]), Some(vec![own]));
+            std::thread::sleep(Duration::from_millis(1500));
+            assert!(!n1.is_finished(), "node 1 left after its answer was taken");
+            let go = NodeZeroFile {
+                nonce: leader,
+                shape: two,
+                go: Some((id, vec![own])),
+            };
+            crate::util::write_atomic(path(&r), &go.bytes()).unwrap();
+            assert_eq!(n1.join().unwrap().unwrap(), id);
+        });
+        // and one whose answer was not taken leaves at its timeout, taking the answer with it; an answer
+        // withdrawn before node 0 takes it makes the taking fail (every answer put back)
+        std::fs::write(path(&r), waiting.bytes()).unwrap();
+        let e = format!(
+            "{:#}",
+            r.fetch(1, two, Duration::from_millis(300)).unwrap_err()
+        );
+        assert!(e.contains("no go from node 0"), "{e}");
+        assert!(!answer_path(path(&r), 1).exists());
+        assert_eq!(take_answers(path(&r), 2, leader, &[[0u8; 16]]), None);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

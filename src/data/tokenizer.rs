@@ -208,15 +208,23 @@ impl WordPieceTokenizer {
                 .ok_or_else(|| anyhow!("{}: vocabulary has no {s} token", dir.display()))
         };
         let (cls, sep, pad) = (id("[CLS]")?, id("[SEP]")?, id("[PAD]")?);
-        let exact_cuts = matches!(
-            tok.get_normalizer(),
-            Some(NormalizerWrapper::BertNormalizer(_))
-        ) && matches!(
-            tok.get_pre_tokenizer(),
-            Some(PreTokenizerWrapper::BertPreTokenizer(_))
-        );
-        let added = tok
-            .get_added_tokens_decoder()
+        let added_tokens = tok.get_added_tokens_decoder();
+        // cuts are exact with BERT's pipeline and added tokens matched as they are written (special tokens
+        // such as [SEP]); one matched after normalisation, as a single word, or taking the spaces beside it
+        // would make where a cut may go depend on its neighbours: such a tokenizer reads texts whole
+        let plain_added = added_tokens
+            .values()
+            .all(|t| !t.normalized && !t.single_word && !t.lstrip && !t.rstrip);
+        let exact_cuts = plain_added
+            && matches!(
+                tok.get_normalizer(),
+                Some(NormalizerWrapper::BertNormalizer(_))
+            )
+            && matches!(
+                tok.get_pre_tokenizer(),
+                Some(PreTokenizerWrapper::BertPreTokenizer(_))
+            );
+        let added = added_tokens
             .values()
             .map(|t| t.content.clone())
             .filter(|c| c.len() > 1)

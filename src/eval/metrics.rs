@@ -188,6 +188,8 @@ pub struct ScoresV2 {
 pub struct NaProbs {
     pub values: Vec<(String, f64)>,
     pub thresh: Option<f64>,
+    /// whether the best-threshold figures are computed (the official script: only with a file)
+    pub sweep: bool,
 }
 
 /// The official v2.0 evaluation (evaluate-v2.0.py): raw EM/F1 per predicted question, then, with `na`,
@@ -271,7 +273,7 @@ pub fn evaluate_v2(
     // find_best_thresh of the official script: the raw scores, in the values' order (stable sort)
     let by_id: HashMap<&str, &Gold> = gold.iter().map(|g| (g.id.as_str(), g)).collect();
     let best = |scores: &HashMap<String, f64>| -> (f64, f64) {
-        let Some(na) = na else {
+        let Some(na) = na.filter(|n| n.sweep) else {
             return (0.0, 0.0);
         };
         let num_no_ans = gold.iter().filter(|g| !has_ans(g)).count() as f64;
@@ -297,7 +299,9 @@ pub fn evaluate_v2(
                 thresh = *v;
             }
         }
-        (100.0 * best / scores.len().max(1) as f64, thresh)
+        // over every question, as the other figures (the official script, which stops on a missing
+        // prediction, divides by the predicted ones: the same number whenever it runs)
+        (100.0 * best / gold.len().max(1) as f64, thresh)
     };
     let (be, bet) = best(&em);
     let (bf, bft) = best(&f1);

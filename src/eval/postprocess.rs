@@ -83,6 +83,7 @@ impl Predictions {
                 .filter_map(|id| self.null_odds.get(id).map(|v| (id.clone(), *v)))
                 .collect(),
             thresh: None,
+            sweep: true,
         }
     }
 }

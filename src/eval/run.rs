@@ -292,7 +292,7 @@ pub fn score(
             o.insert("NoAns_f1".into(), s.no_ans_f1.into());
             o.insert("NoAns_total".into(), s.no_ans_total.into());
         }
-        if na.is_some() {
+        if na.is_some_and(|n| n.sweep) {
             o.insert("best_exact".into(), s.best_exact.into());
             o.insert("best_exact_thresh".into(), s.best_exact_thresh.into());
             o.insert("best_f1".into(), s.best_f1.into());
