@@ -568,6 +568,10 @@ fn predict_reads_the_passage_from_a_file_or_standard_input() {
         ]
     };
     assert_eq!(last_json(&ok(&run(&args(s(&f))))), by_arg);
+    // a byte-order mark is not part of the passage (the character offsets stay the passage's)
+    let bom = t.join("bom.txt");
+    std::fs::write(&bom, format!("\u{feff}{ctx}")).unwrap();
+    assert_eq!(last_json(&ok(&run(&args(s(&bom))))), by_arg);
     let mut child = Command::new(bin())
         .args(args("-"))
         .stdin(std::process::Stdio::piped())

@@ -431,6 +431,15 @@ fn checkpoint_variants_transformers_loads_give_the_same_weights() {
     std::fs::write(d.join("model.safetensors.index.json"), bad.to_string()).unwrap();
     let e = load_err(&d);
     assert!(e.contains(&first) && e.contains("is not where"), "{e}");
+    // a tensor the index leaves out is read from its shard all the same (as transformers reads every
+    // key of a listed shard)
+    let mut partial = index.clone();
+    partial["weight_map"]
+        .as_object_mut()
+        .unwrap()
+        .remove(&first);
+    std::fs::write(d.join("model.safetensors.index.json"), partial.to_string()).unwrap();
+    assert_eq!(loaded_values(&d), want, "a tensor the index does not list");
     let mut bad = index.clone();
     bad["weight_map"]["bert.extra"] = "model-00001-of-00002.safetensors".into();
     std::fs::write(d.join("model.safetensors.index.json"), bad.to_string()).unwrap();

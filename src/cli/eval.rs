@@ -388,8 +388,12 @@ impl DeviceFn<()> for PredictJob<'_> {
                     "rejected_span": dict_with(span, "text", serde_json::json!(best.text)),
                 })
             } else {
-                let mut o = dict_with(span, "answer", serde_json::json!(text));
-                o["no_answer"] = serde_json::json!(false);
+                // "answer" and "no_answer" first, as always
+                let mut o = dict_with(
+                    dict_with(span, "no_answer", serde_json::json!(false)),
+                    "answer",
+                    serde_json::json!(text),
+                );
                 if let Some(d) = diff {
                     o["null_score_diff"] = serde_json::json!(d);
                 }

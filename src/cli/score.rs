@@ -20,12 +20,14 @@ pub struct ScoreArgs {
     /// are added (the official script's --na-prob-file)
     #[arg(long)]
     pub na_prob_file: Option<PathBuf>,
-    /// v2.0 with --na-prob-file: the value above which a question counts as predicted "no answer" (the
-    /// official script's default, 1.0; bertqa's null odds are logit differences, often above 1: give
-    /// the --null-score-diff-threshold the predictions were made with, or a large number to score
-    /// predictions.json as written)
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
-    pub na_prob_thresh: f64,
+    /// v2.0: the value above which a question counts as predicted "no answer" (the official script's
+    /// --na-prob-thresh, default 1.0; selects v2.0 scoring). Without --na-prob-file every value is 0.0,
+    /// so only a negative threshold changes anything (every question then counts as "no answer"), as in
+    /// the official script. bertqa's null odds are logit differences, often above 1: give the
+    /// --null-score-diff-threshold the predictions were made with, or a large number to score
+    /// predictions.json as written
+    #[arg(long, allow_negative_numbers = true)]
+    pub na_prob_thresh: Option<f64>,
 }
 
 pub fn run(a: &ScoreArgs) -> Result<()> {
@@ -38,19 +40,20 @@ pub fn run(a: &ScoreArgs) -> Result<()> {
             a.predictions.display()
         )
     })?;
-    // --na-prob-file asks for v2.0's best-threshold figures: v2.0 scoring
+    // --na-prob-file / --na-prob-thresh are v2.0's: v2.0 scoring
     let v2 = crate::eval::run::resolve_version_2(
         &ds,
         &a.data,
-        a.version_2_with_negative || a.na_prob_file.is_some(),
+        a.version_2_with_negative || a.na_prob_file.is_some() || a.na_prob_thresh.is_some(),
     );
     ds.check_evaluable(v2, &a.data.display().to_string())?;
     // without a file, every value is 0.0, as in the official script: only a negative threshold matters
+    let thresh = a.na_prob_thresh.unwrap_or(1.0);
     let na = match &a.na_prob_file {
-        Some(p) => Some(read_na_probs(p, &ds, a.na_prob_thresh)?),
+        Some(p) => Some(read_na_probs(p, &ds, thresh)?),
         None => Some(crate::eval::metrics::NaProbs {
             values: vec![],
-            thresh: Some(a.na_prob_thresh),
+            thresh: Some(thresh),
             sweep: false,
         }),
     };

@@ -276,3 +276,90 @@ pub fn postprocess(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One example whose context is "abc def ghi"; a window of 6 positions: [CLS], a question token,
+    /// the three words, [SEP].
+    fn example() -> (Dataset, Feature) {
+        let js = serde_json::json!({"version": "v2.0", "data": [{"title": "t", "paragraphs": [{
+            "context": "abc def ghi",
+            "qas": [{"id": "q", "question": "?", "answers": [], "is_impossible": true}]}]}]});
+        let ds = Dataset::parse(&js.to_string(), "t").unwrap();
+        let f = Feature {
+            example: 0,
+            input_ids: vec![0; 6],
+            token_type_ids: vec![0; 6],
+            attention_mask: vec![1; 6],
+            offsets: vec![None, None, Some((0, 3)), Some((4, 7)), Some((8, 11)), None],
+            start_position: 0,
+            end_position: 0,
+            has_answer: false,
+        };
+        (ds, f)
+    }
+
+    fn finish(
+        ds: &Dataset,
+        windows: &[(Feature, Vec<f32>, Vec<f32>)],
+        cfg: &PostCfg,
+    ) -> Predictions {
+        let mut acc = SpanAccumulator::new();
+        for (f, s, e) in windows {
+            acc.add_window(f, s, e, cfg);
+        }
+        let mut out = Predictions::new();
+        acc.finish(&ds.examples[0], cfg, &mut out);
+        out
+    }
+
+    /// transformers' tie rules: the null after spans of equal score (its prelim list appends the null
+    /// last and sorts stably), and the first window's null among equal ones (a strict `>`).
+    #[test]
+    fn v2_ties_follow_transformers() {
+        let (ds, f) = example();
+        let v2 = PostCfg {
+            version_2: true,
+            n_best_size: 3,
+            ..PostCfg::default()
+        };
+        // the span "def" (1 + 1) ties with the null (1 + 1)
+        let (mut s, mut e) = (vec![-9.0f32; 6], vec![-9.0f32; 6]);
+        s[0] = 1.0;
+        e[0] = 1.0;
+        s[3] = 1.0;
+        e[3] = 1.0;
+        let p = finish(&ds, &[(f.clone(), s.clone(), e.clone())], &v2);
+        let nb = &p.nbest["q"];
+        assert_eq!((nb[0].text.as_str(), nb[0].is_null), ("def", false));
+        assert!(nb[1].is_null && nb[1].text.is_empty());
+        // diff 0 is not above the threshold 0: the span is the answer
+        assert_eq!((p.answers["q"].as_str(), p.null_odds["q"]), ("def", 0.0));
+        // two windows whose nulls tie (1.5 + 0.5 and 0.5 + 1.5): the first one's logits are kept
+        let (mut s2, mut e2) = (s.clone(), e.clone());
+        s[0] = 1.5;
+        e[0] = 0.5;
+        s2[0] = 0.5;
+        e2[0] = 1.5;
+        let p = finish(&ds, &[(f.clone(), s, e), (f.clone(), s2, e2)], &v2);
+        let null = p.nbest["q"].iter().find(|n| n.is_null).unwrap();
+        assert_eq!((null.start_logit, null.end_logit), (1.5, 0.5));
+    }
+
+    /// v1.1 lists no null, whatever [CLS] scores.
+    #[test]
+    fn v1_lists_no_null() {
+        let (ds, f) = example();
+        let (mut s, mut e) = (vec![-9.0f32; 6], vec![-9.0f32; 6]);
+        s[0] = 9.0;
+        e[0] = 9.0;
+        s[2] = 1.0;
+        e[4] = 1.0;
+        let p = finish(&ds, &[(f, s, e)], &PostCfg::default());
+        assert!(p.nbest["q"].iter().all(|n| !n.is_null));
+        assert_eq!(p.answers["q"], "abc def ghi");
+        assert!(p.null_odds.is_empty());
+    }
+}
