@@ -316,25 +316,36 @@ proptest! {
     }
 
     /// The running n-best over windows equals sorting every window's candidates at the end (the procedure
-    /// before streaming), for any logits, n-best size and span limit.
+    /// before streaming, and transformers'), for any logits, n-best size and span limit; in v2.0 with the
+    /// null as transformers lists it (the lowest [CLS] score over the windows, the first of equal ones;
+    /// appended to the candidates before the stable sort, so after spans of equal score; added back when
+    /// the cut dropped it) and the null odds = null − best span (− 0 without one).
     #[test]
     fn streaming_nbest_equals_sorting_everything(
         n_windows in 1usize..5,
-        logits in prop::collection::vec(-4i32..4, 2 * 5 * 24),
+        // few values: ties (between spans, between the null and a span, between windows' nulls) are common
+        logits in prop::collection::vec(-2i32..2, 2 * 5 * 24),
         n_best in 1usize..6,
         max_len in 1usize..6,
+        version_2 in any::<bool>(),
     ) {
         let t = 24;
-        let cfg = PostCfg { n_best_size: n_best, max_answer_length: max_len, version_2: false, null_score_diff_threshold: 0.0 };
+        let cfg = PostCfg { n_best_size: n_best, max_answer_length: max_len, version_2, null_score_diff_threshold: 0.0 };
         let feats: Vec<Feature> = (0..n_windows).map(|w| feature(16 + w, t, 0)).collect();
         let lg = |w: usize, k: usize| -> Vec<f32> {
             (0..t).map(|i| logits[(w * 2 + k) * t + i] as f32 * 0.5).collect()
         };
         let mut acc = SpanAccumulator::new();
-        let mut all: Vec<(f64, usize, usize)> = vec![];
+        // (score, start logit, char start, char end, is the null)
+        let mut all: Vec<(f64, f64, usize, usize, bool)> = vec![];
+        let mut null: Option<(f64, f64)> = None;
         for (w, f) in feats.iter().enumerate() {
             let (s, e) = (lg(w, 0), lg(w, 1));
             acc.add_window(f, &s, &e, &cfg);
+            let cls = s[0] as f64 + e[0] as f64;
+            if null.is_none_or(|n| cls < n.0) {
+                null = Some((cls, s[0] as f64));
+            }
             // reference: the top-n starts and ends among the window's real tokens (stable order; padding is
             // not ranked), every valid pair, in window order
             let real = f.attention_mask.iter().filter(|&&m| m != 0).count();
@@ -348,21 +359,32 @@ proptest! {
                 for &ei in &top(&e) {
                     let (Some(os), Some(oe)) = (f.offsets[si], f.offsets[ei]) else { continue };
                     if ei < si || ei - si + 1 > max_len { continue; }
-                    all.push((s[si] as f64 + e[ei] as f64, os.0, oe.1));
+                    all.push((s[si] as f64 + e[ei] as f64, s[si] as f64, os.0, oe.1, false));
                 }
             }
         }
+        let spans = all.len();
+        let best_span = all.iter().map(|c| c.0).fold(f64::NEG_INFINITY, f64::max);
+        let (null, null_start) = null.unwrap();
+        if version_2 {
+            all.push((null, null_start, 0, 0, true));
+        }
         all.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap());
         all.truncate(n_best);
+        if version_2 && !all.iter().any(|c| c.4) {
+            all.push((null, null_start, 0, 0, true));
+        }
         let ds = Dataset::parse(&squad_json(&"x".repeat(200), "x", 0), "p").unwrap();
         let mut out = bertqa::eval::postprocess::Predictions::new();
         acc.finish(&ds.examples[0], &cfg, &mut out);
         let nb = &out.nbest["q"];
-        if all.is_empty() {
-            prop_assert_eq!(out.no_valid_span.len(), 1);
-        } else {
-            prop_assert!(out.no_valid_span.is_empty());
-            let got: Vec<(f64, usize, usize)> = nb.iter().map(|n| (n.start_logit + n.end_logit, n.char_start, n.char_end)).collect();
+        prop_assert_eq!(out.no_valid_span.len(), usize::from(spans == 0));
+        if version_2 {
+            let odds = null - if spans == 0 { 0.0 } else { best_span };
+            prop_assert_eq!(out.null_odds["q"], odds);
+        }
+        if spans > 0 || version_2 {
+            let got: Vec<(f64, f64, usize, usize, bool)> = nb.iter().map(|n| (n.start_logit + n.end_logit, n.start_logit, n.char_start, n.char_end, n.is_null)).collect();
             prop_assert_eq!(got, all);
             let p: f64 = nb.iter().map(|n| n.probability).sum();
             prop_assert!((p - 1.0).abs() < 1e-9);
