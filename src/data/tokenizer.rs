@@ -433,6 +433,8 @@ pub fn split_pieces<'t>(text: &'t str, chunk: usize, added: &[&str]) -> Vec<&'t 
                 .char_indices()
                 .map(|(i, _)| end + i)
                 .find(|&i| exact_cut(text, i, added))
+                // the text's end is in reach: the piece runs to it
+                .or((limit == text.len()).then_some(limit))
         };
         let cut = after_space
             .or_else(before_punct)
