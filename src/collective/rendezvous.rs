@@ -60,13 +60,10 @@ fn published() -> std::sync::MutexGuard<'static, Vec<Owned>> {
     PUBLISHED.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Remove `o.path` if it is still this process's.
-fn remove_if_ours(o: &Owned) {
-    if let Ok(b) = std::fs::read(&o.path) {
-        if b.get(o.at..o.at + 16) == Some(&o.nonce[..]) {
-            let _ = std::fs::remove_file(&o.path);
-        }
-    }
+/// Remove `o.path` if it is still this process's; whether it was removed.
+fn remove_if_ours(o: &Owned) -> bool {
+    std::fs::read(&o.path).is_ok_and(|b| b.get(o.at..o.at + 16) == Some(&o.nonce[..]))
+        && std::fs::remove_file(&o.path).is_ok()
 }
 
 /// Remove (if still ours) and forget the owned files at `p` — of one nonce, or any.
@@ -493,16 +490,13 @@ fn take_answers(p: &Path, nnodes: usize, leader: Nonce, read: &[Nonce]) -> Optio
 /// A node leaving before "go": remove its answer, unless node 0 has taken it (then the node is part of
 /// the run: true, and it must wait for the "go" that follows).
 fn withdraw(p: &Path, node: usize, own: &Nonce) -> bool {
-    let answer = answer_path(p, node);
+    let answer = Owned {
+        path: answer_path(p, node),
+        nonce: *own,
+        at: ANSWER_NONCE_AT,
+    };
     let _guard = published();
-    if let Ok(b) = std::fs::read(&answer) {
-        if b.get(ANSWER_NONCE_AT..ANSWER_NONCE_AT + 16) == Some(&own[..])
-            && std::fs::remove_file(&answer).is_ok()
-        {
-            return false;
-        }
-    }
-    Answer::read(&taken_path(p, node)).is_some_and(|a| a.own == *own)
+    !remove_if_ours(&answer) && Answer::read(&taken_path(p, node)).is_some_and(|a| a.own == *own)
 }
 
 /// Where node `node` answers: `PATH.node<node>`, beside node 0's file.
@@ -768,6 +762,19 @@ mod tests {
         assert!(got.iter().all(|g| g == &id));
     }
 
+    const SHAPE2: RunShape = RunShape {
+        nnodes: 2,
+        devices_per_node: 1,
+    };
+
+    /// Wait (up to 10 s) until `cond` holds: another thread's rendezvous step has happened.
+    fn wait_for(cond: impl Fn() -> bool) {
+        let t = Instant::now();
+        while !cond() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     const SHAPE3: RunShape = RunShape {
         nnodes: 3,
         devices_per_node: 2,
@@ -915,10 +922,7 @@ mod tests {
     #[test]
     fn a_file_left_by_a_crashed_run_delays_a_node_but_never_hands_it_the_dead_runs_id() {
         let (dir, r) = temp_file_rdzv("stale");
-        let two = RunShape {
-            nnodes: 2,
-            devices_per_node: 1,
-        };
+        let two = SHAPE2;
         let (dead, live) = ([1u8; ID_BYTES], [2u8; ID_BYTES]);
         // a whole rendezvous whose node 0 then crashed (its file stays)
         std::thread::scope(|s| {
@@ -956,10 +960,7 @@ mod tests {
         std::thread::scope(|s| {
             let n1 = s.spawn(|| r.fetch(1, two, Duration::from_secs(20)));
             let answer = answer_path(path(&r), 1);
-            let t = Instant::now();
-            while !answer.exists() && t.elapsed() < Duration::from_secs(10) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            wait_for(|| answer.exists());
             assert_eq!(Answer::read(&answer).map(|a| a.leader), Some([3u8; 16]));
             std::fs::remove_file(path(&r)).unwrap();
             r.publish(&live, two, Duration::from_secs(20)).unwrap();
@@ -1003,10 +1004,7 @@ mod tests {
     #[test]
     fn a_node_whose_answer_was_taken_waits_for_the_go() {
         let (dir, r) = temp_file_rdzv("taken");
-        let two = RunShape {
-            nnodes: 2,
-            devices_per_node: 1,
-        };
+        let two = SHAPE2;
         let leader = [9u8; 16];
         let waiting = NodeZeroFile {
             nonce: leader,
@@ -1018,10 +1016,7 @@ mod tests {
         std::thread::scope(|s| {
             let n1 = s.spawn(|| r.fetch(1, two, Duration::from_millis(500)));
             let answer = answer_path(path(&r), 1);
-            let t = Instant::now();
-            while Answer::read(&answer).is_none() && t.elapsed() < Duration::from_secs(10) {
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            wait_for(|| Answer::read(&answer).is_some());
             let own = Answer::read(&answer).unwrap().own;
             // node 0 takes the answer... and is slow to say go: past node 1's timeout
             assert_eq!(take_answers(path(&r), 2, leader, &[own]), Some(vec![own]));
@@ -1053,17 +1048,11 @@ mod tests {
     #[test]
     fn a_second_node_zero_is_refused_and_leaves_the_first_ones_file() {
         let (dir, r) = temp_file_rdzv("twice");
-        let two = RunShape {
-            nnodes: 2,
-            devices_per_node: 1,
-        };
+        let two = SHAPE2;
         let (first, second) = ([1u8; ID_BYTES], [2u8; ID_BYTES]);
         std::thread::scope(|s| {
             let node0 = s.spawn(|| r.publish(&first, two, Duration::from_secs(20)));
-            let t = Instant::now();
-            while !path(&r).exists() && t.elapsed() < Duration::from_secs(10) {
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            wait_for(|| path(&r).exists());
             let e = format!(
                 "{:#}",
                 r.publish(&second, two, Duration::from_secs(1)).unwrap_err()
