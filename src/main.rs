@@ -33,6 +33,11 @@ enum Cmd {
 }
 
 fn main() {
+    // a file over `ulimit -f` is then an error naming it ("File too large"), not a silent death by SIGXFSZ
+    // SAFETY: setting a signal's disposition to SIG_IGN before any thread is started
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     // parsed in two steps so that `train` can tell the flags given on the command line from defaults
     // (ArgMatches::value_source): on --resume those are compared with the checkpoint's settings
     let matches = Cli::command().get_matches();
@@ -53,7 +58,7 @@ fn main() {
         // an interrupted `train`: 128 + the signal (130 SIGINT, 143 SIGTERM)
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            bertqa::say!("error: {e:#}");
             std::process::exit(1);
         }
     }

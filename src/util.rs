@@ -41,26 +41,103 @@ pub fn assets_or_skip() -> Option<PathBuf> {
     found
 }
 
-/// Write `bytes` to `path` atomically: a temporary file in the same folder, fsync, then rename.
+/// Write `bytes` to `path` atomically: a temporary file in the same folder, fsync, then rename (and fsync the
+/// folder). On any failure the temporary file is removed and `path` is left as it was.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name().and_then(|s| s.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
-    {
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all().ok();
+    write_atomic_all(&[(path, bytes)])
+}
+
+/// Write several files as one: every one is written to a temporary file and synced first, and only when all
+/// of them are complete are they renamed into place (then their folders synced). A failure while writing
+/// (a full disk, say) removes the temporary files and leaves every destination as it was, so a set of files
+/// that belong together (predictions.json beside nbest_predictions.json) is never half old, half new; only
+/// a rename failing part-way, which a full disk does not cause, could still leave a mix.
+pub fn write_atomic_all(files: &[(&Path, &[u8])]) -> Result<()> {
+    let mut tmps: Vec<PathBuf> = Vec::with_capacity(files.len());
+    let written = (|| -> Result<()> {
+        for (path, bytes) in files {
+            let dir = parent_dir(path);
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let tmp = dir.join(format!(
+                ".{}.tmp{}",
+                path.file_name().and_then(|s| s.to_str()).unwrap_or("file"),
+                std::process::id()
+            ));
+            tmps.push(tmp.clone());
+            write_synced(&tmp, bytes).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = written {
+        for t in &tmps {
+            let _ = std::fs::remove_file(t);
+        }
+        return Err(e);
     }
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    for (i, ((path, _), tmp)) in files.iter().zip(&tmps).enumerate() {
+        if let Err(e) = std::fs::rename(tmp, path) {
+            for t in &tmps[i..] {
+                let _ = std::fs::remove_file(t);
+            }
+            return Err(e)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()));
+        }
+    }
+    let mut dirs: Vec<&Path> = files.iter().map(|(p, _)| parent_dir(p)).collect();
+    dirs.dedup();
+    for d in dirs {
+        sync_dir(d)?;
+    }
     Ok(())
+}
+
+/// The folder holding `path` (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Create `path` with `bytes` and fsync it: an error of the fsync (where a file system reports a full disk
+/// or an I/O error only then: NFS, quotas) is an error like one of the write.
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Fsync a folder, so that the renames and removals in it are on disk before we go on (a checkpoint counted
+/// as saved must survive a power loss). File systems that cannot sync a folder (EINVAL, ENOTSUP) are left
+/// as they are; any other error is one.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    let res = std::fs::File::open(dir).and_then(|f| f.sync_all());
+    match res {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOTSUP)) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("syncing the folder {}", dir.display())),
+    }
+}
+
+/// A line on standard error that never panics (`eprintln!` panics when stderr is closed or full): warnings,
+/// notes and progress must not end a run because nobody reads its log.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// A line of a command's result on standard output: an error (not a panic, as with `println!`) when it
+/// cannot be written — a closed pipe, a full disk.
+pub fn print_line(line: impl std::fmt::Display) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|_| out.flush())
+        .context("writing to standard output")
 }
 
 /// Error if `out` exists and is not an empty directory, unless `force` (the flag to name is `--force`).
@@ -134,19 +211,22 @@ pub fn replace_dir(out: &Path, build: impl FnOnce(&Path) -> Result<()>) -> Resul
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()));
     }
+    sync_dir(&parent)?;
     if had_old {
-        if old.is_dir() {
+        let removed = if old.is_dir() {
             std::fs::remove_dir_all(&old)
         } else {
             std::fs::remove_file(&old)
-        }
-        .with_context(|| {
-            format!(
-                "removing the previous {} (now {})",
+        };
+        // the new `out` is in place: what is left of the old one is a warning, not a failure
+        if let Err(e) = removed {
+            crate::say!(
+                "warning: {} is written, but its previous version, moved to {}, could not be removed ({e}): \
+                 remove it by hand",
                 out.display(),
                 old.display()
-            )
-        })?;
+            );
+        }
     }
     Ok(())
 }
@@ -369,7 +449,7 @@ impl DirLock {
                         o.describe(),
                         path.display()
                     ),
-                    Ok(o) => previous = Some(o.describe()),
+                    Ok(o) => previous = Some(format!("{}: no such process any more", o.describe())),
                     Err(_) => {
                         // empty or partial: maybe a run that is writing it right now (without flock)
                         let young = std::fs::metadata(&path)
@@ -384,20 +464,25 @@ impl DirLock {
                                 path.display()
                             );
                         }
-                        previous = Some("unreadable contents".into());
+                        previous = Some(
+                            "its contents are unreadable: left by a run that died writing it".into(),
+                        );
                     }
                 }
             }
-            f.set_len(0)
+            let written = f
+                .set_len(0)
                 .and_then(|_| f.seek(std::io::SeekFrom::Start(0)))
                 .and_then(|_| f.write_all(serde_json::to_string(&me)?.as_bytes()))
-                .and_then(|_| f.sync_all())
-                .with_context(|| format!("writing {}", path.display()))?;
+                .and_then(|_| f.sync_all());
+            if let Err(e) = written {
+                // (a full disk): no lock file left behind without an owner in it
+                drop(f);
+                let _ = std::fs::remove_file(&path);
+                return Err(e).with_context(|| format!("writing {}", path.display()));
+            }
             if let Some(p) = previous {
-                eprintln!(
-                    "note: {}: taking over a stale lock ({p}: no such process any more)",
-                    path.display()
-                );
+                crate::say!("note: {}: taking over a stale lock ({p})", path.display());
             }
             return Ok(DirLock {
                 handle: DirLockHandle {
@@ -428,4 +513,40 @@ impl Drop for DirLock {
 
 fn read_owner(path: &Path) -> Option<LockOwner> {
     serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Files written together replace their previous versions all or none: a failure writing the second
+    /// (here its folder is a file) leaves the first as it was and no temporary file behind.
+    #[test]
+    fn write_atomic_all_replaces_all_or_none() {
+        let d = std::env::temp_dir().join(format!("bertqa-util-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let (a, b) = (d.join("a.json"), d.join("b.json"));
+        write_atomic_all(&[(&a, b"old a"), (&b, b"old b")]).unwrap();
+        std::fs::write(d.join("blocker"), "a file").unwrap();
+        let bad = d.join("blocker/c.json");
+        let e = write_atomic_all(&[(&a, b"new a"), (&bad, b"new c")]).unwrap_err();
+        assert!(format!("{e:#}").contains("blocker"), "{e:#}");
+        assert_eq!(std::fs::read(&a).unwrap(), b"old a");
+        assert_eq!(names(&d), ["a.json", "b.json", "blocker"]);
+        write_atomic_all(&[(&a, b"new a"), (&b, b"new b")]).unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), b"new a");
+        assert_eq!(std::fs::read(&b).unwrap(), b"new b");
+        assert_eq!(names(&d), ["a.json", "b.json", "blocker"]);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 }

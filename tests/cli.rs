@@ -1765,6 +1765,171 @@ fn the_debris_of_earlier_crashes_is_cleaned_and_an_old_copy_restored() {
     assert!(out.join("best/model.safetensors").exists());
 }
 
+/// A run that died before its first checkpoint (here: killed in its first save, after an evaluation wrote
+/// best/ and the predictions) left files but nothing to continue from. The same command is refused, naming
+/// the way out; `--resume` starts the run again from step 0 in place of the attempt's files (named on
+/// stderr), and it ends exactly as an uninterrupted run.
+#[test]
+fn a_run_that_died_before_its_first_checkpoint_is_started_again_by_resume() {
+    let t = TempDir::new("nockpt");
+    let (model, data) = train_setup(&t);
+    let flags = ["--save-every", "3", "--eval-every", "2"];
+    let reference = t.join("reference");
+    let want = last_json(&ok(&run(&train_args(&model, &data, &reference, &flags))));
+    let out = t.join("run");
+    let o = run_env(
+        &train_args(&model, &data, &out, &flags),
+        &[("BERTQA_TEST_FAULT", "save:after-model")],
+    );
+    assert_eq!(o.status.code(), None, "{}", stderr(&o));
+    assert!(out.join("best").is_dir() && out.join("metrics.jsonl").is_file());
+    assert!(!listing(&out).iter().any(|n| n.starts_with("checkpoint-")));
+    fails(
+        &run(&train_args(&model, &data, &out, &flags)),
+        &["stopped before its first checkpoint", "--resume"],
+    );
+    let o = run(&train_args(
+        &model,
+        &data,
+        &out,
+        &[&flags[..], &["--resume"]].concat(),
+    ));
+    let got = last_json(&ok(&o));
+    let err = stderr(&o);
+    assert!(err.contains("starting again from step 0"), "{err}");
+    assert!(err.contains("best, metrics.jsonl"), "{err}");
+    assert_eq!(got, want);
+    assert_eq!(step_lines(&out), step_lines(&reference));
+    assert_eq!(debris(&out), Vec::<String>::new());
+    // an empty directory holds no run to resume: still an error
+    let empty = t.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    fails(
+        &run(&train_args(&model, &data, &empty, &["--resume"])),
+        &["--resume: no checkpoint-*"],
+    );
+}
+
+/// A standard output that cannot be written (a full disk: /dev/full) is an error, not a panic: `score`
+/// exits 1 naming it; `train` completes its run and its files, then exits 1 saying so. A standard error
+/// that cannot be written (its log's disk full, the pipe's reader gone) never stops a run.
+#[test]
+fn unwritable_stdout_is_an_error_and_unwritable_stderr_is_ignored() {
+    let t = TempDir::new("devfull");
+    let (model, data) = train_setup(&t);
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full")
+    };
+    let with = |args: &[String], out: std::fs::File, err: std::fs::File| {
+        Command::new(bin())
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .output()
+            .unwrap()
+    };
+    let preds = t.join("preds.json");
+    std::fs::write(&preds, "{}").unwrap();
+    let score: Vec<String> = ["score", s(&data), s(&preds)].map(String::from).to_vec();
+    let log = t.join("log");
+    let o = with(&score, full(), std::fs::File::create(&log).unwrap());
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("error: writing to standard output"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // train: the run completes (summary.json), then the lines it could not print make it exit 1
+    let out = t.join("run");
+    let args = train_args(&model, &data, &out, &["--max-steps", "2"]);
+    let o = with(&args, full(), std::fs::File::create(&log).unwrap());
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("its files in") && err.contains("are complete"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(read_json(&out.join("summary.json"))["steps"], json!(2));
+    // stderr on a full disk: the run goes on and finishes (its warnings and progress are lost, nothing else)
+    let out2 = t.join("run2");
+    let args = train_args(&model, &data, &out2, &["--max-steps", "2"]);
+    let o = with(&args, std::fs::File::create(&log).unwrap(), full());
+    assert!(o.status.success(), "{:?}", o.status);
+    let printed = std::fs::read_to_string(&log).unwrap();
+    assert!(last_json(&printed).get("f1").is_some(), "{printed}");
+    assert_eq!(read_json(&out2.join("summary.json"))["steps"], json!(2));
+}
+
+/// A loss/F1 chart that cannot be drawn is a warning naming it, not a silent leftover of an earlier step,
+/// and not a failed run.
+#[test]
+fn a_chart_that_cannot_be_written_is_a_warning() {
+    let t = TempDir::new("curves");
+    let (model, data) = train_setup(&t);
+    let out = t.join("run");
+    ok(&run(&train_args(
+        &model,
+        &data,
+        &out,
+        &["--max-steps", "2", "--save-every", "1"],
+    )));
+    // in the chart's place, an empty folder: the rename onto it fails
+    std::fs::remove_file(out.join("curves.svg")).unwrap();
+    std::fs::create_dir(out.join("curves.svg")).unwrap();
+    let o = run(&train_args(
+        &model,
+        &data,
+        &out,
+        &["--max-steps", "3", "--resume"],
+    ));
+    ok(&o);
+    let err = stderr(&o);
+    assert!(
+        err.contains("warning:") && err.contains("curves.svg not drawn"),
+        "{err}"
+    );
+    assert_eq!(read_json(&out.join("summary.json"))["steps"], json!(3));
+    assert_eq!(debris(&out), Vec::<String>::new());
+}
+
+/// A file over the size limit (`ulimit -f`) is an error naming it ("File too large"), not a silent death by
+/// SIGXFSZ, and the output directory is not left half-written.
+#[test]
+fn a_file_size_limit_is_a_named_error() {
+    let t = TempDir::new("ulimit");
+    let tok = t.join("tok");
+    tiny_tokenizer(&tok);
+    let model = t.join("model");
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -f 8 && exec \"$0\" \"$@\"")
+        .arg(bin())
+        .args([
+            "init-random",
+            "--tokenizer-from",
+            s(&tok),
+            "--hidden-size",
+            "64",
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--intermediate-size",
+            "128",
+            "--output",
+            s(&model),
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    fails(&o, &["File too large", "model.safetensors"]);
+    assert!(!model.exists());
+    assert_eq!(listing(t.path()), vec!["tok"]);
+}
+
 /// `--resume` never mixes two runs' files: not from an earlier checkpoint of a directory that holds later
 /// ones (the abandoned future would sit beside the new one, and a later `--resume` would pick it), not from
 /// another directory into one that holds a run; and a finished run resumed again trains nothing and leaves

@@ -162,7 +162,7 @@ fn load_qa_model<B: Backend>(
     let (cfg, params, rep) = checkpoint::load(be, dir, dt, 0)?;
     opts.check_model(&cfg, dir)?;
     if rep.qa_head_initialised {
-        eprintln!(
+        crate::say!(
             "warning: {} has no qa_outputs: the span head is random, scores will be near zero",
             dir.display()
         );
@@ -223,7 +223,7 @@ impl DeviceFn<()> for EvalJob<'_> {
         )?;
         let t_model = t1.elapsed().as_secs_f64();
         write_predictions(&a.output_dir, &preds, v2)?;
-        eprintln!(
+        crate::say!(
             "{} questions, {} windows: tokenize+model+postprocess {t_model:.1}s ({:.1} questions/s); predictions in {}",
             ds.examples.len(),
             n_windows,
@@ -231,15 +231,14 @@ impl DeviceFn<()> for EvalJob<'_> {
             a.output_dir.display()
         );
         if !preds.no_valid_span.is_empty() {
-            eprintln!(
+            crate::say!(
                 "{} questions had no valid span in any window (answered with the empty string), e.g. {}",
                 preds.no_valid_span.len(),
                 preds.no_valid_span[..preds.no_valid_span.len().min(5)].join(", ")
             );
         }
         let m = score(&ds, &preds.answers, Some(&preds.na_probs()), v2);
-        println!("{}", serde_json::to_string(&m)?);
-        Ok(())
+        crate::util::print_line(serde_json::to_string(&m)?)
     }
 }
 
@@ -400,8 +399,7 @@ impl DeviceFn<()> for PredictJob<'_> {
                 o
             }
         };
-        println!("{out}");
-        Ok(())
+        crate::util::print_line(out)
     }
 }
 

@@ -54,12 +54,11 @@ pub fn run(a: &InitArgs) -> Result<()> {
     crate::util::replace_dir(&a.output, |tmp| {
         checkpoint::write_random_model(tmp, &cfg, a.seed, &a.tokenizer_from)
     })?;
-    println!(
+    crate::util::print_line(format_args!(
         "{}: random BertForQuestionAnswering, {:.1}M parameters",
         a.output.display(),
         cfg.num_params() as f64 / 1e6
-    );
-    Ok(())
+    ))
 }
 
 /// `bertqa convert`: rewrite a BERT directory as a BertForQuestionAnswering checkpoint in another dtype
@@ -132,7 +131,7 @@ pub fn convert(a: &ConvertArgs) -> Result<()> {
         }
         Ok(())
     })?;
-    println!(
+    crate::util::print_line(format_args!(
         "{} → {} ({dt}{})",
         a.model.display(),
         a.output.display(),
@@ -141,8 +140,7 @@ pub fn convert(a: &ConvertArgs) -> Result<()> {
         } else {
             String::new()
         }
-    );
-    Ok(())
+    ))
 }
 
 /// The dtype(s) of a model directory's weights, for messages.

@@ -64,7 +64,7 @@ pub fn on_device<R>(device: &str, kernels: &KernelArgs, f: impl DeviceFn<R>) -> 
     let k = kernels.config()?;
     match crate::cuda::open_for_flag(device, k)? {
         Some(gpu) => {
-            eprintln!(
+            crate::say!(
                 "bertqa: device {} ({})",
                 crate::backend::BackendCore::name(&gpu),
                 k.describe()
@@ -72,7 +72,7 @@ pub fn on_device<R>(device: &str, kernels: &KernelArgs, f: impl DeviceFn<R>) -> 
             f.call(&gpu)
         }
         None => {
-            eprintln!("bertqa: device cpu");
+            crate::say!("bertqa: device cpu");
             f.call(&crate::cpu::Cpu::new())
         }
     }

@@ -63,13 +63,12 @@ pub fn run(a: &ScoreArgs) -> Result<()> {
         .filter(|e| !preds.contains_key(&e.id))
         .count();
     if missing > 0 {
-        eprintln!("{missing} unanswered questions receive score 0");
+        crate::say!("{missing} unanswered questions receive score 0");
     }
     let out = crate::eval::run::score(&ds, &preds, na.as_ref(), v2);
     // v2.0's official script indents its JSON; ours stays one line (the last line of every command is its
     // metrics JSON), with the same keys, order and numbers
-    println!("{}", as_python_prints(&out, false));
-    Ok(())
+    crate::util::print_line(as_python_prints(&out, false))
 }
 
 /// An --na-prob-file: a JSON object of question id → number, in the file's order; a dataset question it
@@ -106,7 +105,7 @@ fn read_na_probs(p: &Path, ds: &Dataset, thresh: f64) -> Result<crate::eval::met
     values.extend(unnamed.iter().map(|id| (id.clone(), 0.0)));
     let unnamed = unnamed.len();
     if unnamed > 0 {
-        eprintln!(
+        crate::say!(
             "warning: {}: {unnamed} question(s) have no value; counted as 0.0 (the official script stops with \
              a KeyError)",
             p.display()

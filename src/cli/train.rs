@@ -643,7 +643,7 @@ impl Interrupts {
                     .is_ok()
                 {
                     if !st.load(Ordering::SeqCst) {
-                        eprintln!(
+                        crate::say!(
                             "\n{name} before the training started: exiting now (nothing to save)"
                         );
                         lock.release();
@@ -651,7 +651,7 @@ impl Interrupts {
                     }
                     first_at = Some(std::time::Instant::now());
                     f.store(true, Ordering::SeqCst);
-                    eprintln!(
+                    crate::say!(
                         "\n{name}: finishing this step, saving a checkpoint, then exiting (send it again to \
                          quit at once; a save in progress completes first)"
                     );
@@ -664,7 +664,7 @@ impl Interrupts {
                 // a second signal during a save: the save completes, and the training loop, which has seen
                 // the first, stops right after it (it writes the summary and exits 128 + the first signal)
                 let Some(_gate) = checkpoint::try_save_gate() else {
-                    eprintln!(
+                    crate::say!(
                         "\n{name} again: a save is in progress; it completes, then bertqa exits"
                     );
                     continue;
@@ -673,17 +673,17 @@ impl Interrupts {
                 lock.release();
                 let s0 = fs.load(Ordering::SeqCst);
                 let latest = checkpoint::latest(&output_dir);
-                eprintln!(
+                crate::say!(
                     "\n{name} again: quitting now; the latest checkpoint is {}",
                     latest
                         .as_ref()
                         .map(|p| p.display().to_string())
                         .unwrap_or_else(|| "none".into())
                 );
-                println!(
-                    "{}",
+                // (exiting either way: a closed stdout changes nothing)
+                let _ = crate::util::print_line(
                     serde_json::json!({"interrupted": true, "signal": signal_name(s0), "forced": true,
-                        "checkpoint": latest.map(|p| p.display().to_string())})
+                        "checkpoint": latest.map(|p| p.display().to_string())}),
                 );
                 crate::collective::rendezvous::exit(128 + s0);
             }
@@ -756,14 +756,14 @@ impl DeviceFn<bool> for TrainJob<'_> {
                     cli_precision,
                     &origin,
                 )?;
-                eprintln!(
+                crate::say!(
                     "resuming from {} (step {}, epoch {}) with the checkpoint's settings",
                     dir.display(),
                     r.state.global_step,
                     r.state.epoch
                 );
                 for n in notes {
-                    eprintln!("resume: {n}");
+                    crate::say!("resume: {n}");
                 }
                 tok.check_fits(r.bcfg.vocab_size, &format!("--model {}", a.model.display()))?;
                 let mut o = a.opts.clone();
@@ -775,7 +775,7 @@ impl DeviceFn<bool> for TrainJob<'_> {
                 match &r.state.train_data {
                     Some(fp) => check_same_data(&now, fp, &origin)?,
                     None => {
-                        eprintln!(
+                        crate::say!(
                             "note: {} has no training-data fingerprint (written by an older bertqa): --train-file \
                              is not checked against the run's data; it is recorded from now on",
                             origin.display()
@@ -790,7 +790,7 @@ impl DeviceFn<bool> for TrainJob<'_> {
                 a.opts.check_model(&bcfg, &a.model)?;
                 tok.check_fits(bcfg.vocab_size, &a.model.display().to_string())?;
                 if rep.qa_head_initialised {
-                    eprintln!("{}: no qa_outputs in the checkpoint: span head initialised normal(0, {}) with seed {}", a.model.display(), bcfg.initializer_range, a.seed);
+                    crate::say!("{}: no qa_outputs in the checkpoint: span head initialised normal(0, {}) with seed {}", a.model.display(), bcfg.initializer_range, a.seed);
                 }
                 let cfg = a.config(&bcfg)?;
                 cfg.validate()?;
@@ -802,14 +802,14 @@ impl DeviceFn<bool> for TrainJob<'_> {
         };
         let mut train_ds = Dataset::load(&a.train_file)?;
         if let Some(msg) = train_ds.misaligned_report() {
-            eprintln!("{}: {msg}", a.train_file.display());
+            crate::say!("{}: {msg}", a.train_file.display());
         }
         if let Some(n) = max_train_examples {
             train_ds.truncate(n);
         }
         if !trainer.cfg.post.version_2 && !train_ds.is_v2() {
             if let Some(msg) = train_ds.unanswerable_report() {
-                eprintln!("warning: {}: {msg}", a.train_file.display());
+                crate::say!("warning: {}: {msg}", a.train_file.display());
             }
         }
         let dev = match &a.dev_file {
@@ -831,7 +831,7 @@ impl DeviceFn<bool> for TrainJob<'_> {
             replica::lead(&mut trainer, g)?;
         }
         let peak = trainer.peak().cloned();
-        eprintln!(
+        crate::say!(
             "model: {} layers, hidden {}, {:.1}M parameters; precision {}; device {}; padding {}; activations {:.2} GiB; MFU {}",
             trainer.model.cfg.num_hidden_layers,
             trainer.model.cfg.hidden_size,
@@ -863,17 +863,16 @@ impl DeviceFn<bool> for TrainJob<'_> {
         trainer.leave_group()?;
         if s.already_done {
             let checkpoint = checkpoint::latest(&a.output_dir).map(|p| p.display().to_string());
-            eprintln!(
+            crate::say!(
                 "{}: the run already reached step {} (where --epochs/--max-steps stop it): nothing to resume, \
                  its files are left as they are (raise --epochs or --max-steps to train further)",
                 a.output_dir.display(),
                 s.state.global_step
             );
             // the last line stays JSON, as after an interrupted run: where the run stands
-            println!(
-                "{}",
-                serde_json::json!({"already_finished": true, "step": s.state.global_step, "checkpoint": checkpoint})
-            );
+            crate::util::print_line(
+                serde_json::json!({"already_finished": true, "step": s.state.global_step, "checkpoint": checkpoint}),
+            )?;
             return Ok(false);
         }
         let signal = self.interrupts.signal().map(signal_name);
@@ -927,20 +926,21 @@ impl DeviceFn<bool> for TrainJob<'_> {
                 serde_json::to_string_pretty(&summary)?.as_bytes(),
             )?;
         }
-        println!("summary: {summary}");
-        if interrupted {
+        // the run's files are complete: a stdout that cannot be written is reported as an error (exit 1) all
+        // the same, since whoever reads these lines did not get them
+        let last = if interrupted {
             // the last line stays JSON: what stopped the run and where it can go on from
-            println!(
-                "{}",
-                serde_json::json!({"interrupted": true, "signal": signal, "step": s.state.global_step,
-                    "checkpoint": summary["checkpoint"]})
-            );
+            serde_json::json!({"interrupted": true, "signal": signal, "step": s.state.global_step,
+                "checkpoint": summary["checkpoint"]})
         } else {
-            match s.final_metrics {
-                Some(m) => println!("{m}"),
-                None => println!("{{}}"),
-            }
-        }
+            s.final_metrics.unwrap_or_else(|| serde_json::json!({}))
+        };
+        crate::util::print_line(format_args!("summary: {summary}\n{last}")).with_context(|| {
+            format!(
+                "the run ended and its files in {} are complete, but its summary could not be printed",
+                a.output_dir.display()
+            )
+        })?;
         Ok(interrupted)
     }
 }
@@ -958,7 +958,7 @@ pub fn run(a: &TrainArgs, given: &GivenFlags) -> Result<i32> {
     // one run per directory; the clean-up below only while holding the lock
     let lock = DirLock::acquire(dir)?;
     for n in checkpoint::clean_debris(dir)? {
-        eprintln!(
+        crate::say!(
             "{}: {n} (left by an earlier run that stopped part-way)",
             dir.display()
         );
@@ -978,6 +978,26 @@ pub fn run(a: &TrainArgs, given: &GivenFlags) -> Result<i32> {
             );
         }
     }
+    // an earlier attempt that stopped (crashed, was killed) before its first checkpoint left files but nothing
+    // to continue from: `--resume` starts the run again from step 0, with the command line's settings, in
+    // place of those files (named on stderr)
+    let started_over;
+    let a = if a.resume.as_deref() == Some("") && never_saved(dir) {
+        let removed = checkpoint::remove_run(dir)?;
+        crate::say!(
+            "--resume: {} holds no checkpoint (its run stopped before the first save): starting again from step \
+             0 with the command line's settings, in place of the earlier attempt's {}",
+            dir.display(),
+            removed.join(", ")
+        );
+        started_over = TrainArgs {
+            resume: None,
+            ..a.clone()
+        };
+        &started_over
+    } else {
+        a
+    };
     if a.resume.is_none() {
         let held = checkpoint::run_contents(dir);
         if !held.is_empty() {
@@ -987,15 +1007,25 @@ pub fn run(a: &TrainArgs, given: &GivenFlags) -> Result<i32> {
                 } else {
                     String::new()
                 };
+                let what = if never_saved(dir) {
+                    "a run that stopped before its first checkpoint"
+                } else {
+                    "a run"
+                };
+                let resume = if never_saved(dir) {
+                    "pass --resume to start it again from step 0"
+                } else {
+                    "pass --resume to continue it"
+                };
                 bail!(
-                    "--output-dir {} already holds a run ({}{more}): pass --resume to continue it, or \
-                     --overwrite-output-dir to start afresh (it removes only what bertqa wrote there)",
+                    "--output-dir {} already holds {what} ({}{more}): {resume}, or --overwrite-output-dir to \
+                     start afresh (it removes only what bertqa wrote there)",
                     dir.display(),
                     held[..held.len().min(5)].join(", ")
                 );
             }
             let removed = checkpoint::remove_run(dir)?;
-            eprintln!(
+            crate::say!(
                 "--overwrite-output-dir: removed {} from {}",
                 removed.join(", "),
                 dir.display()
@@ -1020,6 +1050,14 @@ pub fn run(a: &TrainArgs, given: &GivenFlags) -> Result<i32> {
     drop(interrupts);
     drop(lock);
     Ok(code)
+}
+
+/// Whether `dir` holds the files of a run that stopped before its first checkpoint: some of its files
+/// (metrics.jsonl, predictions, best/), no complete checkpoint and no summary.json (a run that ended).
+fn never_saved(dir: &Path) -> bool {
+    checkpoint::latest(dir).is_none()
+        && !dir.join("summary.json").exists()
+        && !checkpoint::run_contents(dir).is_empty()
 }
 
 /// `--devices`: one thread per device of this machine, each with its own backend and replica; the leader
@@ -1053,20 +1091,20 @@ fn follow_on_this_node(a: &TrainArgs) -> Result<i32> {
         for sig in signals.forever() {
             let name = signal_name(sig);
             if !JOINED.load(Ordering::SeqCst) {
-                eprintln!("\n{name} before the training started: exiting now");
+                crate::say!("\n{name} before the training started: exiting now");
                 crate::collective::rendezvous::exit(128 + sig);
             }
             if f.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
             {
                 first_at = Some(std::time::Instant::now());
-                eprintln!("\n{name}: left to node 0, which finishes the step, saves and stops every node (send it again to quit this node at once)");
+                crate::say!("\n{name}: left to node 0, which finishes the step, saves and stops every node (send it again to quit this node at once)");
                 continue;
             }
             if sig == f.load(Ordering::SeqCst) && first_at.is_some_and(|t| t.elapsed() < ECHO) {
                 continue; // the first one's echo
             }
-            eprintln!("\n{name} again: quitting this node now");
+            crate::say!("\n{name} again: quitting this node now");
             crate::collective::rendezvous::exit(128 + sig);
         }
     });
@@ -1082,7 +1120,7 @@ fn data_parallel(a: &TrainArgs, devs: Devices, job: LeaderJob) -> Result<bool> {
     let world = devs.len() * a.nnodes;
     match devs {
         Devices::Cpu(n) => {
-            eprintln!("bertqa: data parallel over {n} CPU replicas in this process");
+            crate::say!("bertqa: data parallel over {n} CPU replicas in this process");
             let mut groups = Local::group(n).into_iter();
             let leader = groups.next().context("--devices: no device")?;
             let followers: Vec<_> = groups
@@ -1142,7 +1180,7 @@ fn data_parallel(a: &TrainArgs, devs: Devices, job: LeaderJob) -> Result<bool> {
                 let id = crate::collective::nccl::unique_id()?;
                 if a.nnodes > 1 {
                     let r = Rendezvous::parse(a.rendezvous.as_deref().unwrap_or_default())?;
-                    eprintln!(
+                    crate::say!(
                         "bertqa: node 0 of {}: waiting for the other nodes ({r:?})",
                         a.nnodes
                     );
@@ -1160,7 +1198,7 @@ fn data_parallel(a: &TrainArgs, devs: Devices, job: LeaderJob) -> Result<bool> {
                 JOINED.store(true, Ordering::SeqCst);
                 id
             };
-            eprintln!(
+            crate::say!(
                 "bertqa: data parallel: node {} of {}, GPUs {ords:?}, {world} ranks in all ({})",
                 a.node_rank,
                 a.nnodes,
@@ -1177,7 +1215,7 @@ fn data_parallel(a: &TrainArgs, devs: Devices, job: LeaderJob) -> Result<bool> {
                     replica::follow(&be, Box::new(g))
                 })();
                 if let Err(e) = res {
-                    eprintln!("error: replica {rank} (cuda:{ord}): {e:#}; stopping the run");
+                    crate::say!("error: replica {rank} (cuda:{ord}): {e:#}; stopping the run");
                     crate::collective::rendezvous::exit(1);
                 }
             };
@@ -1198,7 +1236,7 @@ fn data_parallel(a: &TrainArgs, devs: Devices, job: LeaderJob) -> Result<bool> {
                             }))
                             .is_err()
                             {
-                                eprintln!(
+                                crate::say!(
                                     "error: replica {rank} (cuda:{ord}) panicked; stopping the run"
                                 );
                                 crate::collective::rendezvous::exit(1);
@@ -1212,7 +1250,7 @@ fn data_parallel(a: &TrainArgs, devs: Devices, job: LeaderJob) -> Result<bool> {
                 let be =
                     Cuda::new(ords[0], k).with_context(|| format!("opening cuda:{}", ords[0]))?;
                 let g: Box<dyn Collective<Cuda>> = Box::new(Nccl::join(&be, &id, 0, world)?);
-                eprintln!("bertqa: {}", g.describe());
+                crate::say!("bertqa: {}", g.describe());
                 interrupted = job(Some(Box::new(g))).call(&be)?;
             }
             for h in handles {

@@ -99,7 +99,7 @@ fn watchdog() {
                         r != ns::ncclResult_t::ncclSuccess && r != ns::ncclResult_t::ncclInProgress
                     };
                     if bad(st) || bad(res) {
-                        eprintln!(
+                        crate::say!(
                             "error: NCCL reports {res:?} on rank {rank} (a peer failed or the network broke): \
                              stopping; the last checkpoint is whole, continue with --resume"
                         );

@@ -244,7 +244,7 @@ impl Rendezvous {
                         Ok((s, peer)) => match Self::serve_one(s, id, shape, &served) {
                             Ok(node) => served.push(node),
                             // a stray connection (a port scan, a client of something else) is not a node
-                            Err(e) => eprintln!("rendezvous: ignoring {peer}: {e:#}"),
+                            Err(e) => crate::say!("rendezvous: ignoring {peer}: {e:#}"),
                         },
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                             if t0.elapsed() > timeout {
@@ -557,7 +557,7 @@ fn wait_for_answers(
                         }
                         Some(why) => {
                             if refused.insert(k, why.clone()).as_ref() != Some(&why) {
-                                eprintln!("rendezvous: refusing {why}");
+                                crate::say!("rendezvous: refusing {why}");
                             }
                             missing.push(k);
                         }

@@ -733,7 +733,7 @@ mod tests {
                 .count()
         }
         if rayon::current_num_threads() < 2 {
-            eprintln!("SKIPPED: one rayon thread, so gemm never splits");
+            crate::say!("SKIPPED: one rayon thread, so gemm never splits");
             return;
         }
         let mut bad = vec![];

@@ -322,7 +322,7 @@ impl Lt {
             if !refused || !may_plan {
                 return Err(err(&format!("matmul {}", g.shape()))(e));
             }
-            eprintln!(
+            crate::say!(
                 "warning: cuBLASLt {}: its algorithm refused to launch ({e}); cublasGemmEx runs this shape from now on",
                 g.shape()
             );
@@ -467,7 +467,7 @@ impl Lt {
         let (scratch, events) = match tools {
             Ok(t) => t,
             Err(e) => {
-                eprintln!(
+                crate::say!(
                     "warning: cuBLASLt {}: no room to try its algorithms ({e:#}); taking the heuristic's first",
                     g.shape()
                 );
@@ -492,7 +492,7 @@ impl Lt {
                 Ok(Some(plan))
             }
             None => {
-                eprintln!(
+                crate::say!(
                     "warning: cuBLASLt {}: none of its {} algorithms ran; cublasGemmEx runs this shape",
                     g.shape(),
                     candidates.len()

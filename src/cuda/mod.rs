@@ -853,7 +853,7 @@ pub fn open_for_flag(flag: &str, k: KernelConfig) -> Result<Option<Cuda>> {
             // a GPU that cannot run the chosen kernels is an error, not a reason to train on the CPU
             Err(e) if e.downcast_ref::<KernelsUnsupported>().is_some() => Err(e),
             Err(e) => {
-                eprintln!("bertqa: no usable GPU ({e:#}); running on the CPU");
+                crate::say!("bertqa: no usable GPU ({e:#}); running on the CPU");
                 Ok(None)
             }
         },

@@ -153,7 +153,7 @@ impl WordPieceTokenizer {
                     None => Some("no normaliser".into()),
                 };
                 if let Some(had) = had {
-                    eprintln!(
+                    crate::say!(
                         "warning: {}'s normaliser ({had}) is replaced by BERT's with tokenizer_config.json's \
                          settings ({}; transformers' defaults where it is silent or absent), as transformers \
                          does (tokenizer_class PreTrainedTokenizerFast keeps tokenizer.json as it is)",
@@ -166,7 +166,7 @@ impl WordPieceTokenizer {
                     t.get_pre_tokenizer(),
                     Some(PreTokenizerWrapper::BertPreTokenizer(_))
                 ) {
-                    eprintln!(
+                    crate::say!(
                         "warning: {}'s pre-tokenizer is replaced by BERT's, as transformers does",
                         tj.display()
                     );

@@ -218,7 +218,8 @@ pub fn predict_streaming<B: Backend>(
     Ok((out, total_windows))
 }
 
-/// Write predictions.json (id → text), nbest_predictions.json and, for v2.0, null_odds.json, atomically.
+/// Write predictions.json (id → text), nbest_predictions.json and, for v2.0, null_odds.json, atomically and
+/// together ([`crate::util::write_atomic_all`]).
 pub fn write_predictions(dir: &Path, p: &Predictions, version_2: bool) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut answers = serde_json::Map::new();
@@ -231,21 +232,25 @@ pub fn write_predictions(dir: &Path, p: &Predictions, version_2: bool) -> Result
             odds.insert(id.clone(), serde_json::json!(o));
         }
     }
-    crate::util::write_atomic(
-        &dir.join("predictions.json"),
-        serde_json::to_string_pretty(&answers)?.as_bytes(),
-    )?;
-    crate::util::write_atomic(
-        &dir.join("nbest_predictions.json"),
-        serde_json::to_string_pretty(&nbest)?.as_bytes(),
-    )?;
+    // the files of one evaluation replace the previous ones together or not at all
+    let (answers, nbest) = (
+        serde_json::to_string_pretty(&answers)?,
+        serde_json::to_string_pretty(&nbest)?,
+    );
+    let odds = serde_json::to_string_pretty(&odds)?;
+    let (p_answers, p_nbest, p_odds) = (
+        dir.join("predictions.json"),
+        dir.join("nbest_predictions.json"),
+        dir.join("null_odds.json"),
+    );
+    let mut files: Vec<(&Path, &[u8])> = vec![
+        (&p_answers, answers.as_bytes()),
+        (&p_nbest, nbest.as_bytes()),
+    ];
     if version_2 {
-        crate::util::write_atomic(
-            &dir.join("null_odds.json"),
-            serde_json::to_string_pretty(&odds)?.as_bytes(),
-        )?;
+        files.push((&p_odds, odds.as_bytes()));
     }
-    Ok(())
+    crate::util::write_atomic_all(&files)
 }
 
 /// Whether to score `ds` as SQuAD v2.0: `flag` (--version-2-with-negative), or the file itself says so
@@ -257,7 +262,7 @@ pub fn resolve_version_2(ds: &Dataset, origin: &Path, flag: bool) -> bool {
     }
     if ds.is_v2() {
         let n = ds.examples.iter().filter(|e| e.is_impossible).count();
-        eprintln!(
+        crate::say!(
             "note: {} is SQuAD v2.0 (version {:?}, {n} questions marked is_impossible): scoring as v2.0 \
              (as with --version-2-with-negative)",
             origin.display(),

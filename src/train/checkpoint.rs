@@ -43,7 +43,7 @@ fn fault(target: &str, stage: &str) -> Result<()> {
         }
         match it.next() {
             None | Some("abort") => {
-                eprintln!("{FAULT_VAR}: aborting at {target}:{stage}");
+                crate::say!("{FAULT_VAR}: aborting at {target}:{stage}");
                 // no core file for an injected crash
                 let zero = libc::rlimit {
                     rlim_cur: 0,
@@ -120,7 +120,8 @@ fn replace_dir(tmp: &Path, dst: &Path, target: &str) -> Result<()> {
         std::fs::rename(tmp, dst)
             .with_context(|| format!("renaming {} to {}", tmp.display(), dst.display()))?;
     }
-    Ok(())
+    // the rename on disk before the save counts as done
+    crate::util::sync_dir(dst.parent().unwrap_or(Path::new(".")))
 }
 
 fn tmp_for(dst: &Path) -> PathBuf {
@@ -158,7 +159,7 @@ fn write_dir<B: Backend>(
     if res.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
-    res
+    res.with_context(|| format!("saving {}", dst.display()))
 }
 
 /// Save the model (master weights) as an HF directory at `dst`, atomically.
@@ -204,13 +205,26 @@ pub fn save<B: Backend>(tr: &Trainer<B>, inp: &RunInputs) -> Result<()> {
             let (step, p) = all.remove(0);
             let del = inp.output_dir.join(format!(".checkpoint-{step}.del"));
             let _ = std::fs::remove_dir_all(&del);
-            if std::fs::rename(&p, &del).is_ok() {
-                if fault_armed("save", "during-prune") {
-                    // a crash part-way through the deletion
-                    let _ = std::fs::remove_file(del.join("model.safetensors"));
+            // a checkpoint that cannot be pruned stays (and complete): say so, since --save-total-limit then
+            // no longer bounds the disk the run takes
+            match std::fs::rename(&p, &del) {
+                Ok(()) => {
+                    if fault_armed("save", "during-prune") {
+                        // a crash part-way through the deletion
+                        let _ = std::fs::remove_file(del.join("model.safetensors"));
+                    }
+                    fault("save", "during-prune")?;
+                    if let Err(e) = std::fs::remove_dir_all(&del) {
+                        crate::say!(
+                            "warning: --save-total-limit: could not remove {} ({e}); the next start removes it",
+                            del.display()
+                        );
+                    }
                 }
-                fault("save", "during-prune")?;
-                let _ = std::fs::remove_dir_all(&del);
+                Err(e) => crate::say!(
+                    "warning: --save-total-limit: could not prune {} ({e}); it stays",
+                    p.display()
+                ),
             }
         }
     }

@@ -132,7 +132,7 @@ impl<G> StepGraphs<G> {
                 Err(e) => {
                     // nothing ran while recording: run the micro-batch now, and this shape without a graph
                     // from now on (a recording that fails is a bug to report, not a reason to stop a run)
-                    eprintln!(
+                    crate::say!(
                         "warning: CUDA graphs: a micro-batch of {} rows in {} windows failed while being \
                          recorded; it runs again now, and batches of that shape run without a graph: {e:#}",
                         key.rows, key.windows

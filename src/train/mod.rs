@@ -890,7 +890,7 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
         }
     }
     if dropped > 0 {
-        eprintln!(
+        crate::say!(
             "{}: dropped {dropped} lines written after step {step} (the checkpoint resumed from)",
             path.display()
         );
@@ -970,7 +970,7 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
         featurize_s: t0.elapsed().as_secs_f64(),
         ..Default::default()
     };
-    eprintln!(
+    crate::say!(
         "bertqa train: {} examples → {} training windows{}; featurized in {:.1}s",
         inp.train.examples.len(),
         feats.len(),
@@ -992,9 +992,10 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
         st.total_steps = stop_at;
         st.warmup_steps = (cfg.warmup_ratio * stop_at as f64).ceil() as usize;
         if st.global_step > 0 {
-            eprintln!(
+            crate::say!(
                 "learning-rate schedule recomputed: {} steps, {} of warmup",
-                st.total_steps, st.warmup_steps
+                st.total_steps,
+                st.warmup_steps
             );
         }
     }
@@ -1084,7 +1085,7 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
             if !applied {
                 trainer.state.skipped_steps += 1;
                 trainer.state.consecutive_bad += 1;
-                eprintln!("step {}: non-finite loss/gradient (loss {loss}, grad norm {norm}); step skipped{}", trainer.state.global_step, if trainer.scaler.enabled { format!(", loss scale now {}", trainer.scaler.scale) } else { String::new() });
+                crate::say!("step {}: non-finite loss/gradient (loss {loss}, grad norm {norm}); step skipped{}", trainer.state.global_step, if trainer.scaler.enabled { format!(", loss scale now {}", trainer.scaler.scale) } else { String::new() });
                 if trainer.state.consecutive_bad >= cfg.max_bad_steps {
                     let n = trainer.state.consecutive_bad;
                     let g = trainer.state.global_step;
@@ -1193,7 +1194,7 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
             }
             if stop {
                 trainer.state.stopped_early = true;
-                eprintln!("early stopping at step {}: dev F1 has not improved for {} evaluations (best {:.2} at step {})", trainer.state.global_step, cfg.early_stopping_patience, trainer.state.best_f1.unwrap_or(0.0), trainer.state.best_step);
+                crate::say!("early stopping at step {}: dev F1 has not improved for {} evaluations (best {:.2} at step {})", trainer.state.global_step, cfg.early_stopping_patience, trainer.state.best_f1.unwrap_or(0.0), trainer.state.best_step);
                 break 'outer;
             }
         }
@@ -1238,21 +1239,23 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
     }
     let g = trainer.graphs.stats;
     if g.recorded > 0 {
-        eprintln!(
+        crate::say!(
             "CUDA graphs: {} batch shapes recorded, {} micro-batches replayed, {} run directly",
-            g.recorded, g.replayed, g.eager
+            g.recorded,
+            g.replayed,
+            g.eager
         );
     }
     // a signal during the last evaluation or save: the run stops here too (a --resume does what is left)
     interrupted = interrupted || is_interrupted();
     if interrupted {
         match checkpoint::latest(&inp.output_dir) {
-            Some(p) => eprintln!(
+            Some(p) => crate::say!(
                 "interrupted: checkpoint {} (step {}); continue with --resume",
                 p.display(),
                 trainer.state.global_step
             ),
-            None => eprintln!(
+            None => crate::say!(
                 "interrupted before the first step: nothing to save; the same command starts the run again"
             ),
         }
@@ -1282,7 +1285,23 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
         }
         _ => None,
     };
-    plot::write_curves(&metrics_path, &inp.output_dir.join("curves.svg")).ok();
+    // the loss/F1 chart is a convenience: a failure to draw it is a warning, and a chart of an earlier point
+    // of the run is removed rather than left looking current
+    let curves = inp.output_dir.join("curves.svg");
+    if metrics_path.is_file() {
+        if let Err(e) = plot::write_curves(&metrics_path, &curves) {
+            let stale = curves.is_file() && std::fs::remove_file(&curves).is_ok();
+            crate::say!(
+                "warning: {} not drawn: {e:#}{}",
+                curves.display(),
+                if stale {
+                    " (the previous one, of an earlier step, is removed)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
     let secs = t_start.elapsed().as_secs_f64();
     // after the run, outside every timing: what it trained and evaluated on
     let windows = WindowsReport {
@@ -1343,7 +1362,7 @@ fn eval_and_track<B: Backend>(
     let f1 = m.get("f1").and_then(|v| v.as_f64()).unwrap_or(0.0);
     let line = serde_json::json!({"step": trainer.state.global_step, "epoch": trainer.state.epoch, "eval": m, "eval_seconds": t.elapsed().as_secs_f64()});
     append_jsonl(metrics_path, &line)?;
-    eprintln!("eval at step {}: {}", trainer.state.global_step, m);
+    crate::say!("eval at step {}: {}", trainer.state.global_step, m);
     trainer.state.last_eval = Some(line);
     let improved = trainer.state.best_f1.map(|b| f1 > b).unwrap_or(true);
     if improved {
