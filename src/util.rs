@@ -51,7 +51,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// of them are complete are they renamed into place (then their folders synced). A failure while writing
 /// (a full disk, say) removes the temporary files and leaves every destination as it was, so a set of files
 /// that belong together (predictions.json beside nbest_predictions.json) is never half old, half new; only
-/// a rename failing part-way, which a full disk does not cause, could still leave a mix.
+/// a rename failing part-way, which neither a full disk nor a destination that is a folder (checked before
+/// the first rename) causes, could still leave a mix.
 pub fn write_atomic_all(files: &[(&Path, &[u8])]) -> Result<()> {
     let mut tmps: Vec<PathBuf> = Vec::with_capacity(files.len());
     let written = (|| -> Result<()> {
@@ -68,6 +69,11 @@ pub fn write_atomic_all(files: &[(&Path, &[u8])]) -> Result<()> {
         }
         Ok(())
     })();
+    // a destination that is a folder would fail its rename after the others had been replaced
+    let written = written.and_then(|()| match files.iter().find(|(p, _)| p.is_dir()) {
+        Some((p, _)) => anyhow::bail!("writing {}: it is a folder", p.display()),
+        None => Ok(()),
+    });
     if let Err(e) = written {
         for t in &tmps {
             let _ = std::fs::remove_file(t);
@@ -211,7 +217,6 @@ pub fn replace_dir(out: &Path, build: impl FnOnce(&Path) -> Result<()>) -> Resul
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()));
     }
-    sync_dir(&parent)?;
     if had_old {
         let removed = if old.is_dir() {
             std::fs::remove_dir_all(&old)
@@ -228,7 +233,7 @@ pub fn replace_dir(out: &Path, build: impl FnOnce(&Path) -> Result<()>) -> Resul
             );
         }
     }
-    Ok(())
+    sync_dir(&parent).with_context(|| format!("{} is in place", out.display()))
 }
 
 /// The name of the lock file `bertqa train` keeps in its output directory while it runs.
@@ -476,9 +481,10 @@ impl DirLock {
                 .and_then(|_| f.write_all(serde_json::to_string(&me)?.as_bytes()))
                 .and_then(|_| f.sync_all());
             if let Err(e) = written {
-                // (a full disk): no lock file left behind without an owner in it
-                drop(f);
+                // (a full disk): no lock file left behind without an owner in it — unlinked while still
+                // flocked, so that no other run can take it in between (as in release)
                 let _ = std::fs::remove_file(&path);
+                drop(f);
                 return Err(e).with_context(|| format!("writing {}", path.display()));
             }
             if let Some(p) = previous {
@@ -543,6 +549,12 @@ mod tests {
         assert!(format!("{e:#}").contains("blocker"), "{e:#}");
         assert_eq!(std::fs::read(&a).unwrap(), b"old a");
         assert_eq!(names(&d), ["a.json", "b.json", "blocker"]);
+        // a destination that is a folder: found before the first rename
+        std::fs::create_dir(d.join("c.json")).unwrap();
+        let e = write_atomic_all(&[(&a, b"new a"), (&d.join("c.json"), b"new c")]).unwrap_err();
+        assert!(format!("{e:#}").contains("it is a folder"), "{e:#}");
+        assert_eq!(std::fs::read(&a).unwrap(), b"old a");
+        std::fs::remove_dir(d.join("c.json")).unwrap();
         write_atomic_all(&[(&a, b"new a"), (&b, b"new b")]).unwrap();
         assert_eq!(std::fs::read(&a).unwrap(), b"new a");
         assert_eq!(std::fs::read(&b).unwrap(), b"new b");

@@ -1765,42 +1765,73 @@ fn the_debris_of_earlier_crashes_is_cleaned_and_an_old_copy_restored() {
     assert!(out.join("best/model.safetensors").exists());
 }
 
-/// A run that died before its first checkpoint (here: killed in its first save, after an evaluation wrote
-/// best/ and the predictions) left files but nothing to continue from. The same command is refused, naming
-/// the way out; `--resume` starts the run again from step 0 in place of the attempt's files (named on
-/// stderr), and it ends exactly as an uninterrupted run.
+/// A run that died before its first checkpoint (here: killed in its first save) left files but nothing to
+/// continue from. With only its logs there (metrics.jsonl), the same command is refused, pointing to
+/// `--resume`, which starts it again from step 0 in their place (named on stderr) and ends exactly as an
+/// uninterrupted run. With best/ there (an evaluation came before the first save), nothing is removed: both
+/// are refused, naming the way out.
 #[test]
-fn a_run_that_died_before_its_first_checkpoint_is_started_again_by_resume() {
+fn a_run_that_died_before_its_first_checkpoint_is_started_again() {
     let t = TempDir::new("nockpt");
     let (model, data) = train_setup(&t);
-    let flags = ["--save-every", "3", "--eval-every", "2"];
+    let flags = ["--save-every", "3"];
     let reference = t.join("reference");
     let want = last_json(&ok(&run(&train_args(&model, &data, &reference, &flags))));
-    let out = t.join("run");
-    let o = run_env(
-        &train_args(&model, &data, &out, &flags),
-        &[("BERTQA_TEST_FAULT", "save:after-model")],
-    );
-    assert_eq!(o.status.code(), None, "{}", stderr(&o));
-    assert!(out.join("best").is_dir() && out.join("metrics.jsonl").is_file());
-    assert!(!listing(&out).iter().any(|n| n.starts_with("checkpoint-")));
+    let crash = |out: &Path, flags: &[&str]| {
+        let o = run_env(
+            &train_args(&model, &data, out, flags),
+            &[("BERTQA_TEST_FAULT", "save:after-model")],
+        );
+        assert_eq!(o.status.code(), None, "{}", stderr(&o));
+        assert!(!listing(out).iter().any(|n| n.starts_with("checkpoint-")));
+    };
+    {
+        let out = t.join("run");
+        crash(&out, &flags);
+        assert!(out.join("metrics.jsonl").is_file() && !out.join("best").exists());
+        fails(
+            &run(&train_args(&model, &data, &out, &flags)),
+            &[
+                "already holds a run",
+                "pass --resume to start it again from step 0",
+            ],
+        );
+        let o = run(&train_args(
+            &model,
+            &data,
+            &out,
+            &[&flags[..], &["--resume"]].concat(),
+        ));
+        let got = last_json(&ok(&o));
+        let err = stderr(&o);
+        assert!(
+            err.contains("saved nothing): starting from step 0")
+                && err.contains("in place of its metrics.jsonl"),
+            "{err}"
+        );
+        assert_eq!(got, want);
+        assert_eq!(step_lines(&out), step_lines(&reference));
+        assert_eq!(debris(&out), Vec::<String>::new());
+    }
+    // an evaluation at step 2 wrote best/ before the save at step 3 crashed: a model, never removed unasked
+    let out = t.join("with-best");
+    let flags = ["--save-every", "3", "--eval-every", "2"];
+    crash(&out, &flags);
+    assert!(out.join("best/model.safetensors").is_file());
     fails(
         &run(&train_args(&model, &data, &out, &flags)),
-        &["stopped before its first checkpoint", "--resume"],
+        &["already holds a run", "best"],
     );
-    let o = run(&train_args(
-        &model,
-        &data,
-        &out,
-        &[&flags[..], &["--resume"]].concat(),
-    ));
-    let got = last_json(&ok(&o));
-    let err = stderr(&o);
-    assert!(err.contains("starting again from step 0"), "{err}");
-    assert!(err.contains("best, metrics.jsonl"), "{err}");
-    assert_eq!(got, want);
-    assert_eq!(step_lines(&out), step_lines(&reference));
-    assert_eq!(debris(&out), Vec::<String>::new());
+    fails(
+        &run(&train_args(
+            &model,
+            &data,
+            &out,
+            &[&flags[..], &["--resume"]].concat(),
+        )),
+        &["nothing to continue from", "best", "--overwrite-output-dir"],
+    );
+    assert!(out.join("best/model.safetensors").is_file());
     // an empty directory holds no run to resume: still an error
     let empty = t.join("empty");
     std::fs::create_dir(&empty).unwrap();
@@ -1853,6 +1884,24 @@ fn unwritable_stdout_is_an_error_and_unwritable_stderr_is_ignored() {
     );
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(read_json(&out.join("summary.json"))["steps"], json!(2));
+    // interrupted with stdout on a full disk: still 130 (a wrapper resumes on it), with a warning
+    let out3 = t.join("run3");
+    let mut c = Command::new(bin());
+    c.args(train_args(&model, &data, &out3, &[]))
+        .env("BERTQA_TEST_STEP_DELAY_MS", "60")
+        .stdin(std::process::Stdio::null())
+        .stdout(full())
+        .stderr(std::process::Stdio::piped());
+    let child = c.spawn().unwrap();
+    wait_until("the first step", || has_a_step(&out3));
+    send(&child, libc::SIGINT);
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("continue it with --resume"),
+        "{}",
+        stderr(&o)
+    );
     // stderr on a full disk: the run goes on and finishes (its warnings and progress are lost, nothing else)
     let out2 = t.join("run2");
     let args = train_args(&model, &data, &out2, &["--max-steps", "2"]);
@@ -1861,6 +1910,58 @@ fn unwritable_stdout_is_an_error_and_unwritable_stderr_is_ignored() {
     let printed = std::fs::read_to_string(&log).unwrap();
     assert!(last_json(&printed).get("f1").is_some(), "{printed}");
     assert_eq!(read_json(&out2.join("summary.json"))["steps"], json!(2));
+}
+
+/// Entries with bertqa's names that bertqa did not write stay: a checkpoint-N that still holds its weights
+/// but lacks the optimizer state (stripped to save space) is not debris, and a plain file named like a
+/// checkpoint folder is neither removed by --overwrite-output-dir nor taken over by --resume.
+#[test]
+fn entries_with_our_names_that_we_did_not_write_stay() {
+    let t = TempDir::new("ournames");
+    let (model, data) = train_setup(&t);
+    let out = t.join("run");
+    let flags = ["--max-steps", "2", "--save-every", "1"];
+    ok(&run(&train_args(&model, &data, &out, &flags)));
+    std::fs::remove_file(out.join("checkpoint-1/optimizer.safetensors")).unwrap();
+    let o = run(&train_args(
+        &model,
+        &data,
+        &out,
+        &["--max-steps", "3", "--resume"],
+    ));
+    ok(&o);
+    assert!(
+        !stderr(&o).contains("removed checkpoint-1"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(out.join("checkpoint-1/model.safetensors").is_file());
+    // a file where a checkpoint folder would go
+    let out2 = t.join("run2");
+    std::fs::create_dir_all(&out2).unwrap();
+    std::fs::write(out2.join("checkpoint-1"), "mine").unwrap();
+    fails(
+        &run(&train_args(
+            &model,
+            &data,
+            &out2,
+            &[&flags[..], &["--overwrite-output-dir"]].concat(),
+        )),
+        &["checkpoint-1", "not removing anything"],
+    );
+    fails(
+        &run(&train_args(
+            &model,
+            &data,
+            &out2,
+            &[&flags[..], &["--resume"]].concat(),
+        )),
+        &["checkpoint-1", "files where bertqa writes folders"],
+    );
+    assert_eq!(
+        std::fs::read_to_string(out2.join("checkpoint-1")).unwrap(),
+        "mine"
+    );
 }
 
 /// A loss/F1 chart that cannot be drawn is a warning naming it, not a silent leftover of an earlier step,

@@ -238,7 +238,12 @@ impl DeviceFn<()> for EvalJob<'_> {
             );
         }
         let m = score(&ds, &preds.answers, Some(&preds.na_probs()), v2);
-        crate::util::print_line(serde_json::to_string(&m)?)
+        crate::util::print_line(serde_json::to_string(&m)?).with_context(|| {
+            format!(
+                "the predictions in {} are written, but the metrics could not be printed",
+                a.output_dir.display()
+            )
+        })
     }
 }
 

@@ -59,6 +59,7 @@ pub fn run(a: &InitArgs) -> Result<()> {
         a.output.display(),
         cfg.num_params() as f64 / 1e6
     ))
+    .with_context(|| format!("{} is written", a.output.display()))
 }
 
 /// `bertqa convert`: rewrite a BERT directory as a BertForQuestionAnswering checkpoint in another dtype
@@ -141,6 +142,7 @@ pub fn convert(a: &ConvertArgs) -> Result<()> {
             String::new()
         }
     ))
+    .with_context(|| format!("{} is written", a.output.display()))
 }
 
 /// The dtype(s) of a model directory's weights, for messages.

@@ -734,9 +734,19 @@ impl DeviceFn<bool> for TrainJob<'_> {
         let resume_dir = match a.resume.as_deref() {
             None => None,
             Some("") => Some(checkpoint::latest(&a.output_dir).with_context(|| {
+                let held = checkpoint::run_contents(&a.output_dir);
                 format!(
-                    "--resume: no checkpoint-* with trainer_state.json in {}",
-                    a.output_dir.display()
+                    "--resume: no checkpoint-* with trainer_state.json in {}{}",
+                    a.output_dir.display(),
+                    if held.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            " (it holds {}): nothing to continue from; move what you want to keep away, or \
+                             pass --overwrite-output-dir instead of --resume to start afresh",
+                            held.join(", ")
+                        )
+                    }
                 )
             })?),
             Some(p) => Some(PathBuf::from(p)),
@@ -935,12 +945,26 @@ impl DeviceFn<bool> for TrainJob<'_> {
         } else {
             s.final_metrics.unwrap_or_else(|| serde_json::json!({}))
         };
-        crate::util::print_line(format_args!("summary: {summary}\n{last}")).with_context(|| {
-            format!(
-                "the run ended and its files in {} are complete, but its summary could not be printed",
-                a.output_dir.display()
-            )
-        })?;
+        let printed = crate::util::print_line(format_args!("summary: {summary}\n{last}"));
+        match printed {
+            // an interrupted run keeps its exit code (130/143: a wrapper resumes on it)
+            Err(e) if interrupted => crate::say!(
+                "warning: {e:#}: the run stopped{}",
+                match summary["checkpoint"].as_str() {
+                    Some(c) => format!(" at {c}; continue it with --resume"),
+                    None => " before its first step".into(),
+                }
+            ),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "the run ended and its files in {} are complete, but its summary could not be printed",
+                        a.output_dir.display()
+                    )
+                })
+            }
+            Ok(()) => {}
+        }
         Ok(interrupted)
     }
 }
@@ -971,22 +995,24 @@ pub fn run(a: &TrainArgs, given: &GivenFlags) -> Result<i32> {
         let foreign = checkpoint::foreign_dirs(dir);
         if !foreign.is_empty() {
             bail!(
-                "--resume: {} in {} hold(s) files bertqa does not write, which a save of this run would have to \
-                 replace; move them away first",
+                "--resume: {} in {} hold(s) files bertqa does not write (or are files where bertqa writes \
+                 folders), which a save of this run would have to replace; move them away first",
                 foreign.join(", "),
                 dir.display()
             );
         }
     }
-    // an earlier attempt that stopped (crashed, was killed) before its first checkpoint left files but nothing
-    // to continue from: `--resume` starts the run again from step 0, with the command line's settings, in
-    // place of those files (named on stderr)
+    // `--resume` where the earlier attempt saved nothing (it crashed or was killed before its first
+    // checkpoint, and before any evaluation wrote best/): nothing to continue from and nothing of value in its
+    // logs, so the run starts again from step 0 in their place (named on stderr), with this command line's
+    // settings, the only ones there are. (Without --resume such a directory is refused like any other run:
+    // a predictions.json alone may be an `eval`'s.)
     let started_over;
-    let a = if a.resume.as_deref() == Some("") && never_saved(dir) {
+    let a = if a.resume.as_deref() == Some("") && saved_nothing(dir) {
         let removed = checkpoint::remove_run(dir)?;
         crate::say!(
-            "--resume: {} holds no checkpoint (its run stopped before the first save): starting again from step \
-             0 with the command line's settings, in place of the earlier attempt's {}",
+            "--resume: {} holds no checkpoint and no best/ (the earlier attempt saved nothing): starting from \
+             step 0 with this command line's settings, in place of its {}",
             dir.display(),
             removed.join(", ")
         );
@@ -1007,18 +1033,13 @@ pub fn run(a: &TrainArgs, given: &GivenFlags) -> Result<i32> {
                 } else {
                     String::new()
                 };
-                let what = if never_saved(dir) {
-                    "a run that stopped before its first checkpoint"
-                } else {
-                    "a run"
-                };
-                let resume = if never_saved(dir) {
-                    "pass --resume to start it again from step 0"
+                let resume = if saved_nothing(dir) {
+                    "pass --resume to start it again from step 0 (it saved no checkpoint)"
                 } else {
                     "pass --resume to continue it"
                 };
                 bail!(
-                    "--output-dir {} already holds {what} ({}{more}): {resume}, or --overwrite-output-dir to \
+                    "--output-dir {} already holds a run ({}{more}): {resume}, or --overwrite-output-dir to \
                      start afresh (it removes only what bertqa wrote there)",
                     dir.display(),
                     held[..held.len().min(5)].join(", ")
@@ -1052,12 +1073,17 @@ pub fn run(a: &TrainArgs, given: &GivenFlags) -> Result<i32> {
     Ok(code)
 }
 
-/// Whether `dir` holds the files of a run that stopped before its first checkpoint: some of its files
-/// (metrics.jsonl, predictions, best/), no complete checkpoint and no summary.json (a run that ended).
-fn never_saved(dir: &Path) -> bool {
-    checkpoint::latest(dir).is_none()
-        && !dir.join("summary.json").exists()
-        && !checkpoint::run_contents(dir).is_empty()
+/// Whether `dir` holds only the logs of a run that saved nothing: some of metrics.jsonl, the predictions and
+/// curves.svg, as plain files — no checkpoint-N (complete or not), no best/, no summary.json (a run that
+/// ended).
+fn saved_nothing(dir: &Path) -> bool {
+    let held = checkpoint::run_contents(dir);
+    !held.is_empty()
+        && held.iter().all(|n| {
+            n != "summary.json"
+                && checkpoint::RUN_FILES.contains(&n.as_str())
+                && std::fs::symlink_metadata(dir.join(n)).is_ok_and(|m| m.is_file())
+        })
 }
 
 /// `--devices`: one thread per device of this machine, each with its own backend and replica; the leader

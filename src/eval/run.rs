@@ -250,7 +250,18 @@ pub fn write_predictions(dir: &Path, p: &Predictions, version_2: bool) -> Result
     if version_2 {
         files.push((&p_odds, odds.as_bytes()));
     }
-    crate::util::write_atomic_all(&files)
+    crate::util::write_atomic_all(&files)?;
+    // a v1.1 evaluation into a folder holding an earlier v2.0 one's null odds: they are not of these
+    // predictions
+    if !version_2 && p_odds.is_file() {
+        std::fs::remove_file(&p_odds)
+            .with_context(|| format!("removing {} (of an earlier evaluation)", p_odds.display()))?;
+        crate::say!(
+            "note: removed {} (of an earlier SQuAD v2.0 evaluation: not of these predictions)",
+            p_odds.display()
+        );
+    }
+    Ok(())
 }
 
 /// Whether to score `ds` as SQuAD v2.0: `flag` (--version-2-with-negative), or the file itself says so

@@ -632,9 +632,9 @@ pub fn write_random_model(
         let p = tokenizer_src.join(f);
         if p.exists() {
             // read + write (not fs::copy): the source may be read-only and its mode must not follow
-            std::fs::write(
-                dir.join(f),
-                std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
+            crate::util::write_atomic(
+                &dir.join(f),
+                &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
             )?;
         }
     }

@@ -90,11 +90,13 @@ fn old_for(dst: &Path) -> PathBuf {
 
 fn replace_dir(tmp: &Path, dst: &Path, target: &str) -> Result<()> {
     fault(target, "before-rename")?;
-    // a folder of that name holding anything bertqa does not write is someone else's: never replaced
-    if dst.is_dir() && !only_checkpoint_files(dst) {
+    // a folder of that name holding anything bertqa does not write is someone else's, and so is a file of
+    // that name: never replaced
+    if dst.exists() && !(dst.is_dir() && only_checkpoint_files(dst)) {
         let _ = std::fs::remove_dir_all(tmp);
         bail!(
-            "{} holds files bertqa does not write: not replacing it with this save; move it away",
+            "{} is not bertqa's (a file, or a folder holding files bertqa does not write): not replacing it \
+             with this save; move it away",
             dst.display()
         );
     }
@@ -308,9 +310,14 @@ fn classify(dir: &Path, name: &str) -> Option<Debris> {
     // checkpoint-N that is not complete: half-deleted by an older bertqa's pruning — only when every entry
     // in it is a file bertqa writes into a checkpoint; anything else (a checkpoint of another tool, a file
     // of the user's) is not ours to remove, and the directory then holds a run (run_contents)
+    // — and only without weights in it: a checkpoint-N that still holds model.safetensors (one whose
+    // optimizer state was stripped to save space, say) is left as it is, incomplete (never resumed from)
     if checkpoint_step(name).is_some() {
-        return (path.is_dir() && !is_complete(&path) && only_checkpoint_files(&path))
-            .then_some(Debris::Remove);
+        return (path.is_dir()
+            && !is_complete(&path)
+            && !path.join("model.safetensors").exists()
+            && only_checkpoint_files(&path))
+        .then_some(Debris::Remove);
     }
     if let Some(base) = name.strip_suffix(".old") {
         if checkpoint_step(base).is_some() || base == "best" {
@@ -387,7 +394,12 @@ pub fn clean_debris(dir: &Path) -> Result<Vec<String>> {
 pub fn foreign_dirs(dir: &Path) -> Vec<String> {
     run_contents(dir)
         .into_iter()
-        .filter(|n| dir.join(n).is_dir() && !only_checkpoint_files(&dir.join(n)))
+        .filter(|n| {
+            let p = dir.join(n);
+            // a checkpoint-N or best that is not a folder (a file of that name) is not bertqa's either
+            let ours_a_folder = checkpoint_step(n).is_some() || n == "best";
+            (p.is_dir() && !only_checkpoint_files(&p)) || (ours_a_folder && !p.is_dir())
+        })
         .collect()
 }
 
@@ -397,8 +409,8 @@ pub fn remove_run(dir: &Path) -> Result<Vec<String>> {
     let foreign = foreign_dirs(dir);
     if !foreign.is_empty() {
         bail!(
-            "--overwrite-output-dir: {} in {} hold(s) files bertqa does not write: not removing anything; \
-             move them away first",
+            "--overwrite-output-dir: {} in {} hold(s) files bertqa does not write (or are files where bertqa \
+             writes folders): not removing anything; move them away first",
             foreign.join(", "),
             dir.display()
         );
