@@ -1,5 +1,5 @@
 // reduce.cu — small helpers: bias add/grad for the linear layers, dtype casts.
-// Reference: src/ops/linear.rs and src/ops/adamw.rs (cast).
+// Reference: src/ops/linear/cpu.rs and src/cuda/cast.rs (cast).
 #include "common.cuh"
 
 struct BiasParams {

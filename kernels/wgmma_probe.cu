@@ -4,7 +4,7 @@
 // the PTX ISA's wgmma layouts (register fragments, matrix descriptors, canonical layouts, swizzles) as the
 // hardware does: tests/emu_kernels.rs runs it against a CPU product in the emulator, and the GPU test
 // (tests/parity.rs `gpu_wgmma_probe`) on an sm_90 device — the same cases, the same reference. A kernel built on
-// wgmma ships only after both pass. Reference: src/ops/wgmma_probe.rs `reference`.
+// wgmma ships only after both pass. Reference: src/cuda/wgmma_probe.rs `reference`.
 //
 // Staging follows the canonical layouts (PTX ISA 9.7.15.5.1.2.1.3; T = 8 16-bit elements = 16 bytes, W the
 // swizzle width in bytes), each element (mn, k) of a tile with MN extent R and K extent K placed at:

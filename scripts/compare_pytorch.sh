@@ -30,7 +30,7 @@
 # (F1 over seeds: `scripts/perf_json.py merge docs/perf/*.json`).
 #
 # Expects .gpu/ from scripts/package_gpu.sh (binaries, gzipped SQuAD, minilm-f16). Logs and run records go to
-# $OUT (default compare-out); the JSON to $PERF_DIR (default $OUT), named <date>-<card>-<commit>-<workloads>.json
+# $OUT (default compare-out); the JSON to $PERF_DIR (default $OUT), named <date>-<HHMMSS>-<card>-<commit>-<workloads>[-seeds…].json
 # (commit it under docs/perf/). Other env: OURS_FLAGS (extra bertqa train flags), BENCH_LOG (a gpu_check bench
 # log to take the per-kernel profile from), the BERTQA_* kernel switches (recorded in the JSON).
 # Smaller shapes, for a dry run on the CPU (the numbers mean nothing there): DEVICE=cpu PRECISION=fp32 BATCH=4

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call (10 minutes at most): scripts/gpu_check.sh (parity + bench), then scripts/compare_pytorch.sh
 # (bertqa vs transformers, like for like) with the fastest configuration that passed parity, then one JSON file
-# of the results, <date>-<card>-<commit>-<workloads>.json (schema: docs/perf/README.md; commit it under
+# of the results, <date>-<HHMMSS>-<card>-<commit>-<workloads>[-seeds…].json (schema: docs/perf/README.md; commit it under
 # docs/perf/). gpu_check takes ~6-8 minutes, so one call does one of:
 #   bash scripts/device_run.sh                                  gpu_check, then compare while BUDGET_S allows
 #                                                               (usually nothing more: the JSON then has the

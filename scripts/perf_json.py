@@ -10,7 +10,7 @@ scripts/compare_pytorch.sh and scripts/device_run.sh; standard library only.
       per sequence); prints each, exits 1 on a mismatch
   perf_json.py assemble --runs DIR --out-dir DIR [--peak PEAK.json] [--bench BENCH.log] [--warm SEC]
                         [--commit C] [--kernels TEXT] [--extra KEY=VALUE ...]
-      the run's JSON, written as OUT_DIR/<date>-<card>-<commit>-<workloads>.json (path printed), and a
+      the run's JSON, written as OUT_DIR/<date>-<HHMMSS>-<card>-<commit>-<workloads>[-seeds…].json (path printed), and a
       human summary on stderr
   perf_json.py merge FILE.json ...
       the fine-tune workloads of several runs (e.g. one seed per device call) pooled: F1 and wall time per side,

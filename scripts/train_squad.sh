@@ -6,21 +6,23 @@
 # Recipe: with a GPU, the standard hyperparameters (2 epochs, lr 3e-5, batch 32, max_seq_length 384,
 # doc_stride 128) on all of SQuAD v1.1. Without a GPU that would take about 16 hours, so unless a size flag is
 # given (--max-train-examples, --max-steps, --max-seq-length, --epochs, --max-eval-examples) or --full, the
-# CPU-sized recipe runs instead (2,000 training questions, max_seq_length 256, doc_stride 96, 500 dev
-# questions; about half an hour on 2 cores) and says so.
+# CPU-sized recipe runs instead (2,000 training questions, max_seq_length 256, doc_stride 96, lr 5e-5, 500
+# dev questions; about half an hour on 2 cores) and says so.
 #
 # Data and model are looked up in this order:
 #   SQUAD_DIR (holding train-v1.1.json, dev-v1.1.json)   else $BERTQA_ASSETS/squad-v1.1   else ../shared/assets/squad-v1.1
 #   MODEL_DIR argument or $BERTQA_MODEL                    else $BERTQA_ASSETS/all-MiniLM-L6-v2  else ../shared/assets/all-MiniLM-L6-v2
 # Missing pieces are downloaded where a network exists (SQuAD from its official URL, the model from the
-# Hugging Face hub), each checked against a pinned sha256, into $BERTQA_ASSETS (default ./assets).
+# Hugging Face hub at the pinned revision 1110a243) into $BERTQA_ASSETS (default ../shared/assets where it
+# exists, else ./assets); the SQuAD files and model.safetensors are checked against pinned sha256 sums, the
+# small config and tokenizer files are not.
 # On a GPU machine without the CUDA toolkit headers (a driver-only image), the NVRTC and CUDA-runtime pip
 # wheels are installed into ~/.cache/bertqa/cuda-pip (as .ci/run does) so the kernels can be compiled.
 # BERTQA_TRAIN_DRY_RUN=1 prints the header directory and the `bertqa train` command instead of running them;
 # BERTQA_ASSUME_GPU=1|0 overrides the GPU detection (both for tests/script.rs).
 # A MODEL_DIR given (argument or $BERTQA_MODEL) must hold a model (config.json): only the default one is
 # downloaded. Relative paths (MODEL_DIR, OUTPUT_DIR, SQUAD_DIR, BERTQA_ASSETS, BERTQA_MODEL) are the caller's;
-# the default OUTPUT_DIR is runs/ in this repository.
+# the default OUTPUT_DIR is runs/squad-YYYYmmdd-HHMMSS in this repository.
 # Logs: OUTPUT_DIR.train.log (stdout), OUTPUT_DIR.stderr.log (progress and messages), OUTPUT_DIR.metrics.json.
 set -euo pipefail
 CALLER=$(pwd)

@@ -1,4 +1,5 @@
-//! Storage: what every backend provides below the ops. The CPU reference ([`crate::cpu::Cpu`]) and CUDA
+//! Storage, and the rest of what every backend provides below the ops (the row bucket of padding-free
+//! batches, CUDA-graph capture and replay). The CPU reference ([`crate::cpu::Cpu`]) and CUDA
 //! ([`crate::cuda::Cuda`]) implement [`BackendCore`]; the ops (src/ops) build on it, and the umbrella trait
 //! that model and training code are written against, [`crate::ops::Backend`], lives with them. Nothing here
 //! knows about any op.

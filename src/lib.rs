@@ -2,12 +2,13 @@
 //!
 //! A tensor runtime with two backends (a readable CPU reference in `cpu/` and CUDA in `cuda/`), hand-written
 //! forward and backward passes for BERT plus the span head (`ops/`, `model/`), the SQuAD pipeline (`data/`,
-//! `eval/`), AdamW with a schedule (`optim/`) and the training loop (`train/`).
+//! `eval/`), AdamW (`ops/adamw/`) with its schedule, clipping and loss scaling (`optim/`), the training loop
+//! (`train/`) and data parallelism (`collective/`).
 //!
-//! ## Shape legend (used in every shape comment of the crate)
+//! ## Shape legend (used in the shape comments of the crate)
 //! | letter | meaning |
 //! |---|---|
-//! | `B`  | batch size (windows per step) |
+//! | `B`  | windows in a batch (one micro-batch; a step has several with --grad-accum-steps or --devices) |
 //! | `T`  | sequence length (tokens per window, `max_seq_length`) |
 //! | `N`  | rows of a token-major matrix: `B·T` padded to `T`; a variable-length batch's row count (`SeqLayout`) |
 //! | `C`  | hidden size (`hidden_size`) |

@@ -144,7 +144,7 @@ pub struct EvalArgs {
     /// evaluate only the first N questions
     #[arg(long)]
     pub max_examples: Option<usize>,
-    /// auto (fp32 for evaluation), fp32, bf16 or fp16
+    /// fp32 (default), bf16, fp16, or auto (bf16 on a GPU, fp32 on the CPU)
     #[arg(long, default_value = "fp32")]
     pub precision: String,
     #[command(flatten)]

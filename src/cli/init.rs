@@ -1,5 +1,6 @@
 //! `bertqa init-random`: a randomly initialised BertForQuestionAnswering directory (for tests and speed work:
-//! e.g. BERT-base shapes without a pretrained checkpoint).
+//! e.g. BERT-base shapes without a pretrained checkpoint); `bertqa convert`: a BERT directory rewritten as a
+//! BertForQuestionAnswering checkpoint in f32/f16/bf16.
 
 use crate::model::{checkpoint, BertConfig};
 use anyhow::{bail, Context, Result};

@@ -1,4 +1,4 @@
-//! The `bertqa` command line: `train`, `eval`, `predict`, `score`.
+//! The `bertqa` command line: `train`, `eval`, `predict`, `score`, `init-random`, `convert`.
 
 pub mod eval;
 pub mod init;

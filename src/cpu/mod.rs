@@ -3,7 +3,8 @@
 //! Storage is one allocation per buffer in its own dtype; tensors are views of it (most own the whole). Each
 //! op computes in f64 when its activations are f64 (gradient checks) and in f32 otherwise; bf16/f16 buffers
 //! are widened to f32 on read and rounded to nearest-even on store, which is exactly the GPU's mixed-precision
-//! policy. The only fast path is the GEMM (`matrixmultiply`, threaded); everything else is written to be read.
+//! policy. The only fast path is the GEMM (`matrixmultiply`, its rows split over the rayon pool); the attention,
+//! GELU and AdamW loops also run their independent rows on rayon; everything is written to be read.
 //!
 //! Views of one allocation may overlap (a flat buffer and its per-tensor views), so reads ([`rd`], [`ids`])
 //! and writes ([`wr`]) register the element range they borrow with the allocation, like a `RefCell`: a write

@@ -1,4 +1,4 @@
-//! Optimisation policy around the AdamW kernel (src/ops/adamw.rs): the learning-rate schedule, global-norm
+//! Optimisation policy around the AdamW kernel (src/ops/adamw/mod.rs): the learning-rate schedule, global-norm
 //! clipping and dynamic loss scaling for fp16.
 
 /// Linear warmup from 0 to `peak` over `warmup` steps, then linear decay to 0 at `total` (HF's

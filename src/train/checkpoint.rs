@@ -387,8 +387,6 @@ pub fn clean_debris(dir: &Path) -> Result<Vec<String>> {
     Ok(notes)
 }
 
-/// Remove what `bertqa train` writes in `dir` — `checkpoint-N/`, `best/`, [`RUN_FILES`] and the debris of
-/// its saves — and nothing else (--overwrite-output-dir). Returns the names removed.
 /// The `checkpoint-N/` and `best/` folders of `dir` that hold anything bertqa does not write (another tool's
 /// or the user's): never removed or replaced.
 pub fn foreign_dirs(dir: &Path) -> Vec<String> {
@@ -403,6 +401,8 @@ pub fn foreign_dirs(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Remove what `bertqa train` writes in `dir` — `checkpoint-N/`, `best/`, [`RUN_FILES`] and the debris of
+/// its saves — and nothing else (--overwrite-output-dir). Returns the names removed.
 pub fn remove_run(dir: &Path) -> Result<Vec<String>> {
     let mut removed = clean_debris(dir)?;
     // a checkpoint-N/ or best/ holding anything bertqa does not write is not removed, nor is anything else

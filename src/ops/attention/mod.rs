@@ -2,7 +2,8 @@
 //! real tokens (keys past `lens[b]` — padding, in padded layouts — get probability 0), with
 //! attention-probability dropout.
 //!
-//! Per window b (rows `s0 = cu[b] .. cu[b+1]`, R rows, L = `lens[b]` real keys) and head h, with q, k, v the
+//! Per window b (rows `s0 = cu[b] .. cu[b+1]`, R rows, L = `lens[b]` real keys — here L is not the legend's
+//! layer count) and head h, with q, k, v the
 //! head's slices of `qkv (N,3C)` (Q at column 0, K at C, V at 2C, head h at h·HS), query i < R, key j < L:
 //!   `s_ij = q_i·k_j / √HS`, `lse_i = log Σ_j e^{s_ij}`, `P_ij = e^{s_ij − lse_i}`,
 //!   `out_i = Σ_j P_ij·f_ij·v_j` with `f_ij` = [`crate::rng::DropoutMask::attn_factor`]`(wid[b], h, i, j)` — the dropout
