@@ -223,14 +223,27 @@ pub fn save<B: Backend>(tr: &Trainer<B>, inp: &RunInputs) -> Result<()> {
                         );
                     }
                 }
-                Err(e) => crate::say!(
+                // (once per checkpoint: every later save tries it again)
+                Err(e) if warn_once(&p) => crate::say!(
                     "warning: --save-total-limit: could not prune {} ({e}); it stays",
                     p.display()
                 ),
+                Err(_) => {}
             }
         }
     }
     Ok(())
+}
+
+/// True the first time it is called with `p` in this process.
+fn warn_once(p: &Path) -> bool {
+    static WARNED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut w = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if w.iter().any(|q| q == p) {
+        return false;
+    }
+    w.push(p.to_path_buf());
+    true
 }
 
 /// The files a checkpoint directory must hold (written into its temporary folder before the rename).
