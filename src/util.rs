@@ -197,6 +197,39 @@ pub fn replace_dir(out: &Path, build: impl FnOnce(&Path) -> Result<()>) -> Resul
     let pid = std::process::id();
     let tmp = parent.join(format!(".{name}.tmp-{pid}"));
     let old = parent.join(format!(".{name}.old-{pid}"));
+    // what an earlier process that died part-way (killed, out of memory) left beside `out`
+    if let Ok(rd) = std::fs::read_dir(&parent) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            for (kind, is_old) in [(".tmp-", false), (".old-", true)] {
+                let Some(other) = n
+                    .strip_prefix(&format!(".{name}{kind}"))
+                    .and_then(|p| p.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                if other == pid || pid_alive(other) {
+                    continue;
+                }
+                let p = e.path();
+                // an old copy whose replacement never arrived is the only copy: put back
+                if is_old && !out.exists() {
+                    if std::fs::rename(&p, out).is_ok() {
+                        crate::say!(
+                            "restored {} from {} (a replacement that stopped part-way)",
+                            out.display(),
+                            p.display()
+                        );
+                    }
+                } else if std::fs::remove_dir_all(&p).is_ok() {
+                    crate::say!(
+                        "removed {} (left by a process that stopped part-way)",
+                        p.display()
+                    );
+                }
+            }
+        }
+    }
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     if let Err(e) = build(&tmp) {

@@ -1964,6 +1964,179 @@ fn entries_with_our_names_that_we_did_not_write_stay() {
     );
 }
 
+/// A run whose update overflows the weights (here a weight decay of 1e39) stops with an error naming the
+/// first non-finite weight: no F1 scored from NaN logits, no best/ or checkpoint that `eval` would refuse.
+#[test]
+fn a_diverged_run_saves_and_scores_nothing() {
+    let t = TempDir::new("diverged");
+    let (model, data) = train_setup(&t);
+    let out = t.join("run");
+    let flags = [
+        "--weight-decay",
+        "1e39",
+        "--learning-rate",
+        "0.5",
+        "--warmup-ratio",
+        "0",
+        "--epochs",
+        "1",
+    ];
+    let o = run(&train_args(&model, &data, &out, &flags));
+    fails(
+        &o,
+        &["the weights are non-finite", "smaller --learning-rate"],
+    );
+    assert!(!stdout(&o).contains("exact_match"), "{}", stdout(&o));
+    assert_eq!(listing(&out), vec!["metrics.jsonl"]);
+    // with a save before the first evaluation: the save refuses
+    let out2 = t.join("run2");
+    let o = run(&train_args(
+        &model,
+        &data,
+        &out2,
+        &[&flags[..], &["--save-every", "2"]].concat(),
+    ));
+    fails(&o, &["non-finite value", "refusing to save"]);
+    assert!(!listing(&out2).iter().any(|n| n.starts_with("checkpoint-")));
+}
+
+/// Edge values and malformed inputs get errors that name the flag or the place, not a wrapped number, a
+/// panic or a silently ignored flag.
+#[test]
+fn edge_inputs_get_named_errors() {
+    let t = TempDir::new("edges");
+    let (model, data) = train_setup(&t);
+    let out = t.join("run");
+    // a number of epochs whose steps cannot be counted (it wrapped to 0 steps, exit 0)
+    fails(
+        &run(&train_args(
+            &model,
+            &data,
+            &out,
+            &["--epochs", "4611686018427387904"],
+        )),
+        &[
+            "--epochs 4611686018427387904",
+            "more steps than can be counted",
+        ],
+    );
+    // flags that act through the dev set, without one (they were ignored)
+    for (flag, v) in [
+        ("--eval-every", "1"),
+        ("--early-stopping-patience", "1"),
+        ("--max-eval-examples", "1"),
+    ] {
+        let mut args = train_args(&model, &data, &out, &[flag, v]);
+        let i = args.iter().position(|a| a == "--dev-file").unwrap();
+        args.drain(i..i + 2);
+        fails(&run(&args), &[flag, "needs --dev-file"]);
+    }
+    // negative values reach the flag's own check (clap took them for unknown flags)
+    fails(
+        &run(&train_args(&model, &data, &out, &["--max-grad-norm", "-1"])),
+        &["--max-grad-norm", "got -1"],
+    );
+    let o = run(&train_args(&model, &data, &out, &["--epochs", "-1"]));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("'--epochs <EPOCHS>'"), "{}", stderr(&o));
+    // a batch whose rows cannot be counted (the product wrapped)
+    fails(
+        &eval(
+            &model,
+            &data,
+            &t.join("ev"),
+            &["--batch-size", "18446744073709551615"],
+        ),
+        &[
+            "--batch-size 18446744073709551615",
+            "more rows than can be counted",
+        ],
+    );
+    // an --output-dir that is a file: refused before the model runs
+    std::fs::write(t.join("afile"), "").unwrap();
+    fails(
+        &eval(&model, &data, &t.join("afile"), &[]),
+        &["--output-dir", "is not a folder"],
+    );
+    // a SQuAD file with a second document after the first (Python's json.load: "Extra data")
+    let text = std::fs::read_to_string(&data).unwrap();
+    let twice = t.join("twice.json");
+    std::fs::write(&twice, format!("{text}\n{text}")).unwrap();
+    let preds = t.join("preds.json");
+    std::fs::write(&preds, r#"{"p0q0": "x"}"#).unwrap();
+    fails(
+        &run(&["score", s(&twice), s(&preds)]),
+        &["twice.json", "after the JSON document"],
+    );
+    // a prediction that is not a string: the id is named
+    std::fs::write(&preds, r#"{"p0q0": 5}"#).unwrap();
+    fails(
+        &run(&["score", s(&data), s(&preds)]),
+        &["\"p0q0\"", "not a string"],
+    );
+    // init-random with shapes no machine holds: an error, no panic, nothing left behind
+    let tok = t.join("tok");
+    tiny_tokenizer(&tok);
+    let big = t.join("big");
+    for (flag, v) in [
+        ("--hidden-size", "18446744073709551615"),
+        ("--layers", "1000000000000"),
+    ] {
+        let o = run(&[
+            "init-random",
+            "--tokenizer-from",
+            s(&tok),
+            "--output",
+            s(&big),
+            "--heads",
+            "1",
+            flag,
+            v,
+        ]);
+        fails(&o, &[]);
+        let err = stderr(&o);
+        assert!(
+            err.contains("more bytes than can be counted")
+                || err.contains("more than this machine can hold"),
+            "{flag}: {err}"
+        );
+        assert!(
+            !listing(t.path()).iter().any(|n| n.starts_with(".big")),
+            "{:?}",
+            listing(t.path())
+        );
+    }
+    // what a killed init-random left beside its output (pid 4194399: above Linux's pid_max, never alive) is
+    // removed by the next one
+    std::fs::create_dir(t.join(".big.tmp-4194399")).unwrap();
+    let o = run(&[
+        "init-random",
+        "--tokenizer-from",
+        s(&tok),
+        "--output",
+        s(&big),
+        "--hidden-size",
+        "32",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--intermediate-size",
+        "64",
+    ]);
+    ok(&o);
+    assert!(
+        stderr(&o).contains("removed") && stderr(&o).contains(".big.tmp-4194399"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !listing(t.path()).iter().any(|n| n.starts_with(".big")),
+        "{:?}",
+        listing(t.path())
+    );
+}
+
 /// A loss/F1 chart that cannot be drawn is a warning naming it, not a silent leftover of an earlier step,
 /// and not a failed run.
 #[test]

@@ -18,15 +18,15 @@ use std::time::Instant;
 /// Options shared by eval, predict and train.
 #[derive(Args, Debug, Clone)]
 pub struct EvalOpts {
-    #[arg(long, default_value_t = 384)]
+    #[arg(long, default_value_t = 384, allow_negative_numbers = true)]
     pub max_seq_length: usize,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
     pub doc_stride: usize,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
     pub max_query_length: usize,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, allow_negative_numbers = true)]
     pub n_best_size: usize,
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, allow_negative_numbers = true)]
     pub max_answer_length: usize,
     /// SQuAD v2.0: allow "no answer"
     #[arg(long)]
@@ -70,7 +70,7 @@ impl EvalOpts {
         }
         let budget = self
             .max_seq_length
-            .checked_sub(self.max_query_length + 3)
+            .checked_sub(self.max_query_length.saturating_add(3))
             .filter(|&b| b > 0)
             .ok_or_else(|| {
                 anyhow!(
@@ -139,10 +139,10 @@ pub struct EvalArgs {
     /// where predictions.json, nbest_predictions.json (and null_odds.json) go
     #[arg(long, default_value = "eval-out")]
     pub output_dir: PathBuf,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
     pub batch_size: usize,
     /// evaluate only the first N questions
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub max_examples: Option<usize>,
     /// fp32 (default), bf16, fp16, or auto (bf16 on a GPU, fp32 on the CPU)
     #[arg(long, default_value = "fp32")]
@@ -249,6 +249,13 @@ impl DeviceFn<()> for EvalJob<'_> {
 
 pub fn run_eval(a: &EvalArgs) -> Result<()> {
     a.validate()?;
+    // checked before the model runs, not when its predictions are written
+    if a.output_dir.exists() && !a.output_dir.is_dir() {
+        bail!(
+            "--output-dir {} exists and is not a folder",
+            a.output_dir.display()
+        );
+    }
     on_device(&a.opts.device, &a.opts.kernels, EvalJob(a))
 }
 

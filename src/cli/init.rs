@@ -14,17 +14,17 @@ pub struct InitArgs {
     pub tokenizer_from: PathBuf,
     #[arg(long)]
     pub output: PathBuf,
-    #[arg(long, default_value_t = 768)]
+    #[arg(long, default_value_t = 768, allow_negative_numbers = true)]
     pub hidden_size: usize,
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 12, allow_negative_numbers = true)]
     pub layers: usize,
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 12, allow_negative_numbers = true)]
     pub heads: usize,
-    #[arg(long, default_value_t = 3072)]
+    #[arg(long, default_value_t = 3072, allow_negative_numbers = true)]
     pub intermediate_size: usize,
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, allow_negative_numbers = true)]
     pub max_position_embeddings: usize,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     /// replace --output even if it is not empty (built beside it, swapped in when complete)
     #[arg(long)]
@@ -76,7 +76,7 @@ pub struct ConvertArgs {
     #[arg(long, default_value = "f16", value_parser = ["f32", "f16", "bf16"])]
     pub dtype: String,
     /// seed of the span-head initialisation when the source has no qa_outputs
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, default_value_t = 42, allow_negative_numbers = true)]
     pub seed: u64,
     /// replace --output even if it is not empty or is --model itself (built beside it, swapped in when
     /// complete)

@@ -34,12 +34,25 @@ pub fn run(a: &ScoreArgs) -> Result<()> {
     let ds = Dataset::load(&a.data)?;
     let text = std::fs::read_to_string(&a.predictions)
         .with_context(|| format!("reading {}", a.predictions.display()))?;
-    let preds: HashMap<String, String> = serde_json::from_str(&text).with_context(|| {
-        format!(
-            "{}: expected a JSON object of id → answer text",
-            a.predictions.display()
-        )
-    })?;
+    let raw: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+        .with_context(|| {
+            format!(
+                "{}: expected a JSON object of id → answer text",
+                a.predictions.display()
+            )
+        })?;
+    let mut preds: HashMap<String, String> = HashMap::with_capacity(raw.len());
+    for (id, v) in raw {
+        match v {
+            serde_json::Value::String(s) => {
+                preds.insert(id, s);
+            }
+            other => anyhow::bail!(
+                "{}: the answer of {id:?} is {other}, not a string: expected a JSON object of id → answer text",
+                a.predictions.display()
+            ),
+        }
+    }
     // --na-prob-file / --na-prob-thresh are v2.0's: v2.0 scoring
     let v2 = crate::eval::run::resolve_version_2(
         &ds,

@@ -40,53 +40,53 @@ pub struct TrainArgs {
     pub dev_file: Option<PathBuf>,
     #[arg(long)]
     pub output_dir: PathBuf,
-    #[arg(long, default_value_t = TrainConfig::default().epochs)]
+    #[arg(long, default_value_t = TrainConfig::default().epochs, allow_negative_numbers = true)]
     pub epochs: usize,
-    #[arg(long, default_value_t = TrainConfig::default().learning_rate)]
+    #[arg(long, default_value_t = TrainConfig::default().learning_rate, allow_negative_numbers = true)]
     pub learning_rate: f64,
     /// windows per optimizer step
-    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
+    #[arg(long, default_value_t = TrainConfig::default().batch_size, allow_negative_numbers = true)]
     pub batch_size: usize,
     /// split each batch into this many micro-batches (same result, less memory)
-    #[arg(long, default_value_t = TrainConfig::default().grad_accum_steps)]
+    #[arg(long, default_value_t = TrainConfig::default().grad_accum_steps, allow_negative_numbers = true)]
     pub grad_accum_steps: usize,
-    #[arg(long, default_value_t = TrainConfig::default().warmup_ratio)]
+    #[arg(long, default_value_t = TrainConfig::default().warmup_ratio, allow_negative_numbers = true)]
     pub warmup_ratio: f64,
-    #[arg(long, default_value_t = TrainConfig::default().weight_decay)]
+    #[arg(long, default_value_t = TrainConfig::default().weight_decay, allow_negative_numbers = true)]
     pub weight_decay: f64,
-    #[arg(long, default_value_t = TrainConfig::default().adam_beta1)]
+    #[arg(long, default_value_t = TrainConfig::default().adam_beta1, allow_negative_numbers = true)]
     pub adam_beta1: f64,
-    #[arg(long, default_value_t = TrainConfig::default().adam_beta2)]
+    #[arg(long, default_value_t = TrainConfig::default().adam_beta2, allow_negative_numbers = true)]
     pub adam_beta2: f64,
-    #[arg(long, default_value_t = TrainConfig::default().adam_eps)]
+    #[arg(long, default_value_t = TrainConfig::default().adam_eps, allow_negative_numbers = true)]
     pub adam_eps: f64,
     /// global gradient-norm clipping (0: off)
-    #[arg(long, default_value_t = TrainConfig::default().max_grad_norm)]
+    #[arg(long, default_value_t = TrainConfig::default().max_grad_norm, allow_negative_numbers = true)]
     pub max_grad_norm: f64,
     /// auto (bf16 on GPU, fp32 on CPU), fp32, bf16 (f32 master weights) or fp16 (plus dynamic loss scaling)
     #[arg(long, default_value = "auto")]
     pub precision: String,
-    #[arg(long, default_value_t = TrainConfig::default().seed)]
+    #[arg(long, default_value_t = TrainConfig::default().seed, allow_negative_numbers = true)]
     pub seed: u64,
     /// stop after this many optimizer steps, or at the end of --epochs if that comes first (unlike
     /// transformers' max_steps, which overrides num_train_epochs); the learning-rate schedule spans the
     /// smaller of the two
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub max_steps: Option<usize>,
     /// train on the first N questions only (quick runs)
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub max_train_examples: Option<usize>,
     /// evaluate on the first N dev questions only
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub max_eval_examples: Option<usize>,
     /// evaluate every N steps (0: at each epoch end only)
-    #[arg(long, default_value_t = TrainConfig::default().eval_every)]
+    #[arg(long, default_value_t = TrainConfig::default().eval_every, allow_negative_numbers = true)]
     pub eval_every: usize,
     /// checkpoint every N steps (0: at each epoch end only)
-    #[arg(long, default_value_t = TrainConfig::default().save_every)]
+    #[arg(long, default_value_t = TrainConfig::default().save_every, allow_negative_numbers = true)]
     pub save_every: usize,
     /// keep at most N checkpoint-* folders (0: all)
-    #[arg(long, default_value_t = TrainConfig::default().save_total_limit)]
+    #[arg(long, default_value_t = TrainConfig::default().save_total_limit, allow_negative_numbers = true)]
     pub save_total_limit: usize,
     /// continue from the latest checkpoint in --output-dir (or from the checkpoint folder given)
     #[arg(long, num_args = 0..=1, default_missing_value = "")]
@@ -97,24 +97,24 @@ pub struct TrainArgs {
     #[arg(long)]
     pub overwrite_output_dir: bool,
     /// stop when dev F1 has not improved for N evaluations (0: never)
-    #[arg(long, default_value_t = TrainConfig::default().early_stopping_patience)]
+    #[arg(long, default_value_t = TrainConfig::default().early_stopping_patience, allow_negative_numbers = true)]
     pub early_stopping_patience: usize,
     /// override the config's hidden_dropout_prob
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub hidden_dropout: Option<f32>,
     /// override the config's attention_probs_dropout_prob
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub attention_dropout: Option<f32>,
     /// the same as --padding max (every window padded to --max-seq-length; same results, slower)
     #[arg(long)]
     pub no_dynamic_padding: bool,
     /// abort after this many non-finite steps in a row
-    #[arg(long, default_value_t = TrainConfig::default().max_bad_steps)]
+    #[arg(long, default_value_t = TrainConfig::default().max_bad_steps, allow_negative_numbers = true)]
     pub max_bad_steps: usize,
-    #[arg(long, default_value_t = TrainConfig::default().eval_batch_size)]
+    #[arg(long, default_value_t = TrainConfig::default().eval_batch_size, allow_negative_numbers = true)]
     pub eval_batch_size: usize,
     /// write a metrics line every N steps
-    #[arg(long, default_value_t = TrainConfig::default().log_every)]
+    #[arg(long, default_value_t = TrainConfig::default().log_every, allow_negative_numbers = true)]
     pub log_every: usize,
     #[arg(long)]
     pub no_progress: bool,
@@ -124,16 +124,16 @@ pub struct TrainArgs {
     #[arg(long, conflicts_with = "device")]
     pub devices: Option<String>,
     /// machines in the run (each runs this command with its own --node-rank and the same --devices count)
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub nnodes: usize,
     /// this machine's index, 0 .. --nnodes (node 0 logs, evaluates and saves)
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub node_rank: usize,
     /// how the machines find each other: file:PATH (a shared file system) or tcp:HOST:PORT (node 0's)
     #[arg(long)]
     pub rendezvous: Option<String>,
     /// seconds to wait for the other machines
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 600, allow_negative_numbers = true)]
     pub rendezvous_timeout: u64,
     #[command(flatten)]
     pub opts: EvalOpts,
@@ -152,6 +152,21 @@ impl TrainArgs {
         }
         if self.max_eval_examples == Some(0) {
             bail!("--max-eval-examples 0 leaves no question to evaluate");
+        }
+        // flags that act through the dev set do nothing without one: say so rather than ignore them
+        if self.dev_file.is_none() {
+            for (flag, given) in [
+                ("--eval-every", self.eval_every > 0),
+                (
+                    "--early-stopping-patience",
+                    self.early_stopping_patience > 0,
+                ),
+                ("--max-eval-examples", self.max_eval_examples.is_some()),
+            ] {
+                if given {
+                    bail!("{flag} needs --dev-file: without a dev set nothing is evaluated");
+                }
+            }
         }
         if self.nnodes == 0 || self.node_rank >= self.nnodes {
             bail!(

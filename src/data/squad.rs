@@ -146,11 +146,14 @@ impl Dataset {
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
-        let de = &mut serde_json::Deserializer::from_str(text);
-        let raw: RawFile = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let raw: RawFile = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
             anyhow!("{origin}: {path}: {}", e.into_inner())
         })?;
+        // anything after the document (a second one concatenated, say) is an error, as in Python's json.load
+        de.end()
+            .map_err(|e| anyhow!("{origin}: after the JSON document: {e}"))?;
         let mut examples = Vec::new();
         let mut misaligned = Vec::new();
         let mut locations = Vec::new();
@@ -178,10 +181,12 @@ impl Dataset {
                             start: a.answer_start.max(0) as usize,
                         });
                     }
+                    // the first answer's text is at answer_start — and has something to point at: an empty or
+                    // all-whitespace answer has no tokens, so no span could be its label
                     let aligned = match answers.first() {
                         Some(a) => {
                             let n = a.text.chars().count();
-                            ctx.slice(a.start, a.start + n) == a.text
+                            !a.text.trim().is_empty() && ctx.slice(a.start, a.start + n) == a.text
                         }
                         None => true,
                     };
@@ -293,7 +298,7 @@ impl Dataset {
         }
         let first: Vec<&str> = self.misaligned.iter().take(5).map(|s| s.as_str()).collect();
         Some(format!(
-            "{} answers whose answer_start does not point at their text (skipped for training, kept for evaluation), e.g. {}",
+            "{} answers whose answer_start does not point at their text, or that are empty or only whitespace (skipped for training, kept for evaluation), e.g. {}",
             self.misaligned.len(),
             first.join(", ")
         ))
@@ -309,6 +314,27 @@ impl Dataset {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An empty or all-whitespace answer has no tokens to label: it counts as misaligned (skipped for
+    /// training, kept for scoring), like one whose answer_start misses its text.
+    #[test]
+    fn empty_answers_are_not_aligned() {
+        let file = |answer: &str| {
+            format!(
+                r#"{{"data":[{{"title":"t","paragraphs":[{{"context":"The quick fox","qas":[{{"id":"1","question":"q","answers":[{{"text":"{answer}","answer_start":3}}]}}]}}]}}]}}"#
+            )
+        };
+        for (answer, aligned) in [
+            ("", false),
+            (" ", false),
+            (" quick", true),
+            ("quick", false),
+        ] {
+            let ds = Dataset::parse(&file(answer), "t.json").unwrap();
+            assert_eq!(ds.examples[0].answer_aligned, aligned, "{answer:?}");
+            assert_eq!(ds.misaligned.is_empty(), aligned, "{answer:?}");
+        }
+    }
 
     #[test]
     fn errors_name_the_json_path() {

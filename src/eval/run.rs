@@ -66,7 +66,12 @@ impl<'m, B: Backend> WindowForward<'m, B> {
         padding: Padding,
     ) -> Result<Self> {
         let b = batch_size.max(1);
-        let plan = ActPlan::new(be, &model.cfg, b * max_t, b, model.dtype(), false)?;
+        let rows = b.checked_mul(max_t).with_context(|| {
+            format!(
+                "--batch-size {b}: {b} windows of {max_t} tokens are more rows than can be counted"
+            )
+        })?;
+        let plan = ActPlan::new(be, &model.cfg, rows, b, model.dtype(), false)?;
         Ok(WindowForward {
             model,
             plan,

@@ -14,7 +14,7 @@ use crate::model::batch::{Batch, HostBatch};
 use crate::model::config::BertConfig;
 use crate::ops::{compute_dtype, Seqs};
 use crate::tensor::{DType, Tensor};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 /// Views start at multiples of this many elements (16-byte vectors at any dtype; 128-byte rows for bf16).
 const ALIGN: usize = 64;
@@ -173,27 +173,55 @@ impl<B: BackendCore> ActPlan<B> {
         if n_max == 0 || b_max == 0 {
             bail!("activation plan: {n_max} rows in {b_max} windows");
         }
+        let too_large = || {
+            anyhow::anyhow!(
+                "activation plan for batches of {b_max} windows ({n_max} rows): too large to allocate; lower \
+                 --batch-size (or --eval-batch-size)"
+            )
+        };
         let mut used = [0usize; 3];
         let mut slots = vec![];
         // one window more than asked: a packed batch's filler (src/model/batch.rs)
-        for (arena, shape) in shapes(cfg, backward, n_max, b_max + 1) {
+        for (arena, shape) in shapes(
+            cfg,
+            backward,
+            n_max,
+            b_max.checked_add(1).ok_or_else(too_large)?,
+        ) {
             let k = arena as usize;
             slots.push(Slot {
                 arena,
                 offset: used[k],
             });
-            used[k] += shape.iter().product::<usize>().div_ceil(ALIGN) * ALIGN;
+            let n = shape
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .and_then(|n| n.checked_next_multiple_of(ALIGN))
+                .ok_or_else(too_large)?;
+            used[k] = used[k].checked_add(n).ok_or_else(too_large)?;
         }
         let sd = compute_dtype(dtype);
+        let gib = (used[0] as f64 * dtype.size() as f64
+            + used[1] as f64 * sd.size() as f64
+            + used[2] as f64 * 4.0)
+            / 1073741824.0;
+        let alloc = |n: usize, dt: DType| {
+            Tensor::zeros(be, &[n.max(1)], dt).with_context(|| {
+                format!(
+                    "activation plan for batches of {b_max} windows ({n_max} rows, {gib:.2} GiB): lower \
+                     --batch-size (or --eval-batch-size)"
+                )
+            })
+        };
         Ok(ActPlan {
             cfg: cfg.clone(),
             dtype,
             n_max,
             b_max,
             backward,
-            act: Tensor::zeros(be, &[used[0].max(1)], dtype)?,
-            stat: Tensor::zeros(be, &[used[1].max(1)], sd)?,
-            int: Tensor::zeros(be, &[used[2].max(1)], DType::I32)?,
+            act: alloc(used[0], dtype)?,
+            stat: alloc(used[1], sd)?,
+            int: alloc(used[2], DType::I32)?,
             slots,
             acts: None,
             batch: None,

@@ -517,6 +517,17 @@ pub fn save<B: Backend>(
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let host = to_hf_host(be, cfg, params)?;
+    // what `load` refuses is never written (a diverged run's weights)
+    for (name, (shape, v)) in &host {
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            bail!(
+                "tensor {name:?} {shape:?} has a non-finite value ({}) at index {i}: refusing to save weights \
+                 that cannot be loaded (an update overflowed them: lower the learning rate or weight decay, \
+                 and start again from an earlier checkpoint)",
+                v[i]
+            );
+        }
+    }
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     crate::util::write_atomic(
@@ -617,6 +628,21 @@ pub fn write_random_model(
     tokenizer_src: &Path,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // the weights, then their file, are held in memory: shapes too large for that are an error naming them,
+    // not an abort part-way
+    let total = cfg
+        .num_params_checked()
+        .and_then(|n| n.checked_mul(4))
+        .context("the model's parameters: more bytes than can be counted")?;
+    let mut probe: Vec<u8> = Vec::new();
+    probe.try_reserve_exact(total.saturating_mul(2)).map_err(|_| {
+        anyhow!(
+            "{:.1} GiB of weights ({:.2}G parameters): more than this machine can hold twice in memory",
+            total as f64 / 1073741824.0,
+            total as f64 / 4e9
+        )
+    })?;
+    drop(probe);
     crate::util::write_atomic(
         &dir.join("model.safetensors"),
         &safetensors_bytes(&random_init_host(cfg, seed), None)?,

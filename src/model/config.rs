@@ -211,6 +211,29 @@ impl BertConfig {
     }
 
     /// Parameter count (without the pooler).
+    /// [`BertConfig::num_params`], or None where it is more than can be counted.
+    pub fn num_params_checked(&self) -> Option<usize> {
+        let (c, f, l) = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+        );
+        let m = |a: usize, b: usize| a.checked_mul(b);
+        let emb = self
+            .vocab_size
+            .checked_add(self.max_position_embeddings)?
+            .checked_add(self.type_vocab_size)?
+            .checked_add(2)?
+            .checked_mul(c)?;
+        let layer = m(4, m(c, c)?)?
+            .checked_add(m(2, m(c, f)?)?)?
+            .checked_add(m(9, c)?)?
+            .checked_add(f)?;
+        emb.checked_add(m(l, layer)?)?
+            .checked_add(m(2, c)?)?
+            .checked_add(2)
+    }
+
     pub fn num_params(&self) -> usize {
         let (c, f, l) = (
             self.hidden_size,

@@ -358,6 +358,7 @@ mod tests {
         spans.sort();
         assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0), "overlap");
         assert_eq!(l.num_params(), cfg.num_params());
+        assert_eq!(cfg.num_params_checked(), Some(cfg.num_params()));
     }
 
     #[test]

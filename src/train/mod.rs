@@ -547,7 +547,15 @@ impl<'a, B: Backend> Trainer<'a, B> {
             .batch_size
             .div_ceil(cfg.grad_accum_steps.max(1) * replicas.max(1))
             .max(1);
-        let rows = micro * cfg.features.max_seq_length;
+        let rows = micro
+            .checked_mul(cfg.features.max_seq_length)
+            .with_context(|| {
+                format!(
+                    "--batch-size {}: {micro} windows of {} tokens per micro-batch are more rows than can be \
+                     counted",
+                    cfg.batch_size, cfg.features.max_seq_length
+                )
+            })?;
         ActPlan::new(be, bcfg, rows, micro.max(cfg.eval_batch_size), dt, true)
     }
 
@@ -960,7 +968,18 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
     let t0 = Instant::now();
     let feats = training_features(inp.train, inp.tokenizer, &fc)?;
     if feats.is_empty() {
-        bail!("no training windows (empty training file?)");
+        let (n, bad) = (inp.train.examples.len(), inp.train.misaligned.len());
+        bail!(
+            "--train-file: no training windows: {}",
+            if n == 0 {
+                "the file holds no questions".to_string()
+            } else {
+                format!(
+                    "none of its {n} questions gives one ({bad} with an answer that does not align with its \
+                     context or is empty, skipped as warned above)"
+                )
+            }
+        );
     }
     let dev_feats = match inp.dev {
         Some(d) => Some(featurize(d, inp.tokenizer, &fc, false)?.features),
@@ -982,7 +1001,12 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
     );
     let steps_per_epoch = feats.len().div_ceil(cfg.batch_size);
     // where this run stops (--epochs, --max-steps: may change on resume) …
-    let mut stop_at = steps_per_epoch * cfg.epochs;
+    let mut stop_at = steps_per_epoch.checked_mul(cfg.epochs).with_context(|| {
+        format!(
+            "--epochs {}: {} epochs of {steps_per_epoch} steps is more steps than can be counted",
+            cfg.epochs, cfg.epochs
+        )
+    })?;
     if let Some(ms) = cfg.max_steps {
         stop_at = stop_at.min(ms);
     }
@@ -1353,6 +1377,19 @@ fn eval_and_track<B: Backend>(
     let (Some(dev), Some(df)) = (inp.dev, dev_feats) else {
         return Ok(false);
     };
+    // after a skipped step the weights may themselves be non-finite (an update overflowed them): nothing is
+    // scored from them (an F1 of NaN logits) or saved as best/
+    if trainer.state.consecutive_bad > 0 {
+        if let Some((name, i, v)) = first_non_finite(trainer)? {
+            bail!(
+                "step {}: the weights are non-finite ({name} is {v} at index {i}): an update overflowed them, \
+                 and every step since was skipped. Nothing is evaluated or saved from them; start again from \
+                 a checkpoint saved before the divergence (or the original model) with a smaller \
+                 --learning-rate or --weight-decay",
+                trainer.state.global_step
+            );
+        }
+    }
     let t = Instant::now();
     let (m, preds) = trainer.evaluate_with_predictions(dev, df, post)?;
     // predictions.json / nbest_predictions.json (/ null_odds.json) of the latest evaluation
