@@ -119,9 +119,10 @@ def load(path, n=None):
             for qa in p["qas"]:
                 ans = [{"text": a["text"], "start": max(0, int(a["answer_start"]))} for a in qa.get("answers", [])]
                 aligned = True
-                if ans:
+                if ans and not qa.get("is_impossible", False):
                     a = ans[0]
-                    aligned = p["context"][a["start"]:a["start"] + len(a["text"])] == a["text"]
+                    # as bertqa: at answer_start, and not empty or only whitespace (no tokens to label)
+                    aligned = a["text"].strip() != "" and p["context"][a["start"]:a["start"] + len(a["text"])] == a["text"]
                 ex.append({"id": qa["id"], "question": qa["question"], "context": p["context"], "paragraph": para,
                            "answers": ans, "impossible": bool(qa.get("is_impossible", False)), "aligned": aligned})
             para += 1

@@ -1998,6 +1998,16 @@ fn a_diverged_run_saves_and_scores_nothing() {
     ));
     fails(&o, &["non-finite value", "refusing to save"]);
     assert!(!listing(&out2).iter().any(|n| n.starts_with("checkpoint-")));
+    // an evaluation right after the step that overflowed them (an applied step): not scored either
+    let out3 = t.join("run3");
+    let o = run(&train_args(
+        &model,
+        &data,
+        &out3,
+        &[&flags[..], &["--eval-every", "1"]].concat(),
+    ));
+    fails(&o, &["step 1: the weights are non-finite"]);
+    assert_eq!(listing(&out3), vec!["metrics.jsonl"]);
 }
 
 /// Edge values and malformed inputs get errors that name the flag or the place, not a wrapped number, a
@@ -2031,6 +2041,21 @@ fn edge_inputs_get_named_errors() {
         args.drain(i..i + 2);
         fails(&run(&args), &[flag, "needs --dev-file"]);
     }
+    // … nor on --resume of a run that evaluates (its checkpoint's --eval-every)
+    let ev = t.join("evals");
+    ok(&run(&train_args(
+        &model,
+        &data,
+        &ev,
+        &["--eval-every", "2", "--max-steps", "2"],
+    )));
+    let mut args = train_args(&model, &data, &ev, &["--resume", "--max-steps", "4"]);
+    let i = args.iter().position(|a| a == "--dev-file").unwrap();
+    args.drain(i..i + 2);
+    fails(
+        &run(&args),
+        &["--eval-every (from its checkpoint) needs --dev-file"],
+    );
     // negative values reach the flag's own check (clap took them for unknown flags)
     fails(
         &run(&train_args(&model, &data, &out, &["--max-grad-norm", "-1"])),
@@ -2106,35 +2131,6 @@ fn edge_inputs_get_named_errors() {
             listing(t.path())
         );
     }
-    // what a killed init-random left beside its output (pid 4194399: above Linux's pid_max, never alive) is
-    // removed by the next one
-    std::fs::create_dir(t.join(".big.tmp-4194399")).unwrap();
-    let o = run(&[
-        "init-random",
-        "--tokenizer-from",
-        s(&tok),
-        "--output",
-        s(&big),
-        "--hidden-size",
-        "32",
-        "--layers",
-        "1",
-        "--heads",
-        "2",
-        "--intermediate-size",
-        "64",
-    ]);
-    ok(&o);
-    assert!(
-        stderr(&o).contains("removed") && stderr(&o).contains(".big.tmp-4194399"),
-        "{}",
-        stderr(&o)
-    );
-    assert!(
-        !listing(t.path()).iter().any(|n| n.starts_with(".big")),
-        "{:?}",
-        listing(t.path())
-    );
 }
 
 /// A loss/F1 chart that cannot be drawn is a warning naming it, not a silent leftover of an earlier step,

@@ -848,7 +848,25 @@ impl DeviceFn<bool> for TrainJob<'_> {
                 trainer.cfg.post.version_2 = v2;
                 Some(d)
             }
-            None => None,
+            None => {
+                // a resumed run's stored settings that act through the dev set (the command line's are
+                // checked in validate)
+                for (flag, given) in [
+                    ("--eval-every", trainer.cfg.eval_every > 0),
+                    (
+                        "--early-stopping-patience",
+                        trainer.cfg.early_stopping_patience > 0,
+                    ),
+                ] {
+                    if given {
+                        bail!(
+                            "the run's {flag} (from its checkpoint) needs --dev-file: pass the dev file it \
+                             was trained with, or {flag} 0"
+                        );
+                    }
+                }
+                None
+            }
         };
         let peak = be.peak(trainer.model.dtype());
         trainer.set_peak(peak.clone());
@@ -1088,12 +1106,13 @@ pub fn run(a: &TrainArgs, given: &GivenFlags) -> Result<i32> {
     Ok(code)
 }
 
-/// Whether `dir` holds only the logs of a run that saved nothing: some of metrics.jsonl, the predictions and
-/// curves.svg, as plain files — no checkpoint-N (complete or not), no best/, no summary.json (a run that
+/// Whether `dir` holds only the logs of a run that saved nothing: its metrics.jsonl, maybe the predictions
+/// and curves.svg, as plain files — no checkpoint-N (complete or not), no best/, no summary.json (a run that
 /// ended).
 fn saved_nothing(dir: &Path) -> bool {
     let held = checkpoint::run_contents(dir);
-    !held.is_empty()
+    // metrics.jsonl: a training run's (predictions alone may be an eval's)
+    held.iter().any(|n| n == "metrics.jsonl")
         && held.iter().all(|n| {
             n != "summary.json"
                 && checkpoint::RUN_FILES.contains(&n.as_str())

@@ -183,13 +183,15 @@ impl Dataset {
                     }
                     // the first answer's text is at answer_start — and has something to point at: an empty or
                     // all-whitespace answer has no tokens, so no span could be its label
-                    let aligned = match answers.first() {
-                        Some(a) => {
-                            let n = a.text.chars().count();
-                            !a.text.trim().is_empty() && ctx.slice(a.start, a.start + n) == a.text
-                        }
-                        None => true,
-                    };
+                    let aligned = qa.is_impossible
+                        || match answers.first() {
+                            Some(a) => {
+                                let n = a.text.chars().count();
+                                !a.text.trim().is_empty()
+                                    && ctx.slice(a.start, a.start + n) == a.text
+                            }
+                            None => true,
+                        };
                     if !aligned {
                         misaligned.push(qa.id.clone());
                     }
@@ -334,6 +336,13 @@ mod tests {
             assert_eq!(ds.examples[0].answer_aligned, aligned, "{answer:?}");
             assert_eq!(ds.misaligned.is_empty(), aligned, "{answer:?}");
         }
+        // SQuAD 2.0 files may write an unanswerable question's answer as "": it stays trainable (toward [CLS])
+        let v2 = file("").replace(
+            r#""question":"q","#,
+            r#""question":"q","is_impossible":true,"#,
+        );
+        let ds = Dataset::parse(&v2, "t.json").unwrap();
+        assert!(ds.examples[0].is_impossible && ds.examples[0].answer_aligned);
     }
 
     #[test]

@@ -635,9 +635,10 @@ pub fn write_random_model(
         .and_then(|n| n.checked_mul(4))
         .context("the model's parameters: more bytes than can be counted")?;
     let mut probe: Vec<u8> = Vec::new();
-    probe.try_reserve_exact(total.saturating_mul(2)).map_err(|_| {
+    probe.try_reserve_exact(total.saturating_mul(3)).map_err(|_| {
         anyhow!(
-            "{:.1} GiB of weights ({:.2}G parameters): more than this machine can hold twice in memory",
+            "{:.1} GiB of weights ({:.2}G parameters): more than this machine can hold in memory (about three \
+             copies while they are written)",
             total as f64 / 1073741824.0,
             total as f64 / 4e9
         )

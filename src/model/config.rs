@@ -210,7 +210,6 @@ impl BertConfig {
         Self::tiny(30522, 768, 12, 12, 3072, 512)
     }
 
-    /// Parameter count (without the pooler).
     /// [`BertConfig::num_params`], or None where it is more than can be counted.
     pub fn num_params_checked(&self) -> Option<usize> {
         let (c, f, l) = (
@@ -234,6 +233,7 @@ impl BertConfig {
             .checked_add(2)
     }
 
+    /// Parameter count (without the pooler).
     pub fn num_params(&self) -> usize {
         let (c, f, l) = (
             self.hidden_size,

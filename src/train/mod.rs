@@ -968,7 +968,13 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
     let t0 = Instant::now();
     let feats = training_features(inp.train, inp.tokenizer, &fc)?;
     if feats.is_empty() {
-        let (n, bad) = (inp.train.examples.len(), inp.train.misaligned.len());
+        let n = inp.train.examples.len();
+        let bad = inp
+            .train
+            .examples
+            .iter()
+            .filter(|e| !e.answer_aligned)
+            .count();
         bail!(
             "--train-file: no training windows: {}",
             if n == 0 {
@@ -1001,12 +1007,17 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
     );
     let steps_per_epoch = feats.len().div_ceil(cfg.batch_size);
     // where this run stops (--epochs, --max-steps: may change on resume) …
-    let mut stop_at = steps_per_epoch.checked_mul(cfg.epochs).with_context(|| {
-        format!(
-            "--epochs {}: {} epochs of {steps_per_epoch} steps is more steps than can be counted",
-            cfg.epochs, cfg.epochs
-        )
-    })?;
+    // (more epochs than steps can count: fine when --max-steps bounds the run)
+    let mut stop_at = match (steps_per_epoch.checked_mul(cfg.epochs), cfg.max_steps) {
+        (Some(n), _) => n,
+        (None, Some(_)) => usize::MAX,
+        (None, None) => bail!(
+            "--epochs {}: {} epochs of {steps_per_epoch} steps is more steps than can be counted (give \
+             --max-steps to train by steps)",
+            cfg.epochs,
+            cfg.epochs
+        ),
+    };
     if let Some(ms) = cfg.max_steps {
         stop_at = stop_at.min(ms);
     }
@@ -1377,18 +1388,16 @@ fn eval_and_track<B: Backend>(
     let (Some(dev), Some(df)) = (inp.dev, dev_feats) else {
         return Ok(false);
     };
-    // after a skipped step the weights may themselves be non-finite (an update overflowed them): nothing is
-    // scored from them (an F1 of NaN logits) or saved as best/
-    if trainer.state.consecutive_bad > 0 {
-        if let Some((name, i, v)) = first_non_finite(trainer)? {
-            bail!(
-                "step {}: the weights are non-finite ({name} is {v} at index {i}): an update overflowed them, \
-                 and every step since was skipped. Nothing is evaluated or saved from them; start again from \
-                 a checkpoint saved before the divergence (or the original model) with a smaller \
-                 --learning-rate or --weight-decay",
-                trainer.state.global_step
-            );
-        }
+    // the weights may be non-finite (an update overflowed them; the step that did so was applied): nothing
+    // is scored from them (an F1 of NaN logits) or saved as best/. One copy of the weights to the host, small
+    // next to an evaluation.
+    if let Some((name, i, v)) = first_non_finite(trainer)? {
+        bail!(
+            "step {}: the weights are non-finite ({name} is {v} at index {i}): an update overflowed them. \
+             Nothing is evaluated or saved from them; start again from a checkpoint saved before the \
+             divergence (or the original model) with a smaller --learning-rate or --weight-decay",
+            trainer.state.global_step
+        );
     }
     let t = Instant::now();
     let (m, preds) = trainer.evaluate_with_predictions(dev, df, post)?;
