@@ -1347,6 +1347,13 @@ fn train_args(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Vec<Stri
 }
 
 /// A tiny model and training file in `t`: (model, data).
+/// [`train_args`] without its `--dev-file DATA`.
+fn without_dev_file(mut args: Vec<String>) -> Vec<String> {
+    let i = args.iter().position(|a| a == "--dev-file").unwrap();
+    args.drain(i..i + 2);
+    args
+}
+
 fn train_setup(t: &TempDir) -> (PathBuf, PathBuf) {
     let model = tiny_model(t.path());
     let data = t.join("train.json");
@@ -2036,9 +2043,7 @@ fn edge_inputs_get_named_errors() {
         ("--early-stopping-patience", "1"),
         ("--max-eval-examples", "1"),
     ] {
-        let mut args = train_args(&model, &data, &out, &[flag, v]);
-        let i = args.iter().position(|a| a == "--dev-file").unwrap();
-        args.drain(i..i + 2);
+        let args = without_dev_file(train_args(&model, &data, &out, &[flag, v]));
         fails(&run(&args), &[flag, "needs --dev-file"]);
     }
     // … nor on --resume of a run that evaluates (its checkpoint's --eval-every)
@@ -2049,9 +2054,12 @@ fn edge_inputs_get_named_errors() {
         &ev,
         &["--eval-every", "2", "--max-steps", "2"],
     )));
-    let mut args = train_args(&model, &data, &ev, &["--resume", "--max-steps", "4"]);
-    let i = args.iter().position(|a| a == "--dev-file").unwrap();
-    args.drain(i..i + 2);
+    let args = without_dev_file(train_args(
+        &model,
+        &data,
+        &ev,
+        &["--resume", "--max-steps", "4"],
+    ));
     fails(
         &run(&args),
         &["--eval-every (from its checkpoint) needs --dev-file"],

@@ -155,17 +155,12 @@ impl TrainArgs {
         }
         // flags that act through the dev set do nothing without one: say so rather than ignore them
         if self.dev_file.is_none() {
-            for (flag, given) in [
-                ("--eval-every", self.eval_every > 0),
-                (
-                    "--early-stopping-patience",
-                    self.early_stopping_patience > 0,
-                ),
-                ("--max-eval-examples", self.max_eval_examples.is_some()),
-            ] {
-                if given {
-                    bail!("{flag} needs --dev-file: without a dev set nothing is evaluated");
-                }
+            if let Some(flag) = dev_set_flag(
+                self.eval_every,
+                self.early_stopping_patience,
+                self.max_eval_examples,
+            ) {
+                bail!("{flag} needs --dev-file: without a dev set nothing is evaluated");
             }
         }
         if self.nnodes == 0 || self.node_rank >= self.nnodes {
@@ -851,19 +846,12 @@ impl DeviceFn<bool> for TrainJob<'_> {
             None => {
                 // a resumed run's stored settings that act through the dev set (the command line's are
                 // checked in validate)
-                for (flag, given) in [
-                    ("--eval-every", trainer.cfg.eval_every > 0),
-                    (
-                        "--early-stopping-patience",
-                        trainer.cfg.early_stopping_patience > 0,
-                    ),
-                ] {
-                    if given {
-                        bail!(
-                            "the run's {flag} (from its checkpoint) needs --dev-file: pass the dev file it \
-                             was trained with, or {flag} 0"
-                        );
-                    }
+                let c = &trainer.cfg;
+                if let Some(flag) = dev_set_flag(c.eval_every, c.early_stopping_patience, None) {
+                    bail!(
+                        "the run's {flag} (from its checkpoint) needs --dev-file: pass the dev file it was \
+                         trained with, or {flag} 0"
+                    );
                 }
                 None
             }
@@ -1104,6 +1092,21 @@ pub fn run(a: &TrainArgs, given: &GivenFlags) -> Result<i32> {
     drop(interrupts);
     drop(lock);
     Ok(code)
+}
+
+/// The first flag set among those that act through the dev set (they do nothing without one).
+fn dev_set_flag(
+    eval_every: usize,
+    early_stopping_patience: usize,
+    max_eval_examples: Option<usize>,
+) -> Option<&'static str> {
+    [
+        ("--eval-every", eval_every > 0),
+        ("--early-stopping-patience", early_stopping_patience > 0),
+        ("--max-eval-examples", max_eval_examples.is_some()),
+    ]
+    .into_iter()
+    .find_map(|(flag, set)| set.then_some(flag))
 }
 
 /// Whether `dir` holds only the logs of a run that saved nothing: its metrics.jsonl, maybe the predictions
