@@ -472,9 +472,24 @@ pub fn safetensors_bytes_as(
                     .collect(),
                 _ => bytemuck::cast_slice(v).to_vec(),
             };
-            (n.clone(), s.clone(), b)
+            // a finite weight beyond the dtype's range would be written as ±inf, which `load` refuses
+            let narrowed = |i: usize| match dtype {
+                DType::F16 => half::f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32(),
+                DType::BF16 => half::bf16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32(),
+                _ => v[i],
+            };
+            if let Some(i) = (0..v.len()).find(|&i| v[i].is_finite() && !narrowed(i).is_finite()) {
+                bail!(
+                    "tensor {n:?} {s:?}: value {} at index {i} is beyond {dtype}'s range (it would be \
+                     written as {}); write {} instead",
+                    v[i],
+                    narrowed(i),
+                    if dtype == DType::F16 { "bf16 or f32" } else { "f32" }
+                );
+            }
+            Ok((n.clone(), s.clone(), b))
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
         .iter()
         .map(|(n, s, b)| {
