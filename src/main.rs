@@ -1,6 +1,7 @@
 //! `bertqa` — fine-tune BERT for extractive QA. See `bertqa --help`.
 
 use bertqa::cli;
+use clap::error::ErrorKind;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -40,7 +41,23 @@ fn main() {
     }
     // parsed in two steps so that `train` can tell the flags given on the command line from defaults
     // (ArgMatches::value_source): on --resume those are compared with the checkpoint's settings
-    let matches = Cli::command().get_matches();
+    let matches = match Cli::command().try_get_matches() {
+        Ok(m) => m,
+        // --help and --version go to standard output: one that cannot be written (a full disk) is an
+        // error, as for every other command's output; a reader that stopped early (`| head`) is not
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            use std::io::Write;
+            match e.print().and_then(|_| std::io::stdout().flush()) {
+                Ok(()) => std::process::exit(0),
+                Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+                Err(err) => {
+                    bertqa::say!("error: writing to standard output: {err}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        Err(e) => e.exit(),
+    };
     let args = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let res = match &args.cmd {
         Cmd::Train(a) => {
