@@ -841,6 +841,9 @@ impl DeviceFn<bool> for TrainJob<'_> {
                 )?;
                 // scored as v2.0 when the dev file is (a note on stderr says so)
                 trainer.cfg.post.version_2 = v2;
+                if let Some(msg) = d.shared_report(&train_ds, &a.train_file.display().to_string()) {
+                    crate::say!("warning: {}: {msg}", p.display());
+                }
                 Some(d)
             }
             None => {

@@ -311,6 +311,38 @@ impl Dataset {
         self.examples.truncate(n);
         self.locations.truncate(n);
     }
+
+    /// The questions of this set that `other` also holds (the same question text about the same passage
+    /// text; ids are not compared), by index: a dev set that overlaps the training set scores the fit to
+    /// the training data, not generalisation.
+    pub fn shared_with(&self, other: &Dataset) -> Vec<usize> {
+        let seen: std::collections::HashSet<(&str, &str)> = other
+            .examples
+            .iter()
+            .map(|e| (e.question.as_str(), e.context.text.as_str()))
+            .collect();
+        (0..self.examples.len())
+            .filter(|&i| {
+                let e = &self.examples[i];
+                seen.contains(&(e.question.as_str(), e.context.text.as_str()))
+            })
+            .collect()
+    }
+
+    /// A warning when some of this (dev) set's questions are also in `train`, naming the first one.
+    pub fn shared_report(&self, train: &Dataset, train_name: &str) -> Option<String> {
+        let shared = self.shared_with(train);
+        let &first = shared.first()?;
+        Some(format!(
+            "{} of {} questions are also in the training file {train_name} (the same question about the same \
+             passage; the first: id {:?}, {}): its scores measure how well the run fits its training data, \
+             not how it answers new questions",
+            shared.len(),
+            self.examples.len(),
+            self.examples[first].id,
+            self.json_path(first)
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -343,6 +375,60 @@ mod tests {
         );
         let ds = Dataset::parse(&v2, "t.json").unwrap();
         assert!(ds.examples[0].is_impossible && ds.examples[0].answer_aligned);
+    }
+
+    /// A dev question counts as seen in training when the same question is asked about the same passage,
+    /// whatever its id; the same question about another passage, or another question about the same
+    /// passage, is new.
+    #[test]
+    fn questions_shared_with_the_training_set_are_found_by_text() {
+        let para = |ctx: &str, qas: &[(&str, &str)]| {
+            let qas: Vec<String> = qas
+                .iter()
+                .map(|(id, q)| format!(r#"{{"id":"{id}","question":"{q}","answers":[{{"text":"old","answer_start":4}}]}}"#))
+                .collect();
+            format!(r#"{{"context":"{ctx}","qas":[{}]}}"#, qas.join(","))
+        };
+        let file = |paras: &[String]| {
+            format!(
+                r#"{{"data":[{{"title":"t","paragraphs":[{}]}}]}}"#,
+                paras.join(",")
+            )
+        };
+        let train = Dataset::parse(
+            &file(&[
+                para("the old king", &[("t1", "who?"), ("t2", "which?")]),
+                para("the old queen", &[("t3", "who?")]),
+            ]),
+            "train",
+        )
+        .unwrap();
+        let dev = Dataset::parse(
+            &file(&[
+                para("the old king", &[("d1", "when?"), ("d2", "which?")]),
+                para("the old prince", &[("d3", "who?")]),
+                para("the old queen", &[("d4", "who?")]),
+            ]),
+            "dev",
+        )
+        .unwrap();
+        assert_eq!(dev.shared_with(&train), vec![1, 3]);
+        let r = dev.shared_report(&train, "train.json").unwrap();
+        assert!(
+            r.starts_with("2 of 4 questions are also in the training file train.json"),
+            "{r}"
+        );
+        assert!(
+            r.contains(r#"id "d2", data[0].paragraphs[0].qas[1]"#),
+            "{r}"
+        );
+        assert!(train
+            .shared_report(&train, "x")
+            .unwrap()
+            .starts_with("3 of 3"));
+        let unseen =
+            Dataset::parse(&file(&[para("the old prince", &[("d3", "who?")])]), "d").unwrap();
+        assert_eq!(unseen.shared_report(&train, "train.json"), None);
     }
 
     #[test]
