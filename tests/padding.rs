@@ -259,3 +259,39 @@ fn training_steps_allocate_nothing_after_the_first() {
         }
     }
 }
+
+/// Evaluation takes memory for the windows a file has, not for the `--batch-size` asked: a batch size of
+/// 100,000 (a plan of 4 million rows before) over 3 windows holds what a batch size of 3 holds, a larger
+/// batch later grows the plan to its size (the old one freed first), and the logits do not depend on the
+/// batch size.
+#[test]
+fn evaluation_memory_follows_the_windows_not_the_batch_size() {
+    use bertqa::eval::run::WindowForward;
+    use bertqa::model::BertQa;
+    let cfg = BertConfig::tiny(97, 16, 2, 2, 32, 64);
+    let feats = windows(&cfg, 7, 40, 5);
+    let refs: Vec<&Feature> = feats.iter().collect();
+    // (peak bytes after the first batch of 3, after a second of all 7, the logits of the second)
+    let run = |batch_size: usize, first: usize| {
+        let be = Cpu::new();
+        let model = BertQa::new(cfg.clone(), common::rand_params(&be, &cfg, DType::F32, 3));
+        let mut fwd = WindowForward::new(&model, batch_size, 40, Padding::Packed).unwrap();
+        fwd.logits(&be, &refs[..first]).unwrap();
+        let p1 = be.memory_stats().peak_bytes;
+        let lg = fwd.logits(&be, &refs).unwrap();
+        (p1, be.memory_stats().peak_bytes, lg)
+    };
+    let (p3, _, _) = run(3, 3);
+    let (_, p7, lg7) = run(7, 7);
+    let (q1, q2, lg) = run(100_000, 3);
+    println!(
+        "peak bytes: batch 3 {p3}, batch 7 {p7}; batch 100000: {q1} after 3 windows, {q2} after 7"
+    );
+    assert_eq!(q1, p3, "the first batch's windows size the plan");
+    assert!(
+        q2 <= p7,
+        "grown to {q2} bytes, more than a plan of 7 windows ({p7})"
+    );
+    assert!(p3 < p7);
+    assert_eq!(lg, lg7, "logits depend on the batch size");
+}

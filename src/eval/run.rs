@@ -49,39 +49,61 @@ pub fn plan_logits<B: Backend>(
     Ok((starts, ends))
 }
 
-/// The model's forward pass over batches of windows, with a forward-only activation plan of its own.
+/// The model's forward pass over batches of windows, with a forward-only activation plan of its own. The
+/// plan is allocated at the first batch, for that batch's windows: a file with fewer windows than
+/// `--batch-size` takes memory for the windows it has (it grows to `batch_size` if a larger batch comes).
 pub struct WindowForward<'m, B: Backend> {
     model: &'m BertQa<B>,
-    plan: ActPlan<B>,
+    plan: Option<ActPlan<B>>,
+    batch_size: usize,
+    max_t: usize,
     padding: Padding,
 }
 
 impl<'m, B: Backend> WindowForward<'m, B> {
     /// For batches of up to `batch_size` windows of `max_t` tokens, laid out as `padding` says.
     pub fn new(
-        be: &B,
         model: &'m BertQa<B>,
         batch_size: usize,
         max_t: usize,
         padding: Padding,
     ) -> Result<Self> {
         let b = batch_size.max(1);
-        let rows = b.checked_mul(max_t).with_context(|| {
+        b.checked_mul(max_t).with_context(|| {
             format!(
                 "--batch-size {b}: {b} windows of {max_t} tokens are more rows than can be counted"
             )
         })?;
-        let plan = ActPlan::new(be, &model.cfg, rows, b, model.dtype(), false)?;
         Ok(WindowForward {
             model,
-            plan,
+            plan: None,
+            batch_size: b,
+            max_t,
             padding,
         })
     }
 
     /// Start and end logits (full window length each) of one batch of windows.
     pub fn logits(&mut self, be: &B, chunk: &[&Feature]) -> Result<SpanLogits> {
-        plan_logits(be, self.model, &mut self.plan, chunk, self.padding)
+        // sized for this batch, up to --batch-size (a larger one is cut into pieces that fit); a plan too
+        // small for a later batch is freed before the larger one is allocated
+        let b = chunk.len().clamp(1, self.batch_size);
+        let plan = match self.plan.take() {
+            Some(p) if p.max_windows() >= b => p,
+            old => {
+                drop(old);
+                ActPlan::new(
+                    be,
+                    &self.model.cfg,
+                    b * self.max_t,
+                    b,
+                    self.model.dtype(),
+                    false,
+                )?
+            }
+        };
+        let plan = self.plan.insert(plan);
+        plan_logits(be, self.model, plan, chunk, self.padding)
     }
 }
 
@@ -97,7 +119,7 @@ pub fn logits_for<B: Backend>(
     let mut starts = Vec::with_capacity(feats.len());
     let mut ends = Vec::with_capacity(feats.len());
     let max_t = feats.first().map_or(1, |f| f.input_ids.len());
-    let mut fwd = WindowForward::new(be, model, batch_size, max_t, padding)?;
+    let mut fwd = WindowForward::new(model, batch_size, max_t, padding)?;
     for chunk in feats.chunks(batch_size.max(1)) {
         let refs: Vec<&Feature> = chunk.iter().collect();
         let (s, e) = fwd.logits(be, &refs)?;
@@ -142,7 +164,7 @@ pub fn predict_streaming<B: Backend>(
     });
     let batch_size = batch_size.max(1);
     let mut out = Predictions::new();
-    let mut fwd = WindowForward::new(be, model, batch_size, fcfg.max_seq_length, padding)?;
+    let mut fwd = WindowForward::new(model, batch_size, fcfg.max_seq_length, padding)?;
     let mut pending: Vec<Feature> = Vec::with_capacity(batch_size.min(1024));
     // examples (index, accumulator) whose windows are queued or done, in dataset order
     let mut open: std::collections::VecDeque<(usize, SpanAccumulator)> = Default::default();
