@@ -1305,6 +1305,35 @@ fn convert_refuses_in_place_and_non_empty_outputs_unless_forced() {
     }
 }
 
+#[test]
+fn convert_refuses_weights_beyond_the_target_range() {
+    let t = TempDir::new("convert-range");
+    let model = tiny_model(t.path());
+    let name = "bert.encoder.layer.0.output.dense.weight";
+    let conv = |out: &Path, dt: &str| {
+        run(&[
+            "convert",
+            "--model",
+            s(&model),
+            "--output",
+            s(out),
+            "--dtype",
+            dt,
+        ])
+    };
+    // IEEE half: 65519 rounds down to the largest finite value (65504), 65520 up to +inf
+    poke_weight(&model, name, 70, 65519.0);
+    ok(&conv(&t.join("f16-ok"), "f16"));
+    poke_weight(&model, name, 70, -65520.0);
+    fails(
+        &conv(&t.join("f16"), "f16"),
+        &[name, "-65520", "index 70", "f16", "-inf", "bf16 or f32"],
+    );
+    assert!(!t.join("f16").exists(), "nothing written");
+    ok(&conv(&t.join("bf16"), "bf16"));
+    ok(&conv(&t.join("f32"), "f32"));
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // train: runs that cannot be lost or mixed (items 1-4), the last-line contract
 
@@ -1848,6 +1877,42 @@ fn a_run_that_died_before_its_first_checkpoint_is_started_again() {
     );
 }
 
+/// A dev set that shares questions with the training set (the same file, or a copy) gets a warning that
+/// its scores measure fit, not generalisation; a disjoint one does not.
+#[test]
+fn a_dev_set_that_overlaps_the_training_set_is_warned_about() {
+    let t = TempDir::new("overlap");
+    let (model, data) = train_setup(&t);
+    let needle = "are also in the training file";
+    let out = t.join("same");
+    let o = run(&train_args(&model, &data, &out, &["--max-steps", "1"]));
+    ok(&o);
+    assert!(
+        stderr(&o).contains(&format!(
+            "warning: {}: 16 of 16 questions {needle} {}",
+            data.display(),
+            data.display()
+        )),
+        "{}",
+        stderr(&o)
+    );
+    // other passages (another salt of the generator): no warning
+    let dev = t.join("dev.json");
+    let (ctx, ans) = context_and_answers(45, 2, 9);
+    let qs = ans
+        .iter()
+        .enumerate()
+        .map(|(q, (a, st))| qa(&format!("d{q}"), &[(a, *st)], None))
+        .collect();
+    squad_file(&dev, "1.1", vec![(ctx, qs)]);
+    let mut args = train_args(&model, &data, &t.join("other"), &["--max-steps", "1"]);
+    let i = args.iter().position(|a| a == "--dev-file").unwrap();
+    args[i + 1] = s(&dev).to_string();
+    let o = run(&args);
+    ok(&o);
+    assert!(!stderr(&o).contains(needle), "{}", stderr(&o));
+}
+
 /// A standard output that cannot be written (a full disk: /dev/full) is an error, not a panic: `score`
 /// exits 1 naming it; `train` completes its run and its files, then exits 1 saying so. A standard error
 /// that cannot be written (its log's disk full, the pipe's reader gone) never stops a run.
@@ -1879,6 +1944,25 @@ fn unwritable_stdout_is_an_error_and_unwritable_stderr_is_ignored() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("error: writing to standard output"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+    // --help and --version alike (clap printed them and exited 0 whatever the write gave); a reader that
+    // stops early is no error
+    for args in [vec!["--help"], vec!["train", "--help"], vec!["--version"]] {
+        let args: Vec<String> = args.into_iter().map(String::from).collect();
+        let o = with(&args, full(), std::fs::File::create(&log).unwrap());
+        let err = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("error: writing to standard output"), "{err}");
+    }
+    let mut c = Command::new(bin())
+        .args(["train", "--help"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(c.stdout.take()); // the reader is gone before anything is written
+    let o = c.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "");
     // train: the run completes (summary.json), then the lines it could not print make it exit 1
     let out = t.join("run");
     let args = train_args(&model, &data, &out, &["--max-steps", "2"]);
