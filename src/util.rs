@@ -206,6 +206,17 @@ pub fn replace_dir(out: &Path, build: impl FnOnce(&Path) -> Result<()>) -> Resul
     let tmp = parent.join(format!(".{name}.tmp-{pid}"));
     let old = parent.join(format!(".{name}.old-{pid}"));
     let _ = std::fs::remove_dir_all(&tmp);
+    // what an earlier write that was killed part-way left beside `out` is named, not removed: on a shared
+    // file system the process that owns it may be alive on another machine
+    let leftovers = sibling_leftovers(&parent, name, pid);
+    if !leftovers.is_empty() {
+        crate::say!(
+            "warning: beside {} are {}, left by a write of it that was interrupted (or that is still running \
+             elsewhere): remove them by hand once no other bertqa is writing {name}",
+            out.display(),
+            leftovers.join(", ")
+        );
+    }
     std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     if let Err(e) = build(&tmp) {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -242,6 +253,26 @@ pub fn replace_dir(out: &Path, build: impl FnOnce(&Path) -> Result<()>) -> Resul
         }
     }
     sync_dir(&parent).with_context(|| format!("{} is in place", out.display()))
+}
+
+/// The temporary and moved-aside entries `replace_dir` names `.NAME.tmp-PID` / `.NAME.old-PID` in `parent`,
+/// other than this process's (sorted).
+fn sibling_leftovers(parent: &Path, name: &str, pid: u32) -> Vec<String> {
+    let ours = [format!(".{name}.tmp-{pid}"), format!(".{name}.old-{pid}")];
+    let mut found: Vec<String> = std::fs::read_dir(parent)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|f| {
+            [".tmp-", ".old-"].iter().any(|k| {
+                f.strip_prefix(&format!(".{name}{k}"))
+                    .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            }) && !ours.contains(f)
+        })
+        .collect();
+    found.sort();
+    found
 }
 
 /// The name of the lock file `bertqa train` keeps in its output directory while it runs.

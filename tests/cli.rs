@@ -1228,6 +1228,34 @@ fn init_random_refuses_a_non_empty_output_unless_forced() {
     );
     // nothing left beside it
     assert_eq!(listing(t.path()), vec!["model", "tok"]);
+    // what a killed write left beside it is named (it may belong to a live process elsewhere), not removed
+    for d in [
+        ".model.tmp-99999999",
+        ".model.old-7",
+        ".model.tmp-x",
+        ".modelx.tmp-7",
+    ] {
+        std::fs::create_dir(t.join(d)).unwrap();
+    }
+    let o = run(&args(&model, &["--force"]));
+    ok(&o);
+    assert!(
+        stderr(&o).contains(
+            ".model.old-7, .model.tmp-99999999, left by a write of it that was interrupted"
+        ),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stderr(&o).contains(".model.tmp-x") && !stderr(&o).contains(".modelx"));
+    for d in [
+        ".model.tmp-99999999",
+        ".model.old-7",
+        ".model.tmp-x",
+        ".modelx.tmp-7",
+    ] {
+        assert!(t.join(d).is_dir(), "{d} kept");
+        std::fs::remove_dir(t.join(d)).unwrap();
+    }
     // an empty directory is fine without --force
     let empty = t.join("empty");
     std::fs::create_dir(&empty).unwrap();
