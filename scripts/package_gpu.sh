@@ -35,3 +35,16 @@ git rev-parse --short HEAD > .gpu/COMMIT 2>/dev/null || echo unknown > .gpu/COMM
 git diff --quiet 2>/dev/null || echo "+dirty" >> .gpu/COMMIT
 du -sh .gpu/bin/*
 du -sh .gpu
+# the run tool carries the working tree (tracked and untracked-unignored files) and .gpu: 64 MiB in all.
+# Over it, the device call is refused; say so here, where it can be fixed (NO_DATA=1 for a check-only call)
+{ git ls-files -z; git ls-files -z --others --exclude-standard; } | python3 -c '
+import os, sys
+tree = sum(os.path.getsize(p) for p in sys.stdin.buffer.read().split(b"\0") if p and os.path.isfile(p))
+carry = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(".gpu") for f in fs)
+limit = 64 * 1024 * 1024
+print(f"transfer: working tree {tree/1e6:.1f} MB + .gpu {carry/1e6:.1f} MB = {(tree+carry)/1e6:.1f} MB "
+      f"of {limit/1e6:.1f} MB")
+if tree + carry > limit:
+    sys.exit(f"error: the transfer is over the run tool\x27s 64 MiB by {tree + carry - limit} bytes: package "
+             "with NO_DATA=1 (no SQuAD/MiniLM: checks and BERT-base throughput only), or remove what is "
+             "untracked in the tree")'
