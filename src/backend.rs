@@ -56,6 +56,13 @@ pub trait BackendCore: Sized + Send + Sync + 'static {
     fn memory_stats(&self) -> MemStats;
     /// Start a new peak measurement at the bytes held now.
     fn reset_peak(&self);
+    /// Give back to the device the memory of dropped buffers that the backend keeps for reuse (the CUDA
+    /// arena's free list, which only serves later allocations of the same sizes): before allocating buffers
+    /// of other sizes in their place, such as a re-sized activation plan. A no-op where a dropped buffer is
+    /// freed at once (the CPU).
+    fn release_cached(&self) -> Result<()> {
+        Ok(())
+    }
     /// The compute peak for GEMMs with `dtype` operands, when known (MFU is reported against it).
     fn peak(&self, _dtype: DType) -> Option<Peak> {
         None

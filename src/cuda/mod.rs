@@ -74,7 +74,9 @@ pub struct Cuda {
     blas: CudaBlas,
     arena: Arc<Arena>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    funcs: Mutex<HashMap<String, CudaFunction>>,
+    /// loaded kernels, each with the dynamic shared memory it has been allowed (bytes above 48 KiB need an
+    /// opt-in, set once per function and size rather than at every launch)
+    funcs: Mutex<HashMap<String, (CudaFunction, u32)>>,
     /// Compute capability (major, minor).
     pub cc: (i32, i32),
     pub device_name: String,
@@ -214,17 +216,42 @@ impl Cuda {
         self.arena.cuda_mallocs.load(Ordering::Relaxed)
     }
 
-    /// A kernel from module `module` (`kernels/<module>.cu`), compiled on first use.
-    fn func(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
+    /// Kernel `name` of module `module` (`kernels/<module>.cu`), compiled and loaded on first use, allowed
+    /// `smem` bytes of dynamic shared memory.
+    fn func(&self, module: &'static str, name: &str, smem: u32) -> Result<CudaFunction> {
         let key = format!("{module}::{name}");
-        if let Some(f) = self
+        let mut known = None;
+        if let Some((f, allowed)) = self
             .funcs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&key)
         {
-            return Ok(f.clone());
+            if smem <= (*allowed).max(48 * 1024) {
+                return Ok(f.clone());
+            }
+            known = Some(f.clone());
         }
+        let f = match known {
+            Some(f) => f,
+            None => self.load_func(module, name)?,
+        };
+        let mut allowed = 0;
+        if smem > 48 * 1024 {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(|e| anyhow!("{name}: cannot raise shared memory to {smem} bytes: {e:?}"))?;
+            allowed = smem;
+        }
+        let mut funcs = self.funcs.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = funcs.entry(key).or_insert((f.clone(), 0));
+        entry.1 = entry.1.max(allowed);
+        Ok(f)
+    }
+
+    fn load_func(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
         let m = {
             let mut mods = self.modules.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(m) = mods.get(module) {
@@ -241,14 +268,8 @@ impl Cuda {
                 m
             }
         };
-        let f = m
-            .load_function(name)
-            .map_err(|e| anyhow!("kernel {name} not found in kernels/{module}.cu: {e:?}"))?;
-        self.funcs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, f.clone());
-        Ok(f)
+        m.load_function(name)
+            .map_err(|e| anyhow!("kernel {name} not found in kernels/{module}.cu: {e:?}"))
     }
 
     /// Turn the per-kernel profiler on (clearing what it holds) or off.
@@ -368,14 +389,7 @@ impl Cuda {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
-        let f = self.func(module, name)?;
-        if smem > 48 * 1024 {
-            f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .map_err(|e| anyhow!("{name}: cannot raise shared memory to {smem} bytes: {e:?}"))?;
-        }
+        let f = self.func(module, name, smem)?;
         let cfg = LaunchConfig {
             grid_dim: grid,
             block_dim: block,
@@ -484,7 +498,10 @@ impl Cuda {
     /// earlier than `what` instead of as `what`'s own.
     fn stale_error(&self, what: &str) -> Result<()> {
         self.ctx.check_err().map_err(|e| {
-            anyhow!("before the CUDA graph {what}: an earlier CUDA call had failed where it could not report it (dropping a buffer, stream or event): {e:?}")
+            anyhow::Error::new(crate::train::graphs::EarlierFault(format!(
+                "before the CUDA graph {what}: an earlier CUDA call had failed where it could not report it \
+                 (dropping a buffer, stream or event): {e:?}"
+            )))
         })
     }
 
@@ -663,6 +680,15 @@ impl BackendCore for Cuda {
                 arena: self.arena.clone(),
             }),
         })
+    }
+    fn release_cached(&self) -> Result<()> {
+        self.not_capturing("releasing cached memory")?;
+        let cached =
+            std::mem::take(&mut *self.arena.free.lock().unwrap_or_else(|e| e.into_inner()));
+        // each CudaSlice frees its memory as it is dropped (stream-ordered after the work queued so far);
+        // a failure is kept by cudarc and reported at the next check (synchronize, a graph capture)
+        drop(cached);
+        Ok(())
     }
     fn view(&self, buf: &CudaBuf, dtype: DType, offset: usize, n: usize) -> Result<CudaBuf> {
         let (off, len) = (offset * dtype.size(), n * dtype.size());

@@ -91,7 +91,10 @@ impl<'m, B: Backend> WindowForward<'m, B> {
         let plan = match self.plan.take() {
             Some(p) if p.max_windows() >= b => p,
             old => {
-                drop(old);
+                if old.is_some() {
+                    drop(old);
+                    be.release_cached()?;
+                }
                 ActPlan::new(
                     be,
                     &self.model.cfg,

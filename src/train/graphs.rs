@@ -45,6 +45,19 @@ impl<B: BackendCore> Recorder for B {
     }
 }
 
+/// A capture that did not begin because of an earlier fault (one the backend could only report now, such as
+/// a failed free): not the shape's, so the shape is tried again at its next batch.
+#[derive(Debug)]
+pub struct EarlierFault(pub String);
+
+impl std::fmt::Display for EarlierFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for EarlierFault {}
+
 /// What determines the recorded work of a micro-batch (see the module documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GraphKey {
@@ -129,6 +142,16 @@ impl<G> StepGraphs<G> {
                     self.slots.insert(key, Slot::Ready(g));
                     self.stats.recorded += 1;
                 }
+                Err(e) if e.downcast_ref::<EarlierFault>().is_some() => {
+                    // nothing was recorded, for a reason that is not the shape's: run the micro-batch now and
+                    // record the shape at its next batch (a fault that persists fails the work itself)
+                    crate::say!(
+                        "warning: CUDA graphs: a micro-batch of {} rows in {} windows was not recorded: {e:#}",
+                        key.rows, key.windows
+                    );
+                    self.stats.eager += 1;
+                    f()?;
+                }
                 Err(e) => {
                     // nothing ran while recording: run the micro-batch now, and this shape without a graph
                     // from now on (a recording that fails is a bug to report, not a reason to stop a run)
@@ -185,6 +208,7 @@ mod tests {
         ran: RefCell<Vec<String>>,
         recording: RefCell<Option<Vec<String>>>,
         fail_next_capture: Cell<bool>,
+        fault_before_next_capture: Cell<bool>,
     }
     impl Mock {
         fn queue(&self, op: String) {
@@ -203,6 +227,9 @@ mod tests {
             self.on
         }
         fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Vec<String>> {
+            if self.fault_before_next_capture.replace(false) {
+                return Err(EarlierFault("a free failed earlier".into()).into());
+            }
             *self.recording.borrow_mut() = Some(vec![]);
             let r = f();
             let g = self.recording.borrow_mut().take().unwrap_or_default();
@@ -289,6 +316,30 @@ mod tests {
         g.run(&be, key(256), &mut f).unwrap();
         g.run(&be, key(256), &mut f).unwrap();
         assert_eq!(be.take(), ["op", "op (replayed)"]);
+        assert_eq!(g.recorded(), 1);
+    }
+
+    /// A fault from before the recording (the CUDA backend's failed frees surface there) is not the shape's:
+    /// the work runs directly and the shape is recorded at its next batch.
+    #[test]
+    fn an_earlier_fault_leaves_the_shape_recordable() {
+        let be = Mock {
+            on: true,
+            ..Mock::default()
+        };
+        let mut g = StepGraphs::default();
+        let mut f = || {
+            be.queue("op".into());
+            Ok(())
+        };
+        g.run(&be, key(128), &mut f).unwrap();
+        be.fault_before_next_capture.set(true);
+        g.run(&be, key(128), &mut f).unwrap();
+        assert_eq!(be.take(), ["op", "op"]);
+        assert_eq!((g.recorded(), g.stats.failed), (0, 0));
+        g.run(&be, key(128), &mut f).unwrap();
+        g.run(&be, key(128), &mut f).unwrap();
+        assert_eq!(be.take(), ["op (replayed)", "op (replayed)"]);
         assert_eq!(g.recorded(), 1);
     }
 

@@ -55,9 +55,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
     pub fn join_group(&mut self, group: Box<dyn Collective<B>>) -> Result<()> {
         let be = self.be;
         let (rank, world) = (group.rank(), group.world());
-        // this replica's share of a step: a smaller plan (the old one freed first: a one-row placeholder)
+        // this replica's share of a step: a smaller plan (the old one freed first, down to a one-row
+        // placeholder, and its memory given back to the device rather than kept for reuse at sizes the new
+        // plan does not have)
         let dt = self.model.dtype();
         self.plan = crate::model::ActPlan::new(be, &self.model.cfg, 1, 1, dt, true)?;
+        be.release_cached()?;
         self.plan = Self::plan_for(be, &self.model.cfg, &self.cfg, dt, world)?;
         // graphs recorded with the old plan's addresses must not be replayed
         self.graphs.clear();
