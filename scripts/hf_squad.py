@@ -174,6 +174,8 @@ class Windows:
             if training and not e["impossible"] and e["aligned"] and e["answers"]:
                 a0 = e["answers"][0]
                 span = (a0["start"], a0["start"] + len(a0["text"]))
+                if not any(s < span[1] and t > span[0] for s, t in offs):
+                    continue  # as bertqa: an answer that covers no token (e.g. "\x1c", "\u200b") is not trained on
             for ws, we in ctx_windows(len(cids), max_ctx, a.doc_stride):
                 sp = ep = 0
                 has = False

@@ -1076,6 +1076,13 @@ fn eval_and_predict_check_their_options() {
         &t.join("o"),
         &["--doc-stride", "60", "--max-seq-length", "128"],
     ));
+    // a passage of characters the tokenizer drops (zero-width spaces, a lone combining mark) has no tokens
+    for passage in ["\u{200b}\u{200b}", "\u{301}", " \t"] {
+        fails(
+            &predict(&model, passage, &[]),
+            &["--context has no tokens", "characters the tokenizer drops"],
+        );
+    }
 }
 
 /// The CUDA kernel switches are checked even on the CPU (one typed configuration, parsed once): an unknown
@@ -1939,6 +1946,33 @@ fn a_dev_set_that_overlaps_the_training_set_is_warned_about() {
     let o = run(&args);
     ok(&o);
     assert!(!stderr(&o).contains(needle), "{}", stderr(&o));
+}
+
+/// An answer made of characters the tokenizer drops is not trained on, and a warning names it.
+#[test]
+fn answers_without_tokens_are_named_and_not_trained_on() {
+    let t = TempDir::new("notokens");
+    let (model, data) = train_setup(&t);
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&data).unwrap()).unwrap();
+    let para = &mut v["data"][0]["paragraphs"][0];
+    let ctx = format!("{} \u{1c} end", para["context"].as_str().unwrap());
+    let at = ctx.chars().count() - 5;
+    para["context"] = json!(ctx);
+    para["qas"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"id": "ctrl", "question": "which?",
+        "answers": [{"text": "\u{1c}", "answer_start": at}]}));
+    std::fs::write(&data, v.to_string()).unwrap();
+    let out = t.join("run");
+    let o = run(&train_args(&model, &data, &out, &["--max-steps", "1"]));
+    ok(&o);
+    assert!(
+        stderr(&o).contains("warning: --train-file: 1 answer covers no token of its passage")
+            && stderr(&o).contains(r#"kept for evaluation: "ctrl" ("\u{1c}")"#),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// A standard output that cannot be written (a full disk: /dev/full) is an error, not a panic: `score`

@@ -117,6 +117,11 @@ fn labelled_spans_decode_to_the_gold_answer_on_the_whole_train_set() {
         "questions whose answer lies in no window"
     );
     assert!(
+        f.answer_without_tokens.is_empty(),
+        "answers of the train set that cover no token: {:?}",
+        f.answer_without_tokens
+    );
+    assert!(
         n_in - n_ok <= 226,
         "{} of {n_in} spans do not round-trip (226 are sub-word answers)",
         n_in - n_ok
@@ -206,6 +211,59 @@ fn offsets_survive_accents_cjk_emoji_whitespace_and_control_characters() {
             assert!(o.0 <= o.1 && o.1 <= ctx.chars().count());
         }
     }
+}
+
+/// An answer made only of characters the tokenizer drops (found by a probe against transformers: run_qa
+/// labels the tokens around it, "foo … bar" for "\u{1c}") covers no token: its windows get no label and
+/// training leaves it out, while an answer with real tokens around a dropped one is labelled as usual.
+#[test]
+fn answers_that_cover_no_token_are_not_labelled() {
+    let Some(tok) = minilm_tokenizer() else {
+        return;
+    };
+    let ctx = "foo \u{1c} bar \u{200b} baz \u{ad}qux\u{301} end";
+    let chars: Vec<char> = ctx.chars().collect();
+    let at = |c: char| chars.iter().position(|&x| x == c).unwrap();
+    let qas: Vec<serde_json::Value> = [
+        ("ctrl", "\u{1c}".to_string(), at('\u{1c}')),
+        ("zwsp", "\u{200b}".to_string(), at('\u{200b}')),
+        ("shy", "\u{ad}".to_string(), at('\u{ad}')),
+        ("mark", "\u{301}".to_string(), at('\u{301}')),
+        ("word", "baz".to_string(), at('z') - 2),
+        ("mixed", "bar \u{200b} baz".to_string(), at('r') - 2),
+    ]
+    .into_iter()
+    .map(|(id, text, start)| {
+        serde_json::json!({"id": id, "question": "which?", "answers": [{"text": text, "answer_start": start}]})
+    })
+    .collect();
+    let file = serde_json::json!({"version": "1.1", "data": [{"title": "t", "paragraphs": [
+        {"context": ctx, "qas": qas}]}]});
+    let ds = Dataset::parse(&file.to_string(), "inline").unwrap();
+    assert!(ds.misaligned.is_empty(), "{:?}", ds.misaligned);
+    let cfg = FeatureCfg {
+        max_seq_length: 32,
+        doc_stride: 8,
+        max_query_length: 8,
+    };
+    let f = featurize(&ds, &tok, &cfg, true).unwrap();
+    assert_eq!(f.answer_without_tokens, vec![0, 1, 2, 3]);
+    for feat in &f.features {
+        let labelled = feat.has_answer;
+        assert_eq!(labelled, feat.example >= 4, "example {}", feat.example);
+        if labelled {
+            let (s, e) = (
+                feat.offsets[feat.start_position as usize].unwrap(),
+                feat.offsets[feat.end_position as usize].unwrap(),
+            );
+            let want = ["baz", "bar \u{200b} baz"][feat.example - 4];
+            assert_eq!(ds.examples[feat.example].context.slice(s.0, e.1), want);
+        }
+    }
+    let train = bertqa::train::training_features(&ds, &tok, &cfg).unwrap();
+    let mut kept: Vec<usize> = train.iter().map(|x| x.example).collect();
+    kept.dedup();
+    assert_eq!(kept, vec![4, 5]);
 }
 
 #[test]

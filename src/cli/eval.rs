@@ -270,7 +270,8 @@ pub struct PredictArgs {
     #[arg(long)]
     pub context: Option<String>,
     /// the passage, read from a UTF-8 file (`-`: standard input) — for passages too long for a command
-    /// line (about 128 KiB on Linux) or holding characters an argument cannot (NUL)
+    /// line (about 128 KiB on Linux) or holding characters an argument cannot (NUL). A byte-order mark at
+    /// its start is not part of the passage: character offsets count from after it
     #[arg(long, value_name = "PATH")]
     pub context_file: Option<PathBuf>,
     #[arg(long, default_value = "fp32")]
@@ -322,7 +323,10 @@ impl DeviceFn<()> for PredictJob<'_> {
         let (context, flag) = a.passage()?;
         let (model, tok) = load_qa_model(be, &a.model, &a.precision, &a.opts)?;
         if tok.encode(&context)?.ids.is_empty() {
-            bail!("{flag} has no tokens (it is empty or only whitespace/control characters)");
+            bail!(
+                "{flag} has no tokens (it is empty, or only characters the tokenizer drops: whitespace, \
+                 control and format characters such as a zero-width space, marks removed with the accents)"
+            );
         }
         let ctx = Arc::new(SquadContext::new(context, String::new()));
         let ex = Example {

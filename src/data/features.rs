@@ -48,6 +48,10 @@ pub struct Featurized {
     pub features: Vec<Feature>,
     /// examples (by index) with at least one window containing the answer
     pub answerable_in_window: usize,
+    /// with labels: the examples (by index) whose answer covers no token of the context — text the
+    /// tokenizer drops (control and format characters such as U+001C or a zero-width space, combining
+    /// marks under accent stripping): no span could be their label, so their windows are unlabelled
+    pub answer_without_tokens: Vec<usize>,
 }
 
 /// The windows (start, end) in context-token indices.
@@ -77,6 +81,8 @@ pub struct WindowBuilder<'a> {
     doc_stride: usize,
     /// the answer's code-point span, when labels are wanted
     span: Option<(usize, usize)>,
+    /// labels were wanted, but the answer covers no context token
+    answer_without_tokens: bool,
 }
 
 impl<'a> WindowBuilder<'a> {
@@ -95,13 +101,20 @@ impl<'a> WindowBuilder<'a> {
                 "max_seq_length {t} leaves no room for the context after a {qlen}-token question"
             );
         }
-        let span = if training && !ex.is_impossible && ex.answer_aligned {
+        let mut span = if training && !ex.is_impossible && ex.answer_aligned {
             ex.answers
                 .first()
                 .map(|a| (a.start, a.start + a.text.chars().count()))
         } else {
             None
         };
+        // an answer made of characters the tokenizer drops has no token to point at (the search below would
+        // label the tokens around it)
+        let answer_without_tokens =
+            span.is_some_and(|(a_s, a_e)| !ctx.offsets.iter().any(|&(s, e)| s < a_e && e > a_s));
+        if answer_without_tokens {
+            span = None;
+        }
         Ok(WindowBuilder {
             ex_idx,
             q: &q.ids[..qlen],
@@ -110,7 +123,13 @@ impl<'a> WindowBuilder<'a> {
             max_ctx: t - qlen - 3,
             doc_stride: cfg.doc_stride,
             span,
+            answer_without_tokens,
         })
+    }
+
+    /// Labels were wanted, but the answer covers no token of the context (see [`Featurized`]).
+    pub fn answer_without_tokens(&self) -> bool {
+        self.answer_without_tokens
     }
 
     /// The windows (start, end) in context-token indices.
@@ -180,24 +199,6 @@ impl<'a> WindowBuilder<'a> {
     }
 }
 
-/// Build the features of one example from its encoded question and context.
-pub fn example_features(
-    ex_idx: usize,
-    ex: &Example,
-    q: &Encoded,
-    ctx: &Encoded,
-    tok: &WordPieceTokenizer,
-    cfg: &FeatureCfg,
-    training: bool,
-) -> Result<Vec<Feature>> {
-    let wb = WindowBuilder::new(ex_idx, ex, q, ctx, cfg, training)?;
-    Ok(wb
-        .windows()
-        .into_iter()
-        .map(|(ws, we)| wb.feature(tok, ws, we))
-        .collect())
-}
-
 /// Tokenize a dataset (each paragraph once) and build all features. `training` adds labels.
 pub fn featurize(
     ds: &Dataset,
@@ -228,7 +229,7 @@ pub fn featurize(
     let q_enc = tok.encode_batch(&q_texts)?;
     // the windows of each example on the rayon pool, gathered in example order (the same features as one
     // thread builds: each example's windows depend on that example alone); an error is the first example's
-    let per_example: Vec<Result<Vec<Feature>>> = ds
+    let per_example: Vec<Result<(Vec<Feature>, bool)>> = ds
         .examples
         .par_iter()
         .enumerate()
@@ -241,20 +242,30 @@ pub fn featurize(
                         ex.paragraph
                     )
                 })?;
-            example_features(i, ex, &q_enc[i], ctx, tok, cfg, training)
+            let wb = WindowBuilder::new(i, ex, &q_enc[i], ctx, cfg, training)?;
+            let feats = wb
+                .windows()
+                .into_iter()
+                .map(|(ws, we)| wb.feature(tok, ws, we))
+                .collect();
+            Ok((feats, wb.answer_without_tokens()))
         })
         .collect();
     let per_example = per_example.into_iter().collect::<Result<Vec<_>>>()?;
     let answerable = per_example
         .iter()
-        .filter(|f| f.iter().any(|x| x.has_answer))
+        .filter(|(f, _)| f.iter().any(|x| x.has_answer))
         .count();
-    let mut features = Vec::with_capacity(per_example.iter().map(Vec::len).sum());
-    for f in per_example {
+    let answer_without_tokens = (0..per_example.len())
+        .filter(|&i| per_example[i].1)
+        .collect();
+    let mut features = Vec::with_capacity(per_example.iter().map(|(f, _)| f.len()).sum());
+    for (f, _) in per_example {
         features.extend(f);
     }
     Ok(Featurized {
         features,
         answerable_in_window: answerable,
+        answer_without_tokens,
     })
 }

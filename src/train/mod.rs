@@ -841,18 +841,63 @@ impl<'a, B: Backend> Trainer<'a, B> {
     }
 }
 
-/// Training features: every window of every example whose answer is aligned (v2.0 impossible questions
-/// included, labelled \[CLS\]).
+/// Training features: every window of every example whose answer is aligned and covers a token of its
+/// context (v2.0 impossible questions included, labelled \[CLS\]).
 pub fn training_features(
     ds: &Dataset,
     tok: &WordPieceTokenizer,
     fc: &FeatureCfg,
 ) -> Result<Vec<Feature>> {
+    Ok(training_features_and_skips(ds, tok, fc)?.0)
+}
+
+/// [`training_features`], and the examples (by index) left out because their answer covers no token of
+/// their context (the misaligned ones are reported when the file is read).
+pub fn training_features_and_skips(
+    ds: &Dataset,
+    tok: &WordPieceTokenizer,
+    fc: &FeatureCfg,
+) -> Result<(Vec<Feature>, Vec<usize>)> {
     let f = featurize(ds, tok, fc, true)?;
-    Ok(f.features
+    let skip: std::collections::HashSet<usize> = f.answer_without_tokens.iter().copied().collect();
+    let feats = f
+        .features
         .into_iter()
-        .filter(|x| ds.examples[x.example].answer_aligned)
-        .collect())
+        .filter(|x| ds.examples[x.example].answer_aligned && !skip.contains(&x.example))
+        .collect();
+    Ok((feats, f.answer_without_tokens))
+}
+
+/// The warning for training examples whose answer covers no token, naming the first few.
+fn without_tokens_report(ds: &Dataset, skipped: &[usize]) -> Option<String> {
+    if skipped.is_empty() {
+        return None;
+    }
+    let named: Vec<String> = skipped
+        .iter()
+        .take(5)
+        .map(|&i| {
+            let e = &ds.examples[i];
+            format!(
+                "{:?} ({:?})",
+                e.id,
+                e.answers.first().map_or("", |a| a.text.as_str())
+            )
+        })
+        .collect();
+    Some(format!(
+        "{} no token of {} passage (only characters the tokenizer drops: control or format characters, or \
+         marks removed with the accents), so no span can be {} label: skipped for training, kept for \
+         evaluation: {}{}",
+        match skipped.len() {
+            1 => "1 answer covers".to_string(),
+            n => format!("{n} answers cover"),
+        },
+        if skipped.len() == 1 { "its" } else { "their" },
+        if skipped.len() == 1 { "its" } else { "their" },
+        named.join(", "),
+        if skipped.len() > named.len() { ", …" } else { "" }
+    ))
 }
 
 /// The order of windows in `epoch`: a shuffle seeded by (seed, epoch), so a resumed run sees the same order.
@@ -966,7 +1011,10 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
     let fc: FeatureCfg = cfg.features.into();
     let post: PostCfg = cfg.post.into();
     let t0 = Instant::now();
-    let feats = training_features(inp.train, inp.tokenizer, &fc)?;
+    let (feats, without_tokens) = training_features_and_skips(inp.train, inp.tokenizer, &fc)?;
+    if let Some(msg) = without_tokens_report(inp.train, &without_tokens) {
+        crate::say!("warning: --train-file: {msg}");
+    }
     if feats.is_empty() {
         let n = inp.train.examples.len();
         let bad = inp
@@ -974,7 +1022,8 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
             .examples
             .iter()
             .filter(|e| !e.answer_aligned)
-            .count();
+            .count()
+            + without_tokens.len();
         bail!(
             "--train-file: no training windows: {}",
             if n == 0 {
@@ -982,7 +1031,7 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
             } else {
                 format!(
                     "none of its {n} questions gives one ({bad} with an answer that does not align with its \
-                     context or is empty, skipped as warned above)"
+                     context, is empty or covers no token, skipped as warned above)"
                 )
             }
         );
