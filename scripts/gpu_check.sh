@@ -4,7 +4,7 @@
 # BERTQA_GEMM=lt and BERTQA_VEC=1; CUDA graphs: gpu_cuda_graphs_replay_what_runs, with the defaults and with
 # the opt-in paths; the wgmma probe and attention variants 5 and 6), then the kernel/step benchmark (which also times the opt-in paths), then, with the time left, variant 6 in a whole training step and under CUDA graphs (parity_bf16_v6, graphs_exact_v6: what device_run.sh requires before comparing with it). Expects the binaries built by
 # scripts/package_gpu.sh in .gpu/bin (carry `.gpu`). Writes logs to $OUT (or ./gpu-out) and prints a summary.
-# DEADLINE_S (seconds from this script's start; default 540, under one device call's 600 s; 0 for none): no
+# DEADLINE_S (seconds from this script's start; default 540, under one device call's 600 s; "none" for none): no
 # step starts after it, and each step's timeout is cut to what is left, so that a device call's limit never
 # kills this script mid-way (its steps' own limits add up to ~1,700 s). LIVE_DIR (a folder;
 # default none): refreshed after every step with summary.txt and logs.tgz (what has run so far), so that a call
@@ -13,7 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 T0_CHECK=$(date +%s)
 DEADLINE_S="${DEADLINE_S-540}"
-[ "$DEADLINE_S" = 0 ] && DEADLINE_S=
+[ "$DEADLINE_S" = none ] && DEADLINE_S=
 bash scripts/unpack_gpu.sh
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"

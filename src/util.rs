@@ -202,13 +202,17 @@ pub fn replace_dir(out: &Path, build: impl FnOnce(&Path) -> Result<()>) -> Resul
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-    let pid = std::process::id();
-    let tmp = parent.join(format!(".{name}.tmp-{pid}"));
-    let old = parent.join(format!(".{name}.old-{pid}"));
-    let _ = std::fs::remove_dir_all(&tmp);
-    // what an earlier write that was killed part-way left beside `out` is named, not removed: on a shared
-    // file system the process that owns it may be alive on another machine
-    let leftovers = sibling_leftovers(&parent, name, pid);
+    // named by process and time: a process id repeats (every container's first process is 1), and an
+    // entry of another process — perhaps alive, on another machine sharing the file system — is never
+    // reused or removed
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let tag = format!("{}-{stamp}", std::process::id());
+    let tmp = parent.join(format!(".{name}.tmp-{tag}"));
+    let old = parent.join(format!(".{name}.old-{tag}"));
+    // what an earlier write that was killed part-way left beside `out` is named, not removed
+    let leftovers = sibling_leftovers(&parent, name);
     if !leftovers.is_empty() {
         crate::say!(
             "warning: beside {} are {}, left by a write of it that was interrupted (or that is still running \
@@ -255,10 +259,9 @@ pub fn replace_dir(out: &Path, build: impl FnOnce(&Path) -> Result<()>) -> Resul
     sync_dir(&parent).with_context(|| format!("{} is in place", out.display()))
 }
 
-/// The temporary and moved-aside entries `replace_dir` names `.NAME.tmp-PID` / `.NAME.old-PID` in `parent`,
-/// other than this process's (sorted).
-fn sibling_leftovers(parent: &Path, name: &str, pid: u32) -> Vec<String> {
-    let ours = [format!(".{name}.tmp-{pid}"), format!(".{name}.old-{pid}")];
+/// The temporary and moved-aside entries `replace_dir` names `.NAME.tmp-PID-TIME` / `.NAME.old-PID-TIME`
+/// (and, before, `.NAME.tmp-PID`) in `parent`, sorted.
+fn sibling_leftovers(parent: &Path, name: &str) -> Vec<String> {
     let mut found: Vec<String> = std::fs::read_dir(parent)
         .into_iter()
         .flatten()
@@ -266,9 +269,11 @@ fn sibling_leftovers(parent: &Path, name: &str, pid: u32) -> Vec<String> {
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|f| {
             [".tmp-", ".old-"].iter().any(|k| {
-                f.strip_prefix(&format!(".{name}{k}"))
-                    .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-            }) && !ours.contains(f)
+                f.strip_prefix(&format!(".{name}{k}")).is_some_and(|p| {
+                    p.bytes().next().is_some_and(|b| b.is_ascii_digit())
+                        && p.bytes().all(|b| b.is_ascii_digit() || b == b'-')
+                })
+            })
         })
         .collect();
     found.sort();

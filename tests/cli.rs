@@ -1238,6 +1238,7 @@ fn init_random_refuses_a_non_empty_output_unless_forced() {
     // what a killed write left beside it is named (it may belong to a live process elsewhere), not removed
     for d in [
         ".model.tmp-99999999",
+        ".model.tmp-1-1764554400000000000",
         ".model.old-7",
         ".model.tmp-x",
         ".modelx.tmp-7",
@@ -1248,7 +1249,8 @@ fn init_random_refuses_a_non_empty_output_unless_forced() {
     ok(&o);
     assert!(
         stderr(&o).contains(
-            ".model.old-7, .model.tmp-99999999, left by a write of it that was interrupted"
+            ".model.old-7, .model.tmp-1-1764554400000000000, .model.tmp-99999999, left by a write of it \
+             that was interrupted"
         ),
         "{}",
         stderr(&o)
@@ -1256,6 +1258,7 @@ fn init_random_refuses_a_non_empty_output_unless_forced() {
     assert!(!stderr(&o).contains(".model.tmp-x") && !stderr(&o).contains(".modelx"));
     for d in [
         ".model.tmp-99999999",
+        ".model.tmp-1-1764554400000000000",
         ".model.old-7",
         ".model.tmp-x",
         ".modelx.tmp-7",
