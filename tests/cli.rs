@@ -1236,13 +1236,14 @@ fn init_random_refuses_a_non_empty_output_unless_forced() {
     // nothing left beside it
     assert_eq!(listing(t.path()), vec!["model", "tok"]);
     // what a killed write left beside it is named (it may belong to a live process elsewhere), not removed
-    for d in [
+    let leftovers = [
         ".model.tmp-99999999",
         ".model.tmp-1-1764554400000000000",
         ".model.old-7",
         ".model.tmp-x",
         ".modelx.tmp-7",
-    ] {
+    ];
+    for d in leftovers {
         std::fs::create_dir(t.join(d)).unwrap();
     }
     let o = run(&args(&model, &["--force"]));
@@ -1256,13 +1257,7 @@ fn init_random_refuses_a_non_empty_output_unless_forced() {
         stderr(&o)
     );
     assert!(!stderr(&o).contains(".model.tmp-x") && !stderr(&o).contains(".modelx"));
-    for d in [
-        ".model.tmp-99999999",
-        ".model.tmp-1-1764554400000000000",
-        ".model.old-7",
-        ".model.tmp-x",
-        ".modelx.tmp-7",
-    ] {
+    for d in leftovers {
         assert!(t.join(d).is_dir(), "{d} kept");
         std::fs::remove_dir(t.join(d)).unwrap();
     }
