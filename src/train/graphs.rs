@@ -211,6 +211,13 @@ mod tests {
         fault_before_next_capture: Cell<bool>,
     }
     impl Mock {
+        /// A backend that records graphs.
+        fn recording() -> Mock {
+            Mock {
+                on: true,
+                ..Mock::default()
+            }
+        }
         fn queue(&self, op: String) {
             match self.recording.borrow_mut().as_mut() {
                 Some(r) => r.push(op),
@@ -256,10 +263,7 @@ mod tests {
 
     #[test]
     fn first_run_then_record_then_replay_per_shape() {
-        let be = Mock {
-            on: true,
-            ..Mock::default()
-        };
+        let be = Mock::recording();
         let mut g = StepGraphs::default();
         // the host-side value the work was queued with: a replay repeats the recorded one
         let step = Cell::new(0);
@@ -294,10 +298,7 @@ mod tests {
 
     #[test]
     fn a_failed_recording_runs_the_work_and_that_shape_without_graphs() {
-        let be = Mock {
-            on: true,
-            ..Mock::default()
-        };
+        let be = Mock::recording();
         let mut g = StepGraphs::default();
         let mut f = || {
             be.queue("op".into());
@@ -323,10 +324,7 @@ mod tests {
     /// the work runs directly and the shape is recorded at its next batch.
     #[test]
     fn an_earlier_fault_leaves_the_shape_recordable() {
-        let be = Mock {
-            on: true,
-            ..Mock::default()
-        };
+        let be = Mock::recording();
         let mut g = StepGraphs::default();
         let mut f = || {
             be.queue("op".into());
@@ -345,10 +343,7 @@ mod tests {
 
     #[test]
     fn an_error_of_the_work_itself_is_returned() {
-        let be = Mock {
-            on: true,
-            ..Mock::default()
-        };
+        let be = Mock::recording();
         let mut g = StepGraphs::default();
         let e = g
             .run(&be, key(128), &mut || anyhow::bail!("shape mismatch"))

@@ -885,16 +885,14 @@ fn without_tokens_report(ds: &Dataset, skipped: &[usize]) -> Option<String> {
             )
         })
         .collect();
+    let (count, its) = match skipped.len() {
+        1 => ("1 answer covers".to_string(), "its"),
+        n => (format!("{n} answers cover"), "their"),
+    };
     Some(format!(
-        "{} no token of {} passage (only characters the tokenizer drops: control or format characters, or \
-         marks removed with the accents), so no span can be {} label: skipped for training, kept for \
+        "{count} no token of {its} passage (only characters the tokenizer drops: control or format characters, \
+         or marks removed with the accents), so no span can be {its} label: skipped for training, kept for \
          evaluation: {}{}",
-        match skipped.len() {
-            1 => "1 answer covers".to_string(),
-            n => format!("{n} answers cover"),
-        },
-        if skipped.len() == 1 { "its" } else { "their" },
-        if skipped.len() == 1 { "its" } else { "their" },
         named.join(", "),
         if skipped.len() > named.len() { ", …" } else { "" }
     ))
