@@ -29,7 +29,7 @@
 # WORKLOADS=lockstep,minilm SEEDS=42; WORKLOADS=minilm SEEDS=43; WORKLOADS=minilm,padding SEEDS=44 ...
 # (F1 over seeds: `scripts/perf_json.py merge docs/perf/*.json`).
 #
-# Expects .gpu/ from scripts/package_gpu.sh (binaries, gzipped SQuAD, minilm-f16). Logs and run records go to
+# Expects .gpu/ from scripts/package_gpu.sh (binaries, SQuAD, minilm-f16; xz-compressed until scripts/unpack_gpu.sh). Logs and run records go to
 # $OUT (default compare-out); the JSON to $PERF_DIR (default $OUT), named <date>-<HHMMSS>-<card>-<commit>-<workloads>[-seeds…].json
 # (commit it under docs/perf/). Other env: OURS_FLAGS (extra bertqa train flags), BENCH_LOG (a gpu_check bench
 # log to take the per-kernel profile from), the BERTQA_* kernel switches (recorded in the JSON).
@@ -41,7 +41,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 T_START=$(date +%s)
 GPU_DIR="${GPU_DIR:-.gpu}"
-[ "$GPU_DIR" = .gpu ] && bash scripts/unpack_gpu.sh
+bash scripts/unpack_gpu.sh "$GPU_DIR" || exit 1
 OUT="${OUT:-compare-out}"; mkdir -p "$OUT/runs"
 PERF_DIR="${PERF_DIR:-$OUT}"; mkdir -p "$PERF_DIR"
 WORKLOADS="${WORKLOADS:-throughput}"
@@ -62,8 +62,8 @@ COMMIT=$(head -1 "$GPU_DIR/COMMIT" 2>/dev/null || git rev-parse --short HEAD 2>/
 grep -q dirty "$GPU_DIR/COMMIT" 2>/dev/null && COMMIT="$COMMIT-dirty"
 KERNELS="$(env | grep -E '^BERTQA_(ATTN|ATTN4|GEMM|GEMM_TUNE|VEC|GRAPHS)=' | sort | tr '\n' ' ')"
 D="${DATA_DIR:-/tmp/bertqa-data}"; mkdir -p "$D"
-[ -f $D/train.json ] || gunzip -c "$GPU_DIR/data/train-v1.1.json.gz" > $D/train.json
-[ -f $D/dev.json ] || gunzip -c "$GPU_DIR/data/dev-v1.1.json.gz" > $D/dev.json
+[ -f $D/train.json ] || cp "$GPU_DIR/data/train-v1.1.json" $D/train.json
+[ -f $D/dev.json ] || cp "$GPU_DIR/data/dev-v1.1.json" $D/dev.json
 export BERTQA_CACHE="${BERTQA_CACHE:-/tmp/bertqa-cache}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=scripts/perf_json.py
 status=0

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 T0_CHECK=$(date +%s)
 DEADLINE_S="${DEADLINE_S-540}"
 [ "$DEADLINE_S" = none ] && DEADLINE_S=
-bash scripts/unpack_gpu.sh
+bash scripts/unpack_gpu.sh || exit 1
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
 export BERTQA_CACHE="${BERTQA_CACHE:-/tmp/bertqa-cache}"
@@ -109,9 +109,9 @@ LD_LIBRARY_PATH="/tmp/nccl-link${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" run nccl_o
 grep -E "SKIPPED|panicked|all-reduce|test result" "$OUT/nccl_one_rank.log" | head -20 | tee -a "$OUT/summary.txt"
 # the bench's rows on real SQuAD windows (padding layouts, CUDA graphs) read SQuAD and MiniLM's tokenizer from
 # an assets folder; ../shared does not travel: make one from what package_gpu.sh packed
-if [ -z "${BERTQA_ASSETS:-}" ] && [ -f .gpu/data/train-v1.1.json.gz ] && [ -d .gpu/minilm-f16 ]; then
+if [ -z "${BERTQA_ASSETS:-}" ] && [ -f .gpu/data/train-v1.1.json ] && [ -d .gpu/minilm-f16 ]; then
     A=/tmp/bertqa-assets; mkdir -p $A/squad-v1.1
-    [ -s $A/squad-v1.1/train-v1.1.json ] || gunzip -c .gpu/data/train-v1.1.json.gz > $A/squad-v1.1/train-v1.1.json
+    ln -sf "$(pwd)/.gpu/data/train-v1.1.json" $A/squad-v1.1/train-v1.1.json
     ln -sfn "$(pwd)/.gpu/minilm-f16" $A/all-MiniLM-L6-v2
     export BERTQA_ASSETS=$A
 fi

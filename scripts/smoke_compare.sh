@@ -11,9 +11,11 @@ S="${SMOKE_DIR:-/tmp/bertqa-smoke}"
 rm -rf "$S/gpu" "$S/out" "$S/perf"; mkdir -p "$S/gpu/bin" "$S/gpu/data"
 [ -x target/release/bertqa ] || cargo build --release --bin bertqa
 cp target/release/bertqa "$S/gpu/bin/"
-[ -f "$S/gpu/data/train-v1.1.json.gz" ] || gzip -1 -c "$A/squad-v1.1/train-v1.1.json" > "$S/gpu/data/train-v1.1.json.gz"
-[ -f "$S/gpu/data/dev-v1.1.json.gz" ] || gzip -1 -c "$A/squad-v1.1/dev-v1.1.json" > "$S/gpu/data/dev-v1.1.json.gz"
+# packed as scripts/package_gpu.sh packs (xz; quicker levels), so that compare_pytorch.sh's unpacking runs too
+xz -0 -T0 -c "$A/squad-v1.1/train-v1.1.json" > "$S/gpu/data/train-v1.1.json.xz"
+xz -0 -T0 -c "$A/squad-v1.1/dev-v1.1.json" > "$S/gpu/data/dev-v1.1.json.xz"
 "$S/gpu/bin/bertqa" convert --model "$A/all-MiniLM-L6-v2" --output "$S/gpu/minilm-f16" --dtype f16 --seed 42 --force > /dev/null
+xz -0 -T0 "$S/gpu/minilm-f16/model.safetensors" "$S/gpu/bin/bertqa"
 echo "smoke" > "$S/gpu/COMMIT"
 rc=0
 GPU_DIR="$S/gpu" DATA_DIR="$S/data" OUT="$S/out" PERF_DIR="$S/perf" DEVICE=cpu PRECISION=fp32 BATCH=4 SEQ=128 DOC_STRIDE=32 \

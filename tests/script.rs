@@ -321,3 +321,120 @@ fn hf_squad_py_draws_bertqas_epoch_order_and_windows_digest() {
     );
     assert_eq!(out.trim(), r#"{"mode": "self-test", "ok": true}"#);
 }
+
+/// scripts/unpack_gpu.sh, as the device runs it on what scripts/package_gpu.sh packs: every `FILE.xz` in
+/// bin/, data/ and the model folder becomes FILE with the original bytes (the .xz gone, the executables
+/// executable, a second call a no-op), once with the xz tool and once with only Python's lzma module on the
+/// PATH (a device image may lack xz); and a damaged file fails the script, naming the file.
+#[test]
+fn unpack_gpu_sh_restores_what_package_gpu_sh_packs() {
+    for tool in ["xz", "python3"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            println!("SKIPPED: {tool} is not available");
+            return;
+        }
+    }
+    let tmp = std::env::temp_dir().join(format!("bertqa-unpack-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    // a PATH without xz: links to the few tools the script needs besides it
+    let no_xz = tmp.join("path-without-xz");
+    std::fs::create_dir_all(&no_xz).unwrap();
+    for t in ["bash", "python3", "chmod", "dirname"] {
+        // python3's own executable, not a shim (pyenv's needs more of the PATH)
+        let which = match t {
+            "python3" => Command::new("python3")
+                .args(["-c", "import sys; print(sys.executable)"])
+                .output(),
+            _ => Command::new("bash")
+                .args(["-c", &format!("command -v {t}")])
+                .output(),
+        }
+        .unwrap();
+        let p = String::from_utf8_lossy(&which.stdout).trim().to_string();
+        assert!(!p.is_empty(), "no {t} on the PATH");
+        std::os::unix::fs::symlink(p, no_xz.join(t)).unwrap();
+    }
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("bin/bertqa", b"\x7fELF pretend executable".to_vec()),
+        (
+            "data/train-v1.1.json",
+            br#"{"data": [], "version": "1.1"}"#.repeat(1000),
+        ),
+        (
+            "minilm-f16/model.safetensors",
+            (0..200_000u32).map(|i| (i * 7919 % 251) as u8).collect(),
+        ),
+    ];
+    for (label, path) in [("xz", None), ("python", Some(&no_xz))] {
+        let dir = tmp.join(format!("gpu-{label}"));
+        for (name, bytes) in &files {
+            let p = dir.join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, bytes).unwrap();
+            let st = Command::new("xz")
+                .args(["-0", "-q"])
+                .arg(&p)
+                .status()
+                .unwrap();
+            assert!(st.success());
+            assert!(!p.exists() && p.with_extension(xz_ext(&p)).exists());
+        }
+        // a file that stays as it is
+        std::fs::write(dir.join("minilm-f16/config.json"), "{}").unwrap();
+        for round in 0..2 {
+            let mut c = Command::new("bash");
+            c.arg(root().join("scripts/unpack_gpu.sh")).arg(&dir);
+            if let Some(p) = path {
+                c.env("PATH", p);
+            }
+            let out = c.output().unwrap();
+            assert!(
+                out.status.success(),
+                "{label}, call {round}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            for (name, bytes) in &files {
+                let p = dir.join(name);
+                assert_eq!(&std::fs::read(&p).unwrap(), bytes, "{label}: {name}");
+                assert!(
+                    !p.with_extension(xz_ext(&p)).exists(),
+                    "{label}: {name}.xz left"
+                );
+            }
+            assert_eq!(
+                std::fs::read_to_string(dir.join("minilm-f16/config.json")).unwrap(),
+                "{}"
+            );
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.join("bin/bertqa"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert!(mode & 0o111 != 0, "{label}: bin/bertqa is not executable");
+        }
+        // a damaged archive: an error naming it, not a half-written file passed on
+        std::fs::write(dir.join("data/dev-v1.1.json.xz"), b"not xz at all").unwrap();
+        let mut c = Command::new("bash");
+        c.arg(root().join("scripts/unpack_gpu.sh")).arg(&dir);
+        if let Some(p) = path {
+            c.env("PATH", p);
+        }
+        let out = c.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{label}: a damaged .xz passed");
+        assert!(stderr.contains("dev-v1.1.json.xz"), "{label}: {stderr}");
+        assert!(
+            !dir.join("data/dev-v1.1.json").exists(),
+            "{label}: a partial output was left"
+        );
+    }
+    let _ = std::fs::remove_dir_all(tmp);
+}
+
+/// The extension of `p` with ".xz" appended (`with_extension` replaces the last one).
+fn xz_ext(p: &Path) -> String {
+    match p.extension() {
+        Some(e) => format!("{}.xz", e.to_string_lossy()),
+        None => "xz".into(),
+    }
+}
