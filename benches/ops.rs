@@ -646,8 +646,8 @@ fn full_windows(cfg: &BertConfig, b: usize, t: usize, r: &mut Rng) -> Vec<Featur
                 .map(|_| 1 + r.below(cfg.vocab_size - 1) as i32)
                 .collect(),
             token_type_ids: (0..t).map(|j| (j > 20) as i32).collect(),
-            attention_mask: vec![1; t],
             offsets: vec![None; t],
+            max_len: t,
             start_position: 30,
             end_position: 35,
             has_answer: true,

@@ -604,16 +604,12 @@ fn synthetic(n: usize, t: usize, vocab: usize) -> Vec<Feature> {
             let mask: Vec<i32> = (0..t).map(|j| i32::from(j < len)).collect();
             ids.iter_mut().zip(&mask).for_each(|(x, m)| *x *= m);
             let s = 1 + (r.uniform() * (len - 2) as f64) as i64;
-            Feature {
-                example: i,
-                input_ids: ids,
-                token_type_ids: (0..t).map(|j| i32::from(j >= 16 && j < len)).collect(),
-                attention_mask: mask,
-                offsets: vec![None; t],
-                start_position: s,
-                end_position: (s + 3).min(len as i64 - 1),
-                has_answer: true,
-            }
+            let types: Vec<i32> = (0..t).map(|j| i32::from(j >= 16 && j < len)).collect();
+            let mut f =
+                Feature::from_padded(i, &ids, &types, &mask, (s, (s + 3).min(len as i64 - 1)))
+                    .unwrap();
+            f.has_answer = true;
+            f
         })
         .collect()
 }

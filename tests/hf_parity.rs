@@ -195,11 +195,25 @@ fn minilm_logits_match_transformers_on_a_real_squad_window() {
     let mut one = ds;
     one.truncate(1);
     let f = bertqa::data::features::featurize(&one, &tok, &Default::default(), false).unwrap();
+    // HF's arrays are padded to the full length; our window holds the real tokens and the length it was
+    // cut for, and the `max` layout pads it with id 0 — HF's [PAD] here (padded rows are compared below)
+    let real = ints(&r["attention_mask"].1)
+        .iter()
+        .rposition(|&m| m != 0)
+        .unwrap()
+        + 1;
     assert_eq!(
-        f.features[0].input_ids, ids,
+        f.features[0].input_ids,
+        ids[..real],
         "our window's token ids differ from HF's tokenizer"
     );
-    assert_eq!(f.features[0].token_type_ids, ints(&r["token_type_ids"].1));
+    assert_eq!(
+        f.features[0].token_type_ids,
+        ints(&r["token_type_ids"].1)[..real]
+    );
+    assert_eq!(f.features[0].max_len, ids.len());
+    assert_eq!(tok.pad, 0);
+    assert!(ids[real..].iter().all(|&x| x == tok.pad));
     let t = ids.len();
     // the window as HF ran it: padded to its full length (our `max` layout)
     let hb = pack(&[&f.features[0]], 0, Padding::Max).unwrap();

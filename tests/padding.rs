@@ -28,18 +28,12 @@ fn windows(cfg: &BertConfig, n: usize, t: usize, seed: u64) -> Vec<Feature> {
             let e = (s + r.below(3)).min(len - 1);
             Feature {
                 example: i,
-                input_ids: (0..t)
-                    .map(|j| {
-                        if j < len {
-                            1 + r.below(cfg.vocab_size - 1) as i32
-                        } else {
-                            0
-                        }
-                    })
+                input_ids: (0..len)
+                    .map(|_| 1 + r.below(cfg.vocab_size - 1) as i32)
                     .collect(),
-                token_type_ids: (0..t).map(|j| (j > 2 && j < len) as i32).collect(),
-                attention_mask: (0..t).map(|j| (j < len) as i32).collect(),
-                offsets: vec![None; t],
+                token_type_ids: (0..len).map(|j| (j > 2) as i32).collect(),
+                offsets: vec![None; len],
+                max_len: t,
                 start_position: s as i64,
                 end_position: e as i64,
                 has_answer: true,
@@ -79,7 +73,7 @@ fn f64_step(padding: Padding, accum: usize, bucket: usize, feats: &[Feature]) ->
         .iter()
         .enumerate()
         .map(|(i, f)| {
-            let l = bertqa::model::batch::real_len(f);
+            let l = f.len();
             [&s[i][..l], &e[i][..l]].concat()
         })
         .collect();
@@ -193,7 +187,9 @@ fn mixed_batch_shapes_allocate_no_more_than_the_largest() {
     let full: Vec<Feature> = windows(&cfg, 16, t, 1)
         .into_iter()
         .map(|mut f| {
-            f.attention_mask = vec![1; t];
+            f.input_ids.resize(t, 0);
+            f.token_type_ids.resize(t, 0);
+            f.offsets.resize(t, None);
             f.input_ids.iter_mut().for_each(|x| *x = 1 + *x % 90);
             f
         })

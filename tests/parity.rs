@@ -338,8 +338,10 @@ fn gpu_cuda_graphs_replay_what_runs() {
     // F: every window full (29 real tokens)
     let mut full = shape(4, 29).features();
     for (bi, f) in full.iter_mut().enumerate() {
+        f.input_ids.resize(29, 0);
+        f.token_type_ids.resize(29, 0);
+        f.offsets.resize(29, None);
         for j in 0..29 {
-            f.attention_mask[j] = 1;
             if f.input_ids[j] == 0 {
                 f.input_ids[j] = 1 + ((7 * j + 3 * bi) % 200) as i32;
             }
@@ -350,7 +352,7 @@ fn gpu_cuda_graphs_replay_what_runs() {
     let mut s2 = s.clone();
     let mut r = bertqa::rng::Rng::new(77);
     for f in s2.iter_mut() {
-        let len = f.attention_mask.iter().filter(|&&m| m != 0).count();
+        let len = f.len();
         for j in 0..len {
             f.input_ids[j] = 1 + r.below(cfg.vocab_size - 1) as i32;
         }

@@ -174,9 +174,13 @@ proptest! {
         let mut next = 0; // first context token not yet seen in a window
         let mut any = false;
         for feat in &f.features {
-            prop_assert_eq!(feat.input_ids.len(), t);
+            // the real tokens only: [CLS] question [SEP] context [SEP]
+            prop_assert!(feat.len() <= t);
+            prop_assert_eq!(feat.max_len, t);
+            prop_assert_eq!(feat.token_type_ids.len(), feat.len());
+            prop_assert_eq!(feat.offsets.len(), feat.len());
             prop_assert_eq!(feat.input_ids[0], tok.cls);
-            let ctx_pos: Vec<usize> = (0..t).filter(|&i| feat.offsets[i].is_some()).collect();
+            let ctx_pos: Vec<usize> = (0..feat.len()).filter(|&i| feat.offsets[i].is_some()).collect();
             prop_assert!(!ctx_pos.is_empty() || whole.ids.is_empty());
             let (c0, c1) = (ctx_pos[0], *ctx_pos.last().unwrap() + 1);
             prop_assert_eq!(ctx_pos.len(), c1 - c0, "context tokens are contiguous");
@@ -185,8 +189,7 @@ proptest! {
             prop_assert_eq!(feat.input_ids[c1], tok.sep);
             prop_assert!(feat.token_type_ids[..c0].iter().all(|&x| x == 0));
             prop_assert!(feat.token_type_ids[c0..=c1].iter().all(|&x| x == 1));
-            prop_assert!(feat.attention_mask[..=c1].iter().all(|&x| x == 1));
-            prop_assert!(feat.attention_mask[c1 + 1..].iter().all(|&x| x == 0));
+            prop_assert_eq!(feat.len(), c1 + 1, "the window ends at its last [SEP]");
             // the window is the whole context's tokens [ws, ws + len)
             let first = feat.offsets[c0].unwrap();
             let ws = whole.offsets.iter().position(|&o| o == first).unwrap();
@@ -267,16 +270,14 @@ fn unicode_sep() -> impl Strategy<Value = &'static str> {
 // batch packing and the streaming n-best
 
 fn feature(len: usize, t: usize, ex: usize) -> Feature {
-    let mut mask = vec![1; len];
-    mask.resize(t, 0);
     Feature {
         example: ex,
-        input_ids: (0..t as i32).collect(),
-        token_type_ids: vec![0; t],
-        attention_mask: mask,
-        offsets: (0..t)
+        input_ids: (0..len as i32).collect(),
+        token_type_ids: vec![0; len],
+        offsets: (0..len)
             .map(|i| (i >= 2 && i + 1 < len).then_some((i * 3, i * 3 + 2)))
             .collect(),
+        max_len: t,
         start_position: 0,
         end_position: 0,
         has_answer: false,
@@ -309,7 +310,10 @@ proptest! {
                 };
                 prop_assert_eq!(rows, expect);
                 let s0 = l.cu[b] as usize;
-                prop_assert_eq!(&p.ids[s0..s0 + rows], &f.input_ids[..rows]);
+                // the window's tokens, then padding (id 0)
+                let mut padded = f.input_ids.clone();
+                padded.resize(rows, 0);
+                prop_assert_eq!(&p.ids[s0..s0 + rows], &padded[..]);
                 prop_assert_eq!(&l.pos()[s0..s0 + rows], &(0..rows as i32).collect::<Vec<_>>()[..]);
             }
         }
@@ -348,7 +352,7 @@ proptest! {
             }
             // reference: the top-n starts and ends among the window's real tokens (stable order; padding is
             // not ranked), every valid pair, in window order
-            let real = f.attention_mask.iter().filter(|&&m| m != 0).count();
+            let real = f.len();
             let top = |v: &[f32]| {
                 let mut idx: Vec<usize> = (0..real).collect();
                 idx.sort_by(|&a, &b| v[b].partial_cmp(&v[a]).unwrap());

@@ -286,8 +286,10 @@ fn long_contexts_split_into_overlapping_windows() {
     let f = featurize(&ds, &tok, &cfg, true).unwrap();
     assert!(f.features.len() > 3);
     for w in &f.features {
-        assert_eq!(w.input_ids.len(), 128);
+        assert_eq!(w.max_len, 128);
+        assert!(w.len() <= 128);
         assert_eq!(w.input_ids[0], tok.cls);
+        assert_eq!(w.input_ids[w.len() - 1], tok.sep);
     }
     let with: Vec<_> = f.features.iter().filter(|x| x.has_answer).collect();
     assert!(!with.is_empty());

@@ -118,16 +118,16 @@ impl Writer {
     }
 }
 
-/// Windows as a replica needs them: ids, segments, mask, labels. Offsets stay with the leader (they only
-/// map answers back to text); `example` is kept for messages.
+/// Windows as a replica needs them: ids, segments, the length they were cut for, labels. Offsets stay with
+/// the leader (they only map answers back to text); `example` is kept for messages.
 pub fn write_features(w: &mut Writer, feats: &[&Feature]) {
     w.u64(feats.len() as u64);
     for f in feats {
         w.u64(f.example as u64)
-            .u64(f.input_ids.len() as u64)
+            .u64(f.len() as u64)
             .i32s(&f.input_ids)
             .i32s(&f.token_type_ids)
-            .i32s(&f.attention_mask)
+            .u64(f.max_len as u64)
             .i64(f.start_position)
             .i64(f.end_position)
             .u64(u64::from(f.has_answer));
@@ -140,13 +140,13 @@ pub fn read_features(r: &mut Reader) -> Result<Vec<Feature>> {
     for i in 0..n {
         let f = (|| -> Result<Feature> {
             let example = r.u64()? as usize;
-            let t = r.u64()? as usize;
+            let l = r.u64()? as usize;
             Ok(Feature {
                 example,
-                input_ids: r.i32s(t)?,
-                token_type_ids: r.i32s(t)?,
-                attention_mask: r.i32s(t)?,
-                offsets: vec![None; t],
+                input_ids: r.i32s(l)?,
+                token_type_ids: r.i32s(l)?,
+                offsets: vec![None; l],
+                max_len: r.u64()? as usize,
                 start_position: r.i64()?,
                 end_position: r.i64()?,
                 has_answer: r.u64()? != 0,
@@ -185,10 +185,10 @@ mod tests {
     fn features_and_logits_round_trip_and_truncation_is_an_error() {
         let f = Feature {
             example: 7,
-            input_ids: vec![101, 2054, 102, 0],
-            token_type_ids: vec![0, 0, 1, 0],
-            attention_mask: vec![1, 1, 1, 0],
-            offsets: vec![None, Some((0, 4)), None, None],
+            input_ids: vec![101, 2054, 102],
+            token_type_ids: vec![0, 0, 1],
+            offsets: vec![None, Some((0, 4)), None],
+            max_len: 4,
             start_position: 1,
             end_position: -1,
             has_answer: true,
@@ -201,7 +201,8 @@ mod tests {
         assert_eq!(back.len(), 2);
         assert_eq!(back[1].input_ids, f.input_ids);
         assert_eq!(back[1].token_type_ids, f.token_type_ids);
-        assert_eq!(back[1].attention_mask, f.attention_mask);
+        assert_eq!(back[1].max_len, 4);
+        assert_eq!(back[1].offsets, vec![None; 3]);
         assert_eq!(
             (
                 back[1].start_position,

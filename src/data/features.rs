@@ -1,5 +1,7 @@
-//! Features: `[CLS] question [SEP] context-window [SEP] [PAD]…` with token types 0/1, the attention mask,
-//! per-token code-point offsets into the context (context tokens only) and the training labels.
+//! Features: `[CLS] question [SEP] context-window [SEP]` with token types 0/1, per-token code-point offsets
+//! into the context (context tokens only) and the training labels. A window holds its real tokens only: the
+//! padding (and so the attention mask) exists only in the batch layouts that pad (src/model/batch.rs), which
+//! read the length each window was cut for from `max_len`.
 //!
 //! The question is truncated to `max_query_length` tokens; the context is split into windows of at most
 //! `max_seq_length − len(question) − 3` tokens, consecutive windows overlapping by `doc_stride` tokens (the
@@ -29,19 +31,64 @@ impl Default for FeatureCfg {
     }
 }
 
-/// One window of one example.
-#[derive(Clone, Debug)]
+/// One window of one example: its L real tokens (L ≤ `max_len`), no padding.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Feature {
-    pub example: usize,           // index into Dataset::examples
-    pub input_ids: Vec<i32>,      // (T)
-    pub token_type_ids: Vec<i32>, // (T)
-    pub attention_mask: Vec<i32>, // (T)
-    /// code-point span in the context of each token; None outside the context window
+    /// index into Dataset::examples
+    pub example: usize,
+    /// (L)
+    pub input_ids: Vec<i32>,
+    /// (L)
+    pub token_type_ids: Vec<i32>,
+    /// (L) code-point span in the context of each token; None outside the context window
     pub offsets: Vec<Option<(usize, usize)>>,
+    /// the length the window was cut for (`max_seq_length`): its rows in the `max` padding layout, the
+    /// length of its logits; every window of a batch has the same
+    pub max_len: usize,
     pub start_position: i64,
     pub end_position: i64,
     /// whether the answer lies wholly inside this window (false: labels are 0, 0)
     pub has_answer: bool,
+}
+
+impl Feature {
+    /// Real tokens (L).
+    pub fn len(&self) -> usize {
+        self.input_ids.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.input_ids.is_empty()
+    }
+    /// A window given as Hugging Face's padded arrays, all of one length (`max_len`): ids, token types and
+    /// the attention mask. Its real tokens are those up to the mask's last 1 (at least one); no offsets.
+    pub fn from_padded(
+        example: usize,
+        ids: &[i32],
+        types: &[i32],
+        mask: &[i32],
+        (start_position, end_position): (i64, i64),
+    ) -> Result<Feature> {
+        if types.len() != ids.len() || mask.len() != ids.len() || ids.is_empty() {
+            bail!(
+                "window of example {example}: input_ids ({}), token_type_ids ({}) and attention_mask ({}) \
+                 must have one non-zero length",
+                ids.len(),
+                types.len(),
+                mask.len()
+            );
+        }
+        let l = mask.iter().rposition(|&m| m != 0).map_or(1, |p| p + 1);
+        Ok(Feature {
+            example,
+            input_ids: ids[..l].to_vec(),
+            token_type_ids: types[..l].to_vec(),
+            offsets: vec![None; l],
+            max_len: ids.len(),
+            start_position,
+            end_position,
+            has_answer: start_position != 0 || end_position != 0,
+        })
+    }
 }
 
 pub struct Featurized {
@@ -140,9 +187,10 @@ impl<'a> WindowBuilder<'a> {
     /// The feature of the window [ws, we) of context tokens.
     pub fn feature(&self, tok: &WordPieceTokenizer, ws: usize, we: usize) -> Feature {
         let (t, ctx) = (self.t, self.ctx);
-        let mut ids = Vec::with_capacity(t);
-        let mut types = Vec::with_capacity(t);
-        let mut offsets = Vec::with_capacity(t);
+        let l = self.q.len() + (we - ws) + 3;
+        let mut ids = Vec::with_capacity(l);
+        let mut types = Vec::with_capacity(l);
+        let mut offsets = Vec::with_capacity(l);
         ids.push(tok.cls);
         types.push(0);
         offsets.push(None);
@@ -163,12 +211,6 @@ impl<'a> WindowBuilder<'a> {
         ids.push(tok.sep);
         types.push(1);
         offsets.push(None);
-        let len = ids.len();
-        let mut mask = vec![1; len];
-        ids.resize(t, tok.pad);
-        types.resize(t, 0);
-        mask.resize(t, 0);
-        offsets.resize(t, None);
         let (mut sp, mut ep, mut has) = (0i64, 0i64, false);
         if let Some((a_s, a_e)) = self.span {
             if we > ws && ctx.offsets[ws].0 <= a_s && ctx.offsets[we - 1].1 >= a_e {
@@ -190,8 +232,8 @@ impl<'a> WindowBuilder<'a> {
             example: self.ex_idx,
             input_ids: ids,
             token_type_ids: types,
-            attention_mask: mask,
             offsets,
+            max_len: t,
             start_position: sp,
             end_position: ep,
             has_answer: has,
@@ -268,4 +310,34 @@ pub fn featurize(
         answerable_in_window: answerable,
         answer_without_tokens,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_padded_keeps_the_real_tokens_and_the_length() {
+        let f = Feature::from_padded(
+            3,
+            &[101, 7, 102, 8, 102, 0, 0],
+            &[0, 0, 0, 1, 1, 0, 0],
+            &[1, 1, 1, 1, 1, 0, 0],
+            (3, 3),
+        )
+        .unwrap();
+        assert_eq!(f.input_ids, [101, 7, 102, 8, 102]);
+        assert_eq!(f.token_type_ids, [0, 0, 0, 1, 1]);
+        assert_eq!((f.len(), f.max_len, f.offsets.len()), (5, 7, 5));
+        assert!(f.has_answer);
+        // no real token: the first row stands in (a window has at least one)
+        let g = Feature::from_padded(0, &[5, 0], &[0, 0], &[0, 0], (0, 0)).unwrap();
+        assert_eq!((g.input_ids, g.max_len, g.has_answer), (vec![5], 2, false));
+        let e = Feature::from_padded(9, &[1, 2, 3], &[0, 0], &[1, 1, 1], (0, 0)).unwrap_err();
+        assert!(
+            e.to_string().contains("example 9") && e.to_string().contains("token_type_ids (2)"),
+            "{e}"
+        );
+        assert!(Feature::from_padded(0, &[], &[], &[], (0, 0)).is_err());
+    }
 }

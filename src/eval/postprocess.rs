@@ -139,7 +139,7 @@ impl SpanAccumulator {
         if self.null.is_none_or(|(score, _, _)| ns + ne < score) {
             self.null = Some((ns + ne, ns, ne));
         }
-        let real = crate::model::batch::real_len(f);
+        let real = f.len();
         let si = top_k(&sl[..real.min(sl.len())], cfg.n_best_size);
         let eix = top_k(&el[..real.min(el.len())], cfg.n_best_size);
         for &s in &si {
@@ -292,8 +292,8 @@ mod tests {
             example: 0,
             input_ids: vec![0; 6],
             token_type_ids: vec![0; 6],
-            attention_mask: vec![1; 6],
             offsets: vec![None, None, Some((0, 3)), Some((4, 7)), Some((8, 11)), None],
+            max_len: 6,
             start_position: 0,
             end_position: 0,
             has_answer: false,

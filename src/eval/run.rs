@@ -34,7 +34,7 @@ pub fn plan_logits<B: Backend>(
         model.forward(be, acts, batch, DropoutCfg::OFF)?;
         let lg = acts.logits.to_f32_vec(be)?; // (N,2)
         for (b, f) in chunk.iter().enumerate() {
-            let full = f.input_ids.len();
+            let full = f.max_len;
             let (s0, rows) = (hb.layout.cu[b] as usize, hb.layout.rows(b));
             let mut s = vec![-1e4f32; full];
             let mut e = vec![-1e4f32; full];
@@ -121,7 +121,7 @@ pub fn logits_for<B: Backend>(
 ) -> Result<SpanLogits> {
     let mut starts = Vec::with_capacity(feats.len());
     let mut ends = Vec::with_capacity(feats.len());
-    let max_t = feats.first().map_or(1, |f| f.input_ids.len());
+    let max_t = feats.first().map_or(1, |f| f.max_len);
     let mut fwd = WindowForward::new(model, batch_size, max_t, padding)?;
     for chunk in feats.chunks(batch_size.max(1)) {
         let refs: Vec<&Feature> = chunk.iter().collect();

@@ -55,14 +55,6 @@ impl Padding {
 /// `longest` pads to a multiple of this many rows (the attention kernels' tile).
 pub const LONGEST_ROUND: usize = 64;
 
-/// The number of real tokens of a window: its attention mask's last 1, plus one (at least 1).
-pub fn real_len(f: &Feature) -> usize {
-    f.attention_mask
-        .iter()
-        .rposition(|&m| m != 0)
-        .map_or(1, |p| p + 1)
-}
-
 /// One batch of windows on the host.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostBatch {
@@ -127,7 +119,8 @@ pub const FILLER_TOKEN: i32 = 0;
 
 /// Lay out `windows` in one batch, the first numbered `first_w` in the optimizer step's whole batch (the
 /// dropout stream's window index). Labels are each window's `start_position`/`end_position` (inference
-/// windows carry (0, 0): harmless, nothing reads the loss).
+/// windows carry (0, 0): harmless, nothing reads the loss). The padded layouts' padding rows get token id 0
+/// and type 0 (BERT's \[PAD\]; nothing of them reaches a real token's output or the loss).
 pub fn pack(windows: &[&Feature], first_w: usize, padding: Padding) -> Result<HostBatch> {
     pack_bucketed(windows, first_w, padding, 1, usize::MAX)
 }
@@ -145,16 +138,24 @@ pub fn pack_bucketed(
     let Some(first) = windows.first() else {
         bail!("pack: a batch needs at least one window");
     };
-    let full = first.input_ids.len();
-    let mut lens: Vec<usize> = windows.iter().map(|f| real_len(f)).collect();
+    let full = first.max_len;
+    let mut lens: Vec<usize> = windows.iter().map(|f| f.len()).collect();
     let longest = lens.iter().copied().max().unwrap_or(1);
     let mut rows = Vec::with_capacity(windows.len() + 1);
     for (f, &l) in windows.iter().zip(&lens) {
-        if f.input_ids.len() != full || f.token_type_ids.len() != full {
+        if f.max_len != full {
             bail!(
-                "pack: windows of {} and {} tokens in one batch",
+                "pack: windows cut for {} and for {} tokens in one batch",
                 full,
-                f.input_ids.len()
+                f.max_len
+            );
+        }
+        if l == 0 || l > full || f.token_type_ids.len() != l {
+            bail!(
+                "pack: window of example {} has {l} tokens and {} token types (1 to {full} of each \
+                 expected)",
+                f.example,
+                f.token_type_ids.len()
             );
         }
         rows.push(HostBatch::rows_for(padding, l, longest, full));
@@ -181,8 +182,11 @@ pub fn pack_bucketed(
     let (mut ids, mut types) = (Vec::with_capacity(n), Vec::with_capacity(n));
     let (mut starts, mut ends) = (Vec::with_capacity(windows.len()), vec![]);
     for (f, &r) in windows.iter().zip(&rows) {
-        ids.extend_from_slice(&f.input_ids[..r]);
-        types.extend_from_slice(&f.token_type_ids[..r]);
+        // the window's tokens, then (padded layouts) padding rows: id 0, type 0
+        ids.extend_from_slice(&f.input_ids);
+        ids.resize(ids.len() + (r - f.len()), 0);
+        types.extend_from_slice(&f.token_type_ids);
+        types.resize(types.len() + (r - f.len()), 0);
         starts.extend(clamp_positions(&[f.start_position], r));
         ends.extend(clamp_positions(&[f.end_position], r));
     }
@@ -215,28 +219,30 @@ pub fn chunks_fitting<'a>(
     let mut out = vec![];
     let mut start = 0;
     while start < windows.len() {
-        let (mut end, mut longest) = (start, 0usize);
+        let (mut end, mut longest, mut real) = (start, 0usize, 0usize);
         while end < windows.len() && end - start < max_windows.max(1) {
             let f = windows[end];
-            let l = longest.max(real_len(f));
+            let l = longest.max(f.len());
             let k = end + 1 - start;
             let rows = match padding {
-                Padding::Packed => windows[start..=end]
-                    .iter()
-                    .map(|f| real_len(f))
-                    .sum::<usize>(),
-                _ => k * HostBatch::rows_for(padding, 0, l, f.input_ids.len()).max(l),
+                Padding::Packed => real + f.len(),
+                _ => k * HostBatch::rows_for(padding, 0, l, f.max_len).max(l),
             };
             if rows > max_rows {
                 break;
             }
             longest = l;
+            real += f.len();
             end += 1;
         }
         if end == start {
+            let f = windows[start];
             bail!(
                 "a window of {} tokens does not fit a batch of {max_rows} rows",
-                windows[start].input_ids.len()
+                match padding {
+                    Padding::Packed => f.len(),
+                    _ => f.max_len,
+                }
             );
         }
         out.push(&windows[start..end]);
@@ -283,12 +289,10 @@ mod tests {
     fn window(len: usize, t: usize, s: i64, e: i64) -> Feature {
         Feature {
             example: 0,
-            input_ids: (0..t)
-                .map(|i| if i < len { 100 + i as i32 } else { 0 })
-                .collect(),
-            token_type_ids: (0..t).map(|i| (i >= 3 && i < len) as i32).collect(),
-            attention_mask: (0..t).map(|i| (i < len) as i32).collect(),
-            offsets: vec![None; t],
+            input_ids: (0..len).map(|i| 100 + i as i32).collect(),
+            token_type_ids: (0..len).map(|i| (i >= 3) as i32).collect(),
+            offsets: vec![None; len],
+            max_len: t,
             start_position: s,
             end_position: e,
             has_answer: true,

@@ -13,7 +13,7 @@ use crate::data::features::{featurize, Feature, FeatureCfg};
 use crate::data::squad::Dataset;
 use crate::data::tokenizer::WordPieceTokenizer;
 use crate::eval::postprocess::PostCfg;
-use crate::model::batch::{chunks_fitting, pack_bucketed, real_len, Padding};
+use crate::model::batch::{chunks_fitting, pack_bucketed, Padding};
 use crate::model::bert::{grad_dtype, BertQa, DropoutCfg, LossScale, LossSums};
 use crate::model::params::param_specs;
 use crate::model::{ActPlan, BertConfig, BertParams};
@@ -417,10 +417,10 @@ pub fn windows_digest(feats: &[Feature], labels: bool) -> String {
     let mut h = sha2::Sha256::new();
     let mut buf: Vec<u8> = Vec::with_capacity(4 * 512);
     for f in feats {
-        let n = real_len(f);
+        let n = f.len();
         buf.clear();
         buf.extend_from_slice(&(n as i32).to_le_bytes());
-        for &id in &f.input_ids[..n] {
+        for &id in &f.input_ids {
             buf.extend_from_slice(&id.to_le_bytes());
         }
         if labels {
@@ -1196,7 +1196,7 @@ pub fn run<B: Backend>(trainer: &mut Trainer<B>, inp: &RunInputs) -> Result<RunS
             // model FLOPs of the real tokens (useful work): each window's own length, attention included
             let flops: f64 = batch
                 .iter()
-                .map(|f| trainer.model.cfg.train_flops_per_seq(real_len(f)))
+                .map(|f| trainer.model.cfg.train_flops_per_seq(f.len()))
                 .sum();
             let mfu = trainer.peak().map(|p| flops / dt / 1e12 / p.tflops);
             if trainer
@@ -1536,10 +1536,10 @@ mod tests {
     fn windows_digest_known_answer() {
         let f = Feature {
             example: 0,
-            input_ids: vec![101, 7, 102, 8, 9, 102, 0, 0],
-            token_type_ids: vec![0, 0, 0, 1, 1, 1, 0, 0],
-            attention_mask: vec![1, 1, 1, 1, 1, 1, 0, 0],
-            offsets: vec![None; 8],
+            input_ids: vec![101, 7, 102, 8, 9, 102],
+            token_type_ids: vec![0, 0, 0, 1, 1, 1],
+            offsets: vec![None; 6],
+            max_len: 8,
             start_position: 3,
             end_position: 4,
             has_answer: true,

@@ -80,15 +80,18 @@ pub fn feature_windows(
     ends: &[i64],
 ) -> Vec<bertqa::data::features::Feature> {
     (0..ids.len() / t)
-        .map(|b| bertqa::data::features::Feature {
-            example: b,
-            input_ids: ids[b * t..(b + 1) * t].to_vec(),
-            token_type_ids: types[b * t..(b + 1) * t].to_vec(),
-            attention_mask: mask[b * t..(b + 1) * t].to_vec(),
-            offsets: vec![None; t],
-            start_position: starts[b],
-            end_position: ends[b],
-            has_answer: true,
+        .map(|b| {
+            let w = b * t..(b + 1) * t;
+            let mut f = bertqa::data::features::Feature::from_padded(
+                b,
+                &ids[w.clone()],
+                &types[w.clone()],
+                &mask[w],
+                (starts[b], ends[b]),
+            )
+            .unwrap();
+            f.has_answer = true;
+            f
         })
         .collect()
 }

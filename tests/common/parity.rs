@@ -975,16 +975,12 @@ impl StepCase {
                     .collect();
                 let types = (0..t).map(|j| (m[j] != 0 && j > 3) as i32).collect();
                 let s = r.below(len) as i64;
-                Feature {
-                    example: bi,
-                    input_ids: ids,
-                    token_type_ids: types,
-                    attention_mask: m,
-                    offsets: vec![None; t],
-                    start_position: s,
-                    end_position: (s + 1).min(len as i64 - 1),
-                    has_answer: true,
-                }
+                let types: Vec<i32> = types;
+                let mut f =
+                    Feature::from_padded(bi, &ids, &types, &m, (s, (s + 1).min(len as i64 - 1)))
+                        .unwrap();
+                f.has_answer = true;
+                f
             })
             .collect()
     }
