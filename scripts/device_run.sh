@@ -31,6 +31,10 @@ else
 fi
 cp $W/check/summary.txt "$FINAL/summary.txt"
 tar czf "$FINAL/logs.tgz" -C $W . 2>/dev/null  # refreshed at the end; here in case the call is cut short
+if grep -q "^-- unpack: rc=1" $W/check/summary.txt 2>/dev/null; then
+    echo "device_run.sh: .gpu could not be unpacked (summary.txt): nothing else can run"
+    exit 1
+fi
 ok() { grep -q "$1: rc=0" $W/check/summary.txt; }
 if [ -n "${SKIP_CHECK:-}" ] || [ -n "${SKIP_PARITY:-}" ]; then
     echo "comparing with the switches given: $(env | grep -E '^BERTQA_(ATTN|ATTN4|GEMM|VEC|GRAPHS)=' | tr '\n' ' ')"

@@ -14,9 +14,14 @@ cd "$(dirname "$0")/.."
 T0_CHECK=$(date +%s)
 DEADLINE_S="${DEADLINE_S-540}"
 [ "$DEADLINE_S" = none ] && DEADLINE_S=
-bash scripts/unpack_gpu.sh || exit 1
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
+if ! bash scripts/unpack_gpu.sh > "$OUT/unpack.log" 2>&1; then
+    # a summary that says so: scripts/device_run.sh counts the failed steps from it
+    { cat "$OUT/unpack.log"; echo "-- unpack: rc=1"; } | tee "$OUT/summary.txt"
+    [ -n "${LIVE_DIR:-}" ] && mkdir -p "$LIVE_DIR" && cp "$OUT/summary.txt" "$LIVE_DIR/summary.txt"
+    exit 1
+fi
 export BERTQA_CACHE="${BERTQA_CACHE:-/tmp/bertqa-cache}"
 export RUST_BACKTRACE=1
 echo "== commit $(cat .gpu/COMMIT 2>/dev/null | tr '\n' ' ')  $(date -u +%FT%TZ)" | tee "$OUT/summary.txt"

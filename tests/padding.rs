@@ -51,7 +51,7 @@ fn f64_step(padding: Padding, accum: usize, bucket: usize, feats: &[Feature]) ->
     let be = Cpu::with_row_bucket(bucket);
     let cfg = BertConfig::tiny(97, 16, 2, 2, 32, 64);
     let master = common::rand_params(&be, &cfg, DType::F64, 3);
-    let mut tc = step_train_config(feats[0].input_ids.len());
+    let mut tc = step_train_config(feats[0].max_len);
     tc.padding = padding;
     tc.grad_accum_steps = accum;
     tc.batch_size = feats.len();

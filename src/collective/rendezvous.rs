@@ -26,10 +26,13 @@ use std::time::{Duration, Instant};
 
 /// The bytes exchanged (an `ncclUniqueId`).
 pub const ID_BYTES: usize = 128;
-/// TCP, version 2: the id comes with the run's shape, which every node checks against its own.
-const MAGIC: &[u8; 12] = b"bertqa-rdzv2";
-/// The file handshake (see the module doc), version 3: node 0's file and the nodes' answers.
-const FILE_MAGIC: &[u8; 12] = b"bertqa-rdzf3";
+/// TCP, version 3: the id comes with the run's shape, which every node checks against its own. The version
+/// also stands for the messages the nodes exchange after it (src/collective/wire.rs): a node of another
+/// version is refused here, not misread later (3: windows sent without padding).
+const MAGIC: &[u8; 12] = b"bertqa-rdzv3";
+/// The file handshake (see the module doc), version 4: node 0's file and the nodes' answers (versioned
+/// with the wire format as [`MAGIC`] is).
+const FILE_MAGIC: &[u8; 12] = b"bertqa-rdzf4";
 /// The nonces that name one rendezvous (node 0's) and one node's process (each other node's).
 type Nonce = [u8; 16];
 /// How often a file rendezvous looks again.

@@ -119,7 +119,8 @@ impl Writer {
 }
 
 /// Windows as a replica needs them: ids, segments, the length they were cut for, labels. Offsets stay with
-/// the leader (they only map answers back to text); `example` is kept for messages.
+/// the leader (they only map answers back to text); `example` is kept for messages. (A change of this
+/// format changes the rendezvous version too, src/collective/rendezvous.rs `MAGIC`.)
 pub fn write_features(w: &mut Writer, feats: &[&Feature]) {
     w.u64(feats.len() as u64);
     for f in feats {
