@@ -16,6 +16,7 @@
 //! a megabyte, which BERT maps to one \[UNK\]) is cut where it is, and then gives an \[UNK\] per piece.
 
 use anyhow::{anyhow, bail, Context, Result};
+use rayon::prelude::*;
 use std::path::Path;
 use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::bert::BertNormalizer;
@@ -254,10 +255,10 @@ impl WordPieceTokenizer {
         let mut char_base = 0;
         // a group of pieces at a time, in parallel: memory bounded by the group, not the text
         for group in pieces.chunks(PIECES_PER_GROUP) {
-            let inputs: Vec<tokenizers::EncodeInput> = group.iter().map(|t| (*t).into()).collect();
-            let encs = self
-                .tok
-                .encode_batch_char_offsets(inputs, false)
+            let encs = group
+                .par_iter()
+                .map(|t| self.tok.encode_char_offsets(*t, false))
+                .collect::<tokenizers::Result<Vec<_>>>()
                 .map_err(|e| anyhow!("tokenizing {}: {e}", preview(group[0])))?;
             for (piece, e) in group.iter().zip(encs) {
                 out.ids.extend(e.get_ids().iter().map(|&i| i as i32));
@@ -290,33 +291,12 @@ impl WordPieceTokenizer {
         })
     }
 
-    /// Encode many texts in parallel (long ones in pieces, see [`CHUNK_BYTES`]).
+    /// Encode many texts in parallel (long ones in pieces, see [`CHUNK_BYTES`]), on rayon's pool: all
+    /// cores, or `RAYON_NUM_THREADS`. Not through the tokenizers crate's batch calls, which run serially
+    /// when `TOKENIZERS_PARALLELISM` is false — a setting many users of transformers keep in their
+    /// environment (it silences a warning about forked processes), which made featurization single-threaded.
     pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Encoded>> {
-        let short: Vec<tokenizers::EncodeInput> = texts
-            .iter()
-            .filter(|t| t.len() <= CHUNK_BYTES)
-            .map(|t| (*t).into())
-            .collect();
-        let mut short = self
-            .tok
-            .encode_batch_char_offsets(short, false)
-            .map_err(|e| anyhow!("tokenizing a batch: {e}"))?
-            .into_iter();
-        let mut out = Vec::with_capacity(texts.len());
-        for t in texts {
-            if t.len() <= CHUNK_BYTES {
-                let e = short
-                    .next()
-                    .ok_or_else(|| anyhow!("tokenizer lost a text"))?;
-                out.push(Encoded {
-                    ids: e.get_ids().iter().map(|&i| i as i32).collect(),
-                    offsets: e.get_offsets().to_vec(),
-                });
-            } else {
-                out.push(self.encode(t)?);
-            }
-        }
-        Ok(out)
+        texts.par_iter().map(|t| self.encode(t)).collect()
     }
 
     /// One past the largest token id of the vocabulary (added tokens included): the embedding table must
