@@ -64,9 +64,11 @@ KERNELS="$(env | grep -E '^BERTQA_(ATTN|ATTN4|GEMM|GEMM_TUNE|VEC|GRAPHS)=' | sor
 D="${DATA_DIR:-/tmp/bertqa-data}"; mkdir -p "$D"
 [ -f $D/train.json ] || cp "$GPU_DIR/data/train-v1.1.json" $D/train.json
 [ -f $D/dev.json ] || cp "$GPU_DIR/data/dev-v1.1.json" $D/dev.json
-# (TOKENIZERS_PARALLELISM=false: the Python side's tokenizers, quiet about forked processes; bertqa's
-# featurization does not read it)
-export BERTQA_CACHE="${BERTQA_CACHE:-/tmp/bertqa-cache}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export BERTQA_CACHE="${BERTQA_CACHE:-/tmp/bertqa-cache}" PYTHONUNBUFFERED=1
+# both sides featurize on every core: transformers' fast tokenizer is parallel unless TOKENIZERS_PARALLELISM
+# says otherwise (bertqa's featurization does not read it). Unset, the tokenizers library turns its
+# parallelism off by itself in a process forked after using it (torch.compile's workers), with a warning.
+unset TOKENIZERS_PARALLELISM
 PY=scripts/perf_json.py
 status=0
 log() { echo "$*" | tee -a "$OUT/summary.txt"; }
