@@ -66,8 +66,9 @@ D="${DATA_DIR:-/tmp/bertqa-data}"; mkdir -p "$D"
 [ -f $D/dev.json ] || cp "$GPU_DIR/data/dev-v1.1.json" $D/dev.json
 export BERTQA_CACHE="${BERTQA_CACHE:-/tmp/bertqa-cache}" PYTHONUNBUFFERED=1
 # both sides featurize on every core: transformers' fast tokenizer is parallel unless TOKENIZERS_PARALLELISM
-# says otherwise (bertqa's featurization does not read it). Unset, the tokenizers library turns its
-# parallelism off by itself in a process forked after using it (torch.compile's workers), with a warning.
+# says otherwise (bertqa's featurization does not read it). Unset, the tokenizers library would turn its
+# parallelism off by itself, with a warning, in a process forked after using it (none is: the runs that
+# tokenize are eager and start no workers).
 unset TOKENIZERS_PARALLELISM
 PY=scripts/perf_json.py
 status=0

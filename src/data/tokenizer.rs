@@ -257,9 +257,12 @@ impl WordPieceTokenizer {
         for group in pieces.chunks(PIECES_PER_GROUP) {
             let encs = group
                 .par_iter()
-                .map(|t| self.tok.encode_char_offsets(*t, false))
-                .collect::<tokenizers::Result<Vec<_>>>()
-                .map_err(|e| anyhow!("tokenizing {}: {e}", preview(group[0])))?;
+                .map(|t| {
+                    self.tok
+                        .encode_char_offsets(*t, false)
+                        .map_err(|e| anyhow!("tokenizing {}: {e}", preview(t)))
+                })
+                .collect::<Result<Vec<_>>>()?;
             for (piece, e) in group.iter().zip(encs) {
                 out.ids.extend(e.get_ids().iter().map(|&i| i as i32));
                 out.offsets.extend(
@@ -296,7 +299,22 @@ impl WordPieceTokenizer {
     /// when `TOKENIZERS_PARALLELISM` is false — a setting many users of transformers keep in their
     /// environment (it silences a warning about forked processes), which made featurization single-threaded.
     pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Encoded>> {
-        texts.par_iter().map(|t| self.encode(t)).collect()
+        // the texts read whole in parallel; then each one cut in pieces, one text at a time (its pieces in
+        // parallel), so that memory stays bounded by one group of pieces, as for a single long text
+        let in_pieces = |t: &str| t.len() > CHUNK_BYTES && self.exact_cuts;
+        let mut out: Vec<Option<Encoded>> = texts
+            .par_iter()
+            .map(|t| match in_pieces(t) {
+                true => Ok(None),
+                false => self.encode_whole(t).map(Some),
+            })
+            .collect::<Result<_>>()?;
+        for (o, t) in out.iter_mut().zip(texts) {
+            if o.is_none() {
+                *o = Some(self.encode(t)?);
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
     }
 
     /// One past the largest token id of the vocabulary (added tokens included): the embedding table must
