@@ -27,8 +27,7 @@ PYEOF
     fi
 }
 shopt -s nullglob
-for f in "$DIR"/bin/*.xz "$DIR"/data/*.xz "$DIR"/*/*.xz; do
-    [ -e "$f" ] || continue  # bin/ and data/ also match */
+for f in "$DIR"/*/*.xz; do
     unxz_one "$f" || { echo "unpack_gpu.sh: cannot decompress $f" >&2; exit 1; }
 done
 for f in "$DIR"/bin/*; do chmod +x "$f"; done

@@ -605,11 +605,7 @@ fn synthetic(n: usize, t: usize, vocab: usize) -> Vec<Feature> {
             ids.iter_mut().zip(&mask).for_each(|(x, m)| *x *= m);
             let s = 1 + (r.uniform() * (len - 2) as f64) as i64;
             let types: Vec<i32> = (0..t).map(|j| i32::from(j >= 16 && j < len)).collect();
-            let mut f =
-                Feature::from_padded(i, &ids, &types, &mask, (s, (s + 3).min(len as i64 - 1)))
-                    .unwrap();
-            f.has_answer = true;
-            f
+            Feature::from_padded(i, &ids, &types, &mask, (s, (s + 3).min(len as i64 - 1))).unwrap()
         })
         .collect()
 }

@@ -60,7 +60,9 @@ impl Feature {
         self.input_ids.is_empty()
     }
     /// A window given as Hugging Face's padded arrays, all of one length (`max_len`): ids, token types and
-    /// the attention mask. Its real tokens are those up to the mask's last 1 (at least one); no offsets.
+    /// the attention mask. Its real tokens are those up to the mask's last 1 (at least one); no offsets;
+    /// `has_answer` when a label is not \[CLS\] (0, 0), the only label featurization gives a window without
+    /// the answer.
     pub fn from_padded(
         example: usize,
         ids: &[i32],

@@ -247,7 +247,7 @@ impl WordPieceTokenizer {
 
     /// `encode` with pieces of at most about `chunk_bytes` bytes (public for the tests).
     pub fn encode_chunked(&self, text: &str, chunk_bytes: usize) -> Result<Encoded> {
-        if text.len() <= chunk_bytes || !self.exact_cuts {
+        if !self.in_pieces(text, chunk_bytes) {
             return self.encode_whole(text);
         }
         let pieces = self.pieces(text, chunk_bytes);
@@ -276,6 +276,12 @@ impl WordPieceTokenizer {
         Ok(out)
     }
 
+    /// Whether `text` is tokenized in pieces of about `chunk_bytes` bytes: when it is longer and this
+    /// tokenizer's cuts are exact.
+    fn in_pieces(&self, text: &str, chunk_bytes: usize) -> bool {
+        text.len() > chunk_bytes && self.exact_cuts
+    }
+
     /// `text` cut into pieces of about `chunk` bytes where its tokens cannot change ([`split_pieces`], no
     /// cut inside an added token such as "\[SEP\]").
     pub fn pieces<'t>(&self, text: &'t str, chunk: usize) -> Vec<&'t str> {
@@ -301,10 +307,9 @@ impl WordPieceTokenizer {
     pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Encoded>> {
         // the texts read whole in parallel; then each one cut in pieces, one text at a time (its pieces in
         // parallel), so that memory stays bounded by one group of pieces, as for a single long text
-        let in_pieces = |t: &str| t.len() > CHUNK_BYTES && self.exact_cuts;
         let mut out: Vec<Option<Encoded>> = texts
             .par_iter()
-            .map(|t| match in_pieces(t) {
+            .map(|t| match self.in_pieces(t, CHUNK_BYTES) {
                 true => Ok(None),
                 false => self.encode_whole(t).map(Some),
             })

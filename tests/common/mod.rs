@@ -82,16 +82,14 @@ pub fn feature_windows(
     (0..ids.len() / t)
         .map(|b| {
             let w = b * t..(b + 1) * t;
-            let mut f = bertqa::data::features::Feature::from_padded(
+            bertqa::data::features::Feature::from_padded(
                 b,
                 &ids[w.clone()],
                 &types[w.clone()],
                 &mask[w],
                 (starts[b], ends[b]),
             )
-            .unwrap();
-            f.has_answer = true;
-            f
+            .unwrap()
         })
         .collect()
 }

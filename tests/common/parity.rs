@@ -973,14 +973,10 @@ impl StepCase {
                         }
                     })
                     .collect();
-                let types = (0..t).map(|j| (m[j] != 0 && j > 3) as i32).collect();
+                let types: Vec<i32> = (0..t).map(|j| (m[j] != 0 && j > 3) as i32).collect();
                 let s = r.below(len) as i64;
-                let types: Vec<i32> = types;
-                let mut f =
-                    Feature::from_padded(bi, &ids, &types, &m, (s, (s + 1).min(len as i64 - 1)))
-                        .unwrap();
-                f.has_answer = true;
-                f
+                Feature::from_padded(bi, &ids, &types, &m, (s, (s + 1).min(len as i64 - 1)))
+                    .unwrap()
             })
             .collect()
     }
