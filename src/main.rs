@@ -31,6 +31,8 @@ enum Cmd {
     Eval(cli::eval::EvalArgs),
     /// Answer one question about one context
     Predict(cli::eval::PredictArgs),
+    /// Compile the CUDA kernels ahead of time (into the cache, or a folder for BERTQA_KERNELS elsewhere)
+    Kernels(cli::kernels::KernelsArgs),
 }
 
 fn main() {
@@ -69,6 +71,7 @@ fn main() {
         Cmd::Score(a) => cli::score::run(a).map(|_| 0),
         Cmd::Eval(a) => cli::eval::run_eval(a).map(|_| 0),
         Cmd::Predict(a) => cli::eval::run_predict(a).map(|_| 0),
+        Cmd::Kernels(a) => cli::kernels::run(a).map(|_| 0),
     };
     match res {
         Ok(0) => {}

@@ -3028,3 +3028,139 @@ fn a_follower_node_waiting_at_the_rendezvous_stops_on_one_signal() {
         stderr(&o)
     );
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// kernels
+
+/// `bertqa kernels`: bad input is refused by name; with NVRTC, the modules' PTX and machine code land in
+/// --out (or the cache), named as a run looks them up, and a second call compiles nothing unless --force.
+#[test]
+fn kernels_compiles_ahead_of_time_and_refuses_bad_input() {
+    for arch in ["sm90", "sm_90a", "compute_90", "sm_", "sm_1234"] {
+        fails(
+            &run(&["kernels", "--arch", arch]),
+            &["--arch", arch, "sm_90"],
+        );
+    }
+    fails(
+        &run(&["kernels", "--arch", "sm_90", "--module", "nope"]),
+        &["--module \"nope\"", "attention_tc", "dropout"],
+    );
+    if !bertqa::cuda::driver_present() {
+        fails(&run(&["kernels"]), &["no CUDA driver", "--arch sm_90"]);
+    }
+    let t = TempDir::new("kernels");
+    let out = t.join("prebuilt");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "kernels", "--arch", "sm_80", "--module", "dropout", "--module", "adamw",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let o = run(&args(&["--out", out.to_str().unwrap()]));
+    let nvrtc =
+        bertqa::cuda::nvrtc::nvrtc_present() && bertqa::cuda::nvrtc::cuda_include_dir().is_some();
+    if !nvrtc {
+        assert!(
+            std::env::var("BERTQA_REQUIRE_NVRTC").as_deref() != Ok("1"),
+            "BERTQA_REQUIRE_NVRTC=1 but NVRTC or the CUDA headers are missing"
+        );
+        fails(&o, &[]);
+        println!("SKIPPED the compiles: no NVRTC or no CUDA headers here");
+        return;
+    }
+    let s = ok(&o);
+    assert!(s.contains("dropout (sm_80): compiled in"), "{s}");
+    assert!(s.contains("adamw (sm_80): compiled in"), "{s}");
+    assert!(s.contains("2 module(s) for sm_80 in"), "{s}");
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    // the names a run looks up (nvrtc::image_stem of the source compiled into this binary)
+    let mut want = vec![];
+    for m in ["adamw", "dropout"] {
+        let stem = bertqa::cuda::nvrtc::image_stem(
+            m,
+            &bertqa::cuda::nvrtc::module_source(m).unwrap(),
+            "sm_80",
+        );
+        want.push(format!("{stem}.cubin"));
+        want.push(format!("{stem}.ptx"));
+    }
+    assert_eq!(names, want);
+    let cubin = std::fs::read(out.join(&want[0])).unwrap();
+    assert_eq!(
+        (&cubin[..4], &cubin[18..20]),
+        (&b"\x7fELF"[..], &[190u8, 0][..])
+    );
+    let ptx = std::fs::read_to_string(out.join(&want[1])).unwrap();
+    assert!(
+        ptx.contains(".entry adamw_step") && ptx.contains(".target sm_80"),
+        "{ptx}"
+    );
+    // again: nothing to do; --force: compiled again
+    let s = ok(&run(&args(&["--out", out.to_str().unwrap()])));
+    assert!(
+        s.contains("dropout (sm_80): already in") && s.contains("0 compiled"),
+        "{s}"
+    );
+    let s = ok(&run(&args(&["--out", out.to_str().unwrap(), "--force"])));
+    assert!(s.contains("2 compiled"), "{s}");
+    // a run's prebuilt folder (BERTQA_KERNELS) counts as there: nothing compiled, nothing cached
+    let unused = t.join("unused-cache");
+    let s = ok(&run_with(
+        &args(&[]),
+        &[
+            ("BERTQA_KERNELS", out.to_str().unwrap()),
+            ("BERTQA_CACHE", unused.to_str().unwrap()),
+        ],
+    ));
+    assert!(
+        s.contains(&format!("dropout (sm_80): already in {}", out.display()))
+            && s.contains("0 compiled"),
+        "{s}"
+    );
+    assert!(!unused.exists());
+    // --out naming a file
+    fails(
+        &run(&args(&["--out", out.join(&want[0]).to_str().unwrap()])),
+        &["--out", "not a folder"],
+    );
+    // the arch-specific modules: sm_90a images from --arch sm_90, found where a run on an sm_90 GPU looks
+    let hopper = t.join("hopper");
+    let s = ok(&run(&[
+        "kernels",
+        "--arch",
+        "sm_90",
+        "--module",
+        "wgmma_probe",
+        "--out",
+        hopper.to_str().unwrap(),
+    ]));
+    assert!(s.contains("wgmma_probe (sm_90a): compiled in"), "{s}");
+    use bertqa::cuda::nvrtc;
+    let arch = nvrtc::module_arch("wgmma_probe", "sm_90");
+    let img = nvrtc::module_image_in("wgmma_probe", &arch, Some(&hopper), &unused).unwrap();
+    assert_eq!(img.origin, nvrtc::Origin::Prebuilt(hopper.clone()));
+    assert!(
+        img.cubin.is_some_and(|c| nvrtc::is_cuda_elf(&c)) && img.ptx.contains("wgmma.mma_async")
+    );
+    assert!(!unused.exists());
+    // without --out: the cache
+    let cache = t.join("cache");
+    let s = ok(&run_with(
+        &args(&[]),
+        &[("BERTQA_CACHE", cache.to_str().unwrap())],
+    ));
+    assert!(
+        s.contains(&format!("in {}", cache.join("ptx").display())),
+        "{s}"
+    );
+    assert!(cache.join("ptx").join(&want[0]).is_file());
+}

@@ -1,5 +1,5 @@
 //! Every kernels/*.cu compiles with NVRTC for sm_80 and sm_90 (the wgmma modules also for sm_90a) with no
-//! error and no warning, and has every
+//! error and no warning, into PTX and machine code (the cubin a process loads), both with every
 //! entry point a kernel configuration (attention variant, vec kernels) can make its launchers name.
 //! Needs libnvrtc and the CUDA headers (CI installs the pip wheels nvidia-cuda-nvrtc/-runtime 13.0); without
 //! them it skips with a reason, unless BERTQA_REQUIRE_NVRTC=1 (set by .ci/run), where it fails.
@@ -153,6 +153,20 @@ fn every_kernel_compiles_without_warnings() {
                             ));
                         }
                     }
+                    // the machine code a process loads (nvrtc::module_image): whole by the check a
+                    // process makes before handing it to the driver (and not once cut short), naming the
+                    // entry points
+                    let cubin = c.cubin.as_deref().unwrap_or_default();
+                    if !nvrtc::is_cuda_elf(cubin) {
+                        failures.push(format!("{name} {arch}: no whole CUDA ELF machine code"));
+                    } else if nvrtc::is_cuda_elf(&cubin[..cubin.len() - 1]) {
+                        failures.push(format!("{name} {arch}: cut short, still taken as whole"));
+                    }
+                    let in_cubin = |e: &str| {
+                        cubin
+                            .windows(e.len() + 1)
+                            .any(|w| w[..e.len()] == *e.as_bytes() && w[e.len()] == 0)
+                    };
                     for (_, entry) in bertqa::ops::variant_entry_points()
                         .iter()
                         .filter(|(m, _)| m == name)
@@ -160,11 +174,23 @@ fn every_kernel_compiles_without_warnings() {
                         if !c.ptx.contains(&format!(".entry {entry}(")) {
                             failures.push(format!("{name} {arch}: no entry point {entry}"));
                         }
+                        if !in_cubin(entry) {
+                            failures.push(format!("{name} {arch}: no {entry} in the machine code"));
+                        }
                     }
                 }
                 Err(e) => failures.push(format!("{e:#}")),
             }
         }
+    }
+    // a virtual architecture gives PTX only
+    match nvrtc::compile("dropout", "compute_90") {
+        Ok(c) if c.cubin.is_none() && c.ptx.contains(".entry") => {}
+        Ok(c) => failures.push(format!(
+            "dropout compute_90: {} bytes of machine code",
+            c.cubin.map_or(0, |b| b.len())
+        )),
+        Err(e) => failures.push(format!("{e:#}")),
     }
     assert!(
         failures.is_empty(),

@@ -1,7 +1,8 @@
-//! The `bertqa` command line: `train`, `eval`, `predict`, `score`, `init-random`, `convert`.
+//! The `bertqa` command line: `train`, `eval`, `predict`, `score`, `init-random`, `convert`, `kernels`.
 
 pub mod eval;
 pub mod init;
+pub mod kernels;
 pub mod score;
 pub mod train;
 

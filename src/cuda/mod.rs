@@ -95,6 +95,19 @@ pub struct Cuda {
     blas_workspace: Option<CudaBuf>,
 }
 
+/// How [`Cuda::load_module`] loaded a kernel module.
+#[derive(Clone, Debug)]
+pub struct ModuleLoad {
+    /// where its images came from
+    pub origin: nvrtc::Origin,
+    /// true: its machine code (cubin); false: its PTX, translated by the driver
+    pub machine_code: bool,
+    /// the driver's error for a cubin it refused (the PTX was loaded instead)
+    pub refused: Option<String>,
+    /// seconds the driver took to load it (a PTX's translation included)
+    pub secs: f64,
+}
+
 /// A captured CUDA graph, instantiated ([`BackendCore::capture`]), replayed by [`BackendCore::replay`].
 pub struct Graph {
     g: cudarc::driver::CudaGraph,
@@ -257,19 +270,93 @@ impl Cuda {
             if let Some(m) = mods.get(module) {
                 m.clone()
             } else {
-                let ptx = nvrtc::cached_ptx(module, &nvrtc::module_arch(module, &self.arch()))?;
-                let m = self
-                    .ctx
-                    .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-                    .map_err(|e| {
-                        anyhow!("loading kernels/{module}.cu for {}: {e:?}", self.arch())
-                    })?;
+                let (m, _) = self.load_module(module)?;
                 mods.insert(module, m.clone());
                 m
             }
         };
         m.load_function(name)
             .map_err(|e| anyhow!("kernel {name} not found in kernels/{module}.cu: {e:?}"))
+    }
+
+    /// Load kernels/`module`.cu for this device ([`nvrtc::module_image`]: prebuilt, cached or compiled now):
+    /// its machine code, or its PTX (which the driver then translates) where there is no machine code or the
+    /// driver refuses it. Images from elsewhere that the driver takes neither of (built by a newer NVRTC
+    /// than it knows, say) are compiled again here. Says what was loaded, and how long the load took.
+    pub fn load_module(&self, module: &str) -> Result<(Arc<CudaModule>, ModuleLoad)> {
+        let arch = nvrtc::module_arch(module, &self.arch());
+        let img = nvrtc::module_image(module, &arch)?;
+        let t = std::time::Instant::now();
+        let e = match self.load_image(module, &arch, img.cubin, img.ptx) {
+            Ok((m, machine_code, refused)) => {
+                let secs = t.elapsed().as_secs_f64();
+                let load = ModuleLoad {
+                    origin: img.origin,
+                    machine_code,
+                    refused,
+                    secs,
+                };
+                return Ok((m, load));
+            }
+            Err(e) if matches!(img.origin, nvrtc::Origin::Compiled(_)) => {
+                bail!("loading kernels/{module}.cu for {arch}: {e}")
+            }
+            Err(e) => e,
+        };
+        let from = match &img.origin {
+            nvrtc::Origin::Prebuilt(d) | nvrtc::Origin::Cache(d) => d.display().to_string(),
+            nvrtc::Origin::Compiled(_) => String::new(),
+        };
+        crate::say!(
+            "note: the driver loads neither image of kernels/{module}.cu for {arch} from {from} ({e}); \
+             compiling it here"
+        );
+        let t = std::time::Instant::now();
+        let c = nvrtc::compile(module, &arch).with_context(|| {
+            format!("kernels/{module}.cu for {arch}: the images in {from} do not load ({e})")
+        })?;
+        let compile_secs = t.elapsed().as_secs_f64();
+        let stem = nvrtc::image_stem(module, &nvrtc::module_source(module)?, &arch);
+        let _ = nvrtc::write_images(&nvrtc::cache_dir(), &stem, &c);
+        let t = std::time::Instant::now();
+        let (m, machine_code, refused) = self
+            .load_image(module, &arch, c.cubin, c.ptx)
+            .map_err(|e| anyhow!("loading kernels/{module}.cu for {arch}: {e}"))?;
+        let load = ModuleLoad {
+            origin: nvrtc::Origin::Compiled(compile_secs),
+            machine_code,
+            refused,
+            secs: t.elapsed().as_secs_f64(),
+        };
+        Ok((m, load))
+    }
+
+    /// The driver's load of a module's machine code, else of its PTX: (module, machine code loaded, the
+    /// driver's error for refused machine code); the PTX's error otherwise.
+    fn load_image(
+        &self,
+        module: &str,
+        arch: &str,
+        cubin: Option<Vec<u8>>,
+        ptx: String,
+    ) -> std::result::Result<(Arc<CudaModule>, bool, Option<String>), String> {
+        let mut refused = None;
+        if let Some(cubin) = cubin {
+            match self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)) {
+                Ok(m) => return Ok((m, true, None)),
+                Err(e) => {
+                    crate::say!(
+                        "note: the driver refused the machine code of kernels/{module}.cu for {arch} ({e:?}); \
+                         loading its PTX instead"
+                    );
+                    refused = Some(format!("{e:?}"));
+                }
+            }
+        }
+        self.ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+            .map(|m| (m, false, refused))
+            .map_err(|e| format!("{e:?}"))
     }
 
     /// Turn the per-kernel profiler on (clearing what it holds) or off.

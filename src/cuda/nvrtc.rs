@@ -1,9 +1,16 @@
-//! Run-time compilation of kernels/*.cu with NVRTC, and a PTX cache on disk.
+//! Run-time compilation of kernels/*.cu with NVRTC, and a cache of the results on disk.
 //!
 //! Why NVRTC and not nvcc in build.rs: the crate must build on machines without CUDA (CI, laptops), and the
 //! device machine may have no Rust toolchain. NVRTC compiles each kernel module the first time it is used, for
-//! the architecture of the GPU at hand; the PTX is cached under `$BERTQA_CACHE` (default
-//! `~/.cache/bertqa/ptx`) keyed by a hash of the source, the options and the architecture.
+//! the architecture of the GPU at hand, into PTX and, for a real architecture (`sm_90`), machine code (a
+//! cubin). Both are cached under `$BERTQA_CACHE/ptx` (default `~/.cache/bertqa/ptx`), named by the module,
+//! the architecture and a hash of the source and the options (not the headers' folder, which differs from
+//! machine to machine). A process loads the cubin, so the driver does not translate the PTX again
+//! (the PTX is the fall-back when the driver refuses the cubin).
+//!
+//! Prebuilt images: `bertqa kernels --arch sm_90 --out DIR` compiles every module into DIR on a machine
+//! without a GPU; a process given `BERTQA_KERNELS=DIR` looks there first (never writing to it), so a GPU
+//! machine compiles nothing (scripts/package_gpu.sh ships them to the device machine this way).
 //!
 //! Headers: kernels include `cuda_bf16.h`/`cuda_fp16.h`. The include directory is found from
 //! `BERTQA_CUDA_INCLUDE`, `CUDA_HOME`/`CUDA_PATH`, `/usr/local/cuda/include`, or the `nvidia/cu13/include`
@@ -12,7 +19,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::ffi::{CStr, CString};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The shared header, prepended to every module (NVRTC then needs no include path for it).
 pub const COMMON: &str = include_str!("../../kernels/common.cuh");
@@ -102,12 +109,27 @@ pub fn find_cuda_include(var: impl Fn(&str) -> Option<String>) -> Option<PathBuf
     cands.into_iter().find(|p| p.join("cuda_bf16.h").exists())
 }
 
-/// The compiled PTX of a module and NVRTC's log (warnings), for `arch` such as "sm_90" or "compute_90".
+/// The compiled PTX of a module, its machine code when `arch` is a real architecture ("sm_90"; None for a
+/// virtual one such as "compute_90"), and NVRTC's log (warnings).
 pub struct Compiled {
     pub ptx: String,
+    pub cubin: Option<Vec<u8>>,
     pub log: String,
 }
 
+/// NVRTC's options for `arch` other than the headers' folder: what names a module's images (see
+/// [`image_stem`]).
+pub fn base_options(arch: &str) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".into(),
+        "--device-as-default-execution-space".into(),
+        "--extra-device-vectorization".into(),
+        "-lineinfo".into(),
+    ]
+}
+
+/// NVRTC's options for `arch`: [`base_options`] and the folder of the CUDA headers.
 pub fn compile_options(arch: &str) -> Result<Vec<String>> {
     let inc = cuda_include_dir().ok_or_else(|| {
         anyhow!(
@@ -115,14 +137,9 @@ pub fn compile_options(arch: &str) -> Result<Vec<String>> {
              wheel nvidia-cuda-runtime==13.0.* and set BERTQA_CUDA_PIP to its site-packages"
         )
     })?;
-    Ok(vec![
-        format!("--gpu-architecture={arch}"),
-        "--std=c++17".into(),
-        "--device-as-default-execution-space".into(),
-        "--extra-device-vectorization".into(),
-        "-lineinfo".into(),
-        format!("--include-path={}", inc.display()),
-    ])
+    let mut o = base_options(arch);
+    o.push(format!("--include-path={}", inc.display()));
+    Ok(o)
 }
 
 /// Compile one module with NVRTC (no cache). Errors carry the full log.
@@ -151,20 +168,49 @@ pub fn compile(name: &str, arch: &str) -> Result<Compiled> {
         }
         bail!("NVRTC failed to compile kernels/{name}.cu for {arch}: {e:?}\n{log}");
     }
-    let ptx = unsafe { r::get_ptx(prog) }.map_err(|e| anyhow!("nvrtc get_ptx {name}: {e:?}"))?;
+    let ptx = unsafe { r::get_ptx(prog) }.map_err(|e| anyhow!("nvrtc get_ptx {name}: {e:?}"));
+    let cubin = if arch.starts_with("sm_") {
+        unsafe { get_cubin(prog) }
+            .map_err(|e| anyhow!("nvrtc get_cubin {name} for {arch}: {e}"))
+            .map(Some)
+    } else {
+        Ok(None)
+    };
     unsafe {
         let _ = r::destroy_program(prog);
     }
+    let (ptx, cubin) = (ptx?, cubin?);
     let ptx = unsafe { CStr::from_ptr(ptx.as_ptr()) }
         .to_string_lossy()
         .into_owned();
     Ok(Compiled {
         ptx,
+        cubin,
         log: log.trim().to_string(),
     })
 }
 
-fn cache_dir() -> PathBuf {
+/// The machine code of a compiled program (NVRTC made it because the target was a real architecture).
+unsafe fn get_cubin(prog: cudarc::nvrtc::sys::nvrtcProgram) -> Result<Vec<u8>, String> {
+    use cudarc::nvrtc::sys;
+    let mut n = 0usize;
+    let rc = sys::nvrtcGetCUBINSize(prog, &mut n);
+    if rc != sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(format!("{rc:?}"));
+    }
+    if n == 0 {
+        return Err("NVRTC made no machine code".into());
+    }
+    let mut buf = vec![0u8; n];
+    let rc = sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut std::ffi::c_char);
+    if rc != sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(format!("{rc:?}"));
+    }
+    Ok(buf)
+}
+
+/// The cache of compiled images: `$BERTQA_CACHE/ptx`, else `~/.cache/bertqa/ptx`.
+pub fn cache_dir() -> PathBuf {
     if let Ok(p) = std::env::var("BERTQA_CACHE") {
         return PathBuf::from(p).join("ptx");
     }
@@ -172,31 +218,289 @@ fn cache_dir() -> PathBuf {
     PathBuf::from(home).join(".cache/bertqa/ptx")
 }
 
-/// PTX for a module, from the disk cache when the same source/options/arch were compiled before.
-pub fn cached_ptx(name: &str, arch: &str) -> Result<String> {
-    let src = module_source(name)?;
+/// The file name (without extension) under which a module's images are kept: the module, the architecture
+/// and a hash of the source and of [`base_options`] — not of the headers' folder, which differs between
+/// machines that have the same headers (a pip wheel here, /usr/local/cuda there), so that images built on one
+/// machine are found on the other, and a machine with prebuilt images needs neither NVRTC nor the headers.
+pub fn image_stem(name: &str, src: &str, arch: &str) -> String {
     let mut h = Sha256::new();
     h.update(src.as_bytes());
-    h.update(compile_options(arch)?.join(" ").as_bytes());
-    let key = format!("{name}-{arch}-{:x}", h.finalize());
-    let path = cache_dir().join(format!("{}.ptx", &key[..name.len() + arch.len() + 18]));
-    if let Ok(ptx) = std::fs::read_to_string(&path) {
-        return Ok(ptx);
+    for o in base_options(arch) {
+        h.update(o.as_bytes());
+        h.update(b"\0");
     }
-    let c = compile(name, arch)?;
-    if std::fs::create_dir_all(cache_dir()).is_ok() {
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        if std::fs::write(&tmp, &c.ptx).is_ok() {
-            let _ = std::fs::rename(&tmp, &path);
+    let hex = format!("{:x}", h.finalize());
+    format!("{name}-{arch}-{}", &hex[..16])
+}
+
+/// A module's compiled images as a process loads them.
+pub struct Image {
+    pub ptx: String,
+    /// machine code for the architecture, when there is one (a real architecture's compile makes it)
+    pub cubin: Option<Vec<u8>>,
+    pub origin: Origin,
+}
+
+/// Where an [`Image`] came from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Origin {
+    /// `$BERTQA_KERNELS` (prebuilt by `bertqa kernels --out`)
+    Prebuilt(PathBuf),
+    /// the cache (`$BERTQA_CACHE/ptx`)
+    Cache(PathBuf),
+    /// compiled by NVRTC now (and written to the cache), in this many seconds
+    Compiled(f64),
+}
+
+/// Whether `b` is whole machine code for NVIDIA's processors as far as its headers tell: a 64-bit
+/// little-endian ELF (e_machine 190, EM_CUDA) holding every byte its program headers, section headers and
+/// sections say it has. The driver is given a pointer without a length, so a truncated or foreign file must
+/// not reach it.
+pub fn is_cuda_elf(b: &[u8]) -> bool {
+    let at = |o: u64, n: usize| -> Option<u64> {
+        let o = usize::try_from(o).ok()?;
+        let s = b.get(o..o.checked_add(n)?)?;
+        Some(s.iter().rev().fold(0u64, |v, &x| v << 8 | x as u64))
+    };
+    let whole = || -> Option<bool> {
+        if b.get(..6)? != b"\x7fELF\x02\x01" || at(18, 2)? != 190 {
+            return Some(false);
+        }
+        let (phoff, shoff) = (at(32, 8)?, at(40, 8)?);
+        let (phentsize, phnum) = (at(54, 2)?, at(56, 2)?);
+        let (shentsize, shnum) = (at(58, 2)?, at(60, 2)?);
+        if shnum == 0 || shentsize < 64 {
+            return Some(false);
+        }
+        let mut end = 64u64;
+        end = end.max(phoff.checked_add(phnum * phentsize)?);
+        end = end.max(shoff.checked_add(shnum * shentsize)?);
+        for k in 0..shnum {
+            let h = shoff + k * shentsize;
+            // SHT_NOBITS (8) occupies no bytes of the file
+            if at(h + 4, 4)? != 8 {
+                end = end.max(at(h + 24, 8)?.checked_add(at(h + 32, 8)?)?);
+            }
+        }
+        Some(end <= b.len() as u64)
+    };
+    whole().unwrap_or(false)
+}
+
+/// The images of `stem` in `dir`: the PTX (required) and the cubin (if there is one, and whole by
+/// [`is_cuda_elf`]; a damaged one is passed over: the PTX is loaded); None if no PTX.
+fn read_images(dir: &Path, stem: &str) -> Option<(String, Option<Vec<u8>>)> {
+    let ptx = std::fs::read_to_string(dir.join(format!("{stem}.ptx"))).ok()?;
+    let cubin = std::fs::read(dir.join(format!("{stem}.cubin")))
+        .ok()
+        .filter(|b| is_cuda_elf(b));
+    Some((ptx, cubin))
+}
+
+/// Whether `dir` holds both images of `stem`, the cubin whole.
+pub fn has_images(dir: &Path, stem: &str) -> bool {
+    dir.join(format!("{stem}.ptx")).is_file()
+        && std::fs::read(dir.join(format!("{stem}.cubin"))).is_ok_and(|b| is_cuda_elf(&b))
+}
+
+/// Write the images of `stem` into `dir`, each file written whole under a temporary name and then renamed
+/// (a reader never sees half a file; the cubin first, so a PTX present means its cubin is complete too).
+pub fn write_images(dir: &Path, stem: &str, c: &Compiled) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // a temporary name of its own per write: several processes, and several threads of one (the replicas
+    // of a data-parallel run), may write the same module at once
+    static WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let put = |ext: &str, bytes: &[u8]| -> Result<()> {
+        let path = dir.join(format!("{stem}.{ext}"));
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!("{stem}.{ext}.tmp{}-{n}", std::process::id()));
+        let res = std::fs::write(&tmp, bytes)
+            .with_context(|| format!("writing {}", tmp.display()))
+            .and_then(|_| {
+                std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+            });
+        if res.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        res
+    };
+    if let Some(cubin) = &c.cubin {
+        put("cubin", cubin)?;
+    }
+    put("ptx", c.ptx.as_bytes())
+}
+
+/// A module's images for `arch`: from `$BERTQA_KERNELS` (prebuilt) when it holds this source's, else from
+/// the cache, else compiled now and written to the cache (a cache that cannot be written costs a compile
+/// per process, nothing else). See [`module_image_in`].
+pub fn module_image(name: &str, arch: &str) -> Result<Image> {
+    let prebuilt = std::env::var_os("BERTQA_KERNELS").map(PathBuf::from);
+    module_image_in(name, arch, prebuilt.as_deref(), &cache_dir())
+}
+
+/// [`module_image`] with its folders given: `prebuilt` (read only) first, then `cache` (written after a
+/// compile). Images are found by [`image_stem`], so a folder built from another source is passed over.
+pub fn module_image_in(
+    name: &str,
+    arch: &str,
+    prebuilt: Option<&Path>,
+    cache: &Path,
+) -> Result<Image> {
+    let src = module_source(name)?;
+    let stem = image_stem(name, &src, arch);
+    if let Some(dir) = prebuilt {
+        if let Some((ptx, cubin)) = read_images(dir, &stem) {
+            return Ok(Image {
+                ptx,
+                cubin,
+                origin: Origin::Prebuilt(dir.to_path_buf()),
+            });
         }
     }
-    Ok(c.ptx)
+    if let Some((ptx, cubin)) = read_images(cache, &stem) {
+        return Ok(Image {
+            ptx,
+            cubin,
+            origin: Origin::Cache(cache.to_path_buf()),
+        });
+    }
+    let t = std::time::Instant::now();
+    let c = compile(name, arch)?;
+    let secs = t.elapsed().as_secs_f64();
+    let _ = write_images(cache, &stem, &c);
+    Ok(Image {
+        ptx: c.ptx,
+        cubin: c.cubin,
+        origin: Origin::Compiled(secs),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
+
+    /// The smallest file [`is_cuda_elf`] accepts: an ELF header (64-bit, little-endian, EM_CUDA) with one
+    /// 64-byte section header at offset 64, plus `extra` bytes.
+    fn tiny_elf(extra: usize) -> Vec<u8> {
+        let mut b = vec![0u8; 128 + extra];
+        b[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        b[18] = 190;
+        b[40] = 64; // e_shoff
+        b[58] = 64; // e_shentsize
+        b[60] = 1; // e_shnum
+        b
+    }
+
+    #[test]
+    fn machine_code_is_checked_before_the_driver_sees_it() {
+        assert!(is_cuda_elf(&tiny_elf(0)) && is_cuda_elf(&tiny_elf(5)));
+        assert!(
+            !is_cuda_elf(&tiny_elf(0)[..127]),
+            "section headers past the end"
+        );
+        for (at, v) in [(0, 0u8), (4, 1), (5, 2), (18, 62), (60, 0)] {
+            let mut b = tiny_elf(0);
+            b[at] = v;
+            assert!(!is_cuda_elf(&b), "byte {at} = {v}");
+        }
+        let mut b = tiny_elf(0);
+        b[40..48].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(!is_cuda_elf(&b), "an offset that overflows");
+        assert!(!is_cuda_elf(b""));
+    }
+
+    #[test]
+    fn images_are_named_by_source_and_options_not_by_the_headers_folder() {
+        let a = image_stem("gelu", "src", "sm_90");
+        assert_eq!(a, image_stem("gelu", "src", "sm_90"));
+        assert!(
+            a.starts_with("gelu-sm_90-") && a.len() == "gelu-sm_90-".len() + 16,
+            "{a}"
+        );
+        assert_ne!(a, image_stem("gelu", "src2", "sm_90"));
+        assert_ne!(a, image_stem("gelu", "src", "sm_80"));
+        // the options hashed are the compile options less the include path (whatever the headers' folder)
+        if let Ok(opts) = compile_options("sm_90") {
+            assert_eq!(opts[..opts.len() - 1], base_options("sm_90")[..]);
+            assert!(opts[opts.len() - 1].starts_with("--include-path="));
+        }
+    }
+
+    /// Prebuilt images are taken before the cache's, the cache's before compiling, neither when built from
+    /// another source; a compile writes to the cache only. Needs NVRTC for the compile only.
+    #[test]
+    fn module_images_come_from_prebuilt_then_cache_then_nvrtc() {
+        let tmp = std::env::temp_dir().join(format!("bertqa-images-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let (pre, cache) = (tmp.join("prebuilt"), tmp.join("cache"));
+        let stem = image_stem("dropout", &module_source("dropout").unwrap(), "sm_90");
+        let fake = |ptx: &str, cubin: &[u8]| Compiled {
+            ptx: ptx.into(),
+            cubin: Some(cubin.to_vec()),
+            log: String::new(),
+        };
+        write_images(&pre, &stem, &fake("// prebuilt", &tiny_elf(0))).unwrap();
+        write_images(&cache, &stem, &fake("// cached", b"\x7fELF cached")).unwrap();
+        // a prebuilt image of an older source is passed over
+        write_images(
+            &pre,
+            "adamw-sm_90-0000000000000000",
+            &fake("// old", b"old"),
+        )
+        .unwrap();
+        let img = module_image_in("dropout", "sm_90", Some(&pre), &cache).unwrap();
+        assert_eq!(img.origin, Origin::Prebuilt(pre.clone()));
+        assert_eq!(
+            (img.ptx.as_str(), img.cubin.as_deref()),
+            ("// prebuilt", Some(&tiny_elf(0)[..]))
+        );
+        assert!(has_images(&pre, &stem));
+        // no prebuilt folder, or none with this module: the cache
+        for p in [None, Some(tmp.join("nothing-here").as_path())] {
+            let img = module_image_in("dropout", "sm_90", p, &cache).unwrap();
+            assert_eq!(img.origin, Origin::Cache(cache.clone()));
+            assert_eq!(img.ptx, "// cached");
+        }
+        // a cubin that is not whole machine code (here: not an ELF; below, a real one cut short) is passed
+        // over, and so is a missing one: the PTX, no cubin
+        let img = module_image_in("dropout", "sm_90", None, &cache).unwrap();
+        assert_eq!((img.ptx.as_str(), img.cubin), ("// cached", None));
+        assert!(!has_images(&cache, &stem));
+        std::fs::remove_file(cache.join(format!("{stem}.cubin"))).unwrap();
+        let img = module_image_in("dropout", "sm_90", None, &cache).unwrap();
+        assert_eq!((img.ptx.as_str(), img.cubin), ("// cached", None));
+        // neither: NVRTC, into the cache (the prebuilt folder is never written)
+        if !nvrtc_present() || cuda_include_dir().is_none() {
+            assert!(
+                std::env::var("BERTQA_REQUIRE_NVRTC").as_deref() != Ok("1"),
+                "BERTQA_REQUIRE_NVRTC=1 but NVRTC or the CUDA headers are missing"
+            );
+            println!("SKIPPED the compile: no NVRTC or no CUDA headers here");
+        } else {
+            let adamw = image_stem("adamw", &module_source("adamw").unwrap(), "sm_90");
+            let img = module_image_in("adamw", "sm_90", Some(&pre), &cache).unwrap();
+            assert!(
+                matches!(img.origin, Origin::Compiled(_)),
+                "{:?}",
+                img.origin
+            );
+            assert!(img.ptx.contains(".entry adamw_step"));
+            let cubin = img.cubin.expect("machine code for a real architecture");
+            assert!(is_cuda_elf(&cubin));
+            // cut short, it is no longer taken for machine code
+            for cut in [cubin.len() - 1, 63, 0] {
+                assert!(!is_cuda_elf(&cubin[..cut]), "{cut} bytes");
+            }
+            assert_eq!(
+                std::fs::read(cache.join(format!("{adamw}.cubin"))).unwrap(),
+                cubin
+            );
+            assert!(!pre.join(format!("{adamw}.ptx")).exists());
+            let again = module_image_in("adamw", "sm_90", Some(&pre), &cache).unwrap();
+            assert_eq!(again.origin, Origin::Cache(cache.clone()));
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
 
     #[test]
     fn header_lookup_order() {
