@@ -6,7 +6,8 @@
 # Workloads (WORKLOADS, comma-separated; default "throughput"). Expected durations on an H100/H200, from the
 # previous runs' numbers (docs/perf-log.md) — not yet measured for this script:
 #   (always)   peak: bf16 8192³ torch.matmul, the MFU denominator of both sides                       ~15 s
-#              warm: compile bertqa's kernels once (NVRTC; PTX cached in $BERTQA_CACHE), timed apart     ~20 s
+#              warm: bertqa's first runs (kernels loaded from .gpu/kernels, else compiled by NVRTC into
+#              $BERTQA_CACHE), timed apart                                                            ~20 s
 #   throughput BERT-base, random weights, B=32, T=384, every window full (scripts/synth_squad.py: 384 real
 #              tokens, no padding on either side), bf16, THROUGHPUT_STEPS (60) steps, median step after 10
 #              warm-up steps. ROUNDS (3) alternating rounds: bertqa, transformers eager, transformers +
@@ -65,6 +66,8 @@ D="${DATA_DIR:-/tmp/bertqa-data}"; mkdir -p "$D"
 [ -f $D/train.json ] || cp "$GPU_DIR/data/train-v1.1.json" $D/train.json
 [ -f $D/dev.json ] || cp "$GPU_DIR/data/dev-v1.1.json" $D/dev.json
 export BERTQA_CACHE="${BERTQA_CACHE:-/tmp/bertqa-cache}" PYTHONUNBUFFERED=1
+# the kernels' machine code built by scripts/package_gpu.sh: read before the cache, so nothing compiles
+[ -d "$GPU_DIR/kernels" ] && export BERTQA_KERNELS="${BERTQA_KERNELS:-$(cd "$GPU_DIR/kernels" && pwd)}"
 # both sides featurize on every core: transformers' fast tokenizer is parallel unless TOKENIZERS_PARALLELISM
 # says otherwise (bertqa's featurization does not read it). Unset, the tokenizers library would turn its
 # parallelism off by itself, with a warning, in a process forked after using it (none is: the runs that
@@ -171,7 +174,8 @@ json.dump(rec if isinstance(rec, dict) else {"tflops": None, "error": "the peak 
 PEAK=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["tflops"] or 0)' "$OUT/peak.json" 2>/dev/null || echo 0)
 log "measured peak: $PEAK TFLOP/s ($(cat "$OUT/peak.json" 2>/dev/null))"
 
-# compile bertqa's kernels once, so that no timed run includes NVRTC (what a bare machine pays, reported apart)
+# bertqa's first runs, so that no timed run includes loading the kernels, or compiling them where no machine
+# code came with .gpu (what a bare machine pays, reported apart)
 if [ -z "${NO_WARM:-}" ] && fits 90 "warm-up (NVRTC compilation)"; then
     s=$(now)
     base_model
@@ -183,7 +187,7 @@ if [ -z "${NO_WARM:-}" ] && fits 90 "warm-up (NVRTC compilation)"; then
             --doc-stride "$DOC_STRIDE" --no-progress "${DEV_OURS[@]}" >> "$OUT/warm.log" 2>&1 || log "warm-up run failed ($m): $(tail -1 "$OUT/warm.log")"
     done
     WARM_S=$(since "$s")
-    log "warm-up (NVRTC compilation of bertqa's kernels, cache $BERTQA_CACHE): ${WARM_S}s"
+    log "warm-up (bertqa's kernels: ${BERTQA_KERNELS:+machine code from $BERTQA_KERNELS, else }NVRTC into $BERTQA_CACHE): ${WARM_S}s"
 fi
 
 if has throughput; then

@@ -23,6 +23,9 @@ if ! bash scripts/unpack_gpu.sh > "$OUT/unpack.log" 2>&1; then
     exit 1
 fi
 export BERTQA_CACHE="${BERTQA_CACHE:-/tmp/bertqa-cache}"
+# the kernels' machine code built by scripts/package_gpu.sh (bertqa kernels --out): read before the cache,
+# so that no step compiles (without the folder, the first step to use a module compiles it into the cache)
+[ -d .gpu/kernels ] && export BERTQA_KERNELS="${BERTQA_KERNELS:-$PWD/.gpu/kernels}"
 export RUST_BACKTRACE=1
 echo "== commit $(cat .gpu/COMMIT 2>/dev/null | tr '\n' ' ')  $(date -u +%FT%TZ)" | tee "$OUT/summary.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>&1 | tee -a "$OUT/summary.txt"
@@ -56,6 +59,11 @@ run() { # name, timeout, command...
     live
     return $rc
 }
+# every kernel module loaded on the GPU as a run loads it, saying what was loaded: machine code from
+# .gpu/kernels (nothing compiles), the PTX where the driver refused that (named), or, without .gpu/kernels,
+# compiled now into the cache for the steps below
+run kernels 150 .gpu/bin/bertqa kernels
+grep -E "refused|compiled now|module\(s\)|error" "$OUT/kernels.log" | head -8 | tee -a "$OUT/summary.txt"
 if [ -z "${SKIP_PARITY:-}" ]; then
 run parity_f32 120 .gpu/bin/test_parity --exact gpu_parity_f32 --nocapture --test-threads 1
 grep -E "FAIL|SKIPPED|panicked|test result" "$OUT/parity_f32.log" 2>/dev/null | head -20 | tee -a "$OUT/summary.txt"

@@ -21,6 +21,20 @@ for l in sys.stdin:
     if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["bench"]: print(m["executable"])' |
     while read -r exe; do cp "$exe" .gpu/bin/bench_ops; done
 strip .gpu/bin/* 2>/dev/null || true
+# the kernels as machine code for the device's architecture (KERNEL_ARCH, default sm_90: H100/H200), so that
+# no device step spends its minutes on NVRTC (≈ 58 CPU-seconds here) or on the driver translating PTX:
+# scripts/gpu_check.sh and compare_pytorch.sh give the folder as BERTQA_KERNELS. NVRTC and the CUDA headers
+# from the pip wheels .ci/run installs; without them the device compiles the kernels itself, as before.
+PIPDIR="${BERTQA_CUDA_PIP:-$HOME/.cache/bertqa/cuda-pip}"
+if [ -e "$PIPDIR/nvidia/cu13/lib/libnvrtc.so.13" ]; then
+    export BERTQA_CUDA_PIP="$PIPDIR" LD_LIBRARY_PATH="$PIPDIR/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+if ! .gpu/bin/bertqa kernels --arch "${KERNEL_ARCH:-sm_90}" --out .gpu/kernels > .gpu/kernels.log 2>&1; then
+    echo "warning: the kernels could not be compiled here (the device will compile them):" >&2
+    tail -3 .gpu/kernels.log >&2
+    rm -rf .gpu/kernels
+fi
+tail -1 .gpu/kernels.log; rm -f .gpu/kernels.log
 # data and weights for scripts/compare_pytorch.sh: SQuAD v1.1 and all-MiniLM-L6-v2 as an f16
 # BertForQuestionAnswering (the same starting file for both sides; f32 would not fit the 64 MiB transfer)
 ASSETS="${BERTQA_ASSETS:-../shared/assets}"
@@ -34,6 +48,7 @@ fi
 # 9.2 -> 6.6 MB, SQuAD train 8.0 -> 5.9, the f16 model 45.1 -> 40.6), which the 64 MiB transfer needs
 xz -9 -T0 .gpu/bin/*
 [ -d .gpu/data ] && xz -9 -T0 .gpu/data/*
+[ -d .gpu/kernels ] && xz -9 -T0 .gpu/kernels/*
 [ -d .gpu/minilm-f16 ] && xz -6 -T0 .gpu/minilm-f16/model.safetensors .gpu/minilm-f16/tokenizer.json
 git rev-parse --short HEAD > .gpu/COMMIT 2>/dev/null || echo unknown > .gpu/COMMIT
 git diff --quiet 2>/dev/null || echo "+dirty" >> .gpu/COMMIT

@@ -16,6 +16,10 @@ xz -0 -T0 -c "$A/squad-v1.1/train-v1.1.json" > "$S/gpu/data/train-v1.1.json.xz"
 xz -0 -T0 -c "$A/squad-v1.1/dev-v1.1.json" > "$S/gpu/data/dev-v1.1.json.xz"
 "$S/gpu/bin/bertqa" convert --model "$A/all-MiniLM-L6-v2" --output "$S/gpu/minilm-f16" --dtype f16 --seed 42 --force > /dev/null
 xz -0 -T0 "$S/gpu/minilm-f16/model.safetensors" "$S/gpu/bin/bertqa"
+# a kernels folder as package_gpu.sh ships (machine code for sm_90; unused on the CPU): unpacked, and given
+# to bertqa as BERTQA_KERNELS
+mkdir -p "$S/gpu/kernels"
+echo "// smoke" | xz -0 -c > "$S/gpu/kernels/dropout-sm_90-0000000000000000.ptx.xz"
 echo "smoke" > "$S/gpu/COMMIT"
 rc=0
 GPU_DIR="$S/gpu" DATA_DIR="$S/data" OUT="$S/out" PERF_DIR="$S/perf" DEVICE=cpu PRECISION=fp32 BATCH=4 SEQ=128 DOC_STRIDE=32 \
@@ -23,6 +27,9 @@ GPU_DIR="$S/gpu" DATA_DIR="$S/data" OUT="$S/out" PERF_DIR="$S/perf" DEVICE=cpu P
     MAX_TRAIN=40 MAX_EVAL=20 EPOCHS=1 LOCK_EXAMPLES=24 LOCK_STEPS=4 PEAK_N=256 BUDGET_S=3000 \
     WORKLOADS="${WORKLOADS:-throughput,lockstep,minilm,padding}" bash scripts/compare_pytorch.sh || rc=$?
 echo "compare_pytorch.sh exit status: $rc"
+[ -f "$S/gpu/kernels/dropout-sm_90-0000000000000000.ptx" ] || { echo "smoke: .gpu/kernels was not unpacked" >&2; rc=1; }
+grep -q "machine code from $S/gpu/kernels" "$S/out/summary.txt" 2>/dev/null ||
+    { echo "smoke: compare_pytorch.sh did not give bertqa BERTQA_KERNELS ($S/out/summary.txt)" >&2; rc=1; }
 python3 - "$S/perf" <<'EOF'
 import glob, json, sys
 files = [f for f in glob.glob(sys.argv[1] + "/*.json")]
