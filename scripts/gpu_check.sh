@@ -63,7 +63,7 @@ run() { # name, timeout, command...
 # .gpu/kernels (nothing compiles), the PTX where the driver refused that (named), or, without .gpu/kernels,
 # compiled now into the cache for the steps below
 run kernels 150 .gpu/bin/bertqa kernels
-grep -E "refused|compiled now|module\(s\)|error" "$OUT/kernels.log" | head -8 | tee -a "$OUT/summary.txt"
+grep -E "refused|PTX|compiled now|module\(s\)|error" "$OUT/kernels.log" | head -8 | tee -a "$OUT/summary.txt"
 if [ -z "${SKIP_PARITY:-}" ]; then
 run parity_f32 120 .gpu/bin/test_parity --exact gpu_parity_f32 --nocapture --test-threads 1
 grep -E "FAIL|SKIPPED|panicked|test result" "$OUT/parity_f32.log" 2>/dev/null | head -20 | tee -a "$OUT/summary.txt"

@@ -3076,7 +3076,13 @@ fn kernels_compiles_ahead_of_time_and_refuses_bad_input() {
     let s = ok(&o);
     assert!(s.contains("dropout (sm_80): compiled in"), "{s}");
     assert!(s.contains("adamw (sm_80): compiled in"), "{s}");
-    assert!(s.contains("2 module(s) for sm_80 in"), "{s}");
+    assert!(
+        s.contains(&format!(
+            "2 module(s) for sm_80: 2 compiled into {}",
+            out.display()
+        )),
+        "{s}"
+    );
     let mut names: Vec<String> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -3154,12 +3160,16 @@ fn kernels_compiles_ahead_of_time_and_refuses_bad_input() {
     assert!(!unused.exists());
     // without --out: the cache
     let cache = t.join("cache");
+    let none = t.join("no-prebuilt-folder");
     let s = ok(&run_with(
         &args(&[]),
-        &[("BERTQA_CACHE", cache.to_str().unwrap())],
+        &[
+            ("BERTQA_CACHE", cache.to_str().unwrap()),
+            ("BERTQA_KERNELS", none.to_str().unwrap()),
+        ],
     ));
     assert!(
-        s.contains(&format!("in {}", cache.join("ptx").display())),
+        s.contains(&format!("compiled into {}", cache.join("ptx").display())),
         "{s}"
     );
     assert!(cache.join("ptx").join(&want[0]).is_file());

@@ -3,7 +3,7 @@
 
 use crate::cuda::nvrtc;
 use crate::util::print_line;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -75,7 +75,9 @@ pub fn run(a: &KernelsArgs) -> Result<()> {
                      to compile for a GPU elsewhere"
                 );
             }
-            let be = crate::cuda::Cuda::new(0, crate::kernel::KernelConfig::default())?;
+            let be = crate::cuda::Cuda::new(0, crate::kernel::KernelConfig::default()).context(
+                "opening GPU 0 (give --arch, such as --arch sm_90, to compile without a GPU)",
+            )?;
             (be.arch(), Some(be))
         }
     };
@@ -135,21 +137,26 @@ pub fn run(a: &KernelsArgs) -> Result<()> {
         }
     }
     print_line(format_args!(
-        "{} module(s) for {arch} in {}: {compiled} compiled ({secs:.1} s of compiling), {there} already there",
+        "{} module(s) for {arch}: {compiled} compiled into {} ({secs:.1} s of compiling), {there} already there",
         chosen.len(),
         dir.display()
     ))?;
     if let Some(be) = gpu {
-        load_all(&be, &chosen)?;
+        // from --out where given, else as a run finds them
+        load_all(&be, &chosen, a.out.as_deref().or(prebuilt.as_deref()))?;
     }
     Ok(())
 }
 
-/// Load each module on the GPU as a run would ($BERTQA_KERNELS, then the cache) and say what was loaded.
-fn load_all(be: &crate::cuda::Cuda, modules: &[&'static str]) -> Result<()> {
+/// Load each module on the GPU as a run would (from `prebuilt`, then the cache) and say what was loaded.
+fn load_all(
+    be: &crate::cuda::Cuda,
+    modules: &[&'static str],
+    prebuilt: Option<&std::path::Path>,
+) -> Result<()> {
     let mut total = 0.0;
     for name in modules {
-        let (_, load) = be.load_module(name)?;
+        let (_, load) = be.load_module_from(name, prebuilt)?;
         total += load.secs;
         let from = match &load.origin {
             nvrtc::Origin::Prebuilt(d) => format!("prebuilt in {}", d.display()),

@@ -279,56 +279,103 @@ impl Cuda {
             .map_err(|e| anyhow!("kernel {name} not found in kernels/{module}.cu: {e:?}"))
     }
 
-    /// Load kernels/`module`.cu for this device ([`nvrtc::module_image`]: prebuilt, cached or compiled now):
-    /// its machine code, or its PTX (which the driver then translates) where there is no machine code or the
-    /// driver refuses it. Images from elsewhere that the driver takes neither of (built by a newer NVRTC
-    /// than it knows, say) are compiled again here. Says what was loaded, and how long the load took.
+    /// Load kernels/`module`.cu for this device ([`nvrtc::module_image`]: prebuilt in `$BERTQA_KERNELS`,
+    /// cached or compiled now): see [`Cuda::load_module_from`].
     pub fn load_module(&self, module: &str) -> Result<(Arc<CudaModule>, ModuleLoad)> {
+        let prebuilt = std::env::var_os("BERTQA_KERNELS").map(std::path::PathBuf::from);
+        self.load_module_from(module, prebuilt.as_deref())
+    }
+
+    /// Load kernels/`module`.cu for this device, its images looked up in `prebuilt`, then the cache, else
+    /// compiled ([`nvrtc::module_image_in`]): its machine code, or its PTX (which the driver then
+    /// translates) where there is no machine code or the driver refuses it. Prebuilt images the driver takes
+    /// neither of (built by a newer NVRTC than it knows, say) give way to the cache's, and images that do not
+    /// load are compiled again here (into the cache, where the next process finds them). Says what was
+    /// loaded, and how long the load took.
+    pub fn load_module_from(
+        &self,
+        module: &str,
+        prebuilt: Option<&std::path::Path>,
+    ) -> Result<(Arc<CudaModule>, ModuleLoad)> {
         let arch = nvrtc::module_arch(module, &self.arch());
-        let img = nvrtc::module_image(module, &arch)?;
-        let t = std::time::Instant::now();
-        let e = match self.load_image(module, &arch, img.cubin, img.ptx) {
-            Ok((m, machine_code, refused)) => {
-                let secs = t.elapsed().as_secs_f64();
-                let load = ModuleLoad {
-                    origin: img.origin,
-                    machine_code,
-                    refused,
-                    secs,
-                };
-                return Ok((m, load));
+        let cache = nvrtc::cache_dir();
+        let stem = nvrtc::image_stem(module, &nvrtc::module_source(module)?, &arch);
+        let mut failed = vec![];
+        let img = nvrtc::module_image_in(module, &arch, prebuilt, &cache)?;
+        let origin = img.origin.clone();
+        if let Some(done) = self.try_load(module, &arch, img, &mut failed) {
+            return Ok(done);
+        }
+        if let nvrtc::Origin::Compiled(_) = origin {
+            bail!(
+                "loading kernels/{module}.cu for {arch}: {}",
+                failed.join("; ")
+            );
+        }
+        // prebuilt images that do not load: the cache's, if it holds any
+        if let nvrtc::Origin::Prebuilt(_) = origin {
+            if let Some(img) = nvrtc::found_image(&stem, None, &cache) {
+                if let Some(done) = self.try_load(module, &arch, img, &mut failed) {
+                    return Ok(done);
+                }
             }
-            Err(e) if matches!(img.origin, nvrtc::Origin::Compiled(_)) => {
-                bail!("loading kernels/{module}.cu for {arch}: {e}")
-            }
-            Err(e) => e,
-        };
-        let from = match &img.origin {
-            nvrtc::Origin::Prebuilt(d) | nvrtc::Origin::Cache(d) => d.display().to_string(),
-            nvrtc::Origin::Compiled(_) => String::new(),
-        };
+        }
         crate::say!(
-            "note: the driver loads neither image of kernels/{module}.cu for {arch} from {from} ({e}); \
-             compiling it here"
+            "note: the driver loads no image found of kernels/{module}.cu for {arch} ({}); compiling it here",
+            failed.join("; ")
         );
         let t = std::time::Instant::now();
         let c = nvrtc::compile(module, &arch).with_context(|| {
-            format!("kernels/{module}.cu for {arch}: the images in {from} do not load ({e})")
+            format!(
+                "kernels/{module}.cu for {arch}: no image found loads ({})",
+                failed.join("; ")
+            )
         })?;
-        let compile_secs = t.elapsed().as_secs_f64();
-        let stem = nvrtc::image_stem(module, &nvrtc::module_source(module)?, &arch);
-        let _ = nvrtc::write_images(&nvrtc::cache_dir(), &stem, &c);
-        let t = std::time::Instant::now();
-        let (m, machine_code, refused) = self
-            .load_image(module, &arch, c.cubin, c.ptx)
-            .map_err(|e| anyhow!("loading kernels/{module}.cu for {arch}: {e}"))?;
-        let load = ModuleLoad {
-            origin: nvrtc::Origin::Compiled(compile_secs),
-            machine_code,
-            refused,
-            secs: t.elapsed().as_secs_f64(),
+        let secs = t.elapsed().as_secs_f64();
+        let _ = nvrtc::write_images(&cache, &stem, &c);
+        let img = nvrtc::Image {
+            ptx: c.ptx,
+            cubin: c.cubin,
+            origin: nvrtc::Origin::Compiled(secs),
         };
-        Ok((m, load))
+        match self.try_load(module, &arch, img, &mut failed) {
+            Some(done) => Ok(done),
+            None => bail!(
+                "loading kernels/{module}.cu for {arch}: {}",
+                failed.join("; ")
+            ),
+        }
+    }
+
+    /// [`Cuda::load_image`] of `img`, timed; None (and what the driver said, in `failed`) when it loads
+    /// neither image.
+    fn try_load(
+        &self,
+        module: &str,
+        arch: &str,
+        img: nvrtc::Image,
+        failed: &mut Vec<String>,
+    ) -> Option<(Arc<CudaModule>, ModuleLoad)> {
+        let t = std::time::Instant::now();
+        let from = match &img.origin {
+            nvrtc::Origin::Prebuilt(d) | nvrtc::Origin::Cache(d) => d.display().to_string(),
+            nvrtc::Origin::Compiled(_) => "a compile here".to_string(),
+        };
+        match self.load_image(module, arch, img.cubin, img.ptx) {
+            Ok((m, machine_code, refused)) => Some((
+                m,
+                ModuleLoad {
+                    origin: img.origin,
+                    machine_code,
+                    refused,
+                    secs: t.elapsed().as_secs_f64(),
+                },
+            )),
+            Err(e) => {
+                failed.push(format!("from {from}: {e}"));
+                None
+            }
+        }
     }
 
     /// The driver's load of a module's machine code, else of its PTX: (module, machine code loaded, the

@@ -275,6 +275,13 @@ pub fn is_cuda_elf(b: &[u8]) -> bool {
         let mut end = 64u64;
         end = end.max(phoff.checked_add(phnum * phentsize)?);
         end = end.max(shoff.checked_add(shnum * shentsize)?);
+        // each segment's bytes (Elf64_Phdr: p_offset at 8, p_filesz at 32)
+        if phentsize >= 56 {
+            for k in 0..phnum {
+                let h = phoff + k * phentsize;
+                end = end.max(at(h + 8, 8)?.checked_add(at(h + 32, 8)?)?);
+            }
+        }
         for k in 0..shnum {
             let h = shoff + k * shentsize;
             // SHT_NOBITS (8) occupies no bytes of the file
@@ -290,7 +297,10 @@ pub fn is_cuda_elf(b: &[u8]) -> bool {
 /// The images of `stem` in `dir`: the PTX (required) and the cubin (if there is one, and whole by
 /// [`is_cuda_elf`]; a damaged one is passed over: the PTX is loaded); None if no PTX.
 fn read_images(dir: &Path, stem: &str) -> Option<(String, Option<Vec<u8>>)> {
-    let ptx = std::fs::read_to_string(dir.join(format!("{stem}.ptx"))).ok()?;
+    // (a NUL would stop the driver's reading of the text; the loader cannot even pass it on)
+    let ptx = std::fs::read_to_string(dir.join(format!("{stem}.ptx")))
+        .ok()
+        .filter(|p| !p.contains('\0'))?;
     let cubin = std::fs::read(dir.join(format!("{stem}.cubin")))
         .ok()
         .filter(|b| is_cuda_elf(b));
@@ -348,21 +358,8 @@ pub fn module_image_in(
 ) -> Result<Image> {
     let src = module_source(name)?;
     let stem = image_stem(name, &src, arch);
-    if let Some(dir) = prebuilt {
-        if let Some((ptx, cubin)) = read_images(dir, &stem) {
-            return Ok(Image {
-                ptx,
-                cubin,
-                origin: Origin::Prebuilt(dir.to_path_buf()),
-            });
-        }
-    }
-    if let Some((ptx, cubin)) = read_images(cache, &stem) {
-        return Ok(Image {
-            ptx,
-            cubin,
-            origin: Origin::Cache(cache.to_path_buf()),
-        });
+    if let Some(img) = found_image(&stem, prebuilt, cache) {
+        return Ok(img);
     }
     let t = std::time::Instant::now();
     let c = compile(name, arch)?;
@@ -372,6 +369,28 @@ pub fn module_image_in(
         ptx: c.ptx,
         cubin: c.cubin,
         origin: Origin::Compiled(secs),
+    })
+}
+
+/// The images of `stem` found in `prebuilt` (if given) or `cache`: the first pair with whole machine code,
+/// else the first PTX (machine code loads without the driver's translation, so a complete cache entry beats
+/// a prebuilt PTX alone); None when neither folder holds a PTX.
+pub fn found_image(stem: &str, prebuilt: Option<&Path>, cache: &Path) -> Option<Image> {
+    let mut found = vec![];
+    if let Some(dir) = prebuilt {
+        found.extend(
+            read_images(dir, stem).map(|(p, c)| (p, c, Origin::Prebuilt(dir.to_path_buf()))),
+        );
+    }
+    if found.first().is_none_or(|f| f.1.is_none()) {
+        found.extend(
+            read_images(cache, stem).map(|(p, c)| (p, c, Origin::Cache(cache.to_path_buf()))),
+        );
+    }
+    let k = found.iter().position(|f| f.1.is_some()).unwrap_or(0);
+    (k < found.len()).then(|| {
+        let (ptx, cubin, origin) = found.swap_remove(k);
+        Image { ptx, cubin, origin }
     })
 }
 
@@ -407,6 +426,15 @@ mod tests {
         b[40..48].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(!is_cuda_elf(&b), "an offset that overflows");
         assert!(!is_cuda_elf(b""));
+        // a segment (one program header of 56 bytes at 128) whose bytes run past the end
+        let mut b = tiny_elf(56);
+        b[32] = 128; // e_phoff
+        b[54] = 56; // e_phentsize
+        b[56] = 1; // e_phnum
+        b[128 + 32] = 184; // p_filesz, from p_offset 0: the whole file
+        assert!(is_cuda_elf(&b));
+        b[128 + 32] = 185;
+        assert!(!is_cuda_elf(&b), "a segment past the end");
     }
 
     #[test]
@@ -455,6 +483,25 @@ mod tests {
             ("// prebuilt", Some(&tiny_elf(0)[..]))
         );
         assert!(has_images(&pre, &stem));
+        // a prebuilt PTX without whole machine code gives way to a complete cache entry
+        std::fs::write(pre.join(format!("{stem}.cubin")), b"cut").unwrap();
+        write_images(&cache, &stem, &fake("// cached whole", &tiny_elf(3))).unwrap();
+        let img = module_image_in("dropout", "sm_90", Some(&pre), &cache).unwrap();
+        assert_eq!(
+            (img.origin, img.ptx.as_str()),
+            (Origin::Cache(cache.clone()), "// cached whole")
+        );
+        // ... and is taken where the cache has no machine code either
+        write_images(&cache, &stem, &fake("// cached", b"\x7fELF cached")).unwrap();
+        let img = module_image_in("dropout", "sm_90", Some(&pre), &cache).unwrap();
+        assert_eq!(
+            (img.origin, img.ptx.as_str(), img.cubin),
+            (Origin::Prebuilt(pre.clone()), "// prebuilt", None)
+        );
+        // a PTX holding a NUL is no image
+        std::fs::write(pre.join(format!("{stem}.ptx")), "// pre\0built").unwrap();
+        let img = module_image_in("dropout", "sm_90", Some(&pre), &cache).unwrap();
+        assert_eq!(img.origin, Origin::Cache(cache.clone()));
         // no prebuilt folder, or none with this module: the cache
         for p in [None, Some(tmp.join("nothing-here").as_path())] {
             let img = module_image_in("dropout", "sm_90", p, &cache).unwrap();
