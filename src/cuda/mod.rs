@@ -324,20 +324,12 @@ impl Cuda {
             "note: the driver loads no image found of kernels/{module}.cu for {arch} ({}); compiling it here",
             failed.join("; ")
         );
-        let t = std::time::Instant::now();
-        let c = nvrtc::compile(module, &arch).with_context(|| {
+        let img = nvrtc::compile_into(module, &arch, &cache).with_context(|| {
             format!(
                 "kernels/{module}.cu for {arch}: no image found loads ({})",
                 failed.join("; ")
             )
         })?;
-        let secs = t.elapsed().as_secs_f64();
-        let _ = nvrtc::write_images(&cache, &stem, &c);
-        let img = nvrtc::Image {
-            ptx: c.ptx,
-            cubin: c.cubin,
-            origin: nvrtc::Origin::Compiled(secs),
-        };
         match self.try_load(module, &arch, img, &mut failed) {
             Some(done) => Ok(done),
             None => bail!(

@@ -358,13 +358,19 @@ pub fn module_image_in(
 ) -> Result<Image> {
     let src = module_source(name)?;
     let stem = image_stem(name, &src, arch);
-    if let Some(img) = found_image(&stem, prebuilt, cache) {
-        return Ok(img);
+    match found_image(&stem, prebuilt, cache) {
+        Some(img) => Ok(img),
+        None => compile_into(name, arch, cache),
     }
+}
+
+/// Compile a module now and write its images to `cache` (a cache that cannot be written costs a compile
+/// per process, nothing else).
+pub fn compile_into(name: &str, arch: &str, cache: &Path) -> Result<Image> {
     let t = std::time::Instant::now();
     let c = compile(name, arch)?;
     let secs = t.elapsed().as_secs_f64();
-    let _ = write_images(cache, &stem, &c);
+    let _ = write_images(cache, &image_stem(name, &module_source(name)?, arch), &c);
     Ok(Image {
         ptx: c.ptx,
         cubin: c.cubin,
